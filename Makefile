@@ -1,0 +1,33 @@
+# Two entry points (README.rst): `make run` and `make test`. Both build a
+# virtualenv in .venv on first use so a fresh machine needs only python3, git and make.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= etc/cache.yaml
+PYTEST_ARGS ?=
+
+.PHONY: run test mypy bench clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# compat mode puts the checkout on sys.path, which is what lets twistd
+	# discover twisted/plugins/sparkcache_plugin.py from the working tree.
+	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	touch $@
+
+run: $(VENV)/.installed
+	$(VENV)/bin/twistd -n --pidfile= sparkcache -c $(CONFIG)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -n auto -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m mypy
+
+mypy: $(VENV)/.installed
+	$(PY) -m mypy
+
+bench: $(VENV)/.installed
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) data
