@@ -1,0 +1,508 @@
+"""YAML configuration → validated, frozen objects.
+
+Every error names the file, the key path and the problem, so an operator can
+fix a typo without reading a traceback.  The loader accepts the keys of the
+FastAPI artifact cache's ``remotes.yaml`` (``base_url``, ``package``,
+``username``, ``password``) as aliases, so that file loads unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+from urllib.parse import urlsplit
+
+import yaml
+
+SCOPES = ("read", "write", "admin")
+REMOTE_TYPES = ("generic", "alpine", "rpm", "deb", "helm", "local")
+
+# Metadata files that change in place upstream; everything else in these
+# repository layouts is content-addressed or versioned and so immutable.
+DEFAULT_MUTABLE: dict[str, tuple[str, ...]] = {
+    "generic": (),
+    "local": (),
+    "alpine": (r"APKINDEX\.tar\.gz$",),
+    "rpm": (r"repodata/repomd\.xml(\.asc|\.key)?$", r"repodata/[^/]*(primary|filelists|other|comps|updateinfo|modules)[^/]*$"),
+    "deb": (
+        r"(^|/)dists/(?!.*/by-hash/)[^?]*(InRelease|Release|Release\.gpg|Packages[^/]*|Sources[^/]*|Translation-[^/]*|Contents-[^/]*|Components-[^/]*|icons-[^/]*)$",
+    ),
+    "helm": (r"(^|/)index\.yaml$",),
+}
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased for the operator."""
+
+    def __init__(self, source: str, path: str, problem: str) -> None:
+        self.source = source
+        self.path = path
+        self.problem = problem
+        where = f"{source}: {path}" if path else source
+        super().__init__(f"{where}: {problem}")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str | None = None
+    password: str | None = None
+    token: str | None = None
+
+    def redacted(self) -> dict[str, Any]:
+        return {
+            "username": self.username,
+            "password": "***" if self.password else None,
+            "token": "***" if self.token else None,
+        }
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    immutable_ttl: float = 0.0  # 0 = forever
+    mutable_ttl: float = 3600.0
+    negative_ttl: float = 60.0
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    name: str
+    type: str
+    upstream: str | None
+    immutable_patterns: tuple[re.Pattern[str], ...] = ()
+    mutable_patterns: tuple[re.Pattern[str], ...] = ()
+    check_mutable_updates: bool = False
+    cache: CachePolicy = field(default_factory=CachePolicy)
+    credentials: Credentials | None = None
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+
+    def redacted(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "upstream": self.upstream,
+            "immutable_patterns": [p.pattern for p in self.immutable_patterns],
+            "mutable_patterns": [p.pattern for p in self.mutable_patterns],
+            "check_mutable_updates": self.check_mutable_updates,
+            "cache": {
+                "immutable_ttl": self.cache.immutable_ttl,
+                "mutable_ttl": self.cache.mutable_ttl,
+                "negative_ttl": self.cache.negative_ttl,
+            },
+            "credentials": self.credentials.redacted() if self.credentials else None,
+            "connect_timeout": self.connect_timeout,
+            "read_timeout": self.read_timeout,
+        }
+
+
+@dataclass(frozen=True)
+class TokenConfig:
+    name: str
+    token: str
+    scopes: frozenset[str]
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    anonymous_read: bool = True
+    tokens: tuple[TokenConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: tuple[str, ...] = ("tcp:8090:interface=127.0.0.1",)
+    public_url: str | None = None
+    shutdown_timeout: float = 30.0
+    max_path_length: int = 4096
+    sendfile: bool = True
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    data_dir: str = "./data"
+    max_size: int = 50 * 2**30
+    eviction_interval: float = 60.0
+    expiry_interval: float = 300.0
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str
+    server: ServerConfig
+    storage: StorageConfig
+    auth: AuthConfig
+    remotes: Mapping[str, RemoteConfig]
+    git: Mapping[str, Any] = field(default_factory=dict)
+
+    def redacted(self) -> dict[str, Any]:
+        return {
+            "server": {
+                "listen": list(self.server.listen),
+                "public_url": self.server.public_url,
+                "shutdown_timeout": self.server.shutdown_timeout,
+                "max_path_length": self.server.max_path_length,
+                "sendfile": self.server.sendfile,
+            },
+            "storage": {
+                "data_dir": self.storage.data_dir,
+                "max_size": self.storage.max_size,
+                "eviction_interval": self.storage.eviction_interval,
+                "expiry_interval": self.storage.expiry_interval,
+            },
+            "auth": {
+                "anonymous_read": self.auth.anonymous_read,
+                "tokens": [
+                    {"name": t.name, "token": "***", "scopes": sorted(t.scopes)}
+                    for t in self.auth.tokens
+                ],
+            },
+            "remotes": {n: r.redacted() for n, r in self.remotes.items()},
+        }
+
+
+# -- scalar parsers ---------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]i?B?|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1}
+for _i, _p in enumerate("kmgtp", start=1):
+    _SIZE_UNITS[_p] = _SIZE_UNITS[_p + "b"] = 1000**_i
+    _SIZE_UNITS[_p + "i"] = _SIZE_UNITS[_p + "ib"] = 1024**_i
+
+
+def parse_duration(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30, 30s, 5m, 1h or 1d")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    raise ValueError(f"expected a duration such as 30, 30s, 5m, 1h or 1d, got {value!r}")
+
+
+def parse_size(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 1048576, 500MiB or 50GiB")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if m:
+            return int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()])
+    raise ValueError(f"expected a size such as 1048576, 500MiB or 50GiB, got {value!r}")
+
+
+# -- the walker -------------------------------------------------------------
+
+
+class _Section:
+    """A mapping being read, which remembers its key path and rejects leftovers."""
+
+    def __init__(self, loader: "_Loader", path: str, data: Any) -> None:
+        self.loader = loader
+        self.path = path
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise loader.error(path, f"expected a mapping, got {_kind(data)}")
+        self.data = dict(data)
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def has(self, name: str) -> bool:
+        return name in self.data
+
+    def raw(self, name: str, default: Any = None) -> Any:
+        self.seen.add(name)
+        return self.data.get(name, default)
+
+    def alias(self, name: str, *aliases: str) -> None:
+        """Fold an alias key into its canonical name."""
+        for a in aliases:
+            if a in self.data:
+                if name in self.data:
+                    raise self.loader.error(self.key(a), f"'{a}' is an alias of '{name}'; give only one")
+                self.data[name] = self.data.pop(a)
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        value = self.raw(name, default)
+        if value is default:
+            return value
+        if isinstance(value, bool) and kind is not bool and (not isinstance(kind, tuple) or bool not in kind):
+            raise self.loader.error(self.key(name), f"expected {_kind_name(kind)}, got a boolean")
+        if not isinstance(value, kind):
+            raise self.loader.error(self.key(name), f"expected {_kind_name(kind)}, got {_kind(value)}")
+        return value
+
+    def convert(self, name: str, fn: Callable[[Any], Any], default: Any) -> Any:
+        value = self.raw(name, None)
+        if value is None:
+            return default
+        try:
+            return fn(value)
+        except ValueError as e:
+            raise self.loader.error(self.key(name), str(e)) from None
+
+    def sub(self, name: str) -> "_Section":
+        return _Section(self.loader, self.key(name), self.raw(name))
+
+    def str_list(self, name: str) -> list[str]:
+        value = self.raw(name, [])
+        if value is None:
+            return []
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise self.loader.error(self.key(name), f"expected a list of strings, got {_kind(value)}")
+        for i, v in enumerate(value):
+            if not isinstance(v, str):
+                raise self.loader.error(f"{self.key(name)}[{i}]", f"expected a string, got {_kind(v)}")
+        return value
+
+    def done(self) -> None:
+        extra = sorted(set(self.data) - self.seen)
+        if extra:
+            raise self.loader.error(self.key(str(extra[0])), "unknown key")
+
+
+def _kind(v: Any) -> str:
+    if v is None:
+        return "nothing (null)"
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer", float: "a number"}.get(
+        type(v), type(v).__name__
+    )
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {str: "a string", bool: "a boolean (true/false)", int: "an integer", float: "a number", list: "a list", dict: "a mapping"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+class _Loader:
+    def __init__(self, source: str, environ: Mapping[str, str]) -> None:
+        self.source = source
+        self.environ = environ
+
+    def error(self, path: str, problem: str) -> ConfigError:
+        return ConfigError(self.source, path, problem)
+
+    def env(self, path: str, var: Any) -> str:
+        if not isinstance(var, str) or not var:
+            raise self.error(path, "expected the name of an environment variable")
+        if var not in self.environ:
+            raise self.error(path, f"environment variable {var} is not set")
+        return self.environ[var]
+
+    def secret(self, sec: _Section, name: str) -> str | None:
+        """A secret given inline as ``name`` or indirectly as ``name_env``."""
+        literal = sec.get(name, str, None)
+        env_name = sec.raw(f"{name}_env")
+        if literal is not None and env_name is not None:
+            raise self.error(sec.key(name), f"give either {name} or {name}_env, not both")
+        if env_name is not None:
+            return self.env(sec.key(f"{name}_env"), env_name)
+        return _expand(literal, self, sec.key(name)) if literal is not None else None
+
+    # -- sections ----------------------------------------------------------
+
+    def load(self, data: Any) -> Config:
+        top = _Section(self, "", data)
+        server = self.server(top.sub("server"))
+        storage = self.storage(top.sub("storage"))
+        auth = self.auth(top.sub("auth"))
+        defaults = top.sub("upstream")
+        connect_timeout = defaults.convert("connect_timeout", parse_duration, 10.0)
+        read_timeout = defaults.convert("read_timeout", parse_duration, 60.0)
+        defaults.done()
+        remotes_raw = top.raw("remotes", {})
+        if remotes_raw is None:
+            remotes_raw = {}
+        if not isinstance(remotes_raw, dict):
+            raise self.error("remotes", f"expected a mapping of remote name to settings, got {_kind(remotes_raw)}")
+        remotes = {}
+        for name, body in remotes_raw.items():
+            remotes[str(name)] = self.remote(str(name), _Section(self, f"remotes.{name}", body), connect_timeout, read_timeout)
+        git = top.raw("git", {}) or {}
+        if not isinstance(git, dict):
+            raise self.error("git", f"expected a mapping, got {_kind(git)}")
+        top.done()
+        return Config(self.source, server, storage, auth, remotes, git)
+
+    def server(self, sec: _Section) -> ServerConfig:
+        listen = sec.str_list("listen") or list(ServerConfig.listen)
+        if "SPARKCACHE_LISTEN" in self.environ:
+            listen = [s.strip() for s in self.environ["SPARKCACHE_LISTEN"].split(",") if s.strip()]
+        elif "SPARKCACHE_PORT" in self.environ:
+            port = self.environ["SPARKCACHE_PORT"]
+            if not port.isdigit():
+                raise self.error("SPARKCACHE_PORT", f"expected a port number, got {port!r}")
+            listen = [f"tcp:{port}:interface={self.environ.get('SPARKCACHE_INTERFACE', '127.0.0.1')}"]
+        public_url = sec.get("public_url", str, None)
+        if public_url is not None:
+            self.url(sec.key("public_url"), public_url)
+            public_url = public_url.rstrip("/")
+        cfg = ServerConfig(
+            listen=tuple(listen),
+            public_url=public_url,
+            shutdown_timeout=sec.convert("shutdown_timeout", parse_duration, 30.0),
+            max_path_length=sec.get("max_path_length", int, 4096),
+            sendfile=sec.get("sendfile", bool, True),
+        )
+        sec.done()
+        return cfg
+
+    def storage(self, sec: _Section) -> StorageConfig:
+        data_dir = self.environ.get("SPARKCACHE_DATA_DIR") or sec.get("data_dir", str, "./data")
+        cfg = StorageConfig(
+            data_dir=data_dir,
+            max_size=sec.convert("max_size", parse_size, StorageConfig.max_size),
+            eviction_interval=sec.convert("eviction_interval", parse_duration, 60.0),
+            expiry_interval=sec.convert("expiry_interval", parse_duration, 300.0),
+        )
+        sec.done()
+        return cfg
+
+    def auth(self, sec: _Section) -> AuthConfig:
+        anonymous = sec.get("anonymous_read", bool, True)
+        if "SPARKCACHE_ANONYMOUS_READ" in self.environ:
+            anonymous = self.environ["SPARKCACHE_ANONYMOUS_READ"].lower() in ("1", "true", "yes", "on")
+        tokens: list[TokenConfig] = []
+        raw = sec.raw("tokens", []) or []
+        if not isinstance(raw, list):
+            raise self.error(sec.key("tokens"), f"expected a list of tokens, got {_kind(raw)}")
+        for i, item in enumerate(raw):
+            t = _Section(self, f"{sec.key('tokens')}[{i}]", item)
+            name = t.get("name", str, f"token{i}")
+            secret = self.secret(t, "token")
+            if not secret:
+                raise self.error(t.key("token"), "a token needs token or token_env")
+            scopes = t.str_list("scopes") or ["read"]
+            for j, s in enumerate(scopes):
+                if s not in SCOPES:
+                    raise self.error(f"{t.key('scopes')}[{j}]", f"unknown scope {s!r}; expected one of {', '.join(SCOPES)}")
+            t.done()
+            tokens.append(TokenConfig(name, secret, _implied_scopes(scopes)))
+        for var, scopes in (("SPARKCACHE_ADMIN_TOKEN", ["admin"]), ("SPARKCACHE_WRITE_TOKEN", ["write"]), ("SPARKCACHE_READ_TOKEN", ["read"])):
+            if self.environ.get(var):
+                tokens.append(TokenConfig(var.lower(), self.environ[var], _implied_scopes(scopes)))
+        sec.done()
+        return AuthConfig(anonymous, tuple(tokens))
+
+    def url(self, path: str, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise self.error(path, f"expected an http:// or https:// URL, got {value!r}")
+        return value
+
+    def patterns(self, sec: _Section, name: str) -> tuple[re.Pattern[str], ...]:
+        out = []
+        for i, p in enumerate(sec.str_list(name)):
+            try:
+                out.append(re.compile(p))
+            except re.error as e:
+                raise self.error(f"{sec.key(name)}[{i}]", f"bad regular expression {p!r}: {e}") from None
+        return tuple(out)
+
+    def remote(self, name: str, sec: _Section, connect_timeout: float, read_timeout: float) -> RemoteConfig:
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", name):
+            raise self.error(f"remotes.{name}", "a remote name may hold only letters, digits, '.', '_' and '-'")
+        sec.alias("upstream", "base_url", "url")
+        sec.alias("type", "package")
+        rtype = sec.get("type", str, "generic")
+        if rtype not in REMOTE_TYPES:
+            raise self.error(sec.key("type"), f"unknown remote type {rtype!r}; expected one of {', '.join(REMOTE_TYPES)}")
+        upstream = sec.get("upstream", str, None)
+        if upstream is None and rtype != "local":
+            raise self.error(sec.key("upstream"), "missing: a remote needs an upstream URL")
+        if upstream is not None:
+            upstream = self.url(sec.key("upstream"), _expand(upstream, self, sec.key("upstream"))).rstrip("/")
+        immutable = self.patterns(sec, "immutable_patterns")
+        mutable = self.patterns(sec, "mutable_patterns")
+        if not sec.has("mutable_patterns"):
+            mutable = tuple(re.compile(p) for p in DEFAULT_MUTABLE[rtype])
+        check = sec.get("check_mutable_updates", bool, False)
+        c = sec.sub("cache")
+        policy = CachePolicy(
+            immutable_ttl=c.convert("immutable_ttl", parse_duration, 0.0),
+            mutable_ttl=c.convert("mutable_ttl", parse_duration, 3600.0),
+            negative_ttl=c.convert("negative_ttl", parse_duration, 60.0),
+        )
+        c.done()
+        creds = None
+        if sec.has("credentials"):
+            cs = sec.sub("credentials")
+            creds = Credentials(self.secret(cs, "username"), self.secret(cs, "password"), self.secret(cs, "token"))
+            cs.done()
+        username = self.secret(sec, "username")
+        password = self.secret(sec, "password")
+        if username is not None or password is not None:
+            if creds is not None:
+                raise self.error(sec.key("username"), "give credentials either inline (username/password) or under credentials, not both")
+            creds = Credentials(username, password, None)
+        cfg = RemoteConfig(
+            name=name,
+            type=rtype,
+            upstream=upstream,
+            immutable_patterns=immutable,
+            mutable_patterns=mutable,
+            check_mutable_updates=check,
+            cache=policy,
+            credentials=creds,
+            connect_timeout=sec.convert("connect_timeout", parse_duration, connect_timeout),
+            read_timeout=sec.convert("read_timeout", parse_duration, read_timeout),
+        )
+        sec.done()
+        return cfg
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand(value: str, loader: _Loader, path: str) -> str:
+    """Expand ``${VAR}`` references so example configs never hard-code hosts or secrets."""
+
+    def sub(m: re.Match[str]) -> str:
+        return loader.env(path, m.group(1))
+
+    return _ENV_REF.sub(sub, value)
+
+
+def _implied_scopes(scopes: Sequence[str]) -> frozenset[str]:
+    out = set(scopes)
+    if "admin" in out:
+        out |= {"write", "read"}
+    if "write" in out:
+        out.add("read")
+    return frozenset(out)
+
+
+def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate ``path``; raise ConfigError with an operator-facing message."""
+    env = os.environ if environ is None else environ
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(path, "", f"cannot read: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(path, "", f"invalid YAML: {where}{getattr(e, 'problem', None) or e}") from None
+    return load_config_data(data, path, env)
+
+
+def load_config_data(data: Any, source: str = "<config>", environ: Mapping[str, str] | None = None) -> Config:
+    return _Loader(source, os.environ if environ is None else environ).load(data)
