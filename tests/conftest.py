@@ -1,0 +1,113 @@
+"""Shared fixtures: a controllable upstream, real daemons, failure logs, a watchdog.
+
+End-to-end tests (``tests/e2e``) are plain synchronous tests: the daemon runs as
+a ``twistd`` subprocess on its own free port with its own data dir, so they run
+in parallel under pytest-xdist. When such a test fails, the logs of every
+daemon it started and the requests its upstreams saw are attached to the
+failure report.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from support.daemon import Daemon  # noqa: E402
+from support.upstream import Upstream  # noqa: E402
+
+E2E_DIR = Path(__file__).resolve().parent / "e2e"
+# Every client call has its own timeout; this is the backstop for a test that
+# still hangs. First the test's daemons and upstreams are killed (blocked
+# calls then fail and the test reports normally); if even that does not
+# unblock it, the worker dumps its stacks and exits.
+E2E_TEST_TIMEOUT = float(os.environ.get("SPARKCACHE_E2E_TIMEOUT", "150"))
+
+_DAEMONS = pytest.StashKey[list]()
+_UPSTREAMS = pytest.StashKey[list]()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if E2E_DIR in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture
+def upstream_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., Upstream]]:
+    made: list[Upstream] = request.node.stash.setdefault(_UPSTREAMS, [])
+
+    def make(root: str | os.PathLike[str] | None = None) -> Upstream:
+        up = Upstream(root).start()
+        made.append(up)
+        return up
+
+    yield make
+    for up in made:
+        up.stop()
+
+
+@pytest.fixture
+def upstream(upstream_factory: Callable[..., Upstream]) -> Upstream:
+    """A running controllable upstream on 127.0.0.1 (see support/upstream.py)."""
+    return upstream_factory()
+
+
+@pytest.fixture
+def daemon_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """``make(remotes, *, auth=, server=, storage=, upstream=, env=, start=True) -> Daemon``."""
+    made: list[Daemon] = request.node.stash.setdefault(_DAEMONS, [])
+
+    def make(remotes: dict[str, dict[str, Any]] | None = None, *, start: bool = True, **kwargs: Any) -> Daemon:
+        d = Daemon(tmp_path / f"daemon{len(made)}", remotes, **kwargs)
+        made.append(d)
+        if start:
+            d.start()
+        return d
+
+    yield make
+    for d in made:
+        d.close()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Iterator[None]:
+    outcome = yield
+    rep = outcome.get_result()
+    if not rep.failed:
+        return
+    for i, d in enumerate(item.stash.get(_DAEMONS, [])):
+        rep.sections.append((f"daemon{i} log ({rep.when}, {d.dir})", d.log_tail(300)))
+    for i, up in enumerate(item.stash.get(_UPSTREAMS, [])):
+        rep.sections.append((f"upstream{i} requests ({rep.when}, port {up.port})", up.describe()))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    if pytest.mark.e2e.name not in item.keywords:
+        yield
+        return
+
+    def soft() -> None:
+        sys.stderr.write(f"\n{item.nodeid}: still running after {E2E_TEST_TIMEOUT}s; killing its daemons and upstreams\n")
+        for d in item.stash.get(_DAEMONS, []):
+            d.kill()
+        for up in item.stash.get(_UPSTREAMS, []):
+            up.stop()
+
+    timer = threading.Timer(E2E_TEST_TIMEOUT, soft)
+    timer.daemon = True
+    timer.start()
+    faulthandler.dump_traceback_later(E2E_TEST_TIMEOUT + 60, exit=True)
+    try:
+        yield
+    finally:
+        timer.cancel()
+        faulthandler.cancel_dump_traceback_later()

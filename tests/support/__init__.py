@@ -1,0 +1,1 @@
+"""Helpers shared by the test suites: a controllable upstream, a daemon runner, tool checks."""
