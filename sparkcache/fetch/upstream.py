@@ -1,0 +1,170 @@
+"""The upstream HTTP client: one pooled Agent, credentials, timeouts, redirects.
+
+A bare Agent rather than treq: stored bytes must be exactly upstream's, so no
+content decoding and no buffering. Redirects are followed here, server-side,
+so that clients never see (and the cache never stores) signed object-storage
+URLs, and so that Authorization is dropped when a redirect changes host.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived, _HTTP11ClientFactory
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+
+from sparkcache.config import Credentials, RemoteConfig
+
+REDIRECTS = (301, 302, 303, 307, 308)
+USER_AGENT = b"sparkcache"
+
+
+class UpstreamError(Exception):
+    """The upstream could not be asked: ``kind`` is 'unreachable' or 'timeout'."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"upstream {kind}: {detail}")
+        self.kind = kind
+        self.detail = detail
+
+
+def origin(url: str) -> tuple[str, str, int]:
+    p = urlsplit(url)
+    port = p.port or (443 if p.scheme == "https" else 80)
+    return (p.scheme, (p.hostname or "").lower(), port)
+
+
+def auth_header(creds: Credentials | None) -> bytes | None:
+    if creds is None:
+        return None
+    if creds.token:
+        return b"Bearer " + creds.token.encode()
+    if creds.username is not None or creds.password is not None:
+        raw = f"{creds.username or ''}:{creds.password or ''}".encode()
+        return b"Basic " + base64.b64encode(raw)
+    return None
+
+
+class _Discard(Protocol):
+    """Drain a small body (a redirect's) so the connection can be reused."""
+
+    def __init__(self, done: Deferred[None], limit: int = 65536) -> None:
+        self.done = done
+        self.left = limit
+
+    def dataReceived(self, data: bytes) -> None:
+        self.left -= len(data)
+        if self.left < 0 and self.transport is not None:
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.done.callback(None)
+
+
+def discard_body(response: IResponse) -> Deferred[None]:
+    d: Deferred[None] = Deferred()
+    response.deliverBody(_Discard(d))
+    return d
+
+
+class _QuietFactory(_HTTP11ClientFactory):
+    noisy = False  # one "Starting factory" log line per upstream connection is noise
+
+
+class _QuietPool(HTTPConnectionPool):
+    _factory = _QuietFactory
+
+
+class UpstreamClient:
+    def __init__(self, reactor: Any, max_redirects: int = 10) -> None:
+        self.reactor = reactor
+        self.pool = _QuietPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = 16
+        self.pool.cachedConnectionTimeout = 60
+        self.pool.retryAutomatically = True
+        self.max_redirects = max_redirects
+        self._agents: dict[float, Agent] = {}
+
+    def agent(self, connect_timeout: float) -> Agent:
+        a = self._agents.get(connect_timeout)
+        if a is None:
+            a = self._agents[connect_timeout] = Agent(self.reactor, pool=self.pool, connectTimeout=connect_timeout)
+        return a
+
+    def close(self) -> Deferred[None]:
+        return self.pool.closeCachedConnections()
+
+    async def request(
+        self,
+        remote: RemoteConfig,
+        method: bytes,
+        url: str,
+        headers: dict[bytes, bytes] | None = None,
+    ) -> tuple[IResponse, str]:
+        """Send a request to ``remote``'s upstream; returns (response, final URL).
+
+        Raises UpstreamError when nothing usable came back (refused, reset,
+        DNS failure, no headers within ``remote.read_timeout``).
+        """
+        home = origin(remote.upstream or url)
+        auth = auth_header(remote.credentials)
+        agent = self.agent(remote.connect_timeout)
+        for _hop in range(self.max_redirects + 1):
+            h = Headers({b"User-Agent": [USER_AGENT]})
+            for k, v in (headers or {}).items():
+                h.setRawHeaders(k, [v])
+            # Credentials belong to the configured upstream only: a redirect
+            # to object storage or another host must not carry them.
+            if auth is not None and origin(url) == home:
+                h.setRawHeaders(b"Authorization", [auth])
+            d = agent.request(method, url.encode("ascii"), h)
+            timed_out: list[bool] = []
+
+            def on_timeout(d: Deferred[IResponse] = d, flag: list[bool] = timed_out) -> None:
+                flag.append(True)
+                d.cancel()
+
+            timer = self.reactor.callLater(remote.read_timeout, on_timeout)
+            try:
+                response: IResponse = await d
+            except Exception as e:
+                if timed_out:
+                    raise UpstreamError("timeout", f"no response from {_safe(url)} within {remote.read_timeout:g}s") from None
+                if isinstance(e, CancelledError):
+                    raise
+                raise UpstreamError("unreachable", f"{_safe(url)}: {_describe(e)}") from None
+            finally:
+                if timer.active():
+                    timer.cancel()
+            if response.code in REDIRECTS and method in (b"GET", b"HEAD"):
+                location = response.headers.getRawHeaders(b"location", [None])[0]
+                if location:
+                    await discard_body(response)
+                    target = urljoin(url, location.decode("latin-1"))
+                    if urlsplit(target).scheme not in ("http", "https"):
+                        raise UpstreamError("unreachable", f"redirect to unsupported URL {_safe(target)}")
+                    url = target
+                    continue
+            return response, url
+        raise UpstreamError("unreachable", f"more than {self.max_redirects} redirects from {_safe(url)}")
+
+
+def _safe(url: str) -> str:
+    """A URL fit for logs: no userinfo, no query string (signatures live there)."""
+    p = urlsplit(url)
+    host = p.hostname or ""
+    if p.port:
+        host = f"{host}:{p.port}"
+    return f"{p.scheme}://{host}{p.path}"
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, ResponseNeverReceived) and e.reasons:
+        return "; ".join(type(r.value).__name__ for r in e.reasons)
+    return type(e).__name__

@@ -1,0 +1,1 @@
+"""One Klein class per protocol; the root resource dispatches by first path segment."""

@@ -1,0 +1,101 @@
+"""Management endpoints: /, /health, /metrics, /config, /admin/purge."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from klein import Klein
+from twisted.web.resource import IResource
+
+import sparkcache
+from sparkcache.auth import REALM, AuthError
+from sparkcache.context import Context
+from sparkcache.web.errors import HTTPError
+from sparkcache.web.serve import error_body
+
+
+class AdminApp:
+    app = Klein()
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def resource(self) -> IResource:
+        return self.app.resource()
+
+    @app.handle_errors(HTTPError)
+    def _http_error(self, request: Any, failure: Any) -> bytes:
+        e = failure.value
+        return error_body(request, e.status, e.message, e.headers)
+
+    @app.handle_errors(AuthError)
+    def _auth_error(self, request: Any, failure: Any) -> bytes:
+        e = failure.value
+        return error_body(request, e.status, e.message, {"WWW-Authenticate": REALM} if e.status == 401 else None)
+
+    @app.route("/", methods=["GET", "HEAD"])
+    def index(self, request: Any) -> bytes:
+        return _json(request, {
+            "name": "sparkcache",
+            "version": sparkcache.__version__,
+            "remotes": [
+                {"name": r.name, "type": r.type, "upstream": r.upstream, "url": f"/api/{r.name}/"}
+                for r in self.ctx.config.remotes.values()
+            ],
+        })
+
+    @app.route("/health", methods=["GET", "HEAD"])
+    def health(self, request: Any) -> bytes:
+        store = self.ctx.store
+        return _json(request, {
+            "status": "ok",
+            "store_bytes": store.size,
+            "store_entries": store.entries,
+            "inflight_fetches": self.ctx.cache.inflight,
+        })
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics(self, request: Any) -> bytes:
+        m = self.ctx.metrics
+        m.store_bytes.set(self.ctx.store.size)
+        m.store_entries.set(self.ctx.store.entries)
+        request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
+        return m.render()
+
+    @app.route("/config", methods=["GET"])
+    def config(self, request: Any) -> bytes:
+        self.ctx.auth.require(request, "read")
+        return _json(request, self.ctx.config.redacted())
+
+    @app.route("/admin/purge", methods=["POST"])
+    async def purge(self, request: Any) -> bytes:
+        self.ctx.auth.require(request, "admin")
+        remote = _arg(request, b"remote")
+        path = _arg(request, b"path")
+        store = self.ctx.store
+        if remote is None:
+            if path is not None:
+                raise HTTPError(400, "path needs remote")
+            n = await store.purge_all()
+        elif remote not in self.ctx.config.remotes:
+            raise HTTPError(404, f"unknown remote {remote!r}")
+        elif path is None:
+            n = await store.purge_remote(remote)
+        else:
+            n = await store.purge_key(f"{remote}:{path.lstrip('/')}")
+        return _json(request, {"purged": n})
+
+    @app.route("/<path:rest>", branch=True)
+    def not_found(self, request: Any, rest: str) -> bytes:
+        raise HTTPError(404, "no such endpoint")
+
+
+def _arg(request: Any, name: bytes) -> str | None:
+    v = request.args.get(name)
+    return v[0].decode("utf-8") if v else None
+
+
+def _json(request: Any, obj: Any) -> bytes:
+    request.setHeader(b"Content-Type", b"application/json")
+    return json.dumps(obj, indent=None).encode() + b"\n"

@@ -1,0 +1,250 @@
+"""Generic remotes: ``/api/<remote>/<path>`` for release files, OS package
+repositories (deb, rpm, alpine) and Helm charts, plus ``type: local`` uploads.
+
+Semantics follow the FastAPI artifact cache this replaces: ``immutable_patterns``
+gate what may be fetched (403 outside them unless a mutable pattern matches),
+mutable paths get a TTL, conditional revalidation and stale-on-error.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from typing import Any
+
+from klein import Klein
+from twisted.web.resource import IResource
+
+from sparkcache.auth import REALM, AuthError
+from sparkcache.config import RemoteConfig
+from sparkcache.context import Context
+from sparkcache.fetch import CacheRequest, Failed, Hit, Live
+from sparkcache.fetch.flight import BodyError
+from sparkcache.store import Entry
+from sparkcache.web.errors import HTTPError
+from sparkcache.web.paths import BadPath, quote_segments, split_raw_path
+from sparkcache.web.respond import guess_type, respond
+from sparkcache.web.serve import error_body
+
+MAX_PREFETCH = 1000
+
+
+def classify(remote: RemoteConfig, path: str) -> str | None:
+    """'mutable', 'immutable', or None when policy forbids the path."""
+    probe = "/" + path
+    if any(p.search(probe) for p in remote.mutable_patterns):
+        return "mutable"
+    if not remote.immutable_patterns or any(p.search(probe) for p in remote.immutable_patterns):
+        return "immutable"
+    return None
+
+
+class GenericApp:
+    app = Klein()
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.max_path = ctx.config.server.max_path_length
+
+    def resource(self) -> IResource:
+        return self.app.resource()
+
+    @app.handle_errors(HTTPError)
+    def _http_error(self, request: Any, failure: Any) -> bytes:
+        e = failure.value
+        return error_body(request, e.status, e.message, e.headers)
+
+    @app.handle_errors(AuthError)
+    def _auth_error(self, request: Any, failure: Any) -> bytes:
+        e = failure.value
+        return error_body(request, e.status, e.message, {"WWW-Authenticate": REALM} if e.status == 401 else None)
+
+    @app.handle_errors(BadPath)
+    def _bad_path(self, request: Any, failure: Any) -> bytes:
+        return error_body(request, failure.value.status, str(failure.value))
+
+    # -- dispatch ------------------------------------------------------------------
+
+    @app.route("/", branch=True, methods=["GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "PATCH"])
+    async def dispatch(self, request: Any) -> Any:
+        segments = split_raw_path(request.uri, self.max_path)
+        query = request.uri.partition(b"?")[2].decode("latin-1")
+        if any(ord(c) < 0x20 or c in " \x7f" for c in query):
+            raise HTTPError(400, "control characters are not allowed in the query string")
+        # segments[0] is "api"
+        if len(segments) < 2 or segments[1] == "":
+            raise HTTPError(404, "no remote named; use /api/<remote>/<path>")
+        remote = self.ctx.config.remotes.get(segments[1])
+        if remote is None:
+            raise HTTPError(404, f"unknown remote {segments[1]!r}")
+        rest = [s for s in segments[2:] if s != ""]
+        path = "/".join(rest)
+        method = request.method
+        if not rest:
+            if method in (b"GET", b"HEAD"):
+                self.ctx.auth.require(request, "read")
+                return await self.listing(request, remote)
+            if method == b"POST":
+                self.ctx.auth.require(request, "write")
+                return await self.prefetch(request, remote)
+            if method == b"DELETE":
+                self.ctx.auth.require(request, "admin")
+                return _json(request, {"purged": await self.ctx.store.purge_remote(remote.name)})
+            raise HTTPError(405, f"{method.decode()} is not allowed on a remote", {"Allow": "GET, HEAD, POST, DELETE"})
+        key = _key(remote, path, query)
+        if method in (b"GET", b"HEAD"):
+            self.ctx.auth.require(request, "read")
+            if remote.type == "local":
+                return await self.serve_local(request, remote, key, path)
+            req = self.cache_request(remote, rest, query)
+            result = await self.ctx.cache.get(req)
+            return await respond(request, result, self.ctx.store, self.ctx.metrics, remote.name, path)
+        if method == b"PUT":
+            if remote.type != "local":
+                raise HTTPError(405, f"remote {remote.name!r} is a read-through cache; uploads go to a type: local remote",
+                                {"Allow": "GET, HEAD, DELETE"})
+            self.ctx.auth.require(request, "write")
+            return await self.upload(request, remote, key, path)
+        if method == b"DELETE":
+            self.ctx.auth.require(request, "admin")
+            return _json(request, {"purged": await self.ctx.store.purge_key(key)})
+        allow = "GET, HEAD, PUT, DELETE" if remote.type == "local" else "GET, HEAD, DELETE"
+        raise HTTPError(405, f"{method.decode()} is not allowed here", {"Allow": allow})
+
+    # -- reads -------------------------------------------------------------------------
+
+    def cache_request(self, remote: RemoteConfig, rest: list[str], query: str) -> CacheRequest:
+        path = "/".join(rest)
+        kind = classify(remote, path)
+        if kind is None:
+            raise HTTPError(403, f"path {path!r} is outside the immutable_patterns of remote {remote.name!r}")
+        if kind == "mutable":
+            ttl: float | None = remote.cache.mutable_ttl
+        else:
+            ttl = remote.cache.immutable_ttl or None
+        assert remote.upstream is not None
+        url = f"{remote.upstream}/{quote_segments(rest)}" + (f"?{query}" if query else "")
+        return CacheRequest(
+            remote=remote, key=_key(remote, path, query), path=path, url=url, ttl=ttl,
+            revalidate=remote.check_mutable_updates,
+        )
+
+    async def serve_local(self, request: Any, remote: RemoteConfig, key: str, path: str) -> Any:
+        entry = await self.ctx.store.index.get(key)
+        if entry is None or entry.status != 200:
+            raise HTTPError(404, f"{path!r} not found in local remote {remote.name!r}")
+        self.ctx.store.index.touch(entry, self.ctx.clock.seconds())
+        return await respond(request, Hit(entry, "HIT"), self.ctx.store, self.ctx.metrics, remote.name, path)
+
+    async def listing(self, request: Any, remote: RemoteConfig) -> bytes:
+        entries = await self.ctx.store.index.list_remote(remote.name)
+        return _json(request, {
+            "remote": remote.name,
+            "entries": [
+                {"path": e.path, "size": e.size, "digest": e.digest, "content_type": e.content_type,
+                 "fetched": e.fetched, "expires": e.expires, "last_access": e.last_access}
+                for e in entries
+            ],
+        })
+
+    async def prefetch(self, request: Any, remote: RemoteConfig) -> bytes:
+        if remote.type == "local":
+            raise HTTPError(400, "a local remote has no upstream to prefetch from")
+        try:
+            body = json.loads(request.content.read(1 << 20) or b"{}")
+            paths = body["paths"]
+            assert isinstance(paths, list) and all(isinstance(p, str) for p in paths)
+        except Exception:
+            raise HTTPError(400, 'expected a JSON body {"paths": ["path", ...]}') from None
+        if len(paths) > MAX_PREFETCH:
+            raise HTTPError(400, f"at most {MAX_PREFETCH} paths per prefetch")
+        results = []
+        for p in paths:
+            results.append(await self._prefetch_one(remote, p))
+        return _json(request, {"results": results})
+
+    async def _prefetch_one(self, remote: RemoteConfig, raw: str) -> dict[str, Any]:
+        try:
+            rest = [s for s in split_raw_path(raw.lstrip("/").encode("utf-8"), self.max_path) if s]
+            if not rest:
+                raise BadPath("empty path")
+            req = self.cache_request(remote, rest, "")
+        except (BadPath, HTTPError) as e:
+            return {"path": raw, "status": "error", "code": getattr(e, "status", 400), "message": str(e)}
+        result = await self.ctx.cache.get(req)
+        if isinstance(result, Live):
+            try:
+                flight = await result.flight.wait_done()
+            except BodyError as e:
+                return {"path": req.path, "status": "error", "code": 502, "message": str(e)}
+            return {"path": req.path, "status": "cached", "code": 200, "size": flight.written}
+        if isinstance(result, Hit):
+            return {"path": req.path, "status": "cached", "code": 200, "size": result.entry.size}
+        assert isinstance(result, Failed)
+        return {"path": req.path, "status": "error", "code": result.status, "message": result.message}
+
+    # -- uploads to local remotes --------------------------------------------------------
+
+    async def upload(self, request: Any, remote: RemoteConfig, key: str, path: str) -> bytes:
+        expected = _expected_sha256(request)
+        store = self.ctx.store
+        spool = store.new_spool()
+        content = request.content
+
+        def copy() -> None:
+            # twisted.web has already buffered the body (to a temporary file
+            # when large); hashing and copying it is blocking work.
+            content.seek(0)
+            while True:
+                chunk = content.read(1 << 20)
+                if not chunk:
+                    break
+                spool.write(chunk)
+
+        try:
+            await store.in_io(copy)
+        except BaseException:
+            store.discard(spool)
+            raise
+        digest = spool.hexdigest()
+        if expected is not None and expected != digest:
+            store.discard(spool)
+            raise HTTPError(400, f"checksum mismatch: body has sha256 {digest}, header says {expected}")
+        now = self.ctx.clock.seconds()
+        ctype = request.getHeader(b"content-type") or guess_type(path)
+        old = await store.index.get(key)
+        entry = Entry(key, remote.name, path, 200, digest, spool.size, ctype, {"content-type": ctype}, now, None,
+                      f'"sha256:{digest}"', time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)), now)
+        await store.commit(spool, entry)
+        if old is not None and old.digest and old.digest != digest:
+            await store.release_digest(old.digest)
+        request.setResponseCode(201)
+        return _json(request, {"path": path, "size": entry.size, "digest": f"sha256:{digest}"})
+
+
+def _key(remote: RemoteConfig, path: str, query: str) -> str:
+    return f"{remote.name}:{path}" + (f"?{query}" if query else "")
+
+
+def _expected_sha256(request: Any) -> str | None:
+    v = request.getHeader(b"x-checksum-sha256")
+    if v:
+        return v.strip().lower()
+    digest = request.getHeader(b"digest")
+    if digest:
+        for part in digest.split(","):
+            algo, _, value = part.strip().partition("=")
+            if algo.lower() == "sha-256":
+                try:
+                    return binascii.hexlify(base64.b64decode(value)).decode()
+                except binascii.Error:
+                    raise HTTPError(400, "malformed Digest header") from None
+    return None
+
+
+def _json(request: Any, obj: Any) -> bytes:
+    request.setHeader(b"Content-Type", b"application/json")
+    return json.dumps(obj).encode() + b"\n"
+

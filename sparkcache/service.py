@@ -1,0 +1,162 @@
+"""The service tree: store, listeners, timers and graceful stop."""
+
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable
+
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.web.server import Request, Site
+
+from sparkcache.auth import Authorizer
+from sparkcache.config import Config
+from sparkcache.context import Context
+from sparkcache.fetch import Cache, UpstreamClient
+from sparkcache.metrics import Metrics
+from sparkcache.protocols.root import Root
+from sparkcache.store import Store
+
+log = Logger()
+
+
+class TrackedRequest(Request):
+    """A request that the site counts while it is in flight (for graceful stop)."""
+
+    def process(self) -> None:
+        site: SparkSite = self.channel.site
+        site.active.add(self)
+        self.notifyFinish().addBoth(lambda _: site.active.discard(self))
+        super().process()
+
+
+class SparkSite(Site):
+    requestFactory = TrackedRequest
+    noisy = False
+
+    def __init__(self, resource: Any, **kw: Any) -> None:
+        super().__init__(resource, **kw)
+        self.active: set[TrackedRequest] = set()
+
+    def log(self, request: Any) -> None:
+        # twisted.web's access log would print Authorization-free lines, but
+        # URLs can carry signed query strings: log method, path and status only.
+        path = request.uri.split(b"?", 1)[0].decode("latin-1", "replace")
+        log.info("{method} {path} {code} {size}", method=request.method.decode("latin-1"), path=path,
+                 code=request.code, size=request.sentLength)
+
+
+class _Periodic(TimerService):
+    """A timer whose body can never stop it: errors are logged, the loop goes on."""
+
+    def __init__(self, name: str, interval: float, fn: Callable[[], Awaitable[Any]], clock: Any) -> None:
+        self.fn = fn
+        super().__init__(interval, self._tick)
+        self.setName(name)
+        self.clock = clock
+        self._running: Deferred[Any] | None = None
+
+    def _tick(self) -> Deferred[None] | None:
+        if self._running is not None:
+            return None  # previous run still going: skip this tick
+        d = ensureDeferred(self.fn())  # type: ignore[arg-type]
+        self._running = d
+
+        def done(r: object) -> None:
+            self._running = None
+
+        d.addErrback(lambda f: log.failure("{name} failed; will retry", f, name=self.name))
+        d.addBoth(done)
+        return None
+
+
+class SparkcacheService(MultiService):
+    def __init__(self, config: Config, reactor: Any = None, clock: Any = None) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.config = config
+        self.reactor = reactor
+        self.clock = clock or reactor
+        self.metrics = Metrics()
+        self.store = Store(config.storage.data_dir, reactor, config.storage.max_size)
+        self.upstream = UpstreamClient(reactor)
+        self.cache = Cache(self.store, self.upstream, self.clock, self.metrics)
+        self.ctx = Context(config, self.store, self.cache, self.upstream, self.metrics, Authorizer(config.auth), self.clock)
+        self.root = Root(self.ctx)
+        self.site = SparkSite(self.root)
+        self.site.displayTracebacks = False
+        self.listeners: list[StreamServerEndpointService] = []
+        for spec in config.server.listen:
+            svc = StreamServerEndpointService(serverFromString(reactor, spec), self.site)
+            svc._raiseSynchronously = True
+            self.listeners.append(svc)
+        st = config.storage
+        self.timers = [
+            _Periodic(name, interval, fn, self.clock)
+            for name, interval, fn in (
+                ("eviction", st.eviction_interval, self._evict),
+                ("expiry", st.expiry_interval, self._expire),
+                ("access-flush", 30.0, self.store.index.flush_access),
+            )
+        ]
+        self.ready: Deferred[None] = Deferred()
+
+    async def _evict(self) -> None:
+        n = await self.store.evict()
+        if n:
+            self.metrics.evicted.inc(n)
+
+    async def _expire(self) -> None:
+        await self.store.expire(self.clock.seconds())
+
+    def startService(self) -> None:
+        # Timers and listeners start only once the store has been checked, so
+        # neither a request nor a timer ever sees a half-opened index.
+        super().startService()
+        d = ensureDeferred(self.store.start())
+
+        def listen(_: object) -> None:
+            for svc in [*self.timers, *self.listeners]:
+                svc.setServiceParent(self)
+            log.info("sparkcache listening on {listen}; data in {data}", listen=", ".join(self.config.server.listen),
+                     data=self.store.data_dir)
+            self.ready.callback(None)
+
+        def failed(f: Any) -> None:
+            log.failure("sparkcache could not start", f)
+            self.ready.errback(f)
+            if self.reactor.running:
+                self.reactor.stop()
+
+        d.addCallbacks(listen, failed)
+
+    def stopService(self) -> Deferred[None]:
+        return ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        # 1. stop accepting connections
+        stops = [svc.disownServiceParent() for svc in self.listeners if svc.parent is self]
+        await DeferredList([d for d in stops if isinstance(d, Deferred)], consumeErrors=True)
+        # 2. let in-flight responses finish, within the deadline
+        pending = [r.notifyFinish() for r in list(self.site.active) if not r.finished]
+        if pending:
+            log.info("waiting up to {t}s for {n} in-flight response(s)", t=self.config.server.shutdown_timeout, n=len(pending))
+            all_done: Deferred[Any] = DeferredList(pending, consumeErrors=True)
+            all_done.addTimeout(self.config.server.shutdown_timeout, self.reactor)
+            try:
+                await all_done
+            except Exception:
+                log.warn("shutdown deadline passed; dropping {n} response(s)", n=len(self.site.active))
+                for r in list(self.site.active):
+                    if r.channel and r.channel.transport:
+                        r.channel.transport.abortConnection()
+        # 3. timers, fetches, spool files, index
+        await MultiService.stopService(self)
+        await self.cache.stop()
+        await self.upstream.close()
+        await self.store.stop()

@@ -1,0 +1,180 @@
+"""The store: content-addressed bodies + SQLite index + spool, with eviction.
+
+Commit protocol (DESIGN.md invariant 2): a body is spooled, hashed and
+verified, fsynced, renamed into the content store, and only then does its
+index row appear. Removal goes the other way: rows first, then bodies.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Any, Callable, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from sparkcache.store.cas import IContentStore, LocalContentStore
+from sparkcache.store.index import Entry, Index
+from sparkcache.store.spool import SpoolFile, clear_spool
+
+__all__ = ["Entry", "Index", "IContentStore", "LocalContentStore", "SpoolFile", "Store"]
+
+T = TypeVar("T")
+log = Logger()
+
+
+class Store:
+    def __init__(self, data_dir: str, reactor: Any, max_size: int) -> None:
+        self.data_dir = os.path.abspath(data_dir)
+        os.makedirs(self.data_dir, exist_ok=True)
+        self.reactor = reactor
+        self.max_size = max_size
+        self.cas: IContentStore = LocalContentStore(os.path.join(self.data_dir, "cas"))
+        self.index = Index(os.path.join(self.data_dir, "index.sqlite"), reactor)
+        self.spool_dir = os.path.join(self.data_dir, "spool")
+        # fsync, rename and unlink of large files: never on the reactor, and
+        # not in the default pool, which DNS resolution needs.
+        self.io_pool = ThreadPool(minthreads=1, maxthreads=4, name="sparkcache-io")
+        self._pins: Counter[str] = Counter()
+        self._spools: set[SpoolFile] = set()
+        self.size = 0
+        self.entries = 0
+
+    def in_io(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        return deferToThreadPool(self.reactor, self.io_pool, fn, *args)
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.io_pool.start()
+        removed = clear_spool(self.spool_dir)
+        if removed:
+            log.info("removed {n} unfinished download(s) from the spool", n=removed)
+        await self.index.start()
+        present = await self.in_io(lambda: dict(self.cas.iter_digests()))
+        dropped, orphans = await self.index.reconcile(present)
+        if orphans:
+            await self.in_io(lambda: [self.cas.remove(d) for d in orphans])
+        if dropped or orphans:
+            log.info("store check: dropped {d} index row(s) without a body, removed {o} orphan body file(s)",
+                     d=dropped, o=len(orphans))
+        await self.refresh_stats()
+
+    async def stop(self) -> None:
+        for spool in list(self._spools):
+            spool.discard()
+        self._spools.clear()
+        try:
+            await self.index.stop()
+        finally:
+            self.io_pool.stop()
+
+    async def refresh_stats(self) -> tuple[int, int]:
+        self.size, self.entries = await self.index.stats()
+        return self.size, self.entries
+
+    # -- bodies ------------------------------------------------------------------
+
+    def new_spool(self) -> SpoolFile:
+        spool = SpoolFile(self.spool_dir)
+        self._spools.add(spool)
+        return spool
+
+    def discard(self, spool: SpoolFile) -> None:
+        self._spools.discard(spool)
+        spool.discard()
+
+    async def commit(self, spool: SpoolFile, entry: Entry) -> Entry:
+        """Make a complete, verified spool durable and visible under entry.key."""
+        assert entry.digest == spool.hexdigest()
+
+        def durable() -> None:
+            spool.sync_and_close()
+            assert entry.digest is not None
+            self.cas.commit(spool.path, entry.digest)
+
+        try:
+            await self.in_io(durable)
+        except BaseException:
+            self.discard(spool)
+            raise
+        self._spools.discard(spool)
+        stored = await self.index.put(entry)
+        self.entries += 1
+        self.size += entry.size
+        return stored
+
+    def path(self, entry: Entry) -> str:
+        assert entry.digest is not None
+        return self.cas.local_path(entry.digest)
+
+    def pin(self, digest: str) -> None:
+        self._pins[digest] += 1
+
+    def unpin(self, digest: str) -> None:
+        self._pins[digest] -= 1
+        if self._pins[digest] <= 0:
+            del self._pins[digest]
+
+    # -- removal -------------------------------------------------------------------
+
+    async def _drop(self, result: tuple[int, list[str]]) -> int:
+        count, orphans = result
+        # A body still being sent stays readable through its open descriptor.
+        if orphans:
+            await self.in_io(lambda: [self.cas.remove(d) for d in orphans])
+        return count
+
+    async def release_digest(self, digest: str) -> None:
+        """Remove a body that a replaced entry no longer needs (unless others do)."""
+        if not self._pins.get(digest):
+            await self._drop((0, await self.index.unreferenced(digest)))
+
+    async def purge_key(self, key: str) -> int:
+        return await self._drop(await self.index.delete_key(key))
+
+    async def purge_remote(self, remote: str) -> int:
+        return await self._drop(await self.index.delete_remote(remote))
+
+    async def purge_all(self) -> int:
+        n = await self._drop(await self.index.delete_all())
+        await self.refresh_stats()
+        return n
+
+    async def expire(self, now: float) -> int:
+        """Drop negative entries past their TTL (bodies are kept for revalidation)."""
+        n = 0
+        for key, _ in await self.index.expired_keys(now):
+            n += await self.purge_key(key)
+        return n
+
+    async def evict(self) -> int:
+        """Least-recently-used eviction down to max_size; pinned bodies are skipped."""
+        await self.index.flush_access()
+        size, _ = await self.refresh_stats()
+        if size <= self.max_size:
+            return 0
+        # Free a little more than needed so eviction does not run on every tick.
+        target = int(self.max_size * 0.95)
+        evicted = 0
+        batch = 256
+        while size > target:
+            candidates = await self.index.lru_blobs(batch + len(self._pins))
+            progress = False
+            for digest, blob_size in candidates:
+                if size <= target:
+                    break
+                if self._pins.get(digest):
+                    continue
+                await self._drop(await self.index.delete_digest(digest))
+                size -= blob_size
+                evicted += 1
+                progress = True
+            if not progress:
+                break
+        await self.refresh_stats()
+        log.info("evicted {n} bodies; store now {size} bytes", n=evicted, size=self.size)
+        return evicted

@@ -1,0 +1,118 @@
+"""Content-addressed bodies.
+
+Bodies are named by their sha256, so identical bodies under different cache
+keys are stored once and a path can never be steered by a request string.
+Everything here blocks on the filesystem: call it from the I/O thread pool.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+from typing import Iterator
+
+from zope.interface import Interface, implementer
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class IContentStore(Interface):
+    """Where complete, verified bodies live.
+
+    A shared S3-compatible bucket for several daemons is meant to be another
+    implementation of this interface, not a rewrite of the cache.
+    """
+
+    def local_path(digest: str) -> str:
+        """A local file path from which the body can be read and sent."""
+
+    def contains(digest: str) -> bool:
+        """Whether the body is present."""
+
+    def commit(spool_path: str, digest: str) -> bool:
+        """Move a complete, fsynced spool file into place.
+
+        Returns False when the body already existed (the spool is removed)."""
+
+    def remove(digest: str) -> int:
+        """Delete a body; returns the bytes freed (0 if absent)."""
+
+    def iter_digests() -> Iterator[tuple[str, int]]:
+        """Every stored (digest, size)."""
+
+
+def check_digest(digest: str) -> str:
+    if not _HEX64.match(digest):
+        raise ValueError(f"not a sha256 hex digest: {digest!r}")
+    return digest
+
+
+@implementer(IContentStore)
+class LocalContentStore:
+    """``<root>/sha256/ab/abcdef…`` on the local filesystem."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self.base = os.path.join(self.root, "sha256")
+        os.makedirs(self.base, exist_ok=True)
+
+    def local_path(self, digest: str) -> str:
+        check_digest(digest)
+        return os.path.join(self.base, digest[:2], digest)
+
+    def contains(self, digest: str) -> bool:
+        return os.path.exists(self.local_path(digest))
+
+    def commit(self, spool_path: str, digest: str) -> bool:
+        dest = self.local_path(digest)
+        parent = os.path.dirname(dest)
+        os.makedirs(parent, exist_ok=True)
+        if os.path.exists(dest):
+            os.unlink(spool_path)
+            return False
+        os.replace(spool_path, dest)
+        # The rename is only durable once the directory entry is on disk.
+        fsync_dir(parent)
+        return True
+
+    def remove(self, digest: str) -> int:
+        path = self.local_path(digest)
+        try:
+            size = os.stat(path).st_size
+            os.unlink(path)
+        except FileNotFoundError:
+            return 0
+        return size
+
+    def iter_digests(self) -> Iterator[tuple[str, int]]:
+        for sub in sorted(os.listdir(self.base)):
+            d = os.path.join(self.base, sub)
+            if not os.path.isdir(d):
+                continue
+            for name in os.listdir(d):
+                p = os.path.join(d, name)
+                if _HEX64.match(name) and name[:2] == sub:
+                    try:
+                        yield name, os.stat(p).st_size
+                    except FileNotFoundError:
+                        continue
+                else:
+                    # Stray file (an interrupted tool, a human): not ours to serve.
+                    try:
+                        os.unlink(p)
+                    except OSError:
+                        pass
+
+
+def fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:  # pragma: no cover - platforms without O_DIRECTORY
+        if e.errno in (errno.EINVAL, errno.ENOTDIR):
+            return
+        raise
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,1 @@
+"""Serving helpers shared by the protocol apps: paths, producers, responses."""

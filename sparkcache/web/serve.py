@@ -1,0 +1,203 @@
+"""Sending bodies: stored files and in-flight spools, with Range and HEAD.
+
+Both are pull producers (twisted.web.static's pattern): the transport asks
+for the next chunk only when it has sent the last one, so a slow client
+holds one chunk in memory, never the body.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPullProducer
+from twisted.web.iweb import IRequest
+from zope.interface import implementer
+
+from sparkcache.fetch.flight import Flight
+
+CHUNK = 256 * 1024
+_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$")
+
+
+class Unsatisfiable(Exception):
+    pass
+
+
+def parse_range(header: bytes | None, total: int | None) -> tuple[int, int] | None:
+    """A single byte range as (start, end inclusive); None to send everything.
+
+    Multiple ranges and malformed headers are ignored (RFC 9110 allows it);
+    a well-formed range beyond the end raises Unsatisfiable.
+    """
+    if header is None or total is None:
+        return None
+    m = _RANGE.match(header.decode("latin-1"))
+    if not m:
+        return None
+    first, last = m.group(1), m.group(2)
+    if first == "" and last == "":
+        return None
+    if first == "":
+        n = int(last)
+        if n == 0:
+            raise Unsatisfiable()
+        return (max(0, total - n), total - 1)
+    start = int(first)
+    end = int(last) if last else total - 1
+    if start >= total:
+        raise Unsatisfiable()
+    if end < start:
+        return None
+    return (start, min(end, total - 1))
+
+
+def error_body(request: IRequest, status: int, message: str, headers: dict[str, str] | None = None) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Cache-Control", b"no-store")
+    for k, v in (headers or {}).items():
+        request.setHeader(k.encode(), v.encode())
+    return json.dumps({"error": message, "status": status}).encode() + b"\n"
+
+
+def finish_safely(request: Any) -> None:
+    if not getattr(request, "_disconnected", False) and not getattr(request, "finished", False):
+        request.finish()
+
+
+@implementer(IPullProducer)
+class _Producer:
+    """Send bytes [offset, end) obtained from ``read(offset, n)``.
+
+    ``available()`` says how many bytes exist so far; when the producer has
+    caught up with it, it parks until ``wake()`` (more bytes, or the end).
+    """
+
+    def __init__(
+        self,
+        request: Any,
+        read: Callable[[int, int], bytes],
+        start: int,
+        end: int | None,
+        available: Callable[[], int],
+        failed: Callable[[], bool] = lambda: False,
+        ended: Callable[[], bool] = lambda: True,
+        on_bytes: Callable[[int], None] = lambda n: None,
+    ) -> None:
+        self.request = request
+        self.read = read
+        self.offset = start
+        self.end = end
+        self.available = available
+        self.failed = failed
+        self.ended = ended
+        self.on_bytes = on_bytes
+        self.done: Deferred[None] = Deferred()
+        self._parked = False
+        self._stopped = False
+        self._producing = False
+
+    def start(self) -> Deferred[None]:
+        self.request.notifyFinish().addErrback(lambda _: self.stopProducing())
+        self.request.registerProducer(self, False)
+        return self.done
+
+    def resumeProducing(self) -> None:
+        if self._stopped or self._producing:
+            return
+        self._producing = True
+        try:
+            self._produce()
+        finally:
+            self._producing = False
+
+    def _produce(self) -> None:
+        if self.failed():
+            self._abort()
+            return
+        limit = self.available() if self.end is None else min(self.end, self.available())
+        if self.offset < limit:
+            self._parked = False
+            data = self.read(self.offset, min(CHUNK, limit - self.offset))
+            if not data:
+                self._abort()
+                return
+            self.offset += len(data)
+            self.on_bytes(len(data))
+            self.request.write(data)
+            return
+        if (self.end is not None and self.offset >= self.end) or (self.end is None and self.ended()):
+            self._finish()
+            return
+        self._parked = True
+
+    def wake(self) -> None:
+        if self._parked and not self._stopped:
+            self._parked = False
+            self.resumeProducing()
+
+    def stopProducing(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            if not self.done.called:
+                self.done.callback(None)
+
+    def _finish(self) -> None:
+        self._stopped = True
+        self.request.unregisterProducer()
+        finish_safely(self.request)
+        if not self.done.called:
+            self.done.callback(None)
+
+    def _abort(self) -> None:
+        """Never end a body cleanly when it is incomplete: drop the connection."""
+        self._stopped = True
+        transport = getattr(self.request, "transport", None) or getattr(self.request.channel, "transport", None)
+        try:
+            self.request.unregisterProducer()
+        except Exception:
+            pass
+        if transport is not None:
+            transport.abortConnection()
+        if not self.done.called:
+            self.done.callback(None)
+
+
+def send_file(request: Any, path: str, start: int, end: int, on_bytes: Callable[[int], None]) -> Deferred[None]:
+    """Send bytes [start, end) of a stored file."""
+    fd = os.open(path, os.O_RDONLY)
+    length = end
+    p = _Producer(request, lambda off, n: os.pread(fd, n, off), start, end, lambda: length, on_bytes=on_bytes)
+
+    def close(r: object) -> object:
+        os.close(fd)
+        return r
+
+    return p.start().addBoth(close)
+
+
+def send_flight(request: Any, flight: Flight, start: int, end: int | None, on_bytes: Callable[[int], None]) -> Deferred[None]:
+    """Tail an in-flight spool: send bytes as they arrive, abort if the fetch fails."""
+    flight.acquire()
+    p = _Producer(
+        request,
+        flight.read,
+        start,
+        end,
+        available=lambda: flight.written,
+        failed=lambda: flight.error is not None,
+        ended=lambda: flight.finished,
+        on_bytes=on_bytes,
+    )
+    flight.listen(p.wake)
+
+    def release(r: object) -> object:
+        flight.unlisten(p.wake)
+        flight.release()
+        return r
+
+    return p.start().addBoth(release)
