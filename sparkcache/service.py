@@ -26,7 +26,7 @@ class TrackedRequest(Request):
     """A request that the site counts while it is in flight (for graceful stop)."""
 
     def process(self) -> None:
-        site: SparkSite = self.channel.site
+        site: SparkSite = self.channel.site  # type: ignore[attr-defined]
         site.active.add(self)
         self.notifyFinish().addBoth(lambda _: site.active.discard(self))
         super().process()
@@ -61,7 +61,7 @@ class _Periodic(TimerService):
     def _tick(self) -> Deferred[None] | None:
         if self._running is not None:
             return None  # previous run still going: skip this tick
-        d = ensureDeferred(self.fn())  # type: ignore[arg-type]
+        d: Deferred[Any] = ensureDeferred(self.fn())  # type: ignore[arg-type]
         self._running = d
 
         def done(r: object) -> None:
@@ -154,7 +154,7 @@ class SparkcacheService(MultiService):
                 log.warn("shutdown deadline passed; dropping {n} response(s)", n=len(self.site.active))
                 for r in list(self.site.active):
                     if r.channel and r.channel.transport:
-                        r.channel.transport.abortConnection()
+                        r.channel.transport.abortConnection()  # type: ignore[attr-defined]
         # 3. timers, fetches, spool files, index
         await MultiService.stopService(self)
         await self.cache.stop()

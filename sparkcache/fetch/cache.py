@@ -146,6 +146,12 @@ class Cache:
 
     async def _join(self, fetch: _Fetch, stale: Entry | None) -> Result:
         outcome = await fetch.wait()
+        if isinstance(outcome, Live) and outcome.flight.finished:
+            # Joined after the body was done: serve what was committed.
+            f = outcome.flight
+            if f.error is not None:
+                return Failed(502, str(f.error))
+            return Hit(f.entry, "HIT")
         if isinstance(outcome, Failed) and outcome.stale_ok and stale is not None:
             log.info("serving stale {key}: {why}", key=stale.key, why=outcome.message)
             return Hit(stale, "STALE")
@@ -159,8 +165,7 @@ class Cache:
 
         def cleanup(r: object) -> object:
             self.metrics.inflight.dec()
-            if self._fetches.get(req.key) is fetch:
-                del self._fetches[req.key]
+            self._forget(req.key, fetch)
             self._running.discard(d)
             if fetch.outcome is None:
                 fetch.resolve(Failed(502, "internal error while fetching"))
@@ -186,7 +191,7 @@ class Cache:
             response, _final = await self.upstream.request(req.remote, b"GET", req.url, headers)
         except UpstreamError as e:
             self.metrics.upstream_requests.labels(req.remote.name, e.kind).inc()
-            fetch.resolve(Failed(504 if e.kind == "timeout" else 502, str(e), stale_ok=True))
+            self._settle(req.key, fetch, Failed(504 if e.kind == "timeout" else 502, str(e), stale_ok=True))
             return
         self.metrics.upstream_latency.labels(req.remote.name).observe(self.clock.seconds() - started)
         self.metrics.upstream_requests.labels(req.remote.name, str(response.code)).inc()
@@ -202,7 +207,7 @@ class Cache:
                 etag=_header(response, "etag") or stale.etag,
                 last_modified=_header(response, "last-modified") or stale.last_modified,
             )
-            fetch.resolve(Hit(await self.store.index.put(fresh), "REVALIDATED"))
+            self._settle(req.key, fetch, Hit(await self.store.index.put(fresh), "REVALIDATED"))
         elif code == 200:
             await self._stream(req, stale, fetch, response, now)
         elif code in (404, 410):
@@ -214,13 +219,13 @@ class Cache:
                     req.key, req.remote.name, req.path, 404, None, 0, None, {}, now,
                     now + req.remote.cache.negative_ttl, None, None, now,
                 ))
-            fetch.resolve(Failed(404, f"not found upstream ({code})"))
+            self._settle(req.key, fetch, Failed(404, f"not found upstream ({code})"))
         elif code >= 500 or code == 429:
             await discard_body(response)
-            fetch.resolve(Failed(502, f"upstream answered {code}", stale_ok=True))
+            self._settle(req.key, fetch, Failed(502, f"upstream answered {code}", stale_ok=True))
         else:
             await discard_body(response)
-            fetch.resolve(Failed(code if 400 <= code < 500 else 502, f"upstream answered {code}"))
+            self._settle(req.key, fetch, Failed(code if 400 <= code < 500 else 502, f"upstream answered {code}"))
 
     async def _stream(self, req: CacheRequest, stale: Entry | None, fetch: _Fetch, response: IResponse, now: float) -> None:
         kept = {}
@@ -250,15 +255,27 @@ class Cache:
             committed = await self.store.commit(spool, entry)
             if stale is not None and stale.digest != digest and stale.digest is not None:
                 await self.store.release_digest(stale.digest)
+            self._forget(req.key, fetch)
             flight.complete(committed)
         except BodyError as e:
             log.warn("not caching {key}: {e}", key=req.key, e=e)
             self.store.discard(spool)
+            self._forget(req.key, fetch)
             flight.fail(e)
         except Exception as e:
             log.failure("storing {key} failed", key=req.key)
             self.store.discard(spool)
+            self._forget(req.key, fetch)
             flight.fail(BodyError(f"storing failed: {e}"))
+
+    def _settle(self, key: str, fetch: _Fetch, outcome: Union[Hit, Failed]) -> None:
+        self._forget(key, fetch)
+        fetch.resolve(outcome)
+
+    def _forget(self, key: str, fetch: _Fetch) -> None:
+        # Leave the map before waking anyone, so nobody can join a finished flight.
+        if self._fetches.get(key) is fetch:
+            del self._fetches[key]
 
     async def stop(self) -> None:
         for d in list(self._running):

@@ -139,7 +139,7 @@ class BodyReceiver(Protocol):
     def _idle(self) -> None:
         self.timed_out = True
         if self.transport is not None:
-            self.transport.stopProducing()
+            self.transport.stopProducing()  # type: ignore[attr-defined]
 
     def dataReceived(self, data: bytes) -> None:
         try:
@@ -148,7 +148,7 @@ class BodyReceiver(Protocol):
             log.error("spool write failed for {key}: {e}", key=self.flight.key, e=e)
             self.write_error = e
             if self.transport is not None:
-                self.transport.stopProducing()
+                self.transport.stopProducing()  # type: ignore[attr-defined]
             return
         if self._timer is not None and self._timer.active():
             self._timer.reset(self.idle_timeout)

@@ -61,7 +61,7 @@ class _Discard(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.left -= len(data)
         if self.left < 0 and self.transport is not None:
-            self.transport.stopProducing()
+            self.transport.stopProducing()  # type: ignore[attr-defined]
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.done.callback(None)

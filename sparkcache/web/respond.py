@@ -46,7 +46,7 @@ async def respond(
         flight = result.flight
         headers = flight.headers
         total = flight.total
-        etag = headers.get("etag")
+        etag = headers.get("etag") or ""
         source = "upstream"
     metrics.requests.labels(remote, result.state.lower()).inc()
 
