@@ -18,10 +18,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from support.daemon import Daemon  # noqa: E402
-from support.upstream import Upstream  # noqa: E402
+from tests.support.daemon import Daemon
+from tests.support.upstream import Upstream
 
 E2E_DIR = Path(__file__).resolve().parent / "e2e"
 # Every client call has its own timeout; this is the backstop for a test that

@@ -12,6 +12,7 @@ import hashlib
 import http.client
 import json
 import socket
+import threading
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -101,6 +102,27 @@ def eventually(predicate: Callable[[], Any], timeout: float = 15.0, interval: fl
         time.sleep(interval)
 
 
+def get_until_hit(daemon: Any, path: str, body: bytes | None = None, timeout: float = 10.0) -> Response:
+    """GET ``path`` until it is a cache HIT.
+
+    A client can read the last byte of a miss before the daemon has committed
+    the entry (fsync, rename, index row); a request in that window joins the
+    finishing fetch and is still a MISS. Every answer on the way must carry
+    the right body.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        resp = daemon.get(path)
+        assert resp.status == 200, resp.describe()
+        if body is not None:
+            assert sha256(resp.body) == sha256(body), f"wrong body ({len(resp.body)} bytes) for {path}"
+        if resp.header("X-Cache") == "HIT":
+            return resp
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} never became a HIT within {timeout}s; last answer:\n{resp.describe()}")
+        time.sleep(0.05)
+
+
 def assert_json_error(resp: Response, status: int | tuple[int, ...]) -> dict[str, Any]:
     """The contract's error shape: JSON ``{"error": ..., "status": code}``."""
     wanted = status if isinstance(status, tuple) else (status,)
@@ -111,3 +133,39 @@ def assert_json_error(resp: Response, status: int | tuple[int, ...]) -> dict[str
     assert isinstance(doc, dict) and "error" in doc, f"no 'error' in body:\n{resp.describe()}"
     assert doc.get("status") == resp.status, f"'status' in body differs from the response's:\n{resp.describe()}"
     return doc
+
+
+class Fetch(threading.Thread):
+    """GET in a background thread; ``result`` is a Response or the exception raised."""
+
+    def __init__(self, port: int, path: str, headers: dict[str, str] | None = None, timeout: float = 60) -> None:
+        super().__init__(daemon=True)
+        self.port, self.path, self.headers, self.timeout = port, path, headers or {}, timeout
+        self.sent = threading.Event()
+        self.got_headers = threading.Event()
+        self.result: Response | BaseException | None = None
+        self.done_at: float | None = None
+
+    def run(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
+        try:
+            conn.request("GET", self.path, headers=self.headers)
+            self.sent.set()
+            resp = conn.getresponse()
+            self.got_headers.set()
+            body = resp.read()
+            self.result = Response(resp.status, resp.headers, body)
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            self.result = e
+        finally:
+            self.done_at = time.monotonic()
+            self.sent.set()
+            conn.close()
+
+    def response(self, timeout: float = 60) -> Response:
+        self.join(timeout)
+        assert not self.is_alive(), f"GET {self.path} did not finish within {timeout}s"
+        if isinstance(self.result, BaseException):
+            raise AssertionError(f"GET {self.path} failed: {self.result!r}") from self.result
+        assert self.result is not None
+        return self.result

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import http.client
 import os
+import re
 import shutil
 import signal
 import socket
@@ -35,6 +36,15 @@ _SCRUBBED = {"http_proxy", "https_proxy", "no_proxy", "all_proxy", "HTTP_PROXY",
 
 class DaemonError(AssertionError):
     """The daemon did not start, or did not stop, as expected."""
+
+
+def project_version() -> str:
+    """``sparkcache.__version__`` of the checkout under test, without importing it."""
+    text = (REPO_ROOT / "sparkcache" / "__init__.py").read_text()
+    m = re.search(r"^__version__\s*=\s*[\"']([^\"']+)[\"']", text, re.M)
+    if m is None:
+        raise AssertionError("no __version__ in sparkcache/__init__.py")
+    return m.group(1)
 
 
 def twistd_path() -> str:

@@ -1,0 +1,95 @@
+"""Hostile and malformed requests end to end.
+
+Requests go out as raw bytes on a socket: urllib and most clients would
+normalise ``..`` away before the daemon ever saw it. Each bad request must get
+a JSON error and must never reach the upstream.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support.client import assert_json_error, bearer, raw_get, raw_request
+from tests.support.remotes import generic_remote
+
+ADMIN = "adm-input-5d1e"
+
+TRAVERSAL = [
+    "/api/r/../x",
+    "/api/r/files/../../x",
+    "/api/r/files/../other/x",
+    "/api/r/%2e%2e/x",
+    "/api/r/files/%2E%2E/%2e%2e/etc/passwd",
+    "/api/r/files/.%2e/x",
+    "/api/r/a%2f..%2f..%2fetc/passwd",
+    "/api/r/files/a%2Fb",
+    "/api/r/files\\..\\..\\x",
+    "/api/r/files/%5c..%5cx",
+    "/api/r/files/a%00.bin",
+    "/api/r/files/a.bin%00",
+    "/api/r/files/a%0d%0aX-Injected:%20yes",
+    "/api/r/files/a%01b",
+    "/api/r/files/a%7fb",
+]
+
+
+@pytest.fixture
+def hostile(upstream, daemon_factory):
+    for p in ("/x", "/etc/passwd", "/files/a.bin", "/other/x", "/files/x"):
+        upstream.add(p, b"should never be requested")
+    return daemon_factory({"r": generic_remote(upstream)}, env={"SPARKCACHE_ADMIN_TOKEN": ADMIN})
+
+
+@pytest.mark.parametrize("path", TRAVERSAL)
+def test_traversal_and_malformed_paths_rejected(hostile, upstream, path):
+    resp = raw_get(hostile.port, path)
+    assert_json_error(resp, 400)
+    assert resp.header("X-Injected") is None
+    assert upstream.total() == 0, f"{path} reached upstream:\n{upstream.describe()}"
+
+
+def test_overlong_path_is_414(hostile, upstream):
+    resp = raw_get(hostile.port, "/api/r/files/" + "a" * 5000)
+    assert_json_error(resp, 414)
+    assert upstream.total() == 0, upstream.describe()
+
+
+def test_max_path_length_is_configurable(upstream, daemon_factory):
+    upstream.add("/files/" + "b" * 100, b"short enough")
+    d = daemon_factory({"r": generic_remote(upstream)}, server={"max_path_length": 200})
+    ok = raw_get(d.port, "/api/r/files/" + "b" * 100)
+    assert ok.status == 200 and ok.body == b"short enough", ok.describe()
+    assert_json_error(raw_get(d.port, "/api/r/files/" + "b" * 300), 414)
+    assert upstream.count("/files/" + "b" * 300) == 0
+
+
+def test_unknown_remote_is_404(hostile, upstream):
+    assert_json_error(raw_get(hostile.port, "/api/nope/files/a.bin"), 404)
+    assert upstream.total() == 0
+
+
+def test_post_on_generic_path_is_405(hostile, upstream):
+    # With an admin token, so that the answer is about the method, not about auth.
+    resp = hostile.request("POST", "/api/r/files/a.bin", headers={**bearer(ADMIN), "Content-Type": "application/octet-stream"}, body=b"x")
+    assert_json_error(resp, 405)
+    resp = hostile.request("PUT", "/api/r/files/a.bin", headers=bearer(ADMIN), body=b"x")
+    assert_json_error(resp, 405)
+    assert upstream.total() == 0, upstream.describe()
+
+
+def test_raw_traversal_in_absolute_form_target(hostile, upstream):
+    # An absolute-form request target must not smuggle a traversal past the router.
+    req = (
+        b"GET http://127.0.0.1:%d/api/r/files/../../x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n" % hostile.port
+    )
+    resp = raw_request(hostile.port, req)
+    assert 400 <= resp.status < 500, resp.describe()
+    assert upstream.total() == 0, upstream.describe()
+
+
+def test_good_request_after_bad_ones(hostile, upstream):
+    for path in TRAVERSAL[:3]:
+        raw_get(hostile.port, path)
+    resp = raw_get(hostile.port, "/api/r/files/a.bin")
+    assert resp.status == 200 and resp.body == b"should never be requested", resp.describe()
+    assert [r.path for r in upstream.requests] == ["/files/a.bin"]
