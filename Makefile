@@ -20,8 +20,8 @@ run: $(VENV)/.installed
 	$(VENV)/bin/twistd -n --pidfile= sparkcache -c $(CONFIG)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -n auto -q -p no:cacheprovider $(PYTEST_ARGS)
 	$(PY) -m mypy
+	$(PY) -m pytest -n auto -p no:cacheprovider $(PYTEST_ARGS)
 
 mypy: $(VENV)/.installed
 	$(PY) -m mypy

@@ -116,6 +116,7 @@ class ServerConfig:
     shutdown_timeout: float = 30.0
     max_path_length: int = 4096
     sendfile: bool = True
+    access_log: bool = False
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,7 @@ class Config:
                 "shutdown_timeout": self.server.shutdown_timeout,
                 "max_path_length": self.server.max_path_length,
                 "sendfile": self.server.sendfile,
+                "access_log": self.server.access_log,
             },
             "storage": {
                 "data_dir": self.storage.data_dir,
@@ -358,6 +360,7 @@ class _Loader:
             shutdown_timeout=sec.convert("shutdown_timeout", parse_duration, 30.0),
             max_path_length=sec.get("max_path_length", int, 4096),
             sendfile=sec.get("sendfile", bool, True),
+            access_log=sec.get("access_log", bool, False),
         )
         sec.done()
         return cfg

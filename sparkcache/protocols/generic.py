@@ -65,6 +65,42 @@ class GenericApp:
     def _bad_path(self, request: Any, failure: Any) -> bytes:
         return error_body(request, failure.value.status, str(failure.value))
 
+    # -- the hit path -----------------------------------------------------------------
+
+    def fresh_hit(self, request: Any) -> tuple[Entry, str, str] | None:
+        """(entry, remote, path) when this is a GET/HEAD of a fresh entry already in memory.
+
+        The root serves those without route matching or coroutines. Anything
+        else, including every error case, returns None and goes through
+        dispatch(), which gives the full answer.
+        """
+        if request.method not in (b"GET", b"HEAD"):
+            return None
+        try:
+            segments = split_raw_path(request.uri, self.max_path)
+        except BadPath:
+            return None
+        if len(segments) < 3:
+            return None
+        remote = self.ctx.config.remotes.get(segments[1])
+        if remote is None or remote.type == "local":
+            return None
+        rest = [s for s in segments[2:] if s != ""]
+        if not rest:
+            return None
+        path = "/".join(rest)
+        query = request.uri.partition(b"?")[2].decode("latin-1")
+        entry = self.ctx.store.index.peek(_key(remote, path, query))
+        now = self.ctx.clock.seconds()
+        if entry is None or entry.status != 200 or not entry.fresh(now) or classify(remote, path) is None:
+            return None
+        try:
+            self.ctx.auth.require(request, "read")
+        except AuthError:
+            return None
+        self.ctx.store.index.touch(entry, now)
+        return entry, remote.name, path
+
     # -- dispatch ------------------------------------------------------------------
 
     @app.route("/", branch=True, methods=["GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "PATCH"])

@@ -8,11 +8,36 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 from twisted.web.resource import IResource, Resource
+from twisted.web.server import NOT_DONE_YET
 
 from sparkcache.context import Context
 from sparkcache.protocols.admin import AdminApp
 from sparkcache.protocols.generic import GenericApp
+from sparkcache.store import Entry
+from sparkcache.web.respond import serve_hit
+
+log = Logger()
+
+
+class _Hit(Resource):
+    """A fresh cache hit, answered without routing or coroutines."""
+
+    isLeaf = True
+
+    def __init__(self, ctx: Context, entry: Entry, remote: str, path: str) -> None:
+        super().__init__()
+        self.ctx, self.entry, self.remote, self.path = ctx, entry, remote, path
+
+    def render(self, request: Any) -> Any:
+        out = serve_hit(request, self.entry, "HIT", self.ctx.store, self.ctx.metrics, self.remote, self.path)
+        if isinstance(out, bytes):
+            return out
+        if isinstance(out, Deferred):
+            out.addErrback(lambda f: log.failure("serving {path} failed", f, path=self.path))
+        return NOT_DONE_YET
 
 
 class Root(Resource):
@@ -20,12 +45,17 @@ class Root(Resource):
         super().__init__()
         self.ctx = ctx
         self.admin = AdminApp(ctx).resource()
-        self.apps: dict[bytes, IResource] = {b"api": GenericApp(ctx).resource()}
+        self.generic = GenericApp(ctx)
+        self.apps: dict[bytes, IResource] = {b"api": self.generic.resource()}
 
     def mount(self, segment: bytes, resource: IResource) -> None:
         self.apps[segment] = resource
 
     def getChild(self, path: bytes, request: Any) -> IResource:
+        if path == b"api":
+            hit = self.generic.fresh_hit(request)
+            if hit is not None:
+                return _Hit(self.ctx, *hit)
         app = self.apps.get(path)
         if app is not None:
             return app

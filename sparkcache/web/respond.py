@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import mimetypes
+import os
 import posixpath
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
 
 from sparkcache.fetch.cache import Failed, Hit, Live, Result
 from sparkcache.metrics import Metrics
-from sparkcache.store import Store
+from sparkcache.store import Entry, Store
 from sparkcache.web.serve import Unsatisfiable, error_body, finish_safely, parse_range, send_file, send_flight
+
+log = Logger()
+
+# Bodies up to this size are read in one pread and written at once: cheaper
+# than setting up a producer, and the page cache makes the read instant.
+SMALL_BODY = 128 * 1024
 
 
 def guess_type(path: str) -> str:
@@ -19,6 +27,106 @@ def guess_type(path: str) -> str:
     # become a Content-Encoding, or clients would decompress the file.
     ctype, _enc = mimetypes.guess_type(path, strict=False)
     return ctype or "application/octet-stream"
+
+
+def _set_headers(
+    request: Any, state: str, from_cache: bool, headers: dict[str, str], etag: str | None, path: str,
+    extra: dict[str, str] | None,
+) -> None:
+    set_header = request.responseHeaders.setRawHeaders
+    set_header(b"X-Cache", [state.encode()])
+    set_header(b"X-Artifact-Source", [b"cache" if from_cache else b"remote"])
+    set_header(b"Content-Type", [(headers.get("content-type") or guess_type(path)).encode("latin-1")])
+    for name in ("content-encoding", "last-modified", "content-language"):
+        v = headers.get(name)
+        if v:
+            set_header(name.encode(), [v.encode("latin-1")])
+    if etag:
+        set_header(b"ETag", [etag.encode("latin-1")])
+    disposition = headers.get("content-disposition")
+    if not disposition:
+        name = posixpath.basename(path)
+        if name:
+            disposition = 'attachment; filename="%s"' % name.replace('"', "")
+    if disposition:
+        set_header(b"Content-Disposition", [disposition.encode("utf-8")])
+    if extra:
+        for k, v in extra.items():
+            set_header(k.encode(), [v.encode("latin-1")])
+
+
+def _span(request: Any, total: int | None) -> tuple[int, int | None] | bytes:
+    """Apply Range: set status and length headers; (start, end) or an error body."""
+    if total is not None:
+        request.responseHeaders.setRawHeaders(b"Accept-Ranges", [b"bytes"])
+    try:
+        rng = parse_range(request.getHeader(b"range"), total)
+    except Unsatisfiable:
+        request.setHeader(b"Content-Range", f"bytes */{total}".encode())
+        return error_body(request, 416, "range not satisfiable")
+    if rng is not None and total is not None:
+        start, end = rng[0], rng[1] + 1
+        request.setResponseCode(206)
+        request.setHeader(b"Content-Range", f"bytes {rng[0]}-{rng[1]}/{total}".encode())
+    else:
+        start, end = 0, total  # type: ignore[assignment]
+    if end is not None:
+        request.responseHeaders.setRawHeaders(b"Content-Length", [str(end - start).encode()])
+    return start, end
+
+
+def serve_hit(
+    request: Any, entry: Entry, state: str, store: Store, metrics: Metrics, remote: str, path: str,
+    extra_headers: dict[str, str] | None = None,
+) -> bytes | Deferred[None] | None:
+    """Serve a committed entry, synchronously where it can.
+
+    Returns a body for the caller to write, a Deferred that fires when a
+    streamed body is done, or None when the response is already finished.
+    """
+    metrics.requests.labels(remote, state.lower()).inc()
+    etag = entry.etag or f'"sha256:{entry.digest}"'
+    _set_headers(request, state, True, entry.headers, etag, path, extra_headers)
+    inm = request.getHeader(b"if-none-match")
+    if inm and (inm.strip() == "*" or etag in [t.strip() for t in inm.split(",")]):
+        request.setResponseCode(304)
+        return b""
+    span = _span(request, entry.size)
+    if isinstance(span, bytes):
+        return span
+    start, end = span
+    assert end is not None and entry.digest is not None
+    if request.method == b"HEAD":
+        finish_safely(request)
+        return None
+    counter = metrics.served_bytes.labels(remote, "cache")
+    file_path = store.path(entry)
+    try:
+        if end - start <= SMALL_BODY:
+            fd = os.open(file_path, os.O_RDONLY)
+            try:
+                data = os.pread(fd, end - start, start)
+            finally:
+                os.close(fd)
+            counter.inc(len(data))
+            return data
+        d = send_file(request, file_path, start, end, counter.inc)
+    except FileNotFoundError:
+        # The body vanished under us (purged, or the disk was tampered
+        # with): drop the row so the next request fetches afresh.
+        ensureDeferred(store.purge_key(entry.key)).addErrback(lambda f: log.failure("purge failed", f))
+        request.responseHeaders.removeHeader(b"Content-Length")
+        request.responseHeaders.removeHeader(b"Content-Range")
+        request.setResponseCode(200)
+        return error_body(request, 503, "cached body missing; retry")
+    digest = entry.digest
+    store.pin(digest)
+
+    def unpin(r: object) -> object:
+        store.unpin(digest)
+        return r
+
+    return d.addBoth(unpin)
 
 
 async def respond(
@@ -34,83 +142,23 @@ async def respond(
     if isinstance(result, Failed):
         metrics.requests.labels(remote, "error").inc()
         return error_body(request, result.status, result.message)
-
     if isinstance(result, Hit):
-        entry = result.entry
-        headers = entry.headers
-        total: int | None = entry.size
-        etag = entry.etag or f'"sha256:{entry.digest}"'
-        source = "cache"
-    else:
-        assert isinstance(result, Live)
-        flight = result.flight
-        headers = flight.headers
-        total = flight.total
-        etag = headers.get("etag") or ""
-        source = "upstream"
-    metrics.requests.labels(remote, result.state.lower()).inc()
+        out = serve_hit(request, result.entry, result.state, store, metrics, remote, path, extra_headers)
+        if isinstance(out, Deferred):
+            await out
+            return None
+        return out
 
-    request.setHeader(b"X-Cache", result.state.encode())
-    request.setHeader(b"X-Artifact-Source", b"cache" if source == "cache" else b"remote")
-    request.setHeader(b"Content-Type", (headers.get("content-type") or guess_type(path)).encode("latin-1"))
-    for name in ("content-encoding", "last-modified", "content-language"):
-        if headers.get(name):
-            request.setHeader(name.encode(), headers[name].encode("latin-1"))
-    if etag:
-        request.setHeader(b"ETag", etag.encode("latin-1"))
-    disposition = headers.get("content-disposition")
-    name = posixpath.basename(path)
-    if not disposition and name:
-        disposition = 'attachment; filename="%s"' % name.replace('"', "")
-    if disposition:
-        request.setHeader(b"Content-Disposition", disposition.encode("utf-8"))
-    for k, v in (extra_headers or {}).items():
-        request.setHeader(k.encode(), v.encode("latin-1"))
-
-    if etag and source == "cache":
-        inm = request.getHeader(b"if-none-match")
-        if inm and (inm.strip() == "*" or etag in [t.strip() for t in inm.split(",")]):
-            request.setResponseCode(304)
-            return b""
-
-    if total is not None:
-        request.setHeader(b"Accept-Ranges", b"bytes")
-    try:
-        rng = parse_range(request.getHeader(b"range"), total)
-    except Unsatisfiable:
-        request.setHeader(b"Content-Range", f"bytes */{total}".encode())
-        return error_body(request, 416, "range not satisfiable")
-    if rng is not None and total is not None:
-        start, end = rng[0], rng[1] + 1
-        request.setResponseCode(206)
-        request.setHeader(b"Content-Range", f"bytes {rng[0]}-{rng[1]}/{total}".encode())
-    else:
-        start, end = 0, total  # type: ignore[assignment]
-    if end is not None:
-        request.setHeader(b"Content-Length", str(end - start).encode())
-
+    assert isinstance(result, Live)
+    flight = result.flight
+    metrics.requests.labels(remote, "miss").inc()
+    _set_headers(request, result.state, False, flight.headers, flight.headers.get("etag"), path, extra_headers)
+    span = _span(request, flight.total)
+    if isinstance(span, bytes):
+        return span
+    start, end = span
     if request.method == b"HEAD":
         finish_safely(request)
         return None
-
-    counter = metrics.served_bytes.labels(remote, source)
-
-    if isinstance(result, Hit):
-        assert result.entry.digest is not None and end is not None
-        digest = result.entry.digest
-        store.pin(digest)
-        try:
-            d: Deferred[None] = send_file(request, store.path(result.entry), start, end, counter.inc)
-        except FileNotFoundError:
-            store.unpin(digest)
-            # The body vanished under us (purged, or the disk was tampered
-            # with): drop the row so the next request fetches afresh.
-            await store.purge_key(result.entry.key)
-            return error_body(request, 503, "cached body missing; retry")
-        try:
-            await d
-        finally:
-            store.unpin(digest)
-    else:
-        await send_flight(request, result.flight, start, end, counter.inc)
+    await send_flight(request, flight, start, end, metrics.served_bytes.labels(remote, "upstream").inc)
     return None

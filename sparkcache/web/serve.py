@@ -1,8 +1,7 @@
 """Sending bodies: stored files and in-flight spools, with Range and HEAD.
 
-Both are pull producers (twisted.web.static's pattern): the transport asks
-for the next chunk only when it has sent the last one, so a slow client
-holds one chunk in memory, never the body.
+Both are push producers paused by the transport's backpressure, so a slow
+client holds about one chunk in memory, never the body.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import re
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPullProducer
+from twisted.internet.interfaces import IPushProducer
 from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
@@ -69,9 +68,15 @@ def finish_safely(request: Any) -> None:
         request.finish()
 
 
-@implementer(IPullProducer)
+@implementer(IPushProducer)
 class _Producer:
     """Send bytes [offset, end) obtained from ``read(offset, n)``.
+
+    A push producer: it writes while the transport accepts data and stops
+    when the transport pauses it (its buffer is full), so memory per client
+    is bounded by one chunk plus the transport buffer. twisted.web would wrap
+    a pull producer in a cooperator that polls it, which spins while a tail
+    reader waits for upstream bytes; a push producer simply parks instead.
 
     ``available()`` says how many bytes exist so far; when the producer has
     caught up with it, it parks until ``wake()`` (more bytes, or the end).
@@ -97,58 +102,68 @@ class _Producer:
         self.ended = ended
         self.on_bytes = on_bytes
         self.done: Deferred[None] = Deferred()
-        self._parked = False
+        self._paused = False
         self._stopped = False
-        self._producing = False
+        self._pumping = False
 
     def start(self) -> Deferred[None]:
         self.request.notifyFinish().addErrback(lambda _: self.stopProducing())
-        self.request.registerProducer(self, False)
+        self.request.registerProducer(self, True)
+        self._pump()
         return self.done
 
-    def resumeProducing(self) -> None:
-        if self._stopped or self._producing:
-            return
-        self._producing = True
-        try:
-            self._produce()
-        finally:
-            self._producing = False
+    def pauseProducing(self) -> None:
+        self._paused = True
 
-    def _produce(self) -> None:
-        if self.failed():
-            self._abort()
-            return
-        limit = self.available() if self.end is None else min(self.end, self.available())
-        if self.offset < limit:
-            self._parked = False
-            data = self.read(self.offset, min(CHUNK, limit - self.offset))
-            if not data:
-                self._abort()
-                return
-            self.offset += len(data)
-            self.on_bytes(len(data))
-            self.request.write(data)
-            return
-        if (self.end is not None and self.offset >= self.end) or (self.end is None and self.ended()):
-            self._finish()
-            return
-        self._parked = True
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._pump()
 
     def wake(self) -> None:
-        if self._parked and not self._stopped:
-            self._parked = False
-            self.resumeProducing()
+        self._pump()
+
+    def _pump(self) -> None:
+        if self._pumping:
+            return  # a write() re-entered us; the outer loop carries on
+        self._pumping = True
+        try:
+            while not self._paused and not self._stopped:
+                if self.failed():
+                    self._abort()
+                    return
+                limit = self.available() if self.end is None else min(self.end, self.available())
+                if self.offset < limit:
+                    data = self.read(self.offset, min(CHUNK, limit - self.offset))
+                    if not data:
+                        self._abort()
+                        return
+                    self.offset += len(data)
+                    self.on_bytes(len(data))
+                    self.request.write(data)
+                    continue
+                if (self.end is not None and self.offset >= self.end) or (self.end is None and self.ended()):
+                    self._finish()
+                return  # caught up with upstream: wake() resumes
+        finally:
+            self._pumping = False
 
     def stopProducing(self) -> None:
         if not self._stopped:
             self._stopped = True
+            self._unregister()
             if not self.done.called:
                 self.done.callback(None)
 
+    def _unregister(self) -> None:
+        if getattr(self.request, "producer", None) is self:
+            try:
+                self.request.unregisterProducer()
+            except Exception:
+                pass  # the channel is already gone
+
     def _finish(self) -> None:
         self._stopped = True
-        self.request.unregisterProducer()
+        self._unregister()
         finish_safely(self.request)
         if not self.done.called:
             self.done.callback(None)
@@ -156,11 +171,9 @@ class _Producer:
     def _abort(self) -> None:
         """Never end a body cleanly when it is incomplete: drop the connection."""
         self._stopped = True
-        transport = getattr(self.request, "transport", None) or getattr(self.request.channel, "transport", None)
-        try:
-            self.request.unregisterProducer()
-        except Exception:
-            pass
+        channel = getattr(self.request, "channel", None)
+        transport = getattr(channel, "transport", None)
+        self._unregister()
         if transport is not None:
             transport.abortConnection()
         if not self.done.called:
