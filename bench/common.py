@@ -444,7 +444,7 @@ http {{
     keepalive_timeout 65;
     keepalive_requests 1000000;
     server_tokens off;
-{self.http_extra}
+{self.http_extra.replace("{dir}", d)}
 {servers}
 }}
 """
