@@ -175,12 +175,14 @@ def test_listing(upstream, daemon_factory):
     assert empty.status == 200, empty.describe()
     assert empty.json()["remote"] == "r" and empty.json()["entries"] == [], empty.describe()
 
-    assert d.get("/api/r/files/a.bin").status == 200
+    get_until_hit(d, "/api/r/files/a.bin", data)  # committed
     listing = d.get("/api/r/")
     assert listing.status == 200, listing.describe()
     doc = listing.json()
     assert doc["remote"] == "r"
-    [entry] = [e for e in doc["entries"] if e["path"].lstrip("/") == "files/a.bin"]
+    matching = [e for e in doc["entries"] if e["path"].lstrip("/") == "files/a.bin"]
+    assert len(matching) == 1, doc
+    entry = matching[0]
     assert entry["size"] == len(data)
     assert sha256(data) in entry["digest"]
     assert entry["content_type"] == "application/x-a"

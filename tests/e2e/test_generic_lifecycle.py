@@ -48,12 +48,28 @@ def test_cache_survives_restart(upstream, daemon_factory):
     upstream.add("/files/keep.bin", b"kept across restarts")
     d = daemon_factory({"r": generic_remote(upstream)})
     assert d.get("/api/r/files/keep.bin").header("X-Cache") == "MISS"
-    assert d.stop() == 0
+    get_until_hit(d, "/api/r/files/keep.bin", b"kept across restarts")
+    d.stop()
     d.start()
     resp = d.get("/api/r/files/keep.bin")
     assert resp.header("X-Cache") == "HIT", resp.describe()
     assert resp.body == b"kept across restarts"
     assert upstream.count("/files/keep.bin") == 1
+
+
+def test_sigterm_right_after_a_miss_keeps_the_entry(upstream, daemon_factory):
+    """A graceful stop lets the commit of a body already served finish."""
+    data = os.urandom(1 * MiB)
+    upstream.add("/files/late.bin", data)
+    d = daemon_factory({"r": generic_remote(upstream)})
+    assert d.get("/api/r/files/late.bin").header("X-Cache") == "MISS"
+    d.stop()
+    d.start()
+    assert d.spool_files() == []
+    resp = d.get("/api/r/files/late.bin")
+    assert resp.header("X-Cache") == "HIT", "the entry being committed at SIGTERM was dropped"
+    assert sha256(resp.body) == sha256(data)
+    assert upstream.count("/files/late.bin") == 1
 
 
 def test_graceful_stop_finishes_in_flight_download(upstream, daemon_factory):
