@@ -635,6 +635,23 @@ class Daemon:
             raise BenchError(f"{method} {path} answered {status}: {body[:300]!r}")
         return json.loads(body)
 
+    def fresh_start(self) -> float:
+        """Stop, delete the data dir, start again on the same port: a cache that is
+        certainly cold (no index rows, no bodies, no in-memory state). Returns the seconds taken."""
+        t0 = time.monotonic()
+        self.stop()
+        if not self.clean_exit:
+            raise BenchError(f"sparkcache exited with status {self.exit_status} on SIGTERM\n{self.log_tail()}")
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+        self.start()
+        return time.monotonic() - t0
+
+    def try_purge(self, remote: str) -> tuple[int, str]:
+        """POST /admin/purge?remote=… with the admin token: (status, body) whatever happens."""
+        status, _h, body = self.request("POST", f"/admin/purge?remote={remote}",
+                                        {"Authorization": f"Bearer {self.admin_token}"})
+        return status, body.decode(errors="replace")[:300]
+
     def purge(self, remote: str) -> int:
         """Empty one remote (index rows and bodies) and check that it is empty."""
         n = self.admin("POST", f"/admin/purge?remote={remote}")["purged"]
@@ -709,6 +726,12 @@ class Daemon:
         """Lines of the daemon log that look like errors, warnings or tracebacks."""
         pat = re.compile(r"Traceback|Unhandled|Error|error|failed|not caching|CRITICAL|WARN|warn|stalled|aborted")
         return [line for line in self.log_text().splitlines() if pat.search(line)]
+
+    @property
+    def clean_exit(self) -> bool:
+        # twistd re-raises the signal that stopped it, so a clean stop on SIGTERM
+        # is reported as "killed by signal 15" (-15); 0 is fine too.
+        return self.exit_status in (0, -signal.SIGTERM, None)
 
     def stop(self) -> None:
         if self.proc is None:
