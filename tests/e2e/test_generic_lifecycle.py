@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import os
 import signal
+import socket
 import subprocess
 import time
 
@@ -16,6 +17,15 @@ from tests.support.daemon import daemon_env, free_port, twistd_command
 from tests.support.remotes import generic_remote
 
 MiB = 1024 * 1024
+
+
+def _exit_message(rc: int) -> str:
+    if rc == -signal.SIGTERM:
+        return (
+            "the daemon died of SIGTERM (status -15) instead of exiting 0: twistd re-raises the "
+            "stop signal after a clean shutdown (twisted.application.app._exitWithSignal)"
+        )
+    return f"exit status {rc}"
 
 
 def test_restart_after_kill_mid_download(upstream, daemon_factory):
@@ -91,13 +101,14 @@ def test_graceful_stop_finishes_in_flight_download(upstream, daemon_factory):
     assert resp.status == 200, resp.describe()
     assert sha256(resp.body) == sha256(data), f"client got {len(resp.body)} of {len(data)} bytes"
     rc = d.wait_exit(30)
-    assert rc == 0, f"exit status {rc}"
+    assert rc == 0, _exit_message(rc)
     assert d.spool_files() == [], f"spool not empty after a graceful stop: {d.spool_files()}"
 
 
 def test_sigterm_when_idle_exits_zero(upstream, daemon_factory):
     d = daemon_factory({"r": generic_remote(upstream)})
-    assert d.stop(20) == 0
+    rc = d.stop(20)
+    assert rc == 0, _exit_message(rc)
     with pytest.raises(OSError):
         http.client.HTTPConnection("127.0.0.1", d.port, timeout=2).connect()
 
@@ -140,3 +151,30 @@ def test_config_error_is_reported_without_traceback(tmp_path, case):
     assert str(path) in out, f"the message does not name the file:\n{out}"
     assert key_path in out, f"the message does not name {key_path}:\n{out}"
     assert "Traceback" not in out, f"a traceback instead of a message:\n{out}"
+
+
+def test_listen_port_in_use_fails_fast(tmp_path):
+    """A daemon that cannot listen must say so and exit, not run deaf."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        cfg = {
+            "server": {"listen": [f"tcp:{port}:interface=127.0.0.1"]},
+            "storage": {"data_dir": str(tmp_path / "data")},
+            "remotes": {"uploads": {"type": "local"}},
+        }
+        path = tmp_path / "cache.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        proc = subprocess.Popen(
+            twistd_command(path), cwd=tmp_path, env=daemon_env(), stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        try:
+            out, _ = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+            raise AssertionError(f"the daemon kept running without its listening port:\n{out}") from None
+    assert proc.returncode != 0, out
+    assert str(port) in out, f"the message does not name the port:\n{out}"

@@ -113,6 +113,7 @@ class Daemon:
         self.log_path = self.dir / "daemon.log"
         self.out_path = self.dir / "daemon.out"
         self.port = port or free_port()
+        self._port_chosen = port is None
         self.remotes = remotes or {}
         self.auth = auth
         self.server = server or {}
@@ -163,6 +164,22 @@ class Daemon:
         return self.proc.pid
 
     def start(self, timeout: float = 20.0) -> "Daemon":
+        """Start and wait until ready.
+
+        A port picked by free_port() can be taken by a parallel test before
+        the daemon binds it; the first start then retries on another port.
+        """
+        for attempt in range(3):
+            try:
+                return self._start(timeout)
+            except DaemonError as e:
+                lost_race = "Address already in use" in str(e) or "CannotListenError" in str(e)
+                if not (lost_race and self._port_chosen and self.starts == 1 + attempt and attempt < 2):
+                    raise
+                self.port = free_port()
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> "Daemon":
         if self.running:
             raise DaemonError("daemon already running")
         self.write_config()
