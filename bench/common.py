@@ -201,6 +201,14 @@ def _version(cmd: list[str]) -> str:
         return f"unknown ({e})"
 
 
+def _tree_hash(*roots: Path) -> str:
+    h = hashlib.sha256()
+    for root in roots:
+        for p in sorted(root.rglob("*.py")):
+            h.update(str(p.relative_to(REPO)).encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def machine_info() -> dict[str, Any]:
     def git(*args: str) -> str:
         try:
@@ -232,6 +240,8 @@ def machine_info() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "git_commit": git("rev-parse", "--short", "HEAD"),
         "git_dirty_sparkcache": bool(git("status", "--porcelain", "--", "sparkcache", "twisted")),
+        # the daemon code is edited concurrently: identify exactly what was measured
+        "sparkcache_tree_sha256": _tree_hash(REPO / "sparkcache", REPO / "twisted" / "plugins"),
         "nginx": _version(["nginx", "-v"]),
         "wrk": _version(["wrk", "-v"]),
         "curl": _version(["curl", "--version"]),
