@@ -21,3 +21,4 @@ class Context:
     metrics: Metrics
     auth: Authorizer
     clock: Any
+    sendfile: Any = None  # SendfilePool, when large hits may use os.sendfile

@@ -18,6 +18,7 @@ from sparkcache.fetch import Cache, UpstreamClient
 from sparkcache.metrics import Metrics
 from sparkcache.protocols.root import Root
 from sparkcache.store import Store
+from sparkcache.web.sendfile import SendfilePool
 
 log = Logger()
 
@@ -91,7 +92,9 @@ class SparkcacheService(MultiService):
         self.store = Store(config.storage.data_dir, reactor, config.storage.max_size)
         self.upstream = UpstreamClient(reactor)
         self.cache = Cache(self.store, self.upstream, self.clock, self.metrics)
-        self.ctx = Context(config, self.store, self.cache, self.upstream, self.metrics, Authorizer(config.auth), self.clock)
+        self.sendfile = SendfilePool(reactor) if config.server.sendfile else None
+        self.ctx = Context(config, self.store, self.cache, self.upstream, self.metrics, Authorizer(config.auth), self.clock,
+                           self.sendfile)
         self.root = Root(self.ctx)
         self.site = SparkSite(self.root, access_log=config.server.access_log)
         self.site.displayTracebacks = False
@@ -123,6 +126,8 @@ class SparkcacheService(MultiService):
         # Timers and listeners start only once the store has been checked, so
         # neither a request nor a timer ever sees a half-opened index.
         super().startService()
+        if self.sendfile is not None:
+            self.sendfile.start()
         d = ensureDeferred(self.store.start())
 
         def listen(_: object) -> None:
@@ -165,3 +170,5 @@ class SparkcacheService(MultiService):
         await self.cache.stop()
         await self.upstream.close()
         await self.store.stop()
+        if self.sendfile is not None:
+            self.sendfile.stop()

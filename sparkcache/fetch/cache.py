@@ -235,7 +235,7 @@ class Cache:
                 kept[name] = v
         total = _content_length(response)
         spool = self.store.new_spool()
-        flight = Flight(req.key, spool, total, kept)
+        flight = Flight(req.key, spool, total, kept, self.store.in_io)
         fetch.resolve(Live(flight))
         try:
             await receive(response, flight, self.clock, req.remote.read_timeout)
@@ -257,16 +257,19 @@ class Cache:
                 await self.store.release_digest(stale.digest)
             self._forget(req.key, fetch)
             flight.complete(committed)
-        except BodyError as e:
-            log.warn("not caching {key}: {e}", key=req.key, e=e)
-            self.store.discard(spool)
+        except Exception as e:
+            if isinstance(e, BodyError):
+                log.warn("not caching {key}: {e}", key=req.key, e=e)
+            else:
+                log.failure("storing {key} failed", key=req.key)
+                e = BodyError(f"storing failed: {e}")
             self._forget(req.key, fetch)
             flight.fail(e)
-        except Exception as e:
-            log.failure("storing {key} failed", key=req.key)
+            try:
+                await flight.flushed()  # no thread may still be writing to the descriptor we close
+            except BodyError:
+                pass
             self.store.discard(spool)
-            self._forget(req.key, fetch)
-            flight.fail(BodyError(f"storing failed: {e}"))
 
     def _settle(self, key: str, fetch: _Fetch, outcome: Union[Hit, Failed]) -> None:
         self._forget(key, fetch)

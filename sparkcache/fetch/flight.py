@@ -1,6 +1,8 @@
 """One upstream body being spooled, shared by every client that wants it.
 
-The body goes to a spool file at upstream speed, hashed as it arrives. Each
+The body goes to a spool file at upstream speed, hashed as it arrives; the
+disk writes and hashing run in the I/O pool (a page-cache write can be slower
+than the network), with the upstream paused while too much is queued. Each
 client tails that file through its own producer, at its own speed, via
 ``pread`` on one descriptor the flight holds open — so a reader that joins
 while the body is renamed into the content store still reads the same bytes.
@@ -24,6 +26,12 @@ from sparkcache.store import SpoolFile
 log = Logger()
 
 
+READ_SIZE = 1 << 20
+# Pause the upstream while more than this is waiting for the disk.
+HIGH_WATER = 16 << 20
+LOW_WATER = 4 << 20
+
+
 class BodyError(Exception):
     """The upstream body was truncated, stalled or failed verification."""
 
@@ -36,9 +44,23 @@ class Flight:
     with BodyError. Readers subscribe to be told about progress.
     """
 
-    def __init__(self, key: str, spool: SpoolFile, total: int | None, headers: dict[str, str]) -> None:
+    def __init__(
+        self,
+        key: str,
+        spool: SpoolFile,
+        total: int | None,
+        headers: dict[str, str],
+        in_thread: Callable[..., Deferred[Any]] | None = None,
+    ) -> None:
         self.key = key
         self.spool = spool
+        self._in_thread = in_thread
+        self._queue: list[bytes] = []
+        self.queued = 0  # bytes received but not yet on disk
+        self._writing = False
+        self._drained: list[Deferred[None]] = []
+        self._write_error: BaseException | None = None
+        self.on_drain: Callable[[], None] = lambda: None
         self.total = total
         self.headers = headers
         self.written = 0
@@ -94,9 +116,59 @@ class Flight:
     # -- writing (driven by BodyReceiver and the cache) ----------------------------
 
     def data(self, chunk: bytes) -> None:
-        self.spool.write(chunk)
-        self.written += len(chunk)
-        self._notify()
+        if self._in_thread is None:
+            self.spool.write(chunk)
+            self.written += len(chunk)
+            self._notify()
+            return
+        if self._write_error is not None:
+            raise OSError(f"spool write failed: {self._write_error}")
+        self._queue.append(chunk)
+        self.queued += len(chunk)
+        if not self._writing:
+            self._write_next()
+
+    def _write_next(self) -> None:
+        assert self._in_thread is not None
+        batch = b"".join(self._queue) if len(self._queue) > 1 else self._queue[0]
+        self._queue = []
+        self._writing = True
+        d = self._in_thread(self.spool.write, batch)
+
+        def written(_: object) -> None:
+            self._writing = False
+            self.written += len(batch)
+            self.queued -= len(batch)
+            if self._queue and self._write_error is None:
+                self._write_next()
+            else:
+                self.on_drain()
+                if not self._queue:
+                    drained, self._drained = self._drained, []
+                    for w in drained:
+                        w.callback(None)
+            self._notify()
+
+        def failed(f: Failure) -> None:
+            self._write_error = f.value
+            self._queue = []
+            self.queued = 0
+            self._writing = False
+            drained, self._drained = self._drained, []
+            for w in drained:
+                w.errback(BodyError(f"spool write failed: {f.getErrorMessage()}"))
+
+        d.addCallbacks(written, failed)
+
+    def flushed(self) -> Deferred[None]:
+        """Fires once every byte received so far is in the spool file."""
+        if self._write_error is not None:
+            return fail(BodyError(f"spool write failed: {self._write_error}"))
+        if not self._writing and not self._queue:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._drained.append(d)
+        return d
 
     def complete(self, entry: Any) -> None:
         self.entry = entry
@@ -132,9 +204,16 @@ class BodyReceiver(Protocol):
         self._timer: Any = None
         self.timed_out = False
         self.write_error: OSError | None = None
+        self._paused = False
+        flight.on_drain = self._maybe_resume
 
     def connectionMade(self) -> None:
         self._timer = self.clock.callLater(self.idle_timeout, self._idle)
+        # Read upstream in large gulps: each read is a trip through the HTTP
+        # parser and the spool, so fewer, bigger reads mean less CPU per byte.
+        tcp = getattr(self.transport, "_producer", None)
+        if tcp is not None and hasattr(tcp, "bufferSize"):
+            tcp.bufferSize = READ_SIZE
 
     def _idle(self) -> None:
         self.timed_out = True
@@ -152,21 +231,31 @@ class BodyReceiver(Protocol):
             return
         if self._timer is not None and self._timer.active():
             self._timer.reset(self.idle_timeout)
+        if self.flight.queued > HIGH_WATER and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+            if self._timer is not None and self._timer.active():
+                self._timer.cancel()  # waiting on our disk is not an upstream stall
+
+    def _maybe_resume(self) -> None:
+        if self._paused and self.flight.queued < LOW_WATER and self.transport is not None:
+            self._paused = False
+            self._timer = self.clock.callLater(self.idle_timeout, self._idle)
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
+        self.flight.on_drain = lambda: None
         f = self.flight
         if self.write_error is not None:
             self.done.errback(BodyError(f"spool write failed: {self.write_error}"))
         elif self.timed_out:
             self.done.errback(BodyError(f"upstream stalled for {self.idle_timeout:g}s after {f.written} bytes"))
-        elif reason.check(ResponseDone):
-            self.done.callback(None)
-        elif reason.check(PotentialDataLoss) and f.total is None:
-            # A body delimited by connection close (HTTP/1.0 framing) has no
-            # other end marker; accept it, digests still apply.
-            self.done.callback(None)
+        elif reason.check(ResponseDone) or (reason.check(PotentialDataLoss) and f.total is None):
+            # (A body delimited by connection close, HTTP/1.0 framing, has no
+            # other end marker; accept it, digests still apply.)
+            f.flushed().chainDeferred(self.done)
         else:
             self.done.errback(BodyError(f"upstream body ended early after {f.written} bytes: {reason.getErrorMessage()}"))
 

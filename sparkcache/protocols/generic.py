@@ -136,7 +136,7 @@ class GenericApp:
                 return await self.serve_local(request, remote, key, path)
             req = self.cache_request(remote, rest, query)
             result = await self.ctx.cache.get(req)
-            return await respond(request, result, self.ctx.store, self.ctx.metrics, remote.name, path)
+            return await respond(request, result, self.ctx.store, self.ctx.metrics, remote.name, path, sendfile=self.ctx.sendfile)
         if method == b"PUT":
             if remote.type != "local":
                 raise HTTPError(405, f"remote {remote.name!r} is a read-through cache; uploads go to a type: local remote",
@@ -172,7 +172,8 @@ class GenericApp:
         if entry is None or entry.status != 200:
             raise HTTPError(404, f"{path!r} not found in local remote {remote.name!r}")
         self.ctx.store.index.touch(entry, self.ctx.clock.seconds())
-        return await respond(request, Hit(entry, "HIT"), self.ctx.store, self.ctx.metrics, remote.name, path)
+        return await respond(request, Hit(entry, "HIT"), self.ctx.store, self.ctx.metrics, remote.name, path,
+                             sendfile=self.ctx.sendfile)
 
     async def listing(self, request: Any, remote: RemoteConfig) -> bytes:
         entries = await self.ctx.store.index.list_remote(remote.name)

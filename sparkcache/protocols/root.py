@@ -32,7 +32,8 @@ class _Hit(Resource):
         self.ctx, self.entry, self.remote, self.path = ctx, entry, remote, path
 
     def render(self, request: Any) -> Any:
-        out = serve_hit(request, self.entry, "HIT", self.ctx.store, self.ctx.metrics, self.remote, self.path)
+        out = serve_hit(request, self.entry, "HIT", self.ctx.store, self.ctx.metrics, self.remote, self.path,
+                        sendfile=self.ctx.sendfile)
         if isinstance(out, bytes):
             return out
         if isinstance(out, Deferred):

@@ -13,6 +13,7 @@ from twisted.logger import Logger
 from sparkcache.fetch.cache import Failed, Hit, Live, Result
 from sparkcache.metrics import Metrics
 from sparkcache.store import Entry, Store
+from sparkcache.web.sendfile import SendfilePool
 from sparkcache.web.serve import Unsatisfiable, error_body, finish_safely, parse_range, send_file, send_flight
 
 log = Logger()
@@ -77,7 +78,7 @@ def _span(request: Any, total: int | None) -> tuple[int, int | None] | bytes:
 
 def serve_hit(
     request: Any, entry: Entry, state: str, store: Store, metrics: Metrics, remote: str, path: str,
-    extra_headers: dict[str, str] | None = None,
+    extra_headers: dict[str, str] | None = None, sendfile: SendfilePool | None = None,
 ) -> bytes | Deferred[None] | None:
     """Serve a committed entry, synchronously where it can.
 
@@ -110,7 +111,9 @@ def serve_hit(
                 os.close(fd)
             counter.inc(len(data))
             return data
-        d = send_file(request, file_path, start, end, counter.inc)
+        d = sendfile.try_send(request, file_path, start, end, counter.inc) if sendfile is not None else None
+        if d is None:
+            d = send_file(request, file_path, start, end, counter.inc)
     except FileNotFoundError:
         # The body vanished under us (purged, or the disk was tampered
         # with): drop the row so the next request fetches afresh.
@@ -137,13 +140,14 @@ async def respond(
     remote: str,
     path: str,
     extra_headers: dict[str, str] | None = None,
+    sendfile: SendfilePool | None = None,
 ) -> bytes | None:
     """Write ``result`` to ``request``; returns a body for Klein, or None when streamed."""
     if isinstance(result, Failed):
         metrics.requests.labels(remote, "error").inc()
         return error_body(request, result.status, result.message)
     if isinstance(result, Hit):
-        out = serve_hit(request, result.entry, result.state, store, metrics, remote, path, extra_headers)
+        out = serve_hit(request, result.entry, result.state, store, metrics, remote, path, extra_headers, sendfile)
         if isinstance(out, Deferred):
             await out
             return None
