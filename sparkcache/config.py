@@ -125,6 +125,7 @@ class StorageConfig:
     max_size: int = 50 * 2**30
     eviction_interval: float = 60.0
     expiry_interval: float = 300.0
+    stale_retention: float = 7 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,7 @@ class Config:
                 "max_size": self.storage.max_size,
                 "eviction_interval": self.storage.eviction_interval,
                 "expiry_interval": self.storage.expiry_interval,
+                "stale_retention": self.storage.stale_retention,
             },
             "auth": {
                 "anonymous_read": self.auth.anonymous_read,
@@ -372,6 +374,7 @@ class _Loader:
             max_size=sec.convert("max_size", parse_size, StorageConfig.max_size),
             eviction_interval=sec.convert("eviction_interval", parse_duration, 60.0),
             expiry_interval=sec.convert("expiry_interval", parse_duration, 300.0),
+            stale_retention=sec.convert("stale_retention", parse_duration, 7 * 86400.0),
         )
         sec.done()
         return cfg

@@ -9,6 +9,7 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
+from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.server import Request, Site
 
 from sparkcache.auth import Authorizer
@@ -33,8 +34,32 @@ class TrackedRequest(Request):
         super().process()
 
 
+class JsonErrorChannel(HTTPChannel):
+    """Requests twisted.web rejects before routing (header lines over 16 KiB,
+    too many headers, malformed request lines) get a JSON error too."""
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        self._reject(400, b"Bad Request", b"malformed or oversized request")
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._reject(431, b"Request Header Fields Too Large", b"request line or header longer than 16 KiB")
+
+    def _reject(self, status: int, reason: bytes, message: bytes) -> None:
+        body = b'{"error": "%s", "status": %d}\n' % (message, status)
+        self.transport.write(  # type: ignore[union-attr]
+            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (status, reason, len(body), body)
+        )
+        self.loseConnection()
+
+
+def _channel(factory: Any) -> _GenericHTTPChannelProtocol:
+    return _GenericHTTPChannelProtocol(JsonErrorChannel())
+
+
 class SparkSite(Site):
     requestFactory = TrackedRequest
+    protocol = _channel  # type: ignore[assignment]
     noisy = False
 
     def __init__(self, resource: Any, access_log: bool = False, **kw: Any) -> None:
@@ -120,7 +145,7 @@ class SparkcacheService(MultiService):
             self.metrics.evicted.inc(n)
 
     async def _expire(self) -> None:
-        await self.store.expire(self.clock.seconds())
+        await self.store.expire(self.clock.seconds(), self.config.storage.stale_retention)
 
     def startService(self) -> None:
         # Timers and listeners start only once the store has been checked, so

@@ -261,6 +261,13 @@ class BodyReceiver(Protocol):
 
 
 def receive(response: IResponse, flight: Flight, clock: Any, idle_timeout: float) -> Deferred[None]:
-    done: Deferred[None] = Deferred()
-    response.deliverBody(BodyReceiver(flight, clock, idle_timeout, done))
+    """Spool ``response``'s body into ``flight``; cancelling stops the upstream transfer."""
+
+    def cancel(_: Deferred[None]) -> None:
+        if receiver.transport is not None:
+            receiver.transport.stopProducing()  # type: ignore[attr-defined]
+
+    done: Deferred[None] = Deferred(cancel)
+    receiver = BodyReceiver(flight, clock, idle_timeout, done)
+    response.deliverBody(receiver)
     return done

@@ -144,10 +144,11 @@ class Store:
         await self.refresh_stats()
         return n
 
-    async def expire(self, now: float) -> int:
-        """Drop negative entries past their TTL (bodies are kept for revalidation)."""
+    async def expire(self, now: float, retention: float) -> int:
+        """Drop negative entries past their TTL, and entries stale for longer than
+        ``retention``; other stale bodies stay, for revalidation and stale-on-error."""
         n = 0
-        for key, _ in await self.index.expired_keys(now):
+        for key, _ in await self.index.expired_keys(now, retention):
             n += await self.purge_key(key)
         return n
 

@@ -193,12 +193,13 @@ class Index:
 
         return self._run(q)
 
-    def expired_keys(self, now: float) -> Deferred[list[tuple[str, str | None]]]:
-        """Entries past their expiry that nothing can revalidate (negative entries)."""
+    def expired_keys(self, now: float, retention: float) -> Deferred[list[tuple[str, str | None]]]:
+        """Negative entries past their TTL, and bodies stale for longer than ``retention``."""
 
         def q() -> list[tuple[str, str | None]]:
             return self.db.execute(
-                "SELECT key, digest FROM entries WHERE expires IS NOT NULL AND expires < ? AND status != 200", (now,)
+                "SELECT key, digest FROM entries WHERE expires IS NOT NULL AND "
+                "((status != 200 AND expires < ?) OR expires < ?)", (now, now - retention)
             ).fetchall()
 
         return self._run(q)

@@ -250,3 +250,18 @@ def test_periodic_survives_errors():
     clock.advance(10)
     p.stopService()
     assert len(calls) == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_expiry_drops_negative_entries_and_long_stale_bodies(env):
+    cache, store, clock, remote, up = env
+    up.files[b"/k"] = b"k"
+    await fetch_all(cache, creq(remote, up, "k", ttl=10))
+    assert isinstance(await cache.get(creq(remote, up, "missing")), Failed)  # negative, 30 s
+    clock.advance(31)
+    assert await store.expire(clock.seconds(), retention=100) == 1  # the negative entry
+    assert await store.index.get("r:k") is not None  # stale, kept for stale-on-error
+    clock.advance(100)
+    assert await store.expire(clock.seconds(), retention=100) == 1
+    assert await store.index.get("r:k") is None
+    assert store.cas.iter_digests is not None and list(store.cas.iter_digests()) == []
