@@ -99,7 +99,8 @@ def fmt_ratio(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
 
-def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]], left: int = 2) -> None:
+    """A plain-text table; the first ``left`` columns are left-aligned, the rest right-aligned."""
     cells = [[str(h) for h in headers]] + [[c if isinstance(c, str) else fmt_num(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     line = "+".join("-" * (w + 2) for w in widths)
@@ -107,7 +108,7 @@ def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]
     print(title)
     print("+" + line + "+")
     for i, r in enumerate(cells):
-        print("| " + " | ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))) + " |")
+        print("| " + " | ".join(c.ljust(w) if j < left else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))) + " |")
         if i == 0:
             print("+" + line.replace("-", "=") + "+")
     print("+" + line + "+")
@@ -125,7 +126,7 @@ def summary_row(metric: str, unit: str, sparkcache: float | None, reference_name
 
 
 def print_summary(title: str, rows: list[dict[str, Any]]) -> None:
-    print_table(title, ["metric", "sparkcache", "reference", "ratio", "goal", "met"], [
+    print_table(title, ["metric", "sparkcache", "reference", "ratio", "goal", "met"], left=1, rows=[
         [
             f"{r['metric']} ({r['unit']})" if r["unit"] else r["metric"],
             fmt_num(r["sparkcache"]),
