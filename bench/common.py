@@ -202,6 +202,37 @@ def _version(cmd: list[str]) -> str:
         return f"unknown ({e})"
 
 
+def cpu_busy(seconds: float = 1.0) -> float:
+    """Fraction of all CPUs busy (system-wide, anyone's processes) over ``seconds``."""
+    def snap() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        idle = v[3] + (v[4] if len(v) > 4 else 0)
+        return sum(v), idle
+
+    t0, i0 = snap()
+    time.sleep(seconds)
+    t1, i1 = snap()
+    return 1.0 - (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_for_quiet(max_wait: float, threshold: float = 0.15, log: Callable[[str], None] = print) -> float:
+    """Wait (up to ``max_wait`` s) until the machine is nearly idle; return the last busy fraction.
+
+    Other work on a 2-core machine (a test suite, a build) moves every figure;
+    the busy fraction measured here is recorded with the results.
+    """
+    deadline = time.monotonic() + max_wait
+    busy = cpu_busy()
+    while busy > threshold and time.monotonic() < deadline:
+        log(f"machine busy ({busy:.0%} of CPU used by other processes); waiting for it to quiet down")
+        time.sleep(4)
+        busy = cpu_busy()
+    if busy > threshold:
+        log(f"WARNING: machine still {busy:.0%} busy; figures will be disturbed")
+    return busy
+
+
 def _tree_hash(*roots: Path) -> str:
     h = hashlib.sha256()
     for root in roots:
@@ -238,6 +269,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_model": cpu,
         "memory_bytes": mem,
         "kernel": platform.release(),
+        "loadavg": open("/proc/loadavg").read().split()[:3],
         "python": sys.version.split()[0],
         "git_commit": git("rev-parse", "--short", "HEAD"),
         "git_dirty_sparkcache": bool(git("status", "--porcelain", "--", "sparkcache", "twisted")),
@@ -287,11 +319,15 @@ class Bench:
         self._old_handlers: dict[int, Any] = {}
         self.started = time.monotonic()
         self.notes: list[str] = []
+        self.cpu_busy_before = cpu_busy(1.0)
 
     def __enter__(self) -> "Bench":
         for sig in (signal.SIGTERM, signal.SIGHUP):
             self._old_handlers[sig] = signal.signal(sig, self._on_signal)
         print(f"[{self.name}] working in {self.dir}", flush=True)
+        if self.cpu_busy_before > 0.15:
+            print(f"[{self.name}] WARNING: {self.cpu_busy_before:.0%} of the CPUs were busy before the run "
+                  f"(other processes); figures will be disturbed", flush=True)
         return self
 
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -335,6 +371,8 @@ class Bench:
             "quick": bool(self.args.quick),
             "machine": machine_info(),
             "elapsed_s": round(time.monotonic() - self.started, 2),
+            # share of the CPUs other processes used during the second before the run
+            "cpu_busy_before": round(self.cpu_busy_before, 3),
             "notes": self.notes,
             **data,
         }

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import RESULTS_DIR, fmt_num, fmt_ratio, machine_info, print_table
+from common import RESULTS_DIR, fmt_num, fmt_ratio, machine_info, print_table, wait_for_quiet
 
 HERE = Path(__file__).resolve().parent
 SCENARIOS = ["hit_large", "hit_small", "cold_miss", "thundering_herd", "rss"]
@@ -73,6 +73,9 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds allowed per scenario (default 1200; --quick 180)")
     p.add_argument("--strict", action="store_true", help="exit 2 when a goal is not met")
+    p.add_argument("--wait-quiet", type=float, default=None,
+                   help="before each scenario, wait up to this many seconds for the machine to be idle "
+                        "(default 300; --quick 0)")
     args = p.parse_args()
     timeout = args.timeout or (180.0 if args.quick else 1200.0)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -91,6 +94,9 @@ def main() -> int:
             stale = results_dir / f"{name}.json"
             if stale.exists():
                 stale.unlink()
+            wait = args.wait_quiet if args.wait_quiet is not None else (0.0 if args.quick else 300.0)
+            if wait > 0:
+                wait_for_quiet(wait, log=lambda m: print(f"[run_all] {m}", flush=True))
             statuses[name] = run_one(name, args, timeout)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
@@ -124,7 +130,9 @@ def main() -> int:
     if failed:
         print(f"\nFAILED: {', '.join(f'{n} ({statuses[n][0]})' for n in failed)}")
     summary = {"quick": args.quick, "machine": machine_info(), "seconds": round(total, 1), "goals": goals,
-               "goals_met": met, "scenarios": scenarios}
+               "goals_met": met, "scenarios": scenarios,
+               "cpu_busy_before": {n: (json.loads((results_dir / f"{n}.json").read_text()).get("cpu_busy_before")
+                                       if (results_dir / f"{n}.json").exists() else None) for n in chosen}}
     (results_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"summary written to {results_dir / 'summary.json'}")
     if failed:
