@@ -37,6 +37,8 @@ class Authorizer:
 
     def presented(self, request: Any) -> str | None:
         header = request.getHeader(b"authorization")
+        if isinstance(header, bytes):
+            header = header.decode("latin-1")
         if not header:
             return None
         scheme, _, value = header.partition(" ")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from typing import Any, Awaitable, Callable
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
@@ -163,12 +165,17 @@ class SparkcacheService(MultiService):
             self.ready.callback(None)
 
         def failed(f: Any) -> None:
-            log.failure("sparkcache could not start", f)
+            log.critical("sparkcache could not start: {why}", why=f.getErrorMessage())
             self.ready.errback(f)
+            # A daemon that cannot listen must not linger looking healthy to
+            # its supervisor: stop, and exit non-zero once the reactor is down.
+            self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
             if self.reactor.running:
                 self.reactor.stop()
+            else:
+                self.reactor.callWhenRunning(self.reactor.stop)
 
-        d.addCallbacks(listen, failed)
+        d.addCallback(listen).addErrback(failed)
 
     def stopService(self) -> Deferred[None]:
         return ensureDeferred(self._stop())
@@ -177,10 +184,11 @@ class SparkcacheService(MultiService):
         # 1. stop accepting connections
         stops = [svc.disownServiceParent() for svc in self.listeners if svc.parent is self]
         await DeferredList([d for d in stops if isinstance(d, Deferred)], consumeErrors=True)
-        # 2. let in-flight responses finish, within the deadline
+        # 2. let in-flight responses and upstream fetches finish, within the deadline
         pending = [r.notifyFinish() for r in list(self.site.active) if not r.finished]
+        pending += self.cache.running()
         if pending:
-            log.info("waiting up to {t}s for {n} in-flight response(s)", t=self.config.server.shutdown_timeout, n=len(pending))
+            log.info("waiting up to {t}s for {n} response(s) and fetch(es)", t=self.config.server.shutdown_timeout, n=len(pending))
             all_done: Deferred[Any] = DeferredList(pending, consumeErrors=True)
             all_done.addTimeout(self.config.server.shutdown_timeout, self.reactor)
             try:
@@ -197,3 +205,8 @@ class SparkcacheService(MultiService):
         await self.store.stop()
         if self.sendfile is not None:
             self.sendfile.stop()
+        # A graceful stop is a success: exit 0 rather than have twistd re-raise
+        # the SIGTERM that started it (status 143 looks like a crash to
+        # supervisors other than systemd).
+        if getattr(self.reactor, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
+            self.reactor._exitSignal = None

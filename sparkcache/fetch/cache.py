@@ -222,7 +222,8 @@ class Cache:
             self._settle(req.key, fetch, Failed(404, f"not found upstream ({code})"))
         elif code >= 500 or code == 429:
             await discard_body(response)
-            self._settle(req.key, fetch, Failed(502, f"upstream answered {code}", stale_ok=True))
+            # 429 stays 429 so clients back off; other upstream failures are a bad gateway.
+            self._settle(req.key, fetch, Failed(429 if code == 429 else 502, f"upstream answered {code}", stale_ok=True))
         else:
             await discard_body(response)
             self._settle(req.key, fetch, Failed(code if 400 <= code < 500 else 502, f"upstream answered {code}"))
@@ -279,6 +280,20 @@ class Cache:
         # Leave the map before waking anyone, so nobody can join a finished flight.
         if self._fetches.get(key) is fetch:
             del self._fetches[key]
+
+    def running(self) -> list[Deferred[None]]:
+        """Deferreds of the fetches in progress (each fires when its fetch ends)."""
+        out: list[Deferred[None]] = []
+        for d in self._running:
+            w: Deferred[None] = Deferred()
+
+            def fire(r: object, w: Deferred[None] = w) -> object:
+                w.callback(None)
+                return r
+
+            d.addBoth(fire)
+            out.append(w)
+        return out
 
     async def stop(self) -> None:
         for d in list(self._running):

@@ -26,7 +26,7 @@ from sparkcache.store import Entry
 from sparkcache.web.errors import HTTPError
 from sparkcache.web.paths import BadPath, quote_segments, split_raw_path
 from sparkcache.web.respond import guess_type, respond
-from sparkcache.web.serve import error_body
+from sparkcache.web.serve import error_body, header
 
 MAX_PREFETCH = 1000
 
@@ -250,7 +250,7 @@ class GenericApp:
             store.discard(spool)
             raise HTTPError(400, f"checksum mismatch: body has sha256 {digest}, header says {expected}")
         now = self.ctx.clock.seconds()
-        ctype = request.getHeader(b"content-type") or guess_type(path)
+        ctype = header(request, b"content-type") or guess_type(path)
         old = await store.index.get(key)
         entry = Entry(key, remote.name, path, 200, digest, spool.size, ctype, {"content-type": ctype}, now, None,
                       f'"sha256:{digest}"', time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)), now)
@@ -266,10 +266,10 @@ def _key(remote: RemoteConfig, path: str, query: str) -> str:
 
 
 def _expected_sha256(request: Any) -> str | None:
-    v = request.getHeader(b"x-checksum-sha256")
+    v = header(request, b"x-checksum-sha256")
     if v:
-        return v.strip().lower()
-    digest = request.getHeader(b"digest")
+        return v.strip().lower().removeprefix("sha256:")
+    digest = header(request, b"digest")
     if digest:
         for part in digest.split(","):
             algo, _, value = part.strip().partition("=")

@@ -17,9 +17,24 @@ from sparkcache.context import Context
 from sparkcache.protocols.admin import AdminApp
 from sparkcache.protocols.generic import GenericApp
 from sparkcache.store import Entry
+from sparkcache.web.paths import BadPath, split_raw_path
 from sparkcache.web.respond import serve_hit
+from sparkcache.web.serve import error_body
 
 log = Logger()
+
+
+class _Error(Resource):
+    """A JSON error decided before any routing."""
+
+    isLeaf = True
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__()
+        self.status, self.message = status, message
+
+    def render(self, request: Any) -> bytes:
+        return error_body(request, self.status, self.message)
 
 
 class _Hit(Resource):
@@ -54,6 +69,12 @@ class Root(Resource):
 
     def getChild(self, path: bytes, request: Any) -> IResource:
         if path == b"api":
+            # Vet the raw path before any router decodes it (a decoded CR/LF
+            # would otherwise become a router's HTML 404, not our JSON 400).
+            try:
+                split_raw_path(request.uri, self.ctx.config.server.max_path_length)
+            except BadPath as e:
+                return _Error(e.status, str(e))
             hit = self.generic.fresh_hit(request)
             if hit is not None:
                 return _Hit(self.ctx, *hit)

@@ -14,7 +14,7 @@ from sparkcache.fetch.cache import Failed, Hit, Live, Result
 from sparkcache.metrics import Metrics
 from sparkcache.store import Entry, Store
 from sparkcache.web.sendfile import SendfilePool
-from sparkcache.web.serve import Unsatisfiable, error_body, finish_safely, parse_range, send_file, send_flight
+from sparkcache.web.serve import Unsatisfiable, error_body, finish_safely, header, parse_range, send_file, send_flight
 
 log = Logger()
 
@@ -88,7 +88,7 @@ def serve_hit(
     metrics.requests.labels(remote, state.lower()).inc()
     etag = entry.etag or f'"sha256:{entry.digest}"'
     _set_headers(request, state, True, entry.headers, etag, path, extra_headers)
-    inm = request.getHeader(b"if-none-match")
+    inm = header(request, b"if-none-match")
     if inm and (inm.strip() == "*" or etag in [t.strip() for t in inm.split(",")]):
         request.setResponseCode(304)
         return b""

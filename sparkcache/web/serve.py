@@ -63,6 +63,12 @@ def error_body(request: IRequest, status: int, message: str, headers: dict[str, 
     return json.dumps({"error": message, "status": status}).encode() + b"\n"
 
 
+def header(request: Any, name: bytes) -> str | None:
+    """A request header as text (latin-1, as HTTP defines), or None."""
+    v = request.getHeader(name)
+    return v.decode("latin-1") if isinstance(v, bytes) else v
+
+
 def finish_safely(request: Any) -> None:
     if not getattr(request, "_disconnected", False) and not getattr(request, "finished", False):
         request.finish()
@@ -169,12 +175,20 @@ class _Producer:
             self.done.callback(None)
 
     def _abort(self) -> None:
-        """Never end a body cleanly when it is incomplete: drop the connection."""
+        """Never end a body cleanly when it is incomplete: drop the connection.
+
+        If not even the headers have gone out, the client can still be told
+        properly: a 502, not a 200 that breaks off."""
         self._stopped = True
         channel = getattr(self.request, "channel", None)
         transport = getattr(channel, "transport", None)
         self._unregister()
-        if transport is not None:
+        if not getattr(self.request, "startedWriting", True) and not getattr(self.request, "_disconnected", False):
+            for name in (b"content-length", b"content-range", b"content-disposition", b"etag", b"last-modified"):
+                self.request.responseHeaders.removeHeader(name)
+            self.request.write(error_body(self.request, 502, "upstream body broke off before any byte was sent"))
+            finish_safely(self.request)
+        elif transport is not None:
             transport.abortConnection()
         if not self.done.called:
             self.done.callback(None)
