@@ -28,8 +28,8 @@ log = Logger()
 
 READ_SIZE = 1 << 20
 # Pause the upstream while more than this is waiting for the disk.
-HIGH_WATER = 16 << 20
-LOW_WATER = 4 << 20
+HIGH_WATER = 4 << 20
+LOW_WATER = 1 << 20
 
 
 class BodyError(Exception):

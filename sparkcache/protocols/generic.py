@@ -67,20 +67,14 @@ class GenericApp:
 
     # -- the hit path -----------------------------------------------------------------
 
-    def fresh_hit(self, request: Any) -> tuple[Entry, str, str] | None:
+    def fresh_hit(self, request: Any, segments: list[str]) -> tuple[Entry, str, str] | None:
         """(entry, remote, path) when this is a GET/HEAD of a fresh entry already in memory.
 
         The root serves those without route matching or coroutines. Anything
         else, including every error case, returns None and goes through
         dispatch(), which gives the full answer.
         """
-        if request.method not in (b"GET", b"HEAD"):
-            return None
-        try:
-            segments = split_raw_path(request.uri, self.max_path)
-        except BadPath:
-            return None
-        if len(segments) < 3:
+        if request.method not in (b"GET", b"HEAD") or len(segments) < 3:
             return None
         remote = self.ctx.config.remotes.get(segments[1])
         if remote is None or remote.type == "local":

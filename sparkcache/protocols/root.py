@@ -72,10 +72,10 @@ class Root(Resource):
             # Vet the raw path before any router decodes it (a decoded CR/LF
             # would otherwise become a router's HTML 404, not our JSON 400).
             try:
-                split_raw_path(request.uri, self.ctx.config.server.max_path_length)
+                segments = split_raw_path(request.uri, self.ctx.config.server.max_path_length)
             except BadPath as e:
                 return _Error(e.status, str(e))
-            hit = self.generic.fresh_hit(request)
+            hit = self.generic.fresh_hit(request, segments)
             if hit is not None:
                 return _Hit(self.ctx, *hit)
         app = self.apps.get(path)

@@ -91,20 +91,22 @@ class Store:
         """Make a complete, verified spool durable and visible under entry.key."""
         assert entry.digest == spool.hexdigest()
 
-        def durable() -> None:
+        def durable() -> bool:
             spool.sync_and_close()
             assert entry.digest is not None
-            self.cas.commit(spool.path, entry.digest)
+            return bool(self.cas.commit(spool.path, entry.digest))
 
         try:
-            await self.in_io(durable)
+            new_body = await self.in_io(durable)
         except BaseException:
             self.discard(spool)
             raise
         self._spools.discard(spool)
         stored = await self.index.put(entry)
+        # Approximate until the next stats refresh (a replaced key is not subtracted).
         self.entries += 1
-        self.size += entry.size
+        if new_body:
+            self.size += entry.size
         return stored
 
     def path(self, entry: Entry) -> str:
