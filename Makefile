@@ -5,6 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= etc/cache.yaml
 PYTEST_ARGS ?=
+# The checkout on sys.path is what lets twistd find twisted/plugins/ here,
+# whatever kind of editable install pip made.
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .PHONY: run test mypy bench clean
 
