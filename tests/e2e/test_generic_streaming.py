@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.support.client import Fetch, eventually, get_until_hit, sha256
+from tests.support.client import Fetch, Response, assert_json_error, eventually, get_until_hit, sha256
 from tests.support.remotes import generic_remote
 from tests.support.tools import require_tool
 
@@ -115,8 +115,8 @@ def test_slow_reader_does_not_hold_back_a_fast_one(upstream, daemon_factory):
     assert upstream.count("/files/shared.bin") == 1, upstream.describe()
 
 
-def _expect_incomplete(port: int, path: str, full_size: int) -> BaseException:
-    """GET ``path``; the body must end in a read error, never arrive complete."""
+def _expect_no_complete_body(port: int, path: str, full_size: int) -> BaseException | Response:
+    """GET ``path``: an error status or a read error, never a complete 200 body."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
         conn.request("GET", path)
@@ -125,53 +125,95 @@ def _expect_incomplete(port: int, path: str, full_size: int) -> BaseException:
             body = resp.read()
         except (http.client.IncompleteRead, ConnectionError) as e:
             return e
-        raise AssertionError(
-            f"expected an incomplete read, got HTTP {resp.status} with {len(body)} of {full_size} bytes "
-            f"and a clean end; headers: {dict(resp.headers)}"
-        )
+        result = Response(resp.status, resp.headers, body)
+        assert resp.status >= 500, f"a truncated upstream body was served as complete:\n{result.describe()}"
+        return result
     finally:
         conn.close()
 
 
+def _assert_refetched_then_cached(d, upstream, path: str, data: bytes) -> None:
+    """After a failed fetch nothing is cached: the next GET is a MISS that goes upstream."""
+    upstream.clear(path)
+    n = upstream.count(path)
+    resp = d.get("/api/r" + path)
+    assert resp.status == 200, resp.describe()
+    assert resp.header("X-Cache") == "MISS", "a truncated body must not have been cached"
+    assert sha256(resp.body) == sha256(data)
+    assert upstream.count(path) == n + 1, upstream.describe()
+    get_until_hit(d, "/api/r" + path, data)
+    eventually(lambda: d.spool_files() == [], message="spool not emptied after a failed fetch")
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_truncated_upstream_body_mid_stream(upstream, daemon_factory, chunked):
+    """Upstream breaks off while the client is being streamed the body: the client sees a read error."""
+    data = os.urandom(256 * 1024)
+    upstream.add("/files/cut.bin", data)
+    upstream.behave("/files/cut.bin", pause_at=50_000, truncate_at=100_000, chunked=chunked)
+    d = daemon_factory({"r": generic_remote(upstream)})
+
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=30)
+    try:
+        conn.request("GET", "/api/r/files/cut.bin")
+        upstream.wait_paused("/files/cut.bin")
+        resp = conn.getresponse()
+        assert resp.status == 200, f"HTTP {resp.status}"
+        head = resp.read(10_000)  # the body is streaming to us
+        assert head == data[:10_000]
+        upstream.resume("/files/cut.bin")  # ... and now upstream breaks off
+        with pytest.raises((http.client.IncompleteRead, ConnectionError)):
+            rest = resp.read()
+            raise AssertionError(f"the body ended cleanly after {len(head) + len(rest)} of {len(data)} bytes")
+    finally:
+        conn.close()
+
+    _assert_refetched_then_cached(d, upstream, "/files/cut.bin", data)
+
+
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 def test_truncated_upstream_body_is_never_served_or_cached(upstream, daemon_factory, chunked):
+    """Upstream breaks off at once: a read error, or an error status if nothing was sent yet."""
     data = os.urandom(256 * 1024)
     upstream.add("/files/cut.bin", data)
     upstream.behave("/files/cut.bin", truncate_at=100_000, chunked=chunked)
     d = daemon_factory({"r": generic_remote(upstream)})
 
-    err = _expect_incomplete(d.port, "/api/r/files/cut.bin", len(data))
-    if isinstance(err, http.client.IncompleteRead):
-        assert len(err.partial) < len(data)
+    outcome = _expect_no_complete_body(d.port, "/api/r/files/cut.bin", len(data))
+    if isinstance(outcome, http.client.IncompleteRead):
+        assert len(outcome.partial) < len(data)
+    elif isinstance(outcome, Response):
+        assert_json_error(outcome, 502)
 
-    upstream.clear("/files/cut.bin")
-    n = upstream.count("/files/cut.bin")
-    resp = d.get("/api/r/files/cut.bin")
-    assert resp.status == 200, resp.describe()
-    assert resp.header("X-Cache") == "MISS", "a truncated body must not have been cached"
-    assert sha256(resp.body) == sha256(data)
-    assert upstream.count("/files/cut.bin") == n + 1, upstream.describe()
-    get_until_hit(d, "/api/r/files/cut.bin", data)
-    eventually(lambda: d.spool_files() == [], message=f"spool not emptied: {d.spool_files()}")
+    _assert_refetched_then_cached(d, upstream, "/files/cut.bin", data)
 
 
 def test_truncated_upstream_body_curl_sees_partial_transfer(upstream, daemon_factory, tmp_path):
     curl = require_tool("curl", "curl checks how a real client sees a truncated transfer")
     data = os.urandom(256 * 1024)
     upstream.add("/files/cut.bin", data)
-    upstream.behave("/files/cut.bin", truncate_at=100_000)
+    upstream.behave("/files/cut.bin", pause_at=50_000, truncate_at=100_000)
     d = daemon_factory({"r": generic_remote(upstream)})
     out = tmp_path / "out.bin"
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [curl, "-sS", "--max-time", "30", "-o", str(out), d.url("/api/r/files/cut.bin")],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=60,
     )
+    try:
+        upstream.wait_paused("/files/cut.bin")
+        # curl writes what it receives: once bytes are there, the 200 is on its way.
+        eventually(lambda: out.exists() and out.stat().st_size > 0, message="curl received no body bytes")
+        upstream.resume("/files/cut.bin")
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     # 18: partial file (clean close before Content-Length); 56: receive failure (reset).
-    assert proc.returncode in (18, 56), f"curl exit {proc.returncode}: {proc.stderr}"
-    if out.exists():
-        assert out.stat().st_size < len(data)
+    assert proc.returncode in (18, 56), f"curl exit {proc.returncode}: {stderr}"
+    assert out.stat().st_size < len(data)
 
 
 def test_range_on_hit(upstream, daemon_factory):
