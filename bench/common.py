@@ -216,6 +216,55 @@ def cpu_busy(seconds: float = 1.0) -> float:
     return 1.0 - (i1 - i0) / max(1, t1 - t0)
 
 
+def _stat_cpu() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine so far."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    return sum(v) - idle, sum(v)
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+                out.extend(kids)
+                todo.extend(kids)
+        except OSError:
+            pass
+    return out
+
+
+def _own_cpu() -> int:
+    """Jiffies used by this process, its live descendants and every child they have reaped."""
+    total = 0
+    for pid in [os.getpid(), *_descendants(os.getpid())]:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+class ForeignLoad:
+    """How much CPU processes other than this benchmark's used while it ran (0..1 of the machine)."""
+
+    def __init__(self) -> None:
+        self.busy0, self.total0 = _stat_cpu()
+        self.own0 = _own_cpu()
+
+    def share(self) -> float:
+        busy, total = _stat_cpu()
+        own = _own_cpu() - self.own0
+        return max(0.0, (busy - self.busy0 - own) / max(1, total - self.total0))
+
+
 def wait_for_quiet(max_wait: float, threshold: float = 0.15, log: Callable[[str], None] = print) -> float:
     """Wait (up to ``max_wait`` s) until the machine is nearly idle; return the last busy fraction.
 
@@ -320,6 +369,7 @@ class Bench:
         self.started = time.monotonic()
         self.notes: list[str] = []
         self.cpu_busy_before = cpu_busy(1.0)
+        self.foreign = ForeignLoad()
 
     def __enter__(self) -> "Bench":
         for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -373,6 +423,8 @@ class Bench:
             "elapsed_s": round(time.monotonic() - self.started, 2),
             # share of the CPUs other processes used during the second before the run
             "cpu_busy_before": round(self.cpu_busy_before, 3),
+            # share of the machine's CPU used by other processes during this run
+            "foreign_cpu_share": round(self.foreign.share(), 3),
             "notes": self.notes,
             **data,
         }
@@ -380,7 +432,8 @@ class Bench:
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
         os.replace(tmp, path)
-        print(f"\n[{self.name}] results written to {path}")
+        print(f"\n[{self.name}] results written to {path} (other processes used "
+              f"{data['foreign_cpu_share']:.0%} of the CPU meanwhile)")
         return path
 
 

@@ -109,7 +109,8 @@ def main() -> int:
         status, secs = statuses[name]
         path = results_dir / f"{name}.json"
         data = json.loads(path.read_text()) if status == "ok" and path.exists() else None
-        scenarios[name] = {"status": status, "seconds": round(secs, 1), "summary": data["summary"] if data else None}
+        scenarios[name] = {"status": status, "seconds": round(secs, 1), "summary": data["summary"] if data else None,
+                           "foreign_cpu_share": data.get("foreign_cpu_share") if data else None}
         if data is None:
             rows.append([name, status, "-", "-", "-", "-", "-"])
             continue
@@ -126,13 +127,13 @@ def main() -> int:
     total = time.monotonic() - started
     print_table(f"sparkcache benchmarks{' (quick)' if args.quick else ''}: {met} of {goals} goals met, "
                 f"{total:.0f}s", ["scenario", "metric", "sparkcache", "reference", "ratio", "goal", "met"], rows)
+    print("CPU used by other processes during each scenario: " + ", ".join(
+        f"{n} {v['foreign_cpu_share']:.0%}" for n, v in scenarios.items() if v["foreign_cpu_share"] is not None))
     failed = [n for n, (s, _t) in statuses.items() if s != "ok"]
     if failed:
         print(f"\nFAILED: {', '.join(f'{n} ({statuses[n][0]})' for n in failed)}")
     summary = {"quick": args.quick, "machine": machine_info(), "seconds": round(total, 1), "goals": goals,
-               "goals_met": met, "scenarios": scenarios,
-               "cpu_busy_before": {n: (json.loads((results_dir / f"{n}.json").read_text()).get("cpu_busy_before")
-                                       if (results_dir / f"{n}.json").exists() else None) for n in chosen}}
+               "goals_met": met, "scenarios": scenarios}
     (results_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"summary written to {results_dir / 'summary.json'}")
     if failed:
