@@ -251,13 +251,13 @@ class BodyReceiver(Protocol):
         if self.write_error is not None:
             self.done.errback(BodyError(f"spool write failed: {self.write_error}"))
         elif self.timed_out:
-            self.done.errback(BodyError(f"upstream stalled for {self.idle_timeout:g}s after {f.written} bytes"))
+            self.done.errback(BodyError(f"upstream stalled for {self.idle_timeout:g}s after {f.written + f.queued} bytes"))
         elif reason.check(ResponseDone) or (reason.check(PotentialDataLoss) and f.total is None):
             # (A body delimited by connection close, HTTP/1.0 framing, has no
             # other end marker; accept it, digests still apply.)
             f.flushed().chainDeferred(self.done)
         else:
-            self.done.errback(BodyError(f"upstream body ended early after {f.written} bytes: {reason.getErrorMessage()}"))
+            self.done.errback(BodyError(f"upstream body ended early after {f.written + f.queued} bytes ({_reason(reason)})"))
 
 
 def receive(response: IResponse, flight: Flight, clock: Any, idle_timeout: float) -> Deferred[None]:
@@ -271,3 +271,11 @@ def receive(response: IResponse, flight: Flight, clock: Any, idle_timeout: float
     receiver = BodyReceiver(flight, clock, idle_timeout, done)
     response.deliverBody(receiver)
     return done
+
+
+def _reason(reason: Failure) -> str:
+    """One readable cause, not a repr of nested Failures."""
+    inner = getattr(reason.value, "reasons", None)
+    if inner:
+        return "; ".join(type(r.value).__name__ for r in inner)
+    return type(reason.value).__name__
