@@ -20,15 +20,28 @@ from twisted.web.resource import IResource
 from sparkcache.auth import REALM, AuthError
 from sparkcache.config import RemoteConfig
 from sparkcache.context import Context
-from sparkcache.fetch import CacheRequest, Failed, Hit, Live
+from sparkcache.fetch import CacheRequest, Failed, Hit, Live, Result
 from sparkcache.fetch.flight import BodyError
 from sparkcache.store import Entry
 from sparkcache.web.errors import HTTPError
 from sparkcache.web.paths import BadPath, quote_segments, split_raw_path
 from sparkcache.web.respond import guess_type, respond
 from sparkcache.web.serve import error_body, header
+from sparkcache.web.urls import public_base
 
 MAX_PREFETCH = 1000
+# Metadata rewritten per response is read whole; larger bodies are served as stored.
+MAX_REWRITE = 64 << 20
+
+
+def rewrites(remote: RemoteConfig, path: str) -> bool:
+    """Whether responses for this path are rewritten (Helm repository indexes)."""
+    return remote.type == "helm" and path.rsplit("/", 1)[-1] == "index.yaml"
+
+
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def classify(remote: RemoteConfig, path: str) -> str | None:
@@ -86,7 +99,8 @@ class GenericApp:
         query = request.uri.partition(b"?")[2].decode("latin-1")
         entry = self.ctx.store.index.peek(_key(remote, path, query))
         now = self.ctx.clock.seconds()
-        if entry is None or entry.status != 200 or not entry.fresh(now) or classify(remote, path) is None:
+        if entry is None or entry.status != 200 or not entry.fresh(now) or classify(remote, path) is None \
+                or rewrites(remote, path):
             return None
         try:
             self.ctx.auth.require(request, "read")
@@ -130,6 +144,8 @@ class GenericApp:
                 return await self.serve_local(request, remote, key, path)
             req = self.cache_request(remote, rest, query)
             result = await self.ctx.cache.get(req)
+            if rewrites(remote, path):
+                return await self.serve_rewritten(request, remote, result, path)
             return await respond(request, result, self.ctx.store, self.ctx.metrics, remote.name, path, sendfile=self.ctx.sendfile)
         if method == b"PUT":
             if remote.type != "local":
@@ -160,6 +176,37 @@ class GenericApp:
             remote=remote, key=_key(remote, path, query), path=path, url=url, ttl=ttl,
             revalidate=remote.check_mutable_updates,
         )
+
+    async def serve_rewritten(self, request: Any, remote: RemoteConfig, result: Result, path: str) -> bytes | None:
+        """A Helm index.yaml with chart URLs on the upstream's host pointed at this cache.
+
+        The store keeps upstream's exact bytes (so revalidation compares like
+        with like); the rewrite happens per response, on a bounded body."""
+        if isinstance(result, Failed):
+            self.ctx.metrics.requests.labels(remote.name, "error").inc()
+            return error_body(request, result.status, result.message)
+        if isinstance(result, Live):
+            try:
+                entry = (await result.flight.wait_done()).entry
+            except BodyError as e:
+                raise HTTPError(502, str(e)) from None
+            state = "MISS"
+        else:
+            entry, state = result.entry, result.state
+        if entry.size > MAX_REWRITE:
+            return await respond(request, Hit(entry, state), self.ctx.store, self.ctx.metrics, remote.name, path)
+        self.ctx.metrics.requests.labels(remote.name, state.lower()).inc()
+        body = await self.ctx.store.in_io(_read_file, self.ctx.store.path(entry))
+        assert remote.upstream is not None
+        base = f"{public_base(request, self.ctx.config.server.public_url)}/api/{remote.name}"
+        body = body.replace(remote.upstream.encode() + b"/", base.encode() + b"/")
+        request.setHeader(b"X-Cache", state.encode())
+        request.setHeader(b"X-Artifact-Source", b"cache" if state != "MISS" else b"remote")
+        request.setHeader(b"Content-Type", (entry.content_type or "application/x-yaml").encode("latin-1"))
+        request.setHeader(b"Cache-Control", b"no-cache")
+        request.setHeader(b"Content-Length", str(len(body)).encode())
+        self.ctx.metrics.served_bytes.labels(remote.name, "cache").inc(len(body))
+        return body
 
     async def serve_local(self, request: Any, remote: RemoteConfig, key: str, path: str) -> Any:
         entry = await self.ctx.store.index.get(key)
