@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 
-from support.client import get_until_hit
+from tests.support.client import get_until_hit
 
 INDEX = """apiVersion: v1
 entries:
