@@ -9,10 +9,8 @@ from klein import Klein
 from twisted.web.resource import IResource
 
 import sparkcache
-from sparkcache.auth import REALM, AuthError
 from sparkcache.context import Context
-from sparkcache.web.errors import HTTPError
-from sparkcache.web.serve import error_body
+from sparkcache.web.errors import HTTPError, json_errors
 
 
 class AdminApp:
@@ -24,15 +22,7 @@ class AdminApp:
     def resource(self) -> IResource:
         return self.app.resource()
 
-    @app.handle_errors(HTTPError)
-    def _http_error(self, request: Any, failure: Any) -> bytes:
-        e = failure.value
-        return error_body(request, e.status, e.message, e.headers)
-
-    @app.handle_errors(AuthError)
-    def _auth_error(self, request: Any, failure: Any) -> bytes:
-        e = failure.value
-        return error_body(request, e.status, e.message, {"WWW-Authenticate": REALM} if e.status == 401 else None)
+    json_errors(app)
 
     @app.route("/", methods=["GET", "HEAD"])
     def index(self, request: Any) -> bytes:

@@ -17,13 +17,13 @@ from typing import Any
 from klein import Klein
 from twisted.web.resource import IResource
 
-from sparkcache.auth import REALM, AuthError
+from sparkcache.auth import AuthError
 from sparkcache.config import RemoteConfig
 from sparkcache.context import Context
 from sparkcache.fetch import CacheRequest, Failed, Hit, Live, Result
 from sparkcache.fetch.flight import BodyError
 from sparkcache.store import Entry
-from sparkcache.web.errors import HTTPError
+from sparkcache.web.errors import HTTPError, json_errors
 from sparkcache.web.paths import BadPath, quote_segments, split_raw_path
 from sparkcache.web.respond import guess_type, respond
 from sparkcache.web.serve import error_body, header
@@ -64,19 +64,7 @@ class GenericApp:
     def resource(self) -> IResource:
         return self.app.resource()
 
-    @app.handle_errors(HTTPError)
-    def _http_error(self, request: Any, failure: Any) -> bytes:
-        e = failure.value
-        return error_body(request, e.status, e.message, e.headers)
-
-    @app.handle_errors(AuthError)
-    def _auth_error(self, request: Any, failure: Any) -> bytes:
-        e = failure.value
-        return error_body(request, e.status, e.message, {"WWW-Authenticate": REALM} if e.status == 401 else None)
-
-    @app.handle_errors(BadPath)
-    def _bad_path(self, request: Any, failure: Any) -> bytes:
-        return error_body(request, failure.value.status, str(failure.value))
+    json_errors(app)
 
     # -- the hit path -----------------------------------------------------------------
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class HTTPError(Exception):
     def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
@@ -9,3 +11,24 @@ class HTTPError(Exception):
         self.status = status
         self.message = message
         self.headers = headers or {}
+
+
+def json_errors(app: Any) -> None:
+    """Render HTTPError, AuthError and BadPath raised by ``app``'s handlers as JSON."""
+    from sparkcache.auth import REALM, AuthError
+    from sparkcache.web.paths import BadPath
+    from sparkcache.web.serve import error_body
+
+    @app.handle_errors(HTTPError)
+    def _http_error(instance: Any, request: Any, failure: Any) -> bytes:
+        e = failure.value
+        return error_body(request, e.status, e.message, e.headers)
+
+    @app.handle_errors(AuthError)
+    def _auth_error(instance: Any, request: Any, failure: Any) -> bytes:
+        e = failure.value
+        return error_body(request, e.status, e.message, {"WWW-Authenticate": REALM} if e.status == 401 else None)
+
+    @app.handle_errors(BadPath)
+    def _bad_path(instance: Any, request: Any, failure: Any) -> bytes:
+        return error_body(request, failure.value.status, str(failure.value))
