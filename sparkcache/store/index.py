@@ -239,10 +239,11 @@ class Index:
         return self.put(replace(entry, fetched=fetched, expires=expires, last_access=fetched))
 
     def touch(self, entry: Entry, now: float) -> None:
-        """Note an access; written back by flush_access()."""
+        """Note an access; written back by flush_access().
+
+        On the hit path, so it only records the time: the in-memory row keeps
+        its old last_access (nothing reads it; eviction orders by SQLite's)."""
         self._touched[entry.key] = now
-        if entry.key in self._mem:
-            self._mem[entry.key] = replace(entry, last_access=now)
 
     def flush_access(self) -> Deferred[None]:
         if not self._touched:
