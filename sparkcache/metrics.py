@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 
@@ -9,15 +11,15 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
+        self._responses = Counter(
             "sparkcache_requests", "Requests by remote and result (hit, miss, stale, revalidated, error...)",
             ["remote", "result"], registry=r,
         )
-        self.served_bytes = Counter(
+        self._served_bytes = Counter(
             "sparkcache_served_bytes", "Body bytes sent to clients, by where they came from",
             ["remote", "source"], registry=r,
         )
-        self.upstream_requests = Counter(
+        self._upstream = Counter(
             "sparkcache_upstream_requests", "Upstream requests by remote and status (or timeout/unreachable)",
             ["remote", "status"], registry=r,
         )
@@ -29,6 +31,29 @@ class Metrics:
         self.store_entries = Gauge("sparkcache_store_entries", "Index entries", registry=r)
         self.inflight = Gauge("sparkcache_inflight_fetches", "Upstream fetches in progress", registry=r)
         self.evicted = Counter("sparkcache_evicted", "Bodies removed by LRU eviction", registry=r)
+
+        # Label lookups take a lock and hash a tuple: keep the children, which
+        # the hit path asks for on every request.
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*labels)
+        return c
+
+    def response(self, remote: str, result: str) -> None:
+        """One response for ``remote``: hit, miss, stale, revalidated or error."""
+        self._child(self._responses, remote, result).inc()
+
+    def bytes_counter(self, remote: str, source: str) -> Callable[[int], None]:
+        """An ``inc`` for body bytes sent to clients from ``source`` (cache or upstream)."""
+        return self._child(self._served_bytes, remote, source).inc  # type: ignore[no-any-return]
+
+    def upstream(self, remote: str, status: str) -> None:
+        """One upstream exchange, by HTTP status or 'timeout' / 'unreachable'."""
+        self._child(self._upstream, remote, status).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

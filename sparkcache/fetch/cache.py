@@ -190,11 +190,11 @@ class Cache:
         try:
             response, _final = await self.upstream.request(req.remote, b"GET", req.url, headers)
         except UpstreamError as e:
-            self.metrics.upstream_requests.labels(req.remote.name, e.kind).inc()
+            self.metrics.upstream(req.remote.name, e.kind)
             self._settle(req.key, fetch, Failed(504 if e.kind == "timeout" else 502, str(e), stale_ok=True))
             return
         self.metrics.upstream_latency.labels(req.remote.name).observe(self.clock.seconds() - started)
-        self.metrics.upstream_requests.labels(req.remote.name, str(response.code)).inc()
+        self.metrics.upstream(req.remote.name, str(response.code))
         code = response.code
         now = self.clock.seconds()
         if code == 304 and stale is not None:

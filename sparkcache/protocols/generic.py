@@ -171,7 +171,7 @@ class GenericApp:
         The store keeps upstream's exact bytes (so revalidation compares like
         with like); the rewrite happens per response, on a bounded body."""
         if isinstance(result, Failed):
-            self.ctx.metrics.requests.labels(remote.name, "error").inc()
+            self.ctx.metrics.response(remote.name, "error")
             return error_body(request, result.status, result.message)
         if isinstance(result, Live):
             try:
@@ -183,7 +183,7 @@ class GenericApp:
             entry, state = result.entry, result.state
         if entry.size > MAX_REWRITE:
             return await respond(request, Hit(entry, state), self.ctx.store, self.ctx.metrics, remote.name, path)
-        self.ctx.metrics.requests.labels(remote.name, state.lower()).inc()
+        self.ctx.metrics.response(remote.name, state.lower())
         body = await self.ctx.store.in_io(_read_file, self.ctx.store.path(entry))
         assert remote.upstream is not None
         base = f"{public_base(request, self.ctx.config.server.public_url)}/api/{remote.name}"
@@ -193,7 +193,7 @@ class GenericApp:
         request.setHeader(b"Content-Type", (entry.content_type or "application/x-yaml").encode("latin-1"))
         request.setHeader(b"Cache-Control", b"no-cache")
         request.setHeader(b"Content-Length", str(len(body)).encode())
-        self.ctx.metrics.served_bytes.labels(remote.name, "cache").inc(len(body))
+        self.ctx.metrics.bytes_counter(remote.name, "cache")(len(body))
         return body
 
     async def serve_local(self, request: Any, remote: RemoteConfig, key: str, path: str) -> Any:

@@ -85,7 +85,7 @@ def serve_hit(
     Returns a body for the caller to write, a Deferred that fires when a
     streamed body is done, or None when the response is already finished.
     """
-    metrics.requests.labels(remote, state.lower()).inc()
+    metrics.response(remote, state.lower())
     etag = entry.etag or f'"sha256:{entry.digest}"'
     _set_headers(request, state, True, entry.headers, etag, path, extra_headers)
     inm = header(request, b"if-none-match")
@@ -100,7 +100,7 @@ def serve_hit(
     if request.method == b"HEAD":
         finish_safely(request)
         return None
-    counter = metrics.served_bytes.labels(remote, "cache")
+    count_bytes = metrics.bytes_counter(remote, "cache")
     file_path = store.path(entry)
     try:
         if end - start <= SMALL_BODY:
@@ -109,11 +109,11 @@ def serve_hit(
                 data = os.pread(fd, end - start, start)
             finally:
                 os.close(fd)
-            counter.inc(len(data))
+            count_bytes(len(data))
             return data
-        d = sendfile.try_send(request, file_path, start, end, counter.inc) if sendfile is not None else None
+        d = sendfile.try_send(request, file_path, start, end, count_bytes) if sendfile is not None else None
         if d is None:
-            d = send_file(request, file_path, start, end, counter.inc)
+            d = send_file(request, file_path, start, end, count_bytes)
     except FileNotFoundError:
         # The body vanished under us (purged, or the disk was tampered
         # with): drop the row so the next request fetches afresh.
@@ -144,7 +144,7 @@ async def respond(
 ) -> bytes | None:
     """Write ``result`` to ``request``; returns a body for Klein, or None when streamed."""
     if isinstance(result, Failed):
-        metrics.requests.labels(remote, "error").inc()
+        metrics.response(remote, "error")
         return error_body(request, result.status, result.message)
     if isinstance(result, Hit):
         out = serve_hit(request, result.entry, result.state, store, metrics, remote, path, extra_headers, sendfile)
@@ -155,7 +155,7 @@ async def respond(
 
     assert isinstance(result, Live)
     flight = result.flight
-    metrics.requests.labels(remote, "miss").inc()
+    metrics.response(remote, "miss")
     _set_headers(request, result.state, False, flight.headers, flight.headers.get("etag"), path, extra_headers)
     span = _span(request, flight.total)
     if isinstance(span, bytes):
@@ -164,5 +164,5 @@ async def respond(
     if request.method == b"HEAD":
         finish_safely(request)
         return None
-    await send_flight(request, flight, start, end, metrics.served_bytes.labels(remote, "upstream").inc)
+    await send_flight(request, flight, start, end, metrics.bytes_counter(remote, "upstream"))
     return None
