@@ -25,7 +25,7 @@ DEFAULT_MUTABLE: dict[str, tuple[str, ...]] = {
     "generic": (),
     "local": (),
     "alpine": (r"APKINDEX\.tar\.gz$",),
-    "rpm": (r"repodata/repomd\.xml(\.asc|\.key)?$", r"repodata/[^/]*(primary|filelists|other|comps|updateinfo|modules)[^/]*$"),
+    "rpm": (r"repodata/repomd\.xml(\.asc|\.key)?$", r"repodata/(?![0-9a-f]{32,128}-)[^/]*(primary|filelists|other|comps|updateinfo|modules)[^/]*$"),
     "deb": (
         r"(^|/)dists/(?!.*/by-hash/)[^?]*(InRelease|Release|Release\.gpg|Packages[^/]*|Sources[^/]*|Translation-[^/]*|Contents-[^/]*|Components-[^/]*|icons-[^/]*)$",
     ),

@@ -101,3 +101,14 @@ def test_bundled_config_loads():
     here = os.path.dirname(__file__)
     cfg = load_config(os.path.join(here, "..", "..", "etc", "cache.yaml"), {})
     assert "github" in cfg.remotes
+
+
+def test_rpm_defaults_only_unchecksummed_metadata_mutable():
+    r = load({"remotes": {"r": {"upstream": "https://rpm.example/9/BaseOS", "type": "rpm"}}}).remotes["r"]
+    mut = lambda p: any(x.search(p) for x in r.mutable_patterns)  # noqa: E731
+    assert mut("/x86_64/os/repodata/repomd.xml")
+    assert mut("/x86_64/os/repodata/repomd.xml.asc")
+    assert mut("/x86_64/os/repodata/primary.xml.gz")  # createrepo --simple-md-filenames
+    assert not mut("/x86_64/os/repodata/" + "a" * 64 + "-primary.xml.gz")
+    assert not mut("/x86_64/os/repodata/" + "0" * 40 + "-comps.xml")
+    assert not mut("/x86_64/os/Packages/b/bash-5.1.8-6.el9.x86_64.rpm")
