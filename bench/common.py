@@ -855,7 +855,10 @@ _WRITEOUT_RE = re.compile(re.escape(_MARK) + r"J(.*?)\n" + re.escape(_MARK) + r"
 class Transfer:
     """One curl transfer running in the background (``curl -o /dev/null``, or piped to sha256sum)."""
 
-    def __init__(self, url: str, timeout: float = 600.0, verify: bool = False, headers: Sequence[str] = ()) -> None:
+    def __init__(self, url: str, timeout: float = 600.0, verify: bool = False, headers: Sequence[str] = (),
+                 gate: int | None = None) -> None:
+        """``gate``: the read end of a pipe; curl starts only once a line can be read from it
+        (so that many transfers, spawned one by one, begin together)."""
         self.url = url
         self.verify = verify
         cmd = [tool("curl"), "-sS", "--noproxy", "*", "--max-time", str(int(timeout)), "-H", "Expect:"]
@@ -863,18 +866,25 @@ class Transfer:
             cmd += ["-H", h]
         self.hasher: subprocess.Popen[bytes] | None = None
         self.t0 = time.monotonic()
+        prefix: list[str] = []
+        if gate is not None:
+            # sh's read builtin consumes exactly one line of a pipe; EOF (the parent gave up) means no transfer
+            prefix = ["sh", "-c", f'read _ <&{gate} || exit 99; exec "$@"', "gated-curl"]
+        fds = (gate,) if gate is not None else ()
         if verify:
             cmd += ["-o", "-", "-w", "%{stderr}" + CURL_WRITEOUT, url]
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                         env=clean_env(), preexec_fn=_die_with_parent)
+            self.proc = subprocess.Popen(prefix + cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         stdin=subprocess.DEVNULL, env=clean_env(), preexec_fn=_die_with_parent,
+                                         pass_fds=fds)
             self.hasher = subprocess.Popen(["sha256sum"], stdin=self.proc.stdout, stdout=subprocess.PIPE,
                                            env=clean_env(), preexec_fn=_die_with_parent)
             assert self.proc.stdout is not None
             self.proc.stdout.close()
         else:
             cmd += ["-o", "/dev/null", "-w", CURL_WRITEOUT, url]
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                         env=clean_env(), preexec_fn=_die_with_parent)
+            self.proc = subprocess.Popen(prefix + cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         stdin=subprocess.DEVNULL, env=clean_env(), preexec_fn=_die_with_parent,
+                                         pass_fds=fds)
 
     def wait(self) -> dict[str, Any]:
         if self.verify:
@@ -945,19 +955,37 @@ def check_transfer(r: dict[str, Any], size: int, *, sha256: str | None = None, x
 
 
 def run_parallel(urls: Sequence[str], timeout: float = 600.0, verify: Sequence[bool] | None = None) -> tuple[float, list[dict[str, Any]]]:
-    """Start one curl per URL as close together as possible; (wall seconds until the last exits, results)."""
+    """One curl per URL, all released at the same instant; (wall seconds from release until the last exits, results).
+
+    Every curl is spawned first, waiting on a shared pipe; then one line per
+    transfer is written to the pipe, so spawning 64 processes does not stagger
+    the start. Each result's ``spawn_s`` says how long the spawning took (not timed).
+    """
     verify = verify or [False] * len(urls)
-    t0 = time.monotonic()
-    transfers = [Transfer(u, timeout, v) for u, v in zip(urls, verify)]
-    spawned = time.monotonic() - t0
+    r_fd, w_fd = os.pipe()
+    transfers: list[Transfer] = []
     try:
+        s0 = time.monotonic()
+        try:
+            transfers = [Transfer(u, timeout, v, gate=r_fd) for u, v in zip(urls, verify)]
+        finally:
+            os.close(r_fd)
+        spawned = time.monotonic() - s0
+        t0 = time.monotonic()
+        os.write(w_fd, b"\n" * len(transfers))
+        os.close(w_fd)
+        w_fd = -1
+        for t in transfers:
+            t.t0 = t0
         results = [t.wait() for t in transfers]
+        wall = time.monotonic() - t0
     finally:
+        if w_fd >= 0:
+            os.close(w_fd)
         for t in transfers:
             t.kill()
-    wall = time.monotonic() - t0
     for r in results:
-        r["spawn_spread"] = spawned
+        r["spawn_s"] = spawned
     return wall, results
 
 

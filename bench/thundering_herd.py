@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Scenario 4: a thundering herd on one cold object.
 
-64 clients (64 curl processes started back to back) ask sparkcache for the
+64 clients (64 curl processes, spawned first, then released together
+through a shared pipe) ask sparkcache for the
 same uncached 256 MiB object at once. The upstream is nginx serving the file
 from disk with ``limit_rate`` on every connection, so one fetch is
 upstream-bound as on a real network. Measured:
@@ -122,7 +123,7 @@ def main() -> int:
                 "single": {"wall": wall1, "transfer": single, "upstream_requests": req1, "upstream_bytes": bytes1, "upstream_request_time": up_time1,
                            "commit_wait": single_commit},
                 "herd": {
-                    "clients": clients, "wall": wall_n, "spawn_spread_s": herd[0]["spawn_spread"],
+                    "clients": clients, "wall": wall_n, "spawn_s": herd[0]["spawn_s"],
                     "upstream_requests": reqn, "upstream_bytes": bytesn, "upstream_bytes_ratio": bytesn / size,
                     "upstream_request_time": up_time_n,
                     "x_cache": dict(xcache), "client_errors": bad[:10], "client_error_count": len(bad),
@@ -166,7 +167,7 @@ def main() -> int:
         print_summary(f"{NAME} summary", summary)
         b.write_results({
             "params": {"size": size, "clients": clients, "rates": rates,
-                       "client": "curl processes started back to back; last one piped to sha256sum",
+                       "client": "curl processes released together through a pipe; last one piped to sha256sum",
                        "upstream": "nginx static, sendfile on, limit_rate per connection"},
             "results": all_results,
             "summary": summary,
