@@ -83,6 +83,11 @@ class Flight:
             os.close(self._fd)
             self._fd = None
 
+    def fileno(self) -> int:
+        """The spool's read descriptor (valid while acquired); use with offsets only."""
+        assert self._fd is not None, "flight released"
+        return self._fd
+
     def read(self, offset: int, size: int) -> bytes:
         assert self._fd is not None, "flight released"
         return os.pread(self._fd, min(size, self.written - offset), offset)

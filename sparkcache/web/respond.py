@@ -164,5 +164,11 @@ async def respond(
     if request.method == b"HEAD":
         finish_safely(request)
         return None
-    await send_flight(request, flight, start, end, metrics.bytes_counter(remote, "upstream"))
+    count_bytes = metrics.bytes_counter(remote, "upstream")
+    d = None
+    if sendfile is not None and end is not None and end - start > SMALL_BODY and not flight.finished:
+        d = sendfile.try_tail(request, flight, start, end, count_bytes)
+    if d is None:
+        d = send_flight(request, flight, start, end, count_bytes)
+    await d
     return None

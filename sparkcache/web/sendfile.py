@@ -1,10 +1,14 @@
-"""Zero-copy large hits: ``os.sendfile`` from the content store to the socket.
+"""Zero-copy bodies: ``os.sendfile`` from a stored file or a growing spool.
 
 For a large body on a plain-TCP connection the kernel can move file pages
 straight to the socket; Python then never touches the bytes. The copy runs
-in a small dedicated thread pool on a *duplicate* of the socket descriptor,
-so the reactor closing its descriptor (client gone) can never make the
-thread write into a descriptor number reused by another connection.
+in a dedicated thread pool on a *duplicate* of the socket descriptor, so the
+reactor closing its descriptor (client gone) can never make the thread write
+into a descriptor number reused by another connection.
+
+Two sources: a committed file (a cache hit), and an in-flight spool (a miss
+being tailed), where the thread sends what has arrived and waits for more —
+so 64 clients of one cold object cost the reactor nothing per byte.
 
 Before handing over, the response headers are flushed from the transport's
 buffer synchronously; if they cannot be (a congested socket), or the pool is
@@ -24,6 +28,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from sparkcache.fetch.flight import Flight
 from sparkcache.web.serve import finish_safely
 
 # Give up on a client that accepts nothing for this long (a stalled peer).
@@ -32,8 +37,9 @@ CHUNK = 8 * 1024 * 1024
 
 
 class SendfilePool:
-    def __init__(self, reactor: Any, max_threads: int = 16) -> None:
+    def __init__(self, reactor: Any, max_threads: int = 64) -> None:
         self.reactor = reactor
+        # Threads here spend their time blocked in sendfile/poll, not on the GIL.
         self.pool = ThreadPool(minthreads=0, maxthreads=max_threads, name="sparkcache-sendfile")
         self.max_threads = max_threads
         self.active = 0
@@ -44,36 +50,37 @@ class SendfilePool:
     def stop(self) -> None:
         self.pool.stop()
 
-    def try_send(self, request: Any, path: str, start: int, end: int, on_bytes: Callable[[int], None]) -> Deferred[None] | None:
-        """Start sending bytes [start, end) of ``path``; None if this connection can't."""
+    def _handover(self, request: Any) -> tuple[Any, int] | None:
+        """Flush the headers and hand back (transport, dup'd socket), or None."""
         if self.active >= self.max_threads or not self.pool.started:
             return None
         channel = getattr(request, "channel", None)
         transport = getattr(channel, "transport", None)
         if not isinstance(transport, tcp.Connection) or getattr(transport, "TLS", False):
             return None
-        fd = os.open(path, os.O_RDONLY)  # before any header is sent: a missing body can still be a 503
         request.write(b"")  # the headers, into the transport's buffer
         try:
             transport.doWrite()  # flush them now so the body can follow them on the socket
             if len(transport.dataBuffer) - transport.offset or transport._tempDataBuffer:
-                raise BlockingIOError  # headers still queued: the producer path writes after them
-            sock = os.dup(transport.fileno())
+                return None  # headers still queued: the producer path writes after them
+            return transport, os.dup(transport.fileno())
         except Exception:
-            os.close(fd)
             return None
+
+    def _run(self, request: Any, transport: Any, expected: int, on_bytes: Callable[[int], None],
+             fn: Callable[..., int], *args: Any) -> Deferred[None]:
         cancelled = threading.Event()
         self.active += 1
         request.notifyFinish().addErrback(lambda _: cancelled.set())
-        d: Deferred[Any] = deferToThreadPool(self.reactor, self.pool, _copy, sock, fd, start, end, cancelled)
+        d: Deferred[Any] = deferToThreadPool(self.reactor, self.pool, fn, *args, cancelled)
 
         def done(sent: int) -> None:
             on_bytes(sent)
-            if sent == end - start:
+            if sent == expected:
                 request.sentLength = getattr(request, "sentLength", 0) + sent
                 finish_safely(request)
             else:
-                transport.abortConnection()
+                transport.abortConnection()  # never a clean end to an incomplete body
 
         def failed(f: Any) -> None:
             transport.abortConnection()
@@ -84,17 +91,74 @@ class SendfilePool:
 
         return d.addCallbacks(done, failed).addBoth(cleanup)
 
+    def try_send(self, request: Any, path: str, start: int, end: int, on_bytes: Callable[[int], None]) -> Deferred[None] | None:
+        """Start sending bytes [start, end) of a stored file; None if this connection can't."""
+        fd = os.open(path, os.O_RDONLY)  # before any header is sent: a missing body can still be a 503
+        got = self._handover(request)
+        if got is None:
+            os.close(fd)
+            return None
+        transport, sock = got
 
-def _copy(sock: int, fd: int, start: int, end: int, cancelled: threading.Event) -> int:
-    """Blocking (in the pool): sendfile until done, cancelled or stalled; returns bytes sent."""
+        def copy(cancelled: threading.Event) -> int:
+            try:
+                return _copy(sock, fd, start, end, lambda: end, lambda: False, cancelled, None)
+            finally:
+                os.close(fd)
+
+        return self._run(request, transport, end - start, on_bytes, copy)
+
+    def try_tail(self, request: Any, flight: Flight, start: int, end: int, on_bytes: Callable[[int], None]) -> Deferred[None] | None:
+        """Send bytes [start, end) of an in-flight body as they land in its spool."""
+        got = self._handover(request)
+        if got is None:
+            return None
+        transport, sock = got
+        flight.acquire()
+        more = threading.Event()
+        flight.listen(more.set)
+
+        def copy(cancelled: threading.Event) -> int:
+            # Reading ``written``/``error`` from this thread is safe: they are
+            # single attribute loads, and only ever grow / get set once.
+            return _copy(sock, flight.fileno(), start, end, lambda: flight.written,
+                         lambda: flight.error is not None, cancelled, more)
+
+        def release(r: object) -> object:
+            flight.unlisten(more.set)
+            flight.release()
+            return r
+
+        return self._run(request, transport, end - start, on_bytes, copy).addBoth(release)
+
+
+def _copy(
+    sock: int,
+    fd: int,
+    start: int,
+    end: int,
+    available: Callable[[], int],
+    failed: Callable[[], bool],
+    cancelled: threading.Event,
+    more: threading.Event | None,
+) -> int:
+    """Blocking (in the pool): sendfile until done, failed, cancelled or stalled; returns bytes sent."""
     poller = select.poll()
     poller.register(sock, select.POLLOUT)
     offset = start
     idle = 0.0
     try:
         while offset < end and not cancelled.is_set():
+            limit = min(end, available())
+            if offset >= limit:
+                if failed() or more is None:
+                    break
+                more.clear()
+                if offset >= min(end, available()) and not failed():
+                    more.wait(1.0)  # the flight sets it when bytes arrive or it ends
+                continue
             try:
-                n = os.sendfile(sock, fd, offset, min(CHUNK, end - offset))
+                n = os.sendfile(sock, fd, offset, min(CHUNK, limit - offset))
             except BlockingIOError:
                 if not poller.poll(1000):
                     idle += 1.0
@@ -109,7 +173,6 @@ def _copy(sock: int, fd: int, start: int, end: int, cancelled: threading.Event) 
                 break  # file shorter than expected
             offset += n
             idle = 0.0
-        return offset - start
+        return offset - start  # short of end - start means: abort the connection
     finally:
-        os.close(fd)
         os.close(sock)
