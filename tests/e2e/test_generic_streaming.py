@@ -23,6 +23,18 @@ from tests.support.tools import require_tool
 MiB = 1024 * 1024
 
 
+@pytest.fixture(params=[True, False], ids=["sendfile", "producer"])
+def daemon_factory(request, daemon_factory):
+    """Every test here runs twice: bodies sent by os.sendfile threads (the
+    default for large bodies on plain TCP) and by the reactor's push producers."""
+
+    def make(*args, **kwargs):
+        kwargs["server"] = {"sendfile": request.param, **kwargs.get("server", {})}
+        return daemon_factory(*args, **kwargs)
+
+    return make
+
+
 def test_64_concurrent_clients_one_upstream_fetch(upstream, daemon_factory):
     data = os.urandom(2 * MiB)
     upstream.add("/files/big.bin", data)
