@@ -15,7 +15,7 @@ No goal was set for this scenario; the ratio is reported for information.
 
 from __future__ import annotations
 
-from common import (MB, AccessLog, Bench, BenchError, Daemon, Nginx, apply_quick, base_parser, check_transfer, curl,
+from common import (MB, AccessLog, Bench, BenchError, Daemon, Nginx, apply_quick, base_parser, check_transfer, cpu_seconds, curl,
                     fmt_size, free_port, make_random_file, median, parse_size, print_summary, print_table, ratio,
                     run_main, static_server, summary_row)
 
@@ -48,9 +48,11 @@ def main() -> int:
             if daemon.entries("cold"):
                 raise BenchError("a fresh data dir is not empty")
             log.mark()
+            cpu0 = cpu_seconds([daemon.pid])
             r = curl(spark_url, verify=verify)
             check_transfer(r, size, sha256=digest if verify else None, x_cache="MISS", what=what)
             r["commit_wait"] = daemon.wait_idle()
+            r["daemon_cpu_s"] = cpu_seconds([daemon.pid]) - cpu0  # transfer + commit
             r["restart_s"] = restart
             entries = daemon.entries("cold")
             if len(entries) != 1 or entries[0]["digest"] != digest:
@@ -79,11 +81,13 @@ def main() -> int:
             s = cold_fetch(False, f"sparkcache run {i + 1}")
             results["sparkcache"].append(s)
             for who, x in (("direct", r), ("sparkcache", s)):
-                rows.append([str(i + 1), who, x["ttfb"] * 1000, x["speed"] / MB, x["total"],
-                             f"{x['commit_wait'] * 1000:.0f}" if "commit_wait" in x else "-", x["x_cache"] or "-"])
+                rows.append([str(i + 1), who, x["ttfb"] * 1000, x["speed"] / MB, f"{x['total']:.2f}",
+                             f"{x['commit_wait'] * 1000:.0f}" if "commit_wait" in x else "-", x["x_cache"] or "-",
+                             f"{x['daemon_cpu_s']:.2f}" if "daemon_cpu_s" in x else "-"])
             b.log(f"run {i + 1}: direct {r['speed'] / MB:,.0f} MB/s, sparkcache {s['speed'] / MB:,.0f} MB/s")
         print_table(f"{NAME}: {fmt_size(size)} cold miss, one client (curl -o /dev/null)",
-                    ["run", "path", "TTFB ms", "MB/s", "seconds", "commit ms after last byte", "X-Cache"], rows)
+                    ["run", "path", "TTFB ms", "MB/s", "seconds", "commit ms after last byte", "X-Cache",
+                     "daemon CPU s"], rows)
 
         def med(who: str, key: str) -> float:
             return median(x[key] for x in results[who])

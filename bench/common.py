@@ -252,6 +252,20 @@ def _own_cpu() -> int:
     return total
 
 
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """User + system CPU seconds used so far by these processes (all their threads)."""
+    tck = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / tck
+
+
 class ForeignLoad:
     """How much CPU processes other than this benchmark's used while it ran (0..1 of the machine)."""
 
@@ -579,6 +593,9 @@ http {{
 
     def url(self, path: str, port: int | None = None) -> str:
         return f"http://{LOOPBACK}:{port or self.ports[0]}/{path.lstrip('/')}"
+
+    def worker_pids(self) -> list[int]:
+        return _descendants(self.proc.pid) if self.proc is not None else []
 
     def error_log(self) -> str:
         parts = []

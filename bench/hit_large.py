@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from common import (MB, Bench, BenchError, Daemon, Nginx, apply_quick, base_parser, check_transfer, curl, fmt_size,
+from common import (MB, Bench, BenchError, Daemon, Nginx, apply_quick, base_parser, check_transfer, cpu_seconds, curl, fmt_size,
                     free_port, make_random_file, median, parse_size, print_summary, print_table, ratio, run_main,
                     static_server, summary_row)
 
@@ -52,15 +52,19 @@ def main() -> int:
 
         rows = []
         results: dict[str, list[dict]] = {"nginx": [], "sparkcache": []}
+        server_pids = {"nginx": nginx.worker_pids(), "sparkcache": [daemon.pid]}
         for i in range(runs):
             for who, url, xc in (("nginx", nginx_url, None), ("sparkcache", spark_url, "HIT")):
+                cpu0 = cpu_seconds(server_pids[who])
                 r = curl(url)
+                r["server_cpu_s"] = cpu_seconds(server_pids[who]) - cpu0
                 check_transfer(r, size, x_cache=xc, what=f"{who} run {i + 1}")
                 results[who].append(r)
-                rows.append([f"{i + 1}", who, r["speed"] / MB, r["ttfb"] * 1000, r["total"], r["x_cache"] or "-"])
+                rows.append([f"{i + 1}", who, r["speed"] / MB, r["ttfb"] * 1000, f"{r['total']:.2f}", r["x_cache"] or "-",
+                             f"{r['server_cpu_s']:.2f}"])
                 b.log(f"run {i + 1} {who}: {r['speed'] / MB:,.0f} MB/s")
         print_table(f"{NAME}: {fmt_size(size)} hit, one client (curl -o /dev/null)",
-                    ["run", "server", "MB/s", "TTFB ms", "seconds", "X-Cache"], rows)
+                    ["run", "server", "MB/s", "TTFB ms", "seconds", "X-Cache", "server CPU s"], rows)
 
         n_mbs = median(r["speed"] for r in results["nginx"]) / MB
         s_mbs = median(r["speed"] for r in results["sparkcache"]) / MB

@@ -20,7 +20,7 @@ import http.client
 import sys
 from pathlib import Path
 
-from common import (Bench, BenchError, Daemon, Nginx, AccessLog, apply_quick, base_parser, fmt_size, free_port,
+from common import (Bench, BenchError, Daemon, Nginx, AccessLog, apply_quick, base_parser, cpu_seconds, fmt_size, free_port,
                     make_random_file, parse_size, print_summary, print_table, ratio, run_main, run_wrk,
                     static_server, summary_row, write_wrk_script)
 
@@ -121,6 +121,8 @@ def main() -> int:
             "nginx": (f"http://127.0.0.1:{cache_port}", lua_nginx),
             "sparkcache": (f"http://127.0.0.1:{daemon.port}", lua_spark),
         }
+        # the server processes whose CPU time a run is charged with
+        server_pids = {"nginx": cache.worker_pids(), "sparkcache": [daemon.pid]}
 
         def counts() -> tuple[float, float]:
             """(hits, everything else) from sparkcache_requests_total."""
@@ -137,16 +139,23 @@ def main() -> int:
             for who, (url, lua) in targets.items():
                 if args.warmup > 0:
                     warmups[who].append(run_wrk(url, lua, args.connections, args.warmup, args.threads))
+                cpu0 = cpu_seconds(server_pids[who])
                 r = run_wrk(url, lua, args.connections, args.duration, args.threads)
+                cpu = cpu_seconds(server_pids[who]) - cpu0
+                r["server_cpu_s"] = cpu
+                r["server_cpu_share"] = cpu / (r["duration_us"] / 1e6) if r["duration_us"] else None
+                r["server_cpu_us_per_request"] = cpu * 1e6 / r["requests"] if r["requests"] else None
                 results[who].append(r)
                 b.log(f"{who}: {r['rps']:,.0f} req/s, errors {r['errors']}")
                 rows.append([str(i + 1), who, r["rps"], r["requests"], r["lat_p50_us"] / 1000, r["lat_p99_us"] / 1000,
-                             r["bytes"] / r["requests"] if r["requests"] else 0, r["errors"]])
+                             r["bytes"] / r["requests"] if r["requests"] else 0, r["errors"],
+                             f"{r['server_cpu_share']:.0%}", f"{r['server_cpu_us_per_request']:.1f}"])
         hits1, misses1 = counts()
         upstream_during = origin_log.settle()
         print_table(f"{NAME}: {args.objects} x {fmt_size(args.object_size)} hits, wrk -t{args.threads} "
                     f"-c{args.connections} -d{args.duration:g}s",
-                    ["run", "server", "req/s", "requests", "p50 ms", "p99 ms", "bytes/resp", "errors"], rows)
+                    ["run", "server", "req/s", "requests", "p50 ms", "p99 ms", "bytes/resp", "errors", "server CPU",
+                     "CPU us/req"], rows)
 
         def med(who: str, key: str) -> float:
             vals = sorted(r[key] for r in results[who])
@@ -162,6 +171,8 @@ def main() -> int:
                         med("nginx", "lat_p50_us") / 1000, "-", None),
             summary_row("latency p99", "ms", med("sparkcache", "lat_p99_us") / 1000, "nginx proxy_cache",
                         med("nginx", "lat_p99_us") / 1000, "-", None),
+            summary_row("server CPU per request", "us", med("sparkcache", "server_cpu_us_per_request"),
+                        "nginx proxy_cache", med("nginx", "server_cpu_us_per_request"), "-", None),
         ]
         print_summary(f"{NAME} summary", summary)
         checks = {
