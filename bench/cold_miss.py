@@ -16,7 +16,7 @@ No goal was set for this scenario; the ratio is reported for information.
 from __future__ import annotations
 
 from common import (MB, AccessLog, Bench, BenchError, Daemon, Nginx, apply_quick, base_parser, check_transfer, cpu_seconds, curl,
-                    fmt_size, free_port, make_random_file, median, parse_size, print_summary, print_table, ratio,
+                    fmt_size, free_port, make_random_file, median, parse_size, print_summary, print_table,
                     run_main, static_server, summary_row)
 
 NAME = "cold_miss"

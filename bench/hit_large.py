@@ -9,8 +9,6 @@ to /dev/null per run; runs alternate nginx/sparkcache; the median of
 
 from __future__ import annotations
 
-import sys
-
 from common import (MB, Bench, BenchError, Daemon, Nginx, apply_quick, base_parser, check_transfer, cpu_seconds, curl, fmt_size,
                     free_port, make_random_file, median, parse_size, print_summary, print_table, ratio, run_main,
                     static_server, summary_row)

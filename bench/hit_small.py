@@ -17,8 +17,6 @@ machine load generator and server get about a core each.
 from __future__ import annotations
 
 import http.client
-import sys
-from pathlib import Path
 
 from common import (Bench, BenchError, Daemon, Nginx, AccessLog, apply_quick, base_parser, cpu_seconds, fmt_size, free_port,
                     make_random_file, parse_size, print_summary, print_table, ratio, run_main, run_wrk,
