@@ -26,10 +26,10 @@ from sparkcache.store import SpoolFile
 log = Logger()
 
 
-READ_SIZE = 1 << 20
+READ_SIZE = 512 << 10
 # Pause the upstream while more than this is waiting for the disk.
-HIGH_WATER = 4 << 20
-LOW_WATER = 1 << 20
+HIGH_WATER = 2 << 20
+LOW_WATER = 512 << 10
 
 
 class BodyError(Exception):
@@ -135,15 +135,14 @@ class Flight:
 
     def _write_next(self) -> None:
         assert self._in_thread is not None
-        batch = b"".join(self._queue) if len(self._queue) > 1 else self._queue[0]
-        self._queue = []
+        batch, self._queue = self._queue, []
         self._writing = True
-        d = self._in_thread(self.spool.write, batch)
+        d = self._in_thread(self.spool.write_all, batch)
 
-        def written(_: object) -> None:
+        def written(n: int) -> None:
             self._writing = False
-            self.written += len(batch)
-            self.queued -= len(batch)
+            self.written += n
+            self.queued -= n
             if self._queue and self._write_error is None:
                 self._write_next()
             else:

@@ -28,6 +28,14 @@ class SpoolFile:
         self._sha256.update(data)
         self.size += len(data)
 
+    def write_all(self, chunks: list[bytes]) -> int:
+        """Write and hash several chunks in order, without joining them first."""
+        n = 0
+        for chunk in chunks:
+            self.write(chunk)
+            n += len(chunk)
+        return n
+
     def hexdigest(self) -> str:
         return self._sha256.hexdigest()
 
