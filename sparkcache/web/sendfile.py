@@ -34,6 +34,7 @@ from sparkcache.web.serve import finish_safely
 # Give up on a client that accepts nothing for this long (a stalled peer).
 STALL_TIMEOUT = 120.0
 CHUNK = 8 * 1024 * 1024
+SENDER_NICE = 10
 
 
 class SendfilePool:
@@ -132,6 +133,24 @@ class SendfilePool:
         return self._run(request, transport, end - start, on_bytes, copy).addBoth(release)
 
 
+_local = threading.local()
+
+
+def _lower_priority() -> None:
+    """Run this sender thread at a lower CPU priority than the reactor and the
+    I/O pool: with dozens of clients tailing one cold body, fair scheduling
+    would otherwise starve the one thread that reads upstream, and the shared
+    fetch (which everyone waits on) would slow to a crawl. Linux niceness is
+    per thread, and lowering it needs no privilege."""
+    if getattr(_local, "niced", False):
+        return
+    _local.niced = True
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SENDER_NICE)
+    except (AttributeError, OSError):
+        pass
+
+
 def _copy(
     sock: int,
     fd: int,
@@ -143,6 +162,7 @@ def _copy(
     more: threading.Event | None,
 ) -> int:
     """Blocking (in the pool): sendfile until done, failed, cancelled or stalled; returns bytes sent."""
+    _lower_priority()
     poller = select.poll()
     poller.register(sock, select.POLLOUT)
     offset = start
