@@ -50,7 +50,7 @@ class Flight:
         spool: SpoolFile,
         total: int | None,
         headers: dict[str, str],
-        in_thread: Callable[..., Deferred[Any]] | None = None,
+        in_thread: Callable[..., Deferred[Any]],
     ) -> None:
         self.key = key
         self.spool = spool
@@ -121,11 +121,6 @@ class Flight:
     # -- writing (driven by BodyReceiver and the cache) ----------------------------
 
     def data(self, chunk: bytes) -> None:
-        if self._in_thread is None:
-            self.spool.write(chunk)
-            self.written += len(chunk)
-            self._notify()
-            return
         if self._write_error is not None:
             raise OSError(f"spool write failed: {self._write_error}")
         self._queue.append(chunk)
@@ -134,7 +129,6 @@ class Flight:
             self._write_next()
 
     def _write_next(self) -> None:
-        assert self._in_thread is not None
         batch, self._queue = self._queue, []
         self._writing = True
         d = self._in_thread(self.spool.write_all, batch)

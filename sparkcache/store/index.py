@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
@@ -209,9 +209,6 @@ class Index:
             "SELECT digest, size FROM blobs ORDER BY last_access LIMIT ?", (limit,)
         ).fetchall())
 
-    def all_blobs(self) -> Deferred[dict[str, int]]:
-        return self._run(lambda: dict(self.db.execute("SELECT digest, size FROM blobs").fetchall()))
-
     # -- writes ------------------------------------------------------------
 
     def put(self, entry: Entry) -> Deferred[Entry]:
@@ -234,9 +231,6 @@ class Index:
             return entry
 
         return self._run(q).addCallback(done)
-
-    def update_freshness(self, entry: Entry, fetched: float, expires: float | None) -> Deferred[Entry]:
-        return self.put(replace(entry, fetched=fetched, expires=expires, last_access=fetched))
 
     def touch(self, entry: Entry, now: float) -> None:
         """Note an access; written back by flush_access().

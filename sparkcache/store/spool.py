@@ -72,6 +72,3 @@ def clear_spool(spool_dir: str) -> int:
             pass
     return n
 
-
-def digest_of(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
