@@ -2,8 +2,9 @@
 
 SQLite runs in one dedicated thread (a ThreadPool of size 1), so the reactor
 never waits on disk and the connection is only ever used from one thread.
-Rows are mirrored in a bounded in-memory LRU so a cache hit normally costs
-no thread hop at all; last-access times are written back in batches.
+Rows are mirrored in a bounded in-memory LRU (20,000 rows, ~1 KiB each) so a
+hit on a hot key costs no thread hop at all; colder keys cost one trip to the
+SQLite thread. Last-access times are written back in batches.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ _COLUMNS = "key, remote, path, status, digest, size, content_type, headers, fetc
 
 
 class Index:
-    def __init__(self, path: str, reactor: IReactorThreads, memory_entries: int = 100_000) -> None:
+    def __init__(self, path: str, reactor: IReactorThreads, memory_entries: int = 20_000) -> None:
         self.path = path
         self._reactor = reactor
         self.pool = ThreadPool(minthreads=1, maxthreads=1, name="sparkcache-sqlite")
