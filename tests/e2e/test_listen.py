@@ -79,3 +79,34 @@ def test_listen_option_and_environment_override_the_config(tmp_path, upstream):
         finally:
             proc.terminate()
             assert proc.wait(20) == 0
+
+
+def test_tls_listener_serves_large_bodies_encrypted(tmp_path, upstream, daemon_factory):
+    """On TLS, bodies must go through the TLS transport, never os.sendfile."""
+    curl = require_tool("curl", "curl fetches over the TLS listener")
+    openssl = require_tool("openssl", "openssl makes the listener's self-signed certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )
+    data = os.urandom(3 * 1024 * 1024)
+    upstream.add("/files/big.bin", data)
+    tcp_port, tls_port = free_port(), free_port()
+    d = daemon_factory(
+        {"r": generic_remote(upstream)},
+        port=tcp_port,
+        server={"listen": [f"tcp:{tcp_port}:interface=127.0.0.1",
+                           f"ssl:{tls_port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"]},
+    )
+    out = tmp_path / "out.bin"
+    for _ in range(2):  # a miss (tailing the spool), then a hit
+        proc = subprocess.run(
+            [curl, "-sSk", "--max-time", "30", "-o", str(out), "-w", "%{http_code}", f"https://127.0.0.1:{tls_port}/api/r/files/big.bin"],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert proc.returncode == 0 and proc.stdout == "200", proc.stderr
+        assert out.read_bytes() == data
+    assert upstream.count("/files/big.bin") == 1
+    assert d.running
