@@ -18,17 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.tools import require_tool
+from tests.support.tools import require_tool, run_checked
 
 PACKAGE = "sparkcache-hello"
 VERSION = "1.0-1"
 
 
-def _run(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
-    return proc
 
 
 def build_repo(root: Path, arch: str) -> Path:
@@ -44,16 +39,16 @@ def build_repo(root: Path, arch: str) -> Path:
     pool = root / "pool/main/s" / PACKAGE
     pool.mkdir(parents=True)
     deb = pool / f"{PACKAGE}_{VERSION}_all.deb"
-    _run(["dpkg-deb", "--root-owner-group", "-Zgzip", "--build", str(pkg), str(deb)])
+    run_checked(["dpkg-deb", "--root-owner-group", "-Zgzip", "--build", str(pkg), str(deb)])
 
     binary = root / "dists/stable/main" / f"binary-{arch}"
     binary.mkdir(parents=True)
-    packages = _run(["apt-ftparchive", "packages", "pool"], cwd=root).stdout
+    packages = run_checked(["apt-ftparchive", "packages", "pool"], cwd=root).stdout
     assert f"Package: {PACKAGE}" in packages, packages
     (binary / "Packages").write_text(packages)
     with gzip.open(binary / "Packages.gz", "wt") as f:
         f.write(packages)
-    release = _run(
+    release = run_checked(
         [
             "apt-ftparchive",
             "-o", "APT::FTPArchive::Release::Origin=sparkcache-tests",
@@ -113,7 +108,7 @@ class Apt:
         self.env.update({"APT_CONFIG": str(base / "etc/apt.conf"), "LC_ALL": "C", "DEBIAN_FRONTEND": "noninteractive"})
 
     def run(self, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-        return _run(["apt-get", "-q", *args], cwd=cwd or self.base, env=self.env)
+        return run_checked(["apt-get", "-q", *args], cwd=cwd or self.base, env=self.env)
 
 
 def _sha(path: Path) -> str:
@@ -124,7 +119,7 @@ def test_apt_get_through_deb_remote(tmp_path, upstream_factory, daemon_factory):
     require_tool("apt-get", "apt-get is the client under test")
     require_tool("dpkg-deb", "dpkg-deb builds the test package")
     require_tool("apt-ftparchive", "apt-ftparchive (Debian package apt-utils) builds the repository index")
-    arch = _run(["dpkg", "--print-architecture"]).stdout.strip()
+    arch = run_checked(["dpkg", "--print-architecture"]).stdout.strip()
 
     repo = tmp_path / "repo"
     repo.mkdir()

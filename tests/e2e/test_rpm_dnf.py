@@ -23,10 +23,9 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 
 from tests.support.client import get_until_hit
-from tests.support.tools import require_tool
+from tests.support.tools import require_tool, run_checked
 
 PACKAGE = "sparkcache-hello"
 VERSION = "1.0"
@@ -63,10 +62,7 @@ def _clean_env(**extra: str) -> dict[str, str]:
 
 
 def _run(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
-    return proc
+    return run_checked(cmd, cwd, env, timeout)
 
 
 def build_repo(work: Path, repo: Path) -> Path:
