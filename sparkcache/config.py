@@ -17,7 +17,9 @@ from urllib.parse import urlsplit
 import yaml
 
 SCOPES = ("read", "write", "admin")
-REMOTE_TYPES = ("generic", "alpine", "rpm", "deb", "helm", "local")
+REMOTE_TYPES = ("generic", "alpine", "rpm", "deb", "helm", "local", "oci", "oci-local")
+# Remote types whose bodies live only here: no upstream URL.
+LOCAL_TYPES = ("local", "oci-local")
 
 # Metadata files that change in place upstream; everything else in these
 # repository layouts is content-addressed or versioned and so immutable.
@@ -30,6 +32,9 @@ DEFAULT_MUTABLE: dict[str, tuple[str, ...]] = {
         r"(^|/)dists/(?!.*/by-hash/)[^?]*(InRelease|Release|Release\.gpg|Packages[^/]*|Sources[^/]*|Translation-[^/]*|Contents-[^/]*|Components-[^/]*|icons-[^/]*)$",
     ),
     "helm": (r"(^|/)index\.yaml$",),
+    # OCI freshness is decided per request kind (tag vs digest), not by path patterns.
+    "oci": (),
+    "oci-local": (),
 }
 
 
@@ -77,8 +82,17 @@ class RemoteConfig:
     credentials: Credentials | None = None
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
+    # Type-specific settings parsed by the protocol's own config module
+    # (sparkcache.oci.config for oci/oci-local); None for the other types.
+    options: Any = None
 
     def redacted(self) -> dict[str, Any]:
+        out = self._redacted()
+        if self.options is not None and hasattr(self.options, "redacted"):
+            out["options"] = self.options.redacted()
+        return out
+
+    def _redacted(self) -> dict[str, Any]:
         return {
             "type": self.type,
             "upstream": self.upstream,
@@ -135,7 +149,8 @@ class Config:
     storage: StorageConfig
     auth: AuthConfig
     remotes: Mapping[str, RemoteConfig]
-    git: Mapping[str, Any] = field(default_factory=dict)
+    # Parsed by sparkcache.git.config (a GitConfig there).
+    git: Any = None
 
     def redacted(self) -> dict[str, Any]:
         return {
@@ -162,6 +177,7 @@ class Config:
                 ],
             },
             "remotes": {n: r.redacted() for n, r in self.remotes.items()},
+            "git": self.git.redacted() if hasattr(self.git, "redacted") else None,
         }
 
 
@@ -337,9 +353,9 @@ class _Loader:
         remotes = {}
         for name, body in remotes_raw.items():
             remotes[str(name)] = self.remote(str(name), _Section(self, f"remotes.{name}", body), connect_timeout, read_timeout)
-        git = top.raw("git", {}) or {}
-        if not isinstance(git, dict):
-            raise self.error("git", f"expected a mapping, got {_kind(git)}")
+        from sparkcache.git.config import parse_git_section
+
+        git = parse_git_section(self, top.sub("git"))
         top.done()
         return Config(self.source, server, storage, auth, remotes, git)
 
@@ -429,7 +445,7 @@ class _Loader:
         if rtype not in REMOTE_TYPES:
             raise self.error(sec.key("type"), f"unknown remote type {rtype!r}; expected one of {', '.join(REMOTE_TYPES)}")
         upstream = sec.get("upstream", str, None)
-        if upstream is None and rtype != "local":
+        if upstream is None and rtype not in LOCAL_TYPES:
             raise self.error(sec.key("upstream"), "missing: a remote needs an upstream URL")
         if upstream is not None:
             upstream = self.url(sec.key("upstream"), _expand(upstream, self, sec.key("upstream"))).rstrip("/")
@@ -456,6 +472,11 @@ class _Loader:
             if creds is not None:
                 raise self.error(sec.key("username"), "give credentials either inline (username/password) or under credentials, not both")
             creds = Credentials(username, password, None)
+        options = None
+        if rtype in ("oci", "oci-local"):
+            from sparkcache.oci.config import parse_oci_options
+
+            options = parse_oci_options(self, sec, rtype)
         cfg = RemoteConfig(
             name=name,
             type=rtype,
@@ -467,6 +488,7 @@ class _Loader:
             credentials=creds,
             connect_timeout=sec.convert("connect_timeout", parse_duration, connect_timeout),
             read_timeout=sec.convert("read_timeout", parse_duration, read_timeout),
+            options=options,
         )
         sec.done()
         return cfg

@@ -22,3 +22,4 @@ class Context:
     auth: Authorizer
     clock: Any
     sendfile: Any = None  # SendfilePool, when large hits may use os.sendfile
+    git: Any = None  # sparkcache.git.interfaces.IMirrors provider, set by protocols.git.install

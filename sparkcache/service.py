@@ -123,6 +123,13 @@ class SparkcacheService(MultiService):
         self.ctx = Context(config, self.store, self.cache, self.upstream, self.metrics, Authorizer(config.auth), self.clock,
                            self.sendfile)
         self.root = Root(self.ctx)
+        # Services a protocol adds (fetch loops, process pools); started with
+        # the timers, once the store is open, and stopped before it.
+        self.extra_services: list[Any] = []
+        from sparkcache.protocols import codesync, git, oci
+
+        for install in (git.install, codesync.install, oci.install):
+            install(self)
         self.site = SparkSite(self.root, access_log=config.server.access_log)
         self.site.displayTracebacks = False
         self.listeners: list[StreamServerEndpointService] = []
@@ -158,7 +165,7 @@ class SparkcacheService(MultiService):
         d = ensureDeferred(self.store.start())
 
         def listen(_: object) -> None:
-            for svc in [*self.timers, *self.listeners]:
+            for svc in [*self.timers, *self.extra_services, *self.listeners]:
                 svc.setServiceParent(self)
             log.info("sparkcache listening on {listen}; data in {data}", listen=", ".join(self.config.server.listen),
                      data=self.store.data_dir)

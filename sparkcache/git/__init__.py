@@ -1,0 +1,1 @@
+"""Git mirrors: pygit2-managed bare repositories, served with ``git upload-pack``."""

@@ -1,0 +1,1 @@
+"""OCI Distribution: pull-through mirrors (type oci) and local push repositories (type oci-local)."""

@@ -1,0 +1,84 @@
+"""Errors in the OCI Distribution JSON form: ``{"errors": [{"code", "message", "detail"}]}``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sparkcache.web.errors import HTTPError
+
+# Spec error codes and the HTTP status each usually travels with.
+CODES = {
+    "BLOB_UNKNOWN": 404,
+    "BLOB_UPLOAD_INVALID": 400,
+    "BLOB_UPLOAD_UNKNOWN": 404,
+    "DIGEST_INVALID": 400,
+    "MANIFEST_BLOB_UNKNOWN": 404,
+    "MANIFEST_INVALID": 400,
+    "MANIFEST_UNKNOWN": 404,
+    "NAME_INVALID": 400,
+    "NAME_UNKNOWN": 404,
+    "SIZE_INVALID": 400,
+    "UNAUTHORIZED": 401,
+    "DENIED": 403,
+    "UNSUPPORTED": 405,
+    "TOOMANYREQUESTS": 429,
+    "RANGE_INVALID": 416,
+    "UNAVAILABLE": 503,
+}
+
+
+class OCIError(HTTPError):
+    """An error a registry client understands; ``status`` defaults from the code."""
+
+    def __init__(self, code: str, message: str, status: int | None = None, detail: Any = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(status or CODES.get(code, 400), message, headers)
+        self.code = code
+        self.detail = detail
+
+
+def oci_error_body(request: Any, status: int, code: str, message: str, detail: Any = None,
+                   headers: dict[str, str] | None = None) -> bytes:
+    err: dict[str, Any] = {"code": code, "message": message}
+    if detail is not None:
+        err["detail"] = detail
+    body = json.dumps({"errors": [err]}).encode() + b"\n"
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Docker-Distribution-API-Version", b"registry/2.0")
+    for k, v in (headers or {}).items():
+        request.setHeader(k.encode(), v.encode())
+    request.setHeader(b"Content-Length", str(len(body)).encode())
+    return b"" if request.method == b"HEAD" else body
+
+
+def code_for_status(status: int, default: str = "UNAVAILABLE") -> str:
+    return {401: "UNAUTHORIZED", 403: "DENIED", 404: "NAME_UNKNOWN", 405: "UNSUPPORTED", 416: "RANGE_INVALID",
+            429: "TOOMANYREQUESTS"}.get(status, default)
+
+
+def oci_errors(app: Any) -> None:
+    """Render OCIError, HTTPError, AuthError and BadPath raised by ``app``'s handlers in OCI form."""
+    from sparkcache.auth import REALM, AuthError
+    from sparkcache.web.paths import BadPath
+
+    @app.handle_errors(OCIError)
+    def _oci(instance: Any, request: Any, failure: Any) -> bytes:
+        e = failure.value
+        return oci_error_body(request, e.status, e.code, e.message, e.detail, e.headers)
+
+    @app.handle_errors(HTTPError)
+    def _http(instance: Any, request: Any, failure: Any) -> bytes:
+        e = failure.value
+        return oci_error_body(request, e.status, code_for_status(e.status), e.message, None, e.headers)
+
+    @app.handle_errors(AuthError)
+    def _auth(instance: Any, request: Any, failure: Any) -> bytes:
+        e = failure.value
+        return oci_error_body(request, e.status, "UNAUTHORIZED" if e.status == 401 else "DENIED", e.message, None,
+                              {"WWW-Authenticate": REALM} if e.status == 401 else None)
+
+    @app.handle_errors(BadPath)
+    def _bad_path(instance: Any, request: Any, failure: Any) -> bytes:
+        return oci_error_body(request, failure.value.status, "NAME_INVALID", str(failure.value))
