@@ -1,0 +1,344 @@
+"""A real git smart-HTTP upstream for end-to-end tests.
+
+Bare repositories under a temporary root, served by ``git http-backend`` (as
+a CGI) behind a tiny threaded HTTP server on 127.0.0.1. Tests add commits
+with :meth:`GitUpstream.commit`, stop and restart the server on the same port,
+and count the requests it saw (by repository and service).
+
+    up = git_upstream_factory()          # fixture: started, stopped at teardown
+    up.create("app")                     # bare repo app.git with an initial commit on main
+    sha = up.commit({"a.txt": "hi"}, "second", name="app")
+    up.url("app")                        # http://127.0.0.1:<port>/app.git
+    up.count(name="app", service="git-upload-pack", method="POST")
+
+Commits are made with plumbing inside the bare repository (no work clone and
+no HTTP), so they never show up in the request counts.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable, Iterator
+from urllib.parse import parse_qs
+
+import pytest
+
+from tests.support.daemon import free_port
+from tests.support.tools import require_tool
+
+_IDENTITY = {
+    "GIT_AUTHOR_NAME": "Upstream Test", "GIT_AUTHOR_EMAIL": "upstream@example.invalid",
+    "GIT_COMMITTER_NAME": "Upstream Test", "GIT_COMMITTER_EMAIL": "upstream@example.invalid",
+}
+
+
+def git_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """A minimal, isolated environment for running ``git`` in tests."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/nonexistent", "LANG": "C",
+           "GIT_CONFIG_NOSYSTEM": "1", "GIT_TERMINAL_PROMPT": "0", **_IDENTITY}
+    env.update(extra or {})
+    return env
+
+
+def git(*args: str, cwd: str | os.PathLike[str] | None = None, input: bytes | None = None,
+        env: dict[str, str] | None = None, timeout: float = 60) -> str:
+    """Run git; return stripped stdout; fail with stderr on a non-zero exit."""
+    proc = subprocess.run(["git", *args], cwd=cwd, env=env or git_env(), input=input, capture_output=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"git {' '.join(args)} exited {proc.returncode}\n"
+                             f"{proc.stderr.decode(errors='replace')}")
+    return proc.stdout.decode().strip()
+
+
+def http_backend_path() -> str:
+    out = subprocess.run(["git", "--exec-path"], capture_output=True, text=True, check=True).stdout.strip()
+    return os.path.join(out, "git-http-backend")
+
+
+@dataclass(frozen=True)
+class SeenRequest:
+    method: str
+    path: str      # without the query string
+    query: str
+    repo: str      # "app" for /app.git/..., "" when not under a repository
+    service: str   # git-upload-pack / git-receive-pack / "" (dumb or other)
+    status: int
+    git_protocol: str
+    content_encoding: str
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: "_Server"
+    # HTTP/1.1 with chunked responses (libgit2 will not read a body delimited by
+    # the connection's close), but one request per connection, so that stop()
+    # really cuts every client off.
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self._cgi()
+
+    def do_POST(self) -> None:
+        self._cgi()
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            out = bytearray()
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return bytes(out)
+                out += self.rfile.read(size)
+                self.rfile.readline()
+        n = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(n) if n else b""
+
+    def _record(self, status: int, path: str, query: str) -> None:
+        up = self.server.owner
+        rel = path.lstrip("/")
+        repo = rel.split(".git/", 1)[0] if ".git/" in rel else ""
+        service = parse_qs(query).get("service", [""])[0]
+        if not service and rel.rsplit("/", 1)[-1] in ("git-upload-pack", "git-receive-pack"):
+            service = rel.rsplit("/", 1)[-1]
+        with up.lock:
+            up.requests.append(SeenRequest(self.command, path, query, repo, service, status,
+                                           self.headers.get("Git-Protocol", ""),
+                                           self.headers.get("Content-Encoding", "")))
+
+    def _cgi(self) -> None:
+        up = self.server.owner
+        path, _, query = self.path.partition("?")
+        body = self._read_body() if self.command == "POST" else b""
+        if up.auth is not None:
+            expected = "Basic " + base64.b64encode(f"{up.auth[0]}:{up.auth[1]}".encode()).decode()
+            if self.headers.get("Authorization") != expected:
+                self._record(401, path, query)
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Basic realm="git upstream"')
+                self.send_header("Content-Length", "0")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                return
+        env = git_env({
+            "GIT_PROJECT_ROOT": str(up.root), "GIT_HTTP_EXPORT_ALL": "1",
+            "REQUEST_METHOD": self.command, "PATH_INFO": path, "QUERY_STRING": query,
+            "REMOTE_ADDR": self.client_address[0], "SERVER_PROTOCOL": "HTTP/1.1",
+            "CONTENT_TYPE": self.headers.get("Content-Type", ""), "CONTENT_LENGTH": str(len(body)),
+        })
+        if self.headers.get("Git-Protocol"):
+            env["GIT_PROTOCOL"] = self.headers["Git-Protocol"]
+        if self.headers.get("Content-Encoding"):
+            # http-backend inflates gzip bodies itself.
+            env["HTTP_CONTENT_ENCODING"] = self.headers["Content-Encoding"]
+        if up.auth is not None:
+            env["REMOTE_USER"] = up.auth[0]
+        with tempfile.TemporaryFile() as stdin:
+            stdin.write(body)
+            stdin.seek(0)
+            proc = subprocess.Popen([http_backend_path()], stdin=stdin, stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL, env=env)
+            assert proc.stdout is not None
+            status, headers = 200, []
+            while True:
+                line = proc.stdout.readline()
+                if line in (b"\r\n", b"\n", b""):
+                    break
+                k, _, v = line.decode("latin-1").rstrip("\r\n").partition(":")
+                if k.lower() == "status":
+                    status = int(v.strip().split()[0])
+                else:
+                    headers.append((k, v.strip()))
+            self._record(status, path, query)
+            try:
+                self.send_response(status)
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.send_header("Transfer-Encoding", "chunked")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                while True:
+                    chunk = proc.stdout.read1(64 * 1024)  # type: ignore[attr-defined]
+                    if not chunk:
+                        break
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                self.wfile.write(b"0\r\n\r\n")
+            except OSError:
+                proc.kill()
+            finally:
+                proc.stdout.close()
+                proc.wait()
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, port: int, owner: "GitUpstream") -> None:
+        self.owner = owner
+        super().__init__(("127.0.0.1", port), _Handler)
+
+
+class GitUpstream:
+    """Bare repositories under ``root`` behind ``git http-backend`` on 127.0.0.1."""
+
+    def __init__(self, root: str | os.PathLike[str], auth: tuple[str, str] | None = None) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.auth = auth
+        self.port = 0
+        self.lock = threading.Lock()
+        self.requests: list[SeenRequest] = []
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- server --------------------------------------------------------------------
+
+    def start(self) -> "GitUpstream":
+        """Start serving; after a stop(), on the same port as before."""
+        if self._server is not None:
+            return self
+        for attempt in range(5):
+            port = self.port or free_port()
+            try:
+                self._server = _Server(port, self)
+                break
+            except OSError:
+                if self.port or attempt == 4:
+                    raise
+        assert self._server is not None
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name=f"git-upstream-{self.port}",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop listening (connections are then refused) until start() again."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def url(self, name: str = "repo") -> str:
+        return f"{self.base_url}/{name}.git"
+
+    # -- repositories ---------------------------------------------------------------
+
+    def path(self, name: str = "repo") -> Path:
+        return self.root / f"{name}.git"
+
+    def create(self, name: str = "repo", branch: str = "main", files: dict[str, bytes | str | None] | None = None) -> str:
+        """A bare repository with one commit on ``branch``; returns that commit's id."""
+        p = self.path(name)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        git("init", "-q", "--bare", "-b", branch, str(p))
+        return self.commit(files or {"README": f"{name}\n"}, "initial commit", branch=branch, name=name)
+
+    def commit(self, files: dict[str, bytes | str | None], message: str = "change", branch: str = "main",
+               name: str = "repo") -> str:
+        """Commit ``files`` (path → content; None deletes) on top of ``branch``; return the id."""
+        repo = self.path(name)
+        ref = f"refs/heads/{branch}"
+        parent = self.rev(ref, name)
+        with tempfile.TemporaryDirectory() as tmp:
+            env = git_env({"GIT_INDEX_FILE": os.path.join(tmp, "index")})
+            if parent:
+                git("read-tree", parent, cwd=repo, env=env)
+            for rel, content in files.items():
+                if content is None:
+                    git("update-index", "--force-remove", rel, cwd=repo, env=env)
+                    continue
+                data = content.encode() if isinstance(content, str) else content
+                blob = git("hash-object", "-w", "--stdin", cwd=repo, input=data, env=env)
+                git("update-index", "--add", "--cacheinfo", f"100644,{blob},{rel}", cwd=repo, env=env)
+            tree = git("write-tree", cwd=repo, env=env)
+            args = ["commit-tree", tree, "-m", message] + (["-p", parent] if parent else [])
+            sha = git(*args, cwd=repo, env=env)
+            git("update-ref", ref, sha, *([parent] if parent else []), cwd=repo)
+        return sha
+
+    def tag(self, tag: str, target: str, name: str = "repo") -> None:
+        git("tag", tag, target, cwd=self.path(name))
+
+    def rev(self, ref: str, name: str = "repo") -> str:
+        """The object id ``ref`` resolves to, or "" when it does not exist."""
+        proc = subprocess.run(["git", "rev-parse", "-q", "--verify", f"{ref}^{{commit}}"], cwd=self.path(name),
+                              env=git_env(), capture_output=True, text=True)
+        return proc.stdout.strip() if proc.returncode == 0 else ""
+
+    def refs(self, name: str = "repo") -> dict[str, str]:
+        out = git("for-each-ref", "--format=%(refname) %(objectname)", cwd=self.path(name))
+        return dict(line.split(" ", 1) for line in out.splitlines() if line)
+
+    # -- observations ---------------------------------------------------------------
+
+    def seen(self, name: str | None = None, service: str | None = None, method: str | None = None) -> list[SeenRequest]:
+        with self.lock:
+            reqs = list(self.requests)
+        return [r for r in reqs if (name is None or r.repo == name) and (service is None or r.service == service)
+                and (method is None or r.method == method)]
+
+    def count(self, name: str | None = None, service: str | None = None, method: str | None = None) -> int:
+        return len(self.seen(name, service, method))
+
+    def fetches(self, name: str = "repo") -> int:
+        """Ref discoveries for upload-pack: one per clone/fetch by any client."""
+        return self.count(name, "git-upload-pack", "GET")
+
+    def reset_counts(self) -> None:
+        with self.lock:
+            self.requests.clear()
+
+    def describe(self) -> str:
+        lines = [f"git upstream on port {self.port} ({'running' if self.running else 'stopped'}), root {self.root}"]
+        for r in self.seen():
+            lines.append(f"  {r.method} {r.path}{'?' + r.query if r.query else ''} -> {r.status}"
+                         f" proto={r.git_protocol or '-'} enc={r.content_encoding or '-'}")
+        return "\n".join(lines)
+
+
+@pytest.fixture
+def git_upstream_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., GitUpstream]]:
+    """``make(auth=None) -> GitUpstream`` (started); stopped at teardown. Import it into a test module:
+    ``from tests.support.git_upstream import git_upstream_factory  # noqa: F401``."""
+    require_tool("git")
+    made: list[GitUpstream] = []
+    try:
+        # Failure reports and the e2e watchdog cover these upstreams too.
+        from tests.conftest import _UPSTREAMS
+        stash: list[Any] = request.node.stash.setdefault(_UPSTREAMS, [])
+    except ImportError:  # pragma: no cover
+        stash = []
+
+    def make(auth: tuple[str, str] | None = None) -> GitUpstream:
+        up = GitUpstream(tmp_path / f"git-upstream{len(made)}", auth=auth).start()
+        made.append(up)
+        stash.append(up)
+        return up
+
+    yield make
+    for up in made:
+        up.stop()
