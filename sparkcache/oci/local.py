@@ -34,6 +34,7 @@ from twisted.internet.threads import deferToThreadPool
 from sparkcache.config import RemoteConfig
 from sparkcache.context import Context
 from sparkcache.oci.errors import OCIError
+from sparkcache.oci.setup import authorize
 from sparkcache.store import Entry, SpoolFile
 from sparkcache.web.respond import serve_hit
 from sparkcache.web.serve import header
@@ -85,8 +86,10 @@ class LocalRegistry:
         options = remote.options
         if options is not None and hasattr(options, "allows") and not options.allows(repo):
             raise OCIError("DENIED", f"repository {repo!r} is not allowed in {remote.name!r}", 403)
-        self.ctx.auth.require(request, "read" if method in (b"GET", b"HEAD") else "write")
         base = _base(request, tail)
+        reading = method in (b"GET", b"HEAD")
+        authorize(self.ctx, request, "read" if reading else "write",
+                  f"repository:{_client_prefix(base, repo)}{repo}:{'pull' if reading else 'pull,push'}")
         if len(tail) == 2 and tail[0] == "manifests":
             ref = tail[1]
             if method in (b"GET", b"HEAD"):
@@ -378,7 +381,7 @@ class LocalRegistry:
 
     async def catalog(self, request: Any, remote: RemoteConfig) -> bytes:
         """``{"repositories": [...]}``: repositories of ``remote`` holding at least one manifest."""
-        self.ctx.auth.require(request, "read")
+        authorize(self.ctx, request, "read", "registry:catalog:*")
         args = _query(request)
         n = _page_size(args.get("n"))
         last = args.get("last") or ""
@@ -534,7 +537,10 @@ def _base(request: Any, tail: list[str]) -> str:
     """``/v2/<name as the client wrote it>`` for Location headers, from the raw path."""
     path = request.path.decode("latin-1")
     parts = path.split("/")
-    return "/".join(parts[: len(parts) - len(tail)])
+    n = len(tail)
+    if tail and tail[-1] == "" and not path.endswith("/"):
+        n -= 1  # ``.../blobs/uploads`` without its trailing slash
+    return "/".join(parts[: len(parts) - n])
 
 
 def _client_prefix(base: str, repo: str) -> str:

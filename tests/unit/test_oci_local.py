@@ -21,7 +21,7 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
 from sparkcache.auth import Authorizer
-from sparkcache.config import AuthConfig, RemoteConfig, TokenConfig
+from sparkcache.config import RemoteConfig, load_config_data
 from sparkcache.context import Context
 from sparkcache.metrics import Metrics
 from sparkcache.oci.errors import oci_errors
@@ -80,10 +80,14 @@ def env(tmp_path):
     clock.advance(1_000_000)
     store = Store(str(tmp_path / "data"), reactor, max_size=1 << 30)
     pytest_twisted.blockon(Deferred.fromCoroutine(store.start()))
-    auth = Authorizer(AuthConfig(True, (TokenConfig("w", WRITE, frozenset({"read", "write"})),
-                                        TokenConfig("r", READ, frozenset({"read"})))))
-    ctx = Context(None, store, None, None, Metrics(), auth, clock)  # type: ignore[arg-type]
-    remote = RemoteConfig("loc", "oci-local", None)
+    config = load_config_data({
+        "storage": {"data_dir": str(tmp_path / "data")},
+        "auth": {"anonymous_read": True, "tokens": [{"name": "w", "token": WRITE, "scopes": ["write"]},
+                                                    {"name": "r", "token": READ, "scopes": ["read"]}]},
+        "remotes": {"loc": {"type": "oci-local"}},
+    })
+    ctx = Context(config, store, None, None, Metrics(), Authorizer(config.auth), clock)  # type: ignore[arg-type]
+    remote = config.remotes["loc"]
     local = LocalRegistry(ctx)
     port = reactor.listenTCP(0, Site(Router(local, remote).app.resource()), interface="127.0.0.1")
     pool = HTTPConnectionPool(reactor, persistent=False)
@@ -204,7 +208,9 @@ async def test_digest_mismatch_keeps_nothing(env):
 async def test_writes_need_the_write_scope(env):
     c, _, _, _ = env
     r, body = await c.req("POST", "/v2/loc/app/blobs/uploads/", token=None)
-    assert r.code == 401 and err(body) == "UNAUTHORIZED" and h(r, "WWW-Authenticate")
+    assert r.code == 401 and err(body) == "UNAUTHORIZED"
+    assert h(r, "WWW-Authenticate") == ('Bearer realm="%s/setup/token",service="sparkcache",'
+                                        'scope="repository:loc/app:pull,push"' % c.base)
     r, body = await c.req("POST", "/v2/loc/app/blobs/uploads/", token=READ)
     assert r.code == 403 and err(body) == "DENIED"
     r, body = await c.req("PUT", "/v2/loc/app/manifests/v1", b"{}", token="wrong")
