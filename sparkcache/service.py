@@ -126,9 +126,9 @@ class SparkcacheService(MultiService):
         # Services a protocol adds (fetch loops, process pools); started with
         # the timers, once the store is open, and stopped before it.
         self.extra_services: list[Any] = []
-        from sparkcache.protocols import codesync, git, oci
+        from sparkcache.protocols import codesync, git, oci, setup
 
-        for install in (git.install, codesync.install, oci.install):
+        for install in (git.install, codesync.install, oci.install, setup.install):
             install(self)
         self.site = SparkSite(self.root, access_log=config.server.access_log)
         self.site.displayTracebacks = False
