@@ -1,0 +1,143 @@
+"""Keeping mirrors fresh and healthy: the fetch loop and scheduled maintenance.
+
+Every ``fetch_interval`` each mirror that exists on disk is refreshed, with at
+most ``fetch_concurrency`` at a time and each start delayed by a random
+``jitter`` so a thousand mirrors do not hit the forge in the same second. A
+refresh costs one ref advertisement round trip when nothing changed (the
+mirror compares it with the refs it knows and fetches only on a difference).
+A failing repository is logged and recorded for ``GET /repos``; the loop goes on.
+
+Every ``maintenance_interval`` mirrors that received objects are repacked
+(bitmaps, multi-pack index, commit-graph) and stale ``*.lock`` files removed;
+every ``fsck_interval`` they are checked with ``git fsck`` and re-cloned when corrupt.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING, Any, Callable
+
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, ensureDeferred
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+if TYPE_CHECKING:
+    from sparkcache.git.interfaces import Mirror
+    from sparkcache.git.mirrors import Mirrors
+
+log = Logger()
+STOP_TIMEOUT = 10.0
+
+
+class _Timer(TimerService):
+    """A TimerService on an injectable clock whose body never stops it, and whose
+    ticks never overlap (a tick still running makes the next one a no-op)."""
+
+    def __init__(self, name: str, interval: float, fn: Callable[[], Any], clock: Any) -> None:
+        super().__init__(interval, self._tick)
+        self.setName(name)
+        self.clock = clock
+        self.fn = fn
+        self.running_tick: Deferred[Any] | None = None
+
+    def _tick(self) -> None:
+        if self.running_tick is not None:
+            return
+        d: Deferred[Any] = ensureDeferred(self.fn())
+        self.running_tick = d
+
+        def done(_: object) -> None:
+            self.running_tick = None
+
+        d.addErrback(lambda f: log.failure("git {name} failed; will retry", f, name=self.name))
+        d.addBoth(done)
+
+
+class FetchLoop:
+    def __init__(self, mirrors: "Mirrors", clock: Any, rng: random.Random | None = None) -> None:
+        self.mirrors = mirrors
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.sem = DeferredSemaphore(mirrors.config.fetch_concurrency)
+        self.rounds = 0
+        self.failures = 0
+
+    async def tick(self) -> None:
+        """One round over every registered mirror that exists on disk."""
+        present = [m for m in self.mirrors.mirrors() if self.mirrors.exists(m)]
+        jitter = self.mirrors.config.jitter
+        ds = [ensureDeferred(self._one(m, self.rng.uniform(0, jitter) if jitter > 0 else 0.0)) for m in present]
+        await DeferredList(ds, consumeErrors=True)
+        self.rounds += 1
+
+    async def _one(self, mirror: "Mirror", delay: float) -> None:
+        if delay > 0:
+            await deferLater(self.clock, delay, lambda: None)
+        try:
+            await self.sem.run(self.mirrors.refresh, mirror, False)
+        except Exception as e:  # recorded in the mirror's state; the loop goes on
+            self.failures += 1
+            log.debug("git fetch loop: {name}: {why}", name=mirror.name, why=str(e))
+
+
+class Maintenance:
+    def __init__(self, mirrors: "Mirrors", clock: Any) -> None:
+        self.mirrors = mirrors
+        self.clock = clock
+        self.last_fsck: float | None = None
+
+    async def tick(self) -> None:
+        now = self.clock.seconds()
+        fsck = self.last_fsck is None or now - self.last_fsck >= self.mirrors.config.fsck_interval
+        if self.last_fsck is None:
+            # No fsck right at start-up: the first one is due one fsck_interval later.
+            self.last_fsck = now
+            fsck = False
+        await self.mirrors.run(self.mirrors.empty_trash)
+        for m in self.mirrors.mirrors():
+            if not self.mirrors.exists(m):
+                continue
+            try:
+                await self.mirrors.maintain(m, fsck=fsck)
+            except Exception as e:
+                log.warn("git maintenance: {name}: {why}", name=m.name, why=str(e)[:500])
+        if fsck:
+            self.last_fsck = now
+
+
+class GitService(MultiService):
+    """Starts the git pool, the fetch loop and maintenance; stops them, waiting
+    (bounded) for running fetches."""
+
+    def __init__(self, mirrors: "Mirrors") -> None:
+        super().__init__()
+        self.setName("git")
+        self.mirrors = mirrors
+        cfg = mirrors.config
+        self.loop = FetchLoop(mirrors, mirrors.clock)
+        self.maintenance = Maintenance(mirrors, mirrors.clock)
+        self.fetch_timer = _Timer("fetch-loop", cfg.fetch_interval, self.loop.tick, mirrors.clock)
+        self.fetch_timer.setServiceParent(self)
+        self.maintenance_timer = _Timer("maintenance", cfg.maintenance_interval, self.maintenance.tick, mirrors.clock)
+        self.maintenance_timer.setServiceParent(self)
+
+    def startService(self) -> None:
+        self.mirrors.start()
+        super().startService()
+
+    def stopService(self) -> Deferred[None]:
+        return ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        await super().stopService()  # type: ignore[misc]
+        pending = self.mirrors.in_flight()
+        if pending:
+            d: Deferred[Any] = DeferredList(pending, consumeErrors=True)
+            d.addTimeout(STOP_TIMEOUT, self.mirrors.reactor)
+            try:
+                await d
+            except Exception:
+                log.warn("git: stopping with fetches still running")
+        self.mirrors.stop()

@@ -1,0 +1,592 @@
+"""Bare mirrors managed with pygit2 in their own thread pool.
+
+Every operation that changes a mirror (clone, fetch, seed, repack, fsck) runs
+in the pool under that mirror's DeferredLock, so at most one runs per mirror;
+a refresh asked for while one is running joins it (each caller gets its own
+Deferred, so a cancelled request never cancels the fetch).
+
+A mirror is cloned into ``<data_dir>/git/tmp`` and renamed into place once
+complete: a path under ``mirrors/`` is always a whole repository. A mirror
+that pygit2 cannot open or that fails ``git fsck`` is re-cloned the same way,
+and the old one moved to ``trash/`` (removed at the next maintenance run, so
+an upload-pack still reading it is not cut off).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, TypeVar
+
+import pygit2
+from pygit2.enums import FetchPrune, ReferenceType
+from twisted.internet.defer import Deferred, DeferredLock, fail, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from sparkcache.git.config import GitConfig
+from sparkcache.git.credentials import Callbacks, describe
+from sparkcache.git.interfaces import IMirrors, Mirror, MirrorUnavailable
+from sparkcache.git.registry import Registration, RegistrationError, Registry
+
+T = TypeVar("T")
+log = Logger()
+
+MIRROR_REFSPEC = "+refs/*:refs/*"
+# What makes serving cheap and safe; see PROTOCOLS.md (git smart HTTP).
+SERVING_CONFIG = {
+    "remote.origin.mirror": "true",
+    "repack.writeBitmaps": "true",
+    "gc.auto": "0",
+    "core.commitGraph": "true",
+    "uploadpack.allowFilter": "true",
+    "uploadpack.allowReachableSHA1InWant": "true",
+    "uploadpack.allowAnySHA1InWant": "false",
+    "core.logAllRefUpdates": "false",
+}
+GIT_TIMEOUT = 3600.0
+# libgit2 would otherwise wait forever on a silent upstream, holding a pool thread.
+CONNECT_TIMEOUT_MS = 15_000
+IO_TIMEOUT_MS = 120_000
+
+
+class FetchError(MirrorUnavailable):
+    """Fetching from (or cloning) the upstream failed."""
+
+
+def git_env() -> dict[str, str]:
+    """The whole environment of a git child: no inherited secrets, no prompts."""
+    return {
+        "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+        "HOME": os.environ.get("HOME", "/"),
+        "LC_ALL": "C",
+        "GIT_TERMINAL_PROMPT": "0",
+        "GIT_CONFIG_NOSYSTEM": "1",
+    }
+
+
+def run_git(args: list[str], cwd: str | None = None, timeout: float = GIT_TIMEOUT) -> subprocess.CompletedProcess[bytes]:
+    """Run git from a pool thread (never on the reactor); raise on a non-zero exit."""
+    proc = subprocess.run(["git", *args], cwd=cwd, env=git_env(), capture_output=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        err = proc.stderr.decode("utf-8", "replace").strip()[-2000:]
+        raise RuntimeError(f"git {args[0]} exited {proc.returncode}: {err}")
+    return proc
+
+
+def read_refs(repo: pygit2.Repository) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for ref in repo.references.iterator():
+        if ref.type == ReferenceType.DIRECT and ref.name.startswith("refs/"):
+            out[ref.name] = str(ref.target)
+    return out
+
+
+def dir_size(path: str) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def is_repo(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "HEAD")) and os.path.isdir(os.path.join(path, "objects"))
+
+
+@dataclass
+class MirrorState:
+    last_fetch: float | None = None
+    last_error: str | None = None
+    last_change: float | None = None
+    refs: dict[str, str] | None = None
+    size: int | None = None
+    dirty: bool = False          # new objects since the last repack
+    last_repack: float | None = None
+    last_fsck: float | None = None
+    serving: int = 0
+    fetching: bool = False
+
+
+@dataclass
+class FetchResult:
+    refs: dict[str, str] = field(default_factory=dict)
+    changed: bool = False
+    cloned: bool = False
+    missing: bool = False
+    size: int | None = None
+
+
+class _Flight:
+    """One running operation and the callers waiting for it."""
+
+    def __init__(self) -> None:
+        self.waiters: list[Deferred[Any]] = []
+
+    def join(self) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.waiters.append(d)
+        return d
+
+    def fire(self, result: Any) -> None:
+        for d in self.waiters:
+            if d.called:
+                continue  # cancelled by its caller
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+
+
+@implementer(IMirrors)
+class Mirrors:
+    def __init__(self, config: GitConfig, data_dir: str, reactor: Any, clock: Any = None, metrics: Any = None) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.clock = clock or reactor
+        self.metrics = metrics
+        self.git_dir = os.path.abspath(os.path.join(data_dir, "git"))
+        self.tmp_dir = os.path.join(self.git_dir, "tmp")
+        self.trash_dir = os.path.join(self.git_dir, "trash")
+        self.registry = Registry(config, self.git_dir)
+        for problem in self.registry.load():
+            log.warn("git registry: {problem}", problem=problem)
+        self.pool = ThreadPool(minthreads=0, maxthreads=max(config.threads, config.fetch_concurrency) + 1, name="sparkcache-git")
+        self._locks: dict[str, DeferredLock] = {}
+        self._flights: dict[str, _Flight] = {}
+        self._state: dict[str, MirrorState] = {}
+        self._saving = False
+        pygit2.settings.server_connect_timeout = CONNECT_TIMEOUT_MS
+        pygit2.settings.server_timeout = IO_TIMEOUT_MS
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        if not self.pool.started:
+            self.pool.start()
+
+    def stop(self) -> None:
+        if self.pool.started:
+            self.pool.stop()
+
+    def service(self) -> Any:
+        """The IService to add to the service tree: starts the pool, the fetch loop
+        and maintenance, and stops them."""
+        from sparkcache.git.loop import GitService
+
+        return GitService(self)
+
+    def run(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        self.start()
+        return deferToThreadPool(self.reactor, self.pool, fn, *args)
+
+    def in_flight(self) -> list[Deferred[Any]]:
+        """One Deferred per running operation (for a graceful stop)."""
+        return [f.join() for f in self._flights.values()]
+
+    # -- registry ---------------------------------------------------------------
+
+    def lookup(self, name_or_url: str) -> Mirror:
+        reg, created = self.registry.resolve(name_or_url)
+        if created:
+            log.info("git: registered {name} ({url}) on first use", name=reg.name, url=reg.url)
+            self._save_registry()
+        return self.registry.mirror(reg)
+
+    def register(self, name: str | None, url: str) -> Mirror:
+        """A runtime registration (``POST /git/register``); raises RegistrationError."""
+        reg, created = self.registry.register(name, url)
+        if created:
+            log.info("git: registered {name} ({url})", name=reg.name, url=reg.url)
+            self._save_registry()
+        return self.registry.mirror(reg)
+
+    def mirrors(self) -> list[Mirror]:
+        return [self.registry.mirror(r) for r in self.registry.all()]
+
+    def _save_registry(self) -> None:
+        snap = self.registry.snapshot()
+        d = self.run(self.registry.save, snap)
+        d.addErrback(lambda f: log.failure("git: could not save the registry", f))
+
+    def exists(self, mirror: Mirror) -> bool:
+        return is_repo(mirror.path)
+
+    # -- state for GET /repos -----------------------------------------------------
+
+    def state(self, mirror: Mirror) -> MirrorState:
+        st = self._state.get(mirror.path)
+        if st is None:
+            st = self._state[mirror.path] = MirrorState()
+        return st
+
+    def status(self) -> list[dict[str, Any]]:
+        out = []
+        for reg in self.registry.all():
+            m = self.registry.mirror(reg)
+            st = self.state(m)
+            out.append({
+                "name": reg.name,
+                "url": reg.url,
+                "source": reg.source,
+                "cloned": self.exists(m),
+                "last_fetch": st.last_fetch,
+                "last_change": st.last_change,
+                "last_error": st.last_error,
+                "size": st.size,
+                "refs": len(st.refs) if st.refs is not None else None,
+                "fetching": st.fetching,
+                "credentials": describe(self.config.credentials_for(reg.name, reg.url)),
+            })
+        return out
+
+    # -- serving guard (no pruning repack while upload-pack reads a mirror) -------
+
+    def acquire(self, mirror: Mirror) -> None:
+        self.state(mirror).serving += 1
+
+    def release(self, mirror: Mirror) -> None:
+        st = self.state(mirror)
+        st.serving = max(0, st.serving - 1)
+
+    @contextmanager
+    def serving(self, mirror: Mirror) -> Iterator[Mirror]:
+        self.acquire(mirror)
+        try:
+            yield mirror
+        finally:
+            self.release(mirror)
+
+    # -- operations -----------------------------------------------------------------
+
+    def _lock(self, mirror: Mirror) -> DeferredLock:
+        lock = self._locks.get(mirror.path)
+        if lock is None:
+            lock = self._locks[mirror.path] = DeferredLock()
+        return lock
+
+    def _exclusive(self, mirror: Mirror, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        """Run ``fn(*args)`` in the pool, after any other operation on this mirror."""
+        return self._lock(mirror).run(self.run, fn, *args)
+
+    def ensure(self, mirror: Mirror) -> Deferred[Mirror]:
+        if self.exists(mirror):
+            return succeed(mirror)
+        d = self.refresh(mirror)
+
+        def check(_: object) -> Mirror:
+            if not self.exists(mirror):
+                raise MirrorUnavailable(f"{mirror.name}: the mirror is not available")
+            return mirror
+
+        return d.addCallback(check)
+
+    def refresh(self, mirror: Mirror, clone: bool = True) -> Deferred[dict[str, str]]:
+        """Fetch now (cloning when the mirror is missing, unless ``clone`` is False),
+        joining a fetch already running for this mirror."""
+        flight = self._flights.get(mirror.path)
+        if flight is None:
+            flight = self._flights[mirror.path] = _Flight()
+            st = self.state(mirror)
+            st.fetching = True
+            known = dict(st.refs) if st.refs is not None else None
+            creds = self.config.credentials_for(mirror.name, mirror.url)
+            d = self._exclusive(mirror, self._fetch_sync, mirror, creds, known, clone)
+
+            def done(result: Any) -> Any:
+                self._flights.pop(mirror.path, None)
+                st.fetching = False
+                st.last_fetch = self.clock.seconds()
+                if isinstance(result, Failure):
+                    st.last_error = result.getErrorMessage()
+                    log.warn("git: fetching {name} failed: {why}", name=mirror.name, why=st.last_error)
+                    if not result.check(MirrorUnavailable):
+                        result = Failure(FetchError(f"{mirror.name}: {st.last_error}"))
+                    flight.fire(result)
+                    return None
+                st.last_error = None
+                if not result.missing:
+                    st.refs = result.refs
+                    if result.size is not None:
+                        st.size = result.size
+                    if result.changed:
+                        st.last_change = st.last_fetch
+                        st.dirty = True
+                if result.cloned:
+                    self._after_clone(mirror)
+                flight.fire(dict(result.refs))
+                return None
+
+            d.addBoth(done)
+        return flight.join()
+
+    def _after_clone(self, mirror: Mirror) -> None:
+        # Bitmaps and the commit-graph make the first clones from the cache cheap;
+        # the mirror is already served while they are written.
+        d = self.maintain(mirror)
+        d.addErrback(lambda f: log.failure("git: optimizing {name} failed", f, name=mirror.name))
+
+    def missing(self, mirror: Mirror, oids: list[str]) -> Deferred[list[str]]:
+        """The object ids among ``oids`` that the mirror lacks (for the push-then-clone race)."""
+        return self.run(_missing_sync, mirror.path, list(oids))
+
+    def seed(self, url: str, bundle_path: str, name: str | None = None) -> Deferred[Mirror]:
+        try:
+            reg = self.registry.by_url(url)
+            if reg is None:
+                reg, created = self.registry.register(name, url)
+                if created:
+                    self._save_registry()
+        except RegistrationError as e:
+            return fail(e)
+        mirror = self.registry.mirror(reg)
+        d = self._exclusive(mirror, self._seed_sync, mirror, bundle_path)
+
+        def done(result: FetchResult) -> Mirror:
+            st = self.state(mirror)
+            st.refs, st.size, st.dirty = result.refs, result.size, True
+            st.last_change = self.clock.seconds()
+            return mirror
+
+        return d.addCallback(done)
+
+    def maintain(self, mirror: Mirror, fsck: bool = False) -> Deferred[dict[str, Any]]:
+        """Repack (bitmaps, commit-graph) when new objects arrived, remove stale
+        locks, and with ``fsck`` check the mirror, re-cloning it when corrupt."""
+        st = self.state(mirror)
+        # Pruning drops unreachable objects, which an upload-pack in flight may still send.
+        prune = st.serving == 0
+        repack = st.dirty or st.last_repack is None
+        creds = self.config.credentials_for(mirror.name, mirror.url)
+        d = self._exclusive(mirror, self._maintain_sync, mirror, creds, repack, prune, fsck)
+
+        def done(report: dict[str, Any]) -> dict[str, Any]:
+            now = self.clock.seconds()
+            if report.get("repacked"):
+                st.dirty, st.last_repack = False, now
+            if fsck:
+                st.last_fsck = now
+            if report.get("size") is not None:
+                st.size = report["size"]
+            if report.get("recloned"):
+                st.refs = report.get("refs")
+                st.last_error = None
+            return report
+
+        return d.addCallback(done)
+
+    # -- in the pool ----------------------------------------------------------------------
+
+    def _fetch_sync(self, mirror: Mirror, creds: Any, known: dict[str, str] | None, clone: bool) -> FetchResult:
+        path = mirror.path
+        if not is_repo(path):
+            if not clone:
+                return FetchResult(missing=True)
+            self._clone_sync(mirror, creds)
+            return self._result(path, changed=True, cloned=True)
+        try:
+            repo = pygit2.Repository(path)
+        except pygit2.GitError as e:
+            log.warn("git: {name} cannot be opened ({why}); re-cloning", name=mirror.name, why=str(e))
+            self._clone_sync(mirror, creds)
+            return self._result(path, changed=True, cloned=True)
+        try:
+            remote = _origin(repo, mirror.url)
+            cb = Callbacks(creds)
+            heads = remote.list_heads(callbacks=cb)
+            advertised = {h.name: str(h.oid) for h in heads
+                          if h.name and h.name.startswith("refs/") and not h.name.endswith("^{}")}
+            head_target = next((h.symref_target for h in heads if h.name == "HEAD"), None)
+            local = known if known is not None else read_refs(repo)
+            if advertised == local:
+                _set_head(repo, head_target)
+                return FetchResult(refs=local)
+            remote.fetch(callbacks=Callbacks(creds), prune=FetchPrune.PRUNE)
+            _set_head(repo, head_target)
+            refs = read_refs(repo)
+        except pygit2.GitError as e:
+            raise FetchError(f"{mirror.name}: {e}") from None
+        finally:
+            repo.free()
+        return FetchResult(refs=refs, changed=True, size=dir_size(path))
+
+    def _result(self, path: str, changed: bool = False, cloned: bool = False) -> FetchResult:
+        repo = pygit2.Repository(path)
+        try:
+            refs = read_refs(repo)
+        finally:
+            repo.free()
+        return FetchResult(refs=refs, changed=changed, cloned=cloned, size=dir_size(path))
+
+    def _tmp(self, mirror: Mirror) -> str:
+        os.makedirs(self.tmp_dir, exist_ok=True)
+        return tempfile.mkdtemp(prefix=os.path.basename(mirror.path) + ".", dir=self.tmp_dir)
+
+    def _install(self, mirror: Mirror, built: str) -> None:
+        """Move a complete repository into place; the one it replaces goes to trash/."""
+        os.makedirs(os.path.dirname(mirror.path), exist_ok=True)
+        if os.path.lexists(mirror.path):
+            os.makedirs(self.trash_dir, exist_ok=True)
+            aside = os.path.join(self.trash_dir, f"{os.path.basename(mirror.path)}.{time.time_ns()}")
+            os.rename(mirror.path, aside)
+        os.rename(built, mirror.path)
+
+    def _clone_sync(self, mirror: Mirror, creds: Any) -> None:
+        tmp = self._tmp(mirror)
+        target = os.path.join(tmp, "repo.git")
+        try:
+            def make_remote(repo: pygit2.Repository, name: str, url: str) -> Any:
+                return repo.remotes.create(name, url, MIRROR_REFSPEC)
+
+            try:
+                repo = pygit2.clone_repository(mirror.url, target, bare=True, remote=make_remote, callbacks=Callbacks(creds))
+            except (pygit2.GitError, ValueError, KeyError) as e:
+                raise FetchError(f"cannot clone {mirror.url}: {e}") from None
+            try:
+                _configure(repo, mirror.url)
+            finally:
+                repo.free()
+            self._install(mirror, target)
+            log.info("git: cloned {name} from {url}", name=mirror.name, url=mirror.url)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _seed_sync(self, mirror: Mirror, bundle_path: str) -> FetchResult:
+        bundle = os.path.abspath(bundle_path)
+        try:
+            heads = run_git(["bundle", "list-heads", bundle]).stdout.decode("utf-8", "replace")
+        except RuntimeError as e:
+            raise ValueError(f"not a usable git bundle: {e}") from None
+        if is_repo(mirror.path):
+            run_git(["fetch", "--quiet", "--no-write-fetch-head", bundle, MIRROR_REFSPEC], cwd=mirror.path)
+            return self._result(mirror.path, changed=True)
+        tmp = self._tmp(mirror)
+        target = os.path.join(tmp, "repo.git")
+        try:
+            repo = pygit2.init_repository(target, bare=True)
+            try:
+                repo.remotes.create("origin", mirror.url, MIRROR_REFSPEC)
+                _configure(repo, mirror.url)
+            finally:
+                repo.free()
+            run_git(["fetch", "--quiet", "--no-write-fetch-head", bundle, MIRROR_REFSPEC], cwd=target)
+            repo = pygit2.Repository(target)
+            try:
+                names = [line.split(" ", 1)[1] for line in heads.splitlines() if " " in line]
+                for candidate in ("refs/heads/main", "refs/heads/master", *sorted(n for n in names if n.startswith("refs/heads/"))):
+                    if candidate in names:
+                        _set_head(repo, candidate)
+                        break
+            finally:
+                repo.free()
+            self._install(mirror, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("git: seeded {name} from a bundle", name=mirror.name)
+        return self._result(mirror.path, changed=True)
+
+    def _maintain_sync(self, mirror: Mirror, creds: Any, repack: bool, prune: bool, fsck: bool) -> dict[str, Any]:
+        path = mirror.path
+        report: dict[str, Any] = {}
+        if not is_repo(path):
+            return report
+        report["locks_removed"] = remove_stale_locks(path, self.config.stale_lock_age)
+        if fsck:
+            try:
+                run_git(["fsck", "--no-dangling", "--no-progress"], cwd=path)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                log.warn("git: {name} failed fsck ({why}); re-cloning", name=mirror.name, why=str(e)[:500])
+                self._clone_sync(mirror, creds)
+                report["recloned"] = True
+                report["refs"] = self._result(path).refs
+                repack = True
+        if repack:
+            args = ["repack", "-a", "-d", "-b", "-q", "--write-midx"]
+            if not prune:
+                args.append("--keep-unreachable")
+            run_git(args, cwd=path)
+            run_git(["commit-graph", "write", "--reachable", "--no-progress"], cwd=path)
+            report["repacked"] = True
+        report["size"] = dir_size(path)
+        return report
+
+    def empty_trash(self) -> None:
+        """Remove replaced mirrors and abandoned clones (blocking: call in the pool)."""
+        for d in (self.trash_dir, self.tmp_dir):
+            if os.path.isdir(d):
+                for entry in os.listdir(d):
+                    shutil.rmtree(os.path.join(d, entry), ignore_errors=True)
+
+
+def _origin(repo: pygit2.Repository, url: str) -> Any:
+    try:
+        remote = repo.remotes["origin"]
+    except KeyError:
+        return repo.remotes.create("origin", url, MIRROR_REFSPEC)
+    if remote.url != url:
+        repo.remotes.set_url("origin", url)
+        remote = repo.remotes["origin"]
+    return remote
+
+
+def _configure(repo: pygit2.Repository, url: str) -> None:
+    cfg = repo.config
+    for k, v in SERVING_CONFIG.items():
+        cfg[k] = v
+    _origin(repo, url)
+
+
+def _set_head(repo: pygit2.Repository, target: str | None) -> None:
+    if not target or not target.startswith("refs/heads/"):
+        return
+    try:
+        head = repo.references["HEAD"]
+        if head.type == ReferenceType.SYMBOLIC and head.target == target:
+            return
+    except KeyError:
+        pass
+    repo.references.create("HEAD", target, force=True)
+
+
+def _missing_sync(path: str, oids: list[str]) -> list[str]:
+    repo = pygit2.Repository(path)
+    try:
+        out = []
+        for oid in oids:
+            try:
+                if oid not in repo:
+                    out.append(oid)
+            except (ValueError, TypeError):
+                out.append(oid)
+        return out
+    finally:
+        repo.free()
+
+
+def remove_stale_locks(path: str, max_age: float) -> int:
+    """Remove ``*.lock`` files older than ``max_age`` seconds left by a crashed git."""
+    now = time.time()
+    removed = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            if f.endswith(".lock"):
+                p = os.path.join(root, f)
+                try:
+                    if now - os.lstat(p).st_mtime > max_age:
+                        os.unlink(p)
+                        removed += 1
+                except OSError:
+                    pass
+    return removed
