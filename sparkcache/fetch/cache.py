@@ -67,6 +67,8 @@ class Failed:
     status: int
     message: str
     stale_ok: bool = False  # upstream unreachable / timeout / 5xx / 429
+    # Upstream response headers a protocol may need (WWW-Authenticate on a 401).
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 Result = Union[Hit, Live, Failed]
@@ -121,6 +123,10 @@ class Cache:
     @property
     def inflight(self) -> int:
         return len(self._fetches)
+
+    def fetching(self, key: str) -> bool:
+        """Whether an upstream fetch for ``key`` is running now."""
+        return key in self._fetches
 
     async def get(self, req: CacheRequest) -> Result:
         fetch = self._fetches.get(req.key)
@@ -226,7 +232,9 @@ class Cache:
             self._settle(req.key, fetch, Failed(429 if code == 429 else 502, f"upstream answered {code}", stale_ok=True))
         else:
             await discard_body(response)
-            self._settle(req.key, fetch, Failed(code if 400 <= code < 500 else 502, f"upstream answered {code}"))
+            challenge = _header(response, "www-authenticate")
+            self._settle(req.key, fetch, Failed(code if 400 <= code < 500 else 502, f"upstream answered {code}",
+                                                headers={"www-authenticate": challenge} if challenge else {}))
 
     async def _stream(self, req: CacheRequest, stale: Entry | None, fetch: _Fetch, response: IResponse, now: float) -> None:
         kept = {}

@@ -113,15 +113,23 @@ class UpstreamClient:
         DNS failure, no headers within ``remote.read_timeout``).
         """
         home = origin(remote.upstream or url)
+        first = origin(url)
         auth = auth_header(remote.credentials)
+        # An Authorization the caller supplies (a registry's bearer token)
+        # replaces the configured credentials, for the first origin only.
+        given = {k.lower(): v for k, v in (headers or {}).items()}.get(b"authorization")
         agent = self.agent(remote.connect_timeout)
         for _hop in range(self.max_redirects + 1):
             h = Headers({b"User-Agent": [USER_AGENT]})
             for k, v in (headers or {}).items():
-                h.setRawHeaders(k, [v])
+                if k.lower() != b"authorization":
+                    h.setRawHeaders(k, [v])
             # Credentials belong to the configured upstream only: a redirect
             # to object storage or another host must not carry them.
-            if auth is not None and origin(url) == home:
+            if given is not None:
+                if origin(url) == first:
+                    h.setRawHeaders(b"Authorization", [given])
+            elif auth is not None and origin(url) == home:
                 h.setRawHeaders(b"Authorization", [auth])
             d = agent.request(method, url.encode("ascii"), h)
             timed_out: list[bool] = []

@@ -1,0 +1,308 @@
+"""The pull side of a ``type: oci`` remote: manifests, blobs, tags, catalog.
+
+Cache keys and freshness (the store keeps upstream's exact bytes):
+
+- ``oci:<remote>:blob:<hex>`` — blobs, immutable, shared by every repository
+  of the remote, sha256-verified while streaming;
+- ``oci:<remote>:<name>:manifest:sha256:<hex>`` — manifests by digest, immutable, verified;
+- ``oci:<remote>:<name>:tag:<tag>`` — tag → manifest, fresh for ``tag_ttl``;
+  then re-checked with a HEAD (which Docker Hub does not count as a pull)
+  and fetched again only when the digest changed. A manifest fetched by tag
+  is also recorded under its digest, since clients resolve then fetch by digest;
+- ``oci:<remote>:<name>:tags?<query>`` and ``oci:<remote>:_catalog?<query>`` —
+  fresh for ``tag_ttl``.
+
+``<name>`` is the upstream name (with Docker Hub's ``library/``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from sparkcache.config import RemoteConfig
+from sparkcache.context import Context
+from sparkcache.fetch import CacheRequest, Failed, Hit, Live, Result
+from sparkcache.fetch.flight import BodyError
+from sparkcache.fetch.upstream import UpstreamError, discard_body
+from sparkcache.oci.config import options_of
+from sparkcache.oci.errors import OCIError
+from sparkcache.oci.names import check_reference, sha256_hex, upstream_name
+from sparkcache.oci.tokens import TokenAuth, TokenError, share
+from sparkcache.store import Entry
+from sparkcache.web.respond import respond
+
+log = Logger()
+
+MANIFEST_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+)
+# The spec lets registries refuse manifests above 4 MiB; we read them whole.
+MAX_MANIFEST = 16 << 20
+MANIFEST_HEADERS = ("content-type", "docker-content-digest")
+
+
+def accepted_types(request: Any) -> set[str] | None:
+    """Media types the client accepts, or None for anything (no Accept, */*)."""
+    values = request.requestHeaders.getRawHeaders(b"accept") or []
+    types: set[str] = set()
+    for v in values:
+        for part in v.decode("latin-1").split(","):
+            t = part.split(";", 1)[0].strip().lower()
+            if t:
+                types.add(t)
+    if not types or "*/*" in types or "application/*" in types:
+        return None
+    return types
+
+
+def _media_type(value: str | None) -> str:
+    return (value or "").split(";", 1)[0].strip().lower()
+
+
+def _read(path: str, limit: int) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(limit + 1)
+
+
+class Mirror:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.tokens = TokenAuth(ctx.upstream, ctx.clock)
+        self._checks: dict[Any, list[Deferred[Any]]] = {}
+
+    # -- upstream ------------------------------------------------------------------
+
+    @staticmethod
+    def url(remote: RemoteConfig, *parts: str, query: str = "") -> str:
+        assert remote.upstream is not None
+        base = remote.upstream[:-3] if remote.upstream.endswith("/v2") else remote.upstream
+        return f"{base}/v2/" + "/".join(quote(p, safe="/:@") for p in parts) + (f"?{query}" if query else "")
+
+    async def fetch(self, req: CacheRequest, scope: str) -> Result:
+        """``cache.get`` with upstream token auth: one retry after a 401."""
+        auth = self.tokens.cached(req.remote, scope)
+        result = await self.ctx.cache.get(replace(req, headers={**req.headers, **auth}))
+        if isinstance(result, Failed) and result.status == 401 and \
+                self.tokens.learn(req.remote, result.headers.get("www-authenticate")):
+            auth = await self._token(req.remote, scope)
+            result = await self.ctx.cache.get(replace(req, headers={**req.headers, **auth}))
+        return result
+
+    async def _token(self, remote: RemoteConfig, scope: str) -> dict[bytes, bytes]:
+        try:
+            return await self.tokens.renew(remote, scope)
+        except TokenError as e:
+            if e.down:
+                raise OCIError("UNAVAILABLE", f"upstream token service: {e}", 502) from None
+            raise OCIError("DENIED", f"upstream refused access: {e}", 403) from None
+
+    def _failure(self, remote: RemoteConfig, f: Failed, unknown: str, what: str) -> OCIError:
+        self.ctx.metrics.response(remote.name, "error")
+        if f.status == 404:
+            return OCIError(unknown, f"{what} not found upstream", 404)
+        if f.status in (401, 403):
+            # Our client cannot fix upstream's credentials: never relay a 401,
+            # which would send it into an auth flow with this cache.
+            return OCIError("DENIED", f"upstream refused access to {what} ({f.message})", 403)
+        if f.status == 429:
+            return OCIError("TOOMANYREQUESTS", f"upstream rate limit: {f.message}", 429)
+        if 400 <= f.status < 500:
+            return OCIError(unknown if f.status == 410 else "UNSUPPORTED" if f.status == 405 else "DENIED",
+                            f"{what}: {f.message}", f.status)
+        return OCIError("UNAVAILABLE", f"{what}: {f.message}", f.status if f.status >= 500 else 502)
+
+    async def _entry(self, remote: RemoteConfig, result: Result, unknown: str, what: str) -> tuple[Entry, str]:
+        """The committed entry behind a result (waiting for a small body to be complete)."""
+        if isinstance(result, Failed):
+            raise self._failure(remote, result, unknown, what)
+        if isinstance(result, Hit):
+            return result.entry, result.state
+        try:
+            flight = await result.flight.wait_done()
+        except BodyError as e:
+            self.ctx.metrics.response(remote.name, "error")
+            raise OCIError("UNAVAILABLE", f"{what}: {e}", 502) from None
+        return flight.entry, "MISS"
+
+    # -- manifests -------------------------------------------------------------------
+
+    def _manifest_request(self, request: Any, remote: RemoteConfig, up: str, ref: str, key: str,
+                          ttl: float | None, hexd: str | None) -> CacheRequest:
+        extra = sorted((accepted_types(request) or set()) - set(MANIFEST_TYPES))
+        accept = ", ".join([*MANIFEST_TYPES, *extra])
+        return CacheRequest(
+            remote=remote, key=key, path=f"{up}/manifests/{ref}", url=self.url(remote, up, "manifests", ref),
+            ttl=ttl, expected_digest=hexd, headers={b"Accept": accept.encode("latin-1")},
+            keep_headers=MANIFEST_HEADERS,
+        )
+
+    async def manifest(self, request: Any, remote: RemoteConfig, name: str, ref: str) -> bytes:
+        kind = check_reference(ref)
+        opts = options_of(remote)
+        up = upstream_name(name, opts.docker_hub)
+        scope = f"repository:{up}:pull"
+        what = f"manifest {name}:{ref}" if kind == "tag" else f"manifest {name}@{ref}"
+        if kind == "digest":
+            hexd = sha256_hex(ref)
+            req = self._manifest_request(request, remote, up, ref, _digest_key(remote, up, hexd), None, hexd)
+            entry, state = await self._entry(remote, await self.fetch(req, scope), "MANIFEST_UNKNOWN", what)
+        else:
+            req = self._manifest_request(request, remote, up, ref, f"oci:{remote.name}:{up}:tag:{ref}", opts.tag_ttl, None)
+            entry, state = await self._by_tag(remote, req, scope, what)
+        return await self._serve_manifest(request, remote, entry, state)
+
+    async def _by_tag(self, remote: RemoteConfig, req: CacheRequest, scope: str, what: str) -> tuple[Entry, str]:
+        stale = await self.ctx.store.index.get(req.key)
+        if stale is not None and stale.status == 200 and not stale.fresh(self.ctx.clock.seconds()) \
+                and not self.ctx.cache.fetching(req.key):
+            state, checked = await share(self._checks, req.key, lambda: self._check_tag(req, stale, scope))
+            if checked is not None:
+                return checked, state
+        result = await self.fetch(req, scope)
+        entry, state = await self._entry(remote, result, "MANIFEST_UNKNOWN", what)
+        if isinstance(result, Live):
+            await self._record_digest(remote, req, entry)
+        return entry, state
+
+    async def _check_tag(self, req: CacheRequest, stale: Entry, scope: str) -> tuple[str, Entry | None]:
+        """HEAD upstream for a stale tag: (REVALIDATED, entry), (STALE, entry) or (FETCH, None)."""
+        remote = req.remote
+        headers = {**req.headers, **self.tokens.cached(remote, scope)}
+        for attempt in (0, 1):
+            try:
+                response, _ = await self.ctx.upstream.request(remote, b"HEAD", req.url, headers)
+            except UpstreamError as e:
+                self.ctx.metrics.upstream(remote.name, e.kind)
+                log.info("serving stale {key}: {why}", key=req.key, why=str(e))
+                return "STALE", stale
+            self.ctx.metrics.upstream(remote.name, str(response.code))
+            await discard_body(response)
+            code = response.code
+            if code == 401 and attempt == 0:
+                challenge = response.headers.getRawHeaders(b"www-authenticate", [b""])[0].decode("latin-1")
+                if self.tokens.learn(remote, challenge):
+                    try:
+                        headers = {**req.headers, **await self.tokens.renew(remote, scope)}
+                    except TokenError as e:
+                        if e.down:
+                            return "STALE", stale
+                        return "FETCH", None
+                    continue
+            if code >= 500 or code == 429:
+                log.info("serving stale {key}: upstream answered {code} to HEAD", key=req.key, code=code)
+                return "STALE", stale
+            digest = (response.headers.getRawHeaders(b"docker-content-digest") or [b""])[0].decode("latin-1").strip()
+            if code == 200 and digest == f"sha256:{stale.digest}":
+                now = self.ctx.clock.seconds()
+                fresh = replace(stale, fetched=now, expires=now + (req.ttl or 0), last_access=now)
+                return "REVALIDATED", await self.ctx.store.index.put(fresh)
+            return "FETCH", None
+        return "FETCH", None
+
+    async def _record_digest(self, remote: RemoteConfig, req: CacheRequest, entry: Entry) -> None:
+        """Also keep a tag-fetched manifest under its digest (immutable)."""
+        if entry.digest is None:
+            return
+        up = req.path.rsplit("/manifests/", 1)[0]
+        key = _digest_key(remote, up, entry.digest)
+        if await self.ctx.store.index.get(key) is not None:
+            return
+        now = self.ctx.clock.seconds()
+        await self.ctx.store.index.put(replace(entry, key=key, path=f"{up}/manifests/sha256:{entry.digest}",
+                                               fetched=now, expires=None, last_access=now))
+
+    async def _serve_manifest(self, request: Any, remote: RemoteConfig, entry: Entry, state: str) -> bytes:
+        assert entry.digest is not None
+        ctype = _media_type(entry.content_type or entry.headers.get("content-type"))
+        accepted = accepted_types(request)
+        if accepted is not None and ctype not in accepted:
+            self.ctx.metrics.response(remote.name, "error")
+            raise OCIError("MANIFEST_UNKNOWN", f"the manifest is {ctype or 'untyped'}, which the request's Accept "
+                                               "does not include", 404)
+        if entry.size > MAX_MANIFEST:
+            raise OCIError("MANIFEST_INVALID", f"manifest larger than {MAX_MANIFEST} bytes", 502)
+        body = b""
+        if request.method != b"HEAD":
+            try:
+                body = await self.ctx.store.in_io(_read, self.ctx.store.path(entry), MAX_MANIFEST)
+            except FileNotFoundError:
+                await self.ctx.store.purge_key(entry.key)
+                raise OCIError("UNAVAILABLE", "cached manifest body missing; retry", 503) from None
+            self.ctx.metrics.bytes_counter(remote.name, "cache" if state != "MISS" else "upstream")(len(body))
+        self.ctx.metrics.response(remote.name, state.lower())
+        h = request.responseHeaders
+        h.setRawHeaders(b"X-Cache", [state.encode()])
+        h.setRawHeaders(b"Content-Type", [(entry.content_type or "application/octet-stream").encode("latin-1")])
+        h.setRawHeaders(b"Docker-Content-Digest", [f"sha256:{entry.digest}".encode()])
+        h.setRawHeaders(b"ETag", [f'"sha256:{entry.digest}"'.encode()])
+        h.setRawHeaders(b"Content-Length", [str(entry.size).encode()])
+        return body
+
+    # -- blobs -------------------------------------------------------------------------
+
+    async def blob(self, request: Any, remote: RemoteConfig, name: str, digest: str) -> bytes | None:
+        hexd = sha256_hex(digest)
+        up = upstream_name(name, options_of(remote).docker_hub)
+        req = CacheRequest(
+            remote=remote, key=f"oci:{remote.name}:blob:{hexd}", path=f"{up}/blobs/{digest}",
+            url=self.url(remote, up, "blobs", digest), ttl=None, expected_digest=hexd, keep_headers=("content-type",),
+        )
+        result = await self.fetch(req, f"repository:{up}:pull")
+        if isinstance(result, Failed):
+            raise self._failure(remote, result, "BLOB_UNKNOWN", f"blob {digest}")
+        return await respond(request, result, self.ctx.store, self.ctx.metrics, remote.name, req.path,
+                             {"Docker-Content-Digest": digest}, sendfile=self.ctx.sendfile)
+
+    # -- listings ----------------------------------------------------------------------
+
+    async def tags(self, request: Any, remote: RemoteConfig, name: str) -> bytes | None:
+        up = upstream_name(name, options_of(remote).docker_hub)
+        query = _paging(request)
+        req = CacheRequest(
+            remote=remote, key=f"oci:{remote.name}:{up}:tags" + (f"?{query}" if query else ""), path=f"{up}/tags/list",
+            url=self.url(remote, up, "tags", "list", query=query), ttl=options_of(remote).tag_ttl, revalidate=True,
+            keep_headers=("content-type", "etag", "last-modified"),
+        )
+        return await self._listing(request, remote, req, f"repository:{up}:pull", "NAME_UNKNOWN", f"repository {name}")
+
+    async def catalog(self, request: Any, remote: RemoteConfig) -> bytes | None:
+        query = _paging(request)
+        req = CacheRequest(
+            remote=remote, key=f"oci:{remote.name}:_catalog" + (f"?{query}" if query else ""), path="_catalog",
+            url=self.url(remote, "_catalog", query=query), ttl=options_of(remote).tag_ttl, revalidate=True,
+            keep_headers=("content-type", "etag", "last-modified"),
+        )
+        return await self._listing(request, remote, req, "registry:catalog:*", "UNSUPPORTED", "the catalog")
+
+    async def _listing(self, request: Any, remote: RemoteConfig, req: CacheRequest, scope: str, unknown: str,
+                       what: str) -> bytes | None:
+        result = await self.fetch(req, scope)
+        if isinstance(result, Failed):
+            raise self._failure(remote, result, unknown, what)
+        return await respond(request, result, self.ctx.store, self.ctx.metrics, remote.name, req.path,
+                             sendfile=self.ctx.sendfile)
+
+
+def _digest_key(remote: RemoteConfig, up: str, hexd: str) -> str:
+    return f"oci:{remote.name}:{up}:manifest:sha256:{hexd}"
+
+
+def _paging(request: Any) -> str:
+    """The spec's paging parameters (n, last), in a fixed order; everything else (ns) is ours."""
+    args = request.args or {}
+    out = []
+    for k in (b"n", b"last"):
+        v = args.get(k)
+        if v:
+            out.append((k.decode(), v[0].decode("utf-8", "replace")))
+    return urlencode(out)
+
+
