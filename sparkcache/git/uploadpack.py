@@ -74,12 +74,12 @@ def upload_pack_argv(repo_path: str, advertise: bool, extra_config: dict[str, st
 class UploadPackProtocol(ProcessProtocol):
     """One upload-pack child; ``done`` fires with its exit status (negative: killed by that signal)."""
 
-    def __init__(self, stdin: bytes, consumer: IConsumer, repo_path: str) -> None:
+    def __init__(self, stdin: bytes, consumer: IConsumer, repo_path: str, stderr: bytearray | None = None) -> None:
         self.stdin = stdin
         self.consumer = consumer
         self.repo_path = repo_path
         self.done: Deferred[int] = Deferred()
-        self.stderr = bytearray()
+        self.stderr = stderr if stderr is not None else bytearray()
         self.stopped = False
         self.registered = False
         self.written = 0
@@ -160,11 +160,13 @@ class UploadPackProtocol(ProcessProtocol):
 
 
 def spawn_upload_pack(reactor: Any, repo_path: str, *, advertise: bool, stdin: bytes, git_protocol: str | None,
-                      consumer: IConsumer, extra_config: dict[str, str] | None = None) -> "Deferred[int]":
+                      consumer: IConsumer, extra_config: dict[str, str] | None = None,
+                      stderr: bytearray | None = None) -> "Deferred[int]":
     """Spawn ``git upload-pack --stateless-rpc [--advertise-refs] <repo_path>``, feed it ``stdin``,
     stream its stdout into ``consumer``; fires with the exit status once the child is gone and
-    the producer is unregistered (the consumer may then be finished)."""
-    proto = UploadPackProtocol(stdin, consumer, repo_path)
+    the producer is unregistered (the consumer may then be finished). The child's stderr (at
+    most MAX_STDERR bytes) is appended to ``stderr`` when given."""
+    proto = UploadPackProtocol(stdin, consumer, repo_path, stderr)
     argv = upload_pack_argv(repo_path, advertise, extra_config)
     reactor.spawnProcess(proto, argv[0] if os.path.isabs(argv[0]) else _which(argv[0]), argv,
                          env=child_env(git_protocol), path=repo_path)

@@ -1,9 +1,453 @@
-"""Placeholder: filled in by the git work."""
+"""Git smart HTTP, read-only: ``/git/<name>/info/refs`` and ``/git/<name>/git-upload-pack``.
+
+Clones are answered by ``git upload-pack --stateless-rpc`` run on the
+pygit2-managed mirror (``ctx.git``, an IMirrors); pushes are refused with a
+message naming the upstream. ``/git/register``, ``/git/refresh`` and
+``GET /repos`` manage the mirrors. See docs/git.rst.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import re
+import zlib
+from typing import IO, Any, Callable
+from urllib.parse import parse_qs
+
+from klein import Klein
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IConsumer, IProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import IResource
+from zope.interface import implementer
+
+from sparkcache.auth import REALM, AuthError
+from sparkcache.context import Context
+from sparkcache.git.interfaces import Mirror, MirrorUnavailable, UnknownRepo
+from sparkcache.git.packcache import PackCache
+from sparkcache.git.pktline import FLUSH, PktError, UploadRequest, parse_request, pkt_line
+from sparkcache.git.uploadpack import spawn_upload_pack
+from sparkcache.web.errors import HTTPError, json_errors
+from sparkcache.web.paths import split_raw_path
+from sparkcache.web.serve import error_body, header
+
+log = Logger()
+
+ADVERTISEMENT = b"application/x-git-upload-pack-advertisement"
+RESULT = b"application/x-git-upload-pack-result"
+DEFAULT_MAX_BODY = 64 << 20
+_GIT_PROTOCOL = re.compile(r"^[A-Za-z0-9=:._-]{1,256}$")
+# git asks for (and its credential helpers supply) Basic credentials only.
+BASIC_REALM = 'Basic realm="sparkcache"'
+
+
+def git_protocol_of(request: Any) -> str | None:
+    """The ``Git-Protocol`` header when well-formed (it goes into a child's environment)."""
+    value = header(request, b"git-protocol")
+    if value and _GIT_PROTOCOL.match(value):
+        return value
+    return None
+
+
+def is_v2(git_protocol: str | None) -> bool:
+    return bool(git_protocol) and "version=2" in (git_protocol or "").split(":")
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def decode_body(content: IO[bytes], encoding: str, cap: int) -> bytes:
+    """The request body, gunzipped when ``encoding`` says so, at most ``cap`` bytes
+    once decoded (blocking: runs in a thread). Raises BodyTooLarge, or
+    ValueError for a malformed body or an unknown encoding."""
+    content.seek(0)
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        data = content.read(cap + 1)
+        if len(data) > cap:
+            raise BodyTooLarge()
+        return data
+    if encoding not in ("gzip", "x-gzip"):
+        raise ValueError(f"unsupported Content-Encoding {encoding!r}")
+    z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    out = bytearray()
+    try:
+        while not z.eof:
+            chunk = content.read(256 * 1024)
+            if not chunk:
+                break
+            while chunk and not z.eof:
+                # max_length bounds the output of this one call: a gzip bomb
+                # never inflates past the cap in memory.
+                out += z.decompress(chunk, cap + 1 - len(out))
+                if len(out) > cap:
+                    raise BodyTooLarge()
+                chunk = z.unconsumed_tail
+    except zlib.error as e:
+        raise ValueError(f"malformed gzip body: {e}") from None
+    if not z.eof:
+        raise ValueError("truncated gzip body")
+    return bytes(out)
+
+
+def missing_objects(path: str, oids: list[str]) -> list[str]:
+    """The ids among ``oids`` that the repository at ``path`` lacks (runs in the git pool)."""
+    import pygit2
+
+    repo = pygit2.Repository(path)
+    try:
+        return [o for o in oids if o not in repo]
+    finally:
+        repo.free()
+
+
+@implementer(IConsumer)
+class ResponseConsumer:
+    """Hands upload-pack's output to the request, setting the headers (and writing
+    ``prefix``) at the first byte, so that a child dying before any output can
+    still be answered with a proper error instead of an empty 200."""
+
+    def __init__(self, request: Any, content_type: bytes, prefix: bytes = b"") -> None:
+        self.request = request
+        self.content_type = content_type
+        self.prefix = prefix
+        self.written = 0
+        self.producer: IProducer | None = None
+        request.notifyFinish().addErrback(self._gone)
+
+    def _gone(self, _: Failure) -> None:
+        # Client disconnected: end the child now rather than let it compute
+        # a pack nobody will read.
+        if self.producer is not None:
+            producer, self.producer = self.producer, None
+            producer.stopProducing()
+
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
+        if getattr(self.request, "_disconnected", False):
+            producer.stopProducing()
+            return
+        self.producer = producer
+        self.request.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        if self.producer is None:
+            return
+        self.producer = None
+        if not getattr(self.request, "_disconnected", False):
+            self.request.unregisterProducer()
+
+    def start(self) -> None:
+        self.request.setHeader(b"Content-Type", self.content_type)
+        self.request.setHeader(b"Cache-Control", b"no-cache")
+        if self.prefix:
+            self.request.write(self.prefix)
+            self.written += len(self.prefix)
+
+    def write(self, data: bytes) -> None:
+        if not self.written:
+            self.start()
+        self.written += len(data)
+        self.request.write(data)
+
+
+class GitApp:
+    app = Klein()
+
+    def __init__(self, ctx: Context, reactor: Any, packcache: Any = None) -> None:
+        self.ctx = ctx
+        self.reactor = reactor
+        self.packcache = packcache
+        git_cfg = ctx.config.git
+        self.max_body = getattr(git_cfg, "max_upload_pack_body", DEFAULT_MAX_BODY) or DEFAULT_MAX_BODY
+        self.max_path = ctx.config.server.max_path_length
+
+    def resource(self) -> IResource:
+        return self.app.resource()
+
+    # Registered before json_errors(): the first matching handler wins, and git
+    # needs a Basic challenge to ask its credential helper for a token.
+    @app.handle_errors(AuthError)
+    def _auth_error(self, request: Any, failure: Any) -> bytes:
+        e = failure.value
+        body = error_body(request, e.status, e.message)
+        if e.status == 401:
+            request.responseHeaders.setRawHeaders(b"WWW-Authenticate", [BASIC_REALM.encode(), REALM.encode()])
+        return body
+
+    @app.handle_errors(UnknownRepo)
+    def _unknown(self, request: Any, failure: Any) -> bytes:
+        return error_body(request, 404, str(failure.value) or "unknown repository")
+
+    @app.handle_errors(MirrorUnavailable)
+    def _unavailable(self, request: Any, failure: Any) -> bytes:
+        return error_body(request, 503, f"mirror unavailable: {failure.value}", {"Retry-After": "30"})
+
+    json_errors(app)
+
+    @property
+    def git(self) -> Any:
+        if self.ctx.git is None:
+            raise HTTPError(503, "git mirroring is not available in this daemon")
+        return self.ctx.git
+
+    # -- dispatch ------------------------------------------------------------------
+
+    @app.route("/", branch=True, strict_slashes=False, methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
+    async def dispatch(self, request: Any) -> Any:
+        segments = [s for s in split_raw_path(request.uri, self.max_path) if s]
+        query = parse_qs(request.uri.partition(b"?")[2].decode("latin-1"), keep_blank_values=True)
+        method = request.method
+        if segments[:1] == ["repos"]:
+            if len(segments) != 1:
+                raise HTTPError(404, "no such resource; GET /repos lists the mirrors")
+            _only(method, b"GET", b"HEAD")
+            self.ctx.auth.require(request, "read")
+            return _json(request, await _maybe(self.git.status()))
+        rest = segments[1:]
+        if rest == ["register"]:
+            _only(method, b"POST")
+            return await self.register(request, query)
+        if rest == ["refresh"]:
+            _only(method, b"POST")
+            return await self.refresh(request, query)
+        if len(rest) >= 3 and rest[-2:] == ["info", "refs"]:
+            _only(method, b"GET", b"HEAD")
+            service = _param(query, "service")
+            name = _repo_name(rest[:-2])
+            if service == "git-receive-pack":
+                return await self.refuse_push(request, name)
+            if service != "git-upload-pack":
+                raise HTTPError(403, "only the smart HTTP protocol is served (info/refs?service=git-upload-pack)")
+            return await self.advertise(request, name)
+        if len(rest) >= 2 and rest[-1] == "git-upload-pack":
+            _only(method, b"POST")
+            return await self.upload_pack(request, _repo_name(rest[:-1]))
+        if len(rest) >= 2 and rest[-1] == "git-receive-pack":
+            return await self.refuse_push(request, _repo_name(rest[:-1]))
+        raise HTTPError(404, "not a git smart HTTP path; clone http://<cache>/git/<name>")
+
+    # -- serving -------------------------------------------------------------------
+
+    async def _mirror(self, name: str) -> Mirror:
+        git = self.git
+        mirror = git.lookup(name)
+        return await _maybe(git.ensure(mirror))  # type: ignore[no-any-return]
+
+    async def advertise(self, request: Any, name: str) -> Any:
+        self.ctx.auth.require(request, "read")
+        mirror = await self._mirror(name)
+        git_protocol = git_protocol_of(request)
+        # v2: upload-pack's capability advertisement is the whole answer; v0/v1
+        # need the smart-HTTP service header before the ref advertisement.
+        prefix = b"" if is_v2(git_protocol) else pkt_line(b"# service=git-upload-pack\n") + FLUSH
+        out = ResponseConsumer(request, ADVERTISEMENT, prefix)
+        await self._run_upload_pack(request, mirror, out, advertise=True, stdin=b"", git_protocol=git_protocol)
+        return None
+
+    async def upload_pack(self, request: Any, name: str) -> Any:
+        self.ctx.auth.require(request, "read")
+        mirror = await self._mirror(name)
+        git_protocol = git_protocol_of(request)
+        version = 2 if is_v2(git_protocol) else 0
+        body = await self._read_body(request)
+        try:
+            parsed = parse_request(body, version)
+        except PktError as e:
+            raise HTTPError(400, f"malformed upload-pack request: {e}") from None
+        if parsed.command == "fetch" and parsed.wants:
+            await self._fetch_missing(mirror, parsed)
+        out = ResponseConsumer(request, RESULT)
+        if parsed.command == "fetch" and self.packcache is not None:
+            token = self._acquire(mirror)
+            try:
+                if await self.packcache.serve(request, mirror, body, parsed, git_protocol):
+                    return None
+            finally:
+                self._release(mirror, token)
+        await self._run_upload_pack(request, mirror, out, advertise=False, stdin=body, git_protocol=git_protocol)
+        return None
+
+    async def _fetch_missing(self, mirror: Mirror, parsed: UploadRequest) -> None:
+        """The just-pushed-commit race: a client wants an object that upstream has
+        but the mirror has not fetched yet. Fetch once (joining any running fetch),
+        then serve whatever the mirror has; upload-pack reports what is still missing."""
+        git = self.git
+        missing = await git.run(missing_objects, mirror.path, list(parsed.wants))
+        if not missing:
+            return
+        log.info("{repo}: {n} wanted object(s) not in the mirror; fetching upstream", repo=mirror.name, n=len(missing))
+        try:
+            await _maybe(git.refresh(mirror))
+        except Exception as e:
+            log.warn("{repo}: refresh for missing objects failed: {why}", repo=mirror.name, why=str(e) or repr(e))
+
+    async def _read_body(self, request: Any) -> bytes:
+        length = header(request, b"content-length")
+        if length and length.isdigit() and int(length) > self.max_body:
+            raise HTTPError(413, f"upload-pack request body larger than {self.max_body} bytes")
+        encoding = header(request, b"content-encoding") or ""
+        try:
+            return await self.ctx.store.in_io(decode_body, request.content, encoding, self.max_body)
+        except BodyTooLarge:
+            raise HTTPError(413, f"upload-pack request body larger than {self.max_body} bytes once decoded") from None
+        except ValueError as e:
+            raise HTTPError(415 if "Content-Encoding" in str(e) else 400, str(e)) from None
+
+    async def _run_upload_pack(self, request: Any, mirror: Mirror, out: ResponseConsumer, *, advertise: bool,
+                               stdin: bytes, git_protocol: str | None) -> None:
+        token = self._acquire(mirror)
+        stderr = bytearray()
+        done = spawn_upload_pack(self.reactor, mirror.path, advertise=advertise, stdin=stdin,
+                                 git_protocol=git_protocol, consumer=out, stderr=stderr)
+        # Released when the child is gone, even if this handler is cancelled
+        # (client disconnect) first: maintenance must not repack under it.
+        status: Deferred[int] = Deferred()
+
+        def ended(code: int) -> int:
+            self._release(mirror, token)
+            status.callback(code)
+            return code
+
+        done.addCallback(ended)
+        code = await status
+        if code == 0 or getattr(request, "_disconnected", False):
+            return
+        if out.written == 0:
+            # Nothing sent yet: an ERR packet makes git print the reason
+            # ("remote error: ...") instead of a bare protocol error.
+            reason = _last_line(stderr) or f"git upload-pack failed with status {code}"
+            out.prefix = b""
+            out.write(pkt_line(f"ERR {reason}\n"[:60000]))
+            return
+        # Failing after output has started is how upload-pack reports a bad
+        # request (an ERR packet, then exit 128): end the response normally so
+        # git shows that message. A pack cut short is caught by git's checksum.
+        log.info("{repo}: upload-pack exited {code} after {n} bytes: {err}", repo=mirror.name, code=code,
+                 n=out.written, err=_last_line(stderr))
+
+    def _acquire(self, mirror: Mirror) -> Any:
+        acquire = getattr(self.ctx.git, "acquire", None)
+        return acquire(mirror) if acquire is not None else None
+
+    def _release(self, mirror: Mirror, token: Any) -> None:
+        release = getattr(self.ctx.git, "release", None)
+        if release is not None:
+            try:
+                release(mirror) if token is None else release(mirror, token)
+            except TypeError:
+                release(mirror)
+
+    async def refuse_push(self, request: Any, name: str) -> bytes:
+        self.ctx.auth.require(request, "read")
+        mirror = self.git.lookup(name)
+        # git prints a text/plain error body line by line as "remote: ...".
+        request.setResponseCode(403)
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-store")
+        return (f"This is a read-only mirror of {mirror.url}\n"
+                f"Push to the upstream instead: git push {mirror.url}\n").encode()
+
+    # -- management ------------------------------------------------------------------
+
+    async def register(self, request: Any, query: dict[str, list[str]]) -> bytes:
+        self.ctx.auth.require(request, "write")
+        url = _param(query, "repo") or _param(query, "url")
+        if not url:
+            raise HTTPError(400, "give the upstream as ?repo=URL (and optionally &name=NAME)")
+        name = _param(query, "name") or None
+        git = self.git
+        try:
+            result = await _maybe(git.register(name, url))
+        except (UnknownRepo, MirrorUnavailable):
+            raise
+        except ValueError as e:
+            raise HTTPError(409 if "already registered" in str(e) else 400, str(e)) from None
+        mirror, created = result if isinstance(result, tuple) else (result, True)
+        if not isinstance(mirror, Mirror):
+            mirror = git.lookup(getattr(mirror, "name", name or url))
+        # Clone now, so the first clone through the cache finds a warm mirror;
+        # a failure is logged and retried on first use.
+        warm = ensureDeferred(_maybe(git.ensure(mirror)))
+        warm.addErrback(lambda f: log.warn("{repo}: first clone failed: {why}", repo=mirror.name,
+                                           why=f.getErrorMessage()))
+        request.setResponseCode(201 if created else 200)
+        return _json(request, {"name": mirror.name, "url": mirror.url, "created": bool(created)})
+
+    async def refresh(self, request: Any, query: dict[str, list[str]]) -> bytes:
+        self.ctx.auth.require(request, "read")
+        key = _param(query, "name") or _param(query, "repo")
+        if not key:
+            raise HTTPError(400, "give ?name=NAME or ?repo=URL")
+        git = self.git
+        mirror = await self._mirror(key)
+        try:
+            refs = await _maybe(git.refresh(mirror))
+        except (UnknownRepo, MirrorUnavailable):
+            raise
+        except Exception as e:
+            raise HTTPError(502, f"fetching {mirror.url} failed: {e}") from None
+        return _json(request, {"name": mirror.name, "url": mirror.url, "refs": refs})
+
+
+def _last_line(stderr: bytearray) -> str:
+    text = bytes(stderr).decode("utf-8", "replace")
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return lines[-1].removeprefix("fatal: ") if lines else ""
+
+
+async def _maybe(value: Any) -> Any:
+    if isinstance(value, Deferred):
+        return await value
+    if hasattr(value, "__await__"):
+        return await value
+    return value
+
+
+def _only(method: bytes, *allowed: bytes) -> None:
+    if method not in allowed:
+        raise HTTPError(405, f"{method.decode('latin-1')} is not allowed here",
+                        {"Allow": ", ".join(m.decode() for m in allowed)})
+
+
+def _param(query: dict[str, list[str]], name: str) -> str:
+    values = query.get(name)
+    return values[0] if values else ""
+
+
+def _repo_name(segments: list[str]) -> str:
+    if not segments:
+        raise HTTPError(404, "no repository named; clone http://<cache>/git/<name>")
+    name = "/".join(segments)
+    return name[:-4] if name.endswith(".git") else name
+
+
+def _json(request: Any, obj: Any) -> bytes:
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Cache-Control", b"no-store")
+    return json.dumps(obj, default=str).encode() + b"\n"
+
+
+def _build_mirrors(svc: Any) -> Any:
+    try:
+        from sparkcache.git import mirrors as mirrors_mod
+    except ImportError:
+        log.warn("sparkcache.git.mirrors is not available: git mirroring disabled")
+        return None, []
+    factory: Callable[..., Any] | None = getattr(mirrors_mod, "build", None)
+    if factory is not None:
+        return factory(svc)
+    return None, []
 
 
 def install(svc: Any) -> None:
-    """Mount this protocol's routes on svc.root and add its services to svc.extra_services."""
+    """Build the mirrors (ctx.git), the pack cache and the app; mount /git and /repos."""
+    mirrors, services = _build_mirrors(svc)
+    svc.ctx.git = mirrors
+    svc.extra_services.extend(services)
+    packcache = PackCache(svc.ctx, svc.reactor)
+    app = GitApp(svc.ctx, svc.reactor, packcache)
+    resource = app.resource()
+    svc.root.mount(b"git", resource)
+    svc.root.mount(b"repos", resource)

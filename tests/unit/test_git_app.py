@@ -1,0 +1,284 @@
+"""GitApp in-process, with a fake IMirrors over local bare repositories and the real git client.
+
+The daemon-level tests (real Mirrors, http upstream) are in tests/e2e/test_git_serve*.py.
+"""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import json
+import os
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import deferToThread
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+from zope.interface import implementer
+
+from sparkcache.auth import Authorizer
+from sparkcache.config import AuthConfig, ServerConfig, TokenConfig
+from sparkcache.git.interfaces import IMirrors, Mirror, UnknownRepo
+from sparkcache.git.pktline import DELIM, FLUSH, pkt_line
+from sparkcache.protocols.git import GitApp, decode_body, BodyTooLarge
+from tests.support.git_upstream import git, git_env
+from tests.support.tools import require_tool
+
+
+@implementer(IMirrors)
+class FakeMirrors:
+    """Mirrors are bare repos fetched with the git CLI from local 'upstream' bare repos."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.repos: dict[str, tuple[str, str]] = {}  # name -> (upstream path, mirror path)
+        self.refreshes = 0
+        self.acquired = 0
+        self.released = 0
+
+    def add(self, name: str, upstream: Path) -> Mirror:
+        path = self.root / "mirrors" / f"{name.replace('/', '_')}.git"
+        git("clone", "-q", "--mirror", str(upstream), str(path))
+        self.repos[name] = (str(upstream), str(path))
+        return self.lookup(name)
+
+    def lookup(self, name_or_url: str) -> Mirror:
+        if name_or_url not in self.repos:
+            raise UnknownRepo(f"no repository named {name_or_url!r}")
+        up, path = self.repos[name_or_url]
+        return Mirror(name_or_url, f"https://forge.example/{name_or_url}.git", path)
+
+    def ensure(self, mirror: Mirror) -> Deferred[Mirror]:
+        return succeed(mirror)
+
+    def refresh(self, mirror: Mirror) -> Deferred[dict[str, str]]:
+        self.refreshes += 1
+        up, path = self.repos[mirror.name]
+
+        def fetch() -> dict[str, str]:
+            git("fetch", "-q", "--prune", up, "+refs/*:refs/*", cwd=path)
+            out = git("for-each-ref", "--format=%(refname) %(objectname)", cwd=path)
+            return dict(line.split(" ", 1) for line in out.splitlines())
+
+        return deferToThread(fetch)
+
+    def seed(self, url: str, bundle_path: str, name: str | None = None) -> Deferred[Mirror]:
+        raise NotImplementedError
+
+    def run(self, fn: Any, *args: Any) -> Deferred[Any]:
+        return deferToThread(fn, *args)
+
+    def status(self) -> list[dict[str, Any]]:
+        return [{"name": n, "url": self.lookup(n).url} for n in self.repos]
+
+    def acquire(self, mirror: Mirror) -> None:
+        self.acquired += 1
+
+    def release(self, mirror: Mirror) -> None:
+        self.released += 1
+
+
+class Server:
+    def __init__(self, tmp: Path, auth: AuthConfig, max_body: int = 1 << 20) -> None:
+        self.mirrors = FakeMirrors(tmp)
+        ctx = SimpleNamespace(
+            config=SimpleNamespace(git=SimpleNamespace(max_upload_pack_body=max_body), server=ServerConfig()),
+            auth=Authorizer(auth), store=SimpleNamespace(in_io=deferToThread), git=self.mirrors,
+        )
+        self.app = GitApp(ctx, reactor, None)  # type: ignore[arg-type]
+        root = Resource()
+        res = self.app.resource()
+        root.putChild(b"git", res)
+        root.putChild(b"repos", res)
+        listen: Any = reactor.listenTCP  # type: ignore[attr-defined]
+        self.port: Any = listen(0, Site(root), interface="127.0.0.1")
+        self.upstream = tmp / "up" / "app.git"
+        self.url = f"http://127.0.0.1:{self.port.getHost().port}"
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> Deferred[tuple[int, dict[str, str], bytes]]:
+        def go() -> tuple[int, dict[str, str], bytes]:
+            c = http.client.HTTPConnection("127.0.0.1", self.port.getHost().port, timeout=30)
+            try:
+                c.request(method, path, body=body, headers=headers or {})
+                r = c.getresponse()
+                seen: dict[str, str] = {}
+                for k, v in r.getheaders():
+                    seen[k.lower()] = f"{seen[k.lower()]}, {v}" if k.lower() in seen else v
+                return r.status, seen, r.read()
+            finally:
+                c.close()
+        return deferToThread(go)
+
+    def commit(self, files: dict[str, bytes | str | None], msg: str = "c") -> str:
+        return _commit(self.upstream, files, msg)
+
+
+def run_git(*args: str, cwd: Path | None = None) -> Deferred[subprocess.CompletedProcess[str]]:
+    env = git_env({"GIT_TERMINAL_PROMPT": "0"})
+    return deferToThread(subprocess.run, ["git", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                         timeout=60, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Any:
+    require_tool("git")
+    s = Server(tmp_path, AuthConfig())
+    git("init", "-q", "--bare", "-b", "main", str(s.upstream))
+    s.commit({"README": "hello\n", "big.bin": os.urandom(300_000)}, "first")
+    s.mirrors.add("app", s.upstream)
+    yield s
+    pytest_twisted.blockon(s.port.stopListening())
+
+
+def _commit(repo: Path, files: dict[str, bytes | str | None], message: str) -> str:
+    from tests.support.git_upstream import GitUpstream
+
+    g = GitUpstream.__new__(GitUpstream)
+    g.root = repo.parent
+    return GitUpstream.commit(g, files, message, "main", repo.name[:-4])
+
+
+@pytest.mark.parametrize("version", ["0", "2"])
+@pytest_twisted.ensureDeferred
+async def test_clone(server: Any, tmp_path: Path, version: str) -> None:
+    p = await run_git("-c", f"protocol.version={version}", "clone", "-q", f"{server.url}/git/app.git", str(tmp_path / "c"))
+    assert p.returncode == 0, p.stderr
+    head = git("rev-parse", "HEAD", cwd=tmp_path / "c")
+    assert head == git("rev-parse", "main", cwd=server.upstream)
+    assert server.mirrors.acquired == server.mirrors.released >= 2
+    assert server.mirrors.refreshes == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_fetch_by_sha_after_push_refreshes_once(server: Any, tmp_path: Path) -> None:
+    c = tmp_path / "c"
+    assert (await run_git("clone", "-q", f"{server.url}/git/app", str(c))).returncode == 0
+    sha = server.commit({"new.txt": "pushed just now\n"}, "second")
+    p = await run_git("fetch", "-q", "origin", sha, cwd=c)
+    assert p.returncode == 0, p.stderr
+    assert git("cat-file", "-t", sha, cwd=c) == "commit"
+    assert server.mirrors.refreshes == 1
+    # Objects the mirror already has never trigger a fetch.
+    assert (await run_git("fetch", "-q", "origin", sha, cwd=c)).returncode == 0
+    assert server.mirrors.refreshes == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_object_is_a_remote_error(server: Any, tmp_path: Path) -> None:
+    c = tmp_path / "c"
+    assert (await run_git("clone", "-q", f"{server.url}/git/app", str(c))).returncode == 0
+    p = await run_git("fetch", "-q", "origin", "e" * 40, cwd=c)
+    assert p.returncode != 0
+    assert "remote error" in p.stderr or "not our ref" in p.stderr, p.stderr
+    assert server.mirrors.refreshes == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_push_refused_with_message(server: Any, tmp_path: Path) -> None:
+    c = tmp_path / "c"
+    assert (await run_git("clone", "-q", f"{server.url}/git/app", str(c))).returncode == 0
+    git("commit", "-q", "--allow-empty", "-m", "local", cwd=c)
+    p = await run_git("push", "origin", "HEAD:main", cwd=c)
+    assert p.returncode != 0
+    assert "https://forge.example/app.git" in p.stderr, p.stderr
+    status, headers, body = await server.request("POST", "/git/app/git-receive-pack", b"0000")
+    assert status == 403 and b"read-only mirror" in body
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_repo_404_json(server: Any, tmp_path: Path) -> None:
+    status, headers, body = await server.request("GET", "/git/nope.git/info/refs?service=git-upload-pack")
+    assert status == 404 and headers["content-type"] == "application/json"
+    assert "nope" in json.loads(body)["error"]
+    p = await run_git("clone", "-q", f"{server.url}/git/nope", str(tmp_path / "c"))
+    assert p.returncode != 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_discovery_headers(server: Any) -> None:
+    status, headers, body = await server.request("GET", "/git/app/info/refs?service=git-upload-pack")
+    assert status == 200, body
+    assert headers["content-type"] == "application/x-git-upload-pack-advertisement"
+    assert headers["cache-control"] == "no-cache"
+    assert body.startswith(b"001e# service=git-upload-pack\n0000")
+    status, headers, body = await server.request("GET", "/git/app/info/refs?service=git-upload-pack",
+                                                 headers={"Git-Protocol": "version=2"})
+    assert status == 200 and body.startswith(b"000eversion 2\n")
+    status, _, _ = await server.request("GET", "/git/app/info/refs")
+    assert status == 403
+
+
+def _ls_refs() -> bytes:
+    return pkt_line("command=ls-refs\n") + DELIM + pkt_line("ref-prefix refs/heads/\n") + FLUSH
+
+
+@pytest_twisted.ensureDeferred
+async def test_gzip_body_and_caps(server: Any) -> None:
+    h = {"Git-Protocol": "version=2", "Content-Type": "application/x-git-upload-pack-request"}
+    status, headers, body = await server.request("POST", "/git/app/git-upload-pack", gzip.compress(_ls_refs()),
+                                                 {**h, "Content-Encoding": "gzip"})
+    assert status == 200, body
+    assert headers["content-type"] == "application/x-git-upload-pack-result"
+    assert b"refs/heads/main" in body
+    # A small gzip that inflates past the cap
+    bomb = gzip.compress(_ls_refs() + b"0" * (2 << 20))
+    status, _, body = await server.request("POST", "/git/app/git-upload-pack", bomb, {**h, "Content-Encoding": "gzip"})
+    assert status == 413, body
+    status, _, body = await server.request("POST", "/git/app/git-upload-pack", b"not gzip at all",
+                                           {**h, "Content-Encoding": "gzip"})
+    assert status == 400, body
+    status, _, body = await server.request("POST", "/git/app/git-upload-pack", b"zzzz", h)
+    assert status == 400 and b"malformed" in body
+    status, _, body = await server.request("POST", "/git/app/git-upload-pack", _ls_refs(), {**h, "Content-Encoding": "br"})
+    assert status == 415
+
+
+@pytest_twisted.ensureDeferred
+async def test_repos_and_refresh(server: Any) -> None:
+    status, _, body = await server.request("GET", "/repos")
+    assert status == 200 and json.loads(body)[0]["name"] == "app"
+    sha = server.commit({"x": "y"}, "third")
+    status, _, body = await server.request("POST", "/git/refresh?name=app")
+    assert status == 200, body
+    assert json.loads(body)["refs"]["refs/heads/main"] == sha
+
+
+@pytest_twisted.ensureDeferred
+async def test_auth_basic_challenge(tmp_path: Path) -> None:
+    require_tool("git")
+    s = Server(tmp_path, AuthConfig(anonymous_read=False, tokens=(TokenConfig("ci", "s3cret", frozenset({"read"})),)))
+    try:
+        up = tmp_path / "up" / "app.git"
+        git("init", "-q", "--bare", "-b", "main", str(up))
+        _commit(up, {"a": "b"}, "one")
+        s.mirrors.add("app", up)
+        status, headers, _ = await s.request("GET", "/git/app/info/refs?service=git-upload-pack")
+        assert status == 401 and headers["www-authenticate"].startswith("Basic")
+        p = await run_git("clone", "-q", s.url.replace("http://", "http://ci:wrong@") + "/git/app", str(tmp_path / "c0"))
+        assert p.returncode != 0
+        p = await run_git("clone", "-q", s.url.replace("http://", "http://ci:s3cret@") + "/git/app", str(tmp_path / "c"))
+        assert p.returncode == 0, p.stderr
+        status, _, _ = await s.request("POST", "/git/refresh?name=app")
+        assert status == 401
+    finally:
+        await s.port.stopListening()  # type: ignore[misc]
+
+
+def test_decode_body_limits(tmp_path: Path) -> None:
+    import io
+
+    assert decode_body(io.BytesIO(gzip.compress(b"x" * 100)), "gzip", 100) == b"x" * 100
+    with pytest.raises(BodyTooLarge):
+        decode_body(io.BytesIO(gzip.compress(b"x" * 101)), "gzip", 100)
+    with pytest.raises(BodyTooLarge):
+        decode_body(io.BytesIO(b"x" * 101), "", 100)
+    with pytest.raises(ValueError):
+        decode_body(io.BytesIO(gzip.compress(b"x" * 100)[:-10]), "gzip", 1000)
