@@ -12,7 +12,7 @@ import gzip
 import io
 import re
 import tarfile
-from typing import Any, Iterator
+from typing import Any, Iterator, cast
 
 import pygit2
 
@@ -32,6 +32,14 @@ class ReadError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+class UnknownRevision(ReadError):
+    """No ref or commit by that name: a fetch might bring it (a commit just pushed)."""
+
+    def __init__(self, spec: str) -> None:
+        super().__init__(404, f"no branch, tag or commit {spec!r} in this mirror")
+        self.spec = spec
 
 
 def is_full_hex(spec: str) -> bool:
@@ -97,7 +105,7 @@ def _resolve(repo: pygit2.Repository, spec: str) -> pygit2.Commit:
             raise ReadError(400, f"commit id {spec!r} is ambiguous; give more digits") from None
         if obj is not None:
             return _commit_of(obj, spec)
-    raise ReadError(404, f"no branch, tag or commit {spec!r} in this mirror")
+    raise UnknownRevision(spec)
 
 
 def resolve(repo_path: str, spec: str) -> str:
@@ -133,7 +141,7 @@ def list_refs(repo_path: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for name in repo.references:
         ref = repo.references[name]
-        if ref.type == pygit2.GIT_REF_OID:
+        if ref.type == pygit2.enums.ReferenceType.DIRECT:
             out[name] = str(ref.target)
     try:
         out["HEAD"] = str(repo.head.target)
@@ -180,7 +188,7 @@ def file_info(repo_path: str, spec: str, path: str) -> tuple[str, str, int, int]
         raise ReadError(400, f"{path!r} is a directory; use /tree-hash or /archive")
     if mode == MODE_GITLINK:
         raise ReadError(400, f"{path!r} is a submodule; its contents are not in this repository")
-    blob = repo[oid]
+    blob = cast(pygit2.Blob, repo[oid])
     return str(commit.id), oid, mode, int(blob.size)
 
 
@@ -213,11 +221,11 @@ def branch_contains(repo_path: str, spec: str, commit: str) -> tuple[str, str, b
 def walk(repo: pygit2.Repository, tree: pygit2.Tree, prefix: str = "") -> Iterator[tuple[str, int, str]]:
     """(path, filemode, object id) depth-first in git's tree order, directories included."""
     for e in tree:
-        path = prefix + e.name
+        path = prefix + (e.name or "")
         mode = int(e.filemode)
         yield path, mode, str(e.id)
         if mode == MODE_TREE:
-            yield from walk(repo, repo[e.id], path + "/")
+            yield from walk(repo, cast(pygit2.Tree, repo[e.id]), path + "/")
 
 
 class _Sink(io.RawIOBase):

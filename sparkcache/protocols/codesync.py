@@ -1,9 +1,517 @@
-"""Placeholder: filled in by the codesync work."""
+"""Read endpoints over git mirrors, and code sync.
+
+``/archive``, ``/file``, ``/tree-hash``, ``/branch-contains`` read a mirror
+with pygit2 in the git pool; archives (and large files) are built once into
+the store, keyed by commit (blob) id, and then served like any cache hit
+(Range, ETag, sendfile). ``/upload`` turns a tarball into a normalized tar.gz
+named by its git tree id, ``/uploads/<id>`` serves it, ``/sync/negotiate``
+finds the newest commit a client and the mirror share, and ``/sync/seed``
+creates or updates a mirror from a ``git bundle``. See docs/git-read-api.rst.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import os
+import posixpath
+import re
+import tempfile
+from typing import Any, Awaitable, Callable, TypeVar
+
+from klein import Klein
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from twisted.web.resource import IResource, Resource
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from sparkcache.context import Context
+from sparkcache.fetch.cache import Hit
+from sparkcache.git import reads, uploads
+from sparkcache.git.interfaces import Mirror, MirrorUnavailable, UnknownRepo
+from sparkcache.store import Entry
+from sparkcache.web.errors import HTTPError, json_errors
+from sparkcache.web.respond import guess_type, respond
+from sparkcache.web.serve import error_body, header
+
+T = TypeVar("T")
+log = Logger()
+
+# Files up to this size are answered from memory; larger ones go through the
+# store, so they get Range and a file producer instead of one huge write().
+INLINE_MAX = 1 << 20
+MAX_JSON = 1 << 20
+MAX_NEGOTIATE = 10_000
+MAX_BUNDLE = 16 << 30
+# Entry.remote for what this app stores: '@' cannot start a remote name, so
+# no /api/<remote>/ purge or listing can reach these entries.
+GIT_REMOTE = "@git"
+UPLOAD_REMOTE = "@upload"
+_UPLOAD_ID = re.compile(r"^[0-9a-f]{40}$")
+_COMMIT = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
+SEGMENTS = (b"archive", b"file", b"tree-hash", b"branch-contains", b"upload", b"uploads", b"sync")
+
+
+class _Shared:
+    """One piece of work, many waiters: each gets its own Deferred, so a client
+    that disconnects (Klein cancels its handler) cancels only its own wait."""
+
+    _PENDING = object()
+
+    def __init__(self, d: Deferred[Any]) -> None:
+        self.result: Any = self._PENDING
+        self.waiters: list[Deferred[Any]] = []
+        d.addBoth(self._done)
+
+    def _done(self, r: Any) -> None:
+        self.result = r
+        waiters, self.waiters = self.waiters, []
+        for w in waiters:
+            _fire(w, r)
+
+    def wait(self) -> Deferred[Any]:
+        out: Deferred[Any] = Deferred()
+        if self.result is self._PENDING:
+            self.waiters.append(out)
+        else:
+            _fire(out, self.result)
+        return out
+
+
+def _fire(d: Deferred[Any], r: Any) -> None:
+    if d.called:
+        return
+    if isinstance(r, Failure):
+        d.errback(r)
+    else:
+        d.callback(r)
+
+
+def shield(d: Deferred[T]) -> Deferred[T]:
+    return _Shared(d).wait()
+
+
+class _Flights:
+    """At most one build per store key at a time; later callers join it."""
+
+    def __init__(self) -> None:
+        self.running: dict[str, _Shared] = {}
+
+    def run(self, key: str, fn: Callable[[], Awaitable[T]]) -> Deferred[T]:
+        shared = self.running.get(key)
+        if shared is None:
+            d: Deferred[T] = ensureDeferred(fn())  # type: ignore[arg-type]
+            shared = self.running[key] = _Shared(d)
+            d.addBoth(lambda r: self.running.pop(key, None))
+        return shared.wait()
+
+
+class PoolService(Service):
+    """A thread pool started and stopped with the service tree."""
+
+    def __init__(self, name: str, threads: int) -> None:
+        self.pool = ThreadPool(minthreads=0, maxthreads=threads, name=name)
+        self.setName(name)
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.pool.stop()
+
+
+class _Remount(Resource):
+    """Hand the Klein app the whole path (``/archive``, ``/sync/seed``...), so one
+    app can serve several top-level segments."""
+
+    isLeaf = True
+
+    def __init__(self, inner: IResource) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def render(self, request: Any) -> Any:
+        request.postpath = request.prepath[-1:] + request.postpath
+        request.prepath = request.prepath[:-1]
+        return self.inner.render(request)
+
+
+def _json(request: Any, obj: Any, status: int = 200) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Cache-Control", b"no-cache")
+    return json.dumps(obj).encode() + b"\n"
+
+
+def _arg(request: Any, name: str, default: str | None = None, required: bool = False) -> str | None:
+    values = request.args.get(name.encode())
+    if not values:
+        if required:
+            raise HTTPError(400, f"query parameter {name}= is required")
+        return default
+    try:
+        return str(values[0].decode("utf-8"))
+    except UnicodeDecodeError:
+        raise HTTPError(400, f"{name}= is not valid UTF-8") from None
+
+
+def _etag_matches(request: Any, etag: str) -> bool:
+    inm = header(request, b"if-none-match")
+    return bool(inm) and (inm.strip() == "*" or etag in [t.strip() for t in inm.split(",")])  # type: ignore[union-attr]
+
+
+def _not_modified(request: Any, etag: str) -> bytes:
+    request.setHeader(b"ETag", etag.encode())
+    request.setResponseCode(304)
+    return b""
+
+
+def _copy_to(content: Any, path: str, limit: int) -> int:
+    """Copy a request body (twisted.web's temp file) to ``path`` in chunks."""
+    content.seek(0)
+    n = 0
+    with open(path, "wb") as out:
+        while True:
+            chunk = content.read(1 << 20)
+            if not chunk:
+                return n
+            n += len(chunk)
+            if n > limit:
+                raise HTTPError(413, f"body larger than {limit} bytes")
+            out.write(chunk)
+
+
+def _body_size(content: Any) -> int:
+    content.seek(0, os.SEEK_END)
+    size = int(content.tell())
+    content.seek(0)
+    return size
+
+
+def _read_small(content: Any, limit: int) -> bytes:
+    content.seek(0)
+    data = bytes(content.read(limit + 1))
+    if len(data) > limit:
+        raise HTTPError(413, f"body larger than {limit} bytes")
+    return data
+
+
+class CodeSyncApp:
+    app = Klein()
+
+    def __init__(self, ctx: Context, reactor: Any, pool: ThreadPool, limits: uploads.Limits | None = None) -> None:
+        self.ctx = ctx
+        self.reactor = reactor
+        self.pool = pool
+        self.limits = limits or uploads.Limits()
+        self.flights = _Flights()
+
+    def resource(self) -> IResource:
+        return self.app.resource()
+
+    json_errors(app)
+
+    @app.handle_errors(reads.ReadError, uploads.UploadError)
+    def _read_error(self, request: Any, failure: Any) -> bytes:
+        return error_body(request, failure.value.status, failure.value.message)
+
+    @app.handle_errors(UnknownRepo)
+    def _unknown_repo(self, request: Any, failure: Any) -> bytes:
+        return error_body(request, 404, f"unknown repository: {failure.getErrorMessage()}")
+
+    @app.handle_errors(MirrorUnavailable)
+    def _unavailable(self, request: Any, failure: Any) -> bytes:
+        return error_body(request, 503, f"mirror unavailable: {failure.getErrorMessage()}")
+
+    @app.handle_errors(NotFound)
+    def _no_route(self, request: Any, failure: Any) -> bytes:
+        return error_body(request, 404, "no such endpoint; see docs/git-read-api.rst")
+
+    @app.handle_errors(MethodNotAllowed)
+    def _bad_method(self, request: Any, failure: Any) -> bytes:
+        allowed = ", ".join(failure.value.valid_methods or [])
+        return error_body(request, 405, f"{request.method.decode()} is not allowed here", {"Allow": allowed})
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def in_pool(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        return deferToThreadPool(self.reactor, self.pool, fn, *args)
+
+    def git(self) -> Any:
+        if self.ctx.git is None:
+            raise HTTPError(503, "git mirrors are not configured on this cache")
+        return self.ctx.git
+
+    async def mirror(self, name: str) -> Mirror:
+        git = self.git()
+        m = git.lookup(name)
+        return await shield(git.ensure(m))  # type: ignore[no-any-return]
+
+    async def read(self, mirror: Mirror, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(mirror.path, *args)`` in the git pool; when a full commit id is
+        unknown (pushed a moment ago), fetch upstream once and try again."""
+        git = self.git()
+        try:
+            return await shield(git.run(fn, mirror.path, *args))  # type: ignore[no-any-return]
+        except reads.UnknownRevision as e:
+            if not reads.is_full_hex(e.spec.lower()):
+                raise
+        try:
+            await shield(git.refresh(mirror))
+        except Exception as e:
+            log.info("refresh of {name} for a missing commit failed: {why}", name=mirror.name, why=e)
+        return await shield(git.run(fn, mirror.path, *args))  # type: ignore[no-any-return]
+
+    async def cached(self, key: str, build: Callable[[Any], Any], headers: dict[str, str], etag: str,
+                     remote: str = GIT_REMOTE) -> tuple[Entry, str]:
+        """The store entry under ``key``, built once with ``build(spool)`` in the git pool."""
+        store = self.ctx.store
+        entry = await store.index.get(key)
+        if entry is not None and entry.status == 200:
+            store.index.touch(entry, self.ctx.clock.seconds())
+            return entry, "HIT"
+
+        async def make() -> Entry:
+            spool = store.new_spool()
+            try:
+                await self.git().run(build, spool)
+            except BaseException:
+                store.discard(spool)
+                raise
+            now = self.ctx.clock.seconds()
+            new = Entry(key, remote, key, 200, spool.hexdigest(), spool.size, headers.get("content-type"), headers,
+                        now, None, etag, None, now)
+            return await store.commit(spool, new)
+
+        return await self.flights.run(key, make), "MISS"
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def _target(self, request: Any) -> tuple[str, str, str]:
+        repo = _arg(request, "repo", required=True)
+        branch = _arg(request, "branch", "HEAD")
+        path = reads.normalize_path(_arg(request, "path", ""))
+        assert repo is not None and branch is not None
+        return repo, branch, path
+
+    @app.route("/archive", methods=["GET", "HEAD"])
+    async def archive(self, request: Any) -> Any:
+        self.ctx.auth.require(request, "read")
+        repo, branch, _ = self._target(request)
+        mirror = await self.mirror(repo)
+        commit = await self.read(mirror, reads.resolve, branch)
+        etag = f'"{commit}"'
+        request.setHeader(b"X-Git-Commit", commit.encode())
+        if _etag_matches(request, etag):
+            return _not_modified(request, etag)
+        base = posixpath.basename(mirror.name.rstrip("/")).removesuffix(".git") or "archive"
+        filename = f"{base}-{commit[:12]}.tar.gz"
+        headers = {"content-type": "application/gzip", "content-disposition": f'attachment; filename="{filename}"'}
+        path = mirror.path
+        entry, state = await self.cached(
+            f"archive/{mirror.name}/{commit}.tar.gz", lambda spool: reads.write_archive(path, commit, spool),
+            headers, etag,
+        )
+        return await respond(request, Hit(entry, state), self.ctx.store, self.ctx.metrics, GIT_REMOTE, filename,
+                             sendfile=self.ctx.sendfile)
+
+    @app.route("/file", methods=["GET", "HEAD"])
+    async def file(self, request: Any) -> Any:
+        self.ctx.auth.require(request, "read")
+        repo, branch, path = self._target(request)
+        mirror = await self.mirror(repo)
+        commit, blob, mode, size = await self.read(mirror, reads.file_info, branch, path)
+        etag = f'"{blob}"'
+        request.setHeader(b"X-Git-Commit", commit.encode())
+        request.setHeader(b"X-Git-Mode", b"%o" % mode)
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        request.setHeader(b"Cache-Control", b"no-cache")
+        if _etag_matches(request, etag):
+            return _not_modified(request, etag)
+        if size > INLINE_MAX:
+            mpath = mirror.path
+            entry, state = await self.cached(
+                f"file/{mirror.name}/{blob}", lambda spool: reads.blob_to_file(mpath, blob, spool), {}, etag,
+            )
+            return await respond(request, Hit(entry, state), self.ctx.store, self.ctx.metrics, GIT_REMOTE, path,
+                                 sendfile=self.ctx.sendfile)
+        data = await shield(self.git().run(reads.read_blob, mirror.path, blob))
+        request.setHeader(b"ETag", etag.encode())
+        request.setHeader(b"Content-Type", guess_type(path).encode("latin-1"))
+        name = posixpath.basename(path).replace('"', "")
+        request.setHeader(b"Content-Disposition", f'attachment; filename="{name}"'.encode())
+        return data
+
+    @app.route("/tree-hash", methods=["GET", "HEAD"])
+    async def tree_hash(self, request: Any) -> Any:
+        self.ctx.auth.require(request, "read")
+        repo, branch, path = self._target(request)
+        mirror = await self.mirror(repo)
+        commit, oid, kind = await self.read(mirror, reads.tree_hash, branch, path)
+        etag = f'"{oid}"'
+        request.setHeader(b"X-Git-Commit", commit.encode())
+        if _etag_matches(request, etag):
+            return _not_modified(request, etag)
+        request.setHeader(b"ETag", etag.encode())
+        if (header(request, b"accept") or "").startswith("text/plain"):
+            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+            request.setHeader(b"Cache-Control", b"no-cache")
+            return oid.encode() + b"\n"
+        return _json(request, {"repo": mirror.name, "branch": branch, "commit": commit, "path": path,
+                               "type": kind, "hash": oid})
+
+    @app.route("/branch-contains", methods=["GET", "HEAD"])
+    async def branch_contains(self, request: Any) -> Any:
+        self.ctx.auth.require(request, "read")
+        repo, branch, _ = self._target(request)
+        commit = _arg(request, "commit", required=True)
+        assert commit is not None
+        mirror = await self.mirror(repo)
+        try:
+            tip, full, contained = await self.read(mirror, reads.branch_contains, branch, commit)
+        except reads.UnknownRevision as e:
+            if e.spec != commit or not reads.is_full_hex(commit.lower()):
+                raise
+            # The branch resolved but the commit is unknown even after a fetch.
+            raise reads.ReadError(404, f"commit {commit} is not in this mirror") from None
+        return _json(request, {"repo": mirror.name, "branch": branch, "branch_commit": tip, "commit": full,
+                               "contains": contained})
+
+    # -- code sync -------------------------------------------------------------------------
+
+    @app.route("/upload", methods=["POST"])
+    async def upload(self, request: Any) -> Any:
+        self.ctx.auth.require(request, "write")
+        repo, base = _arg(request, "repo"), _arg(request, "base")
+        if bool(repo) != bool(base):
+            raise HTTPError(400, "an incremental upload needs both repo= and base=")
+        length = header(request, b"content-length")
+        if length and length.isdigit() and int(length) > self.limits.body:
+            raise HTTPError(413, f"upload larger than {self.limits.body} bytes")
+        if await self.in_pool(_body_size, request.content) > self.limits.body:
+            raise HTTPError(413, f"upload larger than {self.limits.body} bytes")
+        mirror = await self.mirror(repo) if repo else None
+        tree = await self.in_pool(uploads.parse, request.content, self.ctx.store.spool_dir, self.limits)
+        try:
+            base_commit = None
+            if mirror is not None:
+                assert base is not None
+                base_commit = await self.read(mirror, lambda p, b: uploads.apply_base(tree, p, b), base)
+            upload_id = await self.in_pool(uploads.tree_id, tree.files)
+            key = f"upload/{upload_id}"
+            headers = {"content-type": "application/gzip",
+                       "content-disposition": f'attachment; filename="{upload_id}.tar.gz"'}
+            entry, state = await self.cached_upload(key, tree, headers, f'"{upload_id}"')
+        finally:
+            await self.in_pool(uploads.discard, tree)
+        body = {"id": upload_id, "sha256": entry.digest, "size": entry.size, "files": len(tree.files),
+                "url": f"/uploads/{upload_id}", "created": state == "MISS", "skipped": tree.skipped}
+        if base_commit is not None:
+            body["base"] = base_commit
+        return _json(request, body, 201 if state == "MISS" else 200)
+
+    async def cached_upload(self, key: str, tree: uploads.Tree, headers: dict[str, str], etag: str) -> tuple[Entry, str]:
+        store = self.ctx.store
+        entry = await store.index.get(key)
+        if entry is not None and entry.status == 200:
+            return entry, "HIT"
+
+        async def make() -> Entry:
+            spool = store.new_spool()
+            try:
+                await self.in_pool(uploads.write_normalized, tree, spool)
+            except BaseException:
+                store.discard(spool)
+                raise
+            now = self.ctx.clock.seconds()
+            new = Entry(key, UPLOAD_REMOTE, key, 200, spool.hexdigest(), spool.size, headers["content-type"],
+                        headers, now, None, etag, None, now)
+            return await store.commit(spool, new)
+
+        return await self.flights.run(key, make), "MISS"
+
+    @app.route("/uploads/<upload_id>", methods=["GET", "HEAD"])
+    async def get_upload(self, request: Any, upload_id: str) -> Any:
+        self.ctx.auth.require(request, "read")
+        if not _UPLOAD_ID.match(upload_id):
+            raise HTTPError(404, "an upload id is 40 lowercase hex digits")
+        entry = await self.ctx.store.index.get(f"upload/{upload_id}")
+        if entry is None or entry.status != 200:
+            raise HTTPError(404, f"no upload {upload_id}")
+        self.ctx.store.index.touch(entry, self.ctx.clock.seconds())
+        return await respond(request, Hit(entry, "HIT"), self.ctx.store, self.ctx.metrics, UPLOAD_REMOTE,
+                             f"{upload_id}.tar.gz", sendfile=self.ctx.sendfile)
+
+    @app.route("/sync/negotiate", methods=["POST"])
+    async def negotiate(self, request: Any) -> Any:
+        self.ctx.auth.require(request, "read")
+        raw = await self.in_pool(_read_small, request.content, MAX_JSON)
+        try:
+            body = json.loads(raw)
+            repo, commits = body["repo"], body["commits"]
+            assert isinstance(repo, str) and isinstance(commits, list)
+            assert all(isinstance(c, str) for c in commits)
+        except Exception:
+            raise HTTPError(400, 'expected a JSON body {"repo": "...", "commits": ["<id>", ...]}') from None
+        if len(commits) > MAX_NEGOTIATE:
+            raise HTTPError(400, f"at most {MAX_NEGOTIATE} commits")
+        commits = [c.lower() for c in commits]
+        bad = [c for c in commits if not _COMMIT.match(c)]
+        if bad:
+            raise HTTPError(400, f"not a full commit id: {bad[0][:80]!r}")
+        mirror = await self.mirror(repo)
+        found = await shield(self.git().run(reads.newest_known, mirror.path, commits))
+        return _json(request, {"repo": mirror.name, "commit": found,
+                               "index": commits.index(found) if found is not None else None})
+
+    @app.route("/sync/seed", methods=["POST"])
+    async def seed(self, request: Any) -> Any:
+        self.ctx.auth.require(request, "write")
+        url = _arg(request, "repo", required=True)
+        name = _arg(request, "name")
+        assert url is not None
+        git = self.git()
+        fd, path = tempfile.mkstemp(dir=self.ctx.store.spool_dir, prefix="seed-", suffix=".bundle")
+        os.close(fd)
+        try:
+            await self.ctx.store.in_io(_copy_to, request.content, path, MAX_BUNDLE)
+            head = await self.ctx.store.in_io(_head, path)
+            if not head.startswith((b"# v2 git bundle\n", b"# v3 git bundle\n")):
+                raise HTTPError(400, "the body is not a git bundle (git bundle create ...)")
+            try:
+                mirror = await shield(git.seed(url, path, name))
+            except (UnknownRepo, MirrorUnavailable):
+                raise
+            except ValueError as e:
+                raise HTTPError(400, f"bundle rejected: {e}") from None
+            refs = await shield(git.run(reads.list_refs, mirror.path))
+        finally:
+            await self.ctx.store.in_io(_unlink, path)
+        return _json(request, {"name": mirror.name, "url": mirror.url, "refs": refs})
+
+
+def _head(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(64)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def install(svc: Any) -> None:
-    """Mount this protocol's routes on svc.root and add its services to svc.extra_services."""
+    """Mount the read and code-sync endpoints; their upload pool starts with the tree."""
+    pool = PoolService("sparkcache-upload", 2)
+    app = CodeSyncApp(svc.ctx, svc.reactor, pool.pool)
+    resource = _Remount(app.resource())
+    for segment in SEGMENTS:
+        svc.root.mount(segment, resource)
+    svc.extra_services.append(pool)
