@@ -40,6 +40,20 @@ class JsonErrorChannel(HTTPChannel):
     """Requests twisted.web rejects before routing (header lines over 16 KiB,
     too many headers, malformed request lines) get a JSON error too."""
 
+    _first_bytes_seen = False
+
+    def dataReceived(self, data: bytes) -> None:
+        # A TLS ClientHello on a plain-HTTP listener: skopeo, podman and
+        # docker try https first against an insecure registry. Closing at
+        # once makes them fall back to http now, not after their 10 s
+        # handshake timeout (twisted.web would wait for a request line).
+        if not self._first_bytes_seen and data:
+            self._first_bytes_seen = True
+            if data[:1] == b"\x16" and self.transport is not None:
+                self.transport.loseConnection()
+                return
+        super().dataReceived(data)
+
     def _respondToBadRequestAndDisconnect(self) -> None:
         self._reject(400, b"Bad Request", b"malformed or oversized request")
 
