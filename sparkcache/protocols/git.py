@@ -37,6 +37,8 @@ log = Logger()
 ADVERTISEMENT = b"application/x-git-upload-pack-advertisement"
 RESULT = b"application/x-git-upload-pack-result"
 DEFAULT_MAX_BODY = 64 << 20
+# Seconds during which wants that one upstream fetch did not bring do not start another.
+MISSING_RETRY = 10.0
 _GIT_PROTOCOL = re.compile(r"^[A-Za-z0-9=:._-]{1,256}$")
 # git asks for (and its credential helpers supply) Basic credentials only.
 BASIC_REALM = 'Basic realm="sparkcache"'
@@ -162,6 +164,7 @@ class GitApp:
         git_cfg = ctx.config.git
         self.max_body = getattr(git_cfg, "max_upload_pack_body", DEFAULT_MAX_BODY) or DEFAULT_MAX_BODY
         self.max_path = ctx.config.server.max_path_length
+        self._still_missing: dict[str, tuple[float, frozenset[str]]] = {}
 
     def resource(self) -> IResource:
         return self.app.resource()
@@ -277,11 +280,25 @@ class GitApp:
         missing = await git.run(missing_objects, mirror.path, list(parsed.wants))
         if not missing:
             return
+        now = self.reactor.seconds()
+        recent = self._still_missing.get(mirror.path)
+        if recent is not None and now - recent[0] < MISSING_RETRY and set(missing) <= recent[1]:
+            # The same unknown ids again right after a fetch that did not bring
+            # them: a typo'd or force-pushed-away id must not make every retry
+            # hit the forge.
+            return
         log.info("{repo}: {n} wanted object(s) not in the mirror; fetching upstream", repo=mirror.name, n=len(missing))
         try:
             await _maybe(git.refresh(mirror))
         except Exception as e:
             log.warn("{repo}: refresh for missing objects failed: {why}", repo=mirror.name, why=str(e) or repr(e))
+        still = await git.run(missing_objects, mirror.path, missing)
+        if len(self._still_missing) > 1000:
+            self._still_missing.clear()
+        if still:
+            self._still_missing[mirror.path] = (now, frozenset(still))
+        else:
+            self._still_missing.pop(mirror.path, None)
 
     async def _read_body(self, request: Any) -> bytes:
         length = header(request, b"content-length")
@@ -328,16 +345,25 @@ class GitApp:
                  n=out.written, err=_last_line(stderr))
 
     def _acquire(self, mirror: Mirror) -> Any:
-        acquire = getattr(self.ctx.git, "acquire", None)
-        return acquire(mirror) if acquire is not None else None
+        """Mark a serve in flight, so maintenance does not prune objects under it."""
+        git = self.ctx.git
+        serving = getattr(git, "serving", None)
+        if serving is not None:
+            cm = serving(mirror)
+            cm.__enter__()
+            return cm
+        acquire = getattr(git, "acquire", None)
+        if acquire is not None:
+            acquire(mirror)
+        return None
 
     def _release(self, mirror: Mirror, token: Any) -> None:
+        if token is not None:
+            token.__exit__(None, None, None)
+            return
         release = getattr(self.ctx.git, "release", None)
         if release is not None:
-            try:
-                release(mirror) if token is None else release(mirror, token)
-            except TypeError:
-                release(mirror)
+            release(mirror)
 
     async def refuse_push(self, request: Any, name: str) -> bytes:
         self.ctx.auth.require(request, "read")

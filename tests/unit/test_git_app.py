@@ -177,7 +177,11 @@ async def test_unknown_object_is_a_remote_error(server: Any, tmp_path: Path) -> 
     assert (await run_git("clone", "-q", f"{server.url}/git/app", str(c))).returncode == 0
     p = await run_git("fetch", "-q", "origin", "e" * 40, cwd=c)
     assert p.returncode != 0
-    assert "remote error" in p.stderr or "not our ref" in p.stderr, p.stderr
+    assert "remote error" in p.stderr and "not our ref" in p.stderr, p.stderr
+    assert server.mirrors.refreshes == 1
+    # Asking again right away does not send another fetch upstream.
+    p = await run_git("fetch", "-q", "origin", "e" * 40, cwd=c)
+    assert p.returncode != 0 and "not our ref" in p.stderr
     assert server.mirrors.refreshes == 1
 
 
