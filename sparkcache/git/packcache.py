@@ -183,6 +183,9 @@ class PackCache:
         self.spawn: Callable[..., Deferred[int]] | None = None
         self.extra_config: dict[str, str] | None = None
         self.computed = 0
+        git_config = getattr(getattr(ctx, "config", None), "git", None)
+        # ``git.pack_cache: false`` turns it off (every clone runs upload-pack).
+        self.enabled = bool(getattr(git_config, "pack_cache", True))
 
     @property
     def _store(self) -> Any:
@@ -191,7 +194,7 @@ class PackCache:
     async def serve(self, request: Any, mirror: Any, body: bytes, parsed: Any, git_protocol: str | None) -> bool:
         """Answer ``request`` from the cache (or by computing and storing the pack);
         return False, having written nothing, when the request is not cacheable."""
-        if not isinstance(parsed, UploadRequest) or not cacheable(parsed):
+        if not self.enabled or not isinstance(parsed, UploadRequest) or not cacheable(parsed):
             return False
         state = await self.ctx.git.run(ref_state, mirror.path)
         key = cache_key(mirror, parsed, state)
