@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import zlib
-from typing import IO, Any, Callable
+from typing import IO, Any
 from urllib.parse import parse_qs
 
 from klein import Klein
@@ -384,15 +384,14 @@ class GitApp:
             raise HTTPError(400, "give the upstream as ?repo=URL (and optionally &name=NAME)")
         name = _param(query, "name") or None
         git = self.git
+        known = {m.url for m in git.mirrors()} if hasattr(git, "mirrors") else set()
         try:
-            result = await _maybe(git.register(name, url))
+            mirror = await _maybe(git.register(name, url))
         except (UnknownRepo, MirrorUnavailable):
             raise
         except ValueError as e:
             raise HTTPError(409 if "already registered" in str(e) else 400, str(e)) from None
-        mirror, created = result if isinstance(result, tuple) else (result, True)
-        if not isinstance(mirror, Mirror):
-            mirror = git.lookup(getattr(mirror, "name", name or url))
+        created = mirror.url not in known
         # Clone now, so the first clone through the cache finds a warm mirror;
         # a failure is logged and retried on first use.
         warm = ensureDeferred(_maybe(git.ensure(mirror)))
@@ -455,16 +454,14 @@ def _json(request: Any, obj: Any) -> bytes:
     return json.dumps(obj, default=str).encode() + b"\n"
 
 
-def _build_mirrors(svc: Any) -> Any:
-    try:
-        from sparkcache.git import mirrors as mirrors_mod
-    except ImportError:
-        log.warn("sparkcache.git.mirrors is not available: git mirroring disabled")
-        return None, []
-    factory: Callable[..., Any] | None = getattr(mirrors_mod, "build", None)
-    if factory is not None:
-        return factory(svc)
-    return None, []
+def _build_mirrors(svc: Any) -> tuple[Any, list[Any]]:
+    from sparkcache.git.config import GitConfig
+    from sparkcache.git.mirrors import Mirrors
+
+    config = svc.config
+    git_cfg = config.git if config.git is not None else GitConfig()
+    mirrors = Mirrors(git_cfg, config.storage.data_dir, svc.reactor, clock=svc.clock, metrics=svc.metrics)
+    return mirrors, [mirrors.service()]
 
 
 def install(svc: Any) -> None:

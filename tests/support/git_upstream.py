@@ -342,3 +342,30 @@ def git_upstream_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iter
     yield make
     for up in made:
         up.stop()
+
+
+# -- client side -------------------------------------------------------------------
+
+
+def client_env(home: str | os.PathLike[str], extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a git client in a test: a private HOME, no system config, no prompts."""
+    Path(home).mkdir(parents=True, exist_ok=True)
+    return git_env({"HOME": str(home), **(extra or {})})
+
+
+def git_client(*args: str, home: str | os.PathLike[str], cwd: str | os.PathLike[str] | None = None,
+               check: bool = True, timeout: float = 120,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the git client; with ``check``, fail with its stderr on a non-zero exit."""
+    proc = subprocess.run(["git", *args], cwd=cwd, env=client_env(home, env), capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"git {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\n"
+                             f"stderr:\n{proc.stderr}")
+    return proc
+
+
+def git_daemon_config(repos: dict[str, str] | None = None, **git: Any) -> dict[str, Any]:
+    """The ``extra`` for a Daemon with a ``git:`` section; the fetch loop is slowed to
+    an hour unless given, so that tests count only the upstream fetches they cause."""
+    return {"git": {"fetch_interval": "1h", "jitter": "0s", **({"repos": repos} if repos else {}), **git}}
