@@ -10,6 +10,7 @@ import os
 import subprocess
 import tarfile
 from pathlib import Path
+from typing import Any, Sequence
 
 import pytest
 
@@ -202,7 +203,7 @@ def test_archive_matches_ls_tree_and_is_reproducible(repo: dict[str, str]) -> No
     members = _tar_members(a.getvalue())
     assert len(members) == n
     listing = git("ls-tree", "-r", "-t", "-z", "main", cwd=p).split("\0")
-    expected = {}
+    expected: dict[str, tuple[str, int, bytes | str]] = {}
     for line in filter(None, listing):
         meta, path = line.split("\t", 1)
         mode, kind, oid = meta.split()
@@ -253,7 +254,7 @@ def test_archive_equals_git_archive_contents(repo: dict[str, str], tmp_path: Pat
 # -- uploads ------------------------------------------------------------------------------
 
 
-def _tarball(entries: list[tuple[str, str, bytes | str]], gz: bool = True) -> io.BytesIO:
+def _tarball(entries: Sequence[tuple[str, str, Any]], gz: bool = True) -> io.BytesIO:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz" if gz else "w") as tar:
         for kind, name, data in entries:
