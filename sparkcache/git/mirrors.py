@@ -192,6 +192,10 @@ class Mirrors:
         self.start()
         return deferToThreadPool(self.reactor, self.pool, fn, *args)
 
+    def idle(self, mirror: Mirror) -> Deferred[None]:
+        """Fires once the operations queued on this mirror so far are done."""
+        return self._lock(mirror).run(lambda: succeed(None))
+
     def in_flight(self) -> list[Deferred[Any]]:
         """One Deferred per running operation (for a graceful stop)."""
         return [f.join() for f in self._flights.values()]
@@ -408,7 +412,7 @@ class Mirrors:
             heads = remote.list_heads(callbacks=cb)
             advertised = {h.name: str(h.oid) for h in heads
                           if h.name and h.name.startswith("refs/") and not h.name.endswith("^{}")}
-            head_target = next((h.symref_target for h in heads if h.name == "HEAD"), None)
+            head_target = _head_target(heads)
             local = known if known is not None else read_refs(repo)
             if advertised == local:
                 _set_head(repo, head_target)
@@ -444,18 +448,20 @@ class Mirrors:
         os.rename(built, mirror.path)
 
     def _clone_sync(self, mirror: Mirror, creds: Any) -> None:
+        # Not pygit2.clone_repository: with a mirror refspec libgit2's clone guesses
+        # HEAD and adds refs/remotes/origin/HEAD. init + fetch is `git clone --mirror`.
         tmp = self._tmp(mirror)
         target = os.path.join(tmp, "repo.git")
         try:
-            def make_remote(repo: pygit2.Repository, name: str, url: str) -> Any:
-                return repo.remotes.create(name, url, MIRROR_REFSPEC)
-
-            try:
-                repo = pygit2.clone_repository(mirror.url, target, bare=True, remote=make_remote, callbacks=Callbacks(creds))
-            except (pygit2.GitError, ValueError, KeyError) as e:
-                raise FetchError(f"cannot clone {mirror.url}: {e}") from None
+            repo = pygit2.init_repository(target, bare=True)
             try:
                 _configure(repo, mirror.url)
+                remote = repo.remotes["origin"]
+                heads = remote.list_heads(callbacks=Callbacks(creds))
+                remote.fetch(callbacks=Callbacks(creds), prune=FetchPrune.PRUNE)
+                _set_head(repo, _head_target(heads))
+            except (pygit2.GitError, ValueError, KeyError) as e:
+                raise FetchError(f"cannot clone {mirror.url}: {e}") from None
             finally:
                 repo.free()
             self._install(mirror, target)
@@ -546,6 +552,21 @@ def _configure(repo: pygit2.Repository, url: str) -> None:
     for k, v in SERVING_CONFIG.items():
         cfg[k] = v
     _origin(repo, url)
+
+
+def _head_target(heads: list[Any]) -> str | None:
+    """The upstream's default branch: its HEAD symref, or else (servers that do not
+    advertise symrefs) the branch HEAD points at, as ``git clone`` guesses it."""
+    head = next((h for h in heads if h.name == "HEAD"), None)
+    if head is None:
+        return None
+    if head.symref_target:
+        return str(head.symref_target)
+    branches = {h.name: h.oid for h in heads if h.name and h.name.startswith("refs/heads/")}
+    for name in ("refs/heads/main", "refs/heads/master", *sorted(branches)):
+        if branches.get(name) == head.oid:
+            return name
+    return None
 
 
 def _set_head(repo: pygit2.Repository, target: str | None) -> None:

@@ -26,7 +26,7 @@ from sparkcache.git.interfaces import Mirror, UnknownRepo
 
 REGISTRY_FILE = "registry.json"
 _SEGMENT = re.compile(r"^[A-Za-z0-9._-]+$")
-_HOSTPORT = re.compile(r"^[A-Za-z0-9.-]+(?::[0-9]{1,5})?$")
+_HOSTPORT = re.compile(r"^(?!.*\.\.)[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::[0-9]{1,5})?$")
 MAX_SEGMENTS = 8
 
 
@@ -194,7 +194,7 @@ class Registry:
         return self._from_host(allowed.host, allowed.scheme, path, s)
 
     def _from_host(self, host: str, scheme: str, path: str, asked: str) -> tuple[Registration, bool]:
-        segs = path.strip("/").split("/")
+        segs = path.split("/")
         if segs and segs[-1].endswith(".git"):
             segs[-1] = segs[-1][:-4]
         if (not segs or len(segs) > MAX_SEGMENTS

@@ -1,0 +1,172 @@
+"""The fetch loop and maintenance, driven by task.Clock."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+from twisted.internet import reactor, task
+from twisted.internet.defer import Deferred, succeed
+
+from sparkcache.config import load_config_data
+from sparkcache.git.interfaces import Mirror
+from sparkcache.git.loop import FetchLoop, GitService, Maintenance, _Timer
+from sparkcache.git.mirrors import Mirrors
+from tests.unit.test_git_mirrors import Upstream
+
+
+class FakeMirrors:
+    """Records refreshes; each one stays pending until the test fires it."""
+
+    def __init__(self, names: list[str], concurrency: int = 2, jitter: float = 0.0) -> None:
+        self.config = load_config_data({"git": {"fetch_concurrency": concurrency, "jitter": jitter}}, "c", {}).git
+        self._mirrors = [Mirror(n, f"https://h/{n}", f"/nonexistent/{n}") for n in names]
+        self.present = set(names)
+        self.pending: dict[str, Deferred[dict[str, str]]] = {}
+        self.calls: list[str] = []
+
+    def mirrors(self) -> list[Mirror]:
+        return self._mirrors
+
+    def exists(self, m: Mirror) -> bool:
+        return m.name in self.present
+
+    def refresh(self, m: Mirror, clone: bool = True) -> Deferred[dict[str, str]]:
+        assert clone is False  # the loop never clones what nobody asked for
+        self.calls.append(m.name)
+        d: Deferred[dict[str, str]] = Deferred()
+        self.pending[m.name] = d
+        return d
+
+
+def test_bounded_concurrency_and_failures_do_not_stop_the_round() -> None:
+    fm = FakeMirrors(["a", "b", "c", "d", "gone"], concurrency=2)
+    fm.present.discard("gone")
+    loop = FetchLoop(fm, task.Clock())  # type: ignore[arg-type]
+    done = Deferred.fromCoroutine(loop.tick())
+    assert fm.calls == ["a", "b"]  # two at a time
+    fm.pending["a"].errback(RuntimeError("upstream says no"))
+    assert fm.calls == ["a", "b", "c"]
+    fm.pending["b"].callback({})
+    fm.pending["c"].callback({})
+    assert fm.calls == ["a", "b", "c", "d"] and not done.called
+    fm.pending["d"].callback({})
+    assert done.called and loop.failures == 1 and loop.rounds == 1
+    assert "gone" not in fm.calls
+
+
+def test_jitter_spreads_starts_on_the_clock() -> None:
+    fm = FakeMirrors(["a", "b", "c"], concurrency=10, jitter=10.0)
+    clock = task.Clock()
+    loop = FetchLoop(fm, clock, rng=random.Random(7))  # type: ignore[arg-type]
+    Deferred.fromCoroutine(loop.tick())
+    assert fm.calls == []
+    clock.advance(10.0)
+    assert sorted(fm.calls) == ["a", "b", "c"]
+
+
+def test_timer_survives_errors_and_skips_overlapping_ticks() -> None:
+    clock = task.Clock()
+    runs: list[Deferred[None]] = []
+
+    async def body() -> None:
+        d: Deferred[None] = Deferred()
+        runs.append(d)
+        await d
+
+    t = _Timer("t", 30.0, body, clock)
+    t.startService()
+    assert len(runs) == 1  # runs at start
+    clock.advance(30)
+    assert len(runs) == 1  # still running: the tick is skipped
+    runs[0].errback(RuntimeError("boom"))
+    clock.advance(30)
+    assert len(runs) == 2  # the error did not stop the timer
+    runs[1].callback(None)
+    clock.advance(30)
+    assert len(runs) == 3
+    runs[2].callback(None)
+    t.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_loop_with_real_mirrors_fetches_the_good_ones(tmp_path: Path) -> None:
+    ups = {n: Upstream(tmp_path / n, branch="main") for n in ("one", "two", "bad")}
+    cfg = load_config_data({"git": {"repos": {n: u.url for n, u in ups.items()}, "jitter": 0,
+                                    "fetch_concurrency": 2}}, "c", {}).git
+    ms = Mirrors(cfg, str(tmp_path / "data"), reactor)
+    try:
+        for n in ups:
+            await ms.ensure(ms.lookup(n))
+        # "bad" loses its upstream; the others get new commits
+        shutil.rmtree(ups["bad"].bare)
+        tips = {n: ups[n].commit(branch="main", push=True) for n in ("one", "two")}
+        loop = FetchLoop(ms, task.Clock())
+        await loop.tick()
+        assert loop.failures == 1
+        st = {s["name"]: s for s in ms.status()}
+        assert st["bad"]["last_error"] and st["bad"]["cloned"]
+        for n in ("one", "two"):
+            assert st[n]["last_error"] is None
+            assert (await ms.refresh(ms.lookup(n), False))["refs/heads/main"] == tips[n]
+        # a mirror not on disk is not cloned by the loop
+        shutil.rmtree(ms.lookup("one").path)
+        await loop.tick()
+        assert not os.path.exists(ms.lookup("one").path)
+    finally:
+        ms.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_maintenance_runs_fsck_on_its_own_schedule(tmp_path: Path) -> None:
+    calls: list[tuple[str, bool]] = []
+
+    class M:
+        config = load_config_data({"git": {"fsck_interval": "1h", "maintenance_interval": "10m"}}, "c", {}).git
+
+        def mirrors(self) -> list[Mirror]:
+            return [Mirror("a", "https://h/a", "/x/a"), Mirror("b", "https://h/b", "/x/b")]
+
+        def exists(self, m: Mirror) -> bool:
+            return True
+
+        def run(self, fn: Any, *args: Any) -> Deferred[None]:
+            return succeed(None)
+
+        def empty_trash(self) -> None:
+            pass
+
+        def maintain(self, m: Mirror, fsck: bool = False) -> Deferred[dict[str, Any]]:
+            calls.append((m.name, fsck))
+            if m.name == "a":
+                raise RuntimeError("repack failed")
+            return succeed({})
+
+    clock = task.Clock()
+    maint = Maintenance(M(), clock)  # type: ignore[arg-type]
+    await maint.tick()
+    assert calls == [("a", False), ("b", False)]  # no fsck at start-up; a's failure did not stop b
+    clock.advance(600)
+    await maint.tick()
+    assert calls[-1] == ("b", False)
+    clock.advance(3000)
+    await maint.tick()
+    assert calls[-2:] == [("a", True), ("b", True)]
+    clock.advance(600)
+    await maint.tick()
+    assert calls[-1] == ("b", False)
+
+
+@pytest_twisted.ensureDeferred
+async def test_service_starts_and_stops_the_pool(tmp_path: Path) -> None:
+    cfg = load_config_data({"git": {}}, "c", {}).git
+    ms = Mirrors(cfg, str(tmp_path / "data"), reactor, clock=task.Clock())
+    svc = GitService(ms)
+    svc.startService()
+    assert ms.pool.started
+    await svc.stopService()
+    assert not ms.pool.started

@@ -1,0 +1,317 @@
+"""Mirrors against real local upstreams (bare repositories reached through file://)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pygit2
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList
+
+from sparkcache.config import load_config_data
+from sparkcache.git import mirrors as mirrors_mod
+from sparkcache.git.interfaces import IMirrors, MirrorUnavailable
+from sparkcache.git.mirrors import Mirrors
+
+
+def git(*args: str, cwd: Path | str | None = None) -> str:
+    env = {"PATH": os.environ["PATH"], "HOME": "/nonexistent", "GIT_CONFIG_NOSYSTEM": "1",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
+
+
+class Upstream:
+    """A bare repository plus a work tree that pushes to it."""
+
+    def __init__(self, root: Path, branch: str = "trunk") -> None:
+        self.bare = root / "up.git"
+        self.work = root / "work"
+        git("init", "-q", "--bare", "-b", branch, str(self.bare))
+        git("init", "-q", "-b", branch, str(self.work))
+        git("remote", "add", "origin", str(self.bare), cwd=self.work)
+        self.n = 0
+        self.commit()
+        git("tag", "-a", "-m", "v1", "v1", cwd=self.work)
+        git("push", "-q", "origin", "--all", cwd=self.work)
+        git("push", "-q", "origin", "--tags", cwd=self.work)
+
+    @property
+    def url(self) -> str:
+        return f"file://{self.bare}"
+
+    def commit(self, branch: str | None = None, push: bool = False) -> str:
+        self.n += 1
+        (self.work / f"f{self.n}.txt").write_text(f"content {self.n}\n" * 50)
+        git("add", ".", cwd=self.work)
+        git("commit", "-q", "-m", f"commit {self.n}", cwd=self.work)
+        sha = git("rev-parse", "HEAD", cwd=self.work).strip()
+        if push:
+            git("push", "-q", "origin", f"HEAD:{branch or 'trunk'}", cwd=self.work)
+        return sha
+
+    def refs(self) -> dict[str, str]:
+        out = {}
+        for line in git("for-each-ref", "--format=%(objectname) %(refname)", cwd=self.bare).splitlines():
+            sha, name = line.split()
+            out[name] = sha
+        return out
+
+
+@pytest.fixture
+def upstream(tmp_path: Path) -> Upstream:
+    return Upstream(tmp_path / "upstream")
+
+
+@pytest.fixture
+def make_mirrors(tmp_path: Path):
+    made: list[Mirrors] = []
+
+    def make(repos: dict[str, str] | None = None, **git_cfg: object) -> Mirrors:
+        cfg = load_config_data({"git": {"repos": repos or {}, **git_cfg}}, "cache.yaml", {}).git
+        m = Mirrors(cfg, str(tmp_path / "data"), reactor)
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        m.stop()
+
+
+def test_provides_the_interface(make_mirrors) -> None:
+    assert IMirrors.providedBy(make_mirrors())
+
+
+@pytest_twisted.ensureDeferred
+async def test_clone_on_first_use_configured_for_serving(make_mirrors, upstream: Upstream, tmp_path: Path) -> None:
+    ms = make_mirrors({"up": upstream.url})
+    mirror = ms.lookup("up")
+    assert not os.path.exists(mirror.path)
+    assert await ms.ensure(mirror) == mirror
+    repo = pygit2.Repository(mirror.path)
+    assert repo.is_bare
+    assert repo.references["HEAD"].target == "refs/heads/trunk"
+    cfg = git("config", "--list", "--local", cwd=mirror.path)
+    for line in ("remote.origin.fetch=+refs/*:refs/*", "remote.origin.mirror=true", "repack.writebitmaps=true",
+                 "gc.auto=0", "uploadpack.allowfilter=true", "uploadpack.allowreachablesha1inwant=true",
+                 "uploadpack.allowanysha1inwant=false", "core.commitgraph=true", f"remote.origin.url={upstream.url}"):
+        assert line in cfg.splitlines()
+    assert git("for-each-ref", "--format=%(objectname) %(refname)", cwd=mirror.path) == \
+        git("for-each-ref", "--format=%(objectname) %(refname)", cwd=upstream.bare)
+    await ms.maintain(mirror)
+    packs = os.listdir(os.path.join(mirror.path, "objects", "pack"))
+    assert any(p.endswith(".bitmap") for p in packs)
+    assert os.path.exists(os.path.join(mirror.path, "objects", "info", "commit-graph"))
+    assert os.listdir(ms.tmp_dir) == []
+    git("fsck", "--no-dangling", cwd=mirror.path)
+    st = {s["name"]: s for s in ms.status()}["up"]
+    assert st["cloned"] and st["refs"] == 2 and st["size"] > 0 and st["last_error"] is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_refresh_fetches_prunes_and_skips_when_unchanged(make_mirrors, upstream: Upstream, monkeypatch) -> None:
+    ms = make_mirrors({"up": upstream.url})
+    mirror = await ms.ensure(ms.lookup("up"))
+    fetches = []
+    real_fetch = pygit2.remotes.Remote.fetch
+
+    def counting_fetch(self: pygit2.remotes.Remote, *a: object, **kw: object) -> object:
+        fetches.append(1)
+        return real_fetch(self, *a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pygit2.remotes.Remote, "fetch", counting_fetch)
+    assert await ms.refresh(mirror) == upstream.refs()
+    assert fetches == []  # nothing moved: one ref advertisement, no fetch
+
+    upstream.commit(push=True)
+    git("push", "-q", "origin", "HEAD:refs/heads/feature", cwd=upstream.work)
+    tips = await ms.refresh(mirror)
+    assert tips == upstream.refs() and "refs/heads/feature" in tips and len(fetches) == 1
+
+    git("push", "-q", "origin", ":refs/heads/feature", cwd=upstream.work)
+    tips = await ms.refresh(mirror)
+    assert "refs/heads/feature" not in tips and tips == upstream.refs()
+    assert "refs/heads/feature" not in git("for-each-ref", cwd=mirror.path)
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_refreshes_share_one_fetch(make_mirrors, upstream: Upstream, monkeypatch) -> None:
+    ms = make_mirrors({"up": upstream.url})
+    mirror = await ms.ensure(ms.lookup("up"))
+    upstream.commit(push=True)
+    calls = []
+    real = Mirrors._fetch_sync
+
+    def counting(self, *args):
+        calls.append(args[0].name)
+        return real(self, *args)
+
+    monkeypatch.setattr(Mirrors, "_fetch_sync", counting)
+    first, second, third = ms.refresh(mirror), ms.refresh(mirror), ms.refresh(mirror)
+    second.cancel()  # a departing client does not cancel the fetch the others wait for
+    results = await DeferredList([first, second, third], consumeErrors=True)
+    assert calls == ["up"]
+    assert results[0][1] == results[2][1] == upstream.refs()
+    assert not results[1][0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_wiped_data_dir_is_recloned(make_mirrors, upstream: Upstream, tmp_path: Path) -> None:
+    import shutil
+
+    ms = make_mirrors({"up": upstream.url})
+    mirror = await ms.ensure(ms.lookup("up"))
+    await ms.maintain(mirror)
+    shutil.rmtree(tmp_path / "data")
+    await ms.ensure(mirror)
+    assert pygit2.Repository(mirror.path).references["refs/heads/trunk"].target.__str__() == upstream.refs()["refs/heads/trunk"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_unopenable_mirror_is_recloned(make_mirrors, upstream: Upstream) -> None:
+    ms = make_mirrors({"up": upstream.url})
+    mirror = await ms.ensure(ms.lookup("up"))
+    await ms.maintain(mirror)
+    with open(os.path.join(mirror.path, "config"), "w") as f:
+        f.write("[core\n garbage")
+    assert await ms.refresh(mirror) == upstream.refs()
+    git("fsck", cwd=mirror.path)
+    assert len(os.listdir(ms.trash_dir)) == 1
+    await ms.run(ms.empty_trash)
+    assert os.listdir(ms.trash_dir) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_corrupt_pack_fails_fsck_and_is_recloned(make_mirrors, upstream: Upstream) -> None:
+    ms = make_mirrors({"up": upstream.url})
+    mirror = await ms.ensure(ms.lookup("up"))
+    await ms.maintain(mirror)
+    pack_dir = os.path.join(mirror.path, "objects", "pack")
+    pack = next(os.path.join(pack_dir, p) for p in os.listdir(pack_dir) if p.endswith(".pack"))
+    size = os.path.getsize(pack)
+    with open(pack, "r+b") as f:
+        f.seek(size // 2)
+        f.write(b"\xff" * 64)
+    with pytest.raises(subprocess.CalledProcessError):
+        git("fsck", cwd=mirror.path)
+    report = await ms.maintain(mirror, fsck=True)
+    assert report["recloned"] and report["repacked"]
+    git("fsck", cwd=mirror.path)
+    assert git("for-each-ref", "--format=%(objectname) %(refname)", cwd=mirror.path) == \
+        git("for-each-ref", "--format=%(objectname) %(refname)", cwd=upstream.bare)
+
+
+@pytest_twisted.ensureDeferred
+async def test_unreachable_upstream_fails_with_mirror_unavailable(make_mirrors, tmp_path: Path) -> None:
+    ms = make_mirrors({"gone": f"file://{tmp_path}/nowhere.git", "http": "http://127.0.0.1:9/x.git"})
+    for name in ("gone", "http"):
+        with pytest.raises(MirrorUnavailable):
+            await ms.ensure(ms.lookup(name))
+    st = {s["name"]: s for s in ms.status()}
+    assert st["gone"]["last_error"] and not st["gone"]["cloned"]
+    assert not os.path.exists(ms.lookup("gone").path)
+    assert os.listdir(ms.tmp_dir) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_down_keeps_the_mirror(make_mirrors, upstream: Upstream) -> None:
+    ms = make_mirrors({"up": upstream.url})
+    mirror = await ms.ensure(ms.lookup("up"))
+    before = upstream.refs()
+    os.rename(upstream.bare, str(upstream.bare) + ".away")
+    with pytest.raises(MirrorUnavailable):
+        await ms.refresh(mirror)
+    assert await ms.ensure(mirror) == mirror
+    assert git("for-each-ref", "--format=%(objectname) %(refname)", cwd=mirror.path).count("\n") == len(before)
+
+
+@pytest_twisted.ensureDeferred
+async def test_seed_from_bundle_without_upstream(make_mirrors, upstream: Upstream, tmp_path: Path) -> None:
+    ms = make_mirrors()
+    bundle = tmp_path / "all.bundle"
+    git("bundle", "create", str(bundle), "--all", cwd=upstream.work)
+    url = "http://127.0.0.1:9/team/app.git"  # nothing listens there: seeding needs no upstream
+    mirror = await ms.seed(url, str(bundle))
+    assert mirror.name == "127.0.0.1:9/team/app" and ms.lookup(url) == mirror
+    refs = git("for-each-ref", "--format=%(objectname) %(refname)", cwd=mirror.path)
+    assert upstream.refs()["refs/heads/trunk"] in refs
+    assert git("config", "remote.origin.url", cwd=mirror.path).strip() == url
+    assert pygit2.Repository(mirror.path).references["HEAD"].target == "refs/heads/trunk"
+    # an incremental bundle on top of what the mirror has
+    old = upstream.refs()["refs/heads/trunk"]
+    new = upstream.commit()
+    inc = tmp_path / "inc.bundle"
+    git("bundle", "create", str(inc), f"{old}..trunk", cwd=upstream.work)
+    await ms.seed(url, str(inc))
+    assert await ms.missing(mirror, [new, old, "0" * 40]) == ["0" * 40]
+    with pytest.raises(ValueError):
+        await ms.seed(url, str(tmp_path / "not-a-bundle"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_pruning_repack_while_serving(make_mirrors, upstream: Upstream, monkeypatch) -> None:
+    ms = make_mirrors({"up": upstream.url})
+    mirror = await ms.ensure(ms.lookup("up"))
+    await ms.maintain(mirror)
+    seen: list[list[str]] = []
+    real = mirrors_mod.run_git
+
+    def recording(args: list[str], **kw: object) -> object:
+        seen.append(args)
+        return real(args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(mirrors_mod, "run_git", recording)
+    upstream.commit(push=True)
+    await ms.refresh(mirror)
+    with ms.serving(mirror):
+        await ms.maintain(mirror)
+    assert [a for a in seen if a[0] == "repack"][-1][-1] == "--keep-unreachable"
+    upstream.commit(push=True)
+    await ms.refresh(mirror)
+    await ms.maintain(mirror)
+    assert "--keep-unreachable" not in [a for a in seen if a[0] == "repack"][-1]
+    # nothing new: no repack at all
+    n = len(seen)
+    await ms.maintain(mirror)
+    assert not [a for a in seen[n:] if a[0] == "repack"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_stale_locks_are_removed(make_mirrors, upstream: Upstream) -> None:
+    ms = make_mirrors({"up": upstream.url}, stale_lock_age="1m")
+    mirror = await ms.ensure(ms.lookup("up"))
+    await ms.idle(mirror)  # the post-clone repack
+    old = Path(mirror.path) / "refs" / "heads" / "trunk.lock"
+    fresh = Path(mirror.path) / "packed-refs.lock"
+    old.write_text("x")
+    fresh.write_text("x")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    report = await ms.maintain(mirror)
+    assert report["locks_removed"] == 1 and not old.exists() and fresh.exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_runtime_and_allowed_host_registrations_are_saved(make_mirrors, upstream: Upstream, tmp_path: Path) -> None:
+    ms = make_mirrors(allowed_hosts=["git.example"])
+    m1 = ms.lookup("git.example/org/repo")
+    assert m1.url == "https://git.example/org/repo.git"
+    ms.register("tool", "https://git.example/org/tool.git")
+    registry = tmp_path / "data" / "git" / "registry.json"
+
+    def saved() -> bool:
+        return registry.exists() and "tool" in registry.read_text() and "org/repo" in registry.read_text()
+
+    for _ in range(200):
+        if saved():
+            break
+        d: Deferred[None] = Deferred()
+        reactor.callLater(0.01, d.callback, None)
+        await d
+    assert saved()
+    again = make_mirrors(allowed_hosts=["git.example"])
+    assert again.lookup("tool").url == "https://git.example/org/tool.git"
