@@ -252,12 +252,32 @@ class CodeSyncApp:
         m = git.lookup(name)
         return await shield(git.ensure(m))  # type: ignore[no-any-return]
 
+    def guarded(self, mirror: Mirror, d: Deferred[T]) -> Deferred[T]:
+        """Mark ``mirror`` in use until ``d`` fires (no pruning repack meanwhile);
+        the caller waits on a shielded copy, so a departing client does not end
+        the guard while the thread still reads."""
+        git = self.git()
+        acquire, release = getattr(git, "acquire", None), getattr(git, "release", None)
+        if acquire is None or release is None:
+            return shield(d)
+        acquire(mirror)
+
+        def done(r: Any) -> Any:
+            release(mirror)
+            return r
+
+        return shield(d.addBoth(done))
+
+    def on_mirror(self, mirror: Mirror, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        """``fn(mirror.path, *args)`` in the git pool."""
+        return self.guarded(mirror, self.git().run(fn, mirror.path, *args))
+
     async def read(self, mirror: Mirror, fn: Callable[..., T], *args: Any) -> T:
         """``fn(mirror.path, *args)`` in the git pool; when a full commit id is
         unknown (pushed a moment ago), fetch upstream once and try again."""
         git = self.git()
         try:
-            return await shield(git.run(fn, mirror.path, *args))  # type: ignore[no-any-return]
+            return await self.on_mirror(mirror, fn, *args)
         except reads.UnknownRevision as e:
             if not reads.is_full_hex(e.spec.lower()):
                 raise
@@ -265,11 +285,11 @@ class CodeSyncApp:
             await shield(git.refresh(mirror))
         except Exception as e:
             log.info("refresh of {name} for a missing commit failed: {why}", name=mirror.name, why=e)
-        return await shield(git.run(fn, mirror.path, *args))  # type: ignore[no-any-return]
+        return await self.on_mirror(mirror, fn, *args)
 
-    async def cached(self, key: str, build: Callable[[Any], Any], headers: dict[str, str], etag: str,
-                     remote: str = GIT_REMOTE) -> tuple[Entry, str]:
-        """The store entry under ``key``, built once with ``build(spool)`` in the git pool."""
+    async def cached(self, mirror: Mirror, key: str, build: Callable[[str, Any], Any], headers: dict[str, str],
+                     etag: str) -> tuple[Entry, str]:
+        """The store entry under ``key``, built once with ``build(mirror.path, spool)`` in the git pool."""
         store = self.ctx.store
         entry = await store.index.get(key)
         if entry is not None and entry.status == 200:
@@ -279,12 +299,12 @@ class CodeSyncApp:
         async def make() -> Entry:
             spool = store.new_spool()
             try:
-                await self.git().run(build, spool)
+                await self.on_mirror(mirror, build, spool)
             except BaseException:
                 store.discard(spool)
                 raise
             now = self.ctx.clock.seconds()
-            new = Entry(key, remote, key, 200, spool.hexdigest(), spool.size, headers.get("content-type"), headers,
+            new = Entry(key, GIT_REMOTE, key, 200, spool.hexdigest(), spool.size, headers.get("content-type"), headers,
                         now, None, etag, None, now)
             return await store.commit(spool, new)
 
@@ -312,9 +332,8 @@ class CodeSyncApp:
         base = posixpath.basename(mirror.name.rstrip("/")).removesuffix(".git") or "archive"
         filename = f"{base}-{commit[:12]}.tar.gz"
         headers = {"content-type": "application/gzip", "content-disposition": f'attachment; filename="{filename}"'}
-        path = mirror.path
         entry, state = await self.cached(
-            f"archive/{mirror.name}/{commit}.tar.gz", lambda spool: reads.write_archive(path, commit, spool),
+            mirror, f"archive/{mirror.name}/{commit}.tar.gz", lambda path, spool: reads.write_archive(path, commit, spool),
             headers, etag,
         )
         return await respond(request, Hit(entry, state), self.ctx.store, self.ctx.metrics, GIT_REMOTE, filename,
@@ -334,13 +353,12 @@ class CodeSyncApp:
         if _etag_matches(request, etag):
             return _not_modified(request, etag)
         if size > INLINE_MAX:
-            mpath = mirror.path
             entry, state = await self.cached(
-                f"file/{mirror.name}/{blob}", lambda spool: reads.blob_to_file(mpath, blob, spool), {}, etag,
+                mirror, f"file/{mirror.name}/{blob}", lambda path, spool: reads.blob_to_file(path, blob, spool), {}, etag,
             )
             return await respond(request, Hit(entry, state), self.ctx.store, self.ctx.metrics, GIT_REMOTE, path,
                                  sendfile=self.ctx.sendfile)
-        data = await shield(self.git().run(reads.read_blob, mirror.path, blob))
+        data = await self.on_mirror(mirror, reads.read_blob, blob)
         request.setHeader(b"ETag", etag.encode())
         request.setHeader(b"Content-Type", guess_type(path).encode("latin-1"))
         name = posixpath.basename(path).replace('"', "")
@@ -406,7 +424,7 @@ class CodeSyncApp:
             key = f"upload/{upload_id}"
             headers = {"content-type": "application/gzip",
                        "content-disposition": f'attachment; filename="{upload_id}.tar.gz"'}
-            entry, state = await self.cached_upload(key, tree, headers, f'"{upload_id}"')
+            entry, state = await self.cached_upload(key, tree, headers, f'"{upload_id}"', mirror)
         finally:
             await self.in_pool(uploads.discard, tree)
         body = {"id": upload_id, "sha256": entry.digest, "size": entry.size, "files": len(tree.files),
@@ -415,7 +433,8 @@ class CodeSyncApp:
             body["base"] = base_commit
         return _json(request, body, 201 if state == "MISS" else 200)
 
-    async def cached_upload(self, key: str, tree: uploads.Tree, headers: dict[str, str], etag: str) -> tuple[Entry, str]:
+    async def cached_upload(self, key: str, tree: uploads.Tree, headers: dict[str, str], etag: str,
+                            mirror: Mirror | None) -> tuple[Entry, str]:
         store = self.ctx.store
         entry = await store.index.get(key)
         if entry is not None and entry.status == 200:
@@ -424,7 +443,8 @@ class CodeSyncApp:
         async def make() -> Entry:
             spool = store.new_spool()
             try:
-                await self.in_pool(uploads.write_normalized, tree, spool)
+                d = self.in_pool(uploads.write_normalized, tree, spool)
+                await (self.guarded(mirror, d) if mirror is not None else d)
             except BaseException:
                 store.discard(spool)
                 raise
@@ -465,7 +485,7 @@ class CodeSyncApp:
         if bad:
             raise HTTPError(400, f"not a full commit id: {bad[0][:80]!r}")
         mirror = await self.mirror(repo)
-        found = await shield(self.git().run(reads.newest_known, mirror.path, commits))
+        found = await self.on_mirror(mirror, reads.newest_known, commits)
         return _json(request, {"repo": mirror.name, "commit": found,
                                "index": commits.index(found) if found is not None else None})
 
@@ -489,7 +509,7 @@ class CodeSyncApp:
                 raise
             except ValueError as e:
                 raise HTTPError(400, f"bundle rejected: {e}") from None
-            refs = await shield(git.run(reads.list_refs, mirror.path))
+            refs = await self.on_mirror(mirror, reads.list_refs)
         finally:
             await self.ctx.store.in_io(_unlink, path)
         return _json(request, {"name": mirror.name, "url": mirror.url, "refs": refs})
