@@ -425,6 +425,10 @@ class Seen:
     status: int
     authorization: str | None
     host: str | None
+    headers: dict[str, str] = field(default_factory=dict)  # lower-cased names
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name.lower())
 
 
 @dataclass
@@ -474,6 +478,10 @@ class Front:
             return sum(1 for s in self.seen if (method is None or s.method == method) and contains in s.path
                        and (status is None or s.status == status))
 
+    def requests(self, method: str | None = None, contains: str = "") -> list[Seen]:
+        with self.lock:
+            return [s for s in self.seen if (method is None or s.method == method) and contains in s.path]
+
     def describe(self) -> str:
         with self.lock:
             return "\n".join(f"{s.method} {s.path} -> {s.status} auth={'yes' if s.authorization else 'no'}"
@@ -506,7 +514,8 @@ class Front:
             def _record(self, status: int) -> None:
                 with owner.lock:
                     owner.seen.append(Seen(self.command, self.path, status, self.headers.get("Authorization"),
-                                           self.headers.get("Host")))
+                                           self.headers.get("Host"),
+                                           {k.lower(): ", ".join(self.headers.get_all(k) or []) for k in self.headers}))
 
             def _proxy(self) -> None:
                 path = self.path
