@@ -393,11 +393,14 @@ class LocalRegistry:
                 (marker, remote.name, marker)).fetchall()
             return sorted(r[0] for r in rows)
 
-        repos = [r for r in await self._db(q) if r > last]
+        # Names as the client writes them: ``/v2/<remote>/_catalog`` lists ``<remote>/<repo>``.
+        path = request.path.decode("latin-1")
+        prefix = unquote(path[len("/v2/"):-len("_catalog")]) if path.startswith("/v2/") and path.endswith("/_catalog") else ""
+        repos = [prefix + r for r in await self._db(q)]
+        repos = [r for r in repos if r > last]
         page = repos[:n]
         extra = {}
         if len(repos) > n and page:
-            path = request.path.decode("latin-1")
             extra["Link"] = f'<{path}?{urlencode({"n": n, "last": page[-1]})}>; rel="next"'
         return _json(request, {"repositories": page}, extra)
 

@@ -51,8 +51,8 @@ class Router:
                 return await self.local.dispatch(request, self.remote, "/".join(segs[:i]), segs[i:])
         raise AssertionError(rest)
 
-    @app.route("/v2/_catalog/<remote>", methods=["GET"])
-    async def catalog(self, request: Any, remote: str) -> Any:
+    @app.route("/v2/loc/_catalog", methods=["GET"])
+    async def catalog(self, request: Any) -> Any:
         return await self.local.catalog(request, self.remote)
 
 
@@ -244,8 +244,8 @@ async def test_manifest_put_get_tags_and_delete(env):
     assert h(r, "Link") == '</v2/loc/app/tags/list?n=1&last=latest>; rel="next"'
     r, body = await c.req("GET", "/v2/loc/app/tags/list?n=1&last=latest")
     assert json.loads(body)["tags"] == ["v1"] and not r.headers.hasHeader("Link")
-    r, body = await c.req("GET", "/v2/_catalog/loc")
-    assert json.loads(body) == {"repositories": ["app"]}
+    r, body = await c.req("GET", "/v2/loc/_catalog")
+    assert json.loads(body) == {"repositories": ["loc/app"]}
     # Deleting a tag leaves the manifest; deleting by digest removes every tag.
     r, _ = await c.req("DELETE", "/v2/loc/app/manifests/latest")
     assert r.code == 202
