@@ -15,7 +15,7 @@ from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.server import Request, Site
 
 from sparkcache.auth import Authorizer
-from sparkcache.config import Config
+from sparkcache.config import LOCAL_TYPES, Config
 from sparkcache.context import Context
 from sparkcache.fetch import Cache, UpstreamClient
 from sparkcache.metrics import Metrics
@@ -131,6 +131,7 @@ class SparkcacheService(MultiService):
         self.clock = clock or reactor
         self.metrics = Metrics()
         self.store = Store(config.storage.data_dir, reactor, config.storage.max_size)
+        self.store.index.keep_remotes = frozenset(n for n, r in config.remotes.items() if r.type in LOCAL_TYPES)
         self.upstream = UpstreamClient(reactor)
         self.cache = Cache(self.store, self.upstream, self.clock, self.metrics)
         self.sendfile = SendfilePool(reactor) if config.server.sendfile else None

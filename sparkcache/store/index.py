@@ -96,6 +96,8 @@ class Index:
         self._mem: OrderedDict[str, Entry] = OrderedDict()
         self._mem_max = memory_entries
         self._touched: dict[str, float] = {}
+        # Remotes whose bodies exist nowhere else (type: local, oci-local): never LRU-evicted.
+        self.keep_remotes: frozenset[str] = frozenset()
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -206,8 +208,15 @@ class Index:
         return self._run(q)
 
     def lru_blobs(self, limit: int) -> Deferred[list[tuple[str, int]]]:
+        keep = sorted(self.keep_remotes)
+        if not keep:
+            return self._run(lambda: self.db.execute(
+                "SELECT digest, size FROM blobs ORDER BY last_access LIMIT ?", (limit,)
+            ).fetchall())
+        # Bodies that some kept remote still names are never candidates.
         return self._run(lambda: self.db.execute(
-            "SELECT digest, size FROM blobs ORDER BY last_access LIMIT ?", (limit,)
+            "SELECT digest, size FROM blobs WHERE NOT EXISTS (SELECT 1 FROM entries WHERE entries.digest=blobs.digest "
+            f"AND entries.remote IN ({','.join('?' * len(keep))})) ORDER BY last_access LIMIT ?", (*keep, limit)
         ).fetchall())
 
     # -- writes ------------------------------------------------------------
