@@ -323,3 +323,23 @@ async def test_cancel_and_idle_sessions_release_their_spools(env):
     clock.advance(7200)
     await c.req("POST", "/v2/loc/app/blobs/uploads/")
     assert len(local.uploads) == 1  # the idle one was swept
+
+
+@pytest_twisted.ensureDeferred
+async def test_pushed_content_is_never_evicted(env):
+    """Local content exists nowhere else: LRU eviction passes over it, cached bodies go first."""
+    c, _, store, _ = env
+    store.index.keep_remotes = frozenset({"loc"})
+    pushed = await push_blob(c, "app", b"p" * 5000)
+    spool = store.new_spool()
+    spool.write(b"c" * 5000)
+    from sparkcache.store import Entry
+
+    await store.commit(spool, Entry("cache:x", "cache", "x", 200, spool.hexdigest(), 5000, None, {}, 0, None, None,
+                                    None, 0))
+    store.max_size = 1000
+    assert await store.evict() == 1
+    assert await store.index.get("cache:x") is None
+    r, body = await c.req("GET", f"/v2/loc/app/blobs/{pushed}")
+    assert r.code == 200 and body == b"p" * 5000
+    assert await store.evict() == 0  # only kept content left: nothing more to do
