@@ -53,6 +53,12 @@ def oci_error_body(request: Any, status: int, code: str, message: str, detail: A
     return b"" if request.method == b"HEAD" else body
 
 
+# Registry clients (docker, containerd, skopeo) answer a Basic challenge with
+# the credentials they were given, which auth.py accepts (token as password);
+# a Bearer challenge would send them looking for a token endpoint we lack.
+CHALLENGE = 'Basic realm="sparkcache"'
+
+
 def code_for_status(status: int, default: str = "UNAVAILABLE") -> str:
     return {401: "UNAUTHORIZED", 403: "DENIED", 404: "NAME_UNKNOWN", 405: "UNSUPPORTED", 416: "RANGE_INVALID",
             429: "TOOMANYREQUESTS"}.get(status, default)
@@ -60,7 +66,7 @@ def code_for_status(status: int, default: str = "UNAVAILABLE") -> str:
 
 def oci_errors(app: Any) -> None:
     """Render OCIError, HTTPError, AuthError and BadPath raised by ``app``'s handlers in OCI form."""
-    from sparkcache.auth import REALM, AuthError
+    from sparkcache.auth import AuthError
     from sparkcache.web.paths import BadPath
 
     @app.handle_errors(OCIError)
@@ -77,7 +83,7 @@ def oci_errors(app: Any) -> None:
     def _auth(instance: Any, request: Any, failure: Any) -> bytes:
         e = failure.value
         return oci_error_body(request, e.status, "UNAUTHORIZED" if e.status == 401 else "DENIED", e.message, None,
-                              {"WWW-Authenticate": REALM} if e.status == 401 else None)
+                              {"WWW-Authenticate": CHALLENGE} if e.status == 401 else None)
 
     @app.handle_errors(BadPath)
     def _bad_path(instance: Any, request: Any, failure: Any) -> bytes:

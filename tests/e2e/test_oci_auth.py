@@ -1,0 +1,103 @@
+"""Upstream token auth and client auth on a ``type: oci`` remote.
+
+The registry runs with ``auth: token`` behind a small token server that wants
+basic credentials (tests/support/registry.py). The cache learns the Bearer
+challenge from the first 401, gets a token with the remote's credentials
+(from the environment), caches it per scope and retries once; skopeo pulls
+through it. The client's own credentials (a sparkcache read token) are
+checked here and never reach the upstream.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Iterator
+
+import pytest
+
+from tests.support.registry import Front, Registry, build_image, build_index, oci_remote, skopeo
+from tests.support.tools import require_tool
+
+CLIENT_TOKEN = "client-read-token-7f3a"
+
+
+@pytest.fixture(scope="module")
+def reg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
+    require_tool("docker-registry")
+    require_tool("skopeo")
+    work = tmp_path_factory.mktemp("oci-auth")
+    registry = Registry(work / "registry", token_auth=True, credentials=("puller", "s3cret")).start()
+    layout = work / "layout"
+    amd = build_image(layout, "amd", {"a": os.urandom(100_000)}, arch="amd64")
+    arm = build_image(layout, "arm", {"a": os.urandom(100_000)}, arch="arm64")
+    idx = build_index(layout, "multi", [amd, arm])
+    try:
+        registry.push(layout, "multi", "private/app:1")
+        yield SimpleNamespace(registry=registry, idx=idx)
+    finally:
+        registry.stop()
+
+
+@pytest.fixture
+def front(reg: SimpleNamespace) -> Iterator[Front]:
+    f = Front(reg.registry.url).start()
+    yield f
+    f.stop()
+
+
+def _remote(front: Front) -> dict[str, Any]:
+    return {"priv": oci_remote(front.url, credentials={"username": "puller", "password_env": "REG_PASSWORD"})}
+
+
+def test_token_flow_with_basic_credentials(daemon_factory: Any, front: Front, reg: SimpleNamespace,
+                                           tmp_path: Path) -> None:
+    tokens = reg.registry.tokens
+    before = len(tokens.requests)
+    cache = daemon_factory(_remote(front), env={"REG_PASSWORD": "s3cret"})
+    src = f"docker://127.0.0.1:{cache.port}/priv/private/app:1"
+    skopeo("copy", "--all", "--src-tls-verify=false", src, f"oci:{tmp_path / 'out'}:x")
+    raw = skopeo("inspect", "--raw", "--tls-verify=false", src).stdout.encode()
+    assert "sha256:" + hashlib.sha256(raw).hexdigest() == reg.idx.digest
+
+    # One 401 taught the cache the challenge; one token (with our basic
+    # credentials) then served every request of that scope.
+    assert front.count(status=401) == 1, front.describe()
+    mine = tokens.requests[before:]
+    assert len(mine) == 1, mine
+    query, auth = mine[0]
+    assert query["scope"] == ["repository:private/app:pull"] and query["service"] == [tokens.service]
+    assert auth == "Basic " + base64.b64encode(b"puller:s3cret").decode()
+    served = [s for s in front.requests() if s.status == 200]
+    assert served and all((s.authorization or "").startswith("Bearer ") for s in served), front.describe()
+    for blob in {b.digest for b in reg.idx.blobs()}:
+        assert front.count("GET", f"/blobs/{blob}", status=200) == 1, front.describe()
+
+
+def test_client_credentials_checked_here_and_never_forwarded(daemon_factory: Any, front: Front,
+                                                             reg: SimpleNamespace) -> None:
+    cache = daemon_factory(_remote(front), auth={"anonymous_read": False},
+                           env={"REG_PASSWORD": "s3cret", "SPARKCACHE_READ_TOKEN": CLIENT_TOKEN})
+    resp = cache.get("/v2/")
+    assert resp.status == 401 and resp.header("WWW-Authenticate") == 'Basic realm="sparkcache"', resp.describe()
+    assert resp.json()["errors"][0]["code"] == "UNAUTHORIZED"
+    denied = cache.get("/v2/priv/private/app/manifests/1")
+    assert denied.status == 401 and front.count() == 0
+    src = f"docker://127.0.0.1:{cache.port}/priv/private/app:1"
+    raw = skopeo("inspect", "--raw", "--tls-verify=false", "--creds", f"ci:{CLIENT_TOKEN}", src).stdout.encode()
+    assert "sha256:" + hashlib.sha256(raw).hexdigest() == reg.idx.digest
+    basic = base64.b64encode(f"ci:{CLIENT_TOKEN}".encode()).decode()
+    for s in front.requests():
+        assert CLIENT_TOKEN not in (s.authorization or "") and basic not in (s.authorization or ""), front.describe()
+    assert front.count(status=200) >= 1
+
+
+def test_wrong_upstream_credentials_are_denied(daemon_factory: Any, front: Front, reg: SimpleNamespace) -> None:
+    cache = daemon_factory(_remote(front), env={"REG_PASSWORD": "wrong"})
+    resp = cache.get("/v2/priv/private/app/manifests/1")
+    assert resp.status == 403, resp.describe()
+    assert resp.json()["errors"][0]["code"] == "DENIED"
+    assert "wrong" not in resp.body.decode()
