@@ -1,0 +1,124 @@
+"""Registration, allow-listed hosts, GET /repos, tokens, errors and gzip request bodies."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from tests.support.git_upstream import (  # noqa: F401 - fixture
+    GitUpstream,
+    git,
+    git_client,
+    git_daemon_config,
+    git_upstream_factory,
+)
+
+WRITE = "w-7d1c0f5e"
+READ = "r-42b9a3c1"
+AUTH = {"anonymous_read": False, "tokens": [{"name": "ci", "token_env": "T_READ", "scopes": ["read"]},
+                                           {"name": "ops", "token_env": "T_WRITE", "scopes": ["write"]}]}
+TOKENS = {"T_READ": READ, "T_WRITE": WRITE}
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+def up(git_upstream_factory: Any) -> GitUpstream:
+    u: GitUpstream = git_upstream_factory()
+    u.create("tool", files={"tool.py": "print('hi')\n"})
+    return u
+
+
+def test_register_then_clone(up: GitUpstream, daemon_factory: Any, tmp_path: Path) -> None:
+    d = daemon_factory(auth=AUTH, env=TOKENS, extra=git_daemon_config())
+    url = quote(up.url("tool"), safe="")
+    path = f"/git/register?name=tool&repo={url}"
+    assert d.request("POST", path).status == 401
+    r = d.request("POST", path, headers=bearer(READ))
+    assert r.status == 403, r.describe()
+    r = d.request("POST", path, headers=bearer(WRITE))
+    assert r.status == 201, r.describe()
+    assert json.loads(r.body) == {"name": "tool", "url": up.url("tool"), "created": True}
+    # Same registration again: fine, not created.
+    r = d.request("POST", path, headers=bearer(WRITE))
+    assert r.status == 200 and json.loads(r.body)["created"] is False, r.describe()
+    # The name is taken by another URL.
+    r = d.request("POST", f"/git/register?name=tool&repo={quote(up.url('other'), safe='')}", headers=bearer(WRITE))
+    assert r.status == 409 and r.header("Content-Type") == "application/json", r.describe()
+    r = d.request("POST", "/git/register?name=x&repo=ftp%3A%2F%2Fh%2Fr", headers=bearer(WRITE))
+    assert r.status == 400, r.describe()
+
+    home = tmp_path / "home"
+    base = d.url("/git/tool").replace("http://", f"http://ci:{READ}@")
+    git_client("clone", "-q", base, str(tmp_path / "c"), home=home)
+    assert git("rev-parse", "HEAD", cwd=tmp_path / "c") == up.rev("refs/heads/main", "tool")
+    # Without credentials git gets a Basic challenge and (no prompt here) fails.
+    p = git_client("clone", "-q", d.url("/git/tool"), str(tmp_path / "c2"), home=home, check=False)
+    assert p.returncode != 0
+    r = d.get("/git/tool/info/refs?service=git-upload-pack")
+    assert r.status == 401 and "Basic" in (r.header("WWW-Authenticate") or ""), r.describe()
+
+    r = d.get("/repos", headers=bearer(READ))
+    assert r.status == 200, r.describe()
+    repos = {x["name"]: x for x in json.loads(r.body)}
+    assert repos["tool"]["url"] == up.url("tool") and repos["tool"]["cloned"] is True
+    # The registration survives a restart.
+    d.restart()
+    git_client("clone", "-q", base, str(tmp_path / "c3"), home=home)
+
+
+def test_allowed_host_mirrors_on_first_use(up: GitUpstream, daemon_factory: Any, tmp_path: Path) -> None:
+    host = f"127.0.0.1:{up.port}"
+    d = daemon_factory(extra=git_daemon_config(allowed_hosts=[f"http://{host}"]))
+    c = tmp_path / "c"
+    git_client("clone", "-q", d.url(f"/git/{host}/tool.git"), str(c), home=tmp_path / "home")
+    assert git("rev-parse", "HEAD", cwd=c) == up.rev("refs/heads/main", "tool")
+    assert f"{host}/tool" in {x["name"] for x in json.loads(d.get("/repos").body)}
+    # The insteadOf recipe from docs/git.rst
+    home = tmp_path / "home2"
+    git_client("config", "--global", f"url.{d.url('/git/' + host + '/')}.insteadOf", f"http://{host}/", home=home)
+    git_client("clone", "-q", up.url("tool"), str(tmp_path / "c2"), home=home)
+    assert up.count("tool", "git-upload-pack", "POST") == 1, up.describe()
+    # Hosts not on the list are unknown, and never contacted.
+    r = d.get("/git/example.org/org/repo.git/info/refs?service=git-upload-pack")
+    assert r.status == 404 and r.header("Content-Type") == "application/json", r.describe()
+
+
+def test_unknown_repo_and_bad_requests(up: GitUpstream, daemon_factory: Any, tmp_path: Path) -> None:
+    d = daemon_factory(extra=git_daemon_config({"tool": up.url("tool")}))
+    r = d.get("/git/nope/info/refs?service=git-upload-pack")
+    assert r.status == 404 and "error" in json.loads(r.body), r.describe()
+    p = git_client("clone", "-q", d.url("/git/nope"), str(tmp_path / "c"), home=tmp_path / "h", check=False)
+    assert p.returncode != 0 and "not found" in p.stderr, p.stderr
+    r = d.request("POST", "/git/tool/git-upload-pack", body=b"this is not pkt-line")
+    assert r.status == 400 and json.loads(r.body)["status"] == 400, r.describe()
+    r = d.request("POST", "/git/tool/git-upload-pack", body=b"\x1f\x8b garbage", headers={"Content-Encoding": "gzip"})
+    assert r.status == 400, r.describe()
+    r = d.get("/git/tool/git-upload-pack")
+    assert r.status == 405, r.describe()
+    r = d.get("/git/tool/info/refs")  # dumb HTTP
+    assert r.status == 403, r.describe()
+    r = d.request("POST", "/git/refresh?name=nope")
+    assert r.status == 404, r.describe()
+
+
+def test_gzip_request_bodies(up: GitUpstream, daemon_factory: Any, tmp_path: Path) -> None:
+    d = daemon_factory(extra=git_daemon_config({"tool": up.url("tool")}))
+    home = tmp_path / "home"
+    c = tmp_path / "c"
+    git_client("clone", "-q", d.url("/git/tool"), str(c), home=home)
+    # Enough new branch tips that the request (one want line each) exceeds
+    # 1 KiB: git then gzips the request body.
+    for i in range(24):
+        up.commit({f"b{i}.txt": f"{i}\n"}, f"branch {i}", branch=f"b{i}", name="tool")
+    assert d.request("POST", "/git/refresh?name=tool").status == 200
+    p = git_client("-c", "protocol.version=0", "fetch", "origin", cwd=c, home=home,
+                   env={"GIT_TRACE_CURL": "1", "GIT_TRACE_CURL_NO_DATA": "1"})
+    assert "Content-Encoding: gzip" in p.stderr, p.stderr[-3000:]
+    assert git("rev-parse", "origin/b23", cwd=c) == up.rev("refs/heads/b23", "tool")
