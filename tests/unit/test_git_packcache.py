@@ -181,6 +181,13 @@ async def eventually(cond: Callable[[], bool], timeout: float = 20.0) -> None:
     raise AssertionError("condition never became true")
 
 
+async def settled(pc: PackCache) -> None:
+    """Every computation finished, including its clean-up after the commit."""
+    await eventually(lambda: pc.inflight == 0)
+    for d in pc.running():
+        await d
+
+
 async def entries(store: Store) -> list[Any]:
     return list(await store.index.list_remote(REMOTE))
 
@@ -267,7 +274,7 @@ async def test_identical_requests_compute_once(env: Any, tmp_path: Path) -> None
     assert s1 == 200 and first is not None
     assert h1["content-type"] == "application/x-git-upload-pack-result" and h1["x-cache"] == "MISS"
     assert first.endswith(b"0000")
-    await eventually(lambda: env.pc.inflight == 0)
+    await settled(env.pc)
     s2, second, h2 = await deferToThread(post, env.port, v2_fetch(env.head, agent="git/2.45.0"))
     assert s2 == 200 and h2["x-cache"] == "HIT" and h2["cache-control"] == "no-cache"
     assert second == first
@@ -283,7 +290,7 @@ async def test_identical_requests_compute_once(env: Any, tmp_path: Path) -> None
 async def test_v0_side_band_clone_cached(env: Any, tmp_path: Path) -> None:
     s1, first, _ = await deferToThread(post, env.port, v0_fetch(env.head), None)
     assert s1 == 200 and first is not None and first.startswith(b"0008NAK\n")
-    await eventually(lambda: env.pc.inflight == 0)
+    await settled(env.pc)
     _s, second, h = await deferToThread(post, env.port, v0_fetch(env.head, v0_caps_other_agent()), None)
     assert h["x-cache"] == "HIT" and second == first and env.spawns.count == 1
     await deferToThread(check_pack, tmp_path, pack_of(second), env.head)
@@ -301,19 +308,19 @@ async def test_concurrent_requests_share_one_computation(env: Any) -> None:
     assert len(bodies) == 1 and None not in bodies
     assert all(r[0] == 200 for r in results)
     assert env.spawns.count == 1 and metric(env.metrics, "joined") == 3
-    await eventually(lambda: env.pc.inflight == 0)
+    await settled(env.pc)
     assert len(await entries(env.store)) == 1
 
 
 @pytest_twisted.ensureDeferred
 async def test_refs_move_recompute_and_drop_superseded(env: Any) -> None:
     _s, first, _h = await deferToThread(post, env.port, v2_fetch(env.head))
-    await eventually(lambda: env.pc.inflight == 0)
+    await settled(env.pc)
     (old,) = await entries(env.store)
     new_head = await deferToThread(_commit, env.bare, env.head, "three.bin")
     _s, again, h = await deferToThread(post, env.port, v2_fetch(env.head))
     assert h["x-cache"] == "MISS" and env.spawns.count == 2
-    await eventually(lambda: env.pc.inflight == 0)
+    await settled(env.pc)
     (row,) = await entries(env.store)
     assert row.key != old.key, "the pack computed against the old refs is gone"
     _s, latest, h = await deferToThread(post, env.port, v2_fetch(new_head))
@@ -347,7 +354,7 @@ async def test_upload_pack_failure_caches_nothing(env: Any) -> None:
     env.pc.spawn = failing
     status, body, _h = await deferToThread(post, env.port, v2_fetch(env.head))
     assert status == 200 and body is None, "the client must see a broken response, not a clean end"
-    await eventually(lambda: env.pc.inflight == 0)
+    await settled(env.pc)
     assert await entries(env.store) == []
     await eventually(lambda: os.listdir(env.spool) == [])
     env.pc.spawn = real
@@ -365,7 +372,7 @@ async def test_response_without_final_flush_is_not_cached(env: Any) -> None:
     env.pc.spawn = truncated
     status, body, _h = await deferToThread(post, env.port, v2_fetch(env.head))
     assert body is None
-    await eventually(lambda: env.pc.inflight == 0)
+    await settled(env.pc)
     assert await entries(env.store) == []
 
 
@@ -397,7 +404,7 @@ async def test_first_client_leaving_does_not_cancel_computation(env: Any) -> Non
     await eventually(lambda: env.pc.inflight == 1)
     await task.deferLater(reactor, 0.2, lambda: None)  # let the disconnect reach the server
     env.spawns.gate.callback(None)
-    await eventually(lambda: env.pc.inflight == 0)
+    await settled(env.pc)
     assert len(await entries(env.store)) == 1
     _s, _b, h = await deferToThread(post, env.port, v2_fetch(env.head))
     assert h["x-cache"] == "HIT" and env.spawns.count == 1
