@@ -37,7 +37,7 @@ def env(git_upstream_factory: Any, daemon_factory: Any, tmp_path: Path) -> Any:
     return e
 
 
-@pytest.mark.parametrize("version", ["0", "2"])
+@pytest.mark.parametrize("version", ["0", "1", "2"])
 def test_clone(env: Any, tmp_path: Path, version: str) -> None:
     out = tmp_path / "c"
     p = git_client("-c", f"protocol.version={version}", "clone", env.d.url("/git/app.git"), str(out), home=env.home,
