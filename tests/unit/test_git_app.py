@@ -18,6 +18,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -286,3 +287,45 @@ def test_decode_body_limits(tmp_path: Path) -> None:
         decode_body(io.BytesIO(b"x" * 101), "", 100)
     with pytest.raises(ValueError):
         decode_body(io.BytesIO(gzip.compress(b"x" * 100)[:-10]), "gzip", 1000)
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_disconnect_kills_upload_pack(server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    import sparkcache.protocols.git as gitmod
+
+    server.commit({"huge.bin": os.urandom(8 << 20)}, "huge")
+    await server.mirrors.refresh(server.mirrors.lookup("app"))
+    codes: list[int] = []
+    real = gitmod.spawn_upload_pack
+
+    def spy(*a: Any, **kw: Any) -> Deferred[int]:
+        d = real(*a, **kw)
+        d.addCallback(lambda code: codes.append(code) or code)
+        return d
+
+    monkeypatch.setattr(gitmod, "spawn_upload_pack", spy)
+    want = git("rev-parse", "main", cwd=server.upstream)
+    body = (pkt_line("command=fetch\n") + DELIM + pkt_line("no-progress\n") + pkt_line(f"want {want}\n")
+            + pkt_line("done\n") + FLUSH)
+
+    def send_and_hang_up() -> bytes:
+        s = socket.create_connection(("127.0.0.1", server.port.getHost().port), timeout=30)
+        s.sendall(b"POST /git/app/git-upload-pack HTTP/1.1\r\nHost: x\r\nGit-Protocol: version=2\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        got = s.recv(4096)
+        # Reset, rather than a polite FIN, the way a killed CI job goes away.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        s.close()
+        return got
+
+    first = await deferToThread(send_and_hang_up)
+    assert first.startswith(b"HTTP/1.1 200")
+    for _ in range(200):
+        if codes:
+            break
+        await deferLater(reactor, 0.05)
+    # The child was killed (a signal), not left to compute 8 MiB nobody reads.
+    assert codes and codes[0] < 0, codes
+    assert server.mirrors.acquired == server.mirrors.released
