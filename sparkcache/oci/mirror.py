@@ -29,6 +29,7 @@ from sparkcache.context import Context
 from sparkcache.fetch import CacheRequest, Failed, Hit, Live, Result
 from sparkcache.fetch.flight import BodyError
 from sparkcache.fetch.upstream import UpstreamError, discard_body
+from sparkcache.oci.blobs import serve_live_blob
 from sparkcache.oci.config import options_of
 from sparkcache.oci.errors import OCIError
 from sparkcache.oci.names import check_reference, sha256_hex, upstream_name
@@ -258,6 +259,9 @@ class Mirror:
         result = await self.fetch(req, f"repository:{up}:pull")
         if isinstance(result, Failed):
             raise self._failure(remote, result, "BLOB_UNKNOWN", f"blob {digest}")
+        if isinstance(result, Live):
+            return await serve_live_blob(request, result, self.ctx.metrics, remote.name, req.path,
+                                         {"Docker-Content-Digest": digest})
         return await respond(request, result, self.ctx.store, self.ctx.metrics, remote.name, req.path,
                              {"Docker-Content-Digest": digest}, sendfile=self.ctx.sendfile)
 

@@ -436,6 +436,7 @@ class Fault:
     status: int | None = None  # answer this instead of forwarding
     corrupt: bool = False  # flip one byte in the body (digest mismatch)
     redirect: bool = False  # 307 to the same path on the "object storage" host name
+    delay: float = 0.0  # seconds to wait before forwarding (lets concurrent clients pile up)
     times: int | None = None  # lapse after this many uses
 
 
@@ -531,6 +532,8 @@ class Front:
                     if self.command != "HEAD":
                         self.wfile.write(body)
                     return
+                if fault is not None and fault.delay:
+                    time.sleep(fault.delay)
                 if fault is not None and fault.redirect:
                     self._record(307)
                     self.send_response(307)
