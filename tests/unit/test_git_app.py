@@ -302,8 +302,12 @@ async def test_client_disconnect_kills_upload_pack(server: Any, monkeypatch: pyt
 
     def spy(*a: Any, **kw: Any) -> Deferred[int]:
         d = real(*a, **kw)
-        d.addCallback(lambda code: codes.append(code) or code)
-        return d
+
+        def record(code: int) -> int:
+            codes.append(code)
+            return code
+
+        return d.addCallback(record)
 
     monkeypatch.setattr(gitmod, "spawn_upload_pack", spy)
     want = git("rev-parse", "main", cwd=server.upstream)
