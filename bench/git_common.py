@@ -21,6 +21,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -499,3 +500,134 @@ def clone(url: str, dest: Path, timeout: float = 1800, protocol: int = 2) -> dic
 
 def refs_digest(path: Path) -> str:
     return hashlib.sha256(git("for-each-ref", "--format=%(objectname) %(refname)", cwd=path).encode()).hexdigest()
+
+
+# -- an emulated WAN link ------------------------------------------------------------------------------------
+
+WAN_NS = "sparkbench-wan"
+WAN_HOST_IP, WAN_NS_IP = "10.231.7.1", "10.231.7.2"
+
+
+class WanLink:
+    """A network namespace behind a veth pair, rate-limited with ``tc tbf`` both ways,
+    plus ``delay`` of one-way latency added by a relay inside the namespace.
+
+    (``tc netem`` would add the delay in the kernel, but this kernel has no
+    sch_netem; the relay delays each chunk by ``delay`` per direction, which
+    gives every request/response exchange the RTT, while the bandwidth limit
+    stays the kernel's.)"""
+
+    def __init__(self, bench: Bench, rate: str = "50mbit", delay: float = 0.020) -> None:
+        self.bench, self.rate, self.delay = bench, rate, delay
+        self.ns = WAN_NS
+        self.relays: list[subprocess.Popen[bytes]] = []
+        self.up = False
+
+    def _run(self, *cmd: str) -> None:
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise BenchError(f"{' '.join(cmd)}: {p.stderr.strip()}")
+
+    def start(self) -> "WanLink":
+        self.stop()
+        self.bench.on_cleanup(self.stop)
+        self.up = True
+        r = self._run
+        r("ip", "netns", "add", self.ns)
+        r("ip", "link", "add", "sbwan0", "type", "veth", "peer", "name", "sbwan1")
+        r("ip", "link", "set", "sbwan1", "netns", self.ns)
+        r("ip", "addr", "add", f"{WAN_HOST_IP}/30", "dev", "sbwan0")
+        r("ip", "link", "set", "sbwan0", "up")
+        r("ip", "netns", "exec", self.ns, "ip", "addr", "add", f"{WAN_NS_IP}/30", "dev", "sbwan1")
+        r("ip", "netns", "exec", self.ns, "ip", "link", "set", "sbwan1", "up")
+        r("ip", "netns", "exec", self.ns, "ip", "link", "set", "lo", "up")
+        # ~1 ms of burst at the rate, and up to 200 ms of queue: a plain shaped link
+        tbf = ["tbf", "rate", self.rate, "burst", "16kb", "latency", "200ms"]
+        r("tc", "qdisc", "add", "dev", "sbwan0", "root", *tbf)
+        r("ip", "netns", "exec", self.ns, "tc", "qdisc", "add", "dev", "sbwan1", "root", *tbf)
+        return self
+
+    def relay(self, listen_port: int, target_port: int) -> None:
+        """Inside the namespace: WAN_NS_IP:listen_port → 127.0.0.1:target_port, delayed."""
+        cmd = ["ip", "netns", "exec", self.ns, sys.executable, str(Path(__file__).resolve()), "relay",
+               WAN_NS_IP, str(listen_port), "127.0.0.1", str(target_port), str(self.delay)]
+        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        self.relays.append(p)
+        import socket
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection((WAN_NS_IP, listen_port), timeout=1):
+                    return
+            except OSError:
+                if time.monotonic() > deadline or p.poll() is not None:
+                    raise BenchError("the WAN relay did not start") from None
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        for p in self.relays:
+            if p.poll() is None:
+                p.terminate()
+                p.wait(10)
+        self.relays = []
+        subprocess.run(["ip", "link", "del", "sbwan0"], capture_output=True)
+        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
+        self.up = False
+
+
+def _relay_main(listen_host: str, listen_port: int, host: str, port: int, delay: float) -> None:
+    import asyncio
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(maxsize=512)
+
+        async def read() -> None:
+            while True:
+                data = await reader.read(65536)
+                await q.put((loop.time() + delay, data))
+                if not data:
+                    return
+
+        async def write() -> None:
+            while True:
+                due, data = await q.get()
+                wait = due - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                if not data:
+                    if writer.can_write_eof():
+                        writer.write_eof()
+                    return
+                writer.write(data)
+                await writer.drain()
+
+        try:
+            await asyncio.gather(read(), write())
+        except (ConnectionError, OSError):
+            pass
+
+    async def handle(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        try:
+            ur, uw = await asyncio.open_connection(host, port)
+        except OSError:
+            cw.close()
+            return
+        await asyncio.gather(pipe(cr, uw), pipe(ur, cw))
+        for w in (cw, uw):
+            w.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(handle, listen_host, listen_port)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(main())
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 7 and sys.argv[1] == "relay":
+        _relay_main(sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), float(sys.argv[6]))
+    else:
+        print("usage: git_common.py relay LISTEN_HOST LISTEN_PORT HOST PORT DELAY_S", file=sys.stderr)
+        sys.exit(2)

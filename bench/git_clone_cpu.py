@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""Git scenario (a): server CPU seconds per warm full clone.
+
+One large generated repository (see git_common.build_repo) served two ways:
+``git http-backend`` behind nginx + fcgiwrap (the reference), and sparkcache
+mirroring that upstream. After warm-up (mirror cloned, one clone through the
+cache so the pack cache holds the pack), each run is one ``git clone --bare``
+from each server, alternating; the CPU of each server's whole process tree
+(nginx, fcgiwrap, http-backend, upload-pack, pack-objects; the daemon and its
+upload-pack children) is read from /proc before and after. The clone's own
+CPU (index-pack on the client) is not counted. Goal: sparkcache/reference
+<= 0.3x.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+from common import (Bench, BenchError, apply_quick, base_parser, fmt_size, median, print_summary, print_table, ratio,
+                    run_main, summary_row, wait_for_quiet)
+from git_common import GitDaemon, HttpBackend, build_repo, clone, copy_repo, describe_repo, settle_cpu
+
+NAME = "git_clone_cpu"
+GOAL = 0.3
+
+
+def main() -> int:
+    p = base_parser(__doc__ or NAME, "(3,000 commits, 2 runs)")
+    p.add_argument("--commits", type=int, default=None, help="commits in the generated repo (default 30000)")
+    p.add_argument("--files", type=int, default=None, help="files in the generated repo (default 3000)")
+    p.add_argument("--runs", type=int, default=None, help="timed clones per server (default 3)")
+    args = p.parse_args()
+    apply_quick(args, {"commits": 3000, "files": 300, "runs": 2}, {"commits": 30000, "files": 3000, "runs": 3})
+
+    with Bench(NAME, args) as b:
+        src = build_repo(args.commits, args.files, log=b.log)
+        repo_info = describe_repo(src)
+        b.log(f"repository: {repo_info['commits']:,} commits, {repo_info['objects']:,} objects, "
+              f"pack {fmt_size(repo_info['pack_bytes'])}")
+        root = b.path("repos")
+        root.mkdir()
+        copy_repo(src, root / "bench.git")
+        up = HttpBackend(b, root).start()
+        daemon = GitDaemon(b, {"repos": {"bench": up.url("bench.git")}, "fetch_interval": "1h"}).start()
+        spark_url, up_url = daemon.git_url("bench"), up.url("bench.git")
+
+        b.log("warming: a clone from the upstream, then the mirror and the pack cache through sparkcache")
+        clones = b.path("clones")
+        ref = clone(up_url, clones / "ref")
+        t_first = settle_cpu([daemon.pid])
+        first = clone(spark_url, clones / "first")
+        first["server_cpu_s"] = settle_cpu([daemon.pid]) - t_first
+        if first["head"] != ref["head"]:
+            raise BenchError(f"clone through sparkcache has HEAD {first['head']}, upstream {ref['head']}")
+        b.log(f"first clone through sparkcache (mirror clone + pack computation): {first['seconds']:.1f}s, "
+              f"daemon CPU {first['server_cpu_s']:.1f}s")
+        shutil.rmtree(clones)
+
+        wait_for_quiet(60, log=b.log)
+        rows, results = [], {"http-backend": [], "sparkcache": []}
+        pids = {"http-backend": up.pids, "sparkcache": lambda: [daemon.pid]}
+        urls = {"http-backend": up_url, "sparkcache": spark_url}
+        for i in range(args.runs):
+            for who in ("http-backend", "sparkcache"):
+                c0 = settle_cpu(pids[who]())
+                r = clone(urls[who], clones / f"{who}-{i}")
+                r["server_cpu_s"] = settle_cpu(pids[who]()) - c0
+                shutil.rmtree(clones / f"{who}-{i}")
+                if r["head"] != ref["head"]:
+                    raise BenchError(f"{who} run {i + 1}: HEAD {r['head']}, expected {ref['head']}")
+                results[who].append(r)
+                rows.append([str(i + 1), who, f"{r['server_cpu_s']:.2f}", f"{r['seconds']:.1f}"])
+                b.log(f"run {i + 1} {who}: server CPU {r['server_cpu_s']:.2f}s, clone {r['seconds']:.1f}s")
+        print_table(f"{NAME}: warm full clone (git clone --bare), {fmt_size(repo_info['pack_bytes'])} pack",
+                    ["run", "server", "server CPU s", "clone wall s"], rows)
+        s_cpu = median(r["server_cpu_s"] for r in results["sparkcache"])
+        u_cpu = median(r["server_cpu_s"] for r in results["http-backend"])
+        rat = ratio(s_cpu, u_cpu)
+        summary = [
+            summary_row("server CPU per warm full clone, median", "s", s_cpu, "http-backend", u_cpu,
+                        f"<= {GOAL}x", rat is not None and rat <= GOAL),
+            summary_row("clone wall time, median", "s", median(r["seconds"] for r in results["sparkcache"]),
+                        "http-backend", median(r["seconds"] for r in results["http-backend"]), "-", None),
+            summary_row("first clone through sparkcache: daemon CPU", "s", first["server_cpu_s"], "", None, "-", None,
+                        note="mirror clone from upstream + one upload-pack run"),
+        ]
+        print_summary(f"{NAME} summary (median of {args.runs})", summary)
+        m = daemon.metrics()
+        pack = {k: v for k, v in m.items() if 'remote="git-packs"' in k}
+        daemon.stop()
+        b.write_results({
+            "params": {"commits": args.commits, "files": args.files, "runs": args.runs,
+                       "client": "git clone --bare (protocol v2)",
+                       "reference": "nginx 2 workers + fcgiwrap 16 children + git http-backend"},
+            "repository": repo_info,
+            "runs": results,
+            "first_clone_through_sparkcache": first,
+            "summary": summary,
+            "checks": {"pack_cache_metrics": pack, "daemon_exit_status": daemon.exit_status,
+                       "daemon_log_problems": daemon.log_problems()[:20]},
+        })
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
