@@ -48,7 +48,10 @@ class Router:
         segs = segs[1:]
         for i, s in enumerate(segs):
             if s in ("manifests", "blobs", "tags") and i > 0:
-                return await self.local.dispatch(request, self.remote, "/".join(segs[:i]), segs[i:])
+                tail = segs[i:]
+                if tail == ["blobs", "uploads"]:
+                    tail.append("")
+                return await self.local.dispatch(request, self.remote, "/".join(segs[:i]), tail)
         raise AssertionError(rest)
 
     @app.route("/v2/loc/_catalog", methods=["GET"])
@@ -343,3 +346,16 @@ async def test_pushed_content_is_never_evicted(env):
     r, body = await c.req("GET", f"/v2/loc/app/blobs/{pushed}")
     assert r.code == 200 and body == b"p" * 5000
     assert await store.evict() == 0  # only kept content left: nothing more to do
+
+
+@pytest_twisted.ensureDeferred
+async def test_session_finished_by_one_put_with_the_whole_body(env):
+    """containerd's pusher: POST for a session, then PUT the whole blob to its Location."""
+    c, _, _, _ = env
+    data = b"z" * 300_000
+    r, _ = await c.req("POST", "/v2/loc/app/blobs/uploads")  # no trailing slash either
+    assert r.code == 202 and h(r, "Location").startswith("/v2/loc/app/blobs/uploads/")
+    r, _ = await c.req("PUT", f"{h(r, 'Location')}?digest={sha(data)}", data)
+    assert r.code == 201 and h(r, "Location") == f"/v2/loc/app/blobs/{sha(data)}"
+    r, body = await c.req("GET", f"/v2/loc/app/blobs/{sha(data)}")
+    assert body == data
