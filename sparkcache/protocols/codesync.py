@@ -46,6 +46,9 @@ INLINE_MAX = 1 << 20
 MAX_JSON = 1 << 20
 MAX_NEGOTIATE = 10_000
 MAX_BUNDLE = 16 << 30
+# Seconds during which a commit id that one upstream fetch did not bring
+# answers 404 without fetching again (as the clone path does).
+MISSING_RETRY = 10.0
 # Entry.remote for what this app stores: '@' cannot start a remote name, so
 # no /api/<remote>/ purge or listing can reach these entries.
 GIT_REMOTE = "@git"
@@ -210,6 +213,8 @@ class CodeSyncApp:
         self.pool = pool
         self.limits = limits or uploads.Limits()
         self.flights = _Flights()
+        # (mirror path, commit id) → when a fetch last failed to bring it.
+        self._missed: dict[tuple[str, str], float] = {}
 
     def resource(self) -> IResource:
         return self.app.resource()
@@ -279,13 +284,25 @@ class CodeSyncApp:
         try:
             return await self.on_mirror(mirror, fn, *args)
         except reads.UnknownRevision as e:
-            if not reads.is_full_hex(e.spec.lower()):
+            spec = e.spec.lower()
+            if not reads.is_full_hex(spec):
+                raise
+            # An id that one fetch did not bring does not start another for a
+            # while: random ids must not turn into a stream of upstream fetches.
+            key, now = (mirror.path, spec), self.ctx.clock.seconds()
+            if now - self._missed.get(key, -MISSING_RETRY) < MISSING_RETRY:
                 raise
         try:
             await shield(git.refresh(mirror))
         except Exception as e:
             log.info("refresh of {name} for a missing commit failed: {why}", name=mirror.name, why=e)
-        return await self.on_mirror(mirror, fn, *args)
+        try:
+            return await self.on_mirror(mirror, fn, *args)
+        except reads.UnknownRevision:
+            if len(self._missed) > 10_000:
+                self._missed.clear()
+            self._missed[key] = self.ctx.clock.seconds()
+            raise
 
     async def cached(self, mirror: Mirror, key: str, build: Callable[[str, Any], Any], headers: dict[str, str],
                      etag: str) -> tuple[Entry, str]:
@@ -414,7 +431,13 @@ class CodeSyncApp:
         if await self.in_pool(_body_size, request.content) > self.limits.body:
             raise HTTPError(413, f"upload larger than {self.limits.body} bytes")
         mirror = await self.mirror(repo) if repo else None
-        tree = await self.in_pool(uploads.parse, request.content, self.ctx.store.spool_dir, self.limits)
+        # The work outlives a client that goes away mid-way (Klein cancels the
+        # handler), so its spool files are always cleaned up by the job itself.
+        body, created = await shield(ensureDeferred(self.process_upload(request.content, mirror, base)))
+        return _json(request, body, 201 if created else 200)
+
+    async def process_upload(self, content: Any, mirror: Mirror | None, base: str | None) -> tuple[dict[str, Any], bool]:
+        tree = await self.in_pool(uploads.parse, content, self.ctx.store.spool_dir, self.limits)
         try:
             base_commit = None
             if mirror is not None:
@@ -427,11 +450,11 @@ class CodeSyncApp:
             entry, state = await self.cached_upload(key, tree, headers, f'"{upload_id}"', mirror)
         finally:
             await self.in_pool(uploads.discard, tree)
-        body = {"id": upload_id, "sha256": entry.digest, "size": entry.size, "files": len(tree.files),
-                "url": f"/uploads/{upload_id}", "created": state == "MISS", "skipped": tree.skipped}
+        body: dict[str, Any] = {"id": upload_id, "sha256": entry.digest, "size": entry.size, "files": len(tree.files),
+                                "url": f"/uploads/{upload_id}", "created": state == "MISS", "skipped": tree.skipped}
         if base_commit is not None:
             body["base"] = base_commit
-        return _json(request, body, 201 if state == "MISS" else 200)
+        return body, state == "MISS"
 
     async def cached_upload(self, key: str, tree: uploads.Tree, headers: dict[str, str], etag: str,
                             mirror: Mirror | None) -> tuple[Entry, str]:
@@ -495,11 +518,16 @@ class CodeSyncApp:
         url = _arg(request, "repo", required=True)
         name = _arg(request, "name")
         assert url is not None
+        self.git()
+        result = await shield(ensureDeferred(self.process_seed(request.content, url, name)))
+        return _json(request, result)
+
+    async def process_seed(self, content: Any, url: str, name: str | None) -> dict[str, Any]:
         git = self.git()
         fd, path = tempfile.mkstemp(dir=self.ctx.store.spool_dir, prefix="seed-", suffix=".bundle")
         os.close(fd)
         try:
-            await self.ctx.store.in_io(_copy_to, request.content, path, MAX_BUNDLE)
+            await self.ctx.store.in_io(_copy_to, content, path, MAX_BUNDLE)
             head = await self.ctx.store.in_io(_head, path)
             if not head.startswith((b"# v2 git bundle\n", b"# v3 git bundle\n")):
                 raise HTTPError(400, "the body is not a git bundle (git bundle create ...)")
@@ -512,7 +540,7 @@ class CodeSyncApp:
             refs = await self.on_mirror(mirror, reads.list_refs)
         finally:
             await self.ctx.store.in_io(_unlink, path)
-        return _json(request, {"name": mirror.name, "url": mirror.url, "refs": refs})
+        return {"name": mirror.name, "url": mirror.url, "refs": refs}
 
 
 def _head(path: str) -> bytes:

@@ -50,6 +50,15 @@ class FakeMirrors:
         self.refreshes = 0
         self.on_refresh: Callable[[], None] | None = None
         self.seeded: list[tuple[str, str]] = []
+        self.serving = 0
+        self.max_serving = 0
+
+    def acquire(self, mirror: Mirror) -> None:
+        self.serving += 1
+        self.max_serving = max(self.max_serving, self.serving)
+
+    def release(self, mirror: Mirror) -> None:
+        self.serving -= 1
 
     def lookup(self, name_or_url: str) -> Mirror:
         path = self.repos.get(name_or_url)
@@ -232,6 +241,9 @@ async def test_branch_contains_and_the_just_pushed_race(server: Server, repo: di
     # Unknown commit: one refresh, still unknown → 404.
     code, _, body = await server.req("GET", f"/branch-contains?repo=race&branch=main&commit={'a' * 40}")
     assert code == 404 and server.mirrors.refreshes == 1
+    # Asked again at once: no second fetch for the same unknown id.
+    code, _, body = await server.req("GET", f"/file?repo=race&branch={'a' * 40}&path=README.md")
+    assert code == 404 and server.mirrors.refreshes == 1
     # A commit pushed upstream a moment ago: the refresh brings it in, and it answers.
     server.mirrors.on_refresh = lambda: git("fetch", "-q", repo["work"], f"{repo['late']}:refs/heads/late",
                                             cwd=str(mirror))
@@ -276,6 +288,7 @@ async def test_archive_built_once_then_served_from_the_store(server: Server, rep
         assert h.getRawHeaders("content-type") == ["application/gzip"]
         bodies.add(body)
     assert len(builds) == 1 and len(bodies) == 1
+    assert server.mirrors.serving == 0 and server.mirrors.max_serving >= 1
     body = bodies.pop()
     files = git("ls-tree", "-r", "--name-only", "main", cwd=repo["path"]).splitlines()
     members = _members(body)
@@ -330,6 +343,7 @@ async def test_upload_round_trip_and_dedupe(server: Server, repo: dict[str, str]
     assert code == 400 and "tar" in json.loads(body)["error"]
     code, _, _ = await server.req("POST", "/upload?repo=app", tarball, **AUTH)
     assert code == 400
+    assert os.listdir(server.store.spool_dir) == []
 
 
 @pytest_twisted.ensureDeferred
