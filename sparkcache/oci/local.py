@@ -87,7 +87,8 @@ class LocalRegistry:
         if options is not None and hasattr(options, "allows") and not options.allows(repo):
             raise OCIError("DENIED", f"repository {repo!r} is not allowed in {remote.name!r}", 403)
         base = _base(request, tail)
-        reading = method in (b"GET", b"HEAD")
+        # Upload sessions belong to pushers, even for a status GET.
+        reading = method in (b"GET", b"HEAD") and tail[:2] != ["blobs", "uploads"]
         authorize(self.ctx, request, "read" if reading else "write",
                   f"repository:{_client_prefix(base, repo)}{repo}:{'pull' if reading else 'pull,push'}")
         if len(tail) == 2 and tail[0] == "manifests":
