@@ -329,6 +329,7 @@ class GitApp:
 
         done.addCallback(ended)
         code = await status
+        self._count("advertise" if advertise else "upload-pack", code, out.written)
         if code == 0 or getattr(request, "_disconnected", False):
             return
         if out.written == 0:
@@ -343,6 +344,14 @@ class GitApp:
         # git shows that message. A pack cut short is caught by git's checksum.
         log.info("{repo}: upload-pack exited {code} after {n} bytes: {err}", repo=mirror.name, code=code,
                  n=out.written, err=_last_line(stderr))
+
+    def _count(self, kind: str, code: int, written: int) -> None:
+        metrics = getattr(self.ctx, "metrics", None)
+        if metrics is None:
+            return
+        metrics.response("git", kind if code == 0 else "error")
+        if written:
+            metrics.bytes_counter("git", "mirror")(written)
 
     def _acquire(self, mirror: Mirror) -> Any:
         """Mark a serve in flight, so maintenance does not prune objects under it."""

@@ -43,3 +43,6 @@ def test_parallel_clones_identical_and_fsck_clean(git_upstream_factory: Any, dae
     assert results[0][0].splitlines()[0] == up.rev("refs/heads/main", "app")
     # The mirror was cloned once for all of them (first use is single-flight).
     assert up.count("app", "git-upload-pack", "POST") == 1, up.describe()
+    metrics = d.get("/metrics").body.decode()
+    assert f'sparkcache_requests_total{{remote="git",result="advertise"}} {float(CLONES)}' in metrics, metrics
+    assert 'remote="git",result="error"' not in metrics, metrics
