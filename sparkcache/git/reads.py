@@ -271,21 +271,28 @@ def add_member(tar: tarfile.TarFile, ti: tarfile.TarInfo, data: bytes | None) ->
     tar.addfile(ti, io.BytesIO(data) if data is not None else None)
 
 
-def write_archive(repo_path: str, spec: str, out: Any) -> tuple[str, int]:
-    """A reproducible tar.gz of the tree at ``spec`` written to ``out``.
+def write_archive(repo_path: str, spec: str, out: Any, subdir: str = "") -> tuple[str, int]:
+    """A reproducible tar.gz of the tree at ``spec`` (or of its directory
+    ``subdir``, whose contents then sit at the archive's root) written to ``out``.
 
     Entries in git's tree order, mtime = committer time, uid/gid 0, modes
     0644/0755 from git, symlinks as symlinks, submodules as empty
-    directories, and a pax ``comment`` holding the commit id (as ``git
-    archive`` writes it, so ``git get-tar-commit-id`` reads it back).
+    directories, and for a whole tree a pax ``comment`` holding the commit id
+    (as ``git archive`` writes it, so ``git get-tar-commit-id`` reads it back).
     Returns (commit id, number of entries).
     """
     repo = _open(repo_path)
     commit = _resolve(repo, spec)
+    tree = commit.tree
+    if subdir:
+        oid, mode = _entry(repo, commit, subdir)
+        if mode != MODE_TREE:
+            raise ReadError(400, f"{subdir!r} is not a directory; use /file")
+        tree = cast(pygit2.Tree, repo[oid])
     mtime = int(commit.commit_time)
-    tar, gz = open_targz(out, mtime, str(commit.id))
+    tar, gz = open_targz(out, mtime, None if subdir else str(commit.id))
     n = 0
-    for path, mode, oid in walk(repo, commit.tree):
+    for path, mode, oid in walk(repo, tree):
         if mode in (MODE_TREE, MODE_GITLINK):
             add_member(tar, tar_info(path, mode, 0, mtime), None)
         elif mode == MODE_LINK:

@@ -339,19 +339,22 @@ class CodeSyncApp:
     @app.route("/archive", methods=["GET", "HEAD"])
     async def archive(self, request: Any) -> Any:
         self.ctx.auth.require(request, "read")
-        repo, branch, _ = self._target(request)
+        repo, branch, subdir = self._target(request)
         mirror = await self.mirror(repo)
-        commit = await self.read(mirror, reads.resolve, branch)
-        etag = f'"{commit}"'
+        commit, tree, kind = await self.read(mirror, reads.tree_hash, branch, subdir)
+        if kind != "tree":
+            raise HTTPError(400, f"{subdir!r} is not a directory; use /file")
+        # A subdirectory's archive is fixed by the commit (its time) and the tree.
+        etag = f'"{commit}:{tree}"' if subdir else f'"{commit}"'
         request.setHeader(b"X-Git-Commit", commit.encode())
         if _etag_matches(request, etag):
             return _not_modified(request, etag)
-        base = posixpath.basename(mirror.name.rstrip("/")).removesuffix(".git") or "archive"
+        base = posixpath.basename((subdir or mirror.name).rstrip("/")).removesuffix(".git") or "archive"
         filename = f"{base}-{commit[:12]}.tar.gz"
         headers = {"content-type": "application/gzip", "content-disposition": f'attachment; filename="{filename}"'}
+        key = f"archive/{mirror.name}/{commit}/{tree}.tar.gz" if subdir else f"archive/{mirror.name}/{commit}.tar.gz"
         entry, state = await self.cached(
-            mirror, f"archive/{mirror.name}/{commit}.tar.gz", lambda path, spool: reads.write_archive(path, commit, spool),
-            headers, etag,
+            mirror, key, lambda path, spool: reads.write_archive(path, commit, spool, subdir), headers, etag,
         )
         return await respond(request, Hit(entry, state), self.ctx.store, self.ctx.metrics, GIT_REMOTE, filename,
                              sendfile=self.ctx.sendfile)

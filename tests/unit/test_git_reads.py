@@ -393,3 +393,22 @@ def test_incremental_file_replaces_directory(repo: dict[str, str], tmp_path: Pat
         assert "sub" in tree.files and not any(k.startswith("sub/") for k in tree.files)
     finally:
         uploads.discard(tree)
+
+
+def test_archive_of_a_subdirectory_matches_git_archive(repo: dict[str, str], tmp_path: Path) -> None:
+    ours = io.BytesIO()
+    commit, n = reads.write_archive(repo["path"], "main", ours, "sub")
+    assert commit == repo["second"]
+    theirs = subprocess.run(["git", "archive", "--format=tar", "main:sub"], cwd=repo["path"], capture_output=True,
+                            check=True, env=git_env()).stdout
+    with tarfile.open(fileobj=io.BytesIO(theirs)) as tar:
+        expected = {m.name.rstrip("/") for m in tar}
+    members = _tar_members(ours.getvalue())
+    assert set(members) == expected == {"dir", "dir/data.bin"} and n == 2
+    assert members["dir/data.bin"][2] == bytes(range(256)) * 10
+    with tarfile.open(fileobj=io.BytesIO(ours.getvalue()), mode="r:gz") as t:
+        assert "comment" not in t.pax_headers  # a tree, not a commit: as git archive does
+    for path, status in (("README", 400), ("nope", 404)):
+        with pytest.raises(reads.ReadError) as e:
+            reads.write_archive(repo["path"], "main", io.BytesIO(), path)
+        assert e.value.status == status

@@ -304,6 +304,14 @@ async def test_archive_built_once_then_served_from_the_store(server: Server, rep
     assert code == 200 and _members(old)["README.md"] == b"# hello\n" and len(builds) == 2
     code, _, _ = await server.req("GET", "/archive?repo=app&branch=nope")
     assert code == 404
+    # A subdirectory: its own entry, ETag commit:tree, contents at the root.
+    code, h, sub = await server.req("GET", "/archive?repo=app&branch=main&path=src/")
+    assert code == 200 and _members(sub) == {"main.py": _blob(repo, "main:src/main.py")}
+    assert h.getRawHeaders("etag") == [f'"{repo["second"]}:{_rev(repo, "main:src")}"'] and len(builds) == 3
+    code, _, _ = await server.req("GET", "/archive?repo=app&branch=main&path=README.md")
+    assert code == 400
+    code, _, _ = await server.req("GET", "/archive?repo=app&branch=main&path=nope")
+    assert code == 404
 
 
 def _tgz(files: dict[str, bytes]) -> bytes:
