@@ -82,7 +82,7 @@ def sha256_hex(digest: str, code: str = "DIGEST_INVALID") -> str:
 
 
 def check_reference(ref: str) -> str:
-    """'tag' or 'digest'; MANIFEST_INVALID-free reasons for bad references."""
+    """'tag' or 'digest'; a malformed reference is MANIFEST_UNKNOWN (404), so containerd tries its next host."""
     if is_digest(ref):
         sha256_hex(ref)
         return "digest"
