@@ -167,7 +167,7 @@ class Mirrors:
         self._locks: dict[str, DeferredLock] = {}
         self._flights: dict[str, _Flight] = {}
         self._state: dict[str, MirrorState] = {}
-        self._saving = False
+        self._creds: dict[str, Any] = {}
         pygit2.settings.server_connect_timeout = CONNECT_TIMEOUT_MS
         pygit2.settings.server_timeout = IO_TIMEOUT_MS
 
@@ -252,7 +252,7 @@ class Mirrors:
                 "size": st.size,
                 "refs": len(st.refs) if st.refs is not None else None,
                 "fetching": st.fetching,
-                "credentials": describe(self.config.credentials_for(reg.name, reg.url)),
+                "credentials": describe(self._credentials(m)),
             })
         return out
 
@@ -274,6 +274,13 @@ class Mirrors:
             self.release(mirror)
 
     # -- operations -----------------------------------------------------------------
+
+    def _credentials(self, mirror: Mirror) -> Any:
+        try:
+            return self._creds[mirror.path]
+        except KeyError:
+            c = self._creds[mirror.path] = self.config.credentials_for(mirror.name, mirror.url)
+            return c
 
     def _lock(self, mirror: Mirror) -> DeferredLock:
         lock = self._locks.get(mirror.path)
@@ -306,7 +313,7 @@ class Mirrors:
             st = self.state(mirror)
             st.fetching = True
             known = dict(st.refs) if st.refs is not None else None
-            creds = self.config.credentials_for(mirror.name, mirror.url)
+            creds = self._credentials(mirror)
             d = self._exclusive(mirror, self._fetch_sync, mirror, creds, known, clone)
 
             def done(result: Any) -> Any:
@@ -373,7 +380,7 @@ class Mirrors:
         # Pruning drops unreachable objects, which an upload-pack in flight may still send.
         prune = st.serving == 0
         repack = st.dirty or st.last_repack is None
-        creds = self.config.credentials_for(mirror.name, mirror.url)
+        creds = self._credentials(mirror)
         d = self._exclusive(mirror, self._maintain_sync, mirror, creds, repack, prune, fsck)
 
         def done(report: dict[str, Any]) -> dict[str, Any]:

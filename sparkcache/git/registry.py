@@ -88,6 +88,7 @@ class Registry:
         self.file = os.path.join(git_dir, REGISTRY_FILE)
         self._repos: dict[str, Registration] = {}
         self._by_key: dict[str, str] = {}
+        self._mirrors: dict[Registration, Mirror] = {}
         self._version = 0
         self._saved_version = 0
         self._save_lock = threading.Lock()
@@ -155,7 +156,11 @@ class Registry:
         return self._repos.get(name) if name else None
 
     def mirror(self, reg: Registration) -> Mirror:
-        return Mirror(reg.name, reg.url, self.path_for(reg))
+        # Cached: the fetch loop asks for every mirror each round.
+        m = self._mirrors.get(reg)
+        if m is None:
+            m = self._mirrors[reg] = Mirror(reg.name, reg.url, self.path_for(reg))
+        return m
 
     def path_for(self, reg: Registration) -> str:
         # The URL is part of the hash: a repo re-pointed at another URL in the
