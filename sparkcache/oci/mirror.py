@@ -259,6 +259,10 @@ class Mirror:
         result = await self.fetch(req, f"repository:{up}:pull")
         if isinstance(result, Failed):
             raise self._failure(remote, result, "BLOB_UNKNOWN", f"blob {digest}")
+        if isinstance(result, Live) and request.method == b"HEAD":
+            # Never 200 on HEAD unless the GET would succeed: wait for the verified body.
+            entry, _ = await self._entry(remote, result, "BLOB_UNKNOWN", f"blob {digest}")
+            result = Hit(entry, "MISS")
         if isinstance(result, Live):
             return await serve_live_blob(request, result, self.ctx.metrics, remote.name, req.path,
                                          {"Docker-Content-Digest": digest})

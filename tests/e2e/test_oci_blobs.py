@@ -103,6 +103,8 @@ def test_digest_mismatch_aborts_the_client_and_keeps_nothing(cache: Any, front: 
         skopeo("copy", "--src-tls-verify=false", f"docker://127.0.0.1:{cache.port}/hub/heavy/app:1",
                f"oci:{tmp_path / 'bad'}:x")
     assert cache.get(f"/v2/hub/heavy/app/blobs/{small.digest}").status == 502
+    # Nor does a HEAD say 200 for a blob that fails verification.
+    assert cache.head(f"/v2/hub/heavy/app/blobs/{small.digest}").status == 502
 
 
 def test_range_on_a_cold_blob(cache: Any, front: Front, reg: SimpleNamespace) -> None:
