@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -73,14 +74,42 @@ def git_env() -> dict[str, str]:
     }
 
 
+# git children running for maintenance and seeding, so that a stopping daemon
+# can end them instead of waiting for a long repack.
+_children: set[subprocess.Popen[bytes]] = set()
+_children_lock = threading.Lock()
+
+
 def run_git(args: list[str], cwd: str | None = None, timeout: float = GIT_TIMEOUT) -> subprocess.CompletedProcess[bytes]:
     """Run git from a pool thread (never on the reactor); raise on a non-zero exit."""
-    proc = subprocess.run(["git", *args], cwd=cwd, env=git_env(), capture_output=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(["git", *args], cwd=cwd, env=git_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    with _children_lock:
+        _children.add(proc)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise RuntimeError(f"git {args[0]} took longer than {timeout:.0f}s") from None
+    finally:
+        with _children_lock:
+            _children.discard(proc)
     if proc.returncode != 0:
-        err = proc.stderr.decode("utf-8", "replace").strip()[-2000:]
-        raise RuntimeError(f"git {args[0]} exited {proc.returncode}: {err}")
-    return proc
+        msg = err.decode("utf-8", "replace").strip()[-2000:]
+        raise RuntimeError(f"git {args[0]} exited {proc.returncode}: {msg}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def terminate_children() -> None:
+    """SIGTERM every git child (git removes its temporary files on TERM)."""
+    with _children_lock:
+        procs = list(_children)
+    for p in procs:
+        try:
+            p.terminate()
+        except OSError:
+            pass
 
 
 def read_refs(repo: pygit2.Repository) -> dict[str, str]:
@@ -164,7 +193,11 @@ class Mirrors:
         for problem in self.registry.load():
             log.warn("git registry: {problem}", problem=problem)
         self.pool = ThreadPool(minthreads=0, maxthreads=max(config.threads, config.fetch_concurrency) + 1, name="sparkcache-git")
+        # _locks: operations that change refs or replace the repository (clone, fetch,
+        # seed, fsck + re-clone); _mlocks: repack and commit-graph, which git lets run
+        # beside a fetch, so a long repack never delays a fetch for a just-pushed commit.
         self._locks: dict[str, DeferredLock] = {}
+        self._mlocks: dict[str, DeferredLock] = {}
         self._flights: dict[str, _Flight] = {}
         self._state: dict[str, MirrorState] = {}
         self._creds: dict[str, Any] = {}
@@ -179,6 +212,7 @@ class Mirrors:
 
     def stop(self) -> None:
         if self.pool.started:
+            terminate_children()
             self.pool.stop()
 
     def service(self) -> Any:
@@ -194,7 +228,8 @@ class Mirrors:
 
     def idle(self, mirror: Mirror) -> Deferred[None]:
         """Fires once the operations queued on this mirror so far are done."""
-        return self._lock(mirror).run(lambda: succeed(None))
+        d = self._lock(mirror).run(lambda: succeed(None))
+        return d.addCallback(lambda _: self._lock(mirror, self._mlocks).run(lambda: succeed(None)))
 
     def in_flight(self) -> list[Deferred[Any]]:
         """One Deferred per running operation (for a graceful stop)."""
@@ -282,10 +317,11 @@ class Mirrors:
             c = self._creds[mirror.path] = self.config.credentials_for(mirror.name, mirror.url)
             return c
 
-    def _lock(self, mirror: Mirror) -> DeferredLock:
-        lock = self._locks.get(mirror.path)
+    def _lock(self, mirror: Mirror, locks: dict[str, DeferredLock] | None = None) -> DeferredLock:
+        locks = self._locks if locks is None else locks
+        lock = locks.get(mirror.path)
         if lock is None:
-            lock = self._locks[mirror.path] = DeferredLock()
+            lock = locks[mirror.path] = DeferredLock()
         return lock
 
     def _exclusive(self, mirror: Mirror, fn: Callable[..., T], *args: Any) -> Deferred[T]:
@@ -376,27 +412,32 @@ class Mirrors:
     def maintain(self, mirror: Mirror, fsck: bool = False) -> Deferred[dict[str, Any]]:
         """Repack (bitmaps, commit-graph) when new objects arrived, remove stale
         locks, and with ``fsck`` check the mirror, re-cloning it when corrupt."""
+        return Deferred.fromCoroutine(self._maintain(mirror, fsck))
+
+    async def _maintain(self, mirror: Mirror, fsck: bool) -> dict[str, Any]:
         st = self.state(mirror)
+        report: dict[str, Any] = {}
+        if fsck:
+            report = await self._exclusive(mirror, self._fsck_sync, mirror, self._credentials(mirror))
+            st.last_fsck = self.clock.seconds()
+            if report.get("recloned"):
+                st.refs = report["refs"]
+                st.last_error = None
+        repack = st.dirty or st.last_repack is None or bool(report.get("recloned"))
         # Pruning drops unreachable objects, which an upload-pack in flight may still send.
         prune = st.serving == 0
-        repack = st.dirty or st.last_repack is None
-        creds = self._credentials(mirror)
-        d = self._exclusive(mirror, self._maintain_sync, mirror, creds, repack, prune, fsck)
-
-        def done(report: dict[str, Any]) -> dict[str, Any]:
-            now = self.clock.seconds()
-            if report.get("repacked"):
-                st.dirty, st.last_repack = False, now
-            if fsck:
-                st.last_fsck = now
-            if report.get("size") is not None:
-                st.size = report["size"]
-            if report.get("recloned"):
-                st.refs = report.get("refs")
-                st.last_error = None
-            return report
-
-        return d.addCallback(done)
+        st.dirty = False  # a fetch landing during the repack sets it again
+        try:
+            more = await self._lock(mirror, self._mlocks).run(self.run, self._repack_sync, mirror.path, repack, prune)
+        except BaseException:
+            st.dirty = st.dirty or repack
+            raise
+        if more.get("repacked"):
+            st.last_repack = self.clock.seconds()
+        if more.get("size") is not None:
+            st.size = more["size"]
+        report.update(more)
+        return report
 
     # -- in the pool ----------------------------------------------------------------------
 
@@ -510,21 +551,22 @@ class Mirrors:
         log.info("git: seeded {name} from a bundle", name=mirror.name)
         return self._result(mirror.path, changed=True)
 
-    def _maintain_sync(self, mirror: Mirror, creds: Any, repack: bool, prune: bool, fsck: bool) -> dict[str, Any]:
-        path = mirror.path
+    def _fsck_sync(self, mirror: Mirror, creds: Any) -> dict[str, Any]:
+        if not is_repo(mirror.path):
+            return {}
+        try:
+            run_git(["fsck", "--no-dangling", "--no-progress"], cwd=mirror.path)
+            return {"fsck": "ok"}
+        except RuntimeError as e:
+            log.warn("git: {name} failed fsck ({why}); re-cloning", name=mirror.name, why=str(e)[:500])
+        self._clone_sync(mirror, creds)
+        return {"fsck": "failed", "recloned": True, "refs": self._result(mirror.path).refs}
+
+    def _repack_sync(self, path: str, repack: bool, prune: bool) -> dict[str, Any]:
         report: dict[str, Any] = {}
         if not is_repo(path):
             return report
         report["locks_removed"] = remove_stale_locks(path, self.config.stale_lock_age)
-        if fsck:
-            try:
-                run_git(["fsck", "--no-dangling", "--no-progress"], cwd=path)
-            except (RuntimeError, subprocess.TimeoutExpired) as e:
-                log.warn("git: {name} failed fsck ({why}); re-cloning", name=mirror.name, why=str(e)[:500])
-                self._clone_sync(mirror, creds)
-                report["recloned"] = True
-                report["refs"] = self._result(path).refs
-                repack = True
         if repack:
             args = ["repack", "-a", "-d", "-b", "-q", "--write-midx"]
             if not prune:

@@ -315,3 +315,29 @@ async def test_runtime_and_allowed_host_registrations_are_saved(make_mirrors, up
     assert saved()
     again = make_mirrors(allowed_hosts=["git.example"])
     assert again.lookup("tool").url == "https://git.example/org/tool.git"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_long_repack_does_not_delay_a_fetch(make_mirrors, upstream: Upstream, monkeypatch) -> None:
+    import threading
+
+    ms = make_mirrors({"up": upstream.url})
+    mirror = await ms.ensure(ms.lookup("up"))
+    await ms.idle(mirror)
+    release = threading.Event()
+    real = Mirrors._repack_sync
+
+    def slow(self: Mirrors, *args: object) -> object:
+        release.wait(30)
+        return real(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Mirrors, "_repack_sync", slow)
+    upstream.commit(push=True)
+    repack = ms.maintain(mirror)
+    try:
+        tips = await ms.refresh(mirror)  # would hang until the timeout if it queued behind the repack
+        assert tips == upstream.refs() and not repack.called
+    finally:
+        release.set()
+    assert (await repack)["repacked"]
+    git("fsck", cwd=mirror.path)
