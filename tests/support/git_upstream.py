@@ -369,3 +369,58 @@ def git_daemon_config(repos: dict[str, str] | None = None, **git: Any) -> dict[s
     """The ``extra`` for a Daemon with a ``git:`` section; the fetch loop is slowed to
     an hour unless given, so that tests count only the upstream fetches they cause."""
     return {"git": {"fetch_interval": "1h", "jitter": "0s", **({"repos": repos} if repos else {}), **git}}
+
+
+# -- one daemon per test module -------------------------------------------------------
+
+WRITE_TOKEN = "git-test-write-5f0c2a"
+
+
+class GitEnv:
+    """What a test gets from ``git_case``: its own upstream, the module's daemon, a client HOME."""
+
+    def __init__(self, up: GitUpstream, d: Any, home: Path) -> None:
+        self.up, self.d, self.home = up, d, home
+
+    def register(self, repo: str = "app") -> str:
+        """Register the upstream's ``repo`` with the daemon under a fresh name and return
+        that name. The daemon clones it right away: make the upstream commits the test
+        expects in the mirror first."""
+        import json
+        import uuid
+        from urllib.parse import quote
+
+        name = f"{repo}-{uuid.uuid4().hex[:10]}"
+        r = self.d.request("POST", f"/git/register?name={name}&repo={quote(self.up.url(repo), safe='')}",
+                           headers={"Authorization": f"Bearer {WRITE_TOKEN}"})
+        assert r.status == 201, r.describe()
+        assert json.loads(r.body)["name"] == name
+        return name
+
+
+@pytest.fixture(scope="module")
+def git_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One daemon with a git section for a whole test module (a daemon start costs
+    seconds on a loaded machine); tests register their own repositories on it."""
+    from tests.support.daemon import Daemon
+
+    require_tool("git")
+    d = Daemon(tmp_path_factory.mktemp("git-cache"),
+               auth={"tokens": [{"name": "ops", "token_env": "GIT_TEST_WRITE", "scopes": ["write"]}]},
+               env={"GIT_TEST_WRITE": WRITE_TOKEN}, extra=git_daemon_config()).start()
+    yield d
+    d.close()
+
+
+@pytest.fixture
+def git_case(request: pytest.FixtureRequest, git_cache: Any, git_upstream_factory: Callable[..., GitUpstream],
+            tmp_path: Path) -> GitEnv:
+    """A fresh upstream per test plus the module's daemon (whose log a failing test's report shows)."""
+    try:
+        from tests.conftest import _DAEMONS
+        request.node.stash.setdefault(_DAEMONS, []).append(git_cache)
+    except ImportError:  # pragma: no cover
+        pass
+    if not git_cache.running:
+        git_cache.start()
+    return GitEnv(git_upstream_factory(), git_cache, tmp_path / "home")
