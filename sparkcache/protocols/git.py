@@ -251,7 +251,9 @@ class GitApp:
 
     async def upload_pack(self, request: Any, name: str) -> Any:
         self.ctx.auth.require(request, "read")
-        mirror = await self._mirror(name)
+        git = self.git
+        # A bad body is refused before anything is cloned for it.
+        mirror = git.lookup(name)
         git_protocol = git_protocol_of(request)
         version = 2 if is_v2(git_protocol) else 0
         body = await self._read_body(request)
@@ -259,6 +261,7 @@ class GitApp:
             parsed = parse_request(body, version)
         except PktError as e:
             raise HTTPError(400, f"malformed upload-pack request: {e}") from None
+        mirror = await _maybe(git.ensure(mirror))
         if parsed.command == "fetch" and parsed.wants:
             await self._fetch_missing(mirror, parsed)
         out = ResponseConsumer(request, RESULT)
@@ -314,6 +317,8 @@ class GitApp:
 
     async def _run_upload_pack(self, request: Any, mirror: Mirror, out: ResponseConsumer, *, advertise: bool,
                                stdin: bytes, git_protocol: str | None) -> None:
+        if getattr(request, "_disconnected", False):
+            return
         token = self._acquire(mirror)
         stderr = bytearray()
         done = spawn_upload_pack(self.reactor, mirror.path, advertise=advertise, stdin=stdin,
