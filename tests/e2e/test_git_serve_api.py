@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -88,3 +89,21 @@ def test_allowed_host_mirrors_on_first_use(up: GitUpstream, daemon_factory: Any,
     # Hosts not on the list are unknown, and never contacted.
     r = d.get("/git/example.org/org/repo.git/info/refs?service=git-upload-pack")
     assert r.status == 404 and r.header("Content-Type") == "application/json", r.describe()
+
+
+def test_fetch_loop_brings_upstream_commits(up: GitUpstream, daemon_factory: Any, tmp_path: Path) -> None:
+    d = daemon_factory(extra=git_daemon_config({"tool": up.url("tool")}, fetch_interval="1s"))
+    home = tmp_path / "home"
+    c = tmp_path / "c"
+    git_client("clone", "-q", d.url("/git/tool"), str(c), home=home)
+    sha = up.commit({"later.txt": "later\n"}, "later", name="tool")
+    # No refresh call, no fetch by id: the background loop picks the commit up.
+    deadline = time.monotonic() + 60
+    while True:
+        out = git_client("ls-remote", d.url("/git/tool"), "refs/heads/main", home=home).stdout
+        if out.startswith(sha):
+            break
+        assert time.monotonic() < deadline, f"the fetch loop never brought {sha}: {out}\n{up.describe()}"
+        time.sleep(0.2)
+    git_client("pull", "-q", "--ff-only", cwd=c, home=home)
+    assert git("rev-parse", "HEAD", cwd=c) == sha
