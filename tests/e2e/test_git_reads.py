@@ -102,12 +102,14 @@ def test_archive_is_cached_per_commit(env: Any, tmp_path: Path) -> None:
         assert tar.pax_headers.get("comment") == main
     files = cli(up, "ls-tree", "-r", "--name-only", "main").splitlines()
     assert sorted(members) == sorted(files)
-    for f in files:
-        assert members[f] == blob(up, f"main:{f}")
+    for name in files:
+        assert members[name] == blob(up, f"main:{name}")
     again = d.get(f"/archive?repo=app&branch={main}")
     assert again.status == 200 and again.header("X-Cache") == "HIT" and again.body == r.body
     part = d.get("/archive?repo=app&branch=main", {"Range": "bytes=5-14"})
     assert part.status == 206 and part.body == r.body[5:15]
+    head = d.head("/archive?repo=app&branch=main")
+    assert head.status == 200 and head.body == b"" and head.header("Content-Length") == str(len(r.body))
     assert d.get("/archive?repo=app", {"If-None-Match": f'"{main}"'}).status == 304
     # `tar` extracts it like any archive.
     out = tmp_path / "x"

@@ -48,7 +48,7 @@ class FakeMirrors:
         self.root = root
         self.repos: dict[str, str] = {}
         self.refreshes = 0
-        self.on_refresh: Callable[[], None] | None = None
+        self.on_refresh: Callable[[], object] | None = None
         self.seeded: list[tuple[str, str]] = []
         self.serving = 0
         self.max_serving = 0
@@ -109,18 +109,20 @@ class Server:
     async def start(self) -> "Server":
         await self.store.start()
         self.pool.start()
-        self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
-        self.base = f"http://127.0.0.1:{self.port.getHost().port}"
+        self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")  # type: ignore[arg-type]
+        self.base = f"http://127.0.0.1:{self.port.getHost().port}"  # type: ignore[attr-defined]
         return self
 
     async def stop(self) -> None:
-        await self.port.stopListening()
+        stopped = self.port.stopListening()
+        if stopped is not None:
+            await stopped
         await self.http.closeCachedConnections()
         self.pool.stop()
         await self.store.stop()
 
     async def req(self, method: str, path: str, body: bytes | None = None, **headers: str) -> tuple[int, Any, bytes]:
-        hdrs = {k.replace("_", "-"): [v] for k, v in headers.items()}
+        hdrs: Any = {k.replace("_", "-"): [v] for k, v in headers.items()}
         resp = await treq.request(method, self.base + path, data=body, headers=hdrs, pool=self.http)
         return resp.code, resp.headers, await resp.content()
 
