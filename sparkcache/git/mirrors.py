@@ -201,6 +201,8 @@ class Mirrors:
         self._flights: dict[str, _Flight] = {}
         self._state: dict[str, MirrorState] = {}
         self._creds: dict[str, Any] = {}
+        self._building: set[str] = set()
+        self._building_lock = threading.Lock()
         pygit2.settings.server_connect_timeout = CONNECT_TIMEOUT_MS
         pygit2.settings.server_timeout = IO_TIMEOUT_MS
 
@@ -240,8 +242,10 @@ class Mirrors:
     def lookup(self, name_or_url: str) -> Mirror:
         reg, created = self.registry.resolve(name_or_url)
         if created:
-            log.info("git: registered {name} ({url}) on first use", name=reg.name, url=reg.url)
-            self._save_registry()
+            # Saved once its first clone succeeds (see refresh): a name that does
+            # not exist upstream must not stay registered, or anonymous clients
+            # could grow the registry without bound.
+            log.info("git: {name} ({url}) on an allow-listed host, first use", name=reg.name, url=reg.url)
         return self.registry.mirror(reg)
 
     def register(self, name: str | None, url: str) -> Mirror:
@@ -359,6 +363,9 @@ class Mirrors:
                 if isinstance(result, Failure):
                     st.last_error = result.getErrorMessage()
                     log.warn("git: fetching {name} failed: {why}", name=mirror.name, why=st.last_error)
+                    if self.registry.forget_unused_host(mirror.name):
+                        self._state.pop(mirror.path, None)
+                        self._save_registry()
                     if not result.check(MirrorUnavailable):
                         result = Failure(FetchError(f"{mirror.name}: {st.last_error}"))
                     flight.fire(result)
@@ -373,6 +380,8 @@ class Mirrors:
                         st.dirty = True
                 if result.cloned:
                     self._after_clone(mirror)
+                    if self.registry.dirty():
+                        self._save_registry()
                 flight.fire(dict(result.refs))
                 return None
 
@@ -423,7 +432,8 @@ class Mirrors:
             if report.get("recloned"):
                 st.refs = report["refs"]
                 st.last_error = None
-        repack = st.dirty or st.last_repack is None or bool(report.get("recloned"))
+        # Only mirrors that received objects: a restart must not repack them all.
+        repack = st.dirty or bool(report.get("recloned"))
         # Pruning drops unreachable objects, which an upload-pack in flight may still send.
         prune = st.serving == 0
         st.dirty = False  # a fetch landing during the repack sets it again
@@ -484,7 +494,15 @@ class Mirrors:
 
     def _tmp(self, mirror: Mirror) -> str:
         os.makedirs(self.tmp_dir, exist_ok=True)
-        return tempfile.mkdtemp(prefix=os.path.basename(mirror.path) + ".", dir=self.tmp_dir)
+        tmp = tempfile.mkdtemp(prefix=os.path.basename(mirror.path) + ".", dir=self.tmp_dir)
+        with self._building_lock:
+            self._building.add(os.path.basename(tmp))
+        return tmp
+
+    def _done_building(self, tmp: str) -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        with self._building_lock:
+            self._building.discard(os.path.basename(tmp))
 
     def _install(self, mirror: Mirror, built: str) -> None:
         """Move a complete repository into place; the one it replaces goes to trash/."""
@@ -515,7 +533,7 @@ class Mirrors:
             self._install(mirror, target)
             log.info("git: cloned {name} from {url}", name=mirror.name, url=mirror.url)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            self._done_building(tmp)
 
     def _seed_sync(self, mirror: Mirror, bundle_path: str) -> FetchResult:
         bundle = os.path.abspath(bundle_path)
@@ -547,7 +565,7 @@ class Mirrors:
                 repo.free()
             self._install(mirror, target)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            self._done_building(tmp)
         log.info("git: seeded {name} from a bundle", name=mirror.name)
         return self._result(mirror.path, changed=True)
 
@@ -578,10 +596,13 @@ class Mirrors:
         return report
 
     def empty_trash(self) -> None:
-        """Remove replaced mirrors and abandoned clones (blocking: call in the pool)."""
+        """Remove replaced mirrors and clones abandoned by a crash (blocking: call in the pool)."""
         for d in (self.trash_dir, self.tmp_dir):
             if os.path.isdir(d):
                 for entry in os.listdir(d):
+                    with self._building_lock:
+                        if entry in self._building:
+                            continue  # a clone in progress
                     shutil.rmtree(os.path.join(d, entry), ignore_errors=True)
 
 

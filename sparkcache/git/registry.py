@@ -240,6 +240,20 @@ class Registry:
         self._add(reg)
         return reg, True
 
+    def forget_unused_host(self, name: str) -> bool:
+        """Drop a first-use registration on an allow-listed host that never got a
+        mirror (the repository does not exist upstream, or is not reachable)."""
+        reg = self._repos.get(name)
+        if reg is None or reg.source != "host" or os.path.isdir(self.path_for(reg)):
+            return False
+        del self._repos[name]
+        self._mirrors.pop(reg, None)
+        key = url_key(reg.url)
+        if self._by_key.get(key) == name:
+            del self._by_key[key]
+        self._version += 1
+        return True
+
     def _check(self, name: str, url: str, source: str) -> None:
         try:
             if "/" in name:

@@ -6,6 +6,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pygit2
 import pytest
@@ -17,6 +18,7 @@ from sparkcache.config import load_config_data
 from sparkcache.git import mirrors as mirrors_mod
 from sparkcache.git.interfaces import IMirrors, MirrorUnavailable
 from sparkcache.git.mirrors import Mirrors
+from tests.support.git_upstream import GitUpstream
 
 
 def git(*args: str, cwd: Path | str | None = None) -> str:
@@ -295,26 +297,44 @@ async def test_stale_locks_are_removed(make_mirrors, upstream: Upstream) -> None
     assert report["locks_removed"] == 1 and not old.exists() and fresh.exists()
 
 
-@pytest_twisted.ensureDeferred
-async def test_runtime_and_allowed_host_registrations_are_saved(make_mirrors, upstream: Upstream, tmp_path: Path) -> None:
-    ms = make_mirrors(allowed_hosts=["git.example"])
-    m1 = ms.lookup("git.example/org/repo")
-    assert m1.url == "https://git.example/org/repo.git"
-    ms.register("tool", "https://git.example/org/tool.git")
-    registry = tmp_path / "data" / "git" / "registry.json"
-
-    def saved() -> bool:
-        return registry.exists() and "tool" in registry.read_text() and "org/repo" in registry.read_text()
-
-    for _ in range(200):
-        if saved():
-            break
+async def wait_for(predicate: Any, timeout: float = 10.0) -> None:
+    for _ in range(int(timeout / 0.01)):
+        if predicate():
+            return
         d: Deferred[None] = Deferred()
         reactor.callLater(0.01, d.callback, None)
         await d
-    assert saved()
-    again = make_mirrors(allowed_hosts=["git.example"])
-    assert again.lookup("tool").url == "https://git.example/org/tool.git"
+    raise AssertionError("condition not met in time")
+
+
+@pytest_twisted.ensureDeferred
+async def test_registrations_are_saved_only_once_they_work(make_mirrors, tmp_path: Path) -> None:
+    up = GitUpstream(tmp_path / "http-upstream").start()
+    try:
+        up.create("app")
+        host = f"127.0.0.1:{up.port}"
+        ms = make_mirrors(allowed_hosts=[f"http://{host}", "http://127.0.0.1:9"])
+        registry = tmp_path / "data" / "git" / "registry.json"
+        # a repository that does not exist: not kept, not saved
+        ghost = ms.lookup(f"{host}/nobody/ghost.git")
+        with pytest.raises(MirrorUnavailable):
+            await ms.ensure(ghost)
+        assert ghost.name not in [m.name for m in ms.mirrors()]
+        with pytest.raises(MirrorUnavailable):
+            await ms.ensure(ms.lookup("127.0.0.1:9/org/unreachable"))
+        assert [s["name"] for s in ms.status()] == []
+        # one that exists: cloned, then saved
+        app = ms.lookup(f"{host}/app")
+        assert app.url == up.url("app") and app.name == f"{host}/app"
+        await ms.ensure(app)
+        ms.register("tool", "https://git.example/org/tool.git")
+        await wait_for(lambda: registry.exists() and "tool" in registry.read_text() and f"{host}/app" in registry.read_text())
+        assert "ghost" not in registry.read_text() and "unreachable" not in registry.read_text()
+        again = make_mirrors(allowed_hosts=[f"http://{host}"])
+        assert again.lookup("tool").url == "https://git.example/org/tool.git"
+        assert again.lookup(up.url("app")) == app
+    finally:
+        up.stop()
 
 
 @pytest_twisted.ensureDeferred
@@ -333,6 +353,8 @@ async def test_a_long_repack_does_not_delay_a_fetch(make_mirrors, upstream: Upst
 
     monkeypatch.setattr(Mirrors, "_repack_sync", slow)
     upstream.commit(push=True)
+    await ms.refresh(mirror)  # new objects: the next maintenance repacks
+    upstream.commit(push=True)
     repack = ms.maintain(mirror)
     try:
         tips = await ms.refresh(mirror)  # would hang until the timeout if it queued behind the repack
@@ -341,3 +363,14 @@ async def test_a_long_repack_does_not_delay_a_fetch(make_mirrors, upstream: Upst
         release.set()
     assert (await repack)["repacked"]
     git("fsck", cwd=mirror.path)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_restart_does_not_repack_every_mirror(make_mirrors, upstream: Upstream) -> None:
+    ms = make_mirrors({"up": upstream.url})
+    mirror = await ms.ensure(ms.lookup("up"))
+    await ms.idle(mirror)
+    ms.stop()
+    again = make_mirrors({"up": upstream.url})
+    report = await again.maintain(again.lookup("up"))
+    assert "repacked" not in report and report["size"] > 0
