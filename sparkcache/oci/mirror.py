@@ -121,7 +121,7 @@ class Mirror:
         return OCIError("UNAVAILABLE", f"{what}: {f.message}", f.status if f.status >= 500 else 502)
 
     async def _entry(self, remote: RemoteConfig, result: Result, unknown: str, what: str) -> tuple[Entry, str]:
-        """The committed entry behind a result (waiting for a small body to be complete)."""
+        """The committed entry behind a result (waiting until the body is complete and verified)."""
         if isinstance(result, Failed):
             raise self._failure(remote, result, unknown, what)
         if isinstance(result, Hit):
