@@ -20,7 +20,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 from klein import Klein
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -294,6 +294,8 @@ class CodeSyncApp:
                 raise
         try:
             await shield(git.refresh(mirror))
+        except CancelledError:
+            raise
         except Exception as e:
             log.info("refresh of {name} for a missing commit failed: {why}", name=mirror.name, why=e)
         try:
