@@ -363,14 +363,21 @@ class Mirrors:
                 if isinstance(result, Failure):
                     st.last_error = result.getErrorMessage()
                     log.warn("git: fetching {name} failed: {why}", name=mirror.name, why=st.last_error)
+                    self._count("error")
                     if self.registry.forget_unused_host(mirror.name):
                         self._state.pop(mirror.path, None)
+                        self._creds.pop(mirror.path, None)
+                        for locks in (self._locks, self._mlocks):
+                            lock = locks.get(mirror.path)
+                            if lock is not None and not lock.locked and not lock.waiting:
+                                del locks[mirror.path]
                         self._save_registry()
                     if not result.check(MirrorUnavailable):
                         result = Failure(FetchError(f"{mirror.name}: {st.last_error}"))
                     flight.fire(result)
                     return None
                 st.last_error = None
+                self._count("cloned" if result.cloned else "fetched" if result.changed else "unchanged")
                 if not result.missing:
                     st.refs = result.refs
                     if result.size is not None:
@@ -387,6 +394,11 @@ class Mirrors:
 
             d.addBoth(done)
         return flight.join()
+
+    def _count(self, result: str) -> None:
+        # One label for all mirrors: a per-repo label would make a thousand series.
+        if self.metrics is not None:
+            self.metrics.upstream("git", result)
 
     def _after_clone(self, mirror: Mirror) -> None:
         # Bitmaps and the commit-graph make the first clones from the cache cheap;
