@@ -201,6 +201,7 @@ class HttpBackend:
         self.sock = bench.path(f"fcgiwrap-{name}.sock")
         self.fcgi_children = fcgi_children
         self.fcgi: subprocess.Popen[bytes] | None = None
+        self.group: CpuGroup | None = None
         server = f"""
     server {{
         listen {listen}:{self.port};
@@ -241,6 +242,10 @@ class HttpBackend:
             time.sleep(0.05)
         os.chmod(self.sock, 0o777)  # nginx workers run as nobody
         self.nginx.start()
+        self.group = CpuGroup.make(self.bench, self.name)
+        if self.group is not None:
+            for pid in self.pids():
+                self.group.add_tree(pid)
         return self
 
     def url(self, repo: str) -> str:
@@ -255,7 +260,8 @@ class HttpBackend:
         return out
 
     def cpu(self) -> float:
-        return tree_cpu(self.pids())
+        """CPU seconds used by the whole server so far (read once it is quiet)."""
+        return self.group.seconds() if self.group is not None else settle_cpu(self.pids())
 
     def stop(self) -> None:
         self.nginx.stop()
@@ -321,6 +327,7 @@ class GitDaemon(Daemon):
         super().__init__(bench, {}, name=name, storage=storage)
         self.git_section = git_section
         self.extra_env = env or {}
+        self.group: CpuGroup | None = None
 
     def config(self) -> dict[str, Any]:
         cfg = super().config()
@@ -338,10 +345,17 @@ class GitDaemon(Daemon):
                 os.environ.update(old)
         else:
             super().start(timeout)
+        self.start_group()
         return self
 
+    def start_group(self) -> None:
+        self.group = CpuGroup.make(self.bench, self.dir.name)
+        if self.group is not None:
+            self.group.add_tree(self.pid)
+
     def cpu(self) -> float:
-        return tree_cpu([self.pid])
+        """CPU seconds used by the daemon and its upload-pack children so far."""
+        return self.group.seconds() if self.group is not None else settle_cpu([self.pid])
 
     def git_url(self, name: str) -> str:
         return self.url(f"/git/{name}")
@@ -375,6 +389,51 @@ def tree_cpu(roots: list[int]) -> float:
             except (OSError, IndexError, ValueError):
                 pass
     return total / tck
+
+
+class CpuGroup:
+    """A cgroup-v1 ``cpuacct`` group: the CPU of every process ever in it, reaped or not.
+
+    fcgiwrap lets the kernel reap its CGI children (their CPU never reaches any
+    parent's cutime), so /proc accounting under-counts http-backend, upload-pack
+    and pack-objects; a cgroup counts them all. Processes are moved in after
+    they start; whatever they fork afterwards is born inside."""
+
+    ROOT = Path("/sys/fs/cgroup/cpuacct")
+
+    def __init__(self, bench: Bench, name: str) -> None:
+        self.path = self.ROOT / f"sparkbench-{name}-{os.getpid()}"
+        self.path.mkdir()
+        bench.on_cleanup(self.remove)
+
+    @classmethod
+    def make(cls, bench: Bench, name: str) -> "CpuGroup | None":
+        try:
+            return cls(bench, name)
+        except OSError as e:
+            bench.log(f"no cpuacct cgroup ({e}); falling back to /proc accounting, which misses reaped CGI children")
+            return None
+
+    def add_tree(self, pid: int) -> None:
+        for p in [pid, *_descendants(pid)]:
+            try:
+                (self.path / "cgroup.procs").write_text(f"{p}\n")
+            except OSError:
+                pass  # gone meanwhile
+
+    def seconds(self) -> float:
+        return int((self.path / "cpuacct.usage").read_text()) / 1e9
+
+    def remove(self) -> None:
+        try:
+            for p in (self.path / "cgroup.procs").read_text().split():
+                try:
+                    (self.ROOT / "cgroup.procs").write_text(p + "\n")
+                except OSError:
+                    pass
+            self.path.rmdir()
+        except OSError:
+            pass
 
 
 def settle_cpu(roots: list[int], quiet: float = 0.3, timeout: float = 30.0) -> float:
