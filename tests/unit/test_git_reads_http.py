@@ -424,3 +424,29 @@ async def test_unknown_endpoint_and_method(server: Server) -> None:
     assert code == 404 and h.getRawHeaders("content-type") == ["application/json"]
     code, h, body = await server.req("GET", "/upload")
     assert code == 405 and json.loads(body)["status"] == 405
+
+
+def test_a_cancelled_waiter_does_not_cancel_shared_work() -> None:
+    from twisted.internet.defer import CancelledError
+
+    work: Deferred[int] = Deferred()
+    flights = codesync._Flights()
+    started = []
+
+    async def build() -> int:
+        started.append(1)
+        return await work if len(started) == 1 else 8
+
+    first = flights.run("k", build)
+    second = flights.run("k", build)
+    first.cancel()
+    errors: list[Any] = []
+    first.addErrback(lambda f: errors.append(f.check(CancelledError)))
+    assert errors == [CancelledError] and not work.called
+    results: list[int] = []
+    second.addCallback(results.append)
+    work.callback(7)
+    assert results == [7] and started == [1] and flights.running == {}
+    late: list[int] = []
+    flights.run("k", build).addCallback(late.append)  # a new build once the first is over
+    assert started == [1, 1] and late == [8]
