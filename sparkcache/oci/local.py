@@ -167,7 +167,7 @@ class LocalRegistry:
         up = Upload(uuidlib.uuid4().hex, remote.name, repo, self.ctx.store.new_spool(), self.ctx.clock.seconds())
         self.uploads[up.uuid] = up
         # A POST may carry the first bytes already (some clients do).
-        if _has_body(request):
+        if _body_size(request) > 0:
             up.busy = True
             try:
                 await self._append(request, up.spool)
@@ -292,16 +292,10 @@ class LocalRegistry:
 
         def copy() -> None:
             content.seek(0)
-            while True:
-                chunk = content.read(CHUNK)
-                if not chunk:
-                    return
+            for chunk in iter(lambda: content.read(CHUNK), b""):
                 spool.write(chunk)
 
-        await self._io(copy)
-
-    def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self.ctx.store.in_io(fn, *args)
+        await self.ctx.store.in_io(copy)
 
     # -- manifests ---------------------------------------------------------------------
 
@@ -317,7 +311,7 @@ class LocalRegistry:
         size = _body_size(request)
         if size > MAX_MANIFEST:
             raise OCIError("SIZE_INVALID", f"manifest of {size} bytes exceeds the {MAX_MANIFEST} byte limit", 413)
-        body: bytes = await self._io(_read_all, request.content)
+        body: bytes = await self.ctx.store.in_io(_read_all, request.content)
         hexd = hashlib.sha256(body).hexdigest()
         digest = f"sha256:{hexd}"
         if is_digest and ref != digest:
@@ -341,7 +335,7 @@ class LocalRegistry:
         store = self.ctx.store
         spool = store.new_spool()
         try:
-            await self._io(spool.write, body)
+            await self.ctx.store.in_io(spool.write, body)
         except BaseException:
             store.discard(spool)
             raise
@@ -427,10 +421,8 @@ class LocalRegistry:
         return bool(await self._db(q))
 
     def _db(self, fn: Callable[[], Any]) -> Any:
-        # Listings need queries the index has no method for; they run on the
-        # index's own thread, the only one that may use its connection.
-        index = self.ctx.store.index
-        return deferToThreadPool(self.ctx.store.reactor, index.pool, fn)
+        # Listing queries the index has no method for: on its own thread, the only one that may use its connection.
+        return deferToThreadPool(self.ctx.store.reactor, self.ctx.store.index.pool, fn)
 
     # -- serving -------------------------------------------------------------------------
 
@@ -439,10 +431,9 @@ class LocalRegistry:
         request.setHeader(b"Docker-Distribution-API-Version", b"registry/2.0")
         out = serve_hit(request, entry, "HIT", self.ctx.store, self.ctx.metrics, remote.name, "",
                         {"Docker-Content-Digest": digest}, sendfile=self.ctx.sendfile)
-        if out is None or isinstance(out, bytes):
-            return out
-        await out
-        return None
+        if out is not None and not isinstance(out, bytes):
+            out = await out
+        return out
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -575,10 +566,6 @@ def _body_size(request: Any) -> int:
     size = int(content.tell())
     content.seek(pos)
     return size
-
-
-def _has_body(request: Any) -> bool:
-    return _body_size(request) > 0
 
 
 def _read_all(content: Any) -> bytes:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import subprocess
 
 import pytest
 
@@ -59,9 +60,9 @@ def test_skopeo_push_then_pull_back(daemon, tmp_path):
 def test_skopeo_push_without_credentials_is_refused(daemon, tmp_path):
     skopeo = require_tool("skopeo")
     image = build_image(tmp_path / "src", "v1", [10_000], seed=8)
-    proc = __import__("subprocess").run(
+    proc = subprocess.run(
         [skopeo, "copy", "--dest-tls-verify=false", image.ref, f"docker://127.0.0.1:{daemon.port}/loc/app:v1"],
-        capture_output=True, text=True, timeout=60, stdin=__import__("subprocess").DEVNULL)
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert proc.returncode != 0
     assert "unauthorized" in proc.stderr.lower() or "authentication required" in proc.stderr.lower(), proc.stderr
     assert daemon.head("/v2/loc/app/manifests/v1").status == 404
