@@ -341,6 +341,8 @@ class GitApp:
             # Nothing sent yet: an ERR packet makes git print the reason
             # ("remote error: ...") instead of a bare protocol error.
             reason = _last_line(stderr) or f"git upload-pack failed with status {code}"
+            # The client has no business knowing where the data dir is.
+            reason = reason.replace(mirror.path, mirror.name)
             out.prefix = b""
             out.write(pkt_line(f"ERR {reason}\n"[:60000]))
             return

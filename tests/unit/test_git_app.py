@@ -333,3 +333,16 @@ async def test_client_disconnect_kills_upload_pack(server: Any, monkeypatch: pyt
     # The child was killed (a signal), not left to compute 8 MiB nobody reads.
     assert codes and codes[0] < 0, codes
     assert server.mirrors.acquired == server.mirrors.released
+
+
+@pytest_twisted.ensureDeferred
+async def test_broken_mirror_is_a_remote_error_without_server_paths(server: Any, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.git"
+    broken.mkdir()
+    server.mirrors.repos["broken"] = (str(broken), str(broken))
+    for version in ("0", "2"):
+        p = await run_git("-c", f"protocol.version={version}", "clone", f"{server.url}/git/broken",
+                          str(tmp_path / f"c{version}"))
+        assert p.returncode != 0
+        assert "remote error: 'broken' does not appear to be a git repository" in p.stderr, p.stderr
+        assert str(tmp_path) not in p.stderr.replace(str(tmp_path / f"c{version}"), "")
