@@ -1,0 +1,179 @@
+"""Blocking operations on bare repositories (pygit2 and the git CLI), run in the
+git thread pool by sparkcache.git.mirrors, never on the reactor."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from typing import Any
+
+import pygit2
+from pygit2.enums import ReferenceType
+
+MIRROR_REFSPEC = "+refs/*:refs/*"
+# What makes serving cheap and safe; see PROTOCOLS.md (git smart HTTP).
+SERVING_CONFIG = {
+    "remote.origin.mirror": "true",
+    "repack.writeBitmaps": "true",
+    "gc.auto": "0",
+    "core.commitGraph": "true",
+    "uploadpack.allowFilter": "true",
+    "uploadpack.allowReachableSHA1InWant": "true",
+    "uploadpack.allowAnySHA1InWant": "false",
+    "core.logAllRefUpdates": "false",
+}
+GIT_TIMEOUT = 3600.0
+# libgit2 would otherwise wait forever on a silent upstream, holding a pool thread.
+CONNECT_TIMEOUT_MS = 15_000
+IO_TIMEOUT_MS = 120_000
+
+
+def git_env() -> dict[str, str]:
+    """The whole environment of a git child: no inherited secrets, no prompts."""
+    return {
+        "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+        "HOME": os.environ.get("HOME", "/"),
+        "LC_ALL": "C",
+        "GIT_TERMINAL_PROMPT": "0",
+        "GIT_CONFIG_NOSYSTEM": "1",
+    }
+
+
+# git children running for maintenance and seeding, so that a stopping daemon
+# can end them instead of waiting for a long repack.
+_children: set[subprocess.Popen[bytes]] = set()
+_children_lock = threading.Lock()
+
+
+def run_git(args: list[str], cwd: str | None = None, timeout: float = GIT_TIMEOUT) -> subprocess.CompletedProcess[bytes]:
+    """Run git from a pool thread (never on the reactor); raise on a non-zero exit."""
+    proc = subprocess.Popen(["git", *args], cwd=cwd, env=git_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    with _children_lock:
+        _children.add(proc)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise RuntimeError(f"git {args[0]} took longer than {timeout:.0f}s") from None
+    finally:
+        with _children_lock:
+            _children.discard(proc)
+    if proc.returncode != 0:
+        msg = err.decode("utf-8", "replace").strip()[-2000:]
+        raise RuntimeError(f"git {args[0]} exited {proc.returncode}: {msg}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def terminate_children() -> None:
+    """SIGTERM every git child (git removes its temporary files on TERM)."""
+    with _children_lock:
+        procs = list(_children)
+    for p in procs:
+        try:
+            p.terminate()
+        except OSError:
+            pass
+
+
+def read_refs(repo: pygit2.Repository) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for ref in repo.references.iterator():
+        if ref.type == ReferenceType.DIRECT and ref.name.startswith("refs/"):
+            out[ref.name] = str(ref.target)
+    return out
+
+
+def dir_size(path: str) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def is_repo(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "HEAD")) and os.path.isdir(os.path.join(path, "objects"))
+
+
+def origin(repo: pygit2.Repository, url: str) -> Any:
+    try:
+        remote = repo.remotes["origin"]
+    except KeyError:
+        return repo.remotes.create("origin", url, MIRROR_REFSPEC)
+    if remote.url != url:
+        repo.remotes.set_url("origin", url)
+        remote = repo.remotes["origin"]
+    return remote
+
+
+def configure(repo: pygit2.Repository, url: str) -> None:
+    cfg = repo.config
+    for k, v in SERVING_CONFIG.items():
+        cfg[k] = v
+    origin(repo, url)
+
+
+def head_target(heads: list[Any]) -> str | None:
+    """The upstream's default branch: its HEAD symref, or else (servers that do not
+    advertise symrefs) the branch HEAD points at, as ``git clone`` guesses it."""
+    head = next((h for h in heads if h.name == "HEAD"), None)
+    if head is None:
+        return None
+    if head.symref_target:
+        return str(head.symref_target)
+    branches = {h.name: h.oid for h in heads if h.name and h.name.startswith("refs/heads/")}
+    for name in ("refs/heads/main", "refs/heads/master", *sorted(branches)):
+        if branches.get(name) == head.oid:
+            return name
+    return None
+
+
+def set_head(repo: pygit2.Repository, target: str | None) -> None:
+    if not target or not target.startswith("refs/heads/"):
+        return
+    try:
+        head = repo.references["HEAD"]
+        if head.type == ReferenceType.SYMBOLIC and head.target == target:
+            return
+    except KeyError:
+        pass
+    repo.references.create("HEAD", target, force=True)
+
+
+def missing_sync(path: str, oids: list[str]) -> list[str]:
+    repo = pygit2.Repository(path)
+    try:
+        out = []
+        for oid in oids:
+            try:
+                if oid not in repo:
+                    out.append(oid)
+            except (ValueError, TypeError):
+                out.append(oid)
+        return out
+    finally:
+        repo.free()
+
+
+def remove_stale_locks(path: str, max_age: float) -> int:
+    """Remove ``*.lock`` files older than ``max_age`` seconds left by a crashed git."""
+    now = time.time()
+    removed = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            if f.endswith(".lock"):
+                p = os.path.join(root, f)
+                try:
+                    if now - os.lstat(p).st_mtime > max_age:
+                        os.unlink(p)
+                        removed += 1
+                except OSError:
+                    pass
+    return removed
