@@ -303,16 +303,15 @@ class _NsNginx(Nginx):
         finally:
             out.close()
         self.bench.on_cleanup(self.stop)
-        import socket
+        # the namespace's loopback is not ours: probe from inside it
+        probe = ["ip", "netns", "exec", self.netns, "curl", "-s", "-o", "/dev/null", "--max-time", "2",
+                 f"http://{self.host}:{self.ports[0]}/"]
         deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with socket.create_connection((self.host, self.ports[0]), timeout=1):
-                    return self
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise BenchError(f"nginx {self.name} in {self.netns} not listening\n{self.error_log()}") from None
-                time.sleep(0.1)
+        while subprocess.run(probe, capture_output=True).returncode != 0:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise BenchError(f"nginx {self.name} in {self.netns} not listening\n{self.error_log()}")
+            time.sleep(0.2)
+        return self
 
     def url(self, path: str, port: int | None = None) -> str:
         return f"http://{self.host}:{port or self.ports[0]}/{path.lstrip('/')}"
