@@ -408,3 +408,14 @@ async def test_first_client_leaving_does_not_cancel_computation(env: Any) -> Non
     assert len(await entries(env.store)) == 1
     _s, _b, h = await deferToThread(post, env.port, v2_fetch(env.head))
     assert h["x-cache"] == "HIT" and env.spawns.count == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_switched_off_by_config(env: Any) -> None:
+    ctx = SimpleNamespace(**vars(env.pc.ctx), config=SimpleNamespace(git=SimpleNamespace(pack_cache=False)))
+    off = PackCache(ctx, reactor)
+    off.spawn = env.spawns
+    assert not off.enabled
+    assert await off.serve(None, env.mirror, v2_fetch(env.head), parse_request(v2_fetch(env.head), 2),
+                           "version=2") is False
+    assert env.spawns.count == 0
