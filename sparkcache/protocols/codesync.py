@@ -2,8 +2,8 @@
 
 ``/archive``, ``/file``, ``/tree-hash``, ``/branch-contains`` read a mirror
 with pygit2 in the git pool; archives (and large files) are built once into
-the store, keyed by commit (blob) id, and then served like any cache hit
-(Range, ETag, sendfile). ``/upload`` turns a tarball into a normalized tar.gz
+the store, keyed by commit (blob) id, streamed to every request while they
+are built, and then served like any cache hit (Range, ETag, sendfile). ``/upload`` turns a tarball into a normalized tar.gz
 named by its git tree id, ``/uploads/<id>`` serves it, ``/sync/negotiate``
 finds the newest commit a client and the mirror share, and ``/sync/seed``
 creates or updates a mirror from a ``git bundle``. See docs/git-read-api.rst.
@@ -16,22 +16,22 @@ import os
 import posixpath
 import re
 import tempfile
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 from klein import Klein
-from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.web.resource import IResource, Resource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from sparkcache.context import Context
-from sparkcache.fetch.cache import Hit
+from sparkcache.fetch.cache import Hit, Live
+from sparkcache.fetch.flight import BodyError, Flight
 from sparkcache.git import reads, uploads
 from sparkcache.git.interfaces import Mirror, MirrorUnavailable, UnknownRepo
+from sparkcache.git.jobs import BuildFlight, Flights, PoolService, Progress, run_build, shield
 from sparkcache.store import Entry
 from sparkcache.web.errors import HTTPError, json_errors
 from sparkcache.web.respond import guess_type, respond
@@ -56,76 +56,6 @@ UPLOAD_REMOTE = "@upload"
 _UPLOAD_ID = re.compile(r"^[0-9a-f]{40}$")
 _COMMIT = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 SEGMENTS = (b"archive", b"file", b"tree-hash", b"branch-contains", b"upload", b"uploads", b"sync")
-
-
-class _Shared:
-    """One piece of work, many waiters: each gets its own Deferred, so a client
-    that disconnects (Klein cancels its handler) cancels only its own wait."""
-
-    _PENDING = object()
-
-    def __init__(self, d: Deferred[Any]) -> None:
-        self.result: Any = self._PENDING
-        self.waiters: list[Deferred[Any]] = []
-        d.addBoth(self._done)
-
-    def _done(self, r: Any) -> None:
-        self.result = r
-        waiters, self.waiters = self.waiters, []
-        for w in waiters:
-            _fire(w, r)
-
-    def wait(self) -> Deferred[Any]:
-        out: Deferred[Any] = Deferred()
-        if self.result is self._PENDING:
-            self.waiters.append(out)
-        else:
-            _fire(out, self.result)
-        return out
-
-
-def _fire(d: Deferred[Any], r: Any) -> None:
-    if d.called:
-        return
-    if isinstance(r, Failure):
-        d.errback(r)
-    else:
-        d.callback(r)
-
-
-def shield(d: Deferred[T]) -> Deferred[T]:
-    return _Shared(d).wait()
-
-
-class _Flights:
-    """At most one build per store key at a time; later callers join it."""
-
-    def __init__(self) -> None:
-        self.running: dict[str, _Shared] = {}
-
-    def run(self, key: str, fn: Callable[[], Awaitable[T]]) -> Deferred[T]:
-        shared = self.running.get(key)
-        if shared is None:
-            d: Deferred[T] = ensureDeferred(fn())  # type: ignore[arg-type]
-            shared = self.running[key] = _Shared(d)
-            d.addBoth(lambda r: self.running.pop(key, None))
-        return shared.wait()
-
-
-class PoolService(Service):
-    """A thread pool started and stopped with the service tree."""
-
-    def __init__(self, name: str, threads: int) -> None:
-        self.pool = ThreadPool(minthreads=0, maxthreads=threads, name=name)
-        self.setName(name)
-
-    def startService(self) -> None:
-        super().startService()
-        self.pool.start()
-
-    def stopService(self) -> None:
-        super().stopService()
-        self.pool.stop()
 
 
 class _Remount(Resource):
@@ -212,7 +142,8 @@ class CodeSyncApp:
         self.reactor = reactor
         self.pool = pool
         self.limits = limits or uploads.Limits()
-        self.flights = _Flights()
+        self.flights = Flights()
+        self.building: dict[str, Flight] = {}
         # (mirror path, commit id) → when a fetch last failed to bring it.
         self._missed: dict[tuple[str, str], float] = {}
 
@@ -307,27 +238,46 @@ class CodeSyncApp:
             raise
 
     async def cached(self, mirror: Mirror, key: str, build: Callable[[str, Any], Any], headers: dict[str, str],
-                     etag: str) -> tuple[Entry, str]:
-        """The store entry under ``key``, built once with ``build(mirror.path, spool)`` in the git pool."""
+                     etag: str) -> Hit | Live:
+        """The store entry under ``key``, or the build that makes it: ``build(mirror.path, out)``
+        runs once in the git pool while every request for it tails its output."""
+        flight = self.building.get(key)
+        if flight is None:
+            entry = await self.ctx.store.index.get(key)
+            if entry is not None and entry.status == 200:
+                self.ctx.store.index.touch(entry, self.ctx.clock.seconds())
+                return Hit(entry, "HIT")
+            flight = self.building.get(key) or self._start_build(mirror, key, build, headers, etag)
+        return Live(flight)
+
+    def _start_build(self, mirror: Mirror, key: str, build: Callable[[str, Any], Any], headers: dict[str, str],
+                     etag: str) -> Flight:
         store = self.ctx.store
-        entry = await store.index.get(key)
-        if entry is not None and entry.status == 200:
-            store.index.touch(entry, self.ctx.clock.seconds())
-            return entry, "HIT"
+        spool = store.new_spool()
+        flight = BuildFlight(key, spool, None, {**headers, "etag": etag}, store.in_io)
+        self.building[key] = flight
+        out = Progress(spool, flight, self.reactor)
 
-        async def make() -> Entry:
-            spool = store.new_spool()
+        async def run() -> None:
             try:
-                await self.on_mirror(mirror, build, spool)
-            except BaseException:
+                await self.on_mirror(mirror, run_build, build, out)
+                now = self.ctx.clock.seconds()
+                entry = Entry(key, GIT_REMOTE, key, 200, spool.hexdigest(), spool.size, headers.get("content-type"),
+                              headers, now, None, etag, None, now)
+                committed = await store.commit(spool, entry)
+            except BaseException as e:
+                log.failure("building {key} failed", key=key)
+                # Unlisted before failing, in one reactor turn: no request can
+                # join a flight that is over.
+                self.building.pop(key, None)
+                flight.fail(BodyError(f"building {key} failed: {type(e).__name__}: {e}"))
                 store.discard(spool)
-                raise
-            now = self.ctx.clock.seconds()
-            new = Entry(key, GIT_REMOTE, key, 200, spool.hexdigest(), spool.size, headers.get("content-type"), headers,
-                        now, None, etag, None, now)
-            return await store.commit(spool, new)
+                return
+            self.building.pop(key, None)
+            flight.complete(committed)
 
-        return await self.flights.run(key, make), "MISS"
+        ensureDeferred(run())
+        return flight
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -355,10 +305,10 @@ class CodeSyncApp:
         filename = f"{base}-{commit[:12]}.tar.gz"
         headers = {"content-type": "application/gzip", "content-disposition": f'attachment; filename="{filename}"'}
         key = f"archive/{mirror.name}/{commit}/{tree}.tar.gz" if subdir else f"archive/{mirror.name}/{commit}.tar.gz"
-        entry, state = await self.cached(
-            mirror, key, lambda path, spool: reads.write_archive(path, commit, spool, subdir), headers, etag,
+        result = await self.cached(
+            mirror, key, lambda path, out: reads.write_archive(path, commit, out, subdir), headers, etag,
         )
-        return await respond(request, Hit(entry, state), self.ctx.store, self.ctx.metrics, GIT_REMOTE, filename,
+        return await respond(request, result, self.ctx.store, self.ctx.metrics, GIT_REMOTE, filename,
                              sendfile=self.ctx.sendfile)
 
     @app.route("/file", methods=["GET", "HEAD"])
@@ -375,10 +325,10 @@ class CodeSyncApp:
         if _etag_matches(request, etag):
             return _not_modified(request, etag)
         if size > INLINE_MAX:
-            entry, state = await self.cached(
-                mirror, f"file/{mirror.name}/{blob}", lambda path, spool: reads.blob_to_file(path, blob, spool), {}, etag,
+            result = await self.cached(
+                mirror, f"file/{mirror.name}/{blob}", lambda p, out: reads.blob_to_file(p, blob, out), {}, etag,
             )
-            return await respond(request, Hit(entry, state), self.ctx.store, self.ctx.metrics, GIT_REMOTE, path,
+            return await respond(request, result, self.ctx.store, self.ctx.metrics, GIT_REMOTE, path,
                                  sendfile=self.ctx.sendfile)
         data = await self.on_mirror(mirror, reads.read_blob, blob)
         request.setHeader(b"ETag", etag.encode())

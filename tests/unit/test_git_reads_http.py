@@ -29,7 +29,7 @@ from zope.interface import implementer
 from sparkcache.auth import Authorizer
 from sparkcache.config import AuthConfig, TokenConfig
 from sparkcache.context import Context
-from sparkcache.git import reads
+from sparkcache.git import jobs, reads
 from sparkcache.git.interfaces import IMirrors, Mirror, UnknownRepo
 from sparkcache.git.uploads import Limits
 from sparkcache.metrics import Metrics
@@ -430,7 +430,7 @@ def test_a_cancelled_waiter_does_not_cancel_shared_work() -> None:
     from twisted.internet.defer import CancelledError
 
     work: Deferred[int] = Deferred()
-    flights = codesync._Flights()
+    flights = jobs.Flights()
     started = []
 
     async def build() -> int:
@@ -450,3 +450,38 @@ def test_a_cancelled_waiter_does_not_cancel_shared_work() -> None:
     late: list[int] = []
     flights.run("k", build).addCallback(late.append)  # a new build once the first is over
     assert started == [1, 1] and late == [8]
+
+
+@pytest_twisted.ensureDeferred
+async def test_archive_streams_while_it_is_built_and_a_failed_build_is_not_kept(
+        server: Server, repo: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    _add(server, repo)
+    release = threading.Event()
+    fail_next = [True]
+
+    def slow(path: str, spec: str, out: Any, subdir: str = "") -> Any:
+        if fail_next[0]:
+            fail_next[0] = False
+            raise RuntimeError("disk on fire")
+        out.write(b"A" * 300_000)
+        assert release.wait(30)
+        out.write(b"B" * 1000)
+        return spec, 2
+
+    monkeypatch.setattr(reads, "write_archive", slow)
+    # A build that fails before any byte: a JSON 502, and nothing stored.
+    code, _, body = await server.req("GET", "/archive?repo=app&branch=main")
+    assert code == 502, body
+    assert await server.store.index.get(f"archive/app/{repo['second']}.tar.gz") is None
+    # The next request builds again, and gets its first bytes before the build ends.
+    resp = await treq.request("GET", server.base + "/archive?repo=app&branch=main", pool=server.http)
+    assert resp.code == 200 and not release.is_set()
+    assert resp.headers.getRawHeaders("x-cache") == ["MISS"]
+    release.set()
+    body = await resp.content()
+    assert body == b"A" * 300_000 + b"B" * 1000
+    code, h, again = await server.req("GET", "/archive?repo=app&branch=main")
+    assert code == 200 and again == body and h.getRawHeaders("x-cache") == ["HIT"]
+    assert server.app.building == {}
