@@ -19,7 +19,7 @@ import tempfile
 from typing import Any, Callable, TypeVar
 
 from klein import Klein
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, ensureDeferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -46,6 +46,7 @@ INLINE_MAX = 1 << 20
 MAX_JSON = 1 << 20
 MAX_NEGOTIATE = 10_000
 MAX_BUNDLE = 16 << 30
+BUILD_SLOTS = 2
 # Seconds during which a commit id that one upstream fetch did not bring
 # answers 404 without fetching again (as the clone path does).
 MISSING_RETRY = 10.0
@@ -144,6 +145,7 @@ class CodeSyncApp:
         self.limits = limits or uploads.Limits()
         self.flights = Flights()
         self.building: dict[str, Flight] = {}
+        self.build_slots = DeferredSemaphore(BUILD_SLOTS)
         # (mirror path, commit id) → when a fetch last failed to bring it.
         self._missed: dict[tuple[str, str], float] = {}
 
@@ -260,7 +262,9 @@ class CodeSyncApp:
 
         async def run() -> None:
             try:
-                await self.on_mirror(mirror, run_build, build, out)
+                # Builds take seconds of a git pool thread each: leave the
+                # other threads to fetches and quick reads.
+                await self.build_slots.run(self.on_mirror, mirror, run_build, build, out)
                 now = self.ctx.clock.seconds()
                 entry = Entry(key, GIT_REMOTE, key, 200, spool.hexdigest(), spool.size, headers.get("content-type"),
                               headers, now, None, etag, None, now)
