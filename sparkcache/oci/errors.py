@@ -53,9 +53,10 @@ def oci_error_body(request: Any, status: int, code: str, message: str, detail: A
     return b"" if request.method == b"HEAD" else body
 
 
-# Registry clients (docker, containerd, skopeo) answer a Basic challenge with
-# the credentials they were given, which auth.py accepts (token as password);
-# a Bearer challenge would send them looking for a token endpoint we lack.
+# Fallback for an AuthError that did not go through sparkcache.oci.setup.authorize
+# (which challenges with the /setup/token realm): registry clients answer a
+# Basic challenge with their credentials, which auth.py accepts (token as
+# password), whereas Bearer realm="sparkcache" is no URL they could follow.
 CHALLENGE = 'Basic realm="sparkcache"'
 
 

@@ -26,6 +26,7 @@ from twisted.web.resource import IResource
 
 from sparkcache.config import RemoteConfig
 from sparkcache.context import Context
+from sparkcache.oci import setup as oci_setup
 from sparkcache.oci.config import options_of
 from sparkcache.oci.errors import OCIError, oci_errors
 from sparkcache.oci.mirror import Mirror
@@ -103,14 +104,14 @@ class OCIApp:
                                404)
             if remote.type == "oci-local":
                 return await self.local.catalog(request, remote)
-            self._read_only(request)
+            self._read_only(request, "registry:catalog:*")
             return await self.mirror.catalog(request, remote)
         name = validate_name(name_segments)
         if not opts.allows(name):
             raise OCIError("DENIED", f"repository {name!r} is not allowed by remote {remote.name!r}", 403)
         if remote.type == "oci-local":
             return await self.local.dispatch(request, remote, name, tail)
-        self._read_only(request)
+        self._read_only(request, f"repository:{name}:pull")
         if tail[0] == "manifests":
             return await self.mirror.manifest(request, remote, name, tail[1])
         if tail[0] == "blobs" and len(tail) == 2:
@@ -120,11 +121,12 @@ class OCIApp:
         raise OCIError("UNSUPPORTED", f"remote {remote.name!r} is a pull-through mirror: pushes go to a type: "
                                       "oci-local remote", 405, headers={"Allow": "GET, HEAD"})
 
-    def _read_only(self, request: Any) -> None:
+    def _read_only(self, request: Any, scope: str) -> None:
         if request.method not in (b"GET", b"HEAD"):
             raise OCIError("UNSUPPORTED", f"{request.method.decode('latin-1')} is not allowed on a pull-through mirror",
                            405, headers={"Allow": "GET, HEAD"})
-        self.ctx.auth.require(request, "read")
+        # The read scope, with a 401 challenge that points at /setup/token.
+        oci_setup.authorize(self.ctx, request, "read", scope)
 
     def base(self, request: Any) -> bytes:
         """``GET /v2/``: the API version check clients start with (and where they learn to authenticate)."""
@@ -133,7 +135,9 @@ class OCIApp:
         ns = (request.args or {}).get(b"ns")
         if ns and ns[0].decode("latin-1").strip().lower() in self.by_host:
             request.setHeader(b"OCI-Namespace", ns[0].strip().lower())
-        self.ctx.auth.require(request, "read")
+        # 401 with a token-endpoint challenge to clients that have not logged
+        # in while tokens exist: pushers only send credentials after one.
+        oci_setup.ping(self.ctx, request)
         request.setHeader(b"Content-Type", b"application/json")
         request.setHeader(b"Content-Length", b"3")
         return b"" if request.method == b"HEAD" else b"{}\n"
