@@ -17,6 +17,7 @@ import posixpath
 import re
 import tempfile
 from typing import Any, Callable, TypeVar
+from urllib.parse import parse_qs
 
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, ensureDeferred
@@ -83,7 +84,9 @@ def _json(request: Any, obj: Any, status: int = 200) -> bytes:
 
 
 def _arg(request: Any, name: str, default: str | None = None, required: bool = False) -> str | None:
-    values = request.args.get(name.encode())
+    # From the URL only: twisted.web merges the fields of a form-encoded POST
+    # body into request.args, and `curl --data-binary` labels a tarball so.
+    values = parse_qs(request.uri.partition(b"?")[2]).get(name.encode())
     if not values:
         if required:
             raise HTTPError(400, f"query parameter {name}= is required")

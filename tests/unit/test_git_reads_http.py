@@ -351,6 +351,10 @@ async def test_upload_round_trip_and_dedupe(server: Server, repo: dict[str, str]
     assert code == 404
     code, _, body = await server.req("POST", "/upload", b"garbage" * 1000, **AUTH)
     assert code == 400 and "tar" in json.loads(body)["error"]
+    # Parameters come from the URL, never from a form-encoded body.
+    code, _, body = await server.req("POST", "/upload", b"repo=nope&base=main", Content_Type="application/x-www-form-urlencoded",
+                                     **AUTH)
+    assert code == 400 and "tar" in json.loads(body)["error"], body
     code, _, _ = await server.req("POST", "/upload?repo=app", tarball, **AUTH)
     assert code == 400
     assert os.listdir(server.store.spool_dir) == []
