@@ -220,3 +220,20 @@ def test_corrupt_mirror_is_recloned(git_upstream_factory: Any, daemon_factory: A
     git_client("clone", "-q", d.url("/git/app"), str(tmp_path / "c2"), home=home)
     git("fsck", "--strict", cwd=tmp_path / "c2")
     assert "re-cloning" in d.log()
+
+
+def test_repos_from_the_environment(git_upstream_factory: Any, daemon_factory: Any, tmp_path: Path) -> None:
+    up: GitUpstream = git_upstream_factory()
+    up.create("app")
+    up.create("lib")
+    d = daemon_factory(extra=git_daemon_config(), env={
+        "GITCACHE_REPOS": f"app={up.url('app')}, lib={up.url('lib')}", "FETCH_INTERVAL": "1s"})
+    home = tmp_path / "home"
+    git_client("clone", "-q", d.url("/git/lib.git"), str(tmp_path / "lib"), home=home)
+    assert git("rev-parse", "HEAD", cwd=tmp_path / "lib") == up.rev("refs/heads/main", "lib")
+    listed = repos(d)
+    assert {listed["app"]["source"], listed["lib"]["source"]} == {"env"}
+    assert listed["lib"]["cloned"] and not listed["app"]["cloned"]  # mirrors are made on first use
+    # FETCH_INTERVAL=1s overrides the harness's hour: the loop keeps lib fresh
+    sha = up.commit({"n": "1\n"}, "n", name="lib")
+    eventually(lambda: ls_remote(d.url("/git/lib"), home).get("refs/heads/main") == sha, timeout=30)
