@@ -17,6 +17,7 @@ Everything here blocks: run it in a thread pool, never on the reactor.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import os
 import posixpath
@@ -223,15 +224,22 @@ def apply_base(tree: Tree, repo_path: str, base: str) -> str:
             h.update(data)
             sha1 = h.hexdigest()
         merged[path] = Member(mode, sha1, base_oid=oid)
+    ordered = sorted(merged)
+
+    def under(prefix: str) -> list[str]:
+        # Everything below prefix/ sorts between "prefix/" and "prefix0" ("/" < "0").
+        return ordered[bisect.bisect_left(ordered, prefix + "/"):bisect.bisect_left(ordered, prefix + "0")]
+
     for gone in tree.deleted:
         if not gone:
             raise UploadError(400, f"{DELETED_LIST} may not delete the whole tree")
-        for p in [p for p in merged if p == gone or p.startswith(gone + "/")]:
-            del merged[p]
+        merged.pop(gone, None)
+        for p in under(gone):
+            merged.pop(p, None)
     for path, m in tree.files.items():
         # A file replaces a directory of the base, and a directory a file.
-        for p in [p for p in merged if p.startswith(path + "/")]:
-            del merged[p]
+        for p in under(path):
+            merged.pop(p, None)
         parent = posixpath.dirname(path)
         while parent:
             merged.pop(parent, None)
