@@ -61,6 +61,14 @@ class FetchError(MirrorUnavailable):
     """Fetching from (or cloning) the upstream failed."""
 
 
+def _fetch_bundle(bundle: str, repo_path: str) -> None:
+    try:
+        run_git(["fetch", "--quiet", "--no-write-fetch-head", bundle, MIRROR_REFSPEC], cwd=repo_path)
+    except RuntimeError as e:
+        # Typically a thin bundle whose prerequisite commits the mirror lacks.
+        raise ValueError(f"the bundle cannot be applied to this mirror: {e}") from None
+
+
 @dataclass
 class MirrorState:
     last_fetch: float | None = None
@@ -118,7 +126,7 @@ class Mirrors:
         self.registry = Registry(config, self.git_dir)
         for problem in self.registry.load():
             log.warn("git registry: {problem}", problem=problem)
-        self.pool = ThreadPool(minthreads=0, maxthreads=max(config.threads, config.fetch_concurrency) + 1, name="sparkcache-git")
+        self.pool = ThreadPool(minthreads=0, maxthreads=config.threads + config.fetch_concurrency, name="sparkcache-git")
         # _locks: operations that change refs or replace the repository (clone, fetch,
         # seed, fsck + re-clone); _mlocks: repack and commit-graph, which git lets run
         # beside a fetch, so a long repack never delays a fetch for a just-pushed commit.
@@ -352,6 +360,8 @@ class Mirrors:
             st = self.state(mirror)
             st.refs, st.size, st.dirty = result.refs, result.size, True
             st.last_change = self.clock.seconds()
+            if result.cloned:
+                self._after_clone(mirror)
             return mirror
 
         return d.addCallback(done)
@@ -480,7 +490,8 @@ class Mirrors:
         except RuntimeError as e:
             raise ValueError(f"not a usable git bundle: {e}") from None
         if is_repo(mirror.path):
-            run_git(["fetch", "--quiet", "--no-write-fetch-head", bundle, MIRROR_REFSPEC], cwd=mirror.path)
+            # Forced like a mirror fetch: the bundle speaks for the upstream here.
+            _fetch_bundle(bundle, mirror.path)
             return self._result(mirror.path, changed=True)
         tmp = self._tmp(mirror)
         target = os.path.join(tmp, "repo.git")
@@ -491,7 +502,7 @@ class Mirrors:
                 configure(repo, mirror.url)
             finally:
                 repo.free()
-            run_git(["fetch", "--quiet", "--no-write-fetch-head", bundle, MIRROR_REFSPEC], cwd=target)
+            _fetch_bundle(bundle, target)
             repo = pygit2.Repository(target)
             try:
                 names = [line.split(" ", 1)[1] for line in heads.splitlines() if " " in line]
@@ -505,7 +516,7 @@ class Mirrors:
         finally:
             self._done_building(tmp)
         log.info("git: seeded {name} from a bundle", name=mirror.name)
-        return self._result(mirror.path, changed=True)
+        return self._result(mirror.path, changed=True, cloned=True)
 
     def _fsck_sync(self, mirror: Mirror, creds: Any) -> dict[str, Any]:
         if not is_repo(mirror.path):

@@ -374,3 +374,16 @@ async def test_a_restart_does_not_repack_every_mirror(make_mirrors, upstream: Up
     again = make_mirrors({"up": upstream.url})
     report = await again.maintain(again.lookup("up"))
     assert "repacked" not in report and report["size"] > 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_seed_with_missing_prerequisites_is_a_value_error(make_mirrors, upstream: Upstream, tmp_path: Path) -> None:
+    ms = make_mirrors()
+    old = upstream.refs()["refs/heads/trunk"]
+    upstream.commit()
+    inc = tmp_path / "inc.bundle"
+    git("bundle", "create", str(inc), f"{old}..trunk", cwd=upstream.work)
+    with pytest.raises(ValueError, match="cannot be applied"):
+        await ms.seed("https://git.example/team/thin.git", str(inc))
+    assert not os.path.exists(ms.lookup("https://git.example/team/thin.git").path)
+    assert os.listdir(ms.tmp_dir) == []
