@@ -154,3 +154,45 @@ def test_seed_from_bundle_without_upstream_access(git_upstream_factory: Any, dae
     git_client("clone", "-q", d.url("/git/offline"), str(out), home=tmp_path / "home")
     assert git("rev-parse", "HEAD", cwd=out) == sha
     assert (out / "README").read_text() == "seeded\n"
+
+
+def test_code_sync_workflow_from_a_clone(env: Any, tmp_path: Path) -> None:
+    """What a CI client does: clone from the cache, commit locally, negotiate the
+    newest shared commit, upload only the difference; the stored tree is the
+    local HEAD's tree."""
+    d, home = env.d, tmp_path / "home"
+    work = tmp_path / "work"
+    git_client("clone", "-q", d.url("/git/app"), str(work), home=home)
+    ident = ["-c", "user.name=CI", "-c", "user.email=ci@example.invalid"]
+    (work / "src" / "main.c").write_text("int main(void) { return 2; }\n")
+    (work / "tool.sh").write_text("#!/bin/sh\necho tool\n")
+    os.chmod(work / "tool.sh", 0o755)
+    git_client("rm", "-q", "docs/a.txt", cwd=work, home=home)
+    git_client("add", "-A", cwd=work, home=home)
+    git_client(*ident, "commit", "-q", "-m", "local 1", cwd=work, home=home)
+    (work / "README").write_text("changed locally\n")
+    git_client(*ident, "commit", "-q", "-am", "local 2", cwd=work, home=home)
+    recent = git_client("rev-list", "-n", "20", "HEAD", cwd=work, home=home).stdout.split()
+    r = d.request("POST", "/sync/negotiate", {"Content-Type": "application/json"},
+                  json.dumps({"repo": "app", "commits": recent}).encode())
+    base = r.json()["commit"]
+    assert base == env.up.rev("refs/heads/main", "app") and r.json()["index"] == 2, r.describe()
+    changed = git_client("diff", "--name-only", "--diff-filter=d", base, "HEAD", cwd=work, home=home).stdout.split()
+    deleted = git_client("diff", "--name-only", "--diff-filter=D", base, "HEAD", cwd=work, home=home).stdout
+    delta = io.BytesIO()
+    with tarfile.open(fileobj=delta, mode="w:gz") as tar:
+        for name in changed:
+            tar.add(str(work / name), arcname=name)
+        listing = deleted.encode()
+        ti = tarfile.TarInfo(".sparkcache-deleted")
+        ti.size = len(listing)
+        tar.addfile(ti, io.BytesIO(listing))
+    r = d.request("POST", f"/upload?repo=app&base={base}", {**bearer(WRITE), "Content-Type": "application/gzip"},
+                  delta.getvalue())
+    assert r.status == 201, r.describe()
+    assert r.json()["id"] == git("rev-parse", "HEAD^{tree}", cwd=work)
+    files = extract(d.get(f"/uploads/{r.json()['id']}").body, tmp_path / "out")
+    tracked = git("ls-files", cwd=work).splitlines()
+    assert sorted(files) == sorted(tracked)
+    assert all(files[name] == (work / name).read_bytes() for name in tracked)
+    assert os.access(tmp_path / "out" / "tool.sh", os.X_OK)
