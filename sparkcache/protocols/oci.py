@@ -107,11 +107,13 @@ class OCIApp:
             self._read_only(request, "registry:catalog:*")
             return await self.mirror.catalog(request, remote)
         name = validate_name(name_segments)
+        if remote.type == "oci":
+            # Authenticate before policy, so anonymous probes learn nothing of the allow-list.
+            self._read_only(request, f"repository:{name}:pull")
         if not opts.allows(name):
             raise OCIError("DENIED", f"repository {name!r} is not allowed by remote {remote.name!r}", 403)
         if remote.type == "oci-local":
             return await self.local.dispatch(request, remote, name, tail)
-        self._read_only(request, f"repository:{name}:pull")
         if tail[0] == "manifests":
             return await self.mirror.manifest(request, remote, name, tail[1])
         if tail[0] == "blobs" and len(tail) == 2:
