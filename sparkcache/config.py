@@ -131,6 +131,7 @@ class ServerConfig:
     max_path_length: int = 4096
     sendfile: bool = True
     access_log: bool = False
+    max_body_size: int = 10 * 2**30
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,7 @@ class Config:
                 "max_path_length": self.server.max_path_length,
                 "sendfile": self.server.sendfile,
                 "access_log": self.server.access_log,
+                "max_body_size": self.server.max_body_size,
             },
             "storage": {
                 "data_dir": self.storage.data_dir,
@@ -379,6 +381,7 @@ class _Loader:
             max_path_length=sec.get("max_path_length", int, 4096),
             sendfile=sec.get("sendfile", bool, True),
             access_log=sec.get("access_log", bool, False),
+            max_body_size=sec.convert("max_body_size", parse_size, ServerConfig.max_body_size),
         )
         sec.done()
         return cfg

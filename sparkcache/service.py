@@ -26,13 +26,58 @@ from sparkcache.web.sendfile import SendfilePool
 log = Logger()
 
 
+class _CappedBody:
+    """A request body file that stops storing bytes past a limit.
+
+    twisted.web spools every body before routing; without a cap one client
+    could fill the temp disk. Past the limit the rest is read and dropped,
+    and the request is answered 413 instead of being routed.
+    """
+
+    def __init__(self, inner: Any, cap: int) -> None:
+        self.inner, self.cap, self.size, self.overflow = inner, cap, 0, False
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.cap:
+            self.overflow = True
+            return
+        self.inner.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
 class TrackedRequest(Request):
     """A request that the site counts while it is in flight (for graceful stop)."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        # Never parse form bodies on the reactor: `curl --data-binary` sends
+        # application/x-www-form-urlencoded by default, and twisted.web would
+        # decode a multi-GB upload in memory. Apps read request.content.
+        kw.setdefault("parsePOSTFormSubmission", False)
+        super().__init__(*args, **kw)
+
+    def gotLength(self, length: int | None) -> None:
+        super().gotLength(length)
+        cap = getattr(getattr(self.channel, "site", None), "max_body_size", None)
+        if cap is not None:
+            self.content = _CappedBody(self.content, cap)  # type: ignore[assignment]
+            if length is not None and length > cap:
+                self.content.overflow = True
 
     def process(self) -> None:
         site: SparkSite = self.channel.site  # type: ignore[attr-defined]
         site.active.add(self)
         self.notifyFinish().addBoth(lambda _: site.active.discard(self))
+        if isinstance(self.content, _CappedBody) and self.content.overflow:
+            from sparkcache.web.serve import error_body
+
+            self.setHeader(b"Connection", b"close")
+            body = error_body(self, 413, f"request body larger than server.max_body_size ({site.max_body_size} bytes)")
+            self.write(body)
+            self.finish()
+            return
         super().process()
 
 
@@ -78,10 +123,11 @@ class SparkSite(Site):
     protocol = _channel  # type: ignore[assignment]
     noisy = False
 
-    def __init__(self, resource: Any, access_log: bool = False, **kw: Any) -> None:
+    def __init__(self, resource: Any, access_log: bool = False, max_body_size: int | None = None, **kw: Any) -> None:
         super().__init__(resource, **kw)
         self.active: set[TrackedRequest] = set()
         self.access_log = access_log
+        self.max_body_size = max_body_size
 
     def log(self, request: Any) -> None:
         # Off by default: at CI-fleet request rates a line per hit costs a
@@ -145,7 +191,7 @@ class SparkcacheService(MultiService):
 
         for install in (git.install, codesync.install, oci.install, setup.install):
             install(self)
-        self.site = SparkSite(self.root, access_log=config.server.access_log)
+        self.site = SparkSite(self.root, access_log=config.server.access_log, max_body_size=config.server.max_body_size)
         self.site.displayTracebacks = False
         self.listeners: list[StreamServerEndpointService] = []
         for spec in config.server.listen:
