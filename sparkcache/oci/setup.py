@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import time
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from sparkcache.auth import AuthError
 from sparkcache.config import RemoteConfig
@@ -40,6 +40,7 @@ ANONYMOUS = "anonymous"
 SERVICE = "sparkcache"
 TOKEN_PATH = "/setup/token"
 TOKEN_LIFETIME = 3600
+MAX_FORM = 64 << 10  # an OAuth2 token request is a few hundred bytes
 KINDS = ("containerd", "rke2", "docker")
 
 
@@ -192,11 +193,16 @@ def issue_token(ctx: Context, request: Any) -> bytes:
 
 def _presented(ctx: Context, request: Any) -> str | None:
     if request.method == b"POST":
-        args = request.args or {}
-        for field in (b"password", b"refresh_token"):
-            v = args.get(field)
+        # Parsed here: twisted.web leaves the form in the body when its Content-Type
+        # has parameters (containerd sends "; charset=utf-8").
+        form = {}
+        if request.content is not None:
+            request.content.seek(0)
+            form = parse_qs(request.content.read(MAX_FORM).decode("utf-8", "replace"))
+        for field in ("password", "refresh_token"):
+            v = form.get(field)
             if v and v[0]:
-                return str(v[0].decode("utf-8", "replace"))
+                return v[0]
     token = ctx.auth.presented(request)
     if token == ANONYMOUS:
         return None

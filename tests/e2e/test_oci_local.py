@@ -95,7 +95,7 @@ def test_login_handshake(daemon):
     bad = "Basic " + base64.b64encode(b"ci:wrong").decode()
     assert daemon.get("/setup/token", headers={"Authorization": bad}).status == 401
     form = daemon.request("POST", "/setup/token", body=f"grant_type=password&username=ci&password={WRITE}".encode(),
-                          headers={"Content-Type": "application/x-www-form-urlencoded"})
+                          headers={"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"})
     assert form.status == 200 and form.json()["access_token"] == WRITE, form.describe()
 
 
