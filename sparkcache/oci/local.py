@@ -431,9 +431,9 @@ class LocalRegistry:
         request.setHeader(b"Docker-Distribution-API-Version", b"registry/2.0")
         out = serve_hit(request, entry, "HIT", self.ctx.store, self.ctx.metrics, remote.name, "",
                         {"Docker-Content-Digest": digest}, sendfile=self.ctx.sendfile)
-        if out is not None and not isinstance(out, bytes):
-            out = await out
-        return out
+        if out is None or isinstance(out, bytes):
+            return out
+        return await out  # type: ignore[func-returns-value]  # None once the body is sent
 
 
 # -- helpers -----------------------------------------------------------------------------
