@@ -2,9 +2,10 @@
 
 Every ``fetch_interval`` each mirror that exists on disk is refreshed, with at
 most ``fetch_concurrency`` at a time and each start delayed by a random
-``jitter`` so a thousand mirrors do not hit the forge in the same second. A
-refresh costs one ref advertisement round trip when nothing changed (the
-mirror compares it with the refs it knows and fetches only on a difference).
+``jitter`` so a thousand mirrors do not hit the forge in the same second. Mirrors are
+checked in batches, one pool job each: a check is one ref advertisement round
+trip compared with the refs the mirror holds; only mirrors that differ are
+fetched (through Mirrors.refresh, so at most one fetch per mirror runs).
 A failing repository is logged and recorded for ``GET /repos``; the loop goes on.
 
 Every ``maintenance_interval`` mirrors that received objects are repacked
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 
 log = Logger()
 STOP_TIMEOUT = 10.0
+MAX_BATCH = 50
 
 
 class _Timer(TimerService):
@@ -68,18 +70,33 @@ class FetchLoop:
         """One round over every registered mirror that exists on disk."""
         present = [m for m in self.mirrors.mirrors() if self.mirrors.exists(m)]
         jitter = self.mirrors.config.jitter
-        ds = [ensureDeferred(self._one(m, self.rng.uniform(0, jitter) if jitter > 0 else 0.0)) for m in present]
+        size = batch_size(len(present), self.mirrors.config.fetch_concurrency)
+        batches = [present[i:i + size] for i in range(0, len(present), size)]
+        ds = [ensureDeferred(self._batch(b, self.rng.uniform(0, jitter) if jitter > 0 else 0.0)) for b in batches]
         await DeferredList(ds, consumeErrors=True)
         self.rounds += 1
 
-    async def _one(self, mirror: "Mirror", delay: float) -> None:
+    async def _batch(self, batch: list["Mirror"], delay: float) -> None:
         if delay > 0:
             await deferLater(self.clock, delay, lambda: None)
         try:
-            await self.sem.run(self.mirrors.refresh, mirror, False)
-        except Exception as e:  # recorded in the mirror's state; the loop goes on
-            self.failures += 1
-            log.debug("git fetch loop: {name}: {why}", name=mirror.name, why=str(e))
+            need, failed = await self.sem.run(self.mirrors.poll, batch)
+        except Exception as e:
+            log.warn("git fetch loop: checking {n} mirrors failed: {why}", n=len(batch), why=str(e))
+            need, failed = batch, 0
+        self.failures += failed
+        for mirror in need:
+            try:
+                await self.sem.run(self.mirrors.refresh, mirror, False)
+            except Exception as e:  # recorded in the mirror's state; the loop goes on
+                self.failures += 1
+                log.debug("git fetch loop: {name}: {why}", name=mirror.name, why=str(e))
+
+
+def batch_size(n: int, concurrency: int) -> int:
+    """Mirrors checked per pool job: enough to amortize the thread hand-off, few
+    enough that every worker gets several batches (and jitter spreads them)."""
+    return max(1, min(MAX_BATCH, -(-n // (concurrency * 4))))
 
 
 class Maintenance:

@@ -37,15 +37,20 @@ from sparkcache.git.credentials import Callbacks, describe
 from sparkcache.git.interfaces import IMirrors, Mirror, MirrorUnavailable
 from sparkcache.git.registry import RegistrationError, Registry
 from sparkcache.git.repo_ops import (
+    CHANGED,
     CONNECT_TIMEOUT_MS,
     IO_TIMEOUT_MS,
     MIRROR_REFSPEC,
+    UNCHANGED,
+    advertised_refs,
     configure,
     dir_size,
+    head_of,
     head_target,
     is_repo,
     missing_sync,
     origin,
+    probe,
     read_refs,
     remove_stale_locks,
     run_git,
@@ -59,6 +64,18 @@ log = Logger()
 
 class FetchError(MirrorUnavailable):
     """Fetching from (or cloning) the upstream failed."""
+
+
+def _probe_batch(items: list[tuple[str, str, Any, dict[str, str], str | None]]) -> list[tuple[str, str | None]]:
+    # One pool job for many mirrors: a thread hand-off per mirror would cost
+    # about as much CPU as the ref advertisement itself.
+    out: list[tuple[str, str | None]] = []
+    for path, url, creds, refs, head in items:
+        try:
+            out.append((probe(path, url, Callbacks(creds), refs, head), None))
+        except pygit2.GitError as e:
+            out.append(("error", str(e)))
+    return out
 
 
 def _fetch_bundle(bundle: str, repo_path: str) -> None:
@@ -75,6 +92,7 @@ class MirrorState:
     last_error: str | None = None
     last_change: float | None = None
     refs: dict[str, str] | None = None
+    head: str | None = None      # the branch HEAD points at
     size: int | None = None
     dirty: bool = False          # new objects since the last repack
     last_repack: float | None = None
@@ -90,6 +108,7 @@ class FetchResult:
     cloned: bool = False
     missing: bool = False
     size: int | None = None
+    head: str | None = None
 
 
 class _Flight:
@@ -313,7 +332,7 @@ class Mirrors:
                 st.last_error = None
                 self._count("cloned" if result.cloned else "fetched" if result.changed else "unchanged")
                 if not result.missing:
-                    st.refs = result.refs
+                    st.refs, st.head = result.refs, result.head
                     if result.size is not None:
                         st.size = result.size
                     if result.changed:
@@ -328,6 +347,45 @@ class Mirrors:
 
             d.addBoth(done)
         return flight.join()
+
+    def poll(self, mirrors: list[Mirror]) -> Deferred[tuple[list[Mirror], int]]:
+        """The fetch loop's cheap check of a batch of mirrors, in one pool job: each
+        mirror's ref advertisement is compared with the refs it holds. Unchanged and
+        unreachable ones are recorded here; fires with (the mirrors that need a real
+        refresh, how many failed). A mirror being fetched, or whose refs are not known
+        yet, goes straight to the refresh list (which joins the running fetch)."""
+        need: list[Mirror] = []
+        batch: list[Mirror] = []
+        for m in mirrors:
+            st = self.state(m)
+            if st.refs is None or m.path in self._flights:
+                need.append(m)
+            else:
+                batch.append(m)
+        if not batch:
+            return succeed((need, 0))
+        items = [(m.path, m.url, self._credentials(m), self.state(m).refs, self.state(m).head) for m in batch]
+        d = self.run(_probe_batch, items)
+
+        def done(results: list[tuple[str, str | None]]) -> tuple[list[Mirror], int]:
+            now = self.clock.seconds()
+            failed = 0
+            for m, (status, error) in zip(batch, results):
+                st = self.state(m)
+                if status == CHANGED:
+                    need.append(m)
+                    continue
+                if status == UNCHANGED:
+                    st.last_fetch, st.last_error = now, None
+                    self._count("unchanged")
+                elif error is not None:
+                    st.last_fetch, st.last_error = now, f"{m.name}: {error}"
+                    failed += 1
+                    self._count("error")
+                    log.warn("git: fetching {name} failed: {why}", name=m.name, why=error)
+            return need, failed
+
+        return d.addCallback(done)
 
     def _count(self, result: str) -> None:
         # One label for all mirrors: a per-repo label would make a thousand series.
@@ -358,7 +416,7 @@ class Mirrors:
 
         def done(result: FetchResult) -> Mirror:
             st = self.state(mirror)
-            st.refs, st.size, st.dirty = result.refs, result.size, True
+            st.refs, st.head, st.size, st.dirty = result.refs, result.head, result.size, True
             st.last_change = self.clock.seconds()
             if result.cloned:
                 self._after_clone(mirror)
@@ -378,7 +436,7 @@ class Mirrors:
             report = await self._exclusive(mirror, self._fsck_sync, mirror, self._credentials(mirror))
             st.last_fsck = self.clock.seconds()
             if report.get("recloned"):
-                st.refs = report["refs"]
+                st.refs, st.head = report["refs"], None
                 st.last_error = None
         # Only mirrors that received objects: a restart must not repack them all.
         repack = st.dirty or bool(report.get("recloned"))
@@ -416,29 +474,28 @@ class Mirrors:
             remote = origin(repo, mirror.url)
             cb = Callbacks(creds)
             heads = remote.list_heads(callbacks=cb)
-            advertised = {h.name: str(h.oid) for h in heads
-                          if h.name and h.name.startswith("refs/") and not h.name.endswith("^{}")}
             default_branch = head_target(heads)
             local = known if known is not None else read_refs(repo)
-            if advertised == local:
+            if advertised_refs(heads) == local:
                 set_head(repo, default_branch)
-                return FetchResult(refs=local)
+                return FetchResult(refs=local, head=head_of(repo))
             remote.fetch(callbacks=Callbacks(creds), prune=FetchPrune.PRUNE)
             set_head(repo, default_branch)
             refs = read_refs(repo)
+            head = head_of(repo)
         except pygit2.GitError as e:
             raise FetchError(f"{mirror.name}: {e}") from None
         finally:
             repo.free()
-        return FetchResult(refs=refs, changed=True, size=dir_size(path))
+        return FetchResult(refs=refs, changed=True, size=dir_size(path), head=head)
 
     def _result(self, path: str, changed: bool = False, cloned: bool = False) -> FetchResult:
         repo = pygit2.Repository(path)
         try:
-            refs = read_refs(repo)
+            refs, head = read_refs(repo), head_of(repo)
         finally:
             repo.free()
-        return FetchResult(refs=refs, changed=changed, cloned=cloned, size=dir_size(path))
+        return FetchResult(refs=refs, changed=changed, cloned=cloned, size=dir_size(path), head=head)
 
     def _tmp(self, mirror: Mirror) -> str:
         os.makedirs(self.tmp_dir, exist_ok=True)

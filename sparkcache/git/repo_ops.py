@@ -135,6 +135,46 @@ def head_target(heads: list[Any]) -> str | None:
     return None
 
 
+def head_of(repo: pygit2.Repository) -> str | None:
+    """The branch HEAD points at, or None (detached or missing)."""
+    try:
+        head = repo.references["HEAD"]
+    except KeyError:
+        return None
+    return str(head.target) if head.type == ReferenceType.SYMBOLIC else None
+
+
+def advertised_refs(heads: list[Any]) -> dict[str, str]:
+    """The refs of a ref advertisement, as a mirror stores them (no HEAD, no peeled ``^{}``)."""
+    return {h.name: str(h.oid) for h in heads if h.name and h.name.startswith("refs/") and not h.name.endswith("^{}")}
+
+
+UNCHANGED, CHANGED, MISSING = "unchanged", "changed", "missing"
+
+
+def probe(path: str, url: str, callbacks: Any, known_refs: dict[str, str], known_head: str | None) -> str:
+    """Compare the upstream's ref advertisement with what the mirror holds, without
+    touching the mirror (so it needs no lock): UNCHANGED, CHANGED or MISSING.
+    Raises pygit2.GitError when the upstream cannot be reached."""
+    if not is_repo(path):
+        return MISSING
+    try:
+        repo = pygit2.Repository(path)
+    except pygit2.GitError:
+        return CHANGED  # the refresh path re-clones what cannot be opened
+    try:
+        # An anonymous remote: no config lookup, and freed (disconnected) right after.
+        remote = repo.remotes.create_anonymous(url)
+        heads = remote.list_heads(callbacks=callbacks)
+        del remote
+    finally:
+        repo.free()
+    if advertised_refs(heads) != known_refs:
+        return CHANGED
+    target = head_target(heads)
+    return CHANGED if target is not None and target != known_head else UNCHANGED
+
+
 def set_head(repo: pygit2.Repository, target: str | None) -> None:
     if not target or not target.startswith("refs/heads/"):
         return

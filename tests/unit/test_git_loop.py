@@ -35,6 +35,9 @@ class FakeMirrors:
     def exists(self, m: Mirror) -> bool:
         return m.name in self.present
 
+    def poll(self, batch: list[Mirror]) -> Deferred[tuple[list[Mirror], int]]:
+        return succeed((list(batch), 0))  # everything needs a refresh
+
     def refresh(self, m: Mirror, clone: bool = True) -> Deferred[dict[str, str]]:
         assert clone is False  # the loop never clones what nobody asked for
         self.calls.append(m.name)
@@ -48,15 +51,26 @@ def test_bounded_concurrency_and_failures_do_not_stop_the_round() -> None:
     fm.present.discard("gone")
     loop = FetchLoop(fm, task.Clock())  # type: ignore[arg-type]
     done = Deferred.fromCoroutine(loop.tick())
-    assert fm.calls == ["a", "b"]  # two at a time
-    fm.pending["a"].errback(RuntimeError("upstream says no"))
-    assert fm.calls == ["a", "b", "c"]
-    fm.pending["b"].callback({})
-    fm.pending["c"].callback({})
-    assert fm.calls == ["a", "b", "c", "d"] and not done.called
-    fm.pending["d"].callback({})
+
+    def running() -> list[str]:
+        return [n for n, d in fm.pending.items() if not d.called]
+
+    assert len(running()) == 2  # two at a time
+    first, second = running()
+    fm.pending[first].errback(RuntimeError("upstream says no"))
+    assert len(running()) == 2 and len(fm.calls) == 3
+    for _ in range(3):
+        fm.pending[running()[0]].callback({})
+    assert sorted(fm.calls) == ["a", "b", "c", "d"] and running() == []
     assert done.called and loop.failures == 1 and loop.rounds == 1
-    assert "gone" not in fm.calls
+
+
+def test_batches_amortize_thread_hand_offs() -> None:
+    from sparkcache.git.loop import MAX_BATCH, batch_size
+
+    assert batch_size(3, 4) == 1  # few mirrors: all in parallel
+    assert batch_size(1000, 4) == MAX_BATCH
+    assert batch_size(100, 4) == 7
 
 
 def test_jitter_spreads_starts_on_the_clock() -> None:

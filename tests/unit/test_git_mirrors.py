@@ -387,3 +387,30 @@ async def test_seed_with_missing_prerequisites_is_a_value_error(make_mirrors, up
         await ms.seed("https://git.example/team/thin.git", str(inc))
     assert not os.path.exists(ms.lookup("https://git.example/team/thin.git").path)
     assert os.listdir(ms.tmp_dir) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_poll_checks_advertisements_without_fetching(make_mirrors, upstream: Upstream) -> None:
+    ms = make_mirrors({"up": upstream.url})
+    mirror = await ms.ensure(ms.lookup("up"))
+    assert await ms.poll([mirror]) == ([], 0)
+    assert ms.state(mirror).last_fetch is not None and ms.state(mirror).head == "refs/heads/trunk"
+    upstream.commit(push=True)
+    assert await ms.poll([mirror]) == ([mirror], 0)
+    await ms.refresh(mirror)
+    assert await ms.poll([mirror]) == ([], 0)
+    # the upstream's default branch moves: the mirror's HEAD follows
+    git("push", "-q", "origin", "HEAD:refs/heads/develop", cwd=upstream.work)
+    await ms.refresh(mirror)
+    git("symbolic-ref", "HEAD", "refs/heads/develop", cwd=upstream.bare)
+    assert await ms.poll([mirror]) == ([mirror], 0)
+    await ms.refresh(mirror)
+    assert git("symbolic-ref", "HEAD", cwd=mirror.path).strip() == "refs/heads/develop"
+    assert await ms.poll([mirror]) == ([], 0)
+    # refs not known yet (a new process): straight to a refresh
+    again = make_mirrors({"up": upstream.url})
+    assert await again.poll([again.lookup("up")]) == ([again.lookup("up")], 0)
+    # upstream gone: recorded, not refreshed
+    os.rename(upstream.bare, str(upstream.bare) + ".away")
+    assert await ms.poll([mirror]) == ([], 1)
+    assert ms.state(mirror).last_error
