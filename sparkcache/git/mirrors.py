@@ -46,11 +46,12 @@ from sparkcache.git.repo_ops import (
     configure,
     dir_size,
     head_of,
+    fetch_bundle,
     head_target,
     is_repo,
     missing_sync,
     origin,
-    probe,
+    probe_batch,
     read_refs,
     remove_stale_locks,
     run_git,
@@ -64,26 +65,6 @@ log = Logger()
 
 class FetchError(MirrorUnavailable):
     """Fetching from (or cloning) the upstream failed."""
-
-
-def _probe_batch(items: list[tuple[str, str, Any, dict[str, str], str | None]]) -> list[tuple[str, str | None]]:
-    # One pool job for many mirrors: a thread hand-off per mirror would cost
-    # about as much CPU as the ref advertisement itself.
-    out: list[tuple[str, str | None]] = []
-    for path, url, creds, refs, head in items:
-        try:
-            out.append((probe(path, url, Callbacks(creds), refs, head), None))
-        except pygit2.GitError as e:
-            out.append(("error", str(e)))
-    return out
-
-
-def _fetch_bundle(bundle: str, repo_path: str) -> None:
-    try:
-        run_git(["fetch", "--quiet", "--no-write-fetch-head", bundle, MIRROR_REFSPEC], cwd=repo_path)
-    except RuntimeError as e:
-        # Typically a thin bundle whose prerequisite commits the mirror lacks.
-        raise ValueError(f"the bundle cannot be applied to this mirror: {e}") from None
 
 
 @dataclass
@@ -314,8 +295,7 @@ class Mirrors:
                 st.fetching = False
                 st.last_fetch = self.clock.seconds()
                 if isinstance(result, Failure):
-                    st.last_error = result.getErrorMessage()
-                    log.warn("git: fetching {name} failed: {why}", name=mirror.name, why=st.last_error)
+                    self._failed(mirror, st, result.getErrorMessage())
                     self._count("error")
                     if self.registry.forget_unused_host(mirror.name):
                         self._state.pop(mirror.path, None)
@@ -365,7 +345,7 @@ class Mirrors:
         if not batch:
             return succeed((need, 0))
         items = [(m.path, m.url, self._credentials(m), self.state(m).refs, self.state(m).head) for m in batch]
-        d = self.run(_probe_batch, items)
+        d = self.run(probe_batch, items)
 
         def done(results: list[tuple[str, str | None]]) -> tuple[list[Mirror], int]:
             now = self.clock.seconds()
@@ -379,13 +359,20 @@ class Mirrors:
                     st.last_fetch, st.last_error = now, None
                     self._count("unchanged")
                 elif error is not None:
-                    st.last_fetch, st.last_error = now, f"{m.name}: {error}"
+                    st.last_fetch = now
+                    self._failed(m, st, f"{m.name}: {error}")
                     failed += 1
                     self._count("error")
-                    log.warn("git: fetching {name} failed: {why}", name=m.name, why=error)
             return need, failed
 
         return d.addCallback(done)
+
+    def _failed(self, mirror: Mirror, st: MirrorState, error: str) -> None:
+        # Logged when the error changes: a forge that is down for an hour must not
+        # write a line per mirror per round.
+        if error != st.last_error:
+            log.warn("git: fetching {name} failed: {why}", name=mirror.name, why=error)
+        st.last_error = error
 
     def _count(self, result: str) -> None:
         # One label for all mirrors: a per-repo label would make a thousand series.
@@ -548,7 +535,7 @@ class Mirrors:
             raise ValueError(f"not a usable git bundle: {e}") from None
         if is_repo(mirror.path):
             # Forced like a mirror fetch: the bundle speaks for the upstream here.
-            _fetch_bundle(bundle, mirror.path)
+            fetch_bundle(bundle, mirror.path)
             return self._result(mirror.path, changed=True)
         tmp = self._tmp(mirror)
         target = os.path.join(tmp, "repo.git")
@@ -559,7 +546,7 @@ class Mirrors:
                 configure(repo, mirror.url)
             finally:
                 repo.free()
-            _fetch_bundle(bundle, target)
+            fetch_bundle(bundle, target)
             repo = pygit2.Repository(target)
             try:
                 names = [line.split(" ", 1)[1] for line in heads.splitlines() if " " in line]

@@ -12,6 +12,8 @@ from typing import Any
 import pygit2
 from pygit2.enums import ReferenceType
 
+from sparkcache.git.credentials import Callbacks
+
 MIRROR_REFSPEC = "+refs/*:refs/*"
 # What makes serving cheap and safe; see PROTOCOLS.md (git smart HTTP).
 SERVING_CONFIG = {
@@ -217,3 +219,23 @@ def remove_stale_locks(path: str, max_age: float) -> int:
                 except OSError:
                     pass
     return removed
+
+
+def probe_batch(items: list[tuple[str, str, Any, dict[str, str], str | None]]) -> list[tuple[str, str | None]]:
+    # One pool job for many mirrors: a thread hand-off per mirror would cost
+    # about as much CPU as the ref advertisement itself.
+    out: list[tuple[str, str | None]] = []
+    for path, url, creds, refs, head in items:
+        try:
+            out.append((probe(path, url, Callbacks(creds), refs, head), None))
+        except pygit2.GitError as e:
+            out.append(("error", str(e)))
+    return out
+
+
+def fetch_bundle(bundle: str, repo_path: str) -> None:
+    try:
+        run_git(["fetch", "--quiet", "--no-write-fetch-head", bundle, MIRROR_REFSPEC], cwd=repo_path)
+    except RuntimeError as e:
+        # Typically a thin bundle whose prerequisite commits the mirror lacks.
+        raise ValueError(f"the bundle cannot be applied to this mirror: {e}") from None
