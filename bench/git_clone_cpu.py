@@ -67,14 +67,15 @@ def main() -> int:
                 r = clone(urls[who], clones / f"{who}-{i}")
                 time.sleep(0.5)  # let the server's last process exit (nginx logs, children reaped)
                 r["server_cpu_s"] = cpu[who]() - c0
+                r["pack_bytes"] = sum(f.stat().st_size for f in (clones / f"{who}-{i}" / "objects" / "pack").glob("*.pack"))
                 shutil.rmtree(clones / f"{who}-{i}")
                 if r["head"] != ref["head"]:
                     raise BenchError(f"{who} run {i + 1}: HEAD {r['head']}, expected {ref['head']}")
                 results[who].append(r)
-                rows.append([str(i + 1), who, f"{r['server_cpu_s']:.2f}", f"{r['seconds']:.1f}"])
+                rows.append([str(i + 1), who, f"{r['server_cpu_s']:.2f}", f"{r['seconds']:.1f}", fmt_size(r["pack_bytes"])])
                 b.log(f"run {i + 1} {who}: server CPU {r['server_cpu_s']:.2f}s, clone {r['seconds']:.1f}s")
         print_table(f"{NAME}: warm full clone (git clone --bare), {fmt_size(repo_info['pack_bytes'])} pack",
-                    ["run", "server", "server CPU s", "clone wall s"], rows)
+                    ["run", "server", "server CPU s", "clone wall s", "pack received"], rows)
         s_cpu = median(r["server_cpu_s"] for r in results["sparkcache"])
         u_cpu = median(r["server_cpu_s"] for r in results["http-backend"])
         rat = ratio(s_cpu, u_cpu)

@@ -19,6 +19,7 @@ import http.client
 import json
 import os
 import random
+import signal
 import shutil
 import subprocess
 import sys
@@ -230,8 +231,10 @@ class HttpBackend:
             cmd = ["ip", "netns", "exec", self.netns, *cmd]
         log = open(self.bench.path(f"fcgiwrap-{self.name}.log"), "ab")
         try:
+            # its own session: stopping it must also stop its preforked children
             self.fcgi = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         env=git_env({"GIT_HTTP_EXPORT_ALL": ""}), preexec_fn=_die_with_parent)
+                                         env=git_env({"GIT_HTTP_EXPORT_ALL": ""}), preexec_fn=_die_with_parent,
+                                         start_new_session=True)
         finally:
             log.close()
         self.bench.on_cleanup(self.stop)
@@ -265,14 +268,21 @@ class HttpBackend:
 
     def stop(self) -> None:
         self.nginx.stop()
-        if self.fcgi is not None and self.fcgi.poll() is None:
-            self.fcgi.terminate()
-            try:
-                self.fcgi.wait(10)
-            except subprocess.TimeoutExpired:
-                self.fcgi.kill()
-                self.fcgi.wait(10)
+        if self.fcgi is not None:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(self.fcgi.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.fcgi.wait(10)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
         self.fcgi = None
+        if self.group is not None:
+            self.group.remove()
+            self.group = None
 
 
 class _NsNginx(Nginx):
@@ -356,6 +366,12 @@ class GitDaemon(Daemon):
         """CPU seconds used by the daemon and its upload-pack children so far."""
         return self.group.seconds() if self.group is not None else settle_cpu([self.pid])
 
+    def stop(self) -> None:
+        super().stop()
+        if self.group is not None:
+            self.group.remove()
+            self.group = None
+
     def git_url(self, name: str) -> str:
         return self.url(f"/git/{name}")
 
@@ -403,7 +419,7 @@ class CpuGroup:
     def __init__(self, bench: Bench, name: str) -> None:
         self.path = self.ROOT / f"sparkbench-{name}-{os.getpid()}"
         self.path.mkdir()
-        bench.on_cleanup(self.remove)
+        # (removed by its owner once the processes inside have stopped)
 
     @classmethod
     def make(cls, bench: Bench, name: str) -> "CpuGroup | None":
@@ -519,30 +535,46 @@ def fetch_body(wants: list[str]) -> bytes:
 def v2_fetch_all(base: str, timeout: float = 900) -> dict[str, Any]:
     """ls-refs, then fetch every ref in one request; read the whole response, keep nothing.
 
-    Returns bytes read, seconds, and the response's last 4 bytes (a complete v2
-    response ends with a flush-pkt)."""
+    The response is read raw from the socket (``Connection: close``, no
+    chunked decoding in Python), so the client costs the same, and little,
+    whichever way the server frames its body. Returns bytes read, seconds,
+    and X-Cache; fails unless the response ends with the v2 flush-pkt."""
+    import socket
+
     t0 = time.monotonic()
     wants = [oid for oid, _ in ls_refs(base, timeout)]
-    c, path = _conn(base, timeout)
-    n = 0
-    tail = b""
-    try:
-        c.request("POST", path + "/git-upload-pack", body=fetch_body(wants), headers={
-            "Content-Type": "application/x-git-upload-pack-request", "Git-Protocol": "version=2"})
-        r = c.getresponse()
-        if r.status != 200:
-            raise BenchError(f"fetch from {base} answered {r.status}: {r.read()[:300]!r}")
+    rest = base.split("://", 1)[1]
+    hostport, _, path = rest.partition("/")
+    host, _, port = hostport.partition(":")
+    body = fetch_body(wants)
+    head = (f"POST /{path}/git-upload-pack HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n"
+            f"Content-Type: application/x-git-upload-pack-request\r\nGit-Protocol: version=2\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    n, tail, header = 0, b"", b""
+    with socket.create_connection((host, int(port or 80)), timeout=timeout) as sock:
+        sock.sendall(head + body)
         while True:
-            chunk = r.read(1 << 20)
-            if not chunk:
+            got = sock.recv_into(buf)
+            if not got:
                 break
-            n += len(chunk)
-            tail = (tail + chunk)[-4:]
-    finally:
-        c.close()
-    if tail != b"0000":
+            if len(header) < 65536 and b"\r\n\r\n" not in header:
+                header += bytes(view[:got])
+            n += got
+            tail = (tail + bytes(view[max(0, got - 64):got]))[-64:]
+    status_line, _, rest_headers = header.partition(b"\r\n")
+    if b" 200 " not in status_line + b" ":
+        raise BenchError(f"fetch from {base} answered {status_line[:100]!r}")
+    headers = rest_headers.split(b"\r\n\r\n", 1)[0].lower()
+    chunked = b"transfer-encoding: chunked" in headers
+    if not tail.endswith(b"0000\r\n0\r\n\r\n" if chunked else b"0000"):
         raise BenchError(f"fetch from {base}: response of {n} bytes does not end with a flush-pkt")
-    return {"bytes": n, "seconds": time.monotonic() - t0, "x_cache": r.getheader("X-Cache")}
+    x_cache = None
+    for line in headers.split(b"\r\n"):
+        if line.startswith(b"x-cache:"):
+            x_cache = line.split(b":", 1)[1].strip().decode().upper()
+    return {"bytes": n, "seconds": time.monotonic() - t0, "x_cache": x_cache}
 
 
 def clone(url: str, dest: Path, timeout: float = 1800, protocol: int = 2) -> dict[str, Any]:

@@ -13,6 +13,7 @@ server's process tree are compared: sparkcache (warm pack cache) vs
 from __future__ import annotations
 
 import multiprocessing as mp
+import signal
 import time
 from typing import Any
 
@@ -22,6 +23,13 @@ from git_common import GitDaemon, HttpBackend, build_repo, copy_repo, describe_r
 
 NAME = "git_parallel_fetch"
 GOAL = 0.5
+
+
+def _worker_init() -> None:
+    # Forked workers inherit the Bench's signal handlers; Pool.terminate()
+    # SIGTERMs them, which must simply end them.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def _client(args: tuple[str, Any]) -> dict[str, Any]:
@@ -38,7 +46,7 @@ def herd(url: str, n: int) -> tuple[float, list[dict[str, Any]]]:
     ctx = mp.get_context("fork")
     manager = ctx.Manager()
     barrier = manager.Barrier(n + 1)
-    with ctx.Pool(n) as pool:
+    with ctx.Pool(n, initializer=_worker_init) as pool:
         pending = pool.map_async(_client, [(url, barrier)] * n)
         barrier.wait()
         t0 = time.monotonic()
