@@ -11,8 +11,9 @@ import subprocess
 
 import pytest
 
-from tests.support.client import bearer
+from tests.support.client import bearer, eventually, get_until_hit
 from tests.support.oci_images import build_image
+from tests.support.remotes import generic_remote
 from tests.support.tools import require_tool, run_checked
 
 WRITE = "oci-wr-3b9f0c71"
@@ -149,3 +150,17 @@ def test_pushed_content_survives_a_restart(daemon):
     daemon.restart()
     got = daemon.get(f"/v2/loc/keep/blobs/{sha(data)}")
     assert got.status == 200 and got.body == data, got.describe()
+
+
+def test_pushed_content_is_not_evicted(upstream, daemon_factory):
+    """Over max_size, eviction drops cached bodies but never what was pushed (it exists nowhere else)."""
+    upstream.add("/files/big.bin", b"c" * 30_000)
+    d = daemon_factory({**REMOTES, "r": generic_remote(upstream)}, env=TOKENS,
+                       storage={"max_size": "20KiB", "eviction_interval": "0.2s"})
+    pushed = b"p" * 25_000
+    assert d.request("POST", f"/v2/loc/keep/blobs/uploads/?digest={sha(pushed)}", body=pushed,
+                     headers=bearer(WRITE)).status == 201
+    get_until_hit(d, "/api/r/files/big.bin", b"c" * 30_000)
+    eventually(lambda: d.get("/api/r/").json()["entries"] == [], message="the cached body was never evicted")
+    got = d.get(f"/v2/loc/keep/blobs/{sha(pushed)}")
+    assert got.status == 200 and got.body == pushed, got.describe()
