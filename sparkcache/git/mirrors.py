@@ -47,6 +47,7 @@ from sparkcache.git.repo_ops import (
     dir_size,
     head_of,
     fetch_bundle,
+    fsck,
     head_target,
     is_repo,
     missing_sync,
@@ -565,11 +566,10 @@ class Mirrors:
     def _fsck_sync(self, mirror: Mirror, creds: Any) -> dict[str, Any]:
         if not is_repo(mirror.path):
             return {}
-        try:
-            run_git(["fsck", "--no-dangling", "--no-progress"], cwd=mirror.path)
+        damage = fsck(mirror.path)
+        if not damage:
             return {"fsck": "ok"}
-        except RuntimeError as e:
-            log.warn("git: {name} failed fsck ({why}); re-cloning", name=mirror.name, why=str(e)[:500])
+        log.warn("git: {name} failed fsck ({why}); re-cloning", name=mirror.name, why="; ".join(damage[:5])[:500])
         self._clone_sync(mirror, creds)
         return {"fsck": "failed", "recloned": True, "refs": self._result(mirror.path).refs}
 

@@ -4,6 +4,7 @@ git thread pool by sparkcache.git.mirrors, never on the reactor."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import threading
 import time
@@ -49,8 +50,10 @@ _children: set[subprocess.Popen[bytes]] = set()
 _children_lock = threading.Lock()
 
 
-def run_git(args: list[str], cwd: str | None = None, timeout: float = GIT_TIMEOUT) -> subprocess.CompletedProcess[bytes]:
-    """Run git from a pool thread (never on the reactor); raise on a non-zero exit."""
+def run_git(args: list[str], cwd: str | None = None, timeout: float = GIT_TIMEOUT,
+            check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    """Run git from a pool thread (never on the reactor); with ``check``, raise on a
+    non-zero exit."""
     proc = subprocess.Popen(["git", *args], cwd=cwd, env=git_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL)
     with _children_lock:
@@ -64,10 +67,30 @@ def run_git(args: list[str], cwd: str | None = None, timeout: float = GIT_TIMEOU
     finally:
         with _children_lock:
             _children.discard(proc)
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         msg = err.decode("utf-8", "replace").strip()[-2000:]
         raise RuntimeError(f"git {args[0]} exited {proc.returncode}: {msg}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+# "error in commit <id>: missingEmail: ...": an object git would not write today but
+# that is intact (old history on real forges has them). Not a reason to re-clone:
+# a fresh clone would have the very same objects.
+_FORMAT_ISSUE = re.compile(r"^(error|warning) in (commit|tree|tag|blob) [0-9a-f]{40,64}: [A-Za-z]+: ")
+
+
+def fsck(path: str) -> list[str]:
+    """Run ``git fsck``; return the lines that show damage (unreadable, missing or
+    mismatching objects), ignoring format complaints about intact objects."""
+    proc = run_git(["fsck", "--no-dangling", "--no-progress"], cwd=path, check=False)
+    if proc.returncode == 0:
+        return []
+    lines = (proc.stdout + b"\n" + proc.stderr).decode("utf-8", "replace").splitlines()
+    damage = [line for line in lines if line.strip() and not _FORMAT_ISSUE.match(line)
+              and not line.startswith(("notice:", "warning:", "Checking", "checking"))]
+    # A failure git explained only with format complaints is not damage; one it did not
+    # explain at all (killed, out of memory) is not proof of damage either.
+    return damage
 
 
 def terminate_children() -> None:

@@ -414,3 +414,28 @@ async def test_poll_checks_advertisements_without_fetching(make_mirrors, upstrea
     os.rename(upstream.bare, str(upstream.bare) + ".away")
     assert await ms.poll([mirror]) == ([], 1)
     assert ms.state(mirror).last_error
+
+
+@pytest_twisted.ensureDeferred
+async def test_fsck_format_complaints_about_intact_history_do_not_reclone(make_mirrors, tmp_path: Path) -> None:
+    # Old history on real forges has commits git would not write today.
+    up = GitUpstream(tmp_path / "http-upstream").start()
+    try:
+        up.create("old")
+        bare = up.path("old")
+        parent = up.rev("refs/heads/main", "old")
+        tree = git("rev-parse", f"{parent}^{{tree}}", cwd=bare).strip()
+        raw = (f"tree {tree}\nparent {parent}\nauthor nobody 1234567890 +0000\n"
+               f"committer c <c@example.com> 1234567890 +0000\n\nold\n")
+        proc = subprocess.run(["git", "hash-object", "-t", "commit", "-w", "--literally", "--stdin"], cwd=bare,
+                              input=raw, capture_output=True, text=True, check=True)
+        git("update-ref", "refs/heads/main", proc.stdout.strip(), cwd=bare)
+        with pytest.raises(subprocess.CalledProcessError):
+            git("fsck", cwd=bare)
+        ms = make_mirrors({"old": up.url("old")})
+        mirror = await ms.ensure(ms.lookup("old"))
+        await ms.idle(mirror)
+        report = await ms.maintain(mirror, fsck=True)
+        assert report["fsck"] == "ok" and not report.get("recloned")
+    finally:
+        up.stop()
