@@ -138,16 +138,19 @@ class Mirrors:
         self._creds: dict[str, Any] = {}
         self._building: set[str] = set()
         self._building_lock = threading.Lock()
+        self._stopped = False
         pygit2.settings.server_connect_timeout = CONNECT_TIMEOUT_MS
         pygit2.settings.server_timeout = IO_TIMEOUT_MS
 
     # -- lifecycle -------------------------------------------------------------
 
     def start(self) -> None:
-        if not self.pool.started:
+        if not self.pool.started and not self._stopped:
             self.pool.start()
 
     def stop(self) -> None:
+        # Final: a pool restarted by a late request would keep the process from exiting.
+        self._stopped = True
         if self.pool.started:
             terminate_children()
             self.pool.stop()
@@ -160,6 +163,8 @@ class Mirrors:
         return GitService(self)
 
     def run(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        if self._stopped:
+            return fail(MirrorUnavailable("the git mirrors are shutting down"))
         self.start()
         return deferToThreadPool(self.reactor, self.pool, fn, *args)
 

@@ -184,3 +184,9 @@ async def test_service_starts_and_stops_the_pool(tmp_path: Path) -> None:
     assert ms.pool.started
     await svc.stopService()
     assert not ms.pool.started
+    # a late request does not bring the pool back (it would keep the process alive)
+    from sparkcache.git.interfaces import MirrorUnavailable
+
+    late = ms.run(lambda: 1)
+    assert late.called and not ms.pool.started
+    late.addErrback(lambda f: f.trap(MirrorUnavailable))
