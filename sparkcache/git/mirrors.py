@@ -68,6 +68,10 @@ class FetchError(MirrorUnavailable):
     """Fetching from (or cloning) the upstream failed."""
 
 
+class DamagedMirror(FetchError):
+    """fsck found damage and the re-clone failed: the next refresh re-clones."""
+
+
 @dataclass
 class MirrorState:
     last_fetch: float | None = None
@@ -77,6 +81,7 @@ class MirrorState:
     head: str | None = None      # the branch HEAD points at
     size: int | None = None
     dirty: bool = False          # new objects since the last repack
+    damaged: bool = False        # failed fsck; re-cloned by the next refresh
     last_repack: float | None = None
     last_fsck: float | None = None
     serving: int = 0
@@ -294,7 +299,7 @@ class Mirrors:
             st.fetching = True
             known = dict(st.refs) if st.refs is not None else None
             creds = self._credentials(mirror)
-            d = self._exclusive(mirror, self._fetch_sync, mirror, creds, known, clone)
+            d = self._exclusive(mirror, self._fetch_sync, mirror, creds, known, clone, st.damaged)
 
             def done(result: Any) -> Any:
                 self._flights.pop(mirror.path, None)
@@ -316,6 +321,8 @@ class Mirrors:
                     flight.fire(result)
                     return None
                 st.last_error = None
+                if result.cloned:
+                    st.damaged = False
                 self._count("cloned" if result.cloned else "fetched" if result.changed else "unchanged")
                 if not result.missing:
                     st.refs, st.head = result.refs, result.head
@@ -344,7 +351,7 @@ class Mirrors:
         batch: list[Mirror] = []
         for m in mirrors:
             st = self.state(m)
-            if st.refs is None or m.path in self._flights:
+            if st.refs is None or st.damaged or m.path in self._flights:
                 need.append(m)
             else:
                 batch.append(m)
@@ -426,7 +433,12 @@ class Mirrors:
         st = self.state(mirror)
         report: dict[str, Any] = {}
         if fsck:
-            report = await self._exclusive(mirror, self._fsck_sync, mirror, self._credentials(mirror))
+            try:
+                report = await self._exclusive(mirror, self._fsck_sync, mirror, self._credentials(mirror))
+            except DamagedMirror as e:
+                # Served as it is meanwhile; the fetch loop retries the re-clone every round.
+                st.damaged, st.last_error = True, str(e)
+                raise
             st.last_fsck = self.clock.seconds()
             if report.get("recloned"):
                 st.refs, st.head = report["refs"], None
@@ -450,11 +462,15 @@ class Mirrors:
 
     # -- in the pool ----------------------------------------------------------------------
 
-    def _fetch_sync(self, mirror: Mirror, creds: Any, known: dict[str, str] | None, clone: bool) -> FetchResult:
+    def _fetch_sync(self, mirror: Mirror, creds: Any, known: dict[str, str] | None, clone: bool,
+                    reclone: bool = False) -> FetchResult:
         path = mirror.path
         if not is_repo(path):
             if not clone:
                 return FetchResult(missing=True)
+            self._clone_sync(mirror, creds)
+            return self._result(path, changed=True, cloned=True)
+        if reclone:
             self._clone_sync(mirror, creds)
             return self._result(path, changed=True, cloned=True)
         try:
@@ -575,7 +591,10 @@ class Mirrors:
         if not damage:
             return {"fsck": "ok"}
         log.warn("git: {name} failed fsck ({why}); re-cloning", name=mirror.name, why="; ".join(damage[:5])[:500])
-        self._clone_sync(mirror, creds)
+        try:
+            self._clone_sync(mirror, creds)
+        except FetchError as e:
+            raise DamagedMirror(f"{mirror.name} is damaged and could not be re-cloned: {e}") from None
         return {"fsck": "failed", "recloned": True, "refs": self._result(mirror.path).refs}
 
     def _repack_sync(self, path: str, repack: bool, prune: bool) -> dict[str, Any]:

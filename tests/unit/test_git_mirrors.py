@@ -439,3 +439,27 @@ async def test_fsck_format_complaints_about_intact_history_do_not_reclone(make_m
         assert report["fsck"] == "ok" and not report.get("recloned")
     finally:
         up.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_damaged_mirror_is_recloned_once_upstream_is_back(make_mirrors, upstream: Upstream) -> None:
+    from sparkcache.git.mirrors import DamagedMirror
+
+    ms = make_mirrors({"up": upstream.url})
+    mirror = await ms.ensure(ms.lookup("up"))
+    await ms.idle(mirror)
+    pack_dir = os.path.join(mirror.path, "objects", "pack")
+    pack = next(os.path.join(pack_dir, p) for p in os.listdir(pack_dir) if p.endswith(".pack"))
+    with open(pack, "r+b") as f:
+        f.seek(os.path.getsize(pack) // 2)
+        f.write(b"\xff" * 64)
+    away = str(upstream.bare) + ".away"
+    os.rename(upstream.bare, away)
+    with pytest.raises(DamagedMirror):
+        await ms.maintain(mirror, fsck=True)
+    assert ms.exists(mirror) and ms.state(mirror).damaged  # still served meanwhile
+    assert await ms.poll([mirror]) == ([mirror], 0)
+    os.rename(away, upstream.bare)
+    assert await ms.refresh(mirror, False) == upstream.refs()
+    assert not ms.state(mirror).damaged
+    git("fsck", cwd=mirror.path)
