@@ -20,6 +20,8 @@ SCOPES = ("read", "write", "admin")
 REMOTE_TYPES = ("generic", "alpine", "rpm", "deb", "helm", "local", "oci", "oci-local")
 # Remote types whose bodies live only here: no upstream URL.
 LOCAL_TYPES = ("local", "oci-local")
+# Remote types served under /v2/ by the OCI app rather than under /api/.
+OCI_TYPES = ("oci", "oci-local")
 
 # Metadata files that change in place upstream; everything else in these
 # repository layouts is content-addressed or versioned and so immutable.
@@ -476,7 +478,7 @@ class _Loader:
                 raise self.error(sec.key("username"), "give credentials either inline (username/password) or under credentials, not both")
             creds = Credentials(username, password, None)
         options = None
-        if rtype in ("oci", "oci-local"):
+        if rtype in OCI_TYPES:
             from sparkcache.oci.config import parse_oci_options
 
             options = parse_oci_options(self, sec, rtype)

@@ -9,6 +9,7 @@ from klein import Klein
 from twisted.web.resource import IResource
 
 import sparkcache
+from sparkcache.config import OCI_TYPES
 from sparkcache.context import Context
 from sparkcache.web.errors import HTTPError, json_errors
 
@@ -30,7 +31,8 @@ class AdminApp:
             "name": "sparkcache",
             "version": sparkcache.__version__,
             "remotes": [
-                {"name": r.name, "type": r.type, "upstream": r.upstream, "url": f"/api/{r.name}/"}
+                {"name": r.name, "type": r.type, "upstream": r.upstream,
+                 "url": f"/v2/{r.name}/" if r.type in OCI_TYPES else f"/api/{r.name}/"}
                 for r in self.ctx.config.remotes.values()
             ],
         })

@@ -18,7 +18,7 @@ from klein import Klein
 from twisted.web.resource import IResource
 
 from sparkcache.auth import AuthError
-from sparkcache.config import RemoteConfig
+from sparkcache.config import OCI_TYPES, RemoteConfig
 from sparkcache.context import Context
 from sparkcache.fetch import CacheRequest, Failed, Hit, Live, Result
 from sparkcache.fetch.flight import BodyError
@@ -78,7 +78,7 @@ class GenericApp:
         if request.method not in (b"GET", b"HEAD") or len(segments) < 3:
             return None
         remote = self.ctx.config.remotes.get(segments[1])
-        if remote is None or remote.type == "local":
+        if remote is None or remote.type == "local" or remote.type in OCI_TYPES:
             return None
         rest = [s for s in segments[2:] if s != ""]
         if not rest:
@@ -111,6 +111,8 @@ class GenericApp:
         remote = self.ctx.config.remotes.get(segments[1])
         if remote is None:
             raise HTTPError(404, f"unknown remote {segments[1]!r}")
+        if remote.type in OCI_TYPES:
+            raise HTTPError(404, f"remote {remote.name!r} is an OCI registry; use /v2/{remote.name}/<repository>/...")
         rest = [s for s in segments[2:] if s != ""]
         path = "/".join(rest)
         method = request.method

@@ -265,3 +265,11 @@ def test_config_redacts_secrets(upstream, daemon_factory):
     assert creds["username"] == "ci-user", creds
     assert doc["remotes"]["r"]["upstream"].rstrip("/") == upstream.base_url
     assert any(t.get("token") == "***" for t in doc["auth"]["tokens"]), doc["auth"]
+
+
+def test_oci_remotes_are_not_served_under_api(daemon_factory):
+    d = daemon_factory({"cache": {"type": "oci-local"}, "files": {"type": "local"}})
+    err = assert_json_error(d.get("/api/cache/v2/x/manifests/latest"), 404)
+    assert "/v2/cache/" in err["error"]
+    urls = {r["name"]: r["url"] for r in d.get("/").json()["remotes"]}
+    assert urls == {"cache": "/v2/cache/", "files": "/api/files/"}
