@@ -18,9 +18,8 @@ import os
 import shutil
 import tempfile
 import threading
-import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, TypeVar
 
 import pygit2
@@ -42,13 +41,16 @@ from sparkcache.git.repo_ops import (
     IO_TIMEOUT_MS,
     MIRROR_REFSPEC,
     UNCHANGED,
+    FetchResult,
     advertised_refs,
+    bundle_default_branch,
     configure,
     dir_size,
     head_of,
     fetch_bundle,
     fsck,
     head_target,
+    install,
     is_repo,
     missing_sync,
     origin,
@@ -57,6 +59,7 @@ from sparkcache.git.repo_ops import (
     remove_stale_locks,
     run_git,
     set_head,
+    snapshot,
     terminate_children,
 )
 
@@ -86,16 +89,6 @@ class MirrorState:
     last_fsck: float | None = None
     serving: int = 0
     fetching: bool = False
-
-
-@dataclass
-class FetchResult:
-    refs: dict[str, str] = field(default_factory=dict)
-    changed: bool = False
-    cloned: bool = False
-    missing: bool = False
-    size: int | None = None
-    head: str | None = None
 
 
 class _Flight:
@@ -469,16 +462,16 @@ class Mirrors:
             if not clone:
                 return FetchResult(missing=True)
             self._clone_sync(mirror, creds)
-            return self._result(path, changed=True, cloned=True)
+            return snapshot(path, changed=True, cloned=True)
         if reclone:
             self._clone_sync(mirror, creds)
-            return self._result(path, changed=True, cloned=True)
+            return snapshot(path, changed=True, cloned=True)
         try:
             repo = pygit2.Repository(path)
         except pygit2.GitError as e:
             log.warn("git: {name} cannot be opened ({why}); re-cloning", name=mirror.name, why=str(e))
             self._clone_sync(mirror, creds)
-            return self._result(path, changed=True, cloned=True)
+            return snapshot(path, changed=True, cloned=True)
         try:
             remote = origin(repo, mirror.url)
             cb = Callbacks(creds)
@@ -498,14 +491,6 @@ class Mirrors:
             repo.free()
         return FetchResult(refs=refs, changed=True, size=dir_size(path), head=head)
 
-    def _result(self, path: str, changed: bool = False, cloned: bool = False) -> FetchResult:
-        repo = pygit2.Repository(path)
-        try:
-            refs, head = read_refs(repo), head_of(repo)
-        finally:
-            repo.free()
-        return FetchResult(refs=refs, changed=changed, cloned=cloned, size=dir_size(path), head=head)
-
     def _tmp(self, mirror: Mirror) -> str:
         os.makedirs(self.tmp_dir, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=os.path.basename(mirror.path) + ".", dir=self.tmp_dir)
@@ -517,15 +502,6 @@ class Mirrors:
         shutil.rmtree(tmp, ignore_errors=True)
         with self._building_lock:
             self._building.discard(os.path.basename(tmp))
-
-    def _install(self, mirror: Mirror, built: str) -> None:
-        """Move a complete repository into place; the one it replaces goes to trash/."""
-        os.makedirs(os.path.dirname(mirror.path), exist_ok=True)
-        if os.path.lexists(mirror.path):
-            os.makedirs(self.trash_dir, exist_ok=True)
-            aside = os.path.join(self.trash_dir, f"{os.path.basename(mirror.path)}.{time.time_ns()}")
-            os.rename(mirror.path, aside)
-        os.rename(built, mirror.path)
 
     def _clone_sync(self, mirror: Mirror, creds: Any) -> None:
         # Not pygit2.clone_repository: with a mirror refspec libgit2's clone guesses
@@ -544,7 +520,7 @@ class Mirrors:
                 raise FetchError(f"cannot clone {mirror.url}: {e}") from None
             finally:
                 repo.free()
-            self._install(mirror, target)
+            install(target, mirror.path, self.trash_dir)
             log.info("git: cloned {name} from {url}", name=mirror.name, url=mirror.url)
         finally:
             self._done_building(tmp)
@@ -558,7 +534,7 @@ class Mirrors:
         if is_repo(mirror.path):
             # Forced like a mirror fetch: the bundle speaks for the upstream here.
             fetch_bundle(bundle, mirror.path)
-            return self._result(mirror.path, changed=True)
+            return snapshot(mirror.path, changed=True)
         tmp = self._tmp(mirror)
         target = os.path.join(tmp, "repo.git")
         try:
@@ -571,18 +547,14 @@ class Mirrors:
             fetch_bundle(bundle, target)
             repo = pygit2.Repository(target)
             try:
-                names = [line.split(" ", 1)[1] for line in heads.splitlines() if " " in line]
-                for candidate in ("refs/heads/main", "refs/heads/master", *sorted(n for n in names if n.startswith("refs/heads/"))):
-                    if candidate in names:
-                        set_head(repo, candidate)
-                        break
+                set_head(repo, bundle_default_branch(heads))
             finally:
                 repo.free()
-            self._install(mirror, target)
+            install(target, mirror.path, self.trash_dir)
         finally:
             self._done_building(tmp)
         log.info("git: seeded {name} from a bundle", name=mirror.name)
-        return self._result(mirror.path, changed=True, cloned=True)
+        return snapshot(mirror.path, changed=True, cloned=True)
 
     def _fsck_sync(self, mirror: Mirror, creds: Any) -> dict[str, Any]:
         if not is_repo(mirror.path):
@@ -595,7 +567,7 @@ class Mirrors:
             self._clone_sync(mirror, creds)
         except FetchError as e:
             raise DamagedMirror(f"{mirror.name} is damaged and could not be re-cloned: {e}") from None
-        return {"fsck": "failed", "recloned": True, "refs": self._result(mirror.path).refs}
+        return {"fsck": "failed", "recloned": True, "refs": snapshot(mirror.path).refs}
 
     def _repack_sync(self, path: str, repack: bool, prune: bool) -> dict[str, Any]:
         report: dict[str, Any] = {}

@@ -8,6 +8,7 @@ import re
 import subprocess
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import pygit2
@@ -172,6 +173,47 @@ def head_of(repo: pygit2.Repository) -> str | None:
 def advertised_refs(heads: list[Any]) -> dict[str, str]:
     """The refs of a ref advertisement, as a mirror stores them (no HEAD, no peeled ``^{}``)."""
     return {h.name: str(h.oid) for h in heads if h.name and h.name.startswith("refs/") and not h.name.endswith("^{}")}
+
+
+@dataclass
+class FetchResult:
+    refs: dict[str, str] = field(default_factory=dict)
+    changed: bool = False
+    cloned: bool = False
+    missing: bool = False
+    size: int | None = None
+    head: str | None = None
+
+
+def snapshot(path: str, changed: bool = False, cloned: bool = False) -> FetchResult:
+    """The refs, HEAD and size of the repository at ``path``."""
+    repo = pygit2.Repository(path)
+    try:
+        refs, head = read_refs(repo), head_of(repo)
+    finally:
+        repo.free()
+    return FetchResult(refs=refs, changed=changed, cloned=cloned, size=dir_size(path), head=head)
+
+
+def install(built: str, dest: str, trash_dir: str) -> None:
+    """Move a complete repository into place; the one it replaces goes to ``trash_dir``
+    (an upload-pack still reading it keeps working: its files move with it)."""
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    if os.path.lexists(dest):
+        os.makedirs(trash_dir, exist_ok=True)
+        os.rename(dest, os.path.join(trash_dir, f"{os.path.basename(dest)}.{time.time_ns()}"))
+    os.rename(built, dest)
+
+
+def bundle_default_branch(list_heads_output: str) -> str | None:
+    """The branch a mirror seeded from a bundle points HEAD at (``git bundle
+    list-heads`` gives HEAD's commit only, not its branch)."""
+    names = [line.split(" ", 1)[1] for line in list_heads_output.splitlines() if " " in line]
+    branches = sorted(n for n in names if n.startswith("refs/heads/"))
+    for candidate in ("refs/heads/main", "refs/heads/master", *branches):
+        if candidate in names:
+            return candidate
+    return None
 
 
 UNCHANGED, CHANGED, MISSING = "unchanged", "changed", "missing"
