@@ -13,7 +13,8 @@ git:
   credentials:                 # per host (or per repo name)
     github.com: {username: x-access-token, token_env: GITHUB_TOKEN}
   maintenance_interval: 6h     # repack (bitmaps, commit-graph), stale lock cleanup
-  fsck_interval: 7d
+  fsck_interval: 7d            # a damaged mirror is re-cloned
+  stale_lock_age: 30m          # *.lock files older than this are left-overs of a crash
   max_upload_pack_body: 64MiB
   pack_cache: true
 ```
