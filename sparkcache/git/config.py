@@ -5,7 +5,7 @@ git:
   fetch_interval: 30s          # env FETCH_INTERVAL overrides
   fetch_concurrency: 4
   jitter: 5s                   # each repo's fetch starts up to this much after the tick
-  threads: 4                   # the pygit2 thread pool
+  threads: 4                   # git pool threads besides the fetch_concurrency ones
   repos:
     app: https://github.com/org/app.git
     gitops: {url: "git@github.com:org/gitops.git", credentials: {ssh_key: /etc/sparkcache/deploy_key}}
