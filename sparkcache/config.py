@@ -389,7 +389,10 @@ class _Loader:
         return cfg
 
     def storage(self, sec: _Section) -> StorageConfig:
-        data_dir = self.environ.get("SPARKCACHE_DATA_DIR") or sec.get("data_dir", str, "./data")
+        # Read the key even when the environment overrides it, so it is
+        # validated and not reported as unknown.
+        data_dir = sec.get("data_dir", str, "./data")
+        data_dir = self.environ.get("SPARKCACHE_DATA_DIR") or data_dir
         cfg = StorageConfig(
             data_dir=data_dir,
             max_size=sec.convert("max_size", parse_size, StorageConfig.max_size),

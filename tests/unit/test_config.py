@@ -76,7 +76,7 @@ def test_deb_defaults_keep_by_hash_and_pool_immutable():
 
 def test_env_overrides_and_secret_env():
     env = {"SPARKCACHE_DATA_DIR": "/var/lib/x", "SPARKCACHE_PORT": "9000", "SPARKCACHE_ADMIN_TOKEN": "s3cret", "UP": "https://up.example"}
-    cfg = load({"remotes": {"a": {"upstream": "${UP}/simple"}}}, env)
+    cfg = load({"storage": {"data_dir": "./data"}, "remotes": {"a": {"upstream": "${UP}/simple"}}}, env)
     assert cfg.storage.data_dir == "/var/lib/x"
     assert cfg.server.listen == ("tcp:9000:interface=127.0.0.1",)
     assert cfg.auth.tokens[0].scopes == {"admin", "write", "read"}
@@ -112,3 +112,13 @@ def test_rpm_defaults_only_unchecksummed_metadata_mutable():
     assert not mut("/x86_64/os/repodata/" + "a" * 64 + "-primary.xml.gz")
     assert not mut("/x86_64/os/repodata/" + "0" * 40 + "-comps.xml")
     assert not mut("/x86_64/os/Packages/b/bash-5.1.8-6.el9.x86_64.rpm")
+
+
+def test_bundled_example_config_loads_with_overrides():
+    # `make run` uses etc/cache.yaml; --data-dir/--listen must work with it too.
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "etc", "cache.yaml")
+    cfg = load_config(path, {"SPARKCACHE_DATA_DIR": "/tmp/x", "SPARKCACHE_LISTEN": "tcp:1"})
+    assert cfg.storage.data_dir == "/tmp/x" and cfg.server.listen == ("tcp:1",)
+    assert {r.type for r in cfg.remotes.values()} >= {"generic", "oci", "oci-local", "local"}
