@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -113,3 +114,22 @@ def test_refs_move_then_new_pack_and_bypasses(git_upstream_factory, daemon_facto
         assert r.returncode == 0, r.stderr
     assert pack_metrics(d) == before
     assert git("rev-parse", "HEAD", cwd=tmp_path / "shallow") == new
+
+
+def test_packs_respect_max_size(git_upstream_factory, daemon_factory, tmp_path):  # noqa: F811
+    require_tool("git")
+    up = make_upstream(git_upstream_factory)  # a pack of about 3 MiB
+    d = daemon_factory(storage={"max_size": "1MiB", "eviction_interval": "1s"},
+                       extra={"git": {"repos": {"app": up.url("app")}, "fetch_interval": "1h"}})
+    url = f"http://127.0.0.1:{d.port}/git/app"
+
+    assert clone(url, tmp_path / "a", "--bare").returncode == 0
+    assert pack_metrics(d) == {"miss": 1}
+    deadline = time.monotonic() + 30
+    while not re.search(r"^sparkcache_evicted_total [1-9]", d.get("/metrics").body.decode(), re.M):
+        assert time.monotonic() < deadline, "the pack was never evicted from a store over max_size"
+        time.sleep(0.2)
+    r = clone(url, tmp_path / "b", "--bare")
+    assert r.returncode == 0, r.stderr
+    git("fsck", "--strict", cwd=tmp_path / "b")
+    assert pack_metrics(d).get("miss") == 2, "an evicted pack is computed again"
