@@ -269,7 +269,9 @@ class GitUpstream:
                 git("read-tree", parent, cwd=repo, env=env)
             for rel, content in files.items():
                 if content is None:
-                    git("update-index", "--force-remove", rel, cwd=repo, env=env)
+                    # --force-remove wants a work tree; a mode-0 --index-info line
+                    # removes the entry in a bare repository too.
+                    git("update-index", "--index-info", cwd=repo, input=f"0 {'0' * 40}\t{rel}\n".encode(), env=env)
                     continue
                 data = content.encode() if isinstance(content, str) else content
                 blob = git("hash-object", "-w", "--stdin", cwd=repo, input=data, env=env)
