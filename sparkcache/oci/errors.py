@@ -65,6 +65,19 @@ def code_for_status(status: int, default: str = "UNAVAILABLE") -> str:
             429: "TOOMANYREQUESTS"}.get(status, default)
 
 
+def as_oci(request: Any, out: bytes | None) -> bytes | None:
+    """Re-render an error body from the generic serving helpers (416, a vanished
+    cached body) in the OCI form; anything else passes through."""
+    code = getattr(request, "code", 200)
+    if not isinstance(out, bytes) or code < 400:
+        return out
+    try:
+        message = str(json.loads(out)["error"])
+    except (ValueError, KeyError, TypeError):
+        message = out.decode("utf-8", "replace").strip() or "error"
+    return oci_error_body(request, code, code_for_status(code), message)
+
+
 def oci_errors(app: Any) -> None:
     """Render OCIError, HTTPError, AuthError and BadPath raised by ``app``'s handlers in OCI form."""
     from sparkcache.auth import AuthError

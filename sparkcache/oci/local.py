@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import uuid as uuidlib
 from dataclasses import dataclass
@@ -33,7 +34,9 @@ from twisted.internet.threads import deferToThreadPool
 
 from sparkcache.config import RemoteConfig
 from sparkcache.context import Context
-from sparkcache.oci.errors import OCIError
+from sparkcache.oci.errors import OCIError, as_oci
+from sparkcache.oci.manifests import parse_manifest
+from sparkcache.oci.mirror import accepted_types
 from sparkcache.oci.setup import authorize
 from sparkcache.store import Entry, SpoolFile
 from sparkcache.web.respond import serve_hit
@@ -53,12 +56,6 @@ UPLOAD_IDLE = 3600.0
 TAGS_PAGE = 1000
 CHUNK = 1 << 20
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-IMAGE_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
-INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
 BLOB_TYPE = "application/octet-stream"
 
 
@@ -304,6 +301,11 @@ class LocalRegistry:
         entry = await self.ctx.store.index.get(_key(remote, repo, "_manifests", ref))
         if entry is None or entry.digest is None:
             raise OCIError("MANIFEST_UNKNOWN", f"manifest {ref!r} is not in {repo!r}", detail={"reference": ref})
+        accepted = accepted_types(request)
+        ctype = (entry.content_type or "").split(";", 1)[0].strip().lower()
+        if accepted is not None and ctype not in accepted:
+            raise OCIError("MANIFEST_UNKNOWN", f"manifest {ref!r} is {ctype}, which the request's Accept does not "
+                                               "include", detail={"reference": ref})
         return await self._serve(request, remote, entry, "sha256:" + entry.digest)
 
     async def put_manifest(self, request: Any, remote: RemoteConfig, repo: str, ref: str, base: str) -> bytes:
@@ -316,7 +318,8 @@ class LocalRegistry:
         digest = f"sha256:{hexd}"
         if is_digest and ref != digest:
             raise OCIError("DIGEST_INVALID", f"manifest has digest {digest}, not {ref}", detail={"digest": ref})
-        media_type, refs = _parse_manifest(body, header(request, b"content-type"))
+        # Off the reactor: a 4 MiB JSON document takes a while to parse.
+        media_type, refs = await self.ctx.store.in_io(parse_manifest, body, header(request, b"content-type"))
         missing = []
         for kind, d in refs:
             if not DIGEST.match(d):
@@ -429,10 +432,13 @@ class LocalRegistry:
     async def _serve(self, request: Any, remote: RemoteConfig, entry: Entry, digest: str) -> bytes | None:
         self.ctx.store.index.touch(entry, self.ctx.clock.seconds())
         request.setHeader(b"Docker-Distribution-API-Version", b"registry/2.0")
+        if request.method == b"HEAD" and not await self.ctx.store.in_io(os.path.exists, self.ctx.store.path(entry)):
+            # HEAD does not open the body: never a 200 that the GET would not give.
+            raise OCIError("UNAVAILABLE", "stored body missing", 503)
         out = serve_hit(request, entry, "HIT", self.ctx.store, self.ctx.metrics, remote.name, "",
                         {"Docker-Content-Digest": digest}, sendfile=self.ctx.sendfile)
         if out is None or isinstance(out, bytes):
-            return out
+            return as_oci(request, out)
         return await out  # type: ignore[func-returns-value]  # None once the body is sent
 
 
@@ -475,57 +481,6 @@ def _ref(ref: str) -> bool:
     if not TAG.match(ref):
         raise OCIError("MANIFEST_INVALID" if ref else "NAME_INVALID", f"invalid tag {ref!r}")
     return False
-
-
-def _parse_manifest(body: bytes, content_type: str | None) -> tuple[str, list[tuple[str, str]]]:
-    """(media type, [(\"blob\" | \"manifest\", digest)]) of a manifest body, or OCIError."""
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise OCIError("MANIFEST_INVALID", f"manifest is not JSON: {e}") from None
-    if not isinstance(doc, dict):
-        raise OCIError("MANIFEST_INVALID", "manifest is not a JSON object")
-    declared = doc.get("mediaType")
-    ctype = (content_type or "").split(";")[0].strip().lower()
-    if ctype in ("", "application/json", "application/octet-stream"):
-        ctype = ""
-    if declared is not None and not isinstance(declared, str):
-        raise OCIError("MANIFEST_INVALID", "mediaType must be a string")
-    if ctype and declared and declared != ctype:
-        raise OCIError("MANIFEST_INVALID", f"Content-Type {ctype!r} does not match the manifest's mediaType {declared!r}")
-    media_type = ctype or declared or (OCI_INDEX if "manifests" in doc else OCI_MANIFEST)
-    if doc.get("schemaVersion") != 2:
-        raise OCIError("MANIFEST_INVALID", "only schemaVersion 2 manifests are supported")
-    refs: list[tuple[str, str]] = []
-    if media_type in INDEX_TYPES or (media_type not in IMAGE_TYPES and "manifests" in doc):
-        for d in _descriptors(doc, "manifests", required=True):
-            # BuildKit's registry cache lists layer blobs in an index: either kind may be referenced.
-            refs.append(("manifest", d))
-    else:
-        config = doc.get("config")
-        if config is None and media_type in IMAGE_TYPES:
-            raise OCIError("MANIFEST_INVALID", "an image manifest needs a config descriptor")
-        if config is not None:
-            refs += [("blob", d) for d in _descriptors({"c": [config]}, "c", required=True)]
-        for field in ("layers", "blobs"):
-            refs += [("blob", d) for d in _descriptors(doc, field, required=field == "layers" and media_type in IMAGE_TYPES)]
-    return media_type, refs
-
-
-def _descriptors(doc: dict[str, Any], field: str, required: bool) -> list[str]:
-    items = doc.get(field)
-    if items is None and not required:
-        return []
-    if not isinstance(items, list):
-        raise OCIError("MANIFEST_INVALID", f"{field} must be a list of descriptors")
-    out = []
-    for item in items:
-        if not isinstance(item, dict) or not isinstance(item.get("digest"), str) or not isinstance(item.get("size"), int):
-            raise OCIError("MANIFEST_INVALID", f"a descriptor in {field} lacks a digest or size")
-        if item.get("urls"):
-            continue  # foreign layers live elsewhere, as distribution allows
-        out.append(item["digest"])
-    return out
 
 
 def _base(request: Any, tail: list[str]) -> str:

@@ -17,6 +17,7 @@ Cache keys and freshness (the store keeps upstream's exact bytes):
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -31,7 +32,7 @@ from sparkcache.fetch.flight import BodyError
 from sparkcache.fetch.upstream import UpstreamError, discard_body
 from sparkcache.oci.blobs import serve_live_blob
 from sparkcache.oci.config import options_of
-from sparkcache.oci.errors import OCIError
+from sparkcache.oci.errors import OCIError, as_oci
 from sparkcache.oci.names import check_reference, sha256_hex, upstream_name
 from sparkcache.oci.tokens import TokenAuth, TokenError, share
 from sparkcache.store import Entry
@@ -71,6 +72,15 @@ def _media_type(value: str | None) -> str:
 def _read(path: str, limit: int) -> bytes:
     with open(path, "rb") as f:
         return f.read(limit + 1)
+
+
+def _exists(path: str, limit: int) -> bytes:
+    os.stat(path)
+    return b""
+
+
+class _BodyMissing(Exception):
+    """A cached manifest's body is gone (its row has been purged)."""
 
 
 class Mirror:
@@ -146,6 +156,17 @@ class Mirror:
         )
 
     async def manifest(self, request: Any, remote: RemoteConfig, name: str, ref: str) -> bytes:
+        try:
+            return await self._manifest(request, remote, name, ref)
+        except _BodyMissing:
+            # The cached body vanished (purged, disk trouble): the row is gone
+            # now, so a second go fetches it again.
+            try:
+                return await self._manifest(request, remote, name, ref)
+            except _BodyMissing:
+                raise OCIError("UNAVAILABLE", "cached manifest body missing; retry", 503) from None
+
+    async def _manifest(self, request: Any, remote: RemoteConfig, name: str, ref: str) -> bytes:
         kind = check_reference(ref)
         opts = options_of(remote)
         up = upstream_name(name, opts.docker_hub)
@@ -230,13 +251,16 @@ class Mirror:
                                                "does not include", 404)
         if entry.size > MAX_MANIFEST:
             raise OCIError("MANIFEST_INVALID", f"manifest larger than {MAX_MANIFEST} bytes", 502)
-        body = b""
-        if request.method != b"HEAD":
-            try:
-                body = await self.ctx.store.in_io(_read, self.ctx.store.path(entry), MAX_MANIFEST)
-            except FileNotFoundError:
-                await self.ctx.store.purge_key(entry.key)
+        try:
+            # HEAD checks the body is there too: never a 200 the GET would not give.
+            body = await self.ctx.store.in_io(_read if request.method != b"HEAD" else _exists,
+                                              self.ctx.store.path(entry), MAX_MANIFEST)
+        except FileNotFoundError:
+            await self.ctx.store.purge_key(entry.key)
+            if state == "MISS":
                 raise OCIError("UNAVAILABLE", "cached manifest body missing; retry", 503) from None
+            raise _BodyMissing() from None
+        if request.method != b"HEAD":
             self.ctx.metrics.bytes_counter(remote.name, "cache" if state != "MISS" else "upstream")(len(body))
         self.ctx.metrics.response(remote.name, state.lower())
         h = request.responseHeaders
@@ -257,6 +281,10 @@ class Mirror:
             url=self.url(remote, up, "blobs", digest), ttl=None, expected_digest=hexd, keep_headers=("content-type",),
         )
         result = await self.fetch(req, f"repository:{up}:pull")
+        if isinstance(result, Hit) and request.method == b"HEAD" and not await self._body_exists(result.entry):
+            # A HEAD does not open the body, so check it is there (a GET would
+            # fail otherwise), and fetch it again now rather than answer 200.
+            result = await self.fetch(req, f"repository:{up}:pull")
         if isinstance(result, Failed):
             raise self._failure(remote, result, "BLOB_UNKNOWN", f"blob {digest}")
         if isinstance(result, Live) and request.method == b"HEAD":
@@ -264,10 +292,16 @@ class Mirror:
             entry, _ = await self._entry(remote, result, "BLOB_UNKNOWN", f"blob {digest}")
             result = Hit(entry, "MISS")
         if isinstance(result, Live):
-            return await serve_live_blob(request, result, self.ctx.metrics, remote.name, req.path,
-                                         {"Docker-Content-Digest": digest})
-        return await respond(request, result, self.ctx.store, self.ctx.metrics, remote.name, req.path,
-                             {"Docker-Content-Digest": digest}, sendfile=self.ctx.sendfile)
+            return as_oci(request, await serve_live_blob(request, result, self.ctx.metrics, remote.name, req.path,
+                                                         {"Docker-Content-Digest": digest}))
+        return as_oci(request, await respond(request, result, self.ctx.store, self.ctx.metrics, remote.name, req.path,
+                                             {"Docker-Content-Digest": digest}, sendfile=self.ctx.sendfile))
+
+    async def _body_exists(self, entry: Entry) -> bool:
+        if await self.ctx.store.in_io(os.path.exists, self.ctx.store.path(entry)):
+            return True
+        await self.ctx.store.purge_key(entry.key)
+        return False
 
     # -- listings ----------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Any
 
 import pytest
@@ -359,3 +360,47 @@ async def test_session_finished_by_one_put_with_the_whole_body(env):
     assert r.code == 201 and h(r, "Location") == f"/v2/loc/app/blobs/{sha(data)}"
     r, body = await c.req("GET", f"/v2/loc/app/blobs/{sha(data)}")
     assert body == data
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_and_accept_never_promise_what_get_would_not_give(env):
+    c, _, store, _ = env
+    config, layer = b'{"os":"linux"}', b"layer" * 100
+    await push_blob(c, "team/app", config)
+    await push_blob(c, "team/app", layer)
+    manifest = image_manifest(config, [layer])
+    r, _ = await c.req("PUT", "/v2/loc/team/app/manifests/v1", manifest, headers={"Content-Type": OCI_MANIFEST})
+    assert r.code == 201
+    # A client that accepts only indexes is not handed an image manifest.
+    r, body = await c.req("GET", "/v2/loc/team/app/manifests/v1", headers={"Accept": OCI_INDEX})
+    assert r.code == 404 and err(body) == "MANIFEST_UNKNOWN"
+    r, body = await c.req("GET", "/v2/loc/team/app/manifests/v1", headers={"Accept": f"{OCI_INDEX}, {OCI_MANIFEST}"})
+    assert r.code == 200 and body == manifest
+    # The body is gone from disk: HEAD must not say 200; errors are OCI JSON.
+    os.unlink(store.cas.local_path(sha(layer).split(":")[1]))
+    r, _ = await c.req("HEAD", f"/v2/loc/team/app/blobs/{sha(layer)}")
+    assert r.code == 503
+    r, body = await c.req("GET", f"/v2/loc/team/app/blobs/{sha(config)}", headers={"Range": "bytes=500-"})
+    assert r.code == 416 and err(body) == "RANGE_INVALID"
+
+
+@pytest_twisted.ensureDeferred
+async def test_manifest_json_is_parsed_off_the_reactor_thread(env, monkeypatch):
+    import threading
+
+    import sparkcache.oci.local as local_mod
+
+    c, _, _, _ = env
+    config = b'{"os":"linux"}'
+    await push_blob(c, "team/app", config)
+    threads = []
+    real = local_mod.parse_manifest
+
+    def spy(*args: Any) -> Any:
+        threads.append(threading.current_thread() is threading.main_thread())
+        return real(*args)
+
+    monkeypatch.setattr(local_mod, "parse_manifest", spy)
+    r, _ = await c.req("PUT", "/v2/loc/team/app/manifests/v1", image_manifest(config, []),
+                       headers={"Content-Type": OCI_MANIFEST})
+    assert r.code == 201 and threads == [False]

