@@ -94,13 +94,20 @@ def decode_body(content: IO[bytes], encoding: str, cap: int) -> bytes:
     return bytes(out)
 
 
-def missing_objects(path: str, oids: list[str]) -> list[str]:
-    """The ids among ``oids`` that the repository at ``path`` lacks (runs in the git pool)."""
+def missing_objects(path: str, oids: list[str], refs: list[str] | None = None) -> list[str]:
+    """The ids among ``oids`` and the ref names among ``refs`` (v2 ``want-ref``)
+    that the repository at ``path`` lacks (runs in the git pool)."""
     import pygit2
 
     repo = pygit2.Repository(path)
     try:
-        return [o for o in oids if o not in repo]
+        out = [o for o in oids if o not in repo]
+        for name in refs or ():
+            try:
+                repo.references[name]
+            except (KeyError, ValueError, pygit2.InvalidSpecError):
+                out.append(name)
+        return out
     finally:
         repo.free()
 
@@ -262,7 +269,7 @@ class GitApp:
         except PktError as e:
             raise HTTPError(400, f"malformed upload-pack request: {e}") from None
         mirror = await _maybe(git.ensure(mirror))
-        if parsed.command == "fetch" and parsed.wants:
+        if parsed.command == "fetch" and (parsed.wants or parsed.want_refs):
             await self._fetch_missing(mirror, parsed)
         out = ResponseConsumer(request, RESULT)
         if parsed.command == "fetch" and self.packcache is not None:
@@ -280,7 +287,8 @@ class GitApp:
         but the mirror has not fetched yet. Fetch once (joining any running fetch),
         then serve whatever the mirror has; upload-pack reports what is still missing."""
         git = self.git
-        missing = await git.run(missing_objects, mirror.path, list(parsed.wants))
+        # want-ref names a ref (a branch pushed a moment ago), not an object.
+        missing = await git.run(missing_objects, mirror.path, list(parsed.wants), list(parsed.want_refs))
         if not missing:
             return
         now = self.reactor.seconds()
@@ -290,12 +298,13 @@ class GitApp:
             # them: a typo'd or force-pushed-away id must not make every retry
             # hit the forge.
             return
-        log.info("{repo}: {n} wanted object(s) not in the mirror; fetching upstream", repo=mirror.name, n=len(missing))
+        log.info("{repo}: {n} wanted object(s) or ref(s) not in the mirror; fetching upstream", repo=mirror.name, n=len(missing))
         try:
             await _maybe(git.refresh(mirror))
         except Exception as e:
             log.warn("{repo}: refresh for missing objects failed: {why}", repo=mirror.name, why=str(e) or repr(e))
-        still = await git.run(missing_objects, mirror.path, missing)
+        still = await git.run(missing_objects, mirror.path, [m for m in missing if not m.startswith("refs/")],
+                              [m for m in missing if m.startswith("refs/")])
         if len(self._still_missing) > 1000:
             self._still_missing.clear()
         if still:

@@ -346,3 +346,28 @@ async def test_broken_mirror_is_a_remote_error_without_server_paths(server: Any,
         assert p.returncode != 0
         assert "remote error: 'broken' does not appear to be a git repository" in p.stderr, p.stderr
         assert str(tmp_path) not in p.stderr.replace(str(tmp_path / f"c{version}"), "")
+
+
+@pytest_twisted.ensureDeferred
+async def test_want_ref_of_a_branch_the_mirror_lacks_refreshes(server: Any) -> None:
+    # v2 clients send want-ref (not an id) when the server allows ref-in-want: a
+    # branch pushed a moment ago must be fetched from upstream, as a missing id is.
+    mirror_path = server.mirrors.repos["app"][1]
+    git("config", "uploadpack.allowRefInWant", "true", cwd=mirror_path)
+    git("branch", "feature", "main", cwd=server.upstream)
+    sha = git("rev-parse", "feature", cwd=server.upstream)
+    body = (pkt_line("command=fetch\n") + DELIM + pkt_line("no-progress\n")
+            + pkt_line("want-ref refs/heads/feature\n") + pkt_line("done\n") + FLUSH)
+    h = {"Git-Protocol": "version=2", "Content-Type": "application/x-git-upload-pack-request"}
+    status, _, out = await server.request("POST", "/git/app/git-upload-pack", body, h)
+    assert status == 200, out
+    assert server.mirrors.refreshes == 1
+    assert b"wanted-refs" in out and f"{sha} refs/heads/feature".encode() in out, out[:300]
+    # A ref upstream does not have either: one fetch, then git's own error, and
+    # the same request right after does not go upstream again.
+    gone = (pkt_line("command=fetch\n") + DELIM + pkt_line("want-ref refs/heads/nope\n") + pkt_line("done\n")
+            + FLUSH)
+    for _ in range(2):
+        status, _, out = await server.request("POST", "/git/app/git-upload-pack", gone, h)
+        assert b"ERR" in out or status >= 400, out[:300]
+    assert server.mirrors.refreshes == 2
