@@ -17,10 +17,12 @@ Cache keys and freshness (the store keeps upstream's exact bytes):
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from dataclasses import replace
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -31,7 +33,7 @@ from sparkcache.fetch import CacheRequest, Failed, Hit, Live, Result
 from sparkcache.fetch.flight import BodyError
 from sparkcache.fetch.upstream import UpstreamError, discard_body
 from sparkcache.oci.blobs import serve_live_blob
-from sparkcache.oci.config import options_of
+from sparkcache.oci.config import OCIOptions, options_of
 from sparkcache.oci.errors import OCIError, as_oci
 from sparkcache.oci.names import check_reference, sha256_hex, upstream_name
 from sparkcache.oci.tokens import TokenAuth, TokenError, share
@@ -49,6 +51,9 @@ MANIFEST_TYPES = (
 # The spec lets registries refuse manifests above 4 MiB; we read them whole.
 MAX_MANIFEST = 16 << 20
 MANIFEST_HEADERS = ("content-type", "docker-content-digest")
+LISTING_HEADERS = ("content-type", "etag", "last-modified", "link")
+# Catalog pages are parsed to apply the allow-list; clients page with ?n= anyway.
+MAX_LISTING = 8 << 20
 
 
 def accepted_types(request: Any) -> set[str] | None:
@@ -311,7 +316,7 @@ class Mirror:
         req = CacheRequest(
             remote=remote, key=f"oci:{remote.name}:{up}:tags" + (f"?{query}" if query else ""), path=f"{up}/tags/list",
             url=self.url(remote, up, "tags", "list", query=query), ttl=options_of(remote).tag_ttl, revalidate=True,
-            keep_headers=("content-type", "etag", "last-modified"),
+            keep_headers=LISTING_HEADERS,
         )
         return await self._listing(request, remote, req, f"repository:{up}:pull", "NAME_UNKNOWN", f"repository {name}")
 
@@ -320,21 +325,78 @@ class Mirror:
         req = CacheRequest(
             remote=remote, key=f"oci:{remote.name}:_catalog" + (f"?{query}" if query else ""), path="_catalog",
             url=self.url(remote, "_catalog", query=query), ttl=options_of(remote).tag_ttl, revalidate=True,
-            keep_headers=("content-type", "etag", "last-modified"),
+            keep_headers=LISTING_HEADERS,
         )
-        return await self._listing(request, remote, req, "registry:catalog:*", "UNSUPPORTED", "the catalog")
+        opts = options_of(remote)
+        if not opts.repositories:
+            return await self._listing(request, remote, req, "registry:catalog:*", "UNSUPPORTED", "the catalog")
+        # Only what the allow-list lets clients pull: the page is read and filtered.
+        result = await self.fetch(req, "registry:catalog:*")
+        entry, state = await self._entry(remote, result, "UNSUPPORTED", "the catalog")
+        if entry.size > MAX_LISTING:
+            raise OCIError("UNSUPPORTED", f"upstream catalog page larger than {MAX_LISTING} bytes: ask with ?n=", 502)
+        try:
+            body = await self.ctx.store.in_io(_filtered_catalog, self.ctx.store.path(entry), opts)
+        except FileNotFoundError:
+            await self.ctx.store.purge_key(entry.key)
+            raise OCIError("UNAVAILABLE", "cached catalog body missing; retry", 503) from None
+        except ValueError:
+            raise OCIError("UNAVAILABLE", "upstream catalog is not a JSON catalog", 502) from None
+        self.ctx.metrics.response(remote.name, state.lower())
+        h = request.responseHeaders
+        h.setRawHeaders(b"X-Cache", [state.encode()])
+        h.setRawHeaders(b"Content-Type", [b"application/json"])
+        link = _next_link(request, entry.headers.get("link"))
+        if link:
+            h.setRawHeaders(b"Link", [link.encode("latin-1")])
+        h.setRawHeaders(b"Content-Length", [str(len(body)).encode()])
+        return b"" if request.method == b"HEAD" else body
 
     async def _listing(self, request: Any, remote: RemoteConfig, req: CacheRequest, scope: str, unknown: str,
                        what: str) -> bytes | None:
         result = await self.fetch(req, scope)
         if isinstance(result, Failed):
             raise self._failure(remote, result, unknown, what)
-        return await respond(request, result, self.ctx.store, self.ctx.metrics, remote.name, req.path,
-                             sendfile=self.ctx.sendfile)
+        headers = result.entry.headers if isinstance(result, Hit) else result.flight.headers
+        link = _next_link(request, headers.get("link"))
+        return as_oci(request, await respond(request, result, self.ctx.store, self.ctx.metrics, remote.name, req.path,
+                                             {"Link": link} if link else None, sendfile=self.ctx.sendfile))
 
 
 def _digest_key(remote: RemoteConfig, up: str, hexd: str) -> str:
     return f"oci:{remote.name}:{up}:manifest:sha256:{hexd}"
+
+
+def _filtered_catalog(path: str, opts: OCIOptions) -> bytes:
+    """An upstream catalog page with only the repositories ``opts`` allows (runs in the IO pool)."""
+    with open(path, "rb") as f:
+        doc = json.loads(f.read(MAX_LISTING + 1))
+    repos = doc.get("repositories") if isinstance(doc, dict) else None
+    if not isinstance(repos, list):
+        raise ValueError("no repositories list")
+    hub = opts.docker_hub
+    keep = [r for r in repos if isinstance(r, str) and (
+        opts.allows(r) or (hub and r.startswith("library/") and "/" not in r[8:] and opts.allows(r[8:])))]
+    return json.dumps({"repositories": keep}).encode() + b"\n"
+
+
+def _next_link(request: Any, link: str | None) -> str | None:
+    """Upstream's ``Link: <…?n=…&last=…>; rel="next"`` pointed at the path this client used.
+
+    Only the spec's paging parameters are carried over: the upstream URL and
+    anything else in it (a signed token, another host) never reach the client."""
+    if not link:
+        return None
+    m = re.match(r"\s*<([^>]*)>(.*)$", link)
+    if m is None:
+        return None
+    theirs = parse_qs(urlsplit(m.group(1)).query)
+    query = [(k, theirs[k][0]) for k in ("n", "last") if theirs.get(k)]
+    ns = (request.args or {}).get(b"ns")
+    if ns:
+        query.append(("ns", ns[0].decode("latin-1")))
+    path = request.path.decode("latin-1")
+    return f"<{path}?{urlencode(query)}>{m.group(2)}"
 
 
 def _paging(request: Any) -> str:

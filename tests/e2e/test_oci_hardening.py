@@ -34,8 +34,8 @@ def reg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
     layout = work / "layout"
     img = build_image(layout, "img", {"data.bin": os.urandom(200_000)}, arch="amd64")
     try:
-        for repo in ("team/app", "team/tool", "team/zzz", "other/secret"):
-            registry.push(layout, "img", f"{repo}:1")
+        for repo_tag in ("team/app:1", "team/app:2", "team/tool:1", "team/zzz:1", "other/secret:1"):
+            registry.push(layout, "img", repo_tag)
         yield SimpleNamespace(registry=registry, img=img, layer=img.layers[0])
     finally:
         registry.stop()
@@ -107,3 +107,35 @@ def test_serving_errors_are_oci_json(cache: Any, front: Front, reg: SimpleNamesp
     _oci_error(cache.head(f"/v2/hub/team/app/blobs/{other}"), 400, "UNSUPPORTED")
     _oci_error(cache.get(f"/v2/hub/team/app/manifests/{other}", ACCEPT), 400, "UNSUPPORTED")
     assert front.count("GET", "sha512") == 0, front.describe()
+
+
+def _follow(cache: Any, path: str, key: str) -> tuple[list[str], list[str]]:
+    """Every page's items and the Link paths that led to them."""
+    items: list[str] = []
+    links: list[str] = []
+    while True:
+        resp = cache.get(path)
+        assert resp.status == 200, resp.describe()
+        items += resp.json()[key] or []
+        link = resp.header("Link")
+        if not link:
+            return items, links
+        assert link.startswith("<") and 'rel="next"' in link, link
+        path = link[1:link.index(">")]
+        links.append(path)
+        assert len(links) < 10, links
+
+
+def test_catalog_is_filtered_and_paging_links_point_here(cache: Any, front: Front, reg: SimpleNamespace) -> None:
+    resp = cache.get("/v2/hub/_catalog")
+    assert resp.status == 200, resp.describe()
+    assert resp.json()["repositories"] == ["team/app", "team/tool", "team/zzz"]
+    repos, links = _follow(cache, "/v2/hub/_catalog?n=2", "repositories")
+    assert repos == ["team/app", "team/tool", "team/zzz"], (repos, links)
+    assert links and all(p.startswith("/v2/hub/_catalog?") and "n=2" in p for p in links), links
+    assert not any(front.url in p for p in links)
+    # This registry's tags/list may ignore n (older distribution); the rewrite
+    # itself is covered in tests/unit/test_oci_mirror.py.
+    tags, links = _follow(cache, "/v2/hub/team/app/tags/list?n=1", "tags")
+    assert sorted(tags) == ["1", "2"], (tags, links)
+    assert all(p.startswith("/v2/hub/team/app/tags/list?") for p in links), links
