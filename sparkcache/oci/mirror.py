@@ -104,13 +104,21 @@ class Mirror:
 
     async def fetch(self, req: CacheRequest, scope: str) -> Result:
         """``cache.get`` with upstream token auth: one retry after a 401."""
-        auth = self.tokens.cached(req.remote, scope)
+        auth = await self._auth(req.remote, scope)
         result = await self.ctx.cache.get(replace(req, headers={**req.headers, **auth}))
         if isinstance(result, Failed) and result.status == 401 and \
                 self.tokens.learn(req.remote, result.headers.get("www-authenticate")):
             auth = await self._token(req.remote, scope)
             result = await self.ctx.cache.get(replace(req, headers={**req.headers, **auth}))
         return result
+
+    async def _auth(self, remote: RemoteConfig, scope: str) -> dict[bytes, bytes]:
+        """A cached token, or a new one when the registry is known to want them:
+        a new scope then costs no 401 round trip."""
+        auth = self.tokens.cached(remote, scope)
+        if not auth and self.tokens.knows(remote):
+            auth = await self._token(remote, scope)
+        return auth
 
     async def _token(self, remote: RemoteConfig, scope: str) -> dict[bytes, bytes]:
         try:
@@ -202,7 +210,12 @@ class Mirror:
     async def _check_tag(self, req: CacheRequest, stale: Entry, scope: str) -> tuple[str, Entry | None]:
         """HEAD upstream for a stale tag: (REVALIDATED, entry), (STALE, entry) or (FETCH, None)."""
         remote = req.remote
-        headers = {**req.headers, **self.tokens.cached(remote, scope)}
+        try:
+            headers = {**req.headers, **await self._auth(remote, scope)}
+        except OCIError as e:
+            if e.status >= 500:
+                return "STALE", stale
+            return "FETCH", None
         for attempt in (0, 1):
             try:
                 response, _ = await self.ctx.upstream.request(remote, b"HEAD", req.url, headers)

@@ -137,6 +137,10 @@ class TokenAuth:
             return {b"Authorization": b"Bearer " + t[0].encode("latin-1")}
         return {}
 
+    def knows(self, remote: RemoteConfig) -> bool:
+        """Whether the registry has already asked for Bearer tokens."""
+        return remote.name in self._challenges
+
     def learn(self, remote: RemoteConfig, www_authenticate: str | None) -> bool:
         """Remember the registry's Bearer challenge; False when it is not one."""
         ch = parse_challenge(www_authenticate)

@@ -37,7 +37,8 @@ def reg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
     idx = build_index(layout, "multi", [amd, arm])
     try:
         registry.push(layout, "multi", "private/app:1")
-        yield SimpleNamespace(registry=registry, idx=idx)
+        registry.push(layout, "amd", "private/other:1")
+        yield SimpleNamespace(registry=registry, idx=idx, amd=amd)
     finally:
         registry.stop()
 
@@ -103,3 +104,19 @@ def test_wrong_upstream_credentials_are_denied(daemon_factory: Any, front: Front
     assert resp.status == 403, resp.describe()
     assert resp.json()["errors"][0]["code"] == "DENIED"
     assert "wrong" not in resp.body.decode()
+
+
+def test_known_realm_new_scope_costs_no_401(daemon_factory: Any, front: Front, reg: SimpleNamespace) -> None:
+    tokens = reg.registry.tokens
+    cache = daemon_factory(_remote(front), env={"REG_PASSWORD": "s3cret"})
+    accept = {"Accept": "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json"}
+    before = len(tokens.requests)
+    assert cache.get("/v2/priv/private/app/manifests/1", accept).status == 200
+    assert front.count(status=401) == 1, front.describe()
+    # Same registry, another repository: the token for its scope is fetched
+    # up front, since the realm is known.
+    resp = cache.get("/v2/priv/private/other/manifests/1", accept)
+    assert resp.status == 200 and resp.header("Docker-Content-Digest") == reg.amd.digest, resp.describe()
+    assert front.count(status=401) == 1, front.describe()
+    scopes = [q["scope"][0] for q, _ in tokens.requests[before:]]
+    assert scopes == ["repository:private/app:pull", "repository:private/other:pull"], scopes
