@@ -6,6 +6,7 @@ child's argv or environment, the mirror's config or any file under the data dir.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pygit2
@@ -19,13 +20,30 @@ MAX_ATTEMPTS = 3
 DEFAULT_TOKEN_USER = "x-access-token"
 
 
-class Callbacks(pygit2.RemoteCallbacks):
-    """RemoteCallbacks with our credentials (or none: anonymous access)."""
+class Cancelled(Exception):
+    """The daemon is stopping: the transfer was abandoned."""
 
-    def __init__(self, creds: GitCredentials | None) -> None:
+
+class Callbacks(pygit2.RemoteCallbacks):
+    """RemoteCallbacks with our credentials (or none: anonymous access). Once
+    ``cancel`` is set, the next progress report aborts the transfer, so a
+    stopping daemon does not wait for a large clone to finish."""
+
+    def __init__(self, creds: GitCredentials | None, cancel: threading.Event | None = None) -> None:
         super().__init__()
         self._creds = creds
+        self._cancel = cancel
         self.attempts = 0
+
+    def _check(self) -> None:
+        if self._cancel is not None and self._cancel.is_set():
+            raise Cancelled("the git mirrors are shutting down")
+
+    def transfer_progress(self, stats: Any) -> None:
+        self._check()
+
+    def sideband_progress(self, string: str) -> None:
+        self._check()
 
     def credentials(self, url: str, username_from_url: str | None, allowed_types: CredentialType) -> Any:
         self.attempts += 1

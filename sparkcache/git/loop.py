@@ -128,10 +128,11 @@ class GitService(MultiService):
     """Starts the git pool, the fetch loop and maintenance; stops them, waiting
     (bounded) for running fetches."""
 
-    def __init__(self, mirrors: "Mirrors") -> None:
+    def __init__(self, mirrors: "Mirrors", stop_timeout: float = 30.0) -> None:
         super().__init__()
         self.setName("git")
         self.mirrors = mirrors
+        self.stop_timeout = stop_timeout
         cfg = mirrors.config
         self.loop = FetchLoop(mirrors, mirrors.clock)
         self.maintenance = Maintenance(mirrors, mirrors.clock)
@@ -148,13 +149,20 @@ class GitService(MultiService):
         return ensureDeferred(self._stop())
 
     async def _stop(self) -> None:
+        # Bounded by stop_timeout (server.shutdown_timeout) as a whole: running
+        # fetches get part of it to finish, then transfers are aborted and the
+        # pool is joined off the reactor; a libgit2 call stuck on a silent
+        # upstream is left to die with the process (the workers are daemons).
+        reactor = self.mirrors.reactor
+        deadline = reactor.seconds() + self.stop_timeout
         await super().stopService()  # type: ignore[misc]
         pending = self.mirrors.in_flight()
         if pending:
             d: Deferred[Any] = DeferredList(pending, consumeErrors=True)
-            d.addTimeout(STOP_TIMEOUT, self.mirrors.reactor)
+            d.addTimeout(min(STOP_TIMEOUT, self.stop_timeout / 2), reactor)
             try:
                 await d
             except Exception:
-                log.warn("git: stopping with fetches still running")
-        self.mirrors.stop()
+                log.warn("git: stopping with fetches still running; aborting them")
+        if not await self.mirrors.stop(max(0.0, deadline - reactor.seconds())):
+            log.warn("git: a pool thread is still busy (stuck upstream?); not waiting for it")

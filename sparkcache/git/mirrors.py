@@ -28,12 +28,12 @@ from twisted.internet.defer import Deferred, DeferredLock, fail, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from sparkcache.git.config import GitConfig
 from sparkcache.git.credentials import Callbacks, describe
 from sparkcache.git.interfaces import IMirrors, Mirror, MirrorUnavailable
+from sparkcache.git.jobs import DaemonThreadPool, stop_pool
 from sparkcache.git.registry import RegistrationError, Registry
 from sparkcache.git.repo_ops import (
     CHANGED,
@@ -125,7 +125,9 @@ class Mirrors:
         self.registry = Registry(config, self.git_dir)
         for problem in self.registry.load():
             log.warn("git registry: {problem}", problem=problem)
-        self.pool = ThreadPool(minthreads=0, maxthreads=config.threads + config.fetch_concurrency, name="sparkcache-git")
+        self.pool = DaemonThreadPool(minthreads=0, maxthreads=config.threads + config.fetch_concurrency,
+                                     name="sparkcache-git")
+        self._cancel = threading.Event()
         # _locks: operations that change refs or replace the repository (clone, fetch,
         # seed, fsck + re-clone); _mlocks: repack and commit-graph, which git lets run
         # beside a fetch, so a long repack never delays a fetch for a just-pushed commit.
@@ -146,19 +148,24 @@ class Mirrors:
         if not self.pool.started and not self._stopped:
             self.pool.start()
 
-    def stop(self) -> None:
-        # Final: a pool restarted by a late request would keep the process from exiting.
+    def stop(self, timeout: float | None = None) -> Deferred[bool]:
+        """Final (a restarted pool would keep the process alive): abort transfers and git
+        children, then wait for the workers, at most ``timeout`` seconds (None: unbounded)."""
         self._stopped = True
-        if self.pool.started:
-            terminate_children()
-            self.pool.stop()
+        self._cancel.set()
+        terminate_children()
+        if timeout is None:
+            if self.pool.started:
+                self.pool.stop()
+            return succeed(True)
+        return stop_pool(self.pool, self.reactor, timeout)
 
-    def service(self) -> Any:
+    def service(self, stop_timeout: float = 30.0) -> Any:
         """The IService to add to the service tree: starts the pool, the fetch loop
-        and maintenance, and stops them."""
+        and maintenance, and stops them within ``stop_timeout`` seconds."""
         from sparkcache.git.loop import GitService
 
-        return GitService(self)
+        return GitService(self, stop_timeout)
 
     def run(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         if self._stopped:
@@ -253,11 +260,9 @@ class Mirrors:
     # -- operations -----------------------------------------------------------------
 
     def _credentials(self, mirror: Mirror) -> Any:
-        try:
-            return self._creds[mirror.path]
-        except KeyError:
-            c = self._creds[mirror.path] = self.config.credentials_for(mirror.name, mirror.url)
-            return c
+        if mirror.path not in self._creds:
+            self._creds[mirror.path] = self.config.credentials_for(mirror.name, mirror.url)
+        return self._creds[mirror.path]
 
     def _lock(self, mirror: Mirror, locks: dict[str, DeferredLock] | None = None) -> DeferredLock:
         locks = self._locks if locks is None else locks
@@ -474,14 +479,14 @@ class Mirrors:
             return snapshot(path, changed=True, cloned=True)
         try:
             remote = origin(repo, mirror.url)
-            cb = Callbacks(creds)
+            cb = Callbacks(creds, self._cancel)
             heads = remote.list_heads(callbacks=cb)
             default_branch = head_target(heads)
             local = known if known is not None else read_refs(repo)
             if advertised_refs(heads) == local:
                 set_head(repo, default_branch)
                 return FetchResult(refs=local, head=head_of(repo))
-            remote.fetch(callbacks=Callbacks(creds), prune=FetchPrune.PRUNE)
+            remote.fetch(callbacks=Callbacks(creds, self._cancel), prune=FetchPrune.PRUNE)
             set_head(repo, default_branch)
             refs = read_refs(repo)
             head = head_of(repo)
@@ -513,8 +518,8 @@ class Mirrors:
             try:
                 configure(repo, mirror.url)
                 remote = repo.remotes["origin"]
-                heads = remote.list_heads(callbacks=Callbacks(creds))
-                remote.fetch(callbacks=Callbacks(creds), prune=FetchPrune.PRUNE)
+                heads = remote.list_heads(callbacks=Callbacks(creds, self._cancel))
+                remote.fetch(callbacks=Callbacks(creds, self._cancel), prune=FetchPrune.PRUNE)
                 set_head(repo, head_target(heads))
             except (pygit2.GitError, ValueError, KeyError) as e:
                 raise FetchError(f"cannot clone {mirror.url}: {e}") from None

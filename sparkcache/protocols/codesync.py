@@ -519,7 +519,7 @@ def _unlink(path: str) -> None:
 
 def install(svc: Any) -> None:
     """Mount the read and code-sync endpoints; their upload pool starts with the tree."""
-    pool = PoolService("sparkcache-upload", 2)
+    pool = PoolService("sparkcache-upload", 2, svc.reactor, svc.config.server.shutdown_timeout)
     app = CodeSyncApp(svc.ctx, svc.reactor, pool.pool)
     resource = _Remount(app.resource())
     for segment in SEGMENTS:

@@ -486,7 +486,7 @@ def _build_mirrors(svc: Any) -> tuple[Any, list[Any]]:
     config = svc.config
     git_cfg = config.git if config.git is not None else GitConfig()
     mirrors = Mirrors(git_cfg, config.storage.data_dir, svc.reactor, clock=svc.clock, metrics=svc.metrics)
-    return mirrors, [mirrors.service()]
+    return mirrors, [mirrors.service(config.server.shutdown_timeout)]
 
 
 def install(svc: Any) -> None:

@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 from pathlib import Path
+from typing import Any, Callable
 
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, task
+from twisted.internet.task import deferLater
+
+from sparkcache.config import load_config_data
+from sparkcache.git.credentials import Callbacks, Cancelled
+from sparkcache.git.jobs import PoolService
+from sparkcache.git.mirrors import Mirrors
 from tests.support.git_upstream import GitUpstream, git
 
 
@@ -13,3 +25,71 @@ def test_upstream_commit_can_delete_a_file(tmp_path: Path) -> None:
     sha = up.commit({"dir/gone.txt": None, "new.txt": "n\n"}, name="r")
     names = git("ls-tree", "-r", "--name-only", sha, cwd=up.path("r")).split()
     assert names == ["keep.txt", "new.txt"]
+
+
+async def _until(predicate: Callable[[], Any], timeout: float = 20.0) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if predicate():
+            return
+        await deferLater(reactor, 0.05, lambda: None)
+    raise AssertionError("condition not met")
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_is_bounded_while_a_fetch_hangs_on_a_silent_upstream(tmp_path: Path) -> None:
+    # A listening socket that never accepts: libgit2 connects, sends its request and
+    # waits for an answer up to its 120 s I/O timeout, holding a pool thread.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}/org/repo.git"
+    cfg = load_config_data({"git": {"repos": {"slow": url}}}, "c", {}).git
+    ms = Mirrors(cfg, str(tmp_path / "data"), reactor, clock=task.Clock())
+    svc = ms.service(stop_timeout=1.0)
+    svc.startService()
+    try:
+        fetch = ms.refresh(ms.lookup("slow"))
+        fetch.addErrback(lambda f: None)
+        await _until(lambda: ms.pool._team.statistics().busyWorkerCount == 1)
+        await svc.stopService()
+        # Stopped without waiting for the stuck worker (the reactor was never
+        # blocked joining it), which cannot keep the process alive either.
+        assert [t for t in ms.pool.threads if t.is_alive()], "stop waited for the hung fetch"
+        assert all(t.daemon for t in ms.pool.threads)
+        assert not ms.pool.started
+    finally:
+        silent.close()  # resets the pending connection: the worker ends
+        for t in ms.pool.threads:
+            t.join(30)
+
+
+def test_callbacks_abort_a_transfer_once_cancelled() -> None:
+    cancel = threading.Event()
+    cb = Callbacks(None, cancel)
+    cb.transfer_progress(None)
+    cb.sideband_progress("Counting objects")
+    cancel.set()
+    with pytest.raises(Cancelled):
+        cb.transfer_progress(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_pool_service_stop_does_not_wait_past_its_timeout() -> None:
+    svc = PoolService("t-pool", 1, reactor, stop_timeout=0.2)
+    svc.startService()
+    release = threading.Event()
+    started = threading.Event()
+
+    def busy() -> None:
+        started.set()
+        release.wait(30)
+
+    svc.pool.callInThread(busy)
+    assert started.wait(10)
+    try:
+        assert await svc.stopService() is False
+        assert all(t.daemon for t in svc.pool.threads)
+    finally:
+        release.set()
+        for t in svc.pool.threads:
+            t.join(10)
