@@ -58,6 +58,7 @@ from sparkcache.git.repo_ops import (
     read_refs,
     remove_stale_locks,
     run_git,
+    seed_refs,
     set_head,
     snapshot,
     terminate_children,
@@ -125,8 +126,7 @@ class Mirrors:
         self.registry = Registry(config, self.git_dir)
         for problem in self.registry.load():
             log.warn("git registry: {problem}", problem=problem)
-        self.pool = DaemonThreadPool(minthreads=0, maxthreads=config.threads + config.fetch_concurrency,
-                                     name="sparkcache-git")
+        self.pool = DaemonThreadPool(0, config.threads + config.fetch_concurrency, "sparkcache-git")
         self._cancel = threading.Event()
         # _locks: operations that change refs or replace the repository (clone, fetch,
         # seed, fsck + re-clone); _mlocks: repack and commit-graph, which git lets run
@@ -537,8 +537,8 @@ class Mirrors:
         except RuntimeError as e:
             raise ValueError(f"not a usable git bundle: {e}") from None
         if is_repo(mirror.path):
-            # Forced like a mirror fetch: the bundle speaks for the upstream here.
-            fetch_bundle(bundle, mirror.path)
+            # Only new refs and fast-forwards: an old bundle must not move a branch back.
+            seed_refs(bundle, mirror.path)
             return snapshot(mirror.path, changed=True)
         tmp = self._tmp(mirror)
         target = os.path.join(tmp, "repo.git")

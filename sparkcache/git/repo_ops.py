@@ -304,3 +304,48 @@ def fetch_bundle(bundle: str, repo_path: str) -> None:
     except RuntimeError as e:
         # Typically a thin bundle whose prerequisite commits the mirror lacks.
         raise ValueError(f"the bundle cannot be applied to this mirror: {e}") from None
+
+
+def _fast_forward(repo: pygit2.Repository, old: pygit2.Oid, new: pygit2.Oid) -> bool:
+    try:
+        old_c = repo[old].peel(pygit2.Commit).id
+        new_c = repo[new].peel(pygit2.Commit).id
+    except (KeyError, ValueError, pygit2.GitError):
+        return False  # a ref to a tree or blob, or a tag of one: never moved
+    return old == new or bool(repo.descendant_of(new_c, old_c))
+
+
+def seed_refs(bundle: str, repo_path: str) -> list[str]:
+    """Apply a bundle to an existing mirror: all of its objects, then each ref that
+    is new or a fast-forward of the mirror's. A bundle may be older than the mirror
+    (made before the last fetch): a branch it would move back, or a diverged one,
+    is left alone and returned. Runs under the mirror's lock."""
+    try:
+        # unbundle stores the objects (checking prerequisites) and prints the refs
+        # without updating any, so each one can be checked first.
+        listed = run_git(["bundle", "unbundle", bundle], cwd=repo_path).stdout.decode("utf-8", "replace")
+    except RuntimeError as e:
+        raise ValueError(f"the bundle cannot be applied to this mirror: {e}") from None
+    skipped: list[str] = []
+    repo = pygit2.Repository(repo_path)
+    try:
+        for line in listed.splitlines():
+            sha, _, name = line.strip().partition(" ")
+            if not name.startswith("refs/"):
+                continue
+            new = pygit2.Oid(hex=sha)
+            try:
+                ref = repo.references[name]
+            except KeyError:
+                repo.references.create(name, new)
+                continue
+            if ref.type != ReferenceType.DIRECT:
+                skipped.append(name)
+            elif ref.target != new:
+                if _fast_forward(repo, ref.target, new):  # type: ignore[arg-type]
+                    ref.set_target(new)
+                else:
+                    skipped.append(name)
+    finally:
+        repo.free()
+    return skipped

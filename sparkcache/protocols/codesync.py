@@ -486,8 +486,7 @@ class CodeSyncApp:
 
     async def process_seed(self, content: Any, url: str, name: str | None) -> dict[str, Any]:
         git = self.git()
-        fd, path = tempfile.mkstemp(dir=self.ctx.store.spool_dir, prefix="seed-", suffix=".bundle")
-        os.close(fd)
+        path = await self.ctx.store.in_io(_new_spool_file, self.ctx.store.spool_dir)
         try:
             await self.ctx.store.in_io(_copy_to, content, path, MAX_BUNDLE)
             head = await self.ctx.store.in_io(_head, path)
@@ -500,14 +499,41 @@ class CodeSyncApp:
             except ValueError as e:
                 raise HTTPError(400, f"bundle rejected: {e}") from None
             refs = await self.on_mirror(mirror, reads.list_refs)
+            offered = await self.ctx.store.in_io(_bundle_refs, path)
         finally:
             await self.ctx.store.in_io(_unlink, path)
-        return {"name": mirror.name, "url": mirror.url, "refs": refs}
+        # A ref the mirror holds at another value than the bundle's was not moved:
+        # the mirror's is newer (or diverged), and seeding only fast-forwards.
+        skipped = sorted(n for n, sha in offered.items() if refs.get(n) != sha)
+        return {"name": mirror.name, "url": mirror.url, "refs": refs, "skipped": skipped}
 
 
 def _head(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read(64)
+
+
+def _new_spool_file(spool_dir: str) -> str:
+    fd, path = tempfile.mkstemp(dir=spool_dir, prefix="seed-", suffix=".bundle")
+    os.close(fd)
+    return path
+
+
+def _bundle_refs(path: str) -> dict[str, str]:
+    """The refs a bundle's header lists, {refname: id} (blocking: runs in a thread)."""
+    out: dict[str, str] = {}
+    with open(path, "rb") as f:
+        f.readline()  # the signature, checked already
+        for _ in range(1_000_000):
+            line = f.readline(4096).rstrip(b"\n")
+            if not line:
+                break
+            if line[:1] in (b"-", b"@"):
+                continue  # a prerequisite, or a v3 capability
+            sha, _, name = line.decode("utf-8", "replace").partition(" ")
+            if name.startswith("refs/"):
+                out[name] = sha
+    return out
 
 
 def _unlink(path: str) -> None:

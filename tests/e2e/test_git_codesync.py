@@ -134,6 +134,8 @@ def test_seed_from_bundle_without_upstream_access(git_upstream_factory: Any, dae
                                                   tmp_path: Path) -> None:
     up: GitUpstream = git_upstream_factory()
     up.create("app", files={"README": "seeded\n"})
+    older = tmp_path / "older.bundle"
+    git("bundle", "create", str(older), "--all", cwd=up.path("app"))
     sha = up.commit({"src/x.c": "x\n"}, "second", name="app")
     up.stop()
     bundle = tmp_path / "app.bundle"
@@ -154,6 +156,10 @@ def test_seed_from_bundle_without_upstream_access(git_upstream_factory: Any, dae
     git_client("clone", "-q", d.url("/git/offline"), str(out), home=tmp_path / "home")
     assert git("rev-parse", "HEAD", cwd=out) == sha
     assert (out / "README").read_text() == "seeded\n"
+    # An older bundle afterwards moves no branch back, and says which it left alone.
+    r = d.request("POST", f"/sync/seed?repo={url}", bearer(WRITE), older.read_bytes())
+    assert r.status == 200, r.describe()
+    assert r.json()["refs"]["refs/heads/main"] == sha and r.json()["skipped"] == ["refs/heads/main"]
 
 
 def test_code_sync_workflow_from_a_clone(env: Any, tmp_path: Path) -> None:
