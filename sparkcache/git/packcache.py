@@ -26,7 +26,7 @@ import hashlib
 import os
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -196,7 +196,13 @@ class PackCache:
         return False, having written nothing, when the request is not cacheable."""
         if not self.enabled or not isinstance(parsed, UploadRequest) or not cacheable(parsed):
             return False
-        state = await self.ctx.git.run(ref_state, mirror.path)
+        try:
+            state = await self.ctx.git.run(ref_state, mirror.path)
+        except CancelledError:
+            raise  # the client went away
+        except Exception as e:  # nothing written yet: let upload-pack serve this one directly
+            log.warn("pack cache: cannot read the refs of {name}: {e}", name=mirror.name, e=e)
+            return False
         key = cache_key(mirror, parsed, state)
         flight = self._flights.get(key)
         if flight is None:
