@@ -265,6 +265,39 @@ def test_idle_child_is_stopped() -> None:
     c.close()
 
 
+def test_child_paused_while_the_spool_lags() -> None:
+    clock = task.Clock()
+
+    class SlowFlight:
+        queued = 0
+        on_drain: Any = None
+
+        def data(self, chunk: bytes) -> None:
+            self.queued += len(chunk)
+
+    class Producer:
+        paused = resumed = 0
+
+        def pauseProducing(self) -> None:
+            self.paused += 1
+
+        def resumeProducing(self) -> None:
+            self.resumed += 1
+
+    flight = SlowFlight()
+    c = SpoolConsumer(flight, clock)  # type: ignore[arg-type]
+    p = Producer()
+    c.registerProducer(p, True)
+    for _ in range(40):
+        c.write(b"x" * 65536)
+    assert p.paused == 1 and p.resumed == 0
+    flight.queued = 0  # the I/O thread caught up
+    flight.on_drain()
+    assert p.resumed == 1
+    assert c.tail == b"xxxx"
+    c.close()
+
+
 # -- against upload-pack ------------------------------------------------------------------------
 
 
