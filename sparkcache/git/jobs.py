@@ -76,6 +76,28 @@ class Flights:
         return shared.wait()
 
 
+class Waiters:
+    """One running operation and the callers waiting for it: each gets its own
+    Deferred, so a cancelled caller never cancels the operation."""
+
+    def __init__(self) -> None:
+        self.waiters: list[Deferred[Any]] = []
+
+    def join(self) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.waiters.append(d)
+        return d
+
+    def fire(self, result: Any) -> None:
+        for d in self.waiters:
+            if d.called:
+                continue  # cancelled by its caller
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+
+
 class BuildFlight(Flight):
     """A flight fed by a build in a worker thread that writes the spool itself;
     requests tail it exactly as they tail an upstream body."""

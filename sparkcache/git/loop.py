@@ -68,7 +68,7 @@ class FetchLoop:
 
     async def tick(self) -> None:
         """One round over every registered mirror that exists on disk."""
-        present = [m for m in self.mirrors.mirrors() if self.mirrors.exists(m)]
+        present = await self.mirrors.present(self.mirrors.mirrors())
         jitter = self.mirrors.config.jitter
         size = batch_size(len(present), self.mirrors.config.fetch_concurrency)
         batches = [present[i:i + size] for i in range(0, len(present), size)]
@@ -113,9 +113,7 @@ class Maintenance:
             self.last_fsck = now
             fsck = False
         await self.mirrors.run(self.mirrors.empty_trash)
-        for m in self.mirrors.mirrors():
-            if not self.mirrors.exists(m):
-                continue
+        for m in await self.mirrors.present(self.mirrors.mirrors()):
             try:
                 await self.mirrors.maintain(m, fsck=fsck)
             except Exception as e:

@@ -33,7 +33,7 @@ from zope.interface import implementer
 from sparkcache.git.config import GitConfig
 from sparkcache.git.credentials import Callbacks, describe
 from sparkcache.git.interfaces import IMirrors, Mirror, MirrorUnavailable
-from sparkcache.git.jobs import DaemonThreadPool, stop_pool
+from sparkcache.git.jobs import DaemonThreadPool, Waiters, stop_pool
 from sparkcache.git.registry import RegistrationError, Registry
 from sparkcache.git.repo_ops import (
     CHANGED,
@@ -92,27 +92,6 @@ class MirrorState:
     fetching: bool = False
 
 
-class _Flight:
-    """One running operation and the callers waiting for it."""
-
-    def __init__(self) -> None:
-        self.waiters: list[Deferred[Any]] = []
-
-    def join(self) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self.waiters.append(d)
-        return d
-
-    def fire(self, result: Any) -> None:
-        for d in self.waiters:
-            if d.called:
-                continue  # cancelled by its caller
-            if isinstance(result, Failure):
-                d.errback(result)
-            else:
-                d.callback(result)
-
-
 @implementer(IMirrors)
 class Mirrors:
     def __init__(self, config: GitConfig, data_dir: str, reactor: Any, clock: Any = None, metrics: Any = None) -> None:
@@ -133,7 +112,7 @@ class Mirrors:
         # beside a fetch, so a long repack never delays a fetch for a just-pushed commit.
         self._locks: dict[str, DeferredLock] = {}
         self._mlocks: dict[str, DeferredLock] = {}
-        self._flights: dict[str, _Flight] = {}
+        self._flights: dict[str, Waiters] = {}
         self._state: dict[str, MirrorState] = {}
         self._creds: dict[str, Any] = {}
         self._building: set[str] = set()
@@ -220,25 +199,26 @@ class Mirrors:
             st = self._state[mirror.path] = MirrorState()
         return st
 
-    def status(self) -> list[dict[str, Any]]:
-        out = []
-        for reg in self.registry.all():
-            m = self.registry.mirror(reg)
-            st = self.state(m)
-            out.append({
-                "name": reg.name,
-                "url": reg.url,
-                "source": reg.source,
-                "cloned": self.exists(m),
-                "last_fetch": st.last_fetch,
-                "last_change": st.last_change,
-                "last_error": st.last_error,
-                "size": st.size,
-                "refs": len(st.refs) if st.refs is not None else None,
-                "fetching": st.fetching,
-                "credentials": describe(self._credentials(m)),
-            })
-        return out
+    def present(self, mirrors: list[Mirror]) -> Deferred[list[Mirror]]:
+        """The mirrors among ``mirrors`` that exist on disk (the stat calls run in the pool)."""
+        return self.run(lambda: [m for m in mirrors if is_repo(m.path)])
+
+    def status(self) -> Deferred[list[dict[str, Any]]]:
+        regs = self.registry.all()
+        mirrors = [self.registry.mirror(r) for r in regs]
+
+        def build(cloned: list[Mirror]) -> list[dict[str, Any]]:
+            paths = {c.path for c in cloned}
+            return [self._status(r, m, m.path in paths) for r, m in zip(regs, mirrors)]
+
+        return self.present(mirrors).addCallback(build)
+
+    def _status(self, reg: Any, m: Mirror, cloned: bool) -> dict[str, Any]:
+        st = self.state(m)
+        return {"name": reg.name, "url": reg.url, "source": reg.source, "cloned": cloned,
+                "last_fetch": st.last_fetch, "last_change": st.last_change, "last_error": st.last_error,
+                "size": st.size, "refs": len(st.refs) if st.refs is not None else None,
+                "fetching": st.fetching, "credentials": describe(self._credentials(m))}
 
     # -- serving guard (no pruning repack while upload-pack reads a mirror) -------
 
@@ -292,7 +272,7 @@ class Mirrors:
         joining a fetch already running for this mirror."""
         flight = self._flights.get(mirror.path)
         if flight is None:
-            flight = self._flights[mirror.path] = _Flight()
+            flight = self._flights[mirror.path] = Waiters()
             st = self.state(mirror)
             st.fetching = True
             known = dict(st.refs) if st.refs is not None else None

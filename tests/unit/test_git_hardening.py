@@ -129,3 +129,33 @@ async def test_seeding_an_old_bundle_only_adds_refs_and_fast_forwards(tmp_path: 
 def _refs(path: str) -> dict[str, str]:
     out = git_cli("for-each-ref", "--format=%(refname) %(objectname)", cwd=path)
     return dict(line.split(" ", 1) for line in out.splitlines() if line)
+
+
+@pytest_twisted.ensureDeferred
+async def test_loop_maintenance_and_status_stat_mirrors_off_the_reactor(tmp_path: Path, monkeypatch: Any) -> None:
+    import sparkcache.git.mirrors as mirrors_mod
+    import sparkcache.git.repo_ops as repo_ops
+
+    up = Upstream(tmp_path / "upstream")
+    cfg = load_config_data({"git": {"repos": {"a": up.url}, "jitter": 0}}, "c", {}).git
+    ms = Mirrors(cfg, str(tmp_path / "data"), reactor, clock=task.Clock())
+    try:
+        await ms.ensure(ms.lookup("a"))
+        on_reactor: list[str] = []
+        real = repo_ops.is_repo
+
+        def spy(path: str) -> bool:
+            if threading.current_thread() is threading.main_thread():
+                on_reactor.append(path)
+            return real(path)
+
+        monkeypatch.setattr(mirrors_mod, "is_repo", spy)
+        monkeypatch.setattr(repo_ops, "is_repo", spy)
+        svc = ms.service()
+        await svc.loop.tick()
+        await svc.maintenance.tick()
+        status = await ms.status()
+        assert status[0]["cloned"] is True
+        assert on_reactor == []
+    finally:
+        ms.stop()

@@ -25,7 +25,7 @@ class FakeMirrors:
     def __init__(self, names: list[str], concurrency: int = 2, jitter: float = 0.0) -> None:
         self.config = load_config_data({"git": {"fetch_concurrency": concurrency, "jitter": jitter}}, "c", {}).git
         self._mirrors = [Mirror(n, f"https://h/{n}", f"/nonexistent/{n}") for n in names]
-        self.present = set(names)
+        self.on_disk = set(names)
         self.pending: dict[str, Deferred[dict[str, str]]] = {}
         self.calls: list[str] = []
 
@@ -33,7 +33,10 @@ class FakeMirrors:
         return self._mirrors
 
     def exists(self, m: Mirror) -> bool:
-        return m.name in self.present
+        return m.name in self.on_disk
+
+    def present(self, ms: list[Mirror]) -> Deferred[list[Mirror]]:
+        return succeed([m for m in ms if m.name in self.on_disk])
 
     def poll(self, batch: list[Mirror]) -> Deferred[tuple[list[Mirror], int]]:
         return succeed((list(batch), 0))  # everything needs a refresh
@@ -48,7 +51,7 @@ class FakeMirrors:
 
 def test_bounded_concurrency_and_failures_do_not_stop_the_round() -> None:
     fm = FakeMirrors(["a", "b", "c", "d", "gone"], concurrency=2)
-    fm.present.discard("gone")
+    fm.on_disk.discard("gone")
     loop = FetchLoop(fm, task.Clock())  # type: ignore[arg-type]
     done = Deferred.fromCoroutine(loop.tick())
 
@@ -122,7 +125,7 @@ async def test_loop_with_real_mirrors_fetches_the_good_ones(tmp_path: Path) -> N
         loop = FetchLoop(ms, task.Clock())
         await loop.tick()
         assert loop.failures == 1
-        st = {s["name"]: s for s in ms.status()}
+        st = {s["name"]: s for s in await ms.status()}
         assert st["bad"]["last_error"] and st["bad"]["cloned"]
         for n in ("one", "two"):
             assert st[n]["last_error"] is None
@@ -147,6 +150,9 @@ async def test_maintenance_runs_fsck_on_its_own_schedule(tmp_path: Path) -> None
 
         def exists(self, m: Mirror) -> bool:
             return True
+
+        def present(self, ms: list[Mirror]) -> Deferred[list[Mirror]]:
+            return succeed(ms)
 
         def run(self, fn: Any, *args: Any) -> Deferred[None]:
             return succeed(None)

@@ -111,7 +111,7 @@ async def test_clone_on_first_use_configured_for_serving(make_mirrors, upstream:
     assert os.path.exists(os.path.join(mirror.path, "objects", "info", "commit-graph"))
     assert os.listdir(ms.tmp_dir) == []
     git("fsck", "--no-dangling", cwd=mirror.path)
-    st = {s["name"]: s for s in ms.status()}["up"]
+    st = {s["name"]: s for s in await ms.status()}["up"]
     assert st["cloned"] and st["refs"] == 2 and st["size"] > 0 and st["last_error"] is None
 
 
@@ -214,7 +214,7 @@ async def test_unreachable_upstream_fails_with_mirror_unavailable(make_mirrors, 
     for name in ("gone", "http"):
         with pytest.raises(MirrorUnavailable):
             await ms.ensure(ms.lookup(name))
-    st = {s["name"]: s for s in ms.status()}
+    st = {s["name"]: s for s in await ms.status()}
     assert st["gone"]["last_error"] and not st["gone"]["cloned"]
     assert not os.path.exists(ms.lookup("gone").path)
     assert os.listdir(ms.tmp_dir) == []
@@ -322,7 +322,7 @@ async def test_registrations_are_saved_only_once_they_work(make_mirrors, tmp_pat
         assert ghost.name not in [m.name for m in ms.mirrors()]
         with pytest.raises(MirrorUnavailable):
             await ms.ensure(ms.lookup("127.0.0.1:9/org/unreachable"))
-        assert [s["name"] for s in ms.status()] == []
+        assert [s["name"] for s in await ms.status()] == []
         # one that exists: cloned, then saved
         app = ms.lookup(f"{host}/app")
         assert app.url == up.url("app") and app.name == f"{host}/app"
