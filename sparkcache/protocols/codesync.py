@@ -32,6 +32,7 @@ from sparkcache.fetch.cache import Hit, Live
 from sparkcache.fetch.flight import BodyError, Flight
 from sparkcache.git import reads, uploads
 from sparkcache.git.interfaces import Mirror, MirrorUnavailable, UnknownRepo
+from sparkcache.protocols.git import internal_error
 from sparkcache.git.jobs import BuildFlight, Flights, PoolService, Progress, run_build, shield
 from sparkcache.store import Entry
 from sparkcache.web.errors import HTTPError, json_errors
@@ -177,6 +178,11 @@ class CodeSyncApp:
     def _bad_method(self, request: Any, failure: Any) -> bytes:
         allowed = ", ".join(failure.value.valid_methods or [])
         return error_body(request, 405, f"{request.method.decode()} is not allowed here", {"Allow": allowed})
+
+    # Last: the first matching handler wins, so this only sees what nothing above handled.
+    @app.handle_errors(Exception)
+    def _internal(self, request: Any, failure: Any) -> bytes:
+        return internal_error(request, failure)
 
     # -- plumbing -------------------------------------------------------------------------
 

@@ -196,6 +196,11 @@ class GitApp:
 
     json_errors(app)
 
+    # Last: the first matching handler wins, so this only sees what nothing above handled.
+    @app.handle_errors(Exception)
+    def _internal(self, request: Any, failure: Any) -> bytes:
+        return internal_error(request, failure)
+
     @property
     def git(self) -> Any:
         if self.ctx.git is None:
@@ -439,6 +444,24 @@ class GitApp:
         except Exception as e:
             raise HTTPError(502, f"fetching {mirror.url} failed: {e}") from None
         return _json(request, {"name": mirror.name, "url": mirror.url, "refs": refs})
+
+
+def internal_error(request: Any, failure: Failure) -> bytes:
+    """An unexpected exception: logged, and answered with a JSON 500 (Klein's default
+    is twisted.web's HTML page). A response already under way is cut off instead,
+    so the client sees a broken transfer rather than JSON spliced into it."""
+    from werkzeug.exceptions import HTTPException
+
+    e: Any = failure.value
+    if isinstance(e, HTTPException):
+        return error_body(request, e.code or 500, e.description or e.name)
+    log.failure("{method} {uri} failed", failure, method=request.method, uri=request.uri)
+    if getattr(request, "startedWriting", False):
+        transport = getattr(getattr(request, "channel", None), "transport", None)
+        if transport is not None:
+            transport.abortConnection()
+        return b""
+    return error_body(request, 500, f"internal error ({type(e).__name__}); see the cache's log")
 
 
 def _last_line(stderr: bytearray) -> str:

@@ -371,3 +371,14 @@ async def test_want_ref_of_a_branch_the_mirror_lacks_refreshes(server: Any) -> N
         status, _, out = await server.request("POST", "/git/app/git-upload-pack", gone, h)
         assert b"ERR" in out or status >= 400, out[:300]
     assert server.mirrors.refreshes == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_unexpected_error_is_a_json_500(server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken() -> Any:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(server.mirrors, "status", broken)
+    status, headers, body = await server.request("GET", "/repos")
+    assert status == 500 and headers["content-type"] == "application/json", body
+    assert json.loads(body)["status"] == 500 and "RuntimeError" in json.loads(body)["error"]

@@ -14,6 +14,7 @@ import tarfile
 from pathlib import Path
 from typing import Any, Callable
 
+import pygit2
 import pytest
 import pytest_twisted
 import treq
@@ -489,3 +490,16 @@ async def test_archive_streams_while_it_is_built_and_a_failed_build_is_not_kept(
     code, h, again = await server.req("GET", "/archive?repo=app&branch=main")
     assert code == 200 and again == body and h.getRawHeaders("x-cache") == ["HIT"]
     assert server.app.building == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_unexpected_read_error_is_a_json_500(server: Server, repo: dict[str, str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: Any) -> Any:
+        raise pygit2.GitError("object file is corrupt")
+
+    _add(server, repo)
+    monkeypatch.setattr(reads, "tree_hash", broken)
+    code, headers, body = await server.req("GET", "/tree-hash?repo=app&path=src")
+    assert code == 500 and headers.getRawHeaders("content-type") == ["application/json"], body
+    assert "GitError" in json.loads(body)["error"]
