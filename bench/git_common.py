@@ -7,14 +7,15 @@
 - :class:`HttpBackend`: the reference server, ``git http-backend`` behind nginx
   + fcgiwrap (a private nginx and fcgiwrap of our own on loopback);
 - :class:`GitDaemon`: the sparkcache daemon with a ``git:`` section;
-- :func:`tree_cpu`: CPU seconds of a process tree, children included;
+- :class:`CpuGroup`: CPU seconds of a server, every process it ever ran included
+  (a cpuacct cgroup; :func:`tree_cpu` from /proc as the fallback);
+- :class:`WanLink`: an emulated WAN link (network namespace, veth, tc tbf, delay relay);
 - :func:`v2_fetch_all`: a minimal protocol-v2 client (ls-refs, then a full
   fetch with every ref as a want) that reads the whole response and discards it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import os
@@ -332,10 +333,9 @@ class _NsNginx(Nginx):
 
 class GitDaemon(Daemon):
     def __init__(self, bench: Bench, git_section: dict[str, Any], name: str = "sparkcache",
-                 storage: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> None:
+                 storage: dict[str, Any] | None = None) -> None:
         super().__init__(bench, {}, name=name, storage=storage)
         self.git_section = git_section
-        self.extra_env = env or {}
         self.group: CpuGroup | None = None
 
     def config(self) -> dict[str, Any]:
@@ -344,16 +344,7 @@ class GitDaemon(Daemon):
         return cfg
 
     def start(self, timeout: float = 60.0) -> "GitDaemon":
-        if self.extra_env:
-            old = dict(os.environ)
-            os.environ.update(self.extra_env)
-            try:
-                super().start(timeout)
-            finally:
-                os.environ.clear()
-                os.environ.update(old)
-        else:
-            super().start(timeout)
+        super().start(timeout)
         self.start_group()
         return self
 
@@ -586,10 +577,6 @@ def clone(url: str, dest: Path, timeout: float = 1800, protocol: int = 2) -> dic
     if p.returncode != 0:
         raise BenchError(f"git clone {url} exited {p.returncode}: {p.stderr.decode(errors='replace')[-2000:]}")
     return {"seconds": wall, "head": git("rev-parse", "HEAD", cwd=dest)}
-
-
-def refs_digest(path: Path) -> str:
-    return hashlib.sha256(git("for-each-ref", "--format=%(objectname) %(refname)", cwd=path).encode()).hexdigest()
 
 
 # -- an emulated WAN link ------------------------------------------------------------------------------------
