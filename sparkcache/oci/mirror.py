@@ -376,6 +376,8 @@ class Mirror:
     async def _listing(self, request: Any, remote: RemoteConfig, req: CacheRequest, scope: str, unknown: str,
                        what: str) -> bytes | None:
         result = await self.fetch(req, scope)
+        if isinstance(result, Hit) and request.method == b"HEAD" and not await self._body_exists(result.entry):
+            result = await self.fetch(req, scope)
         if isinstance(result, Failed):
             raise self._failure(remote, result, unknown, what)
         headers = result.entry.headers if isinstance(result, Hit) else result.flight.headers

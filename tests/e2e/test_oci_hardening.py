@@ -92,6 +92,12 @@ def test_vanished_manifest_body_is_fetched_again(cache: Any, front: Front, reg: 
     assert resp.body == first.body
     by_digest = cache.get(f"/v2/hub/team/app/manifests/{reg.img.digest}", ACCEPT)
     assert by_digest.status == 200 and by_digest.body == first.body, by_digest.describe()
+    # Listings too.
+    tags = get_until_hit(cache, "/v2/hub/team/app/tags/list")
+    _remove_body(cache, "sha256:" + hashlib.sha256(tags.body).hexdigest())
+    assert cache.head("/v2/hub/team/app/tags/list").status == 200
+    again = cache.get("/v2/hub/team/app/tags/list")
+    assert again.status == 200 and again.json() == tags.json(), again.describe()
 
 
 def test_serving_errors_are_oci_json(cache: Any, front: Front, reg: SimpleNamespace) -> None:
