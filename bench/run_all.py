@@ -3,7 +3,7 @@
 
 Each scenario runs as its own process (``python bench/<scenario>.py``), so
 each can also be run alone with the same flags. ``--quick`` is a smoke run
-(small sizes, short runs; about a minute and a half on 2 cores). Results:
+(small sizes, short runs). Results:
 ``bench/results/<scenario>.json`` and ``bench/results/summary.json``.
 
 Exit status: 0 when every scenario ran (whether or not its goals were met;
@@ -24,7 +24,8 @@ from pathlib import Path
 from common import RESULTS_DIR, fmt_num, fmt_ratio, machine_info, print_table, wait_for_quiet
 
 HERE = Path(__file__).resolve().parent
-SCENARIOS = ["hit_large", "hit_small", "cold_miss", "thundering_herd", "rss"]
+SCENARIOS = ["hit_large", "hit_small", "cold_miss", "thundering_herd", "rss",
+             "oci_pull", "git_clone_cpu", "git_parallel_fetch", "git_wan_clone", "git_idle_loop"]
 
 
 def run_one(name: str, args: argparse.Namespace, timeout: float) -> tuple[str, float]:
