@@ -8,6 +8,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -237,3 +238,38 @@ def test_repos_from_the_environment(git_upstream_factory: Any, daemon_factory: A
     # FETCH_INTERVAL=1s overrides the harness's hour: the loop keeps lib fresh
     sha = up.commit({"n": "1\n"}, "n", name="lib")
     eventually(lambda: ls_remote(d.url("/git/lib"), home).get("refs/heads/main") == sha, timeout=30)
+
+
+def test_stop_is_not_held_by_a_fetch_hanging_on_a_silent_upstream(daemon_factory: Any) -> None:
+    # An upstream that accepts and then never answers: libgit2 would wait its
+    # 120 s I/O timeout, and stopping the daemon used to wait for it.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(silent.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}/org/app.git"
+    d = daemon_factory(extra=git_daemon_config({"slow": url}), server={"shutdown_timeout": "2s"})
+
+    def call() -> None:
+        try:
+            d.request("POST", "/git/refresh?name=slow", timeout=120)
+        except OSError:
+            pass  # cut off by the stop
+
+    threading.Thread(target=call, daemon=True).start()
+    try:
+        eventually(lambda: held, message="the daemon never reached the upstream")
+        assert d.stop(timeout=40) == 0
+    finally:
+        silent.close()
+        for c in held:
+            c.close()
