@@ -308,8 +308,9 @@ class GitApp:
             await _maybe(git.refresh(mirror))
         except Exception as e:
             log.warn("{repo}: refresh for missing objects failed: {why}", repo=mirror.name, why=str(e) or repr(e))
-        still = await git.run(missing_objects, mirror.path, [m for m in missing if not m.startswith("refs/")],
-                              [m for m in missing if m.startswith("refs/")])
+        wants = set(parsed.wants)
+        still = await git.run(missing_objects, mirror.path, [m for m in missing if m in wants],
+                              [m for m in missing if m not in wants])
         if len(self._still_missing) > 1000:
             self._still_missing.clear()
         if still:

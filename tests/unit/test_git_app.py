@@ -371,6 +371,11 @@ async def test_want_ref_of_a_branch_the_mirror_lacks_refreshes(server: Any) -> N
         status, _, out = await server.request("POST", "/git/app/git-upload-pack", gone, h)
         assert b"ERR" in out or status >= 400, out[:300]
     assert server.mirrors.refreshes == 2
+    # A want-ref outside refs/ is a ref name too, never looked up as an object id.
+    odd = pkt_line("command=fetch\n") + DELIM + pkt_line("want-ref main\n") + pkt_line("done\n") + FLUSH
+    status, _, out = await server.request("POST", "/git/app/git-upload-pack", odd, h)
+    assert status == 200 and b"ERR" in out, (status, out[:300])
+    assert server.mirrors.refreshes == 3
 
 
 @pytest_twisted.ensureDeferred
