@@ -187,6 +187,9 @@ class SparkcacheService(MultiService):
         # Services a protocol adds (fetch loops, process pools); started with
         # the timers, once the store is open, and stopped before it.
         self.extra_services: list[Any] = []
+        # Work a protocol wants finished before the store closes on SIGTERM:
+        # callables returning Deferreds, gathered with the in-flight fetches.
+        self.drains: list[Callable[[], list[Deferred[Any]]]] = []
         from sparkcache.protocols import codesync, git, oci, setup
 
         for install in (git.install, codesync.install, oci.install, setup.install):
@@ -255,6 +258,8 @@ class SparkcacheService(MultiService):
         # 2. let in-flight responses and upstream fetches finish, within the deadline
         pending = [r.notifyFinish() for r in list(self.site.active) if not r.finished]
         pending += self.cache.running()
+        for drain in self.drains:
+            pending += drain()
         if pending:
             log.info("waiting up to {t}s for {n} response(s) and fetch(es)", t=self.config.server.shutdown_timeout, n=len(pending))
             all_done: Deferred[Any] = DeferredList(pending, consumeErrors=True)

@@ -285,6 +285,13 @@ class PackCache:
         key, spool = flight.key, flight.spool
         log.info("pack cache: computing a pack for {name}", name=mirror.name)
         consumer = SpoolConsumer(flight, self.reactor)
+        # The computation outlives the request that started it (the others
+        # tail it), so it marks the mirror in use itself: maintenance must not
+        # run a pruning repack while this upload-pack still reads objects.
+        git = getattr(self.ctx, "git", None)
+        acquire, release = getattr(git, "acquire", None), getattr(git, "release", None)
+        if acquire is not None:
+            acquire(mirror)
         try:
             try:
                 code = await self._spawn()(self.reactor, mirror.path, advertise=False, stdin=body,
@@ -292,6 +299,8 @@ class PackCache:
                                            extra_config=self.extra_config)
             finally:
                 consumer.close()
+                if release is not None:
+                    release(mirror)
             await flight.flushed()
             if consumer.error is not None:
                 raise BodyError(consumer.error)

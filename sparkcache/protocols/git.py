@@ -519,6 +519,9 @@ def install(svc: Any) -> None:
     svc.ctx.git = mirrors
     svc.extra_services.extend(services)
     packcache = PackCache(svc.ctx, svc.reactor)
+    # Graceful stop waits for pack computations too: their clients may all
+    # have left, but a complete pack is worth keeping.
+    svc.drains.append(packcache.running)
     app = GitApp(svc.ctx, svc.reactor, packcache)
     resource = app.resource()
     svc.root.mount(b"git", resource)

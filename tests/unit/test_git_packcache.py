@@ -57,8 +57,17 @@ def bare(tmp_path: Path) -> tuple[Path, str]:
 
 
 class Git:
+    def __init__(self) -> None:
+        self.serving = 0
+
     def run(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
         return deferToThread(fn, *args)
+
+    def acquire(self, mirror: Mirror) -> None:
+        self.serving += 1
+
+    def release(self, mirror: Mirror) -> None:
+        self.serving -= 1
 
 
 class Handler(Resource):
@@ -436,8 +445,12 @@ async def test_first_client_leaving_does_not_cancel_computation(env: Any) -> Non
     await deferToThread(leave)
     await eventually(lambda: env.pc.inflight == 1)
     await task.deferLater(reactor, 0.2, lambda: None)  # let the disconnect reach the server
+    # The computation keeps the mirror marked in use though its client left:
+    # maintenance must not prune objects the running upload-pack still reads.
+    assert env.pc.ctx.git.serving == 1
     env.spawns.gate.callback(None)
     await settled(env.pc)
+    assert env.pc.ctx.git.serving == 0
     assert len(await entries(env.store)) == 1
     _s, _b, h = await deferToThread(post, env.port, v2_fetch(env.head))
     assert h["x-cache"] == "HIT" and env.spawns.count == 1
