@@ -225,6 +225,20 @@ def pull_together(src: str, dests: list[Path]) -> float:
     return wall
 
 
+def cpu_seconds(proc: subprocess.Popen[bytes] | None) -> float:
+    """User + system CPU of a server process so far, all its threads (from /proc).
+
+    On a shared machine wall times swing with other people's load; the CPU a
+    cache spends serving the same pulls does not, and is its own overhead."""
+    if proc is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def check_copy(dest: Path, image: Image, full: bool) -> None:
     """The pulled manifest is the pushed one, byte for byte; ``full`` hashes every blob too."""
     got = layout_manifest_digest(dest, TAG)
@@ -311,19 +325,24 @@ def main() -> int:
                     make_cold(who)
                     for phase in ("cold", "warm"):
                         relay.reset()
+                        server = daemon.proc if who == "sparkcache" else ref.proc
+                        cpu0 = cpu_seconds(server)
                         wall = pull_together(sources[who](), dests[:n])
+                        cpu = cpu_seconds(server) - cpu0
                         for d in dests[:n]:
                             check_copy(d, image, full=False)
                         if who == "sparkcache":
                             daemon.wait_idle()
                         r = {"seconds": wall, "upstream_bytes": relay.down, "upstream_connections": relay.connections,
-                             "sent_upstream": relay.up}
+                             "sent_upstream": relay.up, "server_cpu_seconds": cpu}
                         results[who][f"{phase}{n}"].append(r)
-                        rows.append([str(run + 1), f"{phase} x{n}", who, f"{wall:.2f}", fmt_size(relay.down),
-                                     f"{relay.down / image.size:.2f}", relay.connections])
-                        b.log(f"run {run + 1} {phase} x{n} {who}: {wall:.2f}s, upstream {fmt_size(relay.down)}")
+                        rows.append([str(run + 1), f"{phase} x{n}", who, f"{wall:.2f}", f"{cpu:.2f}",
+                                     fmt_size(relay.down), f"{relay.down / image.size:.2f}", relay.connections])
+                        b.log(f"run {run + 1} {phase} x{n} {who}: {wall:.2f}s, server CPU {cpu:.2f}s, "
+                              f"upstream {fmt_size(relay.down)}")
         print_table(f"{NAME}: {fmt_size(image.size)} image, {args.layers} layers, skopeo copy to oci:",
-                    ["run", "phase", "cache", "seconds", "upstream bytes", "x image", "upstream conns"], rows, left=3)
+                    ["run", "phase", "cache", "seconds", "server CPU s", "upstream bytes", "x image", "upstream conns"],
+                    rows, left=3)
 
         def med(who: str, phase: str, key: str = "seconds") -> float:
             return median(x[key] for x in results[who][phase])
@@ -333,6 +352,9 @@ def main() -> int:
             s, d = med("sparkcache", phase), med("distribution", phase)
             summary.append(summary_row(f"{phase} pull time, median", "s", s, "distribution proxy", d,
                                        f"<= {goal:.1f}x" if goal else "-", (s <= goal * d) if goal else None))
+        for phase in ("warm1", f"warm{par}", "cold1", f"cold{par}"):
+            s, d = med("sparkcache", phase, "server_cpu_seconds"), med("distribution", phase, "server_cpu_seconds")
+            summary.append(summary_row(f"{phase} server CPU, median", "s", s, "distribution proxy", d, "-", None))
         for phase in ("cold1", f"cold{par}"):
             s, d = med("sparkcache", phase, "upstream_bytes"), med("distribution", phase, "upstream_bytes")
             summary.append(summary_row(f"{phase} upstream bytes / image size", "x", s / image.size,
