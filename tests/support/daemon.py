@@ -163,7 +163,7 @@ class Daemon:
         assert self.proc is not None
         return self.proc.pid
 
-    def start(self, timeout: float = 20.0) -> "Daemon":
+    def start(self, timeout: float = 60.0) -> "Daemon":
         """Start and wait until ready.
 
         A port picked by free_port() can be taken by a parallel test before
@@ -202,7 +202,7 @@ class Daemon:
         self.wait_ready(timeout)
         return self
 
-    def wait_ready(self, timeout: float = 20.0) -> None:
+    def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         last = "no answer yet"
         while True:
@@ -265,7 +265,7 @@ class Daemon:
         except subprocess.TimeoutExpired:
             pass
 
-    def restart(self, timeout: float = 20.0) -> "Daemon":
+    def restart(self, timeout: float = 60.0) -> "Daemon":
         if self.running:
             self.stop()
         return self.start(timeout)
