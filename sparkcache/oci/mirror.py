@@ -52,6 +52,9 @@ MANIFEST_TYPES = (
 MAX_MANIFEST = 16 << 20
 MANIFEST_HEADERS = ("content-type", "docker-content-digest")
 LISTING_HEADERS = ("content-type", "etag", "last-modified", "link")
+# After a tag re-check found the upstream unreachable (or timing out), stale
+# tags of that remote are served without asking again for this long.
+DOWN_GRACE = 30.0
 # Catalog pages are parsed to apply the allow-list; clients page with ?n= anyway.
 MAX_LISTING = 8 << 20
 
@@ -93,6 +96,8 @@ class Mirror:
         self.ctx = ctx
         self.tokens = TokenAuth(ctx.upstream, ctx.clock)
         self._checks: dict[Any, list[Deferred[Any]]] = {}
+        # remote → until when its stale tags are served without asking upstream
+        self._down_until: dict[str, float] = {}
 
     # -- upstream ------------------------------------------------------------------
 
@@ -196,8 +201,11 @@ class Mirror:
 
     async def _by_tag(self, remote: RemoteConfig, req: CacheRequest, scope: str, what: str) -> tuple[Entry, str]:
         stale = await self.ctx.store.index.get(req.key)
-        if stale is not None and stale.status == 200 and not stale.fresh(self.ctx.clock.seconds()) \
+        now = self.ctx.clock.seconds()
+        if stale is not None and stale.status == 200 and not stale.fresh(now) \
                 and not self.ctx.cache.fetching(req.key):
+            if self._down_until.get(remote.name, 0.0) > now:
+                return stale, "STALE"
             state, checked = await share(self._checks, req.key, lambda: self._check_tag(req, stale, scope))
             if checked is not None:
                 return checked, state
@@ -222,7 +230,11 @@ class Mirror:
             except UpstreamError as e:
                 self.ctx.metrics.upstream(remote.name, e.kind)
                 log.info("serving stale {key}: {why}", key=req.key, why=str(e))
+                # Each further check would wait for the same connect or read
+                # timeout: the remote's stale tags go without one for a while.
+                self._down_until[remote.name] = self.ctx.clock.seconds() + DOWN_GRACE
                 return "STALE", stale
+            self._down_until.pop(remote.name, None)
             self.ctx.metrics.upstream(remote.name, str(response.code))
             await discard_body(response)
             code = response.code

@@ -6,6 +6,7 @@
   come in the OCI JSON form; digests of other algorithms are a clear 400.
 - ``_catalog`` only lists what the remote's ``repositories`` allow, and
   upstream ``Link`` paging headers point at this daemon.
+- A hung upstream costs one timeout, not one per pull of a stale tag.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.support.client import Response, get_until_hit
-from tests.support.registry import ALL_MANIFEST_TYPES, Front, Registry, build_image, oci_remote
+from tests.support.client import Response, eventually, get_until_hit
+from tests.support.registry import ALL_MANIFEST_TYPES, Fault, Front, Registry, build_image, oci_remote
 from tests.support.tools import require_tool
 
 ACCEPT = {"Accept": ", ".join(ALL_MANIFEST_TYPES)}
@@ -145,3 +146,32 @@ def test_catalog_is_filtered_and_paging_links_point_here(cache: Any, front: Fron
     tags, links = _follow(cache, "/v2/hub/team/app/tags/list?n=1", "tags")
     assert sorted(tags) == ["1", "2"], (tags, links)
     assert all(p.startswith("/v2/hub/team/app/tags/list?") for p in links), links
+
+
+def _upstream_timeouts(cache: Any) -> float:
+    text = cache.get("/metrics").body.decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("sparkcache_upstream_requests") and "_created" not in line
+               and 'status="timeout"' in line)
+
+
+def test_unreachable_upstream_is_not_asked_again_for_every_stale_tag(daemon_factory: Any, front: Front,
+                                                                      reg: SimpleNamespace) -> None:
+    cache = daemon_factory({"hub": oci_remote(front.url, tag_ttl="1s", read_timeout="1s")})
+    path = "/v2/hub/team/tool/manifests/1"
+    assert cache.get(path, ACCEPT).status == 200
+    front.fault("/manifests/1", Fault(delay=3.0))  # longer than read_timeout: a hung upstream
+
+    def stale() -> Response | None:
+        r = cache.get(path, ACCEPT)
+        assert r.status == 200, r.describe()
+        return r if r.header("X-Cache") == "STALE" else None
+
+    first = eventually(stale, timeout=20, interval=0.2)
+    assert first.header("Docker-Content-Digest") == reg.img.digest
+    assert _upstream_timeouts(cache) == 1
+    # The next pulls are answered from the cache at once, with no new wait on upstream.
+    for _ in range(3):
+        again = cache.get(path, ACCEPT)
+        assert again.status == 200 and again.header("X-Cache") == "STALE", again.describe()
+    assert _upstream_timeouts(cache) == 1
