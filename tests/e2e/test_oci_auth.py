@@ -19,35 +19,22 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.support.registry import Front, Registry, build_image, build_index, oci_remote, skopeo
-from tests.support.tools import require_tool
+from tests.support.registry import Front, build_image, build_index, oci_remote, running_registry, skopeo
 
 CLIENT_TOKEN = "client-read-token-7f3a"
 
 
 @pytest.fixture(scope="module")
 def reg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
-    require_tool("docker-registry")
-    require_tool("skopeo")
     work = tmp_path_factory.mktemp("oci-auth")
-    registry = Registry(work / "registry", token_auth=True, credentials=("puller", "s3cret")).start()
-    layout = work / "layout"
-    amd = build_image(layout, "amd", {"a": os.urandom(100_000)}, arch="amd64")
-    arm = build_image(layout, "arm", {"a": os.urandom(100_000)}, arch="arm64")
-    idx = build_index(layout, "multi", [amd, arm])
-    try:
+    with running_registry(work, token_auth=True, credentials=("puller", "s3cret")) as registry:
+        layout = work / "layout"
+        amd = build_image(layout, "amd", {"a": os.urandom(100_000)}, arch="amd64")
+        arm = build_image(layout, "arm", {"a": os.urandom(100_000)}, arch="arm64")
+        idx = build_index(layout, "multi", [amd, arm])
         registry.push(layout, "multi", "private/app:1")
         registry.push(layout, "amd", "private/other:1")
         yield SimpleNamespace(registry=registry, idx=idx, amd=amd)
-    finally:
-        registry.stop()
-
-
-@pytest.fixture
-def front(reg: SimpleNamespace) -> Iterator[Front]:
-    f = Front(reg.registry.url).start()
-    yield f
-    f.stop()
 
 
 def _remote(front: Front) -> dict[str, Any]:

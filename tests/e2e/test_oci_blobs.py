@@ -25,34 +25,21 @@ from typing import Any, Iterator
 import pytest
 
 from tests.support.client import eventually, get_until_hit
-from tests.support.registry import Fault, Front, Registry, build_image, oci_remote, skopeo
-from tests.support.tools import require_tool
+from tests.support.registry import Fault, Front, build_image, oci_remote, running_registry, skopeo
 
 BIG = 3 << 20
 
 
 @pytest.fixture(scope="module")
 def reg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
-    require_tool("docker-registry")
-    require_tool("skopeo")
     work = tmp_path_factory.mktemp("oci-blobs")
-    registry = Registry(work / "registry").start()
-    layout = work / "layout"
-    img = build_image(layout, "heavy", {"big.bin": os.urandom(BIG)}, extra_layers=[{"small": b"small layer"}])
-    try:
+    with running_registry(work) as registry:
+        layout = work / "layout"
+        img = build_image(layout, "heavy", {"big.bin": os.urandom(BIG)}, extra_layers=[{"small": b"small layer"}])
         registry.push(layout, "heavy", "heavy/app:1")
         big = max(img.layers, key=lambda b: b.size)
         data = (layout / "blobs" / "sha256" / big.digest.split(":")[1]).read_bytes()
         yield SimpleNamespace(registry=registry, img=img, big=big, data=data)
-    finally:
-        registry.stop()
-
-
-@pytest.fixture
-def front(reg: SimpleNamespace) -> Iterator[Front]:
-    f = Front(reg.registry.url).start()
-    yield f
-    f.stop()
 
 
 @pytest.fixture

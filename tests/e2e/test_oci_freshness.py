@@ -18,32 +18,19 @@ from typing import Any, Iterator
 import pytest
 
 from tests.support.client import Response, eventually
-from tests.support.registry import ALL_MANIFEST_TYPES, Fault, Front, Registry, build_image, oci_remote, skopeo
-from tests.support.tools import require_tool
+from tests.support.registry import ALL_MANIFEST_TYPES, Fault, Front, build_image, oci_remote, running_registry, skopeo
 
 ACCEPT = {"Accept": ", ".join(ALL_MANIFEST_TYPES)}
 
 
 @pytest.fixture(scope="module")
 def reg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
-    require_tool("docker-registry")
-    require_tool("skopeo")
     work = tmp_path_factory.mktemp("oci-fresh")
-    registry = Registry(work / "registry").start()
-    layout = work / "layout"
-    one = build_image(layout, "one", {"v": b"one" + os.urandom(50_000)})
-    two = build_image(layout, "two", {"v": b"two" + os.urandom(50_000)})
-    try:
+    with running_registry(work) as registry:
+        layout = work / "layout"
+        one = build_image(layout, "one", {"v": b"one" + os.urandom(50_000)})
+        two = build_image(layout, "two", {"v": b"two" + os.urandom(50_000)})
         yield SimpleNamespace(registry=registry, layout=layout, one=one, two=two)
-    finally:
-        registry.stop()
-
-
-@pytest.fixture
-def front(reg: SimpleNamespace) -> Iterator[Front]:
-    f = Front(reg.registry.url).start()
-    yield f
-    f.stop()
 
 
 @pytest.fixture

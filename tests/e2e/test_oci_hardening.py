@@ -20,33 +20,20 @@ from typing import Any, Iterator
 import pytest
 
 from tests.support.client import Response, eventually, get_until_hit
-from tests.support.registry import ALL_MANIFEST_TYPES, Fault, Front, Registry, build_image, oci_remote
-from tests.support.tools import require_tool
+from tests.support.registry import ALL_MANIFEST_TYPES, Fault, Front, build_image, oci_remote, running_registry
 
 ACCEPT = {"Accept": ", ".join(ALL_MANIFEST_TYPES)}
 
 
 @pytest.fixture(scope="module")
 def reg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
-    require_tool("docker-registry")
-    require_tool("skopeo")
     work = tmp_path_factory.mktemp("oci-hardening")
-    registry = Registry(work / "registry").start()
-    layout = work / "layout"
-    img = build_image(layout, "img", {"data.bin": os.urandom(200_000)}, arch="amd64")
-    try:
+    with running_registry(work) as registry:
+        layout = work / "layout"
+        img = build_image(layout, "img", {"data.bin": os.urandom(200_000)}, arch="amd64")
         for repo_tag in ("team/app:1", "team/app:2", "team/tool:1", "team/zzz:1", "other/secret:1"):
             registry.push(layout, "img", repo_tag)
         yield SimpleNamespace(registry=registry, img=img, layer=img.layers[0])
-    finally:
-        registry.stop()
-
-
-@pytest.fixture
-def front(reg: SimpleNamespace) -> Iterator[Front]:
-    f = Front(reg.registry.url).start()
-    yield f
-    f.stop()
 
 
 @pytest.fixture

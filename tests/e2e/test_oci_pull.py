@@ -25,26 +25,22 @@ import pytest
 
 from tests.support.client import Response, get_until_hit
 from tests.support.registry import (
-    ALL_MANIFEST_TYPES, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Front, Registry, build_image, build_index,
-    oci_remote, skopeo,
+    ALL_MANIFEST_TYPES, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Front, build_image, build_index,
+    oci_remote, running_registry, skopeo,
 )
-from tests.support.tools import require_tool
 
 
 @pytest.fixture(scope="module")
 def reg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
-    require_tool("docker-registry")
-    require_tool("skopeo")
     work = tmp_path_factory.mktemp("oci-pull")
-    registry = Registry(work / "registry").start()
-    layout = work / "layout"
-    amd = build_image(layout, "amd", {"bin/tool": os.urandom(300_000)}, arch="amd64",
-                      extra_layers=[{"etc/conf": b"shared layer"}])
-    arm = build_image(layout, "arm", {"bin/tool": os.urandom(200_000)}, arch="arm64",
-                      extra_layers=[{"etc/conf": b"shared layer"}])
-    idx = build_index(layout, "multi", [amd, arm])
-    single = build_image(layout, "single", {"hello.txt": b"hello"}, arch="amd64")
-    try:
+    with running_registry(work) as registry:
+        layout = work / "layout"
+        amd = build_image(layout, "amd", {"bin/tool": os.urandom(300_000)}, arch="amd64",
+                          extra_layers=[{"etc/conf": b"shared layer"}])
+        arm = build_image(layout, "arm", {"bin/tool": os.urandom(200_000)}, arch="arm64",
+                          extra_layers=[{"etc/conf": b"shared layer"}])
+        idx = build_index(layout, "multi", [amd, arm])
+        single = build_image(layout, "single", {"hello.txt": b"hello"}, arch="amd64")
         registry.push(layout, "multi", "library/busy:1.0")
         registry.push(layout, "multi", "team/app:1.0")
         registry.push(layout, "single", "team/single:v1", fmt="v2s2")
@@ -52,15 +48,6 @@ def reg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
         assert status == 200
         yield SimpleNamespace(registry=registry, layout=layout, idx=idx, amd=amd, arm=arm,
                               single_digest=headers["docker-content-digest"], single_body=body, work=work)
-    finally:
-        registry.stop()
-
-
-@pytest.fixture
-def front(reg: SimpleNamespace) -> Iterator[Front]:
-    f = Front(reg.registry.url).start()
-    yield f
-    f.stop()
 
 
 @pytest.fixture

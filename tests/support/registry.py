@@ -43,13 +43,15 @@ import subprocess
 import tarfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 from urllib.parse import parse_qs, urlsplit
 
 from .daemon import free_port
+from .tools import require_tool
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -413,6 +415,22 @@ class Registry:
             return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
         finally:
             conn.close()
+
+
+@contextmanager
+def running_registry(work: Path, **kwargs: Any) -> Iterator[Registry]:
+    """A started :class:`Registry` in ``work / "registry"`` (``kwargs`` as for it), stopped on exit.
+
+    Skips the test when ``docker-registry`` or ``skopeo`` (which pushes to it) is
+    missing. ``work / "layout"`` is left for the caller's image layout.
+    """
+    require_tool("docker-registry")
+    require_tool("skopeo")
+    registry = Registry(work / "registry", **kwargs).start()
+    try:
+        yield registry
+    finally:
+        registry.stop()
 
 
 # -- the counting, fault-injecting front ------------------------------------------------
