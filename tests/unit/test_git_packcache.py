@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import http.client
 import os
-import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
@@ -28,15 +27,8 @@ from sparkcache.git.pktline import DELIM, FLUSH, iter_pkt_lines, parse_request, 
 from sparkcache.git.uploadpack import spawn_upload_pack
 from sparkcache.metrics import Metrics
 from sparkcache.store import Store
+from tests.support.git_upstream import git as _git
 from tests.support.tools import require_tool
-
-
-def _git(*args: str, cwd: Path | None = None, input: bytes | None = None) -> str:
-    env = {"PATH": os.environ["PATH"], "HOME": "/nonexistent", "GIT_CONFIG_NOSYSTEM": "1",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid"}
-    out = subprocess.run(["git", *args], cwd=cwd, env=env, input=input, capture_output=True, check=True)
-    return out.stdout.decode().strip()
 
 
 def _commit(path: Path, parent: str | None, name: str, size: int = 300_000) -> str:

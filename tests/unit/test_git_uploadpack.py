@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +16,8 @@ from zope.interface import implementer
 
 from sparkcache.git.pktline import DELIM, FLUSH, FLUSH_PKT, iter_pkt_lines, pkt_line
 from sparkcache.git.uploadpack import child_env, spawn_upload_pack, upload_pack_argv
+from tests.support.git_upstream import git as _git
 from tests.support.tools import require_tool
-
-
-def _git(*args: str, cwd: Path | None = None, input: bytes | None = None) -> str:
-    env = {"PATH": os.environ["PATH"], "HOME": "/nonexistent", "GIT_CONFIG_NOSYSTEM": "1",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid"}
-    out = subprocess.run(["git", *args], cwd=cwd, env=env, input=input, capture_output=True, check=True)
-    return out.stdout.decode().strip()
 
 
 @pytest.fixture(scope="module")
