@@ -212,6 +212,24 @@ def push(layout: Path | str, tag: str, dest: str, *, fmt: str | None = None, cre
     skopeo(*args, f"oci:{layout}:{tag}", f"docker://{dest}")
 
 
+# -- serving in a thread (the token server, the front) -------------------------------
+
+
+def _serve(port: int, handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
+    """``handler`` on 127.0.0.1:``port``, served from a daemon thread (one thread per connection)."""
+    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _close(server: ThreadingHTTPServer | None) -> None:
+    """Stop serving and close the listening socket (``None``: not started, nothing to do)."""
+    if server is not None:
+        server.shutdown()
+        server.server_close()
+
+
 # -- token server ---------------------------------------------------------------------
 
 
@@ -303,16 +321,12 @@ class TokenServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._server = _serve(self.port, Handler)
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        _close(self._server)
+        self._server = None
 
 
 # -- the registry ---------------------------------------------------------------------
@@ -594,17 +608,13 @@ class Front:
                 finally:
                     conn.close()
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._server = _serve(self.port, Handler)
         return self
 
     def stop(self) -> None:
         """Close the listener: connections are refused from now on (``start()`` again reopens the port)."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        _close(self._server)
+        self._server = None
 
 
 def oci_remote(upstream: str, *, registries: list[str] | None = None, **settings: Any) -> dict[str, Any]:
