@@ -19,7 +19,7 @@ import time
 
 from common import (Bench, BenchError, apply_quick, base_parser, fmt_size, median, print_summary, print_table, ratio,
                     run_main, summary_row, wait_for_quiet)
-from git_common import GitDaemon, HttpBackend, build_repo, clone, copy_repo, describe_repo
+from git_common import GitDaemon, HttpBackend, bench_repo, clone, repo_args
 
 NAME = "git_clone_cpu"
 GOAL = 0.3
@@ -27,20 +27,15 @@ GOAL = 0.3
 
 def main() -> int:
     p = base_parser(__doc__ or NAME, "(3,000 commits, 2 runs)")
-    p.add_argument("--commits", type=int, default=None, help="commits in the generated repo (default 30000)")
-    p.add_argument("--files", type=int, default=None, help="files in the generated repo (default 3000)")
+    repo_args(p)
     p.add_argument("--runs", type=int, default=None, help="timed clones per server (default 3)")
     args = p.parse_args()
     apply_quick(args, {"commits": 3000, "files": 300, "runs": 2}, {"commits": 30000, "files": 3000, "runs": 3})
 
     with Bench(NAME, args) as b:
-        src = build_repo(args.commits, args.files, log=b.log)
-        repo_info = describe_repo(src)
+        repo_info, root = bench_repo(b, args)
         b.log(f"repository: {repo_info['commits']:,} commits, {repo_info['objects']:,} objects, "
               f"pack {fmt_size(repo_info['pack_bytes'])}")
-        root = b.path("repos")
-        root.mkdir()
-        copy_repo(src, root / "bench.git")
         up = HttpBackend(b, root).start()
         daemon = GitDaemon(b, {"repos": {"bench": up.url("bench.git")}, "fetch_interval": "1h"}).start()
         spark_url, up_url = daemon.git_url("bench"), up.url("bench.git")

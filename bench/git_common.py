@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
 import os
@@ -160,6 +161,24 @@ def build_repo(commits: int = 30_000, files: int = 3_000, seed: int = 1, change_
     tmp.rename(path)
     log(f"repository ready in {time.monotonic() - t0:.0f}s: {describe_repo(path)}")
     return path
+
+
+def repo_args(p: argparse.ArgumentParser) -> None:
+    """``--commits`` and ``--files`` of the generated repository (:func:`build_repo`)."""
+    p.add_argument("--commits", type=int, default=None, help="commits in the generated repo (default 30000)")
+    p.add_argument("--files", type=int, default=None, help="files in the generated repo (default 3000)")
+
+
+def bench_repo(b: Bench, args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
+    """The generated repository for ``args.commits``/``args.files``, copied to ``<root>/bench.git``.
+
+    Returns (:func:`describe_repo` of it, ``root``: the directory to serve)."""
+    src = build_repo(args.commits, args.files, log=b.log)
+    repo_info = describe_repo(src)
+    root = b.path("repos")
+    root.mkdir()
+    copy_repo(src, root / "bench.git")
+    return repo_info, root
 
 
 def describe_repo(path: Path) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any
 
 from common import (Bench, BenchError, apply_quick, base_parser, fmt_size, median, print_summary, print_table, ratio,
                     run_main, summary_row, wait_for_quiet)
-from git_common import GitDaemon, HttpBackend, build_repo, copy_repo, describe_repo, v2_fetch_all
+from git_common import GitDaemon, HttpBackend, bench_repo, repo_args, v2_fetch_all
 
 NAME = "git_parallel_fetch"
 GOAL = 0.5
@@ -58,8 +58,7 @@ def herd(url: str, n: int) -> tuple[float, list[dict[str, Any]]]:
 
 def main() -> int:
     p = base_parser(__doc__ or NAME, "(3,000 commits, 4 clients, 1 round)")
-    p.add_argument("--commits", type=int, default=None, help="commits in the generated repo (default 30000)")
-    p.add_argument("--files", type=int, default=None, help="files in the generated repo (default 3000)")
+    repo_args(p)
     p.add_argument("--clients", type=int, default=None, help="parallel fetches (default 16)")
     p.add_argument("--rounds", type=int, default=None, help="rounds per server (default 2)")
     args = p.parse_args()
@@ -67,11 +66,7 @@ def main() -> int:
                 {"commits": 30000, "files": 3000, "clients": 16, "rounds": 2})
 
     with Bench(NAME, args) as b:
-        src = build_repo(args.commits, args.files, log=b.log)
-        repo_info = describe_repo(src)
-        root = b.path("repos")
-        root.mkdir()
-        copy_repo(src, root / "bench.git")
+        repo_info, root = bench_repo(b, args)
         up = HttpBackend(b, root, fcgi_children=max(16, args.clients)).start()
         daemon = GitDaemon(b, {"repos": {"bench": up.url("bench.git")}, "fetch_interval": "1h"}).start()
         urls = {"http-backend": up.url("bench.git"), "sparkcache": daemon.git_url("bench")}

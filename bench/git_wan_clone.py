@@ -19,7 +19,7 @@ import shutil
 
 from common import (Bench, BenchError, apply_quick, base_parser, fmt_size, free_port, median, print_summary,
                     print_table, run_main, summary_row, wait_for_quiet)
-from git_common import (WAN_NS_IP, GitDaemon, HttpBackend, WanLink, build_repo, clone, copy_repo, describe_repo)
+from git_common import WAN_NS_IP, GitDaemon, HttpBackend, WanLink, bench_repo, clone, repo_args
 
 NAME = "git_wan_clone"
 GOAL = 5.0
@@ -27,8 +27,7 @@ GOAL = 5.0
 
 def main() -> int:
     p = base_parser(__doc__ or NAME, "(3,000 commits, 1 run)")
-    p.add_argument("--commits", type=int, default=None, help="commits in the generated repo (default 30000)")
-    p.add_argument("--files", type=int, default=None, help="files in the generated repo (default 3000)")
+    repo_args(p)
     p.add_argument("--runs", type=int, default=None, help="clones per side (default 2)")
     p.add_argument("--rate", default="50mbit", help="link rate each way (tc tbf syntax)")
     p.add_argument("--delay", type=float, default=0.020, help="one-way delay in seconds (RTT is twice this)")
@@ -41,11 +40,7 @@ def main() -> int:
             print(f"[{NAME}] skipped: needs root for ip netns and tc")
             b.write_results({"skipped": True})
             return 0
-        src = build_repo(args.commits, args.files, log=b.log)
-        repo_info = describe_repo(src)
-        root = b.path("repos")
-        root.mkdir()
-        copy_repo(src, root / "bench.git")
+        repo_info, root = bench_repo(b, args)
         try:
             wan = WanLink(b, args.rate, args.delay).start()
         except BenchError as e:
