@@ -45,6 +45,12 @@ class Callbacks(pygit2.RemoteCallbacks):
     def sideband_progress(self, string: str) -> None:
         self._check()
 
+    def certificate_check(self, certificate: Any, valid: bool, host: bytes) -> bool:
+        # libgit2's verdict: the TLS chain, or for ssh:// the host key against
+        # ~/.ssh/known_hosts. Not pygit2's default (Passthrough), which accepts
+        # any SSH host key.
+        return bool(valid)
+
     def credentials(self, url: str, username_from_url: str | None, allowed_types: CredentialType) -> Any:
         self.attempts += 1
         c = self._creds
