@@ -45,8 +45,11 @@ def pkt_line(payload: bytes | str) -> bytes:
     return b"%04x" % (len(payload) + 4) + payload
 
 
-def iter_pkt_lines(data: bytes) -> Iterator[bytes | Special]:
-    """Yield payloads (without the trailing newline) and Special markers."""
+def iter_pkt_lines(data: bytes, text: bool = True) -> Iterator[bytes | Special]:
+    """Yield payloads and Special markers.
+
+    ``text`` drops one trailing newline, as git does for text lines; binary
+    payloads (side-band pack data) must keep it: pass ``text=False``."""
     pos, n = 0, len(data)
     while pos < n:
         if pos + 4 > n:
@@ -62,7 +65,7 @@ def iter_pkt_lines(data: bytes) -> Iterator[bytes | Special]:
         if size < 4 or pos + size > n:
             raise PktError("pkt-line length out of range")
         payload = data[pos + 4:pos + size]
-        yield payload[:-1] if payload.endswith(b"\n") else payload
+        yield payload[:-1] if text and payload.endswith(b"\n") else payload
         pos += size
 
 

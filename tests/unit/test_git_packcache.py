@@ -154,7 +154,7 @@ def post(port: int, body: bytes, protocol: str | None = "version=2") -> tuple[in
 def pack_of(response: bytes) -> bytes:
     """The pack inside a side-band response (v2 ``packfile`` section or v0 after NAK)."""
     out = bytearray()
-    for pkt in iter_pkt_lines(response):
+    for pkt in iter_pkt_lines(response, text=False):
         if isinstance(pkt, bytes) and pkt[:1] == b"\x01":
             out += pkt[1:]
     assert out[:4] == b"PACK", response[:200]

@@ -12,6 +12,13 @@ def test_framing_round_trip() -> None:
     assert list(iter_pkt_lines(data)) == [b"hello", DELIM_PKT, b"x", FLUSH_PKT]
 
 
+def test_binary_payload_keeps_its_final_newline() -> None:
+    # Side-band pack data is binary: a payload that happens to end in 0x0a
+    # must come back whole, or the pack it carries is corrupt.
+    data = pkt_line(b"\x01PACK\x00\n") + FLUSH
+    assert list(iter_pkt_lines(data, text=False)) == [b"\x01PACK\x00\n", FLUSH_PKT]
+
+
 @pytest.mark.parametrize("bad", [b"00", b"zzzz", b"0003", b"0010abc"])
 def test_malformed(bad: bytes) -> None:
     with pytest.raises(PktError):
