@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Union
+from typing import Any, Iterable, Union
 
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
@@ -106,6 +106,22 @@ def _content_length(response: IResponse) -> int | None:
     if response.length is not None and isinstance(response.length, int):
         return response.length
     return None
+
+
+def watch_ends(running: Iterable[Deferred[Any]]) -> list[Deferred[None]]:
+    """A new Deferred per running one, firing (with None) when it ends: waiting
+    on these (graceful stop) neither consumes nor cancels the work itself."""
+    out: list[Deferred[None]] = []
+    for d in running:
+        w: Deferred[None] = Deferred()
+
+        def fire(r: object, w: Deferred[None] = w) -> object:
+            w.callback(None)
+            return r
+
+        d.addBoth(fire)
+        out.append(w)
+    return out
 
 
 _VALID_ETAG = re.compile(r'^(W/)?"[^"]*"$')
@@ -291,17 +307,7 @@ class Cache:
 
     def running(self) -> list[Deferred[None]]:
         """Deferreds of the fetches in progress (each fires when its fetch ends)."""
-        out: list[Deferred[None]] = []
-        for d in self._running:
-            w: Deferred[None] = Deferred()
-
-            def fire(r: object, w: Deferred[None] = w) -> object:
-                w.callback(None)
-                return r
-
-            d.addBoth(fire)
-            out.append(w)
-        return out
+        return watch_ends(self._running)
 
     async def stop(self) -> None:
         for d in list(self._running):

@@ -31,6 +31,7 @@ from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from sparkcache.fetch.cache import watch_ends
 from sparkcache.fetch.flight import HIGH_WATER, LOW_WATER, BodyError, Flight
 from sparkcache.git.pktline import UploadRequest
 from sparkcache.store import Entry
@@ -356,17 +357,7 @@ class PackCache:
 
     def running(self) -> list[Deferred[None]]:
         """Deferreds that fire when the computations now in progress end."""
-        out: list[Deferred[None]] = []
-        for d in self._running:
-            w: Deferred[None] = Deferred()
-
-            def fire(r: object, w: Deferred[None] = w) -> object:
-                w.callback(None)
-                return r
-
-            d.addBoth(fire)
-            out.append(w)
-        return out
+        return watch_ends(self._running)
 
 
 def _gone(request: Any) -> bool:
