@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.client import eventually
+from tests.support.tools import files_containing
 from tests.support.git_upstream import (  # noqa: F401 - fixture
     GitUpstream,
     git,
@@ -147,15 +148,8 @@ def test_credentials_never_in_ps_on_disk_or_in_the_mirror_config(git_upstream_fa
     import base64
 
     needles = [token.encode(), base64.b64encode(f"ci-bot:{token}".encode())]
-    for root, _dirs, files in os.walk(d.data_dir):
-        for f in files:
-            p = os.path.join(root, f)
-            try:
-                data = Path(p).read_bytes()
-            except OSError:
-                continue
-            for n in needles:
-                assert n not in data, f"{p} holds the upstream token"
+    held = files_containing(d.data_dir, needles)
+    assert held == [], f"{held} hold the upstream token"
     (mirror,) = mirror_dirs(d)
     cfg_text = (mirror / "config").read_text()
     assert token not in cfg_text and "ci-bot" not in cfg_text

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import struct
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+
+from tests.support.tools import files_containing
 
 from tests.e2e.test_git_mirrors import ProcessWatcher, mirror_dirs, repos
 from tests.support.client import eventually
@@ -116,15 +117,8 @@ def test_ssh_key_mirror_clone_refresh_and_no_key_leak(sshd: Sshd, daemon_factory
     assert st["cloned"] and st["last_error"] is None and st["credentials"] == "ssh-key"
 
     needles = key_needles(key.private)
-    for root, _dirs, files in os.walk(d.data_dir):
-        for f in files:
-            p = os.path.join(root, f)
-            try:
-                data = Path(p).read_bytes()
-            except OSError:
-                continue
-            for n in needles:
-                assert n not in data, f"{p} holds the private key"
+    held = files_containing(d.data_dir, needles)
+    assert held == [], f"{held} hold the private key"
     (mirror,) = mirror_dirs(d)
     assert git("config", "remote.origin.url", cwd=mirror) == sshd.url(up.path("app"))
     assert all(n.decode(errors="replace") not in d.log() for n in needles)

@@ -34,3 +34,18 @@ def run_checked(
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+def files_containing(root: str | os.PathLike[str], needles: list[bytes]) -> list[str]:
+    """Files under ``root`` whose bytes contain any of ``needles`` (secrets-on-disk checks)."""
+    found = []
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            try:
+                data = Path(p).read_bytes()
+            except OSError:
+                continue
+            if any(n in data for n in needles):
+                found.append(p)
+    return found
