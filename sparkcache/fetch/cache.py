@@ -261,6 +261,7 @@ class Cache:
         total = _content_length(response)
         spool = self.store.new_spool()
         flight = Flight(req.key, spool, total, kept, self.store.in_io)
+        flight.hold_last = req.expected_digest is not None
         fetch.resolve(Live(flight))
         try:
             await receive(response, flight, self.clock, req.remote.read_timeout)

@@ -67,6 +67,10 @@ class Flight:
         self.finished = False
         self.error: BodyError | None = None
         self.entry: Any = None  # the committed Entry, once there is one
+        # The body has a digest to match (OCI blobs): readers get its last
+        # byte only once it matched, so a client that trusts Content-Length
+        # never sees a clean end of an unverified body.
+        self.hold_last = False
         self._fd: int | None = os.open(spool.path, os.O_RDONLY)
         self._users = 1  # the fetch itself
         self._listeners: list[Callable[[], None]] = []

@@ -32,7 +32,6 @@ from sparkcache.context import Context
 from sparkcache.fetch import CacheRequest, Failed, Hit, Live, Result
 from sparkcache.fetch.flight import BodyError
 from sparkcache.fetch.upstream import UpstreamError, discard_body
-from sparkcache.oci.blobs import serve_live_blob
 from sparkcache.oci.config import OCIOptions, options_of
 from sparkcache.oci.errors import OCIError, as_oci
 from sparkcache.oci.names import check_reference, sha256_hex, upstream_name
@@ -328,9 +327,6 @@ class Mirror:
             # Never 200 on HEAD unless the GET would succeed: wait for the verified body.
             entry, _ = await self._entry(remote, result, "BLOB_UNKNOWN", f"blob {digest}")
             result = Hit(entry, "MISS")
-        if isinstance(result, Live):
-            return as_oci(request, await serve_live_blob(request, result, self.ctx.metrics, remote.name, req.path,
-                                                         {"Docker-Content-Digest": digest}))
         return as_oci(request, await respond(request, result, self.ctx.store, self.ctx.metrics, remote.name, req.path,
                                              {"Docker-Content-Digest": digest}, sendfile=self.ctx.sendfile))
 

@@ -166,7 +166,9 @@ async def respond(
         return None
     count_bytes = metrics.bytes_counter(remote, "upstream")
     d = None
-    if sendfile is not None and end is not None and end - start > SMALL_BODY and not flight.finished:
+    # sendfile tails whatever is on disk; a body to verify must hold its last byte.
+    if sendfile is not None and end is not None and end - start > SMALL_BODY and not flight.finished \
+            and not flight.hold_last:
         d = sendfile.try_tail(request, flight, start, end, count_bytes)
     if d is None:
         d = send_flight(request, flight, start, end, count_bytes)

@@ -210,12 +210,18 @@ def send_file(request: Any, path: str, start: int, end: int, on_bytes: Callable[
 def send_flight(request: Any, flight: Flight, start: int, end: int | None, on_bytes: Callable[[int], None]) -> Deferred[None]:
     """Tail an in-flight spool: send bytes as they arrive, abort if the fetch fails."""
     flight.acquire()
+
+    def available() -> int:
+        if flight.hold_last and flight.total is not None and not (flight.finished and flight.error is None):
+            return min(flight.written, flight.total - 1)
+        return flight.written
+
     p = _Producer(
         request,
         flight.read,
         start,
         end,
-        available=lambda: flight.written,
+        available=available,
         failed=lambda: flight.error is not None,
         ended=lambda: flight.finished,
         on_bytes=on_bytes,
