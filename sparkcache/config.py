@@ -11,33 +11,34 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 from urllib.parse import urlsplit
 
 import yaml
 
 SCOPES = ("read", "write", "admin")
-REMOTE_TYPES = ("generic", "alpine", "rpm", "deb", "helm", "local", "oci", "oci-local")
-# Remote types whose bodies live only here: no upstream URL.
-LOCAL_TYPES = ("local", "oci-local")
-# Remote types served under /v2/ by the OCI app rather than under /api/.
-OCI_TYPES = ("oci", "oci-local")
 
-# Metadata files that change in place upstream; everything else in these
-# repository layouts is content-addressed or versioned and so immutable.
-DEFAULT_MUTABLE: dict[str, tuple[str, ...]] = {
-    "generic": (),
-    "local": (),
-    "alpine": (r"APKINDEX\.tar\.gz$",),
-    "rpm": (r"repodata/repomd\.xml(\.asc|\.key)?$", r"repodata/(?![0-9a-f]{32,128}-)[^/]*(primary|filelists|other|comps|updateinfo|modules)[^/]*$"),
-    "deb": (
-        r"(^|/)dists/(?!.*/by-hash/)[^?]*(InRelease|Release|Release\.gpg|Packages[^/]*|Sources[^/]*|Translation-[^/]*|Contents-[^/]*|Components-[^/]*|icons-[^/]*)$",
-    ),
-    "helm": (r"(^|/)index\.yaml$",),
-    # OCI freshness is decided per request kind (tag vs digest), not by path patterns.
-    "oci": (),
-    "oci-local": (),
-}
+
+class RemoteType(Protocol):
+    """What the loader needs to know of a remote ``type`` (a protocol supplies it)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def mutable_patterns(self) -> tuple[str, ...]:
+        """Paths that change in place upstream (regexes): the default of a remote's mutable_patterns."""
+
+    @property
+    def needs_upstream(self) -> bool:
+        """Whether a remote of this type needs an upstream URL (local content does not)."""
+
+    def parse_options(self, loader: "Loader", sec: "Section") -> Any:
+        """The type's own keys of a remote section (read through ``sec``), or None."""
+
+
+# A protocol's own top-level section (``git:``): reads its keys through the Section.
+SectionParser = Callable[["Loader", "Section"], Any]
 
 
 class ConfigError(Exception):
@@ -84,8 +85,7 @@ class RemoteConfig:
     credentials: Credentials | None = None
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
-    # Type-specific settings parsed by the protocol's own config module
-    # (sparkcache.oci.config for oci/oci-local); None for the other types.
+    # The type's own settings, parsed by its protocol (RemoteType.parse_options).
     options: Any = None
 
     def redacted(self) -> dict[str, Any]:
@@ -152,8 +152,17 @@ class Config:
     storage: StorageConfig
     auth: AuthConfig
     remotes: Mapping[str, RemoteConfig]
-    # Parsed by sparkcache.git.config (a GitConfig there).
-    git: Any = None
+    # Protocols' own top-level sections (``git:``), parsed by each protocol.
+    sections: Mapping[str, Any] = field(default_factory=dict)
+
+    def section(self, name: str) -> Any:
+        """A protocol's parsed section, or None when the protocol has none."""
+        return self.sections.get(name)
+
+    @property
+    def git(self) -> Any:
+        # Kept for the git machinery and its tests, which predate sections.
+        return self.sections.get("git")
 
     def redacted(self) -> dict[str, Any]:
         return {
@@ -181,7 +190,7 @@ class Config:
                 ],
             },
             "remotes": {n: r.redacted() for n, r in self.remotes.items()},
-            "git": self.git.redacted() if hasattr(self.git, "redacted") else None,
+            **{name: (v.redacted() if hasattr(v, "redacted") else None) for name, v in self.sections.items()},
         }
 
 
@@ -227,10 +236,10 @@ def parse_size(value: Any) -> int:
 # -- the walker -------------------------------------------------------------
 
 
-class _Section:
+class Section:
     """A mapping being read, which remembers its key path and rejects leftovers."""
 
-    def __init__(self, loader: "_Loader", path: str, data: Any) -> None:
+    def __init__(self, loader: "Loader", path: str, data: Any) -> None:
         self.loader = loader
         self.path = path
         if data is None:
@@ -277,8 +286,8 @@ class _Section:
         except ValueError as e:
             raise self.loader.error(self.key(name), str(e)) from None
 
-    def sub(self, name: str) -> "_Section":
-        return _Section(self.loader, self.key(name), self.raw(name))
+    def sub(self, name: str) -> "Section":
+        return Section(self.loader, self.key(name), self.raw(name))
 
     def str_list(self, name: str) -> list[str]:
         value = self.raw(name, [])
@@ -313,10 +322,18 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
-class _Loader:
-    def __init__(self, source: str, environ: Mapping[str, str]) -> None:
+class Loader:
+    """Reads a whole configuration; remote types and top-level sections beyond
+    server/storage/auth/upstream/remotes come from the protocols it is given."""
+
+    def __init__(self, source: str, environ: Mapping[str, str], types: Iterable[RemoteType] = (),
+                 sections: Mapping[str, SectionParser] | None = None) -> None:
         self.source = source
         self.environ = environ
+        self.types = {t.name: t for t in types}
+        self.sections = dict(sections or {})
+        # Scratch space for checks that span remotes (a registry host claimed twice).
+        self.scratch: dict[str, Any] = {}
 
     def error(self, path: str, problem: str) -> ConfigError:
         return ConfigError(self.source, path, problem)
@@ -328,7 +345,7 @@ class _Loader:
             raise self.error(path, f"environment variable {var} is not set")
         return self.environ[var]
 
-    def secret(self, sec: _Section, name: str) -> str | None:
+    def secret(self, sec: Section, name: str) -> str | None:
         """A secret given inline as ``name`` or indirectly as ``name_env``."""
         literal = sec.get(name, str, None)
         env_name = sec.raw(f"{name}_env")
@@ -341,7 +358,7 @@ class _Loader:
     # -- sections ----------------------------------------------------------
 
     def load(self, data: Any) -> Config:
-        top = _Section(self, "", data)
+        top = Section(self, "", data)
         server = self.server(top.sub("server"))
         storage = self.storage(top.sub("storage"))
         auth = self.auth(top.sub("auth"))
@@ -356,14 +373,12 @@ class _Loader:
             raise self.error("remotes", f"expected a mapping of remote name to settings, got {_kind(remotes_raw)}")
         remotes = {}
         for name, body in remotes_raw.items():
-            remotes[str(name)] = self.remote(str(name), _Section(self, f"remotes.{name}", body), connect_timeout, read_timeout)
-        from sparkcache.git.config import parse_git_section
-
-        git = parse_git_section(self, top.sub("git"))
+            remotes[str(name)] = self.remote(str(name), Section(self, f"remotes.{name}", body), connect_timeout, read_timeout)
+        sections = {name: parse(self, top.sub(name)) for name, parse in self.sections.items()}
         top.done()
-        return Config(self.source, server, storage, auth, remotes, git)
+        return Config(self.source, server, storage, auth, remotes, sections)
 
-    def server(self, sec: _Section) -> ServerConfig:
+    def server(self, sec: Section) -> ServerConfig:
         listen = sec.str_list("listen") or list(ServerConfig.listen)
         if "SPARKCACHE_LISTEN" in self.environ:
             listen = [s.strip() for s in self.environ["SPARKCACHE_LISTEN"].split(",") if s.strip()]
@@ -388,7 +403,7 @@ class _Loader:
         sec.done()
         return cfg
 
-    def storage(self, sec: _Section) -> StorageConfig:
+    def storage(self, sec: Section) -> StorageConfig:
         # Read the key even when the environment overrides it, so it is
         # validated and not reported as unknown.
         data_dir = sec.get("data_dir", str, "./data")
@@ -403,7 +418,7 @@ class _Loader:
         sec.done()
         return cfg
 
-    def auth(self, sec: _Section) -> AuthConfig:
+    def auth(self, sec: Section) -> AuthConfig:
         anonymous = sec.get("anonymous_read", bool, True)
         if "SPARKCACHE_ANONYMOUS_READ" in self.environ:
             anonymous = self.environ["SPARKCACHE_ANONYMOUS_READ"].lower() in ("1", "true", "yes", "on")
@@ -412,7 +427,7 @@ class _Loader:
         if not isinstance(raw, list):
             raise self.error(sec.key("tokens"), f"expected a list of tokens, got {_kind(raw)}")
         for i, item in enumerate(raw):
-            t = _Section(self, f"{sec.key('tokens')}[{i}]", item)
+            t = Section(self, f"{sec.key('tokens')}[{i}]", item)
             name = t.get("name", str, f"token{i}")
             secret = self.secret(t, "token")
             if not secret:
@@ -435,7 +450,7 @@ class _Loader:
             raise self.error(path, f"expected an http:// or https:// URL, got {value!r}")
         return value
 
-    def patterns(self, sec: _Section, name: str) -> tuple[re.Pattern[str], ...]:
+    def patterns(self, sec: Section, name: str) -> tuple[re.Pattern[str], ...]:
         out = []
         for i, p in enumerate(sec.str_list(name)):
             try:
@@ -444,23 +459,24 @@ class _Loader:
                 raise self.error(f"{sec.key(name)}[{i}]", f"bad regular expression {p!r}: {e}") from None
         return tuple(out)
 
-    def remote(self, name: str, sec: _Section, connect_timeout: float, read_timeout: float) -> RemoteConfig:
+    def remote(self, name: str, sec: Section, connect_timeout: float, read_timeout: float) -> RemoteConfig:
         if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", name):
             raise self.error(f"remotes.{name}", "a remote name may hold only letters, digits, '.', '_' and '-'")
         sec.alias("upstream", "base_url", "url")
         sec.alias("type", "package")
         rtype = sec.get("type", str, "generic")
-        if rtype not in REMOTE_TYPES:
-            raise self.error(sec.key("type"), f"unknown remote type {rtype!r}; expected one of {', '.join(REMOTE_TYPES)}")
+        kind = self.types.get(rtype)
+        if kind is None:
+            raise self.error(sec.key("type"), f"unknown remote type {rtype!r}; expected one of {', '.join(self.types)}")
         upstream = sec.get("upstream", str, None)
-        if upstream is None and rtype not in LOCAL_TYPES:
+        if upstream is None and kind.needs_upstream:
             raise self.error(sec.key("upstream"), "missing: a remote needs an upstream URL")
         if upstream is not None:
             upstream = self.url(sec.key("upstream"), _expand(upstream, self, sec.key("upstream"))).rstrip("/")
         immutable = self.patterns(sec, "immutable_patterns")
         mutable = self.patterns(sec, "mutable_patterns")
         if not sec.has("mutable_patterns"):
-            mutable = tuple(re.compile(p) for p in DEFAULT_MUTABLE[rtype])
+            mutable = tuple(re.compile(p) for p in kind.mutable_patterns)
         check = sec.get("check_mutable_updates", bool, False)
         c = sec.sub("cache")
         policy = CachePolicy(
@@ -480,11 +496,7 @@ class _Loader:
             if creds is not None:
                 raise self.error(sec.key("username"), "give credentials either inline (username/password) or under credentials, not both")
             creds = Credentials(username, password, None)
-        options = None
-        if rtype in OCI_TYPES:
-            from sparkcache.oci.config import parse_oci_options
-
-            options = parse_oci_options(self, sec, rtype)
+        options = kind.parse_options(self, sec)
         cfg = RemoteConfig(
             name=name,
             type=rtype,
@@ -505,7 +517,7 @@ class _Loader:
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-def _expand(value: str, loader: _Loader, path: str) -> str:
+def _expand(value: str, loader: Loader, path: str) -> str:
     """Expand ``${VAR}`` references so example configs never hard-code hosts or secrets."""
 
     def sub(m: re.Match[str]) -> str:
@@ -523,9 +535,8 @@ def _implied_scopes(scopes: Sequence[str]) -> frozenset[str]:
     return frozenset(out)
 
 
-def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
-    """Read and validate ``path``; raise ConfigError with an operator-facing message."""
-    env = os.environ if environ is None else environ
+def read_yaml(path: str) -> Any:
+    """The parsed YAML of ``path``; raise ConfigError with an operator-facing message."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -537,8 +548,12 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise ConfigError(path, "", f"invalid YAML: {where}{getattr(e, 'problem', None) or e}") from None
-    return load_config_data(data, path, env)
+    return data
 
 
-def load_config_data(data: Any, source: str = "<config>", environ: Mapping[str, str] | None = None) -> Config:
-    return _Loader(source, os.environ if environ is None else environ).load(data)
+def load(data: Any, source: str, environ: Mapping[str, str] | None, types: Iterable[RemoteType],
+         sections: Mapping[str, SectionParser]) -> Config:
+    """Validate parsed YAML into a Config, with the remote types and sections of some protocols.
+
+    (``sparkcache.protocols.load_config`` calls this with every registered protocol.)"""
+    return Loader(source, os.environ if environ is None else environ, types, sections).load(data)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 from sparkcache.auth import Authorizer
 from sparkcache.config import Config
@@ -22,4 +22,16 @@ class Context:
     auth: Authorizer
     clock: Any
     sendfile: Any = None  # SendfilePool, when large hits may use os.sendfile
-    git: Any = None  # sparkcache.git.interfaces.IMirrors provider, set by protocols.git.install
+    git: Any = None  # sparkcache.git.interfaces.IMirrors provider, set by the git protocol's build
+    reactor: Any = None  # for spawnProcess and thread pools; the clock when None
+    # Every remote type by name (sparkcache.protocols.base.RemoteKind), from the registry.
+    remote_types: Mapping[str, Any] = field(default_factory=dict)
+
+    def remote_url(self, name: str) -> str:
+        """Where the remote ``name`` is served (``/api/files/``, ``/v2/cache/``)."""
+        kind = self.remote_types.get(self.config.remotes[name].type)
+        return (kind.url if kind is not None else "/api/{name}/").format(name=name)
+
+    def __post_init__(self) -> None:
+        if self.reactor is None:
+            self.reactor = self.clock

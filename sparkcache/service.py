@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable, Sequence
 
-from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.endpoints import serverFromString
@@ -14,16 +14,25 @@ from twisted.logger import Logger
 from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.server import Request, Site
 
+from twisted.web.resource import IResource
+
 from sparkcache.auth import Authorizer
-from sparkcache.config import LOCAL_TYPES, Config
+from sparkcache.config import Config
 from sparkcache.context import Context
 from sparkcache.fetch import Cache, UpstreamClient
 from sparkcache.metrics import Metrics
-from sparkcache.protocols.root import Root
+from sparkcache.pools import PoolService
+from sparkcache.protocols import PROTOCOLS, remote_types
+from sparkcache.protocols.base import ProtocolSpec, SetupEndpoint
 from sparkcache.store import Store
+from sparkcache.timers import Periodic
+from sparkcache.web.admin import AdminApp
+from sparkcache.web.root import Root
 from sparkcache.web.sendfile import SendfilePool
+from sparkcache.web.setup import SetupApp
 
 log = Logger()
+SENDFILE_THREADS = 64
 
 
 class _CappedBody:
@@ -141,32 +150,14 @@ class SparkSite(Site):
                  code=request.code, size=request.sentLength)
 
 
-class _Periodic(TimerService):
-    """A timer whose body can never stop it: errors are logged, the loop goes on."""
-
-    def __init__(self, name: str, interval: float, fn: Callable[[], Awaitable[Any]], clock: Any) -> None:
-        self.fn = fn
-        super().__init__(interval, self._tick)
-        self.setName(name)
-        self.clock = clock
-        self._running: Deferred[Any] | None = None
-
-    def _tick(self) -> Deferred[None] | None:
-        if self._running is not None:
-            return None  # previous run still going: skip this tick
-        d: Deferred[Any] = ensureDeferred(self.fn())  # type: ignore[arg-type]
-        self._running = d
-
-        def done(r: object) -> None:
-            self._running = None
-
-        d.addErrback(lambda f: log.failure("{name} failed; will retry", f, name=self.name))
-        d.addBoth(done)
-        return None
-
-
 class SparkcacheService(MultiService):
-    def __init__(self, config: Config, reactor: Any = None, clock: Any = None) -> None:
+    """The whole daemon, built here in one place (as magic-wormhole's tap builds
+    its server): thread pools, store, cache, each protocol's resource and
+    services, timers and listeners. Pools start first and stop last; timers,
+    protocol services and listeners start once the store is open."""
+
+    def __init__(self, config: Config, reactor: Any = None, clock: Any = None,
+                 protocols: Sequence[ProtocolSpec] = PROTOCOLS) -> None:
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor as _reactor
@@ -176,40 +167,62 @@ class SparkcacheService(MultiService):
         self.reactor = reactor
         self.clock = clock or reactor
         self.metrics = Metrics()
-        self.store = Store(config.storage.data_dir, reactor, config.storage.max_size)
-        self.store.index.keep_remotes = frozenset(n for n, r in config.remotes.items() if r.type in LOCAL_TYPES)
+        stop_timeout = config.server.shutdown_timeout
+        self.pools = MultiService()
+        self.pools.setName("pools")
+        self.pools.setServiceParent(self)
+        sqlite_pool = PoolService("sparkcache-sqlite", 1, reactor, stop_timeout, min_threads=1)
+        io_pool = PoolService("sparkcache-io", 4, reactor, stop_timeout, min_threads=1)
+        for pool in (sqlite_pool, io_pool):
+            pool.setServiceParent(self.pools)
+        self.sendfile: SendfilePool | None = None
+        if config.server.sendfile:
+            sendfile_pool = PoolService("sparkcache-sendfile", SENDFILE_THREADS, reactor, stop_timeout)
+            sendfile_pool.setServiceParent(self.pools)
+            self.sendfile = SendfilePool(reactor, SENDFILE_THREADS, pool=sendfile_pool.pool)
+        self.store = Store(config.storage.data_dir, reactor, config.storage.max_size, io_pool=io_pool.pool,
+                           sqlite_pool=sqlite_pool.pool)
+        types = remote_types(protocols)
+        self.store.index.keep_remotes = frozenset(n for n, r in config.remotes.items() if types[r.type].pinned)
         self.upstream = UpstreamClient(reactor)
         self.cache = Cache(self.store, self.upstream, self.clock, self.metrics)
-        self.sendfile = SendfilePool(reactor) if config.server.sendfile else None
         self.ctx = Context(config, self.store, self.cache, self.upstream, self.metrics, Authorizer(config.auth), self.clock,
-                           self.sendfile)
-        self.root = Root(self.ctx)
-        # Services a protocol adds (fetch loops, process pools); started with
-        # the timers, once the store is open, and stopped before it.
-        self.extra_services: list[Any] = []
-        # Work a protocol wants finished before the store closes on SIGTERM:
-        # callables returning Deferreds, gathered with the in-flight fetches.
+                           self.sendfile, reactor=reactor, remote_types=types)
+        # Started once the store is open, stopped before it closes.
+        self.runtime = MultiService()
+        self.runtime.setName("runtime")
+        # Work a graceful stop waits for, besides responses and fetches.
         self.drains: list[Callable[[], list[Deferred[Any]]]] = []
-        from sparkcache.protocols import codesync, git, oci, setup
-
-        for install in (git.install, codesync.install, oci.install, setup.install):
-            install(self)
+        apps: dict[bytes, IResource] = {}
+        setup: dict[str, SetupEndpoint] = {}
+        for spec in protocols:
+            built = spec.build(self.ctx)
+            for segment in spec.segments:
+                resource = built.mounts.get(segment, built.resource)
+                if resource is not None:
+                    apps[segment] = resource
+            for svc in built.services:
+                svc.setServiceParent(self.runtime)
+            self.drains.extend(built.drains)
+            setup.update(built.setup)
+        apps[b"setup"] = SetupApp(self.ctx, setup).resource()
+        admin = AdminApp(self.ctx).resource()
+        self.root = Root(apps, admin)
         self.site = SparkSite(self.root, access_log=config.server.access_log, max_body_size=config.server.max_body_size)
         self.site.displayTracebacks = False
-        self.listeners: list[StreamServerEndpointService] = []
-        for spec in config.server.listen:
-            svc = StreamServerEndpointService(serverFromString(reactor, spec), self.site)
-            svc._raiseSynchronously = True
-            self.listeners.append(svc)
         st = config.storage
-        self.timers = [
-            _Periodic(name, interval, fn, self.clock)
-            for name, interval, fn in (
-                ("eviction", st.eviction_interval, self._evict),
-                ("expiry", st.expiry_interval, self._expire),
-                ("access-flush", 30.0, self.store.index.flush_access),
-            )
-        ]
+        for name, interval, fn in (
+            ("eviction", st.eviction_interval, self._evict),
+            ("expiry", st.expiry_interval, self._expire),
+            ("access-flush", 30.0, self.store.index.flush_access),
+        ):
+            Periodic(name, interval, fn, self.clock).setServiceParent(self.runtime)
+        self.listeners: list[StreamServerEndpointService] = []
+        for spec_ in config.server.listen:
+            svc = StreamServerEndpointService(serverFromString(reactor, spec_), self.site)
+            svc._raiseSynchronously = True
+            svc.setServiceParent(self.runtime)
+            self.listeners.append(svc)
         self.ready: Deferred[None] = Deferred()
 
     async def _evict(self) -> None:
@@ -221,16 +234,13 @@ class SparkcacheService(MultiService):
         await self.store.expire(self.clock.seconds(), self.config.storage.stale_retention)
 
     def startService(self) -> None:
-        # Timers and listeners start only once the store has been checked, so
-        # neither a request nor a timer ever sees a half-opened index.
+        # Pools first; timers and listeners only once the store has been checked,
+        # so neither a request nor a timer ever sees a half-opened index.
         super().startService()
-        if self.sendfile is not None:
-            self.sendfile.start()
         d = ensureDeferred(self.store.start())
 
         def listen(_: object) -> None:
-            for svc in [*self.timers, *self.extra_services, *self.listeners]:
-                svc.setServiceParent(self)
+            self.runtime.setServiceParent(self)
             log.info("sparkcache listening on {listen}; data in {data}", listen=", ".join(self.config.server.listen),
                      data=self.store.data_dir)
             self.ready.callback(None)
@@ -253,7 +263,7 @@ class SparkcacheService(MultiService):
 
     async def _stop(self) -> None:
         # 1. stop accepting connections
-        stops = [svc.disownServiceParent() for svc in self.listeners if svc.parent is self]
+        stops = [svc.stopService() for svc in self.listeners if svc.running]
         await DeferredList([d for d in stops if isinstance(d, Deferred)], consumeErrors=True)
         # 2. let in-flight responses and upstream fetches finish, within the deadline
         pending = [r.notifyFinish() for r in list(self.site.active) if not r.finished]
@@ -271,13 +281,13 @@ class SparkcacheService(MultiService):
                 for r in list(self.site.active):
                     if r.channel and r.channel.transport:
                         r.channel.transport.abortConnection()  # type: ignore[attr-defined]
-        # 3. timers, fetches, spool files, index
-        await MultiService.stopService(self)
+        # 3. timers and protocol services, fetches, spool files, index; the pools last
+        if self.runtime.parent is self:
+            await self.runtime.disownServiceParent()
         await self.cache.stop()
         await self.upstream.close()
         await self.store.stop()
-        if self.sendfile is not None:
-            self.sendfile.stop()
+        await MultiService.stopService(self)
         # A graceful stop is a success: exit 0 rather than have twistd re-raise
         # the SIGTERM that started it (status 143 looks like a crash to
         # supervisors other than systemd).

@@ -8,7 +8,8 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from sparkcache.config import ConfigError, load_config
+from sparkcache.config import ConfigError
+from sparkcache.protocols import load_config
 
 
 class Options(usage.Options):

@@ -221,9 +221,9 @@ def _repo(loader: Any, sec: Any, name: str) -> RepoConfig:
     if isinstance(body, str):
         url = body
     else:
-        from sparkcache.config import _Section
+        from sparkcache.config import Section
 
-        rs = _Section(loader, path, body)
+        rs = Section(loader, path, body)
         rs.alias("url", "upstream")
         url = rs.get("url", str, None)
         if url is None:
@@ -270,7 +270,7 @@ def parse_env_repos(value: str) -> list[tuple[str, str]]:
 
 
 def parse_git_section(loader: Any, sec: Any) -> GitConfig:
-    """Read the ``git:`` section (``sec`` is a config._Section; ``loader.environ``
+    """Read the ``git:`` section (``sec`` is a config.Section; ``loader.environ``
     holds the environment, for GITCACHE_REPOS and FETCH_INTERVAL)."""
     d = GitConfig()
     fetch_interval = sec.convert("fetch_interval", parse_duration, d.fetch_interval)
@@ -295,9 +295,9 @@ def parse_git_section(loader: Any, sec: Any) -> GitConfig:
     raw = sec.raw("repos", {}) or {}
     if not isinstance(raw, dict):
         raise loader.error(sec.key("repos"), "expected a mapping of repository name to URL")
-    from sparkcache.config import _Section
+    from sparkcache.config import Section
 
-    rsec = _Section(loader, sec.key("repos"), raw)
+    rsec = Section(loader, sec.key("repos"), raw)
     for name in raw:
         repos[str(name)] = _repo(loader, rsec, str(name))
     env_repos = loader.environ.get("GITCACHE_REPOS")
@@ -319,7 +319,7 @@ def parse_git_section(loader: Any, sec: Any) -> GitConfig:
     craw = sec.raw("credentials", {}) or {}
     if not isinstance(craw, dict):
         raise loader.error(sec.key("credentials"), "expected a mapping of host or repository name to credentials")
-    csec = _Section(loader, sec.key("credentials"), craw)
+    csec = Section(loader, sec.key("credentials"), craw)
     for key in craw:
         creds[str(key)] = _credentials(loader, csec.sub(str(key)))
 

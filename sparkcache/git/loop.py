@@ -16,13 +16,14 @@ every ``fsck_interval`` they are checked with ``git fsck`` and re-cloned when co
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
-from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+
+from sparkcache.timers import Periodic
 
 if TYPE_CHECKING:
     from sparkcache.git.interfaces import Mirror
@@ -31,30 +32,6 @@ if TYPE_CHECKING:
 log = Logger()
 STOP_TIMEOUT = 10.0
 MAX_BATCH = 50
-
-
-class _Timer(TimerService):
-    """A TimerService on an injectable clock whose body never stops it, and whose
-    ticks never overlap (a tick still running makes the next one a no-op)."""
-
-    def __init__(self, name: str, interval: float, fn: Callable[[], Any], clock: Any) -> None:
-        super().__init__(interval, self._tick)
-        self.setName(name)
-        self.clock = clock
-        self.fn = fn
-        self.running_tick: Deferred[Any] | None = None
-
-    def _tick(self) -> None:
-        if self.running_tick is not None:
-            return
-        d: Deferred[Any] = ensureDeferred(self.fn())
-        self.running_tick = d
-
-        def done(_: object) -> None:
-            self.running_tick = None
-
-        d.addErrback(lambda f: log.failure("git {name} failed; will retry", f, name=self.name))
-        d.addBoth(done)
 
 
 class FetchLoop:
@@ -134,9 +111,9 @@ class GitService(MultiService):
         cfg = mirrors.config
         self.loop = FetchLoop(mirrors, mirrors.clock)
         self.maintenance = Maintenance(mirrors, mirrors.clock)
-        self.fetch_timer = _Timer("fetch-loop", cfg.fetch_interval, self.loop.tick, mirrors.clock)
+        self.fetch_timer = Periodic("git fetch-loop", cfg.fetch_interval, self.loop.tick, mirrors.clock)
         self.fetch_timer.setServiceParent(self)
-        self.maintenance_timer = _Timer("maintenance", cfg.maintenance_interval, self.maintenance.tick, mirrors.clock)
+        self.maintenance_timer = Periodic("git maintenance", cfg.maintenance_interval, self.maintenance.tick, mirrors.clock)
         self.maintenance_timer.setServiceParent(self)
 
     def startService(self) -> None:

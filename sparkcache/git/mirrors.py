@@ -33,7 +33,8 @@ from zope.interface import implementer
 from sparkcache.git.config import GitConfig
 from sparkcache.git.credentials import Callbacks, describe
 from sparkcache.git.interfaces import IMirrors, Mirror, MirrorUnavailable
-from sparkcache.git.jobs import DaemonThreadPool, Waiters, stop_pool
+from sparkcache.git.jobs import Waiters
+from sparkcache.pools import DaemonThreadPool, stop_pool
 from sparkcache.git.registry import RegistrationError, Registry
 from sparkcache.git.repo_ops import (
     CHANGED,
@@ -138,13 +139,6 @@ class Mirrors:
                 self.pool.stop()
             return succeed(True)
         return stop_pool(self.pool, self.reactor, timeout)
-
-    def service(self, stop_timeout: float = 30.0) -> Any:
-        """The IService to add to the service tree: starts the pool, the fetch loop
-        and maintenance, and stops them within ``stop_timeout`` seconds."""
-        from sparkcache.git.loop import GitService
-
-        return GitService(self, stop_timeout)
 
     def run(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         if self._stopped:

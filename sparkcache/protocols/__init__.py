@@ -1,1 +1,48 @@
-"""One Klein class per protocol; the root resource dispatches by first path segment."""
+"""The protocol registry: every protocol the daemon serves, one descriptor each.
+
+A protocol is a package ``sparkcache/protocols/<name>/`` exporting ``SPEC``, a
+:class:`~sparkcache.protocols.base.ProtocolSpec`; adding one is adding its
+package and one line to ``PROTOCOLS``. The config loader, the service tree
+and the root resource loop over this list and name no protocol
+(docs/architecture.rst walks through an example).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+from sparkcache import config
+from sparkcache.protocols import generic, git, oci
+from sparkcache.protocols.base import ProtocolSpec, RemoteKind
+
+PROTOCOLS: tuple[ProtocolSpec, ...] = (
+    generic.SPEC,
+    git.SPEC,
+    oci.SPEC,
+)
+
+
+def remote_types(protocols: Sequence[ProtocolSpec] = PROTOCOLS) -> dict[str, RemoteKind]:
+    """Every remote ``type`` by name; a type is owned by one protocol."""
+    out: dict[str, RemoteKind] = {}
+    for p in protocols:
+        for t in p.remote_types:
+            if t.name in out:
+                raise ValueError(f"remote type {t.name!r} is claimed by two protocols")
+            out[t.name] = t
+    return out
+
+
+def load_config_data(data: Any, source: str = "<config>", environ: Mapping[str, str] | None = None,
+                     protocols: Sequence[ProtocolSpec] = PROTOCOLS) -> config.Config:
+    """Validate parsed YAML with every protocol's remote types and sections."""
+    sections = {p.section: p.parse_section for p in protocols if p.section and p.parse_section}
+    return config.load(data, source, os.environ if environ is None else environ,
+                       remote_types(protocols).values(), sections)
+
+
+def load_config(path: str, environ: Mapping[str, str] | None = None,
+                protocols: Sequence[ProtocolSpec] = PROTOCOLS) -> config.Config:
+    """Read and validate ``path``; raise ConfigError with an operator-facing message."""
+    return load_config_data(config.read_yaml(path), path, environ, protocols)

@@ -27,17 +27,21 @@ log = Logger()
 
 
 class Store:
-    def __init__(self, data_dir: str, reactor: Any, max_size: int) -> None:
+    def __init__(self, data_dir: str, reactor: Any, max_size: int, io_pool: ThreadPool | None = None,
+                 sqlite_pool: ThreadPool | None = None) -> None:
+        """Pools handed in are started and stopped by their owner (the service
+        tree); without them the store makes and runs its own (tests, tools)."""
         self.data_dir = os.path.abspath(data_dir)
         os.makedirs(self.data_dir, exist_ok=True)
         self.reactor = reactor
         self.max_size = max_size
         self.cas: IContentStore = LocalContentStore(os.path.join(self.data_dir, "cas"))
-        self.index = Index(os.path.join(self.data_dir, "index.sqlite"), reactor)
+        self.index = Index(os.path.join(self.data_dir, "index.sqlite"), reactor, pool=sqlite_pool)
         self.spool_dir = os.path.join(self.data_dir, "spool")
         # fsync, rename and unlink of large files: never on the reactor, and
         # not in the default pool, which DNS resolution needs.
-        self.io_pool = ThreadPool(minthreads=1, maxthreads=4, name="sparkcache-io")
+        self._own_io_pool = io_pool is None
+        self.io_pool = io_pool if io_pool is not None else ThreadPool(minthreads=1, maxthreads=4, name="sparkcache-io")
         self._pins: Counter[str] = Counter()
         self._spools: set[SpoolFile] = set()
         self.size = 0
@@ -49,7 +53,8 @@ class Store:
     # -- lifecycle -------------------------------------------------------------
 
     async def start(self) -> None:
-        self.io_pool.start()
+        if self._own_io_pool:
+            self.io_pool.start()
         removed = clear_spool(self.spool_dir)
         if removed:
             log.info("removed {n} unfinished download(s) from the spool", n=removed)
@@ -70,7 +75,8 @@ class Store:
         try:
             await self.index.stop()
         finally:
-            self.io_pool.stop()
+            if self._own_io_pool:
+                self.io_pool.stop()
 
     async def refresh_stats(self) -> tuple[int, int]:
         self.size, self.entries = await self.index.stats()

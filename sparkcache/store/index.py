@@ -88,10 +88,14 @@ _COLUMNS = "key, remote, path, status, digest, size, content_type, headers, fetc
 
 
 class Index:
-    def __init__(self, path: str, reactor: IReactorThreads, memory_entries: int = 20_000) -> None:
+    def __init__(self, path: str, reactor: IReactorThreads, memory_entries: int = 20_000,
+                 pool: ThreadPool | None = None) -> None:
         self.path = path
         self._reactor = reactor
-        self.pool = ThreadPool(minthreads=1, maxthreads=1, name="sparkcache-sqlite")
+        # One thread: SQLite connections are not shared across threads. A pool
+        # handed in is started and stopped by its owner (the service tree).
+        self._own_pool = pool is None
+        self.pool = pool if pool is not None else ThreadPool(minthreads=1, maxthreads=1, name="sparkcache-sqlite")
         self._db: sqlite3.Connection | None = None
         self._mem: OrderedDict[str, Entry] = OrderedDict()
         self._mem_max = memory_entries
@@ -102,7 +106,8 @@ class Index:
     # -- lifecycle -----------------------------------------------------------
 
     def start(self) -> Deferred[None]:
-        self.pool.start()
+        if self._own_pool:
+            self.pool.start()
         return self._run(self._open)
 
     def stop(self) -> Deferred[None]:
@@ -112,7 +117,8 @@ class Index:
             return self._run(self._close)
 
         def stop_pool(r: object) -> object:
-            self.pool.stop()
+            if self._own_pool:
+                self.pool.stop()
             return r
 
         d.addCallback(close)

@@ -38,18 +38,24 @@ SENDER_NICE = 10
 
 
 class SendfilePool:
-    def __init__(self, reactor: Any, max_threads: int = 64) -> None:
+    def __init__(self, reactor: Any, max_threads: int = 64, pool: ThreadPool | None = None) -> None:
+        """``pool`` (of ``max_threads``) is started and stopped by its owner, the
+        service tree; without one, start() and stop() run a pool of its own."""
         self.reactor = reactor
         # Threads here spend their time blocked in sendfile/poll, not on the GIL.
-        self.pool = ThreadPool(minthreads=0, maxthreads=max_threads, name="sparkcache-sendfile")
+        self._own_pool = pool is None
+        self.pool = pool if pool is not None else ThreadPool(minthreads=0, maxthreads=max_threads,
+                                                             name="sparkcache-sendfile")
         self.max_threads = max_threads
         self.active = 0
 
     def start(self) -> None:
-        self.pool.start()
+        if self._own_pool:
+            self.pool.start()
 
     def stop(self) -> None:
-        self.pool.stop()
+        if self._own_pool:
+            self.pool.stop()
 
     def _handover(self, request: Any) -> tuple[Any, int] | None:
         """Flush the headers and hand back (transport, dup'd socket), or None."""

@@ -1,6 +1,7 @@
 import pytest
 
-from sparkcache.config import ConfigError, load_config, load_config_data, parse_duration, parse_size
+from sparkcache.config import ConfigError, parse_duration, parse_size
+from sparkcache.protocols import load_config, load_config_data
 
 
 def load(data, env=None):

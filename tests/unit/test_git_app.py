@@ -28,7 +28,7 @@ from sparkcache.auth import Authorizer
 from sparkcache.config import AuthConfig, ServerConfig, TokenConfig
 from sparkcache.git.interfaces import IMirrors, Mirror, UnknownRepo
 from sparkcache.git.pktline import DELIM, FLUSH, pkt_line
-from sparkcache.protocols.git import GitApp, decode_body, BodyTooLarge
+from sparkcache.protocols.git.smart_http import GitApp, decode_body, BodyTooLarge
 from tests.support.git_upstream import git, git_env
 from tests.support.tools import require_tool
 
@@ -293,7 +293,7 @@ def test_decode_body_limits(tmp_path: Path) -> None:
 async def test_client_disconnect_kills_upload_pack(server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     import socket
 
-    import sparkcache.protocols.git as gitmod
+    import sparkcache.protocols.git.smart_http as gitmod
 
     server.commit({"huge.bin": os.urandom(8 << 20)}, "huge")
     await server.mirrors.refresh(server.mirrors.lookup("app"))

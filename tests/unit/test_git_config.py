@@ -1,6 +1,7 @@
 import pytest
 
-from sparkcache.config import ConfigError, load_config_data
+from sparkcache.config import ConfigError
+from sparkcache.protocols import load_config_data
 from sparkcache.git.config import GitConfig, check_url, parse_env_repos, url_host
 
 

@@ -12,9 +12,10 @@ import pytest_twisted
 from twisted.internet import reactor, task
 from twisted.internet.task import deferLater
 
-from sparkcache.config import load_config_data
+from sparkcache.protocols import load_config_data
+from sparkcache.git.loop import GitService
 from sparkcache.git.credentials import Callbacks, Cancelled
-from sparkcache.git.jobs import PoolService
+from sparkcache.pools import PoolService
 from sparkcache.git.mirrors import Mirrors
 from tests.support.git_upstream import GitUpstream, git
 from tests.unit.test_git_mirrors import Upstream
@@ -47,7 +48,7 @@ async def test_stop_is_bounded_while_a_fetch_hangs_on_a_silent_upstream(tmp_path
     url = f"http://127.0.0.1:{silent.getsockname()[1]}/org/repo.git"
     cfg = load_config_data({"git": {"repos": {"slow": url}}}, "c", {}).git
     ms = Mirrors(cfg, str(tmp_path / "data"), reactor, clock=task.Clock())
-    svc = ms.service(stop_timeout=1.0)
+    svc = GitService(ms, stop_timeout=1.0)
     svc.startService()
     try:
         fetch = ms.refresh(ms.lookup("slow"))
@@ -151,7 +152,7 @@ async def test_loop_maintenance_and_status_stat_mirrors_off_the_reactor(tmp_path
 
         monkeypatch.setattr(mirrors_mod, "is_repo", spy)
         monkeypatch.setattr(repo_ops, "is_repo", spy)
-        svc = ms.service()
+        svc = GitService(ms)
         await svc.loop.tick()
         await svc.maintenance.tick()
         status = await ms.status()

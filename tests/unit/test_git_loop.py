@@ -12,9 +12,9 @@ import pytest_twisted
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, succeed
 
-from sparkcache.config import load_config_data
+from sparkcache.protocols import load_config_data
 from sparkcache.git.interfaces import Mirror
-from sparkcache.git.loop import FetchLoop, GitService, Maintenance, _Timer
+from sparkcache.git.loop import FetchLoop, GitService, Maintenance
 from sparkcache.git.mirrors import Mirrors
 from tests.unit.test_git_mirrors import Upstream
 
@@ -84,30 +84,6 @@ def test_jitter_spreads_starts_on_the_clock() -> None:
     assert fm.calls == []
     clock.advance(10.0)
     assert sorted(fm.calls) == ["a", "b", "c"]
-
-
-def test_timer_survives_errors_and_skips_overlapping_ticks() -> None:
-    clock = task.Clock()
-    runs: list[Deferred[None]] = []
-
-    async def body() -> None:
-        d: Deferred[None] = Deferred()
-        runs.append(d)
-        await d
-
-    t = _Timer("t", 30.0, body, clock)
-    t.startService()
-    assert len(runs) == 1  # runs at start
-    clock.advance(30)
-    assert len(runs) == 1  # still running: the tick is skipped
-    runs[0].errback(RuntimeError("boom"))
-    clock.advance(30)
-    assert len(runs) == 2  # the error did not stop the timer
-    runs[1].callback(None)
-    clock.advance(30)
-    assert len(runs) == 3
-    runs[2].callback(None)
-    t.stopService()
 
 
 @pytest_twisted.ensureDeferred

@@ -14,7 +14,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 
-from sparkcache.config import load_config_data
+from sparkcache.protocols import load_config_data
 from sparkcache.git import mirrors as mirrors_mod
 from sparkcache.git.interfaces import IMirrors, MirrorUnavailable
 from sparkcache.git.mirrors import Mirrors

@@ -34,7 +34,8 @@ from sparkcache.git import jobs, reads
 from sparkcache.git.interfaces import IMirrors, Mirror, UnknownRepo
 from sparkcache.git.uploads import Limits
 from sparkcache.metrics import Metrics
-from sparkcache.protocols import codesync
+from sparkcache.protocols.git import READ_SEGMENTS, codesync
+from sparkcache.web.root import Remount
 from sparkcache.store import Store
 from tests.support.git_upstream import git, git_env
 from tests.support.tools import require_tool
@@ -101,8 +102,8 @@ class Server:
         self.pool = ThreadPool(minthreads=0, maxthreads=2, name="test-upload")
         self.app = codesync.CodeSyncApp(self.ctx, reactor, self.pool, limits)
         root = Resource()
-        res = codesync._Remount(self.app.resource())
-        for seg in codesync.SEGMENTS:
+        res = Remount(self.app.resource())
+        for seg in READ_SEGMENTS:
             root.putChild(seg, res)
         self.site = Site(root)
         self.http = HTTPConnectionPool(reactor, persistent=False)

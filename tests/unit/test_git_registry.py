@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from sparkcache.config import load_config_data
+from sparkcache.protocols import load_config_data
 from sparkcache.git.interfaces import UnknownRepo
 from sparkcache.git.registry import RegistrationError, Registry, name_from_url, url_key
 

@@ -22,11 +22,12 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
 from sparkcache.auth import Authorizer
-from sparkcache.config import RemoteConfig, load_config_data
+from sparkcache.config import RemoteConfig
+from sparkcache.protocols import load_config_data
 from sparkcache.context import Context
 from sparkcache.metrics import Metrics
-from sparkcache.oci.errors import oci_errors
-from sparkcache.oci.local import LocalRegistry
+from sparkcache.protocols.oci.errors import oci_errors
+from sparkcache.protocols.oci.local import LocalRegistry
 from sparkcache.store import Store
 
 WRITE = "wr-5e1d0c9a"
@@ -388,7 +389,7 @@ async def test_head_and_accept_never_promise_what_get_would_not_give(env):
 async def test_manifest_json_is_parsed_off_the_reactor_thread(env, monkeypatch):
     import threading
 
-    import sparkcache.oci.local as local_mod
+    import sparkcache.protocols.oci.local as local_mod
 
     c, _, _, _ = env
     config = b'{"os":"linux"}'

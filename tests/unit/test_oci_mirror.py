@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from sparkcache.oci.config import OCIOptions
-from sparkcache.oci.mirror import _filtered_catalog, _next_link
+from sparkcache.protocols.oci.config import OCIOptions
+from sparkcache.protocols.oci.mirror import _filtered_catalog, _next_link
 
 
 def _request(path: bytes, ns: bytes | None = None) -> SimpleNamespace:

@@ -17,12 +17,13 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 
-from sparkcache.config import ConfigError, RemoteConfig, load_config_data
-from sparkcache.oci.config import OCIOptions, options_of
-from sparkcache.oci.errors import OCIError
-from sparkcache.oci.mirror import accepted_types
-from sparkcache.oci.names import check_reference, sha256_hex, split_path, upstream_name, validate_name
-from sparkcache.oci.tokens import TokenAuth, TokenError, parse_challenge
+from sparkcache.config import ConfigError, RemoteConfig
+from sparkcache.protocols import load_config_data
+from sparkcache.protocols.oci.config import OCIOptions, options_of
+from sparkcache.protocols.oci.errors import OCIError
+from sparkcache.protocols.oci.mirror import accepted_types
+from sparkcache.protocols.oci.names import check_reference, sha256_hex, split_path, upstream_name, validate_name
+from sparkcache.protocols.oci.tokens import TokenAuth, TokenError, parse_challenge
 
 HEX = "a" * 64
 

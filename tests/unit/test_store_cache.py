@@ -235,24 +235,6 @@ async def test_startup_reconcile(tmp_path):
         await again.stop()
 
 
-def test_periodic_survives_errors():
-    from sparkcache.service import _Periodic
-
-    clock = task.Clock()
-    calls = []
-
-    async def boom():
-        calls.append(1)
-        raise RuntimeError("kaboom")
-
-    p = _Periodic("t", 10, boom, clock)
-    p.startService()
-    clock.advance(10)
-    clock.advance(10)
-    p.stopService()
-    assert len(calls) == 3
-
-
 @pytest_twisted.ensureDeferred
 async def test_expiry_drops_negative_entries_and_long_stale_bodies(env):
     cache, store, clock, remote, up = env

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 
-from sparkcache.oci.errors import OCIError
+from sparkcache.protocols.oci.errors import OCIError
 
 # distribution-spec: [a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(\/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*
 _COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*$")

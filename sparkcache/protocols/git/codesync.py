@@ -24,7 +24,7 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, 
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
-from twisted.web.resource import IResource, Resource
+from twisted.web.resource import IResource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from sparkcache.context import Context
@@ -32,10 +32,9 @@ from sparkcache.fetch.cache import Hit, Live
 from sparkcache.fetch.flight import BodyError, Flight
 from sparkcache.git import reads, uploads
 from sparkcache.git.interfaces import Mirror, MirrorUnavailable, UnknownRepo
-from sparkcache.protocols.git import internal_error
-from sparkcache.git.jobs import BuildFlight, Flights, PoolService, Progress, run_build, shield
+from sparkcache.git.jobs import BuildFlight, Flights, Progress, run_build, shield
 from sparkcache.store import Entry
-from sparkcache.web.errors import HTTPError, json_errors
+from sparkcache.web.errors import HTTPError, internal_error, json_errors
 from sparkcache.web.respond import guess_type, respond
 from sparkcache.web.serve import error_body, header
 
@@ -58,23 +57,6 @@ GIT_REMOTE = "@git"
 UPLOAD_REMOTE = "@upload"
 _UPLOAD_ID = re.compile(r"^[0-9a-f]{40}$")
 _COMMIT = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
-SEGMENTS = (b"archive", b"file", b"tree-hash", b"branch-contains", b"upload", b"uploads", b"sync")
-
-
-class _Remount(Resource):
-    """Hand the Klein app the whole path (``/archive``, ``/sync/seed``...), so one
-    app can serve several top-level segments."""
-
-    isLeaf = True
-
-    def __init__(self, inner: IResource) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def render(self, request: Any) -> Any:
-        request.postpath = request.prepath[-1:] + request.postpath
-        request.prepath = request.prepath[:-1]
-        return self.inner.render(request)
 
 
 def _json(request: Any, obj: Any, status: int = 200) -> bytes:
@@ -547,13 +529,3 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def install(svc: Any) -> None:
-    """Mount the read and code-sync endpoints; their upload pool starts with the tree."""
-    pool = PoolService("sparkcache-upload", 2, svc.reactor, svc.config.server.shutdown_timeout)
-    app = CodeSyncApp(svc.ctx, svc.reactor, pool.pool)
-    resource = _Remount(app.resource())
-    for segment in SEGMENTS:
-        svc.root.mount(segment, resource)
-    svc.extra_services.append(pool)

@@ -53,7 +53,7 @@ def oci_error_body(request: Any, status: int, code: str, message: str, detail: A
     return b"" if request.method == b"HEAD" else body
 
 
-# Fallback for an AuthError that did not go through sparkcache.oci.setup.authorize
+# Fallback for an AuthError that did not go through sparkcache.protocols.oci.setup.authorize
 # (which challenges with the /setup/token realm): registry clients answer a
 # Basic challenge with their credentials, which auth.py accepts (token as
 # password), whereas Bearer realm="sparkcache" is no URL they could follow.

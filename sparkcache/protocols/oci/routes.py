@@ -12,9 +12,9 @@ One endpoint, several ways to name the remote (first match wins):
 3. Otherwise the remote serving ``docker.io``, if any (dockerd's
    ``registry-mirrors`` sends no ``ns`` and only mirrors Docker Hub).
 
-``type: oci`` remotes are answered by :class:`sparkcache.oci.mirror.Mirror`;
+``type: oci`` remotes are answered by :class:`sparkcache.protocols.oci.mirror.Mirror`;
 everything under a ``type: oci-local`` repository is delegated to
-:class:`sparkcache.oci.local.LocalRegistry` (which checks its own scopes).
+:class:`sparkcache.protocols.oci.local.LocalRegistry` (which checks its own scopes).
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ from klein import Klein
 from twisted.web.resource import IResource
 
 from sparkcache.config import RemoteConfig
+from sparkcache.protocols.oci.config import OCI_TYPES
 from sparkcache.context import Context
-from sparkcache.oci import setup as oci_setup
-from sparkcache.oci.config import options_of
-from sparkcache.oci.errors import OCIError, oci_errors
-from sparkcache.oci.mirror import Mirror
-from sparkcache.oci.names import split_path, validate_name
+from sparkcache.protocols.oci import setup as oci_setup
+from sparkcache.protocols.oci.config import options_of
+from sparkcache.protocols.oci.errors import OCIError, oci_errors
+from sparkcache.protocols.oci.mirror import Mirror
+from sparkcache.protocols.oci.names import split_path, validate_name
 from sparkcache.web.paths import split_raw_path
 
-OCI_TYPES = ("oci", "oci-local")
 ALL_METHODS = ["GET", "HEAD", "PUT", "POST", "PATCH", "DELETE", "OPTIONS"]
 
 
@@ -60,7 +60,7 @@ class OCIApp:
     @property
     def local(self) -> Any:
         if self._local is None:
-            from sparkcache.oci.local import LocalRegistry
+            from sparkcache.protocols.oci.local import LocalRegistry
 
             self._local = LocalRegistry(self.ctx)
         return self._local
@@ -143,10 +143,3 @@ class OCIApp:
         request.setHeader(b"Content-Type", b"application/json")
         request.setHeader(b"Content-Length", b"3")
         return b"" if request.method == b"HEAD" else b"{}\n"
-
-
-def install(svc: Any) -> None:
-    """Mount ``/v2/`` when any oci or oci-local remote is configured."""
-    if not any(r.type in OCI_TYPES for r in svc.ctx.config.remotes.values()):
-        return
-    svc.root.mount(b"v2", OCIApp(svc.ctx).resource())

@@ -34,10 +34,10 @@ from twisted.internet.threads import deferToThreadPool
 
 from sparkcache.config import RemoteConfig
 from sparkcache.context import Context
-from sparkcache.oci.errors import OCIError, as_oci
-from sparkcache.oci.manifests import parse_manifest
-from sparkcache.oci.mirror import accepted_types
-from sparkcache.oci.setup import authorize
+from sparkcache.protocols.oci.errors import OCIError, as_oci
+from sparkcache.protocols.oci.manifests import parse_manifest
+from sparkcache.protocols.oci.mirror import accepted_types
+from sparkcache.protocols.oci.setup import authorize
 from sparkcache.store import Entry, SpoolFile
 from sparkcache.web.respond import serve_hit
 from sparkcache.web.serve import header

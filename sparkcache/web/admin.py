@@ -9,7 +9,6 @@ from klein import Klein
 from twisted.web.resource import IResource
 
 import sparkcache
-from sparkcache.config import OCI_TYPES
 from sparkcache.context import Context
 from sparkcache.web.errors import HTTPError, json_errors
 
@@ -32,7 +31,7 @@ class AdminApp:
             "version": sparkcache.__version__,
             "remotes": [
                 {"name": r.name, "type": r.type, "upstream": r.upstream,
-                 "url": f"/v2/{r.name}/" if r.type in OCI_TYPES else f"/api/{r.name}/"}
+                 "url": self.ctx.remote_url(r.name)}
                 for r in self.ctx.config.remotes.values()
             ],
         })

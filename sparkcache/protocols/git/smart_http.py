@@ -28,7 +28,7 @@ from sparkcache.git.interfaces import Mirror, MirrorUnavailable, UnknownRepo
 from sparkcache.git.packcache import PackCache
 from sparkcache.git.pktline import FLUSH, PktError, UploadRequest, parse_request, pkt_line
 from sparkcache.git.uploadpack import spawn_upload_pack
-from sparkcache.web.errors import HTTPError, json_errors
+from sparkcache.web.errors import HTTPError, internal_error, json_errors
 from sparkcache.web.paths import split_raw_path
 from sparkcache.web.serve import error_body, header
 
@@ -447,24 +447,6 @@ class GitApp:
         return _json(request, {"name": mirror.name, "url": mirror.url, "refs": refs})
 
 
-def internal_error(request: Any, failure: Failure) -> bytes:
-    """An unexpected exception: logged, and answered with a JSON 500 (Klein's default
-    is twisted.web's HTML page). A response already under way is cut off instead,
-    so the client sees a broken transfer rather than JSON spliced into it."""
-    from werkzeug.exceptions import HTTPException
-
-    e: Any = failure.value
-    if isinstance(e, HTTPException):
-        return error_body(request, e.code or 500, e.description or e.name)
-    log.failure("{method} {uri} failed", failure, method=request.method, uri=request.uri)
-    if getattr(request, "startedWriting", False):
-        transport = getattr(getattr(request, "channel", None), "transport", None)
-        if transport is not None:
-            transport.abortConnection()
-        return b""
-    return error_body(request, 500, f"internal error ({type(e).__name__}); see the cache's log")
-
-
 def _last_line(stderr: bytearray) -> str:
     text = bytes(stderr).decode("utf-8", "replace")
     lines = [ln for ln in text.splitlines() if ln.strip()]
@@ -501,28 +483,3 @@ def _json(request: Any, obj: Any) -> bytes:
     request.setHeader(b"Content-Type", b"application/json")
     request.setHeader(b"Cache-Control", b"no-store")
     return json.dumps(obj, default=str).encode() + b"\n"
-
-
-def _build_mirrors(svc: Any) -> tuple[Any, list[Any]]:
-    from sparkcache.git.config import GitConfig
-    from sparkcache.git.mirrors import Mirrors
-
-    config = svc.config
-    git_cfg = config.git if config.git is not None else GitConfig()
-    mirrors = Mirrors(git_cfg, config.storage.data_dir, svc.reactor, clock=svc.clock, metrics=svc.metrics)
-    return mirrors, [mirrors.service(config.server.shutdown_timeout)]
-
-
-def install(svc: Any) -> None:
-    """Build the mirrors (ctx.git), the pack cache and the app; mount /git and /repos."""
-    mirrors, services = _build_mirrors(svc)
-    svc.ctx.git = mirrors
-    svc.extra_services.extend(services)
-    packcache = PackCache(svc.ctx, svc.reactor)
-    # Graceful stop waits for pack computations too: their clients may all
-    # have left, but a complete pack is worth keeping.
-    svc.drains.append(packcache.running)
-    app = GitApp(svc.ctx, svc.reactor, packcache)
-    resource = app.resource()
-    svc.root.mount(b"git", resource)
-    svc.root.mount(b"repos", resource)

@@ -15,20 +15,25 @@ import time
 from typing import Any
 
 from klein import Klein
-from twisted.web.resource import IResource
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import NOT_DONE_YET
 
 from sparkcache.auth import AuthError
-from sparkcache.config import OCI_TYPES, RemoteConfig
+from sparkcache.config import RemoteConfig
 from sparkcache.context import Context
 from sparkcache.fetch import CacheRequest, Failed, Hit, Live, Result
 from sparkcache.fetch.flight import BodyError
+from sparkcache.protocols.generic import TYPE_NAMES
 from sparkcache.store import Entry
 from sparkcache.web.errors import HTTPError, json_errors
 from sparkcache.web.paths import BadPath, quote_segments, split_raw_path
-from sparkcache.web.respond import guess_type, respond
+from sparkcache.web.respond import guess_type, respond, serve_hit
 from sparkcache.web.serve import error_body, header
 from sparkcache.web.urls import public_base
 
+log = Logger()
 MAX_PREFETCH = 1000
 # Metadata rewritten per response is read whole; larger bodies are served as stored.
 MAX_REWRITE = 64 << 20
@@ -54,6 +59,36 @@ def classify(remote: RemoteConfig, path: str) -> str | None:
     return None
 
 
+class _FastHits(Resource):
+    """``/api/``: a fresh hit already in memory is answered without route matching
+    or coroutines (the hot path of a CI fleet); everything else goes to Klein."""
+
+    isLeaf = True
+
+    def __init__(self, app: "GenericApp", routed: IResource) -> None:
+        super().__init__()
+        self.app, self.routed = app, routed
+
+    def render(self, request: Any) -> Any:
+        ctx = self.app.ctx
+        # Vet the raw path before any router decodes it (a decoded CR/LF
+        # would otherwise become a router's HTML 404, not our JSON 400).
+        try:
+            segments = split_raw_path(request.uri, self.app.max_path)
+        except BadPath as e:
+            return error_body(request, e.status, str(e))
+        hit = self.app.fresh_hit(request, segments)
+        if hit is None:
+            return self.routed.render(request)
+        entry, remote, path = hit
+        out = serve_hit(request, entry, "HIT", ctx.store, ctx.metrics, remote, path, sendfile=ctx.sendfile)
+        if isinstance(out, bytes):
+            return out
+        if isinstance(out, Deferred):
+            out.addErrback(lambda f: log.failure("serving {path} failed", f, path=path))
+        return NOT_DONE_YET
+
+
 class GenericApp:
     app = Klein()
 
@@ -62,7 +97,7 @@ class GenericApp:
         self.max_path = ctx.config.server.max_path_length
 
     def resource(self) -> IResource:
-        return self.app.resource()
+        return _FastHits(self, self.app.resource())
 
     json_errors(app)
 
@@ -78,7 +113,7 @@ class GenericApp:
         if request.method not in (b"GET", b"HEAD") or len(segments) < 3:
             return None
         remote = self.ctx.config.remotes.get(segments[1])
-        if remote is None or remote.type == "local" or remote.type in OCI_TYPES:
+        if remote is None or remote.type == "local" or remote.type not in TYPE_NAMES:
             return None
         rest = [s for s in segments[2:] if s != ""]
         if not rest:
@@ -111,8 +146,9 @@ class GenericApp:
         remote = self.ctx.config.remotes.get(segments[1])
         if remote is None:
             raise HTTPError(404, f"unknown remote {segments[1]!r}")
-        if remote.type in OCI_TYPES:
-            raise HTTPError(404, f"remote {remote.name!r} is an OCI registry; use /v2/{remote.name}/<repository>/...")
+        if remote.type not in TYPE_NAMES:
+            raise HTTPError(404, f"remote {remote.name!r} is a type: {remote.type} remote, served at "
+                                 f"{self.ctx.remote_url(remote.name)}")
         rest = [s for s in segments[2:] if s != ""]
         path = "/".join(rest)
         method = request.method

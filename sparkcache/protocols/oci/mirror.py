@@ -32,10 +32,10 @@ from sparkcache.context import Context
 from sparkcache.fetch import CacheRequest, Failed, Hit, Live, Result
 from sparkcache.fetch.flight import BodyError
 from sparkcache.fetch.upstream import UpstreamError, discard_body
-from sparkcache.oci.config import OCIOptions, options_of
-from sparkcache.oci.errors import OCIError, as_oci
-from sparkcache.oci.names import check_reference, sha256_hex, upstream_name
-from sparkcache.oci.tokens import TokenAuth, TokenError, share
+from sparkcache.protocols.oci.config import OCIOptions, options_of
+from sparkcache.protocols.oci.errors import OCIError, as_oci
+from sparkcache.protocols.oci.names import check_reference, sha256_hex, upstream_name
+from sparkcache.protocols.oci.tokens import TokenAuth, TokenError, share
 from sparkcache.store import Entry
 from sparkcache.web.respond import SMALL_BODY, respond
 

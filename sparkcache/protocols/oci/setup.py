@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
 from sparkcache.auth import AuthError
 from sparkcache.config import RemoteConfig
 from sparkcache.context import Context
-from sparkcache.oci.errors import OCIError
+from sparkcache.protocols.oci.errors import OCIError
 from sparkcache.web.errors import HTTPError
 from sparkcache.web.urls import public_base
 
@@ -127,6 +127,16 @@ def snippet(ctx: Context, request: Any, kind: str, registry: str | None) -> tupl
             raise HTTPError(409, f"dockerd accepts a mirror only at the root of a host; the public URL {base} has a path")
         return "application/json", docker_daemon_json(base), "/etc/docker/daemon.json"
     raise HTTPError(404, f"unknown setup kind {kind!r}; one of {', '.join(KINDS)}")
+
+
+def snippet_handler(ctx: Context, kind: str) -> Callable[[Any], bytes]:
+    """The ``/setup/<kind>`` handler of one snippet kind (``?registry=<host>`` picks a registry)."""
+    from sparkcache.web.setup import query_arg, render_snippet
+
+    def handle(request: Any) -> bytes:
+        return render_snippet(request, *snippet(ctx, request, kind, query_arg(request, "registry")))
+
+    return handle
 
 
 # -- registry login ---------------------------------------------------------------------------

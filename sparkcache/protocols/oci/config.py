@@ -16,14 +16,14 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from sparkcache.config import parse_duration
+from sparkcache.config import Loader, Section, parse_duration
 
 DEFAULT_TAG_TTL = 300.0
 # A registry host as containerd puts it in ?ns=: lower-case DNS name or IP, optional port.
 _HOST = re.compile(r"^(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*(?::[0-9]{1,5})?$")
-# Attribute on the config loader that remembers which remote claimed a host,
-# so a second claim is reported against the second remote's key.
-_CLAIMS = "_oci_registry_claims"
+# Key in the loader's scratch space that remembers which remote claimed a
+# host, so a second claim is reported against the second remote's key.
+_CLAIMS = "oci.registry_claims"
 
 
 @dataclass(frozen=True)
@@ -48,16 +48,15 @@ class OCIOptions:
         }
 
 
-def parse_oci_options(loader: Any, sec: Any, rtype: str) -> OCIOptions:
-    """Read the OCI-only keys of a remote section (``sec`` is a config._Section).
+def parse_oci_options(loader: Loader, sec: Section, rtype: str) -> OCIOptions:
+    """Read the OCI-only keys of a remote section (``sec`` is a config.Section).
 
     Raise ``loader.error(sec.key(name), problem)`` for bad values; every key
     read goes through ``sec`` so that unknown keys are still rejected.
     """
     registries: list[str] = []
     if rtype == "oci":
-        claims: dict[str, str] = getattr(loader, _CLAIMS, None) or {}
-        setattr(loader, _CLAIMS, claims)
+        claims: dict[str, str] = loader.scratch.setdefault(_CLAIMS, {})
         for i, host in enumerate(sec.str_list("registries")):
             path = f"{sec.key('registries')}[{i}]"
             h = host.strip().lower()
@@ -81,3 +80,6 @@ def options_of(remote: Any) -> OCIOptions:
     """A remote's OCIOptions (defaults when the remote was built without them, as in unit tests)."""
     opts = getattr(remote, "options", None)
     return opts if isinstance(opts, OCIOptions) else OCIOptions()
+
+
+OCI_TYPES = ("oci", "oci-local")

@@ -1,1 +1,0 @@
-"""OCI Distribution: pull-through mirrors (type oci) and local push repositories (type oci-local)."""

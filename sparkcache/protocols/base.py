@@ -1,0 +1,81 @@
+"""What a protocol package exports: one :class:`ProtocolSpec`.
+
+The daemon knows protocols only through these descriptors (listed in
+:mod:`sparkcache.protocols`): the config loader asks them for remote types
+and sections, the service tree for resources, services and drains, the root
+resource for the path segments to mount, ``/setup`` for snippets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping, Sequence, Union
+
+from twisted.application.service import IService
+from twisted.internet.defer import Deferred
+from twisted.web.resource import IResource
+
+from sparkcache.config import Loader, Section
+
+if TYPE_CHECKING:
+    from sparkcache.context import Context
+
+# A setup endpoint answers ``/setup/<kind>`` itself: bytes, or a Deferred/coroutine of bytes.
+SetupHandler = Callable[[Any], Union[bytes, Awaitable[bytes], Deferred[bytes]]]
+
+
+@dataclass(frozen=True)
+class RemoteKind:
+    """A remote ``type`` a protocol owns (satisfies :class:`sparkcache.config.RemoteType`)."""
+
+    name: str
+    # Default mutable_patterns: paths that change in place upstream.
+    mutable_patterns: tuple[str, ...] = ()
+    # False for content that lives only here (uploads, pushes): no upstream URL.
+    needs_upstream: bool = True
+    # Entries of remotes of this type exist nowhere else: never evicted or purged as cache.
+    pinned: bool = False
+    # Reads the type's own keys of a remote section; None when it has none.
+    options: Callable[[Loader, Section, str], Any] | None = None
+    # Where a remote of this type is served, for ``GET /`` (``{name}`` is the remote).
+    url: str = "/api/{name}/"
+
+    def parse_options(self, loader: Loader, sec: Section) -> Any:
+        return self.options(loader, sec, self.name) if self.options is not None else None
+
+
+@dataclass(frozen=True)
+class SetupEndpoint:
+    """``/setup/<kind>``: a configuration snippet or a login endpoint."""
+
+    handler: SetupHandler
+    methods: tuple[str, ...] = ("GET", "HEAD")
+    # The scope a caller needs, or None when the handler checks credentials itself.
+    scope: str | None = "read"
+
+
+@dataclass
+class Built:
+    """What ``ProtocolSpec.build`` returns for one daemon."""
+
+    # Mounted at each of the spec's segments; None mounts nothing (no remote of its types).
+    resource: IResource | None = None
+    # Per-segment resources, for a protocol that serves several apps (git: clones, reads).
+    mounts: Mapping[bytes, IResource] = field(default_factory=dict)
+    # Started once the store is open, stopped before it closes.
+    services: Sequence[IService] = ()
+    # Work a graceful stop waits for: each returns Deferreds that fire when it ends.
+    drains: Sequence[Callable[[], list[Deferred[Any]]]] = ()
+    setup: Mapping[str, SetupEndpoint] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ProtocolSpec:
+    name: str
+    # First path segments this protocol answers (``/v2/...`` → b"v2").
+    segments: tuple[bytes, ...]
+    build: Callable[["Context"], Built]
+    remote_types: tuple[RemoteKind, ...] = ()
+    # A top-level config section of its own (``git:``), parsed by ``parse_section``.
+    section: str | None = None
+    parse_section: Callable[[Loader, Section], Any] | None = None

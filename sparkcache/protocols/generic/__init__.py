@@ -1,0 +1,41 @@
+"""Generic remotes (``/api/<remote>/<path>``): release files, Debian, RPM and
+Alpine repositories, Helm charts, and ``type: local`` uploads.
+
+Each repository layout is a remote type whose default ``mutable_patterns``
+name the metadata that changes in place upstream; everything else in those
+layouts is versioned or content-addressed, and so immutable.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sparkcache.protocols.base import Built, ProtocolSpec, RemoteKind
+
+if TYPE_CHECKING:
+    from sparkcache.context import Context
+
+REMOTE_TYPES = (
+    RemoteKind("generic"),
+    RemoteKind("local", needs_upstream=False, pinned=True),
+    RemoteKind("alpine", mutable_patterns=(r"APKINDEX\.tar\.gz$",)),
+    RemoteKind("rpm", mutable_patterns=(
+        r"repodata/repomd\.xml(\.asc|\.key)?$",
+        r"repodata/(?![0-9a-f]{32,128}-)[^/]*(primary|filelists|other|comps|updateinfo|modules)[^/]*$",
+    )),
+    RemoteKind("deb", mutable_patterns=(
+        r"(^|/)dists/(?!.*/by-hash/)[^?]*(InRelease|Release|Release\.gpg|Packages[^/]*|Sources[^/]*"
+        r"|Translation-[^/]*|Contents-[^/]*|Components-[^/]*|icons-[^/]*)$",
+    )),
+    RemoteKind("helm", mutable_patterns=(r"(^|/)index\.yaml$",)),
+)
+TYPE_NAMES = frozenset(t.name for t in REMOTE_TYPES)
+
+
+def build(ctx: "Context") -> Built:
+    from sparkcache.protocols.generic.app import GenericApp
+
+    return Built(resource=GenericApp(ctx).resource())
+
+
+SPEC = ProtocolSpec(name="generic", segments=(b"api",), build=build, remote_types=REMOTE_TYPES)

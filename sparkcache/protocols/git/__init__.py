@@ -1,0 +1,56 @@
+"""Git: read-only smart HTTP over bare mirrors, the read API and code sync.
+
+``smart_http`` serves ``/git/<name>`` (clones and fetches, via ``git
+upload-pack``) and ``/repos``; ``codesync`` serves ``/archive``, ``/file``,
+``/tree-hash``, ``/branch-contains``, ``/upload(s)`` and ``/sync``. The
+mirrors themselves (pygit2, the fetch loop, the pack cache) are the git
+machinery in :mod:`sparkcache.git`; its ``git:`` section is parsed by
+:func:`sparkcache.git.config.parse_git_section`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sparkcache.git.config import parse_git_section
+from sparkcache.protocols.base import Built, ProtocolSpec
+
+if TYPE_CHECKING:
+    from sparkcache.context import Context
+
+READ_SEGMENTS = (b"archive", b"file", b"tree-hash", b"branch-contains", b"upload", b"uploads", b"sync")
+
+
+def build(ctx: "Context") -> Built:
+    from sparkcache.git.config import GitConfig
+    from sparkcache.git.loop import GitService
+    from sparkcache.git.mirrors import Mirrors
+    from sparkcache.git.packcache import PackCache
+    from sparkcache.pools import PoolService
+    from sparkcache.protocols.git.codesync import CodeSyncApp
+    from sparkcache.protocols.git.smart_http import GitApp
+    from sparkcache.web.root import Remount
+
+    config = ctx.config
+    git_cfg = config.section("git") or GitConfig()
+    mirrors = Mirrors(git_cfg, config.storage.data_dir, ctx.reactor, clock=ctx.clock, metrics=ctx.metrics)
+    ctx.git = mirrors
+    packcache = PackCache(ctx, ctx.reactor)
+    smart_http = GitApp(ctx, ctx.reactor, packcache).resource()
+    upload_pool = PoolService("sparkcache-upload", 2, ctx.reactor, config.server.shutdown_timeout)
+    reads = Remount(CodeSyncApp(ctx, ctx.reactor, upload_pool.pool).resource())
+    return Built(
+        mounts={b"git": smart_http, b"repos": smart_http, **{s: reads for s in READ_SEGMENTS}},
+        services=[GitService(mirrors, config.server.shutdown_timeout), upload_pool],
+        # A complete pack is worth keeping even after its clients left.
+        drains=[packcache.running],
+    )
+
+
+SPEC = ProtocolSpec(
+    name="git",
+    segments=(b"git", b"repos", *READ_SEGMENTS),
+    build=build,
+    section="git",
+    parse_section=parse_git_section,
+)

@@ -1,0 +1,69 @@
+"""``/setup/<kind>``: node configuration snippets and login endpoints.
+
+Each protocol adds its own kinds (``Built.setup``): OCI adds ``containerd``,
+``rke2``, ``docker`` and the registry ``token`` endpoint; the package
+registries add ``pip``, ``npm``, ``go``... A snippet points a client at this
+daemon's public URL; ``render_snippet`` gives every one the same headers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from klein import Klein
+from twisted.web.resource import IResource
+
+from sparkcache.context import Context
+from sparkcache.protocols.base import SetupEndpoint
+from sparkcache.web.errors import HTTPError, json_errors
+
+ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
+
+
+def render_snippet(request: Any, content_type: str, body: str, install_path: str) -> bytes:
+    """A snippet response: the file's text, its type, and where it is installed (``X-Install-Path``)."""
+    data = body.encode()
+    request.setHeader(b"Content-Type", f"{content_type}; charset=utf-8".encode())
+    request.setHeader(b"X-Install-Path", install_path.encode())
+    request.setHeader(b"Content-Length", str(len(data)).encode())
+    return b"" if request.method == b"HEAD" else data
+
+
+def query_arg(request: Any, name: str) -> str | None:
+    raw = (request.args or {}).get(name.encode())
+    return raw[0].decode("utf-8", "replace") if raw else None
+
+
+class SetupApp:
+    app = Klein()
+
+    def __init__(self, ctx: Context, endpoints: Mapping[str, SetupEndpoint]) -> None:
+        self.ctx = ctx
+        self.endpoints = dict(endpoints)
+
+    def resource(self) -> IResource:
+        return self.app.resource()
+
+    json_errors(app)
+
+    @app.route("/<kind>", methods=ALL_METHODS)
+    async def endpoint(self, request: Any, kind: str) -> bytes:
+        ep = self.endpoints.get(kind)
+        if ep is None:
+            raise HTTPError(404, f"unknown setup kind {kind!r}; one of {self._kinds()}")
+        method = request.method.decode("latin-1")
+        if method not in ep.methods:
+            raise HTTPError(405, f"{method} is not allowed on /setup/{kind}", {"Allow": ", ".join(ep.methods)})
+        if ep.scope is not None:
+            self.ctx.auth.require(request, ep.scope)
+        result: Any = ep.handler(request)
+        if not isinstance(result, bytes):
+            result = await result
+        return result
+
+    @app.route("/", methods=ALL_METHODS)
+    def index(self, request: Any) -> bytes:
+        raise HTTPError(404, f"use /setup/<kind> with kind one of {self._kinds()}")
+
+    def _kinds(self) -> str:
+        return ", ".join(k for k in sorted(self.endpoints) if k != "token") or "none (no protocol offers one)"
