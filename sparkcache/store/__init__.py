@@ -115,6 +115,18 @@ class Store:
             self.size += entry.size
         return stored
 
+    def read(self, entry: Entry, limit: int) -> Deferred[bytes]:
+        """The body of ``entry`` read whole in the I/O pool, at most ``limit`` + 1
+        bytes (so a caller can tell "larger than limit"). FileNotFoundError when
+        the body vanished."""
+        path = self.path(entry)
+
+        def read() -> bytes:
+            with open(path, "rb") as f:
+                return f.read(limit + 1)
+
+        return self.in_io(read)
+
     def path(self, entry: Entry) -> str:
         assert entry.digest is not None
         return self.cas.local_path(entry.digest)
