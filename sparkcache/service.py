@@ -91,7 +91,8 @@ class SparkcacheService(MultiService):
         apps[b"setup"] = SetupApp(self.ctx, setup).resource()
         admin = AdminApp(self.ctx).resource()
         self.root = Root(apps, admin)
-        self.site = SparkSite(self.root, access_log=config.server.access_log, max_body_size=config.server.max_body_size)
+        self.site = SparkSite(self.root, access_log=config.server.access_log, max_body_size=config.server.max_body_size,
+                              reactor=reactor)
         self.site.displayTracebacks = False
         st = config.storage
         for name, interval, fn in (

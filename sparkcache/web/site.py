@@ -2,7 +2,8 @@
 
 Requests are counted while in flight (graceful stop waits for them), bodies
 are capped at ``server.max_body_size``, and requests twisted.web refuses before
-routing are answered in JSON rather than with its HTML pages.
+routing, or that fail outside any app's error handlers, are answered in JSON
+rather than with its HTML pages.
 """
 
 from __future__ import annotations
@@ -10,8 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.server import Request, Site
+
+from sparkcache.web.errors import internal_error
+from sparkcache.web.serve import error_body
 
 log = Logger()
 
@@ -61,14 +66,22 @@ class TrackedRequest(Request):
         site.active.add(self)
         self.notifyFinish().addBoth(lambda _: site.active.discard(self))
         if isinstance(self.content, _CappedBody) and self.content.overflow:
-            from sparkcache.web.serve import error_body
-
             self.setHeader(b"Connection", b"close")
             body = error_body(self, 413, f"request body larger than server.max_body_size ({site.max_body_size} bytes)")
             self.write(body)
             self.finish()
             return
         super().process()
+
+    def processingFailed(self, reason: Failure) -> Failure:
+        # An exception outside any app's error handlers (in a resource's
+        # render, or in an app's catch-all itself): the JSON 500 every app
+        # falls back to, where twisted.web would send its HTML page.
+        body = internal_error(self, reason)
+        if not self.finished and not self._disconnected:
+            self.write(body)
+            self.finish()
+        return reason
 
 
 class JsonErrorChannel(HTTPChannel):
