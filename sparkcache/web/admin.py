@@ -10,7 +10,7 @@ from twisted.web.resource import IResource
 
 import sparkcache
 from sparkcache.context import Context
-from sparkcache.web.errors import HTTPError, json_errors
+from sparkcache.web.errors import JSON, HTTPError, add_error_handling, guarded
 
 
 class AdminApp:
@@ -20,9 +20,9 @@ class AdminApp:
         self.ctx = ctx
 
     def resource(self) -> IResource:
-        return self.app.resource()
+        return guarded(self.app, JSON, self.ctx.config.server.max_path_length)
 
-    json_errors(app)
+    add_error_handling(app, JSON)
 
     @app.route("/", methods=["GET", "HEAD"])
     def index(self, request: Any) -> bytes:

@@ -8,6 +8,7 @@ path: dot segments, encoded separators, backslashes, NUL and control bytes.
 from __future__ import annotations
 
 import re
+from typing import Any
 from urllib.parse import quote, unquote_to_bytes
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -50,6 +51,21 @@ def split_raw_path(raw: bytes, max_length: int = 4096) -> list[str]:
     if trailing:
         out.append("")
     return out
+
+
+def vet_request(request: Any, max_length: int = 4096) -> list[str]:
+    """The vetted segments of a request's raw path (:func:`split_raw_path`).
+
+    Raises BadPath too for a Host header that is not UTF-8: routers decode it
+    (werkzeug binds the URL map to it) and fail as they would on the path.
+    """
+    host = request.getHeader(b"host")
+    if isinstance(host, bytes):
+        try:
+            host.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadPath("the Host header is not valid UTF-8") from None
+    return split_raw_path(request.uri, max_length)
 
 
 def quote_segments(segments: list[str]) -> str:

@@ -15,7 +15,7 @@ from twisted.web.resource import IResource
 
 from sparkcache.context import Context
 from sparkcache.protocols.base import SetupEndpoint
-from sparkcache.web.errors import HTTPError, json_errors
+from sparkcache.web.errors import JSON, HTTPError, add_error_handling, guarded
 
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
 
@@ -42,9 +42,9 @@ class SetupApp:
         self.endpoints = dict(endpoints)
 
     def resource(self) -> IResource:
-        return self.app.resource()
+        return guarded(self.app, JSON, self.ctx.config.server.max_path_length)
 
-    json_errors(app)
+    add_error_handling(app, JSON)
 
     @app.route("/<kind>", methods=ALL_METHODS)
     async def endpoint(self, request: Any, kind: str) -> bytes:

@@ -34,6 +34,7 @@ from sparkcache.git import jobs, reads
 from sparkcache.git.interfaces import IMirrors, Mirror, UnknownRepo
 from sparkcache.git.uploads import Limits
 from sparkcache.metrics import Metrics
+from sparkcache.protocols import load_config_data
 from sparkcache.protocols.git import READ_SEGMENTS, codesync
 from sparkcache.web.root import Remount
 from sparkcache.store import Store
@@ -98,7 +99,7 @@ class Server:
         self.store = Store(str(tmp / "data"), reactor, max_size=1 << 30)
         auth = Authorizer(AuthConfig(anonymous_read=True,
                                      tokens=(TokenConfig("ci", TOKEN, frozenset({"read", "write"})),)))
-        self.ctx = Context(None, self.store, None, None, Metrics(), auth, reactor, None, self.mirrors)  # type: ignore[arg-type]
+        self.ctx = Context(load_config_data({}, environ={}), self.store, None, None, Metrics(), auth, reactor, None, self.mirrors)  # type: ignore[arg-type]
         self.pool = ThreadPool(minthreads=0, maxthreads=2, name="test-upload")
         self.app = codesync.CodeSyncApp(self.ctx, reactor, self.pool, limits)
         root = Resource()
@@ -349,8 +350,9 @@ async def test_upload_round_trip_and_dedupe(server: Server, repo: dict[str, str]
     assert code == 200 and json.loads(body)["id"] == doc["id"] and json.loads(body)["created"] is False
     code, _, _ = await server.req("GET", f"/uploads/{'0' * 40}")
     assert code == 404
-    code, _, _ = await server.req("GET", "/uploads/..%2fetc")
-    assert code == 404
+    # An encoded separator is refused before routing, as on every path.
+    code, _, body = await server.req("GET", "/uploads/..%2fetc")
+    assert code == 400 and "separators" in json.loads(body)["error"]
     code, _, body = await server.req("POST", "/upload", b"garbage" * 1000, **AUTH)
     assert code == 400 and "tar" in json.loads(body)["error"]
     # Parameters come from the URL, never from a form-encoded body.

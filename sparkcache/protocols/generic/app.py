@@ -27,8 +27,8 @@ from sparkcache.fetch import CacheRequest, Failed, Hit, Live, Result
 from sparkcache.fetch.flight import BodyError
 from sparkcache.protocols.generic import TYPE_NAMES
 from sparkcache.store import Entry
-from sparkcache.web.errors import HTTPError, json_errors
-from sparkcache.web.paths import BadPath, quote_segments, split_raw_path
+from sparkcache.web.errors import JSON, HTTPError, add_error_handling, refuse_path
+from sparkcache.web.paths import BadPath, quote_segments, split_raw_path, vet_request
 from sparkcache.web.respond import guess_type, respond, serve_hit
 from sparkcache.web.serve import error_body, header
 from sparkcache.web.urls import public_base
@@ -74,9 +74,9 @@ class _FastHits(Resource):
         # Vet the raw path before any router decodes it (a decoded CR/LF
         # would otherwise become a router's HTML 404, not our JSON 400).
         try:
-            segments = split_raw_path(request.uri, self.app.max_path)
+            segments = vet_request(request, self.app.max_path)
         except BadPath as e:
-            return error_body(request, e.status, str(e))
+            return refuse_path(request, e, JSON)
         hit = self.app.fresh_hit(request, segments)
         if hit is None:
             return self.routed.render(request)
@@ -99,7 +99,7 @@ class GenericApp:
     def resource(self) -> IResource:
         return _FastHits(self, self.app.resource())
 
-    json_errors(app)
+    add_error_handling(app, JSON)
 
     # -- the hit path -----------------------------------------------------------------
 

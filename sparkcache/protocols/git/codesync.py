@@ -25,7 +25,6 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from twisted.web.resource import IResource
-from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from sparkcache.context import Context
 from sparkcache.fetch.cache import Hit, Live
@@ -33,10 +32,11 @@ from sparkcache.fetch.flight import BodyError, Flight
 from sparkcache.git import reads, uploads
 from sparkcache.git.interfaces import Mirror, MirrorUnavailable, UnknownRepo
 from sparkcache.git.jobs import BuildFlight, Flights, Progress, run_build, shield
+from sparkcache.protocols.git.errors import READ_API
 from sparkcache.store import Entry
-from sparkcache.web.errors import HTTPError, internal_error, json_errors
+from sparkcache.web.errors import HTTPError, add_error_handling, guarded
 from sparkcache.web.respond import guess_type, respond
-from sparkcache.web.serve import error_body, header
+from sparkcache.web.serve import header
 
 T = TypeVar("T")
 log = Logger()
@@ -136,35 +136,9 @@ class CodeSyncApp:
         self._missed: dict[tuple[str, str], float] = {}
 
     def resource(self) -> IResource:
-        return self.app.resource()
+        return guarded(self.app, READ_API, self.ctx.config.server.max_path_length)
 
-    json_errors(app)
-
-    @app.handle_errors(reads.ReadError, uploads.UploadError)
-    def _read_error(self, request: Any, failure: Any) -> bytes:
-        return error_body(request, failure.value.status, failure.value.message)
-
-    @app.handle_errors(UnknownRepo)
-    def _unknown_repo(self, request: Any, failure: Any) -> bytes:
-        return error_body(request, 404, f"unknown repository: {failure.getErrorMessage()}")
-
-    @app.handle_errors(MirrorUnavailable)
-    def _unavailable(self, request: Any, failure: Any) -> bytes:
-        return error_body(request, 503, f"mirror unavailable: {failure.getErrorMessage()}")
-
-    @app.handle_errors(NotFound)
-    def _no_route(self, request: Any, failure: Any) -> bytes:
-        return error_body(request, 404, "no such endpoint; see docs/git-read-api.rst")
-
-    @app.handle_errors(MethodNotAllowed)
-    def _bad_method(self, request: Any, failure: Any) -> bytes:
-        allowed = ", ".join(failure.value.valid_methods or [])
-        return error_body(request, 405, f"{request.method.decode()} is not allowed here", {"Allow": allowed})
-
-    # Last: the first matching handler wins, so this only sees what nothing above handled.
-    @app.handle_errors(Exception)
-    def _internal(self, request: Any, failure: Any) -> bytes:
-        return internal_error(request, failure)
+    add_error_handling(app, READ_API)
 
     # -- plumbing -------------------------------------------------------------------------
 

@@ -22,26 +22,22 @@ from twisted.python.failure import Failure
 from twisted.web.resource import IResource
 from zope.interface import implementer
 
-from sparkcache.auth import REALM, AuthError
 from sparkcache.context import Context
 from sparkcache.git.interfaces import Mirror, MirrorUnavailable, UnknownRepo
 from sparkcache.git.packcache import PackCache
 from sparkcache.git.pktline import FLUSH, PktError, UploadRequest, parse_request, pkt_line
 from sparkcache.git.uploadpack import spawn_upload_pack
-from sparkcache.web.errors import HTTPError, internal_error, json_errors
+from sparkcache.protocols.git.errors import ADVERTISEMENT, RESULT, SMART_HTTP
+from sparkcache.web.errors import HTTPError, add_error_handling, guarded
 from sparkcache.web.paths import split_raw_path
-from sparkcache.web.serve import error_body, header
+from sparkcache.web.serve import header
 
 log = Logger()
 
-ADVERTISEMENT = b"application/x-git-upload-pack-advertisement"
-RESULT = b"application/x-git-upload-pack-result"
 DEFAULT_MAX_BODY = 64 << 20
 # Seconds during which wants that one upstream fetch did not bring do not start another.
 MISSING_RETRY = 10.0
 _GIT_PROTOCOL = re.compile(r"^[A-Za-z0-9=:._-]{1,256}$")
-# git asks for (and its credential helpers supply) Basic credentials only.
-BASIC_REALM = 'Basic realm="sparkcache"'
 
 
 def git_protocol_of(request: Any) -> str | None:
@@ -174,32 +170,9 @@ class GitApp:
         self._still_missing: dict[str, tuple[float, frozenset[str]]] = {}
 
     def resource(self) -> IResource:
-        return self.app.resource()
+        return guarded(self.app, SMART_HTTP, self.max_path)
 
-    # Registered before json_errors(): the first matching handler wins, and git
-    # needs a Basic challenge to ask its credential helper for a token.
-    @app.handle_errors(AuthError)
-    def _auth_error(self, request: Any, failure: Any) -> bytes:
-        e = failure.value
-        body = error_body(request, e.status, e.message)
-        if e.status == 401:
-            request.responseHeaders.setRawHeaders(b"WWW-Authenticate", [BASIC_REALM.encode(), REALM.encode()])
-        return body
-
-    @app.handle_errors(UnknownRepo)
-    def _unknown(self, request: Any, failure: Any) -> bytes:
-        return error_body(request, 404, str(failure.value) or "unknown repository")
-
-    @app.handle_errors(MirrorUnavailable)
-    def _unavailable(self, request: Any, failure: Any) -> bytes:
-        return error_body(request, 503, f"mirror unavailable: {failure.value}", {"Retry-After": "30"})
-
-    json_errors(app)
-
-    # Last: the first matching handler wins, so this only sees what nothing above handled.
-    @app.handle_errors(Exception)
-    def _internal(self, request: Any, failure: Any) -> bytes:
-        return internal_error(request, failure)
+    add_error_handling(app, SMART_HTTP)
 
     @property
     def git(self) -> Any:

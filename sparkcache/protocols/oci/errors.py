@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sparkcache.web.errors import HTTPError
+from sparkcache.web.errors import ErrorFormat, ErrorReply, HTTPError, add_error_handling, set_headers
+from sparkcache.web.paths import BadPath
 
 # Spec error codes and the HTTP status each usually travels with.
 CODES = {
@@ -78,27 +79,23 @@ def as_oci(request: Any, out: bytes | None) -> bytes | None:
     return oci_error_body(request, code, code_for_status(code), message)
 
 
+def render_oci(request: Any, reply: ErrorReply) -> bytes:
+    body = oci_error_body(request, reply.status, reply.code or code_for_status(reply.status), reply.message,
+                          reply.detail)
+    set_headers(request, reply.headers)
+    return body
+
+
+OCI = ErrorFormat(
+    render_oci,
+    rules=(
+        (OCIError, lambda e, request: ErrorReply(e.status, e.message, e.headers, e.code, e.detail)),
+        (BadPath, lambda e, request: ErrorReply(e.status, str(e), code="NAME_INVALID")),
+    ),
+    challenge=CHALLENGE,
+)
+
+
 def oci_errors(app: Any) -> None:
-    """Render OCIError, HTTPError, AuthError and BadPath raised by ``app``'s handlers in OCI form."""
-    from sparkcache.auth import AuthError
-    from sparkcache.web.paths import BadPath
-
-    @app.handle_errors(OCIError)
-    def _oci(instance: Any, request: Any, failure: Any) -> bytes:
-        e = failure.value
-        return oci_error_body(request, e.status, e.code, e.message, e.detail, e.headers)
-
-    @app.handle_errors(HTTPError)
-    def _http(instance: Any, request: Any, failure: Any) -> bytes:
-        e = failure.value
-        return oci_error_body(request, e.status, code_for_status(e.status), e.message, None, e.headers)
-
-    @app.handle_errors(AuthError)
-    def _auth(instance: Any, request: Any, failure: Any) -> bytes:
-        e = failure.value
-        return oci_error_body(request, e.status, "UNAUTHORIZED" if e.status == 401 else "DENIED", e.message, None,
-                              {"WWW-Authenticate": CHALLENGE} if e.status == 401 else None)
-
-    @app.handle_errors(BadPath)
-    def _bad_path(instance: Any, request: Any, failure: Any) -> bytes:
-        return oci_error_body(request, failure.value.status, "NAME_INVALID", str(failure.value))
+    """Give ``app`` the OCI error handlers (registry clients read nothing else)."""
+    add_error_handling(app, OCI)

@@ -29,9 +29,10 @@ from sparkcache.protocols.oci.config import OCI_TYPES
 from sparkcache.context import Context
 from sparkcache.protocols.oci import setup as oci_setup
 from sparkcache.protocols.oci.config import options_of
-from sparkcache.protocols.oci.errors import OCIError, oci_errors
+from sparkcache.protocols.oci.errors import OCI, OCIError, oci_errors
 from sparkcache.protocols.oci.mirror import Mirror
 from sparkcache.protocols.oci.names import split_path, validate_name
+from sparkcache.web.errors import guarded
 from sparkcache.web.paths import split_raw_path
 
 ALL_METHODS = ["GET", "HEAD", "PUT", "POST", "PATCH", "DELETE", "OPTIONS"]
@@ -53,7 +54,7 @@ class OCIApp:
         self._local: Any = None
 
     def resource(self) -> IResource:
-        return self.app.resource()
+        return guarded(self.app, OCI, self.ctx.config.server.max_path_length)
 
     oci_errors(app)
 
