@@ -23,7 +23,7 @@ from sparkcache.protocols import PROTOCOLS, load_config_data
 from sparkcache.protocols.base import Built, ProtocolSpec, RemoteKind, SetupEndpoint
 from sparkcache.service import SparkcacheService
 from sparkcache.timers import Periodic
-from sparkcache.web.errors import HTTPError, json_errors
+from sparkcache.web.errors import JSON, HTTPError, add_error_handling, guarded
 from sparkcache.web.setup import render_snippet
 
 
@@ -46,14 +46,16 @@ def parse_echo_section(loader: Loader, sec: Section) -> dict[str, Any]:
 
 class EchoApp:
     app = Klein()
-    json_errors(app)
+    # Errors in the protocol's own format, ending in a catch-all (JSON here).
+    add_error_handling(app, JSON)
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.remotes = {n: r for n, r in ctx.config.remotes.items() if r.type == "echo"}
 
     def resource(self) -> Any:
-        return self.app.resource()
+        # Undecodable or hostile paths are refused, in the same format, before Klein routes them.
+        return guarded(self.app, JSON, self.ctx.config.server.max_path_length)
 
     @app.route("/<remote>/<word>", methods=["GET"])
     def echo(self, request: Any, remote: str, word: str) -> bytes:
