@@ -27,6 +27,11 @@ class IContentStore(Interface):
     def local_path(digest: str) -> str:
         """A local file path from which the body can be read and sent."""
 
+    def open(digest: str) -> int:
+        """A file descriptor open for reading the body (the caller closes it);
+        FileNotFoundError when it is absent. Cheap enough to call on the
+        reactor: a tier that must download first does so before, not here."""
+
     def contains(digest: str) -> bool:
         """Whether the body is present."""
 
@@ -60,6 +65,9 @@ class LocalContentStore:
     def local_path(self, digest: str) -> str:
         check_digest(digest)
         return os.path.join(self.base, digest[:2], digest)
+
+    def open(self, digest: str) -> int:
+        return os.open(self.local_path(digest), os.O_RDONLY)
 
     def contains(self, digest: str) -> bool:
         return os.path.exists(self.local_path(digest))
