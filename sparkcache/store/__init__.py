@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import builtins
 import os
-from collections import Counter
 from typing import Any, Callable, TypeVar
 
 from twisted.internet.defer import Deferred
@@ -51,8 +50,8 @@ class Store:
         # not in the default pool, which DNS resolution needs.
         self._own_io_pool = io_pool is None
         self.io_pool = io_pool if io_pool is not None else ThreadPool(minthreads=1, maxthreads=4, name="sparkcache-io")
-        # Bodies being sent right now (open BodyRanges): eviction passes them by.
-        self._sending: Counter[str] = Counter()
+        # Bodies being sent right now (open BodyRanges) → how many: eviction passes them by.
+        self._sending: dict[str, int] = {}
         self._spools: set[SpoolFile] = set()
         self.size = 0
         self.entries = 0
@@ -156,18 +155,19 @@ class Store:
         for reading on the calling thread; the caller closes it. Eviction
         passes the body by while it is open. FileNotFoundError when the body
         vanished (purged, or the disk was tampered with)."""
+        # On the hit path of every request: kept to one open and two dict updates.
         digest = _digest_of(entry)
         fd = self.cas.open(digest)
-        self._sending[digest] += 1
+        sending = self._sending
+        sending[digest] = sending.get(digest, 0) + 1
+        return BodyRange(fd, start, entry.size if end is None else end, digest, self._sent)
 
-        def closed() -> None:
-            n = self._sending[digest] - 1
-            if n > 0:
-                self._sending[digest] = n
-            else:
-                del self._sending[digest]
-
-        return BodyRange(fd, start, entry.size if end is None else end, closed)
+    def _sent(self, digest: str) -> None:
+        n = self._sending[digest] - 1
+        if n > 0:
+            self._sending[digest] = n
+        else:
+            del self._sending[digest]
 
     def exists(self, entry: Entry) -> bool:
         """Whether ``entry``'s body is there: one stat on the calling thread, as

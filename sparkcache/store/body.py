@@ -21,13 +21,15 @@ class BodyRange:
     open stays readable through the descriptor.
     """
 
-    __slots__ = ("start", "end", "_fd", "_on_close")
+    __slots__ = ("start", "end", "_fd", "_digest", "_closed")
 
-    def __init__(self, fd: int, start: int, end: int, on_close: Callable[[], None]) -> None:
+    def __init__(self, fd: int, start: int, end: int, digest: str, closed: Callable[[str], None]) -> None:
+        """``closed(digest)`` is called once, when the range is closed."""
         self.start = start
         self.end = end
         self._fd: int | None = fd
-        self._on_close: Callable[[], None] | None = on_close
+        self._digest = digest
+        self._closed = closed
 
     def __len__(self) -> int:
         return self.end - self.start
@@ -53,12 +55,12 @@ class BodyRange:
     def read_all(self) -> bytes:
         """The whole range in one ``pread``: for small ranges only (a hit that
         fits in a few pages costs less read here than a thread hop)."""
-        return self.read(self.start, self.end - self.start)
+        assert self._fd is not None, "body range closed"
+        n = self.end - self.start
+        return os.pread(self._fd, n, self.start) if n > 0 else b""
 
     def close(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
-        if self._on_close is not None:
-            done, self._on_close = self._on_close, None
-            done()
+            self._closed(self._digest)
