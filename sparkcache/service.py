@@ -66,7 +66,7 @@ class SparkcacheService(MultiService):
         self.store = Store(config.storage.data_dir, reactor, config.storage.max_size, io_pool=io_pool.pool,
                            sqlite_pool=sqlite_pool.pool)
         types = remote_types(protocols)
-        self.store.index.keep_remotes = frozenset(n for n, r in config.remotes.items() if types[r.type].pinned)
+        self.store.index.legacy_pinned_remotes = frozenset(n for n, r in config.remotes.items() if types[r.type].pinned)
         self.upstream = UpstreamClient(reactor)
         self.cache = Cache(self.store, self.upstream, self.clock, self.metrics)
         self.ctx = Context(config, self.store, self.cache, self.upstream, self.metrics, Authorizer(config.auth), self.clock,

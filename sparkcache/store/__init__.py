@@ -3,12 +3,19 @@
 Commit protocol (DESIGN.md invariant 2): a body is spooled, hashed and
 verified, fsynced, renamed into the content store, and only then does its
 index row appear. Removal goes the other way: rows first, then bodies.
+
+This package is the only code that opens store files or runs SQL. Protocols
+write through ``new_spool``/``commit`` and read through ``read`` (a bounded
+body, in the I/O pool), ``open_range`` (what serving sends), ``exists`` (HEAD
+checks), ``list`` and the index's typed queries. An entry committed with
+``pinned`` (an upload, a push: it exists nowhere else) is never evicted,
+expired or removed by a purge of the cache; deleting its key removes it.
 """
 
 from __future__ import annotations
 
+import builtins
 import os
-from collections import Counter
 from typing import Any, Callable, TypeVar
 
 from twisted.internet.defer import Deferred
@@ -16,11 +23,12 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from sparkcache.store.body import BodyRange
 from sparkcache.store.cas import IContentStore, LocalContentStore
 from sparkcache.store.index import Entry, Index
 from sparkcache.store.spool import SpoolFile, clear_spool
 
-__all__ = ["Entry", "Index", "IContentStore", "LocalContentStore", "SpoolFile", "Store"]
+__all__ = ["BodyRange", "Entry", "Index", "IContentStore", "LocalContentStore", "SpoolFile", "Store"]
 
 T = TypeVar("T")
 log = Logger()
@@ -42,7 +50,8 @@ class Store:
         # not in the default pool, which DNS resolution needs.
         self._own_io_pool = io_pool is None
         self.io_pool = io_pool if io_pool is not None else ThreadPool(minthreads=1, maxthreads=4, name="sparkcache-io")
-        self._pins: Counter[str] = Counter()
+        # Bodies being sent right now (open BodyRanges) → how many: eviction passes them by.
+        self._sending: dict[str, int] = {}
         self._spools: set[SpoolFile] = set()
         self.size = 0
         self.entries = 0
@@ -84,8 +93,11 @@ class Store:
 
     # -- bodies ------------------------------------------------------------------
 
-    def new_spool(self) -> SpoolFile:
-        spool = SpoolFile(self.spool_dir)
+    def new_spool(self, prefix: str = "dl-") -> SpoolFile:
+        """A new file in the spool: written, then committed or discarded. Also
+        the place for scratch files that never become entries (discard them);
+        the spool is emptied at start-up."""
+        spool = SpoolFile(self.spool_dir, prefix)
         self._spools.add(spool)
         return spool
 
@@ -119,29 +131,61 @@ class Store:
         """The body of ``entry`` read whole in the I/O pool, at most ``limit`` + 1
         bytes (so a caller can tell "larger than limit"). FileNotFoundError when
         the body vanished."""
-        path = self.path(entry)
+        digest = _digest_of(entry)
 
         def read() -> bytes:
-            with open(path, "rb") as f:
-                return f.read(limit + 1)
+            fd = self.cas.open(digest)
+            try:
+                chunks = []
+                want = limit + 1
+                while want > 0:
+                    chunk = os.read(fd, min(want, 1 << 20))
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    want -= len(chunk)
+                return b"".join(chunks)
+            finally:
+                os.close(fd)
 
         return self.in_io(read)
 
+    def open_range(self, entry: Entry, start: int = 0, end: int | None = None) -> BodyRange:
+        """Bytes [start, end) of ``entry``'s body (end None: to its size), open
+        for reading on the calling thread; the caller closes it. Eviction
+        passes the body by while it is open. FileNotFoundError when the body
+        vanished (purged, or the disk was tampered with)."""
+        # On the hit path of every request: kept to one open and two dict updates.
+        digest = _digest_of(entry)
+        fd = self.cas.open(digest)
+        sending = self._sending
+        sending[digest] = sending.get(digest, 0) + 1
+        return BodyRange(fd, start, entry.size if end is None else end, digest, self._sent)
+
+    def _sent(self, digest: str) -> None:
+        n = self._sending[digest] - 1
+        if n > 0:
+            self._sending[digest] = n
+        else:
+            del self._sending[digest]
+
+    def exists(self, entry: Entry) -> bool:
+        """Whether ``entry``'s body is there: one stat on the calling thread, as
+        cheap as the open a GET does (a HEAD never answers 200 unless a GET would)."""
+        return entry.digest is not None and self.cas.contains(entry.digest)
+
+    def list(self, remote: str, prefix: str = "", limit: int | None = 10_000) -> Deferred[list[Entry]]:
+        """Entries with a body of ``remote`` whose path starts with ``prefix``, by path."""
+        return self.index.list_remote(remote, prefix, limit)
+
     def path(self, entry: Entry) -> str:
-        assert entry.digest is not None
-        return self.cas.local_path(entry.digest)
-
-    def pin(self, digest: str) -> None:
-        self._pins[digest] += 1
-
-    def unpin(self, digest: str) -> None:
-        self._pins[digest] -= 1
-        if self._pins[digest] <= 0:
-            del self._pins[digest]
+        """Where the body lies on disk. Only for code not yet reading through
+        ``read``/``open_range`` (Helm index rewriting); new code must not."""
+        return self.cas.local_path(_digest_of(entry))
 
     # -- removal -------------------------------------------------------------------
 
-    async def _drop(self, result: tuple[int, list[str]]) -> int:
+    async def _drop(self, result: tuple[int, builtins.list[str]]) -> int:
         count, orphans = result
         # A body still being sent stays readable through its open descriptor.
         if orphans:
@@ -150,16 +194,19 @@ class Store:
 
     async def release_digest(self, digest: str) -> None:
         """Remove a body that a replaced entry no longer needs (unless others do)."""
-        if not self._pins.get(digest):
+        if not self._sending.get(digest):
             await self._drop((0, await self.index.unreferenced(digest)))
 
     async def purge_key(self, key: str) -> int:
+        """Delete one entry, pinned or not (its body too, unless others name it)."""
         return await self._drop(await self.index.delete_key(key))
 
     async def purge_remote(self, remote: str) -> int:
+        """Purge the cached entries of ``remote``; pinned ones stay."""
         return await self._drop(await self.index.delete_remote(remote))
 
     async def purge_all(self) -> int:
+        """Purge everything cached; pinned entries stay."""
         n = await self._drop(await self.index.delete_all())
         await self.refresh_stats()
         return n
@@ -173,7 +220,8 @@ class Store:
         return n
 
     async def evict(self) -> int:
-        """Least-recently-used eviction down to max_size; pinned bodies are skipped."""
+        """Least-recently-used eviction down to max_size; bodies of pinned
+        entries and bodies being sent are skipped."""
         await self.index.flush_access()
         size, _ = await self.refresh_stats()
         if size <= self.max_size:
@@ -183,19 +231,27 @@ class Store:
         evicted = 0
         batch = 256
         while size > target:
-            candidates = await self.index.lru_blobs(batch + len(self._pins))
+            candidates = await self.index.lru_blobs(batch + len(self._sending))
             progress = False
             for digest, blob_size in candidates:
                 if size <= target:
                     break
-                if self._pins.get(digest):
+                if self._sending.get(digest):
                     continue
-                await self._drop(await self.index.delete_digest(digest))
-                size -= blob_size
-                evicted += 1
-                progress = True
+                _, gone = await self.index.delete_digest(digest)
+                await self._drop((0, gone))
+                if digest in gone:  # else pinned since lru_blobs chose it
+                    size -= blob_size
+                    evicted += 1
+                    progress = True
             if not progress:
                 break
         await self.refresh_stats()
         log.info("evicted {n} bodies; store now {size} bytes", n=evicted, size=self.size)
         return evicted
+
+
+def _digest_of(entry: Entry) -> str:
+    if entry.digest is None:
+        raise ValueError(f"entry {entry.key!r} has no body")
+    return entry.digest

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorThreads
@@ -36,7 +37,8 @@ CREATE TABLE IF NOT EXISTS entries (
     expires REAL,
     etag TEXT,
     last_modified TEXT,
-    last_access REAL NOT NULL
+    last_access REAL NOT NULL,
+    pinned INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS entries_remote ON entries(remote);
 CREATE INDEX IF NOT EXISTS entries_digest ON entries(digest);
@@ -48,11 +50,19 @@ CREATE TABLE IF NOT EXISTS blobs (
 );
 CREATE INDEX IF NOT EXISTS blobs_access ON blobs(last_access);
 """
+# PRAGMA user_version of an index this code writes. 0: before entries carried
+# their own ``pinned`` flag (the store then kept whole remotes instead).
+SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)
 class Entry:
-    """One cached response. ``status`` 404 with no digest is a negative entry."""
+    """One cached response. ``status`` 404 with no digest is a negative entry.
+
+    ``pinned``: the body exists nowhere else (an upload, a push), so it is
+    never evicted, expired or removed by a purge of the cache; only deleting
+    its own key removes it. The protocol that commits the entry sets it.
+    """
 
     key: str
     remote: str
@@ -67,6 +77,7 @@ class Entry:
     etag: str | None = None
     last_modified: str | None = None
     last_access: float = 0.0
+    pinned: bool = False
 
     def fresh(self, now: float) -> bool:
         return self.expires is None or now < self.expires
@@ -75,16 +86,34 @@ class Entry:
         return (
             self.key, self.remote, self.path, self.status, self.digest, self.size,
             self.content_type, json.dumps(self.headers), self.fetched, self.expires,
-            self.etag, self.last_modified, self.last_access,
+            self.etag, self.last_modified, self.last_access, int(self.pinned),
         )
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> "Entry":
-        (key, remote, path, status, digest, size, ctype, headers, fetched, expires, etag, lm, la) = row
-        return cls(key, remote, path, status, digest, size, ctype, json.loads(headers), fetched, expires, etag, lm, la)
+        (key, remote, path, status, digest, size, ctype, headers, fetched, expires, etag, lm, la, pinned) = row
+        return cls(key, remote, path, status, digest, size, ctype, json.loads(headers), fetched, expires, etag, lm, la,
+                   bool(pinned))
 
 
-_COLUMNS = "key, remote, path, status, digest, size, content_type, headers, fetched, expires, etag, last_modified, last_access"
+_COLUMNS = ("key, remote, path, status, digest, size, content_type, headers, fetched, expires, etag, last_modified, "
+            "last_access, pinned")
+_NCOLUMNS = len(_COLUMNS.split(","))
+# Whether some pinned entry names the body ``blobs.digest``.
+_PINNED_BLOB = "EXISTS (SELECT 1 FROM entries AS p WHERE p.digest=blobs.digest AND p.pinned=1)"
+
+
+@contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """One atomic transaction. The connection is in autocommit mode
+    (isolation_level=None), where ``with db:`` alone begins nothing."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 class Index:
@@ -100,8 +129,9 @@ class Index:
         self._mem: OrderedDict[str, Entry] = OrderedDict()
         self._mem_max = memory_entries
         self._touched: dict[str, float] = {}
-        # Remotes whose bodies exist nowhere else (type: local, oci-local): never LRU-evicted.
-        self.keep_remotes: frozenset[str] = frozenset()
+        # Used once, by the upgrade of an index written before entries carried
+        # ``pinned``: rows of these remotes are then marked pinned. Set before start().
+        self.legacy_pinned_remotes: frozenset[str] = frozenset()
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -131,8 +161,31 @@ class Index:
         # WAL + NORMAL: a crash can lose the last transactions but never
         # corrupts; the body files are fsynced before their rows are written.
         db.execute("PRAGMA synchronous=NORMAL")
+        self._upgrade(db)
         db.executescript(SCHEMA)
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self._db = db
+
+    def _upgrade(self, db: sqlite3.Connection) -> None:
+        """Bring an index written by an older version up to SCHEMA_VERSION.
+
+        Version 0 kept whole remotes (``type: local``, ``oci-local``) from
+        eviction; rows now carry ``pinned``. The column and the marks of the
+        rows that version protected land in one transaction, so a crash
+        leaves either the old index or the upgraded one."""
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version >= SCHEMA_VERSION:
+            return
+        columns = {r[1] for r in db.execute("PRAGMA table_info(entries)")}
+        if not columns:
+            return  # a new index: SCHEMA creates it as it is now
+        with transaction(db):
+            if "pinned" not in columns:
+                db.execute("ALTER TABLE entries ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0")
+            keep = sorted(self.legacy_pinned_remotes)
+            if keep:
+                db.execute(f"UPDATE entries SET pinned=1 WHERE remote IN ({','.join('?' * len(keep))})", keep)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _close(self) -> None:
         if self._db is not None:
@@ -183,12 +236,29 @@ class Index:
         row = self.db.execute(f"SELECT {_COLUMNS} FROM entries WHERE key=?", (key,)).fetchone()
         return Entry.from_row(row) if row else None
 
-    def list_remote(self, remote: str, limit: int = 10_000) -> Deferred[list[Entry]]:
+    def list_remote(self, remote: str, prefix: str = "", limit: int | None = 10_000) -> Deferred[list[Entry]]:
+        """Entries with a body (status 200) of ``remote`` whose path starts with
+        ``prefix``, by path; at most ``limit`` (None: all)."""
+
         def q() -> list[Entry]:
             rows = self.db.execute(
-                f"SELECT {_COLUMNS} FROM entries WHERE remote=? AND status=200 ORDER BY path LIMIT ?", (remote, limit)
+                f"SELECT {_COLUMNS} FROM entries WHERE remote=? AND status=200 AND substr(path, 1, ?)=? "
+                "ORDER BY path LIMIT ?", (remote, len(prefix), prefix, -1 if limit is None else limit)
             ).fetchall()
             return [Entry.from_row(r) for r in rows]
+
+        return self._run(q)
+
+    def prefixes_before(self, remote: str, marker: str) -> Deferred[list[str]]:
+        """The distinct beginnings of ``remote``'s paths that contain ``marker``,
+        each cut just before its first ``marker``, sorted (an OCI catalog: the
+        repositories holding a ``<repo>/_manifests/...`` row)."""
+
+        def q() -> list[str]:
+            rows = self.db.execute(
+                "SELECT DISTINCT substr(path, 1, instr(path, ?) - 1) FROM entries WHERE remote=? AND instr(path, ?) > 0",
+                (marker, remote, marker)).fetchall()
+            return sorted(r[0] for r in rows)
 
         return self._run(q)
 
@@ -203,26 +273,22 @@ class Index:
         return self._run(q)
 
     def expired_keys(self, now: float, retention: float) -> Deferred[list[tuple[str, str | None]]]:
-        """Negative entries past their TTL, and bodies stale for longer than ``retention``."""
+        """Negative entries past their TTL, and bodies stale for longer than
+        ``retention``; never pinned ones."""
 
         def q() -> list[tuple[str, str | None]]:
             return self.db.execute(
-                "SELECT key, digest FROM entries WHERE expires IS NOT NULL AND "
+                "SELECT key, digest FROM entries WHERE expires IS NOT NULL AND pinned=0 AND "
                 "((status != 200 AND expires < ?) OR expires < ?)", (now, now - retention)
             ).fetchall()
 
         return self._run(q)
 
     def lru_blobs(self, limit: int) -> Deferred[list[tuple[str, int]]]:
-        keep = sorted(self.keep_remotes)
-        if not keep:
-            return self._run(lambda: self.db.execute(
-                "SELECT digest, size FROM blobs ORDER BY last_access LIMIT ?", (limit,)
-            ).fetchall())
-        # Bodies that some kept remote still names are never candidates.
+        """Eviction candidates, least recently used first: (digest, size) of
+        bodies that no pinned entry names."""
         return self._run(lambda: self.db.execute(
-            "SELECT digest, size FROM blobs WHERE NOT EXISTS (SELECT 1 FROM entries WHERE entries.digest=blobs.digest "
-            f"AND entries.remote IN ({','.join('?' * len(keep))})) ORDER BY last_access LIMIT ?", (*keep, limit)
+            f"SELECT digest, size FROM blobs WHERE NOT {_PINNED_BLOB} ORDER BY last_access LIMIT ?", (limit,)
         ).fetchall())
 
     # -- writes ------------------------------------------------------------
@@ -231,8 +297,9 @@ class Index:
         """Record an entry whose body (if any) is already committed to the store."""
 
         def q() -> None:
-            with self.db:
-                self.db.execute(f"INSERT OR REPLACE INTO entries ({_COLUMNS}) VALUES ({','.join('?' * 13)})", entry.as_row())
+            with transaction(self.db):
+                self.db.execute(f"INSERT OR REPLACE INTO entries ({_COLUMNS}) VALUES ({','.join('?' * _NCOLUMNS)})",
+                                entry.as_row())
                 if entry.digest is not None:
                     self.db.execute(
                         "INSERT INTO blobs (digest, size, last_access) VALUES (?, ?, ?) "
@@ -261,7 +328,7 @@ class Index:
         touched, self._touched = self._touched, {}
 
         def q() -> None:
-            with self.db:
+            with transaction(self.db):
                 self.db.executemany("UPDATE entries SET last_access=? WHERE key=?", [(t, k) for k, t in touched.items()])
                 self.db.execute(
                     "UPDATE blobs SET last_access=(SELECT MAX(last_access) FROM entries WHERE entries.digest=blobs.digest) "
@@ -280,7 +347,7 @@ class Index:
         """
 
         def q() -> tuple[list[str], list[str]]:
-            with self.db:
+            with transaction(self.db):
                 rows = self.db.execute(f"SELECT key, digest FROM entries WHERE {where}", args).fetchall()
                 keys = [r[0] for r in rows]
                 digests = {r[1] for r in rows if r[1]}
@@ -300,25 +367,29 @@ class Index:
         return self._run(q).addCallback(done)
 
     def delete_key(self, key: str) -> Deferred[tuple[int, list[str]]]:
+        """Delete one entry, pinned or not: asking for it by key is explicit."""
         self._forget([key])
         return self.delete_where("key=?", (key,))
 
     def delete_remote(self, remote: str) -> Deferred[tuple[int, list[str]]]:
-        return self.delete_where("remote=?", (remote,))
+        """Purge the cache of one remote: its pinned entries stay."""
+        return self.delete_where("remote=? AND pinned=0", (remote,))
 
     def delete_all(self) -> Deferred[tuple[int, list[str]]]:
-        self._mem.clear()
-        self._touched.clear()
-        return self.delete_where("1=1", ())
+        """Purge the whole cache: pinned entries stay."""
+        return self.delete_where("pinned=0", ())
 
     def delete_digest(self, digest: str) -> Deferred[tuple[int, list[str]]]:
-        return self.delete_where("digest=?", (digest,))
+        """Evict a body with every entry naming it, unless a pinned entry does
+        (checked in the same transaction, since lru_blobs chose it)."""
+        return self.delete_where(
+            "digest=? AND NOT EXISTS (SELECT 1 FROM entries AS p WHERE p.digest=? AND p.pinned=1)", (digest, digest))
 
     def unreferenced(self, digest: str) -> Deferred[list[str]]:
         """Forget the blob row of ``digest`` if no entry points at it any more."""
 
         def q() -> list[str]:
-            with self.db:
+            with transaction(self.db):
                 if self.db.execute("SELECT 1 FROM entries WHERE digest=? LIMIT 1", (digest,)).fetchone():
                     return []
                 self.db.execute("DELETE FROM blobs WHERE digest=?", (digest,))
@@ -334,7 +405,7 @@ class Index:
         """
 
         def q() -> tuple[int, list[str]]:
-            with self.db:
+            with transaction(self.db):
                 blobs = dict(self.db.execute("SELECT digest, size FROM blobs").fetchall())
                 # Negative entries have no digest, which IN(...) never matches.
                 referenced = {r[0] for r in self.db.execute("SELECT DISTINCT digest FROM entries WHERE digest IS NOT NULL")}

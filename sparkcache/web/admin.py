@@ -61,6 +61,8 @@ class AdminApp:
 
     @app.route("/admin/purge", methods=["POST"])
     async def purge(self, request: Any) -> bytes:
+        """Purge the cache: everything, one remote, or one entry. Pinned entries
+        (uploads, pushes: they exist nowhere else) stay unless named by path."""
         self.ctx.auth.require(request, "admin")
         remote = _arg(request, b"remote")
         path = _arg(request, b"path")

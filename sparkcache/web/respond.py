@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import mimetypes
-import os
 import posixpath
 from typing import Any
 
@@ -14,7 +13,7 @@ from sparkcache.fetch.cache import Failed, Hit, Live, Result
 from sparkcache.metrics import Metrics
 from sparkcache.store import Entry, Store
 from sparkcache.web.sendfile import SendfilePool
-from sparkcache.web.serve import Unsatisfiable, error_body, finish_safely, header, parse_range, send_file, send_flight
+from sparkcache.web.serve import Unsatisfiable, error_body, finish_safely, header, parse_range, send_body, send_flight
 
 log = Logger()
 
@@ -101,19 +100,9 @@ def serve_hit(
         finish_safely(request)
         return None
     count_bytes = metrics.bytes_counter(remote, "cache")
-    file_path = store.path(entry)
     try:
-        if end - start <= SMALL_BODY:
-            fd = os.open(file_path, os.O_RDONLY)
-            try:
-                data = os.pread(fd, end - start, start)
-            finally:
-                os.close(fd)
-            count_bytes(len(data))
-            return data
-        d = sendfile.try_send(request, file_path, start, end, count_bytes) if sendfile is not None else None
-        if d is None:
-            d = send_file(request, file_path, start, end, count_bytes)
+        # Opened before any header is sent: a missing body can still be a 503.
+        body = store.open_range(entry, start, end)
     except FileNotFoundError:
         # The body vanished under us (purged, or the disk was tampered
         # with): drop the row so the next request fetches afresh.
@@ -122,14 +111,15 @@ def serve_hit(
         request.responseHeaders.removeHeader(b"Content-Range")
         request.setResponseCode(200)
         return error_body(request, 503, "cached body missing; retry")
-    digest = entry.digest
-    store.pin(digest)
-
-    def unpin(r: object) -> object:
-        store.unpin(digest)
-        return r
-
-    return d.addBoth(unpin)
+    if end - start <= SMALL_BODY:
+        with body:
+            data = body.read_all()
+        count_bytes(len(data))
+        return data
+    d = sendfile.try_send(request, body, count_bytes) if sendfile is not None else None
+    if d is None:
+        d = send_body(request, body, count_bytes)
+    return d
 
 
 async def respond(

@@ -29,6 +29,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from sparkcache.fetch.flight import Flight
+from sparkcache.store import BodyRange
 from sparkcache.web.serve import finish_safely
 
 # Give up on a client that accepts nothing for this long (a stalled peer).
@@ -98,22 +99,23 @@ class SendfilePool:
 
         return d.addCallbacks(done, failed).addBoth(cleanup)
 
-    def try_send(self, request: Any, path: str, start: int, end: int, on_bytes: Callable[[int], None]) -> Deferred[None] | None:
-        """Start sending bytes [start, end) of a stored file; None if this connection can't."""
-        fd = os.open(path, os.O_RDONLY)  # before any header is sent: a missing body can still be a 503
+    def try_send(self, request: Any, body: BodyRange, on_bytes: Callable[[int], None]) -> Deferred[None] | None:
+        """Start sending a stored body range, which is closed when done; None
+        (the range still the caller's) if this connection can't."""
         got = self._handover(request)
         if got is None:
-            os.close(fd)
             return None
         transport, sock = got
+        fd, start, end = body.fileno(), body.start, body.end
 
         def copy(cancelled: threading.Event) -> int:
-            try:
-                return _copy(sock, fd, start, end, lambda: end, lambda: False, cancelled, None)
-            finally:
-                os.close(fd)
+            return _copy(sock, fd, start, end, lambda: end, lambda: False, cancelled, None)
 
-        return self._run(request, transport, end - start, on_bytes, copy)
+        def close(r: object) -> object:
+            body.close()  # on the reactor thread, once the copy no longer reads it
+            return r
+
+        return self._run(request, transport, end - start, on_bytes, copy).addBoth(close)
 
     def try_tail(self, request: Any, flight: Flight, start: int, end: int, on_bytes: Callable[[int], None]) -> Deferred[None] | None:
         """Send bytes [start, end) of an in-flight body as they land in its spool."""

@@ -7,7 +7,6 @@ client holds about one chunk in memory, never the body.
 from __future__ import annotations
 
 import json
-import os
 import re
 from typing import Any, Callable
 
@@ -17,6 +16,7 @@ from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
 from sparkcache.fetch.flight import Flight
+from sparkcache.store import BodyRange
 
 CHUNK = 256 * 1024
 _RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$")
@@ -194,14 +194,13 @@ class _Producer:
             self.done.callback(None)
 
 
-def send_file(request: Any, path: str, start: int, end: int, on_bytes: Callable[[int], None]) -> Deferred[None]:
-    """Send bytes [start, end) of a stored file."""
-    fd = os.open(path, os.O_RDONLY)
-    length = end
-    p = _Producer(request, lambda off, n: os.pread(fd, n, off), start, end, lambda: length, on_bytes=on_bytes)
+def send_body(request: Any, body: BodyRange, on_bytes: Callable[[int], None]) -> Deferred[None]:
+    """Send a stored body range; it is closed when done."""
+    end = body.end
+    p = _Producer(request, body.read, body.start, end, lambda: end, on_bytes=on_bytes)
 
     def close(r: object) -> object:
-        os.close(fd)
+        body.close()
         return r
 
     return p.start().addBoth(close)

@@ -332,9 +332,8 @@ async def test_cancel_and_idle_sessions_release_their_spools(env):
 
 @pytest_twisted.ensureDeferred
 async def test_pushed_content_is_never_evicted(env):
-    """Local content exists nowhere else: LRU eviction passes over it, cached bodies go first."""
+    """Local content exists nowhere else: LRU eviction and cache purges pass over it, cached bodies go first."""
     c, _, store, _ = env
-    store.index.keep_remotes = frozenset({"loc"})
     pushed = await push_blob(c, "app", b"p" * 5000)
     spool = store.new_spool()
     spool.write(b"c" * 5000)
@@ -348,6 +347,14 @@ async def test_pushed_content_is_never_evicted(env):
     r, body = await c.req("GET", f"/v2/loc/app/blobs/{pushed}")
     assert r.code == 200 and body == b"p" * 5000
     assert await store.evict() == 0  # only kept content left: nothing more to do
+    assert await store.purge_all() == 0 and await store.purge_remote("loc") == 0
+    r, body = await c.req("GET", f"/v2/loc/app/blobs/{pushed}")
+    assert r.code == 200 and body == b"p" * 5000
+    # Deleting the blob by name is explicit: that does remove it.
+    r, _ = await c.req("DELETE", f"/v2/loc/app/blobs/{pushed}")
+    assert r.code == 202
+    r, _ = await c.req("GET", f"/v2/loc/app/blobs/{pushed}")
+    assert r.code == 404
 
 
 @pytest_twisted.ensureDeferred

@@ -194,7 +194,7 @@ async def test_eviction_lru_skips_pinned(env):
         clock.advance(1)
         await fetch_all(cache, creq(remote, up, f"e{i}"))
     e0 = await store.index.get("r:e0")
-    store.pin(e0.digest)  # being served: must survive
+    sending = store.open_range(e0)  # being served: must survive
     store.index.touch(await store.index.get("r:e1"), clock.seconds() + 10)  # recently used
     assert store.size == 15000
     evicted = await store.evict()  # down to 95% of max_size: 2 bodies are enough
@@ -203,6 +203,7 @@ async def test_eviction_lru_skips_pinned(env):
     assert left == {"e0", "e1", "e4"}  # e2, e3 were least recently used and not pinned
     assert store.size == 9000
     assert os.path.exists(store.path(e0))
+    sending.close()
 
 
 @pytest_twisted.ensureDeferred

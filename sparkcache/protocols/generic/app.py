@@ -243,7 +243,7 @@ class GenericApp:
                              sendfile=self.ctx.sendfile)
 
     async def listing(self, request: Any, remote: RemoteConfig) -> bytes:
-        entries = await self.ctx.store.index.list_remote(remote.name)
+        entries = await self.ctx.store.list(remote.name)
         return _json(request, {
             "remote": remote.name,
             "entries": [
@@ -319,8 +319,10 @@ class GenericApp:
         now = self.ctx.clock.seconds()
         ctype = header(request, b"content-type") or guess_type(path)
         old = await store.index.get(key)
+        # Pinned: an upload exists nowhere else, so no eviction or cache purge removes it.
         entry = Entry(key, remote.name, path, 200, digest, spool.size, ctype, {"content-type": ctype}, now, None,
-                      f'"sha256:{digest}"', time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)), now)
+                      f'"sha256:{digest}"', time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)), now,
+                      pinned=True)
         await store.commit(spool, entry)
         if old is not None and old.digest and old.digest != digest:
             await store.release_digest(old.digest)

@@ -6,7 +6,9 @@ follow what ``distribution`` answers (202 + ``Location`` + ``Range: 0-N`` +
 ``Docker-Upload-UUID`` for upload sessions, 201 for a finished blob or
 manifest), since that is what clients are tested against.
 
-Storage: every body lives in the content store; index rows name it.
+Storage: every body lives in the content store; index rows name it. Rows are
+committed pinned: pushed content exists nowhere else, so neither eviction nor
+a cache purge may remove it (deleting a blob or manifest by its key does).
 
 * ``<remote>:<repo>/_layers/sha256:<hex>``      a blob linked into a repository
 * ``<remote>:<repo>/_manifests/sha256:<hex>``   a manifest, exact bytes + Content-Type
@@ -23,14 +25,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import uuid as uuidlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlencode
-
-from twisted.internet.threads import deferToThreadPool
 
 from sparkcache.config import RemoteConfig
 from sparkcache.context import Context
@@ -383,18 +382,10 @@ class LocalRegistry:
         args = _query(request)
         n = _page_size(args.get("n"))
         last = args.get("last") or ""
-        marker = "/_manifests/"
-
-        def q() -> list[str]:
-            rows = self.ctx.store.index.db.execute(
-                "SELECT DISTINCT substr(path, 1, instr(path, ?) - 1) FROM entries WHERE remote=? AND instr(path, ?) > 0",
-                (marker, remote.name, marker)).fetchall()
-            return sorted(r[0] for r in rows)
-
         # Names as the client writes them: ``/v2/<remote>/_catalog`` lists ``<remote>/<repo>``.
         path = request.path.decode("latin-1")
         prefix = unquote(path[len("/v2/"):-len("_catalog")]) if path.startswith("/v2/") and path.endswith("/_catalog") else ""
-        repos = [prefix + r for r in await self._db(q)]
+        repos = [prefix + r for r in await self.ctx.store.index.prefixes_before(remote.name, "/_manifests/")]
         repos = [r for r in repos if r > last]
         page = repos[:n]
         extra = {}
@@ -402,37 +393,21 @@ class LocalRegistry:
             extra["Link"] = f'<{path}?{urlencode({"n": n, "last": page[-1]})}>; rel="next"'
         return _json(request, {"repositories": page}, extra)
 
-    async def _tag_rows(self, remote: RemoteConfig, repo: str) -> list[tuple[str, str]]:
+    async def _tag_rows(self, remote: RemoteConfig, repo: str) -> list[tuple[str, str | None]]:
+        """(tag, hex digest) of every tag of ``repo``: its manifest rows not named by a digest."""
         prefix = f"{repo}/_manifests/"
-
-        def q() -> list[tuple[str, str]]:
-            rows = self.ctx.store.index.db.execute(
-                "SELECT path, digest FROM entries WHERE remote=? AND substr(path, 1, ?)=?",
-                (remote.name, len(prefix), prefix)).fetchall()
-            return [(p[len(prefix):], d) for p, d in rows if ":" not in p[len(prefix):]]
-
-        return await self._db(q)
+        rows = await self.ctx.store.list(remote.name, prefix, limit=None)
+        return [(e.path[len(prefix):], e.digest) for e in rows if ":" not in e.path[len(prefix):]]
 
     async def _repo_exists(self, remote: RemoteConfig, repo: str) -> bool:
-        prefix = f"{repo}/_"
-
-        def q() -> bool:
-            return self.ctx.store.index.db.execute(
-                "SELECT 1 FROM entries WHERE remote=? AND substr(path, 1, ?)=? LIMIT 1",
-                (remote.name, len(prefix), prefix)).fetchone() is not None
-
-        return bool(await self._db(q))
-
-    def _db(self, fn: Callable[[], Any]) -> Any:
-        # Listing queries the index has no method for: on its own thread, the only one that may use its connection.
-        return deferToThreadPool(self.ctx.store.reactor, self.ctx.store.index.pool, fn)
+        return bool(await self.ctx.store.list(remote.name, f"{repo}/_", limit=1))
 
     # -- serving -------------------------------------------------------------------------
 
     async def _serve(self, request: Any, remote: RemoteConfig, entry: Entry, digest: str) -> bytes | None:
         self.ctx.store.index.touch(entry, self.ctx.clock.seconds())
         request.setHeader(b"Docker-Distribution-API-Version", b"registry/2.0")
-        if request.method == b"HEAD" and not await self.ctx.store.in_io(os.path.exists, self.ctx.store.path(entry)):
+        if request.method == b"HEAD" and not self.ctx.store.exists(entry):
             # HEAD does not open the body: never a 200 that the GET would not give.
             raise OCIError("UNAVAILABLE", "stored body missing", 503)
         out = serve_hit(request, entry, "HIT", self.ctx.store, self.ctx.metrics, remote.name, "",
@@ -452,7 +427,7 @@ def _key(remote: RemoteConfig, repo: str, kind: str, ref: str) -> str:
 def _blob_entry(remote: RemoteConfig, repo: str, hexd: str, size: int, now: float) -> Entry:
     path = f"{repo}/_layers/sha256:{hexd}"
     return Entry(f"{remote.name}:{path}", remote.name, path, 200, hexd, size, BLOB_TYPE,
-                 {"content-type": BLOB_TYPE}, now, None, f'"sha256:{hexd}"', None, now)
+                 {"content-type": BLOB_TYPE}, now, None, f'"sha256:{hexd}"', None, now, pinned=True)
 
 
 def _manifest_entry(remote: RemoteConfig, repo: str, ref: str, hexd: str, size: int, media_type: str,
@@ -460,7 +435,7 @@ def _manifest_entry(remote: RemoteConfig, repo: str, ref: str, hexd: str, size: 
     path = f"{repo}/_manifests/{ref}"
     return Entry(f"{remote.name}:{path}", remote.name, path, 200, hexd, size, media_type,
                  {"content-type": media_type, "docker-content-digest": f"sha256:{hexd}"}, now, None,
-                 f'"sha256:{hexd}"', None, now)
+                 f'"sha256:{hexd}"', None, now, pinned=True)
 
 
 def _digest(digest: str) -> str:

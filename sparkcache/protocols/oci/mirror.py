@@ -18,7 +18,6 @@ Cache keys and freshness (the store keeps upstream's exact bytes):
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import replace
 from typing import Any
@@ -74,16 +73,6 @@ def accepted_types(request: Any) -> set[str] | None:
 
 def _media_type(value: str | None) -> str:
     return (value or "").split(";", 1)[0].strip().lower()
-
-
-def _read(path: str, limit: int) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(limit + 1)
-
-
-def _exists(path: str, limit: int) -> bytes:
-    os.stat(path)
-    return b""
 
 
 class _BodyMissing(Exception):
@@ -280,18 +269,8 @@ class Mirror:
                                                "does not include", 404)
         if entry.size > MAX_MANIFEST:
             raise OCIError("MANIFEST_INVALID", f"manifest larger than {MAX_MANIFEST} bytes", 502)
-        path = self.ctx.store.path(entry)
-        try:
-            # HEAD checks the body is there too: never a 200 the GET would not give.
-            # Small bodies (nearly every manifest) are read here, as serve_hit
-            # does: one pread from the page cache costs less than a thread hop.
-            if request.method == b"HEAD":
-                body = _exists(path, MAX_MANIFEST)
-            elif entry.size <= SMALL_BODY:
-                body = _read(path, entry.size)
-            else:
-                body = await self.ctx.store.in_io(_read, path, MAX_MANIFEST)
-        except FileNotFoundError:
+        body = await self._manifest_body(request, entry)
+        if body is None:
             await self.ctx.store.purge_key(entry.key)
             if state == "MISS":
                 raise OCIError("UNAVAILABLE", "cached manifest body missing; retry", 503) from None
@@ -306,6 +285,22 @@ class Mirror:
         h.setRawHeaders(b"ETag", [f'"sha256:{entry.digest}"'.encode()])
         h.setRawHeaders(b"Content-Length", [str(entry.size).encode()])
         return body
+
+    async def _manifest_body(self, request: Any, entry: Entry) -> bytes | None:
+        """The manifest's bytes (b"" for a HEAD), or None when its body is gone."""
+        store = self.ctx.store
+        if request.method == b"HEAD":
+            # HEAD checks the body is there too: never a 200 the GET would not give.
+            return b"" if store.exists(entry) else None
+        try:
+            if entry.size <= SMALL_BODY:
+                # Nearly every manifest: read here, as serve_hit does; one pread
+                # from the page cache costs less than a thread hop.
+                with store.open_range(entry) as body:
+                    return body.read_all()
+            return await store.read(entry, MAX_MANIFEST)
+        except FileNotFoundError:
+            return None
 
     # -- blobs -------------------------------------------------------------------------
 
@@ -331,8 +326,7 @@ class Mirror:
                                              {"Docker-Content-Digest": digest}, sendfile=self.ctx.sendfile))
 
     async def _body_exists(self, entry: Entry) -> bool:
-        # One stat, whatever the size: as cheap as the open serve_hit does here.
-        if os.path.exists(self.ctx.store.path(entry)):
+        if self.ctx.store.exists(entry):
             return True
         await self.ctx.store.purge_key(entry.key)
         return False
@@ -365,10 +359,12 @@ class Mirror:
         if entry.size > MAX_LISTING:
             raise OCIError("UNSUPPORTED", f"upstream catalog page larger than {MAX_LISTING} bytes: ask with ?n=", 502)
         try:
-            body = await self.ctx.store.in_io(_filtered_catalog, self.ctx.store.path(entry), opts)
+            raw = await self.ctx.store.read(entry, MAX_LISTING)
         except FileNotFoundError:
             await self.ctx.store.purge_key(entry.key)
             raise OCIError("UNAVAILABLE", "cached catalog body missing; retry", 503) from None
+        try:
+            body = await self.ctx.store.in_io(_filtered_catalog, raw, opts)
         except ValueError:
             raise OCIError("UNAVAILABLE", "upstream catalog is not a JSON catalog", 502) from None
         self.ctx.metrics.response(remote.name, state.lower())
@@ -398,10 +394,9 @@ def _digest_key(remote: RemoteConfig, up: str, hexd: str) -> str:
     return f"oci:{remote.name}:{up}:manifest:sha256:{hexd}"
 
 
-def _filtered_catalog(path: str, opts: OCIOptions) -> bytes:
+def _filtered_catalog(page: bytes, opts: OCIOptions) -> bytes:
     """An upstream catalog page with only the repositories ``opts`` allows (runs in the IO pool)."""
-    with open(path, "rb") as f:
-        doc = json.loads(f.read(MAX_LISTING + 1))
+    doc = json.loads(page)
     repos = doc.get("repositories") if isinstance(doc, dict) else None
     if not isinstance(repos, list):
         raise ValueError("no repositories list")
