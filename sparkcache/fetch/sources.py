@@ -7,6 +7,7 @@ its singleflight, its tail readers and its one commit path.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import IO, Any, Awaitable, Callable, Union
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -21,6 +22,7 @@ OnCommit = Callable[[Entry], Awaitable[Any]]
 COPY_CHUNK = 1 << 20
 
 
+@dataclass
 class Subprocess(Source):
     """A child process's stdout (git upload-pack computing a pack).
 
@@ -31,14 +33,12 @@ class Subprocess(Source):
     seconds, and its output ends with ``ends_with``.
     """
 
-    def __init__(self, spawn: Callable[[IConsumer], Deferred[int]], headers: dict[str, str], *, what: str,
-                 idle_timeout: float, ends_with: bytes = b"", on_commit: OnCommit | None = None) -> None:
-        self.spawn = spawn
-        self.headers = headers
-        self.what = what
-        self.idle_timeout = idle_timeout
-        self.ends_with = ends_with
-        self.on_commit = on_commit
+    spawn: Callable[[IConsumer], Deferred[int]]
+    headers: dict[str, str]
+    what: str  # names the child in errors: "upload-pack"
+    idle_timeout: float
+    ends_with: bytes = b""
+    on_commit: OnCommit | None = None
 
     async def open(self, cache: Cache, target: Target, stale: Entry | None) -> Union[Body, Hit, Failed]:
         async def fill(flight: Flight) -> None:
@@ -60,6 +60,7 @@ class Subprocess(Source):
         return Body(self.headers, fill, on_commit=self.on_commit)
 
 
+@dataclass
 class ThreadBuild(Source):
     """A body written by ``write(out)`` in a worker thread, ``out`` being a
     file-like ThreadWriter over the spool; readers tail it while it is built.
@@ -69,13 +70,10 @@ class ThreadBuild(Source):
     Deferred of its end; without ``run``, the store's I/O pool runs it.
     """
 
-    def __init__(self, write: Callable[[ThreadWriter], Any], headers: dict[str, str],
-                 run: Callable[[Callable[[], Any]], Deferred[Any]] | None = None,
-                 on_commit: OnCommit | None = None) -> None:
-        self.write = write
-        self.headers = headers
-        self.run = run
-        self.on_commit = on_commit
+    write: Callable[[ThreadWriter], Any]
+    headers: dict[str, str]
+    run: Callable[[Callable[[], Any]], Deferred[Any]] | None = None
+    on_commit: OnCommit | None = None
 
     async def open(self, cache: Cache, target: Target, stale: Entry | None) -> Union[Body, Hit, Failed]:
         store = cache.store

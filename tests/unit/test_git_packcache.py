@@ -31,6 +31,7 @@ from sparkcache.metrics import Metrics
 from sparkcache.store import Store
 from tests.support.git_upstream import git as _git
 from tests.support.tools import require_tool
+from tests.support.waiting import eventually
 
 
 def _commit(path: Path, parent: str | None, name: str, size: int = 300_000) -> str:
@@ -175,14 +176,6 @@ def check_pack(tmp: Path, pack: bytes, head: str) -> None:
 def metric(metrics: Metrics, result: str) -> float:
     v = metrics.registry.get_sample_value("sparkcache_requests_total", {"remote": REMOTE, "result": result})
     return v or 0.0
-
-
-async def eventually(cond: Callable[[], bool], timeout: float = 20.0) -> None:
-    for _ in range(int(timeout / 0.02)):
-        if cond():
-            return
-        await task.deferLater(reactor, 0.02, lambda: None)
-    raise AssertionError("condition never became true")
 
 
 async def settled(cache: Cache) -> None:

@@ -15,7 +15,7 @@ import io
 import os
 import threading
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -36,6 +36,7 @@ from sparkcache.fetch.sources import BodyTooLarge, Subprocess, ThreadBuild, Uplo
 from sparkcache.metrics import Metrics
 from sparkcache.store import SpoolFile, Store
 from sparkcache.web.serve import send_flight
+from tests.support.waiting import eventually
 
 BODY = bytes(range(256)) * 800  # 200 KiB, several spool writes
 
@@ -199,14 +200,6 @@ def sha(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
-async def eventually(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    for _ in range(int(timeout / 0.01)):
-        if cond():
-            return
-        await task.deferLater(reactor, 0.01, lambda: None)
-    raise AssertionError("condition never became true")
-
-
 async def settled(env: Any) -> None:
     """Every production over, clean-up included."""
     for d in env.cache.running():
@@ -233,6 +226,18 @@ async def fetch(env: Any, req: CacheRequest, response: FakeResponse, n: int = 1)
 async def committed(env: Any, key: str) -> Any:
     entry = await env.store.index.get(key)
     return entry if entry is not None and entry.status == 200 else None
+
+
+async def not_kept(env: Any, flight: Flight, key: str, why: str, *readers: tuple[Reader, Deferred[None]]) -> None:
+    """The production failed (``why`` matches its error), left nothing behind in the
+    store or the spool, and the clients tailing it never saw a clean end."""
+    with pytest.raises(BodyError, match=why):
+        await flight.wait_done()
+    for reader, tail in readers:
+        await tail
+        assert reader.cut_off()
+    await settled(env)
+    assert await committed(env, key) is None and spools(env) == []
 
 
 # -- one production, many callers ---------------------------------------------------------------------
@@ -315,12 +320,7 @@ async def test_a_truncated_body_is_never_committed_and_its_readers_are_aborted(e
     response.send(BODY[:5000])
     await eventually(lambda: len(reader.data) == 5000)
     response.end(ConnectionLost())
-    with pytest.raises(BodyError, match="ended early"):
-        await flight.wait_done()
-    await tail
-    assert reader.cut_off()
-    await settled(env)
-    assert await committed(env, "r:x") is None and spools(env) == []
+    await not_kept(env, flight, "r:x", "ended early", (reader, tail))
     # Nothing of it lingers: the next request produces afresh.
     response = FakeResponse()
     again = await fetch(env, creq(env), response, n=2)
@@ -335,10 +335,7 @@ async def test_a_short_body_is_not_committed_even_if_it_ends_cleanly(env: Any) -
     flight = (await fetch(env, creq(env), response)).flight
     response.send(b"12345")
     response.end()  # a clean end, 5 bytes short of Content-Length
-    with pytest.raises(BodyError, match="5 of 10 bytes"):
-        await flight.wait_done()
-    await settled(env)
-    assert await committed(env, "r:x") is None
+    await not_kept(env, flight, "r:x", "5 of 10 bytes")
 
 
 @pytest_twisted.ensureDeferred
@@ -350,12 +347,8 @@ async def test_a_digest_mismatch_is_never_committed(env: Any) -> None:
     response.send(BODY)
     await eventually(lambda: len(reader.data) == len(BODY) - 1)  # all but the held last byte
     response.end()
-    with pytest.raises(BodyError, match="digest mismatch"):
-        await flight.wait_done()
-    await tail
-    assert reader.cut_off(), "a client trusting Content-Length saw a clean end of a bad body"
-    await settled(env)
-    assert await committed(env, "r:x") is None and spools(env) == []
+    # (A client trusting Content-Length must not see a clean end of a bad body.)
+    await not_kept(env, flight, "r:x", "digest mismatch", (reader, tail))
 
 
 @pytest_twisted.ensureDeferred
@@ -374,12 +367,7 @@ async def test_a_full_disk_ends_the_production_cleanly(env: Any, monkeypatch: py
     response.send(b"b" * 1000)  # the next chunk finds the spool broken: the upstream is stopped
     assert response.transport.producerState == "stopped"
     response.end(ConnectionLost())  # what a stopped transport reports
-    with pytest.raises(BodyError, match="spool write failed"):
-        await flight.wait_done()
-    await tail
-    assert reader.cut_off()
-    await settled(env)
-    assert await committed(env, "r:x") is None and spools(env) == []
+    await not_kept(env, flight, "r:x", "spool write failed", (reader, tail))
 
 
 @pytest_twisted.ensureDeferred
@@ -394,10 +382,7 @@ async def test_an_upstream_that_goes_silent_is_stopped(env: Any) -> None:
     env.clock.advance(2)  # 5 s (read_timeout) without a byte
     assert response.transport.producerState == "stopped"
     response.end(ConnectionLost())
-    with pytest.raises(BodyError, match="stalled for 5s after 200 bytes"):
-        await flight.wait_done()
-    await settled(env)
-    assert await committed(env, "r:x") is None
+    await not_kept(env, flight, "r:x", "stalled for 5s after 200 bytes")
 
 
 # -- every source, the same commit path ------------------------------------------------------------------
@@ -495,12 +480,7 @@ async def test_each_source_is_checked_against_its_digest(env: Any, name: str) ->
     reader = Reader()
     tail = reader.tail(live.flight)
     await kind.feed()
-    with pytest.raises(BodyError, match="digest mismatch"):
-        await live.flight.wait_done()
-    await tail
-    assert reader.cut_off()
-    await settled(env)
-    assert await committed(env, kind.key()) is None and spools(env) == []
+    await not_kept(env, live.flight, kind.key(), "digest mismatch", (reader, tail))
 
 
 # -- what each local source checks ---------------------------------------------------------------------
@@ -521,10 +501,7 @@ async def test_a_child_that_fails_or_stops_short_is_not_kept(env: Any, code: int
     await child.started()
     child.out(output)
     child.exit(code)
-    with pytest.raises(BodyError, match=why):
-        await live.flight.wait_done()
-    await settled(env)
-    assert await committed(env, "c:k") is None and spools(env) == []
+    await not_kept(env, live.flight, "c:k", why)
 
 
 @pytest_twisted.ensureDeferred
@@ -538,10 +515,7 @@ async def test_a_silent_child_is_stopped(env: Any) -> None:
     env.clock.advance(1)
     assert child.state == "stopped"
     child.exit(-9)
-    with pytest.raises(BodyError, match="child produced nothing for 10s"):
-        await live.flight.wait_done()
-    await settled(env)
-    assert await committed(env, "c:k") is None
+    await not_kept(env, live.flight, "c:k", "child produced nothing for 10s")
 
 
 @pytest_twisted.ensureDeferred
@@ -600,8 +574,7 @@ async def test_an_upload_past_its_limit_is_refused(env: Any) -> None:
     live = await env.cache.get(Target("u:k", "@test", "k"), Upload(io.BytesIO(b"x" * 101), limit=100))
     with pytest.raises(BodyTooLarge):
         await live.flight.wait_done()
-    await settled(env)
-    assert await committed(env, "u:k") is None and spools(env) == []
+    await not_kept(env, live.flight, "u:k", "larger than 100 bytes")
 
 
 @pytest_twisted.ensureDeferred
