@@ -167,11 +167,18 @@ class Flight:
             self._queue = []
             self.queued = 0
             self._writing = False
+            # A producer paused until the disk catches up must hear that it never will.
+            self.on_drain()
             drained, self._drained = self._drained, []
             for w in drained:
                 w.errback(BodyError(f"spool write failed: {f.getErrorMessage()}"))
 
         d.addCallbacks(written, failed)
+
+    @property
+    def write_error(self) -> BaseException | None:
+        """Why the spool could not be written (disk full, I/O error), if it could not."""
+        return self._write_error
 
     def flushed(self) -> Deferred[None]:
         """Fires once every byte received so far is in the spool file."""
@@ -259,6 +266,9 @@ class Intake:
                 self._timer.cancel()  # waiting on our disk is not a stalled producer
 
     def _maybe_resume(self) -> None:
+        if self.flight.write_error is not None:
+            self.stop(f"spool write failed: {self.flight.write_error}")
+            return
         if self._paused and self.flight.queued < LOW_WATER:
             self._paused = False
             if self.error is None and not self._closed:

@@ -371,6 +371,26 @@ async def test_a_full_disk_ends_the_production_cleanly(env: Any, monkeypatch: py
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_full_disk_stops_an_upstream_paused_for_it(env: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = threading.Event()
+
+    def slow_then_full(self: SpoolFile, chunks: list[bytes]) -> int:
+        assert gate.wait(10)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(SpoolFile, "write_all", slow_then_full)
+    response = FakeResponse()
+    flight = (await fetch(env, creq(env), response)).flight
+    for _ in range(12):
+        response.send(b"z" * (256 << 10))  # 3 MiB waiting for the disk: past the high-water mark
+    assert response.transport.producerState == "paused"
+    gate.set()  # the disk answers: full. No more bytes will come to find that out.
+    await eventually(lambda: response.transport.producerState == "stopped")
+    response.end(ConnectionLost())
+    await not_kept(env, flight, "r:x", "spool write failed")
+
+
+@pytest_twisted.ensureDeferred
 async def test_an_upstream_that_goes_silent_is_stopped(env: Any) -> None:
     response = FakeResponse()
     flight = (await fetch(env, creq(env), response)).flight

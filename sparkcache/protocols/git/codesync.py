@@ -5,9 +5,10 @@ with pygit2 in the git pool; archives (and large files) are built once into
 the store by the cache's engine (a ``ThreadBuild`` source), keyed by commit
 (blob) id, streamed to every request while they are built, and then served
 like any cache hit (Range, ETag, sendfile). ``/upload`` turns a tarball into a
-normalized tar.gz (built the same way) named by its git tree id, ``/uploads/<id>`` serves it, ``/sync/negotiate``
-finds the newest commit a client and the mirror share, and ``/sync/seed``
-creates or updates a mirror from a ``git bundle``. See docs/git-read-api.rst.
+normalized tar.gz (built the same way) named by its git tree id,
+``/uploads/<id>`` serves it, ``/sync/negotiate`` finds the newest commit a
+client and the mirror share, and ``/sync/seed`` creates or updates a mirror
+from a ``git bundle``. See docs/git-read-api.rst.
 """
 
 from __future__ import annotations
