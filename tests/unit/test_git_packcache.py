@@ -240,6 +240,7 @@ def test_idle_child_is_stopped() -> None:
     class FakeFlight:
         key = "k"
         queued = written = 0
+        write_error = None
         on_drain: Any = None
 
         def data(self, chunk: bytes) -> None:
@@ -269,6 +270,7 @@ def test_child_paused_while_the_spool_lags() -> None:
     class SlowFlight:
         key = "k"
         queued = written = 0
+        write_error = None
         on_drain: Any = None
 
         def data(self, chunk: bytes) -> None:
