@@ -22,7 +22,6 @@ class Context:
     auth: Authorizer
     clock: Any
     sendfile: Any = None  # SendfilePool, when large hits may use os.sendfile
-    git: Any = None  # sparkcache.git.interfaces.IMirrors provider, set by the git protocol's build
     reactor: Any = None  # for spawnProcess and thread pools; the clock when None
     # Every remote type by name (sparkcache.protocols.base.RemoteKind), from the registry.
     remote_types: Mapping[str, Any] = field(default_factory=dict)

@@ -1,28 +1,42 @@
-"""Freshness and singleflight: decide hit, revalidate, stale or fetch.
+"""The produce-once engine: freshness, singleflight, spool, commit.
 
-Protocol apps hand the cache a CacheRequest (key, upstream URL, freshness
-class, optional expected digest) and get back one of:
+A caller hands ``Cache.get`` what to store (a ``Target``: key, remote, path,
+TTL, expected digest) and a ``Source`` that says how its bytes are produced:
+
+- ``Upstream``, the default for a ``CacheRequest``: an upstream HTTP response,
+  revalidated conditionally when stale, served stale when upstream fails;
+- ``sources.Subprocess``: a child's stdout (git upload-pack computing a pack);
+- ``sources.ThreadBuild``: a body written by a worker thread (git archives,
+  normalized code-sync uploads);
+- ``sources.Upload``: a client's body.
+
+It gets back one of:
 
 - ``Hit``: serve this committed entry (``state`` says HIT, STALE or REVALIDATED);
 - ``Live``: serve this in-progress Flight by tailing its spool (a MISS);
 - ``Failed``: answer with this status and message.
 
-There is at most one upstream fetch per key at a time; everyone else waits
-on a Deferred of their own, so a client that goes away cancels nothing shared.
+Whatever the source, there is at most one production per key at a time and
+everyone else tails the same spool, waiting on a Deferred of their own, so a
+client that goes away cancels nothing shared. There is one commit path: the
+body is complete, its length and digest checked, fsynced and renamed into the
+content store before its index row appears. A production that fails leaves
+nothing behind, and the connections of the clients tailing it are aborted.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Union
+from typing import Any, Awaitable, Callable, Union
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.web.iweb import IResponse
 
 from sparkcache.config import RemoteConfig
 from sparkcache.fetch.flight import BodyError, Flight, receive
+from sparkcache.fetch.produce import Shared, Singleflight
 from sparkcache.fetch.upstream import UpstreamClient, UpstreamError, discard_body
 from sparkcache.metrics import Metrics
 from sparkcache.store import Entry, Store
@@ -38,7 +52,21 @@ KEEP_HEADERS = (
 
 
 @dataclass(frozen=True)
+class Target:
+    """What a production stores: the entry's key, remote and path, how long it
+    stays fresh (None: forever), and what the body must hash to, when known."""
+
+    key: str
+    remote: str
+    path: str
+    ttl: float | None = None
+    expected_digest: str | None = None
+
+
+@dataclass(frozen=True)
 class CacheRequest:
+    """A Target fetched from an upstream: what the default ``Upstream`` source asks for."""
+
     remote: RemoteConfig
     key: str
     path: str
@@ -48,6 +76,10 @@ class CacheRequest:
     expected_digest: str | None = None
     headers: dict[bytes, bytes] = field(default_factory=dict)
     keep_headers: tuple[str, ...] = KEEP_HEADERS
+
+    @property
+    def target(self) -> Target:
+        return Target(self.key, self.remote.name, self.path, self.ttl, self.expected_digest)
 
 
 @dataclass
@@ -60,6 +92,8 @@ class Hit:
 class Live:
     flight: Flight
     state: str = "MISS"
+    # This caller's request started the production (the others joined it).
+    started: bool = False
 
 
 @dataclass
@@ -74,54 +108,34 @@ class Failed:
 Result = Union[Hit, Live, Failed]
 
 
-class _Fetch:
-    """The shared upstream exchange for one key; waiters get their own Deferreds."""
+@dataclass
+class Body:
+    """A source's answer when it has bytes to store.
 
-    def __init__(self) -> None:
-        self.outcome: Union[Live, Hit, Failed, None] = None
-        self._waiters: list[Deferred[Any]] = []
+    ``fill(flight)`` puts the bytes into the flight and returns once all are
+    handed over; it raises BodyError for a body that must not be kept. The
+    headers are stored with the entry and sent to the clients that tail it.
+    ``on_commit`` runs once the entry is visible (the production's clean-up).
+    """
 
-    def wait(self) -> Deferred[Any]:
-        if self.outcome is not None:
-            d: Deferred[Any] = Deferred()
-            d.callback(self.outcome)
-            return d
+    headers: dict[str, str]
+    fill: Callable[[Flight], Awaitable[Any]]
+    total: int | None = None  # the announced length, checked before commit
+    on_commit: Callable[[Entry], Awaitable[Any]] | None = None
 
-        def cancel(d: Deferred[Any]) -> None:
-            if d in self._waiters:
-                self._waiters.remove(d)
 
-        d = Deferred(cancel)
-        self._waiters.append(d)
-        return d
+class Source:
+    """How the bytes of an entry are produced when the store lacks them (or has them stale)."""
 
-    def resolve(self, outcome: Union[Live, Hit, Failed]) -> None:
-        self.outcome = outcome
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            d.callback(outcome)
+    async def open(self, cache: "Cache", target: Target, stale: Entry | None) -> Union[Body, Hit, Failed]:
+        """Begin: a Body to store, or an outcome that needs none (REVALIDATED, a failure)."""
+        raise NotImplementedError
 
 
 def _content_length(response: IResponse) -> int | None:
     if response.length is not None and isinstance(response.length, int):
         return response.length
     return None
-
-
-def watch_ends(running: Iterable[Deferred[Any]]) -> list[Deferred[None]]:
-    """A new Deferred per running one, firing (with None) when it ends: waiting
-    on these (graceful stop) neither consumes nor cancels the work itself."""
-    out: list[Deferred[None]] = []
-    for d in running:
-        w: Deferred[None] = Deferred()
-
-        def fire(r: object, w: Deferred[None] = w) -> object:
-            w.callback(None)
-            return r
-
-        d.addBoth(fire)
-        out.append(w)
-    return out
 
 
 _VALID_ETAG = re.compile(r'^(W/)?"[^"]*"$')
@@ -133,22 +147,24 @@ class Cache:
         self.upstream = upstream
         self.clock = clock
         self.metrics = metrics
-        self._fetches: dict[str, _Fetch] = {}
-        self._running: set[Deferred[None]] = set()
+        self._producing: Singleflight[str, Result] = Singleflight()
 
     @property
     def inflight(self) -> int:
-        return len(self._fetches)
+        return len(self._producing)
 
     def fetching(self, key: str) -> bool:
-        """Whether an upstream fetch for ``key`` is running now."""
-        return key in self._fetches
+        """Whether a production of ``key`` is running now."""
+        return key in self._producing
 
-    async def get(self, req: CacheRequest) -> Result:
-        fetch = self._fetches.get(req.key)
-        if fetch is not None:
-            return await self._join(fetch, None)
-        entry = await self.store.index.get(req.key)
+    async def get(self, req: CacheRequest | Target, source: Source | None = None) -> Result:
+        """The entry under ``req.key``: stored and fresh, or produced by ``source``
+        (by default, for a CacheRequest, fetched from its upstream)."""
+        key = req.key
+        shared = self._producing.get(key)
+        if shared is not None:
+            return await self._join(shared, None)
+        entry = await self.store.index.get(key)
         now = self.clock.seconds()
         if entry is not None:
             if entry.status == 200 and entry.fresh(now):
@@ -156,18 +172,26 @@ class Cache:
                 return Hit(entry, "HIT")
             if entry.status != 200 and entry.fresh(now):
                 return Failed(entry.status, "not found upstream (cached)")
-        fetch = self._fetches.get(req.key)
-        if fetch is None:
-            # Closes the window in which a fetch committed (and left the map)
-            # while the index lookup above was in the SQLite thread.
-            latest = self.store.index.peek(req.key)
-            if latest is not None and latest is not entry and latest.status == 200 and latest.fresh(now):
-                return Hit(latest, "HIT")
-            fetch = self._start(req, entry if entry is not None and entry.status == 200 else None)
-        return await self._join(fetch, entry if entry is not None and entry.status == 200 else None)
+        stale = entry if entry is not None and entry.status == 200 else None
+        shared = self._producing.get(key)
+        if shared is not None:
+            return await self._join(shared, stale)
+        # Closes the window in which a production committed (and left the map)
+        # while the index lookup above was in the SQLite thread.
+        latest = self.store.index.peek(key)
+        if latest is not None and latest is not entry and latest.status == 200 and latest.fresh(now):
+            return Hit(latest, "HIT")
+        if isinstance(req, CacheRequest):
+            target, src = req.target, source or Upstream(req)
+        else:
+            assert source is not None, "only a CacheRequest has a default source"
+            target, src = req, source
+        shared = self._producing.start(key, lambda s: self._produce(target, src, stale, s))
+        result = await self._join(shared, stale)
+        return replace(result, started=True) if isinstance(result, Live) else result
 
-    async def _join(self, fetch: _Fetch, stale: Entry | None) -> Result:
-        outcome = await fetch.wait()
+    async def _join(self, shared: Shared[Result], stale: Entry | None) -> Result:
+        outcome = await shared.wait()
         if isinstance(outcome, Live) and outcome.flight.finished:
             # Joined after the body was done: serve what was committed.
             f = outcome.flight
@@ -179,140 +203,155 @@ class Cache:
             return Hit(stale, "STALE")
         return outcome
 
-    def _start(self, req: CacheRequest, stale: Entry | None) -> _Fetch:
-        fetch = _Fetch()
-        self._fetches[req.key] = fetch
+    async def _produce(self, target: Target, source: Source, stale: Entry | None, shared: Shared[Result]) -> Result:
+        """Run one production; settles ``shared`` as soon as there is an outcome
+        (Live once bytes flow). What it returns is the outcome only if nothing
+        settled it before."""
         self.metrics.inflight.inc()
-        d = ensureDeferred(self._run(req, stale, fetch))
-
-        def cleanup(r: object) -> object:
+        try:
+            opened = await source.open(self, target, stale)
+            if not isinstance(opened, Body):
+                return opened
+            await self._store(target, stale, shared, opened)
+            # Settled (Live) before the body flowed: this outcome goes to nobody.
+            return Failed(502, "internal error while producing")
+        except CancelledError:
+            return Failed(503, "stopping")
+        except Exception:
+            log.failure("producing {key} failed", key=target.key)
+            return Failed(502, "internal error while producing")
+        finally:
             self.metrics.inflight.dec()
-            self._forget(req.key, fetch)
-            self._running.discard(d)
-            if fetch.outcome is None:
-                fetch.resolve(Failed(502, "internal error while fetching"))
-            return None
 
-        self._running.add(d)
-        d.addErrback(lambda f: log.failure("fetch of {key} failed", f, key=req.key))
-        d.addBoth(cleanup)
-        return fetch
-
-    def _expires(self, req: CacheRequest, now: float) -> float | None:
-        return None if req.ttl is None else now + req.ttl
-
-    async def _run(self, req: CacheRequest, stale: Entry | None, fetch: _Fetch) -> None:
-        headers = dict(req.headers)
-        if stale is not None and req.revalidate:
-            if stale.etag:
-                headers[b"If-None-Match"] = stale.etag.encode("latin-1")
-            if stale.last_modified:
-                headers[b"If-Modified-Since"] = stale.last_modified.encode("latin-1")
-        started = self.clock.seconds()
-        try:
-            response, _final = await self.upstream.request(req.remote, b"GET", req.url, headers)
-        except UpstreamError as e:
-            self.metrics.upstream(req.remote.name, e.kind)
-            self._settle(req.key, fetch, Failed(504 if e.kind == "timeout" else 502, str(e), stale_ok=True))
-            return
-        self.metrics.upstream_latency.labels(req.remote.name).observe(self.clock.seconds() - started)
-        self.metrics.upstream(req.remote.name, str(response.code))
-        code = response.code
+    async def _store(self, target: Target, stale: Entry | None, shared: Shared[Result], body: Body) -> None:
+        """The one commit path: spool, verify, fsync, rename, index row, in that order."""
+        key = target.key
         now = self.clock.seconds()
-        if code == 304 and stale is not None:
-            await discard_body(response)
-            fresh = replace(
-                stale,
-                fetched=now,
-                expires=self._expires(req, now),
-                last_access=now,
-                etag=_header(response, "etag") or stale.etag,
-                last_modified=_header(response, "last-modified") or stale.last_modified,
-            )
-            self._settle(req.key, fetch, Hit(await self.store.index.put(fresh), "REVALIDATED"))
-        elif code == 200:
-            await self._stream(req, stale, fetch, response, now)
-        elif code in (404, 410):
-            await discard_body(response)
-            if stale is not None:
-                await self.store.purge_key(req.key)
-            if req.remote.cache.negative_ttl > 0:
-                await self.store.index.put(Entry(
-                    req.key, req.remote.name, req.path, 404, None, 0, None, {}, now,
-                    now + req.remote.cache.negative_ttl, None, None, now,
-                ))
-            self._settle(req.key, fetch, Failed(404, f"not found upstream ({code})"))
-        elif code >= 500 or code == 429:
-            await discard_body(response)
-            # 429 stays 429 so clients back off; other upstream failures are a bad gateway.
-            self._settle(req.key, fetch, Failed(429 if code == 429 else 502, f"upstream answered {code}", stale_ok=True))
-        else:
-            await discard_body(response)
-            challenge = _header(response, "www-authenticate")
-            self._settle(req.key, fetch, Failed(code if 400 <= code < 500 else 502, f"upstream answered {code}",
-                                                headers={"www-authenticate": challenge} if challenge else {}))
-
-    async def _stream(self, req: CacheRequest, stale: Entry | None, fetch: _Fetch, response: IResponse, now: float) -> None:
-        kept = {}
-        for name in req.keep_headers:
-            v = _header(response, name)
-            if v is not None:
-                kept[name] = v
-        total = _content_length(response)
         spool = self.store.new_spool()
-        flight = Flight(req.key, spool, total, kept, self.store.in_io)
-        flight.hold_last = req.expected_digest is not None
-        fetch.resolve(Live(flight))
         try:
-            await receive(response, flight, self.clock, req.remote.read_timeout)
-            if total is not None and flight.written != total:
-                raise BodyError(f"upstream sent {flight.written} of {total} bytes")
+            flight = Flight(key, spool, body.total, body.headers, self.store.in_io)
+        except BaseException:
+            self.store.discard(spool)
+            raise
+        # A body with a digest to match (OCI blobs) holds back its last byte until it matched.
+        flight.hold_last = target.expected_digest is not None
+        shared.settle(Live(flight))
+        try:
+            await body.fill(flight)
+            await flight.flushed()
+            if body.total is not None and flight.written != body.total:
+                raise BodyError(f"the body ended after {flight.written} of {body.total} bytes")
             digest = spool.hexdigest()
-            if req.expected_digest is not None and digest != req.expected_digest:
-                raise BodyError(f"digest mismatch: expected sha256:{req.expected_digest}, got sha256:{digest}")
-            etag = kept.get("etag")
+            if target.expected_digest is not None and digest != target.expected_digest:
+                raise BodyError(f"digest mismatch: expected sha256:{target.expected_digest}, got sha256:{digest}")
+            etag = body.headers.get("etag")
             entry = Entry(
-                key=req.key, remote=req.remote.name, path=req.path, status=200, digest=digest,
-                size=flight.written, content_type=kept.get("content-type"), headers=kept,
-                fetched=now, expires=self._expires(req, now),
+                key=key, remote=target.remote, path=target.path, status=200, digest=digest,
+                size=flight.written, content_type=body.headers.get("content-type"), headers=body.headers,
+                fetched=now, expires=None if target.ttl is None else now + target.ttl,
                 etag=etag if etag and _VALID_ETAG.match(etag) else None,
-                last_modified=kept.get("last-modified"), last_access=now,
+                last_modified=body.headers.get("last-modified"), last_access=now,
             )
+            old = stale if stale is not None else self.store.index.peek(key)
             committed = await self.store.commit(spool, entry)
-            if stale is not None and stale.digest != digest and stale.digest is not None:
-                await self.store.release_digest(stale.digest)
-            self._forget(req.key, fetch)
+            if old is not None and old.digest is not None and old.digest != digest:
+                await self.store.release_digest(old.digest)
+            # Leave the map before waking anyone, so nobody joins a finished flight.
+            self._producing.leave(key, shared)
             flight.complete(committed)
         except Exception as e:
             if isinstance(e, BodyError):
-                log.warn("not caching {key}: {e}", key=req.key, e=e)
+                log.warn("not caching {key}: {e}", key=key, e=e)
+            elif isinstance(e, CancelledError):
+                e = BodyError("stopped before the body was complete")
             else:
-                log.failure("storing {key} failed", key=req.key)
+                log.failure("storing {key} failed", key=key)
                 e = BodyError(f"storing failed: {e}")
-            self._forget(req.key, fetch)
+            self._producing.leave(key, shared)
             flight.fail(e)
             try:
                 await flight.flushed()  # no thread may still be writing to the descriptor we close
             except BodyError:
                 pass
             self.store.discard(spool)
-
-    def _settle(self, key: str, fetch: _Fetch, outcome: Union[Hit, Failed]) -> None:
-        self._forget(key, fetch)
-        fetch.resolve(outcome)
-
-    def _forget(self, key: str, fetch: _Fetch) -> None:
-        # Leave the map before waking anyone, so nobody can join a finished flight.
-        if self._fetches.get(key) is fetch:
-            del self._fetches[key]
+            return
+        if body.on_commit is not None:
+            try:
+                await body.on_commit(committed)
+            except Exception:
+                log.failure("after storing {key}", key=key)
 
     def running(self) -> list[Deferred[None]]:
-        """Deferreds of the fetches in progress (each fires when its fetch ends)."""
-        return watch_ends(self._running)
+        """Deferreds of the productions in progress (each fires when its production ends)."""
+        return self._producing.ends()
 
     async def stop(self) -> None:
-        for d in list(self._running):
-            d.cancel()
+        self._producing.cancel()
+
+
+class Upstream(Source):
+    """An upstream HTTP response: the default source of a CacheRequest.
+
+    A stale entry is revalidated with a conditional request when the request
+    says so: 304 refreshes it, 404/410 replace it with a short-lived negative
+    entry, and 5xx/429 or an unreachable upstream let the caller serve it stale.
+    """
+
+    def __init__(self, req: CacheRequest) -> None:
+        self.req = req
+
+    async def open(self, cache: Cache, target: Target, stale: Entry | None) -> Union[Body, Hit, Failed]:
+        req, metrics, store = self.req, cache.metrics, cache.store
+        headers = dict(req.headers)
+        if stale is not None and req.revalidate:
+            if stale.etag:
+                headers[b"If-None-Match"] = stale.etag.encode("latin-1")
+            if stale.last_modified:
+                headers[b"If-Modified-Since"] = stale.last_modified.encode("latin-1")
+        started = cache.clock.seconds()
+        try:
+            response, _final = await cache.upstream.request(req.remote, b"GET", req.url, headers)
+        except UpstreamError as e:
+            metrics.upstream(req.remote.name, e.kind)
+            return Failed(504 if e.kind == "timeout" else 502, str(e), stale_ok=True)
+        metrics.upstream_latency.labels(req.remote.name).observe(cache.clock.seconds() - started)
+        metrics.upstream(req.remote.name, str(response.code))
+        code = response.code
+        now = cache.clock.seconds()
+        if code == 200:
+            kept = {}
+            for name in req.keep_headers:
+                v = _header(response, name)
+                if v is not None:
+                    kept[name] = v
+            return Body(kept, lambda flight: receive(response, flight, cache.clock, req.remote.read_timeout),
+                        total=_content_length(response))
+        await discard_body(response)
+        if code == 304 and stale is not None:
+            fresh = replace(
+                stale,
+                fetched=now,
+                expires=None if req.ttl is None else now + req.ttl,
+                last_access=now,
+                etag=_header(response, "etag") or stale.etag,
+                last_modified=_header(response, "last-modified") or stale.last_modified,
+            )
+            return Hit(await store.index.put(fresh), "REVALIDATED")
+        if code in (404, 410):
+            if stale is not None:
+                await store.purge_key(req.key)
+            if req.remote.cache.negative_ttl > 0:
+                await store.index.put(Entry(
+                    req.key, req.remote.name, req.path, 404, None, 0, None, {}, now,
+                    now + req.remote.cache.negative_ttl, None, None, now,
+                ))
+            return Failed(404, f"not found upstream ({code})")
+        if code >= 500 or code == 429:
+            # 429 stays 429 so clients back off; other upstream failures are a bad gateway.
+            return Failed(429 if code == 429 else 502, f"upstream answered {code}", stale_ok=True)
+        challenge = _header(response, "www-authenticate")
+        return Failed(code if 400 <= code < 500 else 502, f"upstream answered {code}",
+                      headers={"www-authenticate": challenge} if challenge else {})
 
 
 def _header(response: IResponse, name: str) -> str | None:

@@ -1,12 +1,14 @@
-"""One upstream body being spooled, shared by every client that wants it.
+"""One body being produced into a spool file, shared by every client that wants it.
 
-The body goes to a spool file at upstream speed, hashed as it arrives; the
-disk writes and hashing run in the I/O pool (a page-cache write can be slower
-than the network), with the upstream paused while too much is queued. Each
-client tails that file through its own producer, at its own speed, via
+Pushed bodies (an upstream response, a child's stdout) go to the spool at
+their producer's speed through an Intake, hashed as they arrive; the disk
+writes and hashing run in the I/O pool (a page-cache write can be slower than
+the network), with the producer paused while too much is queued. A body built
+in a worker thread is written there directly through a ThreadWriter. Each
+client tails the file through its own producer, at its own speed, via
 ``pread`` on one descriptor the flight holds open — so a reader that joins
 while the body is renamed into the content store still reads the same bytes.
-Nothing a client does (pausing, disconnecting) reaches the upstream fetch.
+Nothing a client does (pausing, disconnecting) reaches the production.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import os
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IConsumer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import PotentialDataLoss, ResponseDone
 from twisted.web.iweb import IResponse
+from zope.interface import implementer
 
 from sparkcache.store import SpoolFile
 
@@ -30,14 +34,16 @@ READ_SIZE = 512 << 10
 # Pause the upstream while more than this is waiting for the disk.
 HIGH_WATER = 2 << 20
 LOW_WATER = 512 << 10
+# Readers of a body built in a thread hear about new bytes in steps of this size.
+PROGRESS_STEP = 256 << 10
 
 
 class BodyError(Exception):
-    """The upstream body was truncated, stalled or failed verification."""
+    """The body was truncated, stalled, could not be spooled or failed verification."""
 
 
 class Flight:
-    """Spooling state of one upstream body.
+    """Spooling state of one body being produced.
 
     ``written`` grows as bytes land in the spool; ``done`` fires (with the
     flight) once the body is complete, verified and committed, or errbacks
@@ -122,7 +128,12 @@ class Flight:
         self._done_waiters.append(d)
         return d
 
-    # -- writing (driven by BodyReceiver and the cache) ----------------------------
+    # -- writing (by an Intake on the reactor, or a ThreadWriter) --------------------
+
+    def advance(self, n: int) -> None:
+        """``n`` more bytes are in the spool, written there by a worker thread."""
+        self.written += n
+        self._notify()
 
     def data(self, chunk: bytes) -> None:
         if self._write_error is not None:
@@ -156,11 +167,18 @@ class Flight:
             self._queue = []
             self.queued = 0
             self._writing = False
+            # A producer paused until the disk catches up must hear that it never will.
+            self.on_drain()
             drained, self._drained = self._drained, []
             for w in drained:
                 w.errback(BodyError(f"spool write failed: {f.getErrorMessage()}"))
 
         d.addCallbacks(written, failed)
+
+    @property
+    def write_error(self) -> BaseException | None:
+        """Why the spool could not be written (disk full, I/O error), if it could not."""
+        return self._write_error
 
     def flushed(self) -> Deferred[None]:
         """Fires once every byte received so far is in the spool file."""
@@ -195,6 +213,89 @@ class Flight:
         self.release()
 
 
+@implementer(IConsumer)
+class Intake:
+    """A push producer's bytes into a Flight: an upstream body, a child's stdout.
+
+    Pauses the producer while too much waits for the disk, and stops it when it
+    stays silent for ``idle_timeout`` (waiting on our own disk does not count)
+    or when the spool cannot be written; ``error`` then says why. Remembers the
+    last bytes, for output that ends with a marker (git's flush-pkt).
+    """
+
+    TAIL = 16
+
+    def __init__(self, flight: Flight, clock: Any, idle_timeout: float, idle_error: str) -> None:
+        """``idle_error`` is formatted with ``timeout`` and ``bytes`` (received so far)."""
+        self.flight = flight
+        self.clock = clock
+        self.idle_timeout = idle_timeout
+        self.idle_error = idle_error
+        self.producer: Any = None
+        self.error: str | None = None
+        self.tail = b""
+        self._paused = False
+        self._closed = False
+        self._timer: Any = clock.callLater(idle_timeout, self._idle)
+        flight.on_drain = self._maybe_resume
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+        if self.error is not None:
+            producer.stopProducing()
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def write(self, data: bytes) -> None:
+        if self.error is not None or not data:
+            return
+        try:
+            self.flight.data(data)
+        except OSError as e:  # disk full, I/O error: stop, never commit
+            log.error("spool write failed for {key}: {e}", key=self.flight.key, e=e)
+            self.stop(f"spool write failed: {e}")
+            return
+        self.tail = data[-self.TAIL:] if len(data) >= self.TAIL else (self.tail + data)[-self.TAIL:]
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self.idle_timeout)
+        if self.flight.queued > HIGH_WATER and not self._paused and self.producer is not None:
+            self._paused = True
+            self.producer.pauseProducing()
+            if self._timer is not None and self._timer.active():
+                self._timer.cancel()  # waiting on our disk is not a stalled producer
+
+    def _maybe_resume(self) -> None:
+        if self.flight.write_error is not None:
+            self.stop(f"spool write failed: {self.flight.write_error}")
+            return
+        if self._paused and self.flight.queued < LOW_WATER:
+            self._paused = False
+            if self.error is None and not self._closed:
+                self._timer = self.clock.callLater(self.idle_timeout, self._idle)
+            if self.producer is not None:
+                self.producer.resumeProducing()
+
+    def _idle(self) -> None:
+        received = self.flight.written + self.flight.queued
+        self.stop(self.idle_error.format(timeout=self.idle_timeout, bytes=received))
+
+    def stop(self, why: str) -> None:
+        """Stop the producer; nothing it sends from now on is kept."""
+        if self.error is None:
+            self.error = why
+        if self.producer is not None:
+            self.producer.stopProducing()
+
+    def close(self) -> None:
+        """The producer is done (or gone): no more timers, no more resumes."""
+        self._closed = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self.flight.on_drain = lambda: None
+
+
 class BodyReceiver(Protocol):
     """Receives an upstream body into a Flight, with an idle timeout."""
 
@@ -203,57 +304,32 @@ class BodyReceiver(Protocol):
         self.clock = clock
         self.idle_timeout = idle_timeout
         self.done = done
-        self._timer: Any = None
-        self.timed_out = False
-        self.write_error: OSError | None = None
-        self._paused = False
-        flight.on_drain = self._maybe_resume
+        self.intake: Intake | None = None
 
     def connectionMade(self) -> None:
-        self._timer = self.clock.callLater(self.idle_timeout, self._idle)
+        self.intake = Intake(self.flight, self.clock, self.idle_timeout,
+                             "upstream stalled for {timeout:g}s after {bytes} bytes")
+        self.intake.registerProducer(self.transport, True)
         # Read upstream in large gulps: each read is a trip through the HTTP
         # parser and the spool, so fewer, bigger reads mean less CPU per byte.
         tcp = getattr(self.transport, "_producer", None)
         if tcp is not None and hasattr(tcp, "bufferSize"):
             tcp.bufferSize = READ_SIZE
 
-    def _idle(self) -> None:
-        self.timed_out = True
-        if self.transport is not None:
-            self.transport.stopProducing()  # type: ignore[attr-defined]
-
     def dataReceived(self, data: bytes) -> None:
-        try:
-            self.flight.data(data)
-        except OSError as e:  # disk full, I/O error: stop, never commit
-            log.error("spool write failed for {key}: {e}", key=self.flight.key, e=e)
-            self.write_error = e
-            if self.transport is not None:
-                self.transport.stopProducing()  # type: ignore[attr-defined]
-            return
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self.idle_timeout)
-        if self.flight.queued > HIGH_WATER and not self._paused and self.transport is not None:
-            self._paused = True
-            self.transport.pauseProducing()  # type: ignore[attr-defined]
-            if self._timer is not None and self._timer.active():
-                self._timer.cancel()  # waiting on our disk is not an upstream stall
-
-    def _maybe_resume(self) -> None:
-        if self._paused and self.flight.queued < LOW_WATER and self.transport is not None:
-            self._paused = False
-            self._timer = self.clock.callLater(self.idle_timeout, self._idle)
-            self.transport.resumeProducing()  # type: ignore[attr-defined]
+        assert self.intake is not None
+        self.intake.write(data)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self.flight.on_drain = lambda: None
+        intake = self.intake
+        if intake is not None:
+            intake.close()
+            intake.unregisterProducer()
+        if self.done.called:
+            return  # cancelled: nobody waits for this body any more
         f = self.flight
-        if self.write_error is not None:
-            self.done.errback(BodyError(f"spool write failed: {self.write_error}"))
-        elif self.timed_out:
-            self.done.errback(BodyError(f"upstream stalled for {self.idle_timeout:g}s after {f.written + f.queued} bytes"))
+        if intake is not None and intake.error is not None:
+            self.done.errback(BodyError(intake.error))
         elif reason.check(ResponseDone) or (reason.check(PotentialDataLoss) and f.total is None):
             # (A body delimited by connection close, HTTP/1.0 framing, has no
             # other end marker; accept it, digests still apply.)
@@ -273,6 +349,36 @@ def receive(response: IResponse, flight: Flight, clock: Any, idle_timeout: float
     receiver = BodyReceiver(flight, clock, idle_timeout, done)
     response.deliverBody(receiver)
     return done
+
+
+class ThreadWriter:
+    """The spool as a file object for a worker thread that builds a body (an
+    archive, a normalized upload): bytes go straight to the spool file, hashed
+    as they go, and the reactor hears about them every PROGRESS_STEP bytes, so
+    readers tail a build exactly as they tail a download."""
+
+    def __init__(self, flight: Flight, reactor: Any) -> None:
+        self.flight, self.reactor = flight, reactor
+        self.pending = 0
+        self.cancelled = False
+
+    def write(self, data: bytes) -> int:
+        if self.cancelled:
+            raise BodyError("stopped while building")
+        self.flight.spool.write(data)
+        self.pending += len(data)
+        if self.pending >= PROGRESS_STEP:
+            self.flush()
+        return len(data)
+
+    def flush(self) -> None:
+        n, self.pending = self.pending, 0
+        if n:
+            self.reactor.callFromThread(self.flight.advance, n)
+
+    def cancel(self) -> None:
+        """Called on the reactor: the thread's next write raises, ending the build."""
+        self.cancelled = True
 
 
 def _reason(reason: Failure) -> str:

@@ -1,7 +1,7 @@
 """The contract between the mirror machinery and the apps that read mirrors.
 
 ``sparkcache.git.mirrors`` provides IMirrors; the git protocol app and the
-code-sync/read-endpoint app both use it through ``Context.git``.
+code-sync/read-endpoint app are both built with it (``protocols.git.build``).
 """
 
 from __future__ import annotations

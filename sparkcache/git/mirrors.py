@@ -30,10 +30,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from sparkcache.fetch.produce import Singleflight
 from sparkcache.git.config import GitConfig
 from sparkcache.git.credentials import Callbacks, describe
 from sparkcache.git.interfaces import IMirrors, Mirror, MirrorUnavailable
-from sparkcache.git.jobs import Waiters
 from sparkcache.pools import DaemonThreadPool, stop_pool
 from sparkcache.git.registry import RegistrationError, Registry
 from sparkcache.git.repo_ops import (
@@ -113,7 +113,8 @@ class Mirrors:
         # beside a fetch, so a long repack never delays a fetch for a just-pushed commit.
         self._locks: dict[str, DeferredLock] = {}
         self._mlocks: dict[str, DeferredLock] = {}
-        self._flights: dict[str, Waiters] = {}
+        # One fetch per mirror at a time; refresh() callers join the running one.
+        self._refreshes: Singleflight[str, dict[str, str]] = Singleflight()
         self._state: dict[str, MirrorState] = {}
         self._creds: dict[str, Any] = {}
         self._building: set[str] = set()
@@ -153,7 +154,7 @@ class Mirrors:
 
     def in_flight(self) -> list[Deferred[Any]]:
         """One Deferred per running operation (for a graceful stop)."""
-        return [f.join() for f in self._flights.values()]
+        return self._refreshes.ends()
 
     # -- registry ---------------------------------------------------------------
 
@@ -264,54 +265,50 @@ class Mirrors:
     def refresh(self, mirror: Mirror, clone: bool = True) -> Deferred[dict[str, str]]:
         """Fetch now (cloning when the mirror is missing, unless ``clone`` is False),
         joining a fetch already running for this mirror."""
-        flight = self._flights.get(mirror.path)
-        if flight is None:
-            flight = self._flights[mirror.path] = Waiters()
-            st = self.state(mirror)
-            st.fetching = True
-            known = dict(st.refs) if st.refs is not None else None
-            creds = self._credentials(mirror)
-            d = self._exclusive(mirror, self._fetch_sync, mirror, creds, known, clone, st.damaged)
+        return self._refreshes.run(mirror.path, lambda: self._refresh(mirror, clone))
 
-            def done(result: Any) -> Any:
-                self._flights.pop(mirror.path, None)
-                st.fetching = False
-                st.last_fetch = self.clock.seconds()
-                if isinstance(result, Failure):
-                    self._failed(mirror, st, result.getErrorMessage())
-                    self._count("error")
-                    if self.registry.forget_unused_host(mirror.name):
-                        self._state.pop(mirror.path, None)
-                        self._creds.pop(mirror.path, None)
-                        for locks in (self._locks, self._mlocks):
-                            lock = locks.get(mirror.path)
-                            if lock is not None and not lock.locked and not lock.waiting:
-                                del locks[mirror.path]
-                        self._save_registry()
-                    if not result.check(MirrorUnavailable):
-                        result = Failure(FetchError(f"{mirror.name}: {st.last_error}"))
-                    flight.fire(result)
-                    return None
-                st.last_error = None
-                if result.cloned:
-                    st.damaged = False
-                self._count("cloned" if result.cloned else "fetched" if result.changed else "unchanged")
-                if not result.missing:
-                    st.refs, st.head = result.refs, result.head
-                    if result.size is not None:
-                        st.size = result.size
-                    if result.changed:
-                        st.last_change = st.last_fetch
-                        st.dirty = True
-                if result.cloned:
-                    self._after_clone(mirror)
-                    if self.registry.dirty():
-                        self._save_registry()
-                flight.fire(dict(result.refs))
-                return None
+    def _refresh(self, mirror: Mirror, clone: bool) -> Deferred[dict[str, str]]:
+        st = self.state(mirror)
+        st.fetching = True
+        known = dict(st.refs) if st.refs is not None else None
+        creds = self._credentials(mirror)
+        d = self._exclusive(mirror, self._fetch_sync, mirror, creds, known, clone, st.damaged)
 
-            d.addBoth(done)
-        return flight.join()
+        def done(result: Any) -> Any:
+            st.fetching = False
+            st.last_fetch = self.clock.seconds()
+            if isinstance(result, Failure):
+                self._failed(mirror, st, result.getErrorMessage())
+                self._count("error")
+                if self.registry.forget_unused_host(mirror.name):
+                    self._state.pop(mirror.path, None)
+                    self._creds.pop(mirror.path, None)
+                    for locks in (self._locks, self._mlocks):
+                        lock = locks.get(mirror.path)
+                        if lock is not None and not lock.locked and not lock.waiting:
+                            del locks[mirror.path]
+                    self._save_registry()
+                if not result.check(MirrorUnavailable):
+                    result = Failure(FetchError(f"{mirror.name}: {st.last_error}"))
+                return result
+            st.last_error = None
+            if result.cloned:
+                st.damaged = False
+            self._count("cloned" if result.cloned else "fetched" if result.changed else "unchanged")
+            if not result.missing:
+                st.refs, st.head = result.refs, result.head
+                if result.size is not None:
+                    st.size = result.size
+                if result.changed:
+                    st.last_change = st.last_fetch
+                    st.dirty = True
+            if result.cloned:
+                self._after_clone(mirror)
+                if self.registry.dirty():
+                    self._save_registry()
+            return dict(result.refs)
+
+        return d.addBoth(done)
 
     def poll(self, mirrors: list[Mirror]) -> Deferred[tuple[list[Mirror], int]]:
         """The fetch loop's cheap check of a batch of mirrors, in one pool job: each
@@ -323,7 +320,7 @@ class Mirrors:
         batch: list[Mirror] = []
         for m in mirrors:
             st = self.state(m)
-            if st.refs is None or st.damaged or m.path in self._flights:
+            if st.refs is None or st.damaged or m.path in self._refreshes:
                 need.append(m)
             else:
                 batch.append(m)

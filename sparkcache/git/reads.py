@@ -1,7 +1,7 @@
 """Reads from a bare mirror: resolve a ref, read a file, hash a path, archive a tree.
 
 Every function here is blocking pygit2 work: call it in the git pool
-(``ctx.git.run(fn, repo_path, ...)``). Arguments and results are plain values
+(``IMirrors.run(fn, repo_path, ...)``). Arguments and results are plain values
 (str, bytes, tuples), never pygit2 objects, which must not cross threads.
 Errors the caller should turn into a 4xx are ``ReadError`` with a status.
 """

@@ -91,9 +91,9 @@ class Server:
         self.mirrors = FakeMirrors(tmp)
         ctx = SimpleNamespace(
             config=SimpleNamespace(git=SimpleNamespace(max_upload_pack_body=max_body), server=ServerConfig()),
-            auth=Authorizer(auth), store=SimpleNamespace(in_io=deferToThread), git=self.mirrors,
+            auth=Authorizer(auth), store=SimpleNamespace(in_io=deferToThread),
         )
-        self.app = GitApp(ctx, reactor, None)  # type: ignore[arg-type]
+        self.app = GitApp(ctx, self.mirrors, reactor, None)  # type: ignore[arg-type]
         root = Resource()
         res = self.app.resource()
         root.putChild(b"git", res)

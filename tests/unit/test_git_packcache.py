@@ -1,7 +1,7 @@
 """The pack cache against a real bare repository and real ``git upload-pack``.
 
 A tiny twisted.web site hands every POST to ``PackCache.serve`` (as GitApp's
-handler does); clients are plain http.client calls in threads, so an aborted
+handler does), whose packs the cache's engine produces; clients are plain http.client calls in threads, so an aborted
 response shows up exactly as a git client would see it.
 """
 
@@ -21,14 +21,17 @@ from twisted.internet.threads import deferToThread
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+from sparkcache.fetch import Cache
+from sparkcache.fetch.flight import Intake
 from sparkcache.git.interfaces import Mirror
-from sparkcache.git.packcache import REMOTE, PackCache, SpoolConsumer, cache_key, cacheable, ref_state
+from sparkcache.git.packcache import REMOTE, PackCache, cache_key, cacheable, ref_state
 from sparkcache.git.pktline import DELIM, FLUSH, iter_pkt_lines, parse_request, pkt_line
 from sparkcache.git.uploadpack import spawn_upload_pack
 from sparkcache.metrics import Metrics
 from sparkcache.store import Store
 from tests.support.git_upstream import git as _git
 from tests.support.tools import require_tool
+from tests.support.waiting import eventually
 
 
 def _commit(path: Path, parent: str | None, name: str, size: int = 300_000) -> str:
@@ -110,13 +113,14 @@ def env(tmp_path: Path, bare: tuple[Path, str]) -> Any:
     store = Store(str(tmp_path / "data"), reactor, max_size=1 << 30)
     pytest_twisted.blockon(Deferred.fromCoroutine(store.start()))
     metrics = Metrics()
-    ctx = SimpleNamespace(store=store, metrics=metrics, git=Git(), clock=reactor, sendfile=None)
-    pc = PackCache(ctx, reactor)
+    cache = Cache(store, None, reactor, metrics)  # type: ignore[arg-type]  # (no upstream: packs come from git)
+    ctx = SimpleNamespace(store=store, metrics=metrics, cache=cache, clock=reactor, sendfile=None)
+    pc = PackCache(ctx, Git(), reactor)
     spawns = Spawns()
     pc.spawn = spawns
     mirror = Mirror("r", "http://upstream.invalid/r.git", str(bare[0]))
     port = reactor.listenTCP(0, Site(Handler(pc, mirror)), interface="127.0.0.1")
-    yield SimpleNamespace(pc=pc, store=store, metrics=metrics, spawns=spawns, mirror=mirror, bare=bare[0],
+    yield SimpleNamespace(pc=pc, cache=cache, store=store, metrics=metrics, spawns=spawns, mirror=mirror, bare=bare[0],
                           head=bare[1], port=port.getHost().port, spool=tmp_path / "data" / "spool")
     pytest_twisted.blockon(port.stopListening())
     pytest_twisted.blockon(Deferred.fromCoroutine(store.stop()))
@@ -174,18 +178,10 @@ def metric(metrics: Metrics, result: str) -> float:
     return v or 0.0
 
 
-async def eventually(cond: Callable[[], bool], timeout: float = 20.0) -> None:
-    for _ in range(int(timeout / 0.02)):
-        if cond():
-            return
-        await task.deferLater(reactor, 0.02, lambda: None)
-    raise AssertionError("condition never became true")
-
-
-async def settled(pc: PackCache) -> None:
+async def settled(cache: Cache) -> None:
     """Every computation finished, including its clean-up after the commit."""
-    await eventually(lambda: pc.inflight == 0)
-    for d in pc.running():
+    await eventually(lambda: cache.inflight == 0)
+    for d in cache.running():
         await d
 
 
@@ -242,7 +238,9 @@ def test_idle_child_is_stopped() -> None:
     clock = task.Clock()
 
     class FakeFlight:
-        queued = 0
+        key = "k"
+        queued = written = 0
+        write_error = None
         on_drain: Any = None
 
         def data(self, chunk: bytes) -> None:
@@ -254,7 +252,7 @@ def test_idle_child_is_stopped() -> None:
         def stopProducing(self) -> None:
             self.stopped = True
 
-    c = SpoolConsumer(FakeFlight(), clock, idle_timeout=10)  # type: ignore[arg-type]
+    c = Intake(FakeFlight(), clock, 10, "upload-pack produced nothing for {timeout:g}s")  # type: ignore[arg-type]
     p = Producer()
     c.registerProducer(p, True)
     clock.advance(9)
@@ -270,7 +268,9 @@ def test_child_paused_while_the_spool_lags() -> None:
     clock = task.Clock()
 
     class SlowFlight:
-        queued = 0
+        key = "k"
+        queued = written = 0
+        write_error = None
         on_drain: Any = None
 
         def data(self, chunk: bytes) -> None:
@@ -286,7 +286,7 @@ def test_child_paused_while_the_spool_lags() -> None:
             self.resumed += 1
 
     flight = SlowFlight()
-    c = SpoolConsumer(flight, clock)  # type: ignore[arg-type]
+    c = Intake(flight, clock, 600, "idle")  # type: ignore[arg-type]
     p = Producer()
     c.registerProducer(p, True)
     for _ in range(40):
@@ -295,7 +295,7 @@ def test_child_paused_while_the_spool_lags() -> None:
     flight.queued = 0  # the I/O thread caught up
     flight.on_drain()
     assert p.resumed == 1
-    assert c.tail == b"xxxx"
+    assert c.tail == b"x" * Intake.TAIL
     c.close()
 
 
@@ -308,7 +308,7 @@ async def test_identical_requests_compute_once(env: Any, tmp_path: Path) -> None
     assert s1 == 200 and first is not None
     assert h1["content-type"] == "application/x-git-upload-pack-result" and h1["x-cache"] == "MISS"
     assert first.endswith(b"0000")
-    await settled(env.pc)
+    await settled(env.cache)
     s2, second, h2 = await deferToThread(post, env.port, v2_fetch(env.head, agent="git/2.45.0"))
     assert s2 == 200 and h2["x-cache"] == "HIT" and h2["cache-control"] == "no-cache"
     assert second == first
@@ -324,7 +324,7 @@ async def test_identical_requests_compute_once(env: Any, tmp_path: Path) -> None
 async def test_v0_side_band_clone_cached(env: Any, tmp_path: Path) -> None:
     s1, first, _ = await deferToThread(post, env.port, v0_fetch(env.head), None)
     assert s1 == 200 and first is not None and first.startswith(b"0008NAK\n")
-    await settled(env.pc)
+    await settled(env.cache)
     _s, second, h = await deferToThread(post, env.port, v0_fetch(env.head, v0_caps_other_agent()), None)
     assert h["x-cache"] == "HIT" and second == first and env.spawns.count == 1
     await deferToThread(check_pack, tmp_path, pack_of(second), env.head)
@@ -335,26 +335,26 @@ async def test_concurrent_requests_share_one_computation(env: Any) -> None:
     env.spawns.gate = Deferred()
     calls = [deferToThread(post, env.port, v2_fetch(env.head)) for _ in range(4)]
     await eventually(lambda: metric(env.metrics, "miss") + metric(env.metrics, "joined") == 4)
-    assert env.spawns.count == 1 and env.pc.inflight == 1
+    assert env.spawns.count == 1 and env.cache.inflight == 1
     env.spawns.gate.callback(None)
     results = [await c for c in calls]
     bodies = {r[1] for r in results}
     assert len(bodies) == 1 and None not in bodies
     assert all(r[0] == 200 for r in results)
     assert env.spawns.count == 1 and metric(env.metrics, "joined") == 3
-    await settled(env.pc)
+    await settled(env.cache)
     assert len(await entries(env.store)) == 1
 
 
 @pytest_twisted.ensureDeferred
 async def test_refs_move_recompute_and_drop_superseded(env: Any) -> None:
     _s, first, _h = await deferToThread(post, env.port, v2_fetch(env.head))
-    await settled(env.pc)
+    await settled(env.cache)
     (old,) = await entries(env.store)
     new_head = await deferToThread(_commit, env.bare, env.head, "three.bin")
     _s, again, h = await deferToThread(post, env.port, v2_fetch(env.head))
     assert h["x-cache"] == "MISS" and env.spawns.count == 2
-    await settled(env.pc)
+    await settled(env.cache)
     (row,) = await entries(env.store)
     assert row.key != old.key, "the pack computed against the old refs is gone"
     _s, latest, h = await deferToThread(post, env.port, v2_fetch(new_head))
@@ -388,7 +388,7 @@ async def test_upload_pack_failure_caches_nothing(env: Any) -> None:
     env.pc.spawn = failing
     status, body, _h = await deferToThread(post, env.port, v2_fetch(env.head))
     assert status == 200 and body is None, "the client must see a broken response, not a clean end"
-    await settled(env.pc)
+    await settled(env.cache)
     assert await entries(env.store) == []
     await eventually(lambda: os.listdir(env.spool) == [])
     env.pc.spawn = real
@@ -406,7 +406,7 @@ async def test_response_without_final_flush_is_not_cached(env: Any) -> None:
     env.pc.spawn = truncated
     status, body, _h = await deferToThread(post, env.port, v2_fetch(env.head))
     assert body is None
-    await settled(env.pc)
+    await settled(env.cache)
     assert await entries(env.store) == []
 
 
@@ -435,14 +435,14 @@ async def test_first_client_leaving_does_not_cancel_computation(env: Any) -> Non
         c.close()
 
     await deferToThread(leave)
-    await eventually(lambda: env.pc.inflight == 1)
+    await eventually(lambda: env.cache.inflight == 1)
     await task.deferLater(reactor, 0.2, lambda: None)  # let the disconnect reach the server
     # The computation keeps the mirror marked in use though its client left:
     # maintenance must not prune objects the running upload-pack still reads.
-    assert env.pc.ctx.git.serving == 1
+    assert env.pc.mirrors.serving == 1
     env.spawns.gate.callback(None)
-    await settled(env.pc)
-    assert env.pc.ctx.git.serving == 0
+    await settled(env.cache)
+    assert env.pc.mirrors.serving == 0
     assert len(await entries(env.store)) == 1
     _s, _b, h = await deferToThread(post, env.port, v2_fetch(env.head))
     assert h["x-cache"] == "HIT" and env.spawns.count == 1
@@ -451,7 +451,7 @@ async def test_first_client_leaving_does_not_cancel_computation(env: Any) -> Non
 @pytest_twisted.ensureDeferred
 async def test_switched_off_by_config(env: Any) -> None:
     ctx = SimpleNamespace(**vars(env.pc.ctx), config=SimpleNamespace(git=SimpleNamespace(pack_cache=False)))
-    off = PackCache(ctx, reactor)
+    off = PackCache(ctx, env.pc.mirrors, reactor)
     off.spawn = env.spawns
     assert not off.enabled
     assert await off.serve(None, env.mirror, v2_fetch(env.head), parse_request(v2_fetch(env.head), 2),

@@ -34,16 +34,16 @@ def build(ctx: "Context") -> Built:
     config = ctx.config
     git_cfg = config.section("git") or GitConfig()
     mirrors = Mirrors(git_cfg, config.storage.data_dir, ctx.reactor, clock=ctx.clock, metrics=ctx.metrics)
-    ctx.git = mirrors
-    packcache = PackCache(ctx, ctx.reactor)
-    smart_http = GitApp(ctx, ctx.reactor, packcache).resource()
+    # Packs and archives are produced by ctx.cache, whose running productions a
+    # graceful stop already waits for: a complete pack is kept even after its
+    # clients left.
+    packcache = PackCache(ctx, mirrors, ctx.reactor)
+    smart_http = GitApp(ctx, mirrors, ctx.reactor, packcache).resource()
     upload_pool = PoolService("sparkcache-upload", 2, ctx.reactor, config.server.shutdown_timeout)
-    reads = Remount(CodeSyncApp(ctx, ctx.reactor, upload_pool.pool).resource())
+    reads = Remount(CodeSyncApp(ctx, mirrors, ctx.reactor, upload_pool.pool).resource())
     return Built(
         mounts={b"git": smart_http, b"repos": smart_http, **{s: reads for s in READ_SEGMENTS}},
         services=[GitService(mirrors, config.server.shutdown_timeout), upload_pool],
-        # A complete pack is worth keeping even after its clients left.
-        drains=[packcache.running],
     )
 
 

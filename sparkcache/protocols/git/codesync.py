@@ -2,11 +2,13 @@
 
 ``/archive``, ``/file``, ``/tree-hash``, ``/branch-contains`` read a mirror
 with pygit2 in the git pool; archives (and large files) are built once into
-the store, keyed by commit (blob) id, streamed to every request while they
-are built, and then served like any cache hit (Range, ETag, sendfile). ``/upload`` turns a tarball into a normalized tar.gz
-named by its git tree id, ``/uploads/<id>`` serves it, ``/sync/negotiate``
-finds the newest commit a client and the mirror share, and ``/sync/seed``
-creates or updates a mirror from a ``git bundle``. See docs/git-read-api.rst.
+the store by the cache's engine (a ``ThreadBuild`` source), keyed by commit
+(blob) id, streamed to every request while they are built, and then served
+like any cache hit (Range, ETag, sendfile). ``/upload`` turns a tarball into a
+normalized tar.gz (built the same way) named by its git tree id,
+``/uploads/<id>`` serves it, ``/sync/negotiate`` finds the newest commit a
+client and the mirror share, and ``/sync/seed`` creates or updates a mirror
+from a ``git bundle``. See docs/git-read-api.rst.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import json
 import os
 import posixpath
 import re
-import tempfile
 from typing import Any, Callable, TypeVar
 from urllib.parse import parse_qs
 
@@ -27,11 +28,11 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web.resource import IResource
 
 from sparkcache.context import Context
-from sparkcache.fetch.cache import Hit, Live
-from sparkcache.fetch.flight import BodyError, Flight
+from sparkcache.fetch.cache import Failed, Hit, Result, Target
+from sparkcache.fetch.produce import shield
+from sparkcache.fetch.sources import ThreadBuild
 from sparkcache.git import reads, uploads
-from sparkcache.git.interfaces import Mirror, MirrorUnavailable, UnknownRepo
-from sparkcache.git.jobs import BuildFlight, Flights, Progress, run_build, shield
+from sparkcache.git.interfaces import IMirrors, Mirror, MirrorUnavailable, UnknownRepo
 from sparkcache.protocols.git.errors import READ_API
 from sparkcache.store import Entry
 from sparkcache.web.errors import HTTPError, add_error_handling, guarded
@@ -124,13 +125,14 @@ def _read_small(content: Any, limit: int) -> bytes:
 class CodeSyncApp:
     app = Klein()
 
-    def __init__(self, ctx: Context, reactor: Any, pool: ThreadPool, limits: uploads.Limits | None = None) -> None:
+    def __init__(self, ctx: Context, mirrors: IMirrors, reactor: Any, pool: ThreadPool,
+                 limits: uploads.Limits | None = None) -> None:
         self.ctx = ctx
+        # Typed loosely: acquire/release are optional extras of an IMirrors.
+        self.mirrors: Any = mirrors
         self.reactor = reactor
         self.pool = pool
         self.limits = limits or uploads.Limits()
-        self.flights = Flights()
-        self.building: dict[str, Flight] = {}
         self.build_slots = DeferredSemaphore(BUILD_SLOTS)
         # (mirror path, commit id) → when a fetch last failed to bring it.
         self._missed: dict[tuple[str, str], float] = {}
@@ -145,22 +147,15 @@ class CodeSyncApp:
     def in_pool(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         return deferToThreadPool(self.reactor, self.pool, fn, *args)
 
-    def git(self) -> Any:
-        if self.ctx.git is None:
-            raise HTTPError(503, "git mirrors are not configured on this cache")
-        return self.ctx.git
-
     async def mirror(self, name: str) -> Mirror:
-        git = self.git()
-        m = git.lookup(name)
-        return await shield(git.ensure(m))  # type: ignore[no-any-return]
+        m = self.mirrors.lookup(name)
+        return await shield(self.mirrors.ensure(m))  # type: ignore[no-any-return]
 
     def guarded(self, mirror: Mirror, d: Deferred[T]) -> Deferred[T]:
         """Mark ``mirror`` in use until ``d`` fires (no pruning repack meanwhile);
         the caller waits on a shielded copy, so a departing client does not end
         the guard while the thread still reads."""
-        git = self.git()
-        acquire, release = getattr(git, "acquire", None), getattr(git, "release", None)
+        acquire, release = getattr(self.mirrors, "acquire", None), getattr(self.mirrors, "release", None)
         if acquire is None or release is None:
             return shield(d)
         acquire(mirror)
@@ -173,12 +168,11 @@ class CodeSyncApp:
 
     def on_mirror(self, mirror: Mirror, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         """``fn(mirror.path, *args)`` in the git pool."""
-        return self.guarded(mirror, self.git().run(fn, mirror.path, *args))
+        return self.guarded(mirror, self.mirrors.run(fn, mirror.path, *args))
 
     async def read(self, mirror: Mirror, fn: Callable[..., T], *args: Any) -> T:
         """``fn(mirror.path, *args)`` in the git pool; when a full commit id is
         unknown (pushed a moment ago), fetch upstream once and try again."""
-        git = self.git()
         try:
             return await self.on_mirror(mirror, fn, *args)
         except reads.UnknownRevision as e:
@@ -191,7 +185,7 @@ class CodeSyncApp:
             if now - self._missed.get(key, -MISSING_RETRY) < MISSING_RETRY:
                 raise
         try:
-            await shield(git.refresh(mirror))
+            await shield(self.mirrors.refresh(mirror))
         except CancelledError:
             raise
         except Exception as e:
@@ -205,48 +199,17 @@ class CodeSyncApp:
             raise
 
     async def cached(self, mirror: Mirror, key: str, build: Callable[[str, Any], Any], headers: dict[str, str],
-                     etag: str) -> Hit | Live:
+                     etag: str) -> Result:
         """The store entry under ``key``, or the build that makes it: ``build(mirror.path, out)``
         runs once in the git pool while every request for it tails its output."""
-        flight = self.building.get(key)
-        if flight is None:
-            entry = await self.ctx.store.index.get(key)
-            if entry is not None and entry.status == 200:
-                self.ctx.store.index.touch(entry, self.ctx.clock.seconds())
-                return Hit(entry, "HIT")
-            flight = self.building.get(key) or self._start_build(mirror, key, build, headers, etag)
-        return Live(flight)
 
-    def _start_build(self, mirror: Mirror, key: str, build: Callable[[str, Any], Any], headers: dict[str, str],
-                     etag: str) -> Flight:
-        store = self.ctx.store
-        spool = store.new_spool()
-        flight = BuildFlight(key, spool, None, {**headers, "etag": etag}, store.in_io)
-        self.building[key] = flight
-        out = Progress(spool, flight, self.reactor)
+        def in_build_slot(job: Callable[[], Any]) -> Deferred[Any]:
+            # Builds take seconds of a git pool thread each: leave the
+            # other threads to fetches and quick reads.
+            return self.build_slots.run(self.on_mirror, mirror, lambda _path: job())
 
-        async def run() -> None:
-            try:
-                # Builds take seconds of a git pool thread each: leave the
-                # other threads to fetches and quick reads.
-                await self.build_slots.run(self.on_mirror, mirror, run_build, build, out)
-                now = self.ctx.clock.seconds()
-                entry = Entry(key, GIT_REMOTE, key, 200, spool.hexdigest(), spool.size, headers.get("content-type"),
-                              headers, now, None, etag, None, now)
-                committed = await store.commit(spool, entry)
-            except BaseException as e:
-                log.failure("building {key} failed", key=key)
-                # Unlisted before failing, in one reactor turn: no request can
-                # join a flight that is over.
-                self.building.pop(key, None)
-                flight.fail(BodyError(f"building {key} failed: {type(e).__name__}: {e}"))
-                store.discard(spool)
-                return
-            self.building.pop(key, None)
-            flight.complete(committed)
-
-        ensureDeferred(run())
-        return flight
+        source = ThreadBuild(lambda out: build(mirror.path, out), {**headers, "etag": etag}, run=in_build_slot)
+        return await self.ctx.cache.get(Target(key, GIT_REMOTE, key), source)
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -382,25 +345,18 @@ class CodeSyncApp:
 
     async def cached_upload(self, key: str, tree: uploads.Tree, headers: dict[str, str], etag: str,
                             mirror: Mirror | None) -> tuple[Entry, str]:
-        store = self.ctx.store
-        entry = await store.index.get(key)
-        if entry is not None and entry.status == 200:
-            return entry, "HIT"
+        def run(job: Callable[[], Any]) -> Deferred[Any]:
+            d = self.in_pool(job)
+            return self.guarded(mirror, d) if mirror is not None else d
 
-        async def make() -> Entry:
-            spool = store.new_spool()
-            try:
-                d = self.in_pool(uploads.write_normalized, tree, spool)
-                await (self.guarded(mirror, d) if mirror is not None else d)
-            except BaseException:
-                store.discard(spool)
-                raise
-            now = self.ctx.clock.seconds()
-            new = Entry(key, UPLOAD_REMOTE, key, 200, spool.hexdigest(), spool.size, headers["content-type"],
-                        headers, now, None, etag, None, now)
-            return await store.commit(spool, new)
-
-        return await self.flights.run(key, make), "MISS"
+        source = ThreadBuild(lambda out: uploads.write_normalized(tree, out), {**headers, "etag": etag}, run=run)
+        result = await self.ctx.cache.get(Target(key, UPLOAD_REMOTE, key), source)
+        if isinstance(result, Hit):
+            return result.entry, "HIT"
+        if isinstance(result, Failed):
+            raise HTTPError(result.status, result.message)
+        flight = await result.flight.wait_done()
+        return flight.entry, "MISS"
 
     @app.route("/uploads/<upload_id>", methods=["GET", "HEAD"])
     async def get_upload(self, request: Any, upload_id: str) -> Any:
@@ -442,20 +398,20 @@ class CodeSyncApp:
         url = _arg(request, "repo", required=True)
         name = _arg(request, "name")
         assert url is not None
-        self.git()
         result = await shield(ensureDeferred(self.process_seed(request.content, url, name)))
         return _json(request, result)
 
     async def process_seed(self, content: Any, url: str, name: str | None) -> dict[str, Any]:
-        git = self.git()
-        path = await self.ctx.store.in_io(_new_spool_file, self.ctx.store.spool_dir)
+        store = self.ctx.store
+        spool = store.new_spool()
+        path = spool.path
         try:
             await self.ctx.store.in_io(_copy_to, content, path, MAX_BUNDLE)
             head = await self.ctx.store.in_io(_head, path)
             if not head.startswith((b"# v2 git bundle\n", b"# v3 git bundle\n")):
                 raise HTTPError(400, "the body is not a git bundle (git bundle create ...)")
             try:
-                mirror = await shield(git.seed(url, path, name))
+                mirror = await shield(self.mirrors.seed(url, path, name))
             except (UnknownRepo, MirrorUnavailable):
                 raise
             except ValueError as e:
@@ -463,7 +419,7 @@ class CodeSyncApp:
             refs = await self.on_mirror(mirror, reads.list_refs)
             offered = await self.ctx.store.in_io(_bundle_refs, path)
         finally:
-            await self.ctx.store.in_io(_unlink, path)
+            store.discard(spool)
         # A ref the mirror holds at another value than the bundle's was not moved:
         # the mirror's is newer (or diverged), and seeding only fast-forwards.
         skipped = sorted(n for n, sha in offered.items() if refs.get(n) != sha)
@@ -473,12 +429,6 @@ class CodeSyncApp:
 def _head(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read(64)
-
-
-def _new_spool_file(spool_dir: str) -> str:
-    fd, path = tempfile.mkstemp(dir=spool_dir, prefix="seed-", suffix=".bundle")
-    os.close(fd)
-    return path
 
 
 def _bundle_refs(path: str) -> dict[str, str]:
@@ -497,9 +447,3 @@ def _bundle_refs(path: str) -> dict[str, str]:
                 out[name] = sha
     return out
 
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

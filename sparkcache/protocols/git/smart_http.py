@@ -1,7 +1,7 @@
 """Git smart HTTP, read-only: ``/git/<name>/info/refs`` and ``/git/<name>/git-upload-pack``.
 
 Clones are answered by ``git upload-pack --stateless-rpc`` run on the
-pygit2-managed mirror (``ctx.git``, an IMirrors); pushes are refused with a
+pygit2-managed mirror (the IMirrors the app is built with); pushes are refused with a
 message naming the upstream. ``/git/register``, ``/git/refresh`` and
 ``GET /repos`` manage the mirrors. See docs/git.rst.
 """
@@ -23,7 +23,7 @@ from twisted.web.resource import IResource
 from zope.interface import implementer
 
 from sparkcache.context import Context
-from sparkcache.git.interfaces import Mirror, MirrorUnavailable, UnknownRepo
+from sparkcache.git.interfaces import IMirrors, Mirror, MirrorUnavailable, UnknownRepo
 from sparkcache.git.packcache import PackCache
 from sparkcache.git.pktline import FLUSH, PktError, UploadRequest, parse_request, pkt_line
 from sparkcache.git.uploadpack import spawn_upload_pack
@@ -160,8 +160,10 @@ class ResponseConsumer:
 class GitApp:
     app = Klein()
 
-    def __init__(self, ctx: Context, reactor: Any, packcache: Any = None) -> None:
+    def __init__(self, ctx: Context, mirrors: IMirrors, reactor: Any, packcache: Any = None) -> None:
         self.ctx = ctx
+        # Typed loosely: status, register, serving... are extras of the real Mirrors.
+        self.mirrors: Any = mirrors
         self.reactor = reactor
         self.packcache = packcache
         git_cfg = ctx.config.git
@@ -176,9 +178,7 @@ class GitApp:
 
     @property
     def git(self) -> Any:
-        if self.ctx.git is None:
-            raise HTTPError(503, "git mirroring is not available in this daemon")
-        return self.ctx.git
+        return self.mirrors
 
     # -- dispatch ------------------------------------------------------------------
 
@@ -350,7 +350,7 @@ class GitApp:
 
     def _acquire(self, mirror: Mirror) -> Any:
         """Mark a serve in flight, so maintenance does not prune objects under it."""
-        git = self.ctx.git
+        git = self.mirrors
         serving = getattr(git, "serving", None)
         if serving is not None:
             cm = serving(mirror)
@@ -365,7 +365,7 @@ class GitApp:
         if token is not None:
             token.__exit__(None, None, None)
             return
-        release = getattr(self.ctx.git, "release", None)
+        release = getattr(self.mirrors, "release", None)
         if release is not None:
             release(mirror)
 

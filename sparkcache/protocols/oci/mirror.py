@@ -23,18 +23,18 @@ from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from sparkcache.config import RemoteConfig
 from sparkcache.context import Context
 from sparkcache.fetch import CacheRequest, Failed, Hit, Live, Result
 from sparkcache.fetch.flight import BodyError
+from sparkcache.fetch.produce import Singleflight
 from sparkcache.fetch.upstream import UpstreamError, discard_body
 from sparkcache.protocols.oci.config import OCIOptions, options_of
 from sparkcache.protocols.oci.errors import OCIError, as_oci
 from sparkcache.protocols.oci.names import check_reference, sha256_hex, upstream_name
-from sparkcache.protocols.oci.tokens import TokenAuth, TokenError, share
+from sparkcache.protocols.oci.tokens import TokenAuth, TokenError
 from sparkcache.store import Entry
 from sparkcache.web.respond import SMALL_BODY, respond
 
@@ -83,7 +83,7 @@ class Mirror:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.tokens = TokenAuth(ctx.upstream, ctx.clock)
-        self._checks: dict[Any, list[Deferred[Any]]] = {}
+        self._checks: Singleflight[str, Any] = Singleflight()
         # remote → until when its stale tags are served without asking upstream
         self._down_until: dict[str, float] = {}
 
@@ -194,7 +194,7 @@ class Mirror:
                 and not self.ctx.cache.fetching(req.key):
             if self._down_until.get(remote.name, 0.0) > now:
                 return stale, "STALE"
-            state, checked = await share(self._checks, req.key, lambda: self._check_tag(req, stale, scope))
+            state, checked = await self._checks.run(req.key, lambda: self._check_tag(req, stale, scope))
             if checked is not None:
                 return checked, state
         result = await self.fetch(req, scope)

@@ -15,16 +15,17 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
 
 from sparkcache.config import RemoteConfig
+from sparkcache.fetch.produce import Singleflight
 from sparkcache.fetch.upstream import UpstreamClient, UpstreamError, auth_header
 
 log = Logger()
@@ -93,42 +94,14 @@ def read_small(response: IResponse, limit: int = MAX_TOKEN_BODY) -> Deferred[byt
     return d
 
 
-async def share(pending: dict[Any, list[Deferred[Any]]], key: Any, start: Callable[[], Awaitable[Any]]) -> Any:
-    """Run ``start()`` once per key at a time and give every caller its result.
-
-    Each caller waits on a Deferred of its own, so a client that goes away
-    (Klein cancels its handler) cancels nothing shared."""
-    waiters = pending.get(key)
-    first = waiters is None
-    if waiters is None:
-        waiters = pending[key] = []
-    ws = waiters
-
-    def cancel(d: Deferred[Any]) -> None:
-        if d in ws:
-            ws.remove(d)
-
-    mine: Deferred[Any] = Deferred(cancel)
-    ws.append(mine)
-    if first:
-        def done(r: Any) -> None:
-            for w in pending.pop(key, []):
-                if isinstance(r, Failure):
-                    w.errback(r)
-                else:
-                    w.callback(r)
-
-        ensureDeferred(start()).addBoth(done)  # type: ignore[arg-type]
-    return await mine
-
-
 class TokenAuth:
     def __init__(self, upstream: UpstreamClient, clock: Any) -> None:
         self.upstream = upstream
         self.clock = clock
         self._challenges: dict[str, Challenge] = {}
         self._tokens: dict[tuple[str, str], tuple[str, float]] = {}
-        self._pending: dict[Any, list[Deferred[Any]]] = {}
+        # One token request per (remote, scope) at a time, however many pulls need it.
+        self._renewals: Singleflight[tuple[str, str], str] = Singleflight()
 
     def cached(self, remote: RemoteConfig, scope: str) -> dict[bytes, bytes]:
         """Authorization headers from a still-valid cached token (no network)."""
@@ -152,9 +125,9 @@ class TokenAuth:
     async def renew(self, remote: RemoteConfig, scope: str) -> dict[bytes, bytes]:
         """A fresh token for ``scope`` (after a 401), shared by everyone asking at once."""
         key = (remote.name, scope)
-        if key not in self._pending:
+        if key not in self._renewals:
             self._tokens.pop(key, None)
-        token = await share(self._pending, key, lambda: self._fetch(remote, scope))
+        token = await self._renewals.run(key, lambda: self._fetch(remote, scope))
         return {b"Authorization": b"Bearer " + token.encode("latin-1")}
 
     async def _fetch(self, remote: RemoteConfig, scope: str) -> str:
