@@ -33,9 +33,15 @@ TYPE_NAMES = frozenset(t.name for t in REMOTE_TYPES)
 
 
 def build(ctx: "Context") -> Built:
-    from sparkcache.protocols.generic.app import GenericApp
+    from sparkcache.pools import PoolService
+    from sparkcache.protocols.generic.app import INDEX_TYPES, GenericApp
 
-    return Built(resource=GenericApp(ctx).resource())
+    if not any(r.type in INDEX_TYPES for r in ctx.config.remotes.values()):
+        return Built(resource=GenericApp(ctx).resource())
+    # Index rewrites and YAML parsing take seconds on a large index: a pool of
+    # their own, so they never hold up the store's spool writes and renames.
+    pool = PoolService("sparkcache-index", 2, ctx.reactor, ctx.config.server.shutdown_timeout)
+    return Built(resource=GenericApp(ctx, pool.run).resource(), services=[pool])
 
 
 SPEC = ProtocolSpec(name="generic", segments=(b"api",), build=build, remote_types=REMOTE_TYPES)

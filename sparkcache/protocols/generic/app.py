@@ -23,9 +23,11 @@ from twisted.web.server import NOT_DONE_YET
 from sparkcache.auth import AuthError
 from sparkcache.config import RemoteConfig
 from sparkcache.context import Context
-from sparkcache.fetch import CacheRequest, Failed, Hit, Live, Result
+from sparkcache.fetch import CacheRequest, Failed, Hit, Live
 from sparkcache.fetch.flight import BodyError
+from sparkcache.protocols._index import DerivedCache, Freshness, IndexRemote, Runner, classify_by_patterns
 from sparkcache.protocols.generic import TYPE_NAMES
+from sparkcache.protocols.generic.helm import HelmIndex
 from sparkcache.store import Entry
 from sparkcache.web.errors import JSON, HTTPError, add_error_handling, refuse_path
 from sparkcache.web.paths import BadPath, quote_segments, split_raw_path, vet_request
@@ -35,28 +37,8 @@ from sparkcache.web.urls import public_base
 
 log = Logger()
 MAX_PREFETCH = 1000
-# Metadata rewritten per response is read whole; larger bodies are served as stored.
-MAX_REWRITE = 64 << 20
-
-
-def rewrites(remote: RemoteConfig, path: str) -> bool:
-    """Whether responses for this path are rewritten (Helm repository indexes)."""
-    return remote.type == "helm" and path.rsplit("/", 1)[-1] == "index.yaml"
-
-
-def _read_file(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def classify(remote: RemoteConfig, path: str) -> str | None:
-    """'mutable', 'immutable', or None when policy forbids the path."""
-    probe = "/" + path
-    if any(p.search(probe) for p in remote.mutable_patterns):
-        return "mutable"
-    if not remote.immutable_patterns or any(p.search(probe) for p in remote.immutable_patterns):
-        return "immutable"
-    return None
+# Remote types whose metadata is rewritten at serve time (sparkcache.protocols._index).
+INDEX_TYPES: dict[str, type[IndexRemote]] = {"helm": HelmIndex}
 
 
 class _FastHits(Resource):
@@ -92,9 +74,15 @@ class _FastHits(Resource):
 class GenericApp:
     app = Klein()
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, run: Runner | None = None) -> None:
+        """``run`` runs index rewrites and parsing in a worker thread (a pool
+        of their own in the daemon; the store's I/O pool by default)."""
         self.ctx = ctx
         self.max_path = ctx.config.server.max_path_length
+        derived = DerivedCache(ctx.store, run or ctx.store.in_io)
+        self.indexes: dict[str, IndexRemote] = {
+            r.name: INDEX_TYPES[r.type](r, ctx, derived) for r in ctx.config.remotes.values() if r.type in INDEX_TYPES
+        }
 
     def resource(self) -> IResource:
         return _FastHits(self, self.app.resource())
@@ -122,8 +110,8 @@ class GenericApp:
         query = request.uri.partition(b"?")[2].decode("latin-1")
         entry = self.ctx.store.index.peek(_key(remote, path, query))
         now = self.ctx.clock.seconds()
-        if entry is None or entry.status != 200 or not entry.fresh(now) or classify(remote, path) is None \
-                or rewrites(remote, path):
+        if entry is None or entry.status != 200 or not entry.fresh(now) or self.classify(remote, path) is None \
+                or self.rewrites(remote, path):
             return None
         try:
             self.ctx.auth.require(request, "read")
@@ -168,10 +156,12 @@ class GenericApp:
             self.ctx.auth.require(request, "read")
             if remote.type == "local":
                 return await self.serve_local(request, remote, key, path)
-            req = self.cache_request(remote, rest, query)
+            req = await self.cache_request(remote, rest, query)
             result = await self.ctx.cache.get(req)
-            if rewrites(remote, path):
-                return await self.serve_rewritten(request, remote, result, path)
+            index = self.indexes.get(remote.name)
+            if index is not None and index.is_index(path):
+                base = f"{public_base(request, self.ctx.config.server.public_url)}/api/{remote.name}"
+                return await index.serve(request, result, path, base)
             return await respond(request, result, self.ctx.store, self.ctx.metrics, remote.name, path, sendfile=self.ctx.sendfile)
         if method == b"PUT":
             if remote.type != "local":
@@ -187,52 +177,30 @@ class GenericApp:
 
     # -- reads -------------------------------------------------------------------------
 
-    def cache_request(self, remote: RemoteConfig, rest: list[str], query: str) -> CacheRequest:
+    def classify(self, remote: RemoteConfig, path: str) -> Freshness | None:
+        """Freshness of ``path`` (sparkcache.protocols._index); None when policy forbids it."""
+        index = self.indexes.get(remote.name)
+        return index.classify(path) if index is not None else classify_by_patterns(remote, path)
+
+    def rewrites(self, remote: RemoteConfig, path: str) -> bool:
+        """Whether responses for this path are rewritten metadata."""
+        index = self.indexes.get(remote.name)
+        return index is not None and index.is_index(path)
+
+    async def cache_request(self, remote: RemoteConfig, rest: list[str], query: str) -> CacheRequest:
         path = "/".join(rest)
-        kind = classify(remote, path)
+        kind = self.classify(remote, path)
         if kind is None:
             raise HTTPError(403, f"path {path!r} is outside the immutable_patterns of remote {remote.name!r}")
-        if kind == "mutable":
-            ttl: float | None = remote.cache.mutable_ttl
-        else:
-            ttl = remote.cache.immutable_ttl or None
+        index = self.indexes.get(remote.name)
+        # What the stored index says this file hashes to (never for a query: other bytes, perhaps).
+        expected = await index.expected_digest(path) if index is not None and not query else None
         assert remote.upstream is not None
         url = f"{remote.upstream}/{quote_segments(rest)}" + (f"?{query}" if query else "")
         return CacheRequest(
-            remote=remote, key=_key(remote, path, query), path=path, url=url, ttl=ttl,
-            revalidate=remote.check_mutable_updates,
+            remote=remote, key=_key(remote, path, query), path=path, url=url, ttl=kind.ttl,
+            revalidate=remote.check_mutable_updates, expected_digest=expected,
         )
-
-    async def serve_rewritten(self, request: Any, remote: RemoteConfig, result: Result, path: str) -> bytes | None:
-        """A Helm index.yaml with chart URLs on the upstream's host pointed at this cache.
-
-        The store keeps upstream's exact bytes (so revalidation compares like
-        with like); the rewrite happens per response, on a bounded body."""
-        if isinstance(result, Failed):
-            self.ctx.metrics.response(remote.name, "error")
-            return error_body(request, result.status, result.message)
-        if isinstance(result, Live):
-            try:
-                entry = (await result.flight.wait_done()).entry
-            except BodyError as e:
-                raise HTTPError(502, str(e)) from None
-            state = "MISS"
-        else:
-            entry, state = result.entry, result.state
-        if entry.size > MAX_REWRITE:
-            return await respond(request, Hit(entry, state), self.ctx.store, self.ctx.metrics, remote.name, path)
-        self.ctx.metrics.response(remote.name, state.lower())
-        body = await self.ctx.store.in_io(_read_file, self.ctx.store.path(entry))
-        assert remote.upstream is not None
-        base = f"{public_base(request, self.ctx.config.server.public_url)}/api/{remote.name}"
-        body = body.replace(remote.upstream.encode() + b"/", base.encode() + b"/")
-        request.setHeader(b"X-Cache", state.encode())
-        request.setHeader(b"X-Artifact-Source", b"cache" if state != "MISS" else b"remote")
-        request.setHeader(b"Content-Type", (entry.content_type or "application/x-yaml").encode("latin-1"))
-        request.setHeader(b"Cache-Control", b"no-cache")
-        request.setHeader(b"Content-Length", str(len(body)).encode())
-        self.ctx.metrics.bytes_counter(remote.name, "cache")(len(body))
-        return body
 
     async def serve_local(self, request: Any, remote: RemoteConfig, key: str, path: str) -> Any:
         entry = await self.ctx.store.index.get(key)
@@ -274,7 +242,7 @@ class GenericApp:
             rest = [s for s in split_raw_path(raw.lstrip("/").encode("utf-8"), self.max_path) if s]
             if not rest:
                 raise BadPath("empty path")
-            req = self.cache_request(remote, rest, "")
+            req = await self.cache_request(remote, rest, "")
         except (BadPath, HTTPError) as e:
             return {"path": raw, "status": "error", "code": getattr(e, "status", 400), "message": str(e)}
         result = await self.ctx.cache.get(req)
