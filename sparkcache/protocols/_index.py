@@ -207,6 +207,15 @@ class DerivedCache:
             self.size -= dropped
 
 
+@dataclass
+class _Listed:
+    """Digests parsed from one index body, and why there are none when it is malformed."""
+
+    digests: dict[str, str]
+    problem: str | None = None
+    reported: bool = False
+
+
 def mapping_size(digests: Mapping[str, str]) -> int:
     """About what a {path: digest} dict holds in memory."""
     return sum(len(k) + len(v) + 120 for k, v in digests.items()) + 64
@@ -262,21 +271,23 @@ class IndexRemote(abc.ABC):
         return self.derived.get(f"rewrite:{self.remote.name}", entry, public_base, self.max_body,
                                 lambda body: self.rewrite(body, public_base), len)
 
-    def digests(self, entry: Entry, index_path: str) -> Deferred[Mapping[str, str]]:
+    async def digests(self, entry: Entry, index_path: str) -> Mapping[str, str]:
         """The digests listed by the index ``entry`` stored for ``index_path`` (shared, kept)."""
-        reactor = self.ctx.reactor
 
-        def parse(body: bytes) -> Mapping[str, str]:
+        def parse(body: bytes) -> _Listed:
             try:
-                return dict(self.parse_digests(body, index_path))
+                return _Listed(dict(self.parse_digests(body, index_path)))
             except Exception as e:
                 # Kept as "lists none", so a broken index is parsed once, not per request.
-                reactor.callFromThread(log.warn, "{remote}: no digests from {path}: {e}",
-                                       remote=self.remote.name, path=index_path, e=f"{type(e).__name__}: {e}")
-                return {}
+                return _Listed({}, f"{type(e).__name__}: {e}")
 
-        return self.derived.get(f"digests:{self.remote.name}", entry, index_path, self.max_body, parse,
-                                mapping_size)
+        listed = await self.derived.get(f"digests:{self.remote.name}", entry, index_path, self.max_body, parse,
+                                        lambda listed: mapping_size(listed.digests))
+        if listed.problem is not None and not listed.reported:
+            listed.reported = True
+            log.warn("{remote}: {path} lists no digests: {problem}", remote=self.remote.name, path=index_path,
+                     problem=listed.problem)
+        return listed.digests
 
     async def expected_digest(self, path: str) -> str | None:
         """The sha256 hex a stored index says ``path`` has, or None when no stored
