@@ -117,9 +117,10 @@ class Mutable:
 
 @dataclass(frozen=True)
 class Never:
-    """Must never be answered from the cache. The fetch engine has no pass-through,
-    so it is fetched like the rest (concurrent requests still share one fetch) and
-    stored already stale: every later request fetches it again."""
+    """Must not be answered from the cache without asking upstream. The fetch
+    engine has no pass-through, so it is fetched like the rest (concurrent
+    requests still share one fetch) and stored already stale: every later
+    request asks upstream again (and stale-on-error still applies)."""
 
     ttl: float = 0.0
 

@@ -39,6 +39,12 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def settled(d: Any) -> Deferred[Any]:
+    """``d`` (a Deferred or coroutine), failing instead of hanging the suite if it
+    never fires: a safety net for a broken build, not a timing check."""
+    return ensureDeferred(d).addTimeout(30, reactor)
+
+
 class Gate:
     """A stand-in for a thread pool: runs each job only when the test says so."""
 
@@ -137,41 +143,45 @@ def test_helm_classifies_its_index_as_mutable(tmp_path):
 # -- rewrite: shared, bounded, cancellable -------------------------------------------------
 
 
+async def two_waiting(idx: Toy, store: Store, gate: Gate, public_base: str) -> tuple[Entry, Deferred[bytes], Deferred[bytes]]:
+    """A stored index and two requests for its rewrite, waiting on the one job."""
+    entry = await put(store, "toy:list", b"UP/a.bin 00\n")
+    first, second = idx.rewritten(entry, public_base), idx.rewritten(entry, public_base)
+    await settled(gate.called)
+    assert len(gate.jobs) == 1
+    return entry, first, second
+
+
 @pytest_twisted.ensureDeferred
 async def test_concurrent_rewrites_of_one_entry_run_once(base):
     idx, store, gate = base
-    entry = await put(store, "toy:list", b"UP/a.bin 00\n")
-    first = idx.rewritten(entry, "http://cache/api/toy")
-    second = idx.rewritten(entry, "http://cache/api/toy")
-    await gate.called
-    assert len(gate.jobs) == 1
+    entry, first, second = await two_waiting(idx, store, gate, "http://cache/api/toy")
     gate.release()
-    assert await first == await second == b"http://cache/api/toy/a.bin 00\n"
+    assert await settled(first) == await settled(second) == b"http://cache/api/toy/a.bin 00\n"
     assert idx.rewrites == 1
     # Later requests are answered from memory ...
     assert await idx.rewritten(entry, "http://cache/api/toy") == b"http://cache/api/toy/a.bin 00\n"
     assert idx.rewrites == 1 and idx.derived.computed == 1
     # ... per public base: a client that sees another host gets its own URLs.
     other = idx.rewritten(entry, "https://proxy/api/toy")
-    while not gate.jobs:
-        await task.deferLater(reactor, 0, lambda: None)  # the body read is in the I/O pool
+    for _ in range(2000):
+        if gate.jobs:
+            break
+        await task.deferLater(reactor, 0.005, lambda: None)  # the body read is in the I/O pool
     gate.release()
-    assert await other == b"https://proxy/api/toy/a.bin 00\n"
+    assert await settled(other) == b"https://proxy/api/toy/a.bin 00\n"
     assert idx.rewrites == 2
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_departing_waiter_cancels_nothing_shared(base):
     idx, store, gate = base
-    entry = await put(store, "toy:list", b"UP/a.bin 00\n")
-    leaving = idx.rewritten(entry, "http://c")
-    staying = idx.rewritten(entry, "http://c")
-    await gate.called
+    entry, leaving, staying = await two_waiting(idx, store, gate, "http://c")
     leaving.cancel()
     with pytest.raises(CancelledError):
-        await leaving
+        await settled(leaving)
     gate.release()
-    assert await staying == b"http://c/a.bin 00\n"
+    assert await settled(staying) == b"http://c/a.bin 00\n"
     # The work finished and was kept, though its first requester left.
     assert await idx.rewritten(entry, "http://c") == b"http://c/a.bin 00\n"
     assert idx.rewrites == 1
@@ -199,9 +209,9 @@ async def test_serve_sets_the_rewritten_headers(base):
     entry = await put(store, "toy:list", b"UP/a.bin 00\n")
     request = DummyRequest([b"list"])
     served = ensureDeferred(idx.serve(request, Hit(entry, "STALE"), "list", "http://c"))
-    await gate.called
+    await settled(gate.called)
     gate.release()
-    body = await served
+    body = await settled(served)
     assert body == b"http://c/a.bin 00\n"
     h = request.responseHeaders
     assert h.getRawHeaders(b"content-type") == [b"text/x-list"]
@@ -216,9 +226,9 @@ async def test_expected_digest_comes_from_the_stored_index(base):
     idx, store, gate = base
     await put(store, "toy:list", b"UP/a.bin " + b"ab" * 32 + b"\n")
     looked_up = ensureDeferred(idx.expected_digest("a.bin"))
-    await gate.called
+    await settled(gate.called)
     gate.release()
-    assert await looked_up == "ab" * 32
+    assert await settled(looked_up) == "ab" * 32
     assert await idx.expected_digest("b.bin") is None  # parsed once, from memory now
     assert idx.derived.computed == 1
 
@@ -358,7 +368,7 @@ def helm(tmp_path):
     base = f"http://127.0.0.1:{port.getHost().port}"
 
     async def get(path: str, **kw: Any) -> tuple[Any, bytes]:
-        resp = await treq.get(base + path, pool=pool, **kw)
+        resp = await treq.get(base + path, pool=pool, timeout=30, **kw)
         return resp, await resp.content()
 
     yield up, store, index, run, rewrites, get, base
@@ -396,14 +406,17 @@ async def test_helm_concurrent_index_requests_share_one_rewrite(helm):
     first = ensureDeferred(get("/api/charts/index.yaml"))
     second = ensureDeferred(get("/api/charts/index.yaml"))
     # Both requests are waiting on the one rewrite before it may run.
-    for _ in range(10_000):
-        shared = index.derived._flights.running
-        if run.held and sum(len(s.waiters) for s in shared.values()) == 2:
-            break
-        await task.deferLater(reactor, 0.001, lambda: None)
-    assert len(run.held) == 1
-    run.release()
-    (r1, b1), (r2, b2) = await first, await second
+    try:
+        for _ in range(2000):
+            waiting = sum(len(s.waiters) for s in index.derived._flights.running.values())
+            if run.held and waiting == 2:
+                break
+            await task.deferLater(reactor, 0.005, lambda: None)
+        held = len(run.held)
+    finally:
+        run.release()  # whatever happened, no request is left hanging
+    assert (held, waiting) == (1, 2)
+    (r1, b1), (r2, b2) = await settled(first), await settled(second)
     assert r1.code == r2.code == 200 and b1 == b2
     assert f"- {base}/api/charts/charts/demo-1.0.0.tgz".encode() in b1
     assert rewrites == [f"{base}/api/charts"]
