@@ -76,7 +76,7 @@ from twisted.logger import Logger
 from sparkcache.config import RemoteConfig
 from sparkcache.fetch import Failed, Hit, Live, Result
 from sparkcache.fetch.flight import BodyError
-from sparkcache.git.jobs import Flights
+from sparkcache.fetch.produce import Singleflight
 from sparkcache.store import Entry, Store
 from sparkcache.web.errors import HTTPError
 from sparkcache.web.respond import respond
@@ -165,7 +165,7 @@ class DerivedCache:
         self.size = 0
         self.computed = 0  # computations started (for tests and curious operators)
         self._memo: OrderedDict[str, tuple[Any, int]] = OrderedDict()
-        self._flights = Flights()
+        self._running: Singleflight[str, Any] = Singleflight()
 
     def get(self, kind: str, entry: Entry, arg: str, limit: int,
             fn: Callable[[bytes], T], size: Callable[[T], int]) -> Deferred[T]:
@@ -181,7 +181,7 @@ class DerivedCache:
         if kept is not None:
             self._memo.move_to_end(key)
             return succeed(kept[0])
-        return self._flights.run(key, lambda: self._compute(key, entry, limit, fn, size))
+        return self._running.run(key, lambda: self._compute(key, entry, limit, fn, size))
 
     async def _compute(self, key: str, entry: Entry, limit: int,
                        fn: Callable[[bytes], T], size: Callable[[T], int]) -> T:

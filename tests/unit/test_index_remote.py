@@ -33,6 +33,7 @@ from sparkcache.protocols.generic.app import GenericApp
 from sparkcache.protocols.generic.helm import HelmIndex
 from sparkcache.store import Entry, Store
 from tests.support.upstream import Upstream
+from tests.support.waiting import eventually
 
 
 def sha(data: bytes) -> str:
@@ -164,10 +165,7 @@ async def test_concurrent_rewrites_of_one_entry_run_once(base):
     assert idx.rewrites == 1 and idx.derived.computed == 1
     # ... per public base: a client that sees another host gets its own URLs.
     other = idx.rewritten(entry, "https://proxy/api/toy")
-    for _ in range(2000):
-        if gate.jobs:
-            break
-        await task.deferLater(reactor, 0.005, lambda: None)  # the body read is in the I/O pool
+    await eventually(lambda: bool(gate.jobs))  # once the body read in the I/O pool is done
     gate.release()
     assert await settled(other) == b"https://proxy/api/toy/a.bin 00\n"
     assert idx.rewrites == 2
@@ -382,13 +380,9 @@ def helm(tmp_path):
 
 async def committed(store: Store, key: str) -> Entry | None:
     """The entry once its fetch has committed it (a client can read the last
-    byte of a miss before the commit), or None if it never is."""
-    for _ in range(2000):
-        entry = await store.index.get(key)
-        if entry is not None:
-            return entry
-        await task.deferLater(reactor, 0.005, lambda: None)
-    return None
+    byte of a miss before the commit)."""
+    await eventually(lambda: store.index.peek(key) is not None)
+    return store.index.peek(key)
 
 
 def add_index(up: Upstream, **digests: str) -> bytes:
@@ -402,20 +396,23 @@ def add_index(up: Upstream, **digests: str) -> bytes:
 async def test_helm_concurrent_index_requests_share_one_rewrite(helm):
     up, store, index, run, rewrites, get, base = helm
     stored = add_index(up)
+    asked: list[str] = []
+    derive = index.derived.get
+
+    def asking(kind: str, *args: Any) -> Deferred[Any]:
+        asked.append(kind)
+        return derive(kind, *args)
+
+    index.derived.get = asking  # type: ignore[method-assign]
     run.hold = True
     first = ensureDeferred(get("/api/charts/index.yaml"))
     second = ensureDeferred(get("/api/charts/index.yaml"))
-    # Both requests are waiting on the one rewrite before it may run.
+    # Both requests ask for the rewrite while the first asking runs (held back).
     try:
-        for _ in range(2000):
-            waiting = sum(len(s.waiters) for s in index.derived._flights.running.values())
-            if run.held and waiting == 2:
-                break
-            await task.deferLater(reactor, 0.005, lambda: None)
-        held = len(run.held)
+        await eventually(lambda: bool(run.held) and len(asked) == 2)
+        assert len(run.held) == 1
     finally:
         run.release()  # whatever happened, no request is left hanging
-    assert (held, waiting) == (1, 2)
     (r1, b1), (r2, b2) = await settled(first), await settled(second)
     assert r1.code == r2.code == 200 and b1 == b2
     assert f"- {base}/api/charts/charts/demo-1.0.0.tgz".encode() in b1

@@ -329,9 +329,8 @@ async def test_a_new_index_needs_no_upgrade(tmp_path):
 
 # -- nothing outside the store opens its files or runs SQL ----------------------------------------
 
-# Helm index rewriting (generic serve_rewritten) still reads by path until it
-# moves onto the index-remote base; nothing else may.
-_PATH_USERS = {"protocols/generic/app.py": 1}
+# Files allowed a number of store-path uses (none: Helm reads through store.read now).
+_PATH_USERS: dict[str, int] = {}
 
 
 def test_protocols_and_serving_go_through_the_store_api():
