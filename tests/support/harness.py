@@ -49,7 +49,7 @@ from tests.support.memory_upstream import BASE_URL as UPSTREAM, MemoryUpstream
 __all__ = ["Harness", "MakeHarness", "UPSTREAM", "app_of", "harness_config", "harness_factory", "with_mirrors"]
 
 CACHE_URL = "http://cache.test"
-# Clocks start here rather than at 0: a timestamp of 0 reads as "never" in places.
+# Clocks start at a plausible date, not at 0 (HTTP dates and TTLs near 1970 are no case a daemon meets).
 EPOCH = 1_700_000_000.0
 
 

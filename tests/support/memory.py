@@ -31,10 +31,10 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, ISSLTransport, IStreamClientEndpoint
-from twisted.internet.task import Clock
-from twisted.test import iosim
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
+from twisted.test import iosim
 from twisted.web.client import URI, Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from twisted.web.http_headers import Headers
@@ -146,7 +146,7 @@ class MemoryAgent:
     def __init__(self, server_factory: Any, reactor: Any = None) -> None:
         self.server_factory = server_factory
         self.reactor = reactor or global_reactor
-        self.connections: list[Connection] = []
+        self.connections: list[Connection] = []  # the open ones (and a few just closed)
         self._agent = Agent.usingEndpointFactory(self.reactor, _Endpoints(self),
                                                  pool=HTTPConnectionPool(self.reactor, persistent=False))
 
@@ -154,10 +154,6 @@ class MemoryAgent:
                 bodyProducer: IBodyProducer | None = None) -> Deferred[IResponse]:
         self.connections = [c for c in self.connections if not c.closed]
         return self._agent.request(method, uri, headers, bodyProducer)
-
-    @property
-    def open_connections(self) -> int:
-        return sum(1 for c in self.connections if not c.closed)
 
 
 @implementer(IBodyProducer)

@@ -31,7 +31,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from tests.support.memory import REQUEST_DEADLINE, MemoryAgent
-from tests.support.upstream import Behaviour, File, RecordedRequest, not_modified
+from tests.support.upstream import Behaviour, File, RecordedRequest, not_modified, take_behaviour
 
 BASE_URL = "http://upstream.test"
 
@@ -144,7 +144,8 @@ class MemoryUpstream(Resource):
                    for k, v in request.requestHeaders.getAllRawHeaders()}
         rec = RecordedRequest(request.method.decode(), uri, headers, 0.0)
         self.requests.append(rec)
-        key, b = self._behaviour(uri)
+        key, found = take_behaviour(self.behaviours, uri)
+        b = found or Behaviour()
         gate = self._gates.get(key) if key else None
         paused = self._paused.get(key) if key else None
         if b.reset:
@@ -156,18 +157,6 @@ class MemoryUpstream(Resource):
             gate.wait().addCallback(lambda _: self._answer(request, rec, b, gate, paused))
             return NOT_DONE_YET
         return self._answer(request, rec, b, gate, paused)
-
-    def _behaviour(self, path: str) -> tuple[str | None, Behaviour]:
-        for key in (path, path.split("?", 1)[0]):
-            b = self.behaviours.get(key)
-            if b is None:
-                continue
-            if b.times is not None:
-                if b.times <= 0:
-                    break
-                b.times -= 1
-            return key, b
-        return None, Behaviour()
 
     def _answer(self, request: Any, rec: RecordedRequest, b: Behaviour, gate: _Gate | None,
                 paused: _Gate | None) -> Any:

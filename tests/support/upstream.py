@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-__all__ = ["Behaviour", "RecordedRequest", "Upstream", "not_modified", "upstream_fixture"]
+__all__ = ["Behaviour", "RecordedRequest", "Upstream", "not_modified", "take_behaviour", "upstream_fixture"]
 
 
 @dataclass
@@ -318,16 +318,7 @@ class Upstream:
 
     def _behaviour(self, path: str) -> tuple[str | None, Behaviour | None]:
         with self._lock:
-            for key in (path, path.split("?", 1)[0]):
-                b = self.behaviours.get(key)
-                if b is None:
-                    continue
-                if b.times is not None:
-                    if b.times <= 0:
-                        return None, None
-                    b.times -= 1
-                return key, b
-            return None, None
+            return take_behaviour(self.behaviours, path)
 
     def _lookup(self, path: str) -> File | None:
         with self._lock:
@@ -489,6 +480,21 @@ class Upstream:
             return
         if b.chunked:
             h.wfile.write(b"0\r\n\r\n")
+
+
+def take_behaviour(behaviours: dict[str, Behaviour], path: str) -> tuple[str | None, Behaviour | None]:
+    """(key, behaviour) for ``path`` (exact, or without its query), using up one of
+    its ``times``; (None, None) when none applies."""
+    for key in (path, path.split("?", 1)[0]):
+        b = behaviours.get(key)
+        if b is None:
+            continue
+        if b.times is not None:
+            if b.times <= 0:
+                return None, None
+            b.times -= 1
+        return key, b
+    return None, None
 
 
 def not_modified(header: Callable[[str], str | None], f: File) -> bool:
