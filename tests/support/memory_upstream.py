@@ -154,9 +154,16 @@ class MemoryUpstream(Resource):
         if b.stall and gate is not None:
             if paused is not None:
                 paused.open()
-            gate.wait().addCallback(lambda _: self._answer(request, rec, b, gate, paused))
+            gate.wait().addCallback(lambda _: self._answer_later(request, rec, b, gate, paused))
             return NOT_DONE_YET
         return self._answer(request, rec, b, gate, paused)
+
+    def _answer_later(self, request: Any, rec: RecordedRequest, b: Behaviour, gate: _Gate | None,
+                      paused: _Gate | None) -> None:
+        out = self._answer(request, rec, b, gate, paused)
+        if out is not NOT_DONE_YET and not request._disconnected:
+            request.write(out)
+            request.finish()
 
     def _answer(self, request: Any, rec: RecordedRequest, b: Behaviour, gate: _Gate | None,
                 paused: _Gate | None) -> Any:

@@ -10,13 +10,14 @@ from typing import Any
 import pytest
 import pytest_twisted
 from treq.testing import RequestTraversalAgent
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 
 from sparkcache.config import Credentials, RemoteConfig
 from sparkcache.fetch.upstream import UpstreamClient, UpstreamError
-from tests.support.memory import read_body
+from tests.support.memory import REQUEST_DEADLINE, read_body
 from tests.support.memory_upstream import MemoryUpstream
 
 REMOTE = RemoteConfig("files", "generic", "http://upstream.test", credentials=Credentials("bot", "pw", None),
@@ -33,11 +34,17 @@ def client(up: MemoryUpstream, clock: Clock | None = None) -> UpstreamClient:
     return UpstreamClient(clock or Clock(), agent=up.agent)
 
 
+def get(c: UpstreamClient, url: str, headers: dict[bytes, bytes] | None = None) -> Deferred[tuple[Any, str]]:
+    """The request, started at once; with a test clock no timeout fires, so a deadline
+    on the real reactor makes a broken case fail instead of hang."""
+    return Deferred.fromCoroutine(c.request(REMOTE, b"GET", url, headers)).addTimeout(REQUEST_DEADLINE, reactor)
+
+
 @pytest_twisted.ensureDeferred
 async def test_credentials_stay_with_the_configured_upstream(up: MemoryUpstream) -> None:
     up.add("/signed", b"object")
     up.behave("/dl", redirect="http://objects.test/signed?X-Signature=abc")
-    response, final = await client(up).request(REMOTE, b"GET", "http://upstream.test/dl")
+    response, final = await get(client(up), "http://upstream.test/dl")
     assert response.code == 200 and await read_body(response) == b"object"
     assert final == "http://objects.test/signed?X-Signature=abc"
     first, second = up.requests
@@ -49,7 +56,7 @@ async def test_credentials_stay_with_the_configured_upstream(up: MemoryUpstream)
 async def test_a_callers_authorization_replaces_the_credentials_on_the_first_origin_only(up: MemoryUpstream) -> None:
     up.add("/blob", b"b")
     up.behave("/v2/x/blobs/d", redirect="http://objects.test/blob")
-    await client(up).request(REMOTE, b"GET", "http://upstream.test/v2/x/blobs/d", {b"Authorization": b"Bearer t0k"})
+    await get(client(up), "http://upstream.test/v2/x/blobs/d", {b"Authorization": b"Bearer t0k"})
     assert [r.header("Authorization") for r in up.requests] == ["Bearer t0k", None]
 
 
@@ -57,12 +64,12 @@ async def test_a_callers_authorization_replaces_the_credentials_on_the_first_ori
 async def test_bad_and_endless_redirects_fail(up: MemoryUpstream) -> None:
     up.behave("/ftp", redirect="ftp://upstream.test/file")
     with pytest.raises(UpstreamError, match="unsupported URL"):
-        await client(up).request(REMOTE, b"GET", "http://upstream.test/ftp")
+        await get(client(up), "http://upstream.test/ftp")
     up.behave("/loop", redirect="/loop")
     c = client(up)
     c.max_redirects = 3
     with pytest.raises(UpstreamError, match="more than 3 redirects"):
-        await c.request(REMOTE, b"GET", "http://upstream.test/loop")
+        await get(c, "http://upstream.test/loop")
     assert up.count("/loop") == 4
 
 
@@ -82,10 +89,23 @@ async def test_no_answer_times_out_on_the_given_clock(up: MemoryUpstream) -> Non
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_held_answer_goes_on_after_resume(up: MemoryUpstream) -> None:
+    up.add("/file", b"x" * 5000)
+    for path, behaviour in (("/file", {"pause_at": 100}), ("/file", {"stall": True}), ("/gone", {"stall": True})):
+        up.behave(path, **behaviour)
+        pending = get(client(up), f"http://upstream.test{path}")
+        await up.until_paused(path)
+        up.resume(path)
+        response, _ = await pending
+        body = await read_body(response).addTimeout(REQUEST_DEADLINE, reactor)
+        assert (response.code, body) == ((200, b"x" * 5000) if path == "/file" else (404, b"not found\n"))
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_reset_is_unreachable(up: MemoryUpstream) -> None:
     up.behave("/reset", reset=True)
     with pytest.raises(UpstreamError) as e:
-        await client(up).request(REMOTE, b"GET", "http://upstream.test/reset")
+        await get(client(up), "http://upstream.test/reset")
     assert e.value.kind == "unreachable"
 
 
