@@ -223,8 +223,8 @@ class MemoryClient:
         for k, v in (headers or {}).items():
             h.addRawHeader(k.encode("latin-1"), v.encode("latin-1"))
         url = path if path.startswith(("http://", "https://")) else self.base_url + path
-        return self.agent.request(method.encode("ascii"), url.encode("latin-1"), h,
-                                  _Body(body) if body is not None else None)
+        d = self.agent.request(method.encode("ascii"), url.encode("latin-1"), h, _Body(body) if body is not None else None)
+        return d.addTimeout(REQUEST_DEADLINE, global_reactor)
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: Mapping[str, str] | None = None) -> Deferred[Response]:
