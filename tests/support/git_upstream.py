@@ -194,6 +194,10 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, port: int, owner: "GitUpstream") -> None:
         self.owner = owner
         super().__init__(("127.0.0.1", port), _Handler)
+        # serve_forever() accepts once select() says a connection waits; a client
+        # that resets first leaves a blocking accept() hanging, and stop() (which
+        # waits for serve_forever) with it. Non-blocking, that accept just fails.
+        self.socket.setblocking(False)
 
 
 class GitUpstream:

@@ -102,6 +102,10 @@ class _Server(ThreadingHTTPServer):
         self.connections: set[socket.socket] = set()
         self.conn_lock = threading.Lock()
         super().__init__(("127.0.0.1", port), _Handler)
+        # serve_forever() accepts once select() says a connection waits; a client
+        # that resets first leaves a blocking accept() hanging, and stop() (which
+        # waits for serve_forever) with it. Non-blocking, that accept just fails.
+        self.socket.setblocking(False)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self.conn_lock:

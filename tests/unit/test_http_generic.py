@@ -11,7 +11,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import gatherResults
 
-from tests.support.client import Response, assert_json_error, bearer, sha256
+from tests.support.client import Response, assert_json_error, basic, bearer, sha256
 from tests.support.harness import UPSTREAM, Harness, MakeHarness, harness_factory  # noqa: F401
 from tests.support.memory import read_body
 
@@ -81,16 +81,10 @@ async def test_reads_need_a_token_when_anonymous_reads_are_off(harness_factory: 
     assert ok.status == 200 and ok.body == b"a" * 100
     # Basic auth with the token as the password is what apt and pip send.
     await h.settle()
-    hit = await h.get("/api/files/releases/a.bin", {"Authorization": "Basic " + _b64(f"x:{READER}")})
+    hit = await h.get("/api/files/releases/a.bin", basic("x", READER))
     assert hit.status == 200 and hit.header("X-Cache") == "HIT"
     # The hit path (served without routing) checks credentials too.
     assert_json_error(await h.get("/api/files/releases/a.bin"), 401)
-
-
-def _b64(s: str) -> str:
-    import base64
-
-    return base64.b64encode(s.encode()).decode()
 
 
 @pytest_twisted.ensureDeferred
