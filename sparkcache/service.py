@@ -37,10 +37,11 @@ class SparkcacheService(MultiService):
     """The whole daemon, built here in one place (as magic-wormhole's tap builds
     its server): thread pools, store, cache, each protocol's resource and
     services, timers and listeners. Pools start first and stop last; timers,
-    protocol services and listeners start once the store is open."""
+    protocol services and listeners start once the store is open. Tests pass
+    an ``upstream`` client over an in-memory agent (tests/support/harness.py)."""
 
     def __init__(self, config: Config, reactor: Any = None, clock: Any = None,
-                 protocols: Sequence[ProtocolSpec] = PROTOCOLS) -> None:
+                 protocols: Sequence[ProtocolSpec] = PROTOCOLS, upstream: UpstreamClient | None = None) -> None:
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor as _reactor
@@ -67,7 +68,7 @@ class SparkcacheService(MultiService):
                            sqlite_pool=sqlite_pool.pool)
         types = remote_types(protocols)
         self.store.index.legacy_pinned_remotes = frozenset(n for n, r in config.remotes.items() if types[r.type].pinned)
-        self.upstream = UpstreamClient(reactor)
+        self.upstream = upstream or UpstreamClient(reactor)
         self.cache = Cache(self.store, self.upstream, self.clock, self.metrics)
         self.ctx = Context(config, self.store, self.cache, self.upstream, self.metrics, Authorizer(config.auth), self.clock,
                            self.sendfile, reactor=reactor, remote_types=types)

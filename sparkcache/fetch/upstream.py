@@ -12,12 +12,12 @@ import base64
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import IAgent, IResponse
 
 from sparkcache.config import Credentials, RemoteConfig
 
@@ -82,22 +82,40 @@ class _QuietPool(HTTPConnectionPool):
 
 
 class UpstreamClient:
-    def __init__(self, reactor: Any, max_redirects: int = 10) -> None:
-        self.reactor = reactor
-        self.pool = _QuietPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = 16
-        self.pool.cachedConnectionTimeout = 60
-        self.pool.retryAutomatically = True
-        self.max_redirects = max_redirects
-        self._agents: dict[float, Agent] = {}
+    """Requests to configured upstreams.
 
-    def agent(self, connect_timeout: float) -> Agent:
+    ``reactor`` times every request out and, unless ``agent`` is given,
+    connects it through one persistent pool (an Agent per connect timeout).
+    Tests give an in-memory ``agent`` (treq's RequestTraversalAgent, or
+    tests/support/memory.py's) and a task.Clock as ``reactor``: redirects,
+    credentials and timeouts then run exactly as in production, without a
+    socket. A given agent owns its connections, so ``connect_timeout`` and
+    ``close()`` leave them alone.
+    """
+
+    def __init__(self, reactor: Any, max_redirects: int = 10, agent: IAgent | None = None) -> None:
+        self.reactor = reactor
+        self.max_redirects = max_redirects
+        self._given = agent
+        self.pool: HTTPConnectionPool | None = None
+        if agent is None:
+            self.pool = _QuietPool(reactor, persistent=True)
+            self.pool.maxPersistentPerHost = 16
+            self.pool.cachedConnectionTimeout = 60
+            self.pool.retryAutomatically = True
+        self._agents: dict[float, IAgent] = {}
+
+    def agent(self, connect_timeout: float) -> IAgent:
+        if self._given is not None:
+            return self._given
         a = self._agents.get(connect_timeout)
         if a is None:
             a = self._agents[connect_timeout] = Agent(self.reactor, pool=self.pool, connectTimeout=connect_timeout)
         return a
 
     def close(self) -> Deferred[None]:
+        if self.pool is None:
+            return succeed(None)
         return self.pool.closeCachedConnections()
 
     async def request(

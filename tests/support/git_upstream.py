@@ -58,6 +58,12 @@ def git(*args: str, cwd: str | os.PathLike[str] | None = None, input: bytes | No
     return proc.stdout.decode().strip()
 
 
+def refs_of(repo: str | os.PathLike[str]) -> dict[str, str]:
+    """Every ref of a repository: {refname: object id}."""
+    out = git("for-each-ref", "--format=%(refname) %(objectname)", cwd=repo)
+    return dict(line.split(" ", 1) for line in out.splitlines() if line)
+
+
 def http_backend_path() -> str:
     out = subprocess.run(["git", "--exec-path"], capture_output=True, text=True, check=True).stdout.strip()
     return os.path.join(out, "git-http-backend")
@@ -188,6 +194,10 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, port: int, owner: "GitUpstream") -> None:
         self.owner = owner
         super().__init__(("127.0.0.1", port), _Handler)
+        # serve_forever() accepts once select() says a connection waits; a client
+        # that resets first leaves a blocking accept() hanging, and stop() (which
+        # waits for serve_forever) with it. Non-blocking, that accept just fails.
+        self.socket.setblocking(False)
 
 
 class GitUpstream:
@@ -292,8 +302,7 @@ class GitUpstream:
         return proc.stdout.strip() if proc.returncode == 0 else ""
 
     def refs(self, name: str = "repo") -> dict[str, str]:
-        out = git("for-each-ref", "--format=%(refname) %(objectname)", cwd=self.path(name))
-        return dict(line.split(" ", 1) for line in out.splitlines() if line)
+        return refs_of(self.path(name))
 
     # -- observations ---------------------------------------------------------------
 
@@ -320,6 +329,36 @@ class GitUpstream:
             lines.append(f"  {r.method} {r.path}{'?' + r.query if r.query else ''} -> {r.status}"
                          f" proto={r.git_protocol or '-'} enc={r.content_encoding or '-'}")
         return "\n".join(lines)
+
+
+class FileUpstream:
+    """One bare repository that mirrors reach through ``file://``, with no server:
+    what the unit tests of the mirror machinery clone and fetch. It starts with
+    one commit and an annotated tag ``v1``; each :meth:`commit` adds a file on
+    top of a branch of the bare repository itself (as a push would)."""
+
+    def __init__(self, root: str | os.PathLike[str], branch: str = "trunk") -> None:
+        self.repos = GitUpstream(root)
+        self.branch = branch
+        self.bare = self.repos.path("up")
+        self.n = 1
+        self.repos.create("up", branch, files=self._files())
+        git("tag", "-a", "-m", "v1", "v1", cwd=self.bare)
+
+    @property
+    def url(self) -> str:
+        return f"file://{self.bare}"
+
+    def _files(self) -> dict[str, bytes | str | None]:
+        return {f"f{self.n}.txt": f"content {self.n}\n" * 50}
+
+    def commit(self, branch: str | None = None) -> str:
+        """A new commit (one more file) on ``branch`` (the first one by default); its id."""
+        self.n += 1
+        return self.repos.commit(self._files(), f"commit {self.n}", branch=branch or self.branch, name="up")
+
+    def refs(self) -> dict[str, str]:
+        return self.repos.refs("up")
 
 
 @pytest.fixture

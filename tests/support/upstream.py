@@ -31,11 +31,11 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
-__all__ = ["Behaviour", "RecordedRequest", "Upstream", "upstream_fixture"]
+__all__ = ["Behaviour", "RecordedRequest", "Upstream", "not_modified", "take_behaviour", "upstream_fixture"]
 
 
 @dataclass
@@ -79,7 +79,7 @@ class RecordedRequest:
 
 
 @dataclass
-class _File:
+class File:
     data: bytes
     content_type: str
     etag: str
@@ -102,6 +102,10 @@ class _Server(ThreadingHTTPServer):
         self.connections: set[socket.socket] = set()
         self.conn_lock = threading.Lock()
         super().__init__(("127.0.0.1", port), _Handler)
+        # serve_forever() accepts once select() says a connection waits; a client
+        # that resets first leaves a blocking accept() hanging, and stop() (which
+        # waits for serve_forever) with it. Non-blocking, that accept just fails.
+        self.socket.setblocking(False)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self.conn_lock:
@@ -156,7 +160,7 @@ class Upstream:
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
         self.root = os.path.realpath(root) if root is not None else None
         self.port = 0
-        self.files: dict[str, _File] = {}
+        self.files: dict[str, File] = {}
         self.behaviours: dict[str, Behaviour] = {}
         self.requests: list[RecordedRequest] = []
         self._lock = threading.RLock()
@@ -244,7 +248,7 @@ class Upstream:
                 last_modified = self._last_modified
             if etag is None:
                 etag = '"' + hashlib.sha256(data).hexdigest()[:20] + f'-{int(last_modified)}"'
-            self.files[path] = _File(data, content_type, etag, last_modified)
+            self.files[path] = File(data, content_type, etag, last_modified)
 
     def remove(self, path: str) -> None:
         with self._lock:
@@ -318,18 +322,9 @@ class Upstream:
 
     def _behaviour(self, path: str) -> tuple[str | None, Behaviour | None]:
         with self._lock:
-            for key in (path, path.split("?", 1)[0]):
-                b = self.behaviours.get(key)
-                if b is None:
-                    continue
-                if b.times is not None:
-                    if b.times <= 0:
-                        return None, None
-                    b.times -= 1
-                return key, b
-            return None, None
+            return take_behaviour(self.behaviours, path)
 
-    def _lookup(self, path: str) -> _File | None:
+    def _lookup(self, path: str) -> File | None:
         with self._lock:
             f = self.files.get(path) or self.files.get(path.split("?", 1)[0])
         if f is not None or self.root is None:
@@ -344,7 +339,7 @@ class Upstream:
         ctype = "application/octet-stream"
         if full.endswith((".txt", "Release", "Packages")):
             ctype = "text/plain"
-        return _File(data, ctype, f'"{st.st_mtime_ns:x}-{st.st_size:x}"', float(int(st.st_mtime)))
+        return File(data, ctype, f'"{st.st_mtime_ns:x}-{st.st_size:x}"', float(int(st.st_mtime)))
 
     def _wait(self, server: _Server, gate: threading.Event | None, seconds: float | None) -> None:
         """Sleep ``seconds`` (None: until ``gate`` opens); abort when the server stops."""
@@ -406,7 +401,7 @@ class Upstream:
         validators = {}
         if b.validators:
             validators = {"ETag": f.etag, "Last-Modified": email.utils.formatdate(f.last_modified, usegmt=True)}
-        if b.conditional and b.validators and _not_modified(h, f):
+        if b.conditional and b.validators and not_modified(h.headers.get, f):
             rec.status = 304
             h.send_response(304)
             for k, v in validators.items():
@@ -491,12 +486,28 @@ class Upstream:
             h.wfile.write(b"0\r\n\r\n")
 
 
-def _not_modified(h: _Handler, f: _File) -> bool:
-    inm = h.headers.get("If-None-Match")
+def take_behaviour(behaviours: dict[str, Behaviour], path: str) -> tuple[str | None, Behaviour | None]:
+    """(key, behaviour) for ``path`` (exact, or without its query), using up one of
+    its ``times``; (None, None) when none applies."""
+    for key in (path, path.split("?", 1)[0]):
+        b = behaviours.get(key)
+        if b is None:
+            continue
+        if b.times is not None:
+            if b.times <= 0:
+                return None, None
+            b.times -= 1
+        return key, b
+    return None, None
+
+
+def not_modified(header: Callable[[str], str | None], f: File) -> bool:
+    """Whether the request whose headers ``header(name)`` reads may be answered 304 for ``f``."""
+    inm = header("If-None-Match")
     if inm is not None:
         tags = [t.strip() for t in inm.split(",")]
         return "*" in tags or f.etag in tags or ("W/" + f.etag) in tags
-    ims = h.headers.get("If-Modified-Since")
+    ims = header("If-Modified-Since")
     if ims is not None:
         try:
             when = email.utils.parsedate_to_datetime(ims).timestamp()

@@ -1,4 +1,5 @@
-"""GitApp in-process, with a fake IMirrors over local bare repositories and the real git client.
+"""GitApp in the daemon's tree (tests/support/harness.py), with a fake IMirrors over
+local bare repositories: requests in memory, and the real git client on a port.
 
 The daemon-level tests (real Mirrors, http upstream) are in tests/e2e/test_git_serve*.py.
 """
@@ -6,120 +7,55 @@ The daemon-level tests (real Mirrors, http upstream) are in tests/e2e/test_git_s
 from __future__ import annotations
 
 import gzip
-import http.client
 import json
 import os
 import subprocess
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.web.resource import Resource
-from twisted.web.server import Site
-from zope.interface import implementer
 
-from sparkcache.auth import Authorizer
-from sparkcache.config import AuthConfig, ServerConfig, TokenConfig
-from sparkcache.git.interfaces import IMirrors, Mirror, UnknownRepo
 from sparkcache.git.pktline import DELIM, FLUSH, pkt_line
-from sparkcache.protocols.git.smart_http import GitApp, decode_body, BodyTooLarge
-from tests.support.git_upstream import git, git_env
+from sparkcache.protocols.git.smart_http import BodyTooLarge, decode_body
+from tests.support.fake_mirrors import FakeMirrors
+from tests.support.git_upstream import GitUpstream, git, git_env
+from tests.support.harness import Harness, MakeHarness, harness_factory  # noqa: F401
 from tests.support.tools import require_tool
 
-
-@implementer(IMirrors)
-class FakeMirrors:
-    """Mirrors are bare repos fetched with the git CLI from local 'upstream' bare repos."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.repos: dict[str, tuple[str, str]] = {}  # name -> (upstream path, mirror path)
-        self.refreshes = 0
-        self.acquired = 0
-        self.released = 0
-
-    def add(self, name: str, upstream: Path) -> Mirror:
-        path = self.root / "mirrors" / f"{name.replace('/', '_')}.git"
-        git("clone", "-q", "--mirror", str(upstream), str(path))
-        self.repos[name] = (str(upstream), str(path))
-        return self.lookup(name)
-
-    def lookup(self, name_or_url: str) -> Mirror:
-        if name_or_url not in self.repos:
-            raise UnknownRepo(f"no repository named {name_or_url!r}")
-        up, path = self.repos[name_or_url]
-        return Mirror(name_or_url, f"https://forge.example/{name_or_url}.git", path)
-
-    def ensure(self, mirror: Mirror) -> Deferred[Mirror]:
-        return succeed(mirror)
-
-    def refresh(self, mirror: Mirror) -> Deferred[dict[str, str]]:
-        self.refreshes += 1
-        up, path = self.repos[mirror.name]
-
-        def fetch() -> dict[str, str]:
-            git("fetch", "-q", "--prune", up, "+refs/*:refs/*", cwd=path)
-            out = git("for-each-ref", "--format=%(refname) %(objectname)", cwd=path)
-            return dict(line.split(" ", 1) for line in out.splitlines())
-
-        return deferToThread(fetch)
-
-    def seed(self, url: str, bundle_path: str, name: str | None = None) -> Deferred[Mirror]:
-        raise NotImplementedError
-
-    def run(self, fn: Any, *args: Any) -> Deferred[Any]:
-        return deferToThread(fn, *args)
-
-    def status(self) -> list[dict[str, Any]]:
-        return [{"name": n, "url": self.lookup(n).url} for n in self.repos]
-
-    def acquire(self, mirror: Mirror) -> None:
-        self.acquired += 1
-
-    def release(self, mirror: Mirror) -> None:
-        self.released += 1
+# The pack cache has its own tests (test_git_packcache.py); here every fetch runs upload-pack.
+GIT = {"git": {"max_upload_pack_body": 1 << 20, "pack_cache": False}}
 
 
 class Server:
-    def __init__(self, tmp: Path, auth: AuthConfig, max_body: int = 1 << 20) -> None:
-        self.mirrors = FakeMirrors(tmp)
-        ctx = SimpleNamespace(
-            config=SimpleNamespace(git=SimpleNamespace(max_upload_pack_body=max_body), server=ServerConfig()),
-            auth=Authorizer(auth), store=SimpleNamespace(in_io=deferToThread),
-        )
-        self.app = GitApp(ctx, self.mirrors, reactor, None)  # type: ignore[arg-type]
-        root = Resource()
-        res = self.app.resource()
-        root.putChild(b"git", res)
-        root.putChild(b"repos", res)
-        listen: Any = reactor.listenTCP  # type: ignore[attr-defined]
-        self.port: Any = listen(0, Site(root), interface="127.0.0.1")
-        self.upstream = tmp / "up" / "app.git"
-        self.url = f"http://127.0.0.1:{self.port.getHost().port}"
+    """The daemon with one mirror, "app", of a local upstream repository."""
+
+    def __init__(self, h: Harness, mirrors: FakeMirrors, up: GitUpstream) -> None:
+        self.h, self.mirrors, self.up = h, mirrors, up
+        self.upstream = up.path("app")
+        self.url = h.listen()  # for the git client
 
     def request(self, method: str, path: str, body: bytes | None = None,
-                headers: dict[str, str] | None = None) -> Deferred[tuple[int, dict[str, str], bytes]]:
-        def go() -> tuple[int, dict[str, str], bytes]:
-            c = http.client.HTTPConnection("127.0.0.1", self.port.getHost().port, timeout=30)
-            try:
-                c.request(method, path, body=body, headers=headers or {})
-                r = c.getresponse()
-                seen: dict[str, str] = {}
-                for k, v in r.getheaders():
-                    seen[k.lower()] = f"{seen[k.lower()]}, {v}" if k.lower() in seen else v
-                return r.status, seen, r.read()
-            finally:
-                c.close()
-        return deferToThread(go)
+                headers: dict[str, str] | None = None) -> Any:
+        return self.h.request(method, path, body, headers)
 
     def commit(self, files: dict[str, bytes | str | None], msg: str = "c") -> str:
-        return _commit(self.upstream, files, msg)
+        return self.up.commit(files, msg, name="app")
+
+
+async def start_server(tmp: Path, make: MakeHarness, auth: dict[str, Any] | None = None,
+                       files: dict[str, bytes | str | None] | None = None) -> Server:
+    require_tool("git")
+    up = GitUpstream(tmp / "up")
+    up.create("app", files=files or {"README": "hello\n", "big.bin": os.urandom(300_000)})
+    mirrors = FakeMirrors(tmp)
+    mirrors.add("app", upstream=up.path("app"))
+    h = await make({**GIT, **({"auth": auth} if auth else {})}, mirrors=mirrors)
+    return Server(h, mirrors, up)
 
 
 def run_git(*args: str, cwd: Path | None = None) -> Deferred[subprocess.CompletedProcess[str]]:
@@ -129,22 +65,8 @@ def run_git(*args: str, cwd: Path | None = None) -> Deferred[subprocess.Complete
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Any:
-    require_tool("git")
-    s = Server(tmp_path, AuthConfig())
-    git("init", "-q", "--bare", "-b", "main", str(s.upstream))
-    s.commit({"README": "hello\n", "big.bin": os.urandom(300_000)}, "first")
-    s.mirrors.add("app", s.upstream)
-    yield s
-    pytest_twisted.blockon(s.port.stopListening())
-
-
-def _commit(repo: Path, files: dict[str, bytes | str | None], message: str) -> str:
-    from tests.support.git_upstream import GitUpstream
-
-    g = GitUpstream.__new__(GitUpstream)
-    g.root = repo.parent
-    return GitUpstream.commit(g, files, message, "main", repo.name[:-4])
+def server(tmp_path: Path, harness_factory: MakeHarness) -> Server:
+    return pytest_twisted.blockon(Deferred.fromCoroutine(start_server(tmp_path, harness_factory)))
 
 
 @pytest.mark.parametrize("version", ["0", "2"])
@@ -257,24 +179,17 @@ async def test_repos_and_refresh(server: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_auth_basic_challenge(tmp_path: Path) -> None:
-    require_tool("git")
-    s = Server(tmp_path, AuthConfig(anonymous_read=False, tokens=(TokenConfig("ci", "s3cret", frozenset({"read"})),)))
-    try:
-        up = tmp_path / "up" / "app.git"
-        git("init", "-q", "--bare", "-b", "main", str(up))
-        _commit(up, {"a": "b"}, "one")
-        s.mirrors.add("app", up)
-        status, headers, _ = await s.request("GET", "/git/app/info/refs?service=git-upload-pack")
-        assert status == 401 and headers["www-authenticate"].startswith("Basic")
-        p = await run_git("clone", "-q", s.url.replace("http://", "http://ci:wrong@") + "/git/app", str(tmp_path / "c0"))
-        assert p.returncode != 0
-        p = await run_git("clone", "-q", s.url.replace("http://", "http://ci:s3cret@") + "/git/app", str(tmp_path / "c"))
-        assert p.returncode == 0, p.stderr
-        status, _, _ = await s.request("POST", "/git/refresh?name=app")
-        assert status == 401
-    finally:
-        await s.port.stopListening()  # type: ignore[misc]
+async def test_auth_basic_challenge(tmp_path: Path, harness_factory: MakeHarness) -> None:
+    auth = {"anonymous_read": False, "tokens": [{"name": "ci", "token": "s3cret", "scopes": ["read"]}]}
+    s = await start_server(tmp_path, harness_factory, auth, files={"a": "b"})
+    status, headers, _ = await s.request("GET", "/git/app/info/refs?service=git-upload-pack")
+    assert status == 401 and headers["www-authenticate"].startswith("Basic")
+    p = await run_git("clone", "-q", s.url.replace("http://", "http://ci:wrong@") + "/git/app", str(tmp_path / "c0"))
+    assert p.returncode != 0
+    p = await run_git("clone", "-q", s.url.replace("http://", "http://ci:s3cret@") + "/git/app", str(tmp_path / "c"))
+    assert p.returncode == 0, p.stderr
+    status, _, _ = await s.request("POST", "/git/refresh?name=app")
+    assert status == 401
 
 
 def test_decode_body_limits(tmp_path: Path) -> None:
@@ -291,8 +206,6 @@ def test_decode_body_limits(tmp_path: Path) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_client_disconnect_kills_upload_pack(server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    import socket
-
     import sparkcache.protocols.git.smart_http as gitmod
 
     server.commit({"huge.bin": os.urandom(8 << 20)}, "huge")
@@ -313,19 +226,10 @@ async def test_client_disconnect_kills_upload_pack(server: Any, monkeypatch: pyt
     want = git("rev-parse", "main", cwd=server.upstream)
     body = (pkt_line("command=fetch\n") + DELIM + pkt_line("no-progress\n") + pkt_line(f"want {want}\n")
             + pkt_line("done\n") + FLUSH)
-
-    def send_and_hang_up() -> bytes:
-        s = socket.create_connection(("127.0.0.1", server.port.getHost().port), timeout=30)
-        s.sendall(b"POST /git/app/git-upload-pack HTTP/1.1\r\nHost: x\r\nGit-Protocol: version=2\r\n"
-                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        got = s.recv(4096)
-        # Reset, rather than a polite FIN, the way a killed CI job goes away.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        s.close()
-        return got
-
-    first = await deferToThread(send_and_hang_up)
-    assert first.startswith(b"HTTP/1.1 200")
+    first = await server.h.open("POST", "/git/app/git-upload-pack", body, {"Git-Protocol": "version=2"})
+    assert first.code == 200
+    # Reset, rather than a polite FIN, the way a killed CI job goes away.
+    server.h.client.agent.connections[-1].reset()
     for _ in range(200):
         if codes:
             break
@@ -339,7 +243,7 @@ async def test_client_disconnect_kills_upload_pack(server: Any, monkeypatch: pyt
 async def test_broken_mirror_is_a_remote_error_without_server_paths(server: Any, tmp_path: Path) -> None:
     broken = tmp_path / "broken.git"
     broken.mkdir()
-    server.mirrors.repos["broken"] = (str(broken), str(broken))
+    server.mirrors.add("broken", path=broken)
     for version in ("0", "2"):
         p = await run_git("-c", f"protocol.version={version}", "clone", f"{server.url}/git/broken",
                           str(tmp_path / f"c{version}"))
@@ -352,7 +256,7 @@ async def test_broken_mirror_is_a_remote_error_without_server_paths(server: Any,
 async def test_want_ref_of_a_branch_the_mirror_lacks_refreshes(server: Any) -> None:
     # v2 clients send want-ref (not an id) when the server allows ref-in-want: a
     # branch pushed a moment ago must be fetched from upstream, as a missing id is.
-    mirror_path = server.mirrors.repos["app"][1]
+    mirror_path = server.mirrors.lookup("app").path
     git("config", "uploadpack.allowRefInWant", "true", cwd=mirror_path)
     git("branch", "feature", "main", cwd=server.upstream)
     sha = git("rev-parse", "feature", cwd=server.upstream)

@@ -17,9 +17,7 @@ from sparkcache.git.loop import GitService
 from sparkcache.git.credentials import Callbacks, Cancelled
 from sparkcache.pools import PoolService
 from sparkcache.git.mirrors import Mirrors
-from tests.support.git_upstream import GitUpstream, git
-from tests.unit.test_git_mirrors import Upstream
-from tests.unit.test_git_mirrors import git as git_cli
+from tests.support.git_upstream import FileUpstream, GitUpstream, git, refs_of
 
 
 def test_upstream_commit_can_delete_a_file(tmp_path: Path) -> None:
@@ -100,36 +98,31 @@ async def test_pool_service_stop_does_not_wait_past_its_timeout() -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_seeding_an_old_bundle_only_adds_refs_and_fast_forwards(tmp_path: Path) -> None:
-    up = Upstream(tmp_path / "upstream")
+    up = FileUpstream(tmp_path / "upstream")
     old_bundle, new_bundle = tmp_path / "old.bundle", tmp_path / "new.bundle"
     first = up.commit()
-    git_cli("branch", "side", cwd=up.work)
-    git_cli("bundle", "create", str(old_bundle), "--all", cwd=up.work)
+    git("branch", "side", cwd=up.bare)
+    git("bundle", "create", str(old_bundle), "--all", cwd=up.bare)
     second = up.commit()
-    git_cli("branch", "fresh", cwd=up.work)
-    git_cli("bundle", "create", str(new_bundle), "--all", cwd=up.work)
+    git("branch", "fresh", cwd=up.bare)
+    git("bundle", "create", str(new_bundle), "--all", cwd=up.bare)
     cfg = load_config_data({"git": {}}, "c", {}).git
     ms = Mirrors(cfg, str(tmp_path / "data"), reactor, clock=task.Clock())
     try:
         url = "http://127.0.0.1:9/team/app.git"
         mirror = await ms.seed(url, str(old_bundle))
         # a diverged "side" in the mirror (as if upstream force-pushed it)
-        git_cli("update-ref", "refs/heads/side", first, cwd=mirror.path)
-        diverged = git_cli("commit-tree", "-p", first, "-m", "x", f"{first}^{{tree}}", cwd=mirror.path).strip()
-        git_cli("update-ref", "refs/heads/side", diverged, cwd=mirror.path)
+        git("update-ref", "refs/heads/side", first, cwd=mirror.path)
+        diverged = git("commit-tree", "-p", first, "-m", "x", f"{first}^{{tree}}", cwd=mirror.path).strip()
+        git("update-ref", "refs/heads/side", diverged, cwd=mirror.path)
         await ms.seed(url, str(new_bundle))  # fast-forwards trunk, adds fresh, leaves side
-        refs = _refs(mirror.path)
+        refs = refs_of(mirror.path)
         assert refs["refs/heads/trunk"] == second and refs["refs/heads/fresh"] == second
         assert refs["refs/heads/side"] == diverged
         await ms.seed(url, str(old_bundle))  # older than the mirror: moves nothing back
-        assert _refs(mirror.path) == refs
+        assert refs_of(mirror.path) == refs
     finally:
         ms.stop()
-
-
-def _refs(path: str) -> dict[str, str]:
-    out = git_cli("for-each-ref", "--format=%(refname) %(objectname)", cwd=path)
-    return dict(line.split(" ", 1) for line in out.splitlines() if line)
 
 
 @pytest_twisted.ensureDeferred
@@ -137,7 +130,7 @@ async def test_loop_maintenance_and_status_stat_mirrors_off_the_reactor(tmp_path
     import sparkcache.git.mirrors as mirrors_mod
     import sparkcache.git.repo_ops as repo_ops
 
-    up = Upstream(tmp_path / "upstream")
+    up = FileUpstream(tmp_path / "upstream")
     cfg = load_config_data({"git": {"repos": {"a": up.url}, "jitter": 0}}, "c", {}).git
     ms = Mirrors(cfg, str(tmp_path / "data"), reactor, clock=task.Clock())
     try:

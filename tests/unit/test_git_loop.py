@@ -6,51 +6,29 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest_twisted
 from twisted.internet import reactor, task
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 
 from sparkcache.protocols import load_config_data
-from sparkcache.git.interfaces import Mirror
 from sparkcache.git.loop import FetchLoop, GitService, Maintenance
 from sparkcache.git.mirrors import Mirrors
-from tests.unit.test_git_mirrors import Upstream
+from tests.support.fake_mirrors import FakeMirrors
+from tests.support.git_upstream import FileUpstream
 
 
-class FakeMirrors:
-    """Records refreshes; each one stays pending until the test fires it."""
-
-    def __init__(self, names: list[str], concurrency: int = 2, jitter: float = 0.0) -> None:
-        self.config = load_config_data({"git": {"fetch_concurrency": concurrency, "jitter": jitter}}, "c", {}).git
-        self._mirrors = [Mirror(n, f"https://h/{n}", f"/nonexistent/{n}") for n in names]
-        self.on_disk = set(names)
-        self.pending: dict[str, Deferred[dict[str, str]]] = {}
-        self.calls: list[str] = []
-
-    def mirrors(self) -> list[Mirror]:
-        return self._mirrors
-
-    def exists(self, m: Mirror) -> bool:
-        return m.name in self.on_disk
-
-    def present(self, ms: list[Mirror]) -> Deferred[list[Mirror]]:
-        return succeed([m for m in ms if m.name in self.on_disk])
-
-    def poll(self, batch: list[Mirror]) -> Deferred[tuple[list[Mirror], int]]:
-        return succeed((list(batch), 0))  # everything needs a refresh
-
-    def refresh(self, m: Mirror, clone: bool = True) -> Deferred[dict[str, str]]:
-        assert clone is False  # the loop never clones what nobody asked for
-        self.calls.append(m.name)
-        d: Deferred[dict[str, str]] = Deferred()
-        self.pending[m.name] = d
-        return d
+def held(names: list[str], concurrency: int = 2, jitter: float = 0.0) -> FakeMirrors:
+    """Mirrors that exist only by name; each refresh waits in ``pending`` for the test."""
+    fm = FakeMirrors(git_config={"fetch_concurrency": concurrency, "jitter": jitter})
+    for n in names:
+        fm.add(n)
+    fm.hold_refreshes = True
+    return fm
 
 
 def test_bounded_concurrency_and_failures_do_not_stop_the_round() -> None:
-    fm = FakeMirrors(["a", "b", "c", "d", "gone"], concurrency=2)
+    fm = held(["a", "b", "c", "d", "gone"], concurrency=2)
     fm.on_disk.discard("gone")
     loop = FetchLoop(fm, task.Clock())  # type: ignore[arg-type]
     done = Deferred.fromCoroutine(loop.tick())
@@ -65,6 +43,7 @@ def test_bounded_concurrency_and_failures_do_not_stop_the_round() -> None:
     for _ in range(3):
         fm.pending[running()[0]].callback({})
     assert sorted(fm.calls) == ["a", "b", "c", "d"] and running() == []
+    assert {clone for _, clone in fm.refreshed} == {False}  # the loop never clones what nobody asked for
     assert done.called and loop.failures == 1 and loop.rounds == 1
 
 
@@ -77,7 +56,7 @@ def test_batches_amortize_thread_hand_offs() -> None:
 
 
 def test_jitter_spreads_starts_on_the_clock() -> None:
-    fm = FakeMirrors(["a", "b", "c"], concurrency=10, jitter=10.0)
+    fm = held(["a", "b", "c"], concurrency=10, jitter=10.0)
     clock = task.Clock()
     loop = FetchLoop(fm, clock, rng=random.Random(7))  # type: ignore[arg-type]
     Deferred.fromCoroutine(loop.tick())
@@ -88,7 +67,7 @@ def test_jitter_spreads_starts_on_the_clock() -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_loop_with_real_mirrors_fetches_the_good_ones(tmp_path: Path) -> None:
-    ups = {n: Upstream(tmp_path / n, branch="main") for n in ("one", "two", "bad")}
+    ups = {n: FileUpstream(tmp_path / n, branch="main") for n in ("one", "two", "bad")}
     cfg = load_config_data({"git": {"repos": {n: u.url for n, u in ups.items()}, "jitter": 0,
                                     "fetch_concurrency": 2}}, "c", {}).git
     ms = Mirrors(cfg, str(tmp_path / "data"), reactor)
@@ -97,7 +76,7 @@ async def test_loop_with_real_mirrors_fetches_the_good_ones(tmp_path: Path) -> N
             await ms.ensure(ms.lookup(n))
         # "bad" loses its upstream; the others get new commits
         shutil.rmtree(ups["bad"].bare)
-        tips = {n: ups[n].commit(branch="main", push=True) for n in ("one", "two")}
+        tips = {n: ups[n].commit() for n in ("one", "two")}
         loop = FetchLoop(ms, task.Clock())
         await loop.tick()
         assert loop.failures == 1
@@ -116,34 +95,13 @@ async def test_loop_with_real_mirrors_fetches_the_good_ones(tmp_path: Path) -> N
 
 @pytest_twisted.ensureDeferred
 async def test_maintenance_runs_fsck_on_its_own_schedule(tmp_path: Path) -> None:
-    calls: list[tuple[str, bool]] = []
-
-    class M:
-        config = load_config_data({"git": {"fsck_interval": "1h", "maintenance_interval": "10m"}}, "c", {}).git
-
-        def mirrors(self) -> list[Mirror]:
-            return [Mirror("a", "https://h/a", "/x/a"), Mirror("b", "https://h/b", "/x/b")]
-
-        def exists(self, m: Mirror) -> bool:
-            return True
-
-        def present(self, ms: list[Mirror]) -> Deferred[list[Mirror]]:
-            return succeed(ms)
-
-        def run(self, fn: Any, *args: Any) -> Deferred[None]:
-            return succeed(None)
-
-        def empty_trash(self) -> None:
-            pass
-
-        def maintain(self, m: Mirror, fsck: bool = False) -> Deferred[dict[str, Any]]:
-            calls.append((m.name, fsck))
-            if m.name == "a":
-                raise RuntimeError("repack failed")
-            return succeed({})
-
+    fm = FakeMirrors(git_config={"fsck_interval": "1h", "maintenance_interval": "10m"})
+    fm.add("a")
+    fm.add("b")
+    fm.maintain_fails.add("a")
+    calls = fm.maintained
     clock = task.Clock()
-    maint = Maintenance(M(), clock)  # type: ignore[arg-type]
+    maint = Maintenance(fm, clock)  # type: ignore[arg-type]
     await maint.tick()
     assert calls == [("a", False), ("b", False)]  # no fsck at start-up; a's failure did not stop b
     clock.advance(600)

@@ -1,6 +1,7 @@
-"""The codesync Klein app over HTTP on 127.0.0.1, with a real store and a small
-fake IMirrors (mirrors are bare repos built with the git CLI; refresh and seed
-are plain git commands). The daemon-level tests are in tests/e2e."""
+"""The code-sync app (the git read API) in the daemon's tree over in-memory HTTP,
+with a real store and a fake IMirrors (tests/support): mirrors are bare repos
+built with the git CLI; refresh and seed are plain git commands. The
+daemon-level tests are in tests/e2e."""
 
 from __future__ import annotations
 
@@ -12,134 +13,51 @@ import os
 import subprocess
 import tarfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pygit2
 import pytest
 import pytest_twisted
-import treq
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.threads import deferToThread
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.python.threadpool import ThreadPool
-from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import Resource
-from twisted.web.server import Site
-from zope.interface import implementer
 
-from sparkcache.auth import Authorizer
-from sparkcache.config import AuthConfig, TokenConfig
-from sparkcache.context import Context
-from sparkcache.fetch import Cache
 from sparkcache.fetch.produce import Singleflight
 from sparkcache.git import reads
-from sparkcache.git.interfaces import IMirrors, Mirror, UnknownRepo
 from sparkcache.git.uploads import Limits
-from sparkcache.metrics import Metrics
-from sparkcache.protocols import load_config_data
 from sparkcache.protocols.git import READ_SEGMENTS, codesync
 from sparkcache.web.root import Remount
-from sparkcache.store import Store
+from tests.support.client import Response
+from tests.support.fake_mirrors import FakeMirrors
 from tests.support.git_upstream import git, git_env
+from tests.support.harness import Harness, MakeHarness, harness_factory  # noqa: F401
+from tests.support.memory import MemoryClient, read_body
 from tests.support.tools import require_tool
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-@implementer(IMirrors)
-class FakeMirrors:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.repos: dict[str, str] = {}
-        self.refreshes = 0
-        self.on_refresh: Callable[[], object] | None = None
-        self.seeded: list[tuple[str, str]] = []
-        self.serving = 0
-        self.max_serving = 0
-
-    def acquire(self, mirror: Mirror) -> None:
-        self.serving += 1
-        self.max_serving = max(self.max_serving, self.serving)
-
-    def release(self, mirror: Mirror) -> None:
-        self.serving -= 1
-
-    def lookup(self, name_or_url: str) -> Mirror:
-        path = self.repos.get(name_or_url)
-        if path is None:
-            raise UnknownRepo(name_or_url)
-        return Mirror(name_or_url, f"file://{path}", path)
-
-    def ensure(self, mirror: Mirror) -> Deferred[Mirror]:
-        return succeed(mirror)
-
-    def refresh(self, mirror: Mirror) -> Deferred[dict[str, str]]:
-        self.refreshes += 1
-        if self.on_refresh is not None:
-            self.on_refresh()
-        return succeed({})
-
-    def seed(self, url: str, bundle_path: str, name: str | None = None) -> Deferred[Mirror]:
-        self.seeded.append((url, name or ""))
-        path = str(self.root / f"seeded-{len(self.seeded)}.git")
-
-        def clone() -> Mirror:
-            git("clone", "-q", "--mirror", bundle_path, path)
-            self.repos[url] = path
-            return Mirror(url, url, path)
-
-        return deferToThread(clone)
-
-    def run(self, fn: Any, *args: Any) -> Deferred[Any]:
-        return deferToThread(fn, *args)
+CONFIG = {"auth": {"anonymous_read": True, "tokens": [{"name": "ci", "token": TOKEN, "scopes": ["read", "write"]}]}}
 
 
 class Server:
-    def __init__(self, tmp: Path, limits: Limits | None = None) -> None:
-        self.mirrors = FakeMirrors(tmp)
-        self.store = Store(str(tmp / "data"), reactor, max_size=1 << 30)
-        auth = Authorizer(AuthConfig(anonymous_read=True,
-                                     tokens=(TokenConfig("ci", TOKEN, frozenset({"read", "write"})),)))
-        metrics = Metrics()
-        cache = Cache(self.store, None, reactor, metrics)  # type: ignore[arg-type]  # (no upstream: git builds)
-        self.ctx = Context(load_config_data({}, environ={}), self.store, cache, None, metrics, auth, reactor)  # type: ignore[arg-type]
-        self.pool = ThreadPool(minthreads=0, maxthreads=2, name="test-upload")
-        self.app = codesync.CodeSyncApp(self.ctx, self.mirrors, reactor, self.pool, limits)
-        root = Resource()
-        res = Remount(self.app.resource())
-        for seg in READ_SEGMENTS:
-            root.putChild(seg, res)
-        self.site = Site(root)
-        self.http = HTTPConnectionPool(reactor, persistent=False)
+    def __init__(self, h: Harness, mirrors: FakeMirrors, client: MemoryClient | None = None) -> None:
+        self.h, self.mirrors, self.store = h, mirrors, h.store
+        self.client = client or h.client
 
-    async def start(self) -> "Server":
-        await self.store.start()
-        self.pool.start()
-        self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")  # type: ignore[arg-type]
-        self.base = f"http://127.0.0.1:{self.port.getHost().port}"  # type: ignore[attr-defined]
-        return self
+    async def req(self, method: str, path: str, body: bytes | None = None, **headers: str) -> Response:
+        return await self.client.request(method, path, body, {k.replace("_", "-"): v for k, v in headers.items()})
 
-    async def stop(self) -> None:
-        stopped = self.port.stopListening()
-        if stopped is not None:
-            await stopped
-        await self.http.closeCachedConnections()
-        self.pool.stop()
-        await self.store.stop()
-
-    async def req(self, method: str, path: str, body: bytes | None = None, **headers: str) -> tuple[int, Any, bytes]:
-        hdrs: Any = {k.replace("_", "-"): [v] for k, v in headers.items()}
-        resp = await treq.request(method, self.base + path, data=body, headers=hdrs, pool=self.http)
-        return resp.code, resp.headers, await resp.content()
+    @property
+    def app(self) -> codesync.CodeSyncApp:
+        return self.h.app(b"archive")
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Any:
-    s = Server(tmp_path)
-    pytest_twisted.blockon(Deferred.fromCoroutine(s.start()))
-    yield s
-    pytest_twisted.blockon(Deferred.fromCoroutine(s.stop()))
+def server(tmp_path: Path, harness_factory: MakeHarness) -> Server:
+    mirrors = FakeMirrors(tmp_path)
+    h = pytest_twisted.blockon(harness_factory(CONFIG, mirrors=mirrors))
+    return Server(h, mirrors)
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +89,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 def _add(server: Server, repo: dict[str, str], name: str = "app") -> None:
-    server.mirrors.repos[name] = repo["path"]
+    server.mirrors.add(name, path=repo["path"])
 
 
 def _rev(repo: dict[str, str], spec: str) -> str:
@@ -189,8 +107,8 @@ async def test_file_etag_and_errors(server: Server, repo: dict[str, str]) -> Non
     code, h, body = await server.req("GET", "/file?repo=app&branch=main&path=src/main.py")
     assert code == 200 and body == _blob(repo, "main:src/main.py")
     etag = f'"{_rev(repo, "main:src/main.py")}"'
-    assert h.getRawHeaders("etag") == [etag]
-    assert h.getRawHeaders("x-git-commit") == [repo["second"]]
+    assert h["etag"] == etag
+    assert h["x-git-commit"] == repo["second"]
     code, _, body = await server.req("GET", "/file?repo=app&branch=main&path=src/main.py", If_None_Match=etag)
     assert code == 304 and body == b""
     code, _, body = await server.req("GET", f"/file?repo=app&branch={repo['first']}&path=README.md")
@@ -203,7 +121,7 @@ async def test_file_etag_and_errors(server: Server, repo: dict[str, str]) -> Non
                           ("repo=app&branch=main~1&path=README.md", 404)):
         code, h, body = await server.req("GET", f"/file?{query}")
         assert code == status, query
-        assert h.getRawHeaders("content-type") == ["application/json"]
+        assert h["content-type"] == "application/json"
         assert json.loads(body)["status"] == status
 
 
@@ -213,10 +131,10 @@ async def test_large_file_goes_through_the_store_with_range(server: Server, repo
     data = _blob(repo, "main:big.bin")
     assert len(data) > codesync.INLINE_MAX
     code, h, body = await server.req("GET", "/file?repo=app&path=big.bin")
-    assert code == 200 and body == data and h.getRawHeaders("x-cache") == ["MISS"]
+    assert code == 200 and body == data and h["x-cache"] == "MISS"
     code, h, body = await server.req("GET", "/file?repo=app&path=big.bin", Range="bytes=100-199")
-    assert code == 206 and body == data[100:200] and h.getRawHeaders("x-cache") == ["HIT"]
-    assert h.getRawHeaders("etag") == [f'"{_rev(repo, "main:big.bin")}"']
+    assert code == 206 and body == data[100:200] and h["x-cache"] == "HIT"
+    assert h["etag"] == f'"{_rev(repo, "main:big.bin")}"'
 
 
 @pytest_twisted.ensureDeferred
@@ -228,7 +146,7 @@ async def test_tree_hash(server: Server, repo: dict[str, str]) -> None:
         doc = json.loads(body)
         assert doc["hash"] == _rev(repo, spec) and doc["commit"] == repo["second"]
         assert doc["type"] == ("blob" if path.endswith(".py") else "tree")
-        assert h.getRawHeaders("etag") == [f'"{doc["hash"]}"']
+        assert h["etag"] == f'"{doc["hash"]}"'
     code, _, body = await server.req("GET", "/tree-hash?repo=app&branch=v2&path=src", Accept="text/plain")
     assert code == 200 and body == _rev(repo, "v2:src").encode() + b"\n"
     code, _, _ = await server.req("GET", "/tree-hash?repo=app&path=src", If_None_Match=f'"{_rev(repo, "main:src")}"')
@@ -241,7 +159,7 @@ async def test_tree_hash(server: Server, repo: dict[str, str]) -> None:
 async def test_branch_contains_and_the_just_pushed_race(server: Server, repo: dict[str, str], tmp_path: Path) -> None:
     mirror = tmp_path / "race.git"
     git("clone", "-q", "--mirror", "--no-local", repo["path"], str(mirror))
-    server.mirrors.repos["race"] = str(mirror)
+    server.mirrors.add("race", path=mirror)
     code, _, body = await server.req("GET", f"/branch-contains?repo=race&branch=main&commit={repo['first']}")
     assert code == 200 and json.loads(body)["contains"] is True
     code, _, body = await server.req("GET", f"/branch-contains?repo=race&branch={repo['first']}&commit={repo['second']}")
@@ -293,18 +211,18 @@ async def test_archive_built_once_then_served_from_the_store(server: Server, rep
     bodies = set()
     for ok, (code, h, body) in results:
         assert ok and code == 200
-        assert h.getRawHeaders("etag") == [f'"{repo["second"]}"']
-        assert h.getRawHeaders("content-type") == ["application/gzip"]
+        assert h["etag"] == f'"{repo["second"]}"'
+        assert h["content-type"] == "application/gzip"
         bodies.add(body)
     assert len(builds) == 1 and len(bodies) == 1
-    assert server.mirrors.serving == 0 and server.mirrors.max_serving >= 1
+    assert server.mirrors.busy == 0 and server.mirrors.max_busy >= 1
     body = bodies.pop()
     files = git("ls-tree", "-r", "--name-only", "main", cwd=repo["path"]).splitlines()
     members = _members(body)
     assert sorted(members) == sorted(files)
     assert all(members[f] == _blob(repo, f"main:{f}") for f in files)
     code, h, again = await server.req("GET", f"/archive?repo=app&branch={repo['second']}")
-    assert code == 200 and again == body and h.getRawHeaders("x-cache") == ["HIT"] and len(builds) == 1
+    assert code == 200 and again == body and h["x-cache"] == "HIT" and len(builds) == 1
     code, _, part = await server.req("GET", "/archive?repo=app&branch=v2", Range="bytes=0-9")
     assert code == 206 and part == body[:10]
     code, _, _ = await server.req("GET", "/archive?repo=app&branch=main", If_None_Match=f'"{repo["second"]}"')
@@ -316,7 +234,7 @@ async def test_archive_built_once_then_served_from_the_store(server: Server, rep
     # A subdirectory: its own entry, ETag commit:tree, contents at the root.
     code, h, sub = await server.req("GET", "/archive?repo=app&branch=main&path=src/")
     assert code == 200 and _members(sub) == {"main.py": _blob(repo, "main:src/main.py")}
-    assert h.getRawHeaders("etag") == [f'"{repo["second"]}:{_rev(repo, "main:src")}"'] and len(builds) == 3
+    assert h["etag"] == f'"{repo["second"]}:{_rev(repo, "main:src")}"' and len(builds) == 3
     code, _, _ = await server.req("GET", "/archive?repo=app&branch=main&path=README.md")
     assert code == 400
     code, _, _ = await server.req("GET", "/archive?repo=app&branch=main&path=nope")
@@ -347,16 +265,15 @@ async def test_upload_round_trip_and_dedupe(server: Server, repo: dict[str, str]
     assert doc["id"] == _rev(repo, f"{repo['first']}^{{tree}}") and doc["files"] == 3 and doc["created"] is True
     code, h, stored = await server.req("GET", doc["url"])
     assert code == 200 and hashlib.sha256(stored).hexdigest() == doc["sha256"] and len(stored) == doc["size"]
-    assert h.getRawHeaders("etag") == [f'"{doc["id"]}"']
+    assert h["etag"] == f'"{doc["id"]}"'
     assert _members(stored)["big.bin"] == _blob(repo, f"{repo['first']}:big.bin")
     # The same tree again, plain tar this time: same id, nothing new stored.
     code, _, body = await server.req("POST", "/upload", gzip.decompress(tarball), **AUTH)
     assert code == 200 and json.loads(body)["id"] == doc["id"] and json.loads(body)["created"] is False
     code, _, _ = await server.req("GET", f"/uploads/{'0' * 40}")
     assert code == 404
-    # An encoded separator is refused before routing, as on every path.
-    code, _, body = await server.req("GET", "/uploads/..%2fetc")
-    assert code == 400 and "separators" in json.loads(body)["error"]
+    code, _, _ = await server.req("GET", "/uploads/..%2fetc")
+    assert code == 400  # an encoded separator is refused before routing
     code, _, body = await server.req("POST", "/upload", b"garbage" * 1000, **AUTH)
     assert code == 400 and "tar" in json.loads(body)["error"]
     # Parameters come from the URL, never from a form-encoded body.
@@ -386,13 +303,20 @@ async def test_incremental_upload(server: Server, repo: dict[str, str]) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_upload_limits(tmp_path: Path) -> None:
-    s = await Server(tmp_path, Limits(body=1000)).start()
+async def test_upload_limits(server: Server) -> None:
+    # Limits are not in the config: this app is built by hand on the daemon's context.
+    pool = ThreadPool(minthreads=0, maxthreads=2, name="test-upload")
+    pool.start()
     try:
+        app = Remount(codesync.CodeSyncApp(server.h.ctx, server.mirrors, reactor, pool, Limits(body=1000)).resource())
+        root = Resource()
+        for seg in READ_SEGMENTS:
+            root.putChild(seg, app)
+        s = Server(server.h, server.mirrors, server.h.serve(root))
         code, _, body = await s.req("POST", "/upload", _tgz({"a": os.urandom(5000)}), **AUTH)
         assert code == 413
     finally:
-        await s.stop()
+        pool.stop()
 
 
 @pytest_twisted.ensureDeferred
@@ -433,7 +357,7 @@ async def test_seed_from_bundle(server: Server, repo: dict[str, str], tmp_path: 
 @pytest_twisted.ensureDeferred
 async def test_unknown_endpoint_and_method(server: Server) -> None:
     code, h, body = await server.req("GET", "/sync/nothing")
-    assert code == 404 and h.getRawHeaders("content-type") == ["application/json"]
+    assert code == 404 and h["content-type"] == "application/json"
     code, h, body = await server.req("GET", "/upload")
     assert code == 405 and json.loads(body)["status"] == 405
 
@@ -488,15 +412,15 @@ async def test_archive_streams_while_it_is_built_and_a_failed_build_is_not_kept(
     assert code == 502, body
     assert await server.store.index.get(f"archive/app/{repo['second']}.tar.gz") is None
     # The next request builds again, and gets its first bytes before the build ends.
-    resp = await treq.request("GET", server.base + "/archive?repo=app&branch=main", pool=server.http)
+    resp = await server.h.open("GET", "/archive?repo=app&branch=main")
     assert resp.code == 200 and not release.is_set()
     assert resp.headers.getRawHeaders("x-cache") == ["MISS"]
     release.set()
-    body = await resp.content()
+    body = await read_body(resp)
     assert body == b"A" * 300_000 + b"B" * 1000
     code, h, again = await server.req("GET", "/archive?repo=app&branch=main")
-    assert code == 200 and again == body and h.getRawHeaders("x-cache") == ["HIT"]
-    assert server.ctx.cache.inflight == 0
+    assert code == 200 and again == body and h["x-cache"] == "HIT"
+    assert server.h.ctx.cache.inflight == 0
 
 
 @pytest_twisted.ensureDeferred
@@ -508,5 +432,5 @@ async def test_unexpected_read_error_is_a_json_500(server: Server, repo: dict[st
     _add(server, repo)
     monkeypatch.setattr(reads, "tree_hash", broken)
     code, headers, body = await server.req("GET", "/tree-hash?repo=app&path=src")
-    assert code == 500 and headers.getRawHeaders("content-type") == ["application/json"], body
+    assert code == 500 and headers["content-type"] == "application/json", body
     assert "GitError" in json.loads(body)["error"]

@@ -17,33 +17,43 @@ from sparkcache.protocols.base import Built, ProtocolSpec
 
 if TYPE_CHECKING:
     from sparkcache.context import Context
+    from sparkcache.git.interfaces import IMirrors
 
 READ_SEGMENTS = (b"archive", b"file", b"tree-hash", b"branch-contains", b"upload", b"uploads", b"sync")
 
 
 def build(ctx: "Context") -> Built:
+    """The mirrors of the ``git:`` section, kept fresh by the GitService, served by the apps."""
     from sparkcache.git.config import GitConfig
     from sparkcache.git.loop import GitService
     from sparkcache.git.mirrors import Mirrors
+
+    config = ctx.config
+    git_cfg = config.section("git") or GitConfig()
+    mirrors = Mirrors(git_cfg, config.storage.data_dir, ctx.reactor, clock=ctx.clock, metrics=ctx.metrics)
+    built = serve(ctx, mirrors)
+    built.services = [GitService(mirrors, config.server.shutdown_timeout), *built.services]
+    return built
+
+
+def serve(ctx: "Context", mirrors: "IMirrors") -> Built:
+    """The git apps over any IMirrors (tests hand in a fake one)."""
     from sparkcache.git.packcache import PackCache
     from sparkcache.pools import PoolService
     from sparkcache.protocols.git.codesync import CodeSyncApp
     from sparkcache.protocols.git.smart_http import GitApp
     from sparkcache.web.root import Remount
 
-    config = ctx.config
-    git_cfg = config.section("git") or GitConfig()
-    mirrors = Mirrors(git_cfg, config.storage.data_dir, ctx.reactor, clock=ctx.clock, metrics=ctx.metrics)
     # Packs and archives are produced by ctx.cache, whose running productions a
     # graceful stop already waits for: a complete pack is kept even after its
     # clients left.
     packcache = PackCache(ctx, mirrors, ctx.reactor)
     smart_http = GitApp(ctx, mirrors, ctx.reactor, packcache).resource()
-    upload_pool = PoolService("sparkcache-upload", 2, ctx.reactor, config.server.shutdown_timeout)
+    upload_pool = PoolService("sparkcache-upload", 2, ctx.reactor, ctx.config.server.shutdown_timeout)
     reads = Remount(CodeSyncApp(ctx, mirrors, ctx.reactor, upload_pool.pool).resource())
     return Built(
         mounts={b"git": smart_http, b"repos": smart_http, **{s: reads for s in READ_SEGMENTS}},
-        services=[GitService(mirrors, config.server.shutdown_timeout), upload_pool],
+        services=[upload_pool],
     )
 
 
