@@ -35,7 +35,8 @@ TYPE_NAMES = frozenset(t.name for t in REMOTE_TYPES)
 def build(ctx: "Context") -> Built:
     from sparkcache.protocols.generic.app import GenericApp
 
-    return Built(resource=GenericApp(ctx).resource())
+    app = GenericApp(ctx)
+    return Built(resource=app.resource(), gate=app.body_gate)
 
 
 SPEC = ProtocolSpec(name="generic", segments=(b"api",), build=build, remote_types=REMOTE_TYPES)
