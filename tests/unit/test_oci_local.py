@@ -25,6 +25,7 @@ from sparkcache.auth import Authorizer
 from sparkcache.config import RemoteConfig
 from sparkcache.protocols import load_config_data
 from sparkcache.context import Context
+from sparkcache.fetch import Cache
 from sparkcache.metrics import Metrics
 from sparkcache.protocols.oci.errors import oci_errors
 from sparkcache.protocols.oci.local import LocalRegistry
@@ -91,7 +92,9 @@ def env(tmp_path):
                                                     {"name": "r", "token": READ, "scopes": ["read"]}]},
         "remotes": {"loc": {"type": "oci-local"}},
     })
-    ctx = Context(config, store, None, None, Metrics(), Authorizer(config.auth), clock)  # type: ignore[arg-type]
+    metrics = Metrics()
+    cache = Cache(store, None, clock, metrics)  # type: ignore[arg-type]  # (no upstream: pushes only)
+    ctx = Context(config, store, cache, None, metrics, Authorizer(config.auth), clock)  # type: ignore[arg-type]
     remote = config.remotes["loc"]
     local = LocalRegistry(ctx)
     port = reactor.listenTCP(0, Site(Router(local, remote).app.resource()), interface="127.0.0.1")
