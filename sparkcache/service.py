@@ -24,6 +24,7 @@ from sparkcache.protocols.base import ProtocolSpec, SetupEndpoint
 from sparkcache.store import Store
 from sparkcache.timers import Periodic
 from sparkcache.web.admin import AdminApp
+from sparkcache.web.bodies import BodyGate
 from sparkcache.web.root import Root
 from sparkcache.web.sendfile import SendfilePool
 from sparkcache.web.setup import SetupApp
@@ -78,6 +79,7 @@ class SparkcacheService(MultiService):
         # Work a graceful stop waits for, besides responses and fetches.
         self.drains: list[Callable[[], list[Deferred[Any]]]] = []
         apps: dict[bytes, IResource] = {}
+        gates: dict[bytes, BodyGate] = {}
         setup: dict[str, SetupEndpoint] = {}
         for spec in protocols:
             built = spec.build(self.ctx)
@@ -85,13 +87,16 @@ class SparkcacheService(MultiService):
                 resource = built.mounts.get(segment, built.resource)
                 if resource is not None:
                     apps[segment] = resource
+                    gate = built.gates.get(segment, built.gate)
+                    if gate is not None:
+                        gates[segment] = gate
             for svc in built.services:
                 svc.setServiceParent(self.runtime)
             self.drains.extend(built.drains)
             setup.update(built.setup)
         apps[b"setup"] = SetupApp(self.ctx, setup).resource()
         admin = AdminApp(self.ctx).resource()
-        self.root = Root(apps, admin)
+        self.root = Root(apps, admin, gates)
         self.site = SparkSite(self.root, access_log=config.server.access_log, max_body_size=config.server.max_body_size,
                               reactor=reactor)
         self.site.displayTracebacks = False

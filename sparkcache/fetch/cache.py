@@ -8,7 +8,10 @@ TTL, expected digest) and a ``Source`` that says how its bytes are produced:
 - ``sources.Subprocess``: a child's stdout (git upload-pack computing a pack);
 - ``sources.ThreadBuild``: a body written by a worker thread (git archives,
   normalized code-sync uploads);
-- ``sources.Upload``: a client's body.
+- ``sources.Upload``: a client's body read from a file object;
+- ``sources.Spooled``: a body already complete in a spool file (a request body
+  the site wrote there as it arrived), adopted as the production's spool.
+  ``Cache.adopt`` commits one under its key whatever is stored there now.
 
 It gets back one of:
 
@@ -39,7 +42,7 @@ from sparkcache.fetch.flight import BodyError, Flight, receive
 from sparkcache.fetch.produce import Shared, Singleflight
 from sparkcache.fetch.upstream import UpstreamClient, UpstreamError, discard_body
 from sparkcache.metrics import Metrics
-from sparkcache.store import Entry, Store
+from sparkcache.store import Entry, SpoolFile, Store
 
 log = Logger()
 
@@ -54,13 +57,16 @@ KEEP_HEADERS = (
 @dataclass(frozen=True)
 class Target:
     """What a production stores: the entry's key, remote and path, how long it
-    stays fresh (None: forever), and what the body must hash to, when known."""
+    stays fresh (None: forever), what the body must hash to, when known, and
+    whether the entry is pinned (an upload, a push: it exists nowhere else, so
+    it is never evicted; see ``Entry.pinned``)."""
 
     key: str
     remote: str
     path: str
     ttl: float | None = None
     expected_digest: str | None = None
+    pinned: bool = False
 
 
 @dataclass(frozen=True)
@@ -116,12 +122,15 @@ class Body:
     handed over; it raises BodyError for a body that must not be kept. The
     headers are stored with the entry and sent to the clients that tail it.
     ``on_commit`` runs once the entry is visible (the production's clean-up).
+    ``spool``: the bytes are already there (an upload): the production adopts
+    this spool instead of making one, and ``fill`` only tells the flight.
     """
 
     headers: dict[str, str]
     fill: Callable[[Flight], Awaitable[Any]]
     total: int | None = None  # the announced length, checked before commit
     on_commit: Callable[[Entry], Awaitable[Any]] | None = None
+    spool: SpoolFile | None = None
 
 
 class Source:
@@ -227,7 +236,7 @@ class Cache:
         """The one commit path: spool, verify, fsync, rename, index row, in that order."""
         key = target.key
         now = self.clock.seconds()
-        spool = self.store.new_spool()
+        spool = body.spool if body.spool is not None else self.store.new_spool()
         try:
             flight = Flight(key, spool, body.total, body.headers, self.store.in_io)
         except BaseException:
@@ -250,7 +259,7 @@ class Cache:
                 size=flight.written, content_type=body.headers.get("content-type"), headers=body.headers,
                 fetched=now, expires=None if target.ttl is None else now + target.ttl,
                 etag=etag if etag and _VALID_ETAG.match(etag) else None,
-                last_modified=body.headers.get("last-modified"), last_access=now,
+                last_modified=body.headers.get("last-modified"), last_access=now, pinned=target.pinned,
             )
             old = stale if stale is not None else self.store.index.peek(key)
             committed = await self.store.commit(spool, entry)
@@ -280,6 +289,39 @@ class Cache:
                 await body.on_commit(committed)
             except Exception:
                 log.failure("after storing {key}", key=key)
+
+    async def adopt(self, target: Target, spool: SpoolFile, headers: dict[str, str]) -> Entry:
+        """Commit ``spool``, complete (an upload the site spooled as it arrived),
+        under ``target.key``, replacing what is stored there: a production whose
+        body is already written, through the one commit path (length and digest
+        checked, fsync, rename, index row). A production of the key already
+        running is waited for first. The spool is consumed either way; raises
+        BodyError when the body is not kept (a digest mismatch)."""
+        from sparkcache.fetch.sources import Spooled
+
+        key = target.key
+        try:
+            while True:
+                running = self._producing.get(key)
+                if running is None:
+                    replaced = await self.store.index.get(key)
+                    if key not in self._producing:
+                        break
+                    continue
+                outcome = await running.wait()
+                if isinstance(outcome, Live):
+                    try:
+                        await outcome.flight.wait_done()
+                    except BodyError:
+                        pass
+        except BaseException:
+            self.store.discard(spool)
+            raise
+        shared = self._producing.start(key, lambda s: self._produce(target, Spooled(spool, headers), replaced, s))
+        outcome = await shared.wait()
+        if isinstance(outcome, Live):
+            return (await outcome.flight.wait_done()).entry  # type: ignore[no-any-return]
+        raise BodyError(outcome.message if isinstance(outcome, Failed) else "not stored")
 
     def running(self) -> list[Deferred[None]]:
         """Deferreds of the productions in progress (each fires when its production ends)."""

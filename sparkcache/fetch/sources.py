@@ -1,4 +1,5 @@
-"""Sources fed by local work: a child process, a worker thread, a client's body.
+"""Sources fed by local work: a child process, a worker thread, a client's body
+(read from a file object, or already complete in a spool file).
 
 Each hands the engine (:mod:`sparkcache.fetch.cache`) a Body whose bytes go
 into a spool Flight exactly as an upstream download's do, so all of them share
@@ -16,7 +17,7 @@ from twisted.internet.interfaces import IConsumer
 from sparkcache.fetch.cache import Body, Cache, Failed, Hit, Source, Target
 from sparkcache.fetch.flight import BodyError, Flight, Intake, ThreadWriter
 from sparkcache.fetch.produce import shield, watch_ends
-from sparkcache.store import Entry
+from sparkcache.store import Entry, SpoolFile
 
 OnCommit = Callable[[Entry], Awaitable[Any]]
 COPY_CHUNK = 1 << 20
@@ -98,6 +99,26 @@ class ThreadBuild(Source):
                 raise
 
         return Body(self.headers, fill, on_commit=self.on_commit)
+
+
+@dataclass
+class Spooled(Source):
+    """A body already complete in ``spool`` (an upload the site wrote there as
+    it arrived): the production adopts the spool itself, so the committed body
+    is that very file, never a copy. The spool is consumed: committed, or
+    discarded when the body is not kept."""
+
+    spool: SpoolFile
+    headers: dict[str, str]
+    on_commit: OnCommit | None = None
+
+    async def open(self, cache: Cache, target: Target, stale: Entry | None) -> Union[Body, Hit, Failed]:
+        size = self.spool.size
+
+        async def fill(flight: Flight) -> None:
+            flight.advance(size)
+
+        return Body(self.headers, fill, total=size, on_commit=self.on_commit, spool=self.spool)
 
 
 class BodyTooLarge(BodyError):

@@ -1,8 +1,8 @@
 """Code sync uploads: a tarball in, a normalized tar.gz of the full tree out.
 
 An upload is read as a stream (plain tar or gzip/bzip2/xz), checked entry by
-entry, and its file contents are parked in one spool file while their git
-blob ids are computed. The upload's id is the **git tree id** of the result
+entry, and its file contents are parked in one scratch spool file (the
+caller's, from the store) while their git blob ids are computed. The upload's id is the **git tree id** of the result
 (the id ``git write-tree`` or ``git rev-parse <commit>^{tree}`` gives for the
 same files and modes), so identical trees dedupe, and an upload of a clean
 checkout of commit C has the id ``/tree-hash?branch=C`` answers.
@@ -19,18 +19,19 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import os
 import posixpath
 import tarfile
-import tempfile
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import pygit2
 
 from sparkcache.git.reads import (
     MODE_EXEC, MODE_GITLINK, MODE_LINK, MODE_TREE, _open, _resolve, add_member, open_targz, tar_info, walk,
 )
+
+if TYPE_CHECKING:
+    from sparkcache.store import SpoolFile, SpoolReader
 
 MODE_FILE = 0o100644
 DELETED_LIST = ".sparkcache-deleted"
@@ -69,7 +70,7 @@ class Tree:
     files: dict[str, Member] = field(default_factory=dict)
     deleted: list[str] = field(default_factory=list)
     skipped: int = 0
-    blobs_path: str = ""
+    blobs: "SpoolFile | None" = None  # the bytes of the uploaded files, at their offsets
     base_repo: str = ""
 
 
@@ -103,88 +104,78 @@ def _inside(path: str, target: str) -> bool:
     return True
 
 
-def parse(src: BinaryIO, spool_dir: str, limits: Limits) -> Tree:
-    """Read an uploaded tarball into a Tree whose file bytes sit in one spool file.
-
-    The caller owns ``tree.blobs_path`` (remove it with ``discard``)."""
-    fd, blobs_path = tempfile.mkstemp(dir=spool_dir, prefix="upload-", suffix=".part")
-    tree = Tree(blobs_path=blobs_path)
+def parse(src: BinaryIO, blobs: "SpoolFile", limits: Limits) -> Tree:
+    """Read an uploaded tarball into a Tree whose file bytes go into ``blobs``,
+    an empty scratch spool the caller owns (and discards once done)."""
+    tree = Tree(blobs=blobs)
     dirs: set[str] = set()
     offset = 0
     expanded = 0
+    src.seek(0)
     try:
-        src.seek(0)
-        try:
-            tar = tarfile.open(fileobj=src, mode="r|*")
-        except tarfile.TarError as e:
-            raise UploadError(400, f"not a tar archive (plain, gzip, bzip2 or xz): {e}") from None
-        try:
-            for m in tar:
-                path = clean_path(m.name)
-                if not path:
-                    continue
-                if ".git" in path.split("/"):
-                    tree.skipped += 1
-                    continue
-                if m.isdir():
-                    dirs.add(path)
-                    continue
-                if path == DELETED_LIST:
-                    if not m.isreg() or m.size > limits.deleted_list:
-                        raise UploadError(400, f"{DELETED_LIST} must be a regular file under {limits.deleted_list} bytes")
-                    f = tar.extractfile(m)
-                    assert f is not None
-                    text = f.read().decode("utf-8", "strict")
-                    tree.deleted += [clean_path(line, DELETED_LIST) for line in text.splitlines() if line.strip()]
-                    continue
-                if m.issym():
-                    target = m.linkname
-                    if not target or target.startswith("/") or "\x00" in target or not _inside(path, target):
-                        raise UploadError(400, f"symlink {path!r} -> {target!r} points outside the tree")
-                    data = target.encode("utf-8", "surrogateescape")
-                    h = _blob_sha1(len(data))
-                    h.update(data)
-                    tree.files[path] = Member(MODE_LINK, h.hexdigest(), len(data), link=data)
-                elif m.islnk():
-                    other = tree.files.get(clean_path(m.linkname, "hard link target"))
-                    if other is None or other.mode == MODE_LINK:
-                        raise UploadError(400, f"hard link {path!r} -> {m.linkname!r}: target is not an earlier file")
-                    tree.files[path] = Member(MODE_EXEC if m.mode & 0o100 else MODE_FILE, other.sha1, other.size,
-                                              other.offset)
-                elif m.isreg():
-                    expanded += m.size
-                    if expanded > limits.expanded:
-                        raise UploadError(413, f"upload expands to more than {limits.expanded} bytes")
-                    f = tar.extractfile(m)
-                    assert f is not None
-                    h = _blob_sha1(m.size)
-                    start = offset
-                    while True:
-                        chunk = f.read(_CHUNK)
-                        if not chunk:
-                            break
-                        h.update(chunk)
-                        view = memoryview(chunk)
-                        while view:
-                            view = view[os.write(fd, view):]
-                        offset += len(chunk)
-                    if offset - start != m.size:
-                        raise UploadError(400, f"{path!r}: truncated tar member")
-                    tree.files[path] = Member(MODE_EXEC if m.mode & 0o100 else MODE_FILE, h.hexdigest(), m.size, start)
-                else:
-                    raise UploadError(400, f"{path!r}: only files, directories and symlinks are allowed")
-                if len(tree.files) > limits.files:
-                    raise UploadError(413, f"more than {limits.files} files")
-        except (tarfile.TarError, EOFError, OSError, UnicodeDecodeError) as e:
-            raise UploadError(400, f"unreadable tar archive: {type(e).__name__}: {e}") from None
-        finally:
-            tar.close()
-        _check_conflicts(tree.files, dirs)
-    except BaseException:
-        os.close(fd)
-        discard(tree)
-        raise
-    os.close(fd)
+        tar = tarfile.open(fileobj=src, mode="r|*")
+    except tarfile.TarError as e:
+        raise UploadError(400, f"not a tar archive (plain, gzip, bzip2 or xz): {e}") from None
+    try:
+        for m in tar:
+            path = clean_path(m.name)
+            if not path:
+                continue
+            if ".git" in path.split("/"):
+                tree.skipped += 1
+                continue
+            if m.isdir():
+                dirs.add(path)
+                continue
+            if path == DELETED_LIST:
+                if not m.isreg() or m.size > limits.deleted_list:
+                    raise UploadError(400, f"{DELETED_LIST} must be a regular file under {limits.deleted_list} bytes")
+                f = tar.extractfile(m)
+                assert f is not None
+                text = f.read().decode("utf-8", "strict")
+                tree.deleted += [clean_path(line, DELETED_LIST) for line in text.splitlines() if line.strip()]
+                continue
+            if m.issym():
+                target = m.linkname
+                if not target or target.startswith("/") or "\x00" in target or not _inside(path, target):
+                    raise UploadError(400, f"symlink {path!r} -> {target!r} points outside the tree")
+                data = target.encode("utf-8", "surrogateescape")
+                h = _blob_sha1(len(data))
+                h.update(data)
+                tree.files[path] = Member(MODE_LINK, h.hexdigest(), len(data), link=data)
+            elif m.islnk():
+                other = tree.files.get(clean_path(m.linkname, "hard link target"))
+                if other is None or other.mode == MODE_LINK:
+                    raise UploadError(400, f"hard link {path!r} -> {m.linkname!r}: target is not an earlier file")
+                tree.files[path] = Member(MODE_EXEC if m.mode & 0o100 else MODE_FILE, other.sha1, other.size,
+                                          other.offset)
+            elif m.isreg():
+                expanded += m.size
+                if expanded > limits.expanded:
+                    raise UploadError(413, f"upload expands to more than {limits.expanded} bytes")
+                f = tar.extractfile(m)
+                assert f is not None
+                h = _blob_sha1(m.size)
+                start = offset
+                while True:
+                    chunk = f.read(_CHUNK)
+                    if not chunk:
+                        break
+                    h.update(chunk)
+                    blobs.write(chunk)
+                    offset += len(chunk)
+                if offset - start != m.size:
+                    raise UploadError(400, f"{path!r}: truncated tar member")
+                tree.files[path] = Member(MODE_EXEC if m.mode & 0o100 else MODE_FILE, h.hexdigest(), m.size, start)
+            else:
+                raise UploadError(400, f"{path!r}: only files, directories and symlinks are allowed")
+            if len(tree.files) > limits.files:
+                raise UploadError(413, f"more than {limits.files} files")
+    except (tarfile.TarError, EOFError, OSError, UnicodeDecodeError) as e:
+        raise UploadError(400, f"unreadable tar archive: {type(e).__name__}: {e}") from None
+    finally:
+        tar.close()
+    _check_conflicts(tree.files, dirs)
     return tree
 
 
@@ -197,14 +188,6 @@ def _check_conflicts(files: dict[str, Member], dirs: set[str]) -> None:
             if parent in files:
                 raise UploadError(400, f"{parent!r} is a file but {path!r} is under it")
             parent = posixpath.dirname(parent)
-
-
-def discard(tree: Tree) -> None:
-    if tree.blobs_path:
-        try:
-            os.unlink(tree.blobs_path)
-        except FileNotFoundError:
-            pass
 
 
 def apply_base(tree: Tree, repo_path: str, base: str) -> str:
@@ -287,12 +270,12 @@ def tree_id(files: dict[str, Member]) -> str:
 class _Slice:
     """A file object over bytes [offset, offset+size) of the upload's spool file."""
 
-    def __init__(self, fd: int, offset: int, size: int) -> None:
-        self.fd, self.pos, self.end = fd, offset, offset + size
+    def __init__(self, blobs: "SpoolReader", offset: int, size: int) -> None:
+        self.blobs, self.pos, self.end = blobs, offset, offset + size
 
     def read(self, n: int = -1) -> bytes:
         n = self.end - self.pos if n < 0 else min(n, self.end - self.pos)
-        data = os.pread(self.fd, n, self.pos) if n > 0 else b""
+        data = self.blobs.pread(n, self.pos)
         self.pos += len(data)
         return data
 
@@ -301,7 +284,8 @@ def write_normalized(tree: Tree, out: Any) -> int:
     """Write the tree as a reproducible tar.gz (git order, fixed times and owners)
     into ``out``; returns the number of non-directory entries."""
     repo: pygit2.Repository | None = _open(tree.base_repo) if tree.base_repo else None
-    fd = os.open(tree.blobs_path, os.O_RDONLY)
+    assert tree.blobs is not None, "a parsed upload has its blobs spool"
+    blobs = tree.blobs.reader()
     tar, gz = open_targz(out, UPLOAD_MTIME)
     count = 0
 
@@ -329,12 +313,12 @@ def write_normalized(tree: Tree, out: Any) -> int:
                                          child.link.decode("utf-8", "surrogateescape")), None)
             else:
                 tar.addfile(tar_info(path, child.mode, child.size, UPLOAD_MTIME),
-                            _Slice(fd, child.offset, child.size))  # type: ignore[arg-type]
+                            _Slice(blobs, child.offset, child.size))  # type: ignore[arg-type]
 
     try:
         emit(_nest(tree.files), "")
         tar.close()
         gz.close()
     finally:
-        os.close(fd)
+        blobs.close()
     return count

@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.web.resource import IResource
 
 from sparkcache.config import Loader, Section
+from sparkcache.web.bodies import BodyGate
 
 if TYPE_CHECKING:
     from sparkcache.context import Context
@@ -62,6 +63,11 @@ class Built:
     resource: IResource | None = None
     # Per-segment resources, for a protocol that serves several apps (git: clones, reads).
     mounts: Mapping[bytes, IResource] = field(default_factory=dict)
+    # Decides from a request's headers, before any body byte is stored, whether
+    # its body is refused, spooled for the handler to commit, or left to the
+    # default (sparkcache.web.bodies); ``gates`` per segment, like ``mounts``.
+    gate: BodyGate | None = None
+    gates: Mapping[bytes, BodyGate] = field(default_factory=dict)
     # Started once the store is open, stopped before it closes.
     services: Sequence[IService] = ()
     # Work a graceful stop waits for: each returns Deferreds that fire when it ends.

@@ -26,9 +26,9 @@ from twisted.python.threadpool import ThreadPool
 from sparkcache.store.body import BodyRange
 from sparkcache.store.cas import IContentStore, LocalContentStore
 from sparkcache.store.index import Entry, Index
-from sparkcache.store.spool import SpoolFile, clear_spool
+from sparkcache.store.spool import SpoolFile, SpoolReader, clear_spool
 
-__all__ = ["BodyRange", "Entry", "Index", "IContentStore", "LocalContentStore", "SpoolFile", "Store"]
+__all__ = ["BodyRange", "Entry", "Index", "IContentStore", "LocalContentStore", "SpoolFile", "SpoolReader", "Store"]
 
 T = TypeVar("T")
 log = Logger()
@@ -93,11 +93,11 @@ class Store:
 
     # -- bodies ------------------------------------------------------------------
 
-    def new_spool(self, prefix: str = "dl-") -> SpoolFile:
+    def new_spool(self, prefix: str = "dl-", scratch: bool = False) -> SpoolFile:
         """A new file in the spool: written, then committed or discarded. Also
-        the place for scratch files that never become entries (discard them);
-        the spool is emptied at start-up."""
-        spool = SpoolFile(self.spool_dir, prefix)
+        the place for scratch files that never become entries (``scratch``:
+        not hashed; discard them); the spool is emptied at start-up."""
+        spool = SpoolFile(self.spool_dir, prefix, hashed=not scratch)
         self._spools.add(spool)
         return spool
 

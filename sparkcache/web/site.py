@@ -1,50 +1,42 @@
 """The HTTP site: the request and channel classes every listener uses.
 
-Requests are counted while in flight (graceful stop waits for them), bodies
-are capped at ``server.max_body_size``, and requests twisted.web refuses before
-routing, or that fail outside any app's error handlers, are answered in JSON
-rather than with its HTML pages.
+Requests are counted while in flight (graceful stop waits for them). Once a
+request's headers are in, its protocol's body gate decides where the body
+goes (:mod:`sparkcache.web.bodies`): a request it refuses is answered at once,
+before any body byte is stored; an upload goes straight into a store spool.
+Bodies are capped at ``server.max_body_size``. Requests twisted.web refuses
+before routing, or that fail outside any app's error handlers, are answered
+in JSON rather than with its HTML pages.
 """
 
 from __future__ import annotations
 
+from io import BytesIO
 from typing import Any
+from urllib.parse import parse_qs
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.server import Request, Site
 
-from sparkcache.web.errors import internal_error
-from sparkcache.web.serve import error_body
+from sparkcache.web.bodies import BodyDecision, CappedBody, InMemory, Refuse, SpoolBody, ToSpool
+from sparkcache.web.errors import JSON, ErrorReply, internal_error, send_error
 
 log = Logger()
-
-
-class _CappedBody:
-    """A request body file that stops storing bytes past a limit.
-
-    twisted.web spools every body before routing; without a cap one client
-    could fill the temp disk. Past the limit the rest is read and dropped,
-    and the request is answered 413 instead of being routed.
-    """
-
-    def __init__(self, inner: Any, cap: int) -> None:
-        self.inner, self.cap, self.size, self.overflow = inner, cap, 0, False
-
-    def write(self, data: bytes) -> None:
-        self.size += len(data)
-        if self.size > self.cap:
-            self.overflow = True
-            return
-        self.inner.write(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
+# Seconds a connection refused before its body keeps reading (and dropping)
+# what the client still sends, before it is cut.
+LINGER = 10.0
 
 
 class TrackedRequest(Request):
-    """A request that the site counts while it is in flight (for graceful stop)."""
+    """A request that the site counts while it is in flight (for graceful stop),
+    whose body goes where its protocol's body gate says (see :mod:`sparkcache.web.bodies`)."""
+
+    # Set once the headers are in when the request is answered before its body.
+    refusal: Refuse | None = None
+    # The answer when the body outgrows its limit on the way in (chunked bodies).
+    too_large: Refuse | None = None
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         # Never parse form bodies on the reactor: `curl --data-binary` sends
@@ -54,22 +46,61 @@ class TrackedRequest(Request):
         super().__init__(*args, **kw)
 
     def gotLength(self, length: int | None) -> None:
-        super().gotLength(length)
-        cap = getattr(getattr(self.channel, "site", None), "max_body_size", None)
-        if cap is not None:
-            self.content = _CappedBody(self.content, cap)  # type: ignore[assignment]
-            if length is not None and length > cap:
-                self.content.overflow = True
+        site = getattr(self.channel, "site", None)
+        if length == 0 or not isinstance(site, SparkSite):
+            super().gotLength(length)  # no body (the hit path): nothing to decide
+            return
+        self._read_head()
+        decision = site.body_decision(self)
+        limit, self.too_large = _limit(decision, site.max_body_size)
+        if isinstance(decision, Refuse):
+            self.refusal = decision
+        elif length is not None and limit is not None and length > limit:
+            self.refusal = self.too_large
+        if self.refusal is not None:
+            # The channel answers as soon as this returns; a client waiting
+            # for "100 Continue" must never get one, nor send the body.
+            self.requestHeaders.removeHeader(b"expect")
+            self.content = BytesIO()  # never written: the channel drops the body
+        elif isinstance(decision, ToSpool):
+            self.content = SpoolBody(decision.store, limit)  # type: ignore[assignment]
+        elif isinstance(decision, InMemory):
+            assert limit is not None
+            self.content = CappedBody(BytesIO(), limit)  # type: ignore[assignment]
+        else:
+            super().gotLength(length)
+            if limit is not None:
+                self.content = CappedBody(self.content, limit)  # type: ignore[assignment]
+
+    def _read_head(self) -> None:
+        """Method, URI, path and query arguments, from the request line, for the
+        body gate (twisted.web sets them again, the same, once the body is in)."""
+        channel: Any = self.channel
+        self.method, self.uri, self.clientproto = channel._command, channel._path, channel._version
+        path, _, query = self.uri.partition(b"?")
+        self.path = path
+        self.args = parse_qs(query, True) if query else {}
+
+    def answer_now(self, refuse: Refuse) -> None:
+        """Answer with ``refuse`` and close the connection (the body, or what is
+        left of it, is never read)."""
+        self.setHeader(b"Connection", b"close")
+        body = send_error(self, refuse.fmt, refuse.reply)
+        self.write(body)
+        self.finish()
 
     def process(self) -> None:
         site: SparkSite = self.channel.site  # type: ignore[attr-defined]
         site.active.add(self)
         self.notifyFinish().addBoth(lambda _: site.active.discard(self))
-        if isinstance(self.content, _CappedBody) and self.content.overflow:
-            self.setHeader(b"Connection", b"close")
-            body = error_body(self, 413, f"request body larger than server.max_body_size ({site.max_body_size} bytes)")
-            self.write(body)
-            self.finish()
+        content: Any = self.content
+        if getattr(content, "overflow", False) and self.too_large is not None:
+            self.answer_now(self.too_large)
+            return
+        if isinstance(content, SpoolBody) and content.error is not None:
+            log.error("could not spool the body of {method} {path}: {why}", method=self.method.decode("latin-1"),
+                      path=self.path.decode("latin-1"), why=content.error)
+            self.answer_now(Refuse(JSON, ErrorReply(507, "could not store the request body (disk full?)")))
             return
         super().process()
 
@@ -84,13 +115,74 @@ class TrackedRequest(Request):
         return reason
 
 
+def _limit(decision: BodyDecision, cap: int | None) -> tuple[int | None, Refuse | None]:
+    """The tighter of the protocol's and ``server.max_body_size``'s limit on a
+    body, and the answer to a body over it."""
+    limit: int | None = None
+    too_large: Refuse | None = None
+    if cap is not None:
+        limit = cap
+        too_large = Refuse(JSON, ErrorReply(413, f"request body larger than server.max_body_size ({cap} bytes)"))
+    if isinstance(decision, (ToSpool, InMemory)) and decision.limit is not None \
+            and (limit is None or decision.limit < limit):
+        limit = decision.limit
+        too_large = decision.too_large or Refuse(JSON, ErrorReply(413, f"request body larger than {limit} bytes"))
+    return limit, too_large
+
+
 class JsonErrorChannel(HTTPChannel):
     """Requests twisted.web rejects before routing (header lines over 16 KiB,
-    too many headers, malformed request lines) get a JSON error too."""
+    too many headers, malformed request lines) get a JSON error too; requests
+    refused from their headers are answered before their body, which is dropped."""
 
     _first_bytes_seen = False
+    # The request answered before its body: everything after it is dropped.
+    _refused: TrackedRequest | None = None
+    _linger_call: Any = None
+
+    def allHeadersReceived(self) -> None:
+        super().allHeadersReceived()  # the request's gotLength decides
+        request = self.requests[-1]
+        refuse = getattr(request, "refusal", None)
+        if refuse is not None:
+            self._refused = request
+            self.persistent = False
+            request.answer_now(refuse)
+
+    def requestDone(self, request: Any) -> None:
+        if request is not self._refused:
+            super().requestDone(request)
+            return
+        self.requests.remove(request)
+        # Close our side once the answer is out, but keep reading (and
+        # dropping) what the client still sends for a while: closing with its
+        # bytes unread would reset the connection, and a reset can destroy
+        # the answer before the client reads it.
+        half_close = getattr(self.transport, "loseWriteConnection", None)
+        if half_close is None:
+            self.loseConnection()
+            return
+        half_close()
+        self._linger_call = self.callLater(LINGER, self._stop_lingering)
+
+    def _stop_lingering(self) -> None:
+        self._linger_call = None
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self._linger_call is not None and self._linger_call.active():
+            self._linger_call.cancel()
+        self._linger_call = None
+        super().connectionLost(reason)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self._refused is None:
+            super().rawDataReceived(data)
 
     def dataReceived(self, data: bytes) -> None:
+        if self._refused is not None:
+            return
         # A TLS ClientHello on a plain-HTTP listener: skopeo, podman and
         # docker try https first against an insecure registry. Closing at
         # once makes them fall back to http now, not after their 10 s
@@ -131,6 +223,21 @@ class SparkSite(Site):
         self.active: set[TrackedRequest] = set()
         self.access_log = access_log
         self.max_body_size = max_body_size
+
+    def body_decision(self, request: Any) -> BodyDecision:
+        """What becomes of ``request``'s body, by the gate of the resource tree
+        (``Root.body_gate``); twisted.web's default when there is none, or when
+        it fails (the handler then answers as it would have)."""
+        gate = getattr(self.resource, "body_gate", None)
+        if gate is None:
+            return None
+        try:
+            decision: BodyDecision = gate(request)
+        except Exception:
+            log.failure("body gate for {method} {path} failed", method=request.method.decode("latin-1"),
+                        path=request.path.decode("latin-1"))
+            return None
+        return decision
 
     def log(self, request: Any) -> None:
         # Off by default: at CI-fleet request rates a line per hit costs a

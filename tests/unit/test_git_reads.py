@@ -9,12 +9,14 @@ import io
 import os
 import subprocess
 import tarfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import pytest
 
 from sparkcache.git import reads, uploads
+from sparkcache.store import SpoolFile
 from tests.support.git_upstream import git, git_env
 from tests.support.tools import require_tool
 
@@ -298,13 +300,22 @@ def _write_tree(files: dict[str, tuple[str, bytes | str]], root: Path) -> str:
     return git("write-tree", cwd=work)
 
 
+@contextmanager
+def parsed(src: Any, spool_dir: Path, limits: uploads.Limits) -> Iterator[uploads.Tree]:
+    """``uploads.parse`` into a scratch spool in ``spool_dir``, discarded afterwards (as code sync does)."""
+    blobs = SpoolFile(str(spool_dir), "upload-", hashed=False)
+    try:
+        yield uploads.parse(src, blobs, limits)
+    finally:
+        blobs.discard()
+
+
 def test_upload_id_is_git_tree_id(tmp_path: Path) -> None:
     entries = [("dir", "./", b""), ("file", "./a.txt", "A\n"), ("exec", "./bin/tool", "#!/bin/sh\n"),
                ("link", "./bin/a", "../a.txt"), ("file", "./.git/config", "skipped"), ("dir", "./empty", b""),
                ("hard", "./copy.txt", "./a.txt")]
     for gz in (True, False):
-        tree = uploads.parse(_tarball(entries, gz), str(tmp_path), uploads.Limits())
-        try:
+        with parsed(_tarball(entries, gz), tmp_path, uploads.Limits()) as tree:
             assert tree.skipped == 1
             expected = _write_tree({"a.txt": ("file", "A\n"), "bin/tool": ("exec", "#!/bin/sh\n"),
                                     "bin/a": ("link", "../a.txt"), "copy.txt": ("file", "A\n")}, tmp_path / str(gz))
@@ -318,9 +329,7 @@ def test_upload_id_is_git_tree_id(tmp_path: Path) -> None:
             again = io.BytesIO()
             uploads.write_normalized(tree, again)
             assert hashlib.sha256(again.getvalue()).digest() == hashlib.sha256(out.getvalue()).digest()
-        finally:
-            uploads.discard(tree)
-        assert not os.path.exists(tree.blobs_path)
+        assert tree.blobs is not None and not os.path.exists(tree.blobs.path)
 
 
 @pytest.mark.parametrize("entries,status", [
@@ -335,24 +344,29 @@ def test_upload_id_is_git_tree_id(tmp_path: Path) -> None:
 ])
 def test_upload_rejects_unsafe_entries(tmp_path: Path, entries: list[tuple[str, str, bytes | str]], status: int) -> None:
     with pytest.raises(uploads.UploadError) as e:
-        uploads.parse(_tarball(entries), str(tmp_path), uploads.Limits())
+        with parsed(_tarball(entries), tmp_path, uploads.Limits()):
+            pass
     assert e.value.status == status
     assert os.listdir(tmp_path) == []  # the spool file is gone
 
 
 def test_upload_limits_and_garbage(tmp_path: Path) -> None:
     with pytest.raises(uploads.UploadError) as e:
-        uploads.parse(_tarball([("file", "a", "x" * 100)]), str(tmp_path), uploads.Limits(expanded=50))
+        with parsed(_tarball([("file", "a", "x" * 100)]), tmp_path, uploads.Limits(expanded=50)):
+            pass
     assert e.value.status == 413
     with pytest.raises(uploads.UploadError) as e:
-        uploads.parse(_tarball([("file", "a", "1"), ("file", "b", "2")]), str(tmp_path), uploads.Limits(files=1))
+        with parsed(_tarball([("file", "a", "1"), ("file", "b", "2")]), tmp_path, uploads.Limits(files=1)):
+            pass
     assert e.value.status == 413
     with pytest.raises(uploads.UploadError) as e:
-        uploads.parse(io.BytesIO(b"this is not a tarball" * 100), str(tmp_path), uploads.Limits())
+        with parsed(io.BytesIO(b"this is not a tarball" * 100), tmp_path, uploads.Limits()):
+            pass
     assert e.value.status == 400
     truncated = _tarball([("file", "a", os.urandom(100_000))], gz=False).getvalue()[:50_000]
     with pytest.raises(uploads.UploadError):
-        uploads.parse(io.BytesIO(truncated), str(tmp_path), uploads.Limits())
+        with parsed(io.BytesIO(truncated), tmp_path, uploads.Limits()):
+            pass
     assert os.listdir(tmp_path) == []
 
 
@@ -360,8 +374,7 @@ def test_incremental_upload_on_a_base(repo: dict[str, str], tmp_path: Path) -> N
     p = repo["path"]
     entries = [("file", "README", "changed\n"), ("file", "new/file.txt", "new\n"),
                ("file", uploads.DELETED_LIST, "bin\nfeature-not-here\ncaf\u00e9.txt\n")]
-    tree = uploads.parse(_tarball(entries), str(tmp_path), uploads.Limits())
-    try:
+    with parsed(_tarball(entries), tmp_path, uploads.Limits()) as tree:
         assert uploads.apply_base(tree, p, "main") == repo["second"]
         # What git computes for the same change made in a checkout.
         work = tmp_path / "check"
@@ -382,17 +395,12 @@ def test_incremental_upload_on_a_base(repo: dict[str, str], tmp_path: Path) -> N
         assert members["link"] == ("link", 0o777, "README")
         assert members["vendor/lib"][0] == "dir"
         assert uploads.DELETED_LIST not in members
-    finally:
-        uploads.discard(tree)
 
 
 def test_incremental_file_replaces_directory(repo: dict[str, str], tmp_path: Path) -> None:
-    tree = uploads.parse(_tarball([("file", "sub", "now a file\n")]), str(tmp_path), uploads.Limits())
-    try:
+    with parsed(_tarball([("file", "sub", "now a file\n")]), tmp_path, uploads.Limits()) as tree:
         uploads.apply_base(tree, repo["path"], repo["first"])
         assert "sub" in tree.files and not any(k.startswith("sub/") for k in tree.files)
-    finally:
-        uploads.discard(tree)
 
 
 def test_archive_of_a_subdirectory_matches_git_archive(repo: dict[str, str], tmp_path: Path) -> None:

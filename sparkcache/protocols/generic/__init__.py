@@ -37,11 +37,13 @@ def build(ctx: "Context") -> Built:
     from sparkcache.protocols.generic.app import INDEX_TYPES, GenericApp
 
     if not any(r.type in INDEX_TYPES for r in ctx.config.remotes.values()):
-        return Built(resource=GenericApp(ctx).resource())
+        app = GenericApp(ctx)
+        return Built(resource=app.resource(), gate=app.body_gate)
     # Index rewrites and YAML parsing take seconds on a large index: a pool of
     # their own, so they never hold up the store's spool writes and renames.
     pool = PoolService("sparkcache-index", 2, ctx.reactor, ctx.config.server.shutdown_timeout)
-    return Built(resource=GenericApp(ctx, pool.run).resource(), services=[pool])
+    app = GenericApp(ctx, pool.run)
+    return Built(resource=app.resource(), gate=app.body_gate, services=[pool])
 
 
 SPEC = ProtocolSpec(name="generic", segments=(b"api",), build=build, remote_types=REMOTE_TYPES)

@@ -23,12 +23,13 @@ from twisted.web.server import NOT_DONE_YET
 from sparkcache.auth import AuthError
 from sparkcache.config import RemoteConfig
 from sparkcache.context import Context
-from sparkcache.fetch import CacheRequest, Failed, Hit, Live
+from sparkcache.fetch import CacheRequest, Failed, Hit, Live, Target
 from sparkcache.fetch.flight import BodyError
 from sparkcache.protocols._index import DerivedCache, Freshness, IndexRemote, Runner, classify_by_patterns
 from sparkcache.protocols.generic import TYPE_NAMES
 from sparkcache.protocols.generic.helm import HelmIndex
 from sparkcache.store import Entry
+from sparkcache.web.bodies import BodyDecision, ToSpool, checked, request_spool
 from sparkcache.web.errors import JSON, HTTPError, add_error_handling, refuse_path
 from sparkcache.web.paths import BadPath, quote_segments, split_raw_path, vet_request
 from sparkcache.web.respond import guess_type, respond, serve_hit
@@ -83,6 +84,7 @@ class GenericApp:
         self.indexes: dict[str, IndexRemote] = {
             r.name: INDEX_TYPES[r.type](r, ctx, derived) for r in ctx.config.remotes.values() if r.type in INDEX_TYPES
         }
+        self._gate = checked(JSON, self._body_checks)
 
     def resource(self) -> IResource:
         return _FastHits(self, self.app.resource())
@@ -122,8 +124,8 @@ class GenericApp:
 
     # -- dispatch ------------------------------------------------------------------
 
-    @app.route("/", branch=True, methods=["GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "PATCH"])
-    async def dispatch(self, request: Any) -> Any:
+    def locate(self, request: Any) -> tuple[RemoteConfig, list[str], str]:
+        """(remote, path segments, query) of ``/api/<remote>/<path>?<query>``; HTTPError when there is none."""
         segments = split_raw_path(request.uri, self.max_path)
         query = request.uri.partition(b"?")[2].decode("latin-1")
         if any(ord(c) < 0x20 or c in " \x7f" for c in query):
@@ -137,7 +139,32 @@ class GenericApp:
         if remote.type not in TYPE_NAMES:
             raise HTTPError(404, f"remote {remote.name!r} is a type: {remote.type} remote, served at "
                                  f"{self.ctx.remote_url(remote.name)}")
-        rest = [s for s in segments[2:] if s != ""]
+        return remote, [s for s in segments[2:] if s != ""], query
+
+    def may_upload(self, request: Any, remote: RemoteConfig) -> None:
+        """A PUT of a file: only to a ``type: local`` remote, with the write scope."""
+        if remote.type != "local":
+            raise HTTPError(405, f"remote {remote.name!r} is a read-through cache; uploads go to a type: local remote",
+                            {"Allow": "GET, HEAD, DELETE"})
+        self.ctx.auth.require(request, "write")
+
+    def body_gate(self, request: Any) -> BodyDecision:
+        """Where a request's body goes, by the checks ``dispatch`` makes before reading it."""
+        return self._gate(request)
+
+    def _body_checks(self, request: Any) -> BodyDecision:
+        vet_request(request, self.max_path)
+        remote, rest, _query = self.locate(request)
+        if rest and request.method == b"PUT":
+            self.may_upload(request, remote)
+            return ToSpool(self.ctx.store)
+        if not rest and request.method == b"POST":
+            self.ctx.auth.require(request, "write")  # a prefetch list: small, parsed by the handler
+        return None
+
+    @app.route("/", branch=True, methods=["GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "PATCH"])
+    async def dispatch(self, request: Any) -> Any:
+        remote, rest, query = self.locate(request)
         path = "/".join(rest)
         method = request.method
         if not rest:
@@ -164,10 +191,7 @@ class GenericApp:
                 return await index.serve(request, result, path, base)
             return await respond(request, result, self.ctx.store, self.ctx.metrics, remote.name, path, sendfile=self.ctx.sendfile)
         if method == b"PUT":
-            if remote.type != "local":
-                raise HTTPError(405, f"remote {remote.name!r} is a read-through cache; uploads go to a type: local remote",
-                                {"Allow": "GET, HEAD, DELETE"})
-            self.ctx.auth.require(request, "write")
+            self.may_upload(request, remote)
             return await self.upload(request, remote, key, path)
         if method == b"DELETE":
             self.ctx.auth.require(request, "admin")
@@ -262,38 +286,21 @@ class GenericApp:
     async def upload(self, request: Any, remote: RemoteConfig, key: str, path: str) -> bytes:
         expected = _expected_sha256(request)
         store = self.ctx.store
-        spool = store.new_spool()
-        content = request.content
-
-        def copy() -> None:
-            # twisted.web has already buffered the body (to a temporary file
-            # when large); hashing and copying it is blocking work.
-            content.seek(0)
-            while True:
-                chunk = content.read(1 << 20)
-                if not chunk:
-                    break
-                spool.write(chunk)
-
-        try:
-            await store.in_io(copy)
-        except BaseException:
-            store.discard(spool)
-            raise
+        # The very file the body was written to as it arrived: committed, not copied.
+        spool = await request_spool(request, store)
         digest = spool.hexdigest()
         if expected is not None and expected != digest:
             store.discard(spool)
             raise HTTPError(400, f"checksum mismatch: body has sha256 {digest}, header says {expected}")
         now = self.ctx.clock.seconds()
         ctype = header(request, b"content-type") or guess_type(path)
-        old = await store.index.get(key)
+        headers = {"content-type": ctype, "etag": f'"sha256:{digest}"',
+                   "last-modified": time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))}
         # Pinned: an upload exists nowhere else, so no eviction or cache purge removes it.
-        entry = Entry(key, remote.name, path, 200, digest, spool.size, ctype, {"content-type": ctype}, now, None,
-                      f'"sha256:{digest}"', time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)), now,
-                      pinned=True)
-        await store.commit(spool, entry)
-        if old is not None and old.digest and old.digest != digest:
-            await store.release_digest(old.digest)
+        try:
+            entry = await self.ctx.cache.adopt(Target(key, remote.name, path, pinned=True), spool, headers)
+        except BodyError as e:
+            raise HTTPError(500, f"upload not stored: {e}") from None
         request.setResponseCode(201)
         return _json(request, {"path": path, "size": entry.size, "digest": f"sha256:{digest}"})
 

@@ -48,11 +48,14 @@ def serve(ctx: "Context", mirrors: "IMirrors") -> Built:
     # graceful stop already waits for: a complete pack is kept even after its
     # clients left.
     packcache = PackCache(ctx, mirrors, ctx.reactor)
-    smart_http = GitApp(ctx, mirrors, ctx.reactor, packcache).resource()
+    smart_http = GitApp(ctx, mirrors, ctx.reactor, packcache)
     upload_pool = PoolService("sparkcache-upload", 2, ctx.reactor, ctx.config.server.shutdown_timeout)
-    reads = Remount(CodeSyncApp(ctx, mirrors, ctx.reactor, upload_pool.pool).resource())
+    codesync = CodeSyncApp(ctx, mirrors, ctx.reactor, upload_pool.pool)
+    clones, reads = smart_http.resource(), Remount(codesync.resource())
     return Built(
-        mounts={b"git": smart_http, b"repos": smart_http, **{s: reads for s in READ_SEGMENTS}},
+        mounts={b"git": clones, b"repos": clones, **{s: reads for s in READ_SEGMENTS}},
+        gates={b"git": smart_http.body_gate, b"repos": smart_http.body_gate,
+               **{s: codesync.body_gate for s in READ_SEGMENTS}},
         services=[upload_pool],
     )
 

@@ -14,7 +14,6 @@ from a ``git bundle``. See docs/git-read-api.rst.
 from __future__ import annotations
 
 import json
-import os
 import posixpath
 import re
 from typing import Any, Callable, TypeVar
@@ -34,8 +33,10 @@ from sparkcache.fetch.sources import ThreadBuild
 from sparkcache.git import reads, uploads
 from sparkcache.git.interfaces import IMirrors, Mirror, MirrorUnavailable, UnknownRepo
 from sparkcache.protocols.git.errors import READ_API
-from sparkcache.store import Entry
-from sparkcache.web.errors import HTTPError, add_error_handling, guarded
+from sparkcache.store import Entry, SpoolFile
+from sparkcache.web.bodies import BodyDecision, InMemory, Refuse, ToSpool, announced_length, checked, request_spool
+from sparkcache.web.errors import ErrorReply, HTTPError, add_error_handling, guarded
+from sparkcache.web.paths import vet_request
 from sparkcache.web.respond import guess_type, respond
 from sparkcache.web.serve import header
 
@@ -92,28 +93,6 @@ def _not_modified(request: Any, etag: str) -> bytes:
     return b""
 
 
-def _copy_to(content: Any, path: str, limit: int) -> int:
-    """Copy a request body (twisted.web's temp file) to ``path`` in chunks."""
-    content.seek(0)
-    n = 0
-    with open(path, "wb") as out:
-        while True:
-            chunk = content.read(1 << 20)
-            if not chunk:
-                return n
-            n += len(chunk)
-            if n > limit:
-                raise HTTPError(413, f"body larger than {limit} bytes")
-            out.write(chunk)
-
-
-def _body_size(content: Any) -> int:
-    content.seek(0, os.SEEK_END)
-    size = int(content.tell())
-    content.seek(0)
-    return size
-
-
 def _read_small(content: Any, limit: int) -> bytes:
     content.seek(0)
     data = bytes(content.read(limit + 1))
@@ -128,6 +107,7 @@ class CodeSyncApp:
     def __init__(self, ctx: Context, mirrors: IMirrors, reactor: Any, pool: ThreadPool,
                  limits: uploads.Limits | None = None) -> None:
         self.ctx = ctx
+        self._gate = checked(READ_API, self._body_checks)
         # Typed loosely: acquire/release are optional extras of an IMirrors.
         self.mirrors: Any = mirrors
         self.reactor = reactor
@@ -304,27 +284,79 @@ class CodeSyncApp:
         return _json(request, {"repo": mirror.name, "branch": branch, "branch_commit": tip, "commit": full,
                                "contains": contained})
 
+    # -- request bodies -------------------------------------------------------------------
+
+    def body_gate(self, request: Any) -> BodyDecision:
+        """Where a request's body goes, by the checks the handlers make before reading it."""
+        return self._gate(request)
+
+    def _body_checks(self, request: Any) -> BodyDecision:
+        vet_request(request, self.ctx.config.server.max_path_length)
+        if request.method != b"POST":
+            return None
+        if request.path == b"/upload":
+            self._upload_args(request)
+            return ToSpool(self.ctx.store, self.limits.body, self._too_large(self.limits.body, "upload"))
+        if request.path == b"/sync/seed":
+            self._seed_args(request)
+            return ToSpool(self.ctx.store, MAX_BUNDLE, self._too_large(MAX_BUNDLE, "body"))
+        if request.path == b"/sync/negotiate":
+            self.ctx.auth.require(request, "read")
+            return InMemory(MAX_JSON, self._too_large(MAX_JSON, "body"))
+        return None
+
+    @staticmethod
+    def _too_large(limit: int, what: str) -> Refuse:
+        return Refuse(READ_API, ErrorReply(413, f"{what} larger than {limit} bytes"))
+
+    async def _request_body(self, request: Any, limit: int, what: str) -> SpoolFile:
+        """The request's body as a spool of the caller's (the very file it was written to)."""
+        spool = await request_spool(request, self.ctx.store)
+        if spool.size > limit:
+            self.ctx.store.discard(spool)
+            raise HTTPError(413, f"{what} larger than {limit} bytes")
+        return spool
+
     # -- code sync -------------------------------------------------------------------------
 
-    @app.route("/upload", methods=["POST"])
-    async def upload(self, request: Any) -> Any:
+    def _upload_args(self, request: Any) -> tuple[str | None, str | None]:
+        """(repo, base) of an upload, once its scope and announced size are checked."""
         self.ctx.auth.require(request, "write")
         repo, base = _arg(request, "repo"), _arg(request, "base")
         if bool(repo) != bool(base):
             raise HTTPError(400, "an incremental upload needs both repo= and base=")
-        length = header(request, b"content-length")
-        if length and length.isdigit() and int(length) > self.limits.body:
+        length = announced_length(request)
+        if length is not None and length > self.limits.body:
             raise HTTPError(413, f"upload larger than {self.limits.body} bytes")
-        if await self.in_pool(_body_size, request.content) > self.limits.body:
-            raise HTTPError(413, f"upload larger than {self.limits.body} bytes")
-        mirror = await self.mirror(repo) if repo else None
+        return repo, base
+
+    @app.route("/upload", methods=["POST"])
+    async def upload(self, request: Any) -> Any:
+        repo, base = self._upload_args(request)
+        spool = await self._request_body(request, self.limits.body, "upload")
+        try:
+            mirror = await self.mirror(repo) if repo else None
+        except BaseException:
+            self.ctx.store.discard(spool)
+            raise
         # The work outlives a client that goes away mid-way (Klein cancels the
         # handler), so its spool files are always cleaned up by the job itself.
-        body, created = await shield(ensureDeferred(self.process_upload(request.content, mirror, base)))
+        body, created = await shield(ensureDeferred(self.process_upload(spool, mirror, base)))
         return _json(request, body, 201 if created else 200)
 
-    async def process_upload(self, content: Any, mirror: Mirror | None, base: str | None) -> tuple[dict[str, Any], bool]:
-        tree = await self.in_pool(uploads.parse, content, self.ctx.store.spool_dir, self.limits)
+    async def process_upload(self, body: SpoolFile, mirror: Mirror | None,
+                             base: str | None) -> tuple[dict[str, Any], bool]:
+        """Turn the uploaded tarball in ``body`` (consumed) into a stored, normalized tree."""
+        store = self.ctx.store
+        blobs = store.new_spool("upload-", scratch=True)
+        try:
+            with body.reader() as src:
+                tree = await self.in_pool(uploads.parse, src, blobs, self.limits)
+        except BaseException:
+            store.discard(blobs)
+            raise
+        finally:
+            store.discard(body)
         try:
             base_commit = None
             if mirror is not None:
@@ -336,12 +368,12 @@ class CodeSyncApp:
                        "content-disposition": f'attachment; filename="{upload_id}.tar.gz"'}
             entry, state = await self.cached_upload(key, tree, headers, f'"{upload_id}"', mirror)
         finally:
-            await self.in_pool(uploads.discard, tree)
-        body: dict[str, Any] = {"id": upload_id, "sha256": entry.digest, "size": entry.size, "files": len(tree.files),
+            store.discard(blobs)
+        reply: dict[str, Any] = {"id": upload_id, "sha256": entry.digest, "size": entry.size, "files": len(tree.files),
                                 "url": f"/uploads/{upload_id}", "created": state == "MISS", "skipped": tree.skipped}
         if base_commit is not None:
-            body["base"] = base_commit
-        return body, state == "MISS"
+            reply["base"] = base_commit
+        return reply, state == "MISS"
 
     async def cached_upload(self, key: str, tree: uploads.Tree, headers: dict[str, str], etag: str,
                             mirror: Mirror | None) -> tuple[Entry, str]:
@@ -392,49 +424,51 @@ class CodeSyncApp:
         return _json(request, {"repo": mirror.name, "commit": found,
                                "index": commits.index(found) if found is not None else None})
 
-    @app.route("/sync/seed", methods=["POST"])
-    async def seed(self, request: Any) -> Any:
+    def _seed_args(self, request: Any) -> tuple[str, str | None]:
         self.ctx.auth.require(request, "write")
         url = _arg(request, "repo", required=True)
-        name = _arg(request, "name")
         assert url is not None
-        result = await shield(ensureDeferred(self.process_seed(request.content, url, name)))
+        return url, _arg(request, "name")
+
+    @app.route("/sync/seed", methods=["POST"])
+    async def seed(self, request: Any) -> Any:
+        url, name = self._seed_args(request)
+        spool = await self._request_body(request, MAX_BUNDLE, "body")
+        result = await shield(ensureDeferred(self.process_seed(spool, url, name)))
         return _json(request, result)
 
-    async def process_seed(self, content: Any, url: str, name: str | None) -> dict[str, Any]:
+    async def process_seed(self, bundle: SpoolFile, url: str, name: str | None) -> dict[str, Any]:
+        """Seed a mirror from the git bundle in ``bundle`` (consumed): git reads that file itself."""
         store = self.ctx.store
-        spool = store.new_spool()
-        path = spool.path
         try:
-            await self.ctx.store.in_io(_copy_to, content, path, MAX_BUNDLE)
-            head = await self.ctx.store.in_io(_head, path)
+            head = await store.in_io(_head, bundle)
             if not head.startswith((b"# v2 git bundle\n", b"# v3 git bundle\n")):
                 raise HTTPError(400, "the body is not a git bundle (git bundle create ...)")
             try:
-                mirror = await shield(self.mirrors.seed(url, path, name))
+                mirror = await shield(self.mirrors.seed(url, bundle.path, name))
             except (UnknownRepo, MirrorUnavailable):
                 raise
             except ValueError as e:
                 raise HTTPError(400, f"bundle rejected: {e}") from None
             refs = await self.on_mirror(mirror, reads.list_refs)
-            offered = await self.ctx.store.in_io(_bundle_refs, path)
+            offered = await store.in_io(_bundle_refs, bundle)
         finally:
-            store.discard(spool)
+            store.discard(bundle)
         # A ref the mirror holds at another value than the bundle's was not moved:
         # the mirror's is newer (or diverged), and seeding only fast-forwards.
         skipped = sorted(n for n, sha in offered.items() if refs.get(n) != sha)
         return {"name": mirror.name, "url": mirror.url, "refs": refs, "skipped": skipped}
 
 
-def _head(path: str) -> bytes:
-    with open(path, "rb") as f:
+def _head(bundle: SpoolFile) -> bytes:
+    with bundle.reader() as f:
         return f.read(64)
 
 
-def _bundle_refs(path: str) -> dict[str, str]:
+def _bundle_refs(bundle: SpoolFile) -> dict[str, str]:
     """The refs a bundle's header lists, {refname: id} (blocking: runs in a thread)."""
     out: dict[str, str] = {}
-    with open(path, "rb") as f:
+    with bundle.reader() as f:
         f.readline()  # the signature, checked already
         for _ in range(1_000_000):
             line = f.readline(4096).rstrip(b"\n")

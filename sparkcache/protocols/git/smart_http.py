@@ -28,8 +28,9 @@ from sparkcache.git.packcache import PackCache
 from sparkcache.git.pktline import FLUSH, PktError, UploadRequest, parse_request, pkt_line
 from sparkcache.git.uploadpack import spawn_upload_pack
 from sparkcache.protocols.git.errors import ADVERTISEMENT, RESULT, SMART_HTTP
+from sparkcache.web.bodies import BodyDecision, checked
 from sparkcache.web.errors import HTTPError, add_error_handling, guarded
-from sparkcache.web.paths import split_raw_path
+from sparkcache.web.paths import split_raw_path, vet_request
 from sparkcache.web.serve import header
 
 log = Logger()
@@ -170,6 +171,7 @@ class GitApp:
         self.max_body = getattr(git_cfg, "max_upload_pack_body", DEFAULT_MAX_BODY) or DEFAULT_MAX_BODY
         self.max_path = ctx.config.server.max_path_length
         self._still_missing: dict[str, tuple[float, frozenset[str]]] = {}
+        self._gate = checked(SMART_HTTP, self._body_checks)
 
     def resource(self) -> IResource:
         return guarded(self.app, SMART_HTTP, self.max_path)
@@ -215,6 +217,27 @@ class GitApp:
         if len(rest) >= 2 and rest[-1] == "git-receive-pack":
             return await self.refuse_push(request, _repo_name(rest[:-1]))
         raise HTTPError(404, "not a git smart HTTP path; clone http://<cache>/git/<name>")
+
+    def body_gate(self, request: Any) -> BodyDecision:
+        """Refuses a POST by the checks ``dispatch`` makes before reading its body
+        (scope, repository, size); the small bodies it lets in are parsed in memory."""
+        return self._gate(request)
+
+    def _body_checks(self, request: Any) -> BodyDecision:
+        vet_request(request, self.max_path)
+        segments = [s for s in split_raw_path(request.uri, self.max_path) if s]
+        rest = segments[1:]
+        if request.method != b"POST" or segments[:1] == ["repos"]:
+            return None
+        if rest == ["register"]:
+            self.ctx.auth.require(request, "write")
+        elif rest == ["refresh"]:
+            self.ctx.auth.require(request, "read")
+        elif len(rest) >= 2 and rest[-1] == "git-upload-pack":
+            self.ctx.auth.require(request, "read")
+            self.git.lookup(_repo_name(rest[:-1]))
+            self._check_length(request)
+        return None
 
     # -- serving -------------------------------------------------------------------
 
@@ -291,10 +314,13 @@ class GitApp:
         else:
             self._still_missing.pop(mirror.path, None)
 
-    async def _read_body(self, request: Any) -> bytes:
+    def _check_length(self, request: Any) -> None:
         length = header(request, b"content-length")
         if length and length.isdigit() and int(length) > self.max_body:
             raise HTTPError(413, f"upload-pack request body larger than {self.max_body} bytes")
+
+    async def _read_body(self, request: Any) -> bytes:
+        self._check_length(request)
         encoding = header(request, b"content-encoding") or ""
         try:
             return await self.ctx.store.in_io(decode_body, request.content, encoding, self.max_body)

@@ -26,7 +26,8 @@ def build(ctx: "Context") -> Built:
     endpoints = {kind: SetupEndpoint(setup.snippet_handler(ctx, kind)) for kind in setup.KINDS}
     # Where the GET /v2/ challenge sends registry clients to log in; it checks credentials itself.
     endpoints["token"] = SetupEndpoint(lambda request: setup.issue_token(ctx, request), ("GET", "POST"), scope=None)
-    return Built(resource=OCIApp(ctx).resource(), setup=endpoints)
+    app = OCIApp(ctx)
+    return Built(resource=app.resource(), gate=app.body_gate, setup=endpoints)
 
 
 SPEC = ProtocolSpec(

@@ -31,13 +31,20 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlencode
 
+from twisted.internet.defer import Deferred, ensureDeferred
+
 from sparkcache.config import RemoteConfig
 from sparkcache.context import Context
-from sparkcache.protocols.oci.errors import OCIError, as_oci
+from sparkcache.fetch import Target
+from sparkcache.fetch.flight import BodyError
+from sparkcache.fetch.produce import shield
+from sparkcache.protocols.oci.errors import OCI, OCIError, as_oci
 from sparkcache.protocols.oci.manifests import parse_manifest
 from sparkcache.protocols.oci.mirror import accepted_types
 from sparkcache.protocols.oci.setup import authorize
 from sparkcache.store import Entry, SpoolFile
+from sparkcache.web.bodies import BodyDecision, InMemory, Refuse, ToSpool, announced_length, body_size, request_spool
+from sparkcache.web.errors import ErrorReply
 from sparkcache.web.respond import serve_hit
 from sparkcache.web.serve import header
 
@@ -53,7 +60,6 @@ MAX_MANIFEST = 4 << 20
 MAX_UPLOADS = 128  # each holds an open spool file
 UPLOAD_IDLE = 3600.0
 TAGS_PAGE = 1000
-CHUNK = 1 << 20
 
 BLOB_TYPE = "application/octet-stream"
 
@@ -75,8 +81,9 @@ class LocalRegistry:
 
     # -- routing ---------------------------------------------------------------------
 
-    async def dispatch(self, request: Any, remote: RemoteConfig, repo: str, tail: list[str]) -> bytes | None:
-        method = request.method
+    def check(self, request: Any, remote: RemoteConfig, repo: str, tail: list[str]) -> None:
+        """What every request under ``repo`` passes first: a valid name, the
+        remote's allow-list, the scope (write for anything but reads)."""
         if not NAME.match(repo) or len(repo) > 255:
             raise OCIError("NAME_INVALID", f"invalid repository name {repo!r}")
         options = remote.options
@@ -84,9 +91,34 @@ class LocalRegistry:
             raise OCIError("DENIED", f"repository {repo!r} is not allowed in {remote.name!r}", 403)
         base = _base(request, tail)
         # Upload sessions belong to pushers, even for a status GET.
-        reading = method in (b"GET", b"HEAD") and tail[:2] != ["blobs", "uploads"]
+        reading = request.method in (b"GET", b"HEAD") and tail[:2] != ["blobs", "uploads"]
         authorize(self.ctx, request, "read" if reading else "write",
                   f"repository:{_client_prefix(base, repo)}{repo}:{'pull' if reading else 'pull,push'}")
+
+    def body_decision(self, request: Any, remote: RemoteConfig, repo: str, tail: list[str]) -> BodyDecision:
+        """Where the body of a request under ``repo`` goes, by the checks its
+        handler makes before reading it: blob bytes into a spool (committed or
+        made an upload session's without a copy), a manifest into memory."""
+        self.check(request, remote, repo, tail)
+        method = request.method
+        if len(tail) == 2 and tail[0] == "manifests" and method == b"PUT":
+            _ref(tail[1])
+            _manifest_size(announced_length(request) or 0)
+            return InMemory(MAX_MANIFEST, Refuse(OCI, ErrorReply(
+                413, f"manifest larger than the {MAX_MANIFEST} byte limit", code="SIZE_INVALID")))
+        if len(tail) == 3 and tail[:2] == ["blobs", "uploads"]:
+            session = tail[2]
+            if session == "" and method == b"POST":
+                return ToSpool(self.ctx.store)
+            if session != "" and method in (b"PATCH", b"PUT"):
+                self._session(remote, repo, session, busy_ok=True)
+                return ToSpool(self.ctx.store)
+        return None
+
+    async def dispatch(self, request: Any, remote: RemoteConfig, repo: str, tail: list[str]) -> bytes | None:
+        self.check(request, remote, repo, tail)
+        method = request.method
+        base = _base(request, tail)
         if len(tail) == 2 and tail[0] == "manifests":
             ref = tail[1]
             if method in (b"GET", b"HEAD"):
@@ -149,29 +181,17 @@ class LocalRegistry:
             # Not mountable: fall through to an ordinary upload session, as the spec says.
         digest = args.get("digest")
         if digest is not None:
+            # A monolithic upload: the request's spool is the blob.
             hexd = _digest(digest)
-            spool = self.ctx.store.new_spool()
-            try:
-                await self._append(request, spool)
-            except BaseException:
-                self.ctx.store.discard(spool)
-                raise
+            spool = await request_spool(request, self.ctx.store)
             return await self._commit_blob(request, remote, repo, spool, hexd, base)
         self._sweep()
         if len(self.uploads) >= MAX_UPLOADS:
             raise OCIError("TOOMANYREQUESTS", "too many unfinished uploads; finish or cancel some", 429)
-        up = Upload(uuidlib.uuid4().hex, remote.name, repo, self.ctx.store.new_spool(), self.ctx.clock.seconds())
+        up = Upload(uuidlib.uuid4().hex, remote.name, repo, self.ctx.store.new_spool("up-"), self.ctx.clock.seconds())
         self.uploads[up.uuid] = up
         # A POST may carry the first bytes already (some clients do).
-        if _body_size(request) > 0:
-            up.busy = True
-            try:
-                await self._append(request, up.spool)
-            except BaseException:
-                self._drop(up)
-                raise
-            finally:
-                up.busy = False
+        await self._append(request, up)
         return self._session_reply(request, up, base, 202)
 
     async def _mount(self, request: Any, remote: RemoteConfig, repo: str, digest: str, source: str,
@@ -203,17 +223,10 @@ class LocalRegistry:
                 raise OCIError("RANGE_INVALID", f"upload is at {up.spool.size} bytes; Content-Range {crange!r} does not continue it",
                                416, headers=self._session_headers(up, base))
             want = int(m.group(2)) - int(m.group(1)) + 1
-            got = _body_size(request)
+            got = body_size(request)
             if got != want:
                 raise OCIError("BLOB_UPLOAD_INVALID", f"Content-Range says {want} bytes, body has {got}", 400)
-        up.busy = True
-        try:
-            await self._append(request, up.spool)
-        except BaseException:
-            self._drop(up)
-            raise
-        finally:
-            up.busy = False
+        await self._append(request, up)
         up.touched = self.ctx.clock.seconds()
         return self._session_reply(request, up, base, 202)
 
@@ -223,15 +236,16 @@ class LocalRegistry:
         if digest is None:
             raise OCIError("DIGEST_INVALID", "finishing an upload needs ?digest=sha256:<hex>")
         hexd = _digest(digest)
-        # The session ends here whatever happens: a failed finish is restarted by clients.
+        # The session ends here whatever happens: a failed finish is restarted by
+        # clients. Its work goes on when the client leaves, so that the session's
+        # spool is committed or discarded, never left behind.
         del self.uploads[up.uuid]
-        up.busy = True
-        try:
-            await self._append(request, up.spool)
-        except BaseException:
-            self.ctx.store.discard(up.spool)
-            raise
-        return await self._commit_blob(request, remote, repo, up.spool, hexd, base)
+
+        async def finish() -> bytes:
+            await self._append(request, up)
+            return await self._commit_blob(request, remote, repo, up.spool, hexd, base)
+
+        return await shield(ensureDeferred(finish()))
 
     def upload_status(self, request: Any, remote: RemoteConfig, repo: str, session: str, base: str) -> bytes:
         up = self._session(remote, repo, session, busy_ok=True)
@@ -244,12 +258,17 @@ class LocalRegistry:
 
     async def _commit_blob(self, request: Any, remote: RemoteConfig, repo: str, spool: SpoolFile, hexd: str,
                            base: str) -> bytes:
-        store = self.ctx.store
+        """Commit ``spool`` (consumed either way) as blob ``hexd`` of ``repo``: the file itself, pinned."""
         if spool.hexdigest() != hexd:
-            store.discard(spool)
+            self.ctx.store.discard(spool)
             raise OCIError("DIGEST_INVALID", f"uploaded content has digest sha256:{spool.hexdigest()}, not sha256:{hexd}",
                            detail={"digest": f"sha256:{hexd}"})
-        await store.commit(spool, _blob_entry(remote, repo, hexd, spool.size, self.ctx.clock.seconds()))
+        path = f"{repo}/_layers/sha256:{hexd}"
+        target = Target(f"{remote.name}:{path}", remote.name, path, expected_digest=hexd, pinned=True)
+        try:
+            await self.ctx.cache.adopt(target, spool, {"content-type": BLOB_TYPE, "etag": f'"sha256:{hexd}"'})
+        except BodyError as e:
+            raise OCIError("UNAVAILABLE", f"blob not stored: {e}", 500) from None
         digest = f"sha256:{hexd}"
         return _empty(request, 201, {"Location": f"{base}/blobs/{digest}", "Docker-Content-Digest": digest})
 
@@ -280,18 +299,34 @@ class LocalRegistry:
         for up in [u for u in self.uploads.values() if u.touched < cutoff and not u.busy]:
             self._drop(up)
 
-    async def _append(self, request: Any, spool: SpoolFile) -> None:
-        """Copy the request body (already spooled by twisted.web) into ``spool``, off the reactor."""
-        content = request.content
-        if content is None:
-            return
+    def _append(self, request: Any, up: Upload) -> Deferred[None]:
+        """Add the request's body to session ``up`` (busy meanwhile). An empty
+        session adopts the request's spool as its own, so a monolithic push is
+        never copied; later chunks are appended to it in the I/O pool. The work
+        goes on when the client leaves (no thread ever writes to a spool
+        discarded under it); a failure ends the session."""
+        up.busy = True
+        return shield(ensureDeferred(self._append_body(request, up)))
 
-        def copy() -> None:
-            content.seek(0)
-            for chunk in iter(lambda: content.read(CHUNK), b""):
-                spool.write(chunk)
-
-        await self.ctx.store.in_io(copy)
+    async def _append_body(self, request: Any, up: Upload) -> None:
+        store = self.ctx.store
+        try:
+            if body_size(request) == 0:
+                return
+            spool = await request_spool(request, store)
+            if up.spool.size == 0:
+                store.discard(up.spool)
+                up.spool = spool
+                return
+            try:
+                await store.in_io(up.spool.append_from, spool)
+            finally:
+                store.discard(spool)
+        except BaseException:
+            self._drop(up)
+            raise
+        finally:
+            up.busy = False
 
     # -- manifests ---------------------------------------------------------------------
 
@@ -309,9 +344,7 @@ class LocalRegistry:
 
     async def put_manifest(self, request: Any, remote: RemoteConfig, repo: str, ref: str, base: str) -> bytes:
         is_digest = _ref(ref)
-        size = _body_size(request)
-        if size > MAX_MANIFEST:
-            raise OCIError("SIZE_INVALID", f"manifest of {size} bytes exceeds the {MAX_MANIFEST} byte limit", 413)
+        _manifest_size(body_size(request))
         body: bytes = await self.ctx.store.in_io(_read_all, request.content)
         hexd = hashlib.sha256(body).hexdigest()
         digest = f"sha256:{hexd}"
@@ -335,14 +368,22 @@ class LocalRegistry:
             raise OCIError("MANIFEST_BLOB_UNKNOWN", f"manifest references {len(missing)} unknown blob(s) or manifest(s) "
                            f"in {repo!r}, first {missing[0]}", detail={"digest": missing[0]})
         store = self.ctx.store
-        spool = store.new_spool()
+        # Manifests are small and parsed, so they arrive in memory: written to
+        # a spool here, then committed through the cache like any body.
+        spool = store.new_spool("up-")
         try:
             await self.ctx.store.in_io(spool.write, body)
         except BaseException:
             store.discard(spool)
             raise
+        path = f"{repo}/_manifests/{digest}"
+        target = Target(f"{remote.name}:{path}", remote.name, path, expected_digest=hexd, pinned=True)
+        headers = {"content-type": media_type, "docker-content-digest": digest, "etag": f'"{digest}"'}
+        try:
+            await self.ctx.cache.adopt(target, spool, headers)
+        except BodyError as e:
+            raise OCIError("UNAVAILABLE", f"manifest not stored: {e}", 500) from None
         now = self.ctx.clock.seconds()
-        await store.commit(spool, _manifest_entry(remote, repo, digest, hexd, len(body), media_type, now))
         if not is_digest:
             await store.index.put(_manifest_entry(remote, repo, ref, hexd, len(body), media_type, now))
         return _empty(request, 201, {"Location": f"{base}/manifests/{digest}", "Docker-Content-Digest": digest})
@@ -487,15 +528,9 @@ def _page_size(n: str | None) -> int:
     return min(int(n), TAGS_PAGE)
 
 
-def _body_size(request: Any) -> int:
-    content = request.content
-    if content is None:
-        return 0
-    pos = content.tell()
-    content.seek(0, 2)
-    size = int(content.tell())
-    content.seek(pos)
-    return size
+def _manifest_size(size: int) -> None:
+    if size > MAX_MANIFEST:
+        raise OCIError("SIZE_INVALID", f"manifest of {size} bytes exceeds the {MAX_MANIFEST} byte limit", 413)
 
 
 def _read_all(content: Any) -> bytes:

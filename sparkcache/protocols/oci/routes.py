@@ -32,8 +32,9 @@ from sparkcache.protocols.oci.config import options_of
 from sparkcache.protocols.oci.errors import OCI, OCIError, oci_errors
 from sparkcache.protocols.oci.mirror import Mirror
 from sparkcache.protocols.oci.names import split_path, validate_name
+from sparkcache.web.bodies import BodyDecision, checked
 from sparkcache.web.errors import guarded
-from sparkcache.web.paths import split_raw_path
+from sparkcache.web.paths import split_raw_path, vet_request
 
 ALL_METHODS = ["GET", "HEAD", "PUT", "POST", "PATCH", "DELETE", "OPTIONS"]
 
@@ -52,6 +53,7 @@ class OCIApp:
         self.default = self.by_host.get("docker.io")
         self.mirror = Mirror(ctx)
         self._local: Any = None
+        self._gate = checked(OCI, self._body_checks)
 
     def resource(self) -> IResource:
         return guarded(self.app, OCI, self.ctx.config.server.max_path_length)
@@ -89,30 +91,55 @@ class OCIApp:
         raise OCIError("NAME_UNKNOWN", "no remote named: use /v2/<remote>/<name>/..., or ?ns=<registry host> for a "
                                        "registry listed in some remote's registries", 404)
 
-    @app.route("/", branch=True, methods=ALL_METHODS)
-    async def dispatch(self, request: Any) -> Any:
+    def locate(self, request: Any) -> tuple[RemoteConfig | None, str | None, list[str]]:
+        """Where a request goes, checked as far as its headers allow: (None, None,
+        []) for ``/v2/`` itself, (remote, None, ["_catalog"]) for a catalog, else
+        (remote, repository name, tail) once the name is valid, a mirror's read
+        scope granted and the remote's allow-list passed. Raises OCIError."""
         request.setHeader(b"Docker-Distribution-API-Version", b"registry/2.0")
         segments = split_raw_path(request.uri, self.ctx.config.server.max_path_length)
         rest = segments[1:]  # segments[0] is "v2"
         if rest in ([], [""]):
-            return self.base(request)
+            return None, None, []
         before, tail = split_path(rest)
         remote, name_segments = self.route(request, before)
-        opts = options_of(remote)
         if tail == ["_catalog"]:
             if name_segments:
                 raise OCIError("NAME_UNKNOWN", "_catalog is per remote: /v2/_catalog?ns=<host> or /v2/<remote>/_catalog",
                                404)
-            if remote.type == "oci-local":
-                return await self.local.catalog(request, remote)
-            self._read_only(request, "registry:catalog:*")
-            return await self.mirror.catalog(request, remote)
+            return remote, None, tail
         name = validate_name(name_segments)
         if remote.type == "oci":
             # Authenticate before policy, so anonymous probes learn nothing of the allow-list.
             self._read_only(request, f"repository:{name}:pull")
-        if not opts.allows(name):
+        if not options_of(remote).allows(name):
             raise OCIError("DENIED", f"repository {name!r} is not allowed by remote {remote.name!r}", 403)
+        return remote, name, tail
+
+    def body_gate(self, request: Any) -> BodyDecision:
+        """Where a request's body goes, by the checks ``dispatch`` makes before reading it."""
+        return self._gate(request)
+
+    def _body_checks(self, request: Any) -> BodyDecision:
+        vet_request(request, self.ctx.config.server.max_path_length)
+        remote, name, tail = self.locate(request)
+        if remote is None:
+            _base_method(request)
+            return None
+        if name is None or remote.type != "oci-local":
+            return None
+        return self.local.body_decision(request, remote, name, tail)
+
+    @app.route("/", branch=True, methods=ALL_METHODS)
+    async def dispatch(self, request: Any) -> Any:
+        remote, name, tail = self.locate(request)
+        if remote is None:
+            return self.base(request)
+        if name is None:  # the catalog
+            if remote.type == "oci-local":
+                return await self.local.catalog(request, remote)
+            self._read_only(request, "registry:catalog:*")
+            return await self.mirror.catalog(request, remote)
         if remote.type == "oci-local":
             return await self.local.dispatch(request, remote, name, tail)
         if tail[0] == "manifests":
@@ -133,8 +160,7 @@ class OCIApp:
 
     def base(self, request: Any) -> bytes:
         """``GET /v2/``: the API version check clients start with (and where they learn to authenticate)."""
-        if request.method not in (b"GET", b"HEAD"):
-            raise OCIError("UNSUPPORTED", "only GET and HEAD on /v2/", 405, headers={"Allow": "GET, HEAD"})
+        _base_method(request)
         ns = (request.args or {}).get(b"ns")
         if ns and ns[0].decode("latin-1").strip().lower() in self.by_host:
             request.setHeader(b"OCI-Namespace", ns[0].strip().lower())
@@ -144,3 +170,8 @@ class OCIApp:
         request.setHeader(b"Content-Type", b"application/json")
         request.setHeader(b"Content-Length", b"3")
         return b"" if request.method == b"HEAD" else b"{}\n"
+
+
+def _base_method(request: Any) -> None:
+    if request.method not in (b"GET", b"HEAD"):
+        raise OCIError("UNSUPPORTED", "only GET and HEAD on /v2/", 405, headers={"Allow": "GET, HEAD"})
