@@ -1,25 +1,27 @@
 """The pack cache against a real bare repository and real ``git upload-pack``.
 
-A tiny twisted.web site hands every POST to ``PackCache.serve`` (as GitApp's
-handler does), whose packs the cache's engine produces; clients are plain http.client calls in threads, so an aborted
-response shows up exactly as a git client would see it.
+The daemon's own PackCache (tests/support/harness.py, over a FakeMirrors) is
+reached through a tiny resource that hands every POST to ``PackCache.serve``
+(as GitApp's handler does), whose packs the cache's engine produces. Clients
+are in memory (tests/support/memory.py) and read the body as twisted's HTTP
+client does, so an aborted response shows up as a broken one, not a clean end.
 """
 
 from __future__ import annotations
 
-import http.client
 import os
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task
+from twisted.internet import task
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.threads import deferToThread
+from twisted.web.client import PotentialDataLoss, ResponseFailed, ResponseNeverReceived
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import NOT_DONE_YET
 
 from sparkcache.fetch import Cache
 from sparkcache.fetch.flight import Intake
@@ -29,7 +31,10 @@ from sparkcache.git.pktline import DELIM, FLUSH, iter_pkt_lines, parse_request, 
 from sparkcache.git.uploadpack import spawn_upload_pack
 from sparkcache.metrics import Metrics
 from sparkcache.store import Store
+from tests.support.fake_mirrors import FakeMirrors
 from tests.support.git_upstream import git as _git
+from tests.support.harness import MakeHarness, harness_factory  # noqa: F401
+from tests.support.memory import MemoryClient, message, read_body
 from tests.support.tools import require_tool
 from tests.support.waiting import eventually
 
@@ -49,20 +54,6 @@ def bare(tmp_path: Path) -> tuple[Path, str]:
     _git("init", "-q", "--bare", "-b", "main", str(path))
     c1 = _commit(path, None, "one.bin")
     return path, _commit(path, c1, "two.bin")
-
-
-class Git:
-    def __init__(self) -> None:
-        self.serving = 0
-
-    def run(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        return deferToThread(fn, *args)
-
-    def acquire(self, mirror: Mirror) -> None:
-        self.serving += 1
-
-    def release(self, mirror: Mirror) -> None:
-        self.serving -= 1
 
 
 class Handler(Resource):
@@ -108,22 +99,23 @@ class Spawns:
         return ensureDeferred(self._run(*a, **kw))
 
 
+def packcache_of(h: Any) -> PackCache:
+    """The PackCache the daemon's git app was built with (from its config)."""
+    pc: PackCache = h.app(b"git").packcache
+    return pc
+
+
 @pytest.fixture
-def env(tmp_path: Path, bare: tuple[Path, str]) -> Any:
-    store = Store(str(tmp_path / "data"), reactor, max_size=1 << 30)
-    pytest_twisted.blockon(Deferred.fromCoroutine(store.start()))
-    metrics = Metrics()
-    cache = Cache(store, None, reactor, metrics)  # type: ignore[arg-type]  # (no upstream: packs come from git)
-    ctx = SimpleNamespace(store=store, metrics=metrics, cache=cache, clock=reactor, sendfile=None)
-    pc = PackCache(ctx, Git(), reactor)
+def env(bare: tuple[Path, str], harness_factory: MakeHarness) -> Any:
+    mirrors = FakeMirrors()
+    mirror = mirrors.add("r", path=bare[0])
+    h = pytest_twisted.blockon(harness_factory(mirrors=mirrors))
+    pc = packcache_of(h)
     spawns = Spawns()
     pc.spawn = spawns
-    mirror = Mirror("r", "http://upstream.invalid/r.git", str(bare[0]))
-    port = reactor.listenTCP(0, Site(Handler(pc, mirror)), interface="127.0.0.1")
-    yield SimpleNamespace(pc=pc, cache=cache, store=store, metrics=metrics, spawns=spawns, mirror=mirror, bare=bare[0],
-                          head=bare[1], port=port.getHost().port, spool=tmp_path / "data" / "spool")
-    pytest_twisted.blockon(port.stopListening())
-    pytest_twisted.blockon(Deferred.fromCoroutine(store.stop()))
+    return SimpleNamespace(h=h, pc=pc, cache=h.cache, store=h.store, metrics=h.metrics, spawns=spawns, mirrors=mirrors,
+                           mirror=mirror, bare=bare[0], head=bare[1], client=h.serve(Handler(pc, mirror)),
+                           spool=Path(h.store.spool_dir))
 
 
 def v2_fetch(*wants: str, args: tuple[str, ...] = ("thin-pack", "ofs-delta"), agent: str = "git/2.39.5",
@@ -137,22 +129,24 @@ def v0_fetch(want: str, caps: str = "multi_ack_detailed side-band-64k thin-pack 
     return pkt_line(f"want {want} {caps}\n") + FLUSH + pkt_line("done\n")
 
 
-def post(port: int, body: bytes, protocol: str | None = "version=2") -> tuple[int, bytes | None, dict[str, str]]:
-    """(status, body or None when the response broke off, headers)."""
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+Posted = tuple[int, bytes | None, dict[str, str]]
+
+
+def post(client: MemoryClient, body: bytes, protocol: str | None = "version=2") -> Deferred[Posted]:
+    """(status, body or None when the response broke off, headers); sent at once."""
+    return Deferred.fromCoroutine(_post(client, body, protocol))
+
+
+async def _post(client: MemoryClient, body: bytes, protocol: str | None) -> Posted:
+    headers = {"Content-Type": "application/x-git-upload-pack-request"}
+    if protocol:
+        headers["Git-Protocol"] = protocol
+    r = await client.open("POST", "/git/r/git-upload-pack", body, headers)
     try:
-        headers = {"Content-Type": "application/x-git-upload-pack-request"}
-        if protocol:
-            headers["Git-Protocol"] = protocol
-        c.request("POST", "/git/r/git-upload-pack", body=body, headers=headers)
-        r = c.getresponse()
-        try:
-            data: bytes | None = r.read()
-        except (http.client.IncompleteRead, ConnectionError):
-            data = None
-        return r.status, data, {k.lower(): v for k, v in r.getheaders()}
-    finally:
-        c.close()
+        data: bytes | None = await read_body(r)
+    except (ResponseFailed, PotentialDataLoss):
+        data = None
+    return r.code, data, {k.lower(): v for k, v in message(r.headers).items()}
 
 
 def pack_of(response: bytes) -> bytes:
@@ -304,12 +298,12 @@ def test_child_paused_while_the_spool_lags() -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_identical_requests_compute_once(env: Any, tmp_path: Path) -> None:
-    s1, first, h1 = await deferToThread(post, env.port, v2_fetch(env.head))
+    s1, first, h1 = await post(env.client, v2_fetch(env.head))
     assert s1 == 200 and first is not None
     assert h1["content-type"] == "application/x-git-upload-pack-result" and h1["x-cache"] == "MISS"
     assert first.endswith(b"0000")
     await settled(env.cache)
-    s2, second, h2 = await deferToThread(post, env.port, v2_fetch(env.head, agent="git/2.45.0"))
+    s2, second, h2 = await post(env.client, v2_fetch(env.head, agent="git/2.45.0"))
     assert s2 == 200 and h2["x-cache"] == "HIT" and h2["cache-control"] == "no-cache"
     assert second == first
     assert env.spawns.count == 1
@@ -322,10 +316,10 @@ async def test_identical_requests_compute_once(env: Any, tmp_path: Path) -> None
 
 @pytest_twisted.ensureDeferred
 async def test_v0_side_band_clone_cached(env: Any, tmp_path: Path) -> None:
-    s1, first, _ = await deferToThread(post, env.port, v0_fetch(env.head), None)
+    s1, first, _ = await post(env.client, v0_fetch(env.head), None)
     assert s1 == 200 and first is not None and first.startswith(b"0008NAK\n")
     await settled(env.cache)
-    _s, second, h = await deferToThread(post, env.port, v0_fetch(env.head, v0_caps_other_agent()), None)
+    _s, second, h = await post(env.client, v0_fetch(env.head, v0_caps_other_agent()), None)
     assert h["x-cache"] == "HIT" and second == first and env.spawns.count == 1
     await deferToThread(check_pack, tmp_path, pack_of(second), env.head)
 
@@ -333,7 +327,7 @@ async def test_v0_side_band_clone_cached(env: Any, tmp_path: Path) -> None:
 @pytest_twisted.ensureDeferred
 async def test_concurrent_requests_share_one_computation(env: Any) -> None:
     env.spawns.gate = Deferred()
-    calls = [deferToThread(post, env.port, v2_fetch(env.head)) for _ in range(4)]
+    calls = [post(env.client, v2_fetch(env.head)) for _ in range(4)]
     await eventually(lambda: metric(env.metrics, "miss") + metric(env.metrics, "joined") == 4)
     assert env.spawns.count == 1 and env.cache.inflight == 1
     env.spawns.gate.callback(None)
@@ -348,16 +342,17 @@ async def test_concurrent_requests_share_one_computation(env: Any) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_refs_move_recompute_and_drop_superseded(env: Any) -> None:
-    _s, first, _h = await deferToThread(post, env.port, v2_fetch(env.head))
+    _s, first, _h = await post(env.client, v2_fetch(env.head))
     await settled(env.cache)
     (old,) = await entries(env.store)
     new_head = await deferToThread(_commit, env.bare, env.head, "three.bin")
-    _s, again, h = await deferToThread(post, env.port, v2_fetch(env.head))
+    env.h.clock.advance(1)  # superseded means stored before the new computation started
+    _s, again, h = await post(env.client, v2_fetch(env.head))
     assert h["x-cache"] == "MISS" and env.spawns.count == 2
     await settled(env.cache)
     (row,) = await entries(env.store)
     assert row.key != old.key, "the pack computed against the old refs is gone"
-    _s, latest, h = await deferToThread(post, env.port, v2_fetch(new_head))
+    _s, latest, h = await post(env.client, v2_fetch(new_head))
     assert h["x-cache"] == "MISS" and env.spawns.count == 3
     assert latest is not None and first is not None and len(latest) > len(first)
 
@@ -386,13 +381,13 @@ async def test_upload_pack_failure_caches_nothing(env: Any) -> None:
         return d
 
     env.pc.spawn = failing
-    status, body, _h = await deferToThread(post, env.port, v2_fetch(env.head))
+    status, body, _h = await post(env.client, v2_fetch(env.head))
     assert status == 200 and body is None, "the client must see a broken response, not a clean end"
     await settled(env.cache)
     assert await entries(env.store) == []
     await eventually(lambda: os.listdir(env.spool) == [])
     env.pc.spawn = real
-    status, body, h = await deferToThread(post, env.port, v2_fetch(env.head))
+    status, body, h = await post(env.client, v2_fetch(env.head))
     assert status == 200 and body is not None and body.endswith(b"0000") and h["x-cache"] == "MISS"
     assert real.count == 2
 
@@ -404,7 +399,7 @@ async def test_response_without_final_flush_is_not_cached(env: Any) -> None:
         return _fire(reactor, 0)  # exit 0, yet the response stops short of its flush-pkt
 
     env.pc.spawn = truncated
-    status, body, _h = await deferToThread(post, env.port, v2_fetch(env.head))
+    status, body, _h = await post(env.client, v2_fetch(env.head))
     assert body is None
     await settled(env.cache)
     assert await entries(env.store) == []
@@ -420,7 +415,7 @@ def _fire(reactor: Any, code: int) -> Deferred[int]:
 async def test_not_cacheable_requests_pass_through(env: Any) -> None:
     for body in (v2_fetch(env.head, extra=("deepen 1", "done")), v2_fetch(env.head, extra=("filter blob:none", "done")),
                  v2_fetch(env.head, extra=(f"have {env.head}", "done")), v2_fetch(env.head, extra=())):
-        status, data, _h = await deferToThread(post, env.port, body)
+        status, data, _h = await post(env.client, body)
         assert (status, data) == (299, b"not cacheable")
     assert env.spawns.count == 0 and await entries(env.store) == []
 
@@ -429,29 +424,26 @@ async def test_not_cacheable_requests_pass_through(env: Any) -> None:
 async def test_first_client_leaving_does_not_cancel_computation(env: Any) -> None:
     env.spawns.gate = Deferred()
 
-    def leave() -> None:
-        c = http.client.HTTPConnection("127.0.0.1", env.port, timeout=30)
-        c.request("POST", "/x", body=v2_fetch(env.head), headers={"Git-Protocol": "version=2"})
-        c.close()
-
-    await deferToThread(leave)
+    leaving = env.client.open("POST", "/x", v2_fetch(env.head), {"Git-Protocol": "version=2"})
     await eventually(lambda: env.cache.inflight == 1)
-    await task.deferLater(reactor, 0.2, lambda: None)  # let the disconnect reach the server
+    (conn,) = env.client.agent.connections
+    conn.reset()  # the client goes away before any answer
+    with pytest.raises(ResponseNeverReceived):
+        await leaving  # (the server saw the connection go first)
     # The computation keeps the mirror marked in use though its client left:
     # maintenance must not prune objects the running upload-pack still reads.
-    assert env.pc.mirrors.serving == 1
+    assert env.mirrors.busy == 1
     env.spawns.gate.callback(None)
     await settled(env.cache)
-    assert env.pc.mirrors.serving == 0
+    assert env.mirrors.busy == 0
     assert len(await entries(env.store)) == 1
-    _s, _b, h = await deferToThread(post, env.port, v2_fetch(env.head))
+    _s, _b, h = await post(env.client, v2_fetch(env.head))
     assert h["x-cache"] == "HIT" and env.spawns.count == 1
 
 
 @pytest_twisted.ensureDeferred
-async def test_switched_off_by_config(env: Any) -> None:
-    ctx = SimpleNamespace(**vars(env.pc.ctx), config=SimpleNamespace(git=SimpleNamespace(pack_cache=False)))
-    off = PackCache(ctx, env.pc.mirrors, reactor)
+async def test_switched_off_by_config(env: Any, harness_factory: MakeHarness) -> None:
+    off = packcache_of(await harness_factory({"git": {"pack_cache": False}}, mirrors=env.mirrors))
     off.spawn = env.spawns
     assert not off.enabled
     assert await off.serve(None, env.mirror, v2_fetch(env.head), parse_request(v2_fetch(env.head), 2),
