@@ -370,7 +370,8 @@ async def test_upload_pack_failure_caches_nothing(env: Any) -> None:
             def stopProducing(self) -> None: ...
 
         consumer.registerProducer(P(), True)
-        consumer.write(pkt_line("packfile\n") + pkt_line(b"\x01PACK" + os.urandom(3000)))
+        # A whole response, final flush-pkt included: only the exit status says it failed.
+        consumer.write(pkt_line("packfile\n") + pkt_line(b"\x01PACK" + os.urandom(3000)) + b"0000")
         d: Deferred[int] = Deferred()
 
         def end() -> None:
