@@ -29,7 +29,9 @@ class Metrics:
         )
         self.store_bytes = Gauge("sparkcache_store_bytes", "Bytes of bodies in the store", registry=r)
         self.store_entries = Gauge("sparkcache_store_entries", "Index entries", registry=r)
-        self.inflight = Gauge("sparkcache_inflight_fetches", "Upstream fetches in progress", registry=r)
+        self.inflight = Gauge("sparkcache_inflight_fetches",
+                              "Productions in progress: upstream fetches, pack computations, archive builds",
+                              registry=r)
         self.evicted = Counter("sparkcache_evicted", "Bodies removed by LRU eviction", registry=r)
 
         # Label lookups take a lock and hash a tuple: keep the children, which
