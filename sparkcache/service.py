@@ -19,7 +19,7 @@ from sparkcache.context import Context
 from sparkcache.fetch import Cache, UpstreamClient
 from sparkcache.metrics import Metrics
 from sparkcache.pools import PoolService
-from sparkcache.protocols import PROTOCOLS, remote_types
+from sparkcache.protocols import PROTOCOLS, check_segments, remote_types
 from sparkcache.protocols.base import ProtocolSpec, SetupEndpoint
 from sparkcache.store import Store
 from sparkcache.timers import Periodic
@@ -81,6 +81,7 @@ class SparkcacheService(MultiService):
         apps: dict[bytes, IResource] = {}
         gates: dict[bytes, BodyGate] = {}
         setup: dict[str, SetupEndpoint] = {}
+        check_segments(protocols)
         for spec in protocols:
             built = spec.build(self.ctx)
             for segment in spec.segments:

@@ -34,6 +34,22 @@ def remote_types(protocols: Sequence[ProtocolSpec] = PROTOCOLS) -> dict[str, Rem
     return out
 
 
+# First path segments the daemon itself answers (/setup/ and the management app).
+RESERVED_SEGMENTS = frozenset({b"", b"setup", b"health", b"metrics", b"config", b"admin"})
+
+
+def check_segments(protocols: Sequence[ProtocolSpec] = PROTOCOLS) -> None:
+    """Each first path segment is answered by one protocol, and none shadows the daemon's own."""
+    owner: dict[bytes, str] = {}
+    for p in protocols:
+        for segment in p.segments:
+            if segment in RESERVED_SEGMENTS:
+                raise ValueError(f"protocol {p.name!r} mounts /{segment.decode()}/, which the daemon answers itself")
+            if segment in owner:
+                raise ValueError(f"/{segment.decode()}/ is mounted by protocols {owner[segment]!r} and {p.name!r}")
+            owner[segment] = p.name
+
+
 def load_config_data(data: Any, source: str = "<config>", environ: Mapping[str, str] | None = None,
                      protocols: Sequence[ProtocolSpec] = PROTOCOLS) -> config.Config:
     """Validate parsed YAML with every protocol's remote types and sections."""

@@ -127,6 +127,16 @@ def test_two_protocols_cannot_claim_one_remote_type() -> None:
         load_config_data({}, "cache.yaml", {}, protocols=(*WITH_ECHO, clash))
 
 
+def test_two_protocols_cannot_mount_one_segment(tmp_path: Any) -> None:
+    cfg = _config(tmp_path)
+    twin = ProtocolSpec(name="twin", segments=(b"echo",), build=lambda ctx: Built())
+    with pytest.raises(ValueError, match=r"/echo/ is mounted by protocols 'echo' and 'twin'"):
+        SparkcacheService(cfg, protocols=(*WITH_ECHO, twin))
+    health = ProtocolSpec(name="health", segments=(b"health",), build=lambda ctx: Built())
+    with pytest.raises(ValueError, match=r"mounts /health/, which the daemon answers itself"):
+        SparkcacheService(cfg, protocols=(*WITH_ECHO, health))
+
+
 @pytest_twisted.ensureDeferred
 async def test_the_service_mounts_the_app_runs_its_services_and_lists_its_snippet(tmp_path: Any) -> None:
     clock = task.Clock()
