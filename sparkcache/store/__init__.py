@@ -178,11 +178,6 @@ class Store:
         """Entries with a body of ``remote`` whose path starts with ``prefix``, by path."""
         return self.index.list_remote(remote, prefix, limit)
 
-    def path(self, entry: Entry) -> str:
-        """Where the body lies on disk. Only for code not yet reading through
-        ``read``/``open_range`` (Helm index rewriting); new code must not."""
-        return self.cas.local_path(_digest_of(entry))
-
     # -- removal -------------------------------------------------------------------
 
     async def _drop(self, result: tuple[int, builtins.list[str]]) -> int:

@@ -165,7 +165,7 @@ async def test_eviction_lru_skips_pinned(env):
     left = {e.path for e in await store.index.list_remote("r")}
     assert left == {"e0", "e1", "e4"}  # e2, e3 were least recently used and not pinned
     assert store.size == 9000
-    assert os.path.exists(store.path(e0))
+    assert store.exists(e0)
     sending.close()
 
 
