@@ -33,8 +33,15 @@ class RemoteType(Protocol):
     def needs_upstream(self) -> bool:
         """Whether a remote of this type needs an upstream URL (local content does not)."""
 
+    @property
+    def many_upstreams(self) -> bool:
+        """Whether ``upstream:`` may list several URLs, tried in order."""
+
     def parse_options(self, loader: "Loader", sec: "Section") -> Any:
         """The type's own keys of a remote section (read through ``sec``), or None."""
+
+    def check_remote(self, loader: "Loader", remote: "RemoteConfig", remotes: Mapping[str, "RemoteConfig"]) -> None:
+        """Check ``remote`` against every other (a group's members) once all are read."""
 
 
 # A protocol's own top-level section (``git:``): reads its keys through the Section.
@@ -87,6 +94,13 @@ class RemoteConfig:
     read_timeout: float = 60.0
     # The type's own settings, parsed by its protocol (RemoteType.parse_options).
     options: Any = None
+    # Every upstream, in the order they are tried (``upstream:`` given as a
+    # list); ``upstream`` is the first. Empty when there is none.
+    upstreams: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.upstreams and self.upstream is not None:
+            object.__setattr__(self, "upstreams", (self.upstream,))
 
     def redacted(self) -> dict[str, Any]:
         out = self._redacted()
@@ -97,7 +111,7 @@ class RemoteConfig:
     def _redacted(self) -> dict[str, Any]:
         return {
             "type": self.type,
-            "upstream": self.upstream,
+            "upstream": list(self.upstreams) if len(self.upstreams) > 1 else self.upstream,
             "immutable_patterns": [p.pattern for p in self.immutable_patterns],
             "mutable_patterns": [p.pattern for p in self.mutable_patterns],
             "check_mutable_updates": self.check_mutable_updates,
@@ -374,6 +388,8 @@ class Loader:
         remotes = {}
         for name, body in remotes_raw.items():
             remotes[str(name)] = self.remote(str(name), Section(self, f"remotes.{name}", body), connect_timeout, read_timeout)
+        for r in remotes.values():
+            self.types[r.type].check_remote(self, r, remotes)
         sections = {name: parse(self, top.sub(name)) for name, parse in self.sections.items()}
         top.done()
         return Config(self.source, server, storage, auth, remotes, sections)
@@ -468,11 +484,24 @@ class Loader:
         kind = self.types.get(rtype)
         if kind is None:
             raise self.error(sec.key("type"), f"unknown remote type {rtype!r}; expected one of {', '.join(self.types)}")
-        upstream = sec.get("upstream", str, None)
-        if upstream is None and kind.needs_upstream:
+        given = sec.get("upstream", (str, list), None)
+        if given is None and kind.needs_upstream:
             raise self.error(sec.key("upstream"), "missing: a remote needs an upstream URL")
-        if upstream is not None:
-            upstream = self.url(sec.key("upstream"), _expand(upstream, self, sec.key("upstream"))).rstrip("/")
+        upstreams: list[str] = []
+        if isinstance(given, str):
+            upstreams = [self.url(sec.key("upstream"), _expand(given, self, sec.key("upstream"))).rstrip("/")]
+        elif isinstance(given, list):
+            # Several upstreams: tried in order when one is unreachable or fails (5xx, 429).
+            if not kind.many_upstreams:
+                raise self.error(sec.key("upstream"), f"a type: {rtype} remote has one upstream URL, not a list")
+            if not given:
+                raise self.error(sec.key("upstream"), "an empty list; give at least one upstream URL")
+            for i, u in enumerate(given):
+                where = f"{sec.key('upstream')}[{i}]"
+                if not isinstance(u, str):
+                    raise self.error(where, f"expected a URL, got {_kind(u)}")
+                upstreams.append(self.url(where, _expand(u, self, where)).rstrip("/"))
+        upstream = upstreams[0] if upstreams else None
         immutable = self.patterns(sec, "immutable_patterns")
         mutable = self.patterns(sec, "mutable_patterns")
         if not sec.has("mutable_patterns"):
@@ -509,6 +538,7 @@ class Loader:
             connect_timeout=sec.convert("connect_timeout", parse_duration, connect_timeout),
             read_timeout=sec.convert("read_timeout", parse_duration, read_timeout),
             options=options,
+            upstreams=tuple(upstreams),
         )
         sec.done()
         return cfg

@@ -57,7 +57,8 @@ KEEP_HEADERS = (
 @dataclass(frozen=True)
 class Target:
     """What a production stores: the entry's key, remote and path, how long it
-    stays fresh (None: forever), what the body must hash to, when known, and
+    stays fresh (None: forever), what the body must hash to, when known (its
+    sha256 and any ``checks`` in other algorithms), and
     whether the entry is pinned (an upload, a push: it exists nowhere else, so
     it is never evicted; see ``Entry.pinned``)."""
 
@@ -67,6 +68,9 @@ class Target:
     ttl: float | None = None
     expected_digest: str | None = None
     pinned: bool = False
+    # Further digests the body must match, as (hashlib name, hex): npm's sha512
+    # ``integrity``, a Maven ``.sha1``. Checked like expected_digest.
+    checks: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -82,10 +86,14 @@ class CacheRequest:
     expected_digest: str | None = None
     headers: dict[bytes, bytes] = field(default_factory=dict)
     keep_headers: tuple[str, ...] = KEEP_HEADERS
+    checks: tuple[tuple[str, str], ...] = ()
+    # Tried in order after ``url`` when it fails in a way another copy may not
+    # (unreachable, timeout, 5xx, 429): the same path on a remote's further upstreams.
+    mirrors: tuple[str, ...] = ()
 
     @property
     def target(self) -> Target:
-        return Target(self.key, self.remote.name, self.path, self.ttl, self.expected_digest)
+        return Target(self.key, self.remote.name, self.path, self.ttl, self.expected_digest, checks=self.checks)
 
 
 @dataclass
@@ -242,8 +250,12 @@ class Cache:
         except BaseException:
             self.store.discard(spool)
             raise
-        # A body with a digest to match (OCI blobs) holds back its last byte until it matched.
-        flight.hold_last = target.expected_digest is not None
+        # A body with a digest to match (OCI blobs, npm tarballs) holds back its
+        # last byte until it matched, so a client never gets a whole bad body.
+        flight.hold_last = target.expected_digest is not None or bool(target.checks)
+        if spool.size == 0:  # an adopted upload is already written: hashed at the check
+            for algorithm, _ in target.checks:
+                spool.also_hash(algorithm)
         shared.settle(Live(flight))
         try:
             await body.fill(flight)
@@ -253,6 +265,11 @@ class Cache:
             digest = spool.hexdigest()
             if target.expected_digest is not None and digest != target.expected_digest:
                 raise BodyError(f"digest mismatch: expected sha256:{target.expected_digest}, got sha256:{digest}")
+            for algorithm, want in target.checks:
+                got = spool.hexdigest_of(algorithm) if spool.hashes(algorithm) else \
+                    await self.store.in_io(spool.rehash, algorithm)
+                if got != want.lower():
+                    raise BodyError(f"digest mismatch: expected {algorithm}:{want}, got {algorithm}:{got}")
             etag = body.headers.get("etag")
             entry = Entry(
                 key=key, remote=target.remote, path=target.path, status=200, digest=digest,
@@ -350,14 +367,26 @@ class Upstream(Source):
                 headers[b"If-None-Match"] = stale.etag.encode("latin-1")
             if stale.last_modified:
                 headers[b"If-Modified-Since"] = stale.last_modified.encode("latin-1")
-        started = cache.clock.seconds()
-        try:
-            response, _final = await cache.upstream.request(req.remote, b"GET", req.url, headers)
-        except UpstreamError as e:
-            metrics.upstream(req.remote.name, e.kind)
-            return Failed(504 if e.kind == "timeout" else 502, str(e), stale_ok=True)
-        metrics.upstream_latency.labels(req.remote.name).observe(cache.clock.seconds() - started)
-        metrics.upstream(req.remote.name, str(response.code))
+        urls = (req.url, *req.mirrors)
+        for n, url in enumerate(urls):
+            last = n == len(urls) - 1
+            started = cache.clock.seconds()
+            try:
+                response, _final = await cache.upstream.request(req.remote, b"GET", url, headers)
+            except UpstreamError as e:
+                metrics.upstream(req.remote.name, e.kind)
+                if last:
+                    return Failed(504 if e.kind == "timeout" else 502, str(e), stale_ok=True)
+                log.info("{remote}: {why}; trying the next upstream", remote=req.remote.name, why=str(e))
+                continue
+            metrics.upstream_latency.labels(req.remote.name).observe(cache.clock.seconds() - started)
+            metrics.upstream(req.remote.name, str(response.code))
+            if (response.code >= 500 or response.code == 429) and not last:
+                await discard_body(response)
+                log.info("{remote}: upstream answered {code}; trying the next upstream",
+                         remote=req.remote.name, code=response.code)
+                continue
+            break
         code = response.code
         now = cache.clock.seconds()
         if code == 200:

@@ -130,7 +130,7 @@ class UpstreamClient:
         Raises UpstreamError when nothing usable came back (refused, reset,
         DNS failure, no headers within ``remote.read_timeout``).
         """
-        home = origin(remote.upstream or url)
+        homes = {origin(u) for u in (remote.upstreams or (url,))}
         first = origin(url)
         auth = auth_header(remote.credentials)
         # An Authorization the caller supplies (a registry's bearer token)
@@ -147,7 +147,7 @@ class UpstreamClient:
             if given is not None:
                 if origin(url) == first:
                     h.setRawHeaders(b"Authorization", [given])
-            elif auth is not None and origin(url) == home:
+            elif auth is not None and origin(url) in homes:
                 h.setRawHeaders(b"Authorization", [auth])
             d = agent.request(method, url.encode("ascii"), h)
             timed_out: list[bool] = []

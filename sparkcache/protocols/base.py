@@ -40,9 +40,19 @@ class RemoteKind:
     options: Callable[[Loader, Section, str], Any] | None = None
     # Where a remote of this type is served, for ``GET /`` (``{name}`` is the remote).
     url: str = "/api/{name}/"
+    # ``upstream:`` may be a list of URLs, tried in order when one fails
+    # (``CacheRequest.mirrors``); a type that cannot use them refuses a list.
+    many_upstreams: bool = False
+    # Checks a remote against the others once all are read (a group's members):
+    # ``check(loader, remote, remotes)`` raises ``loader.error(...)``.
+    check: Callable[[Loader, Any, Mapping[str, Any]], None] | None = None
 
     def parse_options(self, loader: Loader, sec: Section) -> Any:
         return self.options(loader, sec, self.name) if self.options is not None else None
+
+    def check_remote(self, loader: Loader, remote: Any, remotes: Mapping[str, Any]) -> None:
+        if self.check is not None:
+            self.check(loader, remote, remotes)
 
 
 @dataclass(frozen=True)

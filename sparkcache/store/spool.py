@@ -26,6 +26,8 @@ class SpoolFile:
         self.fd: int | None = fd
         self.size = 0
         self._sha256: Any = hashlib.sha256() if hashed else None
+        # Further digests a production must check (npm's sha512 integrity).
+        self._also: dict[str, Any] = {}
 
     def write(self, data: bytes) -> None:
         assert self.fd is not None, "spool already closed"
@@ -35,6 +37,8 @@ class SpoolFile:
             view = view[n:]
         if self._sha256 is not None:
             self._sha256.update(data)
+        for h in self._also.values():
+            h.update(data)
         self.size += len(data)
 
     def write_all(self, chunks: list[bytes]) -> int:
@@ -62,6 +66,34 @@ class SpoolFile:
         descriptor of its own (the caller closes it); it stays readable after
         the spool is discarded."""
         return SpoolReader(self.path)
+
+    def also_hash(self, algorithm: str) -> None:
+        """Compute ``algorithm`` (a hashlib name) over the bytes too; call
+        before the first write."""
+        assert self.size == 0, "also_hash after bytes were written"
+        if algorithm != "sha256" and algorithm not in self._also:
+            self._also[algorithm] = hashlib.new(algorithm)
+
+    def hexdigest_of(self, algorithm: str) -> str:
+        """The hex digest in ``algorithm`` (sha256, or one asked for with also_hash)."""
+        if algorithm == "sha256":
+            return self.hexdigest()
+        return str(self._also[algorithm].hexdigest())
+
+    def hashes(self, algorithm: str) -> bool:
+        """Whether ``algorithm`` is computed as bytes are written."""
+        return algorithm == "sha256" or algorithm in self._also
+
+    def rehash(self, algorithm: str) -> str:
+        """Blocking (call from the I/O pool): the hex digest in ``algorithm`` of
+        the bytes written so far, read back from the file."""
+        h = hashlib.new(algorithm)
+        with self.reader() as src:
+            while True:
+                chunk = src.read(COPY_CHUNK)
+                if not chunk:
+                    return h.hexdigest()
+                h.update(chunk)
 
     def hexdigest(self) -> str:
         assert self._sha256 is not None, "a scratch spool has no digest"

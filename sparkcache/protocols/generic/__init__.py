@@ -16,14 +16,14 @@ if TYPE_CHECKING:
     from sparkcache.context import Context
 
 REMOTE_TYPES = (
-    RemoteKind("generic"),
+    RemoteKind("generic", many_upstreams=True),
     RemoteKind("local", needs_upstream=False, pinned=True),
-    RemoteKind("alpine", mutable_patterns=(r"APKINDEX\.tar\.gz$",)),
-    RemoteKind("rpm", mutable_patterns=(
+    RemoteKind("alpine", mutable_patterns=(r"APKINDEX\.tar\.gz$",), many_upstreams=True),
+    RemoteKind("rpm", many_upstreams=True, mutable_patterns=(
         r"repodata/repomd\.xml(\.asc|\.key)?$",
         r"repodata/(?![0-9a-f]{32,128}-)[^/]*(primary|filelists|other|comps|updateinfo|modules)[^/]*$",
     )),
-    RemoteKind("deb", mutable_patterns=(
+    RemoteKind("deb", many_upstreams=True, mutable_patterns=(
         r"(^|/)dists/(?!.*/by-hash/)[^?]*(InRelease|Release|Release\.gpg|Packages[^/]*|Sources[^/]*"
         r"|Translation-[^/]*|Contents-[^/]*|Components-[^/]*|icons-[^/]*)$",
     )),

@@ -219,11 +219,11 @@ class GenericApp:
         index = self.indexes.get(remote.name)
         # What the stored index says this file hashes to (never for a query: other bytes, perhaps).
         expected = await index.expected_digest(path) if index is not None and not query else None
-        assert remote.upstream is not None
-        url = f"{remote.upstream}/{quote_segments(rest)}" + (f"?{query}" if query else "")
+        tail = quote_segments(rest) + (f"?{query}" if query else "")
+        url, *mirrors = (f"{u}/{tail}" for u in remote.upstreams)
         return CacheRequest(
             remote=remote, key=_key(remote, path, query), path=path, url=url, ttl=kind.ttl,
-            revalidate=remote.check_mutable_updates, expected_digest=expected,
+            revalidate=remote.check_mutable_updates, expected_digest=expected, mirrors=tuple(mirrors),
         )
 
     async def serve_local(self, request: Any, remote: RemoteConfig, key: str, path: str) -> Any:
