@@ -32,6 +32,11 @@ class Metrics:
         self.inflight = Gauge("sparkcache_inflight_fetches",
                               "Productions in progress: upstream fetches, pack computations, archive builds",
                               registry=r)
+        self._forms = Counter(
+            "sparkcache_registry_requests",
+            "Package-registry requests by remote, form (page, file, metadata, packument, tarball...) and result",
+            ["remote", "form", "result"], registry=r,
+        )
         self.evicted = Counter("sparkcache_evicted", "Bodies removed by LRU eviction", registry=r)
 
         # Label lookups take a lock and hash a tuple: keep the children, which
@@ -48,6 +53,11 @@ class Metrics:
     def response(self, remote: str, result: str) -> None:
         """One response for ``remote``: hit, miss, stale, revalidated or error."""
         self._child(self._responses, remote, result).inc()
+
+    def form(self, remote: str, form: str, result: str) -> None:
+        """One package-registry response of ``form`` (page, file...) for ``remote``:
+        hit, miss, stale, revalidated or error (on top of ``response``)."""
+        self._child(self._forms, remote, form, result).inc()
 
     def bytes_counter(self, remote: str, source: str) -> Callable[[int], None]:
         """An ``inc`` for body bytes sent to clients from ``source`` (cache or upstream)."""
