@@ -34,6 +34,10 @@ class RemoteType(Protocol):
         """Whether a remote of this type needs an upstream URL (local content does not)."""
 
     @property
+    def mutable_ttl(self) -> float:
+        """The default ``cache.mutable_ttl`` of a remote of this type, in seconds."""
+
+    @property
     def many_upstreams(self) -> bool:
         """Whether ``upstream:`` may list several URLs, tried in order."""
 
@@ -510,7 +514,7 @@ class Loader:
         c = sec.sub("cache")
         policy = CachePolicy(
             immutable_ttl=c.convert("immutable_ttl", parse_duration, 0.0),
-            mutable_ttl=c.convert("mutable_ttl", parse_duration, 3600.0),
+            mutable_ttl=c.convert("mutable_ttl", parse_duration, kind.mutable_ttl),
             negative_ttl=c.convert("negative_ttl", parse_duration, 60.0),
         )
         c.done()

@@ -40,6 +40,8 @@ class RemoteKind:
     options: Callable[[Loader, Section, str], Any] | None = None
     # Where a remote of this type is served, for ``GET /`` (``{name}`` is the remote).
     url: str = "/api/{name}/"
+    # Default ``cache.mutable_ttl`` of a remote of this type (PyPI pages: 10 minutes).
+    mutable_ttl: float = 3600.0
     # ``upstream:`` may be a list of URLs, tried in order when one fails
     # (``CacheRequest.mirrors``); a type that cannot use them refuses a list.
     many_upstreams: bool = False
