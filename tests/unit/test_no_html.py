@@ -36,7 +36,8 @@ from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import provider
 
 from sparkcache.git.pktline import iter_pkt_lines
-from sparkcache.protocols import PROTOCOLS, load_config_data
+from sparkcache.protocols import PROTOCOLS
+from sparkcache.protocols._group import is_group, load_config_data
 from sparkcache.service import SparkcacheService
 from sparkcache.web.errors import JSON, ErrorFormat, ErrorReply, Guarded
 from sparkcache.web.root import Remount
@@ -192,6 +193,11 @@ def every_remote_type() -> dict[str, Any]:
                 # Never contacted: every request here fails before any fetch.
                 remote["upstream"] = "http://127.0.0.1:9"
             remotes[f"r-{kind.name}"] = remote
+        # A group's members: the protocol's other remotes.
+        for kind in spec.remote_types:
+            if is_group(kind):
+                remotes[f"r-{kind.name}"]["members"] = [
+                    f"r-{k.name}" for k in spec.remote_types if not is_group(k)]
     return remotes
 
 
