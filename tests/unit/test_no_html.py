@@ -36,8 +36,8 @@ from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import provider
 
 from sparkcache.git.pktline import iter_pkt_lines
-from sparkcache.protocols import PROTOCOLS
-from sparkcache.protocols._group import is_group, load_config_data
+from sparkcache.protocols import PROTOCOLS, load_config_data
+from sparkcache.protocols._group import is_group
 from sparkcache.service import SparkcacheService
 from sparkcache.web.errors import JSON, ErrorFormat, ErrorReply, Guarded
 from sparkcache.web.root import Remount
