@@ -90,6 +90,12 @@ class CacheRequest:
     # Tried in order after ``url`` when it fails in a way another copy may not
     # (unreachable, timeout, 5xx, 429): the same path on a remote's further upstreams.
     mirrors: tuple[str, ...] = ()
+    # A 404/410 moves on to the next mirror too (Maven: upstreams hold different
+    # artifacts); only when every one answered it is the 404 (negatively) cached.
+    next_on_404: bool = False
+    # Media types a 200 must not have (an HTML error or login page sent for a
+    # jar): never stored, the next mirror is tried, and stale may be served.
+    refuse_types: tuple[str, ...] = ()
 
     @property
     def target(self) -> Target:
@@ -354,6 +360,8 @@ class Upstream(Source):
     A stale entry is revalidated with a conditional request when the request
     says so: 304 refreshes it, 404/410 replace it with a short-lived negative
     entry, and 5xx/429 or an unreachable upstream let the caller serve it stale.
+    With ``mirrors``, those failures (and a 404 when ``next_on_404``, and a
+    refused media type) move on to the next upstream; the last one's answer counts.
     """
 
     def __init__(self, req: CacheRequest) -> None:
@@ -381,7 +389,8 @@ class Upstream(Source):
                 continue
             metrics.upstream_latency.labels(req.remote.name).observe(cache.clock.seconds() - started)
             metrics.upstream(req.remote.name, str(response.code))
-            if (response.code >= 500 or response.code == 429) and not last:
+            if not last and (response.code >= 500 or response.code == 429 or _refused(req, response)
+                             or (req.next_on_404 and response.code in (404, 410))):
                 await discard_body(response)
                 log.info("{remote}: upstream answered {code}; trying the next upstream",
                          remote=req.remote.name, code=response.code)
@@ -389,6 +398,10 @@ class Upstream(Source):
             break
         code = response.code
         now = cache.clock.seconds()
+        if _refused(req, response):
+            await discard_body(response)
+            return Failed(502, f"upstream sent {_header(response, 'content-type')} for {req.path}; not stored",
+                          stale_ok=True)
         if code == 200:
             kept = {}
             for name in req.keep_headers:
@@ -423,6 +436,14 @@ class Upstream(Source):
         challenge = _header(response, "www-authenticate")
         return Failed(code if 400 <= code < 500 else 502, f"upstream answered {code}",
                       headers={"www-authenticate": challenge} if challenge else {})
+
+
+def _refused(req: CacheRequest, response: IResponse) -> bool:
+    """Whether a 200 has a media type ``req`` refuses to store."""
+    if response.code != 200 or not req.refuse_types:
+        return False
+    ctype = (_header(response, "content-type") or "").split(";")[0].strip().lower()
+    return ctype in req.refuse_types
 
 
 def _header(response: IResponse, name: str) -> str | None:
