@@ -246,3 +246,18 @@ async def test_setup_snippets(h: Harness) -> None:
     text = resp.body.decode()
     assert resp.status == 200 and "def sparkcacheUrl = 'http://cache.test/maven/central/'" in text
     assert "allowInsecureProtocol" in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sidecar_asked_for_while_its_file_streams_answers_for_those_bytes(h: Harness) -> None:
+    plain = f"{G}/1.0-SNAPSHOT/lib-1.0-SNAPSHOT.jar"
+    publish(h, plain, b"build 1" * 1000)
+    h.upstream.add(f"/first/{plain}.sha1", b"0" * 40)  # stale upstream sidecar: never served
+    h.upstream.behave(f"/first/{plain}", pause_at=100)
+    file = h.get(f"/maven/central/{plain}")
+    await h.upstream.until_paused(f"/first/{plain}")
+    sidecar = h.get(f"/maven/central/{plain}.sha1")
+    h.upstream.resume(f"/first/{plain}")
+    assert (await file).body == b"build 1" * 1000
+    assert (await sidecar).body.decode() == sha1(b"build 1" * 1000)
+    assert h.upstream.count(f"/first/{plain}") == 1 and h.upstream.count(f"/first/{plain}.sha1") == 0

@@ -153,6 +153,8 @@ class MavenApp:
         key = self.key(remote, rp.path)
         entry = await self.ctx.store.index.get(key)
         if (entry is not None and entry.fresh(self.ctx.clock.seconds())) or self.ctx.cache.fetching(key):
+            # Served as stored, or joined (the caller's get() follows in this
+            # reactor turn): the production under way was verified when it began.
             return ()
         for algorithm in VERIFY_WITH:
             sidecar = classify(f"{rp.path}.{algorithm}")
@@ -213,6 +215,8 @@ class MavenApp:
         if self.ctx.cache.fetching(key):
             # The client may ask for the sidecar as soon as it has the file's
             # last byte, before the entry is committed: answer for those bytes.
+            # fetching() and get() run in one reactor turn, so get() joins that
+            # production and never starts one (which would be unverified).
             result = await self.ctx.cache.get(self.cache_request(remote, classify(path)))
             if isinstance(result, Live):
                 try:
