@@ -261,3 +261,26 @@ async def test_a_sidecar_asked_for_while_its_file_streams_answers_for_those_byte
     assert (await file).body == b"build 1" * 1000
     assert (await sidecar).body.decode() == sha1(b"build 1" * 1000)
     assert h.upstream.count(f"/first/{plain}") == 1 and h.upstream.count(f"/first/{plain}.sha1") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_expired_release_is_served_stale_when_upstream_is_down(harness_factory: MakeHarness) -> None:
+    h = await harness_factory({"remotes": {"central": {"type": "maven", "upstream": FIRST,
+                                                       "cache": {"immutable_ttl": 3600}}}})
+    publish(h, JAR, b"a release")
+    assert (await get(h, JAR)).body == b"a release"
+    h.clock.advance(3601)
+    for p in (f"/first/{JAR}", f"/first/{JAR}.sha1", f"/first/{JAR}.sha256"):
+        h.upstream.behave(p, status=503)
+    resp = await get(h, JAR)
+    assert resp.status == 200 and resp.header("X-Cache") == "STALE" and resp.body == b"a release"
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_html_page_for_a_sidecar_does_not_block_its_file(h: Harness) -> None:
+    publish(h, JAR, b"the jar", sidecar=False)
+    for where in ("/first", "/second"):
+        h.upstream.add(f"{where}/{JAR}.sha1", b"<html>oops</html>", content_type="text/html")
+    resp = await get(h, JAR)
+    assert resp.status == 200 and resp.body == b"the jar"
+    assert (await get(h, f"{JAR}.sha1")).body.decode() == sha1(b"the jar")

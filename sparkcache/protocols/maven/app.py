@@ -45,7 +45,6 @@ from sparkcache.store import Entry
 from sparkcache.web.errors import JSON, HTTPError, add_error_handling, guarded
 from sparkcache.web.paths import quote_segments, split_raw_path
 from sparkcache.web.respond import respond
-from sparkcache.web.serve import error_body
 
 log = Logger()
 
@@ -137,19 +136,16 @@ class MavenApp:
     async def file(self, request: Any, remote: RemoteConfig, rp: RepoPath) -> Any:
         checks: tuple[tuple[str, str], ...] = ()
         if rp.verifiable:
-            stated = await self.stated_digest(remote, rp)
-            if isinstance(stated, Failed):
-                return self._failed(request, remote, rp, stated)
-            checks = stated
+            checks = await self.stated_digest(remote, rp)
         result = await self.ctx.cache.get(self.cache_request(remote, rp, checks))
         self.ctx.metrics.form(remote.name, rp.form, outcome(result))
         return await respond(request, result, self.ctx.store, self.ctx.metrics, remote.name, rp.path,
                              sendfile=self.ctx.sendfile)
 
-    async def stated_digest(self, remote: RemoteConfig, rp: RepoPath) -> tuple[tuple[str, str], ...] | Failed:
+    async def stated_digest(self, remote: RemoteConfig, rp: RepoPath) -> tuple[tuple[str, str], ...]:
         """What upstream's sidecar says ``rp`` hashes to, as CacheRequest checks:
-        () when the file is stored already (or known missing) or upstream has no
-        sidecar; a Failed when upstream could not be asked."""
+        () when the file is stored already (or known missing), or upstream has
+        no sidecar for it, or none that could be had."""
         key = self.key(remote, rp.path)
         entry = await self.ctx.store.index.get(key)
         if (entry is not None and entry.fresh(self.ctx.clock.seconds())) or self.ctx.cache.fetching(key):
@@ -160,9 +156,9 @@ class MavenApp:
             sidecar = classify(f"{rp.path}.{algorithm}")
             result = await self.ctx.cache.get(self.cache_request(remote, sidecar))
             if isinstance(result, Failed):
-                if result.status == 404:
-                    continue
-                return result
+                # Missing, or not to be had now (upstream down, an HTML page):
+                # the file itself may still be (or be stored, to serve stale).
+                continue
             body = await self._small_body(result)
             stated = parse_sidecar(body, algorithm) if body is not None else None
             if stated is not None:
@@ -263,8 +259,3 @@ class MavenApp:
         finally:
             body.close()
         return digest
-
-    def _failed(self, request: Any, remote: RemoteConfig, rp: RepoPath, failed: Failed) -> bytes:
-        self.ctx.metrics.form(remote.name, rp.form, "error")
-        self.ctx.metrics.response(remote.name, "error")
-        return error_body(request, failed.status, failed.message, failed.headers)
