@@ -8,9 +8,9 @@ timestamped SNAPSHOT, in a repository on disk served by nginx on 127.0.0.1.
 an empty local repository (``-Dmaven.repo.local``), so every dependency file is
 downloaded again:
 
-- direct: Maven's mirror is nginx itself (``--runs`` times);
 - cold: through a fresh sparkcache (empty data dir), ``--runs`` times;
-- warm: through the same sparkcache again (``--runs`` times), everything cached.
+- then ``--runs`` times, alternating: direct (Maven's mirror is nginx itself)
+  and warm (through the last sparkcache again, everything cached).
 
 Plugins resolve from the machine's local ``~/.m2`` repository as a ``file://``
 repository, as in the tests. Reported: wall time of each build, requests
@@ -98,12 +98,16 @@ def main() -> int:
             return r
 
         build("warm-up (direct, untimed)", direct_settings, False)
-        direct = [build(f"direct {i + 1}", direct_settings, False) for i in range(args.runs)]
         cold_runs = []
         for i in range(args.runs):
             daemon.fresh_start()  # an empty data dir: every file is fetched again
             cold_runs.append(build(f"cold {i + 1}", cache_settings, True))
-        warm = [build(f"warm {i + 1}", cache_settings, True) for i in range(args.runs)]
+        # Direct and warm builds alternate, so that load from other processes
+        # falls on both alike.
+        direct, warm = [], []
+        for i in range(args.runs):
+            direct.append(build(f"direct {i + 1}", direct_settings, False))
+            warm.append(build(f"warm {i + 1}", cache_settings, True))
         proc = daemon.proc_status()
         hwm_mib = proc["VmHWM"] / (1 << 20)
         print_table(f"{NAME}: mvn compile of a project with {len(deps)} dependencies, empty local repository",
