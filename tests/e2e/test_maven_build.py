@@ -112,7 +112,9 @@ def test_several_upstreams_and_a_missing_artifact(repo: Any, daemon_factory: Any
     root, up, jars = repo
     empty = upstream_factory(tmp_path / "empty-repo")
     (tmp_path / "empty-repo").mkdir()
-    d = daemon_factory({"central": {"type": "maven", "upstream": [empty.base_url, up.base_url]}})
+    # A negative TTL no slow machine outlasts between the two builds.
+    d = daemon_factory({"central": {"type": "maven", "upstream": [empty.base_url, up.base_url],
+                                    "cache": {"negative_ttl": 3600}}})
     s = setup_settings(d, tmp_path)
     missing = Artifact("missing", "1.0")
     app = project(tmp_path / "app", [GREETING, UTIL], MAIN)
