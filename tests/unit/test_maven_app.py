@@ -284,3 +284,17 @@ async def test_an_html_page_for_a_sidecar_does_not_block_its_file(h: Harness) ->
     resp = await get(h, JAR)
     assert resp.status == 200 and resp.body == b"the jar"
     assert (await get(h, f"{JAR}.sha1")).body.decode() == sha1(b"the jar")
+
+
+@pytest_twisted.ensureDeferred
+async def test_mutable_patterns_make_a_release_path_change_in_place(harness_factory: MakeHarness) -> None:
+    h = await harness_factory({"remotes": {"central": {"type": "maven", "upstream": FIRST,
+                                                       "mutable_patterns": ["/nightly/"]}}})
+    path = "org/example/nightly/1.0/nightly-1.0.jar"
+    publish(h, path, b"night 1")
+    assert (await get(h, path)).body == b"night 1"
+    assert h.upstream.count(f"/first/{path}.sha1") == 0  # not checked against a sidecar that may change too
+    publish(h, path, b"night 2")
+    h.clock.advance(601)
+    assert (await get(h, path)).body == b"night 2"
+    assert (await get(h, f"{path}.sha1")).body.decode() == sha1(b"night 2")

@@ -120,9 +120,13 @@ class MavenApp:
     def key(self, remote: RemoteConfig, path: str) -> str:
         return f"{remote.name}:{path}"
 
+    def mutable(self, remote: RemoteConfig, rp: RepoPath) -> bool:
+        """Mutable by its path, or by the remote's ``mutable_patterns``."""
+        return rp.mutable or any(p.search("/" + rp.path) for p in remote.mutable_patterns)
+
     def cache_request(self, remote: RemoteConfig, rp: RepoPath, checks: tuple[tuple[str, str], ...] = ()
                       ) -> CacheRequest:
-        mutable = rp.mutable or any(p.search("/" + rp.path) for p in remote.mutable_patterns)
+        mutable = self.mutable(remote, rp)
         tail = quote_segments(rp.path.split("/"))
         url, *mirrors = (f"{u}/{tail}" for u in remote.upstreams)
         html_ok = rp.listing or rp.path.endswith((".html", ".htm"))
@@ -135,7 +139,9 @@ class MavenApp:
 
     async def file(self, request: Any, remote: RemoteConfig, rp: RepoPath) -> Any:
         checks: tuple[tuple[str, str], ...] = ()
-        if rp.verifiable:
+        # A file that changes in place is not checked against its sidecar: the
+        # two may change between the requests (its sidecars are computed instead).
+        if rp.verifiable and not self.mutable(remote, rp):
             checks = await self.stated_digest(remote, rp)
         result = await self.ctx.cache.get(self.cache_request(remote, rp, checks))
         self.ctx.metrics.form(remote.name, rp.form, outcome(result))
