@@ -27,6 +27,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence, Union
 
+from urllib.parse import quote
+
 from twisted.internet.defer import Deferred
 
 from sparkcache.config import RemoteConfig
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
     from sparkcache.context import Context
 
 FORMS = ("html", "json")
+_URL_SAFE = ":/?#[]@!$&'()*+,;=%~"
 # What upstream is asked for, per form: a JSON page where it has one (PEP 691),
 # else its HTML (converted here).
 UPSTREAM_ACCEPT = {
@@ -219,7 +222,8 @@ class PypiIndex(IndexRemote):
     def file_request(self, project: str, filename: str, link: pages.Link, metadata: bool) -> CacheRequest:
         """The fetch of ``filename`` (or its ``.metadata``) from where ``link`` says."""
         suffix = METADATA_SUFFIX if metadata else ""
-        url = link.url + suffix
+        # As sent on the wire: a page may name a URL with characters HTTP wants escaped.
+        url = quote(link.url, safe=_URL_SAFE) + suffix
         # The same file on the further upstreams, when the page named it on the first.
         first, *others = self.remote.upstreams
         mirrors = tuple(u + url[len(first):] for u in others) if url.startswith(first + "/") else ()
