@@ -101,11 +101,14 @@ async def test_html_upstream_served_as_html_and_json(h: Harness) -> None:
     meta = sha256(a1.metadata or b"")
     assert f'data-core-metadata="sha256={meta}"' in text and f'data-dist-info-metadata="sha256={meta}"' in text
     assert UPSTREAM not in text
-    # Two entries, one per form, each fetched once.
-    assert h.upstream.count("/simple/demo/") == 2
+    # Two entries, one per form, each fetched once; the new HTML body had the
+    # JSON one revalidated with it (refreshed together: a conditional request).
+    await h.settle()
+    asked = h.upstream.requests_for("/simple/demo/")
+    assert len(asked) == 3 and asked[2].headers.get("if-none-match")
     again = await h.get("/pypi/py/simple/demo/", {"Accept": "text/html"})
     assert again.body == html.body and again.header("X-Cache") == "HIT"
-    assert h.upstream.count("/simple/demo/") == 2
+    assert h.upstream.count("/simple/demo/") == 3
 
 
 @pytest_twisted.ensureDeferred
@@ -248,3 +251,20 @@ async def test_metrics_per_form(h: Harness) -> None:
     lines = [ln for ln in text.splitlines() if ln.startswith("sparkcache_registry_requests") and 'form="page"' in ln]
     assert any('result="miss"' in ln for ln in lines) and any('result="hit"' in ln for ln in lines), lines
 
+
+
+@pytest_twisted.ensureDeferred
+async def test_both_forms_refreshed_together(h: Harness) -> None:
+    one, two = wheel("demo", "1.0"), wheel("demo", "2.0")
+    publish(h.upstream, "demo", [one], json_too=True)
+    assert (await h.get("/pypi/py/simple/demo/", {"Accept": JSON_TYPE})).status == 200
+    assert two.filename not in (await h.get("/pypi/py/simple/demo/")).body.decode()
+    await h.settle()
+    # Upstream publishes 2.0; once the JSON page is fetched again, the HTML one follows at once.
+    h.clock.advance(601)
+    publish(h.upstream, "demo", [one, two], json_too=True)
+    page = (await h.get("/pypi/py/simple/demo/", {"Accept": JSON_TYPE})).json()
+    assert two.filename in files_of(page)
+    await h.settle()
+    html = await h.get("/pypi/py/simple/demo/")
+    assert html.header("X-Cache") == "HIT" and two.filename in html.body.decode()

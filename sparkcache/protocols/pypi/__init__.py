@@ -40,7 +40,8 @@ def build(ctx: "Context") -> Built:
     pool = PoolService("sparkcache-pypi", 2, ctx.reactor, ctx.config.server.shutdown_timeout)
     app = PypiApp(ctx, pool.run)
     endpoints = {kind: SetupEndpoint(setup.snippet_handler(ctx, kind)) for kind in setup.KINDS}
-    return Built(resource=app.resource(), gate=app.body_gate, services=[pool], setup=endpoints)
+    return Built(resource=app.resource(), gate=app.body_gate, services=[pool], setup=endpoints,
+                 drains=[app.running])
 
 
 SPEC = ProtocolSpec(name="pypi", segments=(b"pypi",), build=build, remote_types=REMOTE_TYPES)

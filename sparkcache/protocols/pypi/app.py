@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 from klein import Klein
-from twisted.internet.defer import CancelledError, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.logger import Logger
 from twisted.web.resource import IResource
 
@@ -56,6 +56,10 @@ class PypiApp:
         self.indexes = {r.name: PypiIndex(r, ctx, self.derived) for r in self.remotes.values() if r.type == PYPI}
         self.local = LocalProjects(ctx, run)
         self._gate = checked(ERRORS, self._body_checks)
+
+    def running(self) -> list[Deferred[Any]]:
+        """Background work a graceful stop waits for (page revalidations)."""
+        return [d for index in self.indexes.values() for d in index.refreshing]
 
     def resource(self) -> IResource:
         return guarded(self.app, ERRORS, self.max_path)

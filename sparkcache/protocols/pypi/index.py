@@ -29,7 +29,9 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence, Union
 
 from urllib.parse import quote
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from sparkcache.config import RemoteConfig
 from sparkcache.fetch import CacheRequest, Failed, Hit, Live
@@ -43,6 +45,7 @@ from sparkcache.store import Entry, SpoolFile
 if TYPE_CHECKING:
     from sparkcache.context import Context
 
+log = Logger()
 FORMS = ("html", "json")
 _URL_SAFE = ":/?#[]@!$&'()*+,;=%~"
 # What upstream is asked for, per form: a JSON page where it has one (PEP 691),
@@ -100,6 +103,8 @@ class PypiIndex(IndexRemote):
 
     def __init__(self, remote: RemoteConfig, ctx: "Context", derived: DerivedCache) -> None:
         super().__init__(remote, ctx, derived)
+        # Background revalidations of the other form of a page (see page()).
+        self.refreshing: set[Deferred[None]] = set()
 
     # -- the IndexRemote hooks ----------------------------------------------------------
 
@@ -159,19 +164,48 @@ class PypiIndex(IndexRemote):
 
         return check
 
-    async def page(self, project: str, form: str) -> PageResult:
+    async def page(self, project: str, form: str, together: bool = True) -> PageResult:
         """The stored page of ``project`` in ``form``: fresh, revalidated, fetched
-        (whole and checked) or stale; Failed(404) when upstream has no such project."""
+        (whole and checked) or stale; Failed(404) when upstream has no such project.
+        ``together``: a new body of one form has the other form's entry
+        revalidated too, so HTML and JSON clients see the same files."""
         req = self.page_request(project, form)
         result = await self.ctx.cache.get(req, CheckedPage(req, self.check_page(project)))
         if isinstance(result, Live):
             try:
-                return Hit((await result.flight.wait_done()).entry, "MISS")
+                entry = (await result.flight.wait_done()).entry
             except BodyError as e:
                 return await self._stale_or(req.key, Failed(502, str(e)))
+            if together and result.started:
+                self._refresh(project, "html" if form == "json" else "json")
+            return Hit(entry, "MISS")
         if isinstance(result, Failed) and result.status == 502:
             return await self._stale_or(req.key, result)
         return result
+
+    def _refresh(self, project: str, form: str) -> None:
+        """Revalidate the stored page of ``project`` in ``form`` now, in the background."""
+
+        async def refresh() -> None:
+            key = page_key(self.remote.name, project, form)
+            entry = await self.ctx.store.index.get(key)
+            if entry is None or entry.status != 200 or self.ctx.cache.fetching(key):
+                return  # never asked for in this form, or being fetched right now
+            now = self.ctx.clock.seconds()
+            if entry.expires is None or entry.expires > now:
+                await self.ctx.store.index.put(replace(entry, expires=now))
+            await self.page(project, form, together=False)
+
+        d = ensureDeferred(refresh())
+        self.refreshing.add(d)
+
+        def done(result: object) -> None:
+            self.refreshing.discard(d)
+            if isinstance(result, Failure):
+                log.failure("{remote}: refreshing the {form} page of {project} failed", result,
+                            remote=self.remote.name, form=form, project=project)
+
+        d.addBoth(done)
 
     async def _stale_or(self, key: str, failed: Failed) -> PageResult:
         # The body was refused after the engine had no more say: the entry it
