@@ -268,3 +268,52 @@ async def test_both_forms_refreshed_together(h: Harness) -> None:
     await h.settle()
     html = await h.get("/pypi/py/simple/demo/")
     assert html.header("X-Cache") == "HIT" and two.filename in html.body.decode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_credentials_go_to_the_index_host_only(harness_factory: MakeHarness) -> None:
+    config = {"remotes": {"py": {"type": "pypi", "upstream": f"{UPSTREAM}/simple",
+                                 "credentials": {"username": "u", "password": "p"}}}}
+    h = await harness_factory(config)
+    here, there = wheel("demo", "1.0"), wheel("demo", "2.0")
+    links = {here.filename: f"{UPSTREAM}/packages/{here.filename}",
+             there.filename: f"http://files.test/packages/{there.filename}"}
+    h.upstream.add("/simple/demo/", html_page("demo", [here, there], lambda d: links[d.filename]), "text/html")
+    for d in (here, there):
+        h.upstream.add(f"/packages/{d.filename}", d.data)
+    assert (await h.get("/pypi/py/simple/demo/")).status == 200
+    assert (await h.get(f"/pypi/py/files/demo/{here.filename}")).body == here.data
+    assert (await h.get(f"/pypi/py/files/demo/{there.filename}")).body == there.data
+    auth = {r.path: r.headers.get("authorization") for r in h.upstream.requests}
+    assert auth["/simple/demo/"] and auth["/simple/demo/"].startswith("Basic ")
+    assert auth[f"/packages/{here.filename}"] == auth["/simple/demo/"]
+    file_host = h.upstream.requests_for(f"/packages/{there.filename}")[0]
+    assert file_host.headers.get("host") == "files.test" and "authorization" not in file_host.headers
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_list_falls_back_in_order(harness_factory: MakeHarness) -> None:
+    config = {"remotes": {"py": {"type": "pypi", "upstream": [f"{UPSTREAM}/one", f"{UPSTREAM}/two"]}}}
+    h = await harness_factory(config)
+    w = wheel("demo", "1.0")
+    for root in ("/one", "/two"):
+        h.upstream.add(f"{root}/demo/", html_page("demo", [w], lambda d: f"../../files/{d.filename}"), "text/html")
+    h.upstream.add(f"/files/{w.filename}", w.data)
+    h.upstream.behave("/one/demo/", status=503)
+    resp = await h.get("/pypi/py/simple/demo/")
+    assert resp.status == 200 and w.filename in resp.body.decode()
+    assert h.upstream.count("/one/demo/") == 1 and h.upstream.count("/two/demo/") == 1
+    assert (await h.get(f"/pypi/py/files/demo/{w.filename}")).body == w.data
+
+
+@pytest_twisted.ensureDeferred
+async def test_oversize_upload_refused(harness_factory: MakeHarness) -> None:
+    config = {"server": {"max_body_size": "64KiB"},
+              "auth": {"tokens": [{"name": "ci", "token": "t0k", "scopes": ["write"]}]},
+              "remotes": {"internal": {"type": "pypi-local"}}}
+    h = await harness_factory(config)
+    body = b"--b\r\n" + b"x" * (128 << 10)
+    resp = await h.post("/pypi/internal/", body, {"Content-Type": "multipart/form-data; boundary=b",
+                                                   "Authorization": "Bearer t0k"})
+    assert resp.status == 413 and resp.header("Content-Type") == "application/json"
+    assert await h.store.list("internal") == []
