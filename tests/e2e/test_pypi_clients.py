@@ -74,6 +74,7 @@ def index() -> Any:
 def test_cold_then_warm_with_the_upstream_stopped(index: IndexUpstream, daemon_factory: Any, tmp_path: Path) -> None:
     app, helper = wheel("demo-app", "1.0", requires=("demo-helper>=1",)), wheel("demo-helper", "1.2")
     index.add("demo-app", app, sdist("demo-app", "1.0")).add("demo-helper", wheel("demo-helper", "0.9"), helper)
+    index.add("src-only", sdist("src-only", "1.0"))
     d = daemon_factory({"py": {"type": "pypi", "upstream": index.index_url}})
     url = f"{d.base_url}/pypi/py/simple/"
 
@@ -84,6 +85,11 @@ def test_cold_then_warm_with_the_upstream_stopped(index: IndexUpstream, daemon_f
     assert installed(tmp_path / "t2", "demo_helper") == "demo-helper==1.2"
     # pip and uv asked for JSON; upstream was asked for JSON too.
     assert any(p == "/simple/demo-app/" and a.startswith(JSON_TYPE) for p, a in index.requests)
+    # An sdist, built by the clients (an in-tree backend: offline).
+    ok(pip(url, tmp_path / "s1", "src-only==1.0", tmp=tmp_path))
+    assert installed(tmp_path / "s1", "src_only") == "src-only==1.0 (sdist)"
+    ok(uv(url, tmp_path / "s2", "src-only==1.0", tmp=tmp_path))
+    assert installed(tmp_path / "s2", "src_only") == "src-only==1.0 (sdist)"
     # Each file came from upstream once, whatever the clients fetched.
     assert index.count(f"/packages/{app.filename}") == 1 and index.count(f"/packages/{helper.filename}") == 1
 
@@ -91,6 +97,8 @@ def test_cold_then_warm_with_the_upstream_stopped(index: IndexUpstream, daemon_f
     ok(pip(url, tmp_path / "t3", "demo-app==1.0", tmp=tmp_path))
     assert installed(tmp_path / "t3", "demo_helper") == "demo-helper==1.2"
     ok(uv(url, tmp_path / "t4", "demo-app==1.0", tmp=tmp_path))
+    ok(pip(url, tmp_path / "s3", "src-only==1.0", tmp=tmp_path))
+    assert index.count("/packages/src_only-1.0.tar.gz") == 1
     # The sdist is listed and served like the wheels.
     page = d.get("/pypi/py/simple/demo-app/", headers={"Accept": JSON_TYPE})
     assert page.status == 200 and page.header("Vary") == "Accept"

@@ -75,13 +75,59 @@ def wheel(name: str, version: str, *, requires: tuple[str, ...] = (), requires_p
     return Dist(f"{mod}-{version}-py3-none-any.whl", out.getvalue(), meta, requires_python, yanked)
 
 
+# An in-tree PEP 517 backend with no build requirements: pip and uv build the
+# sdist offline (setuptools would want the wheel package, and isolation a download).
+_BACKEND = """\
+import base64, hashlib, os, zipfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+NAME, VERSION, MOD = {name!r}, {version!r}, {mod!r}
+DIST_INFO = MOD + "-" + VERSION + ".dist-info"
+
+
+def _metadata():
+    with open(os.path.join(HERE, "PKG-INFO"), "rb") as f:
+        return f.read()
+
+
+def get_requires_for_build_wheel(config_settings=None):
+    return []
+
+
+def prepare_metadata_for_build_wheel(metadata_directory, config_settings=None):
+    os.makedirs(os.path.join(metadata_directory, DIST_INFO))
+    with open(os.path.join(metadata_directory, DIST_INFO, "METADATA"), "wb") as f:
+        f.write(_metadata())
+    return DIST_INFO
+
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    with open(os.path.join(HERE, MOD, "__init__.py"), "rb") as f:
+        files = {{MOD + "/__init__.py": f.read()}}
+    files[DIST_INFO + "/METADATA"] = _metadata()
+    files[DIST_INFO + "/WHEEL"] = b"Wheel-Version: 1.0\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n"
+    record = []
+    for path, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(path + ",sha256=" + digest + "," + str(len(data)))
+    files[DIST_INFO + "/RECORD"] = ("\\n".join(record + [DIST_INFO + "/RECORD,,"]) + "\\n").encode()
+    name = MOD + "-" + VERSION + "-py3-none-any.whl"
+    with zipfile.ZipFile(os.path.join(wheel_directory, name), "w") as z:
+        for path, data in files.items():
+            z.writestr(path, data)
+    return name
+"""
+
+
 def sdist(name: str, version: str) -> Dist:
+    """An sdist that builds (offline, no build requirements) into a wheel whose ``VALUE`` says "(sdist)"."""
     mod = name.replace("-", "_").lower()
     root = f"{mod}-{version}"
     files = {
         f"{root}/PKG-INFO": metadata_text(name, version),
-        f"{root}/pyproject.toml": b'[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n',
-        f"{root}/setup.cfg": f"[metadata]\nname = {name}\nversion = {version}\n[options]\npackages = {mod}\n".encode(),
+        f"{root}/pyproject.toml": (b'[build-system]\nrequires = []\nbuild-backend = "sdist_backend"\n'
+                                   b'backend-path = ["."]\n'),
+        f"{root}/sdist_backend.py": _BACKEND.format(name=name, version=version, mod=mod).encode(),
         f"{root}/{mod}/__init__.py": f"VALUE = {f'{name}=={version} (sdist)'!r}\n".encode(),
     }
     out = io.BytesIO()
