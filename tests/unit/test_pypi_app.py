@@ -317,3 +317,17 @@ async def test_oversize_upload_refused(harness_factory: MakeHarness) -> None:
                                                    "Authorization": "Bearer t0k"})
     assert resp.status == 413 and resp.header("Content-Type") == "application/json"
     assert await h.store.list("internal") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_pages_answer_conditional_requests(h: Harness) -> None:
+    publish(h.upstream, "demo", [wheel("demo", "1.0")])
+    first = await h.get("/pypi/py/simple/demo/", {"Accept": JSON_TYPE})
+    etag = first.header("ETag")
+    assert etag and first.header("Vary") == "Accept"
+    again = await h.get("/pypi/py/simple/demo/", {"Accept": JSON_TYPE, "If-None-Match": etag})
+    assert again.status == 304 and again.body == b""
+    html = await h.get("/pypi/py/simple/demo/", {"If-None-Match": etag})
+    assert html.status == 200 and html.header("ETag") != etag
+    head = await h.head("/pypi/py/simple/demo/")
+    assert head.status == 200 and head.body == b"" and int(head.header("Content-Length")) == len(html.body)

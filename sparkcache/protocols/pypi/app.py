@@ -8,7 +8,6 @@ redirects (301) to the normalized URL; errors are JSON, never HTML.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any
 
@@ -157,7 +156,8 @@ class PypiApp:
             if member.type == LOCAL:
                 names.update(await self.local.projects(member))
         self.ctx.metrics.form(remote.name, "page", "hit")
-        return self._page_body(request, pages.render_root(names, form), ctype, "HIT")
+        body = pages.render_root(names, form)
+        return self._page_body(request, body, pages.etag(body), ctype, "HIT")
 
     async def project_page(self, request: Any, remote: RemoteConfig, name: str) -> Any:
         form, ctype = self._form(request)
@@ -186,10 +186,11 @@ class PypiApp:
         files_base = f"{base}/files/{name}"
         if isinstance(what, pages.Page):
             self.ctx.metrics.form(remote.name, "page", "hit")
-            return self._page_body(request, pages.render(what, form, files_base), ctype, "HIT")
+            body = pages.render(what, form, files_base)  # a local project's: small
+            return self._page_body(request, body, pages.etag(body), ctype, "HIT")
         assert isinstance(what, Hit)
         try:
-            body = await self.indexes[member.name].rendered(what.entry, name, form, files_base)
+            body, etag = await self.indexes[member.name].rendered(what.entry, name, form, files_base)
         except CancelledError:
             raise
         except TooLarge:
@@ -203,10 +204,9 @@ class PypiApp:
             raise HTTPError(502, f"the stored upstream page of {name!r} is not a page: {e}") from None
         self.ctx.metrics.form(remote.name, "page", what.state.lower())
         self.ctx.metrics.response(remote.name, what.state.lower())
-        return self._page_body(request, body, ctype, what.state)
+        return self._page_body(request, body, etag, ctype, what.state)
 
-    def _page_body(self, request: Any, body: bytes, ctype: str, state: str) -> bytes:
-        etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+    def _page_body(self, request: Any, body: bytes, etag: str, ctype: str, state: str) -> bytes:
         request.setHeader(b"Vary", b"Accept")
         request.setHeader(b"X-Cache", state.encode())
         request.setHeader(b"Cache-Control", b"max-age=0, must-revalidate")

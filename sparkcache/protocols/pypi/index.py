@@ -215,13 +215,18 @@ class PypiIndex(IndexRemote):
             return Hit(stale, "STALE")
         return failed
 
-    def rendered(self, entry: Entry, project: str, form: str, files_base: str) -> Deferred[bytes]:
-        """The stored page ``entry`` as clients get it (computed once per body, form and base)."""
+    def rendered(self, entry: Entry, project: str, form: str, files_base: str) -> Deferred[tuple[bytes, str]]:
+        """The stored page ``entry`` as clients get it, and its ETag (computed
+        once per body, form and base, in the worker thread)."""
         page_url = self.page_url(project)
         ctype = entry.content_type
-        return self.derived.get(
-            f"page:{self.remote.name}:{form}", entry, f"{project}\0{files_base}", self.max_body,
-            lambda body: pages.convert(body, ctype, page_url, project, form, files_base), len)
+
+        def derive(body: bytes) -> tuple[bytes, str]:
+            out = pages.convert(body, ctype, page_url, project, form, files_base)
+            return out, pages.etag(out)
+
+        return self.derived.get(f"page:{self.remote.name}:{form}", entry, f"{project}\0{files_base}",
+                                self.max_body, derive, lambda v: len(v[0]) + 100)
 
     def links(self, entry: Entry, project: str) -> Deferred[dict[str, pages.Link]]:
         """{filename: Link} of the stored page ``entry`` (parsed once per body)."""

@@ -16,6 +16,7 @@ no Twisted, no I/O.
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import time
@@ -329,6 +330,11 @@ def render_json(page: Page, files_base: str) -> bytes:
         meta["api-version"] = "1.0"
     doc.update({k: v for k, v in page.keys.items() if k not in doc})
     return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def etag(body: bytes) -> str:
+    """The ETag of a rendered page."""
+    return '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
 
 
 def render(page: Page, form: str, files_base: str) -> bytes:
