@@ -331,3 +331,11 @@ async def test_pages_answer_conditional_requests(h: Harness) -> None:
     assert html.status == 200 and html.header("ETag") != etag
     head = await h.head("/pypi/py/simple/demo/")
     assert head.status == 200 and head.body == b"" and int(head.header("Content-Length")) == len(html.body)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_file_whose_page_is_unavailable_is_a_502(h: Harness) -> None:
+    h.upstream.behave("/simple/demo/", status=503)
+    resp = await h.get("/pypi/py/files/demo/demo-1.0-py3-none-any.whl")
+    assert resp.status == 502 and resp.header("Content-Type") == "application/json"
+    assert h.upstream.count("/packages/demo-1.0-py3-none-any.whl") == 0

@@ -41,6 +41,7 @@ from sparkcache.protocols._index import DerivedCache, IndexRemote, TooLarge
 from sparkcache.protocols.pypi import pages
 from sparkcache.protocols.pypi.names import METADATA_SUFFIX
 from sparkcache.store import Entry, SpoolFile
+from sparkcache.web.errors import HTTPError
 
 if TYPE_CHECKING:
     from sparkcache.context import Context
@@ -248,6 +249,9 @@ class PypiIndex(IndexRemote):
             if found is not None:
                 return found
         result = await self.page(project, "json")
+        if isinstance(result, Failed) and result.status != 404:
+            # Not "no such file": the page that would say cannot be had now.
+            raise HTTPError(result.status, f"the page of {project!r} is unavailable: {result.message}")
         return await self._lookup(result.entry, project, filename) if isinstance(result, Hit) else None
 
     async def _lookup(self, entry: Entry | None, project: str, filename: str) -> pages.Link | None:
