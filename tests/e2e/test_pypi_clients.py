@@ -5,9 +5,7 @@ file refused, and pypiserver (HTML only) as the upstream."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,60 +14,9 @@ import pytest
 
 from tests.support.client import request
 from tests.support.daemon import free_port
+from tests.support.pypi_clients import JSON_TYPE, index, installed, ok, pip, tool, uv  # noqa: F401
 from tests.support.pypi_packages import sdist, sha256, wheel
 from tests.support.pypi_upstream import IndexUpstream
-from tests.support.tools import require_tool
-
-BIN = Path(sys.executable).parent
-JSON_TYPE = "application/vnd.pypi.simple.v1+json"
-
-
-def tool(name: str) -> str:
-    """A client from this virtualenv (where setup.cfg installs it), else from PATH."""
-    local = BIN / name
-    return str(local) if local.exists() else require_tool(name)
-
-
-def client_env(tmp: Path) -> dict[str, str]:
-    """No PIP_*/UV_* settings, proxies or user config of this machine reach the clients."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PIP_", "UV_", "PYTHON")) and k.lower() not in ("http_proxy", "https_proxy",
-                                                                               "all_proxy", "no_proxy")}
-    home = tmp / "home"
-    home.mkdir(exist_ok=True)
-    env.update(HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"), PYTHONNOUSERSITE="1")
-    return env
-
-
-def pip(index_url: str, target: Path, *args: str, tmp: Path) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "pip", "install", "--isolated", "--disable-pip-version-check", "--no-cache-dir",
-           "--no-input", "--index-url", index_url, "--target", str(target), *args]
-    return subprocess.run(cmd, env=client_env(tmp), capture_output=True, text=True, timeout=120,
-                          stdin=subprocess.DEVNULL)
-
-
-def uv(index_url: str, target: Path, *args: str, tmp: Path) -> subprocess.CompletedProcess[str]:
-    cmd = [tool("uv"), "pip", "install", "--no-config", "--no-cache", "--python", sys.executable,
-           "--index-url", index_url, "--target", str(target), *args]
-    return subprocess.run(cmd, env=client_env(tmp), capture_output=True, text=True, timeout=120,
-                          stdin=subprocess.DEVNULL)
-
-
-def ok(proc: subprocess.CompletedProcess[str]) -> None:
-    assert proc.returncode == 0, f"{proc.args}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-
-
-def installed(target: Path, module: str) -> str:
-    text = (target / module / "__init__.py").read_text()
-    return text.split("=", 1)[1].strip().strip("'\"")
-
-
-@pytest.fixture
-def index() -> Any:
-    up = IndexUpstream(json=True).start()
-    yield up
-    up.stop()
-
 
 def test_cold_then_warm_with_the_upstream_stopped(index: IndexUpstream, daemon_factory: Any, tmp_path: Path) -> None:
     app, helper = wheel("demo-app", "1.0", requires=("demo-helper>=1",)), wheel("demo-helper", "1.2")

@@ -5,34 +5,16 @@ upstream's package of the same name (even its higher versions) is invisible."""
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from tests.e2e.test_pypi_clients import JSON_TYPE, client_env, installed, ok, pip, tool, uv
+from tests.support.pypi_clients import JSON_TYPE, index, installed, ok, pip, twine, uv  # noqa: F401
 from tests.support.pypi_packages import sdist, wheel
 from tests.support.pypi_upstream import IndexUpstream
 
 WRITE, READ = "pypi-wr-5e1d0a2c", "pypi-rd-90b7f3aa"
 AUTH = {"anonymous_read": True, "tokens": [{"name": "ci", "token": WRITE, "scopes": ["read", "write"]},
                                            {"name": "ro", "token": READ, "scopes": ["read"]}]}
-
-
-def twine(url: str, token: str, files: list[Path], tmp: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in client_env(tmp).items() if not k.startswith("TWINE_")}
-    env["PYTHON_KEYRING_BACKEND"] = "keyring.backends.null.Keyring"
-    cmd = [tool("twine"), "upload", "--repository-url", url, "-u", "__token__", "-p", token, "--non-interactive",
-           "--disable-progress-bar", *map(str, files)]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
-
-
-@pytest.fixture
-def index() -> Any:
-    up = IndexUpstream(json=True).start()
-    yield up
-    up.stop()
 
 
 def test_twine_upload_shadows_the_public_name(index: IndexUpstream, daemon_factory: Any, tmp_path: Path) -> None:
