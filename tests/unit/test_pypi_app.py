@@ -339,3 +339,18 @@ async def test_a_file_whose_page_is_unavailable_is_a_502(h: Harness) -> None:
     resp = await h.get("/pypi/py/files/demo/demo-1.0-py3-none-any.whl")
     assert resp.status == 502 and resp.header("Content-Type") == "application/json"
     assert h.upstream.count("/packages/demo-1.0-py3-none-any.whl") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_tampered_metadata_refused(h: Harness) -> None:
+    w = wheel("demo", "1.0")
+    publish(h.upstream, "demo", [w])
+    h.upstream.add(f"/packages/{w.filename}.metadata", b"Metadata-Version: 2.1\nName: evil\n")
+    resp = await h.get(f"/pypi/py/files/demo/{w.filename}.metadata")
+    assert resp.status != 200 or resp.body != w.metadata
+    await h.settle()
+    assert await h.store.index.get(f"py:files/demo/{w.filename}.metadata") is None
+    # A file whose page offers no metadata has none here either.
+    publish(h.upstream, "plain", [Dist("plain-1.0.tar.gz", b"sdist bytes")])
+    resp = await h.get("/pypi/py/files/plain/plain-1.0.tar.gz.metadata")
+    assert resp.status == 404 and h.upstream.count("/packages/plain-1.0.tar.gz.metadata") == 0

@@ -14,11 +14,14 @@ never changes.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
+
+from twisted.internet.defer import CancelledError
 
 from sparkcache.config import RemoteConfig
 from sparkcache.fetch import Target
 from sparkcache.fetch.flight import BodyError
+from sparkcache.fetch.produce import shield
 from sparkcache.protocols._index import Runner
 from sparkcache.protocols.pypi import pages
 from sparkcache.protocols.pypi.index import file_path
@@ -99,15 +102,10 @@ class LocalProjects:
                 parse_upload(f, boundary, lambda: content, upload)
 
         try:
-            await self.run(parse)
+            await self._in_worker(parse, content, body)
         except BadUpload as e:
-            self._discard(content)
             raise HTTPError(400, str(e)) from None
-        except BaseException:
-            self._discard(content)
-            raise
-        finally:
-            store.discard(body)
+        store.discard(body)
         if upload.spool is None:
             self._discard(content)
         spool = upload.spool
@@ -188,13 +186,24 @@ class LocalProjects:
                 out.write(wheel_metadata(f, filename))
 
         try:
-            await self.run(extract)
-        except BaseException as e:
-            self._discard(out)
-            if isinstance(e, BadUpload):
-                raise HTTPError(400, str(e)) from None
-            raise
+            await self._in_worker(extract, out)
+        except BadUpload as e:
+            raise HTTPError(400, str(e)) from None
         return out
+
+    async def _in_worker(self, job: Callable[[], None], *spools: SpoolFile) -> None:
+        """Run ``job`` in the pool; when it fails, discard ``spools`` once it has
+        ended (a client that leaves cancels its handler, not the thread, which
+        may still be writing to them)."""
+        d = self.run(job)
+        try:
+            await shield(d)
+        except CancelledError:
+            d.addBoth(lambda _: self._discard(*spools))
+            raise
+        except BaseException:
+            self._discard(*spools)
+            raise
 
     async def _adopt(self, target: Target, spool: SpoolFile, headers: dict[str, str]) -> Entry:
         try:
@@ -202,6 +211,7 @@ class LocalProjects:
         except BodyError as e:
             raise HTTPError(500, f"upload not stored: {e}") from None
 
-    def _discard(self, spool: SpoolFile | None) -> None:
-        if spool is not None:
-            self.ctx.store.discard(spool)
+    def _discard(self, *spools: SpoolFile | None) -> None:
+        for spool in spools:
+            if spool is not None:
+                self.ctx.store.discard(spool)
