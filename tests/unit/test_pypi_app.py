@@ -354,3 +354,15 @@ async def test_tampered_metadata_refused(h: Harness) -> None:
     publish(h.upstream, "plain", [Dist("plain-1.0.tar.gz", b"sdist bytes")])
     resp = await h.get("/pypi/py/files/plain/plain-1.0.tar.gz.metadata")
     assert resp.status == 404 and h.upstream.count("/packages/plain-1.0.tar.gz.metadata") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_index_remote_hooks_name_the_digests(h: Harness) -> None:
+    w = wheel("demo", "1.0")
+    publish(h.upstream, "demo", [w], links="root")
+    assert (await h.get("/pypi/py/simple/demo/", {"Accept": JSON_TYPE})).status == 200
+    index = h.app(b"pypi").indexes["py"]
+    # The IndexRemote base finds them through indexes_listing/key/parse_digests, in either form.
+    assert await index.expected_digest(f"files/demo/{w.filename}") == w.sha256
+    assert await index.expected_digest(f"files/demo/{w.filename}.metadata") == sha256(w.metadata or b"")
+    assert await index.expected_digest("files/demo/other-1.0.tar.gz") is None
