@@ -40,6 +40,9 @@ TYPES = frozenset({PYPI, LOCAL, GROUP})
 CHALLENGE = 'Basic realm="sparkcache"'
 ERRORS = ErrorFormat(render_json, challenge=CHALLENGE, not_found="no such endpoint; see /pypi/<remote>/simple/")
 FILE_CACHE_CONTROL = {"Cache-Control": "max-age=31536000, immutable"}
+# Rendered pages and parsed links kept in memory: a CI fleet's working set of
+# projects fits, and the daemon stays small (the rest is rendered again).
+DERIVED_BYTES = 64 << 20
 _TOO_LARGE = Refuse(ERRORS, ErrorReply(413, f"upload larger than {MAX_UPLOAD} bytes"))
 
 
@@ -50,7 +53,7 @@ class PypiApp:
         self.ctx = ctx
         self.run = run
         self.max_path = ctx.config.server.max_path_length
-        self.derived = DerivedCache(ctx.store, run)
+        self.derived = DerivedCache(ctx.store, run, DERIVED_BYTES)
         self.remotes = {r.name: r for r in ctx.config.remotes.values() if r.type in TYPES}
         self.indexes = {r.name: PypiIndex(r, ctx, self.derived) for r in self.remotes.values() if r.type == PYPI}
         self.local = LocalProjects(ctx, run)

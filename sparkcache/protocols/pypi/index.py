@@ -235,7 +235,8 @@ class PypiIndex(IndexRemote):
         return self.derived.get(
             f"links:{self.remote.name}", entry, project, self.max_body,
             lambda body: pages.parse_page(body, ctype, page_url, project).by_filename(),
-            lambda links: sum(len(k) + len(v.url) + 300 for k, v in links.items()) + 64)
+            # A Link with its dicts is about a kilobyte of Python objects.
+            lambda links: sum(len(k) + len(v.url) + 1000 for k, v in links.items()) + 64)
 
     # -- files -------------------------------------------------------------------------------
 
