@@ -175,6 +175,8 @@ async def test_names_normalized_and_bad_input(h: Harness) -> None:
     assert resp.status == 301 and resp.header("Location") == "http://cache.test/pypi/py/simple/demo-thing/"
     resp = await h.get("/pypi/py/simple/demo")
     assert resp.status == 301 and resp.header("Location").endswith("/pypi/py/simple/demo/")
+    resp = await h.get("/pypi/py/simple/Demo/?format=application/vnd.pypi.simple.v1%2Bjson")
+    assert resp.header("Location").endswith("/pypi/py/simple/demo/?format=application/vnd.pypi.simple.v1%2Bjson")
     for bad in ("/pypi/py/simple/-bad-/", "/pypi/py/simple/a%2fb/", "/pypi/py/simple/../x/",
                 "/pypi/py/files/demo/..%2f..%2fetc", "/pypi/py/files/demo/.hidden", "/pypi/nope/simple/"):
         resp = await h.get(bad)

@@ -292,6 +292,9 @@ def _state(result: Result) -> str:
 
 
 def _redirect(request: Any, location: str) -> bytes:
+    query = bytes(request.uri).partition(b"?")[2].decode("latin-1")
+    if query and all(0x20 < ord(c) < 0x7f for c in query):
+        location += "?" + query  # ?format= chooses the form: kept
     request.setResponseCode(301)
     request.setHeader(b"Location", location.encode())
     return error_body(request, 301, f"moved to {location}", {"Location": location})
