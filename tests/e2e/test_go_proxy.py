@@ -162,3 +162,30 @@ def test_bad_input_is_a_plain_text_4xx_and_reaches_no_upstream(
     resp = d.get(path)
     assert 400 <= resp.status < 500 and resp.header("Content-Type") == "text/plain; charset=utf-8", resp.describe()
     assert upstream.requests == []
+
+
+def test_go_get_resolves_versions_latest_and_branch_queries_through_the_cache(
+        tmp_path: Path, upstream: Upstream, daemon_factory: Callable[..., Daemon]) -> None:
+    require_tool("go")
+    tree = proxy_tree(SAMPLE)
+    tree["example.com/greet/@v/master.info"] = tree["example.com/greet/@v/v1.1.0.info"]
+    serve_tree(upstream, "/goproxy", tree)
+    d = daemon_factory({"golang": go_remote(upstream, sumdb=False)})
+    for n in range(2):  # the second time on a fresh machine: answered from the cache, probes included
+        env = go_env(tmp_path / f"home{n}", d.url("/go/golang"))
+        app = tmp_path / f"app{n}"
+        app_module(app, {})
+        versions = go(["list", "-m", "-versions", "example.com/greet"], app, env).stdout.split()
+        assert versions == ["example.com/greet", "v1.0.0", "v1.1.0"], versions
+        go(["get", "example.com/greet@latest"], app, env)
+        assert "example.com/greet v1.1.0" in (app / "go.mod").read_text()
+        go(["get", "example.com/greet@master"], app, env)
+        assert "example.com/greet v1.1.0" in (app / "go.mod").read_text()
+        go(["get", "example.com/greet@v1.0.0"], app, env)
+        assert "example.com/greet v1.0.0" in (app / "go.mod").read_text()
+    # go probed the parent path of the module it looked for: 404s it took, remembered.
+    probes = [r.path for r in upstream.requests if r.path.startswith("/goproxy/example.com/@")]
+    assert "/goproxy/example.com/@v/list" in probes and len(probes) == len(set(probes)), upstream.describe()
+    assert all(r.status == 404 for r in upstream.requests if r.path in probes)
+    for tail in ("example.com/greet/@v/list", "example.com/greet/@v/master.info"):
+        assert upstream.count(f"/goproxy/{tail}") == 1, upstream.describe()
