@@ -26,13 +26,13 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET
 
 from sparkcache.auth import AuthError
-
 from sparkcache.config import RemoteConfig
 from sparkcache.context import Context
 from sparkcache.fetch import CacheRequest, Failed, Hit, Live, Result
 from sparkcache.fetch.flight import BodyError
 from sparkcache.protocols.go import modzip, paths, sumdb
 from sparkcache.protocols.go.paths import BadModulePath, ModuleRequest
+from sparkcache.store import Entry
 from sparkcache.web.errors import (ErrorFormat, ErrorReply, HTTPError, add_error_handling, guarded, refuse_path,
                                    set_headers)
 from sparkcache.web.paths import BadPath, split_raw_path, vet_request
@@ -102,7 +102,7 @@ class GoApp:
     def resource(self) -> IResource:
         return _Hits(self, guarded(self.app, TEXT, self.max_path))
 
-    def fresh_hit(self, request: Any, segments: list[str]) -> tuple[Any, str, ModuleRequest] | None:
+    def fresh_hit(self, request: Any, segments: list[str]) -> tuple[Entry, str, ModuleRequest] | None:
         """(entry, remote, request) for a GET/HEAD of a module file stored, fresh and in
         memory, that the caller may read; None for anything else (dispatch answers it)."""
         if request.method not in (b"GET", b"HEAD") or len(segments) < 4 or b"?" in request.uri:
