@@ -46,6 +46,9 @@ from sparkcache.store import Entry, SpoolFile, Store
 
 log = Logger()
 
+# Target.validate: (spool file path) -> None, raising BodyError to refuse the body.
+Validator = Callable[[str], None]
+
 # Headers worth replaying to later clients; hop-by-hop and per-response
 # headers (Date, Connection, Set-Cookie, signed redirect details) are not.
 KEEP_HEADERS = (
@@ -71,6 +74,10 @@ class Target:
     # Further digests the body must match, as (hashlib name, hex): npm's sha512
     # ``integrity``, a Maven ``.sha1``. Checked like expected_digest.
     checks: tuple[tuple[str, str], ...] = ()
+    # Checks the complete body's content before commit (a Go module zip's
+    # layout): called in the I/O pool with the spool file's path, it raises
+    # BodyError to refuse the body, which is then handled like a digest mismatch.
+    validate: Validator | None = None
 
 
 @dataclass(frozen=True)
@@ -90,10 +97,12 @@ class CacheRequest:
     # Tried in order after ``url`` when it fails in a way another copy may not
     # (unreachable, timeout, 5xx, 429): the same path on a remote's further upstreams.
     mirrors: tuple[str, ...] = ()
+    validate: Validator | None = None  # see Target.validate
 
     @property
     def target(self) -> Target:
-        return Target(self.key, self.remote.name, self.path, self.ttl, self.expected_digest, checks=self.checks)
+        return Target(self.key, self.remote.name, self.path, self.ttl, self.expected_digest, checks=self.checks,
+                      validate=self.validate)
 
 
 @dataclass
@@ -250,9 +259,9 @@ class Cache:
         except BaseException:
             self.store.discard(spool)
             raise
-        # A body with a digest to match (OCI blobs, npm tarballs) holds back its
-        # last byte until it matched, so a client never gets a whole bad body.
-        flight.hold_last = target.expected_digest is not None or bool(target.checks)
+        # A body with a digest to match (OCI blobs, npm tarballs) or content to
+        # validate holds back its last byte until it passed, so a client never gets a whole bad body.
+        flight.hold_last = target.expected_digest is not None or bool(target.checks) or target.validate is not None
         if spool.size == 0:  # an adopted upload is already written: hashed at the check
             for algorithm, _ in target.checks:
                 spool.also_hash(algorithm)
@@ -270,6 +279,8 @@ class Cache:
                     await self.store.in_io(spool.rehash, algorithm)
                 if got != want.lower():
                     raise BodyError(f"digest mismatch: expected {algorithm}:{want}, got {algorithm}:{got}")
+            if target.validate is not None:
+                await self.store.in_io(target.validate, spool.path)
             etag = body.headers.get("etag")
             entry = Entry(
                 key=key, remote=target.remote, path=target.path, status=200, digest=digest,

@@ -13,12 +13,13 @@ import os
 from typing import Any, Mapping, Sequence
 
 from sparkcache import config
-from sparkcache.protocols import generic, git, oci, pypi
+from sparkcache.protocols import generic, git, go, oci, pypi
 from sparkcache.protocols.base import ProtocolSpec, RemoteKind
 
 PROTOCOLS: tuple[ProtocolSpec, ...] = (
     generic.SPEC,
     git.SPEC,
+    go.SPEC,
     oci.SPEC,
     pypi.SPEC,
 )
