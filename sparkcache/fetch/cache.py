@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Awaitable, Callable, Union
+from typing import Any, Awaitable, BinaryIO, Callable, Union
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
@@ -46,8 +46,9 @@ from sparkcache.store import Entry, SpoolFile, Store
 
 log = Logger()
 
-# Target.validate: (spool file path) -> None, raising BodyError to refuse the body.
-Validator = Callable[[str], None]
+# Target.validate: (the complete body as a seekable, read-only binary file) ->
+# None, raising BodyError to refuse the body.
+Validator = Callable[[BinaryIO], None]
 
 # Headers worth replaying to later clients; hop-by-hop and per-response
 # headers (Date, Connection, Set-Cookie, signed redirect details) are not.
@@ -75,7 +76,7 @@ class Target:
     # ``integrity``, a Maven ``.sha1``. Checked like expected_digest.
     checks: tuple[tuple[str, str], ...] = ()
     # Checks the complete body's content before commit (a Go module zip's
-    # layout): called in the I/O pool with the spool file's path, it raises
+    # layout): called in the I/O pool with the spool as a read-only file, it raises
     # BodyError to refuse the body, which is then handled like a digest mismatch.
     validate: Validator | None = None
 
@@ -280,7 +281,7 @@ class Cache:
                 if got != want.lower():
                     raise BodyError(f"digest mismatch: expected {algorithm}:{want}, got {algorithm}:{got}")
             if target.validate is not None:
-                await self.store.in_io(target.validate, spool.path)
+                await self.store.in_io(_validate, spool, target.validate)
             etag = body.headers.get("etag")
             entry = Entry(
                 key=key, remote=target.remote, path=target.path, status=200, digest=digest,
@@ -434,6 +435,12 @@ class Upstream(Source):
         challenge = _header(response, "www-authenticate")
         return Failed(code if 400 <= code < 500 else 502, f"upstream answered {code}",
                       headers={"www-authenticate": challenge} if challenge else {})
+
+
+def _validate(spool: SpoolFile, validate: Validator) -> None:
+    """Blocking (the I/O pool): run ``validate`` over the spool's bytes."""
+    with spool.reader() as f:
+        validate(f)  # type: ignore[arg-type]  # SpoolReader is a binary file in all but name
 
 
 def _header(response: IResponse, name: str) -> str | None:

@@ -96,21 +96,19 @@ def read_zip(f: IO[bytes], size: int, module: str, version: str) -> bytes | None
         return data
 
 
-def check_zip(path: str, module: str, version: str, stored_mod: bytes | None) -> None:
-    """The engine's validate hook for a ``.zip`` spooled at ``path``."""
-    with open(path, "rb") as f:
-        size = f.seek(0, io.SEEK_END)
-        f.seek(0)
-        gomod = read_zip(f, size, module, version)
+def check_zip(f: IO[bytes], module: str, version: str, stored_mod: bytes | None) -> None:
+    """The engine's validate hook for a ``.zip`` (``f``: the complete body)."""
+    size = f.seek(0, io.SEEK_END)
+    f.seek(0)
+    gomod = read_zip(f, size, module, version)
     if stored_mod is not None and gomod is not None and gomod != stored_mod and not version.endswith("+incompatible"):
         raise BodyError(f"the zip's go.mod differs from the stored {module}@{version}.mod")
 
 
-def check_mod(path: str, module: str, version: str, zip_gomod: bytes | None) -> None:
-    """The validate hook for a ``.mod`` spooled at ``path``; ``zip_gomod`` is the
-    go.mod of the version's stored zip (:func:`stored_gomod`), or None."""
-    with open(path, "rb") as f:
-        data = f.read(MAX_GO_MOD + 1)
+def check_mod(f: IO[bytes], module: str, version: str, zip_gomod: bytes | None) -> None:
+    """The validate hook for a ``.mod`` (``f``: the complete body); ``zip_gomod``
+    is the go.mod of the version's stored zip (:func:`stored_gomod`), or None."""
+    data = f.read(MAX_GO_MOD + 1)
     if len(data) > MAX_GO_MOD:
         raise BodyError(f"go.mod is larger than {MAX_GO_MOD} bytes")
     if zip_gomod is not None and zip_gomod != data and not version.endswith("+incompatible"):
