@@ -74,7 +74,8 @@ def publish_body(name: str, version: str, data: bytes, registry: str = "http://c
     del v["dist"]["signatures"]
     return {"_id": name, "name": name, "description": "test", "dist-tags": {"latest": version},
             "versions": {version: v}, "readme": "",
-            "_attachments": {file: {"content_type": "application/octet-stream",
+            # npm names the attachment after the full name: @scope/name-1.0.0.tgz.
+            "_attachments": {f"{name}-{version}.tgz": {"content_type": "application/octet-stream",
                                     "data": base64.b64encode(data).decode(), "length": len(data)}}}
 
 

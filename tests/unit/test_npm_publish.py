@@ -162,7 +162,7 @@ def _bad_base64() -> dict[str, Any]:
 
 @pytest.mark.parametrize("make,status,words", [
     (_tampered, 400, "integrity"), (_mismatched_name, 400, "URL names"), (_no_attachment, 400, "no tarball"),
-    (_traversal_attachment, 400, "invalid attachment"), (_bad_base64, 400, "base64"),
+    (_traversal_attachment, 400, "invalid attachment name"), (_bad_base64, 400, "base64"),
 ])
 @pytest_twisted.ensureDeferred
 async def test_malformed_publishes_are_refused_and_store_nothing(h: Harness, make: Any, status: int,

@@ -83,7 +83,9 @@ def parse_publish(raw: bytes, name: str) -> Publication:
         raise PublishError(400, "the body has no versions")
     if not isinstance(attachments, dict) or not attachments:
         raise PublishError(400, "the body has no tarball in _attachments (unpublish and deprecate are not supported)")
-    by_file: dict[str, dict[str, Any]] = {}
+    # npm names an attachment <name>-<version>.tgz (@scope/name-1.0.0.tgz for a scoped
+    # package); other clients use the tarball's file name.
+    by_attachment: dict[str, dict[str, Any]] = {}
     for v, meta in versions.items():
         if not isinstance(meta, dict) or meta.get("version") != v or not _VERSION.fullmatch(v):
             raise PublishError(400, f"version {str(v)[:60]!r} is not a valid version document")
@@ -92,14 +94,16 @@ def parse_publish(raw: bytes, name: str) -> Publication:
         dist = meta.get("dist")
         if not isinstance(dist, dict) or not isinstance(dist.get("tarball"), str):
             raise PublishError(400, f"version {v} has no dist.tarball")
-        by_file[dist["tarball"].rpartition("/")[2]] = meta
+        by_attachment[f"{name}-{v}.tgz"] = meta
+        by_attachment.setdefault(dist["tarball"].rpartition("/")[2], meta)
     out = Publication(doc)
-    for file, att in attachments.items():
-        if not isinstance(file, str) or not names._FILE.fullmatch(file) or file.startswith("."):
-            raise PublishError(400, f"invalid attachment name {str(file)[:80]!r}")
-        meta = by_file.pop(file, None)
+    for key, att in attachments.items():
+        meta = by_attachment.get(key) if isinstance(key, str) else None
         if meta is None:
-            raise PublishError(400, f"attachment {file} belongs to no version in the body")
+            raise PublishError(400, f"invalid attachment name {str(key)[:80]!r}: it belongs to no version in the body")
+        file = f"{name.rpartition('/')[2]}-{meta['version']}.tgz"
+        if not names._FILE.fullmatch(file) or file in out.tarballs:
+            raise PublishError(400, f"invalid attachment {str(key)[:80]!r}")
         data_b64 = att.get("data") if isinstance(att, dict) else None
         if not isinstance(data_b64, str):
             raise PublishError(400, f"attachment {file} has no data")
@@ -129,8 +133,9 @@ def parse_publish(raw: bytes, name: str) -> Publication:
             raise PublishError(400, f"version {meta['version']} has neither dist.integrity nor dist.shasum")
         dist["tarball"] = f"{LOCAL_BASE}/{names.url_name(name)}/-/{file}"
         out.tarballs[file] = (data, tuple(checks))
-    if by_file:
-        raise PublishError(400, f"no tarball attached for {', '.join(sorted(m['version'] for m in by_file.values()))}")
+    if len(out.tarballs) != len(versions):
+        attached = {f"{name.rpartition('/')[2]}-{v}.tgz" for v in versions}
+        raise PublishError(400, f"no tarball attached for {', '.join(sorted(attached - set(out.tarballs)))}")
     return out
 
 
