@@ -191,6 +191,9 @@ def every_remote_type() -> dict[str, Any]:
             if kind.needs_upstream:
                 # Never contacted: every request here fails before any fetch.
                 remote["upstream"] = "http://127.0.0.1:9"
+            if kind.name.endswith("-group"):
+                # A group (sparkcache.protocols._group) of its protocol's other remotes.
+                remote["members"] = [f"r-{k.name}" for k in spec.remote_types if not k.name.endswith("-group")]
             remotes[f"r-{kind.name}"] = remote
     return remotes
 

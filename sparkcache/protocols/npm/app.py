@@ -135,11 +135,11 @@ class _Front(Resource):
 
     def render(self, request: Any) -> Any:
         try:
-            request.npm_route = self.app.locate(request)
+            self.app.locate(request)
         except BadPath as e:
             return refuse_path(request, e, JSON)
-        except HTTPError as e:
-            return error_body(request, e.status, e.message)
+        except HTTPError:
+            pass  # answered by the app's dispatch, which locates again
         return self.routed.render(request)
 
 
@@ -177,10 +177,10 @@ class NpmApp:
         segments = names.raw_segments(request.uri, self.max_path)
         if len(segments) < 2:
             raise HTTPError(404, "no remote named; use /npm/<remote>/")
-        try:
-            remote_name = segments[1].decode("utf-8")
-        except UnicodeDecodeError:
-            raise BadPath("path is not valid UTF-8") from None
+        # Vetted whole before anything is looked up: Klein would answer a bad one in HTML.
+        remote_name, *_ = [names.decode_segment(s) for s in segments[1:]]
+        if "/" in remote_name:
+            raise BadPath("encoded path separators are not allowed in a remote's name")
         remote = self.ctx.config.remotes.get(remote_name)
         if remote is None:
             raise HTTPError(404, f"unknown remote {remote_name[:80]!r}")
@@ -212,7 +212,7 @@ class NpmApp:
 
     @app.route("/", branch=True, methods=["GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "PATCH"])
     async def dispatch(self, request: Any) -> Any:
-        remote, route = request.npm_route
+        remote, route = self.locate(request)
         method = request.method
         read = method in (b"GET", b"HEAD")
         if route.kind == "special":

@@ -68,7 +68,8 @@ def url_name(name: str) -> str:
     return quote(name, safe="@/")
 
 
-def _decode(seg: bytes) -> str:
+def decode_segment(seg: bytes) -> str:
+    """One raw segment percent-decoded once; BadPath for what no registry path holds."""
     try:
         text = unquote_to_bytes(seg).decode("utf-8")
     except UnicodeDecodeError:
@@ -94,7 +95,7 @@ def parse(segments: Sequence[bytes]) -> Route:
     """The Route of the raw segments after ``/npm/<remote>/``."""
     if not segments:
         return Route("root")
-    decoded = [_decode(s) for s in segments]
+    decoded = [decode_segment(s) for s in segments]
     if decoded[0] == "-":
         rest = tuple(decoded[1:])
         if len(rest) >= 2 and rest[0] == "package":
