@@ -237,3 +237,33 @@ async def test_writes_to_a_cache_remote_are_refused(h: Harness) -> None:
 
 def test_integrity_of_a_made_tarball_is_stable() -> None:
     assert integrity(make_tarball("a", "1.0.0")) == integrity(make_tarball("a", "1.0.0"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_large_packument_is_inflated_as_it_is_sent_to_clients_without_gzip(h: Harness,
+                                                                                    up: NpmMemoryUpstream) -> None:
+    for i in range(600):
+        up.publish("big", f"1.0.{i}")
+    upstream_body = up.files["/big"].data
+    assert len(upstream_body) > 256 << 10
+    want = upstream_body.replace(UPSTREAM.encode() + b"/big/-/", b"http://cache.test/npm/npm/big/-/")
+    gz = await h.get("/npm/npm/big", {"Accept": FULL, "Accept-Encoding": "gzip"})
+    assert gzip.decompress(gz.body) == want
+    plain = await h.get("/npm/npm/big", {"Accept": FULL})
+    assert plain.header("Content-Encoding") is None and plain.body == want
+    head = await h.head("/npm/npm/big", {"Accept": FULL})
+    assert head.status == 200 and head.body == b""
+    # The tarballs of the large packument are found too.
+    tgz = await h.get("/npm/npm/big/-/big-1.0.599.tgz")
+    assert tgz.status == 200 and tgz.body == up.tarballs[("big", "1.0.599")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_conditional_requests_from_clients_get_304(h: Harness) -> None:
+    first = await h.get("/npm/npm/left-pad", {"Accept": FULL})
+    etag = first.header("ETag")
+    assert etag
+    again = await h.get("/npm/npm/left-pad", {"Accept": FULL, "If-None-Match": etag})
+    assert again.status == 304 and again.body == b""
+    abbr = await h.get("/npm/npm/left-pad", {"Accept": PNPM_ACCEPT, "If-None-Match": etag})
+    assert abbr.status == 200  # another form, another tag

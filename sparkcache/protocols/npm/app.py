@@ -35,7 +35,7 @@ from sparkcache.protocols.npm import NPM_TYPES, options_of
 from sparkcache.protocols.npm import names
 from sparkcache.protocols.npm.names import Route
 from sparkcache.protocols.npm.packument import (
-    ABBREVIATED_TYPE, FULL_TYPE, NotJSON, Rendered, Tarball, abbreviate, check_json, decoded, render, tarballs,
+    ABBREVIATED_TYPE, FULL_TYPE, NotJSON, Rendered, Tarball, abbreviate, check_json, check_json_file, decoded, render, tarballs,
 )
 from sparkcache.protocols.npm.publish import MAX_PUBLISH, MAX_TAG_BODY, Publisher, local_key
 from sparkcache.store import Entry
@@ -44,7 +44,7 @@ from sparkcache.web.errors import JSON, ErrorReply, HTTPError, add_error_handlin
 from sparkcache.web.paths import BadPath
 from sparkcache.web.proxy import pass_through
 from sparkcache.web.respond import respond
-from sparkcache.web.serve import error_body, header
+from sparkcache.web.serve import error_body, header, send_generated
 from sparkcache.web.urls import public_base
 
 log = Logger()
@@ -107,12 +107,14 @@ class _CheckedPackument(Upstream):
             await flight.flushed()
             if flight.written > MAX_PACKUMENT:
                 raise BodyError(f"the packument is over {MAX_PACKUMENT} bytes")
-            spool = flight.spool
+            spool, size = flight.spool, flight.written
 
             def check() -> None:
                 with spool.reader() as f:
-                    body = f.read(MAX_PACKUMENT + 1)
-                check_json(decoded(body, headers, MAX_PACKUMENT))
+                    if headers.get("content-encoding"):
+                        check_json(decoded(f.read(MAX_PACKUMENT + 1), headers, MAX_PACKUMENT))
+                    else:
+                        check_json_file(f, size)
 
             try:
                 await self.run(check)
@@ -339,7 +341,7 @@ class NpmApp:
                                 lambda r: r.weight)
 
     async def send_packument(self, request: Any, member: RemoteConfig, name: str, form: str, hit: Hit,
-                             asked: RemoteConfig) -> bytes:
+                             asked: RemoteConfig) -> bytes | None:
         entry, state = hit.entry, hit.state
         metrics = self.ctx.metrics
         base = public_base(request, self.ctx.config.server.public_url)
@@ -372,15 +374,23 @@ class NpmApp:
         if inm and etag in [t.strip() for t in inm.split(",")]:
             request.setResponseCode(304)
             return b""
+        count = metrics.bytes_counter(asked.name, "cache")
         if accepts_gzip(header(request, b"accept-encoding")):
             request.setHeader(b"Content-Encoding", b"gzip")
             body = out.gz
+        elif out.identity is not None:
+            body = out.identity
         else:
-            body = out.identity if out.identity is not None else await self.run(out.plain)
+            # Inflated as it is sent, with backpressure: never the whole document in memory again.
+            request.setHeader(b"Content-Length", str(out.size).encode())
+            if request.method == b"HEAD":
+                return b""
+            await send_generated(request, out.inflater(), out.size, count)
+            return None
         request.setHeader(b"Content-Length", str(len(body)).encode())
         if request.method == b"HEAD":
             return b""
-        metrics.bytes_counter(asked.name, "cache")(len(body))
+        count(len(body))
         return body
 
     async def dist_tags(self, remote: RemoteConfig, name: str) -> Any:
