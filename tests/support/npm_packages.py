@@ -19,10 +19,27 @@ import tarfile
 from typing import Any
 from urllib.parse import quote
 
+from tests.support.client import Response
 from tests.support.memory_upstream import MemoryUpstream
 
 ABBREVIATED = "application/vnd.npm.install-v1+json"
 ABBREVIATED_SUFFIX = "?form=abbreviated"
+
+
+def packument_of(resp: Response) -> Any:
+    """The JSON document of a 200 packument response (gzipped or not)."""
+    assert resp.status == 200, resp.describe()
+    body = gzip.decompress(resp.body) if resp.header("Content-Encoding") == "gzip" else resp.body
+    return json.loads(body)
+
+
+def npm_error(resp: Response, status: int) -> str:
+    """The message of an error answered in npm's JSON (and that it is one)."""
+    assert resp.status == status, resp.describe()
+    assert resp.header("Content-Type") == "application/json", resp.describe()
+    message = json.loads(resp.body)["error"]
+    assert isinstance(message, str)
+    return message
 
 
 def make_tarball(name: str, version: str, dependencies: dict[str, str] | None = None,

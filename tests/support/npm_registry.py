@@ -158,7 +158,8 @@ def install(client: str, app: Path, registry: str, home: Path, check: bool = Tru
     elif client == "yarn":
         (home / ".yarnrc").write_text(f'registry "{registry}"\n')
         cmd = [exe, "install", "--registry", registry, "--cache-folder", str(home / "yarn-cache"),
-               "--no-lockfile", "--non-interactive", "--network-timeout", "60000", "--use-yarnrc", str(home / ".yarnrc")]
+               "--no-lockfile", "--non-interactive", "--network-timeout", "60000",
+               "--use-yarnrc", str(home / ".yarnrc")]
     else:
         raise ValueError(client)
     if not check:

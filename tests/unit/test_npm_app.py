@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 import pytest_twisted
 
-from tests.support.client import Response
 from tests.support.harness import UPSTREAM, Harness, MakeHarness, harness_factory  # noqa: F401
-from tests.support.npm_packages import ABBREVIATED, NpmMemoryUpstream, integrity, make_tarball
+from tests.support.npm_packages import (
+    ABBREVIATED, NpmMemoryUpstream, integrity, make_tarball, npm_error, packument_of as doc,
+)
 
 FULL = "application/json"
 PNPM_ACCEPT = "application/vnd.npm.install-v1+json; q=1.0, application/json; q=0.8, */*"
@@ -36,18 +37,6 @@ def h(harness_factory: MakeHarness, up: NpmMemoryUpstream) -> Harness:
     return pytest_twisted.blockon(harness_factory(CONFIG, upstream=up))
 
 
-def doc(resp: Response) -> Any:
-    assert resp.status == 200, resp.describe()
-    body = gzip.decompress(resp.body) if resp.header("Content-Encoding") == "gzip" else resp.body
-    return json.loads(body)
-
-
-def npm_error(resp: Response, status: int) -> str:
-    assert resp.status == status, resp.describe()
-    assert resp.header("Content-Type") == "application/json", resp.describe()
-    message = json.loads(resp.body)["error"]
-    assert isinstance(message, str)
-    return message
 
 
 @pytest_twisted.ensureDeferred
@@ -79,7 +68,8 @@ async def test_tarball_urls_point_here_and_digests_are_untouched(h: Harness, up:
     want = up.docs["@team/util"]["versions"]["2.0.0"]["dist"]
     assert {k: v for k, v in dist.items() if k != "tarball"} == {k: v for k, v in want.items() if k != "tarball"}
     # Everything but the URLs is byte-for-byte upstream's.
-    raw = json.dumps(up.docs["@team/util"]).replace(UPSTREAM + "/@team/util/-/", "http://cache.test/npm/npm/@team/util/-/")
+    raw = json.dumps(up.docs["@team/util"]).replace(UPSTREAM + "/@team/util/-/",
+                                                    "http://cache.test/npm/npm/@team/util/-/")
     resp = await h.get("/npm/npm/@team%2futil", {"Accept": FULL})
     assert resp.body == raw.encode()
 

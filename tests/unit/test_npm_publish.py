@@ -5,7 +5,7 @@ in-memory HTTP through the daemon's real root."""
 from __future__ import annotations
 
 import base64
-import gzip
+import os
 import json
 from typing import Any
 
@@ -14,7 +14,9 @@ import pytest_twisted
 
 from tests.support.client import Response
 from tests.support.harness import UPSTREAM, Harness, MakeHarness, harness_factory  # noqa: F401
-from tests.support.npm_packages import NpmMemoryUpstream, make_tarball, publish_body
+from tests.support.npm_packages import (
+    NpmMemoryUpstream, make_tarball, npm_error, packument_of as doc, publish_body,
+)
 
 READ, WRITE = "rd-npm-1", "wr-npm-2"
 TOKENS = [{"name": "reader", "token": READ, "scopes": ["read"]},
@@ -45,16 +47,6 @@ def h(harness_factory: MakeHarness, up: NpmMemoryUpstream) -> Harness:
     return pytest_twisted.blockon(harness_factory(CONFIG, upstream=up))
 
 
-def doc(resp: Response) -> Any:
-    assert resp.status == 200, resp.describe()
-    body = gzip.decompress(resp.body) if resp.header("Content-Encoding") == "gzip" else resp.body
-    return json.loads(body)
-
-
-def npm_error(resp: Response, status: int) -> str:
-    assert resp.status == status, resp.describe()
-    assert resp.header("Content-Type") == "application/json", resp.describe()
-    return str(json.loads(resp.body)["error"])
 
 
 async def publish(h: Harness, name: str, version: str, body: dict[str, Any] | None = None,
@@ -111,7 +103,8 @@ async def test_an_internal_name_hides_the_upstreams_package_in_a_group(h: Harnes
 
 @pytest_twisted.ensureDeferred
 async def test_a_failing_earlier_member_is_not_skipped(harness_factory: MakeHarness, up: NpmMemoryUpstream) -> None:
-    cfg = {"remotes": {"npm": {"type": "npm", "upstream": UPSTREAM}, "second": {"type": "npm", "upstream": UPSTREAM + "/b"},
+    cfg = {"remotes": {"npm": {"type": "npm", "upstream": UPSTREAM},
+                       "second": {"type": "npm", "upstream": UPSTREAM + "/b"},
                        "g": {"type": "npm-group", "members": ["npm", "second"]}}}
     h = await harness_factory(cfg, upstream=up)
     up.add("/b/left-pad", json.dumps({"name": "left-pad", "versions": {}}).encode(), "application/json")
@@ -123,7 +116,8 @@ async def test_a_failing_earlier_member_is_not_skipped(harness_factory: MakeHarn
 @pytest_twisted.ensureDeferred
 async def test_republishing_a_version_is_refused(h: Harness) -> None:
     assert (await publish(h, "left-pad", "1.0.0")).status == 201
-    again = await publish(h, "left-pad", "1.0.0", publish_body("left-pad", "1.0.0", make_tarball("left-pad", "1.0.0", files={"b": b"2"})))
+    other = make_tarball("left-pad", "1.0.0", files={"b": b"2"})
+    again = await publish(h, "left-pad", "1.0.0", publish_body("left-pad", "1.0.0", other))
     assert "previously published" in npm_error(again, 403)
     tgz = await h.get("/npm/internal/left-pad/-/left-pad-1.0.0.tgz")
     assert tgz.body == make_tarball("left-pad", "1.0.0")
@@ -170,7 +164,7 @@ async def test_malformed_publishes_are_refused_and_store_nothing(h: Harness, mak
     resp = await publish(h, "evil", "1.0.0", make())
     assert words in npm_error(resp, status)
     assert await h.store.list("internal") == []
-    assert not h.store.spool_dir or not [f for f in __import__("os").listdir(h.store.spool_dir)]
+    assert not os.listdir(h.store.spool_dir)
 
 
 @pytest_twisted.ensureDeferred

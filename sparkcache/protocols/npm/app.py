@@ -35,13 +35,14 @@ from sparkcache.protocols.npm import NPM_TYPES, options_of
 from sparkcache.protocols.npm import names
 from sparkcache.protocols.npm.names import Route
 from sparkcache.protocols.npm.packument import (
-    ABBREVIATED_TYPE, FULL_TYPE, NotJSON, Rendered, Tarball, abbreviate, check_json, check_json_file, decoded, render, tarballs,
+    ABBREVIATED_TYPE, FULL_TYPE, NotJSON, Rendered, Tarball, abbreviate, check_json, check_json_file, decoded, render,
+    tarballs,
 )
 from sparkcache.protocols.npm.publish import MAX_PUBLISH, MAX_TAG_BODY, Publisher, local_key
 from sparkcache.store import Entry
 from sparkcache.web.bodies import BodyDecision, InMemory, Refuse, ToSpool, checked
 from sparkcache.web.errors import JSON, ErrorReply, HTTPError, add_error_handling, refuse_path
-from sparkcache.web.paths import BadPath
+from sparkcache.web.paths import BadPath, vet_host
 from sparkcache.web.proxy import pass_through
 from sparkcache.web.respond import respond
 from sparkcache.web.serve import error_body, header, send_generated
@@ -170,12 +171,7 @@ class NpmApp:
     # -- locating ----------------------------------------------------------------------
 
     def locate(self, request: Any) -> tuple[RemoteConfig, Route]:
-        host = request.getHeader(b"host")
-        if isinstance(host, bytes):
-            try:
-                host.decode("utf-8")
-            except UnicodeDecodeError:
-                raise BadPath("the Host header is not valid UTF-8") from None
+        vet_host(request)
         segments = names.raw_segments(request.uri, self.max_path)
         if len(segments) < 2:
             raise HTTPError(404, "no remote named; use /npm/<remote>/")
@@ -262,8 +258,8 @@ class NpmApp:
             self.ctx.auth.require(request, "read")
             return await self.audit(request, remote, rest)
         if rest[:1] == ("user",):
-            raise HTTPError(401, "this registry takes tokens, not logins: put //<host>/npm/<remote>/:_authToken=<token> "
-                                 "in .npmrc")
+            raise HTTPError(401, "this registry takes tokens, not logins: put "
+                                 "//<host>/npm/<remote>/:_authToken=<token> in .npmrc")
         raise HTTPError(404, f"no such endpoint /-/{'/'.join(rest)[:100]}")
 
     # -- packuments ------------------------------------------------------------------------
