@@ -214,3 +214,21 @@ async def test_setup_snippets_point_at_the_group(h: Harness) -> None:
     assert 'registry "http://cache.test/npm/all/"' in (await h.get("/setup/yarn")).body.decode()
     assert 'npmRegistryServer: "http://cache.test/npm/all/"' in (await h.get("/setup/yarn?format=yml")).body.decode()
     assert npm_error(await h.get("/setup/npm?remote=nope"), 404)
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_publishes_of_one_package_both_land(h: Harness) -> None:
+    from twisted.internet.defer import gatherResults
+    bodies = [json.dumps(publish_body("left-pad", v, make_tarball("left-pad", v))).encode() for v in ("1.0.0", "2.0.0")]
+    results = await gatherResults([h.put("/npm/internal/left-pad", b, AUTH) for b in bodies])
+    assert [r.status for r in results] == [201, 201], [r.describe() for r in results]
+    d = doc(await h.get("/npm/internal/left-pad", FULL))
+    assert sorted(d["versions"]) == ["1.0.0", "2.0.0"]
+    for v in ("1.0.0", "2.0.0"):
+        assert (await h.get(f"/npm/internal/left-pad/-/left-pad-{v}.tgz")).body == make_tarball("left-pad", v)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_name_no_member_has_is_a_404_through_the_group(h: Harness) -> None:
+    assert npm_error(await h.get("/npm/all/nobody-has-this", FULL), 404)
+    assert npm_error(await h.get("/npm/all/nobody-has-this/-/nobody-has-this-1.0.0.tgz"), 404)
