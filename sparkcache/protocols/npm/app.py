@@ -29,6 +29,7 @@ from sparkcache.context import Context
 from sparkcache.fetch import CacheRequest, Failed, Hit, Live, Result
 from sparkcache.fetch.cache import Body, Cache, Target, Upstream
 from sparkcache.fetch.flight import BodyError
+from sparkcache.fetch.produce import watch_ends
 from sparkcache.protocols._group import first_having
 from sparkcache.protocols._index import DerivedCache, Runner, TooLarge, mapping_size
 from sparkcache.protocols.npm import NPM_TYPES, options_of
@@ -164,7 +165,7 @@ class NpmApp:
         return _Front(self, self.app.resource())
 
     def running(self) -> list[Deferred[Any]]:
-        return list(self._busy)
+        return watch_ends([*self._busy, *self.publisher.running])
 
     add_error_handling(app, JSON)
 
@@ -202,6 +203,7 @@ class NpmApp:
                 self.publisher.may_publish(request, remote)
                 return InMemory(MAX_TAG_BODY, Refuse(JSON, ErrorReply(413, "a dist-tag body is a JSON string")))
             if route.rest[:3] == ("npm", "v1", "security"):
+                self.ctx.auth.require(request, "read")
                 return InMemory(MAX_AUDIT_BODY, Refuse(JSON, ErrorReply(
                     413, f"an audit body is at most {MAX_AUDIT_BODY} bytes")))
         return None

@@ -25,11 +25,12 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import DeferredLock
+from twisted.internet.defer import Deferred, DeferredLock
 
 from sparkcache.config import RemoteConfig
 from sparkcache.fetch.cache import Target
 from sparkcache.fetch.flight import BodyError
+from sparkcache.fetch.produce import shield
 from sparkcache.protocols.npm import names
 from sparkcache.protocols.npm.packument import integrity_sha512
 from sparkcache.web.bodies import request_spool
@@ -171,6 +172,7 @@ class Publisher:
         self.ctx = ctx
         self.run = run
         self._locks: dict[str, DeferredLock] = {}
+        self.running: set[Deferred[Any]] = set()  # publishes being stored (a graceful stop waits for them)
 
     def may_publish(self, request: Any, remote: RemoteConfig) -> None:
         if remote.type != "npm-local":
@@ -195,6 +197,19 @@ class Publisher:
             store.discard(spool)
         pub = await self.run(parse_publish, raw, name)
         del raw
+        # Once under way, a publish runs to its end even if its client leaves:
+        # never tarballs committed without the document that lists them.
+        d = Deferred.fromCoroutine(self._store_publication(remote, name, pub))
+        self.running.add(d)
+        d.addBoth(self._done, d)
+        await shield(d)
+        return {"ok": True, "id": name, "versions": sorted(pub.doc["versions"])}
+
+    def _done(self, result: Any, d: "Deferred[Any]") -> Any:
+        self.running.discard(d)
+        return result
+
+    async def _store_publication(self, remote: RemoteConfig, name: str, pub: Publication) -> None:
         key = local_key(remote.name, name)
         lock = self._lock(key)
         await lock.acquire()
@@ -208,7 +223,6 @@ class Publisher:
             await self._save(remote, name, merged)
         finally:
             lock.release()
-        return {"ok": True, "id": name, "versions": sorted(pub.doc["versions"])}
 
     async def set_tag(self, request: Any, remote: RemoteConfig, name: str, tag: str, method: bytes) -> dict[str, Any]:
         if not _TAG.fullmatch(tag) or _VERSION.fullmatch(tag):
