@@ -83,6 +83,9 @@ def test_cold_then_warm_with_the_registry_stopped(client: str, registry: SimpleN
     check_tree(cold, client)
     m = d.get("/metrics").body.decode()
     assert metrics_of(m, remote="npm", form="tarball", result="miss") >= 4, m
+    # npm asks for full packuments, pnpm and yarn for abbreviated ones.
+    form = "packument" if client == "npm" else "abbreviated"
+    assert metrics_of(m, remote="npm", form=form, result="miss") >= 3, m
     # The registry goes away: a fresh client (empty cache) installs from the cache alone.
     v.stop()
     warm = project(tmp_path / "warm", TREE)

@@ -257,3 +257,25 @@ async def test_conditional_requests_from_clients_get_304(h: Harness) -> None:
     assert again.status == 304 and again.body == b""
     abbr = await h.get("/npm/npm/left-pad", {"Accept": PNPM_ACCEPT, "If-None-Match": etag})
     assert abbr.status == 200  # another form, another tag
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stored_packument_is_rendered_once_however_many_ask(h: Harness, up: NpmMemoryUpstream) -> None:
+    from twisted.internet.defer import gatherResults
+    app = h.app(b"npm")
+    first = await gatherResults([h.get("/npm/npm/left-pad", {"Accept": FULL, "Accept-Encoding": "gzip"})
+                                 for _ in range(5)])
+    assert {r.status for r in first} == {200}
+    renders = app.derived.computed
+    assert renders == 1
+    for _ in range(5):
+        await h.get("/npm/npm/left-pad", {"Accept": FULL})
+        await h.get("/npm/npm/left-pad", {"Accept": FULL, "Accept-Encoding": "gzip"})
+    assert app.derived.computed == renders
+    # Another public URL is another rendering; so is a changed upstream body.
+    await h.get("/npm/npm/left-pad", {"Accept": FULL, "X-Forwarded-Host": "cache.example"})
+    assert app.derived.computed == renders + 1
+    up.publish("left-pad", "1.4.0")
+    h.clock.advance(301)
+    assert "1.4.0" in doc(await h.get("/npm/npm/left-pad", {"Accept": FULL}))["versions"]
+    assert app.derived.computed == renders + 2
