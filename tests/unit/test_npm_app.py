@@ -279,3 +279,15 @@ async def test_a_stored_packument_is_rendered_once_however_many_ask(h: Harness, 
     h.clock.advance(301)
     assert "1.4.0" in doc(await h.get("/npm/npm/left-pad", {"Accept": FULL}))["versions"]
     assert app.derived.computed == renders + 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tarball_hit_counts_as_a_use_for_eviction(h: Harness) -> None:
+    await h.get("/npm/npm/left-pad/-/left-pad-1.0.0.tgz")
+    await h.settle()
+    before = (await h.store.index.get("npm:left-pad/-/left-pad-1.0.0.tgz")).last_access
+    h.clock.advance(1000)
+    assert (await h.get("/npm/npm/left-pad/-/left-pad-1.0.0.tgz")).header("X-Cache") == "HIT"
+    await h.store.index.flush_access()
+    stored = {e.key: e.last_access for e in await h.store.list("npm")}  # read back from SQLite
+    assert stored["npm:left-pad/-/left-pad-1.0.0.tgz"] == before + 1000

@@ -416,7 +416,10 @@ class NpmApp:
             member = found[0]
         key = f"{member.name}:{route.path}"
         entry = await store.index.get(key)
-        if entry is not None and entry.status == 200:
+        now = self.ctx.clock.seconds()
+        if entry is not None and entry.status == 200 and (entry.fresh(now) or member.type == "npm-local"):
+            # Stored: no packument needs reading (the hot path of every warm install).
+            store.index.touch(entry, now)
             result: Result = Hit(entry, "HIT")
         elif member.type == "npm-local":
             result = Failed(404, f"{route.file} is not published in {member.name}")
@@ -426,7 +429,8 @@ class NpmApp:
                 result = listed
             else:
                 url, *mirrors = tarball_urls(listed.url, member.upstreams)
-                req = CacheRequest(remote=member, key=key, path=route.path, url=url, ttl=None, checks=listed.checks,
+                req = CacheRequest(remote=member, key=key, path=route.path, url=url,
+                                   ttl=member.cache.immutable_ttl or None, checks=listed.checks,
                                    mirrors=tuple(mirrors))
                 result = await self.ctx.cache.get(req)
         state = "error" if isinstance(result, Failed) else result.state.lower()
