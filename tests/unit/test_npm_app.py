@@ -291,3 +291,19 @@ async def test_a_tarball_hit_counts_as_a_use_for_eviction(h: Harness) -> None:
     await h.store.index.flush_access()
     stored = {e.key: e.last_access for e in await h.store.list("npm")}  # read back from SQLite
     assert stored["npm:left-pad/-/left-pad-1.0.0.tgz"] == before + 1000
+
+
+@pytest_twisted.ensureDeferred
+async def test_further_upstreams_are_tried_when_the_first_fails(harness_factory: MakeHarness,
+                                                               up: NpmMemoryUpstream) -> None:
+    h = await harness_factory({"remotes": {"npm": {"type": "npm", "upstream": [UPSTREAM + "/down", UPSTREAM]}}},
+                              upstream=up)
+    up.behave("/down/left-pad", status=503)
+    d = doc(await h.get("/npm/npm/left-pad", {"Accept": FULL}))
+    assert d["versions"]["1.3.0"]["dist"]["tarball"] == "http://cache.test/npm/npm/left-pad/-/left-pad-1.3.0.tgz"
+    # The tarball the packument names on the second upstream; the first is tried for the same path if it fails.
+    up.behave("/left-pad/-/left-pad-1.3.0.tgz", status=502)
+    up.add("/down/left-pad/-/left-pad-1.3.0.tgz", up.tarballs[("left-pad", "1.3.0")])
+    tgz = await h.get("/npm/npm/left-pad/-/left-pad-1.3.0.tgz")
+    assert tgz.status == 200 and tgz.body == up.tarballs[("left-pad", "1.3.0")]
+    assert up.count("/down/left-pad") == 1 and up.count("/down/left-pad/-/left-pad-1.3.0.tgz") == 1
