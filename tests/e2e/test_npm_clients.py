@@ -159,3 +159,19 @@ def test_publish_to_a_local_remote_shadows_the_registry_in_a_group(registry: Sim
     # The registry itself still has (and through its own remote serves) 5.0.0.
     direct = d.get("/npm/npm/@sc%2finternal", {"Accept": "application/json"}).json()
     assert "5.0.0" in direct["versions"]
+
+
+def test_npm_search_and_ping_through_the_cache(registry: SimpleNamespace, daemon_factory: Callable[..., Daemon],
+                                               tmp_path: Path) -> None:
+    v = registry.verdaccio.ensure_running()
+    d = daemon_factory(remotes(v.url))
+    npm = require_tool("npm")
+    home = tmp_path / "home"
+    for remote in ("npm", "all"):
+        rc = npmrc(home / f"{remote}.npmrc", d.url(f"/npm/{remote}/"))
+        found = run_checked([npm, "search", "sc-base", "--json", "--userconfig", str(rc),
+                             "--cache", str(home / "cache")], env=client_env(home))
+        assert "sc-base" in [p["name"] for p in json.loads(found.stdout)], found.stdout
+        run_checked([npm, "ping", "--userconfig", str(rc)], env=client_env(home))
+    m = d.get("/metrics").body.decode()
+    assert 'sparkcache_requests_total{remote="npm",result="pass"} 2.0' in m, m
