@@ -12,13 +12,13 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from zope.interface import implementer
-from twisted.internet.interfaces import IPushProducer
 
 from sparkcache.config import RemoteConfig
 from sparkcache.fetch.upstream import UpstreamClient, UpstreamError
