@@ -71,6 +71,11 @@ def group_kind(name: str, member_types: Collection[str], url: str) -> RemoteKind
     return RemoteKind(name, needs_upstream=False, options=_parse_members, check=check, url=url)
 
 
+def is_group(kind: RemoteKind) -> bool:
+    """Whether ``kind`` is a group type (made by :func:`group_kind`)."""
+    return kind.options is _parse_members
+
+
 async def first_having(members: Sequence[M], probe: Callable[[M], Awaitable[R | None]]) -> tuple[M, R] | None:
     """The first member, in order, for which ``probe`` finds the name, with what
     it found; None when no member has it. ``probe`` returns None only for "not

@@ -37,6 +37,7 @@ from zope.interface import provider
 
 from sparkcache.git.pktline import iter_pkt_lines
 from sparkcache.protocols import PROTOCOLS, load_config_data
+from sparkcache.protocols._group import is_group
 from sparkcache.service import SparkcacheService
 from sparkcache.web.errors import JSON, ErrorFormat, ErrorReply, Guarded
 from sparkcache.web.root import Remount
@@ -191,10 +192,12 @@ def every_remote_type() -> dict[str, Any]:
             if kind.needs_upstream:
                 # Never contacted: every request here fails before any fetch.
                 remote["upstream"] = "http://127.0.0.1:9"
-            if kind.name.endswith("-group"):
-                # A group (sparkcache.protocols._group) of its protocol's other remotes.
-                remote["members"] = [f"r-{k.name}" for k in spec.remote_types if not k.name.endswith("-group")]
             remotes[f"r-{kind.name}"] = remote
+        # A group's members: the protocol's other remotes.
+        for kind in spec.remote_types:
+            if is_group(kind):
+                remotes[f"r-{kind.name}"]["members"] = [
+                    f"r-{k.name}" for k in spec.remote_types if not is_group(k)]
     return remotes
 
 
