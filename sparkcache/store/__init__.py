@@ -139,12 +139,14 @@ class Store:
                 chunks = []
                 want = limit + 1
                 while want > 0:
-                    chunk = os.read(fd, min(want, 1 << 20))
+                    # One read of the rest: a regular file answers it whole, so a
+                    # large body costs one buffer, not its chunks and their join (twice its size).
+                    chunk = os.read(fd, want)
                     if not chunk:
                         break
                     chunks.append(chunk)
                     want -= len(chunk)
-                return b"".join(chunks)
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
             finally:
                 os.close(fd)
 

@@ -206,6 +206,13 @@ def send_body(request: Any, body: BodyRange, on_bytes: Callable[[int], None]) ->
     return p.start().addBoth(close)
 
 
+def send_generated(request: Any, read: Callable[[int, int], bytes], size: int,
+                   on_bytes: Callable[[int], None]) -> Deferred[None]:
+    """Send ``size`` bytes made as they are sent: ``read(offset, n)`` returns the
+    next at most ``n`` (an inflated body), called in order of offset."""
+    return _Producer(request, read, 0, size, lambda: size, on_bytes=on_bytes).start()
+
+
 def send_flight(request: Any, flight: Flight, start: int, end: int | None, on_bytes: Callable[[int], None]) -> Deferred[None]:
     """Tail an in-flight spool: send bytes as they arrive, abort if the fetch fails."""
     flight.acquire()
