@@ -216,6 +216,15 @@ class Store:
             n += await self.purge_key(key)
         return n
 
+    async def evict_remote(self, remote: str, quota: int) -> int:
+        """Evict ``remote``'s unpinned entries, least recently used first, until
+        they take at most ``quota`` bytes (a build cache's per-remote quota)."""
+        await self.index.flush_access()
+        n = 0
+        for key in await self.index.over_quota(remote, quota):
+            n += await self.purge_key(key)
+        return n
+
     async def evict(self) -> int:
         """Least-recently-used eviction down to max_size; bodies of pinned
         entries and bodies being sent are skipped."""
