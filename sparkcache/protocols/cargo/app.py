@@ -31,6 +31,7 @@ from sparkcache.store import Entry
 from sparkcache.web.errors import ErrorFormat, ErrorReply, HTTPError, add_error_handling, guarded, set_headers
 from sparkcache.web.paths import split_raw_path
 from sparkcache.web.respond import respond
+from sparkcache.web.serve import error_message
 from sparkcache.web.urls import public_base
 
 TYPE = "cargo"
@@ -65,11 +66,7 @@ def as_cargo(request: Any, out: bytes | None) -> bytes | None:
     code = getattr(request, "code", 200)
     if not isinstance(out, bytes) or code < 400:
         return out
-    try:
-        message = str(json.loads(out)["error"])
-    except (ValueError, KeyError, TypeError):
-        message = out.decode("utf-8", "replace").strip() or "error"
-    return cargo_error_body(request, code, message)
+    return cargo_error_body(request, code, error_message(out))
 
 
 def _form_result(result: Result) -> str:
