@@ -341,3 +341,28 @@ async def test_setup_snippets(h: Harness) -> None:
     assert '[registries."crates"]' in named and f'index = "sparse+{h.base_url}/cargo/crates/index/"' in named
     assert (await get(h, "/setup/cargo?remote=nope")).status == 404
     assert (await get(h, "/setup/cargo?mode=other")).status == 400
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_and_shared_fetches(h: Harness) -> None:
+    publish(h, "serde", {"1.0.0": CRATE_A, "1.0.1": CRATE_B})
+    head = await h.head("/cargo/crates/index/se/rd/serde")
+    assert head.status == 200 and head.body == b""
+    # concurrent downloads of one crate share one upstream fetch; config.json is fetched once for all crates
+    both = [h.get("/cargo/crates/crates/serde/1.0.0/download") for _ in range(3)]
+    both.append(h.get("/cargo/crates/crates/serde/1.0.1/download"))
+    got = [await d for d in both]
+    await h.settle()
+    assert [r.body for r in got] == [CRATE_A, CRATE_A, CRATE_A, CRATE_B]
+    assert h.upstream.count("/files/serde/1.0.0") == 1 and h.upstream.count("/index/config.json") == 1
+    head = await h.head("/cargo/crates/crates/serde/1.0.0/download")
+    assert head.status == 200 and head.body == b"" and head.header("X-Cache") == "HIT"
+
+
+@pytest_twisted.ensureDeferred
+async def test_crate_of_a_registry_without_config_json_is_a_404(h: Harness) -> None:
+    h.upstream.add("/index/3/a/abc", (index_line("abc", "1.0.0", CRATE_A) + "\n").encode())
+    h.upstream.add("/files/abc/1.0.0", CRATE_A)
+    assert "config.json" in cargo_error(await get(h, "/cargo/crates/crates/abc/1.0.0/download"), 404)
+    cargo_error(await get(h, "/cargo/crates/index/config.json"), 404)
+    assert h.upstream.count("/files/abc/1.0.0") == 0
