@@ -177,20 +177,34 @@ def dl_path(crate: Crate) -> str:
     return DL.replace("{prefix}", prefix(s.name)).replace("{crate}", s.name).replace("{version}", s.version)
 
 
-def publish(upstream: Upstream, crates: list[Crate], tamper: str | None = None) -> None:
-    """The sparse index and the crate files on ``upstream`` (``tamper``: the name
-    of a crate whose file upstream serves with one byte changed)."""
-    upstream.add(f"{INDEX}/config.json", json.dumps({"dl": upstream.base_url + DL, "api": upstream.base_url}).encode(),
-                 content_type="application/json")
+def registry_files(crates: list[Crate], base_url: str, tamper: str | None = None) -> dict[str, tuple[bytes, str]]:
+    """{path: (body, content type)} of a sparse registry served at ``base_url``:
+    ``/index/config.json``, the index files and the crate files (``tamper``: the
+    name of a crate whose file has one byte changed)."""
+    files = {f"{INDEX}/config.json": (json.dumps({"dl": base_url + DL, "api": base_url}).encode(), "application/json")}
     by_name: dict[str, list[Crate]] = {}
     for c in crates:
         by_name.setdefault(c.spec.name, []).append(c)
     for name, versions in by_name.items():
-        upstream.add(f"{INDEX}/{index_path(name)}", b"".join(index_line(c) + b"\n" for c in versions),
-                     content_type="text/plain")
+        files[f"{INDEX}/{index_path(name)}"] = (b"".join(index_line(c) + b"\n" for c in versions), "text/plain")
     for c in crates:
         data = c.data if c.spec.name != tamper else c.data[:-1] + bytes([c.data[-1] ^ 0xFF])
-        upstream.add(dl_path(c), data, content_type="application/x-tar")
+        files[dl_path(c)] = (data, "application/x-tar")
+    return files
+
+
+def publish(upstream: Upstream, crates: list[Crate], tamper: str | None = None) -> None:
+    """The sparse index and the crate files on ``upstream`` (see :func:`registry_files`)."""
+    for path, (data, ctype) in registry_files(crates, upstream.base_url, tamper).items():
+        upstream.add(path, data, content_type=ctype)
+
+
+def write_registry(root: Path, crates: list[Crate], base_url: str) -> None:
+    """The same files under ``root``, for a static web server serving it at ``base_url``."""
+    for path, (data, _ctype) in registry_files(crates, base_url).items():
+        target = root / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
 
 
 def write_project(path: Path, deps: dict[str, str], registry: str | None = None, body: str | None = None) -> Path:

@@ -366,3 +366,17 @@ async def test_crate_of_a_registry_without_config_json_is_a_404(h: Harness) -> N
     assert "config.json" in cargo_error(await get(h, "/cargo/crates/crates/abc/1.0.0/download"), 404)
     cargo_error(await get(h, "/cargo/crates/index/config.json"), 404)
     assert h.upstream.count("/files/abc/1.0.0") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_crates_need_no_fresh_config_json(h: Harness) -> None:
+    publish(h, "serde", {"1.0.0": CRATE_A, "1.0.1": CRATE_B})
+    assert (await get(h, "/cargo/crates/crates/serde/1.0.0/download")).body == CRATE_A
+    h.clock.advance(3600)  # config.json and the index file are stale now
+    h.upstream.behave("/index/config.json", status=503)
+    # a stored crate is served from the store; another one takes dl from the stored config.json
+    assert (await get(h, "/cargo/crates/crates/serde/1.0.0/download")).header("X-Cache") == "HIT"
+    assert (await get(h, "/cargo/crates/crates/serde/1.0.1/download")).body == CRATE_B
+    assert h.upstream.count("/index/config.json") == 1
+    # cargo's own config.json request revalidates it (served stale while upstream fails)
+    assert (await get(h, "/cargo/crates/index/config.json")).header("X-Cache") == "STALE"

@@ -15,14 +15,14 @@ Errors are in cargo's form, ``{"errors": [{"detail": "..."}]}``.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Union
 
 from klein import Klein
 from twisted.web.resource import IResource
 
 from sparkcache.config import RemoteConfig
 from sparkcache.context import Context
-from sparkcache.fetch import CacheRequest, Failed, Hit, Live, Result
+from sparkcache.fetch import Body, Cache, CacheRequest, Failed, Hit, Live, Result, Source, Target, Upstream
 from sparkcache.fetch.flight import BodyError
 from sparkcache.protocols._index import DerivedCache, Runner, TooLarge
 from sparkcache.protocols.cargo import names
@@ -136,9 +136,14 @@ class CargoApp:
         return result.entry
 
     async def upstream_dl(self, index: CargoIndex) -> str:
-        """Upstream's ``dl`` template, from its config.json fetched through the cache."""
-        result = await self.ctx.cache.get(self.index_request(index, CONFIG))
-        return await self.dl_of(index, await self.stored(result, "upstream config.json"))
+        """Upstream's ``dl`` template, from its config.json: the stored one, stale
+        or not (cargo asks for config.json on every run, which keeps it revalidated
+        at the remote's TTL), else fetched through the cache."""
+        entry = await self.ctx.store.index.get(index.key(CONFIG))
+        if entry is None or entry.status != 200 or entry.digest is None:
+            result = await self.ctx.cache.get(self.index_request(index, CONFIG))
+            entry = await self.stored(result, "upstream config.json")
+        return await self.dl_of(index, entry)
 
     async def dl_of(self, index: CargoIndex, entry: Entry) -> str:
         """The ``dl`` template of the stored config.json ``entry`` (parsed once per body)."""
@@ -189,18 +194,32 @@ class CargoApp:
     async def crate(self, request: Any, index: CargoIndex, name: str, version: str) -> Any:
         remote: RemoteConfig = index.remote
         cksum = await self.cksum(index, name, version)
-        url = expand_dl(await self.upstream_dl(index), name, version, cksum)
         path = crate_path(name, version)
         fresh = index.classify(path)
-        req = CacheRequest(
-            # The sum is in the key: a registry that republishes a version
-            # (crates.io never does) gets a new entry, not the old bytes.
-            remote=remote, key=f"{remote.name}:{path}#{cksum}", path=path, url=url,
-            ttl=fresh.ttl if fresh is not None else None, expected_digest=cksum,
-        )
-        result = await self.ctx.cache.get(req)
+        # The sum is in the key: a registry that republishes a version
+        # (crates.io never does) gets a new entry, not the old bytes.
+        target = Target(f"{remote.name}:{path}#{cksum}", remote.name, path,
+                        fresh.ttl if fresh is not None else None, expected_digest=cksum)
+        result = await self.ctx.cache.get(target, _CrateDownload(self, index, name, version, cksum))
         self.ctx.metrics.form(remote.name, "crate", _form_result(result))
         out = await respond(request, result, self.ctx.store, self.ctx.metrics, remote.name, path,
                             extra_headers={"Content-Disposition": f'attachment; filename="{name}-{version}.crate"'},
                             sendfile=self.ctx.sendfile)
         return as_cargo(request, out)
+
+
+class _CrateDownload(Source):
+    """A crate from upstream, at the URL its ``dl`` template gives: worked out only
+    when the crate is fetched, so a stored crate is served without config.json."""
+
+    def __init__(self, app: CargoApp, index: CargoIndex, name: str, version: str, cksum: str) -> None:
+        self.app, self.index, self.name, self.version, self.cksum = app, index, name, version, cksum
+
+    async def open(self, cache: Cache, target: Target, stale: Entry | None) -> Union[Body, Hit, Failed]:
+        try:
+            url = expand_dl(await self.app.upstream_dl(self.index), self.name, self.version, self.cksum)
+        except HTTPError as e:
+            return Failed(e.status, e.message)
+        req = CacheRequest(remote=self.index.remote, key=target.key, path=target.path, url=url, ttl=target.ttl,
+                           expected_digest=self.cksum)
+        return await Upstream(req).open(cache, target, stale)
