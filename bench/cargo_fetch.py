@@ -187,8 +187,8 @@ def main() -> int:
                          "-" if k == "direct" else med(k, "cache_cpu_s")]
                         for k in results])
         rows = [
-            summary_row("warm fetch wall", "s", med("warm", "wall_s"), "direct", direct, "<= 1.0x direct",
-                        med("warm", "wall_s") <= direct),
+            # No goal: a loopback nginx is the best an upstream can be; a real one is far slower.
+            summary_row("warm fetch wall", "s", med("warm", "wall_s"), "direct", direct, "informational", None),
             summary_row("cold fetch wall", "s", med("cold", "wall_s"), "direct", direct, "informational", None),
             summary_row("warm upstream requests", "", med("warm", "upstream_requests"), "", None, "0",
                         med("warm", "upstream_requests") == 0),
