@@ -106,7 +106,7 @@ class CargoApp:
         if kind == "index":
             if rest == ["config.json"]:
                 return await self.config(request, index)
-            name = names.name_of_index_path([s for s in rest])
+            name = names.name_of_index_path(rest)
             return await self.index_file(request, index, name)
         if kind == "crates":
             if len(rest) != 3 or rest[2] != "download":
