@@ -13,13 +13,14 @@ import os
 from typing import Any, Mapping, Sequence
 
 from sparkcache import config
-from sparkcache.protocols import cargo, generic, git, oci
+from sparkcache.protocols import cargo, generic, git, oci, pypi
 from sparkcache.protocols.base import ProtocolSpec, RemoteKind
 
 PROTOCOLS: tuple[ProtocolSpec, ...] = (
     generic.SPEC,
     git.SPEC,
     oci.SPEC,
+    pypi.SPEC,
     cargo.SPEC,
 )
 
