@@ -420,15 +420,18 @@ class Upstream(Source):
                 last_modified=_header(response, "last-modified") or stale.last_modified,
             )
             return Hit(await store.index.put(fresh), "REVALIDATED")
-        if code in (404, 410):
+        if code in (404, 410, 451):
+            # "Not there" answers, remembered briefly; 451 (unavailable for legal
+            # reasons: cargo's third "no such crate") keeps its own status.
+            status = 451 if code == 451 else 404
             if stale is not None:
                 await store.purge_key(req.key)
             if req.remote.cache.negative_ttl > 0:
                 await store.index.put(Entry(
-                    req.key, req.remote.name, req.path, 404, None, 0, None, {}, now,
+                    req.key, req.remote.name, req.path, status, None, 0, None, {}, now,
                     now + req.remote.cache.negative_ttl, None, None, now,
                 ))
-            return Failed(404, f"not found upstream ({code})")
+            return Failed(status, f"not found upstream ({code})")
         if code >= 500 or code == 429:
             # 429 stays 429 so clients back off; other upstream failures are a bad gateway.
             return Failed(429 if code == 429 else 502, f"upstream answered {code}", stale_ok=True)

@@ -13,10 +13,11 @@ import os
 from typing import Any, Mapping, Sequence
 
 from sparkcache import config
-from sparkcache.protocols import generic, git, go, npm, oci, pypi
+from sparkcache.protocols import cargo, generic, git, go, npm, oci, pypi
 from sparkcache.protocols.base import ProtocolSpec, RemoteKind
 
 PROTOCOLS: tuple[ProtocolSpec, ...] = (
+    cargo.SPEC,
     generic.SPEC,
     git.SPEC,
     go.SPEC,

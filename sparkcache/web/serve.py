@@ -63,6 +63,15 @@ def error_body(request: IRequest, status: int, message: str, headers: dict[str, 
     return json.dumps({"error": message, "status": status}).encode() + b"\n"
 
 
+def error_message(body: bytes) -> str:
+    """The message of an :func:`error_body` (or the text of any other body), for
+    an app that re-renders a shared helper's error in its protocol's form."""
+    try:
+        return str(json.loads(body)["error"])
+    except (ValueError, KeyError, TypeError):
+        return body.decode("utf-8", "replace").strip() or "error"
+
+
 def header(request: Any, name: bytes) -> str | None:
     """A request header as text (latin-1, as HTTP defines), or None."""
     v = request.getHeader(name)

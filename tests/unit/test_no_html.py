@@ -12,7 +12,7 @@ protocol in ``sparkcache.protocols.PROTOCOLS`` is walked without touching
 this file.
 
 Error responses must be in the app's own format: JSON ``{"error", "status"}``,
-OCI's ``{"errors": [{"code", "message"}]}``, and for git's own requests a
+OCI's ``{"errors": [{"code", "message"}]}``, cargo's ``{"errors": [{"detail"}]}``, and for git's own requests a
 pkt-line ``ERR`` (upload-pack POSTs) or a text/plain message (``info/refs``), and
 the Go module proxy's text/plain message.
 """
@@ -136,7 +136,8 @@ def problems(reply: Reply, error: bool = True, fmt: ErrorFormat | None = None) -
             return [f"JSON that does not parse: {reply}"]
         if isinstance(doc, dict) and isinstance(doc.get("errors"), list) and doc["errors"]:
             if all(isinstance(e, dict) and isinstance(e.get("code"), str) and isinstance(e.get("message"), str)
-                   for e in doc["errors"]):
+                   for e in doc["errors"]) \
+                    or all(isinstance(e, dict) and isinstance(e.get("detail"), str) for e in doc["errors"]):  # cargo
                 return []
         elif isinstance(doc, dict) and isinstance(doc.get("error"), str) and doc.get("status") == reply.status:
             return []
