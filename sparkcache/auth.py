@@ -61,6 +61,18 @@ class Authorizer:
                 found = scopes
         return found
 
+    def identify(self, request: Any) -> str | None:
+        """The configured name of the token the request presents, or None (no or an unknown token)."""
+        token = self.presented(request)
+        if not token:
+            return None
+        fp = _fingerprint(token)
+        found: str | None = None
+        for candidate, _scopes, name in self._tokens:
+            if hmac.compare_digest(fp, candidate) and found is None:
+                found = name
+        return found
+
     def require(self, request: Any, scope: str) -> None:
         """Raise AuthError unless the request may act with ``scope``."""
         token = self.presented(request)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Awaitable, Callable, Union
+from typing import Any, Awaitable, BinaryIO, Callable, Union
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
@@ -45,6 +45,10 @@ from sparkcache.metrics import Metrics
 from sparkcache.store import Entry, SpoolFile, Store
 
 log = Logger()
+
+# Target.validate: (the complete body as a seekable, read-only binary file) ->
+# None, raising BodyError to refuse the body.
+Validator = Callable[[BinaryIO], None]
 
 # Headers worth replaying to later clients; hop-by-hop and per-response
 # headers (Date, Connection, Set-Cookie, signed redirect details) are not.
@@ -71,6 +75,10 @@ class Target:
     # Further digests the body must match, as (hashlib name, hex): npm's sha512
     # ``integrity``, a Maven ``.sha1``. Checked like expected_digest.
     checks: tuple[tuple[str, str], ...] = ()
+    # Checks the complete body's content before commit (a Go module zip's
+    # layout): called in the I/O pool with the spool as a read-only file, it raises
+    # BodyError to refuse the body, which is then handled like a digest mismatch.
+    validate: Validator | None = None
 
 
 @dataclass(frozen=True)
@@ -96,10 +104,12 @@ class CacheRequest:
     # Media types a 200 must not have (an HTML error or login page sent for a
     # jar): never stored, the next mirror is tried, and stale may be served.
     refuse_types: tuple[str, ...] = ()
+    validate: Validator | None = None  # see Target.validate
 
     @property
     def target(self) -> Target:
-        return Target(self.key, self.remote.name, self.path, self.ttl, self.expected_digest, checks=self.checks)
+        return Target(self.key, self.remote.name, self.path, self.ttl, self.expected_digest, checks=self.checks,
+                      validate=self.validate)
 
 
 @dataclass
@@ -256,9 +266,9 @@ class Cache:
         except BaseException:
             self.store.discard(spool)
             raise
-        # A body with a digest to match (OCI blobs, npm tarballs) holds back its
-        # last byte until it matched, so a client never gets a whole bad body.
-        flight.hold_last = target.expected_digest is not None or bool(target.checks)
+        # A body with a digest to match (OCI blobs, npm tarballs) or content to
+        # validate holds back its last byte until it passed, so a client never gets a whole bad body.
+        flight.hold_last = target.expected_digest is not None or bool(target.checks) or target.validate is not None
         if spool.size == 0:  # an adopted upload is already written: hashed at the check
             for algorithm, _ in target.checks:
                 spool.also_hash(algorithm)
@@ -276,6 +286,8 @@ class Cache:
                     await self.store.in_io(spool.rehash, algorithm)
                 if got != want.lower():
                     raise BodyError(f"digest mismatch: expected {algorithm}:{want}, got {algorithm}:{got}")
+            if target.validate is not None:
+                await self.store.in_io(_validate, spool, target.validate)
             etag = body.headers.get("etag")
             entry = Entry(
                 key=key, remote=target.remote, path=target.path, status=200, digest=digest,
@@ -421,15 +433,18 @@ class Upstream(Source):
                 last_modified=_header(response, "last-modified") or stale.last_modified,
             )
             return Hit(await store.index.put(fresh), "REVALIDATED")
-        if code in (404, 410):
+        if code in (404, 410, 451):
+            # "Not there" answers, remembered briefly; 451 (unavailable for legal
+            # reasons: cargo's third "no such crate") keeps its own status.
+            status = 451 if code == 451 else 404
             if stale is not None:
                 await store.purge_key(req.key)
             if req.remote.cache.negative_ttl > 0:
                 await store.index.put(Entry(
-                    req.key, req.remote.name, req.path, 404, None, 0, None, {}, now,
+                    req.key, req.remote.name, req.path, status, None, 0, None, {}, now,
                     now + req.remote.cache.negative_ttl, None, None, now,
                 ))
-            return Failed(404, f"not found upstream ({code})")
+            return Failed(status, f"not found upstream ({code})")
         if code >= 500 or code == 429:
             # 429 stays 429 so clients back off; other upstream failures are a bad gateway.
             return Failed(429 if code == 429 else 502, f"upstream answered {code}", stale_ok=True)
@@ -444,6 +459,12 @@ def _refused(req: CacheRequest, response: IResponse) -> bool:
         return False
     ctype = (_header(response, "content-type") or "").split(";")[0].strip().lower()
     return ctype in req.refuse_types
+
+
+def _validate(spool: SpoolFile, validate: Validator) -> None:
+    """Blocking (the I/O pool): run ``validate`` over the spool's bytes."""
+    with spool.reader() as f:
+        validate(f)  # type: ignore[arg-type]  # SpoolReader is a binary file in all but name
 
 
 def _header(response: IResponse, name: str) -> str | None:

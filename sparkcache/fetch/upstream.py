@@ -9,13 +9,14 @@ URLs, and so that Authorization is dropped when a redirect changes host.
 from __future__ import annotations
 
 import base64
+import io
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived, _HTTP11ClientFactory
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseNeverReceived, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
@@ -124,8 +125,11 @@ class UpstreamClient:
         method: bytes,
         url: str,
         headers: dict[bytes, bytes] | None = None,
+        body: bytes | None = None,
     ) -> tuple[IResponse, str]:
         """Send a request to ``remote``'s upstream; returns (response, final URL).
+        ``body``: a small request body (a proxied POST); such a request is not
+        redirected.
 
         Raises UpstreamError when nothing usable came back (refused, reset,
         DNS failure, no headers within ``remote.read_timeout``).
@@ -149,7 +153,8 @@ class UpstreamClient:
                     h.setRawHeaders(b"Authorization", [given])
             elif auth is not None and origin(url) in homes:
                 h.setRawHeaders(b"Authorization", [auth])
-            d = agent.request(method, url.encode("ascii"), h)
+            producer = FileBodyProducer(io.BytesIO(body)) if body is not None else None
+            d = agent.request(method, url.encode("ascii"), h, producer)
             timed_out: list[bool] = []
 
             def on_timeout(d: Deferred[IResponse] = d, flag: list[bool] = timed_out) -> None:
@@ -168,7 +173,7 @@ class UpstreamClient:
             finally:
                 if timer.active():
                     timer.cancel()
-            if response.code in REDIRECTS and method in (b"GET", b"HEAD"):
+            if response.code in REDIRECTS and method in (b"GET", b"HEAD") and body is None:
                 location = response.headers.getRawHeaders(b"location", [None])[0]
                 if location:
                     await discard_body(response)

@@ -13,14 +13,18 @@ import os
 from typing import Any, Mapping, Sequence
 
 from sparkcache import config
-from sparkcache.protocols import generic, git, maven, oci
+from sparkcache.protocols import cargo, generic, git, go, maven, npm, oci, pypi
 from sparkcache.protocols.base import ProtocolSpec, RemoteKind
 
 PROTOCOLS: tuple[ProtocolSpec, ...] = (
+    cargo.SPEC,
     generic.SPEC,
     git.SPEC,
-    oci.SPEC,
+    go.SPEC,
     maven.SPEC,
+    npm.SPEC,
+    oci.SPEC,
+    pypi.SPEC,
 )
 
 

@@ -139,12 +139,14 @@ class Store:
                 chunks = []
                 want = limit + 1
                 while want > 0:
-                    chunk = os.read(fd, min(want, 1 << 20))
+                    # One read of the rest: a regular file answers it whole, so a
+                    # large body costs one buffer, not its chunks and their join (twice its size).
+                    chunk = os.read(fd, want)
                     if not chunk:
                         break
                     chunks.append(chunk)
                     want -= len(chunk)
-                return b"".join(chunks)
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
             finally:
                 os.close(fd)
 
@@ -211,6 +213,15 @@ class Store:
         ``retention``; other stale bodies stay, for revalidation and stale-on-error."""
         n = 0
         for key, _ in await self.index.expired_keys(now, retention):
+            n += await self.purge_key(key)
+        return n
+
+    async def evict_remote(self, remote: str, quota: int) -> int:
+        """Evict ``remote``'s unpinned entries, least recently used first, until
+        they take at most ``quota`` bytes (a build cache's per-remote quota)."""
+        await self.index.flush_access()
+        n = 0
+        for key in await self.index.over_quota(remote, quota):
             n += await self.purge_key(key)
         return n
 

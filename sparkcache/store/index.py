@@ -291,6 +291,22 @@ class Index:
             f"SELECT digest, size FROM blobs WHERE NOT {_PINNED_BLOB} ORDER BY last_access LIMIT ?", (limit,)
         ).fetchall())
 
+    def over_quota(self, remote: str, quota: int) -> Deferred[list[str]]:
+        """Keys of ``remote``'s unpinned entries beyond its most recently used
+        ``quota`` bytes: what to evict, least recently used last."""
+
+        def q() -> list[str]:
+            total, out = 0, []
+            rows = self.db.execute(
+                "SELECT key, size FROM entries WHERE remote=? AND pinned=0 ORDER BY last_access DESC", (remote,))
+            for key, size in rows:
+                total += size or 0
+                if total > quota:
+                    out.append(key)
+            return out
+
+        return self._run(q)
+
     # -- writes ------------------------------------------------------------
 
     def put(self, entry: Entry) -> Deferred[Entry]:

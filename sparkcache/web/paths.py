@@ -59,13 +59,18 @@ def vet_request(request: Any, max_length: int = 4096) -> list[str]:
     Raises BadPath too for a Host header that is not UTF-8: routers decode it
     (werkzeug binds the URL map to it) and fail as they would on the path.
     """
+    vet_host(request)
+    return split_raw_path(request.uri, max_length)
+
+
+def vet_host(request: Any) -> None:
+    """BadPath for a Host header that is not UTF-8 (routers decode it)."""
     host = request.getHeader(b"host")
     if isinstance(host, bytes):
         try:
             host.decode("utf-8")
         except UnicodeDecodeError:
             raise BadPath("the Host header is not valid UTF-8") from None
-    return split_raw_path(request.uri, max_length)
 
 
 def quote_segments(segments: list[str]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mimetypes
 import posixpath
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -75,6 +76,25 @@ def _span(request: Any, total: int | None) -> tuple[int, int | None] | bytes:
     return start, end
 
 
+def _not_modified(request: Any, etag: str, last_modified: str | None) -> bool:
+    """Whether a conditional GET of a stored body may be answered 304: its ETag
+    is in If-None-Match, or (without one, as RFC 9110 says) it was last modified
+    no later than If-Modified-Since (cargo sends that when it got no ETag)."""
+    inm = header(request, b"if-none-match")
+    if inm:
+        return inm.strip() == "*" or etag in [t.strip() for t in inm.split(",")]
+    ims = header(request, b"if-modified-since")
+    if not ims or not last_modified:
+        return False
+    try:
+        since, modified = parsedate_to_datetime(ims), parsedate_to_datetime(last_modified)
+    except (TypeError, ValueError, IndexError):
+        return False
+    if since.tzinfo is None or modified.tzinfo is None:
+        return False
+    return modified <= since
+
+
 def serve_hit(
     request: Any, entry: Entry, state: str, store: Store, metrics: Metrics, remote: str, path: str,
     extra_headers: dict[str, str] | None = None, sendfile: SendfilePool | None = None,
@@ -87,8 +107,7 @@ def serve_hit(
     metrics.response(remote, state.lower())
     etag = entry.etag or f'"sha256:{entry.digest}"'
     _set_headers(request, state, True, entry.headers, etag, path, extra_headers)
-    inm = header(request, b"if-none-match")
-    if inm and (inm.strip() == "*" or etag in [t.strip() for t in inm.split(",")]):
+    if _not_modified(request, etag, entry.last_modified or entry.headers.get("last-modified")):
         request.setResponseCode(304)
         return b""
     span = _span(request, entry.size)

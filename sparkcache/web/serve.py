@@ -63,6 +63,15 @@ def error_body(request: IRequest, status: int, message: str, headers: dict[str, 
     return json.dumps({"error": message, "status": status}).encode() + b"\n"
 
 
+def error_message(body: bytes) -> str:
+    """The message of an :func:`error_body` (or the text of any other body), for
+    an app that re-renders a shared helper's error in its protocol's form."""
+    try:
+        return str(json.loads(body)["error"])
+    except (ValueError, KeyError, TypeError):
+        return body.decode("utf-8", "replace").strip() or "error"
+
+
 def header(request: Any, name: bytes) -> str | None:
     """A request header as text (latin-1, as HTTP defines), or None."""
     v = request.getHeader(name)
@@ -204,6 +213,13 @@ def send_body(request: Any, body: BodyRange, on_bytes: Callable[[int], None]) ->
         return r
 
     return p.start().addBoth(close)
+
+
+def send_generated(request: Any, read: Callable[[int, int], bytes], size: int,
+                   on_bytes: Callable[[int], None]) -> Deferred[None]:
+    """Send ``size`` bytes made as they are sent: ``read(offset, n)`` returns the
+    next at most ``n`` (an inflated body), called in order of offset."""
+    return _Producer(request, read, 0, size, lambda: size, on_bytes=on_bytes).start()
 
 
 def send_flight(request: Any, flight: Flight, start: int, end: int | None, on_bytes: Callable[[int], None]) -> Deferred[None]:

@@ -53,7 +53,8 @@ CACHE_URL = "http://cache.test"
 EPOCH = 1_700_000_000.0
 
 
-def harness_config(data_dir: str | Path, config: Mapping[str, Any] | None = None) -> Config:
+def harness_config(data_dir: str | Path, config: Mapping[str, Any] | None = None,
+                   protocols: Sequence[ProtocolSpec] = PROTOCOLS) -> Config:
     """A validated Config from a config dict, as the daemon would load it, with
     test defaults: ``data_dir`` for storage, no sendfile (there is no socket to
     hand over), a short shutdown deadline, no environment, and no listener."""
@@ -63,7 +64,7 @@ def harness_config(data_dir: str | Path, config: Mapping[str, Any] | None = None
     server = data.setdefault("server", {})
     server.setdefault("sendfile", False)
     server.setdefault("shutdown_timeout", "5s")
-    cfg = load_config_data(data, "harness.yaml", environ={})
+    cfg = load_config_data(data, "harness.yaml", environ={}, protocols=protocols)
     return replace(cfg, server=replace(cfg.server, listen=()))
 
 
@@ -91,7 +92,7 @@ class Harness:
     def __init__(self, data_dir: str | Path, config: Mapping[str, Any] | None = None, *,
                  upstream: MemoryUpstream | None = None, mirrors: Any = None, clock: Clock | None = None,
                  protocols: Sequence[ProtocolSpec] = PROTOCOLS) -> None:
-        self.config = harness_config(data_dir, config)
+        self.config = harness_config(data_dir, config, protocols)
         if clock is None:
             clock = Clock()
             clock.advance(EPOCH)

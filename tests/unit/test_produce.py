@@ -352,6 +352,31 @@ async def test_a_digest_mismatch_is_never_committed(env: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_body_its_validator_refuses_is_never_committed(env: Any) -> None:
+    seen: list[bytes] = []
+
+    def validate(f: Any) -> None:
+        seen.append(f.read())
+        if seen[-1] != b"good":
+            raise BodyError("not a valid body")
+
+    response = FakeResponse(length=len(BODY))
+    flight = (await fetch(env, creq(env, validate=validate), response)).flight
+    reader = Reader()
+    tail = reader.tail(flight)
+    response.send(BODY)
+    await eventually(lambda: len(reader.data) == len(BODY) - 1)  # the last byte waits for the validator
+    response.end()
+    await not_kept(env, flight, "r:x", "not a valid body", (reader, tail))
+    assert seen == [BODY]  # it saw the whole body, from the spool
+    response = FakeResponse()
+    flight = (await fetch(env, creq(env, validate=validate), response, n=2)).flight
+    response.send(b"good")
+    response.end()
+    assert (await flight.wait_done()).entry.size == 4 and seen[-1] == b"good"
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_full_disk_ends_the_production_cleanly(env: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     def full(self: SpoolFile, chunks: list[bytes]) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -97,6 +97,24 @@ async def test_a_closed_range_is_no_longer_held_and_closes_once(store):
 
 
 @pytest_twisted.ensureDeferred
+async def test_read_of_a_large_body_is_one_read_not_chunks_and_a_join(store, monkeypatch):
+    # Chunks plus their join held a body twice over (80 MB for a 40 MB npm packument).
+    body = os.urandom(5 << 20)
+    e = await put(store, "big", body)
+    sizes = []
+    real_read = os.read
+
+    def spy(fd: int, n: int) -> bytes:
+        data = real_read(fd, n)
+        sizes.append(len(data))
+        return data
+
+    monkeypatch.setattr("sparkcache.store.os.read", spy)  # the os module: other threads' reads show too
+    assert await store.read(e, len(body)) == body
+    assert [n for n in sizes if n > 64] == [len(body)]
+
+
+@pytest_twisted.ensureDeferred
 async def test_read_is_bounded_and_runs_in_the_io_pool(store, monkeypatch):
     body = os.urandom(3 << 20)
     e = await put(store, "big", body)

@@ -7,6 +7,7 @@ from typing import Any
 
 from sparkcache.web.errors import ErrorFormat, ErrorReply, HTTPError, add_error_handling, set_headers
 from sparkcache.web.paths import BadPath
+from sparkcache.web.serve import error_message
 
 # Spec error codes and the HTTP status each usually travels with.
 CODES = {
@@ -72,11 +73,7 @@ def as_oci(request: Any, out: bytes | None) -> bytes | None:
     code = getattr(request, "code", 200)
     if not isinstance(out, bytes) or code < 400:
         return out
-    try:
-        message = str(json.loads(out)["error"])
-    except (ValueError, KeyError, TypeError):
-        message = out.decode("utf-8", "replace").strip() or "error"
-    return oci_error_body(request, code, code_for_status(code), message)
+    return oci_error_body(request, code, code_for_status(code), error_message(out))
 
 
 def render_oci(request: Any, reply: ErrorReply) -> bytes:

@@ -1,0 +1,41 @@
+"""The Go module proxy (``/go/<remote>/``): a pull-through GOPROXY and
+checksum-database proxy for ``go mod download`` and ``go build``.
+
+``paths`` parses and validates module paths and versions (``!``
+case-encoding), ``app`` serves the proxy protocol, ``modzip`` checks module
+zips before they are committed, ``sumdb`` proxies the checksum database and
+reads the remote's ``sumdb:`` option, ``setup`` prints the client settings.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sparkcache.protocols.base import Built, ProtocolSpec, RemoteKind, SetupEndpoint
+from sparkcache.protocols.go.sumdb import parse_go_options
+
+if TYPE_CHECKING:
+    from sparkcache.context import Context
+
+# ``@v/list`` and ``@latest`` move as modules are tagged: five minutes by default.
+MUTABLE_TTL = 300.0
+
+
+def build(ctx: "Context") -> Built:
+    from sparkcache.protocols.go import setup
+    from sparkcache.protocols.go.app import GO_TYPES, GoApp
+
+    if not any(r.type in GO_TYPES for r in ctx.config.remotes.values()):
+        return Built()
+    app = GoApp(ctx)
+    return Built(resource=app.resource(), setup={"go": SetupEndpoint(setup.handler(ctx))})
+
+
+SPEC = ProtocolSpec(
+    name="go",
+    segments=(b"go",),
+    build=build,
+    remote_types=(
+        RemoteKind("go", options=parse_go_options, url="/go/{name}/", mutable_ttl=MUTABLE_TTL, many_upstreams=True),
+    ),
+)
