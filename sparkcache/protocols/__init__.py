@@ -13,7 +13,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 from sparkcache import config
-from sparkcache.protocols import generic, git, go, npm, oci, pypi
+from sparkcache.protocols import generic, git, go, npm, oci, pypi, seed
 from sparkcache.protocols.base import ProtocolSpec, RemoteKind
 
 PROTOCOLS: tuple[ProtocolSpec, ...] = (
@@ -23,6 +23,7 @@ PROTOCOLS: tuple[ProtocolSpec, ...] = (
     npm.SPEC,
     oci.SPEC,
     pypi.SPEC,
+    seed.SPEC,
 )
 
 

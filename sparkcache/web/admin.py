@@ -33,6 +33,9 @@ class AdminApp:
                 {"name": r.name, "type": r.type, "upstream": r.upstream,
                  "url": self.ctx.remote_url(r.name)}
                 for r in self.ctx.config.remotes.values()
+            ] + [
+                {"name": name, "type": rtype, "upstream": None, "url": url}
+                for name, (rtype, url) in self.ctx.internal_remotes.items()
             ],
         })
 
@@ -71,7 +74,7 @@ class AdminApp:
             if path is not None:
                 raise HTTPError(400, "path needs remote")
             n = await store.purge_all()
-        elif remote not in self.ctx.config.remotes:
+        elif remote not in self.ctx.config.remotes and remote not in self.ctx.internal_remotes:
             raise HTTPError(404, f"unknown remote {remote!r}")
         elif path is None:
             n = await store.purge_remote(remote)
