@@ -253,5 +253,7 @@ def _disposition(filename: str) -> bytes:
 
 
 def _json(request: Any, obj: Any) -> bytes:
+    body = json.dumps(obj).encode() + b"\n"
     request.setHeader(b"Content-Type", b"application/json")
-    return json.dumps(obj).encode() + b"\n"
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    return body
