@@ -166,7 +166,9 @@ async def test_bad_artifact_requests(h: Harness) -> None:
 
 async def upload(h: Harness, job: str, files: dict[str, bytes]) -> None:
     for path, body in files.items():
-        resp = await h.post(f"/artifacts/{job}?path={quote(path, safe='/')}", body, W)
+        # As curl --data-binary sends it.
+        headers = {**W, "Content-Type": "application/x-www-form-urlencoded"}
+        resp = await h.post(f"/artifacts/{job}?path={quote(path, safe='/')}", body, headers)
         assert resp.status == 201, resp.describe()
         assert resp.json() == {"name": path, "size": len(body), "sha256": sha(body)}
 
@@ -191,7 +193,7 @@ async def test_artifacts_list_one_and_tar(h: Harness) -> None:
         assert a["size"] == len(FILES[a["path"]]) and a["sha256"] == sha(FILES[a["path"]])
         assert a["time"] == "2023-11-14T22:13:20Z"  # the harness clock
     one = await h.get("/artifacts/build-42?glob=reports/junit.*", R)
-    assert one.status == 200 and one.body == b"<testsuite/>"
+    assert one.status == 200 and one.body == b"<testsuite/>" and one.header("Content-Type") == "application/xml"
     assert 'filename="junit.xml"' in (one.header("Content-Disposition") or "")
     # Several: a tar stream, as tarfile reads it (fnmatch's * crosses '/').
     many = await h.get("/artifacts/build-42?glob=*", R)

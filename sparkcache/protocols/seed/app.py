@@ -122,7 +122,10 @@ class SeedApp:
     async def _put(self, request: Any, blobs: KeyedBlobs, name: str, shown: str) -> bytes:
         self.ctx.auth.require(request, "write")
         expected = _expected_sha256(request)
-        ctype = header(request, b"content-type") or guess_type(name)
+        ctype = header(request, b"content-type")
+        if not ctype or ctype.startswith("application/x-www-form-urlencoded"):
+            # What curl --data-binary says of any file: not the file's type.
+            ctype = guess_type(name)
         # Mutable names: a new body under a name replaces the old one.
         stored = await blobs.put(request, name, {"content-type": ctype}, expected, overwrite=True)
         request.setResponseCode(201)
