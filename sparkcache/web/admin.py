@@ -33,9 +33,10 @@ class AdminApp:
                 {"name": r.name, "type": r.type, "upstream": r.upstream,
                  "url": self.ctx.remote_url(r.name)}
                 for r in self.ctx.config.remotes.values()
-            ] + [
-                {"name": name, "type": rtype, "upstream": None, "url": url}
-                for name, (rtype, url) in self.ctx.internal_remotes.items()
+            ],
+            # Stored under by protocols without a remotes: entry (purgeable by name).
+            "internal_remotes": [
+                {"name": name, "type": rtype, "url": url} for name, (rtype, url) in self.ctx.internal_remotes.items()
             ],
         })
 

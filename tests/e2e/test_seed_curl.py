@@ -69,7 +69,7 @@ def test_binaries_and_archives(daemon_factory: Any, curl: str, tmp_path: Path) -
     assert fetch(curl, url(d, "/cache/npm/other"))[0] == 404
     status, body = fetch(curl, "-T", str(archive), url(d, "/cache/anonymous"))
     assert status == 401 and json.loads(body)["status"] == 401
-    remotes = {r["name"] for r in json.loads(fetch(curl, url(d, "/"))[1])["remotes"]}
+    remotes = {r["name"] for r in json.loads(fetch(curl, url(d, "/"))[1])["internal_remotes"]}
     assert {"seed/bin", "seed/cache", "seed/artifacts"} <= remotes
 
 

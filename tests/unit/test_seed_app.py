@@ -309,7 +309,7 @@ async def test_internal_remotes_in_index_and_purge(h: Harness) -> None:
     await h.put("/bin/a", b"a", W)
     await h.put("/cache/a", b"a", W)
     index = (await h.get("/")).json()
-    seeds = {r["name"]: r["url"] for r in index["remotes"] if r["type"] == "seed"}
+    seeds = {r["name"]: r["url"] for r in index["internal_remotes"] if r["type"] == "seed"}
     assert seeds == {"seed/bin": "/bin/", "seed/cache": "/cache/", "seed/artifacts": "/artifacts/"}
     A = {"Authorization": f"Bearer {ADMIN}"}
     purged = await h.post("/admin/purge?remote=seed/bin", None, A)
@@ -328,7 +328,7 @@ async def test_disabled(harness_factory: MakeHarness) -> None:
     resp = await h.put("/bin/x", b"x")
     assert_json_error(resp, (401, 404, 405))
     assert_json_error(await h.get("/bin/x"), 404)
-    assert not [r for r in (await h.get("/")).json()["remotes"] if r["type"] == "seed"]
+    assert (await h.get("/")).json()["internal_remotes"] == []
 
 
 def test_defaults_and_bad_config(tmp_path: Any) -> None:
