@@ -25,6 +25,9 @@ class Context:
     reactor: Any = None  # for spawnProcess and thread pools; the clock when None
     # Every remote type by name (sparkcache.protocols.base.RemoteKind), from the registry.
     remote_types: Mapping[str, Any] = field(default_factory=dict)
+    # Remotes a protocol stores under without a ``remotes:`` entry (the seed
+    # endpoints' ``seed/bin``...): name -> (type, URL), for GET / and purges.
+    internal_remotes: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def remote_url(self, name: str) -> str:
         """Where the remote ``name`` is served (``/api/files/``, ``/v2/cache/``)."""

@@ -13,7 +13,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 from sparkcache import config
-from sparkcache.protocols import cargo, generic, git, go, maven, npm, oci, pypi
+from sparkcache.protocols import cargo, generic, git, go, maven, npm, oci, pypi, seed
 from sparkcache.protocols.base import ProtocolSpec, RemoteKind
 
 PROTOCOLS: tuple[ProtocolSpec, ...] = (
@@ -25,6 +25,7 @@ PROTOCOLS: tuple[ProtocolSpec, ...] = (
     npm.SPEC,
     oci.SPEC,
     pypi.SPEC,
+    seed.SPEC,
 )
 
 

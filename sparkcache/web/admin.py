@@ -34,6 +34,10 @@ class AdminApp:
                  "url": self.ctx.remote_url(r.name)}
                 for r in self.ctx.config.remotes.values()
             ],
+            # Stored under by protocols without a remotes: entry (purgeable by name).
+            "internal_remotes": [
+                {"name": name, "type": rtype, "url": url} for name, (rtype, url) in self.ctx.internal_remotes.items()
+            ],
         })
 
     @app.route("/health", methods=["GET", "HEAD"])
@@ -71,7 +75,7 @@ class AdminApp:
             if path is not None:
                 raise HTTPError(400, "path needs remote")
             n = await store.purge_all()
-        elif remote not in self.ctx.config.remotes:
+        elif remote not in self.ctx.config.remotes and remote not in self.ctx.internal_remotes:
             raise HTTPError(404, f"unknown remote {remote!r}")
         elif path is None:
             n = await store.purge_remote(remote)

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 from io import BytesIO
 from typing import Any
-from urllib.parse import parse_qs
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
+from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol, parse_qs
 from twisted.web.server import Request, Site
 
 from sparkcache.web.bodies import BodyDecision, CappedBody, InMemory, Refuse, SpoolBody, ToSpool
@@ -79,6 +78,8 @@ class TrackedRequest(Request):
         self.method, self.uri, self.clientproto = channel._command, channel._path, channel._version
         path, _, query = self.uri.partition(b"?")
         self.path = path
+        # twisted.web's own parser: bytes in, bytes out, whatever the percent-encoded
+        # bytes are (urllib's raises on a %ff, and the request would hang).
         self.args = parse_qs(query, True) if query else {}
 
     def answer_now(self, refuse: Refuse) -> None:
