@@ -13,13 +13,14 @@ import os
 from typing import Any, Mapping, Sequence
 
 from sparkcache import config
-from sparkcache.protocols import generic, git, go, npm, oci, pypi
+from sparkcache.protocols import generic, git, go, kv, npm, oci, pypi
 from sparkcache.protocols.base import ProtocolSpec, RemoteKind
 
 PROTOCOLS: tuple[ProtocolSpec, ...] = (
     generic.SPEC,
     git.SPEC,
     go.SPEC,
+    kv.SPEC,
     npm.SPEC,
     oci.SPEC,
     pypi.SPEC,
