@@ -80,8 +80,8 @@ class SccacheServer:
     def __init__(self, sccache: str, env: dict[str, str]) -> None:
         self.sccache = sccache
         self.port = free_port()
-        self.env = {**env, "SCCACHE_SERVER_PORT": str(self.port), "SCCACHE_START_SERVER": "1",
-                    "SCCACHE_IDLE_TIMEOUT": "0", "SCCACHE_NO_DAEMON": "0"}
+        self.env = {**env, "SCCACHE_SERVER_PORT": str(self.port),
+                    "SCCACHE_IDLE_TIMEOUT": "0"}
 
     def start(self) -> "SccacheServer":
         run_checked([self.sccache, "--start-server"], env=self.env, timeout=60)

@@ -217,7 +217,7 @@ async def test_setup_snippets(h: Harness) -> None:
     assert f'CCACHE_REMOTE_STORAGE="{h.base_url}/kv/builds|layout=bazel|bearer-token=$SPARKCACHE_TOKEN"' in cc.body.decode()
     assert (await h.get("/setup/ccache?layout=nested", READ)).status == 400
     sc = (await h.get("/setup/sccache?remote=tiny", READ)).body.decode()
-    assert f"SCCACHE_WEBDAV_ENDPOINT={h.base_url}/kv/tiny/" in sc and "SCCACHE_WEBDAV_TOKEN" in sc
+    assert f"SCCACHE_WEBDAV_ENDPOINT={h.base_url}/kv/tiny\n" in sc and "SCCACHE_WEBDAV_TOKEN" in sc
     gr = (await h.get("/setup/gradle-cache", READ)).body.decode()
     assert f"url = '{h.base_url}/kv/builds/cache/'" in gr and "allowInsecureProtocol" in gr and "credentials" in gr
     assert (await h.get("/setup/gradle-cache?remote=nosuch", READ)).status == 404

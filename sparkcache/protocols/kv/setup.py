@@ -92,7 +92,7 @@ def endpoints(ctx: Context) -> dict[str, SetupEndpoint]:
                               "$HOME/.profile (or the CI job's environment)")
 
     def sccache(request: Any) -> bytes:
-        return render_snippet(request, "text/x-shellscript", sccache_env(url_of(request)),
+        return render_snippet(request, "text/x-shellscript", sccache_env(url_of(request).rstrip("/")),
                               "$HOME/.profile (or the CI job's environment)")
 
     def gradle(request: Any) -> bytes:
