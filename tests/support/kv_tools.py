@@ -120,4 +120,6 @@ def write_gradle_project(root: Path, settings: str) -> Path:
 
 def gradle_command(gradle: str, *tasks: str) -> list[str]:
     # No daemon: each build is its own JVM, ended with the build (no process outlives the test).
-    return [gradle, "--no-daemon", "--offline", "--console=plain", "--build-cache", *tasks]
+    # Never --offline: it turns the remote build cache off. The project has no dependencies
+    # to resolve, so nothing but the cache is contacted.
+    return [gradle, "--no-daemon", "--console=plain", "--build-cache", *tasks]
