@@ -13,7 +13,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 from sparkcache import config
-from sparkcache.protocols import cargo, generic, git, go, maven, npm, oci, pypi, seed
+from sparkcache.protocols import cargo, generic, git, go, kv, maven, npm, oci, pypi, seed
 from sparkcache.protocols.base import ProtocolSpec, RemoteKind
 
 PROTOCOLS: tuple[ProtocolSpec, ...] = (
@@ -21,6 +21,7 @@ PROTOCOLS: tuple[ProtocolSpec, ...] = (
     generic.SPEC,
     git.SPEC,
     go.SPEC,
+    kv.SPEC,
     maven.SPEC,
     npm.SPEC,
     oci.SPEC,
