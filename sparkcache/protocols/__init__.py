@@ -13,10 +13,11 @@ import os
 from typing import Any, Mapping, Sequence
 
 from sparkcache import config
-from sparkcache.protocols import generic, git, go, npm, oci, pypi
+from sparkcache.protocols import bazel, generic, git, go, npm, oci, pypi
 from sparkcache.protocols.base import ProtocolSpec, RemoteKind
 
 PROTOCOLS: tuple[ProtocolSpec, ...] = (
+    bazel.SPEC,
     generic.SPEC,
     git.SPEC,
     go.SPEC,
