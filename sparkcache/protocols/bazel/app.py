@@ -106,7 +106,7 @@ class BazelApp:
         if remote not in self.blobs:
             raise HTTPError(404, f"no type: bazel remote named {remote!r}")
         rest = segs[2:]
-        if len(rest) < 2 or rest[-2] not in ("ac", "cas"):
+        if len(rest) < 2 or rest[-2] not in ("ac", "cas") or not rest[-1]:
             raise HTTPError(404, USAGE)
         kind, digest, prefix = rest[-2], rest[-1], rest[:-2]
         if not SHA256_HEX.fullmatch(digest):
