@@ -19,15 +19,16 @@ STARTUP = ["--nosystem_rc", "--nohome_rc", "--install_base=/usr/share/bazel", "-
 BUILD_FLAGS = ["--host_javabase=@local_jdk//:jdk", "--noshow_progress", "--color=no", "--curses=no"]
 
 
-def write_genrules(root: Path, n: int, work: int = 0) -> None:
+def write_genrules(root: Path, n: int, work: int = 0, lines: int = 20) -> None:
     """A workspace of ``n`` genrules ``g0``..``g{n-1}``, each from its own source;
     ``work`` > 0 makes each action spend that many rounds of sha256sum (a
-    stand-in for a compile step, so a hit saves something)."""
+    stand-in for a compile step, so a hit saves something); each source and
+    output is ``lines`` lines of 9 bytes or more."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "WORKSPACE").write_text('workspace(name = "sparkcache_bazel_test")\n')
     rules = []
     for i in range(n):
-        (root / f"src{i}.txt").write_text(f"source {i}\n" * 20)
+        (root / f"src{i}.txt").write_text(f"source {i}\n" * lines)
         cmd = "cat $< > $@; echo built $@"
         if work:
             cmd = f"x=$$(cat $<); for r in $$(seq {work}); do x=$$(echo $$x | sha256sum); done; " \

@@ -219,6 +219,7 @@ async def test_instance_prefix_namespaces_the_ac_and_shares_the_cas(h: Harness) 
 async def test_too_large_is_413_and_a_full_store_is_507_then_a_miss(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     big = b"b" * 5000
     assert (await h.put(f"/bazel/bz/cas/{sha(big)}", big, W)).status == 413
+    assert b'form="upload",remote="bz",result="rejected"} 1.0' in h.metrics.render()
     assert (await h.get(f"/bazel/bz/cas/{sha(big)}", R)).status == 404
 
     async def full(*args: Any, **kwargs: Any) -> Any:
