@@ -4,6 +4,7 @@ CAS digest checks, 411, instance prefixes, auth, and the AC reference check
 
 from __future__ import annotations
 
+import base64
 import errno
 import hashlib
 from typing import Any
@@ -117,7 +118,6 @@ async def test_auth_reads_need_read_and_uploads_need_write(h: Harness) -> None:
     assert (await h.put(f"/bazel/bz/cas/{key}", body, W)).status == 201
     assert (await h.get(f"/bazel/bz/cas/{key}")).status == 401  # no anonymous reads in this config
     # Basic with the token as the password, as Bazel sends for http://user:token@host/...
-    import base64
     basic = {"Authorization": "Basic " + base64.b64encode(f"bazel:{READER}".encode()).decode()}
     assert (await h.get(f"/bazel/bz/cas/{key}", basic)).status == 200
 

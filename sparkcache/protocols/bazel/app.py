@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 from klein import Klein
+from twisted.logger import Logger
 from twisted.web.resource import IResource
 
 from sparkcache.context import Context
@@ -44,6 +45,7 @@ from sparkcache.web.bodies import BodyDecision, announced_length, checked
 from sparkcache.web.errors import JSON, HTTPError, add_error_handling, guarded
 from sparkcache.web.paths import split_raw_path
 
+log = Logger()
 BAZEL_TYPES = ("bazel",)
 METHODS = ["GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "PATCH"]
 OCTET = "application/octet-stream"
@@ -154,7 +156,10 @@ class BazelApp:
             if entry is not None and not await self.outputs_present(blobs, entry):
                 self.ctx.metrics.form(addr.remote, "ac", "dangling")
                 self.ctx.metrics.form(addr.remote, "entry", "miss")
-                await blobs.delete(addr.name)
+                try:
+                    await blobs.delete(addr.name)
+                except Exception:  # a store that fails still answers the miss
+                    log.failure("{remote}: deleting a dangling action result failed", remote=addr.remote)
                 raise HTTPError(404, f"an output of action {addr.digest} is gone; run it again")
         return await blobs.serve(request, addr.name)
 
