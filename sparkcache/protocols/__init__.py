@@ -13,11 +13,12 @@ import os
 from typing import Any, Mapping, Sequence
 
 from sparkcache import config
-from sparkcache.protocols import generic, git, go, npm, oci, pypi
+from sparkcache.protocols import generic, gha, git, go, npm, oci, pypi
 from sparkcache.protocols.base import ProtocolSpec, RemoteKind
 
 PROTOCOLS: tuple[ProtocolSpec, ...] = (
     generic.SPEC,
+    gha.SPEC,
     git.SPEC,
     go.SPEC,
     npm.SPEC,
