@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import DeferredLock
+from twisted.logger import Logger
 
 from sparkcache.auth import AuthError
 from sparkcache.fetch import Target
@@ -32,6 +33,7 @@ from sparkcache.fetch import Target
 if TYPE_CHECKING:
     from sparkcache.context import Context
 
+log = Logger()
 SECRET_REMOTE = "_gha"
 SECRET_KEY = f"{SECRET_REMOTE}:signing-secret"
 READ, WRITE = 1, 2
@@ -70,17 +72,25 @@ class Secrets:
 
     async def _load_or_make(self) -> bytes:
         store = self.ctx.store
-        entry = await store.index.get(SECRET_KEY)
-        if entry is not None and entry.status == 200 and store.exists(entry):
-            stored = (await store.read(entry, 256)).strip()
-            if len(stored) >= 32:
-                return stored
+        try:
+            entry = await store.index.get(SECRET_KEY)
+            if entry is not None and entry.status == 200 and store.exists(entry):
+                stored = (await store.read(entry, 256)).strip()
+                if len(stored) >= 32:
+                    return stored
+        except Exception as e:
+            log.warn("gha: could not read the stored signing secret ({why}); making a new one", why=e)
         secret = binascii.hexlify(os.urandom(32))
         spool = store.new_spool("gha-")
         spool.write(secret)
         # Pinned: eviction or a purge of the cache must not invalidate every URL and token.
-        await self.ctx.cache.adopt(Target(SECRET_KEY, SECRET_REMOTE, "signing-secret", pinned=True), spool,
-                                   {"content-type": "application/octet-stream"})
+        try:
+            await self.ctx.cache.adopt(Target(SECRET_KEY, SECRET_REMOTE, "signing-secret", pinned=True), spool,
+                                       {"content-type": "application/octet-stream"})
+        except Exception as e:
+            # A full disk must not stop the cache: this process signs with it
+            # anyway; its URLs and tokens end with it.
+            log.warn("gha: could not store the signing secret ({why}); it lasts until the daemon stops", why=e)
         return secret
 
 
