@@ -27,7 +27,8 @@ const [op, key, paths, restoreKeys] = [process.argv[2], process.argv[3], JSON.pa
                                        JSON.parse(process.argv[5] || "[]")];
 let result;
 if (op === "save") {
-  result = {id: await cache.saveCache(paths, key)};
+  const chunk = process.env.SPARKCACHE_UPLOAD_CHUNK;  // v1 only: v2 sets its own
+  result = {id: await cache.saveCache(paths, key, chunk ? {uploadChunkSize: Number(chunk)} : undefined)};
 } else {
   result = {matched: (await cache.restoreCache(paths, key, restoreKeys)) ?? null};
 }
