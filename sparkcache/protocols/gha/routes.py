@@ -69,7 +69,9 @@ def render_error(request: Any, reply: ErrorReply) -> bytes:
         request.setResponseCode(reply.status)
         request.setHeader(b"Content-Type", b"application/json")
         code = _TWIRP_CODES.get(reply.status, "internal" if reply.status >= 500 else "unknown")
-        return json.dumps({"code": code, "msg": reply.message}).encode()
+        # Plus the daemon's own keys: Twirp clients read code and msg, and ignore the rest.
+        return json.dumps({"code": code, "msg": reply.message, "error": reply.message,
+                           "status": reply.status}).encode()
     body = json.loads(error_body(request, reply.status, reply.message))
     return json.dumps({**body, "message": reply.message}).encode() + b"\n"
 
@@ -397,11 +399,11 @@ class GhaApp:
         request.setHeader(b"Content-Type", b"application/json")
         return json.dumps({"cacheId": r.cache_id}).encode()
 
-    @app.route("/gha/<remote>/_apis/artifactcache/caches/<int:cache_id>", methods=["PATCH", "POST"])
-    async def chunk_or_commit(self, request: Any, remote: str, cache_id: int) -> bytes:
+    @app.route("/gha/<remote>/_apis/artifactcache/caches/<cache_id>", methods=["PATCH", "POST"])
+    async def chunk_or_commit(self, request: Any, remote: str, cache_id: str) -> bytes:
         g = self.remote(remote)
         acc = await self.access(request, g, "write")
-        r = g.uploads.live(g.uploads.by_id.get(cache_id))
+        r = g.uploads.live(g.uploads.by_id.get(int(cache_id)) if cache_id.isascii() and cache_id.isdigit() else None)
         if r.scope != acc.write:
             raise AuthError(403, "this upload belongs to another cache scope")
         if r.committing:

@@ -100,7 +100,7 @@ def sign(secret: bytes, *parts: str) -> str:
 
 def check_signature(secret: bytes, sig: str | None, exp: str | None, now: float, *parts: str) -> None:
     """Raise AuthError(403) unless ``sig`` signs ``parts`` and ``exp``, and ``exp`` has not passed."""
-    if not sig or not exp or not exp.isdigit():
+    if not sig or not exp or not (exp.isascii() and exp.isdigit()):
         raise AuthError(403, "this URL is not signed")
     expected = sign(secret, *parts, exp)
     if not hmac.compare_digest(expected.encode(), sig.encode("utf-8", "replace")):
