@@ -403,7 +403,8 @@ class GhaApp:
     async def chunk_or_commit(self, request: Any, remote: str, cache_id: str) -> bytes:
         g = self.remote(remote)
         acc = await self.access(request, g, "write")
-        r = g.uploads.live(g.uploads.by_id.get(int(cache_id)) if cache_id.isascii() and cache_id.isdigit() else None)
+        numeric = cache_id.isascii() and cache_id.isdigit()
+        r = g.uploads.live(g.uploads.by_id.get(int(cache_id)) if numeric else None)
         if r.scope != acc.write:
             raise AuthError(403, "this upload belongs to another cache scope")
         if r.committing:
