@@ -17,8 +17,8 @@ def test_protobuf_requests_decode_skipping_metadata_and_unknown_fields() -> None
     data += varint(9 << 3) + varint(5) + varint(10 << 3 | 1) + b"8bytes!!" + varint(11 << 3 | 5) + b"4byt"
     req = wire.decode_protobuf("GetCacheEntryDownloadURL", data)
     assert (req.key, req.version, req.restore_keys) == ("k", "v", ["a-", "b-"])
-    req = wire.decode_protobuf("FinalizeCacheEntryUpload",
-                               pb_request("FinalizeCacheEntryUpload", {"key": "k", "size_bytes": 1 << 40, "version": "v"}))
+    big = pb_request("FinalizeCacheEntryUpload", {"key": "k", "size_bytes": 1 << 40, "version": "v"})
+    req = wire.decode_protobuf("FinalizeCacheEntryUpload", big)
     assert req.size_bytes == 1 << 40 and req.version == "v"
     assert wire.decode_protobuf("FinalizeCacheEntryUpload", varint(3 << 3) + varint(-1)).size_bytes == -1
 

@@ -135,7 +135,9 @@ class GhaApp:
             if r.type == "gha":
                 self.remotes[name] = GhaRemote(r, KeyedBlobs(ctx, r, FORMAT), Reservations(ctx, r.options.upload_ttl))
         defaults = [g for g in self.remotes.values() if g.options.default]
-        self.default = defaults[0] if defaults else (next(iter(self.remotes.values())) if len(self.remotes) == 1 else None)
+        if not defaults and len(self.remotes) == 1:
+            defaults = list(self.remotes.values())
+        self.default: GhaRemote | None = defaults[0] if defaults else None
         self._secret_cache: dict[str, bytes] = {}
 
     def resource(self) -> IResource:
