@@ -470,7 +470,12 @@ class GhaApp:
         found = []
         for scope in acc.read:
             base = entry_base(scope, "")[:-1]  # e/<scope>/, every version
-            for e in await self.ctx.store.list(g.name, base, 1000):
+            try:
+                entries = await self.ctx.store.list(g.name, base, 1000)
+            except Exception:
+                log.failure("{remote}: listing entries failed", remote=g.name)
+                entries = []
+            for e in entries:
                 version, _, k = e.path[len(base):].partition("/")
                 if k.startswith(key):
                     found.append({"cacheKey": k, "cacheVersion": unquote(version), "scope": scope,
