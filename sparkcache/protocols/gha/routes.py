@@ -202,7 +202,14 @@ class GhaApp:
         finally:
             g.uploads.drop(r)
 
+    def check_live(self, g: GhaRemote, r: Reservation, spool: SpoolFile) -> None:
+        """After a body arrived: its upload must still be open, or nobody would release the spool."""
+        if g.uploads.by_id.get(r.cache_id) is not r or r.committing:
+            self.ctx.store.discard(spool)
+            raise HTTPError(409, "this upload ended (committed, expired or dropped) while the body arrived")
+
     def keep_part(self, g: GhaRemote, r: Reservation, parts: dict[Any, SpoolFile], part: Any, spool: SpoolFile) -> None:
+        self.check_live(g, r, spool)
         g.uploads.keep(parts, part, spool)
         if r.stored_bytes() > g.blobs.options.max_entry_size:
             g.uploads.drop(r)
@@ -354,6 +361,7 @@ class GhaApp:
             if blob_type is not None and blob_type.lower() != b"blockblob":
                 raise HTTPError(400, "only block blobs are stored (x-ms-blob-type: BlockBlob)")
             spool = await request_spool(request, self.ctx.store)
+            self.check_live(g, r, spool)
             if r.body is not None:
                 self.ctx.store.discard(r.body)
             r.body = spool
