@@ -13,13 +13,14 @@ import os
 from typing import Any, Mapping, Sequence
 
 from sparkcache import config
-from sparkcache.protocols import bazel, cargo, generic, git, go, kv, maven, npm, oci, pypi, seed
+from sparkcache.protocols import bazel, cargo, generic, gha, git, go, kv, maven, npm, oci, pypi, seed
 from sparkcache.protocols.base import ProtocolSpec, RemoteKind
 
 PROTOCOLS: tuple[ProtocolSpec, ...] = (
     bazel.SPEC,
     cargo.SPEC,
     generic.SPEC,
+    gha.SPEC,
     git.SPEC,
     go.SPEC,
     kv.SPEC,

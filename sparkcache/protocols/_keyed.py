@@ -36,7 +36,7 @@ from twisted.logger import Logger
 from sparkcache.config import Loader, RemoteConfig, Section, parse_duration, parse_size
 from sparkcache.fetch import Hit, Target
 from sparkcache.fetch.flight import BodyError
-from sparkcache.store import Entry
+from sparkcache.store import Entry, SpoolFile
 from sparkcache.web.bodies import BodyDecision, Refuse, ToSpool, request_spool
 from sparkcache.web.errors import ErrorFormat, ErrorReply, HTTPError
 from sparkcache.web.respond import respond
@@ -136,6 +136,15 @@ class KeyedBlobs:
                 metrics.form(self.remote.name, "upload", "exists")
                 return Stored(existing, False)
         spool = await request_spool(request, store)
+        return await self.put_spool(spool, name, headers, expected_sha256)
+
+    async def put_spool(self, spool: SpoolFile, name: str, headers: Mapping[str, str] | None = None,
+                        expected_sha256: str | None = None) -> Stored:
+        """Commit a complete, hashed spool the protocol assembled itself (chunks
+        or blocks of an upload) under ``name``, replacing what is there; the
+        spool is consumed either way. Raises HTTPError like :meth:`put`."""
+        store, metrics = self.ctx.store, self.ctx.metrics
+        key = self.key(name)
         size = spool.size
         if size > self.options.max_entry_size:
             store.discard(spool)
