@@ -145,7 +145,7 @@ class RefChecker:
         body = await self._request(h, b"GET", base + "/info/refs?service=git-upload-pack", creds, None)
         lines = list(_pkts(body))
         if _is_v2(lines):
-            if b"ls-refs" not in {_text(x).split("=", 1)[0] for x in lines if isinstance(x, bytes)}:
+            if "ls-refs" not in {_text(x).split("=", 1)[0] for x in lines if isinstance(x, bytes)}:
                 raise CheckError("the forge speaks protocol v2 without ls-refs")
             h.v2 = True
             return parse_ls_refs(await self._request(h, b"POST", base + "/git-upload-pack", creds, LS_REFS))
