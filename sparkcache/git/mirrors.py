@@ -35,7 +35,7 @@ from sparkcache.git.config import GitConfig
 from sparkcache.git.credentials import Callbacks, describe
 from sparkcache.git.interfaces import IMirrors, Mirror, MirrorUnavailable
 from sparkcache.pools import DaemonThreadPool, stop_pool
-from sparkcache.git.rates import HostRates, forge_host
+from sparkcache.git.rates import HostCollector, HostRates, forge_host
 from sparkcache.git.refcheck import CheckError, RefChecker, is_http
 from sparkcache.git.registry import RegistrationError, Registry
 from sparkcache.git.repo_ops import (
@@ -125,6 +125,9 @@ class Mirrors:
         self.rates = HostRates(config.max_upstream_rate, self.clock)
         self.checker = RefChecker(reactor)
         self.scheduler: Any = None  # the loop.Scheduler, told about new and cloned mirrors
+        registry = getattr(metrics, "registry", None)
+        if registry is not None:
+            registry.register(HostCollector(self))
         self._state: dict[str, MirrorState] = {}
         self._creds: dict[str, Any] = {}
         self._building: set[str] = set()
@@ -241,10 +244,13 @@ class Mirrors:
         for r in self.registry.all():
             h = forge_host(r.url)
             counts[h] = counts.get(h, 0) + 1
+        stats = {s.host: s for s in self.rates.stats()}
         out = []
-        for s in self.rates.stats():
-            out.append({"host": s.host, "checks": s.checks, "checks_per_second": round(s.rate, 3),
-                        "max_upstream_rate": s.cap, "mirrors": counts.get(s.host, 0)})
+        for host in sorted(set(counts) | set(stats)):
+            s = stats.get(host)
+            out.append({"host": host, "checks": s.checks if s else 0,
+                        "checks_per_second": round(s.rate, 3) if s else 0.0,
+                        "max_upstream_rate": self.rates.rate, "mirrors": counts.get(host, 0)})
         return out
 
     # -- serving guard (no pruning repack while upload-pack reads a mirror) -------

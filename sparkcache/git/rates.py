@@ -111,3 +111,29 @@ class HostRates:
 
     def stats(self) -> list[HostStats]:
         return [HostStats(h, c.total, c.rate(), self.rate) for h, c in sorted(self.caps.items())]
+
+
+class HostCollector:
+    """Prometheus families read at scrape time (nothing is counted twice on the hot
+    path): per forge host, the mirrors, the ref checks sent, their rate and the cap.
+    Per-mirror intervals and times are in ``GET /repos``: one series per mirror
+    would make ten thousand."""
+
+    def __init__(self, mirrors: Any) -> None:
+        self.mirrors = mirrors
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        checks = CounterMetricFamily("sparkcache_git_ref_checks", "Ref checks sent to each forge host", labels=["host"])
+        rate = GaugeMetricFamily("sparkcache_git_ref_check_rate",
+                                 "Ref checks a second to each forge host over the last minute", labels=["host"])
+        cap = GaugeMetricFamily("sparkcache_git_max_upstream_rate", "The configured cap (checks a second per host)",
+                                labels=["host"])
+        count = GaugeMetricFamily("sparkcache_git_mirrors", "Registered mirrors per forge host", labels=["host"])
+        for h in self.mirrors.hosts():
+            checks.add_metric([h["host"]], h["checks"])
+            rate.add_metric([h["host"]], h["checks_per_second"])
+            cap.add_metric([h["host"]], h["max_upstream_rate"])
+            count.add_metric([h["host"]], h["mirrors"])
+        return [checks, rate, cap, count]
