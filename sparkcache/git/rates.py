@@ -24,6 +24,7 @@ from sparkcache.git.config import GitConfig, url_host
 ACTIVE = 3600.0     # served or changed within this long: checked every fetch_interval
 JITTER = 0.1        # +/- this fraction of each interval
 RATE_WINDOW = 60.0  # GET /repos and the metrics report the rate over this window
+DEBT = 1.0          # how far ahead of the clock checks clients waited for can book the loop's slots
 
 
 def forge_host(url: str) -> str:
@@ -67,8 +68,11 @@ class RateCap:
         return max(0.0, start - self.tolerance - now)
 
     def take(self) -> None:
-        """Use a slot now, waiting or not (a check a client waits for)."""
-        self.tat = max(self.tat, self.clock.seconds()) + self.step
+        """Use a slot now, waiting or not (a check a client waits for). The loop's
+        next slots move back, but by at most DEBT seconds: a burst of clones after a
+        restart must not silence the loop for minutes afterwards."""
+        now = self.clock.seconds()
+        self.tat = max(self.tat, min(max(self.tat, now) + self.step, now + DEBT))
 
     def record(self) -> None:
         """One request went out (for the reported rate)."""

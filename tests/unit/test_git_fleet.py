@@ -102,6 +102,9 @@ def test_rate_cap_reserves_slots_and_counts_demand() -> None:
     assert waits == pytest.approx([0, 0.1, 0.2, 0.3, 0.4])
     cap.take()  # a client's check goes now, and the loop's next slot moves back
     assert cap.reserve() == pytest.approx(0.6)
+    for _ in range(100):  # a burst of clones: the loop waits a second at most
+        cap.take()
+    assert cap.reserve() == pytest.approx(1.0)
 
 
 def test_per_host_cap_holds_with_10000_mirrors(tmp_path: Path) -> None:
