@@ -123,11 +123,6 @@ def main() -> int:
                         f"<= {args.max_rate:g}", rate <= args.max_rate * 1.02),
             summary_row("upstream connections in the window", "", connections, "", None, "-", None),
         ]
-        summary = [
-            summary_row(f"idle fetch loop, {len(names)} repos, {args.interval:g}s interval", "% of a core",
-                        percent, "", None, f"< {GOAL:g} %", percent < GOAL),
-            summary_row("upstream ref discoveries per period", "", discoveries / args.periods, "", None, "-", None),
-        ]
         print_summary(f"{NAME} summary", summary)
         daemon.stop()
         b.write_results({

@@ -384,14 +384,18 @@ class Mirrors:
             cap.take()
         cap.record()
         known, head = st.refs, st.head
+        adv = None
         if is_http(mirror.url):
             try:
                 adv = await self.checker.check(mirror.url, self._credentials(mirror))
             except CheckError as e:
-                st.last_fetch = self.clock.seconds()
-                self._failed(mirror, st, f"{mirror.name}: {e}")
-                self._count("error")
-                return "error"
+                if e.status is None or not 300 <= e.status < 400:
+                    st.last_fetch = self.clock.seconds()
+                    self._failed(mirror, st, f"{mirror.name}: {e}")
+                    self._count("error")
+                    return "error"
+                # A redirect (a renamed repository): libgit2 follows it, below.
+        if adv is not None:
             changed = adv.refs != known or (adv.head is not None and adv.head != head)
         else:
             # ssh:// and file://: libgit2's ref listing, in the pool (today's path).
@@ -401,7 +405,7 @@ class Mirrors:
             changed = bool(need)
         if not changed:
             st.last_fetch, st.last_error = self.clock.seconds(), None
-            if is_http(mirror.url):
+            if adv is not None:  # poll counted its own
                 self._count("unchanged")
             return "unchanged"
         await self._quiet_refresh(mirror)

@@ -47,7 +47,12 @@ LS_REFS = (pkt_line(b"command=ls-refs\n") + pkt_line(b"agent=git/sparkcache\n") 
 
 
 class CheckError(Exception):
-    """The forge could not be asked, or answered something that is not a ref listing."""
+    """The forge could not be asked, or answered something that is not a ref listing
+    (``status``: the HTTP status when there was one)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -178,7 +183,7 @@ class RefChecker:
         response.deliverBody(_Collect(done, MAX_ADVERTISEMENT))
         data = await done
         if response.code != 200:
-            raise CheckError(f"HTTP {response.code} from {_safe(url)}")
+            raise CheckError(f"HTTP {response.code} from {_safe(url)}", response.code)
         return data
 
     def close(self) -> Deferred[Any]:
