@@ -272,3 +272,29 @@ def test_webhook_config_names_the_key() -> None:
         with pytest.raises(ConfigError) as e:
             load_config_data({"git": git}, "c", {})
         assert where in str(e.value)
+
+
+def test_a_push_joins_a_fetch_in_flight_and_fetches_again_when_it_predates_the_push(tmp_path: Path) -> None:
+    clock = task.Clock()
+    ms = fleet(tmp_path, {"app": "https://forge.example/o/app.git"}, clock)
+    m = ms.lookup("app")
+    started: list[Deferred[dict[str, str]]] = []
+
+    def held_refresh(mirror: Any, clone: bool) -> Deferred[dict[str, str]]:
+        d: Deferred[dict[str, str]] = Deferred()
+        started.append(d)
+        return d
+
+    ms._refresh = held_refresh  # type: ignore[method-assign]
+    running = ms.refresh(m, False)
+    done: list[Any] = []
+    ms.pushed(m, {"refs/heads/main": B}).addCallback(done.append)
+    assert len(started) == 1  # joined, not a second fetch beside it
+    started[0].callback({"refs/heads/main": A})  # it started before the push
+    assert running.called and done == [] and len(started) == 2
+    started[1].callback({"refs/heads/main": B})
+    assert len(done) == 1 and ms.state(m).last_change == clock.seconds()
+    # no fetch in flight: one fetch, even when it somehow did not bring the id
+    ms.pushed(m, {"refs/heads/main": "c" * 40}).addCallback(done.append)
+    started[2].callback({"refs/heads/main": B})
+    assert len(done) == 2 and len(started) == 3
