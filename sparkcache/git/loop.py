@@ -94,6 +94,22 @@ class Scheduler(Service):
         if self.running:
             self._arm()
 
+    def touch(self, mirror: "Mirror") -> None:
+        """A mirror was just served or cloned: it is active now, so its next check is
+        at most ``fetch_interval`` away (an idle one may have been an hour away)."""
+        e = self.entries.get(mirror.path)
+        if e is None:
+            self.add(mirror)
+            return
+        now = self.clock.seconds()
+        soon = now + jittered(self.mirrors.config.fetch_interval, self.rng)
+        if e.running or e.reserved or e.due <= soon:
+            return
+        e.interval, e.due = self.mirrors.config.fetch_interval, soon
+        self._push(e)
+        if self.running:
+            self._arm()
+
     def _push(self, e: Entry) -> None:
         self._seq += 1
         heapq.heappush(self._heap, (e.due, self._seq, e.mirror.path))

@@ -196,7 +196,7 @@ class Mirrors:
 
     def _schedule(self, mirror: Mirror) -> None:
         if self.scheduler is not None:
-            self.scheduler.add(mirror)
+            self.scheduler.touch(mirror)
 
     def _save_registry(self) -> None:
         snap = self.registry.snapshot()
@@ -259,6 +259,8 @@ class Mirrors:
         st = self.state(mirror)
         st.serving += 1
         st.last_served = self.clock.seconds()
+        if self.scheduler is not None:
+            self.scheduler.touch(mirror)
 
     def release(self, mirror: Mirror) -> None:
         st = self.state(mirror)

@@ -89,6 +89,14 @@ def test_scheduler_adapts_each_mirrors_interval(tmp_path: Path) -> None:
     # "hot" goes idle: after an hour without clients its interval grows
     clock.pump([60] * 150)
     assert sched.entries[hot.path].interval > 30
+    # a client clones "cold": its next check is at most fetch_interval away, not an hour
+    cold = ms.lookup("cold")
+    before = by_name["cold"] = sum(1 for _, _, n in checks.calls if n == "cold")
+    ms.acquire(cold)
+    ms.release(cold)
+    clock.pump([1] * 35)  # 33 s at most, plus a slot of the host's cap
+    assert sum(1 for _, _, n in checks.calls if n == "cold") == before + 1
+    assert sched.entries[cold.path].interval == 30
     sched.stopService()
 
 
