@@ -26,12 +26,12 @@ from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
 from twisted.internet.defer import TimeoutError as DeferTimeout
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import (Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone, ResponseNeverReceived,
-                                _HTTP11ClientFactory)
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
+from sparkcache.fetch.upstream import _QuietPool, _safe
 from sparkcache.git.config import GitCredentials
 from sparkcache.git.credentials import DEFAULT_TOKEN_USER
 from sparkcache.git.pktline import FLUSH, PktError, Special, iter_pkt_lines, pkt_line
@@ -72,14 +72,6 @@ def host_of(url: str) -> str:
     p = urlsplit(url)
     port = p.port or (443 if p.scheme == "https" else 80)
     return f"{p.scheme}://{(p.hostname or '').lower()}:{port}"
-
-
-class _QuietFactory(_HTTP11ClientFactory):
-    noisy = False
-
-
-class _OnePool(HTTPConnectionPool):
-    _factory = _QuietFactory
 
 
 class _Collect(Protocol):
@@ -126,7 +118,7 @@ class RefChecker:
         key = host_of(url)
         h = self.hosts.get(key)
         if h is None:
-            pool = _OnePool(self.reactor, persistent=True)
+            pool = _QuietPool(self.reactor, persistent=True)
             pool.maxPersistentPerHost = 1
             pool.cachedConnectionTimeout = 240
             pool.retryAutomatically = True
@@ -271,14 +263,6 @@ def guess_head(refs: dict[str, str], head_oid: str | None) -> str | None:
         if branches.get(name) == head_oid:
             return name
     return None
-
-
-def _safe(url: str) -> str:
-    p = urlsplit(url)
-    host = p.hostname or ""
-    if p.port:
-        host = f"{host}:{p.port}"
-    return f"{p.scheme}://{host}{p.path}"
 
 
 def _describe(e: BaseException) -> str:
