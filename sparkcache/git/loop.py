@@ -17,6 +17,7 @@ every ``fsck_interval`` they are checked with ``git fsck`` and re-cloned when co
 from __future__ import annotations
 
 import heapq
+from collections import deque
 import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -43,7 +44,7 @@ class Entry:
     due: float
     interval: float
     reserved: bool = False   # holds a rate slot: starts when due without asking again
-    running: bool = False
+    running: bool = False    # checking, or parked until its host's connection is free
 
 
 class Scheduler(Service):
@@ -61,6 +62,7 @@ class Scheduler(Service):
         self.checks = 0
         self.failures = 0
         self.wakeups = 0
+        self.waiting: dict[str, deque[Entry]] = {}  # per host: due, slot taken, connection busy
         mirrors.scheduler = self
 
     # -- lifecycle ------------------------------------------------------------------
@@ -148,9 +150,24 @@ class Scheduler(Service):
                     self._push(e)
                     continue
             e.reserved, e.running = False, True
+            if self.mirrors.busy(e.mirror):
+                # The host answers slower than its cap: park it until a check there ends,
+                # rather than queue it on the connection (or wake up to retry).
+                self.waiting.setdefault(e.host, deque()).append(e)
+                continue
             ensureDeferred(self._check(e))  # never fails: _check records its errors
         if self.running:
             self._arm()
+
+    def _unpark(self, host: str) -> None:
+        queue = self.waiting.get(host)
+        while queue:
+            e = queue[0]
+            if self.mirrors.busy(e.mirror):
+                return
+            queue.popleft()
+            ensureDeferred(self._check(e))
+        self.waiting.pop(host, None)
 
     async def _check(self, e: Entry) -> None:
         m = e.mirror
@@ -170,6 +187,8 @@ class Scheduler(Service):
             e.running = False
             if m.path in self.entries:
                 self._reschedule(e)
+            if e.host in self.waiting and self.running:
+                self._unpark(e.host)
 
     def _reschedule(self, e: Entry) -> None:
         st = self.mirrors.state(e.mirror)

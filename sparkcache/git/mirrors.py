@@ -364,6 +364,10 @@ class Mirrors:
         slot; otherwise the check takes one without waiting."""
         return self._checks.run(mirror.path, lambda: Deferred.fromCoroutine(self._check(mirror, scheduled)))
 
+    def busy(self, mirror: Mirror) -> bool:
+        """Whether the mirror's forge connection has a backlog (the loop waits then)."""
+        return is_http(mirror.url) and self.checker.busy(mirror.url)
+
     async def _check(self, mirror: Mirror, scheduled: bool) -> str:
         st = self.state(mirror)
         if mirror.path in self._refreshes:

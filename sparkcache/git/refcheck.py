@@ -41,6 +41,7 @@ from sparkcache.git.pktline import FLUSH, PktError, Special, iter_pkt_lines, pkt
 MAX_ADVERTISEMENT = 64 << 20
 CONNECT_TIMEOUT = 15.0
 CHECK_TIMEOUT = 60.0
+MAX_BACKLOG = 2  # checks queued or in flight on a host's connection before the loop waits
 USER_AGENT = b"git/sparkcache"
 LS_REFS = (pkt_line(b"command=ls-refs\n") + pkt_line(b"agent=git/sparkcache\n") + b"0001"
            + pkt_line(b"symrefs\n") + FLUSH)
@@ -102,6 +103,7 @@ class Host:
     queue: DeferredSemaphore = field(default_factory=lambda: DeferredSemaphore(1))
     v2: bool | None = None   # None: not known yet
     requests: int = 0
+    pending: int = 0         # checks queued for the connection or on it
 
 
 class RefChecker:
@@ -129,7 +131,19 @@ class RefChecker:
 
     def check(self, url: str, creds: GitCredentials | None) -> Deferred[Advertisement]:
         h = self.host(url)
-        return h.queue.run(lambda: Deferred.fromCoroutine(self._check(h, url, creds)))
+        h.pending += 1
+
+        def done(result: Any) -> Any:
+            h.pending -= 1
+            return result
+
+        return h.queue.run(lambda: Deferred.fromCoroutine(self._check(h, url, creds))).addBoth(done)
+
+    def busy(self, url: str) -> bool:
+        """Whether the host's connection already has a backlog: the loop then holds its
+        next checks back, so that a client's check never queues behind hundreds."""
+        h = self.hosts.get(host_of(url))
+        return h is not None and h.pending >= MAX_BACKLOG
 
     async def _check(self, h: Host, url: str, creds: GitCredentials | None) -> Advertisement:
         base = url.rstrip("/")

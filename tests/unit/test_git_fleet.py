@@ -306,3 +306,52 @@ def test_a_push_joins_a_fetch_in_flight_and_fetches_again_when_it_predates_the_p
     ms.pushed(m, {"refs/heads/main": "c" * 40}).addCallback(done.append)
     started[2].callback({"refs/heads/main": B})
     assert len(done) == 2 and len(started) == 3
+
+
+class SlowForge:
+    """A checker whose answers the test releases; at most MAX_BACKLOG may queue."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[str, Deferred[Advertisement]]] = []
+
+    def waiting(self) -> list[tuple[str, Deferred[Advertisement]]]:
+        return [(u, d) for u, d in self.pending if not d.called]
+
+    def check(self, url: str, creds: Any) -> Deferred[Advertisement]:
+        d: Deferred[Advertisement] = Deferred()
+        self.pending.append((url, d))
+        return d
+
+    def busy(self, url: str) -> bool:
+        from sparkcache.git.refcheck import MAX_BACKLOG
+
+        return len(self.waiting()) >= MAX_BACKLOG
+
+
+def test_a_slow_forge_parks_the_loop_and_a_clone_does_not_queue_behind_it(tmp_path: Path) -> None:
+    clock = task.Clock()
+    repos = {f"r{i:03d}": f"https://slow.example/o/r{i}.git" for i in range(100)}
+    ms = fleet(tmp_path, repos, clock, fetch_interval="30s", max_upstream_rate=20)
+    forge = SlowForge()
+    ms.checker = forge  # type: ignore[assignment]
+    same = Advertisement({"refs/heads/main": A}, "refs/heads/main")
+    for m in ms.mirrors():
+        st = ms.state(m)
+        st.refs, st.head, st.last_served, st.last_fetch = {"refs/heads/main": A}, "refs/heads/main", 0.0, 0.0
+    sched = Scheduler(ms, clock, rng=random.Random(5))
+    sched.startService()
+    clock.advance(31)  # every mirror is due; the forge has not answered anything
+    clock.pump([0.1] * 60)  # ...and has had its slot of the host's cap
+    assert len(forge.waiting()) == 2 and sum(len(q) for q in sched.waiting.values()) == 98
+    # a clone of a stale mirror checks at once, behind two checks at most
+    stale = sched.waiting["slow.example"][-1].mirror  # the loop's last in line for it
+    d = ms.freshen(stale)
+    assert len(forge.waiting()) == 3 and forge.waiting()[-1][0] == stale.url
+    # each answer lets one parked check go: the connection never has more than its backlog
+    answered = 0
+    while forge.waiting():
+        forge.waiting()[0][1].callback(same)
+        answered += 1
+        assert len(forge.waiting()) <= 3
+    assert answered >= 100 and d.called and not sched.waiting
+    sched.stopService()
