@@ -17,6 +17,11 @@ git:
   stale_lock_age: 30m          # *.lock files older than this are left-overs of a crash
   max_upload_pack_body: 64MiB
   pack_cache: true
+  max_interval: 1h             # idle mirrors are checked this rarely (served ones every fetch_interval)
+  max_upstream_rate: 20        # ref checks per second per forge host, whatever the number of repos
+  webhooks:                    # POST /git/webhook; one secret per forge kind
+    github: {secret_env: GITHUB_WEBHOOK_SECRET}
+    gitlab: {secret: "..."}    # also gitea, forgejo
 ```
 ``GITCACHE_REPOS="name=url,name=url"`` adds repos from the environment.
 """
@@ -90,6 +95,10 @@ class GitConfig:
     stale_lock_age: float = 30 * 60.0
     max_upload_pack_body: int = 64 * 2**20
     pack_cache: bool = True
+    max_interval: float = 3600.0
+    max_upstream_rate: float = 20.0
+    # forge kind (github, gitlab, gitea, forgejo) -> webhook secret
+    webhooks: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     def allowed_host(self, host: str) -> AllowedHost | None:
         host = host.lower()
@@ -125,6 +134,9 @@ class GitConfig:
             "stale_lock_age": self.stale_lock_age,
             "max_upload_pack_body": self.max_upload_pack_body,
             "pack_cache": self.pack_cache,
+            "max_interval": self.max_interval,
+            "max_upstream_rate": self.max_upstream_rate,
+            "webhooks": {k: {"secret": "***"} for k in self.webhooks},
         }
 
 
@@ -328,6 +340,13 @@ def parse_git_section(loader: Any, sec: Any) -> GitConfig:
     for key, v in (("maintenance_interval", maintenance), ("fsck_interval", fsck)):
         if v < 1.0:
             raise loader.error(sec.key(key), "must be at least 1s")
+    max_interval = sec.convert("max_interval", parse_duration, max(d.max_interval, fetch_interval))
+    if max_interval < fetch_interval:
+        raise loader.error(sec.key("max_interval"), "must be at least fetch_interval")
+    rate = sec.get("max_upstream_rate", (int, float), d.max_upstream_rate)
+    if isinstance(rate, bool) or not rate > 0:
+        raise loader.error(sec.key("max_upstream_rate"), "expected a positive number of ref checks per second")
+    webhooks = _webhooks(loader, sec)
     cfg = GitConfig(
         fetch_interval=fetch_interval,
         fetch_concurrency=concurrency,
@@ -341,6 +360,32 @@ def parse_git_section(loader: Any, sec: Any) -> GitConfig:
         stale_lock_age=sec.convert("stale_lock_age", parse_duration, d.stale_lock_age),
         max_upload_pack_body=sec.convert("max_upload_pack_body", parse_size, d.max_upload_pack_body),
         pack_cache=sec.get("pack_cache", bool, d.pack_cache),
+        max_interval=max_interval,
+        max_upstream_rate=float(rate),
+        webhooks=webhooks,
     )
     sec.done()
     return cfg
+
+
+FORGES = ("github", "gitlab", "gitea", "forgejo")
+
+
+def _webhooks(loader: Any, sec: Any) -> dict[str, str]:
+    raw = sec.raw("webhooks", {}) or {}
+    if not isinstance(raw, dict):
+        raise loader.error(sec.key("webhooks"), f"expected a mapping of forge ({', '.join(FORGES)}) to a secret")
+    from sparkcache.config import Section
+
+    wsec = Section(loader, sec.key("webhooks"), raw)
+    out: dict[str, str] = {}
+    for forge in raw:
+        if forge not in FORGES:
+            raise loader.error(wsec.key(str(forge)), f"unknown forge; expected one of {', '.join(FORGES)}")
+        fsec = wsec.sub(str(forge))
+        secret = loader.secret(fsec, "secret")
+        if not secret:
+            raise loader.error(fsec.path, "a webhook needs secret or secret_env (a non-empty shared secret)")
+        fsec.done()
+        out[str(forge)] = secret
+    return out

@@ -1,11 +1,12 @@
-"""Keeping mirrors fresh and healthy: the fetch loop and scheduled maintenance.
+"""Keeping mirrors fresh and healthy: the check scheduler and scheduled maintenance.
 
-Every ``fetch_interval`` each mirror that exists on disk is refreshed, with at
-most ``fetch_concurrency`` at a time and each start delayed by a random
-``jitter`` so a thousand mirrors do not hit the forge in the same second. Mirrors are
-checked in batches, one pool job each: a check is one ref advertisement round
-trip compared with the refs the mirror holds; only mirrors that differ are
-fetched (through Mirrors.refresh, so at most one fetch per mirror runs).
+Each mirror has its own next check time (see rates.py: served or changed
+recently → every ``fetch_interval``, idle → up to ``max_interval``, with
+jitter), kept in one heap with one timer for the earliest: nothing wakes per
+mirror. A due check waits for its forge host's slot (``max_upstream_rate``
+checks a second per host) and is then one cheap ref check (Mirrors.check: an
+HTTP request on the reactor for http(s) mirrors, a libgit2 ref listing in the
+pool for ssh:// and file:// ones); only a mirror whose refs differ is fetched.
 A failing repository is logged and recorded for ``GET /repos``; the loop goes on.
 
 Every ``maintenance_interval`` mirrors that received objects are repacked
@@ -15,14 +16,17 @@ every ``fsck_interval`` they are checked with ``git fsck`` and re-cloned when co
 
 from __future__ import annotations
 
+import heapq
+from collections import deque
 import random
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, ensureDeferred
-from twisted.internet.task import deferLater
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.logger import Logger
 
+from sparkcache.git.rates import forge_host, interval_for, jittered
 from sparkcache.timers import Periodic
 
 if TYPE_CHECKING:
@@ -31,49 +35,188 @@ if TYPE_CHECKING:
 
 log = Logger()
 STOP_TIMEOUT = 10.0
-MAX_BATCH = 50
 
 
-class FetchLoop:
+@dataclass
+class Entry:
+    mirror: "Mirror"
+    host: str
+    due: float
+    interval: float
+    reserved: bool = False   # holds a rate slot: starts when due without asking again
+    running: bool = False    # checking, or parked until its host's connection is free
+
+
+class Scheduler(Service):
+    """Checks each registered mirror when it is due, within its host's rate cap."""
+
     def __init__(self, mirrors: "Mirrors", clock: Any, rng: random.Random | None = None) -> None:
+        self.setName("git check scheduler")
         self.mirrors = mirrors
         self.clock = clock
         self.rng = rng or random.Random()
-        self.sem = DeferredSemaphore(mirrors.config.fetch_concurrency)
-        self.rounds = 0
+        self.entries: dict[str, Entry] = {}
+        self._heap: list[tuple[float, int, str]] = []
+        self._seq = 0
+        self._timer: Any = None
+        self.checks = 0
         self.failures = 0
+        self.wakeups = 0
+        self.waiting: dict[str, deque[Entry]] = {}  # per host: due, slot taken, connection busy
+        mirrors.scheduler = self
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        # The first check of each mirror lands somewhere in the first interval, so a
+        # restart does not ask the forge about every repository in the same second.
+        first = self.mirrors.config.fetch_interval
+        for m in self.mirrors.mirrors():
+            self.add(m, self.clock.seconds() + self.rng.uniform(0, first))
+        self._arm()
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    # -- the heap -------------------------------------------------------------------
+
+    def add(self, mirror: "Mirror", due: float | None = None) -> None:
+        """Schedule a mirror (a new registration, a first clone); known ones keep their time."""
+        if mirror.path in self.entries:
+            return
+        now = self.clock.seconds()
+        interval = self.mirrors.config.fetch_interval
+        e = self.entries[mirror.path] = Entry(mirror, forge_host(mirror.url), now + interval if due is None else due,
+                                              interval)
+        self._push(e)
+        if self.running:
+            self._arm()
+
+    def touch(self, mirror: "Mirror") -> None:
+        """A mirror was just served or cloned: it is active now, so its next check is
+        at most ``fetch_interval`` away (an idle one may have been an hour away)."""
+        e = self.entries.get(mirror.path)
+        if e is None:
+            self.add(mirror)
+            return
+        now = self.clock.seconds()
+        soon = now + jittered(self.mirrors.config.fetch_interval, self.rng)
+        if e.running or e.reserved or e.due <= soon:
+            return
+        e.interval, e.due = self.mirrors.config.fetch_interval, soon
+        self._push(e)
+        if self.running:
+            self._arm()
+
+    def _push(self, e: Entry) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (e.due, self._seq, e.mirror.path))
+
+    def _arm(self) -> None:
+        """One timer, set for the earliest due entry (stale heap items are skipped)."""
+        while self._heap:
+            due, _, path = self._heap[0]
+            e = self.entries.get(path)
+            if e is None or e.due != due or e.running:
+                heapq.heappop(self._heap)
+                continue
+            break
+        else:
+            return
+        if self._timer is not None and self._timer.active():
+            if self._timer.getTime() <= due:
+                return
+            self._timer.cancel()
+        self._timer = self.clock.callLater(max(0.0, due - self.clock.seconds()), self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self.wakeups += 1
+        now = self.clock.seconds()
+        rates = self.mirrors.rates
+        while self._heap and self._heap[0][0] <= now:
+            due, _, path = heapq.heappop(self._heap)
+            e = self.entries.get(path)
+            if e is None or e.due != due or e.running:
+                continue
+            if not e.reserved:
+                wait = rates.cap(e.host).reserve()
+                if wait > 0:
+                    e.reserved, e.due = True, now + wait
+                    self._push(e)
+                    continue
+            e.reserved, e.running = False, True
+            if self.mirrors.busy(e.mirror):
+                # The host answers slower than its cap: park it until a check there ends,
+                # rather than queue it on the connection (or wake up to retry).
+                self.waiting.setdefault(e.host, deque()).append(e)
+                continue
+            ensureDeferred(self._check(e))  # never fails: _check records its errors
+        if self.running:
+            self._arm()
+
+    def _unpark(self, host: str) -> None:
+        queue = self.waiting.get(host)
+        while queue:
+            e = queue[0]
+            if self.mirrors.busy(e.mirror):
+                return
+            queue.popleft()
+            ensureDeferred(self._check(e))
+        self.waiting.pop(host, None)
+
+    async def _check(self, e: Entry) -> None:
+        m = e.mirror
+        try:
+            reg = self.mirrors.registry.get(m.name)
+            if reg is None or self.mirrors.registry.mirror(reg).path != m.path:
+                self.entries.pop(m.path, None)  # forgotten or re-pointed: no longer ours
+                return
+            self.checks += 1
+            result = await self.mirrors.check(m, scheduled=True)
+            if result == "error":
+                self.failures += 1
+        except Exception as ex:  # recorded in the mirror's state; the loop goes on
+            self.failures += 1
+            log.debug("git check loop: {name}: {why}", name=m.name, why=str(ex))
+        finally:
+            e.running = False
+            if m.path in self.entries:
+                self._reschedule(e)
+            if e.host in self.waiting and self.running:
+                self._unpark(e.host)
+
+    def _reschedule(self, e: Entry) -> None:
+        st = self.mirrors.state(e.mirror)
+        now = self.clock.seconds()
+        e.interval = interval_for(self.mirrors.config, now, st.last_served, st.last_change)
+        e.due = now + jittered(e.interval, self.rng)
+        self._push(e)
+        if self.running:
+            self._arm()
+
+    def next_check(self, mirror: "Mirror") -> tuple[float | None, float | None]:
+        """(interval, next due time) of a mirror, for GET /repos."""
+        e = self.entries.get(mirror.path)
+        if e is None:
+            return None, None
+        return e.interval, (None if e.running else e.due)
 
     async def tick(self) -> None:
-        """One round over every registered mirror that exists on disk."""
-        present = await self.mirrors.present(self.mirrors.mirrors())
-        jitter = self.mirrors.config.jitter
-        size = batch_size(len(present), self.mirrors.config.fetch_concurrency)
-        batches = [present[i:i + size] for i in range(0, len(present), size)]
-        ds = [ensureDeferred(self._batch(b, self.rng.uniform(0, jitter) if jitter > 0 else 0.0)) for b in batches]
+        """Check every registered mirror now, ignoring due times and caps (tests, a manual sweep)."""
+        ds = []
+        for m in self.mirrors.mirrors():
+            self.add(m)
+            e = self.entries[m.path]
+            if e.running:
+                continue
+            e.running = True
+            ds.append(ensureDeferred(self._check(e)))
         await DeferredList(ds, consumeErrors=True)
-        self.rounds += 1
-
-    async def _batch(self, batch: list["Mirror"], delay: float) -> None:
-        if delay > 0:
-            await deferLater(self.clock, delay, lambda: None)
-        try:
-            need, failed = await self.sem.run(self.mirrors.poll, batch)
-        except Exception as e:
-            log.warn("git fetch loop: checking {n} mirrors failed: {why}", n=len(batch), why=str(e))
-            need, failed = batch, 0
-        self.failures += failed
-        for mirror in need:
-            try:
-                await self.sem.run(self.mirrors.refresh, mirror, False)
-            except Exception as e:  # recorded in the mirror's state; the loop goes on
-                self.failures += 1
-                log.debug("git fetch loop: {name}: {why}", name=mirror.name, why=str(e))
-
-
-def batch_size(n: int, concurrency: int) -> int:
-    """Mirrors checked per pool job: enough to amortize the thread hand-off, few
-    enough that every worker gets several batches (and jitter spreads them)."""
-    return max(1, min(MAX_BATCH, -(-n // (concurrency * 4))))
 
 
 class Maintenance:
@@ -109,10 +252,9 @@ class GitService(MultiService):
         self.mirrors = mirrors
         self.stop_timeout = stop_timeout
         cfg = mirrors.config
-        self.loop = FetchLoop(mirrors, mirrors.clock)
+        self.loop = Scheduler(mirrors, mirrors.clock)
+        self.loop.setServiceParent(self)
         self.maintenance = Maintenance(mirrors, mirrors.clock)
-        self.fetch_timer = Periodic("git fetch-loop", cfg.fetch_interval, self.loop.tick, mirrors.clock)
-        self.fetch_timer.setServiceParent(self)
         self.maintenance_timer = Periodic("git maintenance", cfg.maintenance_interval, self.maintenance.tick, mirrors.clock)
         self.maintenance_timer.setServiceParent(self)
 

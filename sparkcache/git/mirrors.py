@@ -35,6 +35,8 @@ from sparkcache.git.config import GitConfig
 from sparkcache.git.credentials import Callbacks, describe
 from sparkcache.git.interfaces import IMirrors, Mirror, MirrorUnavailable
 from sparkcache.pools import DaemonThreadPool, stop_pool
+from sparkcache.git.rates import HostCollector, HostRates, forge_host
+from sparkcache.git.refcheck import CheckError, RefChecker, is_http
 from sparkcache.git.registry import RegistrationError, Registry
 from sparkcache.git.repo_ops import (
     CHANGED,
@@ -55,6 +57,7 @@ from sparkcache.git.repo_ops import (
     is_repo,
     missing_sync,
     origin,
+    load_refs,
     probe_batch,
     read_refs,
     remove_stale_locks,
@@ -91,6 +94,8 @@ class MirrorState:
     last_fsck: float | None = None
     serving: int = 0
     fetching: bool = False
+    last_served: float | None = None
+    absent: bool = False         # not on disk at the last check (never cloned)
 
 
 @implementer(IMirrors)
@@ -115,6 +120,14 @@ class Mirrors:
         self._mlocks: dict[str, DeferredLock] = {}
         # One fetch per mirror at a time; refresh() callers join the running one.
         self._refreshes: Singleflight[str, dict[str, str]] = Singleflight()
+        # One ref check per mirror at a time; a clone of a stale mirror joins the loop's.
+        self._checks: Singleflight[str, str] = Singleflight()
+        self.rates = HostRates(config.max_upstream_rate, self.clock)
+        self.checker = RefChecker(reactor)
+        self.scheduler: Any = None  # the loop.Scheduler, told about new and cloned mirrors
+        registry = getattr(metrics, "registry", None)
+        if registry is not None:
+            registry.register(HostCollector(self))
         self._state: dict[str, MirrorState] = {}
         self._creds: dict[str, Any] = {}
         self._building: set[str] = set()
@@ -135,6 +148,7 @@ class Mirrors:
         self._stopped = True
         self._cancel.set()
         terminate_children()
+        self.checker.close()
         if timeout is None:
             if self.pool.started:
                 self.pool.stop()
@@ -161,6 +175,7 @@ class Mirrors:
     def lookup(self, name_or_url: str) -> Mirror:
         reg, created = self.registry.resolve(name_or_url)
         if created:
+            self._schedule(self.registry.mirror(reg))
             # Saved once its first clone succeeds (see refresh): a name that does
             # not exist upstream must not stay registered, or anonymous clients
             # could grow the registry without bound.
@@ -173,10 +188,15 @@ class Mirrors:
         if created:
             log.info("git: registered {name} ({url})", name=reg.name, url=reg.url)
             self._save_registry()
+            self._schedule(self.registry.mirror(reg))
         return self.registry.mirror(reg)
 
     def mirrors(self) -> list[Mirror]:
         return [self.registry.mirror(r) for r in self.registry.all()]
+
+    def _schedule(self, mirror: Mirror) -> None:
+        if self.scheduler is not None:
+            self.scheduler.touch(mirror)
 
     def _save_registry(self) -> None:
         snap = self.registry.snapshot()
@@ -210,15 +230,37 @@ class Mirrors:
 
     def _status(self, reg: Any, m: Mirror, cloned: bool) -> dict[str, Any]:
         st = self.state(m)
+        interval, due = self.scheduler.next_check(m) if self.scheduler is not None else (None, None)
         return {"name": reg.name, "url": reg.url, "source": reg.source, "cloned": cloned,
-                "last_fetch": st.last_fetch, "last_change": st.last_change, "last_error": st.last_error,
+                "last_fetch": st.last_fetch, "last_check": st.last_fetch, "last_change": st.last_change,
+                "last_served": st.last_served, "last_error": st.last_error,
+                "interval": interval, "next_check": due, "host": forge_host(m.url),
                 "size": st.size, "refs": len(st.refs) if st.refs is not None else None,
                 "fetching": st.fetching, "credentials": describe(self._credentials(m))}
+
+    def hosts(self) -> list[dict[str, Any]]:
+        """Per forge host: ref checks sent, their rate over the last minute, the cap."""
+        counts: dict[str, int] = {}
+        for r in self.registry.all():
+            h = forge_host(r.url)
+            counts[h] = counts.get(h, 0) + 1
+        stats = {s.host: s for s in self.rates.stats()}
+        out = []
+        for host in sorted(set(counts) | set(stats)):
+            s = stats.get(host)
+            out.append({"host": host, "checks": s.checks if s else 0,
+                        "checks_per_second": round(s.rate, 3) if s else 0.0,
+                        "max_upstream_rate": self.rates.rate, "mirrors": counts.get(host, 0)})
+        return out
 
     # -- serving guard (no pruning repack while upload-pack reads a mirror) -------
 
     def acquire(self, mirror: Mirror) -> None:
-        self.state(mirror).serving += 1
+        st = self.state(mirror)
+        st.serving += 1
+        st.last_served = self.clock.seconds()
+        if self.scheduler is not None:
+            self.scheduler.touch(mirror)
 
     def release(self, mirror: Mirror) -> None:
         st = self.state(mirror)
@@ -302,13 +344,113 @@ class Mirrors:
                 if result.changed:
                     st.last_change = st.last_fetch
                     st.dirty = True
+            st.absent = False
             if result.cloned:
                 self._after_clone(mirror)
+                self._schedule(mirror)
                 if self.registry.dirty():
                     self._save_registry()
             return dict(result.refs)
 
         return d.addBoth(done)
+
+    # -- cheap checks (the loop, stale clones, webhooks) ------------------------------
+
+    def check(self, mirror: Mirror, scheduled: bool = False) -> Deferred[str]:
+        """Ask the upstream for its refs and fetch when they differ from the mirror's,
+        joining a check in flight. Fires with ``unchanged``, ``fetched``, ``missing``
+        (no mirror on disk: nothing to compare, nothing cloned) or ``error`` (recorded
+        in the mirror's state). ``scheduled``: the loop already took the host's rate
+        slot; otherwise the check takes one without waiting."""
+        return self._checks.run(mirror.path, lambda: Deferred.fromCoroutine(self._check(mirror, scheduled)))
+
+    def busy(self, mirror: Mirror) -> bool:
+        """Whether the mirror's forge connection has a backlog (the loop waits then)."""
+        return is_http(mirror.url) and self.checker.busy(mirror.url)
+
+    async def _check(self, mirror: Mirror, scheduled: bool) -> str:
+        st = self.state(mirror)
+        if mirror.path in self._refreshes:
+            await self._quiet_refresh(mirror)  # a fetch is running: its answer is fresher than a check
+            return "fetched"
+        if st.refs is None and not st.damaged:
+            # First check since start-up: the refs the mirror holds, read once. From
+            # then on they are known here and a check never touches the disk.
+            loaded = await self.run(load_refs, mirror.path)
+            if loaded is None:
+                st.absent = True
+                return "missing"
+            if st.refs is None:
+                st.refs, st.head = loaded
+        if st.damaged or st.refs is None:
+            await self._quiet_refresh(mirror)
+            return "fetched"
+        cap = self.rates.cap(forge_host(mirror.url))
+        if not scheduled:
+            cap.take()
+        cap.record()
+        known, head = st.refs, st.head
+        adv = None
+        if is_http(mirror.url):
+            try:
+                adv = await self.checker.check(mirror.url, self._credentials(mirror))
+            except CheckError as e:
+                if e.status is None or not 300 <= e.status < 400:
+                    st.last_fetch = self.clock.seconds()
+                    self._failed(mirror, st, f"{mirror.name}: {e}")
+                    self._count("error")
+                    return "error"
+                # A redirect (a renamed repository): libgit2 follows it, below.
+        if adv is not None:
+            changed = adv.refs != known or (adv.head is not None and adv.head != head)
+        else:
+            # ssh:// and file://: libgit2's ref listing, in the pool (today's path).
+            need, failed = await self.poll([mirror])
+            if failed:
+                return "error"
+            changed = bool(need)
+        if not changed:
+            st.last_fetch, st.last_error = self.clock.seconds(), None
+            if adv is not None:  # poll counted its own
+                self._count("unchanged")
+            return "unchanged"
+        await self._quiet_refresh(mirror)
+        return "fetched"
+
+    async def _quiet_refresh(self, mirror: Mirror) -> None:
+        try:
+            await self.refresh(mirror, False)
+        except Exception:
+            pass  # recorded in the mirror's state by refresh
+
+    def freshen(self, mirror: Mirror) -> Deferred[str | None]:
+        """Before serving: a mirror not checked for ``fetch_interval`` is checked once
+        (joining a check in flight); a fresh one is served as it is. Never fails."""
+        st = self.state(mirror)
+        now = self.clock.seconds()
+        st.last_served = now
+        if st.last_fetch is not None and now - st.last_fetch < self.config.fetch_interval:
+            return succeed(None)
+        d = self.check(mirror)
+        return d.addErrback(lambda f: log.warn("git: checking {name} failed: {why}", name=mirror.name,
+                                               why=f.getErrorMessage()))
+
+    def pushed(self, mirror: Mirror, updates: dict[str, str] | None = None) -> Deferred[Any]:
+        """A webhook said ``mirror`` changed: fetch now. A fetch in flight may have
+        started before the push, so it is joined and, when it did not bring every
+        updated ref in ``updates`` (ref name → new id), a second fetch follows."""
+        st = self.state(mirror)
+        running = mirror.path in self._refreshes
+        d = self.refresh(mirror, False)
+
+        def again(refs: dict[str, str]) -> Any:
+            if running and updates and any(refs.get(k) != v for k, v in updates.items()):
+                return self.refresh(mirror, False)
+            return refs
+
+        d.addCallback(again)
+        d.addCallback(lambda refs: setattr(st, "last_change", self.clock.seconds()))
+        return d
 
     def poll(self, mirrors: list[Mirror]) -> Deferred[tuple[list[Mirror], int]]:
         """The fetch loop's cheap check of a batch of mirrors, in one pool job: each

@@ -349,3 +349,17 @@ def seed_refs(bundle: str, repo_path: str) -> list[str]:
     finally:
         repo.free()
     return skipped
+
+
+def load_refs(path: str) -> tuple[dict[str, str], str | None] | None:
+    """The refs and HEAD branch of the mirror at ``path``, or None when there is none."""
+    if not is_repo(path):
+        return None
+    try:
+        repo = pygit2.Repository(path)
+    except pygit2.GitError:
+        return {}, None  # differs from any upstream: the refresh re-clones it
+    try:
+        return read_refs(repo), head_of(repo)
+    finally:
+        repo.free()

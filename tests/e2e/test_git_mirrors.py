@@ -56,11 +56,11 @@ def test_fetch_loop_keeps_the_mirror_fresh(git_upstream_factory: Any, daemon_fac
     st = repos(d)["app"]
     assert st["cloned"] and st["last_error"] is None and st["refs"] == 1 and st["size"] > 0
     assert st["last_fetch"] and st["last_change"]
-    # Idle rounds cost a ref advertisement each, never a pack negotiation.
-    posts = up.count("app", "git-upload-pack", "POST")
-    gets = up.fetches("app")
-    eventually(lambda: up.fetches("app") >= gets + 2, timeout=30)
-    assert up.count("app", "git-upload-pack", "POST") == posts, up.describe()
+    # Idle checks cost a ref listing each (v2 ls-refs), never a pack negotiation.
+    posts = up.negotiations("app")
+    checks = up.ref_checks("app")
+    eventually(lambda: up.ref_checks("app") >= checks + 2, timeout=30)
+    assert up.negotiations("app") == posts, up.describe()
 
 
 def test_one_failing_repo_does_not_stop_the_loop(git_upstream_factory: Any, daemon_factory: Any, tmp_path: Path) -> None:

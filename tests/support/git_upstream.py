@@ -79,6 +79,8 @@ class SeenRequest:
     status: int
     git_protocol: str
     content_encoding: str
+    command: str = ""  # POST: the v2 command (ls-refs, fetch), or "fetch" for a v0 negotiation
+    agent: str = ""
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -111,7 +113,7 @@ class _Handler(BaseHTTPRequestHandler):
         n = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(n) if n else b""
 
-    def _record(self, status: int, path: str, query: str) -> None:
+    def _record(self, status: int, path: str, query: str, body: bytes = b"") -> None:
         up = self.server.owner
         rel = path.lstrip("/")
         repo = rel.split(".git/", 1)[0] if ".git/" in rel else ""
@@ -121,7 +123,9 @@ class _Handler(BaseHTTPRequestHandler):
         with up.lock:
             up.requests.append(SeenRequest(self.command, path, query, repo, service, status,
                                            self.headers.get("Git-Protocol", ""),
-                                           self.headers.get("Content-Encoding", "")))
+                                           self.headers.get("Content-Encoding", ""),
+                                           _command(body) if self.command == "POST" else "",
+                                           self.headers.get("User-Agent", "")))
 
     def _cgi(self) -> None:
         up = self.server.owner
@@ -130,7 +134,7 @@ class _Handler(BaseHTTPRequestHandler):
         if up.auth is not None:
             expected = "Basic " + base64.b64encode(f"{up.auth[0]}:{up.auth[1]}".encode()).decode()
             if self.headers.get("Authorization") != expected:
-                self._record(401, path, query)
+                self._record(401, path, query, body)
                 self.send_response(401)
                 self.send_header("WWW-Authenticate", 'Basic realm="git upstream"')
                 self.send_header("Content-Length", "0")
@@ -166,7 +170,7 @@ class _Handler(BaseHTTPRequestHandler):
                     status = int(v.strip().split()[0])
                 else:
                     headers.append((k, v.strip()))
-            self._record(status, path, query)
+            self._record(status, path, query, body)
             try:
                 self.send_response(status)
                 for k, v in headers:
@@ -185,6 +189,19 @@ class _Handler(BaseHTTPRequestHandler):
             finally:
                 proc.stdout.close()
                 proc.wait()
+
+
+def _command(body: bytes) -> str:
+    if body[:2] == b"\x1f\x8b":
+        import gzip
+
+        try:
+            body = gzip.decompress(body)
+        except (OSError, EOFError):
+            return "?"
+    if body[4:12] == b"command=":
+        return body[12:int(body[:4], 16)].decode("latin-1").strip()
+    return "fetch"
 
 
 class _Server(ThreadingHTTPServer):
@@ -315,6 +332,15 @@ class GitUpstream:
     def count(self, name: str | None = None, service: str | None = None, method: str | None = None) -> int:
         return len(self.seen(name, service, method))
 
+    def negotiations(self, name: str = "repo") -> int:
+        """upload-pack POSTs that ask for objects (not a v2 ls-refs ref listing)."""
+        return sum(1 for r in self.seen(name, "git-upload-pack", "POST") if r.command != "ls-refs")
+
+    def ref_checks(self, name: str = "repo") -> int:
+        """Ref listings the cache's check loop sent (info/refs or ls-refs with its user agent)."""
+        return sum(1 for r in self.seen(name, "git-upload-pack") if r.agent == "git/sparkcache"
+                   and (r.method == "GET" or r.command == "ls-refs"))
+
     def fetches(self, name: str = "repo") -> int:
         """Ref discoveries for upload-pack: one per clone/fetch by any client."""
         return self.count(name, "git-upload-pack", "GET")
@@ -327,7 +353,8 @@ class GitUpstream:
         lines = [f"git upstream on port {self.port} ({'running' if self.running else 'stopped'}), root {self.root}"]
         for r in self.seen():
             lines.append(f"  {r.method} {r.path}{'?' + r.query if r.query else ''} -> {r.status}"
-                         f" proto={r.git_protocol or '-'} enc={r.content_encoding or '-'}")
+                         f" proto={r.git_protocol or '-'} enc={r.content_encoding or '-'} cmd={r.command or '-'}"
+                         f" agent={r.agent or '-'}")
         return "\n".join(lines)
 
 

@@ -1,68 +1,20 @@
-"""The fetch loop and maintenance, driven by task.Clock."""
+"""The check loop over real mirrors, maintenance, and the service, driven by task.Clock
+(the scheduler's rates and intervals: test_git_fleet.py)."""
 
 from __future__ import annotations
 
 import os
-import random
 import shutil
 from pathlib import Path
 
 import pytest_twisted
 from twisted.internet import reactor, task
-from twisted.internet.defer import Deferred
 
 from sparkcache.protocols import load_config_data
-from sparkcache.git.loop import FetchLoop, GitService, Maintenance
+from sparkcache.git.loop import GitService, Maintenance, Scheduler
 from sparkcache.git.mirrors import Mirrors
 from tests.support.fake_mirrors import FakeMirrors
 from tests.support.git_upstream import FileUpstream
-
-
-def held(names: list[str], concurrency: int = 2, jitter: float = 0.0) -> FakeMirrors:
-    """Mirrors that exist only by name; each refresh waits in ``pending`` for the test."""
-    fm = FakeMirrors(git_config={"fetch_concurrency": concurrency, "jitter": jitter})
-    for n in names:
-        fm.add(n)
-    fm.hold_refreshes = True
-    return fm
-
-
-def test_bounded_concurrency_and_failures_do_not_stop_the_round() -> None:
-    fm = held(["a", "b", "c", "d", "gone"], concurrency=2)
-    fm.on_disk.discard("gone")
-    loop = FetchLoop(fm, task.Clock())  # type: ignore[arg-type]
-    done = Deferred.fromCoroutine(loop.tick())
-
-    def running() -> list[str]:
-        return [n for n, d in fm.pending.items() if not d.called]
-
-    assert len(running()) == 2  # two at a time
-    first, second = running()
-    fm.pending[first].errback(RuntimeError("upstream says no"))
-    assert len(running()) == 2 and len(fm.calls) == 3
-    for _ in range(3):
-        fm.pending[running()[0]].callback({})
-    assert sorted(fm.calls) == ["a", "b", "c", "d"] and running() == []
-    assert {clone for _, clone in fm.refreshed} == {False}  # the loop never clones what nobody asked for
-    assert done.called and loop.failures == 1 and loop.rounds == 1
-
-
-def test_batches_amortize_thread_hand_offs() -> None:
-    from sparkcache.git.loop import MAX_BATCH, batch_size
-
-    assert batch_size(3, 4) == 1  # few mirrors: all in parallel
-    assert batch_size(1000, 4) == MAX_BATCH
-    assert batch_size(100, 4) == 7
-
-
-def test_jitter_spreads_starts_on_the_clock() -> None:
-    fm = held(["a", "b", "c"], concurrency=10, jitter=10.0)
-    clock = task.Clock()
-    loop = FetchLoop(fm, clock, rng=random.Random(7))  # type: ignore[arg-type]
-    Deferred.fromCoroutine(loop.tick())
-    assert fm.calls == []
-    clock.advance(10.0)
-    assert sorted(fm.calls) == ["a", "b", "c"]
 
 
 @pytest_twisted.ensureDeferred
@@ -77,7 +29,7 @@ async def test_loop_with_real_mirrors_fetches_the_good_ones(tmp_path: Path) -> N
         # "bad" loses its upstream; the others get new commits
         shutil.rmtree(ups["bad"].bare)
         tips = {n: ups[n].commit() for n in ("one", "two")}
-        loop = FetchLoop(ms, task.Clock())
+        loop = Scheduler(ms, task.Clock())
         await loop.tick()
         assert loop.failures == 1
         st = {s["name"]: s for s in await ms.status()}

@@ -27,6 +27,7 @@ from sparkcache.git.interfaces import IMirrors, Mirror, MirrorUnavailable, Unkno
 from sparkcache.git.packcache import PackCache
 from sparkcache.git.pktline import FLUSH, PktError, UploadRequest, parse_request, pkt_line
 from sparkcache.git.uploadpack import spawn_upload_pack
+from sparkcache.protocols.git import webhook
 from sparkcache.protocols.git.errors import ADVERTISEMENT, RESULT, SMART_HTTP
 from sparkcache.web.bodies import BodyDecision, checked
 from sparkcache.web.errors import HTTPError, add_error_handling, guarded
@@ -190,12 +191,19 @@ class GitApp:
         query = parse_qs(request.uri.partition(b"?")[2].decode("latin-1"), keep_blank_values=True)
         method = request.method
         if segments[:1] == ["repos"]:
+            if segments == ["repos", "hosts"] and hasattr(self.git, "hosts"):
+                _only(method, b"GET", b"HEAD")
+                self.ctx.auth.require(request, "read")
+                return _json(request, self.git.hosts())
             if len(segments) != 1:
-                raise HTTPError(404, "no such resource; GET /repos lists the mirrors")
+                raise HTTPError(404, "no such resource; GET /repos lists the mirrors, GET /repos/hosts the forges")
             _only(method, b"GET", b"HEAD")
             self.ctx.auth.require(request, "read")
             return _json(request, await _maybe(self.git.status()))
         rest = segments[1:]
+        if rest == ["webhook"]:
+            _only(method, b"POST")
+            return await self.webhook(request)
         if rest == ["register"]:
             _only(method, b"POST")
             return await self.register(request, query)
@@ -231,6 +239,11 @@ class GitApp:
             return None
         if rest == ["register"]:
             self.ctx.auth.require(request, "write")
+        elif rest == ["webhook"]:
+            # No token: the forge's signature over the body is the credential.
+            length = header(request, b"content-length")
+            if length and length.isdigit() and int(length) > webhook.MAX_PAYLOAD:
+                raise HTTPError(413, f"webhook payload larger than {webhook.MAX_PAYLOAD} bytes")
         elif rest == ["refresh"]:
             self.ctx.auth.require(request, "read")
         elif len(rest) >= 2 and rest[-1] == "git-upload-pack":
@@ -249,6 +262,11 @@ class GitApp:
     async def advertise(self, request: Any, name: str) -> Any:
         self.ctx.auth.require(request, "read")
         mirror = await self._mirror(name)
+        freshen = getattr(self.git, "freshen", None)
+        if freshen is not None:
+            # A mirror nobody looked at for fetch_interval is checked once before
+            # its refs are advertised (idle ones are polled rarely).
+            await freshen(mirror)
         git_protocol = git_protocol_of(request)
         # v2: upload-pack's capability advertisement is the whole answer; v0/v1
         # need the smart-HTTP service header before the ref advertisement.
@@ -406,6 +424,18 @@ class GitApp:
                 f"Push to the upstream instead: git push {mirror.url}\n").encode()
 
     # -- management ------------------------------------------------------------------
+
+    async def webhook(self, request: Any) -> bytes:
+        secrets = getattr(self.ctx.config.git, "webhooks", None) or {}
+        if not secrets:
+            raise HTTPError(404, "webhooks are not configured (git.webhooks)")
+        try:
+            body = await self.ctx.store.in_io(decode_body, request.content, "", webhook.MAX_PAYLOAD)
+        except BodyTooLarge:
+            raise HTTPError(413, f"webhook payload larger than {webhook.MAX_PAYLOAD} bytes") from None
+        code, answer = webhook.handle(secrets, request, body, self.git)
+        request.setResponseCode(code)
+        return _json(request, answer)
 
     async def register(self, request: Any, query: dict[str, list[str]]) -> bytes:
         self.ctx.auth.require(request, "write")
