@@ -13,7 +13,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 from sparkcache import config
-from sparkcache.protocols import cargo, generic, git, go, npm, oci, pypi
+from sparkcache.protocols import cargo, generic, git, go, npm, nx, oci, pypi, turborepo
 from sparkcache.protocols.base import ProtocolSpec, RemoteKind
 
 PROTOCOLS: tuple[ProtocolSpec, ...] = (
@@ -22,8 +22,10 @@ PROTOCOLS: tuple[ProtocolSpec, ...] = (
     git.SPEC,
     go.SPEC,
     npm.SPEC,
+    nx.SPEC,
     oci.SPEC,
     pypi.SPEC,
+    turborepo.SPEC,
 )
 
 
