@@ -1,7 +1,8 @@
 """Nx's self-hosted remote cache (``type: nx``) on the in-memory daemon: GET
 (404 on a miss), PUT (200, then 409: never overwritten), tokens and scopes,
-413 before the body, a failing or full store answered as a miss / a clean
-507, and /setup/nx."""
+an entry over max_entry_size refused before the body, a failing store
+answered as a miss and a full one declined, both with the 403 Nx builds on
+(it fails the task on a 413 or 507), and /setup/nx."""
 
 from __future__ import annotations
 
@@ -82,15 +83,15 @@ async def test_anonymous_reads_when_the_daemon_allows_them(harness_factory: Make
 
 
 @pytest_twisted.ensureDeferred
-async def test_too_large_is_refused_before_the_body(h: Harness) -> None:
-    assert "at most 1000 bytes" in json_error(await h.put(URL, b"x" * 1001, W), 413)
+async def test_too_large_is_declined_before_the_body(h: Harness) -> None:
+    assert "at most 1000 bytes" in json_error(await h.put(URL, b"x" * 1001, W), 403)
     json_error(await h.get(URL, R), 404)
     assert count(h, "upload", "rejected") == 1
     assert (await h.put(URL, b"x" * 1000, W)).status == 200
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_failing_store_is_a_miss_and_a_full_one_a_clean_507(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_failing_store_is_a_miss_and_a_full_one_declines(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     assert (await h.put(URL, b"kept", W)).status == 200
 
     def broken_index(key: str) -> Any:
@@ -103,7 +104,7 @@ async def test_a_failing_store_is_a_miss_and_a_full_one_a_clean_507(h: Harness, 
     json_error(await h.get(URL, R), 404)
     monkeypatch.undo()
     monkeypatch.setattr(h.cache, "adopt", full)
-    assert "No space left" in json_error(await h.put("/nx/nx/v1/cache/42", b"new", W), 507)
+    assert "No space left" in json_error(await h.put("/nx/nx/v1/cache/42", b"new", W), 403)
     monkeypatch.undo()
     json_error(await h.get("/nx/nx/v1/cache/42", R), 404)
     assert (await h.get(URL, R)).body == b"kept"

@@ -7,12 +7,17 @@ Per Nx's spec an entry is never overwritten: a PUT of a hash already stored
 answers 409 and keeps the stored bytes. Uploads need the ``write`` scope;
 downloads ``read``, or none when ``auth.anonymous_read`` allows it (Nx runs
 without ``NX_SELF_HOSTED_REMOTE_CACHE_ACCESS_TOKEN``). A failing store is a
-miss on reads and a clean 413/507 on writes, which Nx reports and builds on.
+miss on reads. A write it cannot take (over ``max_entry_size``, refused
+before the body; over quota; disk full) is a 403, not the 413/507 of the
+other build caches: Nx 24 fails the *task* on any PUT status but 200, 401,
+403 and 409 ("Misconfigured remote cache endpoint: Unexpected response
+status: 413"), and a cache must never fail a build. The JSON body says why.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Any
 
 from klein import Klein
@@ -20,7 +25,7 @@ from twisted.web.resource import IResource
 
 from sparkcache.context import Context
 from sparkcache.protocols._keyed import KeyedBlobs
-from sparkcache.web.bodies import BodyDecision, checked
+from sparkcache.web.bodies import BodyDecision, Refuse, ToSpool, checked
 from sparkcache.web.errors import JSON, HTTPError, add_error_handling, guarded
 from sparkcache.web.paths import split_raw_path
 
@@ -28,6 +33,17 @@ TYPE = "nx"
 ALL_METHODS = ["GET", "HEAD", "PUT", "POST", "PATCH", "DELETE", "OPTIONS"]
 # Nx's hashes are decimal u64s; room for other clients of the spec.
 HASH = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# The statuses of an upload the cache cannot take, and the one Nx builds on.
+NOT_TAKEN = (413, 507)
+DECLINED = 403
+
+
+def declined(refusal: Refuse) -> Refuse:
+    """The refusal Nx builds on in place of a 413 (see the module's doc)."""
+    reply = refusal.reply
+    if reply.status not in NOT_TAKEN:
+        return refusal
+    return replace(refusal, reply=replace(reply, status=DECLINED, message=f"not stored: {reply.message}"))
 
 
 class NxApp:
@@ -65,7 +81,12 @@ class NxApp:
             return None
         blobs, _hash = self.locate(request)
         self.ctx.auth.require(request, "write")
-        return blobs.body_gate(request)
+        decision = blobs.body_gate(request)
+        if isinstance(decision, Refuse):
+            return declined(decision)
+        if isinstance(decision, ToSpool) and decision.too_large is not None:
+            return replace(decision, too_large=declined(decision.too_large))
+        return decision
 
     @app.route("/", branch=True, methods=ALL_METHODS)
     async def dispatch(self, request: Any) -> Any:
@@ -75,7 +96,12 @@ class NxApp:
             return await blobs.serve(request, hash_, {"Cache-Control": "no-store"})
         if request.method == b"PUT":
             self.ctx.auth.require(request, "write")
-            stored = await blobs.put(request, hash_, {"content-type": "application/octet-stream"})
+            try:
+                stored = await blobs.put(request, hash_, {"content-type": "application/octet-stream"})
+            except HTTPError as e:
+                if e.status in NOT_TAKEN:
+                    raise HTTPError(DECLINED, f"not stored: {e.message}") from None
+                raise
             if not stored.created:
                 raise HTTPError(409, f"task {hash_} is already stored; entries are never overwritten")
             request.setResponseCode(200)
