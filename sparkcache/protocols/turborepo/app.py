@@ -52,8 +52,9 @@ TAG = re.compile(r"[\x21-\x7e]{1,512}")
 MAX_JSON = 1 << 20
 MAX_QUERY_HASHES = 1000
 ARTIFACT_HEADERS = ("x-artifact-duration", "x-artifact-tag")
-CORS_HEADERS = "Authorization, Content-Type, User-Agent, x-artifact-duration, x-artifact-tag, " \
-    "x-artifact-client-ci, x-artifact-client-interactive"
+# What turbo 2.11's preflight asks for (observed), and the client headers of Vercel's spec.
+CORS_HEADERS = "Authorization, Content-Type, User-Agent, x-artifact-duration, x-artifact-tag, x-artifact-sha, " \
+    "x-artifact-dirty-hash, x-artifact-client-ci, x-artifact-client-interactive"
 
 
 # -- Vercel's error form -------------------------------------------------------------------
