@@ -38,6 +38,7 @@ from sparkcache.web.bodies import BodyDecision, InMemory, Refuse, checked
 from sparkcache.web.errors import ErrorFormat, ErrorReply, HTTPError, add_error_handling, guarded, set_headers
 from sparkcache.web.paths import split_raw_path
 from sparkcache.web.serve import error_message
+from sparkcache.web.setup import query_arg
 from sparkcache.web.urls import public_base
 
 TYPE = "turborepo"
@@ -101,11 +102,6 @@ def _json(request: Any, obj: Any, status: int = 200) -> bytes:
     return b"" if request.method == b"HEAD" else body
 
 
-def _arg(request: Any, name: str) -> str | None:
-    raw = (request.args or {}).get(name.encode())
-    return raw[0].decode("utf-8", "replace") if raw else None
-
-
 class TurborepoApp:
     app = Klein()
 
@@ -140,7 +136,7 @@ class TurborepoApp:
         self.ctx.auth.require(request, scope)
 
     def namespace(self, request: Any) -> str:
-        team = _arg(request, "teamId") or _arg(request, "slug")
+        team = query_arg(request, "teamId") or query_arg(request, "slug")
         if team is not None:
             if not TEAM.fullmatch(team):
                 raise HTTPError(400, "teamId/slug must be 1-100 letters, digits, '.', '_' or '-'")
