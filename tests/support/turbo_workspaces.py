@@ -56,7 +56,8 @@ def npm_version() -> str:
                           stdin=subprocess.DEVNULL).stdout.strip()
 
 
-def turbo_workspace(root: Path, signature: bool = False, packages: tuple[str, ...] = ("app",)) -> Path:
+def turbo_workspace(root: Path, signature: bool = False, packages: tuple[str, ...] = ("app",),
+                    command: str = WRITE_OUTPUT) -> Path:
     """A monorepo with npm workspaces, one ``build`` task per package that writes
     ``dist/out.txt``, and a hand-written lockfile (turbo parses it to hash
     external dependencies; there are none)."""
@@ -65,12 +66,13 @@ def turbo_workspace(root: Path, signature: bool = False, packages: tuple[str, ..
         "name": "sc-monorepo", "version": "0.0.0", "private": True, "workspaces": ["packages/*"],
         "packageManager": f"npm@{npm_version()}",
     }, indent=2))
-    lock_packages: dict[str, dict[str, object]] = {"": {"name": "sc-monorepo", "version": "0.0.0", "workspaces": ["packages/*"]}}
+    lock_packages: dict[str, dict[str, object]] = {
+        "": {"name": "sc-monorepo", "version": "0.0.0", "workspaces": ["packages/*"]}}
     for name in packages:
         pkg = root / "packages" / name
         pkg.mkdir(parents=True, exist_ok=True)
         (pkg / "package.json").write_text(json.dumps({"name": name, "version": "1.0.0",
-                                                      "scripts": {"build": WRITE_OUTPUT}}, indent=2))
+                                                      "scripts": {"build": command}}, indent=2))
         (pkg / "index.js").write_text(f"module.exports = {name!r};\n")
         lock_packages[f"packages/{name}"] = {"name": name, "version": "1.0.0"}
         lock_packages[f"node_modules/{name}"] = {"resolved": f"packages/{name}", "link": True}
@@ -132,7 +134,7 @@ def nx_package_dir() -> Path | None:
     return None
 
 
-def nx_workspace(root: Path, projects: tuple[str, ...] = ("lib",)) -> Path:
+def nx_workspace(root: Path, projects: tuple[str, ...] = ("lib",), command: str = WRITE_OUTPUT) -> Path:
     """A workspace made by hand: nx.json, a project.json per project whose
     cacheable ``build`` target writes ``dist/out.txt``, the global nx linked in."""
     package = nx_package_dir()
@@ -150,7 +152,7 @@ def nx_workspace(root: Path, projects: tuple[str, ...] = ("lib",)) -> Path:
         (proj / "project.json").write_text(json.dumps({
             "name": name, "root": f"libs/{name}",
             "targets": {"build": {"executor": "nx:run-commands", "cache": True, "outputs": ["{projectRoot}/dist"],
-                                  "options": {"command": WRITE_OUTPUT, "cwd": f"libs/{name}"}}},
+                                  "options": {"command": command, "cwd": f"libs/{name}"}}},
         }, indent=2))
     (root / "node_modules").mkdir(exist_ok=True)
     os.symlink(package, root / "node_modules" / "nx")

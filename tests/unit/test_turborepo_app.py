@@ -55,8 +55,8 @@ def count(h: Harness, form: str, result: str, remote: str = "turbo") -> float:
     return 0.0
 
 
-async def upload(h: Harness, hash_: str, body: bytes, team: str = "teamId=team_a", headers: dict[str, str] | None = None,
-                 duration: str = "1234", tag: str | None = TAG) -> Response:
+async def upload(h: Harness, hash_: str, body: bytes, team: str = "teamId=team_a",
+                 headers: dict[str, str] | None = None, duration: str = "1234", tag: str | None = TAG) -> Response:
     hdrs = {**W, "x-artifact-duration": duration, "Content-Type": "application/octet-stream", **(headers or {})}
     if tag is not None:
         hdrs["x-artifact-tag"] = tag
@@ -149,7 +149,8 @@ async def test_too_large_is_refused_before_the_body(h: Harness) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_failing_store_is_a_miss_and_a_full_one_a_clean_507(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_failing_store_is_a_miss_and_a_full_one_a_clean_507(h: Harness,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     assert (await upload(h, "h5", b"kept")).status == 202
 
     def broken_index(key: str) -> Any:

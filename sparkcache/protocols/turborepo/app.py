@@ -241,7 +241,8 @@ class TurborepoApp:
             if entry is None:
                 out[h] = {"error": {"message": "artifact not found"}}
                 continue
-            info: dict[str, Any] = {"size": entry.size, "taskDurationMs": int(entry.headers.get("x-artifact-duration") or 0)}
+            duration = int(entry.headers.get("x-artifact-duration") or 0)
+            info: dict[str, Any] = {"size": entry.size, "taskDurationMs": duration}
             if entry.headers.get("x-artifact-tag"):
                 info["tag"] = entry.headers["x-artifact-tag"]
             out[h] = info
