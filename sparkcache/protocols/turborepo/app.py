@@ -155,7 +155,7 @@ class TurborepoApp:
 
     def _gate(self, request: Any) -> BodyDecision:
         blobs, rest = self.locate(request)
-        if request.method == b"PUT" and len(rest) == 1:
+        if request.method == b"PUT" and len(rest) == 1 and rest[0] not in ("status", "events"):
             self.authorize(request, "write")
             self.name(request, rest[0])
             return blobs.body_gate(request)
