@@ -13,7 +13,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 from sparkcache import config
-from sparkcache.protocols import bazel, cargo, generic, gha, git, go, kv, maven, npm, oci, pypi, seed
+from sparkcache.protocols import bazel, cargo, generic, gha, git, go, kv, maven, npm, nx, oci, pypi, seed, turborepo
 from sparkcache.protocols.base import ProtocolSpec, RemoteKind
 
 PROTOCOLS: tuple[ProtocolSpec, ...] = (
@@ -26,9 +26,11 @@ PROTOCOLS: tuple[ProtocolSpec, ...] = (
     kv.SPEC,
     maven.SPEC,
     npm.SPEC,
+    nx.SPEC,
     oci.SPEC,
     pypi.SPEC,
     seed.SPEC,
+    turborepo.SPEC,
 )
 
 

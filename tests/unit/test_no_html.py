@@ -12,7 +12,8 @@ protocol in ``sparkcache.protocols.PROTOCOLS`` is walked without touching
 this file.
 
 Error responses must be in the app's own format: JSON ``{"error", "status"}``,
-OCI's ``{"errors": [{"code", "message"}]}``, cargo's ``{"errors": [{"detail"}]}``, and for git's own requests a
+OCI's ``{"errors": [{"code", "message"}]}``, cargo's ``{"errors": [{"detail"}]}``,
+the Turborepo API's ``{"error": {"code", "message"}}``, and for git's own requests a
 pkt-line ``ERR`` (upload-pack POSTs) or a text/plain message (``info/refs``), and
 the Go module proxy's text/plain message.
 """
@@ -141,6 +142,9 @@ def problems(reply: Reply, error: bool = True, fmt: ErrorFormat | None = None) -
                 return []
         elif isinstance(doc, dict) and isinstance(doc.get("error"), str) and doc.get("status") == reply.status:
             return []
+        elif isinstance(doc, dict) and set(doc) == {"error"} and isinstance(doc["error"], dict) \
+                and isinstance(doc["error"].get("code"), str) and isinstance(doc["error"].get("message"), str):
+            return []  # Vercel's (the Turborepo API)
         return [f"JSON that is no error body: {reply}"]
     if fmt is not None and ctype == "text/plain" and (method == b"HEAD" or reply.body.strip()):
         return []  # an app whose own format is plain text (the Go module proxy), as the shape check saw
