@@ -13,11 +13,12 @@ import os
 from typing import Any, Mapping, Sequence
 
 from sparkcache import config
-from sparkcache.protocols import cargo, generic, git, go, maven, npm, oci, pypi
+from sparkcache.protocols import cargo, dagger, generic, git, go, maven, npm, oci, pypi
 from sparkcache.protocols.base import ProtocolSpec, RemoteKind
 
 PROTOCOLS: tuple[ProtocolSpec, ...] = (
     cargo.SPEC,
+    dagger.SPEC,
     generic.SPEC,
     git.SPEC,
     go.SPEC,
