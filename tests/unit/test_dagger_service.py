@@ -317,3 +317,38 @@ def test_options_are_checked() -> None:
 
 def test_record_digests_are_stable() -> None:
     assert record_digest("k", "r") == "sha256:" + hashlib.sha256(b"k\nr").hexdigest()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_re_report_does_not_rewrite_the_graph(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    keys, links, _refs = await export(h, "s")
+    adopted: list[str] = []
+    real = h.cache.adopt
+
+    async def counting(target: Any, spool: Any, headers: Any) -> Any:
+        adopted.append(target.key)
+        return await real(target, spool, headers)
+
+    monkeypatch.setattr(h.cache, "adopt", counting)
+    await call(h, "POST", "/records", {"CacheKeys": keys, "Links": links})
+    assert adopted == []
+    keys.append({"ID": "new-key", "Results": [{"ID": "new-ref"}]})
+    await call(h, "POST", "/records", {"CacheKeys": keys, "Links": links})
+    assert adopted == ["_dagger:d:graph"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unsigned_upload_is_refused_before_its_body(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    await call(h, "GET", "/config", {"EngineID": "e"})  # the remote's state is loaded
+    spools: list[str] = []
+    real = h.store.new_spool
+
+    def new_spool(prefix: str = "dl-", scratch: bool = False) -> Any:
+        spools.append(prefix)
+        return real(prefix, scratch)
+
+    monkeypatch.setattr(h.store, "new_spool", new_spool)
+    blob = Blob(b"y" * 3000)
+    resp = await h.put(f"/dagger/d/blobs/{blob.digest[7:]}?op=put&exp=9999999999&sig=forged", blob.data)
+    assert resp.status == 403 and json.loads(resp.body)["status"] == 403
+    assert spools == []

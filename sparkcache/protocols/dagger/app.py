@@ -21,7 +21,7 @@ from sparkcache.protocols._keyed import KeyedBlobs
 from sparkcache.protocols.dagger.graph import DIGEST, GraphError
 from sparkcache.protocols.dagger.options import DaggerOptions
 from sparkcache.protocols.dagger.state import RemoteState, check_signature, sign
-from sparkcache.web.bodies import BodyDecision, InMemory, Refuse
+from sparkcache.web.bodies import BodyDecision, InMemory, Refuse, checked
 from sparkcache.web.errors import JSON, ErrorReply, HTTPError, add_error_handling, guarded
 from sparkcache.web.setup import query_arg
 from sparkcache.web.urls import public_base
@@ -68,12 +68,20 @@ class DaggerApp:
     # -- plumbing -----------------------------------------------------------------------
 
     def body_gate(self, request: Any) -> BodyDecision:
+        return checked(JSON, self._gate)(request)
+
+    def _gate(self, request: Any) -> BodyDecision:
         parts = request.path.split(b"/")
         if len(parts) < 4 or parts[2].decode("utf-8", "replace") not in self.remotes:
             return None
         remote = self.remotes[parts[2].decode()]
         if parts[3] == b"blobs":
-            return remote.blobs.body_gate(request) if request.method == b"PUT" else None
+            if request.method != b"PUT":
+                return None
+            if remote.state.loaded and len(parts) == 5:
+                # An unsigned or expired upload is refused before a byte is spooled.
+                self.check_url(request, remote, parts[4].decode("utf-8", "replace"), "put")
+            return remote.blobs.body_gate(request)
         limit = MAX_RECORDS_BODY if parts[3] == b"records" else MAX_SMALL_BODY
         return InMemory(limit, Refuse(JSON, ErrorReply(413, f"request bodies of /{parts[3].decode()} are at most "
                                                             f"{limit} bytes")))
@@ -139,6 +147,8 @@ class DaggerApp:
         r = self.remote(remote)
         self.ctx.auth.require(request, "read")
         await self.body(request)
+        # The engine's first call: the state (and signing secret) is ready before any blob URL is used.
+        await r.state.load()
         o = r.options
         return self.reply(request, {"ImportPeriod": int(o.import_period * NS), "ExportPeriod": int(o.export_period * NS),
                                     "ExportTimeout": int(o.export_timeout * NS)})
@@ -243,6 +253,16 @@ class DaggerApp:
 
     # -- signed blob URLs ---------------------------------------------------------------
 
+    def check_url(self, request: Any, r: Remote, hexd: str, op: str) -> str:
+        """Raise AuthError(403) unless the request's URL is signed for ``op`` on
+        ``hexd`` and not expired; the cache-mount name it uploads ("" for none)."""
+        if query_arg(request, "op") != op:
+            raise HTTPError(403, "this URL does not allow this method")
+        mount = query_arg(request, "mount") or ""
+        check_signature(r.state.secret, query_arg(request, "sig"), query_arg(request, "exp"),
+                        self.ctx.clock.seconds(), r.name, op, hexd, mount, query_arg(request, "size") or "-1")
+        return mount
+
     @app.route("/<remote>/blobs/<hexd>", methods=["GET", "HEAD", "PUT"])
     async def blob(self, request: Any, remote: str, hexd: str) -> Any:
         r = self.remote(remote)
@@ -250,22 +270,15 @@ class DaggerApp:
         if not DIGEST.match(digest):
             raise HTTPError(404, "not a blob")
         await r.state.load()
-        op = query_arg(request, "op") or ""
-        mount = query_arg(request, "mount") or ""
-        size = query_arg(request, "size") or "-1"
         writing = request.method == b"PUT"
-        if op != ("put" if writing else "get"):
-            raise HTTPError(403, "this URL does not allow this method")
-        check_signature(r.state.secret, query_arg(request, "sig"), query_arg(request, "exp"),
-                        self.ctx.clock.seconds(), r.name, op, hexd, mount, size)
+        mount = self.check_url(request, r, hexd, "put" if writing else "get")
         if not writing:
             return await r.blobs.serve(request, blob_name(digest),
                                        {"content-type": "application/octet-stream"})
         stored = await r.blobs.put(request, blob_name(digest), {"content-type": "application/octet-stream"},
                                    expected_sha256=hexd)
         if mount:
-            r.state.mounts[mount] = (digest, stored.entry.size)
-            await r.state.save()
+            await r.state.set_mount(mount, digest, stored.entry.size)
         # Cache-mount uploads need exactly 200 (engine/cache/cachemanager/mountsync.go).
         request.setResponseCode(200)
         return b""

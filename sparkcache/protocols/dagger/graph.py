@@ -56,6 +56,12 @@ def _digest(v: Any, what: str, empty: bool = False) -> str:
     return v
 
 
+def _array(obj: dict[str, Any], name: str) -> Any:
+    # Go encodes a nil slice as null: absent or null is empty, anything else is checked by the caller.
+    v = obj.get(name)
+    return [] if v is None else v
+
+
 def record_digest(key_id: str, result_id: str) -> str:
     """The record digest the service gives the result ``result_id`` of key ``key_id``."""
     return "sha256:" + hashlib.sha256(f"{key_id}\n{result_id}".encode()).hexdigest()
@@ -115,6 +121,8 @@ class Graph:
     layers: dict[str, list[Layer]] = field(default_factory=dict)
     # record digest → (key ID, result ID), for every result of every key.
     records: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # Something new since the graph was last stored (a mere re-report is nothing new).
+    dirty: bool = False
 
     # -- updates ----------------------------------------------------------------------
 
@@ -124,14 +132,14 @@ class Graph:
         (then nothing is merged)."""
         if not isinstance(body, dict):
             raise GraphError("the body must be a JSON object")
-        keys, links = body.get("CacheKeys") or [], body.get("Links") or []
+        keys, links = _array(body, "CacheKeys"), _array(body, "Links")
         if not isinstance(keys, list) or not isinstance(links, list):
             raise GraphError("CacheKeys and Links must be arrays")
         parsed_keys: list[tuple[str, list[tuple[str, str, str]]]] = []
         for k in keys:
             if not isinstance(k, dict):
                 raise GraphError("a cache key must be an object")
-            results = k.get("Results") or []
+            results = _array(k, "Results")
             if not isinstance(results, list):
                 raise GraphError("a cache key's Results must be an array")
             rs = []
@@ -154,15 +162,20 @@ class Graph:
                                  _str(ln.get("Selector") or "", "a link's Selector", empty=True)))
         named: list[tuple[str, str]] = []
         for key_id, rs in parsed_keys:
-            key = self.keys.pop(key_id, None) or Key()
+            key = self.keys.pop(key_id, None)
+            if key is None:
+                key, self.dirty = Key(), True
             self.keys[key_id] = key  # most recently reported last
             for result_id, created, desc in rs:
-                key.results[result_id] = (created, desc)
+                if key.results.get(result_id) != (created, desc):
+                    key.results[result_id] = (created, desc)
+                    self.dirty = True
                 rd = record_digest(key_id, result_id)
                 self.records[rd] = (key_id, result_id)
                 named.append((rd, result_id))
         for link in parsed_links:
-            self.links.pop(link, None)
+            if self.links.pop(link, 0) is not None:
+                self.dirty = True
             self.links[link] = None
         self._bound()
         return named
@@ -172,14 +185,14 @@ class Graph:
         (records the graph no longer has are ignored)."""
         if not isinstance(body, dict):
             raise GraphError("the body must be a JSON object")
-        updated = body.get("UpdatedRecords") or []
+        updated = _array(body, "UpdatedRecords")
         if not isinstance(updated, list):
             raise GraphError("UpdatedRecords must be an array")
         parsed = []
         for u in updated:
             if not isinstance(u, dict):
                 raise GraphError("an updated record must be an object")
-            layers = u.get("Layers") or []
+            layers = _array(u, "Layers")
             if not isinstance(layers, list) or len(layers) > MAX_LAYERS_PER_RECORD:
                 raise GraphError(f"a record's Layers must be an array of at most {MAX_LAYERS_PER_RECORD}")
             parsed.append((_digest(u.get("RecordDigest"), "RecordDigest"), [Layer.from_descriptor(x) for x in layers]))
@@ -187,6 +200,7 @@ class Graph:
         for rd, layers in parsed:
             if rd in self.records and layers:
                 self.layers[rd] = layers
+                self.dirty = True
                 n += 1
         return n
 

@@ -35,6 +35,8 @@ log = Logger()
 STATE_REMOTE = "_dagger"
 # The stored graph document is at most this large: past it, the graph is cut down before storing.
 MAX_GRAPH_BYTES = 16 << 20
+# Cache mounts remembered per remote (an engine has a handful).
+MAX_MOUNTS = 1000
 
 
 def sign(secret: bytes, *parts: str) -> str:
@@ -53,6 +55,10 @@ def check_signature(secret: bytes, sig: str | None, exp: str | None, now: float,
         raise AuthError(403, "the signed URL has expired")
 
 
+def dumps(doc: object) -> bytes:
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
 class RemoteState:
     """The secret and graph of one remote, loaded on first use, stored on change."""
 
@@ -64,7 +70,7 @@ class RemoteState:
         self.graph = Graph(max_keys=max_keys, max_links=2 * max_keys)
         # cache-mount name → (digest, size)
         self.mounts: dict[str, tuple[str, int]] = {}
-        self._loaded = False
+        self.loaded = False
         self._lock = DeferredLock()
 
     def _key(self, what: str) -> str:
@@ -99,11 +105,11 @@ class RemoteState:
             return False
 
     async def load(self) -> None:
-        if self._loaded:
+        if self.loaded:
             return
         await self._lock.acquire()
         try:
-            if self._loaded:
+            if self.loaded:
                 return
             if self._configured is None:
                 stored = await self._read("secret", 256)
@@ -115,13 +121,14 @@ class RemoteState:
             raw = await self._read("graph", MAX_GRAPH_BYTES + 1)
             if raw:
                 try:
-                    doc = json.loads(raw)
+                    doc = await self.ctx.store.in_io(json.loads, raw)
                     self.graph.load_json(doc["graph"])
                     self.mounts = {str(n): (str(d), int(s)) for n, (d, s) in doc.get("mounts", {}).items()}
                 except Exception as e:
                     log.warn("dagger {remote}: its stored graph is unreadable ({why}); starting empty",
                              remote=self.remote.name, why=e)
-            self._loaded = True
+            self.graph.dirty = False
+            self.loaded = True
         finally:
             self._lock.release()
 
@@ -131,12 +138,26 @@ class RemoteState:
         assert secret is not None, "load() first"
         return secret
 
+    async def set_mount(self, name: str, digest: str, size: int) -> None:
+        if self.mounts.get(name) != (digest, size):
+            self.mounts.pop(name, None)
+            self.mounts[name] = (digest, size)
+            while len(self.mounts) > MAX_MOUNTS:
+                del self.mounts[next(iter(self.mounts))]  # the least recently uploaded
+            self.graph.dirty = True
+            await self.save()
+
     async def save(self) -> bool:
-        """Store the graph and mounts (one document, replaced whole); False when the store could not take it."""
+        """Store the graph and mounts (one document, replaced whole) when they
+        changed; False when the store could not take it."""
         await self._lock.acquire()
         try:
+            if not self.graph.dirty:
+                return True
+            self.graph.dirty = False
             doc = {"graph": self.graph.to_json(), "mounts": {n: list(v) for n, v in self.mounts.items()}}
-            data = json.dumps(doc, separators=(",", ":")).encode()
+            # A snapshot of plain lists and dicts: dumped off the reactor.
+            data = await self.ctx.store.in_io(dumps, doc)
             bound = (self.graph.max_keys, self.graph.max_links)
             while len(data) > MAX_GRAPH_BYTES and self.graph.keys:
                 # Forget the least recently reported half until it fits.
@@ -144,9 +165,12 @@ class RemoteState:
                 self.graph.max_links = 2 * self.graph.max_keys
                 self.graph.update_records({})
                 doc["graph"] = self.graph.to_json()
-                data = json.dumps(doc, separators=(",", ":")).encode()
+                data = await self.ctx.store.in_io(dumps, doc)
             self.graph.max_keys, self.graph.max_links = bound
-            return await self._write("graph", data)
+            if not await self._write("graph", data):
+                self.graph.dirty = True  # try again on the next change
+                return False
+            return True
         finally:
             self._lock.release()
 
