@@ -8,7 +8,9 @@ source: dagger/dagger at v0.18.14 (commit 5175b4adf3cc762e6f019dc4746e774d15a6ce
 its JSON request body with ``Content-Type: application/json``, GETs too, except
 ``GET /import`` which has none; Basic auth with the token as user and an
 empty password; any 2xx is success), ``manager.go`` (the sequence),
-``provider.go`` (layer reads) and ``mountsync.go`` (cache mounts):
+``provider.go`` (layer reads) and ``mountsync.go`` (cache mounts). Request
+bodies are written by a goroutine into an ``io.Pipe``, so Go sends them
+chunked, without a Content-Length; blob PUTs set ``ContentLength``:
 
 1. engine start: ``GET /config`` {EngineID}; periods must be non-zero;
 2. ``GET /import`` (at start, then every ImportPeriod);
@@ -79,13 +81,17 @@ class Engine:
     engine_id: str = "engine-1"
     log: list[str] = field(default_factory=list)
 
-    def _send(self, method: str, url: str, body: bytes | None, headers: dict[str, str]) -> tuple[int, dict[str, str],
-                                                                                                   bytes]:
+    def _send(self, method: str, url: str, body: bytes | None, headers: dict[str, str],
+              chunked: bool = False) -> tuple[int, dict[str, str], bytes]:
         parts = urlsplit(url)
         conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=60)
         try:
             path = parts.path + ("?" + parts.query if parts.query else "")
-            conn.request(method, path, body=body, headers=headers)
+            if chunked:
+                # Go sends an io.Pipe body with an unknown length: Transfer-Encoding: chunked.
+                conn.request(method, path, body=iter([body or b""]), headers=headers, encode_chunked=True)
+            else:
+                conn.request(method, path, body=body, headers=headers)
             resp = conn.getresponse()
             data = resp.read()
             return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
@@ -102,7 +108,7 @@ class Engine:
             body = (json.dumps(req) + "\n").encode()  # json.Encoder.Encode ends with a newline
             headers["Content-Type"] = "application/json"
         self.log.append(f"{method} {path}")
-        status, _h, data = self._send(method, self.base_url + path, body, headers)
+        status, _h, data = self._send(method, self.base_url + path, body, headers, chunked=body is not None)
         if not 200 <= status < 300:
             raise EngineError(f"{method} {path}", status, data)
         return json.loads(data) if data.strip() else None
