@@ -111,6 +111,16 @@ class DaggerApp:
         except ValueError as e:
             raise HTTPError(400, f"the body is not JSON: {e}") from None
 
+    async def enter(self, request: Any, remote: str, scope: str, empty_ok: bool = True) -> tuple[Remote, Any]:
+        """An API call: its remote (404), its scope (401/403), its JSON body,
+        and the remote's state loaded (the engine's first call, /config, loads
+        it, so the signing secret is ready before any blob URL is used)."""
+        r = self.remote(remote)
+        self.ctx.auth.require(request, scope)
+        body = await self.body(request, empty_ok)
+        await r.state.load()
+        return r, body
+
     def reply(self, request: Any, value: Any) -> bytes:
         request.setHeader(b"Content-Type", b"application/json")
         return json.dumps(value, separators=(",", ":")).encode() + b"\n"
@@ -144,21 +154,14 @@ class DaggerApp:
 
     @app.route("/<remote>/config", methods=["GET"])
     async def config(self, request: Any, remote: str) -> bytes:
-        r = self.remote(remote)
-        self.ctx.auth.require(request, "read")
-        await self.body(request)
-        # The engine's first call: the state (and signing secret) is ready before any blob URL is used.
-        await r.state.load()
+        r, _ = await self.enter(request, remote, "read")
         o = r.options
         return self.reply(request, {"ImportPeriod": int(o.import_period * NS), "ExportPeriod": int(o.export_period * NS),
                                     "ExportTimeout": int(o.export_timeout * NS)})
 
     @app.route("/<remote>/records", methods=["POST"])
     async def records(self, request: Any, remote: str) -> bytes:
-        r = self.remote(remote)
-        self.ctx.auth.require(request, "write")
-        body = await self.body(request, empty_ok=False)
-        await r.state.load()
+        r, body = await self.enter(request, remote, "write", empty_ok=False)
         try:
             named = r.state.graph.update_records(body)
         except GraphError as e:
@@ -171,25 +174,18 @@ class DaggerApp:
 
     @app.route("/<remote>/layers", methods=["POST"])
     async def layers(self, request: Any, remote: str) -> bytes:
-        r = self.remote(remote)
-        self.ctx.auth.require(request, "write")
-        body = await self.body(request, empty_ok=False)
-        await r.state.load()
+        r, body = await self.enter(request, remote, "write", empty_ok=False)
         try:
             r.state.graph.update_layers(body)
         except GraphError as e:
             raise HTTPError(400, str(e)) from None
         await r.state.save()
         self.ctx.metrics.form(r.name, "layers", "updated")
-        request.setResponseCode(200)
         return self.reply(request, {})
 
     @app.route("/<remote>/import", methods=["GET"])
     async def import_(self, request: Any, remote: str) -> bytes:
-        r = self.remote(remote)
-        self.ctx.auth.require(request, "read")
-        await self.body(request)
-        await r.state.load()
+        r, _ = await self.enter(request, remote, "read")
         have = await self.stored(r, r.state.graph.layer_digests())
         config = r.state.graph.cache_config(have.__contains__)
         self.ctx.metrics.form(r.name, "import", "records" if config else "empty")
@@ -197,10 +193,8 @@ class DaggerApp:
 
     @app.route("/<remote>/layerDownloadURL", methods=["GET"])
     async def layer_download_url(self, request: Any, remote: str) -> bytes:
-        r = self.remote(remote)
-        self.ctx.auth.require(request, "read")
-        digest = self.digest_of(await self.body(request))
-        await r.state.load()
+        r, body = await self.enter(request, remote, "read")
+        digest = self.digest_of(body)
         if await r.blobs.get(blob_name(digest)) is None:
             # A URL to nothing would hand the engine an error body as the layer.
             self.ctx.metrics.form(r.name, "entry", "miss")
@@ -209,10 +203,8 @@ class DaggerApp:
 
     @app.route("/<remote>/layerUploadURL", methods=["GET"])
     async def layer_upload_url(self, request: Any, remote: str) -> bytes:
-        r = self.remote(remote)
-        self.ctx.auth.require(request, "write")
-        digest = self.digest_of(await self.body(request))
-        await r.state.load()
+        r, body = await self.enter(request, remote, "write")
+        digest = self.digest_of(body)
         if await r.blobs.get(blob_name(digest)) is not None:
             self.ctx.metrics.form(r.name, "upload", "exists")
             return self.reply(request, {"URL": "", "Headers": {}, "Skip": True})
@@ -221,10 +213,7 @@ class DaggerApp:
 
     @app.route("/<remote>/cacheMountConfig", methods=["GET"])
     async def cache_mount_config(self, request: Any, remote: str) -> bytes:
-        r = self.remote(remote)
-        self.ctx.auth.require(request, "read")
-        await self.body(request)
-        await r.state.load()
+        r, _ = await self.enter(request, remote, "read")
         have = await self.stored(r, {d for d, _ in r.state.mounts.values()})
         mounts = [{"Name": name, "Digest": d, "Size": size, "MediaType": CACHE_MOUNT_MEDIA_TYPE,
                    "URL": self.signed_url(request, r, "get", d)}
@@ -233,9 +222,7 @@ class DaggerApp:
 
     @app.route("/<remote>/cacheMountUploadURL", methods=["GET"])
     async def cache_mount_upload_url(self, request: Any, remote: str) -> bytes:
-        r = self.remote(remote)
-        self.ctx.auth.require(request, "write")
-        body = await self.body(request, empty_ok=False)
+        r, body = await self.enter(request, remote, "write", empty_ok=False)
         digest = self.digest_of(body)
         name, size = body.get("CacheName"), body.get("Size")
         if not isinstance(name, str) or not name or len(name) > 256 or not name.isprintable():
@@ -243,9 +230,8 @@ class DaggerApp:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise HTTPError(400, "Size must be a non-negative integer")
         if size > r.blobs.options.max_entry_size:
-            r.blobs.ctx.metrics.form(r.name, "upload", "rejected")
+            self.ctx.metrics.form(r.name, "upload", "rejected")
             raise HTTPError(413, f"entries of {r.name!r} are at most {r.blobs.options.max_entry_size} bytes")
-        await r.state.load()
         if r.state.mounts.get(name) == (digest, size) and await r.blobs.get(blob_name(digest)) is not None:
             return self.reply(request, {"URL": "", "Headers": {}, "Skip": True})
         return self.reply(request, {"URL": self.signed_url(request, r, "put", digest, name, size),
