@@ -90,15 +90,12 @@ class RemoteState:
     async def _write(self, what: str, data: bytes) -> bool:
         spool = self.ctx.store.new_spool("dagger-")
         try:
-            spool.write(data)
-        except Exception:
-            self.ctx.store.discard(spool)
-            raise
-        try:
+            await self.ctx.store.in_io(spool.write, data)  # up to MAX_GRAPH_BYTES: off the reactor
             await self.ctx.cache.adopt(Target(self._key(what), STATE_REMOTE, f"{self.remote.name}/{what}",
                                               pinned=True), spool, {"content-type": "application/json"})
             return True
         except Exception as e:
+            self.ctx.store.discard(spool)  # a no-op once adopt consumed it
             # A full store must not stop the cache: the state lives on in memory.
             log.warn("dagger {remote}: could not store its {what} ({why}); kept in memory",
                      remote=self.remote.name, what=what, why=e)
