@@ -13,12 +13,13 @@ import os
 from typing import Any, Mapping, Sequence
 
 from sparkcache import config
-from sparkcache.protocols import bazel, cargo, generic, gha, git, go, kv, maven, npm, nx, oci, pypi, seed, turborepo
+from sparkcache.protocols import bazel, cargo, dagger, generic, gha, git, go, kv, maven, npm, nx, oci, pypi, seed, turborepo
 from sparkcache.protocols.base import ProtocolSpec, RemoteKind
 
 PROTOCOLS: tuple[ProtocolSpec, ...] = (
     bazel.SPEC,
     cargo.SPEC,
+    dagger.SPEC,
     generic.SPEC,
     gha.SPEC,
     git.SPEC,
