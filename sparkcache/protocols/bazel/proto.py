@@ -25,6 +25,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterator
 
+from sparkcache.protocols._protowire import read_varint, write_varint
+
 _HEX64 = re.compile(rb"[0-9a-f]{64}")
 
 VARINT, I64, LEN, I32 = 0, 1, 2, 5
@@ -56,36 +58,21 @@ class References:
     trees: tuple[Digest, ...]
 
 
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(data):
-            raise NotAMessage("truncated varint")
-        b = data[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
-        if shift >= 64:
-            raise NotAMessage("varint longer than 10 bytes")
-
-
 def fields(data: bytes) -> Iterator[tuple[int, int, int | bytes]]:
     """``(field number, wire type, value)`` of each field of one message:
     an int for varints, the bytes for length-delimited fields, the raw bytes
     of fixed-width ones."""
     pos, end = 0, len(data)
     while pos < end:
-        tag, pos = _varint(data, pos)
+        tag, pos = read_varint(data, pos, NotAMessage)
         number, wire = tag >> 3, tag & 7
         if number == 0:
             raise NotAMessage("field number 0")
         if wire == VARINT:
-            value, pos = _varint(data, pos)
+            value, pos = read_varint(data, pos, NotAMessage)
             yield number, wire, value
         elif wire == LEN:
-            n, pos = _varint(data, pos)
+            n, pos = read_varint(data, pos, NotAMessage)
             if pos + n > end:
                 raise NotAMessage("length-delimited field past the end")
             yield number, wire, data[pos:pos + n]
@@ -162,24 +149,12 @@ def tree_files(data: bytes) -> list[Digest]:
 # -- writing (tests and the benchmark build ActionResults with these) -----------
 
 
-def _encode_varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
 def field_bytes(number: int, value: bytes) -> bytes:
-    return _encode_varint(number << 3 | LEN) + _encode_varint(len(value)) + value
+    return write_varint(number << 3 | LEN) + write_varint(len(value)) + value
 
 
 def field_varint(number: int, value: int) -> bytes:
-    return _encode_varint(number << 3 | VARINT) + _encode_varint(value)
+    return write_varint(number << 3 | VARINT) + write_varint(value)
 
 
 def encode_digest(d: Digest) -> bytes:

@@ -20,7 +20,8 @@ from twisted.logger import Logger
 from sparkcache.protocols._keyed import KeyedBlobs
 from sparkcache.protocols.dagger.graph import DIGEST, GraphError
 from sparkcache.protocols.dagger.options import DaggerOptions
-from sparkcache.protocols.dagger.state import RemoteState, check_signature, sign
+from sparkcache.protocols.dagger.state import RemoteState
+from sparkcache.web.signed import check_signature, sign
 from sparkcache.web.bodies import BodyDecision, InMemory, Refuse, checked
 from sparkcache.web.errors import JSON, ErrorReply, HTTPError, add_error_handling, guarded
 from sparkcache.web.setup import query_arg

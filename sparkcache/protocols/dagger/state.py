@@ -12,10 +12,7 @@ time and checks the expiry against the daemon's clock.
 
 from __future__ import annotations
 
-import base64
 import binascii
-import hashlib
-import hmac
 import json
 import os
 from typing import TYPE_CHECKING
@@ -23,7 +20,6 @@ from typing import TYPE_CHECKING
 from twisted.internet.defer import DeferredLock
 from twisted.logger import Logger
 
-from sparkcache.auth import AuthError
 from sparkcache.fetch import Target
 from sparkcache.protocols.dagger.graph import Graph
 
@@ -37,22 +33,6 @@ STATE_REMOTE = "_dagger"
 MAX_GRAPH_BYTES = 16 << 20
 # Cache mounts remembered per remote (an engine has a handful).
 MAX_MOUNTS = 1000
-
-
-def sign(secret: bytes, *parts: str) -> str:
-    mac = hmac.new(secret, "\n".join(parts).encode(), hashlib.sha256).digest()
-    return base64.urlsafe_b64encode(mac).rstrip(b"=").decode("ascii")
-
-
-def check_signature(secret: bytes, sig: str | None, exp: str | None, now: float, *parts: str) -> None:
-    """Raise AuthError(403) unless ``sig`` signs ``parts`` and ``exp``, and ``exp`` has not passed."""
-    if not sig or not exp or not (exp.isascii() and exp.isdigit()):
-        raise AuthError(403, "this URL is not signed")
-    expected = sign(secret, *parts, exp)
-    if not hmac.compare_digest(expected.encode(), sig.encode("utf-8", "replace")):
-        raise AuthError(403, "the URL's signature does not match")
-    if now >= int(exp):
-        raise AuthError(403, "the signed URL has expired")
 
 
 def dumps(doc: object) -> bytes:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 import json
 import os
@@ -29,6 +28,7 @@ from twisted.logger import Logger
 
 from sparkcache.auth import AuthError
 from sparkcache.fetch import Target
+from sparkcache.web.signed import check_signature, sign
 
 if TYPE_CHECKING:
     from sparkcache.context import Context
@@ -92,21 +92,6 @@ class Secrets:
             # anyway; its URLs and tokens end with it.
             log.warn("gha: could not store the signing secret ({why}); it lasts until the daemon stops", why=e)
         return secret
-
-
-def sign(secret: bytes, *parts: str) -> str:
-    return b64url(hmac.new(secret, "\n".join(parts).encode(), hashlib.sha256).digest())
-
-
-def check_signature(secret: bytes, sig: str | None, exp: str | None, now: float, *parts: str) -> None:
-    """Raise AuthError(403) unless ``sig`` signs ``parts`` and ``exp``, and ``exp`` has not passed."""
-    if not sig or not exp or not (exp.isascii() and exp.isdigit()):
-        raise AuthError(403, "this URL is not signed")
-    expected = sign(secret, *parts, exp)
-    if not hmac.compare_digest(expected.encode(), sig.encode("utf-8", "replace")):
-        raise AuthError(403, "the URL's signature does not match")
-    if now >= int(exp):
-        raise AuthError(403, "the signed URL has expired")
 
 
 @dataclass(frozen=True)

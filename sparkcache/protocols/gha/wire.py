@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from sparkcache.protocols._protowire import read_varint, write_varint
+
 PROTOBUF = "application/protobuf"
 JSON_TYPE = "application/json"
 
@@ -48,50 +50,22 @@ class CacheRequest:
 # -- protobuf ------------------------------------------------------------------------
 
 
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(data):
-            raise WireError("truncated varint")
-        b = data[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise WireError("varint too long")
-
-
-def _put_varint(n: int) -> bytes:
-    n &= (1 << 64) - 1  # negative int64s are ten bytes, two's complement
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
 def decode_protobuf(method: str, data: bytes) -> CacheRequest:
     names = REQUEST_FIELDS[method]
     req = CacheRequest()
     pos = 0
     while pos < len(data):
-        tag, pos = _varint(data, pos)
+        tag, pos = read_varint(data, pos, WireError)
         number, wire_type = tag >> 3, tag & 7
         name = names.get(number)
         if wire_type == 0:
-            value, pos = _varint(data, pos)
+            value, pos = read_varint(data, pos, WireError)
             if name == "size_bytes":
                 req.size_bytes = value - (1 << 64) if value >= 1 << 63 else value
             elif name is not None:
                 raise WireError(f"field {number} is not a varint")
         elif wire_type == 2:
-            length, pos = _varint(data, pos)
+            length, pos = read_varint(data, pos, WireError)
             if pos + length > len(data):
                 raise WireError("truncated field")
             chunk, pos = data[pos:pos + length], pos + length
@@ -126,9 +100,9 @@ def encode_protobuf(method: str, fields: dict[str, Any]) -> bytes:
             continue  # proto3 leaves defaults out
         if kind == "str":
             raw = str(value).encode()
-            out += _put_varint(number << 3 | 2) + _put_varint(len(raw)) + raw
+            out += write_varint(number << 3 | 2) + write_varint(len(raw)) + raw
         else:
-            out += _put_varint(number << 3) + _put_varint(int(value))
+            out += write_varint(number << 3) + write_varint(int(value))
     return bytes(out)
 
 
