@@ -42,10 +42,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from common import (LOOPBACK, MiB, Bench, BenchError, apply_quick, base_parser, print_summary, print_table, run_main,
-                    summary_row)
-from registry_common import (CA_BUNDLE, PHASES, Server, SparkcacheServer, mask, med, pypi_upstream, run_matrix,
-                             scrubbed_env)
+from common import LOOPBACK, Bench, BenchError, apply_quick, base_parser, run_main
+from registry_common import (CA_BUNDLE, Server, SparkcacheServer, bench_commit, mask, pypi_upstream, report,
+                             run_matrix, scrubbed_env, write_results)
 
 NAME = "pypi_cache"
 DEFAULT_ANCHORS_VENV = "/tmp/sparkbench-anchors/pypi"
@@ -209,12 +208,6 @@ class SparkcachePypi(SparkcacheServer):
         return self.daemon.url(f"/pypi/{self.remote}/simple/")
 
 
-def bench_commit() -> str:
-    from common import REPO
-    out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True)
-    return out.stdout.strip()
-
-
 def _pkg_version(venv: Path, dist: str) -> str:
     out = subprocess.run([str(venv / "bin" / "python"), "-c",
                           f"import importlib.metadata as m; print(m.version({dist!r}))"],
@@ -314,74 +307,16 @@ def main() -> int:
                 lambda s, n: client_specs(b, client, s, n, req), lambda s, dirs: check_install(s, dirs, seen))
         for s in servers:
             s.stop()
-        return report(b, args, clients, servers, results, seen, upstream)
-
-
-def report(b: Bench, args: Any, clients: list[str], servers: list[Server], results: dict[str, Any],
-           seen: dict[str, Any], upstream: str) -> int:
-    names = [s.name for s in servers]
-    anchors = [n for n in names if n != "sparkcache"]
-    rows = []
-    for client in clients:
-        for phase in PHASES:
-            for n in names:
-                rs = results[client][n][phase]
-                rows.append([client, phase, n, f"{med(results[client], n, phase):.2f}",
-                             f"{min(r['seconds'] for r in rs):.2f}-{max(r['seconds'] for r in rs):.2f}",
-                             f"{med(results[client], n, phase, 'server_cpu_seconds'):.2f}", len(rs)])
-    print_table(f"{NAME}: {len(PINNED)} pinned distributions, median wall and cache CPU per phase",
-                ["client", "phase", "cache", "wall s", "range", "cache CPU s", "runs"], rows, left=3)
-    print_table(f"{NAME}: peak RSS of each cache (VmHWM of its process tree, whole run)",
-                ["cache", "version", "peak RSS MiB"], [[s.name, s.version, f"{s.peak_rss / MiB:.1f}"] for s in servers],
-                left=2)
-
-    summary = []
-    sc = next((s for s in servers if s.name == "sparkcache"), None)
-    if sc is not None and anchors:
-        for client in clients:
-            res = results[client]
-            for phase in PHASES:
-                best = min(anchors, key=lambda a: med(res, a, phase) or 1e9)
-                s, r = med(res, "sparkcache", phase), med(res, best, phase)
-                goal = phase != "cold"
-                summary.append(summary_row(f"{client} {phase} wall", "s", s, best, r, "<= 1.0x" if goal else "-",
-                                           (s <= r) if goal and s is not None and r is not None else None))
-            if "proxpi" in anchors:
-                for phase in PHASES:
-                    s, r = med(res, "sparkcache", phase, "server_cpu_seconds"), med(res, "proxpi", phase,
-                                                                                    "server_cpu_seconds")
-                    goal = phase != "cold"
-                    summary.append(summary_row(f"{client} {phase} cache CPU", "s", s, "proxpi", r,
-                                               "<= 0.5x" if goal else "-",
-                                               (s <= 0.5 * r) if goal and s is not None and r else None))
-            for a in anchors:
-                if a == "proxpi":
-                    continue
-                for phase in ("warm", "warm x4"):
-                    s, r = med(res, "sparkcache", phase, "server_cpu_seconds"), med(res, a, phase, "server_cpu_seconds")
-                    summary.append(summary_row(f"{client} {phase} cache CPU", "s", s, a, r, "-", None))
-        best_rss = min(anchors, key=lambda a: next(x.peak_rss for x in servers if x.name == a))
-        summary.append(summary_row("peak RSS", "MiB", sc.peak_rss / MiB, best_rss,
-                                   next(x.peak_rss for x in servers if x.name == best_rss) / MiB, "<= 150 MiB",
-                                   sc.peak_rss <= 150 * MiB))
-        print_summary(f"{NAME} summary (medians of {args.runs} warm runs; ratio = sparkcache / reference)", summary)
-    if seen.get("via_cache"):
-        b.log("pip downloads whose URL pointed at the cache (all runs): " +
-              ", ".join(f"{k} {v}" for k, v in seen["via_cache"].items()))
-    checks: dict[str, Any] = {"via_cache": seen.get("via_cache", {})}
-    if sc is not None:
-        assert isinstance(sc, SparkcacheServer)
-        checks.update({"daemon_exit_status": sc.daemon.exit_status, "daemon_log_problems": sc.problems()})
-    b.write_results(mask({
-        "params": {"distributions": len(PINNED), "requirements": REQUIREMENTS.split(), "runs": args.runs,
-                   "parallel": args.parallel, "clients": clients, "upstream": mask(upstream),
-                   "versions": {s.name: s.version for s in servers}},
-        "runs": results,
-        "peak_rss_bytes": {s.name: s.peak_rss for s in servers},
-        "summary": summary,
-        "checks": checks,
-    }))
-    return 0
+        checks: dict[str, Any] = {"downloads_via_cache": seen.get("via_cache", {})}
+        summary = report(b, NAME, f"{len(PINNED)} pinned distributions", args.runs, clients, servers, results,
+                         cpu_reference="proxpi")
+        if seen.get("via_cache"):
+            b.log("pip downloads whose URL pointed at the cache (all runs): " +
+                  ", ".join(f"{k} {v}" for k, v in seen["via_cache"].items()))
+        write_results(b, {"distributions": len(PINNED), "requirements": REQUIREMENTS.split(), "runs": args.runs,
+                          "parallel": args.parallel, "clients": clients, "upstream": mask(upstream)},
+                      servers, results, summary, checks)
+        return 0
 
 
 if __name__ == "__main__":

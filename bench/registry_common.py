@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 from urllib.parse import urlsplit
 
-from common import (LOOPBACK, MiB, Bench, BenchError, Daemon, _descendants, _die_with_parent, _stop_process,
-                    clean_env, free_port, median, wait_port)
+from common import (LOOPBACK, REPO, MiB, Bench, BenchError, Daemon, _descendants, _die_with_parent, _stop_process,
+                    clean_env, free_port, median, print_summary, print_table, summary_row, wait_port)
 
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 _MASKED: set[str] = set()
@@ -359,3 +359,66 @@ def med(results: dict[str, dict[str, list[dict[str, Any]]]], server: str, phase:
 
 def fmt_mib(n: int) -> str:
     return f"{n / MiB:.1f}"
+
+
+def bench_commit() -> str:
+    """The checkout measured (the daemon runs from this working tree)."""
+    out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def report(b: Bench, name: str, what: str, runs: int, clients: list[str], servers: list[Server],
+           results: dict[str, Any], cpu_reference: str | None) -> list[dict[str, Any]]:
+    """Print the per-phase table, the peak RSS table and the summary against the goals; return the summary."""
+    names = [s.name for s in servers]
+    anchors = [n for n in names if n != "sparkcache"]
+    rows = []
+    for client in clients:
+        for phase in PHASES:
+            for n in names:
+                rs = results[client][n][phase]
+                rows.append([client, phase, n, f"{med(results[client], n, phase):.2f}",
+                             f"{min(r['seconds'] for r in rs):.2f}-{max(r['seconds'] for r in rs):.2f}",
+                             f"{med(results[client], n, phase, 'server_cpu_seconds'):.2f}", len(rs)])
+    print_table(f"{name}: {what}, median wall and cache CPU per phase",
+                ["client", "phase", "cache", "wall s", "range", "cache CPU s", "runs"], rows, left=3)
+    print_table(f"{name}: peak RSS of each cache (VmHWM of its process tree, whole run)",
+                ["cache", "version", "peak RSS MiB"], [[s.name, s.version, fmt_mib(s.peak_rss)] for s in servers])
+
+    summary: list[dict[str, Any]] = []
+    sc = next((s for s in servers if s.name == "sparkcache"), None)
+    if sc is None or not anchors:
+        return summary
+    for client in clients:
+        res = results[client]
+        for phase in PHASES:
+            best = min(anchors, key=lambda a: med(res, a, phase) or 1e9)
+            s, r = med(res, "sparkcache", phase), med(res, best, phase)
+            goal = phase != "cold"
+            summary.append(summary_row(f"{client} {phase} wall", "s", s, best, r, "<= 1.0x" if goal else "-",
+                                       (s <= r) if goal and s is not None and r is not None else None))
+        for a in anchors:
+            for phase in PHASES:
+                s, r = med(res, "sparkcache", phase, "server_cpu_seconds"), med(res, a, phase, "server_cpu_seconds")
+                goal = a == cpu_reference and phase != "cold"
+                summary.append(summary_row(f"{client} {phase} cache CPU", "s", s, a, r, "<= 0.5x" if goal else "-",
+                                           (s <= 0.5 * r) if goal and s is not None and r else None))
+    best_rss = min((x for x in servers if x.name != "sparkcache"), key=lambda x: x.peak_rss)
+    summary.append(summary_row("peak RSS", "MiB", sc.peak_rss / MiB, best_rss.name, best_rss.peak_rss / MiB,
+                               "<= 150 MiB", sc.peak_rss <= 150 * MiB))
+    print_summary(f"{name} summary (medians of {runs} warm runs; ratio = sparkcache / reference)", summary)
+    return summary
+
+
+def write_results(b: Bench, params: dict[str, Any], servers: list[Server], results: dict[str, Any],
+                  summary: list[dict[str, Any]], checks: dict[str, Any]) -> None:
+    sc = next((s for s in servers if isinstance(s, SparkcacheServer)), None)
+    if sc is not None:
+        checks = {**checks, "daemon_exit_status": sc.daemon.exit_status, "daemon_log_problems": sc.problems()}
+    b.write_results(mask({
+        "params": {**params, "versions": {s.name: s.version for s in servers}},
+        "runs": results,
+        "peak_rss_bytes": {s.name: s.peak_rss for s in servers},
+        "summary": summary,
+        "checks": checks,
+    }))
