@@ -327,7 +327,7 @@ def measure(server: Server, make_specs: Callable[[int], list[tuple[list[str], Pa
     for _cmd, cwd, _env in specs:
         shutil.rmtree(cwd, ignore_errors=True)
     return {"seconds": max(r.seconds for r in runs), "client_seconds": [round(r.seconds, 3) for r in runs],
-            "server_cpu_seconds": round(cpu, 3), **facts}
+            "server_cpu_seconds": round(cpu, 3), "server_peak_rss_so_far": tree_hwm(server.pid), **facts}
 
 
 def run_matrix(bench: Bench, client: str, servers: list[Server], runs: int, parallel: int, timeout: float,
@@ -340,14 +340,15 @@ def run_matrix(bench: Bench, client: str, servers: list[Server], runs: int, para
         s.fresh_start()
         r = measure(s, lambda n: make_specs(s, n), 1, timeout, lambda d: check(s, d))
         out[s.name]["cold"].append(r)
-        bench.log(f"{client} cold {s.name}: {r['seconds']:.2f}s, cache CPU {r['server_cpu_seconds']:.2f}s")
+        bench.log(f"{client} cold {s.name}: {r['seconds']:.2f}s, cache CPU {r['server_cpu_seconds']:.2f}s, "
+                  f"peak RSS {fmt_mib(r['server_peak_rss_so_far'])} MiB")
     for phase, n in (("warm", 1), ("warm x4", parallel)):
         for i in range(runs):
             for s in servers:
                 r = measure(s, lambda k: make_specs(s, k), n, timeout, lambda d: check(s, d))
                 out[s.name][phase].append(r)
                 bench.log(f"{client} {phase} #{i + 1} {s.name}: {r['seconds']:.2f}s, "
-                          f"cache CPU {r['server_cpu_seconds']:.2f}s")
+                          f"cache CPU {r['server_cpu_seconds']:.2f}s, peak RSS {fmt_mib(r['server_peak_rss_so_far'])} MiB")
     return out
 
 
