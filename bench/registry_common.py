@@ -330,25 +330,47 @@ def measure(server: Server, make_specs: Callable[[int], list[tuple[list[str], Pa
             "server_cpu_seconds": round(cpu, 3), "server_peak_rss_so_far": tree_hwm(server.pid), **facts}
 
 
+FAILURES: dict[str, str] = {}  # "client cache" -> why that cache was left out for that client
+
+
 def run_matrix(bench: Bench, client: str, servers: list[Server], runs: int, parallel: int, timeout: float,
                make_specs: Callable[[Server, int], list[tuple[list[str], Path, dict[str, str]]]],
                check: Callable[[Server, list[Path]], dict[str, Any]]) -> dict[str, dict[str, list[dict[str, Any]]]]:
     """cold (each cache emptied and restarted, one run), then ``runs`` warm single runs, then ``runs``
-    warm runs of ``parallel`` clients; the caches alternate within every round."""
+    warm runs of ``parallel`` clients; the caches alternate within every round.
+
+    A reference cache whose client run fails is reported (FAILURES) and left out for this client
+    from then on; a sparkcache failure aborts the scenario."""
     out: dict[str, dict[str, list[dict[str, Any]]]] = {s.name: {p: [] for p in PHASES} for s in servers}
-    for s in servers:
+    live = list(servers)
+
+    def one(s: Server, phase: str, n: int) -> dict[str, Any] | None:
+        try:
+            return measure(s, lambda k: make_specs(s, k), n, timeout, lambda d: check(s, d))
+        except BenchError as e:
+            if isinstance(s, SparkcacheServer):
+                raise BenchError(f"sparkcache, {client} {phase}: {e}\n--- daemon log ---\n{s.log_tail()}") from None
+            FAILURES[f"{client} {s.name}"] = f"{phase}: {str(e)[-600:]}"
+            bench.log(f"{client} {phase} {s.name} FAILED, left out for {client}: {str(e)[-600:]}")
+            live.remove(s)
+            out.pop(s.name, None)
+            return None
+
+    for s in list(live):
         s.fresh_start()
-        r = measure(s, lambda n: make_specs(s, n), 1, timeout, lambda d: check(s, d))
-        out[s.name]["cold"].append(r)
-        bench.log(f"{client} cold {s.name}: {r['seconds']:.2f}s, cache CPU {r['server_cpu_seconds']:.2f}s, "
-                  f"peak RSS {fmt_mib(r['server_peak_rss_so_far'])} MiB")
+        r = one(s, "cold", 1)
+        if r is not None:
+            out[s.name]["cold"].append(r)
+            bench.log(f"{client} cold {s.name}: {r['seconds']:.2f}s, cache CPU {r['server_cpu_seconds']:.2f}s, "
+                      f"peak RSS {fmt_mib(r['server_peak_rss_so_far'])} MiB")
     for phase, n in (("warm", 1), ("warm x4", parallel)):
         for i in range(runs):
-            for s in servers:
-                r = measure(s, lambda k: make_specs(s, k), n, timeout, lambda d: check(s, d))
-                out[s.name][phase].append(r)
-                bench.log(f"{client} {phase} #{i + 1} {s.name}: {r['seconds']:.2f}s, "
-                          f"cache CPU {r['server_cpu_seconds']:.2f}s, peak RSS {fmt_mib(r['server_peak_rss_so_far'])} MiB")
+            for s in list(live):
+                r = one(s, phase, n)
+                if r is not None:
+                    out[s.name][phase].append(r)
+                    bench.log(f"{client} {phase} #{i + 1} {s.name}: {r['seconds']:.2f}s, cache CPU "
+                              f"{r['server_cpu_seconds']:.2f}s, peak RSS {fmt_mib(r['server_peak_rss_so_far'])} MiB")
     return out
 
 
@@ -376,7 +398,7 @@ def report(b: Bench, name: str, what: str, runs: int, clients: list[str], server
     rows = []
     for client in clients:
         for phase in PHASES:
-            for n in names:
+            for n in [n for n in names if n in results[client]]:
                 rs = results[client][n][phase]
                 rows.append([client, phase, n, f"{med(results[client], n, phase):.2f}",
                              f"{min(r['seconds'] for r in rs):.2f}-{max(r['seconds'] for r in rs):.2f}",
@@ -392,13 +414,15 @@ def report(b: Bench, name: str, what: str, runs: int, clients: list[str], server
         return summary
     for client in clients:
         res = results[client]
+        if "sparkcache" not in res or not [a for a in anchors if a in res]:
+            continue
         for phase in PHASES:
-            best = min(anchors, key=lambda a: med(res, a, phase) or 1e9)
+            best = min([a for a in anchors if a in res], key=lambda a: med(res, a, phase) or 1e9)
             s, r = med(res, "sparkcache", phase), med(res, best, phase)
             goal = phase != "cold"
             summary.append(summary_row(f"{client} {phase} wall", "s", s, best, r, "<= 1.0x" if goal else "-",
                                        (s <= r) if goal and s is not None and r is not None else None))
-        for a in anchors:
+        for a in [a for a in anchors if a in res]:
             for phase in PHASES:
                 s, r = med(res, "sparkcache", phase, "server_cpu_seconds"), med(res, a, phase, "server_cpu_seconds")
                 goal = a == cpu_reference and phase != "cold"
@@ -408,12 +432,15 @@ def report(b: Bench, name: str, what: str, runs: int, clients: list[str], server
     summary.append(summary_row("peak RSS", "MiB", sc.peak_rss / MiB, best_rss.name, best_rss.peak_rss / MiB,
                                "<= 150 MiB", sc.peak_rss <= 150 * MiB))
     print_summary(f"{name} summary (medians of {runs} warm runs; ratio = sparkcache / reference)", summary)
+    for k, v in FAILURES.items():
+        print(f"FAILED and left out: {k}: {v}")
     return summary
 
 
 def write_results(b: Bench, params: dict[str, Any], servers: list[Server], results: dict[str, Any],
                   summary: list[dict[str, Any]], checks: dict[str, Any]) -> None:
     sc = next((s for s in servers if isinstance(s, SparkcacheServer)), None)
+    checks = {**checks, "failures": dict(FAILURES)}
     if sc is not None:
         checks = {**checks, "daemon_exit_status": sc.daemon.exit_status, "daemon_log_problems": sc.problems()}
     b.write_results(mask({
