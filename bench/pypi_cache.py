@@ -48,6 +48,7 @@ from registry_common import (CA_BUNDLE, Server, SparkcacheServer, bench_commit, 
 
 NAME = "pypi_cache"
 DEFAULT_ANCHORS_VENV = "/tmp/sparkbench-anchors/pypi"
+CLIENT_TIMEOUT = 120  # seconds a client waits for one response
 
 # 36 pure-Python wheels and 2 sdists (docopt, sgmllib3k); the dependency closure is pinned too.
 REQUIREMENTS = """\
@@ -229,10 +230,12 @@ def client_specs(bench: Bench, client: str, server: Server, n: int, req: Path) -
         cwd = bench.path("clients", f"{server.name}-{i}")
         shutil.rmtree(cwd, ignore_errors=True)
         cwd.mkdir(parents=True)
-        env = scrubbed_env({"PIP_CONFIG_FILE": os.devnull, "PIP_NO_INPUT": "1"})
+        # a generous read timeout (pip's default is 15 s, uv's 30 s): a cold devpi answers its first
+        # page only after it has fetched the upstream's whole project list, slower on a busy machine
+        env = scrubbed_env({"PIP_CONFIG_FILE": os.devnull, "PIP_NO_INPUT": "1", "UV_HTTP_TIMEOUT": str(CLIENT_TIMEOUT)})
         if client == "pip":
             cmd = [sys.executable, "-m", "pip", "install", "--isolated", "--disable-pip-version-check",
-                   "--no-cache-dir", "--progress-bar", "off", "--target", str(cwd / "target"),
+                   "--no-cache-dir", "--progress-bar", "off", "--timeout", str(CLIENT_TIMEOUT), "--target", str(cwd / "target"),
                    "--index-url", server.index_url(), "--report", str(cwd / "report.json"), "-r", str(req)]
         else:
             uv = uv_path()
