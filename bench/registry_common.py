@@ -201,6 +201,10 @@ class Server:
     def cpu(self) -> float:
         return tree_cpu(self.pid)
 
+    def counters(self) -> dict[str, int]:
+        """Responses so far by kind and result, where the cache tells (sparkcache's /metrics)."""
+        return {}
+
     def sample(self) -> int:
         if self.proc is not None and self.proc.poll() is None:
             self.peak_rss = max(self.peak_rss, tree_hwm(self.proc.pid))
@@ -242,6 +246,17 @@ class SparkcacheServer(Server):
 
     def log_tail(self, n: int = 40) -> str:
         return mask(self.daemon.log_tail(n))
+
+    def counters(self) -> dict[str, int]:
+        """sparkcache_registry_requests by form and result ("page hit": 38, ...)."""
+        out: dict[str, int] = {}
+        for k, v in self.daemon.metrics().items():
+            m = re.match(r'sparkcache_registry_requests(?:_total)?\{(.*)\}$', k)
+            if m:
+                labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+                key = f"{labels.get('form')} {labels.get('result')}"
+                out[key] = out.get(key, 0) + int(v)
+        return out
 
     def problems(self) -> list[str]:
         return mask(self.daemon.log_problems()[:20])
@@ -319,11 +334,15 @@ def measure(server: Server, make_specs: Callable[[int], list[tuple[list[str], Pa
             n: int, timeout: float, check: Callable[[list[Path]], dict[str, Any]]) -> dict[str, Any]:
     """One timed run of ``n`` clients against ``server``: wall, the server's CPU, the checks' facts."""
     specs = make_specs(n)
+    counts0 = server.counters()
     cpu0 = server.cpu()
     runs = run_clients(specs, timeout, server.sample)
     cpu = server.cpu() - cpu0
     server.sample()
     facts = check([cwd for _cmd, cwd, _env in specs])
+    counts = {k: v - counts0.get(k, 0) for k, v in server.counters().items() if v - counts0.get(k, 0)}
+    if counts:
+        facts["responses"] = counts
     for _cmd, cwd, _env in specs:
         shutil.rmtree(cwd, ignore_errors=True)
     return {"seconds": max(r.seconds for r in runs), "client_seconds": [round(r.seconds, 3) for r in runs],
@@ -405,6 +424,12 @@ def report(b: Bench, name: str, what: str, runs: int, clients: list[str], server
                              f"{med(results[client], n, phase, 'server_cpu_seconds'):.2f}", len(rs)])
     print_table(f"{name}: {what}, median wall and cache CPU per phase",
                 ["client", "phase", "cache", "wall s", "range", "cache CPU s", "runs"], rows, left=3)
+    for client in clients:
+        for phase in PHASES:
+            for r in results[client].get("sparkcache", {}).get(phase, [])[:1]:
+                if r.get("responses"):
+                    b.log(f"sparkcache responses, {client} {phase} (first run): " +
+                          ", ".join(f"{k} {v}" for k, v in sorted(r["responses"].items())))
     print_table(f"{name}: peak RSS of each cache (VmHWM of its process tree, whole run)",
                 ["cache", "version", "peak RSS MiB"], [[s.name, s.version, fmt_mib(s.peak_rss)] for s in servers])
 
