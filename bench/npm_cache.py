@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from common import LOOPBACK, Bench, BenchError, apply_quick, base_parser, run_main, tool
-from registry_common import (CA_BUNDLE, Server, SparkcacheServer, bench_commit, mask, npm_upstream, report,
+from registry_common import (CA_BUNDLE, Server, SparkcacheServer, mask, npm_upstream, report,
                              run_matrix, scrubbed_env, write_results)
 
 NAME = "npm_cache"
@@ -124,15 +124,6 @@ class Verdaccio(Server):
         return f"http://{LOOPBACK}:{self.port}/"
 
 
-class SparkcacheNpm(SparkcacheServer):
-    def __init__(self, bench: Bench, upstream: str) -> None:
-        super().__init__(bench, "npm", upstream)
-        self.version = bench_commit()
-
-    def index_url(self) -> str:
-        return self.daemon.url(f"/npm/{self.remote}/")
-
-
 def client_specs(bench: Bench, server: Server, n: int) -> list[tuple[list[str], Path, dict[str, str]]]:
     specs = []
     for i in range(n):
@@ -189,7 +180,8 @@ def main() -> int:
     with Bench(NAME, args) as b:
         upstream = npm_upstream()
         b.log(f"upstream (from npm's configuration): {mask(upstream)}")
-        make = {"sparkcache": lambda: SparkcacheNpm(b, upstream), "verdaccio": lambda: Verdaccio(b, upstream)}
+        make = {"sparkcache": lambda: SparkcacheServer(b, "npm", upstream, "/npm/{remote}/"),
+                "verdaccio": lambda: Verdaccio(b, upstream)}
         servers = [make[c]() for c in caches]
         seen: dict[str, Any] = {}
         results = {"npm": run_matrix(b, "npm", servers, args.runs, args.parallel, args.client_timeout,

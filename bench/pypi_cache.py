@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from common import LOOPBACK, Bench, BenchError, apply_quick, base_parser, run_main
-from registry_common import (CA_BUNDLE, Server, SparkcacheServer, bench_commit, mask, pypi_upstream, report,
+from registry_common import (CA_BUNDLE, Server, SparkcacheServer, mask, pypi_upstream, report,
                              run_matrix, scrubbed_env, write_results)
 
 NAME = "pypi_cache"
@@ -200,15 +200,6 @@ class Proxpi(Server):
         return f"http://{LOOPBACK}:{self.port}/index/"
 
 
-class SparkcachePypi(SparkcacheServer):
-    def __init__(self, bench: Bench, upstream: str) -> None:
-        super().__init__(bench, "pypi", upstream)
-        self.version = bench_commit()
-
-    def index_url(self) -> str:
-        return self.daemon.url(f"/pypi/{self.remote}/simple/")
-
-
 def _pkg_version(venv: Path, dist: str) -> str:
     out = subprocess.run([str(venv / "bin" / "python"), "-c",
                           f"import importlib.metadata as m; print(m.version({dist!r}))"],
@@ -299,7 +290,8 @@ def main() -> int:
         venv = anchors_venv(Path(args.anchors_venv), b.log)
         req = b.path("requirements.txt")
         req.write_text(REQUIREMENTS)
-        make = {"sparkcache": lambda: SparkcachePypi(b, upstream), "devpi": lambda: Devpi(b, venv, upstream),
+        make = {"sparkcache": lambda: SparkcacheServer(b, "pypi", upstream, "/pypi/{remote}/simple/"),
+                "devpi": lambda: Devpi(b, venv, upstream),
                 "proxpi": lambda: Proxpi(b, venv, upstream, threads=8)}
         servers = [make[c]() for c in caches]
         seen: dict[str, Any] = {}

@@ -220,12 +220,18 @@ class SparkcacheServer(Server):
 
     name = "sparkcache"
 
-    def __init__(self, bench: Bench, remote_type: str, upstream: str, remote: str = "up") -> None:
+    def __init__(self, bench: Bench, remote_type: str, upstream: str, index_path: str, remote: str = "up") -> None:
+        """``index_path``: what clients are pointed at, with ``{remote}`` for the remote's name."""
         super().__init__(bench)
         self.remote_type = remote_type
         self.remote = remote
+        self.index_path = index_path.format(remote=remote)
         self.daemon = Daemon(bench, {remote: {"type": remote_type, "upstream": upstream}}, name="sparkcache-daemon")
         self.port = self.daemon.port
+        self.version = bench_commit()
+
+    def index_url(self) -> str:
+        return self.daemon.url(self.index_path)
 
     def start(self, timeout: float = 60.0) -> None:
         env_ca = {"SSL_CERT_FILE": CA_BUNDLE} if os.path.exists(CA_BUNDLE) else {}
