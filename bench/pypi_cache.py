@@ -215,7 +215,8 @@ def uv_path() -> str | None:
     return str(cand) if cand.exists() else shutil.which("uv")
 
 
-def client_specs(bench: Bench, client: str, server: Server, n: int, req: Path) -> list[tuple[list[str], Path, dict[str, str]]]:
+def client_specs(bench: Bench, client: str, server: Server, n: int,
+                 req: Path) -> list[tuple[list[str], Path, dict[str, str]]]:
     specs = []
     for i in range(n):
         cwd = bench.path("clients", f"{server.name}-{i}")
@@ -226,7 +227,8 @@ def client_specs(bench: Bench, client: str, server: Server, n: int, req: Path) -
         env = scrubbed_env({"PIP_CONFIG_FILE": os.devnull, "PIP_NO_INPUT": "1", "UV_HTTP_TIMEOUT": str(CLIENT_TIMEOUT)})
         if client == "pip":
             cmd = [sys.executable, "-m", "pip", "install", "--isolated", "--disable-pip-version-check",
-                   "--no-cache-dir", "--progress-bar", "off", "--timeout", str(CLIENT_TIMEOUT), "--target", str(cwd / "target"),
+                   "--no-cache-dir", "--progress-bar", "off", "--timeout", str(CLIENT_TIMEOUT),
+                   "--target", str(cwd / "target"),
                    "--index-url", server.index_url(), "--report", str(cwd / "report.json"), "-r", str(req)]
         else:
             uv = uv_path()
