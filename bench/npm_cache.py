@@ -23,8 +23,10 @@ direct dependencies at their pinned versions, the same tree through every
 cache, and every tarball URL npm recorded pointing at the cache.
 
 Verdaccio (``/usr/bin/verdaccio``): one uplink ``up`` = the upstream, every
-package ``proxy: up, access: $all``, its defaults otherwise (packuments
-fresh for 2 minutes).
+package ``proxy: up, access: $all``, its defaults otherwise. Both caches keep
+packuments fresh for ``--index-ttl`` (30 minutes: Verdaccio's uplink
+``maxage``, sparkcache's ``cache.mutable_ttl``), so the warm phases measure
+serving from the cache even when a busy machine stretches the run.
 
 Goals (issue 9): warm wall <= 1.0x Verdaccio's; peak RSS <= 150 MiB.
 """
@@ -92,9 +94,10 @@ PACKAGE_JSON: dict[str, Any] = {
 class Verdaccio(Server):
     name = "verdaccio"
 
-    def __init__(self, bench: Bench, upstream: str) -> None:
+    def __init__(self, bench: Bench, upstream: str, index_ttl: float) -> None:
         super().__init__(bench)
         self.upstream = upstream
+        self.index_ttl = index_ttl
         out = subprocess.run([tool("verdaccio"), "--version"], capture_output=True, text=True, timeout=60)
         self.version = out.stdout.strip()
 
@@ -105,7 +108,7 @@ class Verdaccio(Server):
         conf = {
             "storage": str(data / "storage"),
             "auth": {"htpasswd": {"file": str(data / "htpasswd"), "max_users": -1}},
-            "uplinks": {"up": {"url": self.upstream}},
+            "uplinks": {"up": {"url": self.upstream, "maxage": f"{int(self.index_ttl)}s"}},
             "packages": {"@*/*": pkg, "**": pkg},
             "web": {"enable": False},
             "log": {"type": "stdout", "format": "pretty", "level": "warn"},
@@ -171,6 +174,10 @@ def main() -> int:
     p = base_parser(__doc__ or NAME, "(1 run per warm phase)")
     p.add_argument("--runs", type=int, default=None, help="runs of each warm phase (median reported; default 3)")
     p.add_argument("--parallel", type=int, default=4, help="clients released together in the parallel phase")
+    p.add_argument("--parallel-runs", type=int, default=None, help="runs of the parallel phase (default: --runs)")
+    p.add_argument("--index-ttl", type=float, default=1800.0,
+                   help="seconds every cache keeps pages/packuments fresh (sparkcache's cache.mutable_ttl and the "
+                        "references' equivalent; 1800 = proxpi's and devpi's default)")
     p.add_argument("--caches", default="sparkcache,verdaccio", help="subset of sparkcache,verdaccio")
     p.add_argument("--client-timeout", type=float, default=600.0, help="seconds allowed per client run")
     args = p.parse_args()
@@ -180,18 +187,20 @@ def main() -> int:
     with Bench(NAME, args) as b:
         upstream = npm_upstream()
         b.log(f"upstream (from npm's configuration): {mask(upstream)}")
-        make = {"sparkcache": lambda: SparkcacheServer(b, "npm", upstream, "/npm/{remote}/"),
-                "verdaccio": lambda: Verdaccio(b, upstream)}
+        make = {"sparkcache": lambda: SparkcacheServer(b, "npm", upstream, "/npm/{remote}/", args.index_ttl),
+                "verdaccio": lambda: Verdaccio(b, upstream, args.index_ttl)}
         servers = [make[c]() for c in caches]
         seen: dict[str, Any] = {}
-        results = {"npm": run_matrix(b, "npm", servers, args.runs, args.parallel, args.client_timeout,
+        rounds = (args.runs, args.parallel_runs or args.runs)
+        results = {"npm": run_matrix(b, "npm", servers, rounds, args.parallel, args.client_timeout,
                                      lambda s, n: client_specs(b, s, n), lambda s, dirs: check_install(s, dirs, seen))}
         for s in servers:
             s.stop()
         summary = report(b, NAME, f"{len(seen.get('tree', []))} packages ({len(PACKAGE_JSON['dependencies'])} pinned)",
-                         args.runs, ["npm"], servers, results, cpu_reference=None)
+                         rounds, ["npm"], servers, results, cpu_reference=None)
         write_results(b, {"package_json": PACKAGE_JSON, "tree": seen.get("tree"), "runs": args.runs,
-                          "parallel": args.parallel, "clients": ["npm"], "upstream": mask(upstream)},
+                          "parallel": args.parallel, "parallel_runs": args.parallel_runs or args.runs,
+                          "index_ttl": args.index_ttl, "clients": ["npm"], "upstream": mask(upstream)},
                       servers, results, summary, {})
     return 0
 

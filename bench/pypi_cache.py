@@ -23,7 +23,10 @@ and peak RSS (VmHWM of the tree over the whole run).
 References (installed on first use into their own virtualenv, ``--anchors-venv``):
 devpi-server (``devpi-init`` then ``devpi-server``; its ``root/pypi`` index is
 re-created as a mirror of the upstream through devpi's REST API) and proxpi
-(gunicorn, 1 worker, 8 threads, ``PROXPI_INDEX_URL`` = the upstream).
+(gunicorn, 1 worker, 8 threads, ``PROXPI_INDEX_URL`` = the upstream). All
+three keep index pages fresh for ``--index-ttl`` (30 minutes: proxpi's and
+devpi's default, sparkcache's ``cache.mutable_ttl``), so the warm phases
+measure serving from the cache even when a busy machine stretches the run.
 
 Goals (issue 9): warm wall <= 1.0x the best reference; cache CPU <= 0.5x
 proxpi's; peak RSS <= 150 MiB.
@@ -126,10 +129,11 @@ class Devpi(Server):
     name = "devpi"
     PASSWORD = "bench"
 
-    def __init__(self, bench: Bench, venv: Path, upstream: str) -> None:
+    def __init__(self, bench: Bench, venv: Path, upstream: str, index_ttl: float) -> None:
         super().__init__(bench)
         self.venv = venv
         self.upstream = upstream
+        self.index_ttl = index_ttl
         self.version = _pkg_version(venv, "devpi-server")
 
     def prepare(self) -> None:
@@ -143,7 +147,7 @@ class Devpi(Server):
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         return ([str(self.venv / "bin" / "devpi-server"), "--serverdir", str(self.dir / "data"), "--host", LOOPBACK,
-                 "--port", str(self.port)], anchor_env({}))
+                 "--port", str(self.port), "--mirror-cache-expiry", str(int(self.index_ttl))], anchor_env({}))
 
     def ready_path(self) -> str:
         return "/+api"
@@ -177,10 +181,11 @@ class Devpi(Server):
 class Proxpi(Server):
     name = "proxpi"
 
-    def __init__(self, bench: Bench, venv: Path, upstream: str, threads: int) -> None:
+    def __init__(self, bench: Bench, venv: Path, upstream: str, index_ttl: float, threads: int) -> None:
         super().__init__(bench)
         self.venv = venv
         self.upstream = upstream
+        self.index_ttl = index_ttl
         self.threads = threads
         self.version = _pkg_version(venv, "proxpi")
 
@@ -191,7 +196,7 @@ class Proxpi(Server):
         return ([str(self.venv / "bin" / "gunicorn"), "--bind", f"{LOOPBACK}:{self.port}", "--workers", "1",
                  "--threads", str(self.threads), "--log-level", "warning", "proxpi.server:app"],
                 anchor_env({"PROXPI_INDEX_URL": self.upstream + "/", "PROXPI_CACHE_DIR": str(self.dir / "data"),
-                            "PROXPI_LOGGING_LEVEL": "WARNING"}))
+                            "PROXPI_INDEX_TTL": str(int(self.index_ttl)), "PROXPI_LOGGING_LEVEL": "WARNING"}))
 
     def ready_path(self) -> str:
         return "/health"
@@ -272,6 +277,10 @@ def main() -> int:
     p = base_parser(__doc__ or NAME, "(1 run per warm phase, pip only)")
     p.add_argument("--runs", type=int, default=None, help="runs of each warm phase (median reported; default 3)")
     p.add_argument("--parallel", type=int, default=4, help="clients released together in the parallel phase")
+    p.add_argument("--parallel-runs", type=int, default=None, help="runs of the parallel phase (default: --runs)")
+    p.add_argument("--index-ttl", type=float, default=1800.0,
+                   help="seconds every cache keeps pages/packuments fresh (sparkcache's cache.mutable_ttl and the "
+                        "references' equivalent; 1800 = proxpi's and devpi's default)")
     p.add_argument("--clients", default=None, help="pip,uv (default: both when uv is present; --quick pip)")
     p.add_argument("--caches", default="sparkcache,devpi,proxpi", help="subset of sparkcache,devpi,proxpi")
     p.add_argument("--anchors-venv", default=DEFAULT_ANCHORS_VENV,
@@ -292,26 +301,28 @@ def main() -> int:
         venv = anchors_venv(Path(args.anchors_venv), b.log)
         req = b.path("requirements.txt")
         req.write_text(REQUIREMENTS)
-        make = {"sparkcache": lambda: SparkcacheServer(b, "pypi", upstream, "/pypi/{remote}/simple/"),
-                "devpi": lambda: Devpi(b, venv, upstream),
-                "proxpi": lambda: Proxpi(b, venv, upstream, threads=8)}
+        make = {"sparkcache": lambda: SparkcacheServer(b, "pypi", upstream, "/pypi/{remote}/simple/", args.index_ttl),
+                "devpi": lambda: Devpi(b, venv, upstream, args.index_ttl),
+                "proxpi": lambda: Proxpi(b, venv, upstream, args.index_ttl, threads=8)}
         servers = [make[c]() for c in caches]
         seen: dict[str, Any] = {}
         results: dict[str, Any] = {}
+        rounds = (args.runs, args.parallel_runs or args.runs)
         for client in clients:
             results[client] = run_matrix(
-                b, client, servers, args.runs, args.parallel, args.client_timeout,
+                b, client, servers, rounds, args.parallel, args.client_timeout,
                 lambda s, n: client_specs(b, client, s, n, req), lambda s, dirs: check_install(s, dirs, seen))
         for s in servers:
             s.stop()
         checks: dict[str, Any] = {"downloads_via_cache": seen.get("via_cache", {})}
-        summary = report(b, NAME, f"{len(PINNED)} pinned distributions", args.runs, clients, servers, results,
+        summary = report(b, NAME, f"{len(PINNED)} pinned distributions", rounds, clients, servers, results,
                          cpu_reference="proxpi")
         if seen.get("via_cache"):
             b.log("pip downloads whose URL pointed at the cache (all runs): " +
                   ", ".join(f"{k} {v}" for k, v in seen["via_cache"].items()))
         write_results(b, {"distributions": len(PINNED), "requirements": REQUIREMENTS.split(), "runs": args.runs,
-                          "parallel": args.parallel, "clients": clients, "upstream": mask(upstream)},
+                          "parallel": args.parallel, "parallel_runs": args.parallel_runs or args.runs,
+                          "index_ttl": args.index_ttl, "clients": clients, "upstream": mask(upstream)},
                       servers, results, summary, checks)
         return 0
 

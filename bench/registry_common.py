@@ -220,13 +220,16 @@ class SparkcacheServer(Server):
 
     name = "sparkcache"
 
-    def __init__(self, bench: Bench, remote_type: str, upstream: str, index_path: str, remote: str = "up") -> None:
-        """``index_path``: what clients are pointed at, with ``{remote}`` for the remote's name."""
+    def __init__(self, bench: Bench, remote_type: str, upstream: str, index_path: str, index_ttl: float,
+                 remote: str = "up") -> None:
+        """``index_path``: what clients are pointed at, with ``{remote}`` for the remote's name;
+        ``index_ttl``: the remote's ``cache.mutable_ttl`` (pages, packuments), as the references are given."""
         super().__init__(bench)
         self.remote_type = remote_type
         self.remote = remote
         self.index_path = index_path.format(remote=remote)
-        self.daemon = Daemon(bench, {remote: {"type": remote_type, "upstream": upstream}}, name="sparkcache-daemon")
+        self.daemon = Daemon(bench, {remote: {"type": remote_type, "upstream": upstream,
+                                              "cache": {"mutable_ttl": index_ttl}}}, name="sparkcache-daemon")
         self.port = self.daemon.port
         self.version = bench_commit()
 
@@ -334,6 +337,7 @@ def run_clients(specs: Sequence[tuple[list[str], Path, dict[str, str]]], timeout
 
 
 PHASES = ("cold", "warm", "warm x4")
+PARALLEL_LABEL = 4  # the parallel phase is named "warm x4" whatever --parallel says
 
 
 def measure(server: Server, make_specs: Callable[[int], list[tuple[list[str], Path, dict[str, str]]]],
@@ -358,10 +362,10 @@ def measure(server: Server, make_specs: Callable[[int], list[tuple[list[str], Pa
 FAILURES: dict[str, str] = {}  # "client cache" -> why that cache was left out for that client
 
 
-def run_matrix(bench: Bench, client: str, servers: list[Server], runs: int, parallel: int, timeout: float,
+def run_matrix(bench: Bench, client: str, servers: list[Server], runs: tuple[int, int], parallel: int, timeout: float,
                make_specs: Callable[[Server, int], list[tuple[list[str], Path, dict[str, str]]]],
                check: Callable[[Server, list[Path]], dict[str, Any]]) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """cold (each cache emptied and restarted, one run), then ``runs`` warm single runs, then ``runs``
+    """cold (each cache emptied and restarted, one run), then ``runs[0]`` warm single runs, then ``runs[1]``
     warm runs of ``parallel`` clients; the caches alternate within every round.
 
     A reference cache whose client run fails is reported (FAILURES) and left out for this client
@@ -388,8 +392,8 @@ def run_matrix(bench: Bench, client: str, servers: list[Server], runs: int, para
             out[s.name]["cold"].append(r)
             bench.log(f"{client} cold {s.name}: {r['seconds']:.2f}s, cache CPU {r['server_cpu_seconds']:.2f}s, "
                       f"peak RSS {fmt_mib(r['server_peak_rss_so_far'])} MiB")
-    for phase, n in (("warm", 1), ("warm x4", parallel)):
-        for i in range(runs):
+    for (phase, n), rounds in zip((("warm", 1), ("warm x4", parallel)), runs):
+        for i in range(rounds):
             for s in list(live):
                 r = one(s, phase, n)
                 if r is not None:
@@ -415,7 +419,7 @@ def bench_commit() -> str:
     return out.stdout.strip()
 
 
-def report(b: Bench, name: str, what: str, runs: int, clients: list[str], servers: list[Server],
+def report(b: Bench, name: str, what: str, runs: tuple[int, int], clients: list[str], servers: list[Server],
            results: dict[str, Any], cpu_reference: str | None) -> list[dict[str, Any]]:
     """Print the per-phase table, the peak RSS table and the summary against the goals; return the summary."""
     names = [s.name for s in servers]
@@ -462,7 +466,8 @@ def report(b: Bench, name: str, what: str, runs: int, clients: list[str], server
     best_rss = min((x for x in servers if x.name != "sparkcache"), key=lambda x: x.peak_rss)
     summary.append(summary_row("peak RSS", "MiB", sc.peak_rss / MiB, best_rss.name, best_rss.peak_rss / MiB,
                                "<= 150 MiB", sc.peak_rss <= 150 * MiB))
-    print_summary(f"{name} summary (medians of {runs} warm runs; ratio = sparkcache / reference)", summary)
+    print_summary(f"{name} summary (medians of {runs[0]} warm and {runs[1]} warm x{PARALLEL_LABEL} runs; "
+                  "ratio = sparkcache / reference)", summary)
     for k, v in FAILURES.items():
         print(f"FAILED and left out: {k}: {v}")
     return summary
