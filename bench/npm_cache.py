@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from common import LOOPBACK, Bench, BenchError, apply_quick, base_parser, run_main, tool
-from registry_common import (CA_BUNDLE, Server, SparkcacheServer, mask, npm_upstream, report,
+from registry_common import (CA_BUNDLE, add_phase_args, Server, SparkcacheServer, mask, npm_upstream, report,
                              run_matrix, scrubbed_env, write_results)
 
 NAME = "npm_cache"
@@ -172,12 +172,7 @@ def check_install(server: Server, dirs: list[Path], seen: dict[str, Any]) -> dic
 
 def main() -> int:
     p = base_parser(__doc__ or NAME, "(1 run per warm phase)")
-    p.add_argument("--runs", type=int, default=None, help="runs of each warm phase (median reported; default 3)")
-    p.add_argument("--parallel", type=int, default=4, help="clients released together in the parallel phase")
-    p.add_argument("--parallel-runs", type=int, default=None, help="runs of the parallel phase (default: --runs)")
-    p.add_argument("--index-ttl", type=float, default=1800.0,
-                   help="seconds every cache keeps pages/packuments fresh (sparkcache's cache.mutable_ttl and the "
-                        "references' equivalent; 1800 = proxpi's and devpi's default)")
+    add_phase_args(p)
     p.add_argument("--caches", default="sparkcache,verdaccio", help="subset of sparkcache,verdaccio")
     p.add_argument("--client-timeout", type=float, default=600.0, help="seconds allowed per client run")
     args = p.parse_args()

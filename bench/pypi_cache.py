@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from common import LOOPBACK, Bench, BenchError, apply_quick, base_parser, run_main
-from registry_common import (CA_BUNDLE, Server, SparkcacheServer, mask, pypi_upstream, report,
+from registry_common import (CA_BUNDLE, add_phase_args, Server, SparkcacheServer, mask, pypi_upstream, report,
                              run_matrix, scrubbed_env, write_results)
 
 NAME = "pypi_cache"
@@ -275,12 +275,7 @@ def check_install(server: Server, dirs: list[Path], seen: dict[str, Any]) -> dic
 
 def main() -> int:
     p = base_parser(__doc__ or NAME, "(1 run per warm phase, pip only)")
-    p.add_argument("--runs", type=int, default=None, help="runs of each warm phase (median reported; default 3)")
-    p.add_argument("--parallel", type=int, default=4, help="clients released together in the parallel phase")
-    p.add_argument("--parallel-runs", type=int, default=None, help="runs of the parallel phase (default: --runs)")
-    p.add_argument("--index-ttl", type=float, default=1800.0,
-                   help="seconds every cache keeps pages/packuments fresh (sparkcache's cache.mutable_ttl and the "
-                        "references' equivalent; 1800 = proxpi's and devpi's default)")
+    add_phase_args(p)
     p.add_argument("--clients", default=None, help="pip,uv (default: both when uv is present; --quick pip)")
     p.add_argument("--caches", default="sparkcache,devpi,proxpi", help="subset of sparkcache,devpi,proxpi")
     p.add_argument("--anchors-venv", default=DEFAULT_ANCHORS_VENV,

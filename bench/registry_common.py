@@ -13,6 +13,7 @@ after) and its peak RSS (VmHWM, summed over the tree).
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shutil
@@ -337,6 +338,18 @@ def run_clients(specs: Sequence[tuple[list[str], Path, dict[str, str]]], timeout
 
 
 PHASES = ("cold", "warm", "warm x4")
+
+
+def add_phase_args(p: argparse.ArgumentParser) -> None:
+    """The options both registry scenarios take for their phases."""
+    p.add_argument("--runs", type=int, default=None, help="runs of each warm phase (median reported; default 3)")
+    p.add_argument("--parallel", type=int, default=4, help="clients released together in the parallel phase")
+    p.add_argument("--parallel-runs", type=int, default=None, help="runs of the parallel phase (default: --runs)")
+    p.add_argument("--index-ttl", type=float, default=1800.0,
+                   help="seconds every cache keeps pages/packuments fresh (sparkcache's cache.mutable_ttl and the "
+                        "references' equivalent; 1800 = proxpi's and devpi's default)")
+
+
 PARALLEL_LABEL = 4  # the parallel phase is named "warm x4" whatever --parallel says
 
 
