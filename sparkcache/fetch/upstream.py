@@ -23,6 +23,8 @@ from twisted.web.iweb import IAgent, IResponse
 from sparkcache.config import Credentials, RemoteConfig
 
 REDIRECTS = (301, 302, 303, 307, 308)
+# Further attempts of a GET/HEAD that got no response at all (see request()).
+STALE_CONNECTION_RETRIES = 2
 USER_AGENT = b"sparkcache"
 
 
@@ -141,7 +143,13 @@ class UpstreamClient:
         # replaces the configured credentials, for the first origin only.
         given = {k.lower(): v for k, v in (headers or {}).items()}.get(b"authorization")
         agent = self.agent(remote.connect_timeout)
-        for _hop in range(self.max_redirects + 1):
+        hops = 0
+        # A pooled keep-alive connection the server closed as the request went
+        # out fails with nothing received; twisted retries that once, but a CDN
+        # that closed several idle connections at once can fail the retry too.
+        # Nothing was answered, so an idempotent request is safe to send again.
+        stale_retries = STALE_CONNECTION_RETRIES
+        while hops <= self.max_redirects:
             h = Headers({b"User-Agent": [USER_AGENT]})
             for k, v in (headers or {}).items():
                 if k.lower() != b"authorization":
@@ -169,6 +177,10 @@ class UpstreamClient:
                     raise UpstreamError("timeout", f"no response from {_safe(url)} within {remote.read_timeout:g}s") from None
                 if isinstance(e, CancelledError):
                     raise
+                if isinstance(e, ResponseNeverReceived) and method in (b"GET", b"HEAD") and body is None \
+                        and stale_retries > 0:
+                    stale_retries -= 1
+                    continue
                 raise UpstreamError("unreachable", f"{_safe(url)}: {_describe(e)}") from None
             finally:
                 if timer.active():
@@ -181,6 +193,7 @@ class UpstreamClient:
                     if urlsplit(target).scheme not in ("http", "https"):
                         raise UpstreamError("unreachable", f"redirect to unsupported URL {_safe(target)}")
                     url = target
+                    hops += 1
                     continue
             return response, url
         raise UpstreamError("unreachable", f"more than {self.max_redirects} redirects from {_safe(url)}")

@@ -11,7 +11,7 @@ import pytest
 import pytest_twisted
 from treq.testing import RequestTraversalAgent
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 
@@ -145,3 +145,36 @@ def test_production_builds_one_pooled_agent_per_connect_timeout() -> None:
     injected = UpstreamClient(Clock(), agent=given)
     assert injected.agent(5.0) is given and injected.pool is None
     assert injected.close().called
+
+
+class _ClosedThenAnswers:
+    """An agent whose first ``failures`` requests find their pooled connection
+    closed by the server (nothing received), then passes requests on."""
+
+    def __init__(self, inner: Any, failures: int) -> None:
+        self.inner, self.failures, self.calls = inner, failures, 0
+
+    def request(self, method: bytes, uri: bytes, headers: Any = None, body: Any = None) -> Deferred[Any]:
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+        from twisted.web.client import ResponseNeverReceived
+
+        self.calls += 1
+        if self.calls <= self.failures:
+            return fail(ResponseNeverReceived([Failure(ConnectionDone())]))
+        return self.inner.request(method, uri, headers, body)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_get_whose_connection_was_closed_unanswered_is_sent_again(up: MemoryUpstream) -> None:
+    up.add("/page", b"page")
+    agent = _ClosedThenAnswers(up.agent, failures=2)
+    c = UpstreamClient(Clock(), agent=agent)
+    response, _ = await Deferred.fromCoroutine(c.request(REMOTE, b"GET", "http://upstream.test/page"))
+    assert response.code == 200 and await read_body(response) == b"page" and agent.calls == 3
+    # Bounded: a server that never answers is unreachable after three attempts.
+    agent = _ClosedThenAnswers(up.agent, failures=10)
+    c = UpstreamClient(Clock(), agent=agent)
+    with pytest.raises(UpstreamError, match="ConnectionDone"):
+        await Deferred.fromCoroutine(c.request(REMOTE, b"GET", "http://upstream.test/page"))
+    assert agent.calls == 3
