@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 from sparkcache.auth import Authorizer
-from sparkcache.config import Config
+from sparkcache.config import Config, RemoteConfig
 from sparkcache.fetch import Cache, UpstreamClient
 from sparkcache.metrics import Metrics
 from sparkcache.store import Store
@@ -33,6 +33,22 @@ class Context:
         """Where the remote ``name`` is served (``/api/files/``, ``/v2/cache/``)."""
         kind = self.remote_types.get(self.config.remotes[name].type)
         return (kind.url if kind is not None else "/api/{name}/").format(name=name)
+
+    def served_remote(self, name: str, types: Collection[str], usage: str) -> RemoteConfig:
+        """The remote ``name`` of one of ``types``, as a protocol app's path names it;
+        HTTPError 404 (saying where it is served when it is of another protocol)
+        otherwise. ``usage`` says what a path of this app looks like."""
+        from sparkcache.web.errors import HTTPError
+
+        if not name:
+            raise HTTPError(404, f"no remote named; use {usage}")
+        remote = self.config.remotes.get(name)
+        if remote is None:
+            raise HTTPError(404, f"unknown remote {name!r}")
+        if remote.type not in types:
+            raise HTTPError(404, f"remote {remote.name!r} is a type: {remote.type} remote, served at "
+                                 f"{self.remote_url(remote.name)}")
+        return remote
 
     def __post_init__(self) -> None:
         if self.reactor is None:

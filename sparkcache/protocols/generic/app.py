@@ -131,14 +131,8 @@ class GenericApp:
         if any(ord(c) < 0x20 or c in " \x7f" for c in query):
             raise HTTPError(400, "control characters are not allowed in the query string")
         # segments[0] is "api"
-        if len(segments) < 2 or segments[1] == "":
-            raise HTTPError(404, "no remote named; use /api/<remote>/<path>")
-        remote = self.ctx.config.remotes.get(segments[1])
-        if remote is None:
-            raise HTTPError(404, f"unknown remote {segments[1]!r}")
-        if remote.type not in TYPE_NAMES:
-            raise HTTPError(404, f"remote {remote.name!r} is a type: {remote.type} remote, served at "
-                                 f"{self.ctx.remote_url(remote.name)}")
+        remote = self.ctx.served_remote(segments[1] if len(segments) > 1 else "", TYPE_NAMES,
+                                        "/api/<remote>/<path>")
         return remote, [s for s in segments[2:] if s != ""], query
 
     def may_upload(self, request: Any, remote: RemoteConfig) -> None:

@@ -99,14 +99,7 @@ class KvApp:
     def locate(self, request: Any) -> tuple[RemoteConfig, list[str]]:
         """(remote, the segments after it) of ``/kv/<remote>/...``; HTTPError when there is no such remote."""
         segments = split_raw_path(request.uri, self.max_path)  # segments[0] is "kv"
-        if len(segments) < 2 or segments[1] == "":
-            raise HTTPError(404, "no remote named; use /kv/<remote>/<key>")
-        remote = self.ctx.config.remotes.get(segments[1])
-        if remote is None:
-            raise HTTPError(404, f"unknown remote {segments[1]!r}")
-        if remote.type != "kv":
-            raise HTTPError(404, f"remote {remote.name!r} is a type: {remote.type} remote, served at "
-                                 f"{self.ctx.remote_url(remote.name)}")
+        remote = self.ctx.served_remote(segments[1] if len(segments) > 1 else "", ("kv",), "/kv/<remote>/<key>")
         return remote, segments[2:]
 
     def key(self, remote: RemoteConfig, rest: list[str]) -> str:

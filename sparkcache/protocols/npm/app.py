@@ -180,12 +180,7 @@ class NpmApp:
         remote_name, *_ = [names.decode_segment(s) for s in segments[1:]]
         if "/" in remote_name:
             raise BadPath("encoded path separators are not allowed in a remote's name")
-        remote = self.ctx.config.remotes.get(remote_name)
-        if remote is None:
-            raise HTTPError(404, f"unknown remote {remote_name[:80]!r}")
-        if remote.type not in NPM_TYPES:
-            raise HTTPError(404, f"remote {remote.name!r} is a type: {remote.type} remote, served at "
-                                 f"{self.ctx.remote_url(remote.name)}")
+        remote = self.ctx.served_remote(remote_name[:80], NPM_TYPES, "/npm/<remote>/")
         return remote, names.parse(segments[2:])
 
     def body_gate(self, request: Any) -> BodyDecision:

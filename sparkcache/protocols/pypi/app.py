@@ -73,14 +73,8 @@ class PypiApp:
     def locate(self, request: Any) -> tuple[RemoteConfig, list[str]]:
         """(remote, the segments after it; a trailing slash is a final "")."""
         segments = split_raw_path(request.uri, self.max_path)
-        if len(segments) < 2 or segments[1] == "":
-            raise HTTPError(404, "no remote named; use /pypi/<remote>/simple/")
-        remote = self.ctx.config.remotes.get(segments[1])
-        if remote is None:
-            raise HTTPError(404, f"unknown remote {segments[1]!r}")
-        if remote.type not in TYPES:
-            raise HTTPError(404, f"remote {remote.name!r} is a type: {remote.type} remote, served at "
-                                 f"{self.ctx.remote_url(remote.name)}")
+        remote = self.ctx.served_remote(segments[1] if len(segments) > 1 else "", TYPES,
+                                        "/pypi/<remote>/simple/")
         return remote, segments[2:]
 
     def body_gate(self, request: Any) -> BodyDecision:
