@@ -131,6 +131,8 @@ def test_wheel_ships_the_plugin_and_the_examples(installed: SimpleNamespace) -> 
     for name in ("cache.yaml", "service.yaml", "systemd/sparkcache.service", "systemd/sparkcache.socket"):
         assert (installed.share / name).is_file(), name
     assert (installed.share / "cache.yaml").read_text() == (REPO_ROOT / "etc" / "cache.yaml").read_text()
+    # The unit's Documentation= points there.
+    assert (installed.venv / "share" / "doc" / "sparkcache" / "install.rst").is_file()
 
 
 def test_installed_twistd_runs_the_service_recipe_from_any_folder(
