@@ -461,6 +461,9 @@ class GitApp:
         return _json(request, {"name": mirror.name, "url": mirror.url, "created": bool(created)})
 
     async def refresh(self, request: Any, query: dict[str, list[str]]) -> bytes:
+        # A read: clients ask for one after a push. What keeps anonymous callers
+        # from driving the forge is the mirror's pacing (one fetch in flight, the
+        # next min_fetch_interval after it; callers in between join it).
         self.ctx.auth.require(request, "read")
         key = _param(query, "name") or _param(query, "repo")
         if not key:
