@@ -358,7 +358,7 @@ def parse_git_section(loader: Any, sec: Any) -> GitConfig:
     if isinstance(rate, bool) or not rate > 0:
         raise loader.error(sec.key("max_upstream_rate"), "expected a positive number of ref checks per second")
     webhooks = _webhooks(loader, sec)
-    min_fetch = sec.convert("min_fetch_interval", parse_duration, d.min_fetch_interval)
+    min_fetch = sec.convert("min_fetch_interval", parse_duration, min(d.min_fetch_interval, fetch_interval))
     if min_fetch < 0 or min_fetch > fetch_interval:
         raise loader.error(sec.key("min_fetch_interval"), "must be between 0s and fetch_interval")
     max_mirrors = sec.get("max_mirrors", int, d.max_mirrors)
