@@ -23,23 +23,34 @@ from sparkcache.cli.client import DEFAULT_TIMEOUT, DEFAULT_URL, CLIError, Client
 TOKEN_VARS = ("SPARKCACHE_TOKEN", "SPARKCACHE_ADMIN_TOKEN")
 
 
-def parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", help=f"the daemon's base URL (env SPARKCACHE_URL; default {DEFAULT_URL})")
-    common.add_argument("--token", help="a sparkcache token (env " + " or ".join(TOKEN_VARS) + "); never printed")
-    common.add_argument("--json", action="store_true", help="print JSON for scripts instead of tables")
-    common.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
-                        help=f"seconds to wait for the daemon (default {DEFAULT_TIMEOUT:g})")
+def common_options(defaults: bool) -> argparse.ArgumentParser:
+    """The options every command takes; a command's copy has no defaults, so that
+    ``sparkcache --json status`` and ``sparkcache status --json`` mean the same."""
 
-    p = argparse.ArgumentParser(prog="sparkcache", parents=[common],
+    def d(value: object) -> object:
+        return value if defaults else argparse.SUPPRESS
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=d(None),
+                        help=f"the daemon's base URL (env SPARKCACHE_URL; default {DEFAULT_URL})")
+    common.add_argument("--token", default=d(None),
+                        help="a sparkcache token (env " + " or ".join(TOKEN_VARS) + "); never printed")
+    common.add_argument("--json", action="store_true", default=d(False), help="print JSON for scripts instead of tables")
+    common.add_argument("--timeout", type=float, default=d(DEFAULT_TIMEOUT),
+                        help=f"seconds to wait for the daemon (default {DEFAULT_TIMEOUT:g})")
+    return common
+
+
+def parser() -> argparse.ArgumentParser:
+    common = common_options(False)
+    p = argparse.ArgumentParser(prog="sparkcache", parents=[common_options(True)],
                                 description="Inspect and manage a running sparkcache daemon.",
                                 epilog="Exit status: 0 done, 1 error answered, 2 usage, 3 daemon unreachable.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name: str, help: str) -> argparse.ArgumentParser:
         # The common options are accepted after the command too (sparkcache status --json).
-        return sub.add_parser(name, help=help, description=help, parents=[common],
-                              argument_default=argparse.SUPPRESS)
+        return sub.add_parser(name, help=help, description=help, parents=[common])
 
     add("status", "health, store size, in-flight fetches and per-remote hit ratios")
     add("remotes", "the configured remotes and where each comes from (file or API)")
@@ -61,8 +72,7 @@ def parser() -> argparse.ArgumentParser:
 
     pc = add("config", "configuration files")
     csub = pc.add_subparsers(dest="config_command", metavar="ACTION", required=True)
-    cc = csub.add_parser("check", help="validate FILE as the daemon would, without starting it",
-                         parents=[common], argument_default=argparse.SUPPRESS)
+    cc = csub.add_parser("check", help="validate FILE as the daemon would, without starting it", parents=[common])
     cc.add_argument("file")
 
     ps = add("setup", "print the client configuration for TOOL (apt, git, pip, containerd...)")
