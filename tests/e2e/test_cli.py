@@ -140,3 +140,38 @@ def test_unreachable_daemon_and_config_check(daemon_factory: Callable[..., Daemo
     twistd = subprocess.run(twistd_command(bad, tmp_path / "twistd.log"), env=daemon_env(), capture_output=True,
                             text=True, timeout=120, cwd=tmp_path)
     assert twistd.returncode != 0 and line in twistd.stdout + twistd.stderr, twistd.stdout + twistd.stderr
+
+
+def test_setup_apt_rewrites_sources_a_real_apt_uses(tmp_path: Path, upstream_factory: Callable[..., Upstream],
+                                                    daemon_factory: Callable[..., Daemon]) -> None:
+    from tests.e2e.test_apt import PACKAGE, Apt, build_repo
+    from tests.support.tools import require_tool, run_checked
+
+    require_tool("apt-get", "apt-get is the client under test")
+    require_tool("dpkg-deb", "dpkg-deb builds the test package")
+    require_tool("apt-ftparchive", "apt-ftparchive (Debian package apt-utils) builds the repository index")
+    arch = run_checked(["dpkg", "--print-architecture"]).stdout.strip()
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    deb = build_repo(repo, arch)
+    up = upstream_factory(repo)
+    d = daemon_factory({"debian": {"type": "deb", "upstream": up.base_url}})
+
+    # A node whose sources name the upstream; /etc/apt of the script's ROOT is the node's apt config.
+    apt = Apt(tmp_path / "node", up.base_url, arch)
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc/apt").symlink_to(apt.base / "etc")
+    script = cli(d, "setup", "apt", token=None).stdout
+    done = subprocess.run(["sh", "-s"], input=script, text=True, capture_output=True, timeout=60,
+                          env={"ROOT": str(root), "PATH": os.environ["PATH"]})
+    assert done.returncode == 0 and "rewrote" in done.stdout, done.stderr
+    assert (apt.base / "etc/sources.list").read_text() == f"deb [trusted=yes] {d.base_url}/api/debian stable main\n"
+
+    out = apt.run("update").stdout
+    assert "Err:" not in out, out
+    apt.run("download", PACKAGE, cwd=apt.base / "download")
+    assert (apt.base / "download" / deb.name).read_bytes() == deb.read_bytes()
+    path = f"/api/debian/pool/main/s/{PACKAGE}/{deb.name}"
+    assert d.head(path).header("X-Cache") == "HIT"
+    assert up.count(f"/pool/main/s/{PACKAGE}/{deb.name}") == 1, up.describe()
