@@ -144,17 +144,9 @@ def test_unreachable_daemon_and_config_check(daemon_factory: Callable[..., Daemo
 
 def test_setup_apt_rewrites_sources_a_real_apt_uses(tmp_path: Path, upstream_factory: Callable[..., Upstream],
                                                     daemon_factory: Callable[..., Daemon]) -> None:
-    from tests.e2e.test_apt import PACKAGE, Apt, build_repo
-    from tests.support.tools import require_tool, run_checked
+    from tests.e2e.test_apt import PACKAGE, Apt, served_repo
 
-    require_tool("apt-get", "apt-get is the client under test")
-    require_tool("dpkg-deb", "dpkg-deb builds the test package")
-    require_tool("apt-ftparchive", "apt-ftparchive (Debian package apt-utils) builds the repository index")
-    arch = run_checked(["dpkg", "--print-architecture"]).stdout.strip()
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    deb = build_repo(repo, arch)
-    up = upstream_factory(repo)
+    deb, up, arch = served_repo(tmp_path, upstream_factory)
     d = daemon_factory({"debian": {"type": "deb", "upstream": up.base_url}})
 
     # A node whose sources name the upstream; /etc/apt of the script's ROOT is the node's apt config.
