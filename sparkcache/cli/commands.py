@@ -9,6 +9,7 @@ without it, tables for people.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any, TextIO
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -167,8 +168,6 @@ def prefetch(args: argparse.Namespace, client: Client, out: TextIO) -> int:
 
 def read_paths(name: str) -> list[str]:
     """One path a line (``-`` is stdin); blank lines and ``#`` comments skipped."""
-    import sys
-
     try:
         if name == "-":
             text = sys.stdin.read()
