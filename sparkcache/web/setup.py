@@ -96,4 +96,5 @@ class SetupApp:
         raise HTTPError(404, f"use /setup/<kind> with kind one of {self._kinds()}")
 
     def _kinds(self) -> str:
-        return ", ".join(k for k in sorted(self.endpoints) if k != "token") or "none (no protocol offers one)"
+        kinds = (k for k, ep in sorted(self.endpoints.items()) if k != "token" and ep.is_offered())
+        return ", ".join(kinds) or "none (no protocol offers one)"

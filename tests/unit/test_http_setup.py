@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
 
+from sparkcache.protocols import load_config_data
 from tests.support.client import assert_json_error, basic, bearer
 from tests.support.harness import UPSTREAM, Harness, MakeHarness, harness_factory  # noqa: F401
 
@@ -193,7 +195,12 @@ async def test_only_configured_tools_are_offered(harness_factory: MakeHarness) -
     h = await harness_factory({"remotes": {"alpine": PACKAGES["remotes"]["alpine"]}})
     listed = assert_json_error(await h.get("/setup/"), 404)["error"]
     assert "apk" in listed and "apt" not in listed and "git" not in listed
-    assert_json_error(await h.get("/setup/apt"), 404)
+    assert "no type: deb remote" in assert_json_error(await h.get("/setup/apt"), 404)["error"]
+    # Remotes change at runtime (reload, /admin/remotes): the tools follow.
+    more = load_config_data({"remotes": PACKAGES["remotes"]}, environ={})
+    h.ctx.config = replace(h.ctx.config, remotes=more.remotes)
+    assert "apt, dnf, helm" in assert_json_error(await h.get("/setup/"), 404)["error"]
+    assert (await h.get("/setup/apt")).status == 200
 
 
 GIT: dict[str, Any] = {

@@ -134,6 +134,9 @@ def handler(ctx: Context, tool: str) -> Callable[[Any], bytes]:
 
 
 def endpoints(ctx: Context) -> dict[str, SetupEndpoint]:
-    """The tools whose remote type is configured (``/setup/`` lists only what can be set up)."""
-    types = {r.type for r in ctx.config.remotes.values()}
-    return {tool: SetupEndpoint(handler(ctx, tool)) for tool, (rtype, _) in TOOLS.items() if rtype in types}
+    """Every tool; ``/setup/`` lists those with a remote of their type configured right now."""
+
+    def offered(rtype: str) -> Callable[[], bool]:
+        return lambda: any(r.type == rtype for r in ctx.config.remotes.values())
+
+    return {tool: SetupEndpoint(handler(ctx, tool), offered=offered(rtype)) for tool, (rtype, _) in TOOLS.items()}

@@ -59,7 +59,7 @@ def serve(ctx: "Context", mirrors: "IMirrors") -> Built:
         gates={b"git": smart_http.body_gate, b"repos": smart_http.body_gate,
                **{s: codesync.body_gate for s in READ_SEGMENTS}},
         services=[upload_pool],
-        setup={"git": SetupEndpoint(setup.handler(ctx, mirrors))} if setup.offered(ctx, mirrors) else {},
+        setup={"git": SetupEndpoint(setup.handler(ctx, mirrors), offered=lambda: setup.offered(ctx, mirrors))},
     )
 
 
