@@ -102,17 +102,24 @@ def remote_list(doc: Any) -> list[dict[str, Any]]:
 
 def remotes(args: argparse.Namespace, client: Client, out: TextIO) -> int:
     reply = client.get("/admin/remotes", ok=(404, 405))
+    skipped: dict[str, Any] = {}
     if reply.status in (404, 405):
         # A daemon without the runtime remotes API: its index lists the remotes
         # of its file, and so where each one comes from.
         found = [{**r, "origin": "file"} for r in remote_list(client.get("/").json())]
     else:
-        found = remote_list(reply.json())
+        doc = reply.json()
+        found = remote_list(doc)
+        # API remotes the file no longer composes with: kept, but not served.
+        if isinstance(doc, dict) and isinstance(doc.get("not_in_effect"), dict):
+            skipped = doc["not_in_effect"]
     if args.json:
-        output.dump_json({"remotes": found}, out)
+        output.dump_json({"remotes": found, "not_in_effect": skipped}, out)
         return 0
     rows = [(r.get("name"), r.get("type"), _upstream(r), r.get("url"), r.get("origin")) for r in found]
     out.write(output.table(rows, ["NAME", "TYPE", "UPSTREAM", "URL", "ORIGIN"]) if rows else "no remotes\n")
+    for name, why in sorted(skipped.items()):
+        out.write(f"not in effect: {name}: {why}\n")
     return 0
 
 

@@ -187,12 +187,14 @@ def test_remotes_from_the_admin_api(daemon: tuple[Canned, str]) -> None:
     canned, url = daemon
     canned.json("GET", "/admin/remotes", {"remotes": [
         {"name": "files", "type": "generic", "upstream": "http://up.example", "origin": "file"},
-        {"name": "extra", "type": "deb", "upstream": "http://deb.example", "origin": "api"}]})
+        {"name": "extra", "type": "deb", "upstream": "http://deb.example", "origin": "api"}],
+        "not_in_effect": {"old": "its type is unknown"}})
     code, out, _ = run("remotes", "--url", url)
     lines = [ln.split() for ln in out.splitlines()]
     assert code == 0 and lines[0] == ["NAME", "TYPE", "UPSTREAM", "URL", "ORIGIN"]
     assert lines[1] == ["files", "generic", "http://up.example", "-", "file"]
     assert lines[2] == ["extra", "deb", "http://deb.example", "-", "api"]
+    assert out.endswith("not in effect: old: its type is unknown\n")
     assert json.loads(run("remotes", "--json", "--url", url)[1])["remotes"][1]["origin"] == "api"
 
 
