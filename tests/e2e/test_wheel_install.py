@@ -201,13 +201,15 @@ def test_config_error_is_one_line_and_exit_1(installed: SimpleNamespace, tmp_pat
     assert proc.stderr.startswith("configuration error: bad.yaml: storage.max_size: expected a size"), proc.stderr
 
 
-def test_console_script_when_present(installed: SimpleNamespace) -> None:
+def test_console_script(installed: SimpleNamespace, tmp_path: Path) -> None:
     script = shutil.which("sparkcache", path=str(installed.venv / "bin"))
-    if script is None:
-        pytest.skip("no sparkcache console script in this wheel yet (setup.cfg console_scripts)")
+    assert script is not None, "the wheel installs no sparkcache console script (setup.cfg console_scripts)"
     proc = subprocess.run([script, "--help"], env=venv_env(installed.venv), capture_output=True, text=True,
                           timeout=60, cwd=installed.root)
     assert proc.returncode == 0, proc.stderr
     assert "usage" in proc.stdout.lower()
-
-
+    # config check works from the installed package alone, with twistd's message
+    (tmp_path / "bad.yaml").write_text("storage: {max_size: lots}\n")
+    proc = subprocess.run([script, "config", "check", "bad.yaml"], env=venv_env(installed.venv), capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 1 and "storage.max_size" in proc.stderr, (proc.stdout, proc.stderr)
