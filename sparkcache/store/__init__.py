@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import builtins
 import os
+from collections import OrderedDict
 from typing import Any, Callable, TypeVar
 
 from twisted.internet.defer import Deferred
@@ -53,6 +54,17 @@ class Store:
         # Bodies being sent right now (open BodyRanges) → how many: eviction passes them by.
         self._sending: dict[str, int] = {}
         self._spools: set[SpoolFile] = set()
+        # Bodies being committed → how many commits; bodies being removed → the
+        # removal. Together they close the race between a commit that finds its
+        # body already stored and a purge or eviction deleting that body (_drop).
+        self._committing: dict[str, int] = {}
+        self._removing: dict[str, _Removal] = {}
+        # Purge epochs: a counter, and when everything, each remote and each
+        # recently purged key were last purged (see commit's ``since``).
+        self._purges = 0
+        self._purged_all = 0
+        self._purged_remote: dict[str, int] = {}
+        self._purged_key: OrderedDict[str, int] = OrderedDict()
         self.size = 0
         self.entries = 0
 
@@ -105,27 +117,82 @@ class Store:
         self._spools.discard(spool)
         spool.discard()
 
-    async def commit(self, spool: SpoolFile, entry: Entry) -> Entry:
-        """Make a complete, verified spool durable and visible under entry.key."""
+    async def commit(self, spool: SpoolFile, entry: Entry, since: int | None = None) -> Entry:
+        """Make a complete, verified spool durable and visible under entry.key.
+
+        ``since``: the purge epoch (``epoch()``) when the body's production
+        began. A cached entry purged after that (everything, its remote or
+        its key) is not made visible: the body may predate the purge. The
+        caller's clients still get it; the store keeps nothing of it."""
         assert entry.digest == spool.hexdigest()
+        digest = entry.digest
+        assert digest is not None
 
         def durable() -> bool:
             spool.sync_and_close()
-            assert entry.digest is not None
-            return bool(self.cas.commit(spool.path, entry.digest))
+            return bool(self.cas.commit(spool.path, digest))
 
+        # From here until the row is in, no removal of this body may run: a
+        # commit that finds the body already stored relies on it staying (see _drop).
+        self._committing[digest] = self._committing.get(digest, 0) + 1
         try:
-            new_body = await self.in_io(durable)
-        except BaseException:
-            self.discard(spool)
-            raise
-        self._spools.discard(spool)
-        stored = await self.index.put(entry)
+            removing = self._removing.get(digest)
+            while removing is not None:  # decided before we came: let it finish, then store ours
+                await removing.wait()
+                removing = self._removing.get(digest)
+            try:
+                new_body = await self.in_io(durable)
+            except BaseException:
+                self.discard(spool)
+                raise
+            self._spools.discard(spool)
+            if since is None or entry.local:
+                written = bool(await self.index.put(entry))
+            else:
+                written = await self.index.put_unless(entry, lambda: self.purged_since(since, entry.remote, entry.key))
+        finally:
+            self._release_commit(digest)
+        if not written:
+            log.info("not keeping {key}: purged while it was being produced", key=entry.key)
+            await self.release_digest(digest)
+            return entry
         # Approximate until the next stats refresh (a replaced key is not subtracted).
         self.entries += 1
         if new_body:
             self.size += entry.size
-        return stored
+        return entry
+
+    def _release_commit(self, digest: str) -> None:
+        n = self._committing[digest] - 1
+        if n:
+            self._committing[digest] = n
+        else:
+            del self._committing[digest]
+
+    # -- purge epochs ------------------------------------------------------------------
+
+    def epoch(self) -> int:
+        """The purge epoch now: captured when a production begins, handed to
+        ``commit`` (or ``refresh``) at its end."""
+        return self._purges
+
+    def purged_since(self, epoch: int, remote: str, key: str) -> bool:
+        """Whether the cache of ``key`` (of ``remote``) was purged after ``epoch``.
+        Called from the SQLite thread too: reads only (dict.get is atomic)."""
+        return (self._purged_all > epoch or self._purged_remote.get(remote, 0) > epoch
+                or self._purged_key.get(key, 0) > epoch)
+
+    def _new_purge(self) -> int:
+        self._purges += 1
+        return self._purges
+
+    async def refresh(self, entry: Entry, since: int) -> bool:
+        """Write ``entry`` (a revalidated or negative entry, its body if any
+        already stored) unless its cache was purged after ``since``; whether it was."""
+        if entry.local:
+            await self.index.put(entry)
+            return True
+        return await self.index.put_unless(entry, lambda: self.purged_since(since, entry.remote, entry.key))
 
     def read(self, entry: Entry, limit: int) -> Deferred[bytes]:
         """The body of ``entry`` read whole in the I/O pool, at most ``limit`` + 1
@@ -183,10 +250,26 @@ class Store:
     # -- removal -------------------------------------------------------------------
 
     async def _drop(self, result: tuple[int, builtins.list[str]]) -> int:
+        """Remove the bodies the index just let go of; returns the entry count.
+
+        A body being committed right now is left alone (the commit's row is
+        about to name it again; if that commit stores nothing after all, it
+        removes the body itself), and a commit of a body being removed waits
+        for the removal to end (then stores its own copy): so no row ever
+        names a body that a removal decided before the row appeared."""
         count, orphans = result
         # A body still being sent stays readable through its open descriptor.
-        if orphans:
-            await self.in_io(lambda: [self.cas.remove(d) for d in orphans])
+        doomed = [d for d in orphans if not self._committing.get(d) and d not in self._removing]
+        if doomed:
+            removal = _Removal()
+            for d in doomed:
+                self._removing[d] = removal
+            try:
+                await self.in_io(lambda: [self.cas.remove(d) for d in doomed])
+            finally:
+                for d in doomed:
+                    del self._removing[d]
+                removal.done()
         return count
 
     async def release_digest(self, digest: str) -> None:
@@ -198,13 +281,36 @@ class Store:
         """Delete one entry, pinned or not (its body too, unless others name it)."""
         return await self._drop(await self.index.delete_key(key))
 
+    async def purge_cached_key(self, key: str) -> int:
+        """Purge one cached entry (a pinned or kept one stays), and keep a
+        production of ``key`` in progress from committing what it fetched."""
+        seq = self._new_purge()
+        self._purged_key[key] = seq
+        self._purged_key.move_to_end(key)
+        while len(self._purged_key) > _PURGED_KEYS:
+            # The oldest is forgotten: count it as a purge of everything, so a
+            # production older than it still stores nothing (rare: a long fetch).
+            _, self._purged_all = self._purged_key.popitem(last=False)
+        return await self._drop(await self.index.delete_cached_key(key))
+
     async def purge_remote(self, remote: str) -> int:
-        """Purge the cached entries of ``remote``; pinned ones stay."""
+        """Purge the cached entries of ``remote``; pinned ones stay, and a
+        production in progress for the remote commits nothing."""
+        self._purged_remote[remote] = self._new_purge()
         return await self._drop(await self.index.delete_remote(remote))
 
     async def purge_all(self) -> int:
-        """Purge everything cached; pinned entries stay."""
+        """Purge everything cached; pinned entries stay, and no production in
+        progress commits what it fetched."""
+        self._purged_all = self._new_purge()
         n = await self._drop(await self.index.delete_all())
+        await self.refresh_stats()
+        return n
+
+    async def delete_local(self, remote: str, path: str) -> int:
+        """Delete local content (an upload, a push: the only copy) of ``remote``
+        at ``path``: the explicit, destructive call no purge makes."""
+        n = await self._drop(await self.index.delete_local(remote, path))
         await self.refresh_stats()
         return n
 
@@ -255,6 +361,27 @@ class Store:
         await self.refresh_stats()
         log.info("evicted {n} bodies; store now {size} bytes", n=evicted, size=self.size)
         return evicted
+
+
+# Keys whose purge is remembered for productions still running (see purge_cached_key).
+_PURGED_KEYS = 4096
+
+
+class _Removal:
+    """Bodies being removed: commits of them wait until they are gone."""
+
+    def __init__(self) -> None:
+        self._waiters: builtins.list[Deferred[None]] = []
+
+    def wait(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self._waiters.append(d)
+        return d
+
+    def done(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(None)
 
 
 def _digest_of(entry: Entry) -> str:

@@ -62,6 +62,10 @@ class Entry:
     ``pinned``: the body exists nowhere else (an upload, a push), so it is
     never evicted, expired or removed by a purge of the cache; only deleting
     its own key removes it. The protocol that commits the entry sets it.
+    ``kept``: not cache either (a code-sync upload), so a purge of the cache
+    leaves it, but LRU eviction under ``storage.max_size`` may remove it
+    (its client still has the files and can upload them again). Either one
+    makes the entry *local content* (``local``).
     """
 
     key: str
@@ -78,6 +82,12 @@ class Entry:
     last_modified: str | None = None
     last_access: float = 0.0
     pinned: bool = False
+    kept: bool = False
+
+    @property
+    def local(self) -> bool:
+        """Content that exists nowhere else: no purge of the cache removes it."""
+        return self.pinned or self.kept
 
     def fresh(self, now: float) -> bool:
         return self.expires is None or now < self.expires
@@ -86,21 +96,31 @@ class Entry:
         return (
             self.key, self.remote, self.path, self.status, self.digest, self.size,
             self.content_type, json.dumps(self.headers), self.fetched, self.expires,
-            self.etag, self.last_modified, self.last_access, int(self.pinned),
+            self.etag, self.last_modified, self.last_access, _hold_column(self.pinned, self.kept),
         )
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> "Entry":
         (key, remote, path, status, digest, size, ctype, headers, fetched, expires, etag, lm, la, pinned) = row
         return cls(key, remote, path, status, digest, size, ctype, json.loads(headers), fetched, expires, etag, lm, la,
-                   bool(pinned))
+                   pinned == PINNED, pinned == KEPT)
+
+
+# The ``pinned`` column: 0 cache (purged, evicted, expired), PINNED (never
+# removed but by an explicit delete), KEPT (never purged, may be evicted).
+# Purges match ``pinned=0``; eviction passes over ``pinned=PINNED`` only.
+PINNED, KEPT = 1, 2
+
+
+def _hold_column(pinned: bool, kept: bool) -> int:
+    return PINNED if pinned else KEPT if kept else 0
 
 
 _COLUMNS = ("key, remote, path, status, digest, size, content_type, headers, fetched, expires, etag, last_modified, "
             "last_access, pinned")
 _NCOLUMNS = len(_COLUMNS.split(","))
 # Whether some pinned entry names the body ``blobs.digest``.
-_PINNED_BLOB = "EXISTS (SELECT 1 FROM entries AS p WHERE p.digest=blobs.digest AND p.pinned=1)"
+_PINNED_BLOB = f"EXISTS (SELECT 1 FROM entries AS p WHERE p.digest=blobs.digest AND p.pinned={PINNED})"
 
 
 @contextmanager
@@ -314,15 +334,7 @@ class Index:
 
         def q() -> None:
             with transaction(self.db):
-                self.db.execute(f"INSERT OR REPLACE INTO entries ({_COLUMNS}) VALUES ({','.join('?' * _NCOLUMNS)})",
-                                entry.as_row())
-                if entry.digest is not None:
-                    self.db.execute(
-                        "INSERT INTO blobs (digest, size, last_access) VALUES (?, ?, ?) "
-                        "ON CONFLICT(digest) DO UPDATE SET last_access=excluded.last_access",
-                        (entry.digest, entry.size, entry.last_access),
-                    )
-            return None
+                self._insert(entry)
 
         def done(_: object) -> Entry:
             self._touched.pop(entry.key, None)
@@ -330,6 +342,37 @@ class Index:
             return entry
 
         return self._run(q).addCallback(done)
+
+    def put_unless(self, entry: Entry, purged: Callable[[], bool]) -> Deferred[bool]:
+        """Record ``entry`` unless ``purged()``, asked in the SQLite thread
+        inside the insert's transaction (so a purge is either before it,
+        and the row never appears, or after it, and deletes the row);
+        whether the row was written."""
+
+        def q() -> bool:
+            with transaction(self.db):
+                if purged():
+                    return False
+                self._insert(entry)
+                return True
+
+        def done(written: bool) -> bool:
+            if written:
+                self._touched.pop(entry.key, None)
+                self._remember(entry)
+            return written
+
+        return self._run(q).addCallback(done)
+
+    def _insert(self, entry: Entry) -> None:
+        self.db.execute(f"INSERT OR REPLACE INTO entries ({_COLUMNS}) VALUES ({','.join('?' * _NCOLUMNS)})",
+                        entry.as_row())
+        if entry.digest is not None:
+            self.db.execute(
+                "INSERT INTO blobs (digest, size, last_access) VALUES (?, ?, ?) "
+                "ON CONFLICT(digest) DO UPDATE SET last_access=excluded.last_access",
+                (entry.digest, entry.size, entry.last_access),
+            )
 
     def touch(self, entry: Entry, now: float) -> None:
         """Note an access; written back by flush_access().
@@ -394,6 +437,27 @@ class Index:
     def delete_all(self) -> Deferred[tuple[int, list[str]]]:
         """Purge the whole cache: pinned entries stay."""
         return self.delete_where("pinned=0", ())
+
+    def delete_cached_key(self, key: str) -> Deferred[tuple[int, list[str]]]:
+        """Purge one cached entry: a pinned or kept one stays."""
+        self._forget([key])
+        return self.delete_where("key=? AND pinned=0", (key,))
+
+    def delete_local(self, remote: str, path: str) -> Deferred[tuple[int, list[str]]]:
+        """Delete the local content (pinned or kept entries) of ``remote`` at ``path``."""
+        return self.delete_where("remote=? AND path=? AND pinned!=0", (remote, path))
+
+    def list_local(self, remote: str, prefix: str = "", limit: int = 10_000) -> Deferred[list[Entry]]:
+        """The local content (pinned or kept entries) of ``remote`` whose path
+        starts with ``prefix``, by path."""
+        return self._run(lambda: [Entry.from_row(r) for r in self.db.execute(
+            f"SELECT {_COLUMNS} FROM entries WHERE remote=? AND pinned!=0 AND substr(path, 1, ?)=? "
+            "ORDER BY path LIMIT ?", (remote, len(prefix), prefix, limit))])
+
+    def local_summary(self) -> Deferred[list[tuple[str, int, int]]]:
+        """(remote, entries, bytes) of the local content of each remote holding some."""
+        return self._run(lambda: [(r, int(n), int(b or 0)) for r, n, b in self.db.execute(
+            "SELECT remote, COUNT(*), SUM(size) FROM entries WHERE pinned!=0 GROUP BY remote ORDER BY remote")])
 
     def delete_digest(self, digest: str) -> Deferred[tuple[int, list[str]]]:
         """Evict a body with every entry naming it, unless a pinned entry does
