@@ -444,8 +444,8 @@ class Upstream(Source):
             )
             if await store.refresh(fresh, since):
                 return Hit(fresh, "REVALIDATED")
-            # Purged while revalidating (the stale body may be gone): fetch it whole.
-            log.info("{key} was purged while being revalidated; fetching it again", key=req.key)
+            # Purged or evicted while revalidating (its body may be gone): fetch it whole.
+            log.info("{key} was purged or evicted while being revalidated; fetching it again", key=req.key)
             return await self.open(cache, target, None)
         if code in (404, 410, 451):
             # "Not there" answers, remembered briefly; 451 (unavailable for legal

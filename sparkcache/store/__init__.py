@@ -187,12 +187,16 @@ class Store:
         return self._purges
 
     async def refresh(self, entry: Entry, since: int) -> bool:
-        """Write ``entry`` (a revalidated or negative entry, its body if any
-        already stored) unless its cache was purged after ``since``; whether it was."""
-        if entry.local:
-            await self.index.put(entry)
-            return True
-        return await self.index.put_unless(entry, lambda: self.purged_since(since, entry.remote, entry.key))
+        """Write ``entry``, a new state of a stored entry (revalidated) or a
+        negative one, unless its cache was purged after ``since`` (an epoch
+        taken before the upstream was asked) or, for one with a body, its row
+        is gone (purged, evicted) or names another body: the body may be gone
+        too, so the caller fetches it whole instead. Whether it was written."""
+
+        def purged() -> bool:
+            return not entry.local and self.purged_since(since, entry.remote, entry.key)
+
+        return await self.index.refresh_unless(entry, purged)
 
     def read(self, entry: Entry, limit: int) -> Deferred[bytes]:
         """The body of ``entry`` read whole in the I/O pool, at most ``limit`` + 1

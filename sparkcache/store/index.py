@@ -364,6 +364,33 @@ class Index:
 
         return self._run(q).addCallback(done)
 
+    def refresh_unless(self, entry: Entry, purged: Callable[[], bool]) -> Deferred[bool]:
+        """Write ``entry``, a new state of a stored entry (revalidated: new
+        expiry and validators), unless ``purged()`` or its row is gone or
+        names another body by now (purged, evicted, replaced): a refresh never
+        brings back a row whose body may have been removed. An entry with no
+        body (a negative one) is written unless ``purged()``. Whether it was."""
+
+        def q() -> bool:
+            with transaction(self.db):
+                if purged():
+                    return False
+                if entry.digest is not None and self.db.execute(
+                        "SELECT 1 FROM entries WHERE key=? AND digest=?", (entry.key, entry.digest)).fetchone() is None:
+                    return False
+                self._insert(entry)
+                return True
+
+        def done(written: bool) -> bool:
+            if written:
+                self._touched.pop(entry.key, None)
+                self._remember(entry)
+            else:
+                self._forget([entry.key])
+            return written
+
+        return self._run(q).addCallback(done)
+
     def _insert(self, entry: Entry) -> None:
         self.db.execute(f"INSERT OR REPLACE INTO entries ({_COLUMNS}) VALUES ({','.join('?' * _NCOLUMNS)})",
                         entry.as_row())

@@ -119,3 +119,24 @@ async def test_a_not_found_in_flight_during_a_purge_is_not_remembered(h: Harness
     assert await h.store.index.get("files:gone.bin") is None
     h.upstream.add("/gone.bin", b"here now")
     assert (await h.get("/api/files/gone.bin")).body == b"here now"
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_eviction_during_a_revalidation_is_not_undone(h: Harness) -> None:
+    """The 304 does not bring back the row of a body evicted meanwhile."""
+    h.upstream.add("/meta/index.json", b'{"v": 2}')
+    assert (await h.get("/api/files/meta/index.json")).status == 200
+    await h.settle()
+    h.clock.advance(120)
+    h.upstream.behave("/meta/index.json", stall=True, times=1)
+    revalidating = h.get("/api/files/meta/index.json")
+    await h.upstream.until_paused("/meta/index.json")
+    h.store.max_size = 0
+    assert await h.store.evict() == 1
+    h.store.max_size = 1 << 30
+    h.upstream.resume("/meta/index.json")
+    got = await revalidating
+    assert got.status == 200 and got.body == b'{"v": 2}', got.describe()
+    await h.settle()
+    assert [r.status for r in h.upstream.requests_for("/meta/index.json")] == [200, 304, 200]
+    assert (await h.get("/api/files/meta/index.json")).header("X-Cache") == "HIT"
