@@ -198,6 +198,12 @@ class Store:
 
         return await self.index.refresh_unless(entry, purged)
 
+    async def link(self, entry: Entry) -> bool:
+        """Record ``entry``, another key for a body already stored (an OCI
+        manifest under its digest, a cross-repository mount), unless that
+        body has been let go of meanwhile (purged, evicted); whether it was."""
+        return await self.index.put_if_body(entry)
+
     def read(self, entry: Entry, limit: int) -> Deferred[bytes]:
         """The body of ``entry`` read whole in the I/O pool, at most ``limit`` + 1
         bytes (so a caller can tell "larger than limit"). FileNotFoundError when

@@ -391,6 +391,28 @@ class Index:
 
         return self._run(q).addCallback(done)
 
+    def put_if_body(self, entry: Entry) -> Deferred[bool]:
+        """Record another entry naming a body already stored (``entry.digest``),
+        if that body is still referenced: its blob row is deleted in the very
+        transaction that lets its file go, so checking it here, in the
+        insert's transaction, never adds a row for a body being removed."""
+        assert entry.digest is not None
+
+        def q() -> bool:
+            with transaction(self.db):
+                if self.db.execute("SELECT 1 FROM blobs WHERE digest=?", (entry.digest,)).fetchone() is None:
+                    return False
+                self._insert(entry)
+                return True
+
+        def done(written: bool) -> bool:
+            if written:
+                self._touched.pop(entry.key, None)
+                self._remember(entry)
+            return written
+
+        return self._run(q).addCallback(done)
+
     def _insert(self, entry: Entry) -> None:
         self.db.execute(f"INSERT OR REPLACE INTO entries ({_COLUMNS}) VALUES ({','.join('?' * _NCOLUMNS)})",
                         entry.as_row())

@@ -125,3 +125,15 @@ async def test_a_commit_refused_by_a_purge_removes_only_an_unreferenced_body(sto
     pinned = Entry(**{**entry.__dict__, "pinned": True})
     await store.commit(spool, pinned, since)
     assert await store.index.get("loc:up") == pinned
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_link_to_a_body_let_go_of_is_refused(store: Store) -> None:
+    """Another key for a stored body (an OCI manifest by digest, a mount) is
+    added only while the body is still referenced."""
+    first = await commit(store, "a:one", "a")
+    alias = Entry(**{**first.__dict__, "key": "a:alias", "path": "alias"})
+    assert await store.link(alias) is True
+    assert await store.purge_remote("a") == 2 and not store.cas.contains(DIGEST)
+    assert await store.link(alias) is False
+    assert await store.index.get("a:alias") is None

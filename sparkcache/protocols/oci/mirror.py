@@ -258,8 +258,9 @@ class Mirror:
         if await self.ctx.store.index.get(key) is not None:
             return
         now = self.ctx.clock.seconds()
-        await self.ctx.store.index.put(replace(entry, key=key, path=f"{up}/manifests/sha256:{entry.digest}",
-                                               fetched=now, expires=None, last_access=now))
+        # A link: not if the body was purged or evicted since it was committed.
+        await self.ctx.store.link(replace(entry, key=key, path=f"{up}/manifests/sha256:{entry.digest}",
+                                          fetched=now, expires=None, last_access=now))
 
     async def _serve_manifest(self, request: Any, remote: RemoteConfig, entry: Entry, state: str) -> bytes:
         assert entry.digest is not None
