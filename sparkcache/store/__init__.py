@@ -9,7 +9,15 @@ write through ``new_spool``/``commit`` and read through ``read`` (a bounded
 body, in the I/O pool), ``open_range`` (what serving sends), ``exists`` (HEAD
 checks), ``list`` and the index's typed queries. An entry committed with
 ``pinned`` (an upload, a push: it exists nowhere else) is never evicted,
-expired or removed by a purge of the cache; deleting its key removes it.
+expired or removed by a purge of the cache; deleting its key removes it. One
+committed ``kept`` (a code-sync upload) is never purged either, but eviction
+may remove it.
+
+Purges cover productions in progress: one takes ``epoch()`` when it begins
+and hands it to ``commit``/``refresh``, which store nothing if the entry's
+cache (everything, its remote or its key) was purged since, checked in the
+SQLite thread inside the insert's transaction. A body is never removed while
+a commit of it is between its existence check and its row (``_drop``).
 """
 
 from __future__ import annotations

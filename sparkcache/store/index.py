@@ -38,7 +38,7 @@ CREATE TABLE IF NOT EXISTS entries (
     etag TEXT,
     last_modified TEXT,
     last_access REAL NOT NULL,
-    pinned INTEGER NOT NULL DEFAULT 0
+    pinned INTEGER NOT NULL DEFAULT 0  -- 0 cache, 1 pinned, 2 kept (see PINNED, KEPT)
 );
 CREATE INDEX IF NOT EXISTS entries_remote ON entries(remote);
 CREATE INDEX IF NOT EXISTS entries_digest ON entries(digest);
@@ -294,11 +294,11 @@ class Index:
 
     def expired_keys(self, now: float, retention: float) -> Deferred[list[tuple[str, str | None]]]:
         """Negative entries past their TTL, and bodies stale for longer than
-        ``retention``; never pinned ones."""
+        ``retention``; never pinned ones (kept ones may go: they are evictable)."""
 
         def q() -> list[tuple[str, str | None]]:
             return self.db.execute(
-                "SELECT key, digest FROM entries WHERE expires IS NOT NULL AND pinned=0 AND "
+                f"SELECT key, digest FROM entries WHERE expires IS NOT NULL AND pinned!={PINNED} AND "
                 "((status != 200 AND expires < ?) OR expires < ?)", (now, now - retention)
             ).fetchall()
 
@@ -312,13 +312,13 @@ class Index:
         ).fetchall())
 
     def over_quota(self, remote: str, quota: int) -> Deferred[list[str]]:
-        """Keys of ``remote``'s unpinned entries beyond its most recently used
+        """Keys of ``remote``'s unpinned entries (kept ones included) beyond its most recently used
         ``quota`` bytes: what to evict, least recently used last."""
 
         def q() -> list[str]:
             total, out = 0, []
             rows = self.db.execute(
-                "SELECT key, size FROM entries WHERE remote=? AND pinned=0 ORDER BY last_access DESC", (remote,))
+                f"SELECT key, size FROM entries WHERE remote=? AND pinned!={PINNED} ORDER BY last_access DESC", (remote,))
             for key, size in rows:
                 total += size or 0
                 if total > quota:
@@ -480,11 +480,11 @@ class Index:
         return self.delete_where("key=?", (key,))
 
     def delete_remote(self, remote: str) -> Deferred[tuple[int, list[str]]]:
-        """Purge the cache of one remote: its pinned entries stay."""
+        """Purge the cache of one remote: its pinned and kept entries stay."""
         return self.delete_where("remote=? AND pinned=0", (remote,))
 
     def delete_all(self) -> Deferred[tuple[int, list[str]]]:
-        """Purge the whole cache: pinned entries stay."""
+        """Purge the whole cache: pinned and kept entries stay."""
         return self.delete_where("pinned=0", ())
 
     def delete_cached_key(self, key: str) -> Deferred[tuple[int, list[str]]]:
@@ -512,7 +512,7 @@ class Index:
         """Evict a body with every entry naming it, unless a pinned entry does
         (checked in the same transaction, since lru_blobs chose it)."""
         return self.delete_where(
-            "digest=? AND NOT EXISTS (SELECT 1 FROM entries AS p WHERE p.digest=? AND p.pinned=1)", (digest, digest))
+            f"digest=? AND NOT EXISTS (SELECT 1 FROM entries AS p WHERE p.digest=? AND p.pinned={PINNED})", (digest, digest))
 
     def unreferenced(self, digest: str) -> Deferred[list[str]]:
         """Forget the blob row of ``digest`` if no entry points at it any more."""
