@@ -155,11 +155,19 @@ class Store:
                 raise
             self._spools.discard(spool)
             if since is None or entry.local:
-                written = bool(await self.index.put(entry))
+                await self.index.put(entry)
+                written = True
             else:
                 written = await self.index.put_unless(entry, lambda: self.purged_since(since, entry.remote, entry.key))
-        finally:
+        except BaseException:
             self._release_commit(digest)
+            # A purge meanwhile may have left the body to this commit (see _drop).
+            try:
+                await self.release_digest(digest)
+            except Exception:
+                log.failure("removing the body of {key} after a failed commit", key=entry.key)
+            raise
+        self._release_commit(digest)
         if not written:
             log.info("not keeping {key}: purged while it was being produced", key=entry.key)
             await self.release_digest(digest)
@@ -308,7 +316,8 @@ class Store:
         while len(self._purged_key) > _PURGED_KEYS:
             # The oldest is forgotten: count it as a purge of everything, so a
             # production older than it still stores nothing (rare: a long fetch).
-            _, self._purged_all = self._purged_key.popitem(last=False)
+            _, forgotten = self._purged_key.popitem(last=False)
+            self._purged_all = max(self._purged_all, forgotten)
         return await self._drop(await self.index.delete_cached_key(key))
 
     async def purge_remote(self, remote: str) -> int:

@@ -137,3 +137,19 @@ async def test_a_link_to_a_body_let_go_of_is_refused(store: Store) -> None:
     assert await store.purge_remote("a") == 2 and not store.cas.contains(DIGEST)
     assert await store.link(alias) is False
     assert await store.index.get("a:alias") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_purge_epochs_cover_their_scope_only(store: Store) -> None:
+    since = store.epoch()
+    await store.purge_cached_key("r:x")
+    assert store.purged_since(since, "r", "r:x") and not store.purged_since(since, "r", "r:y")
+    await store.purge_remote("q")
+    assert store.purged_since(since, "q", "q:z") and not store.purged_since(since, "r", "r:y")
+    later = store.epoch()
+    assert not store.purged_since(later, "r", "r:x") and not store.purged_since(later, "q", "q:z")
+    # Past the bound of remembered keys, the oldest counts as a purge of everything
+    # for the productions older than it (never fewer purges, only more).
+    for n in range(4096):
+        await store.purge_cached_key(f"r:k{n}")
+    assert store.purged_since(since, "r", "r:y") and not store.purged_since(store.epoch(), "r", "r:y")
