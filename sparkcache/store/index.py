@@ -331,38 +331,14 @@ class Index:
 
     def put(self, entry: Entry) -> Deferred[Entry]:
         """Record an entry whose body (if any) is already committed to the store."""
-
-        def q() -> None:
-            with transaction(self.db):
-                self._insert(entry)
-
-        def done(_: object) -> Entry:
-            self._touched.pop(entry.key, None)
-            self._remember(entry)
-            return entry
-
-        return self._run(q).addCallback(done)
+        return self._write(entry, None).addCallback(lambda _: entry)
 
     def put_unless(self, entry: Entry, purged: Callable[[], bool]) -> Deferred[bool]:
         """Record ``entry`` unless ``purged()``, asked in the SQLite thread
         inside the insert's transaction (so a purge is either before it,
         and the row never appears, or after it, and deletes the row);
         whether the row was written."""
-
-        def q() -> bool:
-            with transaction(self.db):
-                if purged():
-                    return False
-                self._insert(entry)
-                return True
-
-        def done(written: bool) -> bool:
-            if written:
-                self._touched.pop(entry.key, None)
-                self._remember(entry)
-            return written
-
-        return self._run(q).addCallback(done)
+        return self._write(entry, lambda: not purged())
 
     def refresh_unless(self, entry: Entry, purged: Callable[[], bool]) -> Deferred[bool]:
         """Write ``entry``, a new state of a stored entry (revalidated: new
@@ -371,12 +347,27 @@ class Index:
         brings back a row whose body may have been removed. An entry with no
         body (a negative one) is written unless ``purged()``. Whether it was."""
 
+        def still_there() -> bool:
+            return entry.digest is None or self.db.execute(
+                "SELECT 1 FROM entries WHERE key=? AND digest=?", (entry.key, entry.digest)).fetchone() is not None
+
+        return self._write(entry, lambda: not purged() and still_there())
+
+    def put_if_body(self, entry: Entry) -> Deferred[bool]:
+        """Record another entry naming a body already stored (``entry.digest``),
+        if that body is still referenced: its blob row is deleted in the very
+        transaction that lets its file go, so checking it here, in the
+        insert's transaction, never adds a row for a body being removed."""
+        return self._write(entry, lambda: self.db.execute(
+            "SELECT 1 FROM blobs WHERE digest=?", (entry.digest,)).fetchone() is not None)
+
+    def _write(self, entry: Entry, may: Callable[[], bool] | None) -> Deferred[bool]:
+        """Insert ``entry`` unless ``may()`` (asked in the insert's transaction)
+        says no; whether it was."""
+
         def q() -> bool:
             with transaction(self.db):
-                if purged():
-                    return False
-                if entry.digest is not None and self.db.execute(
-                        "SELECT 1 FROM entries WHERE key=? AND digest=?", (entry.key, entry.digest)).fetchone() is None:
+                if may is not None and not may():
                     return False
                 self._insert(entry)
                 return True
@@ -387,28 +378,6 @@ class Index:
                 self._remember(entry)
             else:
                 self._forget([entry.key])
-            return written
-
-        return self._run(q).addCallback(done)
-
-    def put_if_body(self, entry: Entry) -> Deferred[bool]:
-        """Record another entry naming a body already stored (``entry.digest``),
-        if that body is still referenced: its blob row is deleted in the very
-        transaction that lets its file go, so checking it here, in the
-        insert's transaction, never adds a row for a body being removed."""
-        assert entry.digest is not None
-
-        def q() -> bool:
-            with transaction(self.db):
-                if self.db.execute("SELECT 1 FROM blobs WHERE digest=?", (entry.digest,)).fetchone() is None:
-                    return False
-                self._insert(entry)
-                return True
-
-        def done(written: bool) -> bool:
-            if written:
-                self._touched.pop(entry.key, None)
-                self._remember(entry)
             return written
 
         return self._run(q).addCallback(done)

@@ -8,14 +8,15 @@ everything and of its remote; deleting local content is the explicit
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import tarfile
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
 
 from tests.support.client import assert_json_error, bearer
 from tests.support.fake_mirrors import FakeMirrors
@@ -48,14 +49,13 @@ def sha(b: bytes) -> str:
     return "sha256:" + hashlib.sha256(b).hexdigest()
 
 
-def tgz(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name, data in files.items():
-            ti = tarfile.TarInfo(name)
-            ti.size = len(data)
-            tar.addfile(ti, io.BytesIO(data))
-    return buf.getvalue()
+def tgz(tmp: Path, files: dict[str, bytes]) -> Deferred[bytes]:
+    """A tar.gz of ``files``, made by tar as a code-sync client makes one (in a thread)."""
+    for name, data in files.items():
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / name).write_bytes(data)
+    return deferToThread(lambda: subprocess.run(["tar", "-czf", "-", "-C", str(tmp), *files], check=True,
+                                                capture_output=True).stdout)
 
 
 def pypi_upload(data: Any) -> tuple[bytes, str]:
@@ -70,7 +70,7 @@ def pypi_upload(data: Any) -> tuple[bytes, str]:
     return out + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-async def upload_everything(h: Harness) -> dict[str, bytes]:
+async def upload_everything(h: Harness, tmp: Path) -> dict[str, bytes]:
     """One upload of each kind; returns the URL each is read back from → its bytes."""
     w = bearer(WRITE)
     out: dict[str, bytes] = {}
@@ -98,7 +98,7 @@ async def upload_everything(h: Harness) -> dict[str, bytes]:
                       {**w, "Content-Type": "application/json"})
     assert pub.status == 201, pub.describe()
     out["/npm/npmint/@team/util/-/util-1.0.0.tgz"] = tarball
-    sync = await h.post("/upload", tgz({"src/main.c": b"int main(){}\n"}), w)
+    sync = await h.post("/upload", await tgz(tmp, {"src/main.c": b"int main(){}\n"}), w)
     assert sync.status == 201, sync.describe()
     got = await h.get(sync.json()["url"])
     assert got.status == 200
@@ -116,8 +116,8 @@ async def assert_all_there(h: Harness, uploads: dict[str, bytes]) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_purging_everything_keeps_every_kind_of_upload(h: Harness) -> None:
-    uploads = await upload_everything(h)
+async def test_purging_everything_keeps_every_kind_of_upload(h: Harness, tmp_path: Path) -> None:
+    uploads = await upload_everything(h, tmp_path / "tree")
     # A cached body with the same bytes as an upload: its row goes, the body stays.
     h.upstream.add("/shared.bin", SHARED)
     h.upstream.add("/other.bin", b"only cached")
@@ -132,8 +132,8 @@ async def test_purging_everything_keeps_every_kind_of_upload(h: Harness) -> None
 
 
 @pytest_twisted.ensureDeferred
-async def test_purging_a_local_remote_refuses_and_says_how_to_delete(h: Harness) -> None:
-    uploads = await upload_everything(h)
+async def test_purging_a_local_remote_refuses_and_says_how_to_delete(h: Harness, tmp_path: Path) -> None:
+    uploads = await upload_everything(h, tmp_path / "tree")
     for remote in ("uploads", "loc", "pyint", "npmint"):
         for query in (f"remote={remote}", f"remote={remote}&path=dir/shared.bin"):
             refused = await h.post(f"/admin/purge?{query}", None, bearer(ADMIN))
@@ -158,8 +158,8 @@ async def test_purge_by_path_of_a_cached_entry(h: Harness) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_deleting_local_content_is_explicit_per_key(h: Harness) -> None:
-    uploads = await upload_everything(h)
+async def test_deleting_local_content_is_explicit_per_key(h: Harness, tmp_path: Path) -> None:
+    uploads = await upload_everything(h, tmp_path / "tree")
     admin = bearer(ADMIN)
     assert_json_error(await h.delete("/admin/local?remote=uploads&path=dir/shared.bin", bearer(WRITE)), 403)
     assert_json_error(await h.delete("/admin/local?remote=uploads", admin), 400)
@@ -183,9 +183,9 @@ async def test_deleting_local_content_is_explicit_per_key(h: Harness) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_code_sync_uploads_stay_evictable(h: Harness) -> None:
+async def test_code_sync_uploads_stay_evictable(h: Harness, tmp_path: Path) -> None:
     """Kept from purges, but not pinned: LRU eviction under storage.max_size may take them."""
-    sync = await h.post("/upload", tgz({"a.txt": b"a"}), bearer(WRITE))
+    sync = await h.post("/upload", await tgz(tmp_path / "tree", {"a.txt": b"a"}), bearer(WRITE))
     entry = await h.store.index.get(f"upload/{sync.json()['id']}")
     assert entry is not None and entry.kept and not entry.pinned
     assert await h.store.purge_all() == 0
