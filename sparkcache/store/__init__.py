@@ -73,6 +73,10 @@ class Store:
         self._purged_all = 0
         self._purged_remote: dict[str, int] = {}
         self._purged_key: OrderedDict[str, int] = OrderedDict()
+        # Bodies of commits a purge refused → the eviction pass they came in:
+        # removed (unless named by then) one full pass later (_sweep_unowned).
+        self._unowned: dict[str, int] = {}
+        self._sweeps = 0
         self.size = 0
         self.entries = 0
 
@@ -131,7 +135,8 @@ class Store:
         ``since``: the purge epoch (``epoch()``) when the body's production
         began. A cached entry purged after that (everything, its remote or
         its key) is not made visible: the body may predate the purge. The
-        caller's clients still get it; the store keeps nothing of it."""
+        caller's clients still get it; its body goes at the eviction pass
+        after next, unless something else names it by then."""
         assert entry.digest == spool.hexdigest()
         digest = entry.digest
         assert digest is not None
@@ -170,7 +175,9 @@ class Store:
         self._release_commit(digest)
         if not written:
             log.info("not keeping {key}: purged while it was being produced", key=entry.key)
-            await self.release_digest(digest)
+            # Its clients may still read the body by this entry (an index page
+            # waits for the whole body, then reads it): it goes a little later.
+            self._unowned.setdefault(digest, self._sweeps)
             return entry
         # Approximate until the next stats refresh (a replaced key is not subtracted).
         self.entries += 1
@@ -298,6 +305,15 @@ class Store:
                 removal.done()
         return count
 
+    async def _sweep_unowned(self) -> None:
+        """Remove the bodies of refused commits that came before the last pass
+        (so their clients had at least one eviction interval to open them)."""
+        self._sweeps += 1
+        due = [d for d, at in self._unowned.items() if at < self._sweeps - 1]
+        for d in due:
+            del self._unowned[d]
+            await self.release_digest(d)
+
     async def release_digest(self, digest: str) -> None:
         """Remove a body that a replaced entry no longer needs (unless others do)."""
         if not self._sending.get(digest):
@@ -362,6 +378,7 @@ class Store:
         """Least-recently-used eviction down to max_size; bodies of pinned
         entries and bodies being sent are skipped."""
         await self.index.flush_access()
+        await self._sweep_unowned()
         size, _ = await self.refresh_stats()
         if size <= self.max_size:
             return 0
