@@ -383,7 +383,9 @@ class CodeSyncApp:
             return self.guarded(mirror, d) if mirror is not None else d
 
         source = ThreadBuild(lambda out: uploads.write_normalized(tree, out), {**headers, "etag": etag}, run=run)
-        result = await self.ctx.cache.get(Target(key, UPLOAD_REMOTE, key), source)
+        # Kept: no purge of the cache removes an upload (its only copy), though
+        # eviction under storage.max_size may (the client can upload it again).
+        result = await self.ctx.cache.get(Target(key, UPLOAD_REMOTE, key, kept=True), source)
         if isinstance(result, Hit):
             return result.entry, "HIT"
         if isinstance(result, Failed):
