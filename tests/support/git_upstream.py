@@ -474,7 +474,7 @@ def git_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
     require_tool("git")
     d = Daemon(tmp_path_factory.mktemp("git-cache"),
-               auth={"tokens": [{"name": "ops", "token_env": "GIT_TEST_WRITE", "scopes": ["write"]}]},
+               auth={"tokens": [{"name": "ops", "token_env": "GIT_TEST_WRITE", "scopes": ["admin"]}]},
                env={"GIT_TEST_WRITE": WRITE_TOKEN}, extra=git_daemon_config()).start()
     yield d
     d.close()
