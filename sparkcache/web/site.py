@@ -192,7 +192,9 @@ class JsonErrorChannel(HTTPChannel):
     _head_started = False
     # Counted in the site's connections (not when shed over the cap).
     _counted = False
+    # Over the cap: what the client sends is dropped; counted in site.shedding.
     _shed = False
+    _shed_counted = False
     # Framing headers of the request being parsed: its Transfer-Encoding
     # codings so far and whether it had a Content-Length.
     _framing_of: Any = None
@@ -224,6 +226,7 @@ class JsonErrorChannel(HTTPChannel):
             transport.abortConnection()
             return
         site.shedding += 1
+        self._shed_counted = True
         body = b'{"error": "too many connections (server.max_connections); retry", "status": 503}\n'
         transport.write(
             b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
@@ -357,8 +360,8 @@ class JsonErrorChannel(HTTPChannel):
             if self._counted:
                 self._counted = False
                 site.connections -= 1
-            if self._shed:
-                self._shed = False
+            if self._shed_counted:
+                self._shed_counted = False
                 site.shedding -= 1
         super().connectionLost(reason)
 
@@ -425,6 +428,14 @@ class SparkSite(Site):
         self.connections = 0  # open client connections (not counting shed ones)
         self.shedding = 0  # connections over the cap whose 503 is going out
         self.shed_total = 0  # connections refused over the cap since start
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if self.connections >= self.max_connections and self.shedding >= SHED_MAX:
+            # Over the cap with no 503 to spare: the listening port closes the
+            # socket at once, before it takes a descriptor for long.
+            self.shed_total += 1
+            return None
+        return super().buildProtocol(addr)
 
     def body_decision(self, request: Any) -> BodyDecision:
         """What becomes of ``request``'s body, by the gate of the resource tree

@@ -278,10 +278,18 @@ def test_a_flood_over_the_cap_is_closed_at_once_past_the_linger_budget(clock: Me
 
     site = make_site(clock, recorder, max_connections=1)
     Conn(site)
-    flood = [Conn(site, HalfClosable()) for _ in range(SHED_MAX + 10)]
-    assert sum(1 for f in flood if f.transport.value()) == SHED_MAX  # 503s
-    assert all(f.transport.disconnecting for f in flood[SHED_MAX:])  # closed, nothing written
+    flood = [Conn(site, HalfClosable()) for _ in range(SHED_MAX)]
+    assert all(f.transport.value().startswith(b"HTTP/1.1 503 ") for f in flood)
     assert site.shedding == SHED_MAX
+    # Past the budget the listening port closes the socket itself, at once.
+    assert site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001)) is None
+    assert site.shed_total == SHED_MAX + 1
+    clock.advance(3)
+    for f in flood:
+        assert f.transport.disconnecting
+        f.lose()
+    assert site.shedding == 0
+    assert site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40002)) is not None
 
 
 # -- framing (request smuggling) -------------------------------------------------------
