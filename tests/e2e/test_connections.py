@@ -179,19 +179,23 @@ def _raw_exchange(port: int, data: bytes) -> bytes:
         sock.close()
 
 
-@pytest.mark.parametrize("framing", [
+SMUGGLING = [
     b"Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n",
     b"Transfer-Encoding: chunked, identity\r\n",
     b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
     b"Transfer-Encoding: chunked\r\nContent-Length: 48\r\n",
-], ids=["te-chunked-then-identity", "te-chunked-identity", "cl-and-te", "te-and-cl"])
-def test_smuggled_request_never_runs(upstream, daemon_factory, framing: bytes) -> None:
+]
+
+
+def test_smuggled_request_never_runs(upstream, daemon_factory) -> None:
     upstream.add("/files/smuggled", b"must never be fetched\n")
     d = daemon_factory({"r": generic_remote(upstream)})
     smuggled = b"GET /api/r/files/smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
-    out = _raw_exchange(d.port, b"POST /api/r/files/x HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n0\r\n\r\n" + smuggled)
-    assert out.count(b"HTTP/1.1 ") == 1, out
-    assert out.startswith(b"HTTP/1.1 400 "), out
+    for framing in SMUGGLING:
+        out = _raw_exchange(d.port, b"POST /api/r/files/x HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n0\r\n\r\n"
+                            + smuggled)
+        assert out.count(b"HTTP/1.1 ") == 1, (framing, out)
+        assert out.startswith(b"HTTP/1.1 400 "), (framing, out)
     assert upstream.count("/files/smuggled") == 0
     assert d.get("/health").status == 200
 
