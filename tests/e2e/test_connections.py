@@ -254,6 +254,15 @@ def test_range_on_a_chunked_cold_miss_is_206_from_the_spool(upstream, daemon_fac
     assert r.header("Content-Range") == f"bytes */{size}"
     assert upstream.count("/files/c.bin") == 1
 
+    # Absurd positions on the stored body: 416 or the whole body, never a 5xx.
+    huge = "9" * 5000
+    get_until_hit(d, path, data)
+    assert_json_error(d.get(path, {"Range": f"bytes={huge}-"}), 416)
+    r = d.get(path, {"Range": f"bytes=0-{huge}"})
+    assert r.status == 206 and r.body == data and r.header("Content-Range") == f"bytes 0-{size - 1}/{size}"
+    r = d.get(path, {"Range": f"bytes={huge}-1"})
+    assert r.status in (200, 416), r.describe()
+
 
 def test_curl_reads_a_206_of_unknown_length(upstream, daemon_factory) -> None:
     curl = require_tool("curl")
