@@ -10,12 +10,14 @@ that ran would show.
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import io
 from http import HTTPStatus
 from typing import Any
 
 import pytest
+import pytest_twisted
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -27,6 +29,7 @@ from sparkcache.config import ServerConfig
 from sparkcache.protocols import load_config_data
 from sparkcache.web.serve import Unsatisfiable, parse_range, range_spec
 from sparkcache.web.site import SparkSite, TrackedRequest, connection_cap
+from tests.support.harness import UPSTREAM, Harness, MakeHarness, harness_factory  # noqa: F401
 
 IDLE, HEAD = 60.0, 30.0
 
@@ -386,3 +389,42 @@ def test_range_spec_of_an_unknown_length() -> None:
     assert range_spec(b"bytes=-10") == (None, 10)
     assert range_spec(b"bytes=-") is None
     assert range_spec(("bytes=1-" + HUGE).encode()) == (1, 10**18)
+
+
+# -- through the apps: absurd Range on generic and OCI blobs, an upstream 429 ---------
+
+
+@pytest.fixture
+def h(harness_factory: MakeHarness) -> Harness:
+    return pytest_twisted.blockon(harness_factory({"remotes": {
+        "files": {"type": "generic", "upstream": UPSTREAM},
+        "hub": {"type": "oci", "upstream": UPSTREAM, "registries": ["docker.io"]},
+    }}))
+
+
+@pytest_twisted.ensureDeferred
+async def test_absurd_ranges_on_generic_and_oci_blobs_are_never_5xx(h: Harness) -> None:
+    body = b"0123456789" * 20_000
+    blob = "sha256:" + hashlib.sha256(body).hexdigest()
+    h.upstream.add("/a.bin", body)
+    h.upstream.add(f"/v2/team/app/blobs/{blob}", body)
+    for path in ("/api/files/a.bin", f"/v2/hub/team/app/blobs/{blob}"):
+        assert (await h.get(path)).body == body
+        await h.settle()
+        for header, status in ((f"bytes={HUGE}-", 416), (f"bytes=0-{HUGE}", 206), (f"bytes=-{HUGE}", 206),
+                               (f"bytes={HUGE}-{HUGE}", 416), (f"bytes=1-{HUGE}x", 200)):
+            got = await h.get(path, {"Range": header})
+            assert got.status == status, (path, header[:20], got.describe())
+            if status == 206:
+                assert got.body == body[-len(got.body):] and len(got.body) >= len(body) - 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_429_keeps_its_retry_after_on_generic_and_oci(h: Harness) -> None:
+    h.upstream.behave("/busy.bin", status=429, headers={"Retry-After": "42"})
+    h.upstream.behave("/v2/library/alpine/manifests/busy", status=429, headers={"Retry-After": "43"})
+    got = await h.get("/api/files/busy.bin")
+    assert got.status == 429 and got.header("Retry-After") == "42", got.describe()
+    got = await h.get("/v2/hub/alpine/manifests/busy")
+    assert got.status == 429 and got.header("Retry-After") == "43", got.describe()
+    assert b"TOOMANYREQUESTS" in got.body
