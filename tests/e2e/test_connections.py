@@ -128,7 +128,8 @@ def test_fd_limit_keeps_serving_held_clients_and_recovers(upstream, daemon_facto
               f"sockets; {held} descriptors taken by the flood at once (the cap, 3/4 of the limit, less the kept "
               f"clients, plus 503s lingering), {shed} flood sockets answered 503 at the first wave; "
               f"{CLIENTS}/{CLIENTS} kept clients served during the flood and after it, "
-              f"{served}/{CLIENTS} new clients served after it")
+              f"{served}/{CLIENTS} new clients served after it; accept() hit EMFILE "
+              f"{d.log().count('EMFILE encountered')} times")
     finally:
         for s in flood:
             s.close()
