@@ -428,3 +428,11 @@ async def test_upstream_429_keeps_its_retry_after_on_generic_and_oci(h: Harness)
     got = await h.get("/v2/hub/alpine/manifests/busy")
     assert got.status == 429 and got.header("Retry-After") == "43", got.describe()
     assert b"TOOMANYREQUESTS" in got.body
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_passed_through_429_keeps_its_retry_after(harness_factory: MakeHarness) -> None:
+    h = await harness_factory({"remotes": {"npm": {"type": "npm", "upstream": UPSTREAM}}})
+    h.upstream.behave("/-/v1/search", status=429, headers={"Retry-After": "44"})
+    got = await h.get("/npm/npm/-/v1/search?text=x")
+    assert got.status == 429 and got.header("Retry-After") == "44", got.describe()
