@@ -11,10 +11,10 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 
 from sparkcache.fetch.cache import Failed, Hit, Live, Result
+from sparkcache.fetch.flight import Flight
 from sparkcache.metrics import Metrics
 from sparkcache.store import Entry, Store
 from sparkcache.web.sendfile import SendfilePool
-from sparkcache.fetch.flight import Flight
 from sparkcache.web.serve import (
     Unsatisfiable, error_body, finish_safely, header, parse_range, range_spec, send_body, send_flight,
 )

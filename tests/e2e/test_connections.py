@@ -108,6 +108,20 @@ def test_fd_limit_keeps_serving_held_clients_and_recovers(upstream, daemon_facto
             assert r.status == 200 and sha256(r.read()) == sha256(data), f"kept client {i}: {r.status}"
         assert peak < FD_LIMIT, f"the daemon reached its fd limit ({peak} open)"
         shed = _answered_503(flood)
+        # Newcomers while the flood holds every slot: told to come back (503),
+        # served if a slot freed, or closed at once; never a hung connection.
+        newcomers = [Fetch(d.port, "/api/r/files/a.bin", timeout=60) for _ in range(CLIENTS)]
+        for f in newcomers:
+            f.start()
+        outcomes: dict[str, int] = {}
+        for f in newcomers:
+            f.join(90)
+            assert not f.is_alive(), "a newcomer hung"
+            res = f.result
+            key = str(res.status) if not isinstance(res, BaseException) else "closed"
+            if not isinstance(res, BaseException):
+                assert res.status in (200, 503), res.describe()
+            outcomes[key] = outcomes.get(key, 0) + 1
 
         # No restart: the idle sockets time out (the header deadline), the rest
         # of the flood is taken and times out in turn, and then new clients are
@@ -128,6 +142,7 @@ def test_fd_limit_keeps_serving_held_clients_and_recovers(upstream, daemon_facto
               f"sockets; {held} descriptors taken by the flood at once (the cap, 3/4 of the limit, less the kept "
               f"clients, plus 503s lingering), {shed} flood sockets answered 503 at the first wave; "
               f"{CLIENTS}/{CLIENTS} kept clients served during the flood and after it, "
+              f"newcomers during it: {outcomes}, "
               f"{served}/{CLIENTS} new clients served after it; accept() hit EMFILE "
               f"{d.log().count('EMFILE encountered')} times")
     finally:
