@@ -13,8 +13,10 @@ keep-alive connection is closed after ``server.idle_timeout``; a request's
 head must arrive within ``server.header_timeout`` of its first byte (of the
 connection, for the first request), however slowly it trickles; beyond
 ``server.max_connections`` a new connection is answered ``503`` with
-``Retry-After`` and closed, so file descriptors stay free for the work of the
-connections already held. Nothing bounds a request being answered: a slow
+``Retry-After`` and closed (past SHED_MAX such answers at once, closed
+without one), so file descriptors stay free for the work of the connections
+already held; at the descriptor limit itself, twisted's listening port
+accepts and closes with a reserved descriptor. Nothing bounds a request being answered: a slow
 client that keeps reading, or an upload that keeps sending, is never cut.
 The request framing is checked before twisted.web sees it (RFC 9112 6.1, 6.3):
 a Transfer-Encoding other than a lone final ``chunked``, or together with a
