@@ -152,6 +152,13 @@ class ServerConfig:
     sendfile: bool = True
     access_log: bool = False
     max_body_size: int = 10 * 2**30
+    # Seconds a keep-alive connection may sit between requests, and a request's
+    # head may take to arrive (slowloris); 0 disables either.
+    idle_timeout: float = 60.0
+    header_timeout: float = 30.0
+    # Open client connections at most; None: three quarters of the open-file
+    # limit the daemon starts with (see sparkcache.web.site.connection_cap).
+    max_connections: int | None = None
 
 
 @dataclass(frozen=True)
@@ -192,6 +199,9 @@ class Config:
                 "sendfile": self.server.sendfile,
                 "access_log": self.server.access_log,
                 "max_body_size": self.server.max_body_size,
+                "idle_timeout": self.server.idle_timeout,
+                "header_timeout": self.server.header_timeout,
+                "max_connections": self.server.max_connections,
             },
             "storage": {
                 "data_dir": self.storage.data_dir,
@@ -326,6 +336,16 @@ class Section:
             raise self.loader.error(self.key(str(extra[0])), "unknown key")
 
 
+def _max_connections(loader: Any, sec: Section) -> int | None:
+    """``server.max_connections``: a positive count, or ``auto`` (the default)."""
+    value = sec.raw("max_connections", None)
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise loader.error(sec.key("max_connections"), f"expected a positive number of connections or auto, got {value!r}")
+    return value
+
+
 def _kind(v: Any) -> str:
     if v is None:
         return "nothing (null)"
@@ -419,6 +439,9 @@ class Loader:
             sendfile=sec.get("sendfile", bool, True),
             access_log=sec.get("access_log", bool, False),
             max_body_size=sec.convert("max_body_size", parse_size, ServerConfig.max_body_size),
+            idle_timeout=sec.convert("idle_timeout", parse_duration, ServerConfig.idle_timeout),
+            header_timeout=sec.convert("header_timeout", parse_duration, ServerConfig.header_timeout),
+            max_connections=_max_connections(self, sec),
         )
         sec.done()
         return cfg

@@ -98,8 +98,10 @@ class SparkcacheService(MultiService):
         apps[b"setup"] = SetupApp(self.ctx, setup).resource()
         admin = AdminApp(self.ctx).resource()
         self.root = Root(apps, admin, gates)
-        self.site = SparkSite(self.root, access_log=config.server.access_log, max_body_size=config.server.max_body_size,
-                              reactor=reactor)
+        srv = config.server
+        self.site = SparkSite(self.root, access_log=srv.access_log, max_body_size=srv.max_body_size,
+                              idle_timeout=srv.idle_timeout, header_timeout=srv.header_timeout,
+                              max_connections=srv.max_connections, reactor=reactor)
         self.site.displayTracebacks = False
         st = config.storage
         for name, interval, fn in (

@@ -460,8 +460,11 @@ class Upstream(Source):
                 ), since)
             return Failed(status, f"not found upstream ({code})")
         if code >= 500 or code == 429:
-            # 429 stays 429 so clients back off; other upstream failures are a bad gateway.
-            return Failed(429 if code == 429 else 502, f"upstream answered {code}", stale_ok=True)
+            # 429 stays 429 (with upstream's Retry-After) so clients back off;
+            # other upstream failures are a bad gateway.
+            retry = _header(response, "retry-after") if code == 429 else None
+            return Failed(429 if code == 429 else 502, f"upstream answered {code}", stale_ok=True,
+                          headers={"retry-after": retry} if retry else {})
         challenge = _header(response, "www-authenticate")
         return Failed(code if 400 <= code < 500 else 502, f"upstream answered {code}",
                       headers={"www-authenticate": challenge} if challenge else {})

@@ -79,7 +79,7 @@ from sparkcache.fetch.flight import BodyError
 from sparkcache.fetch.produce import Singleflight
 from sparkcache.store import Entry, Store
 from sparkcache.web.errors import HTTPError
-from sparkcache.web.respond import respond
+from sparkcache.web.respond import relayed_headers, respond
 from sparkcache.web.serve import error_body
 
 if TYPE_CHECKING:
@@ -313,7 +313,7 @@ class IndexRemote(abc.ABC):
         metrics, store = self.ctx.metrics, self.ctx.store
         if isinstance(result, Failed):
             metrics.response(name, "error")
-            return error_body(request, result.status, result.message)
+            return error_body(request, result.status, result.message, relayed_headers(result))
         if isinstance(result, Live):
             try:
                 entry = (await result.flight.wait_done()).entry

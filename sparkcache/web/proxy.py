@@ -31,7 +31,7 @@ log = Logger()
 # cache's own Authorization) stays here.
 FORWARD_REQUEST = (b"accept", b"content-type", b"npm-command", b"npm-session", b"user-agent")
 # Response headers passed back to the client.
-FORWARD_RESPONSE = (b"content-type", b"content-encoding", b"cache-control", b"etag", b"last-modified")
+FORWARD_RESPONSE = (b"content-type", b"content-encoding", b"cache-control", b"etag", b"last-modified", b"retry-after")
 
 
 @implementer(IPushProducer)

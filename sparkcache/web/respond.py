@@ -11,16 +11,27 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 
 from sparkcache.fetch.cache import Failed, Hit, Live, Result
+from sparkcache.fetch.flight import Flight
 from sparkcache.metrics import Metrics
 from sparkcache.store import Entry, Store
 from sparkcache.web.sendfile import SendfilePool
-from sparkcache.web.serve import Unsatisfiable, error_body, finish_safely, header, parse_range, send_body, send_flight
+from sparkcache.web.serve import (
+    Unsatisfiable, error_body, finish_safely, header, parse_range, range_spec, send_body, send_flight,
+)
 
 log = Logger()
 
 # Bodies up to this size are read in one pread and written at once: cheaper
 # than setting up a producer, and the page cache makes the read instant.
 SMALL_BODY = 128 * 1024
+
+
+def relayed_headers(failed: Failed) -> dict[str, str]:
+    """The upstream headers a client is told along with ``failed``: Retry-After
+    (on a 429), so it backs off as long as upstream asked. Never upstream's
+    WWW-Authenticate: our client cannot answer upstream's challenge."""
+    retry = failed.headers.get("retry-after")
+    return {"Retry-After": retry} if retry else {}
 
 
 def guess_type(path: str) -> str:
@@ -154,7 +165,7 @@ async def respond(
     """Write ``result`` to ``request``; returns a body for Klein, or None when streamed."""
     if isinstance(result, Failed):
         metrics.response(remote, "error")
-        return error_body(request, result.status, result.message)
+        return error_body(request, result.status, result.message, relayed_headers(result))
     if isinstance(result, Hit):
         out = serve_hit(request, result.entry, result.state, store, metrics, remote, path, extra_headers, sendfile)
         if isinstance(out, Deferred):
@@ -166,6 +177,15 @@ async def respond(
     flight = result.flight
     metrics.response(remote, "miss")
     _set_headers(request, result.state, False, flight.headers, flight.headers.get("etag"), path, extra_headers)
+    spec = range_spec(request.getHeader(b"range")) if flight.total is None and request.method == b"GET" else None
+    if spec is not None:
+        # A range of a body of unknown length (chunked upstream): answered
+        # once it can be answered truthfully, from the spool.
+        flight.acquire()  # the spool stays readable even if the fetch ends meanwhile
+        try:
+            return await _respond_unknown_length(request, flight, spec, metrics, remote)
+        finally:
+            flight.release()
     span = _span(request, flight.total)
     if isinstance(span, bytes):
         return span
@@ -182,4 +202,62 @@ async def respond(
     if d is None:
         d = send_flight(request, flight, start, end, count_bytes)
     await d
+    return None
+
+
+def _range_decidable(flight: Flight, spec: tuple[int | None, int | None]) -> bool:
+    """Whether the range can be answered: the body is complete (its length is
+    known: 206 or 416), or a closed range's last byte is in the spool (and,
+    for a body still to be verified, a byte after it, as ``hold_last`` wants)."""
+    if flight.finished:
+        return True
+    first, last = spec
+    if first is None or last is None:
+        return False  # an open or suffix range needs the length
+    return flight.written >= last + 1 + (1 if flight.hold_last else 0)
+
+
+async def _respond_unknown_length(
+    request: Any, flight: Flight, spec: tuple[int | None, int | None], metrics: Metrics, remote: str,
+) -> bytes | None:
+    """Answer a Range on a live fetch whose length is unknown.
+
+    A 206 is never sent for bytes the body might not have: a closed range
+    ``a-b`` waits until byte ``b`` is in the spool, then goes out as
+    ``bytes a-b/*`` (RFC 9110 14.4 allows an unknown complete length); an
+    open or suffix range, or a closed one past the end, waits for the end of
+    the body, whose length then makes it an ordinary 206 (or 416).
+    """
+    first, last = spec
+    if first is not None and last is not None and last < first:
+        spec = (None, None)  # invalid: ignored, the whole body is sent
+    if spec != (None, None) and not _range_decidable(flight, spec):
+        ready: Deferred[None] = Deferred()
+
+        def check() -> None:
+            if not ready.called and _range_decidable(flight, spec):
+                ready.callback(None)
+
+        flight.listen(check)
+        try:
+            await ready  # Klein cancels it if the client goes away
+        finally:
+            flight.unlisten(check)
+    if flight.error is not None:
+        return error_body(request, 502, f"upstream body failed: {flight.error}")
+    count_bytes = metrics.bytes_counter(remote, "upstream")
+    if spec == (None, None):
+        start, end = 0, None
+    elif flight.finished:
+        span = _span(request, flight.written)
+        if isinstance(span, bytes):
+            return span
+        start, end = span
+    else:
+        assert first is not None and last is not None
+        start, end = first, last + 1
+        request.setResponseCode(206)
+        request.setHeader(b"Content-Range", f"bytes {first}-{last}/*".encode())
+        request.setHeader(b"Content-Length", str(end - start).encode())
+    await send_flight(request, flight, start, end, count_bytes)
     return None

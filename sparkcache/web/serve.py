@@ -19,20 +19,28 @@ from sparkcache.fetch.flight import Flight
 from sparkcache.store import BodyRange
 
 CHUNK = 256 * 1024
-_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$")
+_RANGE = re.compile(r"^\s*bytes\s*=\s*([0-9]*)\s*-\s*([0-9]*)\s*$")
+# A position with more digits than this is past the end of anything stored
+# (int() of thousands of digits is slow, and past 4300 it raises).
+_MAX_DIGITS = 18
+_HUGE = 10**_MAX_DIGITS
 
 
 class Unsatisfiable(Exception):
     pass
 
 
-def parse_range(header: bytes | None, total: int | None) -> tuple[int, int] | None:
-    """A single byte range as (start, end inclusive); None to send everything.
+def _position(digits: str) -> int:
+    return _HUGE if len(digits) > _MAX_DIGITS else int(digits)
 
-    Multiple ranges and malformed headers are ignored (RFC 9110 allows it);
-    a well-formed range beyond the end raises Unsatisfiable.
-    """
-    if header is None or total is None:
+
+def range_spec(header: bytes | None) -> tuple[int | None, int | None] | None:
+    """A single ``bytes=first-last`` range as (first, last), either (not both)
+    None when omitted (``bytes=5-``, ``bytes=-5``); None for no Range, several
+    ranges, or a malformed one (RFC 9110 allows ignoring them). Absurdly long
+    positions count as huge: a range starting there is unsatisfiable, one
+    ending there runs to the end."""
+    if header is None:
         return None
     m = _RANGE.match(header.decode("latin-1"))
     if not m:
@@ -40,18 +48,36 @@ def parse_range(header: bytes | None, total: int | None) -> tuple[int, int] | No
     first, last = m.group(1), m.group(2)
     if first == "" and last == "":
         return None
-    if first == "":
-        n = int(last)
-        if n == 0:
-            raise Unsatisfiable()
-        return (max(0, total - n), total - 1)
-    start = int(first)
-    end = int(last) if last else total - 1
-    if start >= total:
-        raise Unsatisfiable()
-    if end < start:
+    return (_position(first) if first else None, _position(last) if last else None)
+
+
+def resolve_range(spec: tuple[int | None, int | None] | None, total: int) -> tuple[int, int] | None:
+    """The bytes (start, end inclusive) of a body of ``total`` bytes that
+    ``spec`` asks for; None to send everything; Unsatisfiable when it asks
+    only for bytes past the end."""
+    if spec is None:
         return None
-    return (start, min(end, total - 1))
+    first, last = spec
+    if first is None:
+        assert last is not None
+        if last == 0:
+            raise Unsatisfiable()
+        return (max(0, total - last), total - 1)
+    if first >= total:
+        raise Unsatisfiable()
+    end = total - 1 if last is None else last
+    if end < first:
+        return None
+    return (first, min(end, total - 1))
+
+
+def parse_range(header: bytes | None, total: int | None) -> tuple[int, int] | None:
+    """A single byte range of a body of ``total`` bytes as (start, end inclusive);
+    None to send everything (no Range, several, malformed, or an unknown total).
+    A well-formed range beyond the end raises Unsatisfiable."""
+    if total is None:
+        return None
+    return resolve_range(range_spec(header), total)
 
 
 def error_body(request: IRequest, status: int, message: str, headers: dict[str, str] | None = None) -> bytes:

@@ -7,16 +7,33 @@ before any body byte is stored; an upload goes straight into a store spool.
 Bodies are capped at ``server.max_body_size``. Requests twisted.web refuses
 before routing, or that fail outside any app's error handlers, are answered
 in JSON rather than with its HTML pages.
+
+Connections are bounded (see docs/configuration.rst, ``server``): an idle
+keep-alive connection is closed after ``server.idle_timeout``; a request's
+head must arrive within ``server.header_timeout`` of its first byte (of the
+connection, for the first request), however slowly it trickles; beyond
+``server.max_connections`` a new connection is answered ``503`` with
+``Retry-After`` and closed (past SHED_MAX such answers at once, closed
+without one), so file descriptors stay free for the work of the connections
+already held; at the descriptor limit itself, twisted's listening port
+accepts and closes with a reserved descriptor. Nothing bounds a request being answered: a slow
+client that keeps reading, or an upload that keeps sending, is never cut.
+The request framing is checked before twisted.web sees it (RFC 9112 6.1, 6.3):
+a Transfer-Encoding other than a lone final ``chunked``, or together with a
+Content-Length, is refused and the connection closed, so no body can be read
+two ways and smuggle a second request.
 """
 
 from __future__ import annotations
 
+import resource
+from http import HTTPStatus
 from io import BytesIO
 from typing import Any
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol, parse_qs
+from twisted.web.http import RESPONSES, HTTPChannel, _GenericHTTPChannelProtocol, parse_qs
 from twisted.web.server import Request, Site
 
 from sparkcache.web.bodies import BodyDecision, CappedBody, InMemory, Refuse, SpoolBody, ToSpool
@@ -26,6 +43,31 @@ log = Logger()
 # Seconds a connection refused before its body keeps reading (and dropping)
 # what the client still sends, before it is cut.
 LINGER = 10.0
+# A connection over server.max_connections: how long its 503 may wait to be
+# read (reading and dropping what the client sends, so no reset destroys the
+# answer), and how many may do so at once (beyond, they are closed at once).
+SHED_LINGER = 2.0
+SHED_MAX = 64
+# Seconds a connection refused by a timeout may take to read its answer
+# before it is cut (a client that never reads would hold it forever).
+ABORT_AFTER = 5.0
+# More digits than this in a Content-Length is no length a disk could hold;
+# int() of thousands of digits is also slow, and past 4300 it raises.
+MAX_LENGTH_DIGITS = 18
+# Reason phrases twisted.web's table lacks (it would say "Unknown Status").
+REASONS = {s.value: s.phrase.encode("ascii") for s in HTTPStatus if s.value not in RESPONSES}
+
+
+def connection_cap(configured: int | None) -> int:
+    """``server.max_connections``, or by default three quarters of the
+    open-file limit: the last quarter stays free for what serving needs
+    (store files, spools, upstream sockets, SQLite, pools)."""
+    if configured is not None:
+        return configured
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(16, soft * 3 // 4)
 
 
 class TrackedRequest(Request):
@@ -70,6 +112,11 @@ class TrackedRequest(Request):
             super().gotLength(length)
             if limit is not None:
                 self.content = CappedBody(self.content, limit)  # type: ignore[assignment]
+
+    def setResponseCode(self, code: int, message: bytes | None = None) -> None:
+        if message is None:
+            message = REASONS.get(code)
+        super().setResponseCode(code, message)
 
     def _read_head(self) -> None:
         """Method, URI, path and query arguments, from the request line, for the
@@ -133,15 +180,142 @@ def _limit(decision: BodyDecision, cap: int | None) -> tuple[int | None, Refuse 
 
 class JsonErrorChannel(HTTPChannel):
     """Requests twisted.web rejects before routing (header lines over 16 KiB,
-    too many headers, malformed request lines) get a JSON error too; requests
-    refused from their headers are answered before their body, which is dropped."""
+    too many headers, malformed request lines, ambiguous framing) get a JSON
+    error too; requests refused from their headers are answered before their
+    body, which is dropped. Heads that arrive too slowly, and connections
+    over the cap, are cut (see the module docstring)."""
 
     _first_bytes_seen = False
     # The request answered before its body: everything after it is dropped.
     _refused: TrackedRequest | None = None
     _linger_call: Any = None
+    # The pending header deadline, and whether this request's head has begun.
+    _head_call: Any = None
+    _head_started = False
+    # Counted in the site's connections (not when shed over the cap).
+    _counted = False
+    # Over the cap: what the client sends is dropped; counted in site.shedding.
+    _shed = False
+    _shed_counted = False
+    # Framing headers of the request being parsed: its Transfer-Encoding
+    # codings so far and whether it had a Content-Length.
+    _framing_of: Any = None
+    _codings: list[bytes] = []
+    _had_length = False
+
+    # -- connection bounds ---------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        site = getattr(self, "site", None)
+        if not isinstance(site, SparkSite):
+            return
+        if site.connections >= site.max_connections:
+            self._shed_connection(site)
+            return
+        site.connections += 1
+        self._counted = True
+        self._start_head_timer()
+
+    def _shed_connection(self, site: SparkSite) -> None:
+        """Over the cap: a 503 the client can act on, then close. A flood of
+        them never costs more than SHED_MAX descriptors for SHED_LINGER s."""
+        self._shed = True
+        self.setTimeout(None)
+        site.shed_total += 1
+        transport: Any = self.transport
+        if site.shedding >= SHED_MAX or not hasattr(transport, "loseWriteConnection"):
+            transport.abortConnection()
+            return
+        site.shedding += 1
+        self._shed_counted = True
+        body = b'{"error": "too many connections (server.max_connections); retry", "status": 503}\n'
+        transport.write(
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            b"Retry-After: 1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        transport.loseWriteConnection()
+        self._linger_call = self.callLater(SHED_LINGER, self._stop_lingering)
+
+    def _start_head_timer(self) -> None:
+        timeout = getattr(getattr(self, "site", None), "header_timeout", None)
+        if timeout and self._head_call is None:
+            self._head_started = False
+            self._head_call = self.callLater(timeout, self._head_too_slow)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_call is not None and self._head_call.active():
+            self._head_call.cancel()
+        self._head_call = None
+
+    def _head_too_slow(self) -> None:
+        """The head did not arrive within server.header_timeout (slowloris,
+        or a client that connected and never spoke)."""
+        self._head_call = None
+        if self.transport is None:
+            return
+        if not self._head_started:
+            self.loseConnection()  # a silent connection: nothing to answer
+        else:
+            self._reject(408, b"Request Timeout", b"request headers not received within server.header_timeout")
+        self._abort_later()
+
+    def timeoutConnection(self) -> None:
+        # Idle keep-alive connection (server.idle_timeout): close quietly; a
+        # log line per idle client would flood the journal.
+        self._stop_head_timer()
+        self.loseConnection()
+        self._abort_later()
+
+    def _abort_later(self) -> None:
+        """A client that does not read what is left to send must not hold the
+        connection: cut it ABORT_AFTER seconds from now."""
+        if self._abortingCall is None:
+            self._abortingCall = self.callLater(ABORT_AFTER, self.forceAbortClient)
+
+    # -- framing (RFC 9112 6.1, 6.3) -----------------------------------------------------
+
+    def headerReceived(self, line: bytes) -> bool:
+        name, sep, value = line.partition(b":")
+        lname = name.strip().lower()
+        if sep and lname in (b"transfer-encoding", b"content-length"):
+            refusal = self._framing(lname, value.strip(b" \t"))
+            if refusal is not None:
+                self._reject(*refusal)
+                return False
+        return bool(super().headerReceived(line))
+
+    def _framing(self, name: bytes, value: bytes) -> tuple[int, bytes, bytes] | None:
+        """Why the framing header ``name: value`` makes the request's body
+        ambiguous or unreadable, as (status, reason, message); None if it is fine."""
+        request = self.requests[-1] if self.requests else None
+        if self._framing_of is not request:
+            self._framing_of, self._codings, self._had_length = request, [], False
+        if name == b"content-length":
+            if self._codings:
+                return 400, b"Bad Request", b"both Transfer-Encoding and Content-Length"
+            if self._had_length:
+                return 400, b"Bad Request", b"more than one Content-Length"
+            self._had_length = True
+            if value.isdigit() and len(value) > MAX_LENGTH_DIGITS:
+                return 413, b"Content Too Large", b"Content-Length too large"
+            return None
+        if getattr(self, "_version", b"HTTP/1.1") != b"HTTP/1.1":
+            return 400, b"Bad Request", b"Transfer-Encoding in an HTTP/1.0 request"
+        if self._had_length:
+            return 400, b"Bad Request", b"both Transfer-Encoding and Content-Length"
+        codings = self._codings + [c.strip(b" \t").lower() for c in value.split(b",") if c.strip(b" \t")]
+        self._codings = codings
+        if not codings or b"chunked" in codings[:-1]:
+            return 400, b"Bad Request", b"chunked must be the final transfer coding, once"
+        if any(c != b"chunked" for c in codings):
+            return 501, b"Not Implemented", b"unsupported transfer coding (only chunked is)"
+        return None
+
+    # -- refused requests ---------------------------------------------------------------
 
     def allHeadersReceived(self) -> None:
+        self._stop_head_timer()
         super().allHeadersReceived()  # the request's gotLength decides
         request = self.requests[-1]
         refuse = getattr(request, "refusal", None)
@@ -153,6 +327,10 @@ class JsonErrorChannel(HTTPChannel):
     def requestDone(self, request: Any) -> None:
         if request is not self._refused:
             super().requestDone(request)
+            # Bytes of the next request already buffered: its head is on the clock.
+            if self.persistent and self.transport is not None and self._buffered():
+                self._start_head_timer()
+                self._head_started = True
             return
         self.requests.remove(request)
         # Close our side once the answer is out, but keep reading (and
@@ -166,6 +344,9 @@ class JsonErrorChannel(HTTPChannel):
         half_close()
         self._linger_call = self.callLater(LINGER, self._stop_lingering)
 
+    def _buffered(self) -> bool:
+        return bool(getattr(self, "_buffer", b""))
+
     def _stop_lingering(self) -> None:
         self._linger_call = None
         if self.transport is not None:
@@ -175,6 +356,15 @@ class JsonErrorChannel(HTTPChannel):
         if self._linger_call is not None and self._linger_call.active():
             self._linger_call.cancel()
         self._linger_call = None
+        self._stop_head_timer()
+        site = getattr(self, "site", None)
+        if isinstance(site, SparkSite):
+            if self._counted:
+                self._counted = False
+                site.connections -= 1
+            if self._shed_counted:
+                self._shed_counted = False
+                site.shedding -= 1
         super().connectionLost(reason)
 
     def rawDataReceived(self, data: bytes) -> None:
@@ -182,8 +372,13 @@ class JsonErrorChannel(HTTPChannel):
             super().rawDataReceived(data)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._refused is not None:
+        if self._refused is not None or self._shed:
             return
+        if data and not self._handlingRequest and self.line_mode:
+            # Bytes of a request's head: the first ones start its clock.
+            if self._head_call is None:
+                self._start_head_timer()
+            self._head_started = True
         # A TLS ClientHello on a plain-HTTP listener: skopeo, podman and
         # docker try https first against an insecure registry. Closing at
         # once makes them fall back to http now, not after their 10 s
@@ -202,6 +397,7 @@ class JsonErrorChannel(HTTPChannel):
         self._reject(431, b"Request Header Fields Too Large", b"request line or header longer than 16 KiB")
 
     def _reject(self, status: int, reason: bytes, message: bytes) -> None:
+        self._stop_head_timer()
         body = b'{"error": "%s", "status": %d}\n' % (message, status)
         self.transport.write(  # type: ignore[union-attr]
             b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
@@ -219,11 +415,29 @@ class SparkSite(Site):
     protocol = _channel  # type: ignore[assignment]
     noisy = False
 
-    def __init__(self, resource: Any, access_log: bool = False, max_body_size: int | None = None, **kw: Any) -> None:
-        super().__init__(resource, **kw)
+    def __init__(self, resource: Any, access_log: bool = False, max_body_size: int | None = None,
+                 idle_timeout: float = 60.0, header_timeout: float = 30.0, max_connections: int | None = None,
+                 **kw: Any) -> None:
+        # twisted.web's idle timeout (12 hours by default) is server.idle_timeout:
+        # it runs between requests and while a request's body arrives, never
+        # while one is being answered.
+        super().__init__(resource, timeout=idle_timeout or None, **kw)
         self.active: set[TrackedRequest] = set()
         self.access_log = access_log
         self.max_body_size = max_body_size
+        self.header_timeout = header_timeout
+        self.max_connections = connection_cap(max_connections)
+        self.connections = 0  # open client connections (not counting shed ones)
+        self.shedding = 0  # connections over the cap whose 503 is going out
+        self.shed_total = 0  # connections refused over the cap since start
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if self.connections >= self.max_connections and self.shedding >= SHED_MAX:
+            # Over the cap with no 503 to spare: the listening port closes the
+            # socket at once, before it takes a descriptor for long.
+            self.shed_total += 1
+            return None
+        return super().buildProtocol(addr)
 
     def body_decision(self, request: Any) -> BodyDecision:
         """What becomes of ``request``'s body, by the gate of the resource tree

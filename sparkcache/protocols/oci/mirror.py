@@ -36,7 +36,7 @@ from sparkcache.protocols.oci.errors import OCIError, as_oci
 from sparkcache.protocols.oci.names import check_reference, sha256_hex, upstream_name
 from sparkcache.protocols.oci.tokens import TokenAuth, TokenError
 from sparkcache.store import Entry
-from sparkcache.web.respond import SMALL_BODY, respond
+from sparkcache.web.respond import SMALL_BODY, relayed_headers, respond
 
 log = Logger()
 
@@ -130,7 +130,7 @@ class Mirror:
             # which would send it into an auth flow with this cache.
             return OCIError("DENIED", f"upstream refused access to {what} ({f.message})", 403)
         if f.status == 429:
-            return OCIError("TOOMANYREQUESTS", f"upstream rate limit: {f.message}", 429)
+            return OCIError("TOOMANYREQUESTS", f"upstream rate limit: {f.message}", 429, headers=relayed_headers(f))
         if 400 <= f.status < 500:
             return OCIError(unknown if f.status == 410 else "UNSUPPORTED" if f.status == 405 else "DENIED",
                             f"{what}: {f.message}", f.status)
