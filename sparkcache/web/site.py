@@ -309,7 +309,9 @@ class JsonErrorChannel(HTTPChannel):
         if not codings or b"chunked" in codings[:-1]:
             return 400, b"Bad Request", b"chunked must be the final transfer coding, once"
         if any(c != b"chunked" for c in codings):
-            return 501, b"Not Implemented", b"unsupported transfer coding (only chunked is)"
+            # RFC 9112 suggests 501; a 400 keeps every malformed request a
+            # client error (monitoring reads 5xx as the cache failing).
+            return 400, b"Bad Request", b"unsupported transfer coding (only chunked is)"
         return None
 
     # -- refused requests ---------------------------------------------------------------

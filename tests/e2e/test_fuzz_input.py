@@ -106,8 +106,9 @@ JSONS = [b"{", b"[]", b"null", b"\"x\"", b"{\"a\":" * 500, b"\xff\xfe{}", b"{\"m
 
 
 class Gen:
-    def __init__(self, rng: random.Random, sentinel: int, daemon: int, blob: str) -> None:
+    def __init__(self, rng: random.Random, sentinel: int, daemon: int, blob: str, session: str) -> None:
         self.blob = blob  # a layer the OCI remote really has
+        self.session = session  # an open OCI push upload
         self.r = rng
         self.s = f"127.0.0.1:{sentinel}"
         self.d = f"127.0.0.1:{daemon}"
@@ -208,6 +209,13 @@ class Gen:
         return self.head(self.pick(["PUT", "POST"]), path, [("Content-Type", ctype)] + self.auth(),
                          self.pick(JSONS))
 
+    def content_range(self) -> bytes:
+        # PATCH of an open OCI upload session (made before the fuzz) with absurd Content-Ranges
+        value = self.pick(["bytes=" + "9" * 5000 + "-" + "9" * 5000, "0-" + "1" * 4000, "bytes 0-1/" + "7" * 9000,
+                           "-1-5", "5-1", "bytes=a-b", "\xff", "0-0/0"])
+        return self.head("PATCH", self.session, [("Content-Range", value), ("Authorization", f"Bearer {WRITE}"),
+                                                 ("Content-Type", "application/octet-stream")], b"chunk")
+
     def bad_utf8(self) -> bytes:
         bad = self.pick(BAD_UTF8)
         where = self.r.randint(0, 3)
@@ -246,7 +254,7 @@ class Gen:
         ])
 
     def requests(self, n: int) -> Iterator[tuple[str, bytes]]:
-        kinds = [("traversal", self.traversal, 3), ("overlong", self.overlong, 1), ("range", self.bad_range, 2),
+        kinds = [("crange", self.content_range, 1), ("traversal", self.traversal, 3), ("overlong", self.overlong, 1), ("range", self.bad_range, 2),
                  ("digest", self.bad_digest, 2), ("smuggle", self.smuggle, 1), ("garbage", self.raw_garbage, 1),
                  ("json", self.bad_json, 1), ("utf8", self.bad_utf8, 1), ("method", self.odd_method, 1),
                  ("egress", self.egress, 2)]
@@ -344,7 +352,9 @@ def test_ten_thousand_malformed_requests(upstreams: dict[str, Any], daemon_facto
 
     layer = upstreams["image"].layers[0].digest
     assert request(d.port, "GET", f"/v2/hub/demo/app/blobs/{layer}").status == 200
-    gen = Gen(random.Random(SEED), sentinel.port, d.port, layer)
+    started = request(d.port, "POST", "/v2/push/demo/fz/blobs/uploads/", bearer(WRITE))
+    assert started.status == 202, started
+    gen = Gen(random.Random(SEED), sentinel.port, d.port, layer, started.headers["Location"])
     batch = list(gen.requests(TOTAL))
     with ThreadPoolExecutor(24) as pool:
         answers = list(pool.map(lambda item: exchange(d.port, item[1], item[0] in INCOMPLETE), batch))

@@ -95,6 +95,8 @@ async def test_bad_chunks_and_commits_store_nothing(h: Harness) -> None:
     octets = {**auth(), "Content-Type": "application/octet-stream"}
     assert (await h.request("PATCH", url, b"abc", {**octets, "Content-Range": "bytes 0-3/*"})).status == 400
     assert (await h.request("PATCH", url, b"abc", octets)).status == 400
+    absurd = {**octets, "Content-Range": f"bytes {'9' * 5000}-{'9' * 5000}/*"}
+    assert (await h.request("PATCH", url, b"abc", absurd)).status == 400  # never int() of 5,000 digits
     assert (await h.request("PATCH", url, b"abc", {**octets, "Content-Range": "bytes 5-7/*"})).status == 204
     gap = await h.post(url, json.dumps({"size": 8}).encode(), auth())
     assert gap.status == 400 and "cover" in gap.json()["message"]

@@ -57,7 +57,8 @@ SMALL_BODY = 1 << 16
 BLOCKLIST_BODY = 4 << 20
 _TWIRP_CODES = {400: "malformed", 401: "unauthenticated", 403: "permission_denied", 404: "not_found",
                 409: "already_exists", 413: "resource_exhausted", 429: "resource_exhausted"}
-_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\*|\d+)$")
+# At most 18 digits: int() of thousands of digits is slow, then refused (a 500).
+_RANGE = re.compile(r"bytes (\d{1,18})-(\d{1,18})/(\*|\d{1,18})$")
 _BLOCK = re.compile(r"<(Latest|Uncommitted|Committed)>([^<]{1,100})</\1>")
 
 

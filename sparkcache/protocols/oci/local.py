@@ -218,7 +218,8 @@ class LocalRegistry:
         up = self._session(remote, repo, session)
         crange = header(request, b"content-range")
         if crange is not None:
-            m = re.match(r"^\s*(?:bytes[ =])?\s*(\d+)-(\d+)(?:/(?:\d+|\*))?\s*$", crange)
+            # At most 18 digits: int() of thousands of digits is refused (a 500).
+            m = re.match(r"^\s*(?:bytes[ =])?\s*(\d{1,18})-(\d{1,18})(?:/(?:\d{1,18}|\*))?\s*$", crange)
             if not m or int(m.group(1)) != up.spool.size:
                 # The only chunk we can take next starts where the last ended.
                 raise OCIError("RANGE_INVALID", f"upload is at {up.spool.size} bytes; Content-Range {crange!r} does not continue it",
