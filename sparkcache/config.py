@@ -159,6 +159,8 @@ class ServerConfig:
     # Open client connections at most; None: three quarters of the open-file
     # limit the daemon starts with (see sparkcache.web.site.connection_cap).
     max_connections: int | None = None
+    # Processes serving the listeners (docs/workers.rst); 1: one process, no supervisor.
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -202,6 +204,7 @@ class Config:
                 "idle_timeout": self.server.idle_timeout,
                 "header_timeout": self.server.header_timeout,
                 "max_connections": self.server.max_connections,
+                "workers": self.server.workers,
             },
             "storage": {
                 "data_dir": self.storage.data_dir,
@@ -346,6 +349,16 @@ def _max_connections(loader: Any, sec: Section) -> int | None:
     return value
 
 
+def _workers(loader: Any, sec: Section) -> int:
+    """``server.workers``: a positive count, or ``auto`` (one per core); default 1."""
+    value = sec.raw("workers", 1)
+    if value == "auto":
+        return os.cpu_count() or 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise loader.error(sec.key("workers"), f"expected a positive number of processes or auto, got {value!r}")
+    return value
+
+
 def _kind(v: Any) -> str:
     if v is None:
         return "nothing (null)"
@@ -442,6 +455,7 @@ class Loader:
             idle_timeout=sec.convert("idle_timeout", parse_duration, ServerConfig.idle_timeout),
             header_timeout=sec.convert("header_timeout", parse_duration, ServerConfig.header_timeout),
             max_connections=_max_connections(self, sec),
+            workers=_workers(self, sec),
         )
         sec.done()
         return cfg

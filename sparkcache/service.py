@@ -10,6 +10,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.web.resource import IResource
 
@@ -42,7 +43,13 @@ class SparkcacheService(MultiService):
     an ``upstream`` client over an in-memory agent (tests/support/harness.py)."""
 
     def __init__(self, config: Config, reactor: Any = None, clock: Any = None,
-                 protocols: Sequence[ProtocolSpec] = PROTOCOLS, upstream: UpstreamClient | None = None) -> None:
+                 protocols: Sequence[ProtocolSpec] = PROTOCOLS, upstream: UpstreamClient | None = None, *,
+                 endpoints: Sequence[IStreamServerEndpoint] | None = None, primary: bool = True,
+                 check_store: bool = True) -> None:
+        """``endpoints`` (a worker process: its adopted sockets) replace
+        server.listen; ``primary`` says whether the store-wide timers run in
+        this process; ``check_store`` whether the start-up spool sweep and
+        index check run (with workers: once, in the parent; docs/workers.rst)."""
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor as _reactor
@@ -51,6 +58,8 @@ class SparkcacheService(MultiService):
         self.config = config
         self.reactor = reactor
         self.clock = clock or reactor
+        self.primary = primary
+        self.check_store = check_store
         self.metrics = Metrics()
         stop_timeout = config.server.shutdown_timeout
         self.pools = MultiService()
@@ -104,15 +113,16 @@ class SparkcacheService(MultiService):
                               max_connections=srv.max_connections, reactor=reactor)
         self.site.displayTracebacks = False
         st = config.storage
-        for name, interval, fn in (
-            ("eviction", st.eviction_interval, self._evict),
-            ("expiry", st.expiry_interval, self._expire),
-            ("access-flush", 30.0, self.store.index.flush_access),
-        ):
+        timers: list[tuple[str, float, Callable[[], Any]]] = [("access-flush", 30.0, self.store.index.flush_access)]
+        if primary:  # store-wide work: one process only
+            timers += [("eviction", st.eviction_interval, self._evict), ("expiry", st.expiry_interval, self._expire)]
+        for name, interval, fn in timers:
             Periodic(name, interval, fn, self.clock).setServiceParent(self.runtime)
         self.listeners: list[StreamServerEndpointService] = []
-        for spec_ in config.server.listen:
-            svc = StreamServerEndpointService(serverFromString(reactor, spec_), self.site)
+        if endpoints is None:
+            endpoints = [serverFromString(reactor, spec_) for spec_ in config.server.listen]
+        for endpoint in endpoints:
+            svc = StreamServerEndpointService(endpoint, self.site)
             svc._raiseSynchronously = True
             svc.setServiceParent(self.runtime)
             self.listeners.append(svc)
@@ -130,7 +140,7 @@ class SparkcacheService(MultiService):
         # Pools first; timers and listeners only once the store has been checked,
         # so neither a request nor a timer ever sees a half-opened index.
         super().startService()
-        d = ensureDeferred(self.store.start())
+        d = ensureDeferred(self.store.start(check=self.check_store))
 
         def listen(_: object) -> None:
             self.runtime.setServiceParent(self)

@@ -35,6 +35,8 @@ class Options(usage.Options):
             environ["SPARKCACHE_DATA_DIR"] = self["data-dir"]
         if self["listen"]:
             environ["SPARKCACHE_LISTEN"] = ",".join(self["listen"])
+        # What a worker process needs to load exactly this config (server.workers > 1).
+        self["overrides"] = {k: v for k, v in environ.items() if k.startswith("SPARKCACHE_")}
         try:
             self["parsed"] = load_config(self["config"], environ)
         except ConfigError as e:
@@ -56,6 +58,11 @@ class ConfigExit(SystemExit):
 
 
 def makeService(options: Any) -> IService:
+    config = options["parsed"]
+    if config.server.workers > 1:
+        from sparkcache.workers.supervisor import Supervisor, check_store
+
+        return Supervisor(config, options["config"], options["overrides"], check_store=lambda: check_store(config))
     from sparkcache.service import SparkcacheService
 
-    return SparkcacheService(options["parsed"])
+    return SparkcacheService(config)

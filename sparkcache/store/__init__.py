@@ -85,9 +85,16 @@ class Store:
 
     # -- lifecycle -------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, check: bool = True) -> None:
+        """Open the index; with ``check`` (the default) first empty the spool and
+        reconcile rows with bodies, which only a store's sole user may do (with
+        worker processes the parent checks once, before any worker runs)."""
         if self._own_io_pool:
             self.io_pool.start()
+        if not check:
+            await self.index.start()
+            await self.refresh_stats()
+            return
         removed = clear_spool(self.spool_dir)
         if removed:
             log.info("removed {n} unfinished download(s) from the spool", n=removed)

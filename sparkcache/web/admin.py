@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from klein import Klein
@@ -12,6 +13,9 @@ import sparkcache
 from sparkcache.context import Context
 from sparkcache.web import purge as purges
 from sparkcache.web.errors import JSON, HTTPError, add_error_handling, guarded
+
+# This process's index among server.workers (set by the supervisor); None: the only process.
+_WORKER = int(os.environ["SPARKCACHE_WORKER"]) if os.environ.get("SPARKCACHE_WORKER", "").isdigit() else None
 
 
 class AdminApp:
@@ -49,6 +53,9 @@ class AdminApp:
             "store_bytes": store.size,
             "store_entries": store.entries,
             "inflight_fetches": self.ctx.cache.inflight,
+            # Which process answered (server.workers > 1: several share the socket).
+            "pid": os.getpid(),
+            "worker": _WORKER,
         })
 
     @app.route("/metrics", methods=["GET"])

@@ -1,0 +1,230 @@
+"""The parent of ``server.workers: N``: sockets, the store check, N workers.
+
+It never accepts a connection and never opens the store after the start-up
+check: it listens once (so systemd and clients see one service on the
+configured sockets), hands the sockets to N ``sparkcache.workers.worker``
+processes, restarts a worker that exits, forwards SIGHUP, and on stop
+forwards SIGTERM and waits for the workers to drain (docs/workers.rst).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any, Callable, Mapping
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from sparkcache.config import Config
+from sparkcache.workers.sockets import Listener, close_listeners, format_fds, open_listeners
+
+log = Logger()
+
+RESTART_MIN = 0.5
+RESTART_MAX = 30.0
+# A worker that lived this long was healthy: its next restart is immediate-ish again.
+STABLE_AFTER = 60.0
+# Past server.shutdown_timeout, how long a worker gets to exit before SIGKILL.
+KILL_GRACE = 5.0
+FIRST_FD = 3
+
+
+class WorkerProtocol(ProcessProtocol):
+    """One worker: its output into the parent's log, its end to the supervisor."""
+
+    def __init__(self, supervisor: "Supervisor", index: int) -> None:
+        self.supervisor = supervisor
+        self.index = index
+        self.pid: int | None = None
+        self.started = 0.0
+        self.ended: Deferred[None] = Deferred()
+        self._partial = {1: b"", 2: b""}
+
+    def connectionMade(self) -> None:
+        self.pid = self.transport.pid  # type: ignore[union-attr]
+        self.started = self.supervisor.clock.seconds()
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        buf = self._partial.get(fd, b"") + data
+        *lines, self._partial[fd] = buf.split(b"\n")
+        for line in lines:
+            log.info("[worker {i} {pid}] {line}", i=self.index, pid=self.pid,
+                     line=line.decode("utf-8", "replace").rstrip())
+
+    def processEnded(self, reason: Failure) -> None:
+        for fd, rest in self._partial.items():
+            if rest:
+                self.childDataReceived(fd, b"\n")
+        code = getattr(reason.value, "exitCode", None)
+        sig = getattr(reason.value, "signal", None)
+        self.supervisor.worker_ended(self, code, sig)
+        self.ended.callback(None)
+
+    def signal(self, sig: int) -> None:
+        try:
+            self.transport.signalProcess(sig)  # type: ignore[union-attr]
+        except Exception:  # already gone
+            pass
+
+
+def check_store(config: Config) -> Deferred[None]:
+    """The start-up store check (spool sweep, rows against bodies), once, in the
+    parent, before any worker opens the store: no other process may be using it."""
+    from sparkcache.store import Store
+
+    async def run() -> None:
+        from twisted.internet import reactor
+
+        store = Store(config.storage.data_dir, reactor, config.storage.max_size)
+        await store.start()
+        await store.stop()
+
+    return ensureDeferred(run())
+
+
+def worker_command() -> list[str]:
+    return [sys.executable, "-m", "sparkcache.workers.worker"]
+
+
+class Supervisor(Service):
+    """Runs ``config.server.workers`` workers over the listeners of ``config``.
+
+    ``config_path`` and ``environ`` (the ``SPARKCACHE_*`` overrides the parent
+    was started with) let each worker load exactly the parent's config.
+    ``spawn`` is ``reactor.spawnProcess`` (tests pass a fake), ``check_store``
+    the once-only store check (None: skip it)."""
+
+    def __init__(self, config: Config, config_path: str, environ: Mapping[str, str], reactor: Any = None,
+                 clock: Any = None, spawn: Callable[..., Any] | None = None,
+                 check_store: Callable[[], Deferred[Any]] | None = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.config = config
+        self.config_path = os.path.abspath(config_path)
+        self.environ = dict(environ)
+        self.reactor = reactor
+        self.clock = clock or reactor
+        self.spawn = spawn or reactor.spawnProcess
+        self.check_store = check_store
+        self.count = config.server.workers
+        self.listeners: list[Listener] = []
+        self.workers: dict[int, WorkerProtocol] = {}
+        self.backoff: dict[int, float] = {}
+        self.pending: dict[int, Any] = {}  # index -> the delayed call restarting it
+        self.stopping = False
+        self.ready: Deferred[None] = Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        d = ensureDeferred(self._start())
+
+        def failed(f: Failure) -> None:
+            log.critical("sparkcache could not start: {why}", why=f.getErrorMessage())
+            self.ready.errback(f)
+            self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+            if self.reactor.running:
+                self.reactor.stop()
+            else:
+                self.reactor.callWhenRunning(self.reactor.stop)
+
+        d.addErrback(failed)
+
+    async def _start(self) -> None:
+        self.listeners = await open_listeners(self.reactor, self.config.server.listen)
+        if self.check_store is not None:
+            await self.check_store()
+        if hasattr(self.reactor, "addSystemEventTrigger"):
+            self._install_sighup()
+        for i in range(self.count):
+            self._spawn(i)
+        log.info("sparkcache listening on {listen} with {n} worker processes; data in {data}",
+                 listen=", ".join(self.config.server.listen), n=self.count, data=self.config.storage.data_dir)
+        self.ready.callback(None)
+
+    def _install_sighup(self) -> None:
+        try:
+            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.forward, signal.SIGHUP))
+        except ValueError:  # not the main thread (tests)
+            pass
+
+    def _env(self, index: int) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.environ)
+        env["SPARKCACHE_CONFIG"] = self.config_path
+        env["SPARKCACHE_WORKER"] = str(index)
+        env["SPARKCACHE_WORKER_PRIMARY"] = "1" if index == 0 else "0"
+        env["SPARKCACHE_WORKER_FDS"] = format_fds([(FIRST_FD + n, l.family) for n, l in enumerate(self.listeners)])
+        return env
+
+    def _spawn(self, index: int) -> None:
+        self.pending.pop(index, None)
+        if self.stopping:
+            return
+        proto = WorkerProtocol(self, index)
+        # stdin is a pipe the parent holds: a worker whose parent died sees it close and stops.
+        fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
+        for n, listener in enumerate(self.listeners):
+            fds[FIRST_FD + n] = listener.fd
+        cmd = worker_command()
+        self.spawn(proto, cmd[0], cmd, env=self._env(index), path=os.getcwd(), childFDs=fds)
+        self.workers[index] = proto
+        log.info("started worker {i} (pid {pid}){primary}", i=index, pid=proto.pid,
+                 primary=" as primary" if index == 0 else "")
+
+    def worker_ended(self, proto: WorkerProtocol, code: int | None, sig: int | None) -> None:
+        index = proto.index
+        if self.workers.get(index) is proto:
+            del self.workers[index]
+        if self.stopping:
+            log.info("worker {i} (pid {pid}) exited", i=index, pid=proto.pid)
+            return
+        lived = self.clock.seconds() - proto.started
+        delay = RESTART_MIN if lived >= STABLE_AFTER else min(RESTART_MAX, self.backoff.get(index, RESTART_MIN / 2) * 2)
+        self.backoff[index] = delay
+        why = f"signal {sig}" if sig is not None else f"status {code}"
+        log.warn("worker {i} (pid {pid}) died ({why}); restarting it in {d}s", i=index, pid=proto.pid, why=why, d=delay)
+        self.pending[index] = self.clock.callLater(delay, self._spawn, index)
+
+    def forward(self, sig: int) -> None:
+        for proto in list(self.workers.values()):
+            proto.signal(sig)
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.workers.values() if p.pid is not None]
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        self.stopping = True
+        for call in self.pending.values():
+            if call.active():
+                call.cancel()
+        self.pending.clear()
+        procs = list(self.workers.values())
+        ends = [p.ended for p in procs]
+        self.forward(signal.SIGTERM)
+        if ends:
+            grace = self.config.server.shutdown_timeout + KILL_GRACE
+            kill = self.clock.callLater(grace, self._kill_all, procs)
+            await DeferredList(ends, consumeErrors=True)
+            if kill.active():
+                kill.cancel()
+        close_listeners(self.listeners)
+        self.listeners = []
+        # A graceful stop is a success (as SparkcacheService._stop says).
+        if getattr(self.reactor, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
+            self.reactor._exitSignal = None
+
+    def _kill_all(self, procs: list[WorkerProtocol]) -> None:
+        log.warn("workers did not stop within the deadline; killing them")
+        for proto in procs:
+            proto.signal(signal.SIGKILL)

@@ -1,0 +1,89 @@
+"""``python -m sparkcache.workers.worker``: one worker process of ``server.workers: N``.
+
+Started by the Supervisor only. It loads the parent's config (its path in
+``SPARKCACHE_CONFIG``, the parent's overrides in the environment), adopts the
+inherited sockets (``SPARKCACHE_WORKER_FDS``) and runs a SparkcacheService on
+them; store-wide timers only when ``SPARKCACHE_WORKER_PRIMARY=1``. The store
+was checked by the parent: the worker only opens it. Logs go to stdout, which
+the parent copies into its own log. It stops gracefully on SIGTERM, and when
+its stdin (a pipe the parent holds) closes: the parent is gone.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any, Mapping
+
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
+from twisted.python.failure import Failure
+
+from sparkcache.config import ConfigError
+from sparkcache.workers.sockets import AdoptedEndpoint, parse_fds
+
+log = Logger()
+
+
+class _ParentWatch(Protocol):
+    """stdin: nothing is ever sent; its end means the parent died."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        if self.reactor.running:
+            log.warn("the supervisor is gone; stopping")
+            self.reactor.stop()
+
+
+def _stop_once_on(reactor: Any, signals: tuple[int, ...]) -> None:
+    """Replace the reactor's handlers: a worker gets SIGTERM from the parent and,
+    under systemd (KillMode=control-group), from systemd too; the second must
+    not try to stop a reactor already stopping."""
+    def handler(sig: int, frame: Any) -> None:
+        if not stopping:
+            stopping.append(sig)
+            log.info("received signal {sig}; stopping", sig=sig)
+            reactor.callFromThread(reactor.stop)
+
+    stopping: list[int] = []
+    for sig in signals:
+        signal.signal(sig, handler)
+
+
+def build(environ: Mapping[str, str], reactor: Any) -> Any:
+    """The worker's SparkcacheService, from the environment the Supervisor set."""
+    from sparkcache.protocols import load_config
+    from sparkcache.service import SparkcacheService
+
+    config = load_config(environ["SPARKCACHE_CONFIG"], dict(environ))
+    endpoints = [AdoptedEndpoint(reactor, fd, family) for fd, family in parse_fds(environ["SPARKCACHE_WORKER_FDS"])]
+    return SparkcacheService(config, reactor, endpoints=endpoints, primary=environ.get("SPARKCACHE_WORKER_PRIMARY") == "1",
+                             check_store=False)
+
+
+def main() -> None:
+    from twisted.internet import reactor as _reactor
+    from twisted.internet import stdio as _stdio
+
+    reactor: Any = _reactor
+    stdio: Any = _stdio  # mypy sees the Windows StandardIO signature
+
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
+    try:
+        service = build(os.environ, reactor)
+    except ConfigError as e:
+        sys.exit(f"configuration error: {e}")
+    # Nothing to reload yet: SIGHUP must not kill a worker (the parent forwards it to all).
+    signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(log.info, "SIGHUP received"))
+    reactor.callWhenRunning(service.startService)
+    reactor.callWhenRunning(_stop_once_on, reactor, (signal.SIGTERM, signal.SIGINT))
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    stdio.StandardIO(_ParentWatch(reactor), stdin=0, stdout=os.open(os.devnull, os.O_WRONLY))
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""``server.workers: 2``: one parent holding the socket, two worker processes
+answering on it; a worker killed with SIGKILL is restarted while the other
+keeps serving; SIGTERM stops all of them cleanly (docs/workers.rst)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from tests.support.remotes import generic_remote
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _workers_seen(d, stale: frozenset[int] = frozenset(), timeout: float = 60) -> dict[int, int]:
+    """worker index -> pid, from /health over fresh connections, until both
+    workers answered; answers from a pid in ``stale`` (a killed worker) are ignored."""
+    seen: dict[int, int] = {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            h = d.get("/health").json()
+        except OSError:
+            continue  # a connection accepted by the killed worker, reset
+        if h["pid"] in stale:
+            continue
+        seen[h["worker"]] = h["pid"]
+        if len(seen) == 2:
+            return seen
+    raise AssertionError(f"only workers {seen} answered\n{d.log_tail()}")
+
+
+def test_two_workers_share_the_socket_and_survive_a_kill(upstream, daemon_factory):
+    upstream.add("/files/x.bin", b"x" * 100_000)
+    d = daemon_factory({"r": generic_remote(upstream)}, server={"workers": 2})
+    workers = _workers_seen(d)
+    assert set(workers) == {0, 1}
+    for pid in workers.values():
+        assert pid != d.pid and _ppid(pid) == d.pid  # children of the one service process
+    for _ in range(4):  # whichever worker answers, one store behind both
+        r = d.get("/api/r/files/x.bin")
+        assert r.status == 200 and r.body == b"x" * 100_000
+    assert upstream.count("/files/x.bin") == 1
+
+    os.kill(workers[1], signal.SIGKILL)
+    # Worker 1 comes back under a new pid; worker 0 never stopped.
+    again = _workers_seen(d, stale=frozenset({workers[1]}))
+    assert again[0] == workers[0]
+    assert again[1] != workers[1] and _ppid(again[1]) == d.pid
+    assert d.get("/api/r/files/x.bin").body == b"x" * 100_000
+    assert upstream.count("/files/x.bin") == 1
+    assert "worker 1 (pid %d) died (signal 9)" % workers[1] in d.log()
+
+    assert d.stop() == 0
+    for pid in again.values():
+        assert not _alive(pid)
+    assert "Traceback" not in d.log()
