@@ -349,14 +349,24 @@ def _max_connections(loader: Any, sec: Section) -> int | None:
     return value
 
 
-def _workers(loader: Any, sec: Section) -> int:
+# Listeners whose socket worker processes can adopt as is (sparkcache.workers.sockets);
+# ssl: wraps the factory, which an adopted socket would lose.
+SHAREABLE_LISTENERS = ("tcp", "tcp6", "unix", "systemd")
+
+
+def _workers(loader: Any, sec: Section, listen: list[str]) -> int:
     """``server.workers``: a positive count, or ``auto`` (one per core); default 1."""
     value = sec.raw("workers", 1)
     if value == "auto":
-        return os.cpu_count() or 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        value = os.cpu_count() or 1
+    elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise loader.error(sec.key("workers"), f"expected a positive number of processes or auto, got {value!r}")
-    return value
+    if value > 1:
+        for spec in listen:
+            if spec.split(":", 1)[0].strip().lower() not in SHAREABLE_LISTENERS:
+                raise loader.error(sec.key("workers"), f"listener {spec!r} cannot be shared by worker processes "
+                                   f"(only {', '.join(SHAREABLE_LISTENERS)} endpoints can); use workers: 1")
+    return int(value)
 
 
 def _kind(v: Any) -> str:
@@ -455,7 +465,7 @@ class Loader:
             idle_timeout=sec.convert("idle_timeout", parse_duration, ServerConfig.idle_timeout),
             header_timeout=sec.convert("header_timeout", parse_duration, ServerConfig.header_timeout),
             max_connections=_max_connections(self, sec),
-            workers=_workers(self, sec),
+            workers=_workers(self, sec, listen),
         )
         sec.done()
         return cfg

@@ -12,19 +12,7 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from zope.interface import implementer
 
-# Endpoint kinds whose listening port is a plain socket a worker can adopt as
-# is; ssl: (and the like) wrap the factory, which an adopted port would lose.
-ADOPTABLE = ("tcp", "tcp6", "unix", "systemd")
-
 FAMILIES = {"AF_INET": socket.AF_INET, "AF_INET6": socket.AF_INET6, "AF_UNIX": socket.AF_UNIX}
-
-
-def check_adoptable(spec: str) -> str | None:
-    """Why ``spec`` cannot be shared with worker processes, or None when it can."""
-    kind = spec.split(":", 1)[0].strip().lower()
-    if kind not in ADOPTABLE:
-        return f"listener {spec!r}: only {', '.join(ADOPTABLE)} endpoints can be shared with worker processes"
-    return None
 
 
 class _NoProtocol(Factory):
@@ -44,7 +32,8 @@ class Listener:
 
 async def open_listeners(reactor: Any, specs: list[str] | tuple[str, ...]) -> list[Listener]:
     """Listen on every endpoint string (Twisted's parser: tcp, unix, systemd
-    socket activation alike), then stop reading, so only workers accept."""
+    socket activation alike; the config allows only those with workers, see
+    config.SHAREABLE_LISTENERS), then stop reading, so only workers accept."""
     out: list[Listener] = []
     try:
         for spec in specs:

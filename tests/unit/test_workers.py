@@ -1,0 +1,217 @@
+"""The worker-process supervisor and its config, without processes: a fake
+spawn and a task.Clock (tests/e2e/test_workers.py runs the real thing)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet import reactor as real_reactor
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from sparkcache.config import ConfigError
+from sparkcache.protocols import load_config_data
+from sparkcache.tap import Options, makeService
+from sparkcache.workers.sockets import AdoptedEndpoint, format_fds, parse_fds
+from sparkcache.workers.supervisor import RESTART_MAX, RESTART_MIN, STABLE_AFTER, Supervisor, WorkerProtocol
+
+
+def _config(workers: Any, listen: list[str] | None = None) -> Any:
+    server: dict[str, Any] = {"workers": workers}
+    if listen is not None:
+        server["listen"] = listen
+    return load_config_data({"server": server}, source="cache.yaml", environ={})
+
+
+# -- config --------------------------------------------------------------------
+
+
+def test_workers_default_is_one_process_and_auto_is_one_per_core() -> None:
+    assert load_config_data({}, source="cache.yaml", environ={}).server.workers == 1
+    assert _config(3).server.workers == 3
+    assert _config("auto").server.workers == (os.cpu_count() or 1)
+    assert _config(2).redacted()["server"]["workers"] == 2
+
+
+@pytest.mark.parametrize("bad", [0, -2, "many", True, 1.5, None])
+def test_workers_must_be_a_positive_count(bad: Any) -> None:
+    with pytest.raises(ConfigError, match=r"cache\.yaml: server\.workers: expected a positive number"):
+        _config(bad)
+
+
+def test_an_ssl_listener_cannot_be_shared_by_workers() -> None:
+    with pytest.raises(ConfigError, match=r"server\.workers: listener 'ssl:8443.*cannot be shared"):
+        _config(2, ["tcp:8090", "ssl:8443:privateKey=k.pem"])
+    assert _config(1, ["ssl:8443:privateKey=k.pem"]).server.workers == 1
+
+
+def test_tap_builds_the_supervisor_only_with_more_than_one_worker(tmp_path: Path) -> None:
+    from sparkcache.service import SparkcacheService
+
+    cfg = tmp_path / "cache.yaml"
+    for n, kind in ((1, SparkcacheService), (2, Supervisor)):
+        cfg.write_text(f"server: {{workers: {n}}}\nstorage: {{data_dir: {tmp_path / 'data'}}}\n")
+        opts = Options()
+        opts.parseOptions(["-c", str(cfg), "--data-dir", str(tmp_path / "d2")])
+        svc = makeService(opts)
+        assert type(svc) is kind
+    assert isinstance(svc, Supervisor)
+    assert svc.environ["SPARKCACHE_DATA_DIR"] == str(tmp_path / "d2")  # the workers get the overrides
+
+
+def test_fds_round_trip() -> None:
+    assert parse_fds(format_fds([(3, "AF_INET"), (4, "AF_UNIX")])) == [(3, "AF_INET"), (4, "AF_UNIX")]
+    with pytest.raises(ValueError):
+        parse_fds("3:AF_BLUETOOTH")
+
+
+# -- supervisor ----------------------------------------------------------------
+
+
+class FakeTransport:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.signals: list[int] = []
+
+    def signalProcess(self, sig: int) -> None:
+        self.signals.append(sig)
+
+
+class Spawner:
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self.next_pid = 1000
+
+    def __call__(self, proto: WorkerProtocol, exe: str, args: list[str], env: dict[str, str], path: str,
+                 childFDs: dict[int, Any]) -> FakeTransport:
+        self.next_pid += 1
+        t = FakeTransport(self.next_pid)
+        proto.makeConnection(t)  # type: ignore[arg-type]
+        self.calls.append({"proto": proto, "args": args, "env": env, "fds": childFDs, "transport": t})
+        return t
+
+
+def _die(proto: WorkerProtocol, sig: int | None = signal.SIGKILL) -> None:
+    reason = ProcessTerminated(signal=sig) if sig is not None else ProcessDone(0)
+    proto.processEnded(Failure(reason))
+
+
+@pytest.fixture
+def supervised(tmp_path: Path) -> Any:
+    config = _config(2, ["tcp:0:interface=127.0.0.1"])
+    clock, spawn = Clock(), Spawner()
+    sup = Supervisor(config, str(tmp_path / "cache.yaml"), {"SPARKCACHE_DATA_DIR": str(tmp_path)}, reactor=real_reactor,
+                     clock=clock, spawn=spawn)
+    sup.startService()
+    assert sup.ready.called
+    yield sup, clock, spawn
+    if sup.running:
+        sup.stopService()
+    for listener in sup.listeners:
+        listener.port.stopListening()
+
+
+def test_spawns_the_workers_with_the_socket_and_one_primary(supervised: Any) -> None:
+    sup, _, spawn = supervised
+    assert len(spawn.calls) == 2
+    [listener] = sup.listeners
+    for i, call in enumerate(spawn.calls):
+        assert call["args"][1:] == ["-m", "sparkcache.workers.worker"]
+        assert call["fds"][3] == listener.fd and call["fds"][0] == "w"
+        env = call["env"]
+        assert env["SPARKCACHE_WORKER"] == str(i)
+        assert env["SPARKCACHE_WORKER_PRIMARY"] == ("1" if i == 0 else "0")
+        assert parse_fds(env["SPARKCACHE_WORKER_FDS"]) == [(3, "AF_INET")]
+        assert env["SPARKCACHE_DATA_DIR"] == sup.environ["SPARKCACHE_DATA_DIR"]
+    # The parent listens (the port is bound) but never accepts.
+    host, port = listener.port.getHost().host, listener.port.getHost().port
+    assert port > 0 and host == "127.0.0.1"
+    assert listener.port not in real_reactor.getReaders()
+
+
+def test_a_dead_worker_is_restarted_with_backoff(supervised: Any) -> None:
+    sup, clock, spawn = supervised
+    first = spawn.calls[1]["proto"]
+    delays = []
+    for _ in range(8):
+        proto = sup.workers[1]
+        _die(proto)
+        assert 1 not in sup.workers
+        delays.append(sup.pending[1].getTime() - clock.seconds())
+        clock.advance(delays[-1])
+        assert sup.workers[1] is not proto
+    assert delays[:3] == [RESTART_MIN, RESTART_MIN * 2, RESTART_MIN * 4]
+    assert max(delays) == RESTART_MAX
+    assert sup.workers[1].index == 1 and first.index == 1
+    assert spawn.calls[-1]["env"]["SPARKCACHE_WORKER_PRIMARY"] == "0"
+    # One that ran a while before dying starts over from the shortest delay.
+    clock.advance(STABLE_AFTER)
+    _die(sup.workers[1], None)
+    assert sup.pending[1].getTime() - clock.seconds() == RESTART_MIN
+    # The primary's replacement is the primary again.
+    _die(sup.workers[0])
+    clock.advance(RESTART_MIN)
+    assert spawn.calls[-1]["env"]["SPARKCACHE_WORKER_PRIMARY"] == "1"
+
+
+def test_stop_forwards_sigterm_waits_then_kills_the_rest(supervised: Any) -> None:
+    sup, clock, spawn = supervised
+    _die(sup.workers[1])  # a restart pending: a stop cancels it
+    d = sup.stopService()
+    assert not sup.pending
+    t0 = sup.workers[0].transport
+    assert t0.signals == [signal.SIGTERM]
+    assert not d.called
+    clock.advance(sup.config.server.shutdown_timeout + 5)
+    assert t0.signals == [signal.SIGTERM, signal.SIGKILL]
+    _die(sup.workers[0])
+    assert d.called and not sup.listeners
+    assert len(spawn.calls) == 2  # nothing restarted while stopping
+
+
+def test_sighup_reaches_every_worker(supervised: Any) -> None:
+    sup, _, spawn = supervised
+    sup.forward(signal.SIGHUP)
+    assert [c["transport"].signals for c in spawn.calls] == [[signal.SIGHUP], [signal.SIGHUP]]
+
+
+def test_worker_output_lines_go_to_the_parent_log(supervised: Any) -> None:
+    from twisted.logger import globalLogPublisher
+
+    sup, _, _ = supervised
+    seen: list[str] = []
+    observer = lambda e: "line" in e and seen.append(e["line"])  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        proto = sup.workers[0]
+        proto.childDataReceived(1, b"hello wo")
+        proto.childDataReceived(1, b"rld\nsecond")
+        assert seen == ["hello world"]
+        _die(proto)
+        assert seen == ["hello world", "second"]
+    finally:
+        globalLogPublisher.removeObserver(observer)
+
+
+def test_adopted_unix_socket_leaves_the_path_to_the_parent(tmp_path: Path) -> None:
+    from twisted.internet.protocol import Factory
+
+    path = str(tmp_path / "s.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(path)
+    s.listen(5)
+    s.setblocking(False)
+    try:
+        d = AdoptedEndpoint(real_reactor, s.fileno(), "AF_UNIX").listen(Factory())
+        port = d.result
+        port.stopListening()
+        port.connectionLost(Failure(Exception("test")))  # what the reactor calls once it stopped
+        assert os.path.exists(path)
+    finally:
+        s.close()
