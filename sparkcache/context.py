@@ -28,6 +28,9 @@ class Context:
     # Remotes a protocol stores under without a ``remotes:`` entry (the seed
     # endpoints' ``seed/bin``...): name -> (type, URL), for GET / and purges.
     internal_remotes: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # Whether store-wide periodic work (git fetch loop and maintenance, expiry
+    # sweeps) runs in this process: with server.workers > 1, in one worker only.
+    primary: bool = True
 
     def remote_url(self, name: str) -> str:
         """Where the remote ``name`` is served (``/api/files/``, ``/v2/cache/``)."""

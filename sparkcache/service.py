@@ -81,7 +81,7 @@ class SparkcacheService(MultiService):
         self.upstream = upstream or UpstreamClient(reactor)
         self.cache = Cache(self.store, self.upstream, self.clock, self.metrics)
         self.ctx = Context(config, self.store, self.cache, self.upstream, self.metrics, Authorizer(config.auth), self.clock,
-                           self.sendfile, reactor=reactor, remote_types=types)
+                           self.sendfile, reactor=reactor, remote_types=types, primary=primary)
         # Started once the store is open, stopped before it closes.
         self.runtime = MultiService()
         self.runtime.setName("runtime")

@@ -246,17 +246,22 @@ class GitService(MultiService):
     """Starts the git pool, the fetch loop and maintenance; stops them, waiting
     (bounded) for running fetches."""
 
-    def __init__(self, mirrors: "Mirrors", stop_timeout: float = 30.0) -> None:
+    def __init__(self, mirrors: "Mirrors", stop_timeout: float = 30.0, primary: bool = True) -> None:
+        """``primary``: run the fetch loop and maintenance here (with worker
+        processes, one of them does; the others only serve the mirrors)."""
         super().__init__()
         self.setName("git")
         self.mirrors = mirrors
         self.stop_timeout = stop_timeout
         cfg = mirrors.config
         self.loop = Scheduler(mirrors, mirrors.clock)
-        self.loop.setServiceParent(self)
         self.maintenance = Maintenance(mirrors, mirrors.clock)
         self.maintenance_timer = Periodic("git maintenance", cfg.maintenance_interval, self.maintenance.tick, mirrors.clock)
-        self.maintenance_timer.setServiceParent(self)
+        if primary:
+            self.loop.setServiceParent(self)
+            self.maintenance_timer.setServiceParent(self)
+        else:  # a scheduler that never runs must not be told about mirrors either
+            mirrors.scheduler = None
 
     def startService(self) -> None:
         self.mirrors.start()

@@ -215,3 +215,26 @@ def test_adopted_unix_socket_leaves_the_path_to_the_parent(tmp_path: Path) -> No
         assert os.path.exists(path)
     finally:
         s.close()
+
+
+def test_store_wide_timers_run_in_the_primary_only(tmp_path: Path) -> None:
+    from sparkcache.service import SparkcacheService
+
+    config = load_config_data({"storage": {"data_dir": str(tmp_path)}, "seed": {"enabled": True}},
+                              source="cache.yaml", environ={})
+
+    def timers(svc: SparkcacheService) -> set[str]:
+        names = set()
+        stack = list(svc.runtime)
+        while stack:
+            s = stack.pop()
+            names.add(s.name)
+            stack.extend(getattr(s, "services", []))
+        return names
+
+    primary = timers(SparkcacheService(config, Clock(), endpoints=[]))
+    other = timers(SparkcacheService(config, Clock(), endpoints=[], primary=False))
+    assert {"eviction", "expiry", "access-flush", "git check scheduler", "git maintenance"} <= primary
+    assert "seed-artifact-expiry" in primary
+    assert "access-flush" in other
+    assert not {"eviction", "expiry", "git check scheduler", "git maintenance", "seed-artifact-expiry"} & other

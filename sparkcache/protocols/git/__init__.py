@@ -32,7 +32,7 @@ def build(ctx: "Context") -> Built:
     git_cfg = config.section("git") or GitConfig()
     mirrors = Mirrors(git_cfg, config.storage.data_dir, ctx.reactor, clock=ctx.clock, metrics=ctx.metrics)
     built = serve(ctx, mirrors)
-    built.services = [GitService(mirrors, config.server.shutdown_timeout), *built.services]
+    built.services = [GitService(mirrors, config.server.shutdown_timeout, primary=ctx.primary), *built.services]
     return built
 
 

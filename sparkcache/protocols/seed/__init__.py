@@ -68,7 +68,7 @@ def build(ctx: "Context") -> Built:
     if not cfg.enabled:
         return Built()
     app = SeedApp(ctx, cfg)
-    return Built(resource=app.resource(), gate=app.body_gate, services=[app.expiry_service()])
+    return Built(resource=app.resource(), gate=app.body_gate, services=[app.expiry_service()] if ctx.primary else [])
 
 
 SPEC = ProtocolSpec(name="seed", segments=(b"bin", b"cache", b"artifacts"), build=build,
