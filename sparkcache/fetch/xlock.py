@@ -1,0 +1,246 @@
+"""Cross-process singleflight for ``server.workers > 1`` (docs/workers.rst).
+
+Not wired into the engine yet: ``Cache`` keeps its in-process Singleflight,
+and the next step puts this behind it (one lock attempt per key per worker).
+
+A production of a key is owned by whoever holds ``flock(LOCK_EX)`` on the
+key's lock file under ``<data_dir>/locks/``; the kernel releases it when the
+holder's process dies, at any instant, so a stale lock file means nothing. The
+owner announces its spool in a *flight marker* next to the lock (written to a
+temp name and renamed: a reader sees all of it or none). Another worker that
+fails to take the lock tails that spool (``Tail``) until the marker goes away:
+then the entry is committed (the caller's ``committed()`` finds the index row)
+or the production was abandoned. The owner's order is: index row, unlink the
+marker, release the lock; on abort: unlink the marker, release. So a marker
+present while the lock is free names a dead owner's spool.
+
+Every call that touches the file system runs in the I/O pool (``in_io``).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any, Awaitable, Callable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+
+InIO = Callable[..., Deferred[Any]]
+
+POLL_INTERVAL = 0.05
+
+
+@dataclass(frozen=True)
+class Marker:
+    """What a lock's owner says about its production."""
+
+    spool: str  # the spool file's path (renamed into cas/ at commit: open it early)
+    total: int | None  # the announced length, when known
+    headers: dict[str, str] = field(default_factory=dict)
+    hold_last: bool = False  # the last byte is served only once committed (a digest to match)
+    pid: int = field(default_factory=os.getpid)
+    flight: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+# -- blocking primitives (the I/O pool, or a tool) ------------------------------------
+
+
+def paths(locks_dir: str, key: str) -> tuple[str, str]:
+    """(lock file, marker file) of ``key``; fanned out so no directory grows huge."""
+    h = hashlib.sha256(key.encode("utf-8")).hexdigest()
+    base = os.path.join(locks_dir, h[:2], h)
+    return base + ".lock", base + ".flight"
+
+
+def try_lock(lock_path: str) -> int | None:
+    """The descriptor holding the lock, or None when another holds it. Never waits."""
+    os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return None
+        raise
+    return fd
+
+
+def unlock(fd: int) -> None:
+    # Closing the last descriptor of the open file releases the flock.
+    os.close(fd)
+
+
+def write_marker(marker_path: str, marker: Marker) -> None:
+    tmp = f"{marker_path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(asdict(marker), f)
+    os.replace(tmp, marker_path)
+
+
+def read_marker(marker_path: str) -> Marker | None:
+    try:
+        with open(marker_path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None
+    except ValueError:  # not ours (renames are atomic): treat as absent
+        return None
+    return Marker(**data)
+
+
+def remove_marker(marker_path: str) -> None:
+    try:
+        os.unlink(marker_path)
+    except FileNotFoundError:
+        pass
+
+
+# -- the reactor side ------------------------------------------------------------------
+
+
+class Held:
+    """This process owns the production of ``key`` until ``release``."""
+
+    def __init__(self, locks: "KeyLocks", key: str, fd: int) -> None:
+        self.locks = locks
+        self.key = key
+        self.fd: int | None = fd
+        self.lock_path, self.marker_path = paths(locks.dir, key)
+
+    def announce(self, marker: Marker) -> Deferred[None]:
+        """Tell the other workers where the body is being spooled."""
+        return self.locks.in_io(write_marker, self.marker_path, marker)
+
+    def release(self) -> Deferred[None]:
+        """After the index row is written (commit) or instead of it (abort)."""
+        fd, self.fd = self.fd, None
+
+        def run() -> None:
+            remove_marker(self.marker_path)
+            if fd is not None:
+                unlock(fd)
+
+        return self.locks.in_io(run)
+
+
+class KeyLocks:
+    """The lock files of one store: ``<data_dir>/locks``."""
+
+    def __init__(self, data_dir: str, in_io: InIO) -> None:
+        self.dir = os.path.join(data_dir, "locks")
+        self.in_io = in_io
+
+    def acquire(self, key: str) -> Deferred[Held | None]:
+        """Own the production of ``key`` (a Held), or None: another process does."""
+        lock_path, marker_path = paths(self.dir, key)
+
+        def run() -> Held | None:
+            fd = try_lock(lock_path)
+            if fd is None:
+                return None
+            # A marker left by an owner that died: nobody may follow it now.
+            remove_marker(marker_path)
+            return Held(self, key, fd)
+
+        return self.in_io(run)
+
+    def marker(self, key: str) -> Deferred[Marker | None]:
+        return self.in_io(read_marker, paths(self.dir, key)[1])
+
+
+class Ended(Exception):
+    """The followed production ended; ``committed`` says how."""
+
+    def __init__(self, committed: bool, why: str) -> None:
+        super().__init__(why)
+        self.committed = committed
+
+
+class Tail:
+    """Follows another process's production through its spool file.
+
+    ``open()`` opens the spool (before its rename into cas/, so the descriptor
+    keeps reading the same bytes after the commit); ``poll()`` returns how many
+    bytes may be served now and raises ``Ended`` once the production is over:
+    committed (serve the rest from the entry) or abandoned (abort the client).
+    ``committed`` asks the index whether the key's row is there."""
+
+    def __init__(self, locks: KeyLocks, key: str, marker: Marker, committed: Callable[[], Awaitable[bool]]) -> None:
+        self.locks = locks
+        self.key = key
+        self.marker = marker
+        self.committed = committed
+        self.fd: int | None = None
+        self.written = 0
+
+    def open(self) -> Deferred[None]:
+        def run() -> None:
+            self.fd = os.open(self.marker.spool, os.O_RDONLY | os.O_CLOEXEC)
+
+        return self.locks.in_io(run)
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Blocking (the I/O pool, or small reads): bytes the last poll said are there."""
+        assert self.fd is not None, "tail not open"
+        return os.pread(self.fd, min(size, self.written - offset), offset)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    async def poll(self) -> int:
+        lock_path, marker_path = paths(self.locks.dir, self.key)
+        fd = self.fd
+        assert fd is not None, "tail not open"
+
+        def run() -> tuple[int, str]:
+            size = os.fstat(fd).st_size
+            current = read_marker(marker_path)
+            if current is not None and current.flight == self.marker.flight:
+                probe = try_lock(lock_path)
+                if probe is None:
+                    return size, "running"
+                # The lock is free yet the marker is there: its owner died.
+                remove_marker(marker_path)
+                unlock(probe)
+                return size, "dead"
+            # Measured again: the last writes may have landed after the first fstat
+            # (the owner writes, commits, then removes the marker).
+            return os.fstat(fd).st_size, "over"
+
+        size, state = await self.locks.in_io(run)
+        self.written = size
+        if state == "dead":
+            raise Ended(False, f"the worker producing {self.key} (pid {self.marker.pid}) died")
+        if state == "over":
+            if await self.committed():
+                raise Ended(True, "committed")
+            raise Ended(False, f"the production of {self.key} in pid {self.marker.pid} was abandoned")
+        if self.marker.hold_last and self.marker.total is not None and size >= self.marker.total:
+            return self.marker.total - 1
+        return size
+
+    async def follow(self, clock: Any, on_bytes: Callable[[int], None], interval: float = POLL_INTERVAL) -> bool:
+        """Poll until the production ends, telling ``on_bytes`` each new high
+        mark; True when it was committed. (A reader serving a client would
+        poll at its own pace instead, under backpressure.)"""
+        seen = 0
+        while True:
+            try:
+                n = await self.poll()
+            except Ended as e:
+                if e.committed and self.written > seen:
+                    on_bytes(self.written)
+                return e.committed
+            if n > seen:
+                seen = n
+                on_bytes(n)
+            await deferLater(clock, interval, lambda: None)

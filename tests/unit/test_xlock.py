@@ -1,0 +1,165 @@
+"""Cross-process singleflight (sparkcache/fetch/xlock.py): one owner per key
+across processes; the others tail its spool and see the commit or the abort;
+an owner killed at any instant releases the key (docs/workers.rst)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.threads import deferToThread
+
+from sparkcache.fetch.xlock import Ended, KeyLocks, Marker, Tail, paths
+
+KEY = "generic/r/files/x.bin"
+
+# The other worker: owns KEY, announces its spool, writes the body in two
+# halves (the second when told on stdin), then "commits" (a file standing in
+# for the index row) and releases; "die" on stdin makes it wait to be killed.
+OWNER = r"""
+import os, sys
+from sparkcache.fetch.xlock import Marker, paths, remove_marker, try_lock, unlock, write_marker
+locks, key, spool, body = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].encode()
+lock_path, marker_path = paths(locks, key)
+fd = try_lock(lock_path)
+print("owner" if fd is not None else "busy", flush=True)
+if fd is None:
+    sys.exit(0)
+write_marker(marker_path, Marker(spool=spool, total=len(body)))
+with open(spool, "wb") as f:
+    f.write(body[: len(body) // 2]); f.flush()
+    print("half", flush=True)
+    if sys.stdin.readline().strip() == "die":
+        sys.stdin.readline()  # killed while waiting here
+    f.write(body[len(body) // 2:]); f.flush(); os.fsync(f.fileno())
+open(spool + ".committed", "w").close()  # the index row
+remove_marker(marker_path)
+unlock(fd)
+print("done", flush=True)
+"""
+
+
+def _in_io(fn: Any, *args: Any) -> Any:
+    return deferToThread(fn, *args)
+
+
+def _owner(tmp_path: Path, body: bytes) -> tuple[subprocess.Popen[str], str]:
+    spool = str(tmp_path / "spool-1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-c", OWNER, str(tmp_path / "locks"), KEY, spool, body.decode()],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "owner"
+    assert proc.stdout.readline().strip() == "half"
+    return proc, spool
+
+
+def _committed(spool: str) -> Any:
+    async def check() -> bool:
+        return os.path.exists(spool + ".committed")
+    return check
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_owner_per_key_in_one_process_too(tmp_path: Path) -> None:
+    a, b = KeyLocks(str(tmp_path), _in_io), KeyLocks(str(tmp_path), _in_io)
+    held = await a.acquire(KEY)
+    assert held is not None
+    assert await b.acquire(KEY) is None  # flock: per open file, so two workers' opens conflict
+    assert await b.acquire("another/key") is not None
+    await held.announce(Marker(spool="/x", total=3))
+    assert (await b.marker(KEY)).spool == "/x"  # type: ignore[union-attr]
+    await held.release()
+    assert await b.marker(KEY) is None
+    again = await b.acquire(KEY)
+    assert again is not None
+    await again.release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_loser_tails_the_owners_spool_to_the_commit(tmp_path: Path) -> None:
+    body = "x" * 5000 + "y" * 5000
+    proc, spool = _owner(tmp_path, body.encode())
+    try:
+        locks = KeyLocks(str(tmp_path), _in_io)
+        assert await locks.acquire(KEY) is None  # one production: the other process's
+        marker = await locks.marker(KEY)
+        assert marker is not None and marker.spool == spool and marker.pid == proc.pid
+        tail = Tail(locks, KEY, marker, _committed(spool))
+        await tail.open()
+        assert await tail.poll() == 5000
+        assert tail.read(0, 1 << 20) == b"x" * 5000
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        marks: list[int] = []
+        assert await tail.follow(reactor, marks.append, interval=0.01) is True
+        assert marks[-1] == 10000
+        assert tail.read(0, 1 << 20) == body.encode()
+        tail.close()
+        assert proc.wait(20) == 0
+        assert await locks.marker(KEY) is None
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_owner_killed_mid_body_aborts_the_tail_and_frees_the_key(tmp_path: Path) -> None:
+    proc, spool = _owner(tmp_path, b"z" * 8000)
+    try:
+        locks = KeyLocks(str(tmp_path), _in_io)
+        marker = await locks.marker(KEY)
+        assert marker is not None
+        tail = Tail(locks, KEY, marker, _committed(spool))
+        await tail.open()
+        assert await tail.poll() == 4000
+        assert proc.stdin is not None
+        proc.stdin.write("die\n")
+        proc.stdin.flush()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(20)
+        with pytest.raises(Ended) as ended:
+            while True:
+                await tail.poll()
+        assert not ended.value.committed and "died" in str(ended.value)
+        tail.close()
+        # The stale marker is gone and the key can be produced again, here.
+        assert await locks.marker(KEY) is None
+        held = await locks.acquire(KEY)
+        assert held is not None
+        await held.release()
+        # The lock file stays; without a holder it means nothing.
+        assert os.path.exists(paths(locks.dir, KEY)[0])
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_abandoned_production_ends_the_tail_uncommitted(tmp_path: Path) -> None:
+    owner, follower = KeyLocks(str(tmp_path), _in_io), KeyLocks(str(tmp_path), _in_io)
+    spool = tmp_path / "spool-2"
+    spool.write_bytes(b"abc")
+    held = await owner.acquire(KEY)
+    assert held is not None
+    await held.announce(Marker(spool=str(spool), total=10, hold_last=True))
+    marker = await follower.marker(KEY)
+    assert marker is not None
+    tail = Tail(follower, KEY, marker, _committed(str(spool)))
+    await tail.open()
+    assert await tail.poll() == 3
+    spool.write_bytes(b"0123456789")
+    assert await tail.poll() == 9  # the last byte waits for the commit (a digest to match)
+    await held.release()  # no index row: an abort
+    with pytest.raises(Ended) as ended:
+        await tail.poll()
+    assert not ended.value.committed and "abandoned" in str(ended.value)
+    tail.close()
