@@ -1,7 +1,13 @@
-"""Prometheus metrics, one registry per service so tests stay independent."""
+"""Prometheus metrics, one registry per service so tests stay independent.
+
+With ``server.workers > 1`` the supervisor sets ``PROMETHEUS_MULTIPROC_DIR``
+for its workers: prometheus_client then keeps every value in a per-process
+file there, and ``render`` aggregates all the workers' files (its
+multiprocess mode; docs/workers.rst)."""
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -27,11 +33,14 @@ class Metrics:
             "sparkcache_upstream_latency_seconds", "Time to upstream response headers", ["remote"], registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
-        self.store_bytes = Gauge("sparkcache_store_bytes", "Bytes of bodies in the store", registry=r)
-        self.store_entries = Gauge("sparkcache_store_entries", "Index entries", registry=r)
+        # multiprocess_mode: how worker processes' values combine (ignored in one process).
+        self.store_bytes = Gauge("sparkcache_store_bytes", "Bytes of bodies in the store", registry=r,
+                                 multiprocess_mode="livemostrecent")
+        self.store_entries = Gauge("sparkcache_store_entries", "Index entries", registry=r,
+                                   multiprocess_mode="livemostrecent")
         self.inflight = Gauge("sparkcache_inflight_fetches",
                               "Productions in progress: upstream fetches, pack computations, archive builds",
-                              registry=r)
+                              registry=r, multiprocess_mode="livesum")
         self._forms = Counter(
             "sparkcache_registry_requests",
             "Package-registry requests by remote, form (page, file, metadata, packument, tarball...) and result",
@@ -68,4 +77,10 @@ class Metrics:
         self._child(self._upstream, remote, status).inc()
 
     def render(self) -> bytes:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            merged = CollectorRegistry()
+            multiprocess.MultiProcessCollector(merged)
+            return generate_latest(merged)
         return generate_latest(self.registry)

@@ -87,6 +87,23 @@ def check_store(config: Config) -> Deferred[None]:
     return ensureDeferred(run())
 
 
+def reset_metrics_dir(path: str) -> None:
+    """Values of a previous run are not this run's: start from an empty directory."""
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(path):
+        if name.endswith(".db"):
+            os.unlink(os.path.join(path, name))
+
+
+def mark_dead(path: str, pid: int) -> None:
+    from prometheus_client import multiprocess
+
+    try:
+        multiprocess.mark_process_dead(pid, path)
+    except OSError as e:
+        log.warn("metrics of worker pid {pid}: {e}", pid=pid, e=e)
+
+
 def worker_command() -> list[str]:
     return [sys.executable, "-m", "sparkcache.workers.worker"]
 
@@ -120,6 +137,8 @@ class Supervisor(Service):
         self.pending: dict[int, Any] = {}  # index -> the delayed call restarting it
         self.stopping = False
         self.ready: Deferred[None] = Deferred()
+        # Every worker's metric values, aggregated by whichever worker renders /metrics.
+        self.metrics_dir = os.path.join(os.path.abspath(config.storage.data_dir), "metrics")
 
     def startService(self) -> None:
         super().startService()
@@ -140,6 +159,7 @@ class Supervisor(Service):
         self.listeners = await open_listeners(self.reactor, self.config.server.listen)
         if self.check_store is not None:
             await self.check_store()
+        reset_metrics_dir(self.metrics_dir)
         if hasattr(self.reactor, "addSystemEventTrigger"):
             self._install_sighup()
         for i in range(self.count):
@@ -160,6 +180,7 @@ class Supervisor(Service):
         env["SPARKCACHE_CONFIG"] = self.config_path
         env["SPARKCACHE_WORKER"] = str(index)
         env["SPARKCACHE_WORKER_PRIMARY"] = "1" if index == 0 else "0"
+        env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
         env["SPARKCACHE_WORKER_FDS"] = format_fds([(FIRST_FD + n, l.family) for n, l in enumerate(self.listeners)])
         return env
 
@@ -180,6 +201,8 @@ class Supervisor(Service):
 
     def worker_ended(self, proto: WorkerProtocol, code: int | None, sig: int | None) -> None:
         index = proto.index
+        if proto.pid is not None:  # its live gauges leave the aggregate; its counters stay
+            mark_dead(self.metrics_dir, proto.pid)
         if self.workers.get(index) is proto:
             del self.workers[index]
         if self.stopping:

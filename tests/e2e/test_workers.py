@@ -24,6 +24,12 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _requests_counted(d) -> float:
+    text = d.get("/metrics").body.decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("sparkcache_requests_total{") and 'remote="r"' in line)
+
+
 def _workers_seen(d, stale: frozenset[int] = frozenset(), timeout: float = 60) -> dict[int, int]:
     """worker index -> pid, from /health over fresh connections, until both
     workers answered; answers from a pid in ``stale`` (a killed worker) are ignored."""
@@ -53,8 +59,10 @@ def test_two_workers_share_the_socket_and_survive_a_kill(upstream, daemon_factor
     # cross-process singleflight (fetch/xlock.py) is wired into the engine, a
     # request in the other worker in that window fetches again. Once committed,
     # whichever worker answers, one store behind both serves it.
+    served = 0
     for _ in range(100):
         r = d.get("/api/r/files/x.bin")
+        served += 1
         assert r.status == 200 and r.body == b"x" * 100_000
         if r.header("X-Cache") == "HIT":
             break
@@ -63,7 +71,12 @@ def test_two_workers_share_the_socket_and_survive_a_kill(upstream, daemon_factor
     for _ in range(6):
         r = d.get("/api/r/files/x.bin")
         assert r.status == 200 and r.body == b"x" * 100_000
+        served += 1
     assert upstream.count("/files/x.bin") == fetched
+
+    # /metrics, from whichever worker answers, counts the requests both served.
+    for _ in range(4):
+        assert _requests_counted(d) == served
 
     os.kill(workers[1], signal.SIGKILL)
     # Worker 1 comes back under a new pid; worker 0 never stopped.

@@ -104,7 +104,8 @@ def _die(proto: WorkerProtocol, sig: int | None = signal.SIGKILL) -> None:
 
 @pytest.fixture
 def supervised(tmp_path: Path) -> Any:
-    config = _config(2, ["tcp:0:interface=127.0.0.1"])
+    config = load_config_data({"server": {"workers": 2, "listen": ["tcp:0:interface=127.0.0.1"]},
+                               "storage": {"data_dir": str(tmp_path / "data")}}, source="cache.yaml", environ={})
     clock, spawn = Clock(), Spawner()
     sup = Supervisor(config, str(tmp_path / "cache.yaml"), {"SPARKCACHE_DATA_DIR": str(tmp_path)}, reactor=real_reactor,
                      clock=clock, spawn=spawn)
@@ -129,6 +130,7 @@ def test_spawns_the_workers_with_the_socket_and_one_primary(supervised: Any) -> 
         assert env["SPARKCACHE_WORKER_PRIMARY"] == ("1" if i == 0 else "0")
         assert parse_fds(env["SPARKCACHE_WORKER_FDS"]) == [(3, "AF_INET")]
         assert env["SPARKCACHE_DATA_DIR"] == sup.environ["SPARKCACHE_DATA_DIR"]
+        assert env["PROMETHEUS_MULTIPROC_DIR"] == os.path.join(sup.config.storage.data_dir, "metrics")
     # The parent listens (the port is bound) but never accepts.
     host, port = listener.port.getHost().host, listener.port.getHost().port
     assert port > 0 and host == "127.0.0.1"
