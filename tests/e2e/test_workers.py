@@ -91,3 +91,13 @@ def test_two_workers_share_the_socket_and_survive_a_kill(upstream, daemon_factor
     for pid in again.values():
         assert not _alive(pid)
     assert "Traceback" not in d.log()
+
+
+def test_workers_stop_when_the_parent_is_killed(daemon_factory):
+    d = daemon_factory({}, server={"workers": 2})
+    pids = _workers_seen(d).values()
+    d.kill()  # SIGKILL: the parent cannot forward anything
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(p) for p in pids), "a worker outlived its supervisor"
