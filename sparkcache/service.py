@@ -45,11 +45,13 @@ class SparkcacheService(MultiService):
     def __init__(self, config: Config, reactor: Any = None, clock: Any = None,
                  protocols: Sequence[ProtocolSpec] = PROTOCOLS, upstream: UpstreamClient | None = None, *,
                  endpoints: Sequence[IStreamServerEndpoint] | None = None, primary: bool = True,
-                 check_store: bool = True) -> None:
+                 check_store: bool = True, spool_subdir: str | None = None) -> None:
         """``endpoints`` (a worker process: its adopted sockets) replace
         server.listen; ``primary`` says whether the store-wide timers run in
         this process; ``check_store`` whether the start-up spool sweep and
-        index check run (with workers: once, in the parent; docs/workers.rst)."""
+        index check run (with workers: once, in the parent; docs/workers.rst);
+        ``spool_subdir``: this process's own directory in the spool (a worker's,
+        emptied by the parent before it restarts that worker)."""
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor as _reactor
@@ -76,6 +78,9 @@ class SparkcacheService(MultiService):
             self.sendfile = SendfilePool(reactor, SENDFILE_THREADS, pool=sendfile_pool.pool)
         self.store = Store(config.storage.data_dir, reactor, config.storage.max_size, io_pool=io_pool.pool,
                            sqlite_pool=sqlite_pool.pool)
+        if spool_subdir is not None:
+            self.store.spool_dir = os.path.join(self.store.spool_dir, spool_subdir)
+            os.makedirs(self.store.spool_dir, exist_ok=True)
         types = remote_types(protocols)
         self.store.index.legacy_pinned_remotes = frozenset(n for n, r in config.remotes.items() if types[r.type].pinned)
         self.upstream = upstream or UpstreamClient(reactor)

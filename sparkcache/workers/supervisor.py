@@ -17,10 +17,12 @@ from typing import Any, Callable, Mapping
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from sparkcache.config import Config
+from sparkcache.store.spool import clear_spool
 from sparkcache.workers.sockets import Listener, close_listeners, format_fds, open_listeners
 
 log = Logger()
@@ -87,6 +89,12 @@ def check_store(config: Config) -> Deferred[None]:
     return ensureDeferred(run())
 
 
+def spool_subdir(index: int) -> str:
+    """Worker ``index``'s own directory in the spool: only it writes there, so
+    the parent may empty it before starting that worker (again)."""
+    return f"w{index}"
+
+
 def reset_metrics_dir(path: str) -> None:
     """Values of a previous run are not this run's: start from an empty directory."""
     os.makedirs(path, exist_ok=True)
@@ -118,7 +126,8 @@ class Supervisor(Service):
 
     def __init__(self, config: Config, config_path: str, environ: Mapping[str, str], reactor: Any = None,
                  clock: Any = None, spawn: Callable[..., Any] | None = None,
-                 check_store: Callable[[], Deferred[Any]] | None = None) -> None:
+                 check_store: Callable[[], Deferred[Any]] | None = None,
+                 in_thread: Callable[..., Deferred[Any]] | None = None) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
@@ -130,6 +139,8 @@ class Supervisor(Service):
         self.clock = clock or reactor
         self.spawn = spawn or reactor.spawnProcess
         self.check_store = check_store
+        self.in_thread = in_thread or (lambda fn, *a: deferToThread(fn, *a))
+        self.spool_dir = os.path.join(os.path.abspath(config.storage.data_dir), "spool")
         self.count = config.server.workers
         self.listeners: list[Listener] = []
         self.workers: dict[int, WorkerProtocol] = {}
@@ -160,6 +171,8 @@ class Supervisor(Service):
         if self.check_store is not None:
             await self.check_store()
         reset_metrics_dir(self.metrics_dir)
+        for i in range(self.count):
+            clear_spool(os.path.join(self.spool_dir, spool_subdir(i)))
         if hasattr(self.reactor, "addSystemEventTrigger"):
             self._install_sighup()
         for i in range(self.count):
@@ -213,7 +226,13 @@ class Supervisor(Service):
         self.backoff[index] = delay
         why = f"signal {sig}" if sig is not None else f"status {code}"
         log.warn("worker {i} (pid {pid}) died ({why}); restarting it in {d}s", i=index, pid=proto.pid, why=why, d=delay)
-        self.pending[index] = self.clock.callLater(delay, self._spawn, index)
+        self.pending[index] = self.clock.callLater(delay, self._restart, index)
+
+    def _restart(self, index: int) -> None:
+        # The dead worker's unfinished spool files: nobody will finish them.
+        d = self.in_thread(clear_spool, os.path.join(self.spool_dir, spool_subdir(index)))
+        d.addErrback(lambda f: log.warn("emptying worker {i}'s spool: {why}", i=index, why=f.getErrorMessage()))
+        d.addCallback(lambda _: self._spawn(index))
 
     def forward(self, sig: int) -> None:
         for proto in list(self.workers.values()):

@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 
 from sparkcache.config import ConfigError
 from sparkcache.workers.sockets import AdoptedEndpoint, parse_fds
+from sparkcache.workers.supervisor import spool_subdir
 
 log = Logger()
 
@@ -61,7 +62,7 @@ def build(environ: Mapping[str, str], reactor: Any) -> Any:
     config = load_config(environ["SPARKCACHE_CONFIG"], dict(environ))
     endpoints = [AdoptedEndpoint(reactor, fd, family) for fd, family in parse_fds(environ["SPARKCACHE_WORKER_FDS"])]
     return SparkcacheService(config, reactor, endpoints=endpoints, primary=environ.get("SPARKCACHE_WORKER_PRIMARY") == "1",
-                             check_store=False)
+                             check_store=False, spool_subdir=spool_subdir(int(environ["SPARKCACHE_WORKER"])))
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from twisted.internet import reactor as real_reactor
+from twisted.internet.defer import succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -108,7 +109,7 @@ def supervised(tmp_path: Path) -> Any:
                                "storage": {"data_dir": str(tmp_path / "data")}}, source="cache.yaml", environ={})
     clock, spawn = Clock(), Spawner()
     sup = Supervisor(config, str(tmp_path / "cache.yaml"), {"SPARKCACHE_DATA_DIR": str(tmp_path)}, reactor=real_reactor,
-                     clock=clock, spawn=spawn)
+                     clock=clock, spawn=spawn, in_thread=lambda fn, *a: succeed(fn(*a)))
     sup.startService()
     assert sup.ready.called
     yield sup, clock, spawn
@@ -240,3 +241,16 @@ def test_store_wide_timers_run_in_the_primary_only(tmp_path: Path) -> None:
     assert "seed-artifact-expiry" in primary
     assert "access-flush" in other
     assert not {"eviction", "expiry", "git check scheduler", "git maintenance", "seed-artifact-expiry"} & other
+
+
+def test_a_dead_workers_spool_is_emptied_before_its_restart(supervised: Any) -> None:
+    sup, clock, spawn = supervised
+    mine, other = Path(sup.spool_dir) / "w1", Path(sup.spool_dir) / "w0"
+    assert mine.is_dir() and other.is_dir()  # emptied (made) at start
+    (mine / "dl-unfinished").write_bytes(b"half a body")
+    (other / "dl-live").write_bytes(b"a live download of worker 0")
+    _die(sup.workers[1])
+    assert (mine / "dl-unfinished").exists()  # not before the restart is due
+    clock.advance(RESTART_MIN)
+    assert not (mine / "dl-unfinished").exists() and len(spawn.calls) == 3
+    assert (other / "dl-live").exists()
