@@ -1,0 +1,71 @@
+"""Change stamps shared by worker processes: when may an in-memory index row be trusted?
+
+With ``server.workers > 1`` each worker keeps its own in-memory rows
+(``Index._mem``), and another worker may purge or replace the entry behind
+one. Asking SQLite on every hit (``PRAGMA data_version``) costs a thread hop
+the hit path must not pay. Instead ``<data_dir>/index.changes`` holds
+counters, mapped into every worker's memory: one global (bumped by purges of
+a remote or of everything) and ``SLOTS`` per-key slots (a key hashes to one;
+bumped when that key's row is replaced or deleted). A worker notes the
+stamp (global, slot) when it caches a row and trusts the row while the stamp
+is unchanged: checking is two memory reads, no system call.
+
+Writers bump in the SQLite thread right after their transaction committed
+and before any body is unlinked, so a worker that reads the old stamp can
+only serve a body that still exists; once the purge is answered, every
+worker sees the new stamp. A bump is a read-modify-write under ``flock``
+(several workers may bump at once); a crash between commit and bump leaves
+at most a cached row whose body was not unlinked yet (the unlink comes after
+the bump). Not wired into ``Index`` yet (docs/workers.rst).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import mmap
+import os
+import struct
+
+SLOTS = 4096
+_WORD = struct.Struct("<Q")
+_GLOBAL = 0
+
+
+def slot_of(key: str) -> int:
+    return 1 + int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little") % SLOTS
+
+
+class ChangeCounters:
+    def __init__(self, path: str, slots: int = SLOTS) -> None:
+        """Blocking (start-up): opens or creates the counter file and maps it."""
+        self.path = path
+        size = _WORD.size * (1 + slots)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if os.fstat(self._fd).st_size < size:
+            os.ftruncate(self._fd, size)  # zeros; idempotent when two workers race here
+        self._map = mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+    def _read(self, index: int) -> int:
+        return int(_WORD.unpack_from(self._map, index * _WORD.size)[0])
+
+    def stamp(self, key: str) -> tuple[int, int]:
+        """Note this with a row cached now; the row is current while ``valid``."""
+        return self._read(_GLOBAL), self._read(slot_of(key))
+
+    def valid(self, key: str, stamp: tuple[int, int]) -> bool:
+        return self.stamp(key) == stamp
+
+    def bump(self, key: str | None) -> None:
+        """Blocking (the SQLite thread): ``key``'s row was replaced or deleted;
+        None: any number of rows were (a purge of a remote or of everything)."""
+        index = _GLOBAL if key is None else slot_of(key)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            _WORD.pack_into(self._map, index * _WORD.size, self._read(index) + 1)
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        self._map.close()
+        os.close(self._fd)

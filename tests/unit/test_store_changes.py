@@ -1,0 +1,63 @@
+"""Change stamps shared by worker processes (sparkcache/store/changes.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from sparkcache.store.changes import ChangeCounters, slot_of
+
+BUMP = r"""
+import sys
+from sparkcache.store.changes import ChangeCounters
+c = ChangeCounters(sys.argv[1])
+for key in sys.argv[2:]:
+    for _ in range(100):
+        c.bump(None if key == "*" else key)
+c.close()
+"""
+
+
+def _other_process(path: Path, *keys: str) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.Popen([sys.executable, "-c", BUMP, str(path), *keys], env=env)
+
+
+def _other_key(key: str) -> str:
+    n = 0
+    while slot_of(f"k{n}") == slot_of(key):
+        n += 1
+    return f"k{n}"
+
+
+def test_a_row_is_trusted_until_its_key_or_everything_changes(tmp_path: Path) -> None:
+    path = tmp_path / "index.changes"
+    a, b = ChangeCounters(str(path)), ChangeCounters(str(path))  # two workers
+    key, other = "generic/r/x", _other_key("generic/r/x")
+    stamp, other_stamp = a.stamp(key), a.stamp(other)
+    assert a.valid(key, stamp)
+    b.bump(other)  # another key replaced: this row stays trusted
+    assert a.valid(key, stamp) and not a.valid(other, other_stamp)
+    b.bump(key)
+    assert not a.valid(key, stamp)
+    stamp = a.stamp(key)
+    b.bump(None)  # a purge of a remote or of everything
+    assert not a.valid(key, stamp)
+    a.close()
+    b.close()
+
+
+def test_bumps_from_other_processes_are_seen_and_none_lost(tmp_path: Path) -> None:
+    path = tmp_path / "index.changes"
+    mine = ChangeCounters(str(path))
+    key = "oci/r/blobs/sha256:aa"
+    before = mine.stamp(key)
+    procs = [_other_process(path, key, "*") for _ in range(3)]
+    for p in procs:
+        assert p.wait(60) == 0
+    g, s = mine.stamp(key)
+    # Concurrent read-modify-writes under flock: every one of them counted.
+    assert (g - before[0], s - before[1]) == (300, 300)
+    mine.close()
