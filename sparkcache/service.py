@@ -35,6 +35,19 @@ log = Logger()
 SENDFILE_THREADS = 64
 
 
+def start_failed(f: Any, reactor: Any, ready: Deferred[None]) -> None:
+    """A daemon that cannot start (listen, open its store) must not linger
+    looking healthy to its supervisor: stop, and exit non-zero once the
+    reactor is down."""
+    log.critical("sparkcache could not start: {why}", why=f.getErrorMessage())
+    ready.errback(f)
+    reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+    if reactor.running:
+        reactor.stop()
+    else:
+        reactor.callWhenRunning(reactor.stop)
+
+
 class SparkcacheService(MultiService):
     """The whole daemon, built here in one place (as magic-wormhole's tap builds
     its server): thread pools, store, cache, each protocol's resource and
@@ -153,18 +166,7 @@ class SparkcacheService(MultiService):
                      data=self.store.data_dir)
             self.ready.callback(None)
 
-        def failed(f: Any) -> None:
-            log.critical("sparkcache could not start: {why}", why=f.getErrorMessage())
-            self.ready.errback(f)
-            # A daemon that cannot listen must not linger looking healthy to
-            # its supervisor: stop, and exit non-zero once the reactor is down.
-            self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
-            if self.reactor.running:
-                self.reactor.stop()
-            else:
-                self.reactor.callWhenRunning(self.reactor.stop)
-
-        d.addCallback(listen).addErrback(failed)
+        d.addCallback(listen).addErrback(start_failed, self.reactor, self.ready)
 
     def stopService(self) -> Deferred[None]:
         return ensureDeferred(self._stop())

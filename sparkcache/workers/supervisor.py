@@ -153,18 +153,9 @@ class Supervisor(Service):
 
     def startService(self) -> None:
         super().startService()
-        d = ensureDeferred(self._start())
+        from sparkcache.service import start_failed
 
-        def failed(f: Failure) -> None:
-            log.critical("sparkcache could not start: {why}", why=f.getErrorMessage())
-            self.ready.errback(f)
-            self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
-            if self.reactor.running:
-                self.reactor.stop()
-            else:
-                self.reactor.callWhenRunning(self.reactor.stop)
-
-        d.addErrback(failed)
+        ensureDeferred(self._start()).addErrback(start_failed, self.reactor, self.ready)
 
     async def _start(self) -> None:
         self.listeners = await open_listeners(self.reactor, self.config.server.listen)

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
 import time
 
+from tests.support.daemon import daemon_env, twistd_command
 from tests.support.remotes import generic_remote
 
 
@@ -101,3 +104,34 @@ def test_workers_stop_when_the_parent_is_killed(daemon_factory):
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(_alive(p) for p in pids), "a worker outlived its supervisor"
+
+
+def test_sighup_reaches_the_workers_and_kills_none(daemon_factory):
+    d = daemon_factory({}, server={"workers": 2})
+    before = _workers_seen(d)
+    d.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while d.log().count("SIGHUP received") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert d.log().count("SIGHUP received") == 2
+    assert _workers_seen(d) == before  # the same two processes still answer
+    assert d.stop() == 0
+
+
+def test_a_listener_that_cannot_bind_fails_the_start(tmp_path, upstream):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        cfg = tmp_path / "cache.yaml"
+        cfg.write_text(
+            f"server: {{workers: 2, listen: ['tcp:{taken.getsockname()[1]}:interface=127.0.0.1']}}\n"
+            f"storage: {{data_dir: {tmp_path / 'data'}}}\n"
+        )
+        proc = subprocess.run(twistd_command(cfg, tmp_path / "log"), env=daemon_env(), cwd=tmp_path,
+                              capture_output=True, timeout=60)
+        assert proc.returncode == 1
+        log = (tmp_path / "log").read_text()
+        assert "could not start" in log and "started worker" not in log
+    finally:
+        taken.close()
