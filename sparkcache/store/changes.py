@@ -16,7 +16,7 @@ only serve a body that still exists; once the purge is answered, every
 worker sees the new stamp. A bump is a read-modify-write under ``flock``
 (several workers may bump at once); a crash between commit and bump leaves
 at most a cached row whose body was not unlinked yet (the unlink comes after
-the bump). Not wired into ``Index`` yet (docs/workers.rst).
+the bump). ``Index.watch_changes()`` turns this on (a worker process).
 """
 
 from __future__ import annotations
@@ -56,15 +56,18 @@ class ChangeCounters:
     def valid(self, key: str, stamp: tuple[int, int]) -> bool:
         return self.stamp(key) == stamp
 
-    def bump(self, key: str | None) -> None:
+    def bump(self, key: str | None) -> int:
         """Blocking (the SQLite thread): ``key``'s row was replaced or deleted;
-        None: any number of rows were (a purge of a remote or of everything)."""
+        None: any number of rows were (a purge of a remote or of everything).
+        Returns the counter's new value."""
         index = _GLOBAL if key is None else slot_of(key)
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
-            _WORD.pack_into(self._map, index * _WORD.size, self._read(index) + 1)
+            value = self._read(index) + 1
+            _WORD.pack_into(self._map, index * _WORD.size, value)
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
+        return value
 
     def close(self) -> None:
         self._map.close()

@@ -10,6 +10,7 @@ SQLite thread. Last-access times are written back in batches.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -21,7 +22,12 @@ from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from sparkcache.store.changes import ChangeCounters
+
 T = TypeVar("T")
+# A deletion of more rows than this (a purge) bumps the global change counter
+# (every worker drops its whole in-memory index) rather than each key's.
+BUMP_EACH_MAX = 64
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -148,6 +154,10 @@ class Index:
         self._db: sqlite3.Connection | None = None
         self._mem: OrderedDict[str, Entry] = OrderedDict()
         self._mem_max = memory_entries
+        # Other processes share this index (server.workers > 1): a row in _mem
+        # is trusted only while its change stamp holds (store/changes.py).
+        self.changes: ChangeCounters | None = None
+        self._stamps: dict[str, tuple[int, int]] = {}
         self._touched: dict[str, float] = {}
         # Used once, by the upgrade of an index written before entries carried
         # ``pinned``: rows of these remotes are then marked pinned. Set before start().
@@ -222,35 +232,71 @@ class Index:
 
     # -- memory mirror ------------------------------------------------------
 
-    def _remember(self, entry: Entry) -> None:
+    def watch_changes(self) -> None:
+        """Blocking (start-up): other processes write this index too; see store/changes.py."""
+        self.changes = ChangeCounters(os.path.splitext(self.path)[0] + ".changes")
+
+    def _remember(self, entry: Entry, stamp: tuple[int, int] | None = None) -> None:
+        if self.changes is not None:
+            if stamp is None:
+                self._forget([entry.key])
+                return
+            self._stamps[entry.key] = stamp
         self._mem[entry.key] = entry
         self._mem.move_to_end(entry.key)
         while len(self._mem) > self._mem_max:
-            self._mem.popitem(last=False)
+            old, _ = self._mem.popitem(last=False)
+            self._stamps.pop(old, None)
 
     def _forget(self, keys: Iterable[str]) -> None:
         for k in keys:
             self._mem.pop(k, None)
+            self._stamps.pop(k, None)
             self._touched.pop(k, None)
+
+    def _cached(self, key: str) -> Entry | None:
+        e = self._mem.get(key)
+        if e is not None and self.changes is not None and not self.changes.valid(key, self._stamps[key]):
+            # Another process replaced or deleted it since it was cached.
+            self._mem.pop(key, None)
+            self._stamps.pop(key, None)
+            return None
+        return e
+
+    def _bump(self, keys: list[str]) -> None:
+        """In the SQLite thread, after the transaction and before any body goes."""
+        if self.changes is None or not keys:
+            return
+        if len(keys) > BUMP_EACH_MAX:
+            self.changes.bump(None)
+            return
+        for k in keys:
+            self.changes.bump(k)
 
     # -- reads -----------------------------------------------------------------
 
     def get(self, key: str) -> Deferred[Entry | None]:
-        e = self._mem.get(key)
+        e = self._cached(key)
         if e is not None:
             self._mem.move_to_end(key)
             return succeed(e)
 
-        def found(entry: Entry | None) -> Entry | None:
+        def q() -> tuple[tuple[int, int] | None, Entry | None]:
+            # Stamped before the read: a change after it invalidates what was read.
+            stamp = self.changes.stamp(key) if self.changes is not None else None
+            return stamp, self._get(key)
+
+        def found(r: tuple[tuple[int, int] | None, Entry | None]) -> Entry | None:
+            stamp, entry = r
             if entry is not None:
-                self._remember(entry)
+                self._remember(entry, stamp)
             return entry
 
-        return self._run(self._get, key).addCallback(found)
+        return self._run(q).addCallback(found)
 
     def peek(self, key: str) -> Entry | None:
         """The in-memory row only: no thread hop, may miss."""
-        return self._mem.get(key)
+        return self._cached(key)
 
     def _get(self, key: str) -> Entry | None:
         row = self.db.execute(f"SELECT {_COLUMNS} FROM entries WHERE key=?", (key,)).fetchone()
@@ -365,19 +411,29 @@ class Index:
         """Insert ``entry`` unless ``may()`` (asked in the insert's transaction)
         says no; whether it was."""
 
-        def q() -> bool:
+        key = entry.key
+
+        def q() -> tuple[bool, tuple[int, int] | None]:
+            before = self.changes.stamp(key) if self.changes is not None else None
             with transaction(self.db):
                 if may is not None and not may():
-                    return False
+                    return False, None
                 self._insert(entry)
-                return True
+            if self.changes is None or before is None:
+                return True, None
+            # The row may have replaced one another process has cached. Our own
+            # bump is the only change since ``before`` when the slot moved by one.
+            slot = self.changes.bump(key)
+            after = self.changes.stamp(key)
+            return True, (after if after == (before[0], before[1] + 1) and slot == after[1] else None)
 
-        def done(written: bool) -> bool:
+        def done(r: tuple[bool, tuple[int, int] | None]) -> bool:
+            written, stamp = r
             if written:
-                self._touched.pop(entry.key, None)
-                self._remember(entry)
+                self._touched.pop(key, None)
+                self._remember(entry, stamp)
             else:
-                self._forget([entry.key])
+                self._forget([key])
             return written
 
         return self._run(q).addCallback(done)
@@ -434,7 +490,8 @@ class Index:
                     if self.db.execute("SELECT 1 FROM entries WHERE digest=? LIMIT 1", (d,)).fetchone() is None
                 ]
                 self.db.executemany("DELETE FROM blobs WHERE digest=?", [(d,) for d in orphans])
-                return keys, orphans
+            self._bump(keys)
+            return keys, orphans
 
         def done(r: tuple[list[str], list[str]]) -> tuple[int, list[str]]:
             keys, orphans = r

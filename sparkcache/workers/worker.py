@@ -61,8 +61,12 @@ def build(environ: Mapping[str, str], reactor: Any) -> Any:
 
     config = load_config(environ["SPARKCACHE_CONFIG"], dict(environ))
     endpoints = [AdoptedEndpoint(reactor, fd, family) for fd, family in parse_fds(environ["SPARKCACHE_WORKER_FDS"])]
-    return SparkcacheService(config, reactor, endpoints=endpoints, primary=environ.get("SPARKCACHE_WORKER_PRIMARY") == "1",
-                             check_store=False, spool_subdir=spool_subdir(int(environ["SPARKCACHE_WORKER"])))
+    service = SparkcacheService(config, reactor, endpoints=endpoints,
+                                primary=environ.get("SPARKCACHE_WORKER_PRIMARY") == "1", check_store=False,
+                                spool_subdir=spool_subdir(int(environ["SPARKCACHE_WORKER"])))
+    # The other workers write this index too: cached rows are checked against change stamps.
+    service.store.index.watch_changes()
+    return service
 
 
 def main() -> None:
