@@ -28,6 +28,7 @@ T = TypeVar("T")
 # A deletion of more rows than this (a purge) bumps the global change counter
 # (every worker drops its whole in-memory index) rather than each key's.
 BUMP_EACH_MAX = 64
+BUSY_TIMEOUT = 60.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -186,7 +187,9 @@ class Index:
         return d
 
     def _open(self) -> None:
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        # With worker processes several connections write: a writer waits for
+        # another's transaction (in this thread) rather than failing after 5 s.
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT)
         db.execute("PRAGMA journal_mode=WAL")
         # WAL + NORMAL: a crash can lose the last transactions but never
         # corrupts; the body files are fsynced before their rows are written.
