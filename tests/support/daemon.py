@@ -127,8 +127,13 @@ class Daemon:
     # -- config ------------------------------------------------------------
 
     def config(self) -> dict[str, Any]:
+        server: dict[str, Any] = {"listen": [f"tcp:{self.port}:interface=127.0.0.1"], "shutdown_timeout": "10s"}
+        # SPARKCACHE_TEST_WORKERS=2 runs every test daemon with worker processes
+        # (docs/workers.rst) unless the test chose its own server.workers.
+        if os.environ.get("SPARKCACHE_TEST_WORKERS"):
+            server["workers"] = int(os.environ["SPARKCACHE_TEST_WORKERS"])
         cfg: dict[str, Any] = {
-            "server": {"listen": [f"tcp:{self.port}:interface=127.0.0.1"], "shutdown_timeout": "10s", **self.server},
+            "server": {**server, **self.server},
             "storage": {"data_dir": str(self.data_dir), **self.storage},
             "remotes": self.remotes,
         }
