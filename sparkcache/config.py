@@ -2,8 +2,11 @@
 
 Every error names the file, the key path and the problem, so an operator can
 fix a typo without reading a traceback.  The loader accepts the keys of the
-FastAPI artifact cache's ``remotes.yaml`` (``base_url``, ``package``,
-``username``, ``password``) as aliases, so that file loads unchanged.
+FastAPI artifact cache's ``remotes.yaml`` (``base_url``, ``username``,
+``password``, ``description``, and ``type: remote|local`` with ``package:``)
+and the sparkwing-cache environment (``DATA_DIR``, ``PORT``...), so those
+load unchanged.  A shared key a remote type does not use is an error, never
+silently ignored (``RemoteType.honours``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,32 @@ from urllib.parse import urlsplit
 import yaml
 
 SCOPES = ("read", "write", "admin")
+
+# The keys of a remote section the loader reads for every type (``cache.*``
+# by sub-key; ``username``/``password`` count as ``credentials``). A type
+# lists the ones it uses in ``RemoteType.honours``; any other one given is an
+# error naming the key.
+SHARED_KEYS = frozenset({
+    "upstream", "immutable_patterns", "mutable_patterns", "check_mutable_updates",
+    "cache.immutable_ttl", "cache.mutable_ttl", "cache.negative_ttl",
+    "credentials", "connect_timeout", "read_timeout",
+})
+# What every type that fetches through the engine uses (sparkcache.fetch):
+# the upstream, its credentials and timeouts, and how long a 404 is kept.
+UPSTREAM_KEYS = frozenset({"upstream", "credentials", "connect_timeout", "read_timeout", "cache.negative_ttl"})
+
+# The FastAPI artifact cache's ``package:`` names that are not sparkcache type names.
+FASTAPI_PACKAGES = {"docker": "oci"}
+
+# The sparkwing-cache environment: alias → the SPARKCACHE_* name it stands
+# for (which wins when both are set). ``PORT`` is read in ``Loader.server``:
+# sparkwing-cache served a fleet, so it listens on every interface.
+ENV_ALIASES = {
+    "DATA_DIR": "SPARKCACHE_DATA_DIR",
+    "FETCH_INTERVAL": "SPARKCACHE_FETCH_INTERVAL",
+    "GITCACHE_REPOS": "SPARKCACHE_GIT_REPOS",
+    "SPARKWING_API_TOKEN": "SPARKCACHE_WRITE_TOKEN",
+}
 
 
 class RemoteType(Protocol):
@@ -40,6 +69,15 @@ class RemoteType(Protocol):
     @property
     def many_upstreams(self) -> bool:
         """Whether ``upstream:`` may list several URLs, tried in order."""
+
+    @property
+    def honours(self) -> frozenset[str]:
+        """The SHARED_KEYS a remote of this type uses; giving another is an error."""
+
+    @property
+    def local_type(self) -> str | None:
+        """The type of a remotes.yaml ``type: local`` remote of this ``package``
+        (None: ``<type>-local`` when that exists)."""
 
     def parse_options(self, loader: "Loader", sec: "Section") -> Any:
         """The type's own keys of a remote section (read through ``sec``), or None."""
@@ -101,6 +139,8 @@ class RemoteConfig:
     # Every upstream, in the order they are tried (``upstream:`` given as a
     # list); ``upstream`` is the first. Empty when there is none.
     upstreams: tuple[str, ...] = ()
+    # Free text for people (remotes.yaml's ``description``), shown in ``GET /`` and ``/config``.
+    description: str | None = None
 
     def __post_init__(self) -> None:
         if not self.upstreams and self.upstream is not None:
@@ -115,6 +155,7 @@ class RemoteConfig:
     def _redacted(self) -> dict[str, Any]:
         return {
             "type": self.type,
+            "description": self.description,
             "upstream": list(self.upstreams) if len(self.upstreams) > 1 else self.upstream,
             "immutable_patterns": [p.pattern for p in self.immutable_patterns],
             "mutable_patterns": [p.pattern for p in self.mutable_patterns],
@@ -348,6 +389,11 @@ class Loader:
                  sections: Mapping[str, SectionParser] | None = None) -> None:
         self.source = source
         self.environ = environ
+        # SPARKCACHE_* name → the variable that set it (itself, or a sparkwing alias).
+        self.env_names = {canonical: canonical for canonical in ENV_ALIASES.values() if environ.get(canonical)}
+        for alias, canonical in ENV_ALIASES.items():
+            if environ.get(alias) and canonical not in self.env_names:
+                self.env_names[canonical] = alias
         self.types = {t.name: t for t in types}
         self.sections = dict(sections or {})
         # Scratch space for checks that span remotes (a registry host claimed twice).
@@ -362,6 +408,13 @@ class Loader:
         if var not in self.environ:
             raise self.error(path, f"environment variable {var} is not set")
         return self.environ[var]
+
+    def setting(self, name: str) -> tuple[str, str] | None:
+        """(variable, value) of the SPARKCACHE_* setting ``name``, from itself or
+        its sparkwing-cache alias (ENV_ALIASES); None when neither is set.
+        Errors name the variable actually set."""
+        var = self.env_names.get(name) or (name if self.environ.get(name) else None)
+        return (var, self.environ[var]) if var is not None else None
 
     def secret(self, sec: Section, name: str) -> str | None:
         """A secret given inline as ``name`` or indirectly as ``name_env``."""
@@ -407,6 +460,14 @@ class Loader:
             if not port.isdigit():
                 raise self.error("SPARKCACHE_PORT", f"expected a port number, got {port!r}")
             listen = [f"tcp:{port}:interface={self.environ.get('SPARKCACHE_INTERFACE', '127.0.0.1')}"]
+        elif self.environ.get("PORT"):
+            # sparkwing-cache's PORT: it served a fleet, so every interface
+            # (SPARKCACHE_INTERFACE narrows it).
+            port = self.environ["PORT"].strip()
+            if not port.isdigit() or not 0 < int(port) < 65536:
+                raise self.error("PORT", f"expected a port number, got {port!r}")
+            interface = self.environ.get("SPARKCACHE_INTERFACE")
+            listen = [f"tcp:{port}:interface={interface}" if interface else f"tcp:{port}"]
         public_url = sec.get("public_url", str, None)
         if public_url is not None:
             self.url(sec.key("public_url"), public_url)
@@ -427,7 +488,8 @@ class Loader:
         # Read the key even when the environment overrides it, so it is
         # validated and not reported as unknown.
         data_dir = sec.get("data_dir", str, "./data")
-        data_dir = self.environ.get("SPARKCACHE_DATA_DIR") or data_dir
+        found = self.setting("SPARKCACHE_DATA_DIR")
+        data_dir = found[1] if found else data_dir
         cfg = StorageConfig(
             data_dir=data_dir,
             max_size=sec.convert("max_size", parse_size, StorageConfig.max_size),
@@ -459,8 +521,9 @@ class Loader:
             t.done()
             tokens.append(TokenConfig(name, secret, _implied_scopes(scopes)))
         for var, scopes in (("SPARKCACHE_ADMIN_TOKEN", ["admin"]), ("SPARKCACHE_WRITE_TOKEN", ["write"]), ("SPARKCACHE_READ_TOKEN", ["read"])):
-            if self.environ.get(var):
-                tokens.append(TokenConfig(var.lower(), self.environ[var], _implied_scopes(scopes)))
+            found = self.setting(var)
+            if found:
+                tokens.append(TokenConfig(found[0].lower(), found[1], _implied_scopes(scopes)))
         sec.done()
         return AuthConfig(anonymous, tuple(tokens))
 
@@ -483,11 +546,10 @@ class Loader:
         if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", name):
             raise self.error(f"remotes.{name}", "a remote name may hold only letters, digits, '.', '_' and '-'")
         sec.alias("upstream", "base_url", "url")
-        sec.alias("type", "package")
-        rtype = sec.get("type", str, "generic")
-        kind = self.types.get(rtype)
-        if kind is None:
-            raise self.error(sec.key("type"), f"unknown remote type {rtype!r}; expected one of {', '.join(self.types)}")
+        rtype = self.remote_type(sec)
+        kind = self.types[rtype]
+        self.refuse_unused(sec, rtype, kind)
+        description = sec.get("description", str, None)
         given = sec.get("upstream", (str, list), None)
         if given is None and kind.needs_upstream:
             raise self.error(sec.key("upstream"), "missing: a remote needs an upstream URL")
@@ -543,9 +605,63 @@ class Loader:
             read_timeout=sec.convert("read_timeout", parse_duration, read_timeout),
             options=options,
             upstreams=tuple(upstreams),
+            description=description,
         )
         sec.done()
         return cfg
+
+    def remote_type(self, sec: Section) -> str:
+        """A remote's type: ``type:``, or remotes.yaml's ``package:`` alone, or
+        its ``type: remote|local`` with ``package:`` (generic when not given):
+        ``remote`` is the pull-through type of the package (``docker`` → oci),
+        ``local`` the type that stores uploads of it (its ``local_type``, else
+        ``<type>-local``)."""
+        rtype = sec.get("type", str, None)
+        package = sec.get("package", str, None)
+        if rtype in ("remote", "local") and not (rtype == "local" and package is None):
+            native = FASTAPI_PACKAGES.get(package or "generic", package or "generic")
+            kind = self.types.get(native)
+            if kind is None:
+                raise self.error(sec.key("package"), f"unknown package {package!r}; expected one of "
+                                                     f"{', '.join(sorted({*self.types, *FASTAPI_PACKAGES}))}")
+            if rtype == "remote":
+                if not kind.needs_upstream:
+                    raise self.error(sec.key("package"), f"package: {package} has no pull-through type; "
+                                                         f"write type: {native} instead of type: remote")
+                return native
+            local = kind.local_type or (f"{native}-local" if f"{native}-local" in self.types else None)
+            if local is None or local not in self.types:
+                raise self.error(sec.key("package"), f"package: {package} has no type: local counterpart "
+                                                     "(uploads are served by type: local, oci-local, pypi-local or npm-local)")
+            return local
+        if rtype is None:
+            rtype = package or "generic"
+        elif package is not None and FASTAPI_PACKAGES.get(package, package) != rtype:
+            raise self.error(sec.key("package"), f"package: {package} disagrees with type: {rtype}; "
+                                                 "with a sparkcache type name, give type alone")
+        if rtype not in self.types:
+            where = "type" if sec.has("type") else "package"
+            raise self.error(sec.key(where), f"unknown remote type {rtype!r}; expected one of "
+                                             f"{', '.join(self.types)} (or remotes.yaml's remote/local with package:)")
+        return rtype
+
+    def refuse_unused(self, sec: Section, rtype: str, kind: RemoteType) -> None:
+        """A shared key ``kind`` does not use is an error naming it: an
+        allow-list or TTL that is silently ignored is worse than none."""
+        given: list[tuple[str, str]] = []  # (key as written, SHARED_KEYS name)
+        for key in ("upstream", "immutable_patterns", "mutable_patterns", "check_mutable_updates",
+                    "credentials", "connect_timeout", "read_timeout"):
+            if sec.has(key):
+                given.append((key, key))
+        for key in ("username", "username_env", "password", "password_env"):
+            if sec.has(key):
+                given.append((key, "credentials"))
+        cache = sec.data.get("cache")
+        if isinstance(cache, dict):
+            given.extend((f"cache.{k}", f"cache.{k}") for k in cache if f"cache.{k}" in SHARED_KEYS)
+        for key, shared in given:
+            if shared not in kind.honours:
+                raise self.error(sec.key(key), f"has no effect on type: {rtype} remotes")
 
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
