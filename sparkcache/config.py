@@ -635,7 +635,7 @@ class Loader:
                                                      "(uploads are served by type: local, oci-local, pypi-local or npm-local)")
             return local
         if rtype is None:
-            rtype = package or "generic"
+            rtype = FASTAPI_PACKAGES.get(package, package) if package is not None else "generic"
         elif package is not None and FASTAPI_PACKAGES.get(package, package) != rtype:
             raise self.error(sec.key("package"), f"package: {package} disagrees with type: {rtype}; "
                                                  "with a sparkcache type name, give type alone")
