@@ -5,8 +5,8 @@ fix a typo without reading a traceback.  The loader accepts the keys of the
 FastAPI artifact cache's ``remotes.yaml`` (``base_url``, ``username``,
 ``password``, ``description``, and ``type: remote|local`` with ``package:``)
 and the sparkwing-cache environment (``DATA_DIR``, ``PORT``...), so those
-load unchanged.  A shared key a remote type does not use is an error, never
-silently ignored (``RemoteType.honours``).
+load unchanged (:mod:`sparkcache.config_compat`).  A shared key a remote type
+does not use is an error, never silently ignored (``RemoteType.honours``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 from urllib.parse import urlsplit
 
 import yaml
+
+from sparkcache import config_compat
 
 SCOPES = ("read", "write", "admin")
 
@@ -34,18 +36,6 @@ SHARED_KEYS = frozenset({
 # the upstream, its credentials and timeouts, and how long a 404 is kept.
 UPSTREAM_KEYS = frozenset({"upstream", "credentials", "connect_timeout", "read_timeout", "cache.negative_ttl"})
 
-# The FastAPI artifact cache's ``package:`` names that are not sparkcache type names.
-FASTAPI_PACKAGES = {"docker": "oci"}
-
-# The sparkwing-cache environment: alias → the SPARKCACHE_* name it stands
-# for (which wins when both are set). ``PORT`` is read in ``Loader.server``:
-# sparkwing-cache served a fleet, so it listens on every interface.
-ENV_ALIASES = {
-    "DATA_DIR": "SPARKCACHE_DATA_DIR",
-    "FETCH_INTERVAL": "SPARKCACHE_FETCH_INTERVAL",
-    "GITCACHE_REPOS": "SPARKCACHE_GIT_REPOS",
-    "SPARKWING_API_TOKEN": "SPARKCACHE_WRITE_TOKEN",
-}
 
 
 class RemoteType(Protocol):
@@ -390,10 +380,7 @@ class Loader:
         self.source = source
         self.environ = environ
         # SPARKCACHE_* name → the variable that set it (itself, or a sparkwing alias).
-        self.env_names = {canonical: canonical for canonical in ENV_ALIASES.values() if environ.get(canonical)}
-        for alias, canonical in ENV_ALIASES.items():
-            if environ.get(alias) and canonical not in self.env_names:
-                self.env_names[canonical] = alias
+        self.env_names = config_compat.env_names(environ)
         self.types = {t.name: t for t in types}
         self.sections = dict(sections or {})
         # Scratch space for checks that span remotes (a registry host claimed twice).
@@ -411,7 +398,7 @@ class Loader:
 
     def setting(self, name: str) -> tuple[str, str] | None:
         """(variable, value) of the SPARKCACHE_* setting ``name``, from itself or
-        its sparkwing-cache alias (ENV_ALIASES); None when neither is set.
+        its sparkwing-cache alias (config_compat.ENV_ALIASES); None when neither is set.
         Errors name the variable actually set."""
         var = self.env_names.get(name) or (name if self.environ.get(name) else None)
         return (var, self.environ[var]) if var is not None else None
@@ -460,14 +447,8 @@ class Loader:
             if not port.isdigit():
                 raise self.error("SPARKCACHE_PORT", f"expected a port number, got {port!r}")
             listen = [f"tcp:{port}:interface={self.environ.get('SPARKCACHE_INTERFACE', '127.0.0.1')}"]
-        elif self.environ.get("PORT"):
-            # sparkwing-cache's PORT: it served a fleet, so every interface
-            # (SPARKCACHE_INTERFACE narrows it).
-            port = self.environ["PORT"].strip()
-            if not port.isdigit() or not 0 < int(port) < 65536:
-                raise self.error("PORT", f"expected a port number, got {port!r}")
-            interface = self.environ.get("SPARKCACHE_INTERFACE")
-            listen = [f"tcp:{port}:interface={interface}" if interface else f"tcp:{port}"]
+        else:
+            listen = config_compat.sparkwing_listen(self) or listen
         public_url = sec.get("public_url", str, None)
         if public_url is not None:
             self.url(sec.key("public_url"), public_url)
@@ -546,7 +527,7 @@ class Loader:
         if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", name):
             raise self.error(f"remotes.{name}", "a remote name may hold only letters, digits, '.', '_' and '-'")
         sec.alias("upstream", "base_url", "url")
-        rtype = self.remote_type(sec)
+        rtype = config_compat.remote_type(self, sec)
         kind = self.types[rtype]
         self.refuse_unused(sec, rtype, kind)
         description = sec.get("description", str, None)
@@ -609,41 +590,6 @@ class Loader:
         )
         sec.done()
         return cfg
-
-    def remote_type(self, sec: Section) -> str:
-        """A remote's type: ``type:``, or remotes.yaml's ``package:`` alone, or
-        its ``type: remote|local`` with ``package:`` (generic when not given):
-        ``remote`` is the pull-through type of the package (``docker`` → oci),
-        ``local`` the type that stores uploads of it (its ``local_type``, else
-        ``<type>-local``)."""
-        rtype = sec.get("type", str, None)
-        package = sec.get("package", str, None)
-        if rtype in ("remote", "local") and not (rtype == "local" and package is None):
-            native = FASTAPI_PACKAGES.get(package or "generic", package or "generic")
-            kind = self.types.get(native)
-            if kind is None:
-                raise self.error(sec.key("package"), f"unknown package {package!r}; expected one of "
-                                                     f"{', '.join(sorted({*self.types, *FASTAPI_PACKAGES}))}")
-            if rtype == "remote":
-                if not kind.needs_upstream:
-                    raise self.error(sec.key("package"), f"package: {package} has no pull-through type; "
-                                                         f"write type: {native} instead of type: remote")
-                return native
-            local = kind.local_type or (f"{native}-local" if f"{native}-local" in self.types else None)
-            if local is None or local not in self.types:
-                raise self.error(sec.key("package"), f"package: {package} has no type: local counterpart "
-                                                     "(uploads are served by type: local, oci-local, pypi-local or npm-local)")
-            return local
-        if rtype is None:
-            rtype = FASTAPI_PACKAGES.get(package, package) if package is not None else "generic"
-        elif package is not None and FASTAPI_PACKAGES.get(package, package) != rtype:
-            raise self.error(sec.key("package"), f"package: {package} disagrees with type: {rtype}; "
-                                                 "with a sparkcache type name, give type alone")
-        if rtype not in self.types:
-            where = "type" if sec.has("type") else "package"
-            raise self.error(sec.key(where), f"unknown remote type {rtype!r}; expected one of "
-                                             f"{', '.join(self.types)} (or remotes.yaml's remote/local with package:)")
-        return rtype
 
     def refuse_unused(self, sec: Section, rtype: str, kind: RemoteType) -> None:
         """A shared key ``kind`` does not use is an error naming it: an

@@ -293,7 +293,7 @@ def parse_git_section(loader: Any, sec: Any) -> GitConfig:
     holds the environment, for GITCACHE_REPOS and FETCH_INTERVAL)."""
     d = GitConfig()
     fetch_interval = sec.convert("fetch_interval", parse_duration, d.fetch_interval)
-    # SPARKCACHE_FETCH_INTERVAL, or sparkwing-cache's FETCH_INTERVAL (config.ENV_ALIASES).
+    # SPARKCACHE_FETCH_INTERVAL, or sparkwing-cache's FETCH_INTERVAL (config_compat.ENV_ALIASES).
     found = loader.setting("SPARKCACHE_FETCH_INTERVAL")
     if found:
         try:
@@ -321,7 +321,7 @@ def parse_git_section(loader: Any, sec: Any) -> GitConfig:
     rsec = Section(loader, sec.key("repos"), raw)
     for name in raw:
         repos[str(name)] = _repo(loader, rsec, str(name))
-    # SPARKCACHE_GIT_REPOS, or sparkwing-cache's GITCACHE_REPOS (config.ENV_ALIASES).
+    # SPARKCACHE_GIT_REPOS, or sparkwing-cache's GITCACHE_REPOS (config_compat.ENV_ALIASES).
     found = loader.setting("SPARKCACHE_GIT_REPOS")
     if found:
         var, env_repos = found
