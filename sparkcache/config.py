@@ -37,7 +37,6 @@ SHARED_KEYS = frozenset({
 UPSTREAM_KEYS = frozenset({"upstream", "credentials", "connect_timeout", "read_timeout", "cache.negative_ttl"})
 
 
-
 class RemoteType(Protocol):
     """What the loader needs to know of a remote ``type`` (a protocol supplies it)."""
 
