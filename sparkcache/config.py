@@ -2,8 +2,11 @@
 
 Every error names the file, the key path and the problem, so an operator can
 fix a typo without reading a traceback.  The loader accepts the keys of the
-FastAPI artifact cache's ``remotes.yaml`` (``base_url``, ``package``,
-``username``, ``password``) as aliases, so that file loads unchanged.
+FastAPI artifact cache's ``remotes.yaml`` (``base_url``, ``username``,
+``password``, ``description``, and ``type: remote|local`` with ``package:``)
+and the sparkwing-cache environment (``DATA_DIR``, ``PORT``...), so those
+load unchanged (:mod:`sparkcache.config_compat`).  A shared key a remote type
+does not use is an error, never silently ignored (``RemoteType.honours``).
 """
 
 from __future__ import annotations
@@ -16,7 +19,22 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from sparkcache import config_compat
+
 SCOPES = ("read", "write", "admin")
+
+# The keys of a remote section the loader reads for every type (``cache.*``
+# by sub-key; ``username``/``password`` count as ``credentials``). A type
+# lists the ones it uses in ``RemoteType.honours``; any other one given is an
+# error naming the key.
+SHARED_KEYS = frozenset({
+    "upstream", "immutable_patterns", "mutable_patterns", "check_mutable_updates",
+    "cache.immutable_ttl", "cache.mutable_ttl", "cache.negative_ttl",
+    "credentials", "connect_timeout", "read_timeout",
+})
+# What every type that fetches through the engine uses (sparkcache.fetch):
+# the upstream, its credentials and timeouts, and how long a 404 is kept.
+UPSTREAM_KEYS = frozenset({"upstream", "credentials", "connect_timeout", "read_timeout", "cache.negative_ttl"})
 
 
 class RemoteType(Protocol):
@@ -40,6 +58,15 @@ class RemoteType(Protocol):
     @property
     def many_upstreams(self) -> bool:
         """Whether ``upstream:`` may list several URLs, tried in order."""
+
+    @property
+    def honours(self) -> frozenset[str]:
+        """The SHARED_KEYS a remote of this type uses; giving another is an error."""
+
+    @property
+    def local_type(self) -> str | None:
+        """The type of a remotes.yaml ``type: local`` remote of this ``package``
+        (None: ``<type>-local`` when that exists)."""
 
     def parse_options(self, loader: "Loader", sec: "Section") -> Any:
         """The type's own keys of a remote section (read through ``sec``), or None."""
@@ -101,6 +128,8 @@ class RemoteConfig:
     # Every upstream, in the order they are tried (``upstream:`` given as a
     # list); ``upstream`` is the first. Empty when there is none.
     upstreams: tuple[str, ...] = ()
+    # Free text for people (remotes.yaml's ``description``), shown in ``GET /`` and ``/config``.
+    description: str | None = None
 
     def __post_init__(self) -> None:
         if not self.upstreams and self.upstream is not None:
@@ -115,6 +144,7 @@ class RemoteConfig:
     def _redacted(self) -> dict[str, Any]:
         return {
             "type": self.type,
+            "description": self.description,
             "upstream": list(self.upstreams) if len(self.upstreams) > 1 else self.upstream,
             "immutable_patterns": [p.pattern for p in self.immutable_patterns],
             "mutable_patterns": [p.pattern for p in self.mutable_patterns],
@@ -368,6 +398,8 @@ class Loader:
                  sections: Mapping[str, SectionParser] | None = None) -> None:
         self.source = source
         self.environ = environ
+        # SPARKCACHE_* name → the variable that set it (itself, or a sparkwing alias).
+        self.env_names = config_compat.env_names(environ)
         self.types = {t.name: t for t in types}
         self.sections = dict(sections or {})
         # Scratch space for checks that span remotes (a registry host claimed twice).
@@ -382,6 +414,13 @@ class Loader:
         if var not in self.environ:
             raise self.error(path, f"environment variable {var} is not set")
         return self.environ[var]
+
+    def setting(self, name: str) -> tuple[str, str] | None:
+        """(variable, value) of the SPARKCACHE_* setting ``name``, from itself or
+        its sparkwing-cache alias (config_compat.ENV_ALIASES); None when neither is set.
+        Errors name the variable actually set."""
+        var = self.env_names.get(name) or (name if self.environ.get(name) else None)
+        return (var, self.environ[var]) if var is not None else None
 
     def secret(self, sec: Section, name: str) -> str | None:
         """A secret given inline as ``name`` or indirectly as ``name_env``."""
@@ -427,6 +466,8 @@ class Loader:
             if not port.isdigit():
                 raise self.error("SPARKCACHE_PORT", f"expected a port number, got {port!r}")
             listen = [f"tcp:{port}:interface={self.environ.get('SPARKCACHE_INTERFACE', '127.0.0.1')}"]
+        else:
+            listen = config_compat.sparkwing_listen(self) or listen
         public_url = sec.get("public_url", str, None)
         if public_url is not None:
             self.url(sec.key("public_url"), public_url)
@@ -450,7 +491,8 @@ class Loader:
         # Read the key even when the environment overrides it, so it is
         # validated and not reported as unknown.
         data_dir = sec.get("data_dir", str, "./data")
-        data_dir = self.environ.get("SPARKCACHE_DATA_DIR") or data_dir
+        found = self.setting("SPARKCACHE_DATA_DIR")
+        data_dir = found[1] if found else data_dir
         cfg = StorageConfig(
             data_dir=data_dir,
             max_size=sec.convert("max_size", parse_size, StorageConfig.max_size),
@@ -482,8 +524,9 @@ class Loader:
             t.done()
             tokens.append(TokenConfig(name, secret, _implied_scopes(scopes)))
         for var, scopes in (("SPARKCACHE_ADMIN_TOKEN", ["admin"]), ("SPARKCACHE_WRITE_TOKEN", ["write"]), ("SPARKCACHE_READ_TOKEN", ["read"])):
-            if self.environ.get(var):
-                tokens.append(TokenConfig(var.lower(), self.environ[var], _implied_scopes(scopes)))
+            found = self.setting(var)
+            if found:
+                tokens.append(TokenConfig(found[0].lower(), found[1], _implied_scopes(scopes)))
         sec.done()
         return AuthConfig(anonymous, tuple(tokens))
 
@@ -506,11 +549,10 @@ class Loader:
         if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", name):
             raise self.error(f"remotes.{name}", "a remote name may hold only letters, digits, '.', '_' and '-'")
         sec.alias("upstream", "base_url", "url")
-        sec.alias("type", "package")
-        rtype = sec.get("type", str, "generic")
-        kind = self.types.get(rtype)
-        if kind is None:
-            raise self.error(sec.key("type"), f"unknown remote type {rtype!r}; expected one of {', '.join(self.types)}")
+        rtype = config_compat.remote_type(self, sec)
+        kind = self.types[rtype]
+        self.refuse_unused(sec, rtype, kind)
+        description = sec.get("description", str, None)
         given = sec.get("upstream", (str, list), None)
         if given is None and kind.needs_upstream:
             raise self.error(sec.key("upstream"), "missing: a remote needs an upstream URL")
@@ -566,9 +608,28 @@ class Loader:
             read_timeout=sec.convert("read_timeout", parse_duration, read_timeout),
             options=options,
             upstreams=tuple(upstreams),
+            description=description,
         )
         sec.done()
         return cfg
+
+    def refuse_unused(self, sec: Section, rtype: str, kind: RemoteType) -> None:
+        """A shared key ``kind`` does not use is an error naming it: an
+        allow-list or TTL that is silently ignored is worse than none."""
+        given: list[tuple[str, str]] = []  # (key as written, SHARED_KEYS name)
+        for key in ("upstream", "immutable_patterns", "mutable_patterns", "check_mutable_updates",
+                    "credentials", "connect_timeout", "read_timeout"):
+            if sec.has(key):
+                given.append((key, key))
+        for key in ("username", "username_env", "password", "password_env"):
+            if sec.has(key):
+                given.append((key, "credentials"))
+        cache = sec.data.get("cache")
+        if isinstance(cache, dict):
+            given.extend((f"cache.{k}", f"cache.{k}") for k in cache if f"cache.{k}" in SHARED_KEYS)
+        for key, shared in given:
+            if shared not in kind.honours:
+                raise self.error(sec.key(key), f"has no effect on type: {rtype} remotes")
 
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")

@@ -32,7 +32,7 @@ class AdminApp:
             "version": sparkcache.__version__,
             "remotes": [
                 {"name": r.name, "type": r.type, "upstream": r.upstream,
-                 "url": self.ctx.remote_url(r.name)}
+                 "url": self.ctx.remote_url(r.name), "description": r.description}
                 for r in self.ctx.config.remotes.values()
             ],
             # Stored under by protocols without a remotes: entry (purgeable by name).

@@ -16,18 +16,20 @@ if TYPE_CHECKING:
     from sparkcache.context import Context
 
 REMOTE_TYPES = (
-    RemoteKind("generic", many_upstreams=True),
+    # local_type: remotes.yaml's ``type: local`` of any of these packages
+    # stores uploaded files, which is what ``type: local`` does.
+    RemoteKind("generic", many_upstreams=True, local_type="local"),
     RemoteKind("local", needs_upstream=False, pinned=True),
-    RemoteKind("alpine", mutable_patterns=(r"APKINDEX\.tar\.gz$",), many_upstreams=True),
-    RemoteKind("rpm", many_upstreams=True, mutable_patterns=(
+    RemoteKind("alpine", mutable_patterns=(r"APKINDEX\.tar\.gz$",), many_upstreams=True, local_type="local"),
+    RemoteKind("rpm", many_upstreams=True, local_type="local", mutable_patterns=(
         r"repodata/repomd\.xml(\.asc|\.key)?$",
         r"repodata/(?![0-9a-f]{32,128}-)[^/]*(primary|filelists|other|comps|updateinfo|modules)[^/]*$",
     )),
-    RemoteKind("deb", many_upstreams=True, mutable_patterns=(
+    RemoteKind("deb", many_upstreams=True, local_type="local", mutable_patterns=(
         r"(^|/)dists/(?!.*/by-hash/)[^?]*(InRelease|Release|Release\.gpg|Packages[^/]*|Sources[^/]*"
         r"|Translation-[^/]*|Contents-[^/]*|Components-[^/]*|icons-[^/]*)$",
     )),
-    RemoteKind("helm", mutable_patterns=(r"(^|/)index\.yaml$",)),
+    RemoteKind("helm", mutable_patterns=(r"(^|/)index\.yaml$",), local_type="local"),
 )
 TYPE_NAMES = frozenset(t.name for t in REMOTE_TYPES)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from sparkcache.config import UPSTREAM_KEYS
 from sparkcache.protocols.base import Built, ProtocolSpec, RemoteKind, SetupEndpoint
 
 if TYPE_CHECKING:
@@ -17,7 +18,10 @@ if TYPE_CHECKING:
 
 # maven-metadata.xml and -SNAPSHOT files change in place: re-checked after 10
 # minutes (a conditional request) as most repository managers do.
-REMOTE_TYPES = (RemoteKind("maven", many_upstreams=True, mutable_ttl=600.0, url="/maven/{name}/"),)
+# Metadata and snapshots are mutable by path, or by mutable_patterns; there is no allow-list.
+REMOTE_TYPES = (RemoteKind("maven", many_upstreams=True, mutable_ttl=600.0, url="/maven/{name}/",
+                           shared_keys=UPSTREAM_KEYS | {"mutable_patterns", "cache.mutable_ttl",
+                                                        "cache.immutable_ttl"}),)
 
 
 def build(ctx: "Context") -> Built:

@@ -112,7 +112,7 @@ class OCIApp:
         if remote.type == "oci":
             # Authenticate before policy, so anonymous probes learn nothing of the allow-list.
             self._read_only(request, f"repository:{name}:pull")
-        if not options_of(remote).allows(name):
+        if not options_of(remote).permits(name):
             raise OCIError("DENIED", f"repository {name!r} is not allowed by remote {remote.name!r}", 403)
         return remote, name, tail
 
