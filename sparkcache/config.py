@@ -628,6 +628,12 @@ class Loader:
         if isinstance(cache, dict):
             given.extend((f"cache.{k}", f"cache.{k}") for k in cache if f"cache.{k}" in SHARED_KEYS)
         for key, shared in given:
+            if shared == "cache.immutable_ttl" and "upstream" in kind.honours and cache and \
+                    str(cache.get("immutable_ttl")).strip() in ("0", "0s"):
+                # 0 (keep until evicted) is what every pull-through type does with
+                # content it never revalidates: the setting says what happens anyway,
+                # and remotes.yaml files carry the same cache: block on every remote.
+                continue
             if shared not in kind.honours:
                 raise self.error(sec.key(key), f"has no effect on type: {rtype} remotes")
 

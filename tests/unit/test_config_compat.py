@@ -132,6 +132,17 @@ def test_a_key_without_effect_is_an_error_naming_it(body: dict[str, Any], key: s
     assert str(e) == f"cache.yaml: remotes.r.{key}: has no effect on type: {body['type']} remotes"
 
 
+def test_immutable_ttl_zero_is_what_pull_through_types_do_anyway() -> None:
+    # remotes.yaml files carry one cache: block on every remote; 0 (until evicted)
+    # on a type that keeps content by digest says what happens, so it loads
+    for rtype in ("oci", "pypi"):
+        load_config_data({"remotes": {"r": {"type": rtype, "upstream": "https://up.example",
+                                            "cache": {"immutable_ttl": 0}}}}, "c.yaml", {})
+    with pytest.raises(ConfigError, match="cache.immutable_ttl: has no effect"):
+        load_config_data({"remotes": {"r": {"type": "oci", "upstream": "https://up.example",
+                                            "cache": {"immutable_ttl": "1h"}}}}, "c.yaml", {})
+
+
 def test_tag_ttl_is_oci_only() -> None:
     e = fails({"remotes": {"r": {"type": "oci-local", "tag_ttl": "5m"}}})
     assert e.path == "remotes.r.tag_ttl" and "type: oci remotes only" in e.problem
