@@ -10,6 +10,7 @@ from twisted.web.resource import IResource
 
 import sparkcache
 from sparkcache.context import Context
+from sparkcache.web.admin_remotes import AdminRemotes
 from sparkcache.web.errors import JSON, HTTPError, add_error_handling, guarded
 
 
@@ -82,6 +83,10 @@ class AdminApp:
         else:
             n = await store.purge_key(f"{remote}:{path.lstrip('/')}")
         return _json(request, {"purged": n})
+
+    @app.route("/admin/remotes", branch=True)
+    def remotes(self, request: Any) -> IResource:
+        return AdminRemotes(self.ctx).resource()
 
     @app.route("/<path:rest>", branch=True)
     def not_found(self, request: Any, rest: str) -> bytes:
