@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from sparkcache.config import Config, ConfigError, read_yaml
 from sparkcache.protocols import PROTOCOLS, load_config_data
 from sparkcache.protocols.base import ProtocolSpec
-from sparkcache.store.settings import SettingsError, read_api_remotes, write_api_remotes
+from sparkcache.store.settings import SettingsError, api_remotes_path, read_api_remotes, write_api_remotes
 
 log = Logger()
 
@@ -93,8 +93,15 @@ class LiveConfig:
             return config
         if not self.api:
             return config
-        composed = self.compose(self.api)
+        try:
+            composed = self.compose(self.api)
+        except ConfigError as e:  # the file changed since it was checked: start with it alone
+            log.error("sparkcache: API remotes not loaded: {why}", why=str(e))
+            return config
         self._log_skipped()
+        log.info("sparkcache: {n} remote(s) added through the API, from {path}: {names}",
+                 n=len(self.api) - len(self.skipped), path=api_remotes_path(self.data_dir),
+                 names=", ".join(sorted(set(self.api) - set(self.skipped))) or "none")
         return composed
 
     def use_file_data(self, data: Any, source: str | None = None) -> None:

@@ -141,9 +141,10 @@ class SparkcacheService(MultiService):
         for section, kept, given in (("server", old.server, new.server), ("storage", old.storage, new.storage)):
             for f in fields(kept):
                 if getattr(kept, f.name) != getattr(given, f.name):
+                    value = getattr(kept, f.name)
                     log.warn("sparkcache: {key} changed in {source}; it takes effect at the next restart "
-                             "(still {value!r})", key=f"{section}.{f.name}", source=new.source,
-                             value=getattr(kept, f.name))
+                             "(still {value})", key=f"{section}.{f.name}", source=new.source,
+                             value=", ".join(value) if isinstance(value, tuple) else repr(value))
         new = replace(new, server=old.server, storage=old.storage)
         self.ctx.config = self.config = new
         self.ctx.auth = Authorizer(new.auth)
