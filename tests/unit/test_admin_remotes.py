@@ -18,11 +18,11 @@ import pytest
 import pytest_twisted
 import yaml
 
-from sparkcache.config import ConfigError
+from sparkcache.config import ConfigError, RemoteConfig
 from sparkcache.protocols import load_config_data
 from sparkcache.store.settings import api_remotes_path, read_api_remotes
 from tests.support.client import assert_json_error, bearer
-from tests.support.harness import UPSTREAM, Harness, MakeHarness, harness_factory  # noqa: F401
+from tests.support.harness import UPSTREAM, Harness, MakeHarness, app_of, harness_factory  # noqa: F401
 
 READ, ADMIN = "rd-41d2c0de", "ad-77aa01e5"
 CONFIG: dict[str, Any] = {
@@ -167,3 +167,43 @@ async def test_reload_applies_the_file_and_keeps_api_remotes(h: Harness, tmp_pat
     path.write_text("remotes: [unclosed\n")
     assert await h.svc.live.reload() is False
     assert (await h.get("/api/files/x")).status in (404, 502)  # still routed to the files remote
+
+
+# A remote of each type an app keeps a table of, and where that table is.
+TABLES = [
+    ("bazel", b"bazel", "blobs", {"type": "bazel"}),
+    ("cargo", b"cargo", "indexes", {"type": "cargo", "upstream": UPSTREAM}),
+    ("dagger", b"dagger", "remotes", {"type": "dagger"}),
+    ("gha", b"gha", "remotes", {"type": "gha"}),
+    ("kv", b"kv", "blobs", {"type": "kv"}),
+    ("maven", b"maven", "remotes", {"type": "maven", "upstream": UPSTREAM}),
+    ("nx", b"nx", "blobs", {"type": "nx"}),
+    ("oci", b"v2", "remotes", {"type": "oci", "upstream": UPSTREAM}),
+    ("pypi", b"pypi", "indexes", {"type": "pypi", "upstream": UPSTREAM}),
+    ("turborepo", b"turborepo", "blobs", {"type": "turborepo"}),
+    ("helm", b"api", "indexes", {"type": "helm", "upstream": UPSTREAM}),
+]
+
+
+@pytest.mark.parametrize("kind, segment, table, body", TABLES, ids=[t[0] for t in TABLES])
+@pytest_twisted.ensureDeferred
+async def test_each_app_follows_its_remotes(h: Harness, kind: str, segment: bytes, table: str,
+                                            body: dict[str, Any]) -> None:
+    for name in ("first", "second"):
+        resp = await put(h, name, body)
+        assert resp.status == 201, resp.describe()
+    resource = h.svc.root.apps[segment]
+    while hasattr(resource, "inner") and not hasattr(resource, "routed"):  # Remount, Guarded
+        resource = resource.inner
+    app = app_of(resource)
+    first = getattr(app, table)["first"]
+    changed = {**body, "cache": {"negative_ttl": 7}}
+    assert (await put(h, "second", changed)).status == 200
+    tables = getattr(app, table)
+    assert set(tables) == {"first", "second"}
+    if isinstance(first, RemoteConfig):
+        assert tables["first"] == first and tables["second"].cache.negative_ttl == 7
+    else:
+        assert tables["first"] is first, "an unchanged remote lost its object (and its state)"
+    assert (await h.delete("/admin/remotes/first", AS_ADMIN)).status == 200
+    assert set(getattr(app, table)) == {"second"}
