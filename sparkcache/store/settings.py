@@ -55,7 +55,8 @@ def write_api_remotes(data_dir: str, remotes: Mapping[str, Any]) -> None:
         os.makedirs(folder, exist_ok=True)
         tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
         try:
-            with open(tmp, "wb") as f:
+            # Owner-only, as a config file with inline credentials should be.
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
                 f.write(body)
                 f.flush()
                 os.fsync(f.fileno())

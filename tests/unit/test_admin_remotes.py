@@ -102,6 +102,7 @@ async def test_an_added_remote_serves_at_once_and_a_deleted_one_stops(h: Harness
     assert {r["name"]: r["origin"] for r in listing["remotes"]} == {"files": "file", "more": "api"}
     assert (await h.get("/admin/remotes/more", AS_ADMIN)).json()["upstream"] == UPSTREAM + "/more"
     assert read_api_remotes(h.store.data_dir) == {"more": {"type": "generic", "upstream": UPSTREAM + "/more"}}
+    assert os.stat(api_remotes_path(h.store.data_dir)).st_mode & 0o777 == 0o600
     # Replacing it: 200, the new settings apply.
     resp = await put(h, "more", {"type": "generic", "upstream": UPSTREAM + "/more", "cache": {"mutable_ttl": 5}})
     assert resp.status == 200 and h.ctx.config.remotes["more"].cache.mutable_ttl == 5
