@@ -112,8 +112,7 @@ class LiveConfig:
     # -- composing ---------------------------------------------------------------
 
     def file_remotes(self) -> set[str]:
-        remotes = self.file_data.get("remotes") if isinstance(self.file_data, dict) else None
-        return {str(n) for n in remotes} if isinstance(remotes, dict) else set()
+        return self._remotes_of(self.file_data)
 
     def origin(self, name: str) -> str | None:
         if name in self.file_remotes():

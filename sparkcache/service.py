@@ -12,7 +12,6 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
-from twisted.web.resource import IResource
 
 from sparkcache.auth import Authorizer
 from sparkcache.config import Config
@@ -21,12 +20,11 @@ from sparkcache.fetch import Cache, UpstreamClient
 from sparkcache.metrics import Metrics
 from sparkcache.pools import PoolService
 from sparkcache.protocols import PROTOCOLS, check_segments, remote_types
-from sparkcache.protocols.base import Built, ProtocolSpec, SetupEndpoint
+from sparkcache.protocols.base import Built, ProtocolSpec
 from sparkcache.reload import LiveConfig
 from sparkcache.store import Store
 from sparkcache.timers import Periodic
 from sparkcache.web.admin import AdminApp
-from sparkcache.web.bodies import BodyGate
 from sparkcache.web.root import Root
 from sparkcache.web.sendfile import SendfilePool
 from sparkcache.web.setup import SetupApp
@@ -112,6 +110,7 @@ class SparkcacheService(MultiService):
             self.listeners.append(svc)
         self.ready: Deferred[None] = Deferred()
         self._previous_hup: Any = None
+        self._stopping = False
 
     def _install(self, spec: ProtocolSpec, built: Built) -> None:
         """Mount a protocol's apps, gates and /setup kinds; start its services
@@ -177,6 +176,9 @@ class SparkcacheService(MultiService):
             log.failure("sparkcache: protocol {proto} could not apply the new configuration", proto=spec.name)
 
     def _on_hup(self) -> None:
+        if self._stopping:
+            log.info("sparkcache: SIGHUP ignored: stopping")
+            return
         log.info("sparkcache: SIGHUP: reloading {path}", path=self.live.path)
         ensureDeferred(self.live.reload()).addErrback(lambda f: log.failure("sparkcache: reload failed", f))
 
@@ -233,7 +235,8 @@ class SparkcacheService(MultiService):
         return ensureDeferred(self._stop())
 
     async def _stop(self) -> None:
-        self._remove_hup()
+        # SIGHUP stays handled (ignored) until the end: a reload racing a stop must not kill the daemon.
+        self._stopping = True
         # 1. stop accepting connections
         stops = [svc.stopService() for svc in self.listeners if svc.running]
         await DeferredList([d for d in stops if isinstance(d, Deferred)], consumeErrors=True)
@@ -265,6 +268,7 @@ class SparkcacheService(MultiService):
         # supervisors other than systemd).
         if getattr(self.reactor, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
             self.reactor._exitSignal = None
+        self._remove_hup()
 
 
 def _is_empty(built: Built) -> bool:
