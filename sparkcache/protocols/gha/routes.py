@@ -140,9 +140,9 @@ class GhaApp:
     def reconfigure(self, config: "Config") -> None:
         """The remotes of ``config`` from now on (Built.reconfigure); an unchanged
         remote keeps its upload reservations."""
-        ctx = self.ctx
+        ctx, old = self.ctx, self.remotes
         self.remotes = refreshed(
-            self.remotes, (r for r in config.remotes.values() if r.type == "gha"),
+            old, (r for r in config.remotes.values() if r.type == "gha"),
             lambda r: GhaRemote(r, KeyedBlobs(ctx, r, FORMAT), Reservations(ctx, r.options.upload_ttl)),
             lambda g: g.config)
         defaults = [g for g in self.remotes.values() if g.options.default]
@@ -150,7 +150,8 @@ class GhaApp:
             defaults = list(self.remotes.values())
         self.default = defaults[0] if defaults else None
         # A changed signing_secret must not keep signing with the old one.
-        self._secret_cache = {n: s for n, s in self._secret_cache.items() if n in self.remotes}
+        self._secret_cache = {n: s for n, s in self._secret_cache.items()
+                              if n in self.remotes and self.remotes[n] is old.get(n)}
 
     def resource(self) -> IResource:
         return guarded(self.app, FORMAT, self.ctx.config.server.max_path_length)

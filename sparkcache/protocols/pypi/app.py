@@ -57,6 +57,7 @@ class PypiApp:
         self.derived = DerivedCache(ctx.store, run, DERIVED_BYTES)
         self.remotes: dict[str, RemoteConfig] = {}
         self.indexes: dict[str, PypiIndex] = {}
+        self._retired: list[PypiIndex] = []
         self.reconfigure(ctx.config)
         self.local = LocalProjects(ctx, run)
         self._gate = checked(ERRORS, self._body_checks)
@@ -64,12 +65,16 @@ class PypiApp:
     def reconfigure(self, config: Config) -> None:
         """The remotes of ``config`` from now on (Built.reconfigure)."""
         self.remotes = {r.name: r for r in config.remotes.values() if r.type in TYPES}
-        self.indexes = refreshed(self.indexes, (r for r in self.remotes.values() if r.type == PYPI),
+        old = self.indexes
+        self.indexes = refreshed(old, (r for r in self.remotes.values() if r.type == PYPI),
                                  lambda r: PypiIndex(r, self.ctx, self.derived), lambda i: i.remote)
+        # A graceful stop still waits for the page revalidations of replaced indexes.
+        kept = set(map(id, self.indexes.values()))
+        self._retired = [i for i in [*self._retired, *old.values()] if id(i) not in kept and i.refreshing]
 
     def running(self) -> list[Deferred[Any]]:
         """Background work a graceful stop waits for (page revalidations)."""
-        return [d for index in self.indexes.values() for d in index.refreshing]
+        return [d for index in [*self.indexes.values(), *self._retired] for d in index.refreshing]
 
     def resource(self) -> IResource:
         return guarded(self.app, ERRORS, self.max_path)
