@@ -94,7 +94,7 @@ class LiveConfig:
         if not self.api:
             return config
         try:
-            composed = self.compose(self.api)
+            composed, self.skipped = self.compose(self.api)
         except ConfigError as e:  # the file changed since it was checked: start with it alone
             log.error("sparkcache: API remotes not loaded: {why}", why=str(e))
             return config
@@ -119,10 +119,11 @@ class LiveConfig:
             return "file"
         return "api" if name in self.api else None
 
-    def compose(self, api: Mapping[str, Any], file_data: Any = None) -> Config:
-        """Validate the file plus ``api``'s remotes. An API remote the file also
-        defines, or one that fails validation, is left out and noted in
-        ``self.skipped``; an error in the file's own part raises ConfigError."""
+    def compose(self, api: Mapping[str, Any], file_data: Any = None) -> tuple[Config, dict[str, str]]:
+        """Validate the file plus ``api``'s remotes: (config, skipped). An API
+        remote the file also defines, or one that fails validation, is left out
+        and its reason is in ``skipped``; an error in the file's own part raises
+        ConfigError."""
         file_data = self.file_data if file_data is None else file_data
         file_remotes = self._remotes_of(file_data)
         skipped: dict[str, str] = {}
@@ -146,8 +147,7 @@ class LiveConfig:
                     raise
                 skipped[culprit] = _short(e)
                 continue
-            self.skipped = skipped
-            return config
+            return config, skipped
 
     @staticmethod
     def _remotes_of(data: Any) -> set[str]:
@@ -170,11 +170,11 @@ class LiveConfig:
         try:
             try:
                 data = await self._run(read_yaml, self.path)
-                config = self.compose(self.api, data)
+                config, skipped = self.compose(self.api, data)
             except ConfigError as e:
                 log.error("sparkcache: reload refused, the running configuration stays: {why}", why=str(e))
                 return False
-            self.file_data = data
+            self.file_data, self.skipped = data, skipped
             self._log_skipped()
             self.apply(config)
             return True
@@ -194,14 +194,14 @@ class LiveConfig:
                                              f"{type(body).__name__}")
             api = {**self.api, name: body}
             try:
-                config = self.compose(api)
+                config, skipped = self.compose(api)
             except ConfigError as e:
                 raise RemoteChangeError(400, _short(e)) from None
-            if name in self.skipped:
-                raise RemoteChangeError(400, self.skipped.pop(name))
+            if name in skipped:
+                raise RemoteChangeError(400, skipped[name])
             await self._run(write_api_remotes, self.data_dir, api)
             created = name not in self.api
-            self.api = api
+            self.api, self.skipped = api, skipped
             self.apply(config)
             log.info("sparkcache: remote {name} {how} through the API", name=name, how="added" if created else "changed")
             return created
@@ -216,11 +216,11 @@ class LiveConfig:
                 raise RemoteChangeError(404, f"unknown remote {name!r}")
             api = {n: b for n, b in self.api.items() if n != name}
             try:
-                config = self.compose(api)
+                config, skipped = self.compose(api)
             except ConfigError as e:  # a group of the file named it as a member
                 raise RemoteChangeError(409, _short(e)) from None
             await self._run(write_api_remotes, self.data_dir, api)
-            self.api = api
+            self.api, self.skipped = api, skipped
             self.apply(config)
             log.info("sparkcache: remote {name} deleted through the API", name=name)
         finally:

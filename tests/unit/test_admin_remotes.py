@@ -208,3 +208,28 @@ async def test_each_app_follows_its_remotes(h: Harness, kind: str, segment: byte
         assert tables["first"] is first, "an unchanged remote lost its object (and its state)"
     assert (await h.delete("/admin/remotes/first", AS_ADMIN)).status == 200
     assert set(getattr(app, table)) == {"second"}
+
+
+def test_start_up_loads_api_remotes_and_leaves_out_the_bad_and_the_shadowed(tmp_path: Path) -> None:
+    from sparkcache.protocols import load_config
+    from sparkcache.reload import LiveConfig
+    from sparkcache.store.settings import write_api_remotes
+
+    data_dir = str(tmp_path / "data")
+    path = tmp_path / "cache.yaml"
+    path.write_text(yaml.safe_dump({"storage": {"data_dir": data_dir},
+                                    "remotes": {"files": {"upstream": UPSTREAM}}}))
+    write_api_remotes(data_dir, {
+        "good": {"upstream": UPSTREAM},
+        "files": {"upstream": UPSTREAM + "/api"},                    # the file defines it
+        "gone": {"upstream": UPSTREAM, "credentials": {"password_env": "NOT_SET_HERE"}},
+    })
+    live = LiveConfig(str(path), {}, data_dir, apply=lambda config: None)
+    config = live.start(load_config(str(path), {}))
+    assert set(config.remotes) == {"files", "good"}
+    assert config.remotes["files"].upstream == UPSTREAM
+    assert set(live.skipped) == {"files", "gone"}
+    assert "NOT_SET_HERE" in live.skipped["gone"] and "remotes.gone.credentials" in live.skipped["gone"]
+    assert live.origin("good") == "api" and live.origin("files") == "file"
+    # Kept on disk: a restart with the variable set brings it back.
+    assert set(read_api_remotes(data_dir)) == {"good", "files", "gone"}
