@@ -37,6 +37,7 @@ class Options(usage.Options):
             environ["SPARKCACHE_LISTEN"] = ",".join(self["listen"])
         try:
             self["parsed"] = load_config(self["config"], environ)
+            self["environ"] = environ  # SIGHUP re-reads the file with the same overrides
         except ConfigError as e:
             raise ConfigExit(e) from None
 
@@ -58,4 +59,4 @@ class ConfigExit(SystemExit):
 def makeService(options: Any) -> IService:
     from sparkcache.service import SparkcacheService
 
-    return SparkcacheService(options["parsed"])
+    return SparkcacheService(options["parsed"], config_path=options["config"], environ=options.get("environ"))

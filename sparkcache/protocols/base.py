@@ -15,7 +15,7 @@ from twisted.application.service import IService
 from twisted.internet.defer import Deferred
 from twisted.web.resource import IResource
 
-from sparkcache.config import SHARED_KEYS, Loader, Section
+from sparkcache.config import SHARED_KEYS, Config, Loader, Section
 from sparkcache.web.bodies import BodyGate
 
 if TYPE_CHECKING:
@@ -109,6 +109,10 @@ class Built:
     # Work a graceful stop waits for: each returns Deferreds that fire when it ends.
     drains: Sequence[Callable[[], list[Deferred[Any]]]] = ()
     setup: Mapping[str, SetupEndpoint] = field(default_factory=dict)
+    # Called with each new running configuration (SIGHUP, the remotes API) after
+    # ``ctx.config`` is replaced: rebuilds what the apps keep per remote. None
+    # for apps that read ``ctx.config`` per request (or that nothing was built for).
+    reconfigure: Callable[[Config], None] | None = None
 
 
 @dataclass(frozen=True)

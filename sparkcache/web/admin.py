@@ -11,6 +11,7 @@ from twisted.web.resource import IResource
 import sparkcache
 from sparkcache.context import Context
 from sparkcache.web import purge as purges
+from sparkcache.web.admin_remotes import AdminRemotes
 from sparkcache.web.errors import JSON, HTTPError, add_error_handling, guarded
 
 
@@ -77,6 +78,10 @@ class AdminApp:
     @app.route("/admin/local", methods=["DELETE"])
     async def delete_local(self, request: Any) -> bytes:
         return _json(request, await purges.delete_local(self.ctx, request))
+
+    @app.route("/admin/remotes", branch=True)
+    def remotes(self, request: Any) -> IResource:
+        return AdminRemotes(self.ctx).resource()
 
     @app.route("/<path:rest>", branch=True)
     def not_found(self, request: Any, rest: str) -> bytes:

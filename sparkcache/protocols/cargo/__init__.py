@@ -35,7 +35,8 @@ def build(ctx: "Context") -> Built:
     # in a pool of their own, never in the store's I/O threads.
     pool = PoolService("sparkcache-cargo", 2, ctx.reactor, ctx.config.server.shutdown_timeout)
     app = CargoApp(ctx, pool.run)
-    return Built(resource=app.resource(), services=[pool], setup={"cargo": SetupEndpoint(setup.handler(ctx))})
+    return Built(resource=app.resource(), services=[pool], setup={"cargo": SetupEndpoint(setup.handler(ctx))},
+                 reconfigure=app.reconfigure)
 
 
 SPEC = ProtocolSpec(name="cargo", segments=(b"cargo",), build=build, remote_types=REMOTE_TYPES)

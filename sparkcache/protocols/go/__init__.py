@@ -29,7 +29,9 @@ def build(ctx: "Context") -> Built:
     if not any(r.type in GO_TYPES for r in ctx.config.remotes.values()):
         return Built()
     app = GoApp(ctx)
-    return Built(resource=app.resource(), setup={"go": SetupEndpoint(setup.handler(ctx))})
+    # The app looks its remotes up in ctx.config per request: nothing to rebuild.
+    return Built(resource=app.resource(), setup={"go": SetupEndpoint(setup.handler(ctx))},
+                 reconfigure=lambda config: None)
 
 
 SPEC = ProtocolSpec(

@@ -36,7 +36,8 @@ def build(ctx: "Context") -> Built:
     pool = PoolService("sparkcache-maven", 2, ctx.reactor, ctx.config.server.shutdown_timeout)
     app = MavenApp(ctx, pool.run)
     return Built(resource=app.resource(), services=[pool],
-                 setup={kind: SetupEndpoint(setup.snippet_handler(ctx, kind)) for kind in setup.KINDS})
+                 setup={kind: SetupEndpoint(setup.snippet_handler(ctx, kind)) for kind in setup.KINDS},
+                 reconfigure=app.reconfigure)
 
 
 SPEC = ProtocolSpec(name="maven", segments=(b"maven",), build=build, remote_types=REMOTE_TYPES)

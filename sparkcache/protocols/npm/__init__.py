@@ -57,8 +57,9 @@ def build(ctx: "Context") -> Built:
     pool = PoolService("npm-derive", 2, ctx.reactor)
     app = NpmApp(ctx, pool.run)
     endpoints = {kind: SetupEndpoint(setup.snippet_handler(ctx, kind)) for kind in setup.KINDS}
+    # The app looks its remotes up in ctx.config per request: nothing to rebuild.
     return Built(resource=app.resource(), gate=app.body_gate, services=[pool], drains=[app.running],
-                 setup=endpoints)
+                 setup=endpoints, reconfigure=lambda config: None)
 
 
 SPEC = ProtocolSpec(

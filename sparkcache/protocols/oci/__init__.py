@@ -28,7 +28,7 @@ def build(ctx: "Context") -> Built:
     # Where the GET /v2/ challenge sends registry clients to log in; it checks credentials itself.
     endpoints["token"] = SetupEndpoint(lambda request: setup.issue_token(ctx, request), ("GET", "POST"), scope=None)
     app = OCIApp(ctx)
-    return Built(resource=app.resource(), gate=app.body_gate, setup=endpoints)
+    return Built(resource=app.resource(), gate=app.body_gate, setup=endpoints, reconfigure=app.reconfigure)
 
 
 SPEC = ProtocolSpec(

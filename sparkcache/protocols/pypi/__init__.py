@@ -44,7 +44,7 @@ def build(ctx: "Context") -> Built:
     app = PypiApp(ctx, pool.run)
     endpoints = {kind: SetupEndpoint(setup.snippet_handler(ctx, kind)) for kind in setup.KINDS}
     return Built(resource=app.resource(), gate=app.body_gate, services=[pool], setup=endpoints,
-                 drains=[app.running])
+                 drains=[app.running], reconfigure=app.reconfigure)
 
 
 SPEC = ProtocolSpec(name="pypi", segments=(b"pypi",), build=build, remote_types=REMOTE_TYPES)
