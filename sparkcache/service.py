@@ -29,6 +29,7 @@ from sparkcache.web.root import Root
 from sparkcache.web.sendfile import SendfilePool
 from sparkcache.web.setup import SetupApp
 from sparkcache.web.site import SparkSite
+from sparkcache.web.status import Status
 
 log = Logger()
 SENDFILE_THREADS = 64
@@ -51,7 +52,7 @@ class SparkcacheService(MultiService):
         self.config = config
         self.reactor = reactor
         self.clock = clock or reactor
-        self.metrics = Metrics()
+        self.metrics = Metrics(self.clock)
         stop_timeout = config.server.shutdown_timeout
         self.pools = MultiService()
         self.pools.setName("pools")
@@ -70,6 +71,7 @@ class SparkcacheService(MultiService):
         types = remote_types(protocols)
         self.store.index.legacy_pinned_remotes = frozenset(n for n, r in config.remotes.items() if types[r.type].pinned)
         self.upstream = upstream or UpstreamClient(reactor)
+        self.upstream.observer = self.metrics.upstream_outcome
         self.cache = Cache(self.store, self.upstream, self.clock, self.metrics)
         self.ctx = Context(config, self.store, self.cache, self.upstream, self.metrics, Authorizer(config.auth), self.clock,
                            self.sendfile, reactor=reactor, remote_types=types)
@@ -96,7 +98,10 @@ class SparkcacheService(MultiService):
             self.drains.extend(built.drains)
             setup.update(built.setup)
         apps[b"setup"] = SetupApp(self.ctx, setup).resource()
-        admin = AdminApp(self.ctx).resource()
+        # The status page and /ready; its timer keeps the last hour for the charts.
+        self.status = Status(self.ctx, self.runtime)
+        self.status.timer().setServiceParent(self.runtime)
+        admin = AdminApp(self.ctx, self.status).resource()
         self.root = Root(apps, admin, gates)
         self.site = SparkSite(self.root, access_log=config.server.access_log, max_body_size=config.server.max_body_size,
                               reactor=reactor)
@@ -131,7 +136,9 @@ class SparkcacheService(MultiService):
         d = ensureDeferred(self.store.start())
 
         def listen(_: object) -> None:
+            self.status.store_open = True
             self.runtime.setServiceParent(self)
+            self.status.listening = True
             log.info("sparkcache listening on {listen}; data in {data}", listen=", ".join(self.config.server.listen),
                      data=self.store.data_dir)
             self.ready.callback(None)
@@ -153,6 +160,7 @@ class SparkcacheService(MultiService):
         return ensureDeferred(self._stop())
 
     async def _stop(self) -> None:
+        self.status.stopping = True
         # 1. stop accepting connections
         stops = [svc.stopService() for svc in self.listeners if svc.running]
         await DeferredList([d for d in stops if isinstance(d, Deferred)], consumeErrors=True)

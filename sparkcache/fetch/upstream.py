@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urljoin, urlsplit
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -41,6 +41,13 @@ def origin(url: str) -> tuple[str, str, int]:
     p = urlsplit(url)
     port = p.port or (443 if p.scheme == "https" else 80)
     return (p.scheme, (p.hostname or "").lower(), port)
+
+
+def origin_name(url: str) -> str:
+    """``scheme://host[:port]`` of ``url``, the port only when not the scheme's default."""
+    scheme, host, port = origin(url)
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}" if port == (443 if scheme == "https" else 80) else f"{scheme}://{host}:{port}"
 
 
 def auth_header(creds: Credentials | None) -> bytes | None:
@@ -107,6 +114,8 @@ class UpstreamClient:
             self.pool.cachedConnectionTimeout = 60
             self.pool.retryAutomatically = True
         self._agents: dict[float, IAgent] = {}
+        # Told of every request's outcome: (remote, origin, status or None, error or None).
+        self.observer: Callable[[str, str, int | None, str | None], None] | None = None
 
     def agent(self, connect_timeout: float) -> IAgent:
         if self._given is not None:
@@ -122,6 +131,27 @@ class UpstreamClient:
         return self.pool.closeCachedConnections()
 
     async def request(
+        self,
+        remote: RemoteConfig,
+        method: bytes,
+        url: str,
+        headers: dict[bytes, bytes] | None = None,
+        body: bytes | None = None,
+    ) -> tuple[IResponse, str]:
+        """Send a request to ``remote``'s upstream (see ``_send``), telling the
+        ``observer`` how the origin it started at answered."""
+        if self.observer is None:
+            return await self._send(remote, method, url, headers, body)
+        where = origin_name(url)
+        try:
+            response, final = await self._send(remote, method, url, headers, body)
+        except UpstreamError as e:
+            self.observer(remote.name, where, None, str(e))
+            raise
+        self.observer(remote.name, where, response.code, None)
+        return response, final
+
+    async def _send(
         self,
         remote: RemoteConfig,
         method: bytes,
