@@ -16,7 +16,7 @@ neither side of the ratio.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
 from twisted.application.service import IServiceCollection
@@ -183,6 +183,9 @@ class Status:
         # Protocols' own remotes and names only the counters know (the git packs...).
         extra = sorted((set(ctx.internal_remotes) | set(per) | set(ctx.metrics.remote_errors)) - set(named))
         for name in named + extra:
+            t = per.get(name, Totals())
+            if name not in ctx.config.remotes and not t.requests and name not in ctx.metrics.remote_errors:
+                continue  # a protocol's own remote that nothing asked for yet
             remote = ctx.config.remotes.get(name)
             if remote is not None:
                 rtype, upstreams, url = remote.type, list(remote.upstreams), ctx.remote_url(name)
@@ -191,7 +194,6 @@ class Status:
                 upstreams = []
             else:
                 rtype, upstreams, url = "", [], None
-            t = per.get(name, Totals())
             rows.append({"name": name, "type": rtype, "url": url, "upstreams": upstreams, **t.as_json(),
                          "upstream": outcome_json(ctx.metrics.remote_errors.get(name))})
         return rows
@@ -222,7 +224,3 @@ class Status:
             return {"mirrors": [], "error": f"could not list the mirrors: {type(e).__name__}"}
         keep = ("name", "url", "cloned", "fetching", "last_fetch", "last_change", "last_error", "next_check")
         return {"mirrors": [{k: r.get(k) for k in keep} for r in rows], "error": None}
-
-
-# Totals' numeric fields, for tests and the page.
-TOTAL_FIELDS = tuple(f.name for f in fields(Totals))

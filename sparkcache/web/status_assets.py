@@ -98,7 +98,7 @@ SCRIPT = """
       case "ago": return fmtAgo(none ? null : v, now);
       case "list": return (v || []).join(", ");
       case "error": return (!v || !v.last_error) ? "\\u2014" : v.last_error + " (" + fmtAgo(v.last_failure, now) + ")";
-      default: return none ? "" : String(v);
+      default: return (none || v === "") ? "\\u2014" : String(v);
     }
   }
   function iso(t) { return new Date(t * 1000).toISOString().replace("T", " ").replace(/\\.\\d+Z$/, " UTC"); }
@@ -156,13 +156,17 @@ SCRIPT = """
     if (text !== undefined) { e.textContent = text; }
     return e;
   }
-  function niceMax(v) {
-    if (v <= 0) { return 1; }
+  // A round top for the axis: 1, 2, 5 x a power of ten (of 1024ths for bytes).
+  function niceMax(v, binary) {
+    if (v <= 0) { return binary ? 1024 : 10; }
+    if (!binary && v < 2) { return 2; }
+    var unit = 1;
+    if (binary) { while (v / unit >= 1024) { unit *= 1024; } v /= unit; }
     var p = Math.pow(10, Math.floor(Math.log10(v))), m = v / p;
-    return (m <= 1 ? 1 : m <= 2 ? 2 : m <= 5 ? 5 : 10) * p;
+    return (m <= 1 ? 1 : m <= 2 ? 2 : m <= 5 ? 5 : 10) * p * unit;
   }
   // Stacked bars of what two cumulative columns (a, b) grew by between samples.
-  function drawChart(svg, points, a, b, label) {
+  function drawChart(svg, points, a, b, label, binary) {
     var W = 600, H = 190, L = 62, R = 8, T = 8, B = 22, span = 3600;
     var end = points[points.length - 1][0], start = end - span;
     var bars = [], top = 0;
@@ -173,7 +177,7 @@ SCRIPT = """
       bars.push([Math.max(p[0], start), q[0], da, db]);
       top = Math.max(top, da + db);
     }
-    var max = niceMax(top);
+    var max = niceMax(top, binary);
     function x(t) { return L + (t - start) / span * (W - L - R); }
     function y(v) { return T + (1 - v / max) * (H - T - B); }
     while (svg.firstChild) { svg.removeChild(svg.firstChild); }
@@ -187,7 +191,8 @@ SCRIPT = """
                          m === 0 ? "now" : "\\u2212" + m + " min"));
     });
     bars.forEach(function (bar) {
-      var x0 = x(bar[0]), w = Math.max(1, x(bar[1]) - x0 - 1);
+      var x0 = x(bar[0]), w = Math.max(2, x(bar[1]) - x0 - 1);
+      x0 = Math.min(x0, W - R - w);
       if (bar[2] > 0) { svg.appendChild(el("rect", {"class": "a", x: x0, width: w, y: y(bar[2]), height: y(0) - y(bar[2])})); }
       if (bar[3] > 0) {
         svg.appendChild(el("rect", {"class": "b", x: x0, width: w, y: y(bar[2] + bar[3]), height: y(bar[2]) - y(bar[2] + bar[3])}));
@@ -219,8 +224,8 @@ SCRIPT = """
     document.querySelectorAll("table[data-table]").forEach(function (t) { fillTable(t, tables[t.dataset.table], now); });
     var h = data.history, tot = data.totals;
     var points = h.samples.concat([[now, tot.hits, tot.misses, tot.bytes_cache, tot.bytes_upstream]]);
-    drawChart(document.getElementById("chart-bytes"), points, 3, 4, fmtBytes);
-    drawChart(document.getElementById("chart-requests"), points, 1, 2, intLabel);
+    drawChart(document.getElementById("chart-bytes"), points, 3, 4, fmtBytes, true);
+    drawChart(document.getElementById("chart-requests"), points, 1, 2, intLabel, false);
   }
 
   function poll() {

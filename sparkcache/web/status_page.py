@@ -103,7 +103,7 @@ def fmt(kind: str, value: Any, now: float) -> str:
         if not value or not value.get("last_error"):
             return "—"
         return f"{value['last_error']} ({fmt_ago(value['last_failure'], now)})"
-    return "" if value is None else str(value)
+    return "—" if value is None or value == "" else str(value)
 
 
 def _iso(t: float | None) -> str:
@@ -184,6 +184,7 @@ def render(data: Mapping[str, Any]) -> bytes:
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>sparkcache status</title>
+<link rel="icon" href="data:,">
 <style>{STYLE}</style>
 </head><body data-time="{_e(now)}">
 <header>
@@ -197,10 +198,10 @@ def render(data: Mapping[str, Any]) -> bytes:
 <main>
 <section class="tiles">
   <div class="tile"><h3>Hit ratio</h3><div class="big">{field(data, "totals.hit_ratio", "ratio", "hit-ratio")}</div>
-    <div class="sub">{field(data, "totals.hits", "int", "hits")} hits ·
-      {field(data, "totals.misses", "int", "misses")} misses</div></div>
+    <div class="sub">hits {field(data, "totals.hits", "int", "hits")} ·
+      misses {field(data, "totals.misses", "int", "misses")}</div></div>
   <div class="tile"><h3>Requests</h3><div class="big">{field(data, "totals.requests", "int", "requests")}</div>
-    <div class="sub">{field(data, "totals.errors", "int", "errors")} errors</div></div>
+    <div class="sub">errors {field(data, "totals.errors", "int", "errors")}</div></div>
   <div class="tile"><h3>Served from cache</h3>
     <div class="big cache">{field(data, "totals.bytes_cache", "bytes", "bytes-cache")}</div>
     <div class="sub">from upstream {field(data, "totals.bytes_upstream", "bytes", "bytes-upstream")}</div></div>
@@ -211,7 +212,7 @@ def render(data: Mapping[str, Any]) -> bytes:
       {field(data, "store.entries", "int", "store-entries")} entries</div></div>
   <div class="tile"><h3>In-flight fetches</h3>
     <div class="big">{field(data, "inflight_fetches", "int", "inflight")}</div>
-    <div class="sub">upstream fetches and builds now</div></div>
+    <div class="sub">fetches and builds running</div></div>
 </section>
 <section class="charts">
   <div class="card"><h2>Bytes served, last hour</h2>
