@@ -6,6 +6,7 @@ everything from config and upstreams is escaped, ``/ready`` says why not."""
 from __future__ import annotations
 
 import re
+import shutil
 from html import unescape
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sparkcache.web import status_page
 from sparkcache.web.status import SAMPLE_INTERVAL, History, Totals
+from tests.support.git_upstream import FileUpstream
 from tests.support.harness import UPSTREAM, Harness, MakeHarness, harness_factory  # noqa: F401
 
 BROWSER = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"
@@ -234,3 +236,25 @@ async def test_not_ready_while_stopping(harness_factory: MakeHarness) -> None:
     h.svc.status.stopping = True
     r = await h.get("/ready")
     assert r.status == 503 and r.json()["reasons"] == ["shutting down"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_git_mirrors_show_their_last_fetch_and_error(harness_factory: MakeHarness, tmp_path: Path) -> None:
+    good = FileUpstream(tmp_path / "good")
+    gone = FileUpstream(tmp_path / "gone")
+    h = await harness_factory({**CONFIG, "git": {"repos": {"good": good.url, "gone": gone.url}}})
+    mirrors = h.svc.runtime.getServiceNamed("git").mirrors
+    for name in ("good", "gone"):
+        await mirrors.ensure(mirrors.lookup(name))
+    shutil.rmtree(gone.bare)
+    h.clock.advance(7)
+    with pytest.raises(Exception):
+        await mirrors.refresh(mirrors.lookup("gone"), False)
+    h.clock.advance(3)
+    doc = (await h.get("/status.json")).json()
+    rows = {m["name"]: m for m in doc["git"]["mirrors"]}
+    assert rows["good"]["url"] == good.url and rows["good"]["last_error"] is None
+    assert rows["good"]["last_fetch"] is not None and rows["good"]["cloned"] is True
+    assert rows["gone"]["last_fetch"] == h.clock.seconds() - 3 and "gone" in rows["gone"]["last_error"]
+    page = (await h.get("/", {"Accept": BROWSER})).body.decode()
+    assert '<tr data-row="gone">' in page and ">3s ago<" in page
