@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable, Concatenate, ParamSpec
 from urllib.parse import urljoin, urlsplit
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -91,6 +91,29 @@ class _QuietPool(HTTPConnectionPool):
     _factory = _QuietFactory
 
 
+P = ParamSpec("P")
+Send = Callable[Concatenate["UpstreamClient", RemoteConfig, bytes, str, P], Awaitable[tuple[IResponse, str]]]
+
+
+def _observed(send: Send[P]) -> Send[P]:
+    """Tell the client's ``observer`` how the origin a request started at answered."""
+
+    async def request(self: "UpstreamClient", remote: RemoteConfig, method: bytes, url: str,
+                      *args: P.args, **kwargs: P.kwargs) -> tuple[IResponse, str]:
+        if self.observer is None:
+            return await send(self, remote, method, url, *args, **kwargs)
+        where = origin_name(url)
+        try:
+            response, final = await send(self, remote, method, url, *args, **kwargs)
+        except UpstreamError as e:
+            self.observer(remote.name, where, None, str(e))
+            raise
+        self.observer(remote.name, where, response.code, None)
+        return response, final
+
+    return request
+
+
 class UpstreamClient:
     """Requests to configured upstreams.
 
@@ -130,28 +153,8 @@ class UpstreamClient:
             return succeed(None)
         return self.pool.closeCachedConnections()
 
+    @_observed
     async def request(
-        self,
-        remote: RemoteConfig,
-        method: bytes,
-        url: str,
-        headers: dict[bytes, bytes] | None = None,
-        body: bytes | None = None,
-    ) -> tuple[IResponse, str]:
-        """Send a request to ``remote``'s upstream (see ``_send``), telling the
-        ``observer`` how the origin it started at answered."""
-        if self.observer is None:
-            return await self._send(remote, method, url, headers, body)
-        where = origin_name(url)
-        try:
-            response, final = await self._send(remote, method, url, headers, body)
-        except UpstreamError as e:
-            self.observer(remote.name, where, None, str(e))
-            raise
-        self.observer(remote.name, where, response.code, None)
-        return response, final
-
-    async def _send(
         self,
         remote: RemoteConfig,
         method: bytes,

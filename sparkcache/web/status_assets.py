@@ -200,7 +200,7 @@ SCRIPT = """
     });
     svg.dataset.bars = String(bars.length);
   }
-  function intLabel(v) { return Math.round(v).toLocaleString("en-US"); }
+  function countLabel(v) { return Number.isInteger(v) ? v.toLocaleString("en-US") : v.toFixed(1); }
 
   function update(data) {
     var now = data.time;
@@ -225,7 +225,7 @@ SCRIPT = """
     var h = data.history, tot = data.totals;
     var points = h.samples.concat([[now, tot.hits, tot.misses, tot.bytes_cache, tot.bytes_upstream]]);
     drawChart(document.getElementById("chart-bytes"), points, 3, 4, fmtBytes, true);
-    drawChart(document.getElementById("chart-requests"), points, 1, 2, intLabel, false);
+    drawChart(document.getElementById("chart-requests"), points, 1, 2, countLabel, false);
   }
 
   function poll() {

@@ -2,7 +2,8 @@
 driven by Playwright (``playwright-core`` from npm, under
 ``$SPARKCACHE_TEST_NODE_MODULES``; ``.ci/run`` installs both).
 
-A daemon (``twistd -n sparkcache``) serves a real upstream; the test makes
+A daemon (``twistd -n sparkcache``) serves a real upstream and mirrors a git
+repository; after ``/ready`` says so, the test makes
 misses, hits and upstream failures, loads ``/`` in Chromium, checks that the
 page polls ``status.json`` and updates itself (a request made while the page
 is open shows up), that nothing on it is blocked or failing (console errors
@@ -25,8 +26,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.support.client import get_until_hit
 from tests.support.daemon import free_port
 from tests.support.gha_client import node_modules_dir
+from tests.support.git_upstream import FileUpstream
 from tests.support.remotes import generic_remote
-from tests.support.tools import require_tool
+from tests.support.tools import require_installed, require_tool
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -70,11 +72,12 @@ try {
       for (const td of tr.querySelectorAll("td[data-key]")) cells[td.dataset.key] = {value: td.dataset.value ?? null, text: td.textContent};
       rows[tr.dataset.row] = cells;
     }
+    const mirrors = [...document.querySelectorAll("#table-git tbody tr[data-row]")].map((tr) => tr.dataset.row);
     const upstreams = {};
     for (const tr of document.querySelectorAll("#table-upstreams tbody tr[data-row]")) {
       upstreams[tr.dataset.row] = tr.querySelector("td[data-key=state]").textContent;
     }
-    return {figures: out, remotes: rows, upstreams, polls: Number(document.body.dataset.polls),
+    return {figures: out, remotes: rows, upstreams, mirrors, polls: Number(document.body.dataset.polls),
             bars: Number(document.getElementById("chart-bytes").dataset.bars),
             ready: document.getElementById("ready").textContent.trim(), title: document.title};
   }, JSON.parse(process.env.FIELDS));
@@ -89,13 +92,7 @@ try {
 def require_playwright() -> Path:
     require_tool("node")
     require_tool("chromium", "Debian's chromium package (see .ci/run)")
-    entry = node_modules_dir() / "playwright-core" / "index.mjs"
-    if not entry.exists():
-        message = f"playwright-core is not installed under {node_modules_dir()} (see .ci/run)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    return entry
+    return require_installed(node_modules_dir() / "playwright-core" / "index.mjs", "playwright-core")
 
 
 def artifact_dir(tmp_path: Path) -> Path:
@@ -115,7 +112,12 @@ def test_status_page_in_chromium(upstream, daemon_factory, tmp_path):
     for name, size in (("a", 200_000), ("b", 1_500_000), ("c", 40_000)):
         upstream.add(f"/files/{name}.bin", os.urandom(size))
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    d = daemon_factory({"files": generic_remote(upstream), "broken": generic_remote(dead)})
+    require_tool("git")
+    repo = FileUpstream(tmp_path / "git-upstream", branch="main")
+    d = daemon_factory({"files": generic_remote(upstream), "broken": generic_remote(dead)},
+                       extra={"git": {"repos": {"gitops": repo.url}}})
+    ready = d.get("/ready")
+    assert ready.status == 200 and ready.json()["ready"] is True, ready.describe()
 
     for name in ("a", "b", "c"):
         assert d.get(f"/api/files/files/{name}.bin").status == 200
@@ -177,3 +179,4 @@ def test_status_page_in_chromium(upstream, daemon_factory, tmp_path):
     assert float(broken["errors"]["value"]) == 1 and broken["hit_ratio"]["text"] == "\u2014"
     assert broken["upstream"]["text"].startswith("upstream unreachable: " + dead), broken["upstream"]
     assert page["upstreams"] == {upstream.base_url: "ok", dead: "failing"}
+    assert page["mirrors"] == ["gitops"]
