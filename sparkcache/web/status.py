@@ -148,7 +148,7 @@ class Status:
             reasons.append("store not open yet")
         if not self.listening:
             reasons.append("listeners not up yet")
-        if getattr(self.ctx.store, "low_space", False):
+        if self.ctx.store.low_space:
             reasons.append(f"free disk space in {self.ctx.store.data_dir} is below storage.min_free")
         return reasons
 
@@ -159,16 +159,17 @@ class Status:
         ctx, metrics, store = self.ctx, self.ctx.metrics, self.ctx.store
         overall, per = totals(metrics)
         max_size = store.max_size
+        reasons = self.readiness()
         return {
             "name": "sparkcache",
             "version": sparkcache.__version__,
             "time": ctx.clock.seconds(),
-            "ready": not self.readiness(),
-            "not_ready": self.readiness(),
+            "ready": not reasons,
+            "not_ready": reasons,
             "totals": overall.as_json(),
             "store": {"bytes": store.size, "entries": store.entries, "max_size": max_size,
                       "used_ratio": store.size / max_size if max_size else None,
-                      "low_space": bool(getattr(store, "low_space", False))},
+                      "low_space": store.low_space},
             "inflight_fetches": ctx.cache.inflight,
             "remotes": self._remotes(per),
             "upstreams": self._upstreams(),
