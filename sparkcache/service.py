@@ -29,6 +29,7 @@ from sparkcache.web.root import Root
 from sparkcache.web.sendfile import SendfilePool
 from sparkcache.web.setup import SetupApp
 from sparkcache.web.site import SparkSite
+from sparkcache.web.status import Status
 
 log = Logger()
 SENDFILE_THREADS = 64
@@ -57,7 +58,7 @@ class SparkcacheService(MultiService):
         self.protocols = tuple(protocols)
         self.reactor = reactor
         self.clock = clock or reactor
-        self.metrics = Metrics()
+        self.metrics = Metrics(self.clock)
         stop_timeout = config.server.shutdown_timeout
         self.pools = MultiService()
         self.pools.setName("pools")
@@ -77,6 +78,7 @@ class SparkcacheService(MultiService):
         types = remote_types(protocols)
         self.store.index.legacy_pinned_remotes = frozenset(n for n, r in config.remotes.items() if types[r.type].pinned)
         self.upstream = upstream or UpstreamClient(reactor)
+        self.upstream.observer = self.metrics.upstream_outcome
         self.cache = Cache(self.store, self.upstream, self.clock, self.metrics)
         self.ctx = Context(config, self.store, self.cache, self.upstream, self.metrics, Authorizer(config.auth), self.clock,
                            self.sendfile, reactor=reactor, remote_types=types, live=self.live)
@@ -86,7 +88,10 @@ class SparkcacheService(MultiService):
         # Work a graceful stop waits for, besides responses and fetches.
         self.drains: list[Callable[[], list[Deferred[Any]]]] = []
         self.setup = SetupApp(self.ctx, {})
-        self.root = Root({b"setup": self.setup.resource()}, AdminApp(self.ctx).resource())
+        # The status page and /ready; its timer keeps the last hour for the charts.
+        self.status = Status(self.ctx, self.runtime)
+        self.status.timer().setServiceParent(self.runtime)
+        self.root = Root({b"setup": self.setup.resource()}, AdminApp(self.ctx, self.status).resource())
         # What each protocol's build() gave, for reconfigure().
         self.built: dict[str, Built] = {}
         check_segments(protocols)
@@ -215,7 +220,9 @@ class SparkcacheService(MultiService):
         d = ensureDeferred(self.store.start())
 
         def listen(_: object) -> None:
+            self.status.store_open = True
             self.runtime.setServiceParent(self)
+            self.status.listening = True
             log.info("sparkcache listening on {listen}; data in {data}", listen=", ".join(self.config.server.listen),
                      data=self.store.data_dir)
             self.ready.callback(None)
@@ -239,6 +246,7 @@ class SparkcacheService(MultiService):
     async def _stop(self) -> None:
         # SIGHUP stays handled (ignored) until the end: a reload racing a stop must not kill the daemon.
         self._stopping = True
+        self.status.stopping = True
         # 1. stop accepting connections
         stops = [svc.stopService() for svc in self.listeners if svc.running]
         await DeferredList([d for d in stops if isinstance(d, Deferred)], consumeErrors=True)

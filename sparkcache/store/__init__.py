@@ -79,6 +79,8 @@ class Store:
         self._sweeps = 0
         self.size = 0
         self.entries = 0
+        # True while free disk space is below storage.min_free (set by the free-space check; /ready reads it).
+        self.low_space = False
 
     def in_io(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         return deferToThreadPool(self.reactor, self.io_pool, fn, *args)

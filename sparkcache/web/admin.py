@@ -1,4 +1,5 @@
-"""Management endpoints: /, /health, /metrics, /config, /admin/purge, /admin/local."""
+"""Management endpoints: /, /health, /ready, /status.json, /metrics, /config,
+/admin/purge, /admin/local, /admin/remotes."""
 
 from __future__ import annotations
 
@@ -11,15 +12,18 @@ from twisted.web.resource import IResource
 import sparkcache
 from sparkcache.context import Context
 from sparkcache.web import purge as purges
+from sparkcache.web import status_page
 from sparkcache.web.admin_remotes import AdminRemotes
 from sparkcache.web.errors import JSON, HTTPError, add_error_handling, guarded
+from sparkcache.web.status import Status
 
 
 class AdminApp:
     app = Klein()
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, status: Status | None = None) -> None:
         self.ctx = ctx
+        self.status = status or Status(ctx)
 
     def resource(self) -> IResource:
         return guarded(self.app, JSON, self.ctx.config.server.max_path_length)
@@ -27,7 +31,12 @@ class AdminApp:
     add_error_handling(app, JSON)
 
     @app.route("/", methods=["GET", "HEAD"])
-    def index(self, request: Any) -> bytes:
+    async def index(self, request: Any) -> bytes:
+        # A browser gets the status page; API clients keep getting this JSON.
+        request.setHeader(b"Vary", b"Accept")
+        if status_page.wants_html(request):
+            self.ctx.auth.require(request, "read")
+            return status_page.respond(request, await self.status.snapshot())
         return _json(request, {
             "name": "sparkcache",
             "version": sparkcache.__version__,
@@ -51,6 +60,22 @@ class AdminApp:
             "store_entries": store.entries,
             "inflight_fetches": self.ctx.cache.inflight,
         })
+
+    @app.route("/ready", methods=["GET", "HEAD"])
+    def ready(self, request: Any) -> bytes:
+        """200 once the store is open and the listeners are up; 503 saying why
+        before, while stopping, and while the disk is below its free-space floor."""
+        reasons = self.status.readiness()
+        if reasons:
+            request.setResponseCode(503)
+        return _json(request, {"status": "not ready" if reasons else "ready", "ready": not reasons, "reasons": reasons})
+
+    @app.route("/status.json", methods=["GET", "HEAD"])
+    async def status_json(self, request: Any) -> bytes:
+        """What the status page shows (it polls this; so can scripts and the CLI)."""
+        self.ctx.auth.require(request, "read")
+        request.setHeader(b"Cache-Control", b"no-store")
+        return _json(request, await self.status.snapshot())
 
     @app.route("/metrics", methods=["GET"])
     def metrics(self, request: Any) -> bytes:
