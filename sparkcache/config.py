@@ -675,6 +675,88 @@ def read_yaml(path: str) -> Any:
     return data
 
 
+def dropin_dir(path: str) -> str:
+    """Where the drop-ins of the file ``path`` live: ``/etc/sparkcache/cache.yaml``
+    → ``/etc/sparkcache/cache.d/`` (``*.yaml``, read in name order)."""
+    return os.path.splitext(path)[0] + ".d"
+
+
+# What a drop-in may add, as (top-level key, key inside it or None).
+DROPIN_KEYS = (("remotes", None), ("git", "repos"))
+
+
+def read_config_files(path: str) -> tuple[Any, dict[str, str]]:
+    """The parsed YAML of ``path`` with its drop-ins merged in, and where each
+    remote or repository a drop-in added came from (``remotes.<name>`` → file).
+
+    A drop-in (one file per team or per tool, written by configuration
+    management) may only add ``remotes:`` and ``git: {repos: }`` entries; a name
+    defined twice is an error naming both files, never a silent override."""
+    data = read_yaml(path)
+    folder = dropin_dir(path)
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.endswith((".yaml", ".yml")) and not n.startswith("."))
+    except FileNotFoundError:
+        return data, {}
+    except OSError as e:
+        raise ConfigError(folder, "", f"cannot read: {e.strerror}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        return data, {}  # the loader says what is wrong with it
+    origins: dict[str, str] = {}
+    for name in names:
+        file = os.path.join(folder, name)
+        extra = read_yaml(file)
+        if extra is None:
+            continue
+        if not isinstance(extra, dict):
+            raise ConfigError(file, "", "expected a mapping with remotes: and/or git: {repos: ...}")
+        for key in extra:
+            if str(key) not in ("remotes", "git"):
+                raise ConfigError(file, str(key), f"a drop-in may add remotes: and git: repos: only; {key} belongs in {path}")
+        for top, inner in DROPIN_KEYS:
+            items, where = extra.get(top), top
+            if inner is not None and items is not None:
+                if not isinstance(items, dict) or set(map(str, items)) - {inner}:
+                    raise ConfigError(file, top, f"a drop-in's {top}: may hold {inner}: only")
+                items, where = items.get(inner), f"{top}.{inner}"
+            if items is None:
+                continue
+            if not isinstance(items, dict):
+                raise ConfigError(file, where, "expected a mapping of name to its settings")
+            table = _table(data, path, top if inner is None else (top, inner))
+            for entry, body in items.items():
+                key = f"{where}.{entry}"
+                if entry in table:
+                    raise ConfigError(file, key, f"already defined in {origins.get(key, path)}")
+                table[entry] = body
+                origins[key] = file
+    return data, origins
+
+
+def _table(data: dict[str, Any], path: str, keys: str | tuple[str, ...]) -> dict[Any, Any]:
+    """``data[a][b]...`` for ``keys``, each level created empty when absent."""
+    node, where = data, ""
+    for key in (keys,) if isinstance(keys, str) else keys:
+        where = f"{where}.{key}" if where else key
+        if node.get(key) is None:
+            node[key] = {}
+        if not isinstance(node[key], dict):
+            raise ConfigError(path, where, "expected a mapping")
+        node = node[key]
+    return node
+
+
+def attribute(error: ConfigError, origins: Mapping[str, str]) -> ConfigError:
+    """``error`` naming the drop-in that defined the remote or repository it is
+    about, when a drop-in did (the loader saw one merged mapping)."""
+    for prefix, file in origins.items():
+        if error.path == prefix or error.path.startswith((prefix + ".", prefix + "[")):
+            return ConfigError(file, error.path, error.problem)
+    return error
+
+
 def load(data: Any, source: str, environ: Mapping[str, str] | None, types: Iterable[RemoteType],
          sections: Mapping[str, SectionParser]) -> Config:
     """Validate parsed YAML into a Config, with the remote types and sections of some protocols.

@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 from twisted.internet.defer import Deferred, DeferredLock
 from twisted.logger import Logger
 
-from sparkcache.config import Config, ConfigError, read_yaml
+from sparkcache.config import Config, ConfigError, attribute, read_config_files
 from sparkcache.protocols import PROTOCOLS, load_config_data
 from sparkcache.protocols.base import ProtocolSpec
 from sparkcache.store.settings import SettingsError, api_remotes_path, read_api_remotes, write_api_remotes
@@ -68,6 +68,8 @@ class LiveConfig:
         self.run = run
         self.protocols = protocols
         self.file_data: Any = None
+        # remote/repository added by a drop-in → its file (config.read_config_files)
+        self.file_origins: dict[str, str] = {}
         # Every persisted API remote (also those the file shadows or that no longer validate).
         self.api: dict[str, Any] = {}
         # API remotes not in effect, and why (shadowed by the file, invalid).
@@ -85,7 +87,7 @@ class LiveConfig:
         if self.path is None:
             return config
         try:
-            self.file_data = read_yaml(self.path)
+            self.file_data, self.file_origins = read_config_files(self.path)
             self.api = read_api_remotes(self.data_dir)
         except (ConfigError, SettingsError) as e:
             log.error("sparkcache: API remotes not loaded: {why}", why=str(e))
@@ -144,7 +146,7 @@ class LiveConfig:
             except ConfigError as e:
                 culprit = next((n for n in api if n not in skipped and n not in file_remotes and _names_remote(e, n)), None)
                 if culprit is None:
-                    raise
+                    raise attribute(e, self.file_origins) from None
                 skipped[culprit] = _short(e)
                 continue
             return config, skipped
@@ -169,8 +171,13 @@ class LiveConfig:
         await self.lock.acquire()
         try:
             try:
-                data = await self._run(read_yaml, self.path)
-                config, skipped = self.compose(self.api, data)
+                data, origins = await self._run(read_config_files, self.path)
+                previous, self.file_origins = self.file_origins, origins
+                try:
+                    config, skipped = self.compose(self.api, data)
+                except ConfigError:
+                    self.file_origins = previous
+                    raise
             except ConfigError as e:
                 log.error("sparkcache: reload refused, the running configuration stays: {why}", why=str(e))
                 return False
@@ -231,7 +238,7 @@ class LiveConfig:
             raise RemoteChangeError(409, "the daemon was not started from a configuration file; "
                                          "remotes cannot be changed through the API")
         if name in self.file_remotes():
-            raise RemoteChangeError(409, f"remote {name!r} is defined in {self.source}; it can only be {how} there "
+            raise RemoteChangeError(409, f"remote {name!r} is defined in {self.file_origins.get(f'remotes.{name}', self.source)}; it can only be {how} there "
                                          "(then reload: SIGHUP)")
 
     def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
