@@ -50,6 +50,7 @@ from sparkcache.fetch.produce import Shared, Singleflight, watch_ends
 from sparkcache.fetch.upstream import UpstreamClient, UpstreamError, discard_body
 from sparkcache.metrics import Metrics
 from sparkcache.store import Entry, SpoolFile, Store
+from sparkcache.store.space import is_write_error
 
 log = Logger()
 
@@ -342,7 +343,10 @@ class Cache:
             elif isinstance(e, CancelledError):
                 e = BodyError("stopped before the body was complete")
             else:
-                log.failure("storing {key} failed", key=key)
+                if is_write_error(e):
+                    log.warn("not caching {key}: storing failed: {e}", key=key, e=e)
+                else:
+                    log.failure("storing {key} failed", key=key)
                 cause, e = e, BodyError(f"storing failed: {e}")
                 e.__cause__ = cause
             self._producing.leave(key, shared)
@@ -520,7 +524,8 @@ class Upstream(Source):
                 if v is not None:
                     kept[name] = v
             return Body(kept, lambda flight: receive(response, flight, cache.clock, req.remote.read_timeout),
-                        total=_content_length(response), passable=True)
+                        # (Subclasses check the whole spooled body: only plain bodies pass.)
+                        total=_content_length(response), passable=type(self) is Upstream)
         await discard_body(response)
         if code == 304 and stale is not None:
             fresh = replace(

@@ -278,8 +278,8 @@ class PassFlight(Flight):
         self._users -= 1
         if self._users == 1 and self._attached and not self.finished:
             self.abandon()  # the client went away: nobody else reads this body
-        if self._users == 0:
-            self._chunks = []
+        if self._users == 0 and self._attached:
+            self._chunks = []  # (a body that ended before its client came stays for it)
             self._stop_timer()
 
     def fileno(self) -> int:

@@ -58,6 +58,7 @@ class Store:
         self.data_dir = os.path.abspath(data_dir)
         os.makedirs(self.data_dir, exist_ok=True)
         self.reactor = reactor
+        self.clock: Any = reactor  # what the write-error hold is timed by (tests: a task.Clock)
         self.max_size = max_size
         self.cas: IContentStore = LocalContentStore(os.path.join(self.data_dir, "cas"))
         self.index = Index(os.path.join(self.data_dir, "index.sqlite"), reactor, pool=sqlite_pool)
@@ -339,15 +340,16 @@ class Store:
         if self.low_space:
             return False
         at = self._write_failed_at
-        return at is None or self.reactor.seconds() - at >= WRITE_ERROR_HOLD
+        return at is None or self.clock.seconds() - at >= WRITE_ERROR_HOLD
 
     def note_write_error(self, e: BaseException) -> None:
         """A spool write, fsync, rename or index commit failed: if the disk is
         at fault, stop storing for a while and make room in the background."""
         if not space.is_write_error(e):
             return
-        first = self._write_failed_at is None or self.reactor.seconds() - self._write_failed_at >= WRITE_ERROR_HOLD
-        self._write_failed_at = self.reactor.seconds()
+        now = self.clock.seconds()
+        first = self._write_failed_at is None or now - self._write_failed_at >= WRITE_ERROR_HOLD
+        self._write_failed_at = now
         self.write_error = str(e)
         if first:
             log.warn("the store cannot write ({e}): passing misses through uncached for {s:g}s", e=e,
