@@ -22,6 +22,8 @@ import os
 import sqlite3
 from dataclasses import dataclass
 
+from sparkcache.store.cas import remove_file
+
 GiB = 1 << 30
 MiB = 1 << 20
 # The floor when ``storage.min_free`` is not set: the smaller of these.
@@ -105,9 +107,4 @@ def make_reserve(path: str, size: int) -> bool:
 
 def release_reserve(path: str) -> int:
     """Delete the reserve file; returns the bytes freed."""
-    try:
-        size = os.stat(path).st_size
-        os.unlink(path)
-    except FileNotFoundError:
-        return 0
-    return size
+    return remove_file(path)
