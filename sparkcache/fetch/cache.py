@@ -282,8 +282,7 @@ class Cache:
         """The one commit path: spool, verify, fsync, rename, index row, in that order."""
         key = target.key
         now = self.clock.seconds()
-        if body.passable and body.spool is None and target.validate is None and \
-                (not self.store.writable or not await self.store.make_room(body.total or 0)):
+        if body.passable and body.spool is None and target.validate is None and not await self._room_for(body.total):
             # No room to store it: this one goes straight through (see _pass).
             self._producing.leave(key, shared)
             passed, passing = self._start_pass(target, body)
@@ -401,6 +400,17 @@ class Cache:
 
     # -- passing through --------------------------------------------------------------
 
+    async def _room_for(self, total: int | None) -> bool:
+        """Whether the store can take a body of ``total`` bytes (None: unknown)
+        now, evicting for it if it must."""
+        if not self.store.writable:
+            return False
+        try:
+            return await self.store.make_room(total or 0)
+        except Exception:
+            log.failure("making room for a body")
+            return False
+
     async def _pass(self, req: CacheRequest, stale: Entry | None) -> Result:
         """A miss while the store cannot write: ask upstream for this client alone."""
         try:
@@ -447,7 +457,7 @@ class Cache:
                 if got != want.lower():
                     raise BodyError(f"digest mismatch: expected {algorithm}:{want}, got {algorithm}:{got}")
         except CancelledError:
-            flight.fail(BodyError("the client went away"))
+            flight.fail(BodyError("stopped: the client went away or the daemon is stopping"))
             return
         except BodyError as e:
             log.warn("passing {key} through failed: {e}", key=target.key, e=e)

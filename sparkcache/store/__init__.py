@@ -296,7 +296,11 @@ class Store:
         skipped."""
         await self.index.flush_access()
         evicted = await self._evict_to_size()
-        return evicted + await self._evict_for_space(0)
+        await self._room.acquire()
+        try:
+            return evicted + await self._evict_for_space(0)
+        finally:
+            self._room.release()
 
     async def _evict_to_size(self) -> int:
         size, _ = await self.refresh_stats()
