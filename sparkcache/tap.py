@@ -38,7 +38,21 @@ class Options(usage.Options):
         try:
             self["parsed"] = load_config(self["config"], environ)
         except ConfigError as e:
-            raise usage.UsageError(f"configuration error: {e}") from None
+            raise ConfigExit(e) from None
+
+
+class ConfigExit(SystemExit):
+    """Exit 1 with one line on stderr: ``configuration error: <file>: <key path>: <problem>``.
+
+    twistd answers a ``usage.UsageError`` by printing its whole usage text (on
+    stdout, before the message), which buries the one line about the file and
+    reads as if the command line were wrong. A ``SystemExit`` with a string
+    passes through twistd untouched; the interpreter prints the string to
+    stderr and exits with status 1."""
+
+    def __init__(self, error: ConfigError) -> None:
+        super().__init__(f"configuration error: {error}")
+        self.error = error
 
 
 def makeService(options: Any) -> IService:

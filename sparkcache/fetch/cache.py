@@ -80,6 +80,8 @@ class Target:
     ttl: float | None = None
     expected_digest: str | None = None
     pinned: bool = False
+    # Not cache, yet evictable (``Entry.kept``: a code-sync upload): no purge removes it.
+    kept: bool = False
     # Further digests the body must match, as (hashlib name, hex): npm's sha512
     # ``integrity``, a Maven ``.sha1``. Checked like expected_digest.
     checks: tuple[tuple[str, str], ...] = ()
@@ -163,6 +165,9 @@ class Body:
     total: int | None = None  # the announced length, checked before commit
     on_commit: Callable[[Entry], Awaitable[Any]] | None = None
     spool: SpoolFile | None = None
+    # The store's purge epoch the bytes are as of (``Store.epoch``); None:
+    # when the production began. A purge after it keeps them from being stored.
+    since: int | None = None
     # The bytes can be fetched again (an upstream response): when the store
     # cannot write, they may be passed through to the client instead.
     passable: bool = False
@@ -263,11 +268,14 @@ class Cache:
         (Live once bytes flow). What it returns is the outcome only if nothing
         settled it before."""
         self.metrics.inflight.inc()
+        # Taken before anything is asked of the source: a purge from now on
+        # keeps what this production brings from being stored.
+        since = self.store.epoch()
         try:
             opened = await source.open(self, target, stale)
             if not isinstance(opened, Body):
                 return opened
-            await self._store(target, stale, shared, opened)
+            await self._store(target, stale, shared, opened, since)
             # Settled (Live) before the body flowed: this outcome goes to nobody.
             return Failed(502, "internal error while producing")
         except CancelledError:
@@ -278,7 +286,7 @@ class Cache:
         finally:
             self.metrics.inflight.dec()
 
-    async def _store(self, target: Target, stale: Entry | None, shared: Shared[Result], body: Body) -> None:
+    async def _store(self, target: Target, stale: Entry | None, shared: Shared[Result], body: Body, since: int) -> None:
         """The one commit path: spool, verify, fsync, rename, index row, in that order."""
         key = target.key
         now = self.clock.seconds()
@@ -328,9 +336,10 @@ class Cache:
                 fetched=now, expires=None if target.ttl is None else now + target.ttl,
                 etag=etag if etag and _VALID_ETAG.match(etag) else None,
                 last_modified=body.headers.get("last-modified"), last_access=now, pinned=target.pinned,
+                kept=target.kept,
             )
             old = stale if stale is not None else self.store.index.peek(key)
-            committed = await self.store.commit(spool, entry)
+            committed = await self.store.commit(spool, entry, body.since if body.since is not None else since)
             if old is not None and old.digest is not None and old.digest != digest:
                 await self.store.release_digest(old.digest)
             # Leave the map before waking anyone, so nobody joins a finished flight.
@@ -494,6 +503,7 @@ class Upstream(Source):
 
     async def open(self, cache: Cache, target: Target, stale: Entry | None) -> Union[Body, Hit, Failed]:
         req, metrics, store = self.req, cache.metrics, cache.store
+        since = store.epoch()
         headers = dict(req.headers)
         if stale is not None and req.revalidate:
             if stale.etag:
@@ -535,7 +545,7 @@ class Upstream(Source):
                     kept[name] = v
             return Body(kept, lambda flight: receive(response, flight, cache.clock, req.remote.read_timeout),
                         # (Subclasses check the whole spooled body: only plain bodies pass.)
-                        total=_content_length(response), passable=type(self) is Upstream)
+                        total=_content_length(response), since=since, passable=type(self) is Upstream)
         await discard_body(response)
         if code == 304 and stale is not None:
             fresh = replace(
@@ -546,7 +556,11 @@ class Upstream(Source):
                 etag=_header(response, "etag") or stale.etag,
                 last_modified=_header(response, "last-modified") or stale.last_modified,
             )
-            return Hit(await store.index.put(fresh), "REVALIDATED")
+            if await store.refresh(fresh, since):
+                return Hit(fresh, "REVALIDATED")
+            # Purged or evicted while revalidating (its body may be gone): fetch it whole.
+            log.info("{key} was purged or evicted while being revalidated; fetching it again", key=req.key)
+            return await self.open(cache, target, None)
         if code in (404, 410, 451):
             # "Not there" answers, remembered briefly; 451 (unavailable for legal
             # reasons: cargo's third "no such crate") keeps its own status.
@@ -554,10 +568,10 @@ class Upstream(Source):
             if stale is not None:
                 await store.purge_key(req.key)
             if req.remote.cache.negative_ttl > 0:
-                await store.index.put(Entry(
+                await store.refresh(Entry(
                     req.key, req.remote.name, req.path, status, None, 0, None, {}, now,
                     now + req.remote.cache.negative_ttl, None, None, now,
-                ))
+                ), since)
             return Failed(status, f"not found upstream ({code})")
         if code >= 500 or code == 429:
             # 429 stays 429 so clients back off; other upstream failures are a bad gateway.

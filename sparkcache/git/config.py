@@ -97,6 +97,14 @@ class GitConfig:
     pack_cache: bool = True
     max_interval: float = 3600.0
     max_upstream_rate: float = 20.0
+    # Upstream fetches of one mirror: one in flight, and the next starts at least
+    # this long after the last ended (anonymous clients asking for unknown SHAs or
+    # refreshes must not drive the forge back-to-back; callers in between join).
+    min_fetch_interval: float = 2.0
+    # Mirrors created at run time (first use on an allowed host, POST /git/register):
+    # at most this many, and none while the mirrors on disk take max_size or more.
+    max_mirrors: int = 1000
+    max_size: int | None = None
     # forge kind (github, gitlab, gitea, forgejo) -> webhook secret
     webhooks: Mapping[str, str] = field(default_factory=dict, repr=False)
 
@@ -133,6 +141,9 @@ class GitConfig:
             "fsck_interval": self.fsck_interval,
             "stale_lock_age": self.stale_lock_age,
             "max_upload_pack_body": self.max_upload_pack_body,
+            "min_fetch_interval": self.min_fetch_interval,
+            "max_mirrors": self.max_mirrors,
+            "max_size": self.max_size,
             "pack_cache": self.pack_cache,
             "max_interval": self.max_interval,
             "max_upstream_rate": self.max_upstream_rate,
@@ -347,6 +358,13 @@ def parse_git_section(loader: Any, sec: Any) -> GitConfig:
     if isinstance(rate, bool) or not rate > 0:
         raise loader.error(sec.key("max_upstream_rate"), "expected a positive number of ref checks per second")
     webhooks = _webhooks(loader, sec)
+    min_fetch = sec.convert("min_fetch_interval", parse_duration, min(d.min_fetch_interval, fetch_interval))
+    if min_fetch < 0 or min_fetch > fetch_interval:
+        raise loader.error(sec.key("min_fetch_interval"), "must be between 0s and fetch_interval")
+    max_mirrors = sec.get("max_mirrors", int, d.max_mirrors)
+    if isinstance(max_mirrors, bool) or max_mirrors < 0:
+        raise loader.error(sec.key("max_mirrors"), "expected a number of mirrors (0: none created at run time)")
+    max_size = sec.convert("max_size", parse_size, None)
     cfg = GitConfig(
         fetch_interval=fetch_interval,
         fetch_concurrency=concurrency,
@@ -363,6 +381,9 @@ def parse_git_section(loader: Any, sec: Any) -> GitConfig:
         max_interval=max_interval,
         max_upstream_rate=float(rate),
         webhooks=webhooks,
+        min_fetch_interval=min_fetch,
+        max_mirrors=max_mirrors,
+        max_size=max_size,
     )
     sec.done()
     return cfg

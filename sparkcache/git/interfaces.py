@@ -19,6 +19,10 @@ class UnknownRepo(Exception):
     """No registered repository by that name/URL, and none may be created on first use."""
 
 
+class MirrorLimit(Exception):
+    """No more mirrors may be created at run time (``git.max_mirrors`` or ``git.max_size``)."""
+
+
 class MirrorUnavailable(Exception):
     """The mirror does not exist yet and could not be cloned (upstream unreachable, auth...)."""
 

@@ -261,6 +261,10 @@ class GitService(MultiService):
     def startService(self) -> None:
         self.mirrors.start()
         super().startService()
+        if self.mirrors.config.max_size is not None:
+            # git.max_size must count mirrors cloned before this start, too.
+            self.mirrors.measure().addErrback(
+                lambda f: log.warn("git: measuring the mirrors failed: {why}", why=f.getErrorMessage()))
 
     def stopService(self) -> Deferred[None]:
         return ensureDeferred(self._stop())

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import pygit2
 from pygit2.enums import FetchPrune
 from twisted.internet.defer import Deferred, DeferredLock, fail, succeed
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -33,7 +34,7 @@ from zope.interface import implementer
 from sparkcache.fetch.produce import Singleflight
 from sparkcache.git.config import GitConfig
 from sparkcache.git.credentials import Callbacks, describe
-from sparkcache.git.interfaces import IMirrors, Mirror, MirrorUnavailable
+from sparkcache.git.interfaces import IMirrors, Mirror, MirrorLimit, MirrorUnavailable
 from sparkcache.pools import DaemonThreadPool, stop_pool
 from sparkcache.git.rates import HostCollector, HostRates, forge_host
 from sparkcache.git.refcheck import CheckError, RefChecker, is_http
@@ -80,6 +81,10 @@ class DamagedMirror(FetchError):
     """fsck found damage and the re-clone failed: the next refresh re-clones."""
 
 
+# Mirrors whose last fetch time is remembered for pacing (oldest dropped first).
+MAX_PACED = 10_000
+
+
 @dataclass
 class MirrorState:
     last_fetch: float | None = None
@@ -109,6 +114,7 @@ class Mirrors:
         self.tmp_dir = os.path.join(self.git_dir, "tmp")
         self.trash_dir = os.path.join(self.git_dir, "trash")
         self.registry = Registry(config, self.git_dir)
+        self.registry.admit = self._admit
         for problem in self.registry.load():
             log.warn("git registry: {problem}", problem=problem)
         self.pool = DaemonThreadPool(0, config.threads + config.fetch_concurrency, "sparkcache-git")
@@ -133,6 +139,8 @@ class Mirrors:
         self._building: set[str] = set()
         self._building_lock = threading.Lock()
         self._stopped = False
+        # mirror path -> when its last upstream fetch ended (git.min_fetch_interval)
+        self._fetched_at: dict[str, float] = {}
         pygit2.settings.server_connect_timeout = CONNECT_TIMEOUT_MS
         pygit2.settings.server_timeout = IO_TIMEOUT_MS
 
@@ -193,6 +201,41 @@ class Mirrors:
 
     def mirrors(self) -> list[Mirror]:
         return [self.registry.mirror(r) for r in self.registry.all()]
+
+    def _admit(self) -> None:
+        """Refuse one more run-time mirror over git.max_mirrors or git.max_size
+        (anonymous clients on an allowed host must not grow the disk without bound)."""
+        cfg = self.config
+        if self.registry.created_at_runtime() >= cfg.max_mirrors:
+            raise MirrorLimit(f"this cache already holds git.max_mirrors ({cfg.max_mirrors}) mirrors created at "
+                              "run time; list the repository in git.repos or raise the limit")
+        if cfg.max_size is not None:
+            used = self.disk_used()
+            if used >= cfg.max_size:
+                raise MirrorLimit(f"the git mirrors take {used} bytes, at or over git.max_size ({cfg.max_size}); "
+                                  "no new mirror is created until some are removed or the budget is raised")
+
+    def disk_used(self) -> int:
+        """Bytes the mirrors take on disk, as last measured (after each fetch, each
+        maintenance, and at start-up by ``measure``)."""
+        return sum(st.size for st in self._state.values() if st.size)
+
+    def measure(self) -> Deferred[int]:
+        """Read the size of every mirror on disk whose size is not known yet (in
+        the pool), so that git.max_size counts mirrors cloned before a restart."""
+        todo = [m for m in self.mirrors() if self.state(m).size is None]
+
+        def sizes() -> list[int | None]:
+            return [dir_size(m.path) if is_repo(m.path) else None for m in todo]
+
+        def done(found: list[int | None]) -> int:
+            for m, size in zip(todo, found):
+                st = self.state(m)
+                if st.size is None and size is not None:
+                    st.size = size
+            return self.disk_used()
+
+        return self.run(sizes).addCallback(done)
 
     def _schedule(self, mirror: Mirror) -> None:
         if self.scheduler is not None:
@@ -304,10 +347,33 @@ class Mirrors:
 
         return d.addCallback(check)
 
-    def refresh(self, mirror: Mirror, clone: bool = True) -> Deferred[dict[str, str]]:
+    def refresh(self, mirror: Mirror, clone: bool = True, paced: bool = True) -> Deferred[dict[str, str]]:
         """Fetch now (cloning when the mirror is missing, unless ``clone`` is False),
-        joining a fetch already running for this mirror."""
-        return self._refreshes.run(mirror.path, lambda: self._refresh(mirror, clone))
+        joining a fetch already running for this mirror. ``paced``: wait until
+        git.min_fetch_interval has passed since the last fetch ended (False only
+        for the forge's own signed push webhooks)."""
+        return self._refreshes.run(mirror.path, lambda: Deferred.fromCoroutine(self._paced(mirror, clone, paced)))
+
+    async def _paced(self, mirror: Mirror, clone: bool, paced: bool) -> dict[str, str]:
+        # One fetch in flight per mirror (the singleflight above), and the next
+        # one no sooner than min_fetch_interval after the last ended: whoever asks
+        # in between (unknown SHAs, refreshes, webhooks) joins this one, so a
+        # storm of requests costs the forge one fetch per interval at most.
+        last = self._fetched_at.get(mirror.path)
+        if last is not None and paced:
+            wait = last + self.config.min_fetch_interval - self.clock.seconds()
+            if wait > 0:
+                await deferLater(self.clock, wait)
+        try:
+            return await self._refresh(mirror, clone)
+        finally:
+            # Kept for names that failed and were forgotten too (a repository
+            # that does not exist is not asked for again at once); bounded.
+            self._fetched_at.pop(mirror.path, None)
+            self._fetched_at[mirror.path] = self.clock.seconds()
+            if len(self._fetched_at) > MAX_PACED:
+                for path in list(self._fetched_at)[:MAX_PACED // 2]:
+                    del self._fetched_at[path]
 
     def _refresh(self, mirror: Mirror, clone: bool) -> Deferred[dict[str, str]]:
         st = self.state(mirror)
@@ -441,11 +507,11 @@ class Mirrors:
         updated ref in ``updates`` (ref name → new id), a second fetch follows."""
         st = self.state(mirror)
         running = mirror.path in self._refreshes
-        d = self.refresh(mirror, False)
+        d = self.refresh(mirror, False, paced=False)
 
         def again(refs: dict[str, str]) -> Any:
             if running and updates and any(refs.get(k) != v for k, v in updates.items()):
-                return self.refresh(mirror, False)
+                return self.refresh(mirror, False, paced=False)
             return refs
 
         d.addCallback(again)

@@ -18,7 +18,7 @@ import os
 import re
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from sparkcache.git.config import SCP_LIKE, GitConfig, check_name, check_url, url_host
@@ -28,6 +28,9 @@ REGISTRY_FILE = "registry.json"
 _SEGMENT = re.compile(r"^[A-Za-z0-9._-]+$")
 _HOSTPORT = re.compile(r"^(?!.*\.\.)[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::[0-9]{1,5})?$")
 MAX_SEGMENTS = 8
+# Registrations made while running, counted against git.max_mirrors (the
+# configured repos are not: the operator listed them).
+RUNTIME_SOURCES = ("runtime", "host")
 
 
 class RegistrationError(ValueError):
@@ -92,6 +95,9 @@ class Registry:
         self._version = 0
         self._saved_version = 0
         self._save_lock = threading.Lock()
+        # Asked before a registration is created at run time (first use on an
+        # allowed host, POST /git/register); raises MirrorLimit when over budget.
+        self.admit: Callable[[], None] = lambda: None
         for r in config.repos.values():
             self._add(Registration(r.name, r.url, r.source))
 
@@ -122,7 +128,7 @@ class Registry:
 
     def snapshot(self) -> tuple[int, bytes]:
         entries = [{"name": r.name, "url": r.url, "source": r.source}
-                   for r in self._repos.values() if r.source in ("runtime", "host")]
+                   for r in self._repos.values() if r.source in RUNTIME_SOURCES]
         return self._version, json.dumps({"version": 1, "repos": entries}, indent=1).encode() + b"\n"
 
     def dirty(self) -> bool:
@@ -214,6 +220,7 @@ class Registry:
             existing = self.by_url(reg.url)
             assert existing is not None
             return existing, False
+        self.admit()
         self._add(reg)
         return reg, True
 
@@ -237,8 +244,13 @@ class Registry:
         if other is not None and source == "runtime":
             raise RegistrationError(f"{url} is already registered as {other.name}")
         reg = Registration(name, url, source)
+        if source in RUNTIME_SOURCES:
+            self.admit()
         self._add(reg)
         return reg, True
+
+    def created_at_runtime(self) -> int:
+        return sum(1 for r in self._repos.values() if r.source in RUNTIME_SOURCES)
 
     def forget_unused_host(self, name: str) -> bool:
         """Drop a first-use registration on an allow-listed host that never got a
@@ -271,7 +283,7 @@ class Registry:
     def _add(self, reg: Registration) -> None:
         self._repos[reg.name] = reg
         self._by_key.setdefault(url_key(reg.url), reg.name)
-        if reg.source in ("runtime", "host"):
+        if reg.source in RUNTIME_SOURCES:
             self._version += 1
 
     def describe(self) -> dict[str, Any]:

@@ -65,6 +65,11 @@ class SetupEndpoint:
     methods: tuple[str, ...] = ("GET", "HEAD")
     # The scope a caller needs, or None when the handler checks credentials itself.
     scope: str | None = "read"
+    # Whether ``/setup/`` lists it now (asked per request: remotes change at runtime); None: always.
+    offered: Callable[[], bool] | None = None
+
+    def is_offered(self) -> bool:
+        return self.offered is None or self.offered()
 
 
 @dataclass

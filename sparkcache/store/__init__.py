@@ -9,7 +9,15 @@ write through ``new_spool``/``commit`` and read through ``read`` (a bounded
 body, in the I/O pool), ``open_range`` (what serving sends), ``exists`` (HEAD
 checks), ``list`` and the index's typed queries. An entry committed with
 ``pinned`` (an upload, a push: it exists nowhere else) is never evicted,
-expired or removed by a purge of the cache; deleting its key removes it.
+expired or removed by a purge of the cache; deleting its key removes it. One
+committed ``kept`` (a code-sync upload) is never purged either, but eviction
+may remove it.
+
+Purges cover productions in progress: one takes ``epoch()`` when it begins
+and hands it to ``commit``/``refresh``, which store nothing if the entry's
+cache (everything, its remote or its key) was purged since, checked in the
+SQLite thread inside the insert's transaction. A body is never removed while
+a commit of it is between its existence check and its row (``_drop``).
 
 Free space (see ``space``): below the floor (``storage.min_free``) the store
 evicts and says ``low_space``; after a write error (disk full, I/O error) it
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import builtins
 import os
+from collections import OrderedDict
 from typing import Any, Awaitable, Callable, TypeVar
 
 from twisted.internet.defer import Deferred, DeferredLock
@@ -70,6 +79,21 @@ class Store:
         # Bodies being sent right now (open BodyRanges) → how many: eviction passes them by.
         self._sending: dict[str, int] = {}
         self._spools: set[SpoolFile] = set()
+        # Bodies being committed → how many commits; bodies being removed → the
+        # removal. Together they close the race between a commit that finds its
+        # body already stored and a purge or eviction deleting that body (_drop).
+        self._committing: dict[str, int] = {}
+        self._removing: dict[str, _Removal] = {}
+        # Purge epochs: a counter, and when everything, each remote and each
+        # recently purged key were last purged (see commit's ``since``).
+        self._purges = 0
+        self._purged_all = 0
+        self._purged_remote: dict[str, int] = {}
+        self._purged_key: OrderedDict[str, int] = OrderedDict()
+        # Bodies of commits a purge refused → the eviction pass they came in:
+        # removed (unless named by then) one full pass later (_sweep_unowned).
+        self._unowned: dict[str, int] = {}
+        self._sweeps = 0
         self.size = 0
         self.entries = 0
         self.min_free = min_free
@@ -133,36 +157,105 @@ class Store:
         self._spools.discard(spool)
         spool.discard()
 
-    async def commit(self, spool: SpoolFile, entry: Entry) -> Entry:
-        """Make a complete, verified spool durable and visible under entry.key."""
+    async def commit(self, spool: SpoolFile, entry: Entry, since: int | None = None) -> Entry:
+        """Make a complete, verified spool durable and visible under entry.key.
+
+        ``since``: the purge epoch (``epoch()``) when the body's production
+        began. A cached entry purged after that (everything, its remote or
+        its key) is not made visible: the body may predate the purge. The
+        caller's clients still get it; its body goes at the eviction pass
+        after next, unless something else names it by then."""
         assert entry.digest == spool.hexdigest()
+        digest = entry.digest
+        assert digest is not None
 
         def durable() -> bool:
             spool.sync_and_close()
-            assert entry.digest is not None
-            return bool(self.cas.commit(spool.path, entry.digest))
+            return bool(self.cas.commit(spool.path, digest))
 
+        # From here until the row is in, no removal of this body may run: a
+        # commit that finds the body already stored relies on it staying (see _drop).
+        self._committing[digest] = self._committing.get(digest, 0) + 1
         try:
-            new_body = await self.in_io(durable)
+            removing = self._removing.get(digest)
+            while removing is not None:  # decided before we came: let it finish, then store ours
+                await removing.wait()
+                removing = self._removing.get(digest)
+            try:
+                new_body = await self.in_io(durable)
+            except BaseException:
+                self.discard(spool)
+                raise
+            self._spools.discard(spool)
+            if since is None or entry.local:
+                await self.index.put(entry)
+                written = True
+            else:
+                written = await self.index.put_unless(entry, lambda: self.purged_since(since, entry.remote, entry.key))
         except BaseException as e:
-            self.discard(spool)
-            self.note_write_error(e)
+            self._release_commit(digest)
+            # A purge meanwhile may have left the body to this commit (see _drop);
+            # and a body no row names must not take the space until a restart.
+            try:
+                await self.release_digest(digest)
+            except Exception:
+                log.failure("removing the body of {key} after a failed commit", key=entry.key)
+            self.note_write_error(e)  # after the removal: the room it makes counts it
             raise
-        self._spools.discard(spool)
-        try:
-            stored = await self.index.put(entry)
-        except BaseException as e:
-            # No row names the body: unless another entry does, it must not
-            # stay behind taking the space until a restart.
-            if new_body:
-                await self._free_unreferenced(entry.digest)
-            self.note_write_error(e)
-            raise
+        self._release_commit(digest)
+        if not written:
+            log.info("not keeping {key}: purged while it was being produced", key=entry.key)
+            # Its clients may still read the body by this entry (an index page
+            # waits for the whole body, then reads it): it goes a little later.
+            self._unowned.setdefault(digest, self._sweeps)
+            return entry
         # Approximate until the next stats refresh (a replaced key is not subtracted).
         self.entries += 1
         if new_body:
             self.size += entry.size
-        return stored
+        return entry
+
+    def _release_commit(self, digest: str) -> None:
+        n = self._committing[digest] - 1
+        if n:
+            self._committing[digest] = n
+        else:
+            del self._committing[digest]
+
+    # -- purge epochs ------------------------------------------------------------------
+
+    def epoch(self) -> int:
+        """The purge epoch now: captured when a production begins, handed to
+        ``commit`` (or ``refresh``) at its end."""
+        return self._purges
+
+    def purged_since(self, epoch: int, remote: str, key: str) -> bool:
+        """Whether the cache of ``key`` (of ``remote``) was purged after ``epoch``.
+        Called from the SQLite thread too: reads only (dict.get is atomic)."""
+        return (self._purged_all > epoch or self._purged_remote.get(remote, 0) > epoch
+                or self._purged_key.get(key, 0) > epoch)
+
+    def _new_purge(self) -> int:
+        self._purges += 1
+        return self._purges
+
+    async def refresh(self, entry: Entry, since: int) -> bool:
+        """Write ``entry``, a new state of a stored entry (revalidated) or a
+        negative one, unless its cache was purged after ``since`` (an epoch
+        taken before the upstream was asked) or, for one with a body, its row
+        is gone (purged, evicted) or names another body: the body may be gone
+        too, so the caller fetches it whole instead. Whether it was written."""
+
+        def purged() -> bool:
+            return not entry.local and self.purged_since(since, entry.remote, entry.key)
+
+        return await self.index.refresh_unless(entry, purged)
+
+    async def link(self, entry: Entry) -> bool:
+        """Record ``entry``, another key for a body already stored (an OCI
+        manifest under its digest, a cross-repository mount), unless that
+        body has been let go of meanwhile (purged, evicted); whether it was."""
+        return await self.index.put_if_body(entry)
 
     def read(self, entry: Entry, limit: int) -> Deferred[bytes]:
         """The body of ``entry`` read whole in the I/O pool, at most ``limit`` + 1
@@ -220,17 +313,36 @@ class Store:
     # -- removal -------------------------------------------------------------------
 
     async def _drop(self, result: tuple[int, builtins.list[str]]) -> int:
+        """Remove the bodies the index just let go of; returns the entry count.
+
+        A body being committed right now is left alone (the commit's row is
+        about to name it again; if that commit stores nothing after all, it
+        removes the body itself), and a commit of a body being removed waits
+        for the removal to end (then stores its own copy): so no row ever
+        names a body that a removal decided before the row appeared."""
         count, orphans = result
         # A body still being sent stays readable through its open descriptor.
-        if orphans:
-            await self.in_io(lambda: [self.cas.remove(d) for d in orphans])
+        doomed = [d for d in orphans if not self._committing.get(d) and d not in self._removing]
+        if doomed:
+            removal = _Removal()
+            for d in doomed:
+                self._removing[d] = removal
+            try:
+                await self.in_io(lambda: [self.cas.remove(d) for d in doomed])
+            finally:
+                for d in doomed:
+                    del self._removing[d]
+                removal.done()
         return count
 
-    async def _free_unreferenced(self, digest: str) -> None:
-        try:
-            await self.release_digest(digest)
-        except Exception:
-            log.failure("removing the body {digest} of a failed commit", digest=digest)
+    async def _sweep_unowned(self) -> None:
+        """Remove the bodies of refused commits that came before the last pass
+        (so their clients had at least one eviction interval to open them)."""
+        self._sweeps += 1
+        due = [d for d, at in self._unowned.items() if at < self._sweeps - 1]
+        for d in due:
+            del self._unowned[d]
+            await self.release_digest(d)
 
     async def release_digest(self, digest: str) -> None:
         """Remove a body that a replaced entry no longer needs (unless others do)."""
@@ -254,14 +366,31 @@ class Store:
         """Delete one entry, pinned or not (its body too, unless others name it)."""
         return await self._drop(await self._freeing(lambda: self.index.delete_key(key)))
 
+    async def purge_cached_key(self, key: str) -> int:
+        """Purge one cached entry (a pinned or kept one stays), and keep a
+        production of ``key`` in progress from committing what it fetched."""
+        seq = self._new_purge()
+        self._purged_key[key] = seq
+        self._purged_key.move_to_end(key)
+        while len(self._purged_key) > _PURGED_KEYS:
+            # The oldest is forgotten: count it as a purge of everything, so a
+            # production older than it still stores nothing (rare: a long fetch).
+            _, forgotten = self._purged_key.popitem(last=False)
+            self._purged_all = max(self._purged_all, forgotten)
+        return await self._drop(await self._freeing(lambda: self.index.delete_cached_key(key)))
+
     async def purge_remote(self, remote: str) -> int:
-        """Purge the cached entries of ``remote``; pinned ones stay."""
+        """Purge the cached entries of ``remote``; pinned ones stay, and a
+        production in progress for the remote commits nothing."""
+        self._purged_remote[remote] = self._new_purge()
         n = await self._drop(await self._freeing(lambda: self.index.delete_remote(remote)))
         await self._after_purge()
         return n
 
     async def purge_all(self) -> int:
-        """Purge everything cached; pinned entries stay."""
+        """Purge everything cached; pinned entries stay, and no production in
+        progress commits what it fetched."""
+        self._purged_all = self._new_purge()
         n = await self._drop(await self._freeing(lambda: self.index.delete_all()))
         await self.refresh_stats()
         await self._after_purge()
@@ -272,6 +401,13 @@ class Store:
         # out a write error or the next eviction tick.
         self._write_failed_at = None
         await self.check_space()
+
+    async def delete_local(self, remote: str, path: str) -> int:
+        """Delete local content (an upload, a push: the only copy) of ``remote``
+        at ``path``: the explicit, destructive call no purge makes."""
+        n = await self._drop(await self._freeing(lambda: self.index.delete_local(remote, path)))
+        await self.refresh_stats()
+        return n
 
     async def expire(self, now: float, retention: float) -> int:
         """Drop negative entries past their TTL, and entries stale for longer than
@@ -295,6 +431,7 @@ class Store:
         free-space floor; bodies of pinned entries and bodies being sent are
         skipped."""
         await self.index.flush_access()
+        await self._sweep_unowned()
         evicted = await self._evict_to_size()
         await self._room.acquire()
         try:
@@ -427,6 +564,27 @@ class Store:
             log.info("evicted {n} bodies for free space; {free} bytes free (floor {floor})", n=evicted, free=free,
                      floor=self.floor)
         return evicted
+
+
+# Keys whose purge is remembered for productions still running (see purge_cached_key).
+_PURGED_KEYS = 4096
+
+
+class _Removal:
+    """Bodies being removed: commits of them wait until they are gone."""
+
+    def __init__(self) -> None:
+        self._waiters: builtins.list[Deferred[None]] = []
+
+    def wait(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self._waiters.append(d)
+        return d
+
+    def done(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(None)
 
 
 def _digest_of(entry: Entry) -> str:

@@ -38,7 +38,7 @@ CREATE TABLE IF NOT EXISTS entries (
     etag TEXT,
     last_modified TEXT,
     last_access REAL NOT NULL,
-    pinned INTEGER NOT NULL DEFAULT 0
+    pinned INTEGER NOT NULL DEFAULT 0  -- 0 cache, 1 pinned, 2 kept (see PINNED, KEPT)
 );
 CREATE INDEX IF NOT EXISTS entries_remote ON entries(remote);
 CREATE INDEX IF NOT EXISTS entries_digest ON entries(digest);
@@ -62,6 +62,10 @@ class Entry:
     ``pinned``: the body exists nowhere else (an upload, a push), so it is
     never evicted, expired or removed by a purge of the cache; only deleting
     its own key removes it. The protocol that commits the entry sets it.
+    ``kept``: not cache either (a code-sync upload), so a purge of the cache
+    leaves it, but LRU eviction under ``storage.max_size`` may remove it
+    (its client still has the files and can upload them again). Either one
+    makes the entry *local content* (``local``).
     """
 
     key: str
@@ -78,6 +82,12 @@ class Entry:
     last_modified: str | None = None
     last_access: float = 0.0
     pinned: bool = False
+    kept: bool = False
+
+    @property
+    def local(self) -> bool:
+        """Content that exists nowhere else: no purge of the cache removes it."""
+        return self.pinned or self.kept
 
     def fresh(self, now: float) -> bool:
         return self.expires is None or now < self.expires
@@ -86,21 +96,31 @@ class Entry:
         return (
             self.key, self.remote, self.path, self.status, self.digest, self.size,
             self.content_type, json.dumps(self.headers), self.fetched, self.expires,
-            self.etag, self.last_modified, self.last_access, int(self.pinned),
+            self.etag, self.last_modified, self.last_access, _hold_column(self.pinned, self.kept),
         )
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> "Entry":
         (key, remote, path, status, digest, size, ctype, headers, fetched, expires, etag, lm, la, pinned) = row
         return cls(key, remote, path, status, digest, size, ctype, json.loads(headers), fetched, expires, etag, lm, la,
-                   bool(pinned))
+                   pinned == PINNED, pinned == KEPT)
+
+
+# The ``pinned`` column: 0 cache (purged, evicted, expired), PINNED (never
+# removed but by an explicit delete), KEPT (never purged, may be evicted).
+# Purges match ``pinned=0``; eviction passes over ``pinned=PINNED`` only.
+PINNED, KEPT = 1, 2
+
+
+def _hold_column(pinned: bool, kept: bool) -> int:
+    return PINNED if pinned else KEPT if kept else 0
 
 
 _COLUMNS = ("key, remote, path, status, digest, size, content_type, headers, fetched, expires, etag, last_modified, "
             "last_access, pinned")
 _NCOLUMNS = len(_COLUMNS.split(","))
 # Whether some pinned entry names the body ``blobs.digest``.
-_PINNED_BLOB = "EXISTS (SELECT 1 FROM entries AS p WHERE p.digest=blobs.digest AND p.pinned=1)"
+_PINNED_BLOB = f"EXISTS (SELECT 1 FROM entries AS p WHERE p.digest=blobs.digest AND p.pinned={PINNED})"
 
 
 @contextmanager
@@ -274,11 +294,11 @@ class Index:
 
     def expired_keys(self, now: float, retention: float) -> Deferred[list[tuple[str, str | None]]]:
         """Negative entries past their TTL, and bodies stale for longer than
-        ``retention``; never pinned ones."""
+        ``retention``; never pinned ones (kept ones may go: they are evictable)."""
 
         def q() -> list[tuple[str, str | None]]:
             return self.db.execute(
-                "SELECT key, digest FROM entries WHERE expires IS NOT NULL AND pinned=0 AND "
+                f"SELECT key, digest FROM entries WHERE expires IS NOT NULL AND pinned!={PINNED} AND "
                 "((status != 200 AND expires < ?) OR expires < ?)", (now, now - retention)
             ).fetchall()
 
@@ -292,13 +312,13 @@ class Index:
         ).fetchall())
 
     def over_quota(self, remote: str, quota: int) -> Deferred[list[str]]:
-        """Keys of ``remote``'s unpinned entries beyond its most recently used
+        """Keys of ``remote``'s unpinned entries (kept ones included) beyond its most recently used
         ``quota`` bytes: what to evict, least recently used last."""
 
         def q() -> list[str]:
             total, out = 0, []
             rows = self.db.execute(
-                "SELECT key, size FROM entries WHERE remote=? AND pinned=0 ORDER BY last_access DESC", (remote,))
+                f"SELECT key, size FROM entries WHERE remote=? AND pinned!={PINNED} ORDER BY last_access DESC", (remote,))
             for key, size in rows:
                 total += size or 0
                 if total > quota:
@@ -311,25 +331,66 @@ class Index:
 
     def put(self, entry: Entry) -> Deferred[Entry]:
         """Record an entry whose body (if any) is already committed to the store."""
+        return self._write(entry, None).addCallback(lambda _: entry)
 
-        def q() -> None:
+    def put_unless(self, entry: Entry, purged: Callable[[], bool]) -> Deferred[bool]:
+        """Record ``entry`` unless ``purged()``, asked in the SQLite thread
+        inside the insert's transaction (so a purge is either before it,
+        and the row never appears, or after it, and deletes the row);
+        whether the row was written."""
+        return self._write(entry, lambda: not purged())
+
+    def refresh_unless(self, entry: Entry, purged: Callable[[], bool]) -> Deferred[bool]:
+        """Write ``entry``, a new state of a stored entry (revalidated: new
+        expiry and validators), unless ``purged()`` or its row is gone or
+        names another body by now (purged, evicted, replaced): a refresh never
+        brings back a row whose body may have been removed. An entry with no
+        body (a negative one) is written unless ``purged()``. Whether it was."""
+
+        def still_there() -> bool:
+            return entry.digest is None or self.db.execute(
+                "SELECT 1 FROM entries WHERE key=? AND digest=?", (entry.key, entry.digest)).fetchone() is not None
+
+        return self._write(entry, lambda: not purged() and still_there())
+
+    def put_if_body(self, entry: Entry) -> Deferred[bool]:
+        """Record another entry naming a body already stored (``entry.digest``),
+        if that body is still referenced: its blob row is deleted in the very
+        transaction that lets its file go, so checking it here, in the
+        insert's transaction, never adds a row for a body being removed."""
+        return self._write(entry, lambda: self.db.execute(
+            "SELECT 1 FROM blobs WHERE digest=?", (entry.digest,)).fetchone() is not None)
+
+    def _write(self, entry: Entry, may: Callable[[], bool] | None) -> Deferred[bool]:
+        """Insert ``entry`` unless ``may()`` (asked in the insert's transaction)
+        says no; whether it was."""
+
+        def q() -> bool:
             with transaction(self.db):
-                self.db.execute(f"INSERT OR REPLACE INTO entries ({_COLUMNS}) VALUES ({','.join('?' * _NCOLUMNS)})",
-                                entry.as_row())
-                if entry.digest is not None:
-                    self.db.execute(
-                        "INSERT INTO blobs (digest, size, last_access) VALUES (?, ?, ?) "
-                        "ON CONFLICT(digest) DO UPDATE SET last_access=excluded.last_access",
-                        (entry.digest, entry.size, entry.last_access),
-                    )
-            return None
+                if may is not None and not may():
+                    return False
+                self._insert(entry)
+                return True
 
-        def done(_: object) -> Entry:
-            self._touched.pop(entry.key, None)
-            self._remember(entry)
-            return entry
+        def done(written: bool) -> bool:
+            if written:
+                self._touched.pop(entry.key, None)
+                self._remember(entry)
+            else:
+                self._forget([entry.key])
+            return written
 
         return self._run(q).addCallback(done)
+
+    def _insert(self, entry: Entry) -> None:
+        self.db.execute(f"INSERT OR REPLACE INTO entries ({_COLUMNS}) VALUES ({','.join('?' * _NCOLUMNS)})",
+                        entry.as_row())
+        if entry.digest is not None:
+            self.db.execute(
+                "INSERT INTO blobs (digest, size, last_access) VALUES (?, ?, ?) "
+                "ON CONFLICT(digest) DO UPDATE SET last_access=excluded.last_access",
+                (entry.digest, entry.size, entry.last_access),
+            )
 
     def touch(self, entry: Entry, now: float) -> None:
         """Note an access; written back by flush_access().
@@ -388,18 +449,39 @@ class Index:
         return self.delete_where("key=?", (key,))
 
     def delete_remote(self, remote: str) -> Deferred[tuple[int, list[str]]]:
-        """Purge the cache of one remote: its pinned entries stay."""
+        """Purge the cache of one remote: its pinned and kept entries stay."""
         return self.delete_where("remote=? AND pinned=0", (remote,))
 
     def delete_all(self) -> Deferred[tuple[int, list[str]]]:
-        """Purge the whole cache: pinned entries stay."""
+        """Purge the whole cache: pinned and kept entries stay."""
         return self.delete_where("pinned=0", ())
+
+    def delete_cached_key(self, key: str) -> Deferred[tuple[int, list[str]]]:
+        """Purge one cached entry: a pinned or kept one stays."""
+        self._forget([key])
+        return self.delete_where("key=? AND pinned=0", (key,))
+
+    def delete_local(self, remote: str, path: str) -> Deferred[tuple[int, list[str]]]:
+        """Delete the local content (pinned or kept entries) of ``remote`` at ``path``."""
+        return self.delete_where("remote=? AND path=? AND pinned!=0", (remote, path))
+
+    def list_local(self, remote: str, prefix: str = "", limit: int = 10_000) -> Deferred[list[Entry]]:
+        """The local content (pinned or kept entries) of ``remote`` whose path
+        starts with ``prefix``, by path."""
+        return self._run(lambda: [Entry.from_row(r) for r in self.db.execute(
+            f"SELECT {_COLUMNS} FROM entries WHERE remote=? AND pinned!=0 AND substr(path, 1, ?)=? "
+            "ORDER BY path LIMIT ?", (remote, len(prefix), prefix, limit))])
+
+    def local_summary(self) -> Deferred[list[tuple[str, int, int]]]:
+        """(remote, entries, bytes) of the local content of each remote holding some."""
+        return self._run(lambda: [(r, int(n), int(b or 0)) for r, n, b in self.db.execute(
+            "SELECT remote, COUNT(*), SUM(size) FROM entries WHERE pinned!=0 GROUP BY remote ORDER BY remote")])
 
     def delete_digest(self, digest: str) -> Deferred[tuple[int, list[str]]]:
         """Evict a body with every entry naming it, unless a pinned entry does
         (checked in the same transaction, since lru_blobs chose it)."""
         return self.delete_where(
-            "digest=? AND NOT EXISTS (SELECT 1 FROM entries AS p WHERE p.digest=? AND p.pinned=1)", (digest, digest))
+            f"digest=? AND NOT EXISTS (SELECT 1 FROM entries AS p WHERE p.digest=? AND p.pinned={PINNED})", (digest, digest))
 
     def unreferenced(self, digest: str) -> Deferred[list[str]]:
         """Forget the blob row of ``digest`` if no entry points at it any more."""

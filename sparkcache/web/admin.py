@@ -1,4 +1,4 @@
-"""Management endpoints: /, /health, /metrics, /config, /admin/purge."""
+"""Management endpoints: /, /health, /metrics, /config, /admin/purge, /admin/local."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from twisted.web.resource import IResource
 
 import sparkcache
 from sparkcache.context import Context
+from sparkcache.web import purge as purges
 from sparkcache.web.errors import JSON, HTTPError, add_error_handling, guarded
 
 
@@ -65,32 +66,21 @@ class AdminApp:
 
     @app.route("/admin/purge", methods=["POST"])
     async def purge(self, request: Any) -> bytes:
-        """Purge the cache: everything, one remote, or one entry. Pinned entries
-        (uploads, pushes: they exist nowhere else) stay unless named by path."""
-        self.ctx.auth.require(request, "admin")
-        remote = _arg(request, b"remote")
-        path = _arg(request, b"path")
-        store = self.ctx.store
-        if remote is None:
-            if path is not None:
-                raise HTTPError(400, "path needs remote")
-            n = await store.purge_all()
-        elif remote not in self.ctx.config.remotes and remote not in self.ctx.internal_remotes:
-            raise HTTPError(404, f"unknown remote {remote!r}")
-        elif path is None:
-            n = await store.purge_remote(remote)
-        else:
-            n = await store.purge_key(f"{remote}:{path.lstrip('/')}")
-        return _json(request, {"purged": n})
+        """Purge the cache: everything, one remote, or one entry. Uploads and
+        pushes (they exist nowhere else) are never purged: /admin/local deletes them."""
+        return _json(request, await purges.purge(self.ctx, request))
+
+    @app.route("/admin/local", methods=["GET", "HEAD"])
+    async def local(self, request: Any) -> bytes:
+        return _json(request, await purges.list_local(self.ctx, request))
+
+    @app.route("/admin/local", methods=["DELETE"])
+    async def delete_local(self, request: Any) -> bytes:
+        return _json(request, await purges.delete_local(self.ctx, request))
 
     @app.route("/<path:rest>", branch=True)
     def not_found(self, request: Any, rest: str) -> bytes:
         raise HTTPError(404, "no such endpoint")
-
-
-def _arg(request: Any, name: bytes) -> str | None:
-    v = request.args.get(name)
-    return v[0].decode("utf-8") if v else None
 
 
 def _json(request: Any, obj: Any) -> bytes:

@@ -8,11 +8,12 @@ daemon's public URL; ``render_snippet`` gives every one the same headers.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from klein import Klein
 from twisted.web.resource import IResource
 
+from sparkcache.config import RemoteConfig
 from sparkcache.context import Context
 from sparkcache.protocols.base import SetupEndpoint
 from sparkcache.web.errors import JSON, HTTPError, add_error_handling, guarded
@@ -32,6 +33,35 @@ def render_snippet(request: Any, content_type: str, body: str, install_path: str
 def query_arg(request: Any, name: str) -> str | None:
     raw = (request.args or {}).get(name.encode())
     return raw[0].decode("utf-8", "replace") if raw else None
+
+
+def setup_remote(ctx: Context, request: Any, types: Sequence[str], defaults: Sequence[str] | None = None) -> RemoteConfig:
+    """The remote a snippet points at: the one ``?remote=<name>`` names (of one of
+    ``types``), else the first configured remote of the first of ``defaults``
+    (``types`` when not given) that has one; a JSON 404 naming the choices otherwise."""
+    remotes = ctx.config.remotes
+    wanted = query_arg(request, "remote")
+    if wanted is not None:
+        r = remotes.get(wanted)
+        if r is None or r.type not in types:
+            names = ", ".join(n for n, r in remotes.items() if r.type in types) or "none"
+            raise HTTPError(404, f"no type: {' or '.join(types)} remote named {wanted[:80]!r}; configured: {names}")
+        return r
+    for rtype in defaults if defaults is not None else types:
+        for r in remotes.values():
+            if r.type == rtype:
+                return r
+    raise HTTPError(404, f"no type: {' or '.join(defaults or types)} remote is configured")
+
+
+def setup_remotes(ctx: Context, request: Any, types: Sequence[str]) -> list[RemoteConfig]:
+    """Every remote of ``types`` a snippet covers, or only the one ``?remote=<name>`` names."""
+    if query_arg(request, "remote") is not None:
+        return [setup_remote(ctx, request, types)]
+    found = [r for r in ctx.config.remotes.values() if r.type in types]
+    if not found:
+        raise HTTPError(404, f"no type: {' or '.join(types)} remote is configured")
+    return found
 
 
 class SetupApp:
@@ -66,4 +96,5 @@ class SetupApp:
         raise HTTPError(404, f"use /setup/<kind> with kind one of {self._kinds()}")
 
     def _kinds(self) -> str:
-        return ", ".join(k for k in sorted(self.endpoints) if k != "token") or "none (no protocol offers one)"
+        kinds = (k for k, ep in sorted(self.endpoints.items()) if k != "token" and ep.is_offered())
+        return ", ".join(kinds) or "none (no protocol offers one)"

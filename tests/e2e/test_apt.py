@@ -115,16 +115,20 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_apt_get_through_deb_remote(tmp_path, upstream_factory, daemon_factory):
+def served_repo(tmp_path, upstream_factory):
+    """(the .deb, an upstream serving its repository, the architecture), after checking the tools."""
     require_tool("apt-get", "apt-get is the client under test")
     require_tool("dpkg-deb", "dpkg-deb builds the test package")
     require_tool("apt-ftparchive", "apt-ftparchive (Debian package apt-utils) builds the repository index")
     arch = run_checked(["dpkg", "--print-architecture"]).stdout.strip()
-
     repo = tmp_path / "repo"
     repo.mkdir()
     deb = build_repo(repo, arch)
-    upstream = upstream_factory(repo)
+    return deb, upstream_factory(repo), arch
+
+
+def test_apt_get_through_deb_remote(tmp_path, upstream_factory, daemon_factory):
+    deb, upstream, arch = served_repo(tmp_path, upstream_factory)
     remote = {
         "type": "deb",
         "upstream": upstream.base_url,

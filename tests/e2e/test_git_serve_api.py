@@ -20,9 +20,11 @@ from tests.support.git_upstream import (  # noqa: F401 - fixture
 
 WRITE = "w-7d1c0f5e"
 READ = "r-42b9a3c1"
+ADMIN = "a-0e77b2d4"
 AUTH = {"anonymous_read": False, "tokens": [{"name": "ci", "token_env": "T_READ", "scopes": ["read"]},
-                                           {"name": "ops", "token_env": "T_WRITE", "scopes": ["write"]}]}
-TOKENS = {"T_READ": READ, "T_WRITE": WRITE}
+                                           {"name": "ops", "token_env": "T_WRITE", "scopes": ["write"]},
+                                           {"name": "root", "token_env": "T_ADMIN", "scopes": ["admin"]}]}
+TOKENS = {"T_READ": READ, "T_WRITE": WRITE, "T_ADMIN": ADMIN}
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -43,14 +45,17 @@ def test_register_then_clone(up: GitUpstream, daemon_factory: Any, tmp_path: Pat
     assert d.request("POST", path).status == 401
     r = d.request("POST", path, headers=bearer(READ))
     assert r.status == 403, r.describe()
+    # 127.0.0.1:<port> is not in git.allowed_hosts: a write token may not add it.
     r = d.request("POST", path, headers=bearer(WRITE))
+    assert r.status == 403 and "admin" in json.loads(r.body)["error"], r.describe()
+    r = d.request("POST", path, headers=bearer(ADMIN))
     assert r.status == 201, r.describe()
     assert json.loads(r.body) == {"name": "tool", "url": up.url("tool"), "created": True}
-    # Same registration again: fine, not created.
+    # Same registration again (now known, so write will do): fine, not created.
     r = d.request("POST", path, headers=bearer(WRITE))
     assert r.status == 200 and json.loads(r.body)["created"] is False, r.describe()
     # The name is taken by another URL.
-    r = d.request("POST", f"/git/register?name=tool&repo={quote(up.url('other'), safe='')}", headers=bearer(WRITE))
+    r = d.request("POST", f"/git/register?name=tool&repo={quote(up.url('other'), safe='')}", headers=bearer(ADMIN))
     assert r.status == 409 and r.header("Content-Type") == "application/json", r.describe()
     r = d.request("POST", "/git/register?name=x&repo=ftp%3A%2F%2Fh%2Fr", headers=bearer(WRITE))
     assert r.status == 400, r.describe()

@@ -216,6 +216,15 @@ class _Server(ThreadingHTTPServer):
         # waits for serve_forever) with it. Non-blocking, that accept just fails.
         self.socket.setblocking(False)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A handler that raised closes its connection without an answer, which
+        # libgit2 reports as "unexpected EOF": keep the reason for describe(),
+        # which a failing test prints, instead of only on stderr.
+        import traceback
+
+        with self.owner.lock:
+            self.owner.errors.append(traceback.format_exc())
+
 
 class GitUpstream:
     """Bare repositories under ``root`` behind ``git http-backend`` on 127.0.0.1."""
@@ -227,6 +236,7 @@ class GitUpstream:
         self.port = 0
         self.lock = threading.Lock()
         self.requests: list[SeenRequest] = []
+        self.errors: list[str] = []  # tracebacks of handlers that failed
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -355,6 +365,8 @@ class GitUpstream:
             lines.append(f"  {r.method} {r.path}{'?' + r.query if r.query else ''} -> {r.status}"
                          f" proto={r.git_protocol or '-'} enc={r.content_encoding or '-'} cmd={r.command or '-'}"
                          f" agent={r.agent or '-'}")
+        with self.lock:
+            lines += [f"  handler failed (its connection closed without an answer):\n{e}" for e in self.errors]
         return "\n".join(lines)
 
 
@@ -474,7 +486,7 @@ def git_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
     require_tool("git")
     d = Daemon(tmp_path_factory.mktemp("git-cache"),
-               auth={"tokens": [{"name": "ops", "token_env": "GIT_TEST_WRITE", "scopes": ["write"]}]},
+               auth={"tokens": [{"name": "ops", "token_env": "GIT_TEST_WRITE", "scopes": ["admin"]}]},
                env={"GIT_TEST_WRITE": WRITE_TOKEN}, extra=git_daemon_config()).start()
     yield d
     d.close()

@@ -43,6 +43,8 @@ def daemon(tmp_path: Path) -> Iterator[SparkcacheService]:
             "pushes": {"type": "oci-local"},
             "hub": {"type": "oci", "upstream": "http://127.0.0.1:9", "registries": ["docker.io"]},
         },
+        # seeds of repositories on this host need only the write scope
+        "git": {"allowed_hosts": ["http://x"]},
         "auth": {"anonymous_read": False, "tokens": [
             {"name": "w", "token": WRITE, "scopes": ["read", "write"]},
             {"name": "r", "token": READ, "scopes": ["read"]},

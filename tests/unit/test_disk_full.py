@@ -156,10 +156,11 @@ async def test_index_full_at_commit_removes_the_body_it_renamed(env, monkeypatch
     cache, store, clock, remote, up = env
     up.add("/i", b"i" * 5000)
 
-    def full(entry: Entry) -> Deferred[Entry]:
+    def full(entry: Entry, *args: object) -> Deferred[Entry]:
         return Deferred.fromCoroutine(_raise(sqlite3.OperationalError("database or disk is full")))
 
     monkeypatch.setattr(store.index, "put", full)
+    monkeypatch.setattr(store.index, "put_unless", full)  # the insert a purge-aware commit uses
     res = await cache.get(creq(remote, up, "i"))
     with pytest.raises(BodyError, match="disk is full"):
         await res.flight.wait_done()

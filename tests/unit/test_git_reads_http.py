@@ -37,7 +37,7 @@ from tests.support.tools import require_tool
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-CONFIG = {"auth": {"anonymous_read": True, "tokens": [{"name": "ci", "token": TOKEN, "scopes": ["read", "write"]}]}}
+CONFIG = {"auth": {"anonymous_read": True, "tokens": [{"name": "ci", "token": TOKEN, "scopes": ["read", "write", "admin"]}]}}
 
 
 class Server:

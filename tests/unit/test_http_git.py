@@ -110,6 +110,11 @@ async def test_anonymous_reads_on_and_off(h: Harness, closed: Harness) -> None:
 async def test_writes_need_the_write_scope(h: Harness) -> None:
     assert_json_error(await h.post("/git/register?name=x&repo=https://forge.example/x.git"), 401)
     assert_json_error(await h.post("/git/register?name=x&repo=https://forge.example/x.git", None, bearer(READ)), 403)
+    # A write token may not point the cache at a host nobody allowed (only admin may).
+    refused = assert_json_error(await h.post("/git/register?name=x&repo=https://forge.example/x.git", None,
+                                             bearer(WRITE)), 403)
+    assert "admin" in refused["error"]
+    assert_json_error(await h.post("/sync/seed?repo=https://forge.example/x.git", b"bundle", bearer(WRITE)), 403)
     assert_json_error(await h.post("/sync/seed?repo=https://forge.example/x.git", b"bundle", bearer(READ)), 403)
     assert_json_error(await h.post("/upload", b"tarball", bearer(READ)), 403)
     assert h.mirrors.seeded == []

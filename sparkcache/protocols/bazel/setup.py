@@ -13,7 +13,7 @@ from typing import Any, Callable
 from sparkcache.context import Context
 from sparkcache.protocols.bazel.app import MAX_PREFIX_SEGMENTS, PREFIX_SEGMENT
 from sparkcache.web.errors import HTTPError
-from sparkcache.web.setup import query_arg, render_snippet
+from sparkcache.web.setup import query_arg, render_snippet, setup_remote
 from sparkcache.web.urls import public_base
 
 
@@ -33,13 +33,8 @@ def bazelrc(url: str) -> str:
 
 def handler(ctx: Context) -> Callable[[Any], bytes]:
     def snippet(request: Any) -> bytes:
-        remotes = [r for r in ctx.config.remotes.values() if r.type == "bazel"]
-        wanted = query_arg(request, "remote")
-        if wanted is not None:
-            remotes = [r for r in remotes if r.name == wanted]
-        if not remotes:
-            raise HTTPError(404, f"no type: bazel remote named {wanted!r}" if wanted else "no type: bazel remote")
-        url = f"{public_base(request, ctx.config.server.public_url)}/bazel/{remotes[0].name}"
+        remote = setup_remote(ctx, request, ("bazel",))
+        url = f"{public_base(request, ctx.config.server.public_url)}/bazel/{remote.name}"
         prefix = query_arg(request, "prefix")
         if prefix:
             segs = prefix.strip("/").split("/")

@@ -40,13 +40,10 @@ def registry_toml(index_url: str, remote: str) -> str:
     )
 
 
-def snippet(ctx: Context, request: Any, remote: str | None, mode: str | None) -> str:
-    cargo = [n for n, r in ctx.config.remotes.items() if r.type == "cargo"]
-    if not cargo:
-        raise HTTPError(404, "no type: cargo remote is configured")
-    name = remote if remote is not None else cargo[0]
-    if name not in cargo:
-        raise HTTPError(404, f"no type: cargo remote named {name[:80]!r}; configured: {', '.join(cargo)}")
+def snippet(ctx: Context, request: Any, mode: str | None) -> str:
+    from sparkcache.web.setup import setup_remote
+
+    name = setup_remote(ctx, request, ("cargo",)).name
     mode = mode or "mirror"
     if mode not in MODES:
         raise HTTPError(400, f"unknown mode {mode[:40]!r}; one of {', '.join(MODES)}")
@@ -58,7 +55,7 @@ def handler(ctx: Context) -> Callable[[Any], bytes]:
     from sparkcache.web.setup import query_arg, render_snippet
 
     def handle(request: Any) -> bytes:
-        body = snippet(ctx, request, query_arg(request, "remote"), query_arg(request, "mode"))
+        body = snippet(ctx, request, query_arg(request, "mode"))
         return render_snippet(request, "application/toml", body, INSTALL_PATH)
 
     return handle

@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from sparkcache.protocols.base import Built, ProtocolSpec, RemoteKind, SetupEndpoint
 from sparkcache.protocols.dagger.options import dagger_options
-from sparkcache.web.errors import HTTPError
-from sparkcache.web.setup import query_arg, render_snippet
+from sparkcache.web.setup import render_snippet, setup_remote
 from sparkcache.web.urls import public_base
 
 if TYPE_CHECKING:
@@ -40,14 +39,9 @@ def build(ctx: "Context") -> Built:
     app = DaggerApp(ctx)
 
     def snippet(request: Any) -> bytes:
-        names = sorted(app.remotes)
-        wanted = query_arg(request, "remote")
-        if wanted is not None:
-            if wanted not in app.remotes:
-                raise HTTPError(404, f"no type: dagger remote named {wanted!r}")
-            names = [wanted]
+        name = setup_remote(ctx, request, ("dagger",)).name
         base = public_base(request, ctx.config.server.public_url)
-        return render_snippet(request, "text/x-shellscript", setup_snippet(base, names[0]), "/etc/default/dagger-engine")
+        return render_snippet(request, "text/x-shellscript", setup_snippet(base, name), "/etc/default/dagger-engine")
 
     return Built(resource=app.resource(), gate=app.body_gate, setup={"dagger": SetupEndpoint(snippet)})
 

@@ -34,16 +34,17 @@ TYPE_NAMES = frozenset(t.name for t in REMOTE_TYPES)
 
 def build(ctx: "Context") -> Built:
     from sparkcache.pools import PoolService
+    from sparkcache.protocols.generic import setup
     from sparkcache.protocols.generic.app import INDEX_TYPES, GenericApp
 
     if not any(r.type in INDEX_TYPES for r in ctx.config.remotes.values()):
         app = GenericApp(ctx)
-        return Built(resource=app.resource(), gate=app.body_gate)
+        return Built(resource=app.resource(), gate=app.body_gate, setup=setup.endpoints(ctx))
     # Index rewrites and YAML parsing take seconds on a large index: a pool of
     # their own, so they never hold up the store's spool writes and renames.
     pool = PoolService("sparkcache-index", 2, ctx.reactor, ctx.config.server.shutdown_timeout)
     app = GenericApp(ctx, pool.run)
-    return Built(resource=app.resource(), gate=app.body_gate, services=[pool])
+    return Built(resource=app.resource(), gate=app.body_gate, services=[pool], setup=setup.endpoints(ctx))
 
 
 SPEC = ProtocolSpec(name="generic", segments=(b"api",), build=build, remote_types=REMOTE_TYPES)

@@ -32,6 +32,7 @@ from sparkcache.store import Entry
 from sparkcache.web.bodies import BodyDecision, ToSpool, checked, request_spool
 from sparkcache.web.errors import JSON, HTTPError, add_error_handling, refuse_path
 from sparkcache.web.paths import BadPath, quote_segments, split_raw_path, vet_request
+from sparkcache.web.purge import refuse_local_purge
 from sparkcache.web.respond import guess_type, respond, serve_hit
 from sparkcache.web.serve import error_body, header
 from sparkcache.web.urls import public_base
@@ -170,6 +171,7 @@ class GenericApp:
                 return await self.prefetch(request, remote)
             if method == b"DELETE":
                 self.ctx.auth.require(request, "admin")
+                refuse_local_purge(self.ctx, remote.name)  # uploads: DELETE them one by one
                 return _json(request, {"purged": await self.ctx.store.purge_remote(remote.name)})
             raise HTTPError(405, f"{method.decode()} is not allowed on a remote", {"Allow": "GET, HEAD, POST, DELETE"})
         key = _key(remote, path, query)
@@ -189,7 +191,11 @@ class GenericApp:
             return await self.upload(request, remote, key, path)
         if method == b"DELETE":
             self.ctx.auth.require(request, "admin")
-            return _json(request, {"purged": await self.ctx.store.purge_key(key)})
+            # On a local remote, deleting the upload itself (explicit, one path);
+            # on a cache, a purge that a fetch of the key in progress respects.
+            store = self.ctx.store
+            return _json(request, {"purged": await (store.purge_key(key) if remote.type == "local"
+                                                    else store.purge_cached_key(key))})
         allow = "GET, HEAD, PUT, DELETE" if remote.type == "local" else "GET, HEAD, DELETE"
         raise HTTPError(405, f"{method.decode()} is not allowed here", {"Allow": allow})
 

@@ -40,6 +40,8 @@ def serve(ctx: "Context", mirrors: "IMirrors") -> Built:
     """The git apps over any IMirrors (tests hand in a fake one)."""
     from sparkcache.git.packcache import PackCache
     from sparkcache.pools import PoolService
+    from sparkcache.protocols.base import SetupEndpoint
+    from sparkcache.protocols.git import setup
     from sparkcache.protocols.git.codesync import CodeSyncApp
     from sparkcache.protocols.git.smart_http import GitApp
     from sparkcache.web.root import Remount
@@ -57,6 +59,7 @@ def serve(ctx: "Context", mirrors: "IMirrors") -> Built:
         gates={b"git": smart_http.body_gate, b"repos": smart_http.body_gate,
                **{s: codesync.body_gate for s in READ_SEGMENTS}},
         services=[upload_pool],
+        setup={"git": SetupEndpoint(setup.handler(ctx, mirrors), offered=lambda: setup.offered(ctx, mirrors))},
     )
 
 

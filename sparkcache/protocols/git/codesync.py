@@ -32,6 +32,7 @@ from sparkcache.fetch.produce import shield
 from sparkcache.fetch.sources import ThreadBuild
 from sparkcache.git import reads, uploads
 from sparkcache.git.interfaces import IMirrors, Mirror, MirrorUnavailable, UnknownRepo
+from sparkcache.protocols.git.policy import require_registration
 from sparkcache.protocols.git.errors import READ_API
 from sparkcache.store import Entry, SpoolFile
 from sparkcache.web.bodies import BodyDecision, InMemory, Refuse, ToSpool, announced_length, checked, request_spool
@@ -382,7 +383,9 @@ class CodeSyncApp:
             return self.guarded(mirror, d) if mirror is not None else d
 
         source = ThreadBuild(lambda out: uploads.write_normalized(tree, out), {**headers, "etag": etag}, run=run)
-        result = await self.ctx.cache.get(Target(key, UPLOAD_REMOTE, key), source)
+        # Kept: no purge of the cache removes an upload (its only copy), though
+        # eviction under storage.max_size may (the client can upload it again).
+        result = await self.ctx.cache.get(Target(key, UPLOAD_REMOTE, key, kept=True), source)
         if isinstance(result, Hit):
             return result.entry, "HIT"
         if isinstance(result, Failed):
@@ -428,6 +431,7 @@ class CodeSyncApp:
         self.ctx.auth.require(request, "write")
         url = _arg(request, "repo", required=True)
         assert url is not None
+        require_registration(self.ctx, request, self.mirrors, url)
         return url, _arg(request, "name")
 
     @app.route("/sync/seed", methods=["POST"])

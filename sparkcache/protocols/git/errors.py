@@ -21,7 +21,7 @@ from typing import Any
 
 from sparkcache.auth import REALM
 from sparkcache.git import reads, uploads
-from sparkcache.git.interfaces import MirrorUnavailable, UnknownRepo
+from sparkcache.git.interfaces import MirrorLimit, MirrorUnavailable, UnknownRepo
 from sparkcache.git.pktline import pkt_line
 from sparkcache.web.errors import ErrorFormat, ErrorReply, ReplyRule, render_json, set_headers
 
@@ -39,6 +39,8 @@ def _unknown(e: UnknownRepo, request: Any) -> ErrorReply:
 
 MIRROR_RULES: tuple[ReplyRule, ...] = (
     (UnknownRepo, _unknown),
+    # Insufficient Storage: retrying will not help until the operator acts.
+    (MirrorLimit, lambda e, request: ErrorReply(507, f"no new mirror: {e}")),
     (MirrorUnavailable, lambda e, request: ErrorReply(503, f"mirror unavailable: {e}", {"Retry-After": "30"})),
 )
 

@@ -28,6 +28,7 @@ from sparkcache.git.packcache import PackCache
 from sparkcache.git.pktline import FLUSH, PktError, UploadRequest, parse_request, pkt_line
 from sparkcache.git.uploadpack import spawn_upload_pack
 from sparkcache.protocols.git import webhook
+from sparkcache.protocols.git.policy import require_registration
 from sparkcache.protocols.git.errors import ADVERTISEMENT, RESULT, SMART_HTTP
 from sparkcache.web.bodies import BodyDecision, checked
 from sparkcache.web.errors import HTTPError, add_error_handling, guarded
@@ -442,6 +443,7 @@ class GitApp:
         url = _param(query, "repo") or _param(query, "url")
         if not url:
             raise HTTPError(400, "give the upstream as ?repo=URL (and optionally &name=NAME)")
+        require_registration(self.ctx, request, self.git, url)
         name = _param(query, "name") or None
         git = self.git
         known = {m.url for m in git.mirrors()} if hasattr(git, "mirrors") else set()
@@ -461,6 +463,9 @@ class GitApp:
         return _json(request, {"name": mirror.name, "url": mirror.url, "created": bool(created)})
 
     async def refresh(self, request: Any, query: dict[str, list[str]]) -> bytes:
+        # A read: clients ask for one after a push. What keeps anonymous callers
+        # from driving the forge is the mirror's pacing (one fetch in flight, the
+        # next min_fetch_interval after it; callers in between join it).
         self.ctx.auth.require(request, "read")
         key = _param(query, "name") or _param(query, "repo")
         if not key:

@@ -14,8 +14,7 @@ from typing import Any, Callable
 
 from sparkcache.context import Context
 from sparkcache.protocols.go.sumdb import DEFAULT_SUMDB, options_of
-from sparkcache.web.errors import HTTPError
-from sparkcache.web.setup import query_arg, render_snippet
+from sparkcache.web.setup import render_snippet, setup_remote
 from sparkcache.web.urls import public_base
 
 
@@ -45,13 +44,7 @@ def go_env(base: str, remote: str, sumdb_names: list[str]) -> str:
 
 def handler(ctx: Context) -> Callable[[Any], bytes]:
     def snippet(request: Any) -> bytes:
-        remotes = [r for r in ctx.config.remotes.values() if r.type == "go"]
-        wanted = query_arg(request, "remote")
-        if wanted is not None:
-            remotes = [r for r in remotes if r.name == wanted]
-            if not remotes:
-                raise HTTPError(404, f"no type: go remote named {wanted!r}")
-        remote = remotes[0]
+        remote = setup_remote(ctx, request, ("go",))
         names = [name for name, _url in options_of(remote).sumdb]
         base = public_base(request, ctx.config.server.public_url)
         return render_snippet(request, "text/x-shellscript", go_env(base, remote.name, names), "$HOME/.config/go/env")

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from sparkcache.config import RemoteConfig
 from sparkcache.context import Context
 from sparkcache.protocols.base import SetupEndpoint
 from sparkcache.web.errors import HTTPError
-from sparkcache.web.setup import query_arg, render_snippet
+from sparkcache.web.setup import query_arg, render_snippet, setup_remote
 from sparkcache.web.urls import public_base
 
 LAYOUTS = ("subdirs", "flat", "bazel")
@@ -69,19 +68,9 @@ def gradle_settings(url: str) -> str:
     return "\n".join(lines)
 
 
-def pick_remote(ctx: Context, request: Any) -> RemoteConfig:
-    remotes = [r for r in ctx.config.remotes.values() if r.type == "kv"]
-    wanted = query_arg(request, "remote")
-    if wanted is not None:
-        remotes = [r for r in remotes if r.name == wanted]
-        if not remotes:
-            raise HTTPError(404, f"no type: kv remote named {wanted!r}")
-    return remotes[0]
-
-
 def endpoints(ctx: Context) -> dict[str, SetupEndpoint]:
     def url_of(request: Any, suffix: str = "") -> str:
-        remote = pick_remote(ctx, request)
+        remote = setup_remote(ctx, request, ("kv",))
         return f"{public_base(request, ctx.config.server.public_url)}/kv/{remote.name}/{suffix}"
 
     def ccache(request: Any) -> bytes:

@@ -23,7 +23,7 @@ from xml.sax.saxutils import escape
 
 from sparkcache.context import Context
 from sparkcache.web.errors import HTTPError
-from sparkcache.web.setup import query_arg, render_snippet
+from sparkcache.web.setup import query_arg, render_snippet, setup_remote
 from sparkcache.web.urls import public_base
 
 KINDS = ("maven", "gradle")
@@ -32,10 +32,7 @@ _MIRROR_OF = re.compile(r"^[A-Za-z0-9*!,:._-]{1,200}$")
 
 def remote_base(ctx: Context, request: Any) -> tuple[str, str]:
     """(remote name, its URL as clients see it, ending in ``/``)."""
-    maven = [r.name for r in ctx.config.remotes.values() if r.type == "maven"]
-    name = query_arg(request, "remote") or (maven[0] if maven else None)
-    if name is None or name not in maven:
-        raise HTTPError(404, f"no type: maven remote named {name!r}; one of {', '.join(maven) or 'none'}")
+    name = setup_remote(ctx, request, ("maven",)).name
     base = public_base(request, ctx.config.server.public_url)
     return name, f"{base}{ctx.remote_url(name)}"
 

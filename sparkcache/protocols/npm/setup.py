@@ -14,8 +14,7 @@ from urllib.parse import urlsplit
 
 from sparkcache.context import Context
 from sparkcache.protocols.npm import NPM_TYPES
-from sparkcache.web.errors import HTTPError
-from sparkcache.web.setup import query_arg, render_snippet
+from sparkcache.web.setup import query_arg, render_snippet, setup_remote
 from sparkcache.web.urls import public_base
 
 KINDS = ("npm", "pnpm", "yarn")
@@ -23,19 +22,7 @@ KINDS = ("npm", "pnpm", "yarn")
 
 def registry_url(ctx: Context, request: Any) -> tuple[str, str]:
     """(remote name, its registry URL with a trailing slash) for this request."""
-    remotes = ctx.config.remotes
-    name = query_arg(request, "remote")
-    if name is not None:
-        remote = remotes.get(name)
-        if remote is None or remote.type not in NPM_TYPES:
-            raise HTTPError(404, f"no npm remote named {name[:80]!r}")
-    else:
-        for wanted in ("npm-group", "npm", "npm-local"):
-            remote = next((r for r in remotes.values() if r.type == wanted), None)
-            if remote is not None:
-                break
-        else:
-            raise HTTPError(404, "no npm remote is configured")
+    remote = setup_remote(ctx, request, NPM_TYPES, ("npm-group", "npm", "npm-local"))
     return remote.name, f"{public_base(request, ctx.config.server.public_url)}/npm/{remote.name}/"
 
 

@@ -210,7 +210,8 @@ class LocalRegistry:
         if src is None or src.digest != hexd:
             return None
         now = self.ctx.clock.seconds()
-        await self.ctx.store.index.put(_blob_entry(remote, repo, hexd, src.size, now))
+        if not await self.ctx.store.link(_blob_entry(remote, repo, hexd, src.size, now)):
+            return None  # deleted meanwhile: the client uploads it instead
         return _empty(request, 201, {"Location": f"{base}/blobs/{digest}", "Docker-Content-Digest": digest})
 
     async def patch_upload(self, request: Any, remote: RemoteConfig, repo: str, session: str, base: str) -> bytes:

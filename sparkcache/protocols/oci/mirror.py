@@ -206,6 +206,7 @@ class Mirror:
     async def _check_tag(self, req: CacheRequest, stale: Entry, scope: str) -> tuple[str, Entry | None]:
         """HEAD upstream for a stale tag: (REVALIDATED, entry), (STALE, entry) or (FETCH, None)."""
         remote = req.remote
+        since = self.ctx.store.epoch()  # a purge from now on: the stale manifest is not brought back
         try:
             headers = {**req.headers, **await self._auth(remote, scope)}
         except OCIError as e:
@@ -243,7 +244,8 @@ class Mirror:
             if code == 200 and digest == f"sha256:{stale.digest}":
                 now = self.ctx.clock.seconds()
                 fresh = replace(stale, fetched=now, expires=now + (req.ttl or 0), last_access=now)
-                return "REVALIDATED", await self.ctx.store.index.put(fresh)
+                if await self.ctx.store.refresh(fresh, since):
+                    return "REVALIDATED", fresh
             return "FETCH", None
         return "FETCH", None
 
@@ -256,8 +258,9 @@ class Mirror:
         if await self.ctx.store.index.get(key) is not None:
             return
         now = self.ctx.clock.seconds()
-        await self.ctx.store.index.put(replace(entry, key=key, path=f"{up}/manifests/sha256:{entry.digest}",
-                                               fetched=now, expires=None, last_access=now))
+        # A link: not if the body was purged or evicted since it was committed.
+        await self.ctx.store.link(replace(entry, key=key, path=f"{up}/manifests/sha256:{entry.digest}",
+                                          fetched=now, expires=None, last_access=now))
 
     async def _serve_manifest(self, request: Any, remote: RemoteConfig, entry: Entry, state: str) -> bytes:
         assert entry.digest is not None

@@ -189,12 +189,14 @@ class PypiIndex(IndexRemote):
 
         async def refresh() -> None:
             key = page_key(self.remote.name, project, form)
+            since = self.ctx.store.epoch()
             entry = await self.ctx.store.index.get(key)
             if entry is None or entry.status != 200 or self.ctx.cache.fetching(key):
                 return  # never asked for in this form, or being fetched right now
             now = self.ctx.clock.seconds()
             if entry.expires is None or entry.expires > now:
-                await self.ctx.store.index.put(replace(entry, expires=now))
+                # Not over a purge or eviction since the lookup: that row's body may be gone.
+                await self.ctx.store.refresh(replace(entry, expires=now), since)
             await self.page(project, form, together=False)
 
         d = ensureDeferred(refresh())

@@ -11,30 +11,13 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from sparkcache.context import Context
-from sparkcache.web.errors import HTTPError
-from sparkcache.web.setup import query_arg, render_snippet
+from sparkcache.web.setup import render_snippet, setup_remote
 from sparkcache.web.urls import public_base
 
 KINDS = ("pip", "uv")
 _TYPES = ("pypi-group", "pypi", "pypi-local")
 # pip trusts plain http only on these hosts without a trusted-host line.
 _LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
-
-
-def pick_remote(ctx: Context, request: Any) -> str:
-    wanted = query_arg(request, "remote")
-    remotes = ctx.config.remotes
-    if wanted is not None:
-        r = remotes.get(wanted)
-        if r is None or r.type not in _TYPES:
-            names = ", ".join(sorted(n for n, r in remotes.items() if r.type in _TYPES))
-            raise HTTPError(404, f"no PyPI remote named {wanted!r}; one of: {names}")
-        return wanted
-    for rtype in ("pypi-group", "pypi"):
-        for name, r in remotes.items():
-            if r.type == rtype:
-                return name
-    raise HTTPError(404, "no type: pypi or pypi-group remote is configured")
 
 
 def pip_conf(index_url: str) -> str:
@@ -63,7 +46,7 @@ def uv_toml(index_url: str) -> str:
 
 def snippet_handler(ctx: Context, kind: str) -> Callable[[Any], bytes]:
     def handler(request: Any) -> bytes:
-        remote = pick_remote(ctx, request)
+        remote = setup_remote(ctx, request, _TYPES, ("pypi-group", "pypi")).name
         url = f"{public_base(request, ctx.config.server.public_url)}/pypi/{remote}/simple/"
         if kind == "pip":
             return render_snippet(request, "text/plain", pip_conf(url), "/etc/pip.conf")

@@ -17,15 +17,11 @@ from sparkcache.web.urls import public_base
 INSTALL_PATH = "the CI job's environment"
 
 
-def snippet(ctx: Context, request: Any, remote: str | None, team: str | None) -> str:
+def snippet(ctx: Context, request: Any, team: str | None) -> str:
     from sparkcache.protocols.turborepo.app import TEAM, TYPE
+    from sparkcache.web.setup import setup_remote
 
-    names = [n for n, r in ctx.config.remotes.items() if r.type == TYPE]
-    if not names:
-        raise HTTPError(404, "no type: turborepo remote is configured")
-    name = remote if remote is not None else names[0]
-    if name not in names:
-        raise HTTPError(404, f"no type: turborepo remote named {name[:80]!r}; configured: {', '.join(names)}")
+    name = setup_remote(ctx, request, (TYPE,)).name
     team = team or "ci"
     if not TEAM.fullmatch(team):
         raise HTTPError(400, "a team is 1-100 letters, digits, '.', '_' or '-'")
@@ -49,7 +45,7 @@ def handler(ctx: Context) -> Callable[[Any], bytes]:
     from sparkcache.web.setup import query_arg, render_snippet
 
     def handle(request: Any) -> bytes:
-        body = snippet(ctx, request, query_arg(request, "remote"), query_arg(request, "team"))
+        body = snippet(ctx, request, query_arg(request, "team"))
         return render_snippet(request, "text/x-shellscript", body, INSTALL_PATH)
 
     return handle
