@@ -198,6 +198,10 @@ class StorageConfig:
     eviction_interval: float = 60.0
     expiry_interval: float = 300.0
     stale_retention: float = 7 * 86400.0
+    # The free-space floor: bytes, or a percentage of the filesystem; neither
+    # set: the smaller of 1 GiB and 5 %.
+    min_free: int | None = None
+    min_free_percent: float | None = None
 
 
 @dataclass(frozen=True)
@@ -239,6 +243,8 @@ class Config:
                 "eviction_interval": self.storage.eviction_interval,
                 "expiry_interval": self.storage.expiry_interval,
                 "stale_retention": self.storage.stale_retention,
+                "min_free": self.storage.min_free if self.storage.min_free_percent is None
+                else f"{self.storage.min_free_percent:g}%",
             },
             "auth": {
                 "anonymous_read": self.auth.anonymous_read,
@@ -289,6 +295,19 @@ def parse_size(value: Any) -> int:
         if m:
             return int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()])
     raise ValueError(f"expected a size such as 1048576, 500MiB or 50GiB, got {value!r}")
+
+
+def _percent(value: Any) -> float | None:
+    """``"5%"`` as 5.0; None for anything that is not a percentage (a size)."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            p = float(value.strip()[:-1])
+        except ValueError:
+            raise ValueError(f"expected a size such as 1GiB or a percentage such as 5%, got {value!r}") from None
+        if not 0 <= p < 100:
+            raise ValueError(f"a percentage of the filesystem must be from 0 to below 100, got {value!r}")
+        return p
+    return None
 
 
 # -- the walker -------------------------------------------------------------
@@ -499,6 +518,8 @@ class Loader:
             eviction_interval=sec.convert("eviction_interval", parse_duration, 60.0),
             expiry_interval=sec.convert("expiry_interval", parse_duration, 300.0),
             stale_retention=sec.convert("stale_retention", parse_duration, 7 * 86400.0),
+            min_free=sec.convert("min_free", lambda v: None if _percent(v) is not None else parse_size(v), None),
+            min_free_percent=sec.convert("min_free", _percent, None),
         )
         sec.done()
         return cfg

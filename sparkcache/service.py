@@ -73,7 +73,8 @@ class SparkcacheService(MultiService):
             sendfile_pool.setServiceParent(self.pools)
             self.sendfile = SendfilePool(reactor, SENDFILE_THREADS, pool=sendfile_pool.pool)
         self.store = Store(config.storage.data_dir, reactor, config.storage.max_size, io_pool=io_pool.pool,
-                           sqlite_pool=sqlite_pool.pool)
+                           sqlite_pool=sqlite_pool.pool, min_free=config.storage.min_free,
+                           min_free_percent=config.storage.min_free_percent)
         self.live.run = self.store.in_io
         types = remote_types(protocols)
         self.store.index.legacy_pinned_remotes = frozenset(n for n, r in config.remotes.items() if types[r.type].pinned)
