@@ -59,6 +59,10 @@ class AdminApp:
             "store_bytes": store.size,
             "store_entries": store.entries,
             "inflight_fetches": self.ctx.cache.inflight,
+            # Liveness stays 200 on a full disk (a restart would not help); these say why misses pass through.
+            "store_free_bytes": store.free,
+            "store_low_space": store.low_space,
+            "store_write_error": store.write_error,
         })
 
     @app.route("/ready", methods=["GET", "HEAD"])
