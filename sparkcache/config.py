@@ -2,8 +2,11 @@
 
 Every error names the file, the key path and the problem, so an operator can
 fix a typo without reading a traceback.  The loader accepts the keys of the
-FastAPI artifact cache's ``remotes.yaml`` (``base_url``, ``package``,
-``username``, ``password``) as aliases, so that file loads unchanged.
+FastAPI artifact cache's ``remotes.yaml`` (``base_url``, ``username``,
+``password``, ``description``, and ``type: remote|local`` with ``package:``)
+and the sparkwing-cache environment (``DATA_DIR``, ``PORT``...), so those
+load unchanged (:mod:`sparkcache.config_compat`).  A shared key a remote type
+does not use is an error, never silently ignored (``RemoteType.honours``).
 """
 
 from __future__ import annotations
@@ -16,7 +19,22 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from sparkcache import config_compat
+
 SCOPES = ("read", "write", "admin")
+
+# The keys of a remote section the loader reads for every type (``cache.*``
+# by sub-key; ``username``/``password`` count as ``credentials``). A type
+# lists the ones it uses in ``RemoteType.honours``; any other one given is an
+# error naming the key.
+SHARED_KEYS = frozenset({
+    "upstream", "immutable_patterns", "mutable_patterns", "check_mutable_updates",
+    "cache.immutable_ttl", "cache.mutable_ttl", "cache.negative_ttl",
+    "credentials", "connect_timeout", "read_timeout",
+})
+# What every type that fetches through the engine uses (sparkcache.fetch):
+# the upstream, its credentials and timeouts, and how long a 404 is kept.
+UPSTREAM_KEYS = frozenset({"upstream", "credentials", "connect_timeout", "read_timeout", "cache.negative_ttl"})
 
 
 class RemoteType(Protocol):
@@ -40,6 +58,15 @@ class RemoteType(Protocol):
     @property
     def many_upstreams(self) -> bool:
         """Whether ``upstream:`` may list several URLs, tried in order."""
+
+    @property
+    def honours(self) -> frozenset[str]:
+        """The SHARED_KEYS a remote of this type uses; giving another is an error."""
+
+    @property
+    def local_type(self) -> str | None:
+        """The type of a remotes.yaml ``type: local`` remote of this ``package``
+        (None: ``<type>-local`` when that exists)."""
 
     def parse_options(self, loader: "Loader", sec: "Section") -> Any:
         """The type's own keys of a remote section (read through ``sec``), or None."""
@@ -101,6 +128,8 @@ class RemoteConfig:
     # Every upstream, in the order they are tried (``upstream:`` given as a
     # list); ``upstream`` is the first. Empty when there is none.
     upstreams: tuple[str, ...] = ()
+    # Free text for people (remotes.yaml's ``description``), shown in ``GET /`` and ``/config``.
+    description: str | None = None
 
     def __post_init__(self) -> None:
         if not self.upstreams and self.upstream is not None:
@@ -115,6 +144,7 @@ class RemoteConfig:
     def _redacted(self) -> dict[str, Any]:
         return {
             "type": self.type,
+            "description": self.description,
             "upstream": list(self.upstreams) if len(self.upstreams) > 1 else self.upstream,
             "immutable_patterns": [p.pattern for p in self.immutable_patterns],
             "mutable_patterns": [p.pattern for p in self.mutable_patterns],
@@ -170,6 +200,10 @@ class StorageConfig:
     eviction_interval: float = 60.0
     expiry_interval: float = 300.0
     stale_retention: float = 7 * 86400.0
+    # The free-space floor: bytes, or a percentage of the filesystem; neither
+    # set: the smaller of 1 GiB and 5 %.
+    min_free: int | None = None
+    min_free_percent: float | None = None
 
 
 @dataclass(frozen=True)
@@ -212,6 +246,8 @@ class Config:
                 "eviction_interval": self.storage.eviction_interval,
                 "expiry_interval": self.storage.expiry_interval,
                 "stale_retention": self.storage.stale_retention,
+                "min_free": self.storage.min_free if self.storage.min_free_percent is None
+                else f"{self.storage.min_free_percent:g}%",
             },
             "auth": {
                 "anonymous_read": self.auth.anonymous_read,
@@ -262,6 +298,19 @@ def parse_size(value: Any) -> int:
         if m:
             return int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()])
     raise ValueError(f"expected a size such as 1048576, 500MiB or 50GiB, got {value!r}")
+
+
+def _percent(value: Any) -> float | None:
+    """``"5%"`` as 5.0; None for anything that is not a percentage (a size)."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            p = float(value.strip()[:-1])
+        except ValueError:
+            raise ValueError(f"expected a size such as 1GiB or a percentage such as 5%, got {value!r}") from None
+        if not 0 <= p < 100:
+            raise ValueError(f"a percentage of the filesystem must be from 0 to below 100, got {value!r}")
+        return p
+    return None
 
 
 # -- the walker -------------------------------------------------------------
@@ -391,6 +440,8 @@ class Loader:
                  sections: Mapping[str, SectionParser] | None = None) -> None:
         self.source = source
         self.environ = environ
+        # SPARKCACHE_* name → the variable that set it (itself, or a sparkwing alias).
+        self.env_names = config_compat.env_names(environ)
         self.types = {t.name: t for t in types}
         self.sections = dict(sections or {})
         # Scratch space for checks that span remotes (a registry host claimed twice).
@@ -405,6 +456,13 @@ class Loader:
         if var not in self.environ:
             raise self.error(path, f"environment variable {var} is not set")
         return self.environ[var]
+
+    def setting(self, name: str) -> tuple[str, str] | None:
+        """(variable, value) of the SPARKCACHE_* setting ``name``, from itself or
+        its sparkwing-cache alias (config_compat.ENV_ALIASES); None when neither is set.
+        Errors name the variable actually set."""
+        var = self.env_names.get(name) or (name if self.environ.get(name) else None)
+        return (var, self.environ[var]) if var is not None else None
 
     def secret(self, sec: Section, name: str) -> str | None:
         """A secret given inline as ``name`` or indirectly as ``name_env``."""
@@ -450,6 +508,8 @@ class Loader:
             if not port.isdigit():
                 raise self.error("SPARKCACHE_PORT", f"expected a port number, got {port!r}")
             listen = [f"tcp:{port}:interface={self.environ.get('SPARKCACHE_INTERFACE', '127.0.0.1')}"]
+        else:
+            listen = config_compat.sparkwing_listen(self) or listen
         public_url = sec.get("public_url", str, None)
         if public_url is not None:
             self.url(sec.key("public_url"), public_url)
@@ -474,13 +534,16 @@ class Loader:
         # Read the key even when the environment overrides it, so it is
         # validated and not reported as unknown.
         data_dir = sec.get("data_dir", str, "./data")
-        data_dir = self.environ.get("SPARKCACHE_DATA_DIR") or data_dir
+        found = self.setting("SPARKCACHE_DATA_DIR")
+        data_dir = found[1] if found else data_dir
         cfg = StorageConfig(
             data_dir=data_dir,
             max_size=sec.convert("max_size", parse_size, StorageConfig.max_size),
             eviction_interval=sec.convert("eviction_interval", parse_duration, 60.0),
             expiry_interval=sec.convert("expiry_interval", parse_duration, 300.0),
             stale_retention=sec.convert("stale_retention", parse_duration, 7 * 86400.0),
+            min_free=sec.convert("min_free", lambda v: None if _percent(v) is not None else parse_size(v), None),
+            min_free_percent=sec.convert("min_free", _percent, None),
         )
         sec.done()
         return cfg
@@ -506,8 +569,9 @@ class Loader:
             t.done()
             tokens.append(TokenConfig(name, secret, _implied_scopes(scopes)))
         for var, scopes in (("SPARKCACHE_ADMIN_TOKEN", ["admin"]), ("SPARKCACHE_WRITE_TOKEN", ["write"]), ("SPARKCACHE_READ_TOKEN", ["read"])):
-            if self.environ.get(var):
-                tokens.append(TokenConfig(var.lower(), self.environ[var], _implied_scopes(scopes)))
+            found = self.setting(var)
+            if found:
+                tokens.append(TokenConfig(found[0].lower(), found[1], _implied_scopes(scopes)))
         sec.done()
         return AuthConfig(anonymous, tuple(tokens))
 
@@ -530,11 +594,10 @@ class Loader:
         if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", name):
             raise self.error(f"remotes.{name}", "a remote name may hold only letters, digits, '.', '_' and '-'")
         sec.alias("upstream", "base_url", "url")
-        sec.alias("type", "package")
-        rtype = sec.get("type", str, "generic")
-        kind = self.types.get(rtype)
-        if kind is None:
-            raise self.error(sec.key("type"), f"unknown remote type {rtype!r}; expected one of {', '.join(self.types)}")
+        rtype = config_compat.remote_type(self, sec)
+        kind = self.types[rtype]
+        self.refuse_unused(sec, rtype, kind)
+        description = sec.get("description", str, None)
         given = sec.get("upstream", (str, list), None)
         if given is None and kind.needs_upstream:
             raise self.error(sec.key("upstream"), "missing: a remote needs an upstream URL")
@@ -590,9 +653,34 @@ class Loader:
             read_timeout=sec.convert("read_timeout", parse_duration, read_timeout),
             options=options,
             upstreams=tuple(upstreams),
+            description=description,
         )
         sec.done()
         return cfg
+
+    def refuse_unused(self, sec: Section, rtype: str, kind: RemoteType) -> None:
+        """A shared key ``kind`` does not use is an error naming it: an
+        allow-list or TTL that is silently ignored is worse than none."""
+        given: list[tuple[str, str]] = []  # (key as written, SHARED_KEYS name)
+        for key in ("upstream", "immutable_patterns", "mutable_patterns", "check_mutable_updates",
+                    "credentials", "connect_timeout", "read_timeout"):
+            if sec.has(key):
+                given.append((key, key))
+        for key in ("username", "username_env", "password", "password_env"):
+            if sec.has(key):
+                given.append((key, "credentials"))
+        cache = sec.data.get("cache")
+        if isinstance(cache, dict):
+            given.extend((f"cache.{k}", f"cache.{k}") for k in cache if f"cache.{k}" in SHARED_KEYS)
+        for key, shared in given:
+            if shared == "cache.immutable_ttl" and "upstream" in kind.honours and cache and \
+                    str(cache.get("immutable_ttl")).strip() in ("0", "0s"):
+                # 0 (keep until evicted) is what every pull-through type does with
+                # content it never revalidates: the setting says what happens anyway,
+                # and remotes.yaml files carry the same cache: block on every remote.
+                continue
+            if shared not in kind.honours:
+                raise self.error(sec.key(key), f"has no effect on type: {rtype} remotes")
 
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -630,6 +718,88 @@ def read_yaml(path: str) -> Any:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise ConfigError(path, "", f"invalid YAML: {where}{getattr(e, 'problem', None) or e}") from None
     return data
+
+
+def dropin_dir(path: str) -> str:
+    """Where the drop-ins of the file ``path`` live: ``/etc/sparkcache/cache.yaml``
+    → ``/etc/sparkcache/cache.d/`` (``*.yaml``, read in name order)."""
+    return os.path.splitext(path)[0] + ".d"
+
+
+# What a drop-in may add, as (top-level key, key inside it or None).
+DROPIN_KEYS = (("remotes", None), ("git", "repos"))
+
+
+def read_config_files(path: str) -> tuple[Any, dict[str, str]]:
+    """The parsed YAML of ``path`` with its drop-ins merged in, and where each
+    remote or repository a drop-in added came from (``remotes.<name>`` → file).
+
+    A drop-in (one file per team or per tool, written by configuration
+    management) may only add ``remotes:`` and ``git: {repos: }`` entries; a name
+    defined twice is an error naming both files, never a silent override."""
+    data = read_yaml(path)
+    folder = dropin_dir(path)
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.endswith((".yaml", ".yml")) and not n.startswith("."))
+    except FileNotFoundError:
+        return data, {}
+    except OSError as e:
+        raise ConfigError(folder, "", f"cannot read: {e.strerror}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        return data, {}  # the loader says what is wrong with it
+    origins: dict[str, str] = {}
+    for name in names:
+        file = os.path.join(folder, name)
+        extra = read_yaml(file)
+        if extra is None:
+            continue
+        if not isinstance(extra, dict):
+            raise ConfigError(file, "", "expected a mapping with remotes: and/or git: {repos: ...}")
+        for key in extra:
+            if str(key) not in ("remotes", "git"):
+                raise ConfigError(file, str(key), f"a drop-in may add remotes: and git: repos: only; {key} belongs in {path}")
+        for top, inner in DROPIN_KEYS:
+            items, where = extra.get(top), top
+            if inner is not None and items is not None:
+                if not isinstance(items, dict) or set(map(str, items)) - {inner}:
+                    raise ConfigError(file, top, f"a drop-in's {top}: may hold {inner}: only")
+                items, where = items.get(inner), f"{top}.{inner}"
+            if items is None:
+                continue
+            if not isinstance(items, dict):
+                raise ConfigError(file, where, "expected a mapping of name to its settings")
+            table = _table(data, path, top if inner is None else (top, inner))
+            for entry, body in items.items():
+                key = f"{where}.{entry}"
+                if entry in table:
+                    raise ConfigError(file, key, f"already defined in {origins.get(key, path)}")
+                table[entry] = body
+                origins[key] = file
+    return data, origins
+
+
+def _table(data: dict[str, Any], path: str, keys: str | tuple[str, ...]) -> dict[Any, Any]:
+    """``data[a][b]...`` for ``keys``, each level created empty when absent."""
+    node, where = data, ""
+    for key in (keys,) if isinstance(keys, str) else keys:
+        where = f"{where}.{key}" if where else key
+        if node.get(key) is None:
+            node[key] = {}
+        if not isinstance(node[key], dict):
+            raise ConfigError(path, where, "expected a mapping")
+        node = node[key]
+    return node
+
+
+def attribute(error: ConfigError, origins: Mapping[str, str]) -> ConfigError:
+    """``error`` naming the drop-in that defined the remote or repository it is
+    about, when a drop-in did (the loader saw one merged mapping)."""
+    for prefix, file in origins.items():
+        if error.path == prefix or error.path.startswith((prefix + ".", prefix + "[")):
+            return ConfigError(file, error.path, error.problem)
+    return error
 
 
 def load(data: Any, source: str, environ: Mapping[str, str] | None, types: Iterable[RemoteType],

@@ -28,6 +28,10 @@ class Context:
     # Remotes a protocol stores under without a ``remotes:`` entry (the seed
     # endpoints' ``seed/bin``...): name -> (type, URL), for GET / and purges.
     internal_remotes: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # The running configuration's sources (sparkcache.reload.LiveConfig): ``config``
+    # and ``auth`` above are replaced as a whole when it changes (SIGHUP, the
+    # remotes API), so look remotes up here per request, never keep them.
+    live: Any = None
     # Whether store-wide periodic work (git fetch loop and maintenance, expiry
     # sweeps) runs in this process: with server.workers > 1, in one worker only.
     primary: bool = True

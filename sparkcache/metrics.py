@@ -8,13 +8,26 @@ multiprocess mode; docs/workers.rst)."""
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 
+@dataclass
+class UpstreamOutcome:
+    """The last answers of one upstream origin (or one remote's upstreams): times are clock seconds."""
+
+    last_success: float | None = None
+    last_failure: float | None = None
+    last_error: str | None = None
+    failing: bool = False  # the last answer was a failure
+
+
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, clock: Any = None) -> None:
+        """``clock``: what timestamps the last upstream success/failure (the reactor when None)."""
+        self.clock = clock
         self.registry = CollectorRegistry()
         r = self.registry
         self._responses = Counter(
@@ -47,6 +60,16 @@ class Metrics:
             ["remote", "form", "result"], registry=r,
         )
         self.evicted = Counter("sparkcache_evicted", "Bodies removed by LRU eviction", registry=r)
+        self._origin_ok = Gauge("sparkcache_upstream_last_success_timestamp_seconds",
+                                "When an upstream origin last answered (any status below 500 but 429)",
+                                ["origin"], registry=r, multiprocess_mode="max")
+        self._origin_failed = Gauge("sparkcache_upstream_last_failure_timestamp_seconds",
+                                    "When an upstream origin last failed (unreachable, timeout, 5xx, 429)",
+                                    ["origin"], registry=r, multiprocess_mode="max")
+        # What the status page shows beside the counters: text has no place in
+        # a Prometheus sample.
+        self.origins: dict[str, UpstreamOutcome] = {}
+        self.remote_errors: dict[str, UpstreamOutcome] = {}
 
         # Label lookups take a lock and hash a tuple: keep the children, which
         # the hit path asks for on every request.
@@ -76,6 +99,44 @@ class Metrics:
         """One upstream exchange, by HTTP status or 'timeout' / 'unreachable'."""
         self._child(self._upstream, remote, status).inc()
 
+    def upstream_outcome(self, remote: str, origin: str, code: int | None, error: str | None) -> None:
+        """What one request to ``origin`` (scheme://host:port, the configured
+        upstream a request started at) for ``remote`` came to: an HTTP status
+        ``code``, or ``error`` when nothing usable came back. Feeds the health
+        of each origin and each remote's last upstream error."""
+        now = self._now()
+        failed = error is not None or code is None or code >= 500 or code == 429
+        if error is None:
+            error = f"HTTP {code} from {origin}"
+        o = self.origins.setdefault(origin, UpstreamOutcome())
+        o.failing = failed
+        if failed:
+            o.last_failure, o.last_error = now, error
+            self._child(self._origin_failed, origin).set(now)
+        else:
+            o.last_success = now
+            self._child(self._origin_ok, origin).set(now)
+        r = self.remote_errors.setdefault(remote, UpstreamOutcome())
+        # A refused credential is the remote's problem, not the origin's.
+        r.failing = failed or code in (401, 403, 407)
+        if r.failing:
+            r.last_failure, r.last_error = now, error
+        else:
+            r.last_success = now
+
+    def _now(self) -> float:
+        if self.clock is None:
+            from twisted.internet import reactor
+
+            return float(reactor.seconds())  # type: ignore[attr-defined]
+        return float(self.clock.seconds())
+
+    def totals(self) -> tuple[dict[tuple[str, ...], float], dict[tuple[str, ...], float]]:
+        """The counters the status page shows, read from this registry (so they
+        agree with /metrics): requests by (remote, result) and served bytes by
+        (remote, source)."""
+        return dict(_samples(self._responses, "remote", "result")), dict(_samples(self._served_bytes, "remote", "source"))
+
     def render(self) -> bytes:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             from prometheus_client import multiprocess
@@ -84,3 +145,10 @@ class Metrics:
             multiprocess.MultiProcessCollector(merged)
             return generate_latest(merged)
         return generate_latest(self.registry)
+
+
+def _samples(metric: Any, *labels: str) -> Iterator[tuple[tuple[str, ...], float]]:
+    for family in metric.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                yield tuple(sample.labels[name] for name in labels), sample.value

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any, Callable, Sequence
+from dataclasses import fields, replace
+from typing import Any, Callable, Mapping, Sequence
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
@@ -12,7 +13,6 @@ from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
-from twisted.web.resource import IResource
 
 from sparkcache.auth import Authorizer
 from sparkcache.config import Config
@@ -21,15 +21,16 @@ from sparkcache.fetch import Cache, UpstreamClient
 from sparkcache.metrics import Metrics
 from sparkcache.pools import PoolService
 from sparkcache.protocols import PROTOCOLS, check_segments, remote_types
-from sparkcache.protocols.base import ProtocolSpec, SetupEndpoint
+from sparkcache.protocols.base import Built, ProtocolSpec
+from sparkcache.reload import LiveConfig
 from sparkcache.store import Store
 from sparkcache.timers import Periodic
 from sparkcache.web.admin import AdminApp
-from sparkcache.web.bodies import BodyGate
 from sparkcache.web.root import Root
 from sparkcache.web.sendfile import SendfilePool
 from sparkcache.web.setup import SetupApp
 from sparkcache.web.site import SparkSite
+from sparkcache.web.status import Status
 
 log = Logger()
 SENDFILE_THREADS = 64
@@ -56,10 +57,13 @@ class SparkcacheService(MultiService):
     an ``upstream`` client over an in-memory agent (tests/support/harness.py)."""
 
     def __init__(self, config: Config, reactor: Any = None, clock: Any = None,
-                 protocols: Sequence[ProtocolSpec] = PROTOCOLS, upstream: UpstreamClient | None = None, *,
+                 protocols: Sequence[ProtocolSpec] = PROTOCOLS, upstream: UpstreamClient | None = None,
+                 config_path: str | None = None, environ: Mapping[str, str] | None = None, *,
                  endpoints: Sequence[IStreamServerEndpoint] | None = None, primary: bool = True,
                  check_store: bool = True, spool_subdir: str | None = None) -> None:
-        """``endpoints`` (a worker process: its adopted sockets) replace
+        """``config_path`` (and the ``environ`` it was read with): the file SIGHUP
+        re-reads and the API's remotes are validated with; None for a fixed Config.
+        ``endpoints`` (a worker process: its adopted sockets) replace
         server.listen; ``primary`` says whether the store-wide timers run in
         this process; ``check_store`` whether the start-up spool sweep and
         index check run (with workers: once, in the parent; docs/workers.rst);
@@ -70,12 +74,15 @@ class SparkcacheService(MultiService):
             from twisted.internet import reactor as _reactor
 
             reactor = _reactor
+        self.live = LiveConfig(config_path, environ, config.storage.data_dir, self.reconfigure, protocols=protocols)
+        config = self.live.start(config)
         self.config = config
+        self.protocols = tuple(protocols)
         self.reactor = reactor
         self.clock = clock or reactor
         self.primary = primary
         self.check_store = check_store
-        self.metrics = Metrics()
+        self.metrics = Metrics(self.clock)
         stop_timeout = config.server.shutdown_timeout
         self.pools = MultiService()
         self.pools.setName("pools")
@@ -90,41 +97,34 @@ class SparkcacheService(MultiService):
             sendfile_pool.setServiceParent(self.pools)
             self.sendfile = SendfilePool(reactor, SENDFILE_THREADS, pool=sendfile_pool.pool)
         self.store = Store(config.storage.data_dir, reactor, config.storage.max_size, io_pool=io_pool.pool,
-                           sqlite_pool=sqlite_pool.pool)
+                           sqlite_pool=sqlite_pool.pool, min_free=config.storage.min_free,
+                           min_free_percent=config.storage.min_free_percent)
+        self.live.run = self.store.in_io
         if spool_subdir is not None:
             self.store.spool_dir = os.path.join(self.store.spool_dir, spool_subdir)
             os.makedirs(self.store.spool_dir, exist_ok=True)
         types = remote_types(protocols)
         self.store.index.legacy_pinned_remotes = frozenset(n for n, r in config.remotes.items() if types[r.type].pinned)
         self.upstream = upstream or UpstreamClient(reactor)
+        self.upstream.observer = self.metrics.upstream_outcome
         self.cache = Cache(self.store, self.upstream, self.clock, self.metrics)
         self.ctx = Context(config, self.store, self.cache, self.upstream, self.metrics, Authorizer(config.auth), self.clock,
-                           self.sendfile, reactor=reactor, remote_types=types, primary=primary)
+                           self.sendfile, reactor=reactor, remote_types=types, live=self.live, primary=primary)
         # Started once the store is open, stopped before it closes.
         self.runtime = MultiService()
         self.runtime.setName("runtime")
         # Work a graceful stop waits for, besides responses and fetches.
         self.drains: list[Callable[[], list[Deferred[Any]]]] = []
-        apps: dict[bytes, IResource] = {}
-        gates: dict[bytes, BodyGate] = {}
-        setup: dict[str, SetupEndpoint] = {}
+        self.setup = SetupApp(self.ctx, {})
+        # The status page and /ready; its timer keeps the last hour for the charts.
+        self.status = Status(self.ctx, self.runtime)
+        self.status.timer().setServiceParent(self.runtime)
+        self.root = Root({b"setup": self.setup.resource()}, AdminApp(self.ctx, self.status).resource())
+        # What each protocol's build() gave, for reconfigure().
+        self.built: dict[str, Built] = {}
         check_segments(protocols)
         for spec in protocols:
-            built = spec.build(self.ctx)
-            for segment in spec.segments:
-                resource = built.mounts.get(segment, built.resource)
-                if resource is not None:
-                    apps[segment] = resource
-                    gate = built.gates.get(segment, built.gate)
-                    if gate is not None:
-                        gates[segment] = gate
-            for svc in built.services:
-                svc.setServiceParent(self.runtime)
-            self.drains.extend(built.drains)
-            setup.update(built.setup)
-        apps[b"setup"] = SetupApp(self.ctx, setup).resource()
-        admin = AdminApp(self.ctx).resource()
-        self.root = Root(apps, admin, gates)
+            self._install(spec, spec.build(self.ctx))
         srv = config.server
         self.site = SparkSite(self.root, access_log=srv.access_log, max_body_size=srv.max_body_size,
                               idle_timeout=srv.idle_timeout, header_timeout=srv.header_timeout,
@@ -145,6 +145,93 @@ class SparkcacheService(MultiService):
             svc.setServiceParent(self.runtime)
             self.listeners.append(svc)
         self.ready: Deferred[None] = Deferred()
+        self._previous_hup: Any = None
+        self._stopping = False
+
+    def _install(self, spec: ProtocolSpec, built: Built) -> None:
+        """Mount a protocol's apps, gates and /setup kinds; start its services
+        (at once when the runtime services already run)."""
+        self.built[spec.name] = built
+        for segment in spec.segments:
+            resource = built.mounts.get(segment, built.resource)
+            if resource is not None:
+                self.root.apps[segment] = resource
+                gate = built.gates.get(segment, built.gate)
+                if gate is not None:
+                    self.root.gates[segment] = gate
+        for svc in built.services:
+            svc.setServiceParent(self.runtime)
+        self.drains.extend(built.drains)
+        self.setup.endpoints.update(built.setup)
+
+    # -- live configuration ------------------------------------------------------------
+
+    def reconfigure(self, new: Config) -> None:
+        """Make ``new`` the running configuration (validated already: LiveConfig).
+
+        Requests and fetches already under way keep the remote they looked up;
+        the next request sees ``new``. Listeners and the data dir (every
+        ``server:`` and ``storage:`` key) keep their running values until a restart."""
+        old = self.ctx.config
+        for section, kept, given in (("server", old.server, new.server), ("storage", old.storage, new.storage)):
+            for f in fields(kept):
+                if getattr(kept, f.name) != getattr(given, f.name):
+                    value = getattr(kept, f.name)
+                    log.warn("sparkcache: {key} changed in {source}; it takes effect at the next restart "
+                             "(still {value})", key=f"{section}.{f.name}", source=new.source,
+                             value=", ".join(value) if isinstance(value, tuple) else repr(value))
+        new = replace(new, server=old.server, storage=old.storage)
+        self.ctx.config = self.config = new
+        self.ctx.auth = Authorizer(new.auth)
+        pinned = frozenset(n for n, r in new.remotes.items() if self.ctx.remote_types[r.type].pinned)
+        self.store.index.legacy_pinned_remotes |= pinned
+        for spec in self.protocols:
+            self._reconfigure_protocol(spec, old, new)
+        added = sorted(set(new.remotes) - set(old.remotes))
+        removed = sorted(set(old.remotes) - set(new.remotes))
+        changed = sorted(n for n in set(old.remotes) & set(new.remotes) if old.remotes[n] != new.remotes[n])
+        log.info("sparkcache: configuration applied ({n} remotes; added: {added}; removed: {removed}; "
+                 "changed: {changed})", n=len(new.remotes), added=", ".join(added) or "none",
+                 removed=", ".join(removed) or "none", changed=", ".join(changed) or "none")
+
+    def _reconfigure_protocol(self, spec: ProtocolSpec, old: Config, new: Config) -> None:
+        built = self.built[spec.name]
+        try:
+            if built.reconfigure is not None:
+                built.reconfigure(new)
+            elif _is_empty(built):
+                # Nothing was mounted (no remote of its types at start): build it now.
+                fresh = spec.build(self.ctx)
+                if not _is_empty(fresh):
+                    self._install(spec, fresh)
+                    log.info("sparkcache: {proto} now served", proto=spec.name)
+            elif _owned(spec, old) != _owned(spec, new):
+                log.warn("sparkcache: protocol {proto}: its remotes or section changed; this takes effect at the "
+                         "next restart", proto=spec.name)
+        except Exception:
+            log.failure("sparkcache: protocol {proto} could not apply the new configuration", proto=spec.name)
+
+    def _on_hup(self) -> None:
+        if self._stopping:
+            log.info("sparkcache: SIGHUP ignored: stopping")
+            return
+        log.info("sparkcache: SIGHUP: reloading {path}", path=self.live.path)
+        ensureDeferred(self.live.reload()).addErrback(lambda f: log.failure("sparkcache: reload failed", f))
+
+    def _install_hup(self) -> None:
+        # Reactor-safe: the handler only schedules the reload on the reactor.
+        # Only for a daemon started from a file, and only where signals can be set.
+        if self.live.path is None or not hasattr(signal, "SIGHUP"):
+            return
+        try:
+            self._previous_hup = signal.signal(signal.SIGHUP, lambda sig, frame: self.reactor.callFromThread(self._on_hup))
+        except ValueError:  # not the main thread
+            self._previous_hup = None
+
+    def _remove_hup(self) -> None:
+        if self._previous_hup is not None:
+            signal.signal(signal.SIGHUP, self._previous_hup)
+            self._previous_hup = None
 
     async def _evict(self) -> None:
         n = await self.store.evict()
@@ -158,10 +245,13 @@ class SparkcacheService(MultiService):
         # Pools first; timers and listeners only once the store has been checked,
         # so neither a request nor a timer ever sees a half-opened index.
         super().startService()
+        self._install_hup()
         d = ensureDeferred(self.store.start(check=self.check_store))
 
         def listen(_: object) -> None:
+            self.status.store_open = True
             self.runtime.setServiceParent(self)
+            self.status.listening = True
             log.info("sparkcache listening on {listen}; data in {data}", listen=", ".join(self.config.server.listen),
                      data=self.store.data_dir)
             self.ready.callback(None)
@@ -172,6 +262,9 @@ class SparkcacheService(MultiService):
         return ensureDeferred(self._stop())
 
     async def _stop(self) -> None:
+        # SIGHUP stays handled (ignored) until the end: a reload racing a stop must not kill the daemon.
+        self._stopping = True
+        self.status.stopping = True
         # 1. stop accepting connections
         stops = [svc.stopService() for svc in self.listeners if svc.running]
         await DeferredList([d for d in stops if isinstance(d, Deferred)], consumeErrors=True)
@@ -203,3 +296,15 @@ class SparkcacheService(MultiService):
         # supervisors other than systemd).
         if getattr(self.reactor, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
             self.reactor._exitSignal = None
+        self._remove_hup()
+
+
+def _is_empty(built: Built) -> bool:
+    return built.resource is None and not built.mounts and not built.services and not built.setup
+
+
+def _owned(spec: ProtocolSpec, config: Config) -> tuple[dict[str, Any], Any]:
+    """The part of ``config`` a protocol reads: its remotes and its section."""
+    types = {t.name for t in spec.remote_types}
+    return ({n: r for n, r in config.remotes.items() if r.type in types},
+            config.section(spec.section) if spec.section else None)

@@ -39,6 +39,7 @@ class Options(usage.Options):
         self["overrides"] = {k: v for k, v in environ.items() if k.startswith("SPARKCACHE_")}
         try:
             self["parsed"] = load_config(self["config"], environ)
+            self["environ"] = environ  # SIGHUP re-reads the file with the same overrides
         except ConfigError as e:
             raise ConfigExit(e) from None
 
@@ -65,4 +66,4 @@ def makeService(options: Any) -> IService:
         return Supervisor(config, options["config"], options["overrides"], check_store=lambda: check_store(config))
     from sparkcache.service import SparkcacheService
 
-    return SparkcacheService(config)
+    return SparkcacheService(config, config_path=options["config"], environ=options.get("environ"))

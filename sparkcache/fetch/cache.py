@@ -25,6 +25,13 @@ client that goes away cancels nothing shared. There is one commit path: the
 body is complete, its length and digest checked, fsynced and renamed into the
 content store before its index row appears. A production that fails leaves
 nothing behind, and the connections of the clients tailing it are aborted.
+
+While the store cannot write (below its free-space floor, a recent disk
+write error, or no room for a body of the announced length even after
+eviction), an upstream miss is passed through instead: the body goes from
+upstream to the one client that asked, through memory, never stored (a
+``Live`` of a ``PassFlight``, state BYPASS), like a proxy cache with a full
+disk. Its end is sent only once it arrived whole and matched its digests.
 """
 
 from __future__ import annotations
@@ -33,16 +40,17 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Awaitable, BinaryIO, Callable, Union
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.logger import Logger
 from twisted.web.iweb import IResponse
 
 from sparkcache.config import RemoteConfig
-from sparkcache.fetch.flight import BodyError, Flight, receive
-from sparkcache.fetch.produce import Shared, Singleflight
+from sparkcache.fetch.flight import BodyError, Flight, PassFlight, receive
+from sparkcache.fetch.produce import Shared, Singleflight, watch_ends
 from sparkcache.fetch.upstream import UpstreamClient, UpstreamError, discard_body
 from sparkcache.metrics import Metrics
 from sparkcache.store import Entry, SpoolFile, Store
+from sparkcache.store.space import is_write_error
 
 log = Logger()
 
@@ -160,6 +168,9 @@ class Body:
     # The store's purge epoch the bytes are as of (``Store.epoch``); None:
     # when the production began. A purge after it keeps them from being stored.
     since: int | None = None
+    # The bytes can be fetched again (an upstream response): when the store
+    # cannot write, they may be passed through to the client instead.
+    passable: bool = False
 
 
 class Source:
@@ -186,10 +197,11 @@ class Cache:
         self.clock = clock
         self.metrics = metrics
         self._producing: Singleflight[str, Result] = Singleflight()
+        self._passes: set[Deferred[None]] = set()  # bodies being passed through
 
     @property
     def inflight(self) -> int:
-        return len(self._producing)
+        return len(self._producing) + len(self._passes)
 
     def fetching(self, key: str) -> bool:
         """Whether a production of ``key`` is running now."""
@@ -201,7 +213,7 @@ class Cache:
         key = req.key
         shared = self._producing.get(key)
         if shared is not None:
-            return await self._join(shared, None)
+            return await self._join(shared, None, req)
         entry = await self.store.index.get(key)
         now = self.clock.seconds()
         if entry is not None:
@@ -213,7 +225,7 @@ class Cache:
         stale = entry if entry is not None and entry.status == 200 else None
         shared = self._producing.get(key)
         if shared is not None:
-            return await self._join(shared, stale)
+            return await self._join(shared, stale, req)
         # Closes the window in which a production committed (and left the map)
         # while the index lookup above was in the SQLite thread.
         latest = self.store.index.peek(key)
@@ -224,12 +236,22 @@ class Cache:
         else:
             assert source is not None, "only a CacheRequest has a default source"
             target, src = req, source
+        if isinstance(req, CacheRequest) and source is None and not self.store.writable and req.validate is None:
+            return await self._pass(req, stale)
         shared = self._producing.start(key, lambda s: self._produce(target, src, stale, s))
-        result = await self._join(shared, stale)
+        result = await self._join(shared, stale, req)
         return replace(result, started=True) if isinstance(result, Live) else result
 
-    async def _join(self, shared: Shared[Result], stale: Entry | None) -> Result:
+    async def _join(self, shared: Shared[Result], stale: Entry | None, req: CacheRequest | Target) -> Result:
         outcome = await shared.wait()
+        if isinstance(outcome, Live) and isinstance(outcome.flight, PassFlight):
+            # A passed-through body has one reader: the first to get it.
+            if not outcome.flight.claimed:
+                outcome.flight.claimed = True
+                return outcome
+            if isinstance(req, CacheRequest):
+                return await self._pass(req, stale)
+            return Failed(503, "the store cannot write right now (disk full?)")
         if isinstance(outcome, Live) and outcome.flight.finished:
             # Joined after the body was done: serve what was committed.
             f = outcome.flight
@@ -268,7 +290,18 @@ class Cache:
         """The one commit path: spool, verify, fsync, rename, index row, in that order."""
         key = target.key
         now = self.clock.seconds()
-        spool = body.spool if body.spool is not None else self.store.new_spool()
+        if body.passable and body.spool is None and target.validate is None and not await self._room_for(body.total):
+            # No room to store it: this one goes straight through (see _pass).
+            self._producing.leave(key, shared)
+            passed, passing = self._start_pass(target, body)
+            shared.settle(Live(passed, "BYPASS"))
+            await passing
+            return
+        try:
+            spool = body.spool if body.spool is not None else self.store.new_spool()
+        except OSError as e:
+            self.store.note_write_error(e)
+            raise
         try:
             flight = Flight(key, spool, body.total, body.headers, self.store.in_io)
         except BaseException:
@@ -318,8 +351,12 @@ class Cache:
             elif isinstance(e, CancelledError):
                 e = BodyError("stopped before the body was complete")
             else:
-                log.failure("storing {key} failed", key=key)
-                e = BodyError(f"storing failed: {e}")
+                if is_write_error(e):
+                    log.warn("not caching {key}: storing failed: {e}", key=key, e=e)
+                else:
+                    log.failure("storing {key} failed", key=key)
+                cause, e = e, BodyError(f"storing failed: {e}")
+                e.__cause__ = cause
             self._producing.leave(key, shared)
             flight.fail(e)
             try:
@@ -327,6 +364,9 @@ class Cache:
             except BodyError:
                 pass
             self.store.discard(spool)
+            # A disk at fault (not the body): store nothing for a while. (After
+            # the discard: the room it makes must not count the dead spool.)
+            self.store.note_write_error(flight.write_error or e.__cause__ or e)
             return
         if body.on_commit is not None:
             try:
@@ -367,12 +407,85 @@ class Cache:
             return (await outcome.flight.wait_done()).entry  # type: ignore[no-any-return]
         raise BodyError(outcome.message if isinstance(outcome, Failed) else "not stored")
 
+    # -- passing through --------------------------------------------------------------
+
+    async def _room_for(self, total: int | None) -> bool:
+        """Whether the store can take a body of ``total`` bytes (None: unknown)
+        now, evicting for it if it must."""
+        if not self.store.writable:
+            return False
+        try:
+            return await self.store.make_room(total or 0)
+        except Exception:
+            log.failure("making room for a body")
+            return False
+
+    async def _pass(self, req: CacheRequest, stale: Entry | None) -> Result:
+        """A miss while the store cannot write: ask upstream for this client alone."""
+        try:
+            opened = await Upstream(req).open(self, req.target, stale)
+        except Exception as e:
+            # (A revalidation's or a 404's small index write can fail on a full disk too.)
+            if stale is not None:
+                return Hit(stale, "STALE")
+            log.failure("passing {key} through failed", key=req.key)
+            return Failed(502, f"upstream answer not usable while the store cannot write: {e}")
+        if not isinstance(opened, Body):
+            return opened
+        flight, _ = self._start_pass(req.target, opened)
+        flight.claimed = True
+        return Live(flight, "BYPASS", started=True)
+
+    def _start_pass(self, target: Target, body: Body) -> tuple[PassFlight, Deferred[None]]:
+        algorithms = tuple(a for a, _ in target.checks)
+        if target.expected_digest is not None:
+            algorithms += ("sha256",)
+        flight = PassFlight(target.key, body.headers, self.clock, algorithms)
+        self.metrics.inflight.inc()
+        d = ensureDeferred(self._pass_body(target, body, flight))
+        flight.abandon = d.cancel
+        self._passes.add(d)
+
+        def ended(_: object) -> None:
+            self._passes.discard(d)
+            self.metrics.inflight.dec()
+
+        d.addBoth(ended)
+        return flight, d
+
+    async def _pass_body(self, target: Target, body: Body, flight: PassFlight) -> None:
+        try:
+            await body.fill(flight)
+            if body.total is not None and flight.written != body.total:
+                raise BodyError(f"the body ended after {flight.written} of {body.total} bytes")
+            wanted = list(target.checks)
+            if target.expected_digest is not None:
+                wanted.append(("sha256", target.expected_digest))
+            for algorithm, want in wanted:
+                got = flight.hexdigest_of(algorithm)
+                if got != want.lower():
+                    raise BodyError(f"digest mismatch: expected {algorithm}:{want}, got {algorithm}:{got}")
+        except CancelledError:
+            flight.fail(BodyError("stopped: the client went away or the daemon is stopping"))
+            return
+        except BodyError as e:
+            log.warn("passing {key} through failed: {e}", key=target.key, e=e)
+            flight.fail(e)
+            return
+        except Exception as e:
+            log.failure("passing {key} through failed", key=target.key)
+            flight.fail(BodyError(f"passing through failed: {e}"))
+            return
+        flight.complete(None)
+
     def running(self) -> list[Deferred[None]]:
         """Deferreds of the productions in progress (each fires when its production ends)."""
-        return self._producing.ends()
+        return self._producing.ends() + watch_ends(self._passes)
 
     async def stop(self) -> None:
         self._producing.cancel()
+        for d in list(self._passes):
+            d.cancel()
 
 
 class Upstream(Source):
@@ -431,7 +544,8 @@ class Upstream(Source):
                 if v is not None:
                     kept[name] = v
             return Body(kept, lambda flight: receive(response, flight, cache.clock, req.remote.read_timeout),
-                        total=_content_length(response), since=since)
+                        # (Subclasses check the whole spooled body: only plain bodies pass.)
+                        total=_content_length(response), since=since, passable=type(self) is Upstream)
         await discard_body(response)
         if code == 304 and stale is not None:
             fresh = replace(

@@ -13,6 +13,7 @@ Nothing a client does (pausing, disconnecting) reaches the production.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any, Callable
 
@@ -211,6 +212,123 @@ class Flight:
         self._notify()
         self._listeners.clear()
         self.release()
+
+
+class PassFlight(Flight):
+    """An upstream body passed straight through to one client, never stored:
+    what a miss gets while the store cannot write (disk full).
+
+    Bytes wait in memory until the client's producer reads them, in order;
+    ``queued`` counts them, so the Intake pauses the upstream while the
+    client is behind. The body is sent without a length (``total`` is None:
+    chunked, Range ignored) and ends cleanly only once the production saw it
+    complete and matching its digests (``complete``); otherwise the client's
+    connection is aborted, as for any failed flight.
+
+    One client reads it: the request the production was started for. Others
+    that joined start their own. ``abandon`` (set by the engine) stops the
+    upstream when that client goes away, never came (``ATTACH_TIMEOUT``), or
+    only waits for the end (a caller that needs a stored entry gets a
+    BodyError at once).
+    """
+
+    ATTACH_TIMEOUT = 10.0
+
+    def __init__(self, key: str, headers: dict[str, str], clock: Any, algorithms: tuple[str, ...] = ()) -> None:
+        self.key = key
+        self.total = None
+        self.headers = headers
+        self.written = 0
+        self.queued = 0
+        self.finished = False
+        self.error = None
+        self.entry = None
+        self.hold_last = True
+        self.on_drain = lambda: None
+        self.abandon: Callable[[], None] = lambda: None
+        self.claimed = False
+        self._chunks: list[bytes] = []
+        self._base = 0  # offset of the first byte in _chunks
+        self._users = 1
+        self._attached = False
+        self._listeners = []
+        self._done_waiters = []
+        self._hashes = {a: hashlib.new(a) for a in algorithms}
+        self._timer: Any = clock.callLater(self.ATTACH_TIMEOUT, self._unattended)
+
+    def hexdigest_of(self, algorithm: str) -> str:
+        return str(self._hashes[algorithm].hexdigest())
+
+    def _unattended(self) -> None:
+        self._timer = None
+        if not self._attached:
+            self.abandon()
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def acquire(self) -> None:
+        self._users += 1
+        self._attached = True
+        self._stop_timer()
+
+    def release(self) -> None:
+        self._users -= 1
+        if self._users == 1 and self._attached and not self.finished:
+            self.abandon()  # the client went away: nobody else reads this body
+        if self._users == 0 and self._attached:
+            self._chunks = []  # (a body that ended before its client came stays for it)
+            self._stop_timer()
+
+    def fileno(self) -> int:
+        raise OSError("a passed-through body has no file")
+
+    def read(self, offset: int, size: int) -> bytes:
+        if offset != self._base:
+            return b""  # not where the one reader left off: its producer aborts
+        out: list[bytes] = []
+        n = 0
+        while self._chunks and n < size:
+            chunk = self._chunks[0]
+            take = min(len(chunk), size - n)
+            out.append(chunk[:take])
+            if take == len(chunk):
+                self._chunks.pop(0)
+            else:
+                self._chunks[0] = chunk[take:]
+            n += take
+        self._base += n
+        self.queued -= n
+        if self.queued < LOW_WATER:
+            self.on_drain()
+        return b"".join(out)
+
+    def wait_done(self) -> Deferred["Flight"]:
+        """Nothing is stored: whoever waits for the entry hears so now."""
+        if not self._attached:
+            self.abandon()
+        return fail(BodyError("not stored: the store cannot write (disk full?); the body was passed through"))
+
+    def data(self, chunk: bytes) -> None:
+        for h in self._hashes.values():
+            h.update(chunk)
+        self._chunks.append(chunk)
+        self.queued += len(chunk)
+        self.written += len(chunk)
+        self._notify()
+
+    @property
+    def write_error(self) -> BaseException | None:
+        return None
+
+    def flushed(self) -> Deferred[None]:
+        return succeed(None)
+
+    def _finish(self, error: BodyError | None) -> None:
+        self._stop_timer()
+        super()._finish(error)
 
 
 @implementer(IConsumer)

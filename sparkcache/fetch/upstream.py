@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import Any
+from typing import Any, Awaitable, Callable, Concatenate, ParamSpec
 from urllib.parse import urljoin, urlsplit
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -41,6 +41,13 @@ def origin(url: str) -> tuple[str, str, int]:
     p = urlsplit(url)
     port = p.port or (443 if p.scheme == "https" else 80)
     return (p.scheme, (p.hostname or "").lower(), port)
+
+
+def origin_name(url: str) -> str:
+    """``scheme://host[:port]`` of ``url``, the port only when not the scheme's default."""
+    scheme, host, port = origin(url)
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}" if port == (443 if scheme == "https" else 80) else f"{scheme}://{host}:{port}"
 
 
 def auth_header(creds: Credentials | None) -> bytes | None:
@@ -84,6 +91,29 @@ class _QuietPool(HTTPConnectionPool):
     _factory = _QuietFactory
 
 
+P = ParamSpec("P")
+Send = Callable[Concatenate["UpstreamClient", RemoteConfig, bytes, str, P], Awaitable[tuple[IResponse, str]]]
+
+
+def _observed(send: Send[P]) -> Send[P]:
+    """Tell the client's ``observer`` how the origin a request started at answered."""
+
+    async def request(self: "UpstreamClient", remote: RemoteConfig, method: bytes, url: str,
+                      *args: P.args, **kwargs: P.kwargs) -> tuple[IResponse, str]:
+        if self.observer is None:
+            return await send(self, remote, method, url, *args, **kwargs)
+        where = origin_name(url)
+        try:
+            response, final = await send(self, remote, method, url, *args, **kwargs)
+        except UpstreamError as e:
+            self.observer(remote.name, where, None, str(e))
+            raise
+        self.observer(remote.name, where, response.code, None)
+        return response, final
+
+    return request
+
+
 class UpstreamClient:
     """Requests to configured upstreams.
 
@@ -107,6 +137,8 @@ class UpstreamClient:
             self.pool.cachedConnectionTimeout = 60
             self.pool.retryAutomatically = True
         self._agents: dict[float, IAgent] = {}
+        # Told of every request's outcome: (remote, origin, status or None, error or None).
+        self.observer: Callable[[str, str, int | None, str | None], None] | None = None
 
     def agent(self, connect_timeout: float) -> IAgent:
         if self._given is not None:
@@ -121,6 +153,7 @@ class UpstreamClient:
             return succeed(None)
         return self.pool.closeCachedConnections()
 
+    @_observed
     async def request(
         self,
         remote: RemoteConfig,

@@ -2,7 +2,7 @@
 
 ```yaml
 git:
-  fetch_interval: 30s          # env FETCH_INTERVAL overrides
+  fetch_interval: 30s          # env SPARKCACHE_FETCH_INTERVAL (or FETCH_INTERVAL) overrides
   fetch_concurrency: 4
   jitter: 5s                   # each repo's fetch starts up to this much after the tick
   threads: 4                   # git pool threads besides the fetch_concurrency ones
@@ -23,7 +23,8 @@ git:
     github: {secret_env: GITHUB_WEBHOOK_SECRET}
     gitlab: {secret: "..."}    # also gitea, forgejo
 ```
-``GITCACHE_REPOS="name=url,name=url"`` adds repos from the environment.
+``SPARKCACHE_GIT_REPOS`` (or sparkwing-cache's ``GITCACHE_REPOS``) adds repos
+from the environment: ``name=url`` items or bare URLs, comma or space separated.
 """
 
 from __future__ import annotations
@@ -276,18 +277,24 @@ def _allowed_host(loader: Any, path: str, value: str) -> AllowedHost:
 
 
 def parse_env_repos(value: str) -> list[tuple[str, str]]:
-    """``name=url,name=url`` → [(name, url)]; raise ValueError naming the bad item."""
-    out = []
-    for item in value.split(","):
-        item = item.strip()
+    """``name=url`` items, or bare URLs named by their last path component
+    without ``.git`` (sparkwing-cache's list), separated by commas and/or
+    whitespace → [(name, url)]; raise ValueError naming the bad item."""
+    out: list[tuple[str, str]] = []
+    for item in re.split(r"[,\s]+", value):
         if not item:
             continue
         name, sep, url = item.partition("=")
-        if not sep:
-            raise ValueError(f"expected name=url, got {item!r}")
-        name, url = name.strip(), url.strip()
+        if not sep or not NAME.match(name):
+            # A bare URL (a name never holds ':' or '/', a URL always does).
+            url = item
+            name = re.sub(r"\.git$", "", url.rstrip("/").rsplit("/", 1)[-1].rsplit(":", 1)[-1])
+            if not ("://" in url or SCP_LIKE.match(url)) or not NAME.match(name):
+                raise ValueError(f"expected name=url or a repository URL, got {item!r}")
         check_name(name)
         check_url(url, allow_file=True)
+        if any(n == name for n, _ in out):
+            raise ValueError(f"two repositories named {name!r}; write name=url for one of them")
         out.append((name, url))
     return out
 
@@ -297,11 +304,13 @@ def parse_git_section(loader: Any, sec: Any) -> GitConfig:
     holds the environment, for GITCACHE_REPOS and FETCH_INTERVAL)."""
     d = GitConfig()
     fetch_interval = sec.convert("fetch_interval", parse_duration, d.fetch_interval)
-    if loader.environ.get("FETCH_INTERVAL"):
+    # SPARKCACHE_FETCH_INTERVAL, or sparkwing-cache's FETCH_INTERVAL (config_compat.ENV_ALIASES).
+    found = loader.setting("SPARKCACHE_FETCH_INTERVAL")
+    if found:
         try:
-            fetch_interval = parse_duration(loader.environ["FETCH_INTERVAL"])
+            fetch_interval = parse_duration(found[1].strip())
         except ValueError as e:
-            raise loader.error("FETCH_INTERVAL", str(e)) from None
+            raise loader.error(found[0], str(e)) from None
     if fetch_interval < 1.0:
         raise loader.error(sec.key("fetch_interval"), "must be at least 1s")
     concurrency = sec.get("fetch_concurrency", int, d.fetch_concurrency)
@@ -323,15 +332,17 @@ def parse_git_section(loader: Any, sec: Any) -> GitConfig:
     rsec = Section(loader, sec.key("repos"), raw)
     for name in raw:
         repos[str(name)] = _repo(loader, rsec, str(name))
-    env_repos = loader.environ.get("GITCACHE_REPOS")
-    if env_repos:
+    # SPARKCACHE_GIT_REPOS, or sparkwing-cache's GITCACHE_REPOS (config_compat.ENV_ALIASES).
+    found = loader.setting("SPARKCACHE_GIT_REPOS")
+    if found:
+        var, env_repos = found
         try:
             pairs = parse_env_repos(env_repos)
         except ValueError as e:
-            raise loader.error("GITCACHE_REPOS", str(e)) from None
+            raise loader.error(var, str(e)) from None
         for name, url in pairs:
             if name in repos and repos[name].url != url:
-                raise loader.error("GITCACHE_REPOS", f"{name} is also in {sec.key('repos')} with another URL")
+                raise loader.error(var, f"{name} is also in {sec.key('repos')} with another URL")
             repos.setdefault(name, RepoConfig(name, url, None, "env"))
 
     hosts = []

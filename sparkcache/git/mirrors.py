@@ -178,6 +178,30 @@ class Mirrors:
         """One Deferred per running operation (for a graceful stop)."""
         return self._refreshes.ends()
 
+    def reconfigure(self, config: GitConfig) -> None:
+        """Follow a new ``git:`` section (a reload). New repos are scheduled at
+        once; removed ones are no longer fetched (the loop drops them at their
+        next turn) and their mirrors stay on disk; credentials, intervals,
+        allowed hosts and rate caps apply from the next fetch on. A fetch under
+        way finishes with what it started with."""
+        added, removed = self.registry.reconfigure(config)
+        for key in ("threads", "fetch_concurrency"):
+            if getattr(config, key) != getattr(self.config, key):
+                log.warn("git.{key} changed; it takes effect at the next restart", key=key)
+        self.config = config
+        self._creds.clear()
+        self.rates.rate = config.max_upstream_rate
+        self.rates.caps.clear()
+        for reg in removed:
+            if self.registry.get(reg.name) is None:
+                log.info("git: {name} is no longer configured: not fetched any more; its mirror stays in {path}",
+                         name=reg.name, path=self.registry.path_for(reg))
+        for reg in added:
+            log.info("git: {name} ({url}) configured", name=reg.name, url=reg.url)
+            self._schedule(self.registry.mirror(reg))
+        if self.registry.dirty():
+            self._save_registry()
+
     # -- registry ---------------------------------------------------------------
 
     def lookup(self, name_or_url: str) -> Mirror:

@@ -118,9 +118,12 @@ class PackCache:
         self.spawn: Callable[..., Deferred[int]] | None = None
         self.extra_config: dict[str, str] | None = None
         self.computed = 0
-        git_config = getattr(getattr(ctx, "config", None), "git", None)
+        self.enabled = True
+        self.reconfigure(getattr(ctx, "config", None))
+
+    def reconfigure(self, config: Any) -> None:
         # ``git.pack_cache: false`` turns it off (every clone runs upload-pack).
-        self.enabled = bool(getattr(git_config, "pack_cache", True))
+        self.enabled = bool(getattr(getattr(config, "git", None), "pack_cache", True))
 
     async def serve(self, request: Any, mirror: Any, body: bytes, parsed: Any, git_protocol: str | None) -> bool:
         """Answer ``request`` from the cache (or by computing and storing the pack);

@@ -224,6 +224,41 @@ class Registry:
         self._add(reg)
         return reg, True
 
+    # -- reconfiguration -----------------------------------------------------
+
+    def reconfigure(self, config: GitConfig) -> tuple[list[Registration], list[Registration]]:
+        """Follow a new configuration's repos (a reload); returns (added, removed).
+
+        As at start-up, a repo of the configuration takes its name over from a
+        runtime registration. A removed repo is only forgotten, as an unused
+        first-use registration is: its mirror stays on disk (and serves again if
+        the repo comes back with the same URL)."""
+        old = {n: r for n, r in self._repos.items() if r.source in ("config", "env")}
+        new = {r.name: Registration(r.name, r.url, r.source) for r in config.repos.values()}
+        self.config = config
+        removed = [r for n, r in old.items() if new.get(n) != r]
+        added = [r for n, r in new.items() if old.get(n) != r]
+        for reg in removed:
+            self._drop(reg)
+        for reg in added:
+            shadowed = self._repos.get(reg.name)
+            if shadowed is not None:
+                self._drop(shadowed)
+            self._add(reg)
+        return added, removed
+
+    def _drop(self, reg: Registration) -> None:
+        del self._repos[reg.name]
+        self._mirrors.pop(reg, None)
+        key = url_key(reg.url)
+        if self._by_key.get(key) == reg.name:
+            del self._by_key[key]
+            other = next((r for r in self._repos.values() if url_key(r.url) == key), None)
+            if other is not None:
+                self._by_key[key] = other.name
+        if reg.source in ("runtime", "host"):
+            self._version += 1
+
     # -- registration --------------------------------------------------------
 
     def register(self, name: str | None, url: str, source: str = "runtime") -> tuple[Registration, bool]:

@@ -72,5 +72,10 @@ def load_config_data(data: Any, source: str = "<config>", environ: Mapping[str, 
 
 def load_config(path: str, environ: Mapping[str, str] | None = None,
                 protocols: Sequence[ProtocolSpec] = PROTOCOLS) -> config.Config:
-    """Read and validate ``path``; raise ConfigError with an operator-facing message."""
-    return load_config_data(config.read_yaml(path), path, environ, protocols)
+    """Read and validate ``path`` and its drop-ins (``config.dropin_dir``); raise
+    ConfigError with an operator-facing message naming the file at fault."""
+    data, origins = config.read_config_files(path)
+    try:
+        return load_config_data(data, path, environ, protocols)
+    except config.ConfigError as e:
+        raise config.attribute(e, origins) from None

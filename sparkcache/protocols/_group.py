@@ -68,7 +68,9 @@ def group_kind(name: str, member_types: Collection[str], url: str) -> RemoteKind
                 raise loader.error(where, f"remote {m!r} is a type: {member.type} remote; a type: {name} "
                                           f"remote's members are of type {' or '.join(sorted(member_types))}")
 
-    return RemoteKind(name, needs_upstream=False, options=_parse_members, check=check, url=url)
+    # ``upstream`` is let through to ``check``, which says where the upstreams are.
+    return RemoteKind(name, needs_upstream=False, options=_parse_members, check=check, url=url,
+                      shared_keys=frozenset({"upstream"}))
 
 
 def is_group(kind: RemoteKind) -> bool:

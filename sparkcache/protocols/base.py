@@ -15,7 +15,7 @@ from twisted.application.service import IService
 from twisted.internet.defer import Deferred
 from twisted.web.resource import IResource
 
-from sparkcache.config import Loader, Section
+from sparkcache.config import SHARED_KEYS, Config, Loader, Section
 from sparkcache.web.bodies import BodyGate
 
 if TYPE_CHECKING:
@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 
 # A setup endpoint answers ``/setup/<kind>`` itself: bytes, or a Deferred/coroutine of bytes.
 SetupHandler = Callable[[Any], Union[bytes, Awaitable[bytes], Deferred[bytes]]]
+
+
+# ``RemoteKind.honours`` of a type whose content lives only here: no shared key applies.
+UPLOADS_ONLY: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,21 @@ class RemoteKind:
     # Checks a remote against the others once all are read (a group's members):
     # ``check(loader, remote, remotes)`` raises ``loader.error(...)``.
     check: Callable[[Loader, Any, Mapping[str, Any]], None] | None = None
+    # The shared keys of a remote section (config.SHARED_KEYS) this type uses;
+    # the loader refuses the others by name ("has no effect on type: x
+    # remotes"). Default: all of them for a type with an upstream, none for
+    # one whose content lives only here (UPLOADS_ONLY). A type that fetches
+    # through the engine uses at least config.UPSTREAM_KEYS.
+    shared_keys: frozenset[str] | None = None
+    # remotes.yaml's ``type: local`` with this ``package``: the type that keeps
+    # uploads of it (None: ``<name>-local`` when such a type exists).
+    local_type: str | None = None
+
+    @property
+    def honours(self) -> frozenset[str]:
+        if self.shared_keys is not None:
+            return self.shared_keys
+        return SHARED_KEYS if self.needs_upstream else UPLOADS_ONLY
 
     def parse_options(self, loader: Loader, sec: Section) -> Any:
         return self.options(loader, sec, self.name) if self.options is not None else None
@@ -90,6 +109,10 @@ class Built:
     # Work a graceful stop waits for: each returns Deferreds that fire when it ends.
     drains: Sequence[Callable[[], list[Deferred[Any]]]] = ()
     setup: Mapping[str, SetupEndpoint] = field(default_factory=dict)
+    # Called with each new running configuration (SIGHUP, the remotes API) after
+    # ``ctx.config`` is replaced: rebuilds what the apps keep per remote. None
+    # for apps that read ``ctx.config`` per request (or that nothing was built for).
+    reconfigure: Callable[[Config], None] | None = None
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,11 @@ and hands it to ``commit``/``refresh``, which store nothing if the entry's
 cache (everything, its remote or its key) was purged since, checked in the
 SQLite thread inside the insert's transaction. A body is never removed while
 a commit of it is between its existence check and its row (``_drop``).
+
+Free space (see ``space``): below the floor (``storage.min_free``) the store
+evicts and says ``low_space``; after a write error (disk full, I/O error) it
+counts as unwritable for ``WRITE_ERROR_HOLD`` seconds. While it is not
+``writable`` the engine passes misses through uncached.
 """
 
 from __future__ import annotations
@@ -25,9 +30,9 @@ from __future__ import annotations
 import builtins
 import os
 from collections import OrderedDict
-from typing import Any, Callable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -35,6 +40,7 @@ from twisted.python.threadpool import ThreadPool
 from sparkcache.store.body import BodyRange
 from sparkcache.store.cas import IContentStore, LocalContentStore
 from sparkcache.store.index import Entry, Index
+from sparkcache.store import space
 from sparkcache.store.spool import SpoolFile, SpoolReader, clear_spool
 
 __all__ = ["BodyRange", "Entry", "Index", "IContentStore", "LocalContentStore", "SpoolFile", "SpoolReader", "Store"]
@@ -42,15 +48,26 @@ __all__ = ["BodyRange", "Entry", "Index", "IContentStore", "LocalContentStore", 
 T = TypeVar("T")
 log = Logger()
 
+# How long a write error (disk full, I/O error) keeps the store unwritable:
+# the misses in between pass through instead of each failing the same way.
+WRITE_ERROR_HOLD = 30.0
+# Eviction for space frees this much more than the floor asks, so it does
+# not run again on the next miss.
+SPACE_SLACK = 0.10
+
 
 class Store:
     def __init__(self, data_dir: str, reactor: Any, max_size: int, io_pool: ThreadPool | None = None,
-                 sqlite_pool: ThreadPool | None = None) -> None:
+                 sqlite_pool: ThreadPool | None = None, min_free: int | None = None,
+                 min_free_percent: float | None = None) -> None:
         """Pools handed in are started and stopped by their owner (the service
-        tree); without them the store makes and runs its own (tests, tools)."""
+        tree); without them the store makes and runs its own (tests, tools).
+        ``min_free`` (bytes) or ``min_free_percent`` (of the filesystem) is the
+        free-space floor; neither: the smaller of 1 GiB and 5 %."""
         self.data_dir = os.path.abspath(data_dir)
         os.makedirs(self.data_dir, exist_ok=True)
         self.reactor = reactor
+        self.clock: Any = reactor  # what the write-error hold is timed by (tests: a task.Clock)
         self.max_size = max_size
         self.cas: IContentStore = LocalContentStore(os.path.join(self.data_dir, "cas"))
         self.index = Index(os.path.join(self.data_dir, "index.sqlite"), reactor, pool=sqlite_pool)
@@ -79,6 +96,16 @@ class Store:
         self._sweeps = 0
         self.size = 0
         self.entries = 0
+        self.min_free = min_free
+        self.min_free_percent = min_free_percent
+        # Below the free-space floor (after eviction did what it could): /ready says so.
+        self.low_space = False
+        self.free: int | None = None  # bytes free at the last check
+        self.floor = 0  # the floor in bytes at the last check
+        self.write_error: str | None = None  # the last write error, for logs and /health
+        self._write_failed_at: float | None = None
+        self.reserve_path = os.path.join(self.data_dir, space.RESERVE_NAME)
+        self._room = DeferredLock()  # one eviction for space at a time
 
     def in_io(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         return deferToThreadPool(self.reactor, self.io_pool, fn, *args)
@@ -91,22 +118,21 @@ class Store:
         worker processes the parent checks once, before any worker runs)."""
         if self._own_io_pool:
             self.io_pool.start()
-        if not check:
-            await self.index.start()
-            await self.refresh_stats()
-            return
-        removed = clear_spool(self.spool_dir)
-        if removed:
-            log.info("removed {n} unfinished download(s) from the spool", n=removed)
+        if check:
+            removed = clear_spool(self.spool_dir)
+            if removed:
+                log.info("removed {n} unfinished download(s) from the spool", n=removed)
         await self.index.start()
-        present = await self.in_io(lambda: dict(self.cas.iter_digests()))
-        dropped, orphans = await self.index.reconcile(present)
-        if orphans:
-            await self.in_io(lambda: [self.cas.remove(d) for d in orphans])
-        if dropped or orphans:
-            log.info("store check: dropped {d} index row(s) without a body, removed {o} orphan body file(s)",
-                     d=dropped, o=len(orphans))
+        if check:
+            present = await self.in_io(lambda: dict(self.cas.iter_digests()))
+            dropped, orphans = await self.index.reconcile(present)
+            if orphans:
+                await self.in_io(lambda: [self.cas.remove(d) for d in orphans])
+            if dropped or orphans:
+                log.info("store check: dropped {d} index row(s) without a body, removed {o} orphan body file(s)",
+                         d=dropped, o=len(orphans))
         await self.refresh_stats()
+        await self.check_space()
 
     async def stop(self) -> None:
         for spool in list(self._spools):
@@ -171,13 +197,15 @@ class Store:
                 written = True
             else:
                 written = await self.index.put_unless(entry, lambda: self.purged_since(since, entry.remote, entry.key))
-        except BaseException:
+        except BaseException as e:
             self._release_commit(digest)
-            # A purge meanwhile may have left the body to this commit (see _drop).
+            # A purge meanwhile may have left the body to this commit (see _drop);
+            # and a body no row names must not take the space until a restart.
             try:
                 await self.release_digest(digest)
             except Exception:
                 log.failure("removing the body of {key} after a failed commit", key=entry.key)
+            self.note_write_error(e)  # after the removal: the room it makes counts it
             raise
         self._release_commit(digest)
         if not written:
@@ -324,11 +352,24 @@ class Store:
     async def release_digest(self, digest: str) -> None:
         """Remove a body that a replaced entry no longer needs (unless others do)."""
         if not self._sending.get(digest):
-            await self._drop((0, await self.index.unreferenced(digest)))
+            await self._drop((0, await self._freeing(lambda: self.index.unreferenced(digest))))
+
+    async def _freeing(self, op: Callable[[], Awaitable[T]]) -> T:
+        """Run an index write that frees space (a deletion). SQLite needs room
+        for its log even to delete rows: on a full disk, release the reserve
+        and try once more, so a purge or an eviction can always free space."""
+        try:
+            return await op()
+        except Exception as e:
+            if not space.is_sqlite_full(e):
+                raise
+            freed = await self.in_io(space.release_reserve, self.reserve_path)
+            log.warn("the index could not write ({e}): released the {n}-byte reserve to free space", e=e, n=freed)
+            return await op()
 
     async def purge_key(self, key: str) -> int:
         """Delete one entry, pinned or not (its body too, unless others name it)."""
-        return await self._drop(await self.index.delete_key(key))
+        return await self._drop(await self._freeing(lambda: self.index.delete_key(key)))
 
     async def purge_cached_key(self, key: str) -> int:
         """Purge one cached entry (a pinned or kept one stays), and keep a
@@ -341,26 +382,35 @@ class Store:
             # production older than it still stores nothing (rare: a long fetch).
             _, forgotten = self._purged_key.popitem(last=False)
             self._purged_all = max(self._purged_all, forgotten)
-        return await self._drop(await self.index.delete_cached_key(key))
+        return await self._drop(await self._freeing(lambda: self.index.delete_cached_key(key)))
 
     async def purge_remote(self, remote: str) -> int:
         """Purge the cached entries of ``remote``; pinned ones stay, and a
         production in progress for the remote commits nothing."""
         self._purged_remote[remote] = self._new_purge()
-        return await self._drop(await self.index.delete_remote(remote))
+        n = await self._drop(await self._freeing(lambda: self.index.delete_remote(remote)))
+        await self._after_purge()
+        return n
 
     async def purge_all(self) -> int:
         """Purge everything cached; pinned entries stay, and no production in
         progress commits what it fetched."""
         self._purged_all = self._new_purge()
-        n = await self._drop(await self.index.delete_all())
+        n = await self._drop(await self._freeing(lambda: self.index.delete_all()))
         await self.refresh_stats()
+        await self._after_purge()
         return n
+
+    async def _after_purge(self) -> None:
+        # Space came back: the next miss may be stored again, without waiting
+        # out a write error or the next eviction tick.
+        self._write_failed_at = None
+        await self.check_space()
 
     async def delete_local(self, remote: str, path: str) -> int:
         """Delete local content (an upload, a push: the only copy) of ``remote``
         at ``path``: the explicit, destructive call no purge makes."""
-        n = await self._drop(await self.index.delete_local(remote, path))
+        n = await self._drop(await self._freeing(lambda: self.index.delete_local(remote, path)))
         await self.refresh_stats()
         return n
 
@@ -382,10 +432,19 @@ class Store:
         return n
 
     async def evict(self) -> int:
-        """Least-recently-used eviction down to max_size; bodies of pinned
-        entries and bodies being sent are skipped."""
+        """Least-recently-used eviction down to max_size, then down to the
+        free-space floor; bodies of pinned entries and bodies being sent are
+        skipped."""
         await self.index.flush_access()
         await self._sweep_unowned()
+        evicted = await self._evict_to_size()
+        await self._room.acquire()
+        try:
+            return evicted + await self._evict_for_space(0)
+        finally:
+            self._room.release()
+
+    async def _evict_to_size(self) -> int:
         size, _ = await self.refresh_stats()
         if size <= self.max_size:
             return 0
@@ -399,11 +458,7 @@ class Store:
             for digest, blob_size in candidates:
                 if size <= target:
                     break
-                if self._sending.get(digest):
-                    continue
-                _, gone = await self.index.delete_digest(digest)
-                await self._drop((0, gone))
-                if digest in gone:  # else pinned since lru_blobs chose it
+                if await self._evict_one(digest):
                     size -= blob_size
                     evicted += 1
                     progress = True
@@ -411,6 +466,108 @@ class Store:
                 break
         await self.refresh_stats()
         log.info("evicted {n} bodies; store now {size} bytes", n=evicted, size=self.size)
+        return evicted
+
+    async def _evict_one(self, digest: str) -> bool:
+        """Evict one body and its entries; False when it stays (being sent, or
+        pinned since lru_blobs chose it)."""
+        if self._sending.get(digest):
+            return False
+        _, gone = await self._freeing(lambda: self.index.delete_digest(digest))
+        await self._drop((0, gone))
+        return digest in gone
+
+    # -- free space ------------------------------------------------------------------
+
+    @property
+    def writable(self) -> bool:
+        """Whether a miss should be stored now: not below the floor, and no
+        write error in the last WRITE_ERROR_HOLD seconds."""
+        if self.low_space:
+            return False
+        at = self._write_failed_at
+        return at is None or self.clock.seconds() - at >= WRITE_ERROR_HOLD
+
+    def note_write_error(self, e: BaseException) -> None:
+        """A spool write, fsync, rename or index commit failed: if the disk is
+        at fault, stop storing for a while and make room in the background."""
+        if not space.is_write_error(e):
+            return
+        now = self.clock.seconds()
+        first = self._write_failed_at is None or now - self._write_failed_at >= WRITE_ERROR_HOLD
+        self._write_failed_at = now
+        self.write_error = str(e)
+        if first:
+            log.warn("the store cannot write ({e}): passing misses through uncached for {s:g}s", e=e,
+                     s=WRITE_ERROR_HOLD)
+        Deferred.fromCoroutine(self._background_room())
+
+    async def _background_room(self) -> None:
+        try:
+            await self.make_room(0)
+        except Exception:
+            log.failure("making room after a write error")
+
+    async def check_space(self) -> int:
+        """Measure free space (in the I/O pool), update ``low_space`` and keep
+        the reserve; returns the bytes free."""
+        got = await self.in_io(space.measure, self.data_dir)
+        self.floor = space.floor_of(got.total, self.min_free, self.min_free_percent)
+        free = got.free
+        if not os.path.exists(self.reserve_path):
+            size = space.reserve_size(got.total)
+            if free - size > self.floor and await self.in_io(space.make_reserve, self.reserve_path, size):
+                free -= size
+        self.free = free
+        low = free < self.floor
+        if low != self.low_space:
+            if low:
+                log.warn("free space {free} bytes is below the floor of {floor} bytes", free=free, floor=self.floor)
+            else:
+                log.info("free space {free} bytes is above the floor of {floor} bytes again", free=free,
+                         floor=self.floor)
+        self.low_space = low
+        return free
+
+    async def make_room(self, need: int) -> bool:
+        """Evict (least recently used first) until ``need`` more bytes fit above
+        the floor; False when they cannot (then nothing is evicted for them)."""
+        await self._room.acquire()
+        try:
+            free = await self.check_space()
+            if free - need >= self.floor:
+                return True
+            if need and need > free + self.size - self.floor:
+                return False  # even an empty cache would not hold it: keep what is there
+            await self._evict_for_space(need)
+            return self.free is not None and self.free - need >= self.floor
+        finally:
+            self._room.release()
+
+    async def _evict_for_space(self, need: int) -> int:
+        free = await self.check_space()
+        if free - need >= self.floor:
+            return 0
+        target = self.floor + need + int(self.floor * SPACE_SLACK)
+        await self.index.flush_access()
+        evicted = 0
+        while free < target:
+            candidates = await self.index.lru_blobs(64 + len(self._sending))
+            progress = False
+            for digest, blob_size in candidates:
+                if free >= target:
+                    break
+                if await self._evict_one(digest):
+                    free += blob_size
+                    evicted += 1
+                    progress = True
+            free = await self.check_space()
+            if not progress:
+                break
+        await self.refresh_stats()
+        if evicted:
+            log.info("evicted {n} bodies for free space; {free} bytes free (floor {floor})", n=evicted, free=free,
+                     floor=self.floor)
         return evicted
 
 

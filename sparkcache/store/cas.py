@@ -81,13 +81,7 @@ class LocalContentStore:
         return True
 
     def remove(self, digest: str) -> int:
-        path = self.local_path(digest)
-        try:
-            size = os.stat(path).st_size
-            os.unlink(path)
-        except FileNotFoundError:
-            return 0
-        return size
+        return remove_file(self.local_path(digest))
 
     def iter_digests(self) -> Iterator[tuple[str, int]]:
         for sub in sorted(os.listdir(self.base)):
@@ -107,6 +101,16 @@ class LocalContentStore:
                         os.unlink(p)
                     except OSError:
                         pass
+
+
+def remove_file(path: str) -> int:
+    """Delete a file; returns the bytes freed (0 if absent)."""
+    try:
+        size = os.stat(path).st_size
+        os.unlink(path)
+    except FileNotFoundError:
+        return 0
+    return size
 
 
 def fsync_dir(path: str) -> None:

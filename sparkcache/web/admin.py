@@ -1,4 +1,5 @@
-"""Management endpoints: /, /health, /metrics, /config, /admin/purge, /admin/local."""
+"""Management endpoints: /, /health, /ready, /status.json, /metrics, /config,
+/admin/purge, /admin/local, /admin/remotes."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ from twisted.web.resource import IResource
 import sparkcache
 from sparkcache.context import Context
 from sparkcache.web import purge as purges
+from sparkcache.web import status_page
+from sparkcache.web.admin_remotes import AdminRemotes
 from sparkcache.web.errors import JSON, HTTPError, add_error_handling, guarded
+from sparkcache.web.status import Status
 
 # This process's index among server.workers (set by the supervisor); None: the only process.
 _WORKER = int(os.environ["SPARKCACHE_WORKER"]) if os.environ.get("SPARKCACHE_WORKER", "").isdigit() else None
@@ -21,8 +25,9 @@ _WORKER = int(os.environ["SPARKCACHE_WORKER"]) if os.environ.get("SPARKCACHE_WOR
 class AdminApp:
     app = Klein()
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, status: Status | None = None) -> None:
         self.ctx = ctx
+        self.status = status or Status(ctx)
 
     def resource(self) -> IResource:
         return guarded(self.app, JSON, self.ctx.config.server.max_path_length)
@@ -30,13 +35,18 @@ class AdminApp:
     add_error_handling(app, JSON)
 
     @app.route("/", methods=["GET", "HEAD"])
-    def index(self, request: Any) -> bytes:
+    async def index(self, request: Any) -> bytes:
+        # A browser gets the status page; API clients keep getting this JSON.
+        request.setHeader(b"Vary", b"Accept")
+        if status_page.wants_html(request):
+            self.ctx.auth.require(request, "read")
+            return status_page.respond(request, await self.status.snapshot())
         return _json(request, {
             "name": "sparkcache",
             "version": sparkcache.__version__,
             "remotes": [
                 {"name": r.name, "type": r.type, "upstream": r.upstream,
-                 "url": self.ctx.remote_url(r.name)}
+                 "url": self.ctx.remote_url(r.name), "description": r.description}
                 for r in self.ctx.config.remotes.values()
             ],
             # Stored under by protocols without a remotes: entry (purgeable by name).
@@ -53,10 +63,30 @@ class AdminApp:
             "store_bytes": store.size,
             "store_entries": store.entries,
             "inflight_fetches": self.ctx.cache.inflight,
+            # Liveness stays 200 on a full disk (a restart would not help); these say why misses pass through.
+            "store_free_bytes": store.free,
+            "store_low_space": store.low_space,
+            "store_write_error": store.write_error,
             # Which process answered (server.workers > 1: several share the socket).
             "pid": os.getpid(),
             "worker": _WORKER,
         })
+
+    @app.route("/ready", methods=["GET", "HEAD"])
+    def ready(self, request: Any) -> bytes:
+        """200 once the store is open and the listeners are up; 503 saying why
+        before, while stopping, and while the disk is below its free-space floor."""
+        reasons = self.status.readiness()
+        if reasons:
+            request.setResponseCode(503)
+        return _json(request, {"status": "not ready" if reasons else "ready", "ready": not reasons, "reasons": reasons})
+
+    @app.route("/status.json", methods=["GET", "HEAD"])
+    async def status_json(self, request: Any) -> bytes:
+        """What the status page shows (it polls this; so can scripts and the CLI)."""
+        self.ctx.auth.require(request, "read")
+        request.setHeader(b"Cache-Control", b"no-store")
+        return _json(request, await self.status.snapshot())
 
     @app.route("/metrics", methods=["GET"])
     def metrics(self, request: Any) -> bytes:
@@ -84,6 +114,10 @@ class AdminApp:
     @app.route("/admin/local", methods=["DELETE"])
     async def delete_local(self, request: Any) -> bytes:
         return _json(request, await purges.delete_local(self.ctx, request))
+
+    @app.route("/admin/remotes", branch=True)
+    def remotes(self, request: Any) -> IResource:
+        return AdminRemotes(self.ctx).resource()
 
     @app.route("/<path:rest>", branch=True)
     def not_found(self, request: Any, rest: str) -> bytes:

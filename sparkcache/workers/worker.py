@@ -59,9 +59,11 @@ def build(environ: Mapping[str, str], reactor: Any) -> Any:
     from sparkcache.protocols import load_config
     from sparkcache.service import SparkcacheService
 
-    config = load_config(environ["SPARKCACHE_CONFIG"], dict(environ))
+    path = environ["SPARKCACHE_CONFIG"]
+    config = load_config(path, dict(environ))
     endpoints = [AdoptedEndpoint(reactor, fd, family) for fd, family in parse_fds(environ["SPARKCACHE_WORKER_FDS"])]
-    service = SparkcacheService(config, reactor, endpoints=endpoints,
+    # config_path: SIGHUP (forwarded by the parent) reloads the file here as in one process.
+    service = SparkcacheService(config, reactor, config_path=path, environ=dict(environ), endpoints=endpoints,
                                 primary=environ.get("SPARKCACHE_WORKER_PRIMARY") == "1", check_store=False,
                                 spool_subdir=spool_subdir(int(environ["SPARKCACHE_WORKER"])))
     # The other workers write this index too: cached rows are checked against change stamps.
@@ -81,8 +83,8 @@ def main() -> None:
         service = build(os.environ, reactor)
     except ConfigError as e:
         sys.exit(f"configuration error: {e}")
-    # Nothing to reload yet: SIGHUP must not kill a worker (the parent forwards it to all).
-    signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(log.info, "SIGHUP received"))
+    # Until the service installs its reload handler, a SIGHUP must not kill the worker.
+    signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(log.info, "SIGHUP before the start: ignored"))
     reactor.callWhenRunning(service.startService)
     reactor.callWhenRunning(_stop_once_on, reactor, (signal.SIGTERM, signal.SIGINT))
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)

@@ -31,7 +31,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # Variables that steer the daemon's config or its HTTP clients: never inherited
 # from the environment running the tests, only set explicitly by a test.
 _SCRUBBED_PREFIXES = ("SPARKCACHE_",)
-_SCRUBBED = {"http_proxy", "https_proxy", "no_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY"}
+_SCRUBBED = {"DATA_DIR", "PORT", "FETCH_INTERVAL", "GITCACHE_REPOS", "SPARKWING_API_TOKEN",  # sparkwing aliases
+             "http_proxy", "https_proxy", "no_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY"}
 
 
 class DaemonError(AssertionError):

@@ -17,9 +17,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
-from tests.support.tools import require_tool
+from tests.support.tools import require_installed, require_tool
 
 SCRIPT = r"""
 const cache = await import(process.env.SPARKCACHE_ACTIONS_CACHE);
@@ -45,13 +43,7 @@ def require_actions_cache() -> Path:
     """The entry module of @actions/cache; skip (fail under CI=true) when node or it is missing."""
     require_tool("node")
     require_tool("tar")
-    entry = node_modules_dir() / "@actions" / "cache" / "lib" / "cache.js"
-    if not entry.exists():
-        message = f"@actions/cache is not installed under {node_modules_dir()} (see .ci/run)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    return entry
+    return require_installed(node_modules_dir() / "@actions" / "cache" / "lib" / "cache.js", "@actions/cache")
 
 
 @dataclass

@@ -26,6 +26,17 @@ def require_tool(name: str, reason: str | None = None) -> str:
     pytest.skip(message)
 
 
+def require_installed(path: Path, what: str) -> Path:
+    """Return ``path`` (something .ci/run installs); skip the test when it is
+    missing, fail under ``CI=true`` (as :func:`require_tool`)."""
+    if path.exists():
+        return path
+    message = f"{what} is not installed at {path} (see .ci/run)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
 def run_checked(
     cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:

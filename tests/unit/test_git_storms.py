@@ -38,12 +38,17 @@ class HeldFetches:
         return d
 
 
-def test_a_storm_of_refreshes_costs_one_fetch_per_interval(tmp_path: Path) -> None:
+def paced(tmp_path: Path) -> tuple[task.Clock, Mirrors, HeldFetches, Any]:
+    """A fleet paced at 5 s whose fetches the test ends; and its mirror ``app``."""
     clock = task.Clock()
     ms = fleet(tmp_path, clock, min_fetch_interval="5s")
     fetches = HeldFetches()
     ms._refresh = fetches  # type: ignore[method-assign]
-    m = ms.lookup("app")
+    return clock, ms, fetches, ms.lookup("app")
+
+
+def test_a_storm_of_refreshes_costs_one_fetch_per_interval(tmp_path: Path) -> None:
+    clock, ms, fetches, m = paced(tmp_path)
     first = [ms.refresh(m) for _ in range(50)]
     assert len(fetches.started) == 1  # one in flight; the other 49 joined it
     fetches.started[0].callback({"refs/heads/main": A})
@@ -68,11 +73,7 @@ def test_a_storm_of_refreshes_costs_one_fetch_per_interval(tmp_path: Path) -> No
 
 
 def test_a_failed_fetch_is_paced_too(tmp_path: Path) -> None:
-    clock = task.Clock()
-    ms = fleet(tmp_path, clock, min_fetch_interval="5s")
-    fetches = HeldFetches()
-    ms._refresh = fetches  # type: ignore[method-assign]
-    m = ms.lookup("app")
+    clock, ms, fetches, m = paced(tmp_path)
     d = ms.refresh(m)
     fetches.started[0].errback(RuntimeError("forge down"))
     failures: list[Any] = []
@@ -86,11 +87,7 @@ def test_a_failed_fetch_is_paced_too(tmp_path: Path) -> None:
 
 
 def test_webhook_pushes_are_not_paced(tmp_path: Path) -> None:
-    clock = task.Clock()
-    ms = fleet(tmp_path, clock, min_fetch_interval="5s")
-    fetches = HeldFetches()
-    ms._refresh = fetches  # type: ignore[method-assign]
-    m = ms.lookup("app")
+    clock, ms, fetches, m = paced(tmp_path)
     ms.refresh(m)
     fetches.started[0].callback({"refs/heads/main": A})
     ms.pushed(m, {"refs/heads/main": "b" * 40})  # signed by the forge: fetch now

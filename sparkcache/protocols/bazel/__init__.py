@@ -24,7 +24,8 @@ def build(ctx: "Context") -> Built:
     if not any(r.type in BAZEL_TYPES for r in ctx.config.remotes.values()):
         return Built()
     app = BazelApp(ctx)
-    return Built(resource=app.resource(), gate=app.body_gate, setup={"bazel": SetupEndpoint(setup.handler(ctx))})
+    return Built(resource=app.resource(), gate=app.body_gate, setup={"bazel": SetupEndpoint(setup.handler(ctx))},
+                 reconfigure=app.reconfigure)
 
 
 SPEC = ProtocolSpec(

@@ -37,6 +37,8 @@ from twisted.logger import Logger
 from twisted.web.resource import IResource
 
 from sparkcache.context import Context
+from sparkcache.config import Config
+from sparkcache.protocols._live import refreshed
 from sparkcache.protocols._keyed import KeyedBlobs
 from sparkcache.protocols.bazel.options import BazelOptions, options_of
 from sparkcache.protocols.bazel.proto import Digest, NotAMessage, action_result_references, tree_files
@@ -89,10 +91,16 @@ class BazelApp:
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
-        self.remotes = {n: r for n, r in ctx.config.remotes.items() if r.type in BAZEL_TYPES}
-        self.blobs = {n: KeyedBlobs(ctx, r, JSON) for n, r in self.remotes.items()}
-        self.options: dict[str, BazelOptions] = {n: options_of(r) for n, r in self.remotes.items()}
+        self.blobs: dict[str, KeyedBlobs] = {}
+        self.reconfigure(ctx.config)
         self.body_gate = checked(JSON, self._body_checks)
+
+    def reconfigure(self, config: Config) -> None:
+        """The remotes of ``config`` from now on (Built.reconfigure)."""
+        remotes = {n: r for n, r in config.remotes.items() if r.type in BAZEL_TYPES}
+        self.blobs = refreshed(self.blobs, remotes.values(), lambda r: KeyedBlobs(self.ctx, r, JSON), lambda b: b.remote)
+        self.options: dict[str, BazelOptions] = {n: options_of(r) for n, r in remotes.items()}
+        self.remotes = remotes
 
     def resource(self) -> IResource:
         return guarded(self.app, JSON, self.ctx.config.server.max_path_length)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from sparkcache.config import UPSTREAM_KEYS
 from sparkcache.protocols.base import Built, ProtocolSpec, RemoteKind, SetupEndpoint
 
 if TYPE_CHECKING:
@@ -18,7 +19,9 @@ if TYPE_CHECKING:
 # Index files change whenever a version is published or yanked; cargo
 # revalidates them on every build, so five minutes bounds how late a new
 # release shows without sending each build's questions upstream.
-REMOTE_TYPES = (RemoteKind("cargo", url="/cargo/{name}/index/", mutable_ttl=300.0),)
+# index/ is mutable, crates/ immutable, by path: patterns have no say.
+REMOTE_TYPES = (RemoteKind("cargo", url="/cargo/{name}/index/", mutable_ttl=300.0,
+                           shared_keys=UPSTREAM_KEYS | {"cache.mutable_ttl", "cache.immutable_ttl"}),)
 
 
 def build(ctx: "Context") -> Built:
@@ -32,7 +35,8 @@ def build(ctx: "Context") -> Built:
     # in a pool of their own, never in the store's I/O threads.
     pool = PoolService("sparkcache-cargo", 2, ctx.reactor, ctx.config.server.shutdown_timeout)
     app = CargoApp(ctx, pool.run)
-    return Built(resource=app.resource(), services=[pool], setup={"cargo": SetupEndpoint(setup.handler(ctx))})
+    return Built(resource=app.resource(), services=[pool], setup={"cargo": SetupEndpoint(setup.handler(ctx))},
+                 reconfigure=app.reconfigure)
 
 
 SPEC = ProtocolSpec(name="cargo", segments=(b"cargo",), build=build, remote_types=REMOTE_TYPES)

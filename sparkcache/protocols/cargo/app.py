@@ -20,11 +20,12 @@ from typing import Any, Union
 from klein import Klein
 from twisted.web.resource import IResource
 
-from sparkcache.config import RemoteConfig
+from sparkcache.config import Config, RemoteConfig
 from sparkcache.context import Context
 from sparkcache.fetch import Body, Cache, CacheRequest, Failed, Hit, Live, Result, Source, Target, Upstream
 from sparkcache.fetch.flight import BodyError
 from sparkcache.protocols._index import DerivedCache, Runner, TooLarge
+from sparkcache.protocols._live import refreshed
 from sparkcache.protocols.cargo import names
 from sparkcache.protocols.cargo.index import CONFIG, MAX_CONFIG, CargoIndex, crate_path, expand_dl, parse_dl
 from sparkcache.store import Entry
@@ -84,7 +85,13 @@ class CargoApp:
         self.ctx = ctx
         self.max_path = ctx.config.server.max_path_length
         self.derived = DerivedCache(ctx.store, run or ctx.store.in_io)
-        self.indexes = {n: CargoIndex(r, ctx, self.derived) for n, r in ctx.config.remotes.items() if r.type == TYPE}
+        self.indexes: dict[str, CargoIndex] = {}
+        self.reconfigure(ctx.config)
+
+    def reconfigure(self, config: Config) -> None:
+        """The remotes of ``config`` from now on (Built.reconfigure)."""
+        self.indexes = refreshed(self.indexes, (r for r in config.remotes.values() if r.type == TYPE),
+                                 lambda r: CargoIndex(r, self.ctx, self.derived), lambda i: i.remote)
 
     def resource(self) -> IResource:
         return guarded(self.app, CARGO, self.max_path)

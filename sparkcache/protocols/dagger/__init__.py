@@ -43,7 +43,8 @@ def build(ctx: "Context") -> Built:
         base = public_base(request, ctx.config.server.public_url)
         return render_snippet(request, "text/x-shellscript", setup_snippet(base, name), "/etc/default/dagger-engine")
 
-    return Built(resource=app.resource(), gate=app.body_gate, setup={"dagger": SetupEndpoint(snippet)})
+    return Built(resource=app.resource(), gate=app.body_gate, setup={"dagger": SetupEndpoint(snippet)},
+                 reconfigure=app.reconfigure)
 
 
 SPEC = ProtocolSpec(

@@ -17,6 +17,7 @@ from urllib.parse import urlencode
 from klein import Klein
 from twisted.logger import Logger
 
+from sparkcache.protocols._live import refreshed
 from sparkcache.protocols._keyed import KeyedBlobs
 from sparkcache.protocols.dagger.graph import DIGEST, GraphError
 from sparkcache.protocols.dagger.options import DaggerOptions
@@ -30,6 +31,7 @@ from sparkcache.web.urls import public_base
 if TYPE_CHECKING:
     from twisted.web.resource import IResource
 
+    from sparkcache.config import Config
     from sparkcache.context import Context
 
 log = Logger()
@@ -61,7 +63,13 @@ class DaggerApp:
 
     def __init__(self, ctx: "Context") -> None:
         self.ctx = ctx
-        self.remotes = {n: Remote(ctx, r) for n, r in ctx.config.remotes.items() if r.type == "dagger"}
+        self.remotes: dict[str, Remote] = {}
+        self.reconfigure(ctx.config)
+
+    def reconfigure(self, config: "Config") -> None:
+        """The remotes of ``config`` from now on (Built.reconfigure)."""
+        self.remotes = refreshed(self.remotes, (r for r in config.remotes.values() if r.type == "dagger"),
+                                 lambda r: Remote(self.ctx, r), lambda x: x.blobs.remote)
 
     def resource(self) -> "IResource":
         return guarded(self.app, JSON, self.ctx.config.server.max_path_length)

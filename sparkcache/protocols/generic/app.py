@@ -21,11 +21,12 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET
 
 from sparkcache.auth import AuthError
-from sparkcache.config import RemoteConfig
+from sparkcache.config import Config, RemoteConfig
 from sparkcache.context import Context
 from sparkcache.fetch import CacheRequest, Failed, Hit, Live, Target
 from sparkcache.fetch.flight import BodyError
 from sparkcache.protocols._index import DerivedCache, Freshness, IndexRemote, Runner, classify_by_patterns
+from sparkcache.protocols._live import refreshed
 from sparkcache.protocols.generic import TYPE_NAMES
 from sparkcache.protocols.generic.helm import HelmIndex
 from sparkcache.store import Entry
@@ -81,11 +82,16 @@ class GenericApp:
         of their own in the daemon; the store's I/O pool by default)."""
         self.ctx = ctx
         self.max_path = ctx.config.server.max_path_length
-        derived = DerivedCache(ctx.store, run or ctx.store.in_io)
-        self.indexes: dict[str, IndexRemote] = {
-            r.name: INDEX_TYPES[r.type](r, ctx, derived) for r in ctx.config.remotes.values() if r.type in INDEX_TYPES
-        }
+        self.derived = DerivedCache(ctx.store, run or ctx.store.in_io)
+        self.indexes: dict[str, IndexRemote] = {}
+        self.reconfigure(ctx.config)
         self._gate = checked(JSON, self._body_checks)
+
+    def reconfigure(self, config: Config) -> None:
+        """The index remotes of ``config`` from now on (Built.reconfigure); the
+        others are looked up in ``ctx.config`` per request."""
+        self.indexes = refreshed(self.indexes, (r for r in config.remotes.values() if r.type in INDEX_TYPES),
+                                 lambda r: INDEX_TYPES[r.type](r, self.ctx, self.derived), lambda i: i.remote)
 
     def resource(self) -> IResource:
         return _FastHits(self, self.app.resource())

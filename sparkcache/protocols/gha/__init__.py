@@ -90,6 +90,7 @@ def build(ctx: "Context") -> Built:
             "gha": SetupEndpoint(lambda request: setup.env_snippet(app, request)),
             "gha-token": SetupEndpoint(lambda request: setup.mint(app, request), ("POST",), scope="write"),
         },
+        reconfigure=app.reconfigure,
     )
 
 

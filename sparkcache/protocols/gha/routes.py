@@ -33,6 +33,7 @@ from twisted.web.resource import IResource
 
 from sparkcache.auth import AuthError
 from sparkcache.config import RemoteConfig
+from sparkcache.protocols._live import refreshed
 from sparkcache.protocols._keyed import KeyedBlobs
 from sparkcache.protocols.gha import wire
 from sparkcache.protocols.gha.entries import (
@@ -48,6 +49,7 @@ from sparkcache.web.serve import error_body
 from sparkcache.web.urls import public_base
 
 if TYPE_CHECKING:
+    from sparkcache.config import Config
     from sparkcache.context import Context
 
 log = Logger()
@@ -132,14 +134,25 @@ class GhaApp:
         self.ctx = ctx
         self.secrets = Secrets(ctx)
         self.remotes: dict[str, GhaRemote] = {}
-        for name, r in ctx.config.remotes.items():
-            if r.type == "gha":
-                self.remotes[name] = GhaRemote(r, KeyedBlobs(ctx, r, FORMAT), Reservations(ctx, r.options.upload_ttl))
+        self.default: GhaRemote | None = None
+        self._secret_cache: dict[str, bytes] = {}
+        self.reconfigure(ctx.config)
+
+    def reconfigure(self, config: "Config") -> None:
+        """The remotes of ``config`` from now on (Built.reconfigure); an unchanged
+        remote keeps its upload reservations."""
+        ctx, old = self.ctx, self.remotes
+        self.remotes = refreshed(
+            old, (r for r in config.remotes.values() if r.type == "gha"),
+            lambda r: GhaRemote(r, KeyedBlobs(ctx, r, FORMAT), Reservations(ctx, r.options.upload_ttl)),
+            lambda g: g.config)
         defaults = [g for g in self.remotes.values() if g.options.default]
         if not defaults and len(self.remotes) == 1:
             defaults = list(self.remotes.values())
-        self.default: GhaRemote | None = defaults[0] if defaults else None
-        self._secret_cache: dict[str, bytes] = {}
+        self.default = defaults[0] if defaults else None
+        # A changed signing_secret must not keep signing with the old one.
+        self._secret_cache = {n: s for n, s in self._secret_cache.items()
+                              if n in self.remotes and self.remotes[n] is old.get(n)}
 
     def resource(self) -> IResource:
         return guarded(self.app, FORMAT, self.ctx.config.server.max_path_length)

@@ -16,6 +16,7 @@ from sparkcache.git.config import parse_git_section
 from sparkcache.protocols.base import Built, ProtocolSpec
 
 if TYPE_CHECKING:
+    from sparkcache.config import Config
     from sparkcache.context import Context
     from sparkcache.git.interfaces import IMirrors
 
@@ -33,6 +34,14 @@ def build(ctx: "Context") -> Built:
     mirrors = Mirrors(git_cfg, config.storage.data_dir, ctx.reactor, clock=ctx.clock, metrics=ctx.metrics)
     built = serve(ctx, mirrors)
     built.services = [GitService(mirrors, config.server.shutdown_timeout, primary=ctx.primary), *built.services]
+    serve_reconfigure = built.reconfigure
+
+    def reconfigure(new: "Config") -> None:
+        mirrors.reconfigure(new.section("git") or GitConfig())
+        if serve_reconfigure is not None:
+            serve_reconfigure(new)
+
+    built.reconfigure = reconfigure
     return built
 
 
@@ -54,12 +63,18 @@ def serve(ctx: "Context", mirrors: "IMirrors") -> Built:
     upload_pool = PoolService("sparkcache-upload", 2, ctx.reactor, ctx.config.server.shutdown_timeout)
     codesync = CodeSyncApp(ctx, mirrors, ctx.reactor, upload_pool.pool)
     clones, reads = smart_http.resource(), Remount(codesync.resource())
+
+    def reconfigure(new: "Config") -> None:
+        smart_http.reconfigure(new)
+        packcache.reconfigure(new)
+
     return Built(
         mounts={b"git": clones, b"repos": clones, **{s: reads for s in READ_SEGMENTS}},
         gates={b"git": smart_http.body_gate, b"repos": smart_http.body_gate,
                **{s: codesync.body_gate for s in READ_SEGMENTS}},
         services=[upload_pool],
         setup={"git": SetupEndpoint(setup.handler(ctx, mirrors), offered=lambda: setup.offered(ctx, mirrors))},
+        reconfigure=reconfigure,
     )
 
 

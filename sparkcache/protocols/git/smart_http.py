@@ -169,11 +169,14 @@ class GitApp:
         self.mirrors: Any = mirrors
         self.reactor = reactor
         self.packcache = packcache
-        git_cfg = ctx.config.git
-        self.max_body = getattr(git_cfg, "max_upload_pack_body", DEFAULT_MAX_BODY) or DEFAULT_MAX_BODY
+        self.reconfigure(ctx.config)
         self.max_path = ctx.config.server.max_path_length
         self._still_missing: dict[str, tuple[float, frozenset[str]]] = {}
         self._gate = checked(SMART_HTTP, self._body_checks)
+
+    def reconfigure(self, config: Any) -> None:
+        """A new running configuration (Built.reconfigure); webhooks are read per request."""
+        self.max_body = getattr(config.git, "max_upload_pack_body", DEFAULT_MAX_BODY) or DEFAULT_MAX_BODY
 
     def resource(self) -> IResource:
         return guarded(self.app, SMART_HTTP, self.max_path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from sparkcache.config import UPSTREAM_KEYS
 from sparkcache.protocols.base import Built, ProtocolSpec, RemoteKind, SetupEndpoint
 from sparkcache.protocols.go.sumdb import parse_go_options
 
@@ -28,7 +29,9 @@ def build(ctx: "Context") -> Built:
     if not any(r.type in GO_TYPES for r in ctx.config.remotes.values()):
         return Built()
     app = GoApp(ctx)
-    return Built(resource=app.resource(), setup={"go": SetupEndpoint(setup.handler(ctx))})
+    # The app looks its remotes up in ctx.config per request: nothing to rebuild.
+    return Built(resource=app.resource(), setup={"go": SetupEndpoint(setup.handler(ctx))},
+                 reconfigure=lambda config: None)
 
 
 SPEC = ProtocolSpec(
@@ -36,6 +39,8 @@ SPEC = ProtocolSpec(
     segments=(b"go",),
     build=build,
     remote_types=(
-        RemoteKind("go", options=parse_go_options, url="/go/{name}/", mutable_ttl=MUTABLE_TTL, many_upstreams=True),
+        # Freshness comes from the module proxy protocol's paths, not from patterns.
+        RemoteKind("go", options=parse_go_options, url="/go/{name}/", mutable_ttl=MUTABLE_TTL, many_upstreams=True,
+                   shared_keys=UPSTREAM_KEYS | {"cache.mutable_ttl", "cache.immutable_ttl"}),
     ),
 )

@@ -25,7 +25,7 @@ def build(ctx: "Context") -> Built:
     if not any(r.type == "kv" for r in ctx.config.remotes.values()):
         return Built()
     app = KvApp(ctx)
-    return Built(resource=app.resource(), gate=app.body_gate, setup=setup.endpoints(ctx))
+    return Built(resource=app.resource(), gate=app.body_gate, setup=setup.endpoints(ctx), reconfigure=app.reconfigure)
 
 
 SPEC = ProtocolSpec(

@@ -33,8 +33,9 @@ from klein import Klein
 from twisted.web.resource import IResource
 
 from sparkcache.auth import REALM
-from sparkcache.config import RemoteConfig
+from sparkcache.config import Config, RemoteConfig
 from sparkcache.context import Context
+from sparkcache.protocols._live import refreshed
 from sparkcache.protocols._keyed import KeyedBlobs
 from sparkcache.protocols.kv.keys import BadKey, collection_of, key_of, options_of
 from sparkcache.web.bodies import BodyDecision, InMemory, Refuse, checked
@@ -88,8 +89,14 @@ class KvApp:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.max_path = ctx.config.server.max_path_length
-        self.blobs = {r.name: KeyedBlobs(ctx, r, FORMAT) for r in ctx.config.remotes.values() if r.type == "kv"}
+        self.blobs: dict[str, KeyedBlobs] = {}
+        self.reconfigure(ctx.config)
         self._gate = checked(FORMAT, self._body_checks)
+
+    def reconfigure(self, config: Config) -> None:
+        """The remotes of ``config`` from now on (Built.reconfigure)."""
+        self.blobs = refreshed(self.blobs, (r for r in config.remotes.values() if r.type == "kv"),
+                               lambda r: KeyedBlobs(self.ctx, r, FORMAT), lambda b: b.remote)
 
     def resource(self) -> IResource:
         return guarded(self.app, FORMAT, self.max_path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from sparkcache.config import UPSTREAM_KEYS
 from sparkcache.protocols.base import Built, ProtocolSpec, RemoteKind, SetupEndpoint
 
 if TYPE_CHECKING:
@@ -17,7 +18,10 @@ if TYPE_CHECKING:
 
 # maven-metadata.xml and -SNAPSHOT files change in place: re-checked after 10
 # minutes (a conditional request) as most repository managers do.
-REMOTE_TYPES = (RemoteKind("maven", many_upstreams=True, mutable_ttl=600.0, url="/maven/{name}/"),)
+# Metadata and snapshots are mutable by path, or by mutable_patterns; there is no allow-list.
+REMOTE_TYPES = (RemoteKind("maven", many_upstreams=True, mutable_ttl=600.0, url="/maven/{name}/",
+                           shared_keys=UPSTREAM_KEYS | {"mutable_patterns", "cache.mutable_ttl",
+                                                        "cache.immutable_ttl"}),)
 
 
 def build(ctx: "Context") -> Built:
@@ -32,7 +36,8 @@ def build(ctx: "Context") -> Built:
     pool = PoolService("sparkcache-maven", 2, ctx.reactor, ctx.config.server.shutdown_timeout)
     app = MavenApp(ctx, pool.run)
     return Built(resource=app.resource(), services=[pool],
-                 setup={kind: SetupEndpoint(setup.snippet_handler(ctx, kind)) for kind in setup.KINDS})
+                 setup={kind: SetupEndpoint(setup.snippet_handler(ctx, kind)) for kind in setup.KINDS},
+                 reconfigure=app.reconfigure)
 
 
 SPEC = ProtocolSpec(name="maven", segments=(b"maven",), build=build, remote_types=REMOTE_TYPES)

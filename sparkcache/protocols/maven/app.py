@@ -32,7 +32,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.resource import IResource
 
-from sparkcache.config import RemoteConfig
+from sparkcache.config import Config, RemoteConfig
 from sparkcache.context import Context
 from sparkcache.fetch import CacheRequest, Failed, Hit, Live, Result
 from sparkcache.fetch.cache import KEEP_HEADERS
@@ -75,9 +75,14 @@ class MavenApp:
         protocol's own in the daemon; the store's I/O pool by default)."""
         self.ctx = ctx
         self.run = run or ctx.store.in_io
-        self.remotes = {n: r for n, r in ctx.config.remotes.items() if r.type == "maven"}
+        self.remotes: dict[str, RemoteConfig] = {}
+        self.reconfigure(ctx.config)
         self._sums: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._hashing: Singleflight[tuple[str, str], str] = Singleflight()
+
+    def reconfigure(self, config: Config) -> None:
+        """The remotes of ``config`` from now on (Built.reconfigure)."""
+        self.remotes = {n: r for n, r in config.remotes.items() if r.type == "maven"}
 
     def resource(self) -> IResource:
         return guarded(self.app, JSON, self.ctx.config.server.max_path_length)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sparkcache.config import Loader, Section
+from sparkcache.config import UPSTREAM_KEYS, Loader, Section
 from sparkcache.protocols._group import group_kind
 from sparkcache.protocols.base import Built, ProtocolSpec, RemoteKind, SetupEndpoint
 
@@ -57,8 +57,9 @@ def build(ctx: "Context") -> Built:
     pool = PoolService("npm-derive", 2, ctx.reactor)
     app = NpmApp(ctx, pool.run)
     endpoints = {kind: SetupEndpoint(setup.snippet_handler(ctx, kind)) for kind in setup.KINDS}
+    # The app looks its remotes up in ctx.config per request: nothing to rebuild.
     return Built(resource=app.resource(), gate=app.body_gate, services=[pool], drains=[app.running],
-                 setup=endpoints)
+                 setup=endpoints, reconfigure=lambda config: None)
 
 
 SPEC = ProtocolSpec(
@@ -66,7 +67,9 @@ SPEC = ProtocolSpec(
     segments=(b"npm",),
     build=build,
     remote_types=(
-        RemoteKind("npm", options=parse_npm_options, url=URL, mutable_ttl=PACKUMENT_TTL, many_upstreams=True),
+        # Packuments: mutable_ttl, always revalidated; tarballs: immutable_ttl.
+        RemoteKind("npm", options=parse_npm_options, url=URL, mutable_ttl=PACKUMENT_TTL, many_upstreams=True,
+                   shared_keys=UPSTREAM_KEYS | {"cache.mutable_ttl", "cache.immutable_ttl"}),
         RemoteKind("npm-local", needs_upstream=False, pinned=True, url=URL),
         group_kind("npm-group", {"npm", "npm-local"}, URL),
     ),

@@ -28,7 +28,8 @@ def build(ctx: "Context") -> Built:
     if not any(r.type == TYPE for r in ctx.config.remotes.values()):
         return Built()
     app = NxApp(ctx)
-    return Built(resource=app.resource(), gate=app.body_gate, setup={"nx": SetupEndpoint(setup.handler(ctx))})
+    return Built(resource=app.resource(), gate=app.body_gate, setup={"nx": SetupEndpoint(setup.handler(ctx))},
+                 reconfigure=app.reconfigure)
 
 
 SPEC = ProtocolSpec(

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from sparkcache.config import UPSTREAM_KEYS
 from sparkcache.protocols.base import Built, ProtocolSpec, RemoteKind, SetupEndpoint
-from sparkcache.protocols.oci.config import OCI_TYPES, parse_oci_options
+from sparkcache.protocols.oci.config import DEFAULT_TAG_TTL, OCI_TYPES, parse_oci_options
 
 if TYPE_CHECKING:
     from sparkcache.context import Context
@@ -27,7 +28,7 @@ def build(ctx: "Context") -> Built:
     # Where the GET /v2/ challenge sends registry clients to log in; it checks credentials itself.
     endpoints["token"] = SetupEndpoint(lambda request: setup.issue_token(ctx, request), ("GET", "POST"), scope=None)
     app = OCIApp(ctx)
-    return Built(resource=app.resource(), gate=app.body_gate, setup=endpoints)
+    return Built(resource=app.resource(), gate=app.body_gate, setup=endpoints, reconfigure=app.reconfigure)
 
 
 SPEC = ProtocolSpec(
@@ -35,7 +36,12 @@ SPEC = ProtocolSpec(
     segments=(b"v2",),
     build=build,
     remote_types=(
-        RemoteKind("oci", options=parse_oci_options, url="/v2/{name}/"),
-        RemoteKind("oci-local", needs_upstream=False, pinned=True, options=parse_oci_options, url="/v2/{name}/"),
+        # immutable_patterns: the allowed image names (as ``repositories``);
+        # cache.mutable_ttl: the tag TTL (as ``tag_ttl``). Manifests by digest
+        # and blobs are verified and kept forever: no immutable_ttl, no mutable_patterns.
+        RemoteKind("oci", options=parse_oci_options, url="/v2/{name}/", mutable_ttl=DEFAULT_TAG_TTL,
+                   local_type="oci-local", shared_keys=UPSTREAM_KEYS | {"immutable_patterns", "cache.mutable_ttl"}),
+        RemoteKind("oci-local", needs_upstream=False, pinned=True, options=parse_oci_options, url="/v2/{name}/",
+                   shared_keys=frozenset({"immutable_patterns"})),
     ),
 )

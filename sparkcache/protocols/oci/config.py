@@ -5,9 +5,11 @@ containerd names them in ``?ns=`` (``docker.io``, ``ghcr.io``, ``quay.io:443``).
 A host may be served by one remote only.
 ``repositories``: regular expressions on the repository name (as the client
 writes it, before Docker Hub's implicit ``library/``); when given, names that
-match none are refused with 403 DENIED.
+match none are refused with 403 DENIED. ``immutable_patterns`` is the same
+allow-list in the FastAPI artifact cache's ``remotes.yaml`` (give one of the two).
 ``tag_ttl`` (oci only): how long a tag → digest answer (and ``tags/list``,
-``_catalog``) is fresh before it is re-checked upstream with a HEAD.
+``_catalog``) is fresh before it is re-checked upstream with a HEAD; the
+shared ``cache.mutable_ttl`` is the same setting (both given must agree).
 """
 
 from __future__ import annotations
@@ -40,6 +42,12 @@ class OCIOptions:
     def allows(self, repo: str) -> bool:
         return not self.repositories or any(p.search(repo) for p in self.repositories)
 
+    def permits(self, name: str) -> bool:
+        """Whether a client may pull ``name``: allowed as written or, on Docker
+        Hub, under the ``library/`` name it stands for (``^library/nginx`` lets
+        ``nginx`` through, as the catalog filter does)."""
+        return self.allows(name) or (self.docker_hub and "/" not in name and self.allows(f"library/{name}"))
+
     def redacted(self) -> dict[str, Any]:
         return {
             "registries": list(self.registries),
@@ -71,9 +79,30 @@ def parse_oci_options(loader: Loader, sec: Section, rtype: str) -> OCIOptions:
             registries.append(h)
     elif sec.has("registries"):
         raise loader.error(sec.key("registries"), "registries applies to type: oci remotes only")
-    repositories = loader.patterns(sec, "repositories")
-    tag_ttl = sec.convert("tag_ttl", parse_duration, DEFAULT_TAG_TTL)
-    return OCIOptions(tuple(registries), repositories, tag_ttl)
+    elif sec.has("tag_ttl"):
+        raise loader.error(sec.key("tag_ttl"), "tag_ttl applies to type: oci remotes only (pushed tags are never stale)")
+    if sec.has("repositories") and sec.has("immutable_patterns"):
+        raise loader.error(sec.key("immutable_patterns"), "immutable_patterns is the remotes.yaml spelling of "
+                                                          "repositories (the allowed image names); give only one")
+    # The loader has read (and checked) immutable_patterns already; reading it again is free.
+    repositories = loader.patterns(sec, "repositories") or loader.patterns(sec, "immutable_patterns")
+    return OCIOptions(tuple(registries), repositories, _tag_ttl(loader, sec) if rtype == "oci" else DEFAULT_TAG_TTL)
+
+
+def _tag_ttl(loader: Loader, sec: Section) -> float:
+    """``tag_ttl``, or else ``cache.mutable_ttl`` (remotes.yaml's name for it), or the default."""
+    tag_ttl = sec.convert("tag_ttl", parse_duration, None)
+    cache = sec.data.get("cache")
+    given = cache.get("mutable_ttl") if isinstance(cache, dict) else None
+    # Already validated by the loader (cache.* is read before a type's options).
+    mutable_ttl = parse_duration(given) if given is not None else None
+    if tag_ttl is not None and mutable_ttl is not None and tag_ttl != mutable_ttl:
+        raise loader.error(sec.key("tag_ttl"), f"tag_ttl ({tag_ttl:g}s) and cache.mutable_ttl ({mutable_ttl:g}s) are "
+                                               "the same setting, the tag TTL, and disagree; give one")
+    for ttl in (tag_ttl, mutable_ttl):
+        if ttl is not None:
+            return ttl
+    return DEFAULT_TAG_TTL
 
 
 def options_of(remote: Any) -> OCIOptions:

@@ -87,6 +87,11 @@ class Mirror:
         # remote → until when its stale tags are served without asking upstream
         self._down_until: dict[str, float] = {}
 
+    def forget(self, remote: str) -> None:
+        """Drop what was learnt from a remote's upstream (its settings changed)."""
+        self.tokens.forget(remote)
+        self._down_until.pop(remote, None)
+
     # -- upstream ------------------------------------------------------------------
 
     @staticmethod

@@ -24,7 +24,7 @@ from typing import Any
 from klein import Klein
 from twisted.web.resource import IResource
 
-from sparkcache.config import RemoteConfig
+from sparkcache.config import Config, RemoteConfig
 from sparkcache.protocols.oci.config import OCI_TYPES
 from sparkcache.context import Context
 from sparkcache.protocols.oci import setup as oci_setup
@@ -44,16 +44,25 @@ class OCIApp:
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
-        self.remotes = {n: r for n, r in ctx.config.remotes.items() if r.type in OCI_TYPES}
-        self.by_host: dict[str, RemoteConfig] = {}
-        for r in self.remotes.values():
-            if r.type == "oci":
-                for h in options_of(r).registries:
-                    self.by_host.setdefault(h, r)
-        self.default = self.by_host.get("docker.io")
+        self.remotes: dict[str, RemoteConfig] = {}
         self.mirror = Mirror(ctx)
+        self.reconfigure(ctx.config)
         self._local: Any = None
         self._gate = checked(OCI, self._body_checks)
+
+    def reconfigure(self, config: Config) -> None:
+        """The remotes of ``config`` from now on (Built.reconfigure); a changed or
+        removed remote's upstream tokens and challenge are forgotten."""
+        remotes = {n: r for n, r in config.remotes.items() if r.type in OCI_TYPES}
+        for name, old in self.remotes.items():
+            if remotes.get(name) != old:
+                self.mirror.forget(name)
+        by_host: dict[str, RemoteConfig] = {}
+        for r in remotes.values():
+            if r.type == "oci":
+                for h in options_of(r).registries:
+                    by_host.setdefault(h, r)
+        self.remotes, self.by_host, self.default = remotes, by_host, by_host.get("docker.io")
 
     def resource(self) -> IResource:
         return guarded(self.app, OCI, self.ctx.config.server.max_path_length)
@@ -112,7 +121,7 @@ class OCIApp:
         if remote.type == "oci":
             # Authenticate before policy, so anonymous probes learn nothing of the allow-list.
             self._read_only(request, f"repository:{name}:pull")
-        if not options_of(remote).allows(name):
+        if not options_of(remote).permits(name):
             raise OCIError("DENIED", f"repository {name!r} is not allowed by remote {remote.name!r}", 403)
         return remote, name, tail
 

@@ -103,6 +103,12 @@ class TokenAuth:
         # One token request per (remote, scope) at a time, however many pulls need it.
         self._renewals: Singleflight[tuple[str, str], str] = Singleflight()
 
+    def forget(self, remote: str) -> None:
+        """Drop a remote's challenge and tokens (its upstream or credentials changed)."""
+        self._challenges.pop(remote, None)
+        for key in [k for k in self._tokens if k[0] == remote]:
+            del self._tokens[key]
+
     def cached(self, remote: RemoteConfig, scope: str) -> dict[bytes, bytes]:
         """Authorization headers from a still-valid cached token (no network)."""
         t = self._tokens.get((remote.name, scope))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from sparkcache.config import UPSTREAM_KEYS
 from sparkcache.protocols._group import group_kind
 from sparkcache.protocols.base import Built, ProtocolSpec, RemoteKind, SetupEndpoint
 
@@ -21,7 +22,9 @@ if TYPE_CHECKING:
 
 URL = "/pypi/{name}/simple/"
 REMOTE_TYPES = (
-    RemoteKind("pypi", many_upstreams=True, mutable_ttl=600, url=URL),
+    # Pages: mutable_ttl, always revalidated; files: kept forever, verified by their #sha256.
+    RemoteKind("pypi", many_upstreams=True, mutable_ttl=600, url=URL,
+               shared_keys=UPSTREAM_KEYS | {"cache.mutable_ttl"}),
     RemoteKind("pypi-local", needs_upstream=False, pinned=True, url=URL),
     group_kind("pypi-group", {"pypi", "pypi-local"}, URL),
 )
@@ -41,7 +44,7 @@ def build(ctx: "Context") -> Built:
     app = PypiApp(ctx, pool.run)
     endpoints = {kind: SetupEndpoint(setup.snippet_handler(ctx, kind)) for kind in setup.KINDS}
     return Built(resource=app.resource(), gate=app.body_gate, services=[pool], setup=endpoints,
-                 drains=[app.running])
+                 drains=[app.running], reconfigure=app.reconfigure)
 
 
 SPEC = ProtocolSpec(name="pypi", segments=(b"pypi",), build=build, remote_types=REMOTE_TYPES)

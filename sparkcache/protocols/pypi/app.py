@@ -16,11 +16,12 @@ from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.logger import Logger
 from twisted.web.resource import IResource
 
-from sparkcache.config import RemoteConfig
+from sparkcache.config import Config, RemoteConfig
 from sparkcache.context import Context
 from sparkcache.fetch import Failed, Hit, Live, Result
 from sparkcache.protocols._group import first_having
 from sparkcache.protocols._index import DerivedCache, Runner, TooLarge
+from sparkcache.protocols._live import refreshed
 from sparkcache.protocols.pypi import pages
 from sparkcache.protocols.pypi.index import PypiIndex
 from sparkcache.protocols.pypi.local import MAX_UPLOAD, LocalProjects
@@ -54,14 +55,26 @@ class PypiApp:
         self.run = run
         self.max_path = ctx.config.server.max_path_length
         self.derived = DerivedCache(ctx.store, run, DERIVED_BYTES)
-        self.remotes = {r.name: r for r in ctx.config.remotes.values() if r.type in TYPES}
-        self.indexes = {r.name: PypiIndex(r, ctx, self.derived) for r in self.remotes.values() if r.type == PYPI}
+        self.remotes: dict[str, RemoteConfig] = {}
+        self.indexes: dict[str, PypiIndex] = {}
+        self._retired: list[PypiIndex] = []
+        self.reconfigure(ctx.config)
         self.local = LocalProjects(ctx, run)
         self._gate = checked(ERRORS, self._body_checks)
 
+    def reconfigure(self, config: Config) -> None:
+        """The remotes of ``config`` from now on (Built.reconfigure)."""
+        self.remotes = {r.name: r for r in config.remotes.values() if r.type in TYPES}
+        old = self.indexes
+        self.indexes = refreshed(old, (r for r in self.remotes.values() if r.type == PYPI),
+                                 lambda r: PypiIndex(r, self.ctx, self.derived), lambda i: i.remote)
+        # A graceful stop still waits for the page revalidations of replaced indexes.
+        kept = set(map(id, self.indexes.values()))
+        self._retired = [i for i in [*self._retired, *old.values()] if id(i) not in kept and i.refreshing]
+
     def running(self) -> list[Deferred[Any]]:
         """Background work a graceful stop waits for (page revalidations)."""
-        return [d for index in self.indexes.values() for d in index.refreshing]
+        return [d for index in [*self.indexes.values(), *self._retired] for d in index.refreshing]
 
     def resource(self) -> IResource:
         return guarded(self.app, ERRORS, self.max_path)

@@ -31,7 +31,7 @@ def build(ctx: "Context") -> Built:
         return Built()
     app = TurborepoApp(ctx)
     return Built(resource=app.resource(), gate=app.body_gate,
-                 setup={"turborepo": SetupEndpoint(setup.handler(ctx))})
+                 setup={"turborepo": SetupEndpoint(setup.handler(ctx))}, reconfigure=app.reconfigure)
 
 
 SPEC = ProtocolSpec(

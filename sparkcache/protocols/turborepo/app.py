@@ -33,6 +33,8 @@ from twisted.web.resource import IResource
 
 from sparkcache.auth import AuthError
 from sparkcache.context import Context
+from sparkcache.config import Config
+from sparkcache.protocols._live import refreshed
 from sparkcache.protocols._keyed import KeyedBlobs
 from sparkcache.web.bodies import BodyDecision, InMemory, Refuse, checked
 from sparkcache.web.errors import ErrorFormat, ErrorReply, HTTPError, add_error_handling, guarded, set_headers
@@ -108,7 +110,13 @@ class TurborepoApp:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.max_path = ctx.config.server.max_path_length
-        self.blobs = {n: KeyedBlobs(ctx, r, VERCEL) for n, r in ctx.config.remotes.items() if r.type == TYPE}
+        self.blobs: dict[str, KeyedBlobs] = {}
+        self.reconfigure(ctx.config)
+
+    def reconfigure(self, config: Config) -> None:
+        """The remotes of ``config`` from now on (Built.reconfigure)."""
+        self.blobs = refreshed(self.blobs, (r for r in config.remotes.values() if r.type == TYPE),
+                               lambda r: KeyedBlobs(self.ctx, r, VERCEL), lambda b: b.remote)
 
     def resource(self) -> IResource:
         return guarded(self.app, VERCEL, self.max_path)

@@ -1,0 +1,227 @@
+"""What the status page and ``GET /status.json`` show, and what ``/ready`` decides.
+
+Every figure is read from the daemon's one :class:`~sparkcache.metrics.Metrics`
+registry (the counters ``/metrics`` exposes), the store and the cache, so the
+page and a Prometheus scrape taken at the same moment agree. The chart of the
+last hour comes from :class:`History`, a ring buffer of cumulative totals that
+a clocked timer (:meth:`Status.timer`) fills every ``SAMPLE_INTERVAL`` seconds;
+a sample costs a few dictionary reads, and an hour of them a few tens of KiB.
+
+Hit ratio: responses served from the store (``hit``, ``stale``,
+``revalidated``) over those plus the ones that went upstream (``miss``,
+``joined``...); errors and pass-through requests count as requests but in
+neither side of the ratio.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable
+
+from twisted.application.service import IServiceCollection
+from twisted.internet.defer import maybeDeferred
+from twisted.logger import Logger
+
+import sparkcache
+from sparkcache.context import Context
+from sparkcache.fetch.upstream import origin_name
+from sparkcache.metrics import Metrics, UpstreamOutcome
+from sparkcache.timers import Periodic
+
+log = Logger()
+
+SAMPLE_INTERVAL = 10.0
+HISTORY_SIZE = 360  # one hour of samples
+HIT_RESULTS = frozenset({"hit", "stale", "revalidated"})
+NEITHER = frozenset({"error", "pass"})  # counted as requests, in neither side of the ratio
+# Served-bytes sources; anything else (git packs computed here...) is "other".
+CACHE, UPSTREAM = "cache", "upstream"
+
+
+@dataclass
+class Totals:
+    requests: int = 0
+    hits: int = 0
+    misses: int = 0
+    errors: int = 0
+    bytes_cache: int = 0
+    bytes_upstream: int = 0
+    bytes_other: int = 0
+
+    @property
+    def hit_ratio(self) -> float | None:
+        counted = self.hits + self.misses
+        return self.hits / counted if counted else None
+
+    def add_result(self, result: str, n: int) -> None:
+        self.requests += n
+        if result in HIT_RESULTS:
+            self.hits += n
+        elif result == "error":
+            self.errors += n
+        elif result not in NEITHER:
+            self.misses += n
+
+    def add_bytes(self, source: str, n: int) -> None:
+        if source == CACHE:
+            self.bytes_cache += n
+        elif source == UPSTREAM:
+            self.bytes_upstream += n
+        else:
+            self.bytes_other += n
+
+    def as_json(self) -> dict[str, Any]:
+        return {**asdict(self), "hit_ratio": self.hit_ratio}
+
+
+def totals(metrics: Metrics) -> tuple[Totals, dict[str, Totals]]:
+    """The whole daemon's totals and each remote's, from the metric counters."""
+    responses, served = metrics.totals()
+    overall = Totals()
+    per: dict[str, Totals] = {}
+    for (remote, result), value in responses.items():
+        overall.add_result(result, int(value))
+        per.setdefault(remote, Totals()).add_result(result, int(value))
+    for (remote, source), value in served.items():
+        overall.add_bytes(source, int(value))
+        per.setdefault(remote, Totals()).add_bytes(source, int(value))
+    return overall, per
+
+
+COLUMNS = ("time", "hits", "misses", "bytes_cache", "bytes_upstream")
+
+
+class History:
+    """The last ``size`` samples of the cumulative totals, oldest first. Counters
+    only grow, so the page draws the difference between neighbours."""
+
+    def __init__(self, interval: float = SAMPLE_INTERVAL, size: int = HISTORY_SIZE) -> None:
+        self.interval = interval
+        self.samples: deque[tuple[float, int, int, int, int]] = deque(maxlen=size)
+
+    def add(self, now: float, t: Totals) -> None:
+        self.samples.append((now, t.hits, t.misses, t.bytes_cache, t.bytes_upstream))
+
+    def as_json(self) -> dict[str, Any]:
+        return {"interval": self.interval, "size": self.samples.maxlen, "columns": list(COLUMNS),
+                "samples": [list(s) for s in self.samples]}
+
+
+def outcome_json(o: UpstreamOutcome | None) -> dict[str, Any]:
+    o = o or UpstreamOutcome()
+    state = "unknown" if o.last_success is None and o.last_failure is None else "failing" if o.failing else "ok"
+    return {"state": state, "last_success": o.last_success, "last_failure": o.last_failure,
+            "last_error": o.last_error}
+
+
+class Status:
+    """The status of one daemon: built by the service tree, read by the admin app."""
+
+    def __init__(self, ctx: Context, services: IServiceCollection | None = None,
+                 interval: float = SAMPLE_INTERVAL, size: int = HISTORY_SIZE) -> None:
+        """``services``: where to find the git service (named ``git``) for its mirrors."""
+        self.ctx = ctx
+        self.services = services
+        self.history = History(interval, size)
+        # Set by the service tree as it starts and stops (see readiness()).
+        self.store_open = False
+        self.listening = False
+        self.stopping = False
+
+    def timer(self) -> Periodic:
+        """The clocked timer that fills the history (a sample at start, then one per interval)."""
+        return Periodic("status-history", self.history.interval, self.sample, self.ctx.clock)
+
+    def sample(self) -> None:
+        overall, _ = totals(self.ctx.metrics)
+        self.history.add(self.ctx.clock.seconds(), overall)
+
+    # -- readiness -----------------------------------------------------------------
+
+    def readiness(self) -> list[str]:
+        """Why the daemon should not get traffic now; empty when it is ready."""
+        reasons = []
+        if self.stopping:
+            reasons.append("shutting down")
+        if not self.store_open:
+            reasons.append("store not open yet")
+        if not self.listening:
+            reasons.append("listeners not up yet")
+        if self.ctx.store.low_space:
+            reasons.append(f"free disk space in {self.ctx.store.data_dir} is below storage.min_free")
+        return reasons
+
+    # -- the snapshot --------------------------------------------------------------
+
+    async def snapshot(self) -> dict[str, Any]:
+        """Everything the page shows, as JSON-ready data (times in clock seconds)."""
+        ctx, metrics, store = self.ctx, self.ctx.metrics, self.ctx.store
+        overall, per = totals(metrics)
+        max_size = store.max_size
+        reasons = self.readiness()
+        return {
+            "name": "sparkcache",
+            "version": sparkcache.__version__,
+            "time": ctx.clock.seconds(),
+            "ready": not reasons,
+            "not_ready": reasons,
+            "totals": overall.as_json(),
+            "store": {"bytes": store.size, "entries": store.entries, "max_size": max_size,
+                      "used_ratio": store.size / max_size if max_size else None,
+                      "low_space": store.low_space},
+            "inflight_fetches": ctx.cache.inflight,
+            "remotes": self._remotes(per),
+            "upstreams": self._upstreams(),
+            "git": await self._git(),
+            "history": self.history.as_json(),
+        }
+
+    def _remotes(self, per: dict[str, Totals]) -> list[dict[str, Any]]:
+        ctx = self.ctx
+        rows = []
+        named = list(ctx.config.remotes)
+        # Protocols' own remotes and names only the counters know (the git packs...).
+        extra = sorted((set(ctx.internal_remotes) | set(per) | set(ctx.metrics.remote_errors)) - set(named))
+        for name in named + extra:
+            t = per.get(name, Totals())
+            if name not in ctx.config.remotes and not t.requests and name not in ctx.metrics.remote_errors:
+                continue  # a protocol's own remote that nothing asked for yet
+            remote = ctx.config.remotes.get(name)
+            if remote is not None:
+                rtype, upstreams, url = remote.type, list(remote.upstreams), ctx.remote_url(name)
+            elif name in ctx.internal_remotes:
+                rtype, url = ctx.internal_remotes[name]
+                upstreams = []
+            else:
+                rtype, upstreams, url = "", [], None
+            rows.append({"name": name, "type": rtype, "url": url, "upstreams": upstreams, **t.as_json(),
+                         "upstream": outcome_json(ctx.metrics.remote_errors.get(name))})
+        return rows
+
+    def _upstreams(self) -> list[dict[str, Any]]:
+        seen = dict(self.ctx.metrics.origins)
+        remotes: dict[str, list[str]] = {}
+        for remote in self.ctx.config.remotes.values():
+            for url in remote.upstreams:
+                try:
+                    name = origin_name(url)
+                except ValueError:
+                    continue
+                remotes.setdefault(name, []).append(remote.name)
+        return [{"origin": o, "remotes": remotes.get(o, []), **outcome_json(seen.get(o))}
+                for o in sorted(set(seen) | set(remotes))]
+
+    async def _git(self) -> dict[str, Any] | None:
+        """The git mirrors (None when the git protocol is not served)."""
+        svc = self.services.namedServices.get("git") if self.services is not None else None  # type: ignore[attr-defined]
+        mirrors = getattr(svc, "mirrors", None)
+        if mirrors is None:
+            return None
+        try:
+            rows: Iterable[dict[str, Any]] = await maybeDeferred(mirrors.status)
+        except Exception as e:
+            log.failure("status: listing the git mirrors failed")
+            return {"mirrors": [], "error": f"could not list the mirrors: {type(e).__name__}"}
+        keep = ("name", "url", "cloned", "fetching", "last_fetch", "last_change", "last_error", "next_check")
+        return {"mirrors": [{k: r.get(k) for k in keep} for r in rows], "error": None}
