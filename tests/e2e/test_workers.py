@@ -4,6 +4,7 @@ keeps serving; SIGTERM stops all of them cleanly (docs/workers.rst)."""
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import socket
@@ -135,3 +136,47 @@ def test_a_listener_that_cannot_bind_fails_the_start(tmp_path, upstream):
         assert "could not start" in log and "started worker" not in log
     finally:
         taken.close()
+
+
+def test_a_worker_killed_mid_download(upstream, daemon_factory):
+    body = os.urandom(2 << 20)
+    upstream.add("/files/big.bin", body)
+    upstream.behave("/files/big.bin", pause_at=256 << 10, times=1)
+    d = daemon_factory({"r": generic_remote(upstream)}, server={"workers": 2})
+    _workers_seen(d)
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=60)
+    try:
+        conn.request("GET", "/api/r/files/big.bin")
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.read(64 << 10) == body[:64 << 10]
+        upstream.wait_paused("/files/big.bin")
+        producer = None
+        deadline = time.monotonic() + 30
+        while producer is None and time.monotonic() < deadline:
+            h = d.get("/health").json()
+            if h["inflight_fetches"]:
+                producer = h["pid"]
+        assert producer is not None, "no worker said it was fetching"
+        os.kill(producer, signal.SIGKILL)
+        # Its client is cut off, never handed a clean end of a partial body.
+        try:
+            rest = resp.read()
+        except (http.client.IncompleteRead, ConnectionError):
+            pass
+        else:
+            raise AssertionError(f"a truncated body ended cleanly after {len(rest)} more bytes")
+    finally:
+        conn.close()
+    upstream.clear("/files/big.bin")
+    # The surviving worker and the restarted one keep serving; the body is stored whole.
+    workers = _workers_seen(d, stale=frozenset({producer}))
+    assert producer not in workers.values()
+    for _ in range(3):
+        r = d.get("/api/r/files/big.bin")
+        assert r.status == 200 and r.body == body
+    # The dead worker's half-written spool file went with its restart.
+    deadline = time.monotonic() + 30
+    while d.spool_files() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert d.spool_files() == []
+    assert d.stop() == 0
