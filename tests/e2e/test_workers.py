@@ -129,7 +129,8 @@ def test_a_listener_that_cannot_bind_fails_the_start(tmp_path, upstream):
             f"server: {{workers: 2, listen: ['tcp:{taken.getsockname()[1]}:interface=127.0.0.1']}}\n"
             f"storage: {{data_dir: {tmp_path / 'data'}}}\n"
         )
-        proc = subprocess.run(twistd_command(cfg, tmp_path / "log"), env=daemon_env(), cwd=tmp_path,
+        proc = subprocess.run(twistd_command(cfg, tmp_path / "log"),
+                              env=daemon_env({"SPARKCACHE_EXPERIMENTAL_WORKERS": "1"}), cwd=tmp_path,
                               capture_output=True, timeout=60)
         assert proc.returncode == 1
         log = (tmp_path / "log").read_text()

@@ -133,6 +133,8 @@ class Daemon:
         # (docs/workers.rst) unless the test chose its own server.workers.
         if os.environ.get("SPARKCACHE_TEST_WORKERS"):
             server["workers"] = int(os.environ["SPARKCACHE_TEST_WORKERS"])
+        if {**server, **self.server}.get("workers", 1) != 1:
+            self.env.setdefault("SPARKCACHE_EXPERIMENTAL_WORKERS", "1")  # sparkcache.config.EXPERIMENTAL_WORKERS
         cfg: dict[str, Any] = {
             "server": {**server, **self.server},
             "storage": {"data_dir": str(self.data_dir), **self.storage},

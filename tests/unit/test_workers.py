@@ -23,11 +23,23 @@ from sparkcache.workers.sockets import AdoptedEndpoint, format_fds, parse_fds
 from sparkcache.workers.supervisor import RESTART_MAX, RESTART_MIN, STABLE_AFTER, Supervisor, WorkerProtocol
 
 
+# server.workers above 1 is experimental (sparkcache.config.EXPERIMENTAL_WORKERS).
+EXPERIMENT = {"SPARKCACHE_EXPERIMENTAL_WORKERS": "1"}
+
+
+def test_more_than_one_worker_needs_the_experimental_switch() -> None:
+    from sparkcache.config import ConfigError
+
+    with pytest.raises(ConfigError, match="server.workers: more than one worker process is not ready yet"):
+        load_config_data({"server": {"workers": 2}}, source="cache.yaml", environ={})
+    assert load_config_data({"server": {"workers": 1}}, source="cache.yaml", environ={}).server.workers == 1
+
+
 def _config(workers: Any, listen: list[str] | None = None) -> Any:
     server: dict[str, Any] = {"workers": workers}
     if listen is not None:
         server["listen"] = listen
-    return load_config_data({"server": server}, source="cache.yaml", environ={})
+    return load_config_data({"server": server}, source="cache.yaml", environ=EXPERIMENT)
 
 
 # -- config --------------------------------------------------------------------
@@ -52,8 +64,10 @@ def test_an_ssl_listener_cannot_be_shared_by_workers() -> None:
     assert _config(1, ["ssl:8443:privateKey=k.pem"]).server.workers == 1
 
 
-def test_tap_builds_the_supervisor_only_with_more_than_one_worker(tmp_path: Path) -> None:
+def test_tap_builds_the_supervisor_only_with_more_than_one_worker(tmp_path: Path, monkeypatch: Any) -> None:
     from sparkcache.service import SparkcacheService
+
+    monkeypatch.setenv("SPARKCACHE_EXPERIMENTAL_WORKERS", "1")
 
     cfg = tmp_path / "cache.yaml"
     for n, kind in ((1, SparkcacheService), (2, Supervisor)):
@@ -106,7 +120,8 @@ def _die(proto: WorkerProtocol, sig: int | None = signal.SIGKILL) -> None:
 @pytest.fixture
 def supervised(tmp_path: Path) -> Any:
     config = load_config_data({"server": {"workers": 2, "listen": ["tcp:0:interface=127.0.0.1"]},
-                               "storage": {"data_dir": str(tmp_path / "data")}}, source="cache.yaml", environ={})
+                               "storage": {"data_dir": str(tmp_path / "data")}}, source="cache.yaml",
+                              environ=EXPERIMENT)
     clock, spawn = Clock(), Spawner()
     sup = Supervisor(config, str(tmp_path / "cache.yaml"), {"SPARKCACHE_DATA_DIR": str(tmp_path)}, reactor=real_reactor,
                      clock=clock, spawn=spawn, in_thread=lambda fn, *a: succeed(fn(*a)))
