@@ -18,6 +18,7 @@ from sparkcache.auth import Authorizer
 from sparkcache.config import Config
 from sparkcache.context import Context
 from sparkcache.fetch import Cache, UpstreamClient
+from sparkcache.fetch.xlock import KeyLocks
 from sparkcache.metrics import Metrics
 from sparkcache.pools import PoolService
 from sparkcache.protocols import PROTOCOLS, check_segments, remote_types
@@ -107,7 +108,9 @@ class SparkcacheService(MultiService):
         self.store.index.legacy_pinned_remotes = frozenset(n for n, r in config.remotes.items() if types[r.type].pinned)
         self.upstream = upstream or UpstreamClient(reactor)
         self.upstream.observer = self.metrics.upstream_outcome
-        self.cache = Cache(self.store, self.upstream, self.clock, self.metrics)
+        # Worker processes share the store: one production per key across them.
+        locks = KeyLocks(config.storage.data_dir, self.store.in_io) if config.server.workers > 1 else None
+        self.cache = Cache(self.store, self.upstream, self.clock, self.metrics, locks)
         self.ctx = Context(config, self.store, self.cache, self.upstream, self.metrics, Authorizer(config.auth), self.clock,
                            self.sendfile, reactor=reactor, remote_types=types, live=self.live, primary=primary)
         # Started once the store is open, stopped before it closes.

@@ -45,9 +45,11 @@ from twisted.logger import Logger
 from twisted.web.iweb import IResponse
 
 from sparkcache.config import RemoteConfig
+from sparkcache.fetch import across
 from sparkcache.fetch.flight import BodyError, Flight, PassFlight, receive
 from sparkcache.fetch.produce import Shared, Singleflight, watch_ends
 from sparkcache.fetch.upstream import UpstreamClient, UpstreamError, discard_body
+from sparkcache.fetch.xlock import Held, KeyLocks, Marker, Tail
 from sparkcache.metrics import Metrics
 from sparkcache.store import Entry, SpoolFile, Store
 from sparkcache.store.space import is_write_error
@@ -191,8 +193,11 @@ _VALID_ETAG = re.compile(r'^(W/)?"[^"]*"$')
 
 
 class Cache:
-    def __init__(self, store: Store, upstream: UpstreamClient, clock: Any, metrics: Metrics) -> None:
+    def __init__(self, store: Store, upstream: UpstreamClient, clock: Any, metrics: Metrics,
+                 locks: KeyLocks | None = None) -> None:
         self.store = store
+        # With worker processes: one production per key across all of them (fetch/across.py).
+        self.locks = locks
         self.upstream = upstream
         self.clock = clock
         self.metrics = metrics
@@ -263,19 +268,27 @@ class Cache:
             return Hit(stale, "STALE")
         return outcome
 
-    async def _produce(self, target: Target, source: Source, stale: Entry | None, shared: Shared[Result]) -> Result:
+    async def _produce(self, target: Target, source: Source, stale: Entry | None, shared: Shared[Result],
+                       adopting: bool = False) -> Result:
         """Run one production; settles ``shared`` as soon as there is an outcome
         (Live once bytes flow). What it returns is the outcome only if nothing
         settled it before."""
         self.metrics.inflight.inc()
-        # Taken before anything is asked of the source: a purge from now on
-        # keeps what this production brings from being stored.
-        since = self.store.epoch()
+        held: Held | None = None
         try:
+            if self.locks is not None:
+                claimed = await across.claim(self, self.locks, target.key, stale, adopting,
+                                             lambda tail: ensureDeferred(self._follow(tail, shared)))
+                if not isinstance(claimed, Held):
+                    return claimed
+                held = claimed
+            # Taken before anything is asked of the source: a purge from now on
+            # keeps what this production brings from being stored.
+            since = self.store.epoch()
             opened = await source.open(self, target, stale)
             if not isinstance(opened, Body):
                 return opened
-            await self._store(target, stale, shared, opened, since)
+            await self._store(target, stale, shared, opened, since, held)
             # Settled (Live) before the body flowed: this outcome goes to nobody.
             return Failed(502, "internal error while producing")
         except CancelledError:
@@ -285,14 +298,26 @@ class Cache:
             return Failed(502, "internal error while producing")
         finally:
             self.metrics.inflight.dec()
+            if held is not None:  # after the index row, or instead of it
+                await held.release()
 
-    async def _store(self, target: Target, stale: Entry | None, shared: Shared[Result], body: Body, since: int) -> None:
+    async def _follow(self, tail: Tail, shared: Shared[Result]) -> Result:
+        """Serve another worker's production of the key to ours: a Live over its spool."""
+        flight = across.TailFlight(tail)
+        shared.settle(Live(flight))
+        await across.follow(self, tail, flight, lambda: self._producing.leave(tail.key, shared))
+        return Failed(502, "internal error while following")  # settled before: goes to nobody
+
+    async def _store(self, target: Target, stale: Entry | None, shared: Shared[Result], body: Body, since: int,
+                     held: Held | None = None) -> None:
         """The one commit path: spool, verify, fsync, rename, index row, in that order."""
         key = target.key
         now = self.clock.seconds()
         if body.passable and body.spool is None and target.validate is None and not await self._room_for(body.total):
             # No room to store it: this one goes straight through (see _pass).
             self._producing.leave(key, shared)
+            if held is not None:  # nothing stored: the other workers pass their own through
+                await held.release()
             passed, passing = self._start_pass(target, body)
             shared.settle(Live(passed, "BYPASS"))
             await passing
@@ -315,6 +340,8 @@ class Cache:
                 spool.also_hash(algorithm)
         shared.settle(Live(flight))
         try:
+            if held is not None:  # where the other workers' clients tail it
+                await held.announce(Marker(spool.path, body.total, body.headers, flight.hold_last))
             await body.fill(flight)
             await flight.flushed()
             if body.total is not None and flight.written != body.total:
@@ -401,7 +428,7 @@ class Cache:
         except BaseException:
             self.store.discard(spool)
             raise
-        shared = self._producing.start(key, lambda s: self._produce(target, Spooled(spool, headers), replaced, s))
+        shared = self._producing.start(key, lambda s: self._produce(target, Spooled(spool, headers), replaced, s, adopting=True))
         outcome = await shared.wait()
         if isinstance(outcome, Live):
             return (await outcome.flight.wait_done()).entry  # type: ignore[no-any-return]

@@ -1,7 +1,7 @@
 """Cross-process singleflight for ``server.workers > 1`` (docs/workers.rst).
 
-Not wired into the engine yet: ``Cache`` keeps its in-process Singleflight,
-and the next step puts this behind it (one lock attempt per key per worker).
+``Cache`` takes a key's lock behind its in-process Singleflight (one lock
+attempt per key per worker), and only with workers: ``fetch/across.py``.
 
 A production of a key is owned by whoever holds ``flock(LOCK_EX)`` on the
 key's lock file under ``<data_dir>/locks/``; the kernel releases it when the
@@ -28,7 +28,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Awaitable, Callable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import deferLater
 
 InIO = Callable[..., Deferred[Any]]
@@ -119,8 +119,12 @@ class Held:
         return self.locks.in_io(write_marker, self.marker_path, marker)
 
     def release(self) -> Deferred[None]:
-        """After the index row is written (commit) or instead of it (abort)."""
+        """After the index row is written (commit) or instead of it (abort).
+        Only the first call does anything: a later one must not remove the
+        marker of whoever took the key since."""
         fd, self.fd = self.fd, None
+        if fd is None:
+            return succeed(None)
 
         def run() -> None:
             remove_marker(self.marker_path)

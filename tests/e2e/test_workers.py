@@ -59,10 +59,10 @@ def test_two_workers_share_the_socket_and_survive_a_kill(upstream, daemon_factor
     assert set(workers) == {0, 1}
     for pid in workers.values():
         assert pid != d.pid and _ppid(pid) == d.pid  # children of the one service process
-    # A client can have the whole body before its entry is committed; until the
-    # cross-process singleflight (fetch/xlock.py) is wired into the engine, a
-    # request in the other worker in that window fetches again. Once committed,
-    # whichever worker answers, one store behind both serves it.
+    # A client can have the whole body before its entry is committed; a request
+    # the other worker gets in that window tails the first one's spool (the
+    # cross-process singleflight, fetch/across.py) instead of fetching again.
+    # Once committed, whichever worker answers, one store behind both serves it.
     served = 0
     for _ in range(100):
         r = d.get("/api/r/files/x.bin")
@@ -71,7 +71,7 @@ def test_two_workers_share_the_socket_and_survive_a_kill(upstream, daemon_factor
         if r.header("X-Cache") == "HIT":
             break
     fetched = upstream.count("/files/x.bin")
-    assert fetched in (1, 2)
+    assert fetched == 1
     for _ in range(6):
         r = d.get("/api/r/files/x.bin")
         assert r.status == 200 and r.body == b"x" * 100_000
