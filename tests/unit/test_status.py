@@ -213,6 +213,9 @@ async def test_ready_says_why_not(h: Harness, tmp_path: Path) -> None:
     ok = await h.get("/ready")
     assert ok.status == 200 and ok.json() == {"status": "ready", "ready": True, "reasons": []}
     assert (await h.head("/ready")).status == 200
+    # A floor no disk reaches, so that a free-space check finishing in the I/O
+    # pool meanwhile (start-up, the eviction tick) agrees instead of resetting it.
+    h.store.min_free, floor = 1 << 62, h.store.min_free
     h.store.low_space = True
     low = await h.get("/ready")
     assert low.status == 503 and low.header("Content-Type") == "application/json"
@@ -220,6 +223,7 @@ async def test_ready_says_why_not(h: Harness, tmp_path: Path) -> None:
     assert low.json()["reasons"] == [f"free disk space in {h.store.data_dir} is below storage.min_free"]
     assert (await h.get("/health")).status == 200  # liveness is another question
     assert (await h.get("/status.json")).json()["store"]["low_space"] is True
+    h.store.min_free = floor
     h.store.low_space = False
     assert (await h.get("/ready")).status == 200
 
