@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from twisted.internet.defer import ensureDeferred
 from twisted.logger import Logger
@@ -220,3 +220,12 @@ class KeyedBlobs:
         metrics.form(self.remote.name, "entry", "hit")
         return await respond(request, Hit(entry, "HIT"), self.ctx.store, metrics, self.remote.name, name,
                              extra_headers, sendfile=self.ctx.sendfile)
+
+
+def keyed_tables(ctx: "Context", old: Mapping[str, "KeyedBlobs"], remotes: "Iterable[RemoteConfig]",
+                 fmt: Any) -> dict[str, "KeyedBlobs"]:
+    """The KeyedBlobs of ``remotes`` (one per remote, errors in ``fmt``), keeping
+    the object of each remote that did not change (Built.reconfigure)."""
+    from sparkcache.protocols._live import refreshed
+
+    return refreshed(old, remotes, lambda r: KeyedBlobs(ctx, r, fmt), lambda b: b.remote)

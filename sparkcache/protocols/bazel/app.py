@@ -38,8 +38,7 @@ from twisted.web.resource import IResource
 
 from sparkcache.context import Context
 from sparkcache.config import Config
-from sparkcache.protocols._live import refreshed
-from sparkcache.protocols._keyed import KeyedBlobs
+from sparkcache.protocols._keyed import KeyedBlobs, keyed_tables
 from sparkcache.protocols.bazel.options import BazelOptions, options_of
 from sparkcache.protocols.bazel.proto import Digest, NotAMessage, action_result_references, tree_files
 from sparkcache.store import Entry
@@ -98,7 +97,7 @@ class BazelApp:
     def reconfigure(self, config: Config) -> None:
         """The remotes of ``config`` from now on (Built.reconfigure)."""
         remotes = {n: r for n, r in config.remotes.items() if r.type in BAZEL_TYPES}
-        self.blobs = refreshed(self.blobs, remotes.values(), lambda r: KeyedBlobs(self.ctx, r, JSON), lambda b: b.remote)
+        self.blobs = keyed_tables(self.ctx, self.blobs, remotes.values(), JSON)
         self.options: dict[str, BazelOptions] = {n: options_of(r) for n, r in remotes.items()}
         self.remotes = remotes
 

@@ -35,8 +35,7 @@ from twisted.web.resource import IResource
 from sparkcache.auth import REALM
 from sparkcache.config import Config, RemoteConfig
 from sparkcache.context import Context
-from sparkcache.protocols._live import refreshed
-from sparkcache.protocols._keyed import KeyedBlobs
+from sparkcache.protocols._keyed import KeyedBlobs, keyed_tables
 from sparkcache.protocols.kv.keys import BadKey, collection_of, key_of, options_of
 from sparkcache.web.bodies import BodyDecision, InMemory, Refuse, checked
 from sparkcache.web.errors import ErrorFormat, ErrorReply, HTTPError, add_error_handling, guarded, render_json
@@ -95,8 +94,7 @@ class KvApp:
 
     def reconfigure(self, config: Config) -> None:
         """The remotes of ``config`` from now on (Built.reconfigure)."""
-        self.blobs = refreshed(self.blobs, (r for r in config.remotes.values() if r.type == "kv"),
-                               lambda r: KeyedBlobs(self.ctx, r, FORMAT), lambda b: b.remote)
+        self.blobs = keyed_tables(self.ctx, self.blobs, (r for r in config.remotes.values() if r.type == "kv"), FORMAT)
 
     def resource(self) -> IResource:
         return guarded(self.app, FORMAT, self.max_path)

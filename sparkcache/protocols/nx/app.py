@@ -25,8 +25,7 @@ from twisted.web.resource import IResource
 
 from sparkcache.context import Context
 from sparkcache.config import Config
-from sparkcache.protocols._live import refreshed
-from sparkcache.protocols._keyed import KeyedBlobs
+from sparkcache.protocols._keyed import KeyedBlobs, keyed_tables
 from sparkcache.web.bodies import BodyDecision, Refuse, ToSpool, checked
 from sparkcache.web.errors import JSON, HTTPError, add_error_handling, guarded
 from sparkcache.web.paths import split_raw_path
@@ -59,8 +58,7 @@ class NxApp:
 
     def reconfigure(self, config: Config) -> None:
         """The remotes of ``config`` from now on (Built.reconfigure)."""
-        self.blobs = refreshed(self.blobs, (r for r in config.remotes.values() if r.type == TYPE),
-                               lambda r: KeyedBlobs(self.ctx, r, JSON), lambda b: b.remote)
+        self.blobs = keyed_tables(self.ctx, self.blobs, (r for r in config.remotes.values() if r.type == TYPE), JSON)
 
     def resource(self) -> IResource:
         return guarded(self.app, JSON, self.max_path)

@@ -34,8 +34,7 @@ from twisted.web.resource import IResource
 from sparkcache.auth import AuthError
 from sparkcache.context import Context
 from sparkcache.config import Config
-from sparkcache.protocols._live import refreshed
-from sparkcache.protocols._keyed import KeyedBlobs
+from sparkcache.protocols._keyed import KeyedBlobs, keyed_tables
 from sparkcache.web.bodies import BodyDecision, InMemory, Refuse, checked
 from sparkcache.web.errors import ErrorFormat, ErrorReply, HTTPError, add_error_handling, guarded, set_headers
 from sparkcache.web.paths import split_raw_path
@@ -115,8 +114,8 @@ class TurborepoApp:
 
     def reconfigure(self, config: Config) -> None:
         """The remotes of ``config`` from now on (Built.reconfigure)."""
-        self.blobs = refreshed(self.blobs, (r for r in config.remotes.values() if r.type == TYPE),
-                               lambda r: KeyedBlobs(self.ctx, r, VERCEL), lambda b: b.remote)
+        self.blobs = keyed_tables(self.ctx, self.blobs, (r for r in config.remotes.values() if r.type == TYPE),
+                                  VERCEL)
 
     def resource(self) -> IResource:
         return guarded(self.app, VERCEL, self.max_path)
