@@ -26,6 +26,7 @@ from sparkcache.protocols.base import Built, ProtocolSpec
 from sparkcache.reload import LiveConfig
 from sparkcache.store import Store
 from sparkcache.timers import Periodic
+from sparkcache.web import admin_bundle
 from sparkcache.web.admin import AdminApp
 from sparkcache.web.root import Root
 from sparkcache.web.sendfile import SendfilePool
@@ -122,7 +123,8 @@ class SparkcacheService(MultiService):
         # The status page and /ready; its timer keeps the last hour for the charts.
         self.status = Status(self.ctx, self.runtime)
         self.status.timer().setServiceParent(self.runtime)
-        self.root = Root({b"setup": self.setup.resource()}, AdminApp(self.ctx, self.status).resource())
+        self.root = Root({b"setup": self.setup.resource()}, AdminApp(self.ctx, self.status).resource(),
+                         gates={b"admin": admin_bundle.body_gate(self.ctx)})  # an import's body: straight to a spool
         # What each protocol's build() gave, for reconfigure().
         self.built: dict[str, Built] = {}
         check_segments(protocols)

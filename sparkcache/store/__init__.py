@@ -299,6 +299,14 @@ class Store:
         sending[digest] = sending.get(digest, 0) + 1
         return BodyRange(fd, start, entry.size if end is None else end, digest, self._sent)
 
+    def open_digest(self, digest: str, size: int) -> BodyRange:
+        """The body stored under ``digest`` (``size`` bytes), open like ``open_range``
+        (eviction passes it by until it is closed): what an export reads.
+        FileNotFoundError when it is not stored (evicted, purged)."""
+        fd = self.cas.open(digest)
+        self._sending[digest] = self._sending.get(digest, 0) + 1
+        return BodyRange(fd, 0, size, digest, self._sent)
+
     def _sent(self, digest: str) -> None:
         n = self._sending[digest] - 1
         if n > 0:

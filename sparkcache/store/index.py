@@ -318,6 +318,23 @@ class Index:
 
         return self._run(q)
 
+    def entries_with_body(self, remotes: list[str] | None, since: float | None) -> Deferred[list[Entry]]:
+        """Every entry with a body of ``remotes`` (None: of every remote) fetched
+        at or after ``since`` (None: whenever), by key: what an export lists."""
+
+        def q() -> list[Entry]:
+            where, args = "digest IS NOT NULL", []  # type: tuple[str, list[Any]]
+            if remotes is not None:
+                where += f" AND remote IN ({','.join('?' * len(remotes))})"
+                args += remotes
+            if since is not None:
+                where += " AND fetched >= ?"
+                args.append(since)
+            rows = self.db.execute(f"SELECT {_COLUMNS} FROM entries WHERE {where} ORDER BY key", args).fetchall()
+            return [Entry.from_row(r) for r in rows]
+
+        return self._run(q)
+
     def prefixes_before(self, remote: str, marker: str) -> Deferred[list[str]]:
         """The distinct beginnings of ``remote``'s paths that contain ``marker``,
         each cut just before its first ``marker``, sorted (an OCI catalog: the

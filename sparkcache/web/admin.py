@@ -1,5 +1,5 @@
 """Management endpoints: /, /health, /ready, /status.json, /metrics, /config,
-/admin/purge, /admin/local, /admin/remotes."""
+/admin/purge, /admin/local, /admin/remotes, /admin/export, /admin/import."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import sparkcache
 from sparkcache.context import Context
 from sparkcache.web import purge as purges
 from sparkcache.web import status_page
+from sparkcache.web.admin_bundle import AdminBundle
 from sparkcache.web.admin_remotes import AdminRemotes
 from sparkcache.web.errors import JSON, HTTPError, add_error_handling, guarded
 from sparkcache.web.status import Status
@@ -28,6 +29,7 @@ class AdminApp:
     def __init__(self, ctx: Context, status: Status | None = None) -> None:
         self.ctx = ctx
         self.status = status or Status(ctx)
+        self.bundles = AdminBundle(ctx, self.status.services)
 
     def resource(self) -> IResource:
         return guarded(self.app, JSON, self.ctx.config.server.max_path_length)
@@ -118,6 +120,14 @@ class AdminApp:
     @app.route("/admin/remotes", branch=True)
     def remotes(self, request: Any) -> IResource:
         return AdminRemotes(self.ctx).resource()
+
+    @app.route("/admin/export", methods=["GET"])
+    async def export(self, request: Any) -> None:
+        await self.bundles.export(request)
+
+    @app.route("/admin/import", methods=["POST"])
+    async def import_bundle(self, request: Any) -> bytes:
+        return await self.bundles.import_(request)
 
     @app.route("/<path:rest>", branch=True)
     def not_found(self, request: Any, rest: str) -> bytes:
