@@ -70,6 +70,17 @@ def parser() -> argparse.ArgumentParser:
     pr = add("refresh", "fetch a git mirror from its upstream now")
     pr.add_argument("repo", help="a mirror's name or upstream URL")
 
+    pe = add("export", "write an air-gap bundle of cached entries (and git mirrors) to FILE")
+    pe.add_argument("-o", "--output", required=True, metavar="FILE", help="the bundle file to write")
+    pe.add_argument("--remote", action="append", default=None, metavar="NAME", help="only this remote (repeatable)")
+    pe.add_argument("--since", default=None, help="only entries fetched since (Unix time or ISO 8601)")
+    pe.add_argument("--git", action="store_true", default=False, help="include every git mirror as a git bundle")
+    pe.add_argument("--repo", action="append", default=None, metavar="NAME", help="include this git mirror (repeatable)")
+    pi = add("import", "load an air-gap bundle FILE into the daemon's store")
+    pi.add_argument("file")
+    pi.add_argument("--map", action="append", default=None, metavar="OLD=NEW",
+                    help="import the bundle's remote OLD as this daemon's remote NEW (repeatable)")
+
     pc = add("config", "configuration files")
     csub = pc.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     cc = csub.add_parser("check", help="validate FILE as the daemon would, without starting it", parents=[common])
@@ -88,10 +99,11 @@ Command = Callable[[argparse.Namespace, Client, TextIO], int]
 
 
 def handlers() -> dict[str, Command]:
+    from sparkcache.cli.bundles import export, import_
     from sparkcache.cli.commands import prefetch, purge, refresh, remotes, repos, setup, status
 
     return {"status": status, "remotes": remotes, "purge": purge, "prefetch": prefetch,
-            "repos": repos, "refresh": refresh, "setup": setup}
+            "repos": repos, "refresh": refresh, "setup": setup, "export": export, "import": import_}
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None,

@@ -108,15 +108,42 @@ class Client:
             if e.code in ok:
                 return reply
             raise CLIError(f"{method} {path}: {e.code} {error_message(reply)}", status=e.code) from None
-        except urllib.error.URLError as e:
-            raise CLIError(f"cannot reach the daemon at {self.base}: {_reason(e.reason)}",
-                           exit_code=EXIT_UNREACHABLE) from None
-        except (socket.timeout, TimeoutError):
-            raise CLIError(f"the daemon at {self.base} did not answer {method} {path} within {self.timeout:g}s",
-                           exit_code=EXIT_UNREACHABLE) from None
-        except (ConnectionError, OSError) as e:
-            raise CLIError(f"cannot reach the daemon at {self.base}: {_reason(e)}",
-                           exit_code=EXIT_UNREACHABLE) from None
+        except OSError as e:
+            raise self._unreachable(e, method, path) from None
+
+    def open(self, method: str, path: str, query: Mapping[str, Any] | None = None, *, body: Any = None,
+             headers: Mapping[str, str] | None = None, timeout: float | None = None) -> Any:
+        """A response whose body the caller reads as a stream, then closes
+        (bodies too large to hold: bundles). ``body``: a file object sent as it
+        is read (give its Content-Length in ``headers``). Errors as ``request``."""
+        url = self.base + path
+        params = [(k, v) for k, vs in (query or {}).items() if vs is not None
+                  for v in (vs if isinstance(vs, (list, tuple)) else [vs])]
+        if params:
+            url += "?" + urlencode(params)
+        hdrs = {"User-Agent": "sparkcache-cli", **(headers or {})}
+        if self.token:
+            hdrs["Authorization"] = f"Bearer {self.token}"
+        req = urllib.request.Request(url, data=body, headers=hdrs, method=method)
+        try:
+            return self._opener.open(req, timeout=timeout or self.timeout)
+        except urllib.error.HTTPError as e:
+            with e:
+                reply = Reply(e.code, _headers(e.headers), e.read(MAX_ERROR_BODY))
+            raise CLIError(f"{method} {path}: {e.code} {error_message(reply)}", status=e.code) from None
+        except OSError as e:
+            raise self._unreachable(e, method, path) from None
+
+    def _unreachable(self, e: OSError, method: str, path: str) -> CLIError:
+        """The error for no answer at all (exit status 3)."""
+        if isinstance(e, urllib.error.URLError):
+            why = _reason(e.reason)
+        elif isinstance(e, (socket.timeout, TimeoutError)):
+            return CLIError(f"the daemon at {self.base} did not answer {method} {path} within {self.timeout:g}s",
+                            exit_code=EXIT_UNREACHABLE)
+        else:
+            why = _reason(e)
+        return CLIError(f"cannot reach the daemon at {self.base}: {why}", exit_code=EXIT_UNREACHABLE)
 
 
 def error_message(reply: Reply) -> str:
