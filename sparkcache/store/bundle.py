@@ -344,6 +344,10 @@ def _check_manifest(doc: dict[str, Any]) -> dict[str, Any]:
     for key in ("entries", "git", "remotes"):
         if not isinstance(doc.get(key), list):
             raise BundleError(f"manifest: {key!r} must be a list")
+    for e in doc["entries"]:
+        entry = entry_from_doc(e, 0.0)
+        if blobs.get(entry.digest) != entry.size:
+            raise BundleError(f"manifest: entry {entry.key!r}: its body is not in 'blobs' with its size")
     for g in doc["git"]:
         if not (isinstance(g, dict) and isinstance(g.get("url"), str) and isinstance(g.get("name"), str)
                 and isinstance(g.get("sha256"), str) and isinstance(g.get("size"), int)):

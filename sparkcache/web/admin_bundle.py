@@ -102,6 +102,11 @@ class AdminBundle:
             if new not in ctx.config.remotes and new not in ctx.internal_remotes:
                 raise HTTPError(400, f"--map target {new!r} is not a remote of this daemon")
         spool = await request_spool(request, ctx.store)
+        # Its bodies are copied out of the archive before the archive goes: room for as much again.
+        if not await ctx.store.make_room(spool.size):
+            ctx.store.discard(spool)
+            raise HTTPError(507, f"not enough free space to import a {spool.size}-byte bundle "
+                                 "(it needs as much again while it is unpacked)")
         # Once begun, an import ends whole even if its client leaves.
         report = await shield(Deferred.fromCoroutine(self._import(spool, maps)))
         request.setHeader(b"Content-Type", b"application/json")

@@ -237,3 +237,15 @@ def test_the_manifest_must_come_first(good):
     ms = members(data)
     ms[0], ms[1] = ms[1], ms[0]
     refused(b, rebuild(ms), "first member must be manifest.json")
+
+
+def test_a_manifest_entry_without_its_blob_is_refused(good):
+    b, data = good
+    ms = members(data)
+    doc = json.loads(ms[0][1])
+    doc["entries"][0]["size"] += 1
+    ms[0] = (ms[0][0], json.dumps(doc).encode())
+    refused(b, rebuild(ms), "not in 'blobs' with its size")
+    doc["entries"][0]["headers"] = {"X": 1}
+    ms[0] = (ms[0][0], json.dumps(doc).encode())
+    refused(b, rebuild(ms), "headers must map strings")
