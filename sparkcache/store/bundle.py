@@ -15,7 +15,7 @@ entry whose body vanished since the listing is not in the archive and named
 in the trailer.
 
 Reading (:func:`extract`) blocks (call it in the I/O pool): it walks the tar
-as a stream, refuses any member it does not expect (other names, links,
+member by member, refuses any member it does not expect (other names, links,
 directories, ``..``), copies every body into a spool of its own, hashed as it
 is written, and checks each digest against its name and the manifest. Only
 when the whole archive has been read and verified does :func:`commit_entries`
@@ -279,12 +279,18 @@ def extract(store: Store, fileobj: IO[bytes]) -> Extracted:
 
 def _extract(store: Store, fileobj: IO[bytes], out: Extracted) -> None:
     try:
-        tar = tarfile.open(fileobj=fileobj, mode="r|")
+        # Seekable (a spool): members' data are read in place, without the
+        # stream mode's 10 KiB buffer copies (half the CPU of an import).
+        tar = tarfile.open(fileobj=fileobj, mode="r:")
     except tarfile.TarError as e:
         raise BundleError(f"not a tar archive: {e}") from None
     trailer: dict[str, Any] | None = None
     try:
-        for member in tar:
+        while True:
+            member = tar.next()
+            if member is None:
+                break
+            tar.members.clear()  # one TarInfo per body would add up over millions of them
             name = member.name
             if trailer is not None:
                 raise BundleError(f"member {name!r} after {TRAILER}")
