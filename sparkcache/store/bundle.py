@@ -290,7 +290,7 @@ def _extract(store: Store, fileobj: IO[bytes], out: Extracted) -> None:
             member = tar.next()
             if member is None:
                 break
-            tar.members.clear()  # one TarInfo per body would add up over millions of them
+            tar.members.clear()  # type: ignore[attr-defined]  # one TarInfo per body adds up over millions
             name = member.name
             if trailer is not None:
                 raise BundleError(f"member {name!r} after {TRAILER}")
@@ -344,8 +344,8 @@ def _check_manifest(doc: dict[str, Any]) -> dict[str, Any]:
     if doc.get("format") != FORMAT:
         raise BundleError(f"unknown bundle format version {doc.get('format')!r} (this daemon reads {FORMAT})")
     blobs = doc.get("blobs")
-    if not isinstance(blobs, dict) or not all(
-            _HEX64.fullmatch(d) and isinstance(s, int) and not isinstance(s, bool) and s >= 0 for d, s in blobs.items()):
+    if not isinstance(blobs, dict) or not all(_HEX64.fullmatch(d) and type(s) is int and s >= 0
+                                              for d, s in blobs.items()):
         raise BundleError("manifest: 'blobs' must map sha256 digests to sizes")
     for key in ("entries", "git", "remotes"):
         if not isinstance(doc.get(key), list):

@@ -20,9 +20,7 @@ from datetime import datetime
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
-from zope.interface import implementer
 
 import sparkcache
 from sparkcache.context import Context
@@ -31,7 +29,7 @@ from sparkcache.store import Entry, Store
 from sparkcache.store import bundle
 from sparkcache.web.bodies import BodyDecision, ToSpool, checked, request_spool
 from sparkcache.web.errors import JSON, HTTPError
-from sparkcache.web.serve import finish_safely
+from sparkcache.web.serve import _Producer
 
 log = Logger()
 
@@ -86,7 +84,7 @@ class AdminBundle:
         request.setHeader(b"Content-Disposition", f'attachment; filename="sparkcache-{stamp}.tar"'.encode())
         request.setHeader(b"X-Bundle-Entries", str(len(entries)).encode())
         try:
-            await _TarProducer(request, writer).start()
+            await send_bundle(request, writer)
         finally:
             writer.close()
             for part in git_parts:
@@ -273,69 +271,51 @@ def _measure(path: str) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
-@implementer(IPushProducer)
-class _TarProducer:
-    """Write the writer's chunks while the transport takes them; pause when it
-    is full. A body found short aborts the connection (never a clean end)."""
+class _Chunks:
+    """The writer's chunks in the shape serve's push producer pulls from: what is
+    available is the next chunk, made when asked for; b"" from the writer is the end."""
 
-    def __init__(self, request: Any, writer: bundle.BundleWriter) -> None:
-        self.request = request
+    def __init__(self, writer: bundle.BundleWriter) -> None:
         self.writer = writer
-        self.done: Deferred[None] = Deferred()
-        self._paused = False
-        self._stopped = False
-        self._pumping = False
+        self.pending: bytes | None = None
+        self.sent = 0
+        self.done = False
+        self.error: Exception | None = None
 
-    def start(self) -> Deferred[None]:
-        self.request.notifyFinish().addErrback(lambda _: self.stopProducing())
-        self.request.registerProducer(self, True)
-        self._pump()
-        return self.done
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._pump()
-
-    def stopProducing(self) -> None:
-        self._end()
-
-    def _pump(self) -> None:
-        if self._pumping:
+    def _fill(self) -> None:
+        if self.pending is not None or self.done or self.error is not None:
             return
-        self._pumping = True
         try:
-            while not self._paused and not self._stopped:
-                try:
-                    chunk = self.writer.read()
-                except Exception as e:
-                    log.error("export cut off: {why}", why=e)
-                    transport = getattr(getattr(self.request, "channel", None), "transport", None)
-                    self._end()
-                    if transport is not None:
-                        transport.abortConnection()
-                    return
-                if not chunk:
-                    self._end()
-                    finish_safely(self.request)
-                    return
-                self.request.write(chunk)
-        finally:
-            self._pumping = False
-
-    def _end(self) -> None:
-        if self._stopped:
+            chunk = self.writer.read()
+        except Exception as e:  # a body found short: the response must break off, never end cleanly
+            log.error("export cut off: {why}", why=e)
+            self.error = e
             return
-        self._stopped = True
-        if getattr(self.request, "producer", None) is self:
-            try:
-                self.request.unregisterProducer()
-            except Exception:
-                pass
-        if not self.done.called:
-            self.done.callback(None)
+        if chunk:
+            self.pending = chunk
+        else:
+            self.done = True
+
+    def available(self) -> int:
+        self._fill()
+        return self.sent + len(self.pending or b"")
+
+    def failed(self) -> bool:
+        self._fill()
+        return self.error is not None
+
+    def read(self, offset: int, n: int) -> bytes:
+        chunk, self.pending = self.pending or b"", None
+        self.sent += len(chunk)
+        return chunk
+
+
+def send_bundle(request: Any, writer: bundle.BundleWriter) -> Deferred[None]:
+    """Stream the archive with backpressure: a chunk is made only when the
+    client's transport takes more (serve's push producer)."""
+    chunks = _Chunks(writer)
+    return _Producer(request, chunks.read, 0, None, available=chunks.available, failed=chunks.failed,
+                     ended=lambda: chunks.done).start()
 
 
 def _arg(request: Any, name: str) -> str | None:

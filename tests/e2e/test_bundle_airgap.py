@@ -41,7 +41,7 @@ def cli(d: Daemon, *args: str, check: bool = True) -> subprocess.CompletedProces
     proc = subprocess.run([sys.executable, "-m", "sparkcache.cli", *args], env=env, capture_output=True, text=True,
                           timeout=300, cwd=REPO_ROOT)
     if check:
-        assert proc.returncode == 0, f"sparkcache {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        assert proc.returncode == 0, f"sparkcache {' '.join(args)}: {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     return proc
 
 
