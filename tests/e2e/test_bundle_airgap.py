@@ -3,7 +3,7 @@ into daemon B whose upstreams are unreachable (closed ports), with the real
 CLI, skopeo and git.
 
 A caches generic files, an OCI image pulled with skopeo from a real registry,
-and a git mirror. B refuses a tampered and a truncated bundle first, with
+a PyPI project installed with pip, and a git mirror. B refuses a tampered and a truncated bundle first, with
 nothing made visible, then imports the good one: every entry A held is a HIT
 on B with the very same bytes, skopeo copies the image from B, and ``git
 clone`` from B gives A's commits.
@@ -29,6 +29,9 @@ from tests.support.git_upstream import (  # noqa: F401 - fixture
     git_daemon_config,
     git_upstream_factory,
 )
+from tests.support.pypi_clients import index, installed, ok, pip  # noqa: F401 - fixture
+from tests.support.pypi_packages import wheel
+from tests.support.pypi_upstream import IndexUpstream
 from tests.support.registry import build_image, oci_remote, running_registry, skopeo
 from tests.support.upstream import Upstream
 
@@ -56,7 +59,9 @@ def sha(data: bytes) -> str:
 def test_export_import_serves_everything_with_the_upstreams_unreachable(
         upstream: Upstream, daemon_factory: Callable[..., Daemon],
         git_upstream_factory: Callable[..., GitUpstream],  # noqa: F811
-        tmp_path: Path) -> None:
+        index: IndexUpstream, tmp_path: Path) -> None:  # noqa: F811
+    index.add("demo-app", wheel("demo-app", "1.0", requires=("demo-helper>=1",))).add(
+        "demo-helper", wheel("demo-helper", "1.2"))
     files = {"/a.bin": os.urandom(300_000), "/b.bin": b"b" * 3000, "/dir/same.bin": b"b" * 3000}
     for path, body in files.items():
         upstream.add(path, body)
@@ -73,13 +78,16 @@ def test_export_import_serves_everything_with_the_upstreams_unreachable(
         registry.push(layout, "img", "team/app:1.0")
         a = daemon_factory(
             {"files": {"type": "generic", "upstream": upstream.base_url},
-             "hub": oci_remote(registry.url, repositories=[r"^team/"])},
+             "hub": oci_remote(registry.url, repositories=[r"^team/"]),
+             "py": {"type": "pypi", "upstream": index.index_url}},
             auth=AUTH, env={"BUNDLE_TEST_ADMIN": ADMIN}, extra=git_daemon_config({"app": gitup.url("app")}))
         served = {path: get_until_hit(a, f"/api/files{path}", body).body for path, body in files.items()}
         skopeo("copy", "--src-tls-verify=false", f"docker://127.0.0.1:{a.port}/hub/team/app:1.0",
                f"oci:{tmp_path / 'from-a'}:x")
     git_client("clone", "-q", "--bare", a.url("/git/app"), str(tmp_path / "warm.git"), home=home)
+    ok(pip(a.url("/pypi/py/simple/"), tmp_path / "pip-a", "demo-app==1.0", tmp=tmp_path))
     gitup.stop()
+    index.stop()  # B names the same index, now a closed port
 
     bundle = tmp_path / "cache.tar"
     out = cli(a, "export", "-o", str(bundle), "--git")
@@ -100,7 +108,8 @@ def test_export_import_serves_everything_with_the_upstreams_unreachable(
 
     closed = f"http://127.0.0.1:{free_port()}"
     b = daemon_factory(
-        {"files": {"type": "generic", "upstream": closed}, "hub": oci_remote(closed, repositories=[r"^team/"])},
+        {"files": {"type": "generic", "upstream": closed}, "hub": oci_remote(closed, repositories=[r"^team/"]),
+         "py": {"type": "pypi", "upstream": index.index_url}},
         auth=AUTH, env={"BUNDLE_TEST_ADMIN": ADMIN}, extra=git_daemon_config({"app": gitup.url("app")}))
 
     # A tampered bundle: one byte of a body changed. Refused whole, nothing visible.
@@ -120,7 +129,7 @@ def test_export_import_serves_everything_with_the_upstreams_unreachable(
     assert b.spool_files() == []
 
     report = json.loads(cli(b, "import", str(bundle), "--json").stdout)
-    ours = [e for e in manifest["entries"] if e["remote"] in ("files", "hub")]
+    ours = [e for e in manifest["entries"] if e["remote"] in ("files", "hub", "py")]
     # The git pack cache's entries (an internal remote B does not declare) are reported skipped.
     assert report["imported"] == len(ours) and set(report["skipped_remotes"]) <= {"git-packs"}, report
     assert [(g["name"], g["status"]) for g in report["git"]] == [("app", "imported")], report
@@ -146,6 +155,9 @@ def test_export_import_serves_everything_with_the_upstreams_unreachable(
         if "/blobs/" in e["path"]:
             resp = b.get(f"/v2/hub/{e['path']}")
             assert resp.header("X-Cache") == "HIT" and sha(resp.body) == e["digest"], resp.describe()
+
+    ok(pip(b.url("/pypi/py/simple/"), tmp_path / "pip-b", "demo-app==1.0", tmp=tmp_path))
+    assert installed(tmp_path / "pip-b", "demo_helper") == "demo-helper==1.2"
 
     clone = tmp_path / "clone"
     git_client("clone", "-q", b.url("/git/app"), str(clone), home=home)
