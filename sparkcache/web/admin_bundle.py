@@ -100,8 +100,13 @@ class AdminBundle:
             if new not in ctx.config.remotes and new not in ctx.internal_remotes:
                 raise HTTPError(400, f"--map target {new!r} is not a remote of this daemon")
         spool = await request_spool(request, ctx.store)
-        # Its bodies are copied out of the archive before the archive goes: room for as much again.
-        if not await ctx.store.make_room(spool.size):
+        try:
+            # Its bodies are copied out of the archive before the archive goes: room for as much again.
+            room = await ctx.store.make_room(spool.size)
+        except BaseException:
+            ctx.store.discard(spool)
+            raise
+        if not room:
             ctx.store.discard(spool)
             raise HTTPError(507, f"not enough free space to import a {spool.size}-byte bundle "
                                  "(it needs as much again while it is unpacked)")
@@ -135,15 +140,20 @@ class AdminBundle:
         skipped: list[dict[str, str]] = []
         try:
             for mirror in chosen:
+                # git replaces the file by its path; discard() closes the descriptor and removes it.
                 spool = store.new_spool("export-git-", scratch=True)
-                await store.in_io(spool.sync_and_close)  # git writes the file by its path
+                made = Deferred.fromCoroutine(airgap.create_bundle(self.ctx.reactor, mirror, spool.path))
                 try:
-                    refs, head = await airgap.create_bundle(self.ctx.reactor, mirror, spool.path)
+                    refs, head = await shield(made)
                     size, digest = await store.in_io(_measure, spool.path)
                 except airgap.GitBundleError as e:
                     store.discard(spool)
                     skipped.append({"name": mirror.name, "url": mirror.url, "reason": str(e)})
                     continue
+                except BaseException:
+                    # The client left: the file goes once git is done writing it.
+                    made.addBoth(lambda _, spool: store.discard(spool), spool)
+                    raise
                 parts.append(bundle.GitPart(mirror.name, mirror.url, refs, head, spool, size, digest))
         except BaseException:
             for part in parts:
