@@ -307,6 +307,19 @@ class Store:
         self._sending[digest] = self._sending.get(digest, 0) + 1
         return BodyRange(fd, 0, size, digest, self._sent)
 
+    def needs_fill(self, digest: str) -> bool:
+        """Whether ``digest`` must be brought into a local tier before
+        ``open_digest`` (a content store with one, ``ensure``, lacking it)."""
+        return hasattr(self.cas, "ensure") and not self.cas.contains(digest)
+
+    async def fill(self, digest: str, size: int) -> bool:
+        """Bring ``digest`` into the local tier of a content store that has one;
+        whether it is there to be opened."""
+        ensure = getattr(self.cas, "ensure", None)
+        if ensure is not None and not self.cas.contains(digest):
+            return bool(await ensure(digest, size))
+        return bool(self.cas.contains(digest))
+
     def _sent(self, digest: str) -> None:
         n = self._sending[digest] - 1
         if n > 0:

@@ -29,7 +29,9 @@ import os
 import re
 import tarfile
 from dataclasses import dataclass, field
-from typing import IO, Any, Generator, Iterator
+from typing import IO, Any, Generator, Iterator, Union
+
+from twisted.internet.defer import Deferred
 
 from sparkcache.store import BodyRange, Entry, SpoolFile, Store
 
@@ -155,12 +157,19 @@ def member_header(name: str, size: int, mtime: float) -> bytes:
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
+# What BundleWriter.read gives: bytes of the archive, or a Deferred to wait for
+# first (a body being brought into a local tier) before reading on.
+Chunk = Union[bytes, "Deferred[Any]"]
+
+
 class BundleWriter:
     """The archive as consecutive chunks: ``read()`` returns the next one
-    (at most CHUNK bytes of a body, or a header), b"" at the end. On the
-    reactor: a body is opened when its turn comes and read with pread.
-    BundleError when a body turns out shorter than its size (the response
-    must then be cut off, never ended cleanly)."""
+    (at most CHUNK bytes of a body, or a header), b"" at the end, or a
+    Deferred to wait for before reading on (a content store with a local
+    tier fetching a body into it). On the reactor: a body is opened when its
+    turn comes and read with pread. BundleError when a body turns out
+    shorter than its size (the response must then be cut off, never ended
+    cleanly)."""
 
     def __init__(self, store: Store, doc: dict[str, Any], git: list[GitPart], mtime: float) -> None:
         self.store = store
@@ -173,9 +182,10 @@ class BundleWriter:
         self._open: BodyRange | None = None
         self._chunks = self._generate()
 
-    def read(self) -> bytes:
+    def read(self) -> Chunk:
         chunk = next(self._chunks, b"")
-        self.written += len(chunk)
+        if isinstance(chunk, bytes):
+            self.written += len(chunk)
         return chunk
 
     def close(self) -> None:
@@ -184,9 +194,11 @@ class BundleWriter:
             body, self._open = self._open, None
             body.close()
 
-    def _generate(self) -> Generator[bytes, None, None]:
+    def _generate(self) -> Generator[Chunk, None, None]:
         yield from self._member(MANIFEST, json.dumps(self.manifest, separators=(",", ":")).encode())
         for digest, size in sorted(self.manifest["blobs"].items()):
+            if self.store.needs_fill(digest):
+                yield Deferred.fromCoroutine(self.store.fill(digest, size))
             body = self._open_blob(digest, size)
             if body is None:
                 continue

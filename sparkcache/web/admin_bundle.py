@@ -287,24 +287,33 @@ class _Chunks:
 
     def __init__(self, writer: bundle.BundleWriter) -> None:
         self.writer = writer
+        self.wake: Callable[[], None] = lambda: None
+        self.waiting = False
         self.pending: bytes | None = None
         self.sent = 0
         self.done = False
         self.error: Exception | None = None
 
     def _fill(self) -> None:
-        if self.pending is not None or self.done or self.error is not None:
-            return
-        try:
-            chunk = self.writer.read()
-        except Exception as e:  # a body found short: the response must break off, never end cleanly
-            log.error("export cut off: {why}", why=e)
-            self.error = e
-            return
-        if chunk:
-            self.pending = chunk
-        else:
-            self.done = True
+        while self.pending is None and not self.done and self.error is None and not self.waiting:
+            try:
+                chunk = self.writer.read()
+            except Exception as e:  # a body found short: the response must break off, never end cleanly
+                log.error("export cut off: {why}", why=e)
+                self.error = e
+                return
+            if isinstance(chunk, Deferred):  # park until the body is at hand (or read on if it already is)
+                self.waiting = True
+                chunk.addErrback(lambda f: log.failure("export: bringing a body into the local tier", f))
+                chunk.addBoth(self._ready)
+            elif chunk:
+                self.pending = chunk
+            else:
+                self.done = True
+
+    def _ready(self, _: object) -> None:
+        self.waiting = False
+        self.wake()
 
     def available(self) -> int:
         self._fill()
@@ -324,8 +333,10 @@ def send_bundle(request: Any, writer: bundle.BundleWriter) -> Deferred[None]:
     """Stream the archive with backpressure: a chunk is made only when the
     client's transport takes more (serve's push producer)."""
     chunks = _Chunks(writer)
-    return _Producer(request, chunks.read, 0, None, available=chunks.available, failed=chunks.failed,
-                     ended=lambda: chunks.done).start()
+    producer = _Producer(request, chunks.read, 0, None, available=chunks.available, failed=chunks.failed,
+                         ended=lambda: chunks.done)
+    chunks.wake = producer.wake
+    return producer.start()
 
 
 def _arg(request: Any, name: str) -> str | None:

@@ -250,3 +250,48 @@ def test_a_manifest_entry_without_its_blob_is_refused(good):
     doc["entries"][0]["headers"] = {"X": 1}
     ms[0] = (ms[0][0], json.dumps(doc).encode())
     refused(b, rebuild(ms), "headers must map strings")
+
+
+class _Tiered:
+    """A content store with a local tier: ``ensure`` brings a body back (later, on the reactor)."""
+
+    def __init__(self, inner: Any, kept: dict[str, bytes]) -> None:
+        self.inner, self.kept, self.ensured = inner, kept, []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def ensure(self, digest: str, size: int) -> bool:
+        from twisted.internet.task import deferLater
+
+        await deferLater(reactor, 0, lambda: None)
+        self.ensured.append(digest)
+        path = self.inner.local_path(digest)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(self.kept[digest])
+        return True
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_outside_the_local_tier_is_brought_in_first(stores):
+    a, b = stores
+    e = await put(a, "files", "far.bin", b"in the bucket only")
+    path = a.cas.local_path(e.digest)
+    os.unlink(path)
+    a.cas = _Tiered(a.cas, {e.digest: b"in the bucket only"})  # type: ignore[assignment]
+    entries = await bundle.snapshot(a, None, None)
+    writer = bundle.BundleWriter(a, bundle.manifest("t", [], entries, [], 1.0), [], 1.0)
+    out = bytearray()
+    while True:
+        chunk = writer.read()
+        if isinstance(chunk, Deferred):
+            await chunk
+            continue
+        if not chunk:
+            break
+        out += chunk
+    assert a.cas.ensured == [e.digest] and writer.missing == []
+    extracted = await a.in_io(bundle.extract, b, io.BytesIO(bytes(out)))
+    assert list(extracted.blobs) == [e.digest]
+    extracted.discard(b)

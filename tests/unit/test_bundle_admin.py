@@ -122,3 +122,20 @@ async def test_since_remote_and_map(harness_factory: MakeHarness) -> None:  # no
     assert (await b.get("/api/renamed/new.bin")).header("X-Cache") == "HIT"
     assert await b.store.index.get("renamed:old.bin") is None
     assert await b.store.index.get("renamed:o.bin") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_export_waits_for_a_body_brought_into_the_local_tier(harness_factory: MakeHarness) -> None:  # noqa: F811
+    from tests.unit.test_bundle import _Tiered
+
+    a = await harness_factory(config("files"))
+    body = os.urandom(50_000)
+    await cached(a, {"/far.bin": body, "/near.bin": b"near"})
+    entry = await a.store.index.get("files:far.bin")
+    assert entry is not None and entry.digest is not None
+    os.unlink(a.store.cas.local_path(entry.digest))
+    a.store.cas = _Tiered(a.store.cas, {entry.digest: body})  # type: ignore[assignment]
+    data = await export(a)
+    tf = tarfile.open(fileobj=io.BytesIO(data))
+    assert tf.extractfile(f"blobs/sha256/{entry.digest}").read() == body  # type: ignore[union-attr]
+    assert a.store.cas.ensured == [entry.digest]
