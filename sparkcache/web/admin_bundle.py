@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
@@ -70,7 +70,7 @@ class AdminBundle:
                 raise HTTPError(404, f"unknown remote {name!r}")
         since = _since(_arg(request, "since"))
         repos = _args(request, "repo")
-        mirrors = self._chosen_mirrors(repos, _arg(request, "git") in ("1", "true", "yes", "all") or bool(repos))
+        mirrors = await self._chosen_mirrors(repos, _arg(request, "git") in ("1", "true", "yes", "all") or bool(repos))
         store = ctx.store
         entries = await bundle.snapshot(store, remotes or None, since)
         now = ctx.clock.seconds()
@@ -117,14 +117,14 @@ class AdminBundle:
 
     # -- export ---------------------------------------------------------------------------
 
-    def _chosen_mirrors(self, repos: list[str], want: bool) -> list[Any]:
+    async def _chosen_mirrors(self, repos: list[str], want: bool) -> list[Any]:
         if not want:
             return []
         mirrors = self.git_mirrors()
         if mirrors is None:
             raise HTTPError(404, "this daemon has no git mirrors")
         if not repos:
-            return [m for m in mirrors.mirrors() if mirrors.exists(m)]
+            return list(await mirrors.present(mirrors.mirrors()))  # the cloned ones (stat calls in the pool)
         chosen = []
         for name in repos:
             reg = mirrors.registry.get(name) or mirrors.registry.by_url(name)
@@ -365,8 +365,6 @@ def _since(value: str | None) -> float | None:
     except ValueError:
         raise HTTPError(400, f"since must be seconds since the epoch or an ISO 8601 time, not {value!r}") from None
     if dt.tzinfo is None:
-        from datetime import timezone
-
         dt = dt.replace(tzinfo=timezone.utc)
     return dt.timestamp()
 
