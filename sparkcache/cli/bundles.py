@@ -67,6 +67,8 @@ def export(args: argparse.Namespace, client: Client, out: TextIO) -> int:
                     break
                 f.write(chunk)
                 progress.add(len(chunk))
+            if getattr(resp, "length", None):  # a Content-Length body ended early: http.client says nothing
+                raise EOFError(f"{resp.length} bytes short")
             f.flush()
             os.fsync(f.fileno())
     except CLIError:
