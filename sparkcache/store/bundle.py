@@ -128,6 +128,11 @@ def manifest(version: str, remotes: list[dict[str, Any]], entries: list[Entry],
             "git": [g.doc() for g in git]}
 
 
+def encode(doc: dict[str, Any]) -> bytes:
+    """The manifest as written (compact JSON); a large one takes a while: call it in a pool."""
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
 # -- writing -------------------------------------------------------------------------------
 
 
@@ -171,9 +176,12 @@ class BundleWriter:
     shorter than its size (the response must then be cut off, never ended
     cleanly)."""
 
-    def __init__(self, store: Store, doc: dict[str, Any], git: list[GitPart], mtime: float) -> None:
+    def __init__(self, store: Store, doc: dict[str, Any], git: list[GitPart], mtime: float,
+                 encoded: bytes | None = None) -> None:
+        """``encoded``: ``doc`` as JSON already (:func:`encode`, made off the reactor)."""
         self.store = store
         self.manifest = doc
+        self.encoded = encoded
         self.git = git
         self.mtime = mtime
         self.missing: list[dict[str, Any]] = []
@@ -195,7 +203,7 @@ class BundleWriter:
             body.close()
 
     def _generate(self) -> Generator[Chunk, None, None]:
-        yield from self._member(MANIFEST, json.dumps(self.manifest, separators=(",", ":")).encode())
+        yield from self._member(MANIFEST, self.encoded if self.encoded is not None else encode(self.manifest))
         for digest, size in sorted(self.manifest["blobs"].items()):
             if self.store.needs_fill(digest):
                 yield Deferred.fromCoroutine(self.store.fill(digest, size))

@@ -75,10 +75,20 @@ class AdminBundle:
         entries = await bundle.snapshot(store, remotes or None, since)
         now = ctx.clock.seconds()
         git_parts, git_skipped = await self._git_parts(store, mirrors)
-        doc = bundle.manifest(sparkcache.__version__, self._describe(remotes or sorted({e.remote for e in entries})),
-                              entries, git_parts, now)
-        doc["git_skipped"] = git_skipped
-        writer = bundle.BundleWriter(store, doc, git_parts, now)
+        described = self._describe(remotes or sorted({e.remote for e in entries}))
+
+        def build() -> tuple[dict[str, Any], bytes]:  # millions of entries: not on the reactor
+            doc = bundle.manifest(sparkcache.__version__, described, entries, git_parts, now)
+            doc["git_skipped"] = git_skipped
+            return doc, bundle.encode(doc)
+
+        try:
+            doc, encoded = await store.in_io(build)
+        except BaseException:
+            for part in git_parts:
+                store.discard(part.spool)
+            raise
+        writer = bundle.BundleWriter(store, doc, git_parts, now, encoded)
         request.setHeader(b"Content-Type", b"application/x-tar")
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
         request.setHeader(b"Content-Disposition", f'attachment; filename="sparkcache-{stamp}.tar"'.encode())
@@ -188,7 +198,7 @@ class AdminBundle:
         git_files, extracted.git = extracted.git, {}
         try:
             man = extracted.manifest
-            entries, skipped_remotes, skipped_entries = self._plan(man, maps, extracted)
+            entries, skipped_remotes, skipped_entries = await store.in_io(self._plan, man, maps, extracted)
             done = await bundle.commit_entries(store, extracted, entries)
             git = await self._load_git(man["git"], git_files)
         finally:
@@ -204,7 +214,8 @@ class AdminBundle:
 
     def _plan(self, man: dict[str, Any], maps: dict[str, str],
               extracted: bundle.Extracted) -> tuple[list[Entry], dict[str, str], int]:
-        """The entries to commit, under this daemon's remote names, with its freshness."""
+        """The entries to commit, under this daemon's remote names, with its freshness
+        (in the I/O pool: it reads the configuration only)."""
         ctx = self.ctx
         now = ctx.clock.seconds()
         types = {r.get("name"): r.get("type") for r in man["remotes"] if isinstance(r, dict)}
