@@ -846,6 +846,17 @@ class Daemon:
                 raise BenchError(f"sparkcache still has {h.get('inflight_fetches')} fetch(es) in flight after {timeout}s")
             time.sleep(0.02)
 
+    def wait_entries(self, remote: str, n: int, timeout: float = 120.0) -> list[dict[str, Any]]:
+        """The remote's entries once there are ``n`` (or what there is after ``timeout``).
+        With workers, ``wait_idle`` sees one worker's fetches: the one that
+        fetched may still be committing when another answers."""
+        deadline = time.monotonic() + timeout
+        while True:
+            entries = self.entries(remote)
+            if len(entries) >= n or time.monotonic() > deadline:
+                return entries
+            time.sleep(0.02)
+
     def health(self) -> dict[str, Any]:
         status, _h, body = self.request("GET", "/health")
         return dict(json.loads(body)) if status == 200 else {"status": status}
