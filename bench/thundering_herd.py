@@ -49,6 +49,7 @@ def main() -> int:
                    help="comma-separated nginx limit_rate values per connection (default 25MiB,200MiB; --quick 25MiB)")
     p.add_argument("--no-warm-herd", dest="warm_herd", action="store_false",
                    help="skip the second, all-HIT herd that shows the fan-out floor")
+    add_workers_arg(p)
     args = p.parse_args()
     apply_quick(args, {"size": 64 << 20, "rates": "25MiB"}, {"size": 256 << 20, "clients": 64, "rates": "25MiB,200MiB"})
     size, clients = args.size, max(2, args.clients)

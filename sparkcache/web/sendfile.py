@@ -19,9 +19,11 @@ the body's first full segment rather than in one of their own, and no partial
 segment goes out between two sendfile calls; uncorking at the end pushes the
 rest. (Not for a tail: it would hold back bytes while waiting for more.)
 
-Hits and tails run in two pools: a tail's thread runs at a lower CPU
-priority (see ``_lower_priority``), and a thread's priority cannot be raised
-again without privilege, so a hit never runs in a thread a tail lowered.
+Two pools: a herd's tails beyond the first few run at a lower CPU priority
+(see ``_lower_priority``) in a pool of their own, since a thread's priority
+cannot be raised again without privilege; hits and a body's first tails run
+at full priority in the other, so a lone cold miss and every hit relay at the
+speed of their client, not of whatever else the machine runs.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ CHUNK = 8 * 1024 * 1024
 # How long a stopping daemon waits for the tail senders (which end with their flights).
 STOP_TIMEOUT = 5.0
 SENDER_NICE = 10
+# Tails of one body sent at full priority; those beyond run at SENDER_NICE.
+FULL_PRIORITY_TAILS = 2
 
 
 class SendfilePool:
@@ -62,6 +66,7 @@ class SendfilePool:
                                                              name="sparkcache-sendfile")
         self.max_threads = max_threads
         self.active = 0
+        self._tails: dict[Flight, int] = {}  # tails running per in-flight body
         # Tails (misses) only: started with the first one, stopped with the
         # reactor (daemon threads, never joined on the reactor, as the service
         # tree's pools: a tail waiting on a stalled upstream cannot hold a stop).
@@ -161,19 +166,29 @@ class SendfilePool:
         flight.acquire()
         more = threading.Event()
         flight.listen(more.set)
+        # The first few tails of a body run at full priority (a lone miss
+        # relays at the speed of its client); a herd's others are lowered.
+        tails = self._tails[flight] = self._tails.get(flight, 0) + 1
+        lower = tails > FULL_PRIORITY_TAILS
 
         def copy(cancelled: threading.Event) -> int:
             # Reading ``written``/``error`` from this thread is safe: they are
             # single attribute loads, and only ever grow / get set once.
             return _copy(sock, flight.fileno(), start, end, lambda: flight.written,
-                         lambda: flight.error is not None, cancelled, more)
+                         lambda: flight.error is not None, cancelled, more, lower=lower)
 
         def release(r: object) -> object:
             flight.unlisten(more.set)
             flight.release()
+            left = self._tails[flight] - 1
+            if left:
+                self._tails[flight] = left
+            else:
+                del self._tails[flight]
             return r
 
-        return self._run(request, transport, end - start, on_bytes, copy, self._tail_pool()).addBoth(release)
+        pool = self._tail_pool() if lower else self.pool
+        return self._run(request, transport, end - start, on_bytes, copy, pool).addBoth(release)
 
 
 _local = threading.local()
