@@ -266,6 +266,25 @@ def cpu_seconds(pids: Iterable[int]) -> float:
     return total / tck
 
 
+def task_cpu_seconds(pids: Iterable[int]) -> float:
+    """On-CPU seconds of these processes' live threads, in nanoseconds from
+    /proc/<pid>/task/*/schedstat: finer than ``cpu_seconds``' clock ticks (10 ms),
+    which a sub-second transfer needs. (A thread that exited no longer counts.)"""
+    total = 0
+    for pid in pids:
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{t}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except (OSError, IndexError, ValueError):
+                pass
+    return total / 1e9
+
+
 class ForeignLoad:
     """How much CPU processes other than this benchmark's used while it ran (0..1 of the machine)."""
 
@@ -355,6 +374,21 @@ def base_parser(description: str, quick_help: str = "") -> argparse.ArgumentPars
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, configs) for inspection")
     p.add_argument("--results", default=str(RESULTS_DIR), help="directory for the JSON results")
     return p
+
+
+def add_workers_arg(p: argparse.ArgumentParser, default: str = "1,2") -> None:
+    """``--workers 1,2``: the daemon's ``server.workers`` values to run the scenario with, in turn."""
+    def counts(text: str) -> list[int]:
+        try:
+            out = [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            out = []
+        if not out or min(out) < 1:
+            raise argparse.ArgumentTypeError(f"not a list of worker counts: {text!r} (try 1,2)")
+        return out
+
+    p.add_argument("--workers", type=counts, default=counts(default),
+                   help="comma-separated server.workers values; the scenario runs once per value")
 
 
 def apply_quick(args: argparse.Namespace, quick: dict[str, Any], defaults: dict[str, Any]) -> None:
@@ -670,8 +704,11 @@ class Daemon:
     """sparkcache under ``twistd -n`` with a generated config, in its own directory."""
 
     def __init__(self, bench: Bench, remotes: dict[str, dict[str, Any]], name: str = "sparkcache",
-                 storage: dict[str, Any] | None = None, upstream: dict[str, Any] | None = None) -> None:
+                 storage: dict[str, Any] | None = None, upstream: dict[str, Any] | None = None,
+                 workers: int = 1) -> None:
+        """``workers``: ``server.workers``, always written out (the daemon's default may change)."""
         self.bench = bench
+        self.workers = workers
         self.dir = bench.path(name)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.data_dir = self.dir / "data"
@@ -686,7 +723,8 @@ class Daemon:
 
     def config(self) -> dict[str, Any]:
         cfg: dict[str, Any] = {
-            "server": {"listen": [f"tcp:{self.port}:interface={LOOPBACK}"], "shutdown_timeout": "5s"},
+            "server": {"listen": [f"tcp:{self.port}:interface={LOOPBACK}"], "shutdown_timeout": "5s",
+                       "workers": self.workers},
             "storage": self.storage,
             "auth": {"anonymous_read": True},
             "remotes": self.remotes,
@@ -702,6 +740,8 @@ class Daemon:
             "PYTHONPATH": os.pathsep.join([str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])),
             "PYTHONUNBUFFERED": "1",
             "SPARKCACHE_ADMIN_TOKEN": self.admin_token,
+            # (while server.workers above 1 is experimental: docs/workers.rst)
+            **({"SPARKCACHE_EXPERIMENTAL_WORKERS": "1"} if self.workers > 1 else {}),
         })
         out = open(self.dir / "daemon.out", "ab")
         try:
@@ -733,6 +773,10 @@ class Daemon:
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
+
+    def pids(self) -> list[int]:
+        """The daemon's processes: the parent and, with workers, each worker."""
+        return [self.pid, *_descendants(self.pid)]
 
     def url(self, path: str) -> str:
         return f"http://{LOOPBACK}:{self.port}/{path.lstrip('/')}"
@@ -800,6 +844,17 @@ class Daemon:
                 return time.monotonic() - t0
             if time.monotonic() > deadline:
                 raise BenchError(f"sparkcache still has {h.get('inflight_fetches')} fetch(es) in flight after {timeout}s")
+            time.sleep(0.02)
+
+    def wait_entries(self, remote: str, n: int, timeout: float = 120.0) -> list[dict[str, Any]]:
+        """The remote's entries once there are ``n`` (or what there is after ``timeout``).
+        With workers, ``wait_idle`` sees one worker's fetches: the one that
+        fetched may still be committing when another answers."""
+        deadline = time.monotonic() + timeout
+        while True:
+            entries = self.entries(remote)
+            if len(entries) >= n or time.monotonic() > deadline:
+                return entries
             time.sleep(0.02)
 
     def health(self) -> dict[str, Any]:

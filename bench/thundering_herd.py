@@ -23,15 +23,19 @@ cold herd could take however well the misses are coalesced.
 ``--rates`` takes one or more per-connection upstream rates (bytes/s, binary
 units as for nginx): the default runs 25MiB/s (~210 Mbit/s, a WAN-like
 upstream) and 200MiB/s (~1.7 Gbit/s, a fast LAN mirror).
+
+``--workers 1,2`` (the default) runs every rate once per ``server.workers``
+value: with two workers the herd lands on both, and the upstream must still
+send the object exactly once (the cross-process singleflight, fetch/across.py).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
-from common import (MB, AccessLog, Bench, BenchError, Daemon, Nginx, apply_quick, base_parser, check_transfer,
+from common import (MB, AccessLog, Bench, BenchError, Daemon, Nginx, add_workers_arg, apply_quick, base_parser, check_transfer,
                     fmt_size, free_port, make_random_file, median, parse_size, print_summary, print_table,
-                    run_main, run_parallel, static_server, summary_row)
+                    run_main, run_parallel, static_server, summary_row, task_cpu_seconds)
 
 NAME = "thundering_herd"
 WALL_GOAL = 1.2
@@ -45,6 +49,7 @@ def main() -> int:
                    help="comma-separated nginx limit_rate values per connection (default 25MiB,200MiB; --quick 25MiB)")
     p.add_argument("--no-warm-herd", dest="warm_herd", action="store_false",
                    help="skip the second, all-HIT herd that shows the fan-out floor")
+    add_workers_arg(p)
     args = p.parse_args()
     apply_quick(args, {"size": 64 << 20, "rates": "25MiB"}, {"size": 256 << 20, "clients": 64, "rates": "25MiB,200MiB"})
     size, clients = args.size, max(2, args.clients)
@@ -62,9 +67,9 @@ def main() -> int:
             servers.append(static_server(ports[rate], files, f"access-{rate}.log", f"limit_rate {rate};"))
         origin = Nginx(b, "origin", servers).start()
         daemons = {
-            rate: Daemon(b, {"herd": {"type": "generic", "upstream": f"http://127.0.0.1:{ports[rate]}"}},
-                         name=f"sparkcache-{rate}")
-            for rate in rates
+            (workers, rate): Daemon(b, {"herd": {"type": "generic", "upstream": f"http://127.0.0.1:{ports[rate]}"}},
+                                    name=f"sparkcache-w{workers}-{rate}", workers=workers)
+            for workers in args.workers for rate in rates
         }
 
         def upstream(log: AccessLog, what: str) -> tuple[int, int, float]:
@@ -77,11 +82,11 @@ def main() -> int:
         all_results = {}
         summary = []
         rows = []
-        for rate in rates:
-            daemon = daemons[rate].start()
+        for workers, rate in daemons:
+            daemon = daemons[(workers, rate)].start()
             log = AccessLog(origin.dir / f"access-{rate}.log")
             url = daemon.url("/api/herd/herd.bin")
-            label = f"{fmt_size(rate)}/s"
+            label = f"{fmt_size(rate)}/s, workers {workers}"
 
             daemon.fresh_start()
             log.mark()
@@ -89,12 +94,16 @@ def main() -> int:
             wall1, (single,) = run_parallel([url], verify=[True])
             check_transfer(single, size, sha256=digest, x_cache="MISS", what=f"single cold fetch at {label}")
             single_commit = daemon.wait_idle()
+            daemon.wait_entries("herd", 1)
             req1, bytes1, up_time1 = upstream(log, "single fetch")
 
             daemon.fresh_start()
             log.mark()
             b.log(f"[{label}] {clients} clients at once")
+            pids = daemon.pids()
+            cpu0 = task_cpu_seconds(pids)
             wall_n, herd = run_parallel([url] * clients, verify=[False] * (clients - 1) + [True])
+            herd_cpu = task_cpu_seconds(pids) - cpu0
             bad = []
             for i, r in enumerate(herd):
                 try:
@@ -102,8 +111,8 @@ def main() -> int:
                 except BenchError as e:
                     bad.append(str(e))
             herd_commit = daemon.wait_idle()
+            entries = daemon.wait_entries("herd", 1)
             reqn, bytesn, up_time_n = upstream(log, "herd")
-            entries = daemon.entries("herd")
             stored_ok = len(entries) == 1 and entries[0]["digest"] == digest
             xcache = Counter(str(r["x_cache"]) for r in herd)
             health = daemon.health()
@@ -120,10 +129,12 @@ def main() -> int:
             daemon.stop()
             res = {
                 "rate_bytes_per_s": rate,
+                "workers": workers,
                 "single": {"wall": wall1, "transfer": single, "upstream_requests": req1, "upstream_bytes": bytes1, "upstream_request_time": up_time1,
                            "commit_wait": single_commit},
                 "herd": {
-                    "clients": clients, "wall": wall_n, "spawn_s": herd[0]["spawn_s"],
+                    "clients": clients, "wall": wall_n, "spawn_s": herd[0]["spawn_s"], "daemon_cpu_s": herd_cpu,
+                    "daemon_cpu_s_per_gb_sent": herd_cpu / (clients * size / 1e9),
                     "upstream_requests": reqn, "upstream_bytes": bytesn, "upstream_bytes_ratio": bytesn / size,
                     "upstream_request_time": up_time_n,
                     "x_cache": dict(xcache), "client_errors": bad[:10], "client_error_count": len(bad),
@@ -166,7 +177,7 @@ def main() -> int:
                      "bad clients"], rows)
         print_summary(f"{NAME} summary", summary)
         b.write_results({
-            "params": {"size": size, "clients": clients, "rates": rates,
+            "params": {"size": size, "clients": clients, "rates": rates, "workers": args.workers,
                        "client": "curl processes released together through a pipe; last one piped to sha256sum",
                        "upstream": "nginx static, sendfile on, limit_rate per connection"},
             "results": all_results,

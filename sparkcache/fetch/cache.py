@@ -285,10 +285,13 @@ class Cache:
             # Taken before anything is asked of the source: a purge from now on
             # keeps what this production brings from being stored.
             since = self.store.epoch()
+            # The free space is measured (in the I/O pool) while upstream is
+            # asked, not after it answered: one thread hop less before the first byte.
+            free = self._measure_space() if type(source) is Upstream and target.validate is None else None
             opened = await source.open(self, target, stale)
             if not isinstance(opened, Body):
                 return opened
-            await self._store(target, stale, shared, opened, since, held)
+            await self._store(target, stale, shared, opened, since, held, free)
             # Settled (Live) before the body flowed: this outcome goes to nobody.
             return Failed(502, "internal error while producing")
         except CancelledError:
@@ -309,11 +312,11 @@ class Cache:
         return Failed(502, "internal error while following")  # settled before: goes to nobody
 
     async def _store(self, target: Target, stale: Entry | None, shared: Shared[Result], body: Body, since: int,
-                     held: Held | None = None) -> None:
+                     held: Held | None = None, free: Deferred[int | None] | None = None) -> None:
         """The one commit path: spool, verify, fsync, rename, index row, in that order."""
         key = target.key
         now = self.clock.seconds()
-        if body.passable and body.spool is None and target.validate is None and not await self._room_for(body.total):
+        if body.passable and body.spool is None and target.validate is None and not await self._room_for(body.total, free):
             # No room to store it: this one goes straight through (see _pass).
             self._producing.leave(key, shared)
             if held is not None:  # nothing stored: the other workers pass their own through
@@ -436,11 +439,24 @@ class Cache:
 
     # -- passing through --------------------------------------------------------------
 
-    async def _room_for(self, total: int | None) -> bool:
+    def _measure_space(self) -> Deferred[int | None]:
+        """The bytes free now (None if that could not be measured), measured in the I/O pool."""
+        def failed(f: Any) -> None:
+            log.failure("measuring free space", f)
+            return None
+
+        return ensureDeferred(self.store.check_space()).addErrback(failed)
+
+    async def _room_for(self, total: int | None, free: Deferred[int | None] | None = None) -> bool:
         """Whether the store can take a body of ``total`` bytes (None: unknown)
-        now, evicting for it if it must."""
+        now, evicting for it if it must; ``free``: a measurement taken meanwhile,
+        enough when it shows room to spare."""
         if not self.store.writable:
             return False
+        if free is not None:
+            measured = await free
+            if measured is not None and measured - (total or 0) >= self.store.floor and self.store.writable:
+                return True
         try:
             return await self.store.make_room(total or 0)
         except Exception:

@@ -65,6 +65,9 @@ class Flight:
         self._queue: list[bytes] = []
         self.queued = 0  # bytes received but not yet on disk
         self._writing = False
+        self._hash_queue: list[bytes] = []  # written, not yet hashed
+        self._hashing = False
+        self._split: bool | None = None  # data() hashes in a chain of its own
         self._drained: list[Deferred[None]] = []
         self._write_error: BaseException | None = None
         self.on_drain: Callable[[], None] = lambda: None
@@ -139,42 +142,86 @@ class Flight:
     def data(self, chunk: bytes) -> None:
         if self._write_error is not None:
             raise OSError(f"spool write failed: {self._write_error}")
+        if self._split is None:
+            # Not when bytes were written, and hashed, before (an adopted
+            # spool), nor for a body to verify: its readers get each byte only
+            # once it is hashed, so a mismatch found at the end is most often
+            # answered with a clean 502 rather than a cut-off 200.
+            self._split = self.spool.size == 0 and not self.hold_last
+            if self._split:
+                self.spool.defer_hashing()
         self._queue.append(chunk)
         self.queued += len(chunk)
         if not self._writing:
             self._write_next()
 
+    # Writing and hashing are two chains of I/O pool calls that overlap: a
+    # batch is written (and readers told of it) while the one before is still
+    # being hashed. sha256 runs at about the speed of the disk write, so one
+    # thread doing both in turn halved what a miss could relay. A chunk counts
+    # in ``queued`` (the backpressure on the producer) until it is hashed too.
+
     def _write_next(self) -> None:
         batch, self._queue = self._queue, []
         self._writing = True
-        d = self._in_thread(self.spool.write_all, batch)
 
         def written(n: int) -> None:
             self._writing = False
-            self.written += n
-            self.queued -= n
-            if self._queue and self._write_error is None:
-                self._write_next()
-            else:
-                self.on_drain()
-                if not self._queue:
-                    drained, self._drained = self._drained, []
-                    for w in drained:
-                        w.callback(None)
+            if self._write_error is None:
+                self.written += n
+                if self._split:
+                    self._hash(batch)
+                else:
+                    self.queued -= n
+                if self._queue:
+                    self._write_next()
+            self._progress()
             self._notify()
 
-        def failed(f: Failure) -> None:
+        self._in_thread(self.spool.write_all, batch).addCallbacks(written, self._failed, errbackArgs=("_writing",))
+
+    def _hash(self, batch: list[bytes]) -> None:
+        self._hash_queue.extend(batch)
+        if not self._hashing:
+            self._hash_next()
+
+    def _hash_next(self) -> None:
+        batch, self._hash_queue = self._hash_queue, []
+        self._hashing = True
+
+        def hashed(n: int) -> None:
+            self._hashing = False
+            if self._write_error is None:
+                self.queued -= n
+                if self._hash_queue:
+                    self._hash_next()
+            self._progress()
+
+        self._in_thread(self.spool.hash_chunks, batch).addCallbacks(hashed, self._failed, errbackArgs=("_hashing",))
+
+    def _failed(self, f: Failure, chain: str) -> None:
+        setattr(self, chain, False)
+        if self._write_error is None:
             self._write_error = f.value
-            self._queue = []
+            self._queue, self._hash_queue = [], []
             self.queued = 0
-            self._writing = False
-            # A producer paused until the disk catches up must hear that it never will.
-            self.on_drain()
+        self._progress()
+
+    def _busy(self) -> bool:
+        """Whether a thread still works on the spool, or bytes wait for one."""
+        return self._writing or self._hashing or bool(self._queue) or bool(self._hash_queue)
+
+    def _progress(self) -> None:
+        # (On a write error, a producer paused until the disk catches up hears
+        # here that it never will.)
+        self.on_drain()
+        if not self._busy():
             drained, self._drained = self._drained, []
             for w in drained:
-                w.errback(BodyError(f"spool write failed: {f.getErrorMessage()}"))
-
-        d.addCallbacks(written, failed)
+                if self._write_error is None:
+                    w.callback(None)
+                else:
+                    w.errback(BodyError(f"spool write failed: {self._write_error}"))
 
     @property
     def write_error(self) -> BaseException | None:
@@ -182,10 +229,12 @@ class Flight:
         return self._write_error
 
     def flushed(self) -> Deferred[None]:
-        """Fires once every byte received so far is in the spool file."""
-        if self._write_error is not None:
-            return fail(BodyError(f"spool write failed: {self._write_error}"))
-        if not self._writing and not self._queue:
+        """Fires once every byte received so far is in the spool file and
+        hashed; fails (once no thread writes to the spool any more) if the
+        spool could not be written."""
+        if not self._busy():
+            if self._write_error is not None:
+                return fail(BodyError(f"spool write failed: {self._write_error}"))
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._drained.append(d)

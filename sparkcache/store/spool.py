@@ -28,6 +28,7 @@ class SpoolFile:
         self._sha256: Any = hashlib.sha256() if hashed else None
         # Further digests a production must check (npm's sha512 integrity).
         self._also: dict[str, Any] = {}
+        self._hash_later = False
 
     def write(self, data: bytes) -> None:
         assert self.fd is not None, "spool already closed"
@@ -35,17 +36,37 @@ class SpoolFile:
         while view:
             n = os.write(self.fd, view)
             view = view[n:]
+        self.size += len(data)
+        if self._hash_later:
+            return
         if self._sha256 is not None:
             self._sha256.update(data)
         for h in self._also.values():
             h.update(data)
-        self.size += len(data)
 
     def write_all(self, chunks: list[bytes]) -> int:
         """Write and hash several chunks in order, without joining them first."""
         n = 0
         for chunk in chunks:
             self.write(chunk)
+            n += len(chunk)
+        return n
+
+    def defer_hashing(self) -> None:
+        """From now on ``write`` only writes; the writer hands the very same
+        chunks, in order, to ``hash_chunks`` (in another thread: the two
+        overlap) before a digest is read. ``write`` touches the descriptor and
+        ``size``, ``hash_chunks`` the hash objects: one thread may run each."""
+        self._hash_later = True
+
+    def hash_chunks(self, chunks: list[bytes]) -> int:
+        """Blocking (hashlib lets go of the GIL on large buffers): add chunks
+        written with hashing deferred to every digest; returns their length."""
+        hashes = ([self._sha256] if self._sha256 is not None else []) + list(self._also.values())
+        n = 0
+        for chunk in chunks:
+            for h in hashes:
+                h.update(chunk)
             n += len(chunk)
         return n
 
