@@ -193,6 +193,7 @@ class FaultProxy:
 
     def __post_init__(self) -> None:
         self.lock = threading.Lock()
+        self.open: set[socket.socket] = set()
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -200,6 +201,16 @@ class FaultProxy:
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
+
+            def setup(self) -> None:
+                super().setup()
+                with owner.lock:
+                    owner.open.add(self.connection)
+
+            def finish(self) -> None:
+                with owner.lock:
+                    owner.open.discard(self.connection)
+                super().finish()
 
             def _any(self) -> None:
                 owner._handle(self)
@@ -224,8 +235,16 @@ class FaultProxy:
             return self.counts.get(method, 0)
 
     def stop(self) -> None:
+        """Down: the listener closed, and the connections kept alive cut."""
         self.server.shutdown()
         self.server.server_close()
+        with self.lock:
+            conns = list(self.open)
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def _rule_for(self, method: str, path: str) -> Rule | None:
         with self.lock:

@@ -28,7 +28,7 @@ from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 
@@ -70,6 +70,14 @@ class ObjectInfo:
     etag: str | None = None
 
 
+class _QuietFactory(_HTTP11ClientFactory):
+    noisy = False  # a "Starting factory" log line per connection is noise
+
+
+class _QuietPool(HTTPConnectionPool):
+    _factory = _QuietFactory
+
+
 class _Signer(S3SigV4Auth):
     """S3SigV4Auth with the payload hash given, not computed from a body in memory."""
 
@@ -89,7 +97,7 @@ class S3Client:
         self.in_io = in_io
         c = settings.credentials
         self._creds = Credentials(c.access_key, c.secret_key, c.token)
-        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._pool = _QuietPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = 16
         self._pool.retryAutomatically = False  # we retry, with backoff, ourselves
         self.agent = agent or Agent(reactor, connectTimeout=min(settings.timeout, 10.0), pool=self._pool)

@@ -1,0 +1,178 @@
+"""storage.backend: s3 end to end: a real daemon (twistd) on a real SeaweedFS
+(`weed server -s3`, signatures checked) with a fault proxy in between, a real
+upstream, urllib clients.
+
+- a miss is uploaded to ``<prefix>cas/<sha256>`` and the next request is a
+  hit from the local tier; with the tier too small for both bodies, the one
+  pushed out is a hit again from the bucket, with 0 upstream requests;
+- a body deleted from the bucket behind the daemon's back is a miss (fetched
+  from upstream again and re-uploaded), never a 5xx;
+- the bucket unreachable: what the tier holds stays a HIT, new misses pass
+  through (X-Cache: BYPASS) with their whole body;
+- SeaweedFS killed mid-upload: nothing committed, the (chunked) client's
+  response is cut off, and the next request passes through;
+- the credentials appear neither in the log nor in /config.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from tests.support.client import Fetch, eventually, get_until_hit, sha256
+from tests.support.daemon import Daemon
+from tests.support.remotes import generic_remote
+from tests.support.s3 import (
+    ACCESS_KEY, SECRET_KEY, FaultProxy, SeaweedFS, boto_client, env_credentials, list_keys, make_bucket,
+    s3_storage,
+)
+
+MiB = 1 << 20
+ADMIN = "adm-s3-7c21"
+
+
+@pytest.fixture(scope="module")
+def weed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    s = SeaweedFS(tmp_path_factory.mktemp("weed")).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def s3_daemon(daemon_factory: Callable[..., Daemon]) -> Callable[..., Daemon]:
+    """``make(endpoint, bucket, remotes, tier=None, **s3_keys)``: a daemon with backend s3."""
+
+    def make(endpoint: str, bucket: str, remotes: dict[str, Any], tier: str | None = None,
+             start: bool = True, **s3: Any) -> Daemon:
+        storage = s3_storage(endpoint, bucket, prefix="sc/", **s3)
+        if tier is not None:
+            storage["tier"] = {"max_size": tier}
+        return daemon_factory(remotes, storage=storage, server={"workers": 1}, start=start,
+                              env={**env_credentials(), "SPARKCACHE_ADMIN_TOKEN": ADMIN})
+
+    return make
+
+
+@pytest.fixture
+def proxied(weed: SeaweedFS) -> Iterator[tuple[FaultProxy, str]]:
+    proxy = FaultProxy(weed.endpoint)
+    yield proxy, make_bucket(weed.endpoint)
+    proxy.stop()
+
+
+def upstream_gets(upstream: Any, path: str) -> int:
+    return len(upstream.requests_for(path))
+
+
+def test_miss_then_tier_hit_then_bucket_hit(upstream, s3_daemon, proxied, weed):
+    proxy, bucket = proxied
+    a, b = os.urandom(3 * MiB), os.urandom(3 * MiB)
+    upstream.add("/files/a.bin", a)
+    upstream.add("/files/b.bin", b)
+    d = s3_daemon(proxy.endpoint, bucket, {"r": generic_remote(upstream)}, tier="4MiB")
+    first = d.get("/api/r/files/a.bin")
+    assert first.status == 200 and first.body == a and first.header("X-Cache") == "MISS"
+    # Uploaded before the index row, which may come just after the client's last byte.
+    eventually(lambda: list_keys(weed.endpoint, bucket, "sc/cas/") == {f"sc/cas/{sha256(a)}": len(a)})
+    gets = proxy.count("GET")
+    hit = get_until_hit(d, "/api/r/files/a.bin", a)
+    assert hit.header("X-Cache") == "HIT"
+    assert proxy.count("GET") == gets, "a hit in the tier asked the bucket"
+    # b pushes a out of the 4 MiB tier; a is then a hit again, from the bucket.
+    assert d.get("/api/r/files/b.bin").body == b
+    get_until_hit(d, "/api/r/files/b.bin", b)
+    eventually(lambda: not any((d.data_dir / "tier" / "sha256" / sha256(a)[:2]).glob(sha256(a))),
+               message="a was not evicted from the tier")
+    again = d.get("/api/r/files/a.bin")
+    assert again.status == 200 and again.body == a and again.header("X-Cache") == "HIT", again.describe()
+    assert upstream_gets(upstream, "/files/a.bin") == 1
+    assert any(m == "GET" and sha256(a) in p for m, p in proxy.paths), "a did not come from the bucket"
+    # Range requests on a body that came from the bucket.
+    part = d.get("/api/r/files/a.bin", headers={"Range": "bytes=100-199"})
+    assert part.status == 206 and part.body == a[100:200]
+    # No secret in the log or in /config.
+    cfg = d.get("/config", headers={"Authorization": f"Bearer {ADMIN}"})
+    assert cfg.status == 200, cfg.describe()
+    assert cfg.json()["storage"]["backend"] == "s3" and cfg.json()["storage"]["s3"]["credentials"] == "***"
+    for blob in (cfg.body, d.log().encode()):
+        assert SECRET_KEY.encode() not in blob and ACCESS_KEY.encode() not in blob
+
+
+def test_blob_deleted_from_the_bucket_is_a_miss(upstream, s3_daemon, proxied, weed):
+    proxy, bucket = proxied
+    a = os.urandom(2 * MiB)
+    upstream.add("/files/a.bin", a)
+    d = s3_daemon(proxy.endpoint, bucket, {"r": generic_remote(upstream)})
+    assert d.get("/api/r/files/a.bin").body == a
+    get_until_hit(d, "/api/r/files/a.bin", a)
+    # Behind the daemon's back: gone from the bucket, and from the tier.
+    boto_client(weed.endpoint).delete_object(Bucket=bucket, Key=f"sc/cas/{sha256(a)}")
+    d.stop()
+    for p in (d.data_dir / "tier").rglob(sha256(a)):
+        p.unlink()
+    d.start()
+    resp = d.get("/api/r/files/a.bin")
+    assert resp.status == 200 and resp.body == a, resp.describe()
+    assert resp.header("X-Cache") == "MISS"
+    assert upstream_gets(upstream, "/files/a.bin") == 2
+    # Stored again: in the bucket, and a hit.
+    get_until_hit(d, "/api/r/files/a.bin", a)
+    assert f"sc/cas/{sha256(a)}" in list_keys(weed.endpoint, bucket, "sc/cas/")
+
+
+def test_bucket_down_tier_serves_and_misses_pass_through(upstream, s3_daemon, proxied):
+    proxy, bucket = proxied
+    a, b, c = os.urandom(MiB), os.urandom(MiB), os.urandom(MiB)
+    for name, data in (("a", a), ("b", b), ("c", c)):
+        upstream.add(f"/files/{name}.bin", data)
+    d = s3_daemon(proxy.endpoint, bucket, {"r": generic_remote(upstream)})
+    assert d.get("/api/r/files/a.bin").body == a
+    get_until_hit(d, "/api/r/files/a.bin", a)
+    proxy.stop()  # the bucket is unreachable from now on
+    # The first miss finds out (its client still gets the whole body) ...
+    first = d.get("/api/r/files/b.bin")
+    assert first.status == 200 and first.body == b, first.describe()
+    eventually(lambda: "S3 bucket is unreachable" in d.log(), timeout=30)
+    # ... then misses pass through uncached, and tier hits keep serving.
+    second = d.get("/api/r/files/c.bin")
+    assert second.status == 200 and second.body == c and second.header("X-Cache") == "BYPASS", second.describe()
+    hit = d.get("/api/r/files/a.bin")
+    assert hit.status == 200 and hit.body == a and hit.header("X-Cache") == "HIT"
+    again = d.get("/api/r/files/b.bin")
+    assert again.status == 200 and again.body == b and again.header("X-Cache") == "BYPASS", again.describe()
+    assert upstream_gets(upstream, "/files/a.bin") == 1
+
+
+def test_s3_killed_mid_upload_commits_nothing(upstream, s3_daemon, tmp_path: Path):
+    own = SeaweedFS(tmp_path / "weed").start()  # this one is killed
+    try:
+        bucket = make_bucket(own.endpoint)
+        proxy = FaultProxy(own.endpoint)
+        size = 40 * MiB
+        data = os.urandom(size)
+        upstream.add("/files/big.bin", data)
+        # Chunked: the client's response ends only when the fetch does.
+        upstream.behave("/files/big.bin", chunked=True, times=1)
+        d = s3_daemon(proxy.endpoint, bucket, {"r": generic_remote(upstream)},
+                      multipart_threshold="5MiB", part_size="5MiB")
+        f = Fetch(d.port, "/api/r/files/big.bin", timeout=60)
+        f.start()
+        eventually(lambda: proxy.count("PUT") >= 1, timeout=60, message="the upload never started")
+        own.kill()
+        f.join(60)
+        assert not f.is_alive(), "the client hung"
+        cut = isinstance(f.result, BaseException) or f.result is None or len(f.result.body) < size
+        assert cut, f"the response was not cut off: {f.result!r}"
+        eventually(lambda: not d.spool_files(), message="a spool file was left behind")
+        # Nothing committed: the next request passes through (the bucket is down).
+        resp = d.get("/api/r/files/big.bin", timeout=60)
+        assert resp.status == 200 and sha256(resp.body) == sha256(data)
+        assert resp.header("X-Cache") == "BYPASS", resp.describe()
+        assert "storing" in d.log() or "S3" in d.log()
+        proxy.stop()
+    finally:
+        own.kill()
+
