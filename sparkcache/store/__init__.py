@@ -74,6 +74,8 @@ class Store:
         self.max_size = max_size
         self.cas: IContentStore = content or LocalContentStore(os.path.join(self.data_dir, "cas"))
         self.backed = IBackedContentStore.providedBy(self.cas)
+        # Index entries shared with the other hosts on the same bucket (s3/published.py).
+        self.shared_index: Any = getattr(self.cas, "shared_index", None) if self.backed else None
         if self.backed:
             from sparkcache.store.s3.tiered import TieredIndex
 
@@ -232,6 +234,8 @@ class Store:
             # waits for the whole body, then reads it): it goes a little later.
             self._unowned.setdefault(digest, self._sweeps)
             return entry
+        if self.shared_index is not None:  # then a hit on the other hosts too
+            await self.shared_index.publish(entry)
         # Approximate until the next stats refresh (a replaced key is not subtracted).
         self.entries += 1
         if new_body:
@@ -407,12 +411,16 @@ class Store:
             # production older than it still stores nothing (rare: a long fetch).
             _, forgotten = self._purged_key.popitem(last=False)
             self._purged_all = max(self._purged_all, forgotten)
+        if self.shared_index is not None:  # the other hosts forget it too
+            await self.shared_index.forget_key(key)
         return await self._drop(await self._freeing(lambda: self.index.delete_cached_key(key)))
 
     async def purge_remote(self, remote: str) -> int:
         """Purge the cached entries of ``remote``; pinned ones stay, and a
         production in progress for the remote commits nothing."""
         self._purged_remote[remote] = self._new_purge()
+        if self.shared_index is not None:
+            await self.shared_index.forget_remote(remote)
         n = await self._drop(await self._freeing(lambda: self.index.delete_remote(remote)))
         await self._after_purge()
         return n
@@ -421,6 +429,8 @@ class Store:
         """Purge everything cached; pinned entries stay, and no production in
         progress commits what it fetched."""
         self._purged_all = self._new_purge()
+        if self.shared_index is not None:
+            await self.shared_index.forget_remote(None)
         n = await self._drop(await self._freeing(lambda: self.index.delete_all()))
         await self.refresh_stats()
         await self._after_purge()

@@ -55,6 +55,7 @@ class IBackedContentStore(IContentStore):
     tier at start-up (a row without a tier copy is normal)."""
 
     writable = Attribute("Whether new bodies can be stored now (the backing store answers)")
+    shared_index = Attribute("Index entries shared with other hosts (s3/published.py SharedIndex), or None")
 
     def start() -> Any:
         """A Deferred: ready to serve (the tier scanned)."""

@@ -176,3 +176,46 @@ def test_s3_killed_mid_upload_commits_nothing(upstream, s3_daemon, tmp_path: Pat
     finally:
         own.kill()
 
+
+
+def test_two_daemons_one_bucket_share_entries(upstream, s3_daemon, proxied, weed):
+    proxy, bucket = proxied
+    a = os.urandom(2 * MiB)
+    upstream.add("/files/a.bin", a)
+    remotes = {"r": generic_remote(upstream)}
+    one = s3_daemon(proxy.endpoint, bucket, remotes)
+    two = s3_daemon(proxy.endpoint, bucket, remotes)
+    assert one.get("/api/r/files/a.bin").body == a
+    get_until_hit(one, "/api/r/files/a.bin", a)
+    # Fetched through one: a hit on two, its body from the bucket, upstream not asked.
+    resp = two.get("/api/r/files/a.bin")
+    assert resp.status == 200 and resp.body == a and resp.header("X-Cache") == "HIT", resp.describe()
+    assert upstream_gets(upstream, "/files/a.bin") == 1
+    assert any(k.startswith("sc/index/") for k in list_keys(weed.endpoint, bucket, "sc/"))
+    # A purge through one reaches two: it fetches afresh.
+    purge = one.request("POST", "/admin/purge", headers={"Authorization": f"Bearer {ADMIN}"})
+    assert purge.status == 200, purge.describe()
+    three = s3_daemon(proxy.endpoint, bucket, remotes)  # no row of its own: asks the bucket's index
+    again = three.get("/api/r/files/a.bin")
+    assert again.status == 200 and again.body == a and again.header("X-Cache") == "MISS", again.describe()
+
+
+def test_concurrent_first_fetches_on_two_daemons(upstream, s3_daemon, proxied):
+    proxy, bucket = proxied
+    a = os.urandom(4 * MiB)
+    upstream.add("/files/herd.bin", a)
+    upstream.behave("/files/herd.bin", pause_at=MiB, times=1)
+    remotes = {"r": generic_remote(upstream)}
+    one = s3_daemon(proxy.endpoint, bucket, remotes)
+    two = s3_daemon(proxy.endpoint, bucket, remotes)
+    fetches = [Fetch((one if i % 2 else two).port, "/api/r/files/herd.bin", timeout=60) for i in range(16)]
+    for f in fetches:
+        f.start()
+    upstream.wait_paused("/files/herd.bin")
+    for f in fetches:
+        assert f.sent.wait(30)
+    upstream.resume("/files/herd.bin")
+    for f in fetches:
+        assert f.response().body == a
+    # No cross-host lease yet: at most one upstream fetch per host.
+    assert upstream_gets(upstream, "/files/herd.bin") <= 2

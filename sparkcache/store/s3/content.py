@@ -29,6 +29,7 @@ from sparkcache.fetch.produce import Singleflight
 from sparkcache.store.cas import IBackedContentStore, LocalContentStore, remove_file
 from sparkcache.store.s3.bodies import FileSink
 from sparkcache.store.s3.client import Mismatch, S3Client, S3Error, S3Unavailable
+from sparkcache.store.s3.published import SharedIndex
 
 log = Logger()
 
@@ -58,6 +59,7 @@ class S3ContentStore:
         self._down_at: float | None = None
         self.fills = 0  # bodies brought from the bucket into the tier
         self.uploads = 0  # bodies written to the bucket (not found there first)
+        self.shared_index = SharedIndex(client, self.prefix, clock) if client.settings.share_index else None
 
     def object_name(self, digest: str) -> str:
         self.tier.local_path(digest)  # validates the digest

@@ -27,17 +27,18 @@ log = Logger()
 
 
 class TieredIndex(Index):
-    # Set by Store once both exist.
-    store: Any = None
-    shared: Any = None  # a SharedIndex, or None
+    store: Any = None  # set by Store once both exist
 
     def get(self, key: str) -> Deferred[Entry | None]:
         return Deferred.fromCoroutine(self._ready(key))
 
     async def _ready(self, key: str) -> Entry | None:
         entry = await Index.get(self, key)
-        if entry is None and self.shared is not None:
-            entry = await self.shared.lookup(key)
+        shared = self.store.shared_index
+        if entry is None and shared is not None:
+            entry = await shared.lookup(key)
+            if entry is not None:  # another host's: ours from now on (unless its body is gone)
+                await self.put(entry)
         if entry is None or entry.status != 200 or entry.digest is None:
             return entry
         content = self.store.cas
@@ -52,6 +53,8 @@ class TieredIndex(Index):
         # Gone from the bucket: forget it, so the next production fetches it again.
         current = Index.peek(self, key)
         if current is None or current.digest == entry.digest:
+            if shared is not None:
+                await shared.forget_key(key)
             await self.store.purge_key(key)
         return None
 
