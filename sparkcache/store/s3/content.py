@@ -59,7 +59,7 @@ class S3ContentStore:
         self._down_at: float | None = None
         self.fills = 0  # bodies brought from the bucket into the tier
         self.uploads = 0  # bodies written to the bucket (not found there first)
-        self.shared_index = SharedIndex(client, self.prefix, clock) if client.settings.share_index else None
+        self.shared_index = SharedIndex(client, self.prefix, clock, self) if client.settings.share_index else None
 
     def object_name(self, digest: str) -> str:
         self.tier.local_path(digest)  # validates the digest
@@ -71,6 +71,9 @@ class S3ContentStore:
     def writable(self) -> bool:
         at = self._down_at
         return at is None or self.clock.seconds() - at >= DOWN_HOLD
+
+    def note_down(self, e: BaseException) -> None:
+        self._down(e)
 
     def _down(self, e: BaseException) -> None:
         if self._down_at is None:
@@ -193,6 +196,9 @@ class S3ContentStore:
         if self.tier.contains(digest):
             self._touch(digest)
             return Deferred.fromCoroutine(_true())
+        if not self.writable:
+            # Known to be down: a miss now (passed through) rather than a wait for every retry.
+            return Deferred.fromCoroutine(_down_now(self.object_name(digest)))
         return self._fills.run(digest, lambda: self._fill(digest, size))
 
     async def _fill(self, digest: str, size: int) -> bool:
@@ -240,6 +246,10 @@ class S3ContentStore:
 
 async def _true() -> bool:
     return True
+
+
+async def _down_now(name: str) -> bool:
+    raise S3Unavailable(f"GET {name}", None, message="(the bucket is down)")
 
 
 def _sync_close(fd: int) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from sparkcache.store.index import Entry
-from sparkcache.store.s3.client import S3Client, S3Error
+from sparkcache.store.s3.client import S3Client, S3Error, S3Unavailable
 
 log = Logger()
 
@@ -35,8 +35,11 @@ ALL = None  # the marker of a purge of everything
 
 
 class SharedIndex:
-    def __init__(self, client: S3Client, prefix: str, clock: Any) -> None:
+    def __init__(self, client: S3Client, prefix: str, clock: Any, health: Any = None) -> None:
+        """``health``: the content store (``writable``, ``note_down``), so that
+        lookups skip a bucket known to be down instead of waiting for retries."""
         self.client = client
+        self.health = health
         self.prefix = prefix
         self.clock = clock
         self._markers: dict[str | None, tuple[float, float]] = {}  # remote → (read at, purged at)
@@ -72,9 +75,13 @@ class SharedIndex:
 
     async def lookup(self, key: str) -> Entry | None:
         """The entry another host published for ``key`` (None: none, or purged since)."""
+        if self.health is not None and not self.health.writable:
+            return None
         try:
             raw = await self.client.get_bytes(self.name(key), MAX_DOC)
         except S3Error as e:
+            if isinstance(e, S3Unavailable) and self.health is not None:
+                self.health.note_down(e)
             log.debug("shared index lookup of {key} failed: {e}", key=key, e=e)
             return None
         if raw is None:
