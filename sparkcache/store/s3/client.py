@@ -25,7 +25,7 @@ from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from twisted.internet import error as net_error
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, FirstError, gatherResults
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, _HTTP11ClientFactory
@@ -43,6 +43,7 @@ EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 RETRY_CODES = frozenset({"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling"})
 MAX_XML = 8 * 2**20  # listings and error bodies: bounded
+PARALLEL_PARTS = 4  # parts of one multipart upload in flight at once
 
 
 class S3Error(Exception):
@@ -218,21 +219,28 @@ class S3Client:
         if not upload_id:
             raise S3Error(f"POST {key}?uploads", 200, message="no UploadId in the answer")
         uid = quote(upload_id, safe="-_.~")
-        etags: list[str] = []
+        spans = [(i + 1, off, min(self.settings.part_size, size - off))
+                 for i, off in enumerate(range(0, size, self.settings.part_size))]
+        etags: list[str] = [""] * len(spans)
+
+        async def put_part(part: int, start: int, n: int) -> None:
+            response, _ = await self.request(
+                "PUT", key, f"partNumber={part}&uploadId={uid}",
+                body=lambda: FileProducer(path, start, n, self.in_io), payload_hash=UNSIGNED)
+            etag = _header(response, b"etag")
+            await _discard(response)
+            if not etag:
+                raise S3Error(f"PUT {key} part {part}", response.code, message="no ETag")
+            etags[part - 1] = etag
+
+        def start_part(part: int, start: int, n: int) -> Deferred[None]:
+            return Deferred.fromCoroutine(put_part(part, start, n))
+
         try:
-            part, offset = 1, 0
-            while offset < size:
-                n = min(self.settings.part_size, size - offset)
-                start = offset
-                response, _ = await self.request(
-                    "PUT", key, f"partNumber={part}&uploadId={uid}",
-                    body=lambda: FileProducer(path, start, n, self.in_io), payload_hash=UNSIGNED)
-                etag = _header(response, b"etag")
-                await _discard(response)
-                if not etag:
-                    raise S3Error(f"PUT {key} part {part}", response.code, message="no ETag")
-                etags.append(etag)
-                part, offset = part + 1, offset + n
+            # A few parts in flight at once (the round trips overlap); each streams
+            # from the file in chunks, so memory stays a few chunks per part.
+            limit = DeferredSemaphore(PARALLEL_PARTS)
+            await gatherResults([limit.run(start_part, p, o, n) for p, o, n in spans], consumeErrors=True)
             doc = "<CompleteMultipartUpload>" + "".join(
                 f"<Part><PartNumber>{i}</PartNumber><ETag>{_xml_escape(t)}</ETag></Part>"
                 for i, t in enumerate(etags, start=1)) + "</CompleteMultipartUpload>"
@@ -250,6 +258,10 @@ class S3Client:
             if code:  # S3 may answer 200 and put the failure in the body
                 raise S3Error(f"POST {key}?uploadId", 200, code, message)
             return True
+        except FirstError as e:  # a part failed: its error, not the wrapper
+            await self._abort(key, uid)
+            e.subFailure.raiseException()
+            raise
         except BaseException:
             await self._abort(key, uid)
             raise
