@@ -158,10 +158,13 @@ def test_s3_killed_mid_upload_commits_nothing(upstream, s3_daemon, tmp_path: Pat
         upstream.behave("/files/big.bin", chunked=True, times=1)
         d = s3_daemon(proxy.endpoint, bucket, {"r": generic_remote(upstream)},
                       multipart_threshold="5MiB", part_size="5MiB")
+        proxy.arm("PUT", "partNumber=3", "stall")  # held until SeaweedFS is gone
         f = Fetch(d.port, "/api/r/files/big.bin", timeout=60)
         f.start()
-        eventually(lambda: proxy.count("PUT") >= 1, timeout=60, message="the upload never started")
+        eventually(lambda: any("partNumber=3" in p for _, p in proxy.paths), timeout=60,
+                   message="the upload never reached its third part")
         own.kill()
+        proxy.released.set()
         f.join(60)
         assert not f.is_alive(), "the client hung"
         cut = isinstance(f.result, BaseException) or f.result is None or len(f.result.body) < size

@@ -194,6 +194,7 @@ class FaultProxy:
     def __post_init__(self) -> None:
         self.lock = threading.Lock()
         self.open: set[socket.socket] = set()
+        self.released = threading.Event()  # ends every "stall"
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -236,6 +237,7 @@ class FaultProxy:
 
     def stop(self) -> None:
         """Down: the listener closed, and the connections kept alive cut."""
+        self.released.set()
         self.server.shutdown()
         self.server.server_close()
         with self.lock:
@@ -269,6 +271,8 @@ class FaultProxy:
             h.end_headers()
             h.wfile.write(err)
             return
+        if rule is not None and rule.action == "stall":
+            self.released.wait(60)  # then forwarded (to whatever is there by then)
         if rule is not None and rule.action == "drop":
             h.close_connection = True
             h.connection.shutdown(socket.SHUT_RDWR)
@@ -276,10 +280,16 @@ class FaultProxy:
         host = self.target.split("://", 1)[1]
         conn = http.client.HTTPConnection(host, timeout=30)
         headers = {k: v for k, v in h.headers.items() if k.lower() not in ("connection",)}
-        conn.request(h.command, h.path, body=body, headers=headers)
-        resp = conn.getresponse()
-        data = resp.read()
-        conn.close()
+        try:
+            conn.request(h.command, h.path, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+        except OSError:  # the server behind is gone: so is our answer
+            h.close_connection = True
+            h.connection.shutdown(socket.SHUT_RDWR)
+            return
+        finally:
+            conn.close()
         h.send_response(resp.status)
         for k, v in resp.getheaders():
             if k.lower() not in ("transfer-encoding", "connection", "content-length"):
