@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+import pytest_twisted
 
 from tests.support.client import Fetch, eventually, get_until_hit, sha256
 from tests.support.daemon import Daemon
@@ -222,3 +223,50 @@ def test_concurrent_first_fetches_on_two_daemons(upstream, s3_daemon, proxied):
         assert f.response().body == a
     # No cross-host lease yet: at most one upstream fetch per host.
     assert upstream_gets(upstream, "/files/herd.bin") <= 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_virtual_host_addressing_is_signed_right(weed, tmp_path: Path):
+    """``addressing: virtual`` against SeaweedFS (``-s3.domainName=localhost``),
+    which checks each signature, with <bucket>.localhost connected to 127.0.0.1."""
+    import hashlib
+
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint
+    from twisted.internet.threads import deferToThread
+    from twisted.web.client import Agent
+    from zope.interface import implementer
+    from twisted.web.iweb import IAgentEndpointFactory
+
+    from sparkcache.store.s3.bodies import FileSink
+    from sparkcache.store.s3.client import S3Client
+    from sparkcache.store.s3.settings import S3Credentials, S3Settings
+    from tests.support.s3 import ACCESS_KEY as AK, SECRET_KEY as SK
+
+    @implementer(IAgentEndpointFactory)
+    class Loopback:
+        def endpointForURI(self, uri: Any) -> Any:
+            return TCP4ClientEndpoint(reactor, "127.0.0.1", uri.port)
+
+    bucket = make_bucket(weed.endpoint)
+    settings = S3Settings(endpoint=f"http://localhost:{weed.port}", bucket=bucket, addressing="virtual", prefix="v/",
+                          credentials=S3Credentials(AK, SK), attempts=1, timeout=30)
+    client = S3Client(settings, reactor, deferToThread, agent=Agent.usingEndpointFactory(reactor, Loopback()))
+    data = os.urandom(100_000)
+    src = tmp_path / "body"
+    src.write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+
+    assert client.url("v/cas/x").startswith(f"http://{bucket}.localhost:{weed.port}/")
+    out = tmp_path / "out"
+    try:
+        assert await client.put_file(f"v/cas/{digest}", str(src), len(data), digest)
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            await client.get_to(f"v/cas/{digest}", FileSink(fd, reactor, 30, limit=len(data)))
+        finally:
+            os.close(fd)
+    finally:
+        await client.close()
+    assert out.read_bytes() == data
+    assert list_keys(weed.endpoint, bucket, "v/") == {f"v/cas/{digest}": len(data)}

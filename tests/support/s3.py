@@ -122,7 +122,9 @@ class SeaweedFS:
                f"-volume.port.grpc={p['vg']}", f"-filer.port={p['f']}", f"-filer.port.grpc={p['fg']}",
                "-s3", f"-s3.port={self.port}", f"-s3.port.grpc={p['sg']}", f"-s3.port.iceberg={p['ib']}",
                f"-s3.port.lance={p['ln']}", f"-iam.port={p['iam']}", f"-s3.config={ident}",
-               "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=0"]
+               "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=0",
+               # Virtual-host addressing too: <bucket>.localhost:<port>.
+               "-s3.domainName=localhost"]
         self.proc = subprocess.Popen(cmd, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, cwd=self.dir)
         deadline = time.monotonic() + timeout
