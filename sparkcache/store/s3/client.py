@@ -44,6 +44,7 @@ RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 RETRY_CODES = frozenset({"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling"})
 MAX_XML = 8 * 2**20  # listings and error bodies: bounded
 PARALLEL_PARTS = 4  # parts of one multipart upload in flight at once
+MIN_RATE = 256 * 1024  # bytes/s an upload may go no slower than before it counts as timed out
 
 
 class S3Error(Exception):
@@ -134,8 +135,11 @@ class S3Client:
         signed = self.sign(method, url, headers or {}, payload_hash)
         hdrs = Headers({k.encode("latin-1"): [v.encode("latin-1")] for k, v in signed.items()})
         self.requests += 1
-        d = self.agent.request(method.encode(), url.encode(), hdrs, body() if body is not None else None)
-        d.addTimeout(self.settings.timeout, self.reactor)
+        producer = body() if body is not None else None
+        d = self.agent.request(method.encode(), url.encode(), hdrs, producer)
+        # Until the answer's headers: the body sent too, at no less than MIN_RATE.
+        sending = producer.length if producer is not None and isinstance(producer.length, int) else 0
+        d.addTimeout(self.settings.timeout + sending / MIN_RATE, self.reactor)
         response: IResponse = await d
         return response
 
