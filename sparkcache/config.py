@@ -204,6 +204,11 @@ class StorageConfig:
     # set: the smaller of 1 GiB and 5 %.
     min_free: int | None = None
     min_free_percent: float | None = None
+    # Where bodies live: local (data_dir/cas) or s3 (a bucket, with the
+    # local disk tier of storage.tier.max_size in front: docs/s3.rst).
+    backend: str = "local"
+    s3: Any = None  # sparkcache.store.s3.settings.S3Settings with backend s3
+    tier_max_size: int | None = None  # None: storage.max_size
 
 
 @dataclass(frozen=True)
@@ -248,6 +253,9 @@ class Config:
                 "stale_retention": self.storage.stale_retention,
                 "min_free": self.storage.min_free if self.storage.min_free_percent is None
                 else f"{self.storage.min_free_percent:g}%",
+                "backend": self.storage.backend,
+                **({"s3": self.storage.s3.redacted(), "tier": {"max_size": self.storage.tier_max_size}}
+                   if self.storage.s3 is not None else {}),
             },
             "auth": {
                 "anonymous_read": self.auth.anonymous_read,
@@ -488,6 +496,9 @@ class Loader:
         top = Section(self, "", data)
         server = self.server(top.sub("server"))
         storage = self.storage(top.sub("storage"))
+        if storage.backend == "s3" and server.workers > 1:
+            # The supervisor's start-up check knows only the local content store.
+            raise self.error("storage.backend", "s3 runs with server.workers: 1 for now (docs/s3.rst)")
         auth = self.auth(top.sub("auth"))
         defaults = top.sub("upstream")
         connect_timeout = defaults.convert("connect_timeout", parse_duration, 10.0)
@@ -552,9 +563,28 @@ class Loader:
             stale_retention=sec.convert("stale_retention", parse_duration, 7 * 86400.0),
             min_free=sec.convert("min_free", lambda v: None if _percent(v) is not None else parse_size(v), None),
             min_free_percent=sec.convert("min_free", _percent, None),
+            **self._backend(sec),
         )
         sec.done()
         return cfg
+
+    def _backend(self, sec: Section) -> dict[str, Any]:
+        """``storage.backend``, ``storage.s3`` and ``storage.tier`` (docs/s3.rst)."""
+        backend = sec.get("backend", str, "local")
+        if backend not in ("local", "s3"):
+            raise self.error(sec.key("backend"), f"expected local or s3, got {backend!r}")
+        if backend == "local":
+            for name in ("s3", "tier"):
+                if sec.has(name):
+                    raise self.error(sec.key(name), "only used with storage.backend: s3")
+            return {}
+        from sparkcache.store.s3.settings import parse_s3
+
+        s3 = parse_s3(self, sec.sub("s3"))
+        tier = sec.sub("tier")
+        tier_max = tier.convert("max_size", parse_size, None)
+        tier.done()
+        return {"backend": backend, "s3": s3, "tier_max_size": tier_max}
 
     def auth(self, sec: Section) -> AuthConfig:
         anonymous = sec.get("anonymous_read", bool, True)

@@ -98,9 +98,14 @@ class SparkcacheService(MultiService):
             sendfile_pool = PoolService("sparkcache-sendfile", SENDFILE_THREADS, reactor, stop_timeout)
             sendfile_pool.setServiceParent(self.pools)
             self.sendfile = SendfilePool(reactor, SENDFILE_THREADS, pool=sendfile_pool.pool)
+        content = None
+        if config.storage.backend == "s3":
+            from sparkcache.store.s3 import content_store
+
+            content = content_store(config.storage, reactor, io_pool.pool, clock=self.clock)
         self.store = Store(config.storage.data_dir, reactor, config.storage.max_size, io_pool=io_pool.pool,
                            sqlite_pool=sqlite_pool.pool, min_free=config.storage.min_free,
-                           min_free_percent=config.storage.min_free_percent)
+                           min_free_percent=config.storage.min_free_percent, content=content)
         self.live.run = self.store.in_io
         if spool_subdir is not None:
             self.store.spool_dir = os.path.join(self.store.spool_dir, spool_subdir)

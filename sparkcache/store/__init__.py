@@ -38,7 +38,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from sparkcache.store.body import BodyRange
-from sparkcache.store.cas import IContentStore, LocalContentStore
+from sparkcache.store.cas import IBackedContentStore, IContentStore, LocalContentStore
 from sparkcache.store.index import Entry, Index
 from sparkcache.store import space
 from sparkcache.store.spool import SpoolFile, SpoolReader, clear_spool
@@ -59,18 +59,30 @@ SPACE_SLACK = 0.10
 class Store:
     def __init__(self, data_dir: str, reactor: Any, max_size: int, io_pool: ThreadPool | None = None,
                  sqlite_pool: ThreadPool | None = None, min_free: int | None = None,
-                 min_free_percent: float | None = None) -> None:
+                 min_free_percent: float | None = None, content: IContentStore | None = None) -> None:
         """Pools handed in are started and stopped by their owner (the service
         tree); without them the store makes and runs its own (tests, tools).
         ``min_free`` (bytes) or ``min_free_percent`` (of the filesystem) is the
-        free-space floor; neither: the smaller of 1 GiB and 5 %."""
+        free-space floor; neither: the smaller of 1 GiB and 5 %. ``content``:
+        where bodies live (default: ``<data_dir>/cas``); an IBackedContentStore
+        (an S3 bucket behind a local tier) is uploaded to before each commit
+        and fills its tier before an entry is handed out (s3/tiered.py)."""
         self.data_dir = os.path.abspath(data_dir)
         os.makedirs(self.data_dir, exist_ok=True)
         self.reactor = reactor
         self.clock: Any = reactor  # what the write-error hold is timed by (tests: a task.Clock)
         self.max_size = max_size
-        self.cas: IContentStore = LocalContentStore(os.path.join(self.data_dir, "cas"))
-        self.index = Index(os.path.join(self.data_dir, "index.sqlite"), reactor, pool=sqlite_pool)
+        self.cas: IContentStore = content or LocalContentStore(os.path.join(self.data_dir, "cas"))
+        self.backed = IBackedContentStore.providedBy(self.cas)
+        # Index entries shared with the other hosts on the same bucket (s3/published.py).
+        self.shared_index: Any = getattr(self.cas, "shared_index", None) if self.backed else None
+        if self.backed:
+            from sparkcache.store.s3.tiered import TieredIndex
+
+            self.index: Index = TieredIndex(os.path.join(self.data_dir, "index.sqlite"), reactor, pool=sqlite_pool)
+            self.index.store = self  # type: ignore[attr-defined]
+        else:
+            self.index = Index(os.path.join(self.data_dir, "index.sqlite"), reactor, pool=sqlite_pool)
         self.spool_dir = os.path.join(self.data_dir, "spool")
         # fsync, rename and unlink of large files: never on the reactor, and
         # not in the default pool, which DNS resolution needs.
@@ -123,7 +135,10 @@ class Store:
             if removed:
                 log.info("removed {n} unfinished download(s) from the spool", n=removed)
         await self.index.start()
-        if check:
+        if self.backed:
+            # Rows name bodies in the bucket: one without a tier copy is normal.
+            await self.cas.start()  # type: ignore[attr-defined]
+        elif check:
             present = await self.in_io(lambda: dict(self.cas.iter_digests()))
             dropped, orphans = await self.index.reconcile(present)
             if orphans:
@@ -139,6 +154,8 @@ class Store:
             spool.discard()
         self._spools.clear()
         try:
+            if self.backed:
+                await self.cas.stop()  # type: ignore[attr-defined]
             await self.index.stop()
         finally:
             if self._own_io_pool:
@@ -187,6 +204,9 @@ class Store:
                 await removing.wait()
                 removing = self._removing.get(digest)
             try:
+                if self.backed:  # in the bucket before the row: another host may read it at once
+                    await self.in_io(spool.sync_and_close)
+                    await self.cas.upload(spool.path, digest, spool.size)  # type: ignore[attr-defined]
                 new_body = await self.in_io(durable)
             except BaseException:
                 self.discard(spool)
@@ -214,6 +234,8 @@ class Store:
             # waits for the whole body, then reads it): it goes a little later.
             self._unowned.setdefault(digest, self._sweeps)
             return entry
+        if self.shared_index is not None:  # then a hit on the other hosts too
+            await self.shared_index.publish(entry)
         # Approximate until the next stats refresh (a replaced key is not subtracted).
         self.entries += 1
         if new_body:
@@ -267,7 +289,6 @@ class Store:
         bytes (so a caller can tell "larger than limit"). FileNotFoundError when
         the body vanished."""
         digest = _digest_of(entry)
-
         def read() -> bytes:
             fd = self.cas.open(digest)
             try:
@@ -284,6 +305,14 @@ class Store:
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
             finally:
                 os.close(fd)
+
+        if self.backed and not self.cas.contains(digest):
+            async def filled() -> bytes:
+                if not await self.cas.ensure(digest, entry.size):  # type: ignore[attr-defined]
+                    raise FileNotFoundError(f"sha256:{digest} is not in the bucket")
+                return await self.in_io(read)
+
+            return Deferred.fromCoroutine(filled())
 
         return self.in_io(read)
 
@@ -403,12 +432,16 @@ class Store:
             # production older than it still stores nothing (rare: a long fetch).
             _, forgotten = self._purged_key.popitem(last=False)
             self._purged_all = max(self._purged_all, forgotten)
+        if self.shared_index is not None:  # the other hosts forget it too
+            await self.shared_index.forget_key(key)
         return await self._drop(await self._freeing(lambda: self.index.delete_cached_key(key)))
 
     async def purge_remote(self, remote: str) -> int:
         """Purge the cached entries of ``remote``; pinned ones stay, and a
         production in progress for the remote commits nothing."""
         self._purged_remote[remote] = self._new_purge()
+        if self.shared_index is not None:
+            await self.shared_index.forget_remote(remote)
         n = await self._drop(await self._freeing(lambda: self.index.delete_remote(remote)))
         await self._after_purge()
         return n
@@ -417,6 +450,8 @@ class Store:
         """Purge everything cached; pinned entries stay, and no production in
         progress commits what it fetched."""
         self._purged_all = self._new_purge()
+        if self.shared_index is not None:
+            await self.shared_index.forget_remote(None)
         n = await self._drop(await self._freeing(lambda: self.index.delete_all()))
         await self.refresh_stats()
         await self._after_purge()
@@ -505,6 +540,8 @@ class Store:
         """Whether a miss should be stored now: not below the floor, and no
         write error in the last WRITE_ERROR_HOLD seconds."""
         if self.low_space:
+            return False
+        if self.backed and not self.cas.writable:  # type: ignore[attr-defined]
             return False
         at = self._write_failed_at
         return at is None or self.clock.seconds() - at >= WRITE_ERROR_HOLD

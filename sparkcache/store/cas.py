@@ -10,9 +10,9 @@ from __future__ import annotations
 import errno
 import os
 import re
-from typing import Iterator
+from typing import Any, Iterator
 
-from zope.interface import Interface, implementer
+from zope.interface import Attribute, Interface, implementer
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -45,6 +45,30 @@ class IContentStore(Interface):
 
     def iter_digests() -> Iterator[tuple[str, int]]:
         """Every stored (digest, size)."""
+
+
+class IBackedContentStore(IContentStore):
+    """Bodies kept elsewhere (an S3 bucket shared by several hosts), with a
+    local tier that the IContentStore methods work on: what ``open`` and
+    ``local_path`` give is the tier's copy. ``Store`` uploads before a commit,
+    fills the tier before a hit (``ensure``), and checks no rows against the
+    tier at start-up (a row without a tier copy is normal)."""
+
+    writable = Attribute("Whether new bodies can be stored now (the backing store answers)")
+    shared_index = Attribute("Index entries shared with other hosts (s3/published.py SharedIndex), or None")
+
+    def start() -> Any:
+        """A Deferred: ready to serve (the tier scanned)."""
+
+    def stop() -> Any:
+        """A Deferred: connections closed."""
+
+    def upload(spool_path: str, digest: str, size: int) -> Any:
+        """A Deferred: the complete, fsynced body is in the backing store."""
+
+    def ensure(digest: str, size: int) -> Any:
+        """A Deferred firing True once the tier holds the body, False when the
+        backing store does not have it (a miss)."""
 
 
 @implementer(IContentStore)
