@@ -686,7 +686,8 @@ class Daemon:
 
     def config(self) -> dict[str, Any]:
         cfg: dict[str, Any] = {
-            "server": {"listen": [f"tcp:{self.port}:interface={LOOPBACK}"], "shutdown_timeout": "5s"},
+            # workers: 1, the CPU measured is that of the one twistd process (the default is one per core).
+            "server": {"listen": [f"tcp:{self.port}:interface={LOOPBACK}"], "shutdown_timeout": "5s", "workers": 1},
             "storage": self.storage,
             "auth": {"anonymous_read": True},
             "remotes": self.remotes,
