@@ -32,6 +32,42 @@ _DAEMONS = pytest.StashKey[list]()
 _UPSTREAMS = pytest.StashKey[list]()
 
 
+# Modules run both ways, with one process and with two worker processes
+# (issue 14: streaming, singleflight, kill -9, purge, OCI and git): each of
+# their tests that starts daemons through ``daemon_factory`` is collected
+# twice, ``[w1]`` and ``[w2]``, and xdist runs both in parallel.
+BOTH_WAYS = frozenset({
+    "test_generic_streaming", "test_generic_lifecycle", "test_purge_local",
+    "test_oci_blobs", "test_oci_pull", "test_oci_freshness",
+    "test_git_mirrors", "test_git_serve_parallel",
+})
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    module = metafunc.module.__name__.rsplit(".", 1)[-1]
+    if module in BOTH_WAYS and "daemon_factory" in metafunc.fixturenames:
+        metafunc.parametrize("daemon_workers", [1, 2], indirect=True, ids=["w1", "w2"])
+
+
+@pytest.fixture(autouse=True)
+def daemon_workers(request: pytest.FixtureRequest) -> Iterator[int | None]:
+    """``server.workers`` of this test's daemons (tests/support/daemon.py), when
+    the test runs both ways; None: SPARKCACHE_TEST_WORKERS, else 1."""
+    n = getattr(request, "param", None)
+    if n is None:
+        yield None
+        return
+    old = os.environ.get("SPARKCACHE_TEST_WORKERS")
+    os.environ["SPARKCACHE_TEST_WORKERS"] = str(n)
+    try:
+        yield n
+    finally:
+        if old is None:
+            del os.environ["SPARKCACHE_TEST_WORKERS"]
+        else:
+            os.environ["SPARKCACHE_TEST_WORKERS"] = old
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if E2E_DIR in Path(str(item.fspath)).resolve().parents:
