@@ -64,7 +64,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_workers() -> int:
+def default_workers() -> int:
     """``server.workers`` of a test daemon whose test did not choose: ``SPARKCACHE_TEST_WORKERS``, else 1."""
     return int(os.environ.get("SPARKCACHE_TEST_WORKERS") or 1)
 
@@ -137,7 +137,7 @@ class Daemon:
         # daemons at once) unless the test chose its own server.workers, or
         # SPARKCACHE_TEST_WORKERS (the both-ways modules, tests/conftest.py) asks for more.
         server: dict[str, Any] = {"listen": [f"tcp:{self.port}:interface=127.0.0.1"], "shutdown_timeout": "10s",
-                                  "workers": test_workers()}
+                                  "workers": default_workers()}
         cfg: dict[str, Any] = {
             "server": {**server, **self.server},
             "storage": {"data_dir": str(self.data_dir), **self.storage},
