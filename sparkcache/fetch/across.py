@@ -102,7 +102,7 @@ async def claim(cache: Any, locks: KeyLocks, key: str, stale: Entry | None, adop
             return outcome
         if not adopting:
             marker = await locks.marker(key)
-            if marker is not None:
+            if marker is not None and marker.error is None:  # (an error: a failed owner's, to retry)
                 tail = Tail(locks, key, marker, _committed(cache, key, stale))
                 try:
                     await tail.open()

@@ -11,7 +11,9 @@ temp name and renamed: a reader sees all of it or none). Another worker that
 fails to take the lock tails that spool (``Tail``) until the marker goes away:
 then the entry is committed (the caller's ``committed()`` finds the index row)
 or the production was abandoned. The owner's order is: index row, unlink the
-marker, release the lock; on abort: unlink the marker, release. So a marker
+marker, release the lock; on abort: rewrite the marker with an ``error``
+(tails end at their next poll, with the owner's reason), release; that marker
+stays until the key's next owner removes it. So a marker without an error
 present while the lock is free names a dead owner's spool.
 
 Every call that touches the file system runs in the I/O pool (``in_io``).
@@ -122,6 +124,7 @@ class Held:
         # One file operation at a time, in order: the I/O pool has several
         # threads, and a late marker write must not follow the removal.
         self._order = DeferredLock()
+        self._failed = False  # the marker says the production failed
 
     def _then(self, fn: Callable[..., None], *args: Any) -> Deferred[None]:
         return self._order.run(self.locks.in_io, fn, *args)
@@ -138,7 +141,13 @@ class Held:
         (with ``why``), without waiting for the marker to go. ``release`` follows."""
         if self.fd is None or self.marker is None:
             return succeed(None)
-        return self._then(write_marker, self.marker_path, replace(self.marker, error=why or "abandoned"))
+        marker = replace(self.marker, error=why or "abandoned")
+
+        def run() -> None:
+            write_marker(self.marker_path, marker)
+            self._failed = True  # (read by release's run, which comes after this one)
+
+        return self._then(run)
 
     def release(self) -> Deferred[None]:
         """After the index row is written (commit) or instead of it (abort).
@@ -150,7 +159,11 @@ class Held:
 
         def run() -> None:
             try:
-                remove_marker(self.marker_path)
+                # A marker with an error stays (until the key's next owner
+                # takes it away): a tail polling after the release still reads
+                # why, instead of looking for an index row that will not come.
+                if not self._failed:
+                    remove_marker(self.marker_path)
             finally:
                 unlock(fd)
 

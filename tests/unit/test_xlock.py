@@ -189,11 +189,19 @@ async def test_an_abort_is_seen_at_the_next_poll_with_its_reason(tmp_path: Path)
         await tail.poll()
     assert not ended.value.committed and "digest mismatch" in str(ended.value)
     await held.release()
-    assert not os.path.exists(paths(follower.dir, KEY)[1])
     tail.close()
+    # The marker and its reason stay after the release, for a tail that polls late...
+    late = Tail(follower, KEY, marker, never)
+    await late.open()
+    with pytest.raises(Ended) as ended:
+        await late.poll()
+    assert "digest mismatch" in str(ended.value)
+    late.close()
+    # ... until the key's next owner takes it away.
     # Nothing was announced: an abort writes no marker.
     again = await owner.acquire(KEY)
     assert again is not None
+    assert not os.path.exists(paths(follower.dir, KEY)[1])
     await again.abort("gone before the first byte")
     assert not os.path.exists(paths(follower.dir, KEY)[1])
     await again.release()
