@@ -42,8 +42,10 @@ class ChangeCounters:
         self.path = path
         size = _WORD.size * (1 + slots)
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        if os.fstat(self._fd).st_size < size:
-            os.ftruncate(self._fd, size)  # zeros; idempotent when two workers race here
+        # Zeros, with their blocks allocated now: a sparse page first written
+        # through the map on a full disk is a SIGBUS, which kills the worker.
+        # (Idempotent when two workers race here.)
+        os.posix_fallocate(self._fd, 0, size)
         self._map = mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
 
     def _read(self, index: int) -> int:
