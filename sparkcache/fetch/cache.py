@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Awaitable, BinaryIO, Callable, Union
+from typing import TYPE_CHECKING, Any, Awaitable, BinaryIO, Callable, Union
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.logger import Logger
@@ -53,6 +53,9 @@ from sparkcache.fetch.xlock import Held, KeyLocks, Marker, Tail
 from sparkcache.metrics import Metrics
 from sparkcache.store import Entry, SpoolFile, Store
 from sparkcache.store.space import is_write_error
+
+if TYPE_CHECKING:  # (botocore is imported only with backend s3)
+    from sparkcache.store.s3.lease import Lease
 
 log = Logger()
 
@@ -278,6 +281,7 @@ class Cache:
         (Live once bytes flow). What it returns is the outcome only if nothing
         settled it before."""
         held: Held | None = None
+        lease: Lease | None = None
         counted = False
         try:
             if self.locks is not None:
@@ -291,6 +295,17 @@ class Cache:
                 if not isinstance(claimed, Held):
                     return claimed
                 held = claimed
+            if self._leased(target, source, stale, adopting):
+                # Several hosts on one bucket: one of them fetches (store/s3/lease.py).
+                self._claiming[target.key] = shared
+                try:
+                    got = await self.store.leases.wait(target.key, lambda: self._published(target.key))
+                finally:
+                    if self._claiming.get(target.key) is shared:
+                        del self._claiming[target.key]
+                if isinstance(got, (Hit, Live, Failed)):
+                    return got
+                lease = got
             self.metrics.inflight.inc()
             counted = True
             # Taken before anything is asked of the source: a purge from now on
@@ -315,6 +330,18 @@ class Cache:
                 self.metrics.inflight.dec()
             if held is not None:  # after the index row, or instead of it
                 await held.release()
+            if lease is not None:  # after the entry was published, or instead of it
+                await lease.release()
+
+    def _leased(self, target: Target, source: Source, stale: Entry | None, adopting: bool) -> bool:
+        """Whether this production takes the cross-host lease first: an upstream
+        fetch of an entry the bucket's index shares (immutable, not an upload)."""
+        return (self.store.leases is not None and not adopting and stale is None and target.ttl is None
+                and not target.pinned and not target.kept and isinstance(source, Upstream))
+
+    async def _published(self, key: str) -> Result | None:
+        """The entry another host stored while we waited for its lease (None: none yet)."""
+        return across.fresh_outcome(await self.store.index.get(key), self.clock.seconds())
 
     async def _follow(self, tail: Tail, shared: Shared[Result]) -> Result:
         """Serve another worker's production of the key to ours: a Live over its spool."""

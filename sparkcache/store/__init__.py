@@ -76,6 +76,13 @@ class Store:
         self.backed = IBackedContentStore.providedBy(self.cas)
         # Index entries shared with the other hosts on the same bucket (s3/published.py).
         self.shared_index: Any = getattr(self.cas, "shared_index", None) if self.backed else None
+        # The cross-host lease on a key being fetched (s3/lease.py): only where entries are shared.
+        self.leases: Any = None
+        if self.shared_index is not None:
+            from sparkcache.store.s3.lease import Leases
+
+            cas: Any = self.cas
+            self.leases = Leases(cas.client, cas.prefix, cas.clock, cas.client.settings.lease_ttl, cas)
         if self.backed:
             from sparkcache.store.s3.tiered import TieredIndex
 

@@ -180,7 +180,7 @@ def running_seaweed(workdir: Path) -> Iterator[SeaweedFS]:
 class Rule:
     method: str
     contains: str
-    action: str  # 503 | 500 | truncate | corrupt | drop | stall
+    action: str  # 503 | 500 | truncate | corrupt | drop | stall | unconditional
     times: int = 1
 
 
@@ -292,6 +292,14 @@ class FaultProxy:
             return
         finally:
             conn.close()
+        if rule is not None and rule.action == "unconditional" and resp.status == 412:
+            # A server that ignores If-None-Match / If-Match: the write "succeeds".
+            # (The header cannot be stripped instead: it is signed.)
+            h.send_response(200)
+            h.send_header("ETag", '"%s"' % os.urandom(16).hex())
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
         h.send_response(resp.status)
         for k, v in resp.getheaders():
             if k.lower() not in ("transfer-encoding", "connection", "content-length"):

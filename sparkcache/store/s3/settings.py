@@ -50,6 +50,9 @@ class S3Settings:
     timeout: float = 60.0
     # Index entries of immutable keys published in the bucket for the other hosts.
     share_index: bool = True
+    # The cross-host lease on a key being fetched (lease.py): how long it
+    # outlives a holder that died (renewed every third of it while alive).
+    lease_ttl: float = 30.0
 
     def redacted(self) -> dict[str, Any]:
         return {
@@ -57,7 +60,7 @@ class S3Settings:
             "addressing": self.addressing, "credentials_file": self.credentials_file,
             "credentials": "***" if self.credentials is not None else None,
             "multipart_threshold": self.multipart_threshold, "part_size": self.part_size,
-            "attempts": self.attempts, "share_index": self.share_index,
+            "attempts": self.attempts, "share_index": self.share_index, "lease_ttl": self.lease_ttl,
         }
 
 
@@ -101,12 +104,16 @@ def parse_s3(loader: Any, sec: Any) -> S3Settings:
     attempts = sec.get("attempts", int, S3Settings.attempts)
     if attempts < 1:
         raise loader.error(sec.key("attempts"), "expected at least 1")
+    lease_ttl = sec.convert("lease_ttl", parse_duration, S3Settings.lease_ttl)
+    if lease_ttl < 1.0:
+        raise loader.error(sec.key("lease_ttl"), "expected at least 1s")
     out = S3Settings(
         endpoint=endpoint.rstrip("/"), bucket=bucket, region=region, prefix=prefix, addressing=addressing,
         credentials_file=cred_file, credentials=creds, multipart_threshold=max(threshold, part_size),
         part_size=part_size, attempts=attempts, backoff=sec.convert("backoff", parse_duration, S3Settings.backoff),
         timeout=sec.convert("timeout", parse_duration, S3Settings.timeout),
         share_index=sec.get("share_index", bool, True),
+        lease_ttl=lease_ttl,
     )
     sec.done()
     return out
