@@ -61,6 +61,13 @@ async def settle(d: Deferred[Any], clock: Clock, step: float = 0.5, limit: int =
     raise AssertionError("never fired")
 
 
+def die(held: Lease) -> None:
+    """The holder's process dies: no renewal, no release."""
+    held._released = True
+    if held._timer is not None:
+        held._timer.cancel()
+
+
 async def turn() -> None:
     await deferLater(reactor, 0.05, lambda: None)
 
@@ -98,9 +105,7 @@ async def test_renewed_while_held_then_taken_over_once_expired(bucket):
         await turn()
     assert info.expires == first + TTL / 3
     # The holder dies (its renewals stop): the lease expires and one host takes it over.
-    held._released = True
-    if held._timer is not None:
-        held._timer.cancel()
+    die(held)
     clock.advance(TTL + 1)
     info = await b.read("k")
     assert info.expires <= clock.seconds()
@@ -166,9 +171,7 @@ async def test_waiter_takes_over_from_a_dead_holder(bucket):
     host, clock, proxy, endpoint, name = bucket
     a, b = host(), host()
     held = await a.acquire("k")
-    held._released = True  # died: no renewal, no release
-    if held._timer is not None:
-        held._timer.cancel()
+    die(held)
 
     async def nothing() -> None:
         return None
