@@ -5,7 +5,8 @@
 - ``bodies``: streamed request/response bodies with bounded memory;
 - ``content``: S3ContentStore, the IBackedContentStore the Store uses;
 - ``tiered``: the index that fills the tier before it hands out an entry;
-- ``published``: immutable index entries shared through the bucket with other hosts.
+- ``published``: immutable index entries shared through the bucket with other hosts;
+- ``lease``: the cross-host lease, one upstream fetch of a key for all the hosts.
 """
 
 from __future__ import annotations
