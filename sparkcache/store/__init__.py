@@ -56,7 +56,33 @@ WRITE_ERROR_HOLD = 30.0
 SPACE_SLACK = 0.10
 
 
+def _space_field(name: str) -> Any:
+    """A free-space attribute of Store: its own, or the shared file's once
+    ``share_space`` ran (a property: one call, no system call, on the miss path)."""
+    own = "_own_" + name
+
+    def get(self: Any) -> Any:
+        shared = self._shared
+        return getattr(self, own) if shared is None else getattr(shared, name)
+
+    def set_(self: Any, value: Any) -> None:
+        shared = self._shared
+        if shared is None:
+            setattr(self, own, value)
+        else:
+            setattr(shared, name, value)
+
+    return property(get, set_)
+
+
 class Store:
+    # Free-space state: with worker processes, in a file they share (share_space).
+    low_space = _space_field("low_space")
+    free = _space_field("free")
+    floor = _space_field("floor")
+    write_error = _space_field("write_error")
+    _write_failed_at = _space_field("write_failed_at")
+
     def __init__(self, data_dir: str, reactor: Any, max_size: int, io_pool: ThreadPool | None = None,
                  sqlite_pool: ThreadPool | None = None, min_free: int | None = None,
                  min_free_percent: float | None = None) -> None:
@@ -98,14 +124,27 @@ class Store:
         self.entries = 0
         self.min_free = min_free
         self.min_free_percent = min_free_percent
+        # With worker processes, the free-space state below lives in a shared
+        # file (share_space); the attributes read and write it.
+        self._shared: space.SharedSpace | None = None
+        # Whether this process evicts for space (with workers: the primary only).
+        self.evicts = True
         # Below the free-space floor (after eviction did what it could): /ready says so.
         self.low_space = False
-        self.free: int | None = None  # bytes free at the last check
+        self.free = None  # bytes free at the last check
         self.floor = 0  # the floor in bytes at the last check
-        self.write_error: str | None = None  # the last write error, for logs and /health
-        self._write_failed_at: float | None = None
+        self.write_error = None  # the last write error, for logs and /health
+        self._write_failed_at = None
         self.reserve_path = os.path.join(self.data_dir, space.RESERVE_NAME)
         self._room = DeferredLock()  # one eviction for space at a time
+
+    def share_space(self, evicts: bool) -> None:
+        """Blocking (a worker's start-up): keep the free-space state in
+        ``<data_dir>/space.state``, shared by every worker process, so a write
+        error or a low disk one of them sees makes them all pass misses through;
+        only the worker that ``evicts`` (the primary) evicts for space."""
+        self._shared = space.SharedSpace(os.path.join(self.data_dir, space.SHARED_NAME))
+        self.evicts = evicts
 
     def in_io(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         return deferToThreadPool(self.reactor, self.io_pool, fn, *args)
@@ -537,6 +576,8 @@ class Store:
             free = await self.check_space()
             if free - need >= self.floor:
                 return True
+            if not self.evicts:  # another worker (the primary) evicts, at its next eviction tick
+                return False
             if need and need > free + self.size - self.floor:
                 return False  # even an empty cache would not hold it: keep what is there
             await self._evict_for_space(need)

@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from sparkcache.config import Config
+from sparkcache.limits import raise_nofile
 from sparkcache.store.spool import clear_spool
 from sparkcache.workers.sockets import Listener, close_listeners, format_fds, open_listeners
 
@@ -112,6 +113,18 @@ def mark_dead(path: str, pid: int) -> None:
         log.warn("metrics of worker pid {pid}: {e}", pid=pid, e=e)
 
 
+def handles(pid: int, sig: int) -> bool:
+    """Whether process ``pid`` catches or ignores ``sig`` (Linux: /proc; elsewhere assumed)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            masks = {k: int(v, 16) for k, _, v in (line.partition(":") for line in f)
+                     if k in ("SigCgt", "SigIgn")}
+    except (OSError, ValueError):
+        return True
+    bit = 1 << (sig - 1)
+    return any(m & bit for m in masks.values())
+
+
 def worker_command() -> list[str]:
     return [sys.executable, "-m", "sparkcache.workers.worker"]
 
@@ -128,6 +141,7 @@ class Supervisor(Service):
                  clock: Any = None, spawn: Callable[..., Any] | None = None,
                  check_store: Callable[[], Deferred[Any]] | None = None,
                  in_thread: Callable[..., Deferred[Any]] | None = None) -> None:
+        raise_nofile()  # the workers inherit it
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
@@ -175,6 +189,8 @@ class Supervisor(Service):
     def _install_sighup(self) -> None:
         try:
             signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.forward, signal.SIGHUP))
+            # A worker changed the API remotes: every worker re-reads them (reload.Spread).
+            signal.signal(signal.SIGUSR2, lambda *_: self.reactor.callFromThread(self.forward, signal.SIGUSR2))
         except ValueError:  # not the main thread (tests)
             pass
 
@@ -227,6 +243,8 @@ class Supervisor(Service):
 
     def forward(self, sig: int) -> None:
         for proto in list(self.workers.values()):
+            if sig == signal.SIGUSR2 and proto.pid is not None and not handles(proto.pid, sig):
+                continue  # still starting: its default action would kill it; it reads api.json as it starts
             proto.signal(sig)
 
     def pids(self) -> list[int]:
