@@ -76,6 +76,12 @@ class Metrics:
         self._origin_failed = Gauge("sparkcache_upstream_last_failure_timestamp_seconds",
                                     "When an upstream origin last failed (unreachable, timeout, 5xx, 429)",
                                     ["origin"], registry=r, multiprocess_mode="max")
+        self._remote_ok = Gauge("sparkcache_remote_upstream_last_success_timestamp_seconds",
+                                "When a remote's upstream last answered usably", ["remote"], registry=r,
+                                multiprocess_mode="max")
+        self._remote_failed = Gauge("sparkcache_remote_upstream_last_failure_timestamp_seconds",
+                                    "When a remote's upstream last failed (or refused its credentials)", ["remote"],
+                                    registry=r, multiprocess_mode="max")
         # What the status page shows beside the counters: text has no place in
         # a Prometheus sample.
         self.origins: dict[str, UpstreamOutcome] = {}
@@ -131,8 +137,10 @@ class Metrics:
         r.failing = failed or code in (401, 403, 407)
         if r.failing:
             r.last_failure, r.last_error = now, error
+            self._child(self._remote_failed, remote).set(now)
         else:
             r.last_success = now
+            self._child(self._remote_ok, remote).set(now)
 
     def _now(self) -> float:
         if self.clock is None:

@@ -100,7 +100,8 @@ def reset_metrics_dir(path: str) -> None:
     """Values of a previous run are not this run's: start from an empty directory."""
     os.makedirs(path, exist_ok=True)
     for name in os.listdir(path):
-        if name.endswith(".db"):
+        # The metric files, and the status page's history of them (web/status.py).
+        if name.endswith(".db") or name == "status-history.json":
             os.unlink(os.path.join(path, name))
 
 
