@@ -76,12 +76,15 @@ def _space_field(name: str) -> Any:
 
 
 class Store:
-    # Free-space state: with worker processes, in a file they share (share_space).
+    # Free-space state and the store's figures: with worker processes, in a file they share (share_space).
+    _shared: space.SharedSpace | None = None
     low_space = _space_field("low_space")
     free = _space_field("free")
     floor = _space_field("floor")
     write_error = _space_field("write_error")
     _write_failed_at = _space_field("write_failed_at")
+    size = _space_field("size")
+    entries = _space_field("entries")
 
     def __init__(self, data_dir: str, reactor: Any, max_size: int, io_pool: ThreadPool | None = None,
                  sqlite_pool: ThreadPool | None = None, min_free: int | None = None,
@@ -124,9 +127,6 @@ class Store:
         self.entries = 0
         self.min_free = min_free
         self.min_free_percent = min_free_percent
-        # With worker processes, the free-space state below lives in a shared
-        # file (share_space); the attributes read and write it.
-        self._shared: space.SharedSpace | None = None
         # Whether this process evicts for space (with workers: the primary only).
         self.evicts = True
         # Below the free-space floor (after eviction did what it could): /ready says so.
@@ -139,10 +139,11 @@ class Store:
         self._room = DeferredLock()  # one eviction for space at a time
 
     def share_space(self, evicts: bool) -> None:
-        """Blocking (a worker's start-up): keep the free-space state in
-        ``<data_dir>/space.state``, shared by every worker process, so a write
-        error or a low disk one of them sees makes them all pass misses through;
-        only the worker that ``evicts`` (the primary) evicts for space."""
+        """Blocking (a worker's start-up): keep the free-space state and the
+        store's size and entry count in ``<data_dir>/space.state``, shared by
+        every worker process, so a write error or a low disk one of them sees
+        makes them all pass misses through; only the worker that ``evicts``
+        (the primary) evicts for space."""
         self._shared = space.SharedSpace(os.path.join(self.data_dir, space.SHARED_NAME))
         self.evicts = evicts
 

@@ -117,6 +117,14 @@ def release_reserve(path: str) -> int:
     return remove_file(path)
 
 
+def reset_shared(data_dir: str) -> None:
+    """Blocking: forget a previous run's shared state (the supervisor, before any worker starts)."""
+    try:
+        os.unlink(os.path.join(data_dir, SHARED_NAME))
+    except FileNotFoundError:
+        pass
+
+
 class SharedSpace:
     """The free-space state every worker process sees (``server.workers > 1``).
 
@@ -124,15 +132,17 @@ class SharedSpace:
     :mod:`sparkcache.store.changes`): whether the store is below its floor,
     the bytes free and the floor at the last check, when the last write error
     happened (wall-clock seconds, as the reactor's clock; 0: never) and its
-    text. A write error or a low disk seen by one worker makes every worker
-    pass misses through, and every worker's /health and /ready say the same.
+    text; and the store's size and entry count (each commit adds to them,
+    each eviction or purge counts them anew). A write error or a low disk seen
+    by one worker makes every worker pass misses through, and every worker's
+    /health, /ready and status page say the same.
     Reads are memory reads (the miss path asks ``low_space`` and
     ``write_failed_at``); writes are rare, and the error text is written and
     read under ``flock`` so nobody sees it half written."""
 
-    _LOW, _FREE, _FLOOR, _FAILED_AT, _ERROR_LEN = 0, 8, 16, 24, 32
-    _ERROR = 40
-    ERROR_MAX = 472
+    _LOW, _FREE, _FLOOR, _FAILED_AT, _ERROR_LEN, _SIZE, _ENTRIES = 0, 8, 16, 24, 32, 40, 48
+    _ERROR = 56
+    ERROR_MAX = 456
     SIZE = _ERROR + ERROR_MAX
 
     def __init__(self, path: str) -> None:
@@ -173,6 +183,22 @@ class SharedSpace:
     @floor.setter
     def floor(self, value: int) -> None:
         self._put("<Q", self._FLOOR, value)
+
+    @property
+    def size(self) -> int:
+        return int(self._get("<Q", self._SIZE))
+
+    @size.setter
+    def size(self, value: int) -> None:
+        self._put("<Q", self._SIZE, max(0, value))
+
+    @property
+    def entries(self) -> int:
+        return int(self._get("<Q", self._ENTRIES))
+
+    @entries.setter
+    def entries(self, value: int) -> None:
+        self._put("<Q", self._ENTRIES, max(0, value))
 
     @property
     def write_failed_at(self) -> float | None:

@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 
 from sparkcache.config import Config
 from sparkcache.limits import raise_nofile
+from sparkcache.store.space import reset_shared
 from sparkcache.store.spool import clear_spool
 from sparkcache.workers.sockets import Listener, close_listeners, format_fds, open_listeners
 
@@ -177,6 +178,7 @@ class Supervisor(Service):
         if self.check_store is not None:
             await self.check_store()
         reset_metrics_dir(self.metrics_dir)
+        reset_shared(self.config.storage.data_dir)  # a previous run's disk state is not this run's
         for i in range(self.count):
             clear_spool(os.path.join(self.spool_dir, spool_subdir(i)))
         if hasattr(self.reactor, "addSystemEventTrigger"):
