@@ -104,15 +104,18 @@ def test_status_and_health_are_the_whole_daemons(upstream, daemon_factory):
         assert resp.status == 200 and len(resp.body) == size, resp.describe()
         served += 1
 
-    def history_sampled() -> dict[int, Any]:
+    def settled() -> dict[int, Any]:
+        """Once the primary took a sample and the entry is committed (a client
+        can have the whole body before the commit, and the other worker may tail it)."""
         deadline = time.monotonic() + 60
         while True:
             answers = by_worker(d, "/status.json")
-            if all(a["history"]["samples"] for a in answers.values()) or time.monotonic() > deadline:
+            done = all(a["history"]["samples"] and a["inflight_fetches"] == 0 for a in answers.values())
+            if done or time.monotonic() > deadline:
                 return answers
             time.sleep(0.1)
 
-    answers = history_sampled()
+    answers = settled()
     for worker, status in answers.items():
         row = next(r for r in status["remotes"] if r["name"] == "r")
         assert row["requests"] == served and row["hits"] + row["misses"] == served, (worker, row)
