@@ -86,6 +86,7 @@ class Metrics:
         # a Prometheus sample.
         self.origins: dict[str, UpstreamOutcome] = {}
         self.remote_errors: dict[str, UpstreamOutcome] = {}
+        self.outcomes_changed = 0  # bumped with each of them (the status shares them between workers)
 
         # Label lookups take a lock and hash a tuple: keep the children, which
         # the hit path asks for on every request.
@@ -122,6 +123,7 @@ class Metrics:
         of each origin and each remote's last upstream error."""
         now = self._now()
         failed = error is not None or code is None or code >= 500 or code == 429
+        self.outcomes_changed += 1
         if error is None:
             error = f"HTTP {code} from {origin}"
         o = self.origins.setdefault(origin, UpstreamOutcome())

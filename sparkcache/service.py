@@ -144,6 +144,9 @@ class SparkcacheService(MultiService):
         # The status page and /ready; its timer keeps the last hour for the charts.
         self.status = Status(self.ctx, self.runtime)
         self.status.timer().setServiceParent(self.runtime)
+        share_errors = self.status.share_errors_timer()
+        if share_errors is not None:  # worker processes: the last upstream errors, for the others
+            share_errors.setServiceParent(self.runtime)
         self.root = Root({b"setup": self.setup.resource()}, AdminApp(self.ctx, self.status).resource())
         # What each protocol's build() gave, for reconfigure().
         self.built: dict[str, Built] = {}

@@ -101,8 +101,8 @@ def reset_metrics_dir(path: str) -> None:
     """Values of a previous run are not this run's: start from an empty directory."""
     os.makedirs(path, exist_ok=True)
     for name in os.listdir(path):
-        # The metric files, and the status page's history of them (web/status.py).
-        if name.endswith(".db") or name == "status-history.json":
+        # The metric files, the status page's history and each worker's last upstream errors (web/status.py).
+        if name.endswith((".db", ".json")):
             os.unlink(os.path.join(path, name))
 
 

@@ -29,7 +29,7 @@ from sparkcache.reload import LiveConfig, Spread
 from sparkcache.service import per_worker
 from sparkcache.store import Store
 from sparkcache.store.settings import AppliedGenerations, read_api_state, update_api_remotes
-from sparkcache.web.status import COLUMNS, History, Totals, read_history, write_history
+from sparkcache.web.status import COLUMNS, History, Totals, read_json, write_json
 
 UPSTREAM = "http://upstream.example:8080"
 
@@ -143,11 +143,11 @@ def test_history_goes_through_its_file(tmp_path: Any) -> None:
     for n in range(5):
         primary.add(float(n), Totals(hits=n, misses=1, bytes_cache=10 * n))
     path = str(tmp_path / "status-history.json")
-    write_history(path, primary.as_json())
+    write_json(path, primary.as_json())
     other = History(interval=10, size=3)
-    other.load(read_history(path))
+    other.load(read_json(path))
     assert other.as_json() == primary.as_json() and len(other.samples) == 3
-    assert read_history(str(tmp_path / "none.json")) is None
+    assert read_json(str(tmp_path / "none.json")) is None
     other.load({"samples": [[1, 2], "x"]})  # not ours: nothing taken
     assert other.samples == type(other.samples)([], maxlen=3) and len(COLUMNS) == 5
 
