@@ -37,7 +37,8 @@ from sparkcache.web.status import Status
 
 log = Logger()
 SENDFILE_THREADS = 64
-# With worker processes, how often each publishes its connection counts for the others' /metrics.
+# With worker processes, how often each publishes its connection counts for the others' /metrics
+# (and the primary looks for room another worker wants made).
 CONNECTIONS_INTERVAL = 1.0
 
 
@@ -165,6 +166,8 @@ class SparkcacheService(MultiService):
             timers += [("eviction", st.eviction_interval, self._evict), ("expiry", st.expiry_interval, self._expire)]
         if config.server.workers > 1:  # the other workers' /metrics read this process's counts from its file
             timers.append(("connections", CONNECTIONS_INTERVAL, self.metrics.publish))
+            if primary:  # the room for space another worker found missing (it never evicts itself)
+                timers.append(("room", CONNECTIONS_INTERVAL, self.store.make_wanted_room))
         for name, interval, fn in timers:
             Periodic(name, interval, fn, self.clock).setServiceParent(self.runtime)
         self.listeners: list[StreamServerEndpointService] = []

@@ -577,7 +577,9 @@ class Store:
             free = await self.check_space()
             if free - need >= self.floor:
                 return True
-            if not self.evicts:  # another worker (the primary) evicts, at its next eviction tick
+            if not self.evicts:  # the primary evicts, within a second (make_wanted_room): pass this one through
+                if self._shared is not None:
+                    self._shared.want_room(need)
                 return False
             if need and need > free + self.size - self.floor:
                 return False  # even an empty cache would not hold it: keep what is there
@@ -585,6 +587,13 @@ class Store:
             return self.free is not None and self.free - need >= self.floor
         finally:
             self._room.release()
+
+    async def make_wanted_room(self) -> None:
+        """The primary, every second with worker processes: make the room
+        another worker found missing (``make_room`` there never evicts)."""
+        need = self._shared.take_wanted() if self._shared is not None else None
+        if need is not None:
+            await self.make_room(need)
 
     async def _evict_for_space(self, need: int) -> int:
         free = await self.check_space()

@@ -132,17 +132,18 @@ class SharedSpace:
     :mod:`sparkcache.store.changes`): whether the store is below its floor,
     the bytes free and the floor at the last check, when the last write error
     happened (wall-clock seconds, as the reactor's clock; 0: never) and its
-    text; and the store's size and entry count (each commit adds to them,
-    each eviction or purge counts them anew). A write error or a low disk seen
+    text; the store's size and entry count (each commit adds to them,
+    each eviction or purge counts them anew); and the room a worker that does
+    not evict wanted (``want_room``), for the primary to make. A write error or a low disk seen
     by one worker makes every worker pass misses through, and every worker's
     /health, /ready and status page say the same.
     Reads are memory reads (the miss path asks ``low_space`` and
     ``write_failed_at``); writes are rare, and the error text is written and
     read under ``flock`` so nobody sees it half written."""
 
-    _LOW, _FREE, _FLOOR, _FAILED_AT, _ERROR_LEN, _SIZE, _ENTRIES = 0, 8, 16, 24, 32, 40, 48
-    _ERROR = 56
-    ERROR_MAX = 456
+    _LOW, _FREE, _FLOOR, _FAILED_AT, _ERROR_LEN, _SIZE, _ENTRIES, _WANTED = 0, 8, 16, 24, 32, 40, 48, 56
+    _ERROR = 64
+    ERROR_MAX = 448
     SIZE = _ERROR + ERROR_MAX
 
     def __init__(self, path: str) -> None:
@@ -199,6 +200,21 @@ class SharedSpace:
     @entries.setter
     def entries(self, value: int) -> None:
         self._put("<Q", self._ENTRIES, max(0, value))
+
+    def want_room(self, need: int) -> None:
+        """A worker that does not evict found too little room for ``need`` bytes:
+        the primary evicts for the largest such need within a second."""
+        with self._locked():
+            self._put("<Q", self._WANTED, max(self._get("<Q", self._WANTED), need + 1))
+
+    def take_wanted(self) -> int | None:
+        """The room wanted since the last call (None: none); a memory read when there is none."""
+        if not self._get("<Q", self._WANTED):
+            return None
+        with self._locked():
+            wanted = int(self._get("<Q", self._WANTED))
+            self._put("<Q", self._WANTED, 0)
+        return wanted - 1 if wanted else None
 
     @property
     def write_failed_at(self) -> float | None:

@@ -29,6 +29,7 @@ from sparkcache.reload import LiveConfig, Spread
 from sparkcache.service import per_worker
 from sparkcache.store import Store
 from sparkcache.store.settings import AppliedGenerations, read_api_state, update_api_remotes
+from sparkcache.store.space import SharedSpace
 from sparkcache.web.status import COLUMNS, History, Totals, read_json, write_json
 
 UPSTREAM = "http://upstream.example:8080"
@@ -186,3 +187,20 @@ def test_the_open_file_limit_is_raised_to_the_hard_one() -> None:
         assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_worker_that_does_not_evict_asks_the_primary_for_room(tmp_path: Any) -> None:
+    from twisted.internet import reactor
+
+    worker = Store(str(tmp_path), reactor, 1 << 30, min_free=1 << 60)  # a floor no disk reaches
+    worker.share_space(evicts=False)
+    worker.io_pool.start()
+    try:
+        assert await worker.make_room(100) is False and worker.low_space
+        assert await worker.make_room(40) is False
+    finally:
+        worker.io_pool.stop()
+    primary = SharedSpace(os.path.join(str(tmp_path), "space.state"))
+    assert primary.low_space
+    assert primary.take_wanted() == 100 and primary.take_wanted() is None  # the largest need, once
