@@ -25,7 +25,7 @@ from sparkcache.pools import PoolService
 from sparkcache.protocols import PROTOCOLS, check_segments, remote_types
 from sparkcache.protocols.base import Built, ProtocolSpec
 from sparkcache.reload import LiveConfig, Spread
-from sparkcache.store import Store
+from sparkcache.store import ROOM_POLL, Store
 from sparkcache.store.settings import AppliedGenerations
 from sparkcache.timers import Periodic
 from sparkcache.web.admin import AdminApp
@@ -37,8 +37,7 @@ from sparkcache.web.status import Status
 
 log = Logger()
 SENDFILE_THREADS = 64
-# With worker processes, how often each publishes its connection counts for the others' /metrics
-# (and the primary looks for room another worker wants made).
+# With worker processes, how often each publishes its connection counts for the others' /metrics.
 CONNECTIONS_INTERVAL = 1.0
 
 
@@ -167,7 +166,7 @@ class SparkcacheService(MultiService):
         if config.server.workers > 1:  # the other workers' /metrics read this process's counts from its file
             timers.append(("connections", CONNECTIONS_INTERVAL, self.metrics.publish))
             if primary:  # the room for space another worker found missing (it never evicts itself)
-                timers.append(("room", CONNECTIONS_INTERVAL, self.store.make_wanted_room))
+                timers.append(("room", ROOM_POLL, self.store.make_wanted_room))
         for name, interval, fn in timers:
             Periodic(name, interval, fn, self.clock).setServiceParent(self.runtime)
         self.listeners: list[StreamServerEndpointService] = []

@@ -33,6 +33,7 @@ from collections import OrderedDict
 from typing import Any, Awaitable, Callable, TypeVar
 
 from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -54,6 +55,10 @@ WRITE_ERROR_HOLD = 30.0
 # Eviction for space frees this much more than the floor asks, so it does
 # not run again on the next miss.
 SPACE_SLACK = 0.10
+# With worker processes, a worker that does not evict waits this long at most
+# for the room it asked the primary for, which looks every ROOM_POLL seconds.
+ROOM_WAIT = 5.0
+ROOM_POLL = 0.1
 
 
 def _space_field(name: str) -> Any:
@@ -572,15 +577,13 @@ class Store:
     async def make_room(self, need: int) -> bool:
         """Evict (least recently used first) until ``need`` more bytes fit above
         the floor; False when they cannot (then nothing is evicted for them)."""
+        if not self.evicts:
+            return await self._room_from_primary(need)
         await self._room.acquire()
         try:
             free = await self.check_space()
             if free - need >= self.floor:
                 return True
-            if not self.evicts:  # the primary evicts, within a second (make_wanted_room): pass this one through
-                if self._shared is not None:
-                    self._shared.want_room(need)
-                return False
             if need and need > free + self.size - self.floor:
                 return False  # even an empty cache would not hold it: keep what is there
             await self._evict_for_space(need)
@@ -588,9 +591,25 @@ class Store:
         finally:
             self._room.release()
 
+    async def _room_from_primary(self, need: int) -> bool:
+        """A worker that does not evict: ask the primary for the room (it looks
+        every ROOM_POLL seconds) and wait for it, at most ROOM_WAIT seconds."""
+        free = await self.check_space()
+        if free - need >= self.floor:
+            return True
+        if (need and need > free + self.size - self.floor) or self._shared is None:
+            return False
+        self._shared.want_room(need)
+        deadline = self.clock.seconds() + ROOM_WAIT
+        while self.clock.seconds() < deadline:
+            await deferLater(self.clock, ROOM_POLL, lambda: None)
+            if await self.check_space() - need >= self.floor:
+                return True
+        return False
+
     async def make_wanted_room(self) -> None:
-        """The primary, every second with worker processes: make the room
-        another worker found missing (``make_room`` there never evicts)."""
+        """The primary, every ROOM_POLL seconds with worker processes: make the
+        room another worker found missing (``make_room`` there never evicts)."""
         need = self._shared.take_wanted() if self._shared is not None else None
         if need is not None:
             await self.make_room(need)

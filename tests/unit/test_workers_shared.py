@@ -190,9 +190,10 @@ def test_the_open_file_limit_is_raised_to_the_hard_one() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_worker_that_does_not_evict_asks_the_primary_for_room(tmp_path: Any) -> None:
+async def test_a_worker_that_does_not_evict_asks_the_primary_for_room(tmp_path: Any, monkeypatch: Any) -> None:
     from twisted.internet import reactor
 
+    monkeypatch.setattr("sparkcache.store.ROOM_WAIT", 0.3)  # no primary here: it waits in vain
     worker = Store(str(tmp_path), reactor, 1 << 30, min_free=1 << 60)  # a floor no disk reaches
     worker.share_space(evicts=False)
     worker.io_pool.start()
