@@ -196,6 +196,7 @@ async def test_a_worker_that_does_not_evict_asks_the_primary_for_room(tmp_path: 
     monkeypatch.setattr("sparkcache.store.ROOM_WAIT", 0.3)  # no primary here: it waits in vain
     worker = Store(str(tmp_path), reactor, 1 << 30, min_free=1 << 60)  # a floor no disk reaches
     worker.share_space(evicts=False)
+    worker.size = 1 << 61  # evicting could make that room (else it would not even ask)
     worker.io_pool.start()
     try:
         assert await worker.make_room(100) is False and worker.low_space
