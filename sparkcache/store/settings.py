@@ -26,6 +26,8 @@ import struct
 import threading
 from typing import Any, Callable, Mapping
 
+from sparkcache.store.changes import allocate
+
 API_REMOTES = os.path.join("remotes.d", "api.json")
 VERSION = 1
 
@@ -130,6 +132,7 @@ class AppliedGenerations:
         self._fd = os.open(os.path.join(folder, "workers"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         if os.fstat(self._fd).st_size < size:
             os.ftruncate(self._fd, size)
+        allocate(self._fd, size)
         self._map = mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
 
     def mark(self, generation: int) -> None:

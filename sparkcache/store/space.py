@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from sparkcache.store.cas import remove_file
+from sparkcache.store.changes import allocate
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -152,6 +153,7 @@ class SharedSpace:
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         if os.fstat(self._fd).st_size < self.SIZE:
             os.ftruncate(self._fd, self.SIZE)  # zeros: not low, never failed
+        allocate(self._fd, self.SIZE)
         self._map = mmap.mmap(self._fd, self.SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
 
     def _get(self, fmt: str, offset: int) -> Any:
