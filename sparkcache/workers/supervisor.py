@@ -3,7 +3,8 @@
 It never accepts a connection and never opens the store after the start-up
 check: it listens once (so systemd and clients see one service on the
 configured sockets), hands the sockets to N ``sparkcache.workers.worker``
-processes, restarts a worker that exits, forwards SIGHUP, and on stop
+processes, restarts a worker that exits, forwards SIGHUP (and SIGUSR2, which
+a worker sends it after a remotes API change, to every worker), and on stop
 forwards SIGTERM and waits for the workers to drain (docs/workers.rst).
 """
 

@@ -6,7 +6,8 @@ inherited sockets (``SPARKCACHE_WORKER_FDS``) and runs a SparkcacheService on
 them; store-wide timers only when ``SPARKCACHE_WORKER_PRIMARY=1``. The store
 was checked by the parent: the worker only opens it. Logs go to stdout, which
 the parent copies into its own log. It stops gracefully on SIGTERM, and when
-its stdin (a pipe the parent holds) closes: the parent is gone.
+its stdin (a pipe the parent holds) closes: the parent is gone. SIGUSR2
+(forwarded by the parent for another worker) re-reads the API's remotes.
 """
 
 from __future__ import annotations
