@@ -21,6 +21,7 @@ the bump). ``Index.watch_changes()`` turns this on (a worker process).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import mmap
@@ -30,6 +31,20 @@ import struct
 SLOTS = 4096
 _WORD = struct.Struct("<Q")
 _GLOBAL = 0
+
+
+def allocate(fd: int, size: int) -> None:
+    """Give a mapped file its blocks now. A page of a sparse file is allocated
+    at its first write through the mapping, and on a full disk (a full tmpfs)
+    that write kills the process with SIGBUS instead of failing: with real
+    blocks from the start, later writes never allocate."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        # A filesystem without fallocate stays sparse (writing zeros could
+        # overwrite what another worker wrote meanwhile); a full one fails here, at start.
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
 
 
 def slot_of(key: str) -> int:
@@ -44,6 +59,7 @@ class ChangeCounters:
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         if os.fstat(self._fd).st_size < size:
             os.ftruncate(self._fd, size)  # zeros; idempotent when two workers race here
+        allocate(self._fd, size)
         self._map = mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
 
     def _read(self, index: int) -> int:
