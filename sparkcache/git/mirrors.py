@@ -38,7 +38,8 @@ from sparkcache.git.interfaces import IMirrors, Mirror, MirrorLimit, MirrorUnava
 from sparkcache.pools import DaemonThreadPool, stop_pool
 from sparkcache.git.rates import HostCollector, HostRates, forge_host
 from sparkcache.git.refcheck import CheckError, RefChecker, is_http
-from sparkcache.git.registry import RegistrationError, Registry
+from sparkcache.git.registry import RUNTIME_SOURCES, RegistrationError, Registry
+from sparkcache.git.shared import FetchRecord, MirrorLocks, RegistryChanges, read_record, wait, write_record
 from sparkcache.git.repo_ops import (
     CHANGED,
     CONNECT_TIMEOUT_MS,
@@ -81,6 +82,15 @@ class DamagedMirror(FetchError):
     """fsck found damage and the re-clone failed: the next refresh re-clones."""
 
 
+class TooSoon(Exception):
+    """Another worker fetched this mirror less than git.min_fetch_interval ago (before
+    we asked): wait until ``at`` and ask again."""
+
+    def __init__(self, at: float) -> None:
+        super().__init__(at)
+        self.at = at
+
+
 # Mirrors whose last fetch time is remembered for pacing (oldest dropped first).
 MAX_PACED = 10_000
 
@@ -105,7 +115,10 @@ class MirrorState:
 
 @implementer(IMirrors)
 class Mirrors:
-    def __init__(self, config: GitConfig, data_dir: str, reactor: Any, clock: Any = None, metrics: Any = None) -> None:
+    def __init__(self, config: GitConfig, data_dir: str, reactor: Any, clock: Any = None, metrics: Any = None,
+                 shared: bool = False) -> None:
+        """``shared``: other worker processes use the same mirrors (server.workers > 1):
+        per-mirror flocks, shared fetch records and registry (git/shared.py)."""
         self.config = config
         self.reactor = reactor
         self.clock = clock or reactor
@@ -141,6 +154,15 @@ class Mirrors:
         self._stopped = False
         # mirror path -> when its last upstream fetch ended (git.min_fetch_interval)
         self._fetched_at: dict[str, float] = {}
+        self.xlocks: MirrorLocks | None = None
+        self._syncs: Singleflight[str, None] = Singleflight()
+        if shared:
+            self.xlocks = MirrorLocks(self.git_dir, self.run, self.clock)
+            self.registry.changes = RegistryChanges(self.git_dir)
+            # What the others registered before this worker started.
+            seen, entries = self.registry.read_shared()
+            self.registry.merge(entries, shared=True)
+            self.registry.changes.seen = seen
         pygit2.settings.server_connect_timeout = CONNECT_TIMEOUT_MS
         pygit2.settings.server_timeout = IO_TIMEOUT_MS
 
@@ -268,7 +290,40 @@ class Mirrors:
     def _save_registry(self) -> None:
         snap = self.registry.snapshot()
         d = self.run(self.registry.save, snap)
+        changes = self.registry.changes
+        if changes is not None:
+            def saved(value: int | None) -> None:
+                self.registry.written(e["name"] for e in snap[1])
+                if value is not None and value == changes.seen + 1:
+                    changes.seen = value  # nobody else wrote since our last look: nothing to re-read
+
+            d.addCallback(saved)
         d.addErrback(lambda f: log.failure("git: could not save the registry", f))
+
+    def synced(self) -> Deferred[None]:
+        """Fires once this worker knows the registrations the others wrote (with one
+        process, or when nothing changed: at once; else the file is re-read in the pool)."""
+        changes = self.registry.changes
+        if changes is None or not changes.stale():
+            return succeed(None)
+        return self._syncs.run("registry", lambda: self.run(self.registry.read_shared).addCallback(self._merge))
+
+    def _merge(self, shared: tuple[int, list[Any]]) -> Deferred[None] | None:
+        value, entries = shared
+        known = {m.path for m in self.mirrors()}
+        added, problems = self.registry.merge(entries, shared=True)
+        assert self.registry.changes is not None
+        self.registry.changes.seen = value
+        for problem in problems:
+            log.warn("git registry: {problem}", problem=problem)
+        for path in known - {m.path for m in self.mirrors()}:
+            self._state.pop(path, None)
+        for reg in added:
+            self._schedule(self.registry.mirror(reg))
+        if added and self.config.max_size is not None:
+            # git.max_size counts the mirrors the others cloned too.
+            return self.measure().addBoth(lambda _: None)
+        return None
 
     def exists(self, mirror: Mirror) -> bool:
         return is_repo(mirror.path)
@@ -355,9 +410,14 @@ class Mirrors:
             lock = locks[mirror.path] = DeferredLock()
         return lock
 
-    def _exclusive(self, mirror: Mirror, fn: Callable[..., T], *args: Any) -> Deferred[T]:
-        """Run ``fn(*args)`` in the pool, after any other operation on this mirror."""
-        return self._lock(mirror).run(self.run, fn, *args)
+    def _exclusive(self, mirror: Mirror, fn: Callable[..., T], *args: Any, kind: str = "") -> Deferred[T]:
+        """Run ``fn(*args)`` in the pool, after any other operation on this mirror (with
+        worker processes: in any of them). ``kind="maint"``: repack and commit-graph."""
+        lock = self._lock(mirror, self._mlocks if kind else None)
+        xlocks = self.xlocks
+        if xlocks is None:
+            return lock.run(self.run, fn, *args)
+        return lock.run(lambda: Deferred.fromCoroutine(xlocks.holding(mirror.path, fn, *args, kind=kind)))
 
     def ensure(self, mirror: Mirror) -> Deferred[Mirror]:
         if self.exists(mirror):
@@ -376,7 +436,27 @@ class Mirrors:
         joining a fetch already running for this mirror. ``paced``: wait until
         git.min_fetch_interval has passed since the last fetch ended (False only
         for the forge's own signed push webhooks)."""
+        if self.xlocks is not None:
+            return self._refreshes.run(mirror.path,
+                                       lambda: Deferred.fromCoroutine(self._paced_shared(mirror, clone, paced)))
         return self._refreshes.run(mirror.path, lambda: Deferred.fromCoroutine(self._paced(mirror, clone, paced)))
+
+    async def _paced_shared(self, mirror: Mirror, clone: bool, paced: bool) -> dict[str, str]:
+        # Across worker processes: the fetch record says when the last fetch of
+        # any worker ended. One ending after we asked is our answer (joined, as
+        # the singleflight joins one in this process); else wait out
+        # min_fetch_interval from its end, then fetch under the mirror's lock.
+        assert self.xlocks is not None
+        asked = self.clock.seconds()
+        while True:
+            if paced:
+                record = await self.xlocks.read(mirror.path)
+                if record is not None and record.ended < asked:
+                    await wait(self.clock, record.ended + self.config.min_fetch_interval - self.clock.seconds())
+            try:
+                return await self._refresh(mirror, clone, (asked, paced))
+            except TooSoon as e:
+                await wait(self.clock, e.at - self.clock.seconds())
 
     async def _paced(self, mirror: Mirror, clone: bool, paced: bool) -> dict[str, str]:
         # One fetch in flight per mirror (the singleflight above), and the next
@@ -399,15 +479,24 @@ class Mirrors:
                 for path in list(self._fetched_at)[:MAX_PACED // 2]:
                     del self._fetched_at[path]
 
-    def _refresh(self, mirror: Mirror, clone: bool) -> Deferred[dict[str, str]]:
+    def _refresh(self, mirror: Mirror, clone: bool, shared: tuple[float, bool] | None = None) -> Deferred[dict[str, str]]:
         st = self.state(mirror)
         st.fetching = True
         known = dict(st.refs) if st.refs is not None else None
         creds = self._credentials(mirror)
-        d = self._exclusive(mirror, self._fetch_sync, mirror, creds, known, clone, st.damaged)
+        if shared is None:
+            d = self._exclusive(mirror, self._fetch_sync, mirror, creds, known, clone, st.damaged)
+        else:
+            asked, paced = shared
+            reg = self.registry.get(mirror.name)
+            reserve = reg if reg is not None and reg.source in RUNTIME_SOURCES else None
+            d = self._exclusive(mirror, self._fetch_shared_sync, mirror, creds, clone, st.damaged, asked,
+                                self.config.min_fetch_interval if paced else 0.0, reserve)
 
         def done(result: Any) -> Any:
             st.fetching = False
+            if isinstance(result, Failure) and result.check(TooSoon):
+                return result  # nothing happened: _paced_shared waits and asks again
             st.last_fetch = self.clock.seconds()
             if isinstance(result, Failure):
                 self._failed(mirror, st, result.getErrorMessage())
@@ -420,13 +509,15 @@ class Mirrors:
                         if lock is not None and not lock.locked and not lock.waiting:
                             del locks[mirror.path]
                     self._save_registry()
-                if not result.check(MirrorUnavailable):
+                if not result.check(MirrorUnavailable, MirrorLimit):
                     result = Failure(FetchError(f"{mirror.name}: {st.last_error}"))
                 return result
             st.last_error = None
             if result.cloned:
                 st.damaged = False
             self._count("cloned" if result.cloned else "fetched" if result.changed else "unchanged")
+            if result.joined:  # another worker's fetch: did it change what we knew?
+                result.changed = result.refs != st.refs or result.head != st.head
             if not result.missing:
                 st.refs, st.head = result.refs, result.head
                 if result.size is not None:
@@ -650,7 +741,7 @@ class Mirrors:
         prune = st.serving == 0
         st.dirty = False  # a fetch landing during the repack sets it again
         try:
-            more = await self._lock(mirror, self._mlocks).run(self.run, self._repack_sync, mirror.path, repack, prune)
+            more = await self._exclusive(mirror, self._repack_sync, mirror.path, repack, prune, kind="maint")
         except BaseException:
             st.dirty = st.dirty or repack
             raise
@@ -698,6 +789,36 @@ class Mirrors:
         finally:
             repo.free()
         return FetchResult(refs=refs, changed=True, size=dir_size(path), head=head)
+
+    def _fetch_shared_sync(self, mirror: Mirror, creds: Any, clone: bool, reclone: bool, asked: float,
+                           min_interval: float, reserve: Any) -> FetchResult:
+        """``_fetch_sync`` under the mirror's lock held across worker processes: join a
+        fetch another worker ended after ``asked``, keep min_fetch_interval from the
+        last one, and leave the fetch record for the others."""
+        assert self.xlocks is not None
+        record_path = self.xlocks.record_path(mirror.path)
+        record = read_record(record_path)
+        if record is not None and record.ended >= asked and not reclone:
+            if record.error is not None:
+                raise FetchError(record.error)
+            if is_repo(mirror.path):
+                result = snapshot(mirror.path)
+                result.joined = True
+                return result
+        if min_interval and record is not None and record.ended + min_interval > self.clock.seconds():
+            raise TooSoon(record.ended + min_interval)
+        if reserve is not None and clone and not is_repo(mirror.path):
+            self.registry.reserve(reserve, self.config.max_mirrors)
+        started = self.clock.seconds()
+        try:
+            # The refs on disk, not those this worker last saw: another may have fetched.
+            result = self._fetch_sync(mirror, creds, None, clone, reclone)
+        except Exception as e:
+            write_record(record_path, FetchRecord(started, self.clock.seconds(), str(e), os.getpid()))
+            raise
+        if not result.missing:
+            write_record(record_path, FetchRecord(started, self.clock.seconds(), None, os.getpid()))
+        return result
 
     def _tmp(self, mirror: Mirror) -> str:
         os.makedirs(self.tmp_dir, exist_ok=True)
@@ -800,4 +921,6 @@ class Mirrors:
                     with self._building_lock:
                         if entry in self._building:
                             continue  # a clone in progress
+                    if d == self.tmp_dir and self.xlocks is not None and self.xlocks.building(entry):
+                        continue  # another worker's clone in progress
                     shutil.rmtree(os.path.join(d, entry), ignore_errors=True)

@@ -183,6 +183,7 @@ class FetchResult:
     missing: bool = False
     size: int | None = None
     head: str | None = None
+    joined: bool = False  # another worker's fetch (its record ended after we asked)
 
 
 def snapshot(path: str, changed: bool = False, cloned: bool = False) -> FetchResult:

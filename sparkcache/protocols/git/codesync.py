@@ -129,6 +129,9 @@ class CodeSyncApp:
         return deferToThreadPool(self.reactor, self.pool, fn, *args)
 
     async def mirror(self, name: str) -> Mirror:
+        synced = getattr(self.mirrors, "synced", None)
+        if synced is not None:  # registrations another worker process made
+            await synced()
         m = self.mirrors.lookup(name)
         return await shield(self.mirrors.ensure(m))  # type: ignore[no-any-return]
 

@@ -194,6 +194,10 @@ class GitApp:
         segments = [s for s in split_raw_path(request.uri, self.max_path) if s]
         query = parse_qs(request.uri.partition(b"?")[2].decode("latin-1"), keep_blank_values=True)
         method = request.method
+        synced = getattr(self.git, "synced", None)
+        if synced is not None:
+            # Registrations another worker process made (one memory read when none).
+            await synced()
         if segments[:1] == ["repos"]:
             if segments == ["repos", "hosts"] and hasattr(self.git, "hosts"):
                 _only(method, b"GET", b"HEAD")
@@ -252,7 +256,9 @@ class GitApp:
             self.ctx.auth.require(request, "read")
         elif len(rest) >= 2 and rest[-1] == "git-upload-pack":
             self.ctx.auth.require(request, "read")
-            self.git.lookup(_repo_name(rest[:-1]))
+            changes = getattr(getattr(self.git, "registry", None), "changes", None)
+            if changes is None or not changes.stale():  # else dispatch looks after the re-read
+                self.git.lookup(_repo_name(rest[:-1]))
             self._check_length(request)
         return None
 
