@@ -20,7 +20,7 @@ one mirror consistent across them:
   one process), and ``git.min_fetch_interval`` counts from the record's end,
   whoever fetched.
 - ``RegistryChanges``: a counter in ``git/registry.changes`` mapped into
-  every worker (``store.changes.ChangeCounters``), bumped after each write of
+  every worker, bumped after each write of
   ``registry.json``; a worker whose last seen value differs re-reads the file
   (in the pool) before it answers from its registry.
 
@@ -29,8 +29,11 @@ With ``workers: 1`` none of this exists: no file, no syscall.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import mmap
 import os
+import struct
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
@@ -38,7 +41,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
 from sparkcache.fetch.xlock import try_lock, unlock
-from sparkcache.store.changes import ChangeCounters
 
 LOCKS_DIR = "locks"
 # First retry soon (a ref update takes milliseconds), then back off: a clone
@@ -47,6 +49,7 @@ RETRY_FIRST = 0.02
 RETRY_MAX = 0.25
 
 RunInPool = Callable[..., "Deferred[Any]"]
+_WORD = struct.Struct("<Q")
 
 
 @dataclass(frozen=True)
@@ -147,26 +150,37 @@ class MirrorLocks:
 
 
 class RegistryChanges:
-    """How many times any worker wrote ``registry.json``; mapped, so a look is a memory read."""
+    """How many times any worker wrote ``registry.json``; mapped, so a look is a memory
+    read (``store.changes`` does the same for the index, with per-key slots)."""
 
     def __init__(self, git_dir: str) -> None:
         """Blocking (start-up): creates ``git/registry.changes`` when missing."""
         os.makedirs(git_dir, exist_ok=True)
-        self._counters = ChangeCounters(os.path.join(git_dir, "registry.changes"), slots=1)
+        self._fd = os.open(os.path.join(git_dir, "registry.changes"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if os.fstat(self._fd).st_size < _WORD.size:
+            os.ftruncate(self._fd, _WORD.size)  # zero; harmless when two workers race here
+        self._map = mmap.mmap(self._fd, _WORD.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.seen = self.value()
 
     def value(self) -> int:
-        return self._counters.stamp("")[0]
+        return int(_WORD.unpack_from(self._map, 0)[0])
 
     def stale(self) -> bool:
         return self.value() != self.seen
 
     def bump(self) -> int:
-        """Blocking (after a write of registry.json, under its lock)."""
-        return self._counters.bump(None)
+        """Blocking (after a write of registry.json); the new value."""
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            value = self.value() + 1
+            _WORD.pack_into(self._map, 0, value)
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        return value
 
     def close(self) -> None:
-        self._counters.close()
+        self._map.close()
+        os.close(self._fd)
 
 
 async def wait(clock: Any, seconds: float) -> None:
