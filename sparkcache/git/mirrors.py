@@ -39,7 +39,9 @@ from sparkcache.pools import DaemonThreadPool, stop_pool
 from sparkcache.git.rates import HostCollector, HostRates, forge_host
 from sparkcache.git.refcheck import CheckError, RefChecker, is_http
 from sparkcache.git.registry import RUNTIME_SOURCES, RegistrationError, Registry
-from sparkcache.git.shared import FetchRecord, MirrorLocks, RegistryChanges, read_record, wait, write_record
+from sparkcache.git.shared import (
+    FetchRecord, MirrorLocks, RegistryChanges, read_record, served_anywhere, wait, write_record,
+)
 from sparkcache.git.repo_ops import (
     CHANGED,
     CONNECT_TIMEOUT_MS,
@@ -380,6 +382,8 @@ class Mirrors:
     def acquire(self, mirror: Mirror) -> None:
         st = self.state(mirror)
         st.serving += 1
+        if st.serving == 1 and self.xlocks is not None:
+            self.xlocks.serve_begin(mirror.path)
         st.last_served = self.clock.seconds()
         if self.scheduler is not None:
             self.scheduler.touch(mirror)
@@ -387,6 +391,8 @@ class Mirrors:
     def release(self, mirror: Mirror) -> None:
         st = self.state(mirror)
         st.serving = max(0, st.serving - 1)
+        if st.serving == 0 and self.xlocks is not None:
+            self.xlocks.serve_end(mirror.path)
 
     @contextmanager
     def serving(self, mirror: Mirror) -> Iterator[Mirror]:
@@ -903,6 +909,8 @@ class Mirrors:
         if not is_repo(path):
             return report
         report["locks_removed"] = remove_stale_locks(path, self.config.stale_lock_age)
+        if repack and prune and self.xlocks is not None and served_anywhere(self.xlocks.path(path, "serve")):
+            prune = False  # another worker's upload-pack reads this mirror
         if repack:
             args = ["repack", "-a", "-d", "-b", "-q", "--write-midx"]
             if not prune:

@@ -103,6 +103,24 @@ def is_locked(path: str) -> bool:
     return False
 
 
+def hold_shared(path: str) -> int | None:
+    """Blocking: a shared lock on ``path`` (this worker serves the mirror), or None at
+    the instant a repack probes it (serving goes on: the same race as in one process)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def served_anywhere(path: str) -> bool:
+    """Blocking: whether any worker holds the serve lock (an upload-pack reads the mirror)."""
+    return is_locked(path)
+
+
 class MirrorLocks:
     """The per-mirror locks and fetch records under ``<git_dir>/locks``."""
 
@@ -111,6 +129,7 @@ class MirrorLocks:
         self.run = run
         self.clock = clock
         self.waits = 0  # lock attempts that found the lock held (tests, metrics)
+        self._serving: dict[str, Deferred[int | None]] = {}
 
     def path(self, mirror_path: str, kind: str = "") -> str:
         return lock_path(self.dir, mirror_path, kind)
@@ -135,6 +154,18 @@ class MirrorLocks:
             return await self.run(fn, *args)
         finally:
             unlock(fd)
+
+    def serve_begin(self, mirror_path: str) -> None:
+        """This worker began serving the mirror (its first serve in flight): a pruning
+        repack in any worker leaves it alone until ``serve_end``."""
+        if mirror_path not in self._serving:
+            self._serving[mirror_path] = self.run(hold_shared, self.path(mirror_path, "serve"))
+
+    def serve_end(self, mirror_path: str) -> None:
+        d = self._serving.pop(mirror_path, None)
+        if d is not None:
+            d.addCallback(lambda fd: unlock(fd) if fd is not None else None)
+            d.addErrback(lambda _: None)
 
     def record_path(self, mirror_path: str) -> str:
         return record_path(self.dir, mirror_path)

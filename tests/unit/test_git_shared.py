@@ -245,3 +245,38 @@ async def test_a_registration_in_one_worker_is_known_to_the_other(workers, upstr
     await b.synced()
     assert b.lookup("seeded").path == mirror.path
     assert [s["name"] for s in await b.status()] == ["seeded"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_pruning_repack_while_another_worker_serves(workers, upstream: FileUpstream, monkeypatch) -> None:
+    from sparkcache.git import mirrors as mirrors_mod
+
+    a, b = workers({"up": upstream.url}), workers({"up": upstream.url})
+    ma, mb = a.lookup("up"), b.lookup("up")
+    await a.ensure(ma)
+    seen: list[list[str]] = []
+    real = mirrors_mod.run_git
+
+    def recording(args: list[str], **kw: object) -> object:
+        seen.append(args)
+        return real(args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(mirrors_mod, "run_git", recording)
+    upstream.commit()
+    await a.refresh(ma)
+    b.acquire(mb)  # b's upload-pack reads the mirror
+    for _ in range(200):  # its shared lock is taken in the pool
+        if b.xlocks is not None and b.xlocks._serving[mb.path].called:
+            break
+        await task.deferLater(reactor, 0.01)
+    await a.maintain(ma)
+    assert [x for x in seen if x[0] == "repack"][-1][-1] == "--keep-unreachable"
+    b.release(mb)
+    upstream.commit()
+    await a.refresh(ma)
+    for _ in range(100):
+        if a.xlocks is not None and not is_locked(a.xlocks.path(ma.path, "serve")):
+            break
+        await task.deferLater(reactor, 0.01)
+    await a.maintain(ma)
+    assert "--keep-unreachable" not in [x for x in seen if x[0] == "repack"][-1]
