@@ -64,6 +64,7 @@ from sparkcache.git.repo_ops import (
     load_refs,
     probe_batch,
     read_refs,
+    remove_ref_locks,
     remove_stale_locks,
     run_git,
     seed_refs,
@@ -815,6 +816,8 @@ class Mirrors:
             raise TooSoon(record.ended + min_interval)
         if reserve is not None and clone and not is_repo(mirror.path):
             self.registry.reserve(reserve, self.config.max_mirrors)
+        if is_repo(mirror.path) and remove_ref_locks(mirror.path):
+            log.warn("git: {name}: removed ref locks left by a worker that died mid-fetch", name=mirror.name)
         started = self.clock.seconds()
         try:
             # The refs on disk, not those this worker last saw: another may have fetched.
