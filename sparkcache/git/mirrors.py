@@ -40,7 +40,7 @@ from sparkcache.git.rates import HostCollector, HostRates, forge_host
 from sparkcache.git.refcheck import CheckError, RefChecker, is_http
 from sparkcache.git.registry import RUNTIME_SOURCES, RegistrationError, Registry
 from sparkcache.git.shared import (
-    FetchRecord, MirrorLocks, RegistryChanges, read_record, served_anywhere, wait, write_record,
+    FetchRecord, MirrorLocks, RegistryChanges, read_record, read_records, served_anywhere, wait, write_record,
 )
 from sparkcache.git.repo_ops import (
     CHANGED,
@@ -114,6 +114,7 @@ class MirrorState:
     fetching: bool = False
     last_served: float | None = None
     absent: bool = False         # not on disk at the last check (never cloned)
+    refs_seen: int | None = None  # how many refs another worker's fetch left (GET /repos)
 
 
 @implementer(IMirrors)
@@ -159,6 +160,7 @@ class Mirrors:
         self._fetched_at: dict[str, float] = {}
         self.xlocks: MirrorLocks | None = None
         self._syncs: Singleflight[str, None] = Singleflight()
+        self._last_save: Deferred[Any] | None = None
         if shared:
             self.xlocks = MirrorLocks(self.git_dir, self.run, self.clock)
             self.registry.changes = RegistryChanges(self.git_dir)
@@ -293,6 +295,7 @@ class Mirrors:
     def _save_registry(self) -> None:
         snap = self.registry.snapshot()
         d = self.run(self.registry.save, snap)
+        self._last_save = d
         changes = self.registry.changes
         if changes is not None:
             def saved(value: int | None) -> None:
@@ -302,6 +305,21 @@ class Mirrors:
 
             d.addCallback(saved)
         d.addErrback(lambda f: log.failure("git: could not save the registry", f))
+
+    def flushed(self) -> Deferred[None]:
+        """Fires once the registrations made so far are written (with worker processes,
+        a registration is answered only then, so the next request may reach another)."""
+        d = self._last_save
+        if d is None or d.called:
+            return succeed(None)
+        out: Deferred[None] = Deferred()
+
+        def fire(result: Any) -> Any:
+            out.callback(None)
+            return result
+
+        d.addBoth(fire)
+        return out
 
     def synced(self) -> Deferred[None]:
         """Fires once this worker knows the registrations the others wrote (with one
@@ -351,7 +369,30 @@ class Mirrors:
             paths = {c.path for c in cloned}
             return [self._status(r, m, m.path in paths) for r, m in zip(regs, mirrors)]
 
-        return self.present(mirrors).addCallback(build)
+        xlocks = self.xlocks
+        if xlocks is None:
+            return self.present(mirrors).addCallback(build)
+        # Worker processes: what the others fetched is in the mirrors' fetch records.
+        records = self.run(read_records, [xlocks.record_path(m.path) for m in mirrors])
+
+        def adopt(found: list[FetchRecord | None]) -> Deferred[list[Mirror]]:
+            for m, record in zip(mirrors, found):
+                if record is not None:
+                    self._adopt(self.state(m), record)
+            return self.present(mirrors)
+
+        return records.addCallback(adopt).addCallback(build)
+
+    def _adopt(self, st: MirrorState, record: FetchRecord) -> None:
+        """Take what another worker's fetch left, when it is newer than what we know."""
+        if st.last_fetch is not None and st.last_fetch >= record.ended:
+            return
+        st.last_fetch, st.last_error = record.ended, record.error
+        if record.size is not None:
+            st.size = record.size
+        if record.changed is not None and (st.last_change is None or record.changed > st.last_change):
+            st.last_change = record.changed
+        st.refs_seen = record.refs
 
     def _status(self, reg: Any, m: Mirror, cloned: bool) -> dict[str, Any]:
         st = self.state(m)
@@ -360,7 +401,7 @@ class Mirrors:
                 "last_fetch": st.last_fetch, "last_check": st.last_fetch, "last_change": st.last_change,
                 "last_served": st.last_served, "last_error": st.last_error,
                 "interval": interval, "next_check": due, "host": forge_host(m.url),
-                "size": st.size, "refs": len(st.refs) if st.refs is not None else None,
+                "size": st.size, "refs": len(st.refs) if st.refs is not None else st.refs_seen,
                 "fetching": st.fetching, "credentials": describe(self._credentials(m))}
 
     def hosts(self) -> list[dict[str, Any]]:
@@ -601,6 +642,8 @@ class Mirrors:
             st.last_fetch, st.last_error = self.clock.seconds(), None
             if adv is not None:  # poll counted its own
                 self._count("unchanged")
+            if self.xlocks is not None:
+                self.xlocks.checked(mirror.path)
             return "unchanged"
         await self._quiet_refresh(mirror)
         return "fetched"
@@ -619,9 +662,24 @@ class Mirrors:
         st.last_served = now
         if st.last_fetch is not None and now - st.last_fetch < self.config.fetch_interval:
             return succeed(None)
-        d = self.check(mirror)
+        if self.xlocks is None:
+            d = self.check(mirror)
+        else:
+            # Worker processes: another one may have fetched or checked it meanwhile.
+            d = self.xlocks.last_seen(mirror.path).addCallback(self._freshen_shared, mirror)
         return d.addErrback(lambda f: log.warn("git: checking {name} failed: {why}", name=mirror.name,
                                                why=f.getErrorMessage()))
+
+    def _freshen_shared(self, seen: tuple[FetchRecord | None, float | None], mirror: Mirror) -> Any:
+        record, checked = seen
+        st = self.state(mirror)
+        if record is not None:
+            self._adopt(st, record)
+        if checked is not None and (st.last_fetch is None or checked > st.last_fetch):
+            st.last_fetch = checked
+        if st.last_fetch is not None and self.clock.seconds() - st.last_fetch < self.config.fetch_interval:
+            return None
+        return self.check(mirror)
 
     def pushed(self, mirror: Mirror, updates: dict[str, str] | None = None) -> Deferred[Any]:
         """A webhook said ``mirror`` changed: fetch now. A fetch in flight may have
@@ -823,10 +881,16 @@ class Mirrors:
             # The refs on disk, not those this worker last saw: another may have fetched.
             result = self._fetch_sync(mirror, creds, None, clone, reclone)
         except Exception as e:
-            write_record(record_path, FetchRecord(started, self.clock.seconds(), str(e), os.getpid()))
+            kept = (record.refs, record.size, record.changed) if record is not None else (None, None, None)
+            write_record(record_path, FetchRecord(started, self.clock.seconds(), str(e), os.getpid(), *kept))
             raise
         if not result.missing:
-            write_record(record_path, FetchRecord(started, self.clock.seconds(), None, os.getpid()))
+            ended = self.clock.seconds()
+            previous = record
+            write_record(record_path, FetchRecord(
+                started, ended, None, os.getpid(), len(result.refs),
+                result.size if result.size is not None else previous.size if previous else None,
+                ended if result.changed else previous.changed if previous else None))
         return result
 
     def _tmp(self, mirror: Mirror) -> str:

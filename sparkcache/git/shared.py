@@ -60,6 +60,10 @@ class FetchRecord:
     ended: float
     error: str | None = None
     pid: int = 0
+    # What the fetch left, for GET /repos and git.max_size in the other workers.
+    refs: int | None = None
+    size: int | None = None
+    changed: float | None = None  # when a fetch last changed the refs
 
 
 def lock_path(locks_dir: str, mirror_path: str, kind: str = "") -> str:
@@ -77,7 +81,8 @@ def read_record(path: str) -> FetchRecord | None:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-        return FetchRecord(float(data["started"]), float(data["ended"]), data.get("error"), int(data.get("pid", 0)))
+        return FetchRecord(float(data["started"]), float(data["ended"]), data.get("error"), int(data.get("pid", 0)),
+                           data.get("refs"), data.get("size"), data.get("changed"))
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError):
@@ -90,6 +95,29 @@ def write_record(path: str, record: FetchRecord) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(asdict(record), f)
     os.replace(tmp, path)
+
+
+def touch(path: str) -> None:
+    """Blocking: set ``path``'s mtime to now, creating it when missing."""
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a"):
+            pass
+
+
+def _last_seen(record: str, checked: str) -> tuple[FetchRecord | None, float | None]:
+    try:
+        mtime: float | None = os.stat(checked).st_mtime
+    except FileNotFoundError:
+        mtime = None
+    return read_record(record), mtime
+
+
+def read_records(paths: list[str]) -> list[FetchRecord | None]:
+    """Blocking: one pool job for the records of many mirrors (GET /repos)."""
+    return [read_record(p) for p in paths]
 
 
 def is_locked(path: str) -> bool:
@@ -172,6 +200,16 @@ class MirrorLocks:
 
     def read(self, mirror_path: str) -> "Deferred[FetchRecord | None]":
         return self.run(read_record, self.record_path(mirror_path))
+
+    def checked(self, mirror_path: str) -> None:
+        """The upstream was asked and nothing changed (any worker's check may rely on it)."""
+        d = self.run(touch, self.record_path(mirror_path)[:-len(".fetched")] + ".checked")
+        d.addErrback(lambda _: None)
+
+    def last_seen(self, mirror_path: str) -> "Deferred[tuple[FetchRecord | None, float | None]]":
+        """(the fetch record, when a check last found nothing new), from any worker."""
+        base = self.record_path(mirror_path)
+        return self.run(_last_seen, base, base[:-len(".fetched")] + ".checked")
 
     def building(self, tmp_entry: str) -> bool:
         """Blocking: whether ``git/tmp/<tmp_entry>`` (``<mirror dir>.<random>``) is a clone

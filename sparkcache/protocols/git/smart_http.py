@@ -463,6 +463,9 @@ class GitApp:
         except ValueError as e:
             raise HTTPError(409 if "already registered" in str(e) else 400, str(e)) from None
         created = mirror.url not in known
+        flushed = getattr(git, "flushed", None)
+        if flushed is not None:  # worker processes: the next request may reach another one
+            await flushed()
         # Clone now, so the first clone through the cache finds a warm mirror;
         # a failure is logged and retried on first use.
         warm = ensureDeferred(_maybe(git.ensure(mirror)))
