@@ -40,7 +40,7 @@ from sparkcache.git.rates import HostCollector, HostRates, forge_host
 from sparkcache.git.refcheck import CheckError, RefChecker, is_http
 from sparkcache.git.registry import RUNTIME_SOURCES, RegistrationError, Registry
 from sparkcache.git.shared import (
-    FetchRecord, MirrorLocks, RegistryChanges, read_record, read_records, served_anywhere, wait, write_record,
+    FetchRecord, MirrorLocks, RegistryChanges, Seen, read_record, served_anywhere, wait, write_record,
 )
 from sparkcache.git.repo_ops import (
     CHANGED,
@@ -369,30 +369,33 @@ class Mirrors:
             paths = {c.path for c in cloned}
             return [self._status(r, m, m.path in paths) for r, m in zip(regs, mirrors)]
 
-        xlocks = self.xlocks
-        if xlocks is None:
+        if self.xlocks is None:
             return self.present(mirrors).addCallback(build)
-        # Worker processes: what the others fetched is in the mirrors' fetch records.
-        records = self.run(read_records, [xlocks.record_path(m.path) for m in mirrors])
 
-        def adopt(found: list[FetchRecord | None]) -> Deferred[list[Mirror]]:
-            for m, record in zip(mirrors, found):
-                if record is not None:
-                    self._adopt(self.state(m), record)
+        # Worker processes: what the others fetched and checked is in the mirrors' records.
+        def adopt(found: list[Seen]) -> Deferred[list[Mirror]]:
+            for m, seen in zip(mirrors, found):
+                self._adopt(self.state(m), seen)
             return self.present(mirrors)
 
-        return records.addCallback(adopt).addCallback(build)
+        return self.xlocks.last_seen([m.path for m in mirrors]).addCallback(adopt).addCallback(build)
 
-    def _adopt(self, st: MirrorState, record: FetchRecord) -> None:
-        """Take what another worker's fetch left, when it is newer than what we know."""
-        if st.last_fetch is not None and st.last_fetch >= record.ended:
-            return
-        st.last_fetch, st.last_error = record.ended, record.error
-        if record.size is not None:
-            st.size = record.size
-        if record.changed is not None and (st.last_change is None or record.changed > st.last_change):
-            st.last_change = record.changed
-        st.refs_seen = record.refs
+    def _adopt(self, st: MirrorState, seen: Seen) -> None:
+        """Take what another worker's fetch or check found, when newer than what we know."""
+        record, checked = seen
+        if record is not None and (st.last_fetch is None or st.last_fetch < record.ended):
+            st.last_fetch, st.last_error = record.ended, record.error
+            if record.size is not None:
+                st.size = record.size
+            if record.changed is not None and (st.last_change is None or record.changed > st.last_change):
+                st.last_change = record.changed
+            st.refs_seen = record.refs
+        if checked is not None and (st.last_fetch is None or st.last_fetch < checked.at):
+            st.last_fetch, st.last_error = checked.at, checked.error
+
+    def _share_check(self, mirror: Mirror, st: MirrorState) -> None:
+        if self.xlocks is not None and st.last_fetch is not None:
+            self.xlocks.checked(mirror.path, st.last_fetch, st.last_error)
 
     def _status(self, reg: Any, m: Mirror, cloned: bool) -> dict[str, Any]:
         st = self.state(m)
@@ -627,6 +630,7 @@ class Mirrors:
                 if e.status is None or not 300 <= e.status < 400:
                     st.last_fetch = self.clock.seconds()
                     self._failed(mirror, st, f"{mirror.name}: {e}")
+                    self._share_check(mirror, st)
                     self._count("error")
                     return "error"
                 # A redirect (a renamed repository): libgit2 follows it, below.
@@ -642,8 +646,7 @@ class Mirrors:
             st.last_fetch, st.last_error = self.clock.seconds(), None
             if adv is not None:  # poll counted its own
                 self._count("unchanged")
-            if self.xlocks is not None:
-                self.xlocks.checked(mirror.path)
+            self._share_check(mirror, st)
             return "unchanged"
         await self._quiet_refresh(mirror)
         return "fetched"
@@ -666,17 +669,13 @@ class Mirrors:
             d = self.check(mirror)
         else:
             # Worker processes: another one may have fetched or checked it meanwhile.
-            d = self.xlocks.last_seen(mirror.path).addCallback(self._freshen_shared, mirror)
+            d = self.xlocks.last_seen([mirror.path]).addCallback(lambda seen: self._freshen_shared(seen[0], mirror))
         return d.addErrback(lambda f: log.warn("git: checking {name} failed: {why}", name=mirror.name,
                                                why=f.getErrorMessage()))
 
-    def _freshen_shared(self, seen: tuple[FetchRecord | None, float | None], mirror: Mirror) -> Any:
-        record, checked = seen
+    def _freshen_shared(self, seen: Seen, mirror: Mirror) -> Any:
         st = self.state(mirror)
-        if record is not None:
-            self._adopt(st, record)
-        if checked is not None and (st.last_fetch is None or checked > st.last_fetch):
-            st.last_fetch = checked
+        self._adopt(st, seen)
         if st.last_fetch is not None and self.clock.seconds() - st.last_fetch < self.config.fetch_interval:
             return None
         return self.check(mirror)
@@ -731,6 +730,7 @@ class Mirrors:
                 elif error is not None:
                     st.last_fetch = now
                     self._failed(m, st, f"{m.name}: {error}")
+                    self._share_check(m, st)
                     failed += 1
                     self._count("error")
             return need, failed

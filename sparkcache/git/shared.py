@@ -97,27 +97,35 @@ def write_record(path: str, record: FetchRecord) -> None:
     os.replace(tmp, path)
 
 
-def touch(path: str) -> None:
-    """Blocking: set ``path``'s mtime to now, creating it when missing."""
+@dataclass(frozen=True)
+class Checked:
+    """The last ref check that fetched nothing (the primary's loop, or a stale clone)."""
+
+    at: float
+    error: str | None = None
+
+
+Seen = tuple[FetchRecord | None, Checked | None]
+
+
+def write_checked(path: str, checked: Checked) -> None:
+    """Blocking; any worker (a check takes no lock): temp name per process, then rename."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(asdict(checked), f)
+    os.replace(tmp, path)
+
+
+def read_checked(path: str) -> Checked | None:
     try:
-        os.utime(path)
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return Checked(float(data["at"]), data.get("error"))
     except FileNotFoundError:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "a"):
-            pass
-
-
-def _last_seen(record: str, checked: str) -> tuple[FetchRecord | None, float | None]:
-    try:
-        mtime: float | None = os.stat(checked).st_mtime
-    except FileNotFoundError:
-        mtime = None
-    return read_record(record), mtime
-
-
-def read_records(paths: list[str]) -> list[FetchRecord | None]:
-    """Blocking: one pool job for the records of many mirrors (GET /repos)."""
-    return [read_record(p) for p in paths]
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def is_locked(path: str) -> bool:
@@ -201,15 +209,18 @@ class MirrorLocks:
     def read(self, mirror_path: str) -> "Deferred[FetchRecord | None]":
         return self.run(read_record, self.record_path(mirror_path))
 
-    def checked(self, mirror_path: str) -> None:
-        """The upstream was asked and nothing changed (any worker's check may rely on it)."""
-        d = self.run(touch, self.record_path(mirror_path)[:-len(".fetched")] + ".checked")
+    def checked_path(self, mirror_path: str) -> str:
+        return os.path.join(self.dir, os.path.basename(mirror_path.rstrip("/")) + ".checked")
+
+    def checked(self, mirror_path: str, at: float, error: str | None) -> None:
+        """A ref check without a fetch: nothing changed, or the upstream failed (``error``)."""
+        d = self.run(write_checked, self.checked_path(mirror_path), Checked(at, error))
         d.addErrback(lambda _: None)
 
-    def last_seen(self, mirror_path: str) -> "Deferred[tuple[FetchRecord | None, float | None]]":
-        """(the fetch record, when a check last found nothing new), from any worker."""
-        base = self.record_path(mirror_path)
-        return self.run(_last_seen, base, base[:-len(".fetched")] + ".checked")
+    def last_seen(self, mirror_paths: list[str]) -> "Deferred[list[Seen]]":
+        """For each mirror: its fetch record and its last check, by any worker (one pool job)."""
+        pairs = [(self.record_path(p), self.checked_path(p)) for p in mirror_paths]
+        return self.run(lambda: [(read_record(r), read_checked(c)) for r, c in pairs])
 
     def building(self, tmp_entry: str) -> bool:
         """Blocking: whether ``git/tmp/<tmp_entry>`` (``<mirror dir>.<random>``) is a clone
