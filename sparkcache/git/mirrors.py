@@ -36,11 +36,12 @@ from sparkcache.git.config import GitConfig
 from sparkcache.git.credentials import Callbacks, describe
 from sparkcache.git.interfaces import IMirrors, Mirror, MirrorLimit, MirrorUnavailable
 from sparkcache.pools import DaemonThreadPool, stop_pool
-from sparkcache.git.rates import HostCollector, HostRates, forge_host
+from sparkcache.git.rates import HostCollector, HostGauges, HostRates, forge_host, interval_for
 from sparkcache.git.refcheck import CheckError, RefChecker, is_http
 from sparkcache.git.registry import RUNTIME_SOURCES, RegistrationError, Registry
 from sparkcache.git.shared import (
-    FetchRecord, MirrorLocks, RegistryChanges, Seen, read_record, served_anywhere, wait, write_record,
+    FetchRecord, MirrorLocks, RegistryChanges, Seen, read_host_stats, read_record, served_anywhere, wait,
+    write_host_stats, write_record,
 )
 from sparkcache.git.repo_ops import (
     CHANGED,
@@ -149,8 +150,11 @@ class Mirrors:
         self.checker = RefChecker(reactor)
         self.scheduler: Any = None  # the loop.Scheduler, told about new and cloned mirrors
         registry = getattr(metrics, "registry", None)
-        if registry is not None:
+        self.gauges: HostGauges | None = None
+        if registry is not None and not shared:
             registry.register(HostCollector(self))
+        elif registry is not None:
+            self.gauges = HostGauges(self, registry)
         self._state: dict[str, MirrorState] = {}
         self._creds: dict[str, Any] = {}
         self._building: set[str] = set()
@@ -161,6 +165,8 @@ class Mirrors:
         self.xlocks: MirrorLocks | None = None
         self._syncs: Singleflight[str, None] = Singleflight()
         self._last_save: Deferred[Any] | None = None
+        self.primary = True  # GitService says: the check loop and maintenance run here
+        self._shared_hosts: dict[str, tuple[int, float]] = {}
         if shared:
             self.xlocks = MirrorLocks(self.git_dir, self.run, self.clock)
             self.registry.changes = RegistryChanges(self.git_dir)
@@ -400,6 +406,10 @@ class Mirrors:
     def _status(self, reg: Any, m: Mirror, cloned: bool) -> dict[str, Any]:
         st = self.state(m)
         interval, due = self.scheduler.next_check(m) if self.scheduler is not None else (None, None)
+        if self.scheduler is None and self.xlocks is not None:
+            # Another worker (the primary) runs the loop: the interval by the same rule.
+            interval = interval_for(self.config, self.clock.seconds(), st.last_served, st.last_change)
+            due = st.last_fetch + interval if st.last_fetch is not None else None
         return {"name": reg.name, "url": reg.url, "source": reg.source, "cloned": cloned,
                 "last_fetch": st.last_fetch, "last_check": st.last_fetch, "last_change": st.last_change,
                 "last_served": st.last_served, "last_error": st.last_error,
@@ -407,20 +417,45 @@ class Mirrors:
                 "size": st.size, "refs": len(st.refs) if st.refs is not None else st.refs_seen,
                 "fetching": st.fetching, "credentials": describe(self._credentials(m))}
 
-    def hosts(self) -> list[dict[str, Any]]:
-        """Per forge host: ref checks sent, their rate over the last minute, the cap."""
+    def hosts(self, primary: dict[str, tuple[int, float]] | None = None) -> list[dict[str, Any]]:
+        """Per forge host: ref checks sent, their rate over the last minute, the cap.
+        ``primary``: the primary worker's (checks, rate) per host, added to ours."""
         counts: dict[str, int] = {}
         for r in self.registry.all():
             h = forge_host(r.url)
             counts[h] = counts.get(h, 0) + 1
-        stats = {s.host: s for s in self.rates.stats()}
+        stats = {s.host: (s.checks, s.rate) for s in self.rates.stats()}
+        for host, (checks, rate) in (primary or {}).items():
+            mine = stats.get(host, (0, 0.0))
+            stats[host] = (mine[0] + checks, mine[1] + rate)
         out = []
         for host in sorted(set(counts) | set(stats)):
-            s = stats.get(host)
-            out.append({"host": host, "checks": s.checks if s else 0,
-                        "checks_per_second": round(s.rate, 3) if s else 0.0,
+            checks, rate = stats.get(host, (0, 0.0))
+            out.append({"host": host, "checks": checks, "checks_per_second": round(rate, 3),
                         "max_upstream_rate": self.rates.rate, "mirrors": counts.get(host, 0)})
         return out
+
+    def hosts_view(self) -> Deferred[list[dict[str, Any]]]:
+        """``hosts()`` for GET /repos/hosts: with worker processes, the primary's loop
+        checks (shared through a file each second, ``share_hosts``) count too."""
+        if self.xlocks is None or self.primary:
+            return succeed(self.hosts())
+        d = self.run(read_host_stats, self.xlocks.hosts_path())
+        return d.addCallback(lambda primary: self.hosts(primary))
+
+    def share_hosts(self) -> Deferred[None] | None:
+        """The primary's per-host check counts, for the other workers' GET /repos/hosts."""
+        if self.xlocks is None:
+            return None
+        if self.gauges is not None:
+            self.gauges.publish()
+        if not self.primary:
+            return None
+        stats = {s.host: (s.checks, s.rate) for s in self.rates.stats()}
+        if stats == self._shared_hosts:
+            return None
+        self._shared_hosts = stats
+        return self.run(write_host_stats, self.xlocks.hosts_path(), stats)
 
     # -- serving guard (no pruning repack while upload-pack reads a mirror) -------
 

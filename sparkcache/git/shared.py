@@ -117,6 +117,26 @@ def write_checked(path: str, checked: Checked) -> None:
     os.replace(tmp, path)
 
 
+def write_host_stats(path: str, stats: dict[str, tuple[int, float]]) -> None:
+    """Blocking: the primary's ref checks per forge host (its loop sends nearly all)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({host: list(v) for host, v in stats.items()}, f)
+    os.replace(tmp, path)
+
+
+def read_host_stats(path: str) -> dict[str, tuple[int, float]]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return {str(h): (int(v[0]), float(v[1])) for h, v in data.items()}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, TypeError, AttributeError, IndexError):
+        return {}
+
+
 def read_checked(path: str) -> Checked | None:
     try:
         with open(path, encoding="utf-8") as f:
@@ -221,6 +241,9 @@ class MirrorLocks:
         """For each mirror: its fetch record and its last check, by any worker (one pool job)."""
         pairs = [(self.record_path(p), self.checked_path(p)) for p in mirror_paths]
         return self.run(lambda: [(read_record(r), read_checked(c)) for r, c in pairs])
+
+    def hosts_path(self) -> str:
+        return os.path.join(self.dir, "hosts.json")
 
     def building(self, tmp_entry: str) -> bool:
         """Blocking: whether ``git/tmp/<tmp_entry>`` (``<mirror dir>.<random>``) is a clone

@@ -202,7 +202,8 @@ class GitApp:
             if segments == ["repos", "hosts"] and hasattr(self.git, "hosts"):
                 _only(method, b"GET", b"HEAD")
                 self.ctx.auth.require(request, "read")
-                return _json(request, self.git.hosts())
+                view = getattr(self.git, "hosts_view", None)
+                return _json(request, await view() if view is not None else self.git.hosts())
             if len(segments) != 1:
                 raise HTTPError(404, "no such resource; GET /repos lists the mirrors, GET /repos/hosts the forges")
             _only(method, b"GET", b"HEAD")
