@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import fcntl
 import json
-import mmap
 import os
-import struct
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
@@ -41,6 +39,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
 from sparkcache.fetch.xlock import try_lock, unlock
+from sparkcache.store.changes import ChangeCounters
 
 LOCKS_DIR = "locks"
 # First retry soon (a ref update takes milliseconds), then back off: a clone
@@ -49,7 +48,6 @@ RETRY_FIRST = 0.02
 RETRY_MAX = 0.25
 
 RunInPool = Callable[..., "Deferred[Any]"]
-_WORD = struct.Struct("<Q")
 
 
 @dataclass(frozen=True)
@@ -253,37 +251,27 @@ class MirrorLocks:
 
 
 class RegistryChanges:
-    """How many times any worker wrote ``registry.json``; mapped, so a look is a memory
-    read (``store.changes`` does the same for the index, with per-key slots)."""
+    """How many times any worker wrote ``registry.json``: the global counter of a
+    ``store.changes.ChangeCounters`` file of its own (mapped: a look is a memory read)."""
 
     def __init__(self, git_dir: str) -> None:
         """Blocking (start-up): creates ``git/registry.changes`` when missing."""
         os.makedirs(git_dir, exist_ok=True)
-        self._fd = os.open(os.path.join(git_dir, "registry.changes"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        if os.fstat(self._fd).st_size < _WORD.size:
-            os.ftruncate(self._fd, _WORD.size)  # zero; harmless when two workers race here
-        self._map = mmap.mmap(self._fd, _WORD.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._counters = ChangeCounters(os.path.join(git_dir, "registry.changes"))
         self.seen = self.value()
 
     def value(self) -> int:
-        return int(_WORD.unpack_from(self._map, 0)[0])
+        return self._counters.stamp("")[0]
 
     def stale(self) -> bool:
         return self.value() != self.seen
 
     def bump(self) -> int:
         """Blocking (after a write of registry.json); the new value."""
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        try:
-            value = self.value() + 1
-            _WORD.pack_into(self._map, 0, value)
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-        return value
+        return self._counters.bump(None)
 
     def close(self) -> None:
-        self._map.close()
-        os.close(self._fd)
+        self._counters.close()
 
 
 async def wait(clock: Any, seconds: float) -> None:
