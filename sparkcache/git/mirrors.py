@@ -720,7 +720,9 @@ class Mirrors:
         started before the push, so it is joined and, when it did not bring every
         updated ref in ``updates`` (ref name → new id), a second fetch follows."""
         st = self.state(mirror)
-        running = mirror.path in self._refreshes
+        # With worker processes the refresh may join another worker's fetch, which may
+        # have started before the push too.
+        running = mirror.path in self._refreshes or self.xlocks is not None
         d = self.refresh(mirror, False, paced=False)
 
         def again(refs: dict[str, str]) -> Any:
