@@ -24,20 +24,10 @@ from tests.support.git_upstream import (  # noqa: F401 - fixture
     git_daemon_config,
     git_upstream_factory,
 )
+from tests.support.client import eventually
 from tests.support.tools import require_tool
 
 WORKERS = {"workers": 2, "access_log": True}
-
-
-def eventually(check: Callable[[], Any], timeout: float = 60.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or check}")
-        time.sleep(0.05)
 
 
 def worker_pids(d: Any) -> list[int]:
@@ -137,7 +127,7 @@ def test_concurrent_first_clones_across_both_workers_clone_upstream_once(git_ups
 
     with ThreadPoolExecutor(40) as pool:
         clients = spread(d, pool, clone)
-        eventually(lambda: up.holding >= 1, what="the upstream clone")
+        eventually(lambda: up.holding >= 1, timeout=60, message="the upstream clone")
         up.release_packs()
         results = [f.result(timeout=120) for f in clients]
     assert all(r.returncode == 0 for r in results), [r.stderr for r in results if r.returncode]
@@ -172,7 +162,7 @@ def test_a_refresh_storm_across_both_workers_is_one_upstream_fetch(git_upstream_
     with ThreadPoolExecutor(40) as pool:
         clients = spread(d, pool, refresh)
         clients += [pool.submit(refresh, 100 + i) for i in range(8)]
-        eventually(lambda: up.holding >= 1, what="the upstream fetch")
+        eventually(lambda: up.holding >= 1, timeout=60, message="the upstream fetch")
         released = time.monotonic()
         up.release_packs()
         answers = [f.result(timeout=120) for f in clients]
@@ -215,7 +205,7 @@ def test_a_registration_and_a_refresh_in_one_worker_are_served_by_the_other(
     first = up.rev("main", name="app")
     # Fresh connections until both workers served the mirror registered in one of them.
     eventually(lambda: tips(0) == first and served_by(d, "/git/app/info/refs") == {"0", "1"},
-               what="both workers serving app")
+               timeout=60, message="both workers serving app")
 
     # A refresh in one worker: every clone, through either worker, sees the new tip
     # (fetch_interval is an hour: no worker would have looked upstream by itself).
@@ -253,12 +243,12 @@ def test_the_primary_killed_mid_fetch_leaves_a_sound_mirror(git_upstream_factory
 
     up.hold_packs()
     sha = up.commit({"big.bin": os.urandom(1 << 20).hex()}, "second", name="app")
-    eventually(lambda: up.holding >= 1, what="the loop's fetch")
-    holders = eventually(lambda: lock_holders(lock) & set(workers), what="the fetching worker's lock")
+    eventually(lambda: up.holding >= 1, timeout=60, message="the loop's fetch")
+    holders = eventually(lambda: lock_holders(lock) & set(workers), timeout=60, message="the fetching worker's lock")
     assert len(holders) == 1
     (victim,) = holders
     os.kill(victim, signal.SIGKILL)
-    eventually(lambda: victim not in worker_pids(d) and len(worker_pids(d)) == 2, what="the restart")
+    eventually(lambda: victim not in worker_pids(d) and len(worker_pids(d)) == 2, timeout=60, message="the restart")
     up.release_packs()
 
     # The next fetch succeeds (the kernel dropped the dead worker's lock), through either worker.

@@ -442,6 +442,21 @@ def git_upstream_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iter
         up.stop()
 
 
+def record_git_runs(monkeypatch: Any) -> list[list[str]]:
+    """The argv of every ``git`` the mirrors run (repack, commit-graph...), from now on."""
+    from sparkcache.git import mirrors as mirrors_mod
+
+    seen: list[list[str]] = []
+    real = mirrors_mod.run_git
+
+    def recording(args: list[str], **kw: Any) -> Any:
+        seen.append(args)
+        return real(args, **kw)
+
+    monkeypatch.setattr(mirrors_mod, "run_git", recording)
+    return seen
+
+
 # -- client side -------------------------------------------------------------------
 
 

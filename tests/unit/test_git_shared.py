@@ -29,7 +29,7 @@ from sparkcache.git.shared import (
     FetchRecord, MirrorLocks, RegistryChanges, is_locked, read_record, record_path, write_record,
 )
 from sparkcache.protocols import load_config_data
-from tests.support.git_upstream import FileUpstream
+from tests.support.git_upstream import FileUpstream, record_git_runs
 
 
 def in_place(fn: Any, *args: Any) -> Deferred[Any]:
@@ -249,19 +249,10 @@ async def test_a_registration_in_one_worker_is_known_to_the_other(workers, upstr
 
 @pytest_twisted.ensureDeferred
 async def test_no_pruning_repack_while_another_worker_serves(workers, upstream: FileUpstream, monkeypatch) -> None:
-    from sparkcache.git import mirrors as mirrors_mod
-
     a, b = workers({"up": upstream.url}), workers({"up": upstream.url})
     ma, mb = a.lookup("up"), b.lookup("up")
     await a.ensure(ma)
-    seen: list[list[str]] = []
-    real = mirrors_mod.run_git
-
-    def recording(args: list[str], **kw: object) -> object:
-        seen.append(args)
-        return real(args, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(mirrors_mod, "run_git", recording)
+    seen = record_git_runs(monkeypatch)
     upstream.commit()
     await a.refresh(ma)
     b.acquire(mb)  # b's upload-pack reads the mirror
