@@ -194,10 +194,9 @@ class GitApp:
         segments = [s for s in split_raw_path(request.uri, self.max_path) if s]
         query = parse_qs(request.uri.partition(b"?")[2].decode("latin-1"), keep_blank_values=True)
         method = request.method
-        synced = getattr(self.git, "synced", None)
-        if synced is not None:
-            # Registrations another worker process made (one memory read when none).
-            await synced()
+        if getattr(getattr(self.git, "registry", None), "changes", None) is not None:
+            # Worker processes: registrations another one made (a memory read when none).
+            await self.git.synced()
         if segments[:1] == ["repos"]:
             if segments == ["repos", "hosts"] and hasattr(self.git, "hosts"):
                 _only(method, b"GET", b"HEAD")
