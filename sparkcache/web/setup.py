@@ -68,8 +68,11 @@ class SetupApp:
     app = Klein()
 
     def __init__(self, ctx: Context, endpoints: Mapping[str, SetupEndpoint]) -> None:
+        from sparkcache.web import setup_node
+
         self.ctx = ctx
-        self.endpoints = dict(endpoints)
+        # ``node``: the config of a node-local daemon chained to this one (docs/tiers.rst).
+        self.endpoints = {"node": SetupEndpoint(setup_node.handler(ctx)), **endpoints}
 
     def resource(self) -> IResource:
         return guarded(self.app, JSON, self.ctx.config.server.max_path_length)

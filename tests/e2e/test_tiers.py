@@ -1,0 +1,284 @@
+"""A node-local sparkcache chained to a central one, for every protocol.
+
+One module-wide chain: real upstreams (a generic file server that also holds
+npm, cargo, Go and Maven trees, a PEP 691 simple index, Debian's registry
+behind a counting front, a git smart-HTTP server), a central daemon on them,
+and a node daemon configured from the central's ``/setup/node``. The real
+clients (ctr, pip, npm, go, git) go through the node; upstream request counts
+show each object came from upstream once (node miss → central miss →
+upstream), then from the caches. The last test stops the central: the node
+serves what it holds and answers the protocol's error for what it lacks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+from tests.support.cargo_registry import CrateSpec, Crate, index_path, publish as cargo_publish
+from tests.support.containerd import ctr, private_containerd
+from tests.support.daemon import Daemon
+from tests.support.git_upstream import GitUpstream, git
+from tests.support.go_modules import ModuleVersion, proxy_tree
+from tests.support.npm_packages import file_name, integrity, make_tarball, version_doc
+from tests.support.npm_registry import install, installed_version, project
+from tests.support.pypi_clients import JSON_TYPE, installed, ok, pip
+from tests.support.pypi_packages import wheel
+from tests.support.pypi_upstream import IndexUpstream
+from tests.support.registry import Front, build_image, oci_remote, running_registry
+from tests.support.tools import require_tool, run_checked
+from tests.support.upstream import Upstream
+
+NOWHERE = "http://127.0.0.1:9"
+GO_MOD = ModuleVersion("example.test/tierlib", "v1.0.0",
+                       {"go.mod": b"module example.test/tierlib\n", "lib.go": b"package tierlib\nconst V = 1\n"})
+MVN_JAR = "org/example/tier/1.0/tier-1.0.jar"
+
+
+def _npm_publish(up: Upstream, name: str, version: str) -> bytes:
+    data = make_tarball(name, version)
+    url = f"{up.base_url}/npm/{name}/-/{file_name(name, version)}"
+    doc = {"_id": name, "name": name, "dist-tags": {"latest": version},
+           "versions": {version: version_doc(name, version, data, url)}}
+    up.add(f"/npm/{name}", json.dumps(doc).encode(), content_type="application/json")
+    up.add(f"/npm/{name}/-/{file_name(name, version)}", data)
+    return data
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
+    work = tmp_path_factory.mktemp("tiers")
+    up = Upstream().start()
+    index = IndexUpstream(json=True).start()
+    gitup = GitUpstream(work / "git-up").start()
+    daemons: list[Daemon] = []
+    try:
+        up.add("/files/tool.bin", os.urandom(100_000))
+        up.add("/files/held.txt", b"held by the node\n")
+        up.add("/files/latest.json", b'{"v": 1}', content_type="application/json")
+        npm_data = {n: _npm_publish(up, n, "1.0.0") for n in ("tier-pkg", "tier-held")}
+        crate = Crate(CrateSpec("tiercrate", "0.1.0"), os.urandom(3000))
+        cargo_publish(up, [crate])
+        for tail, data in proxy_tree([GO_MOD]).items():
+            up.add(f"/goproxy/{tail}", data)
+        jar = os.urandom(5000)
+        up.add(f"/maven2/{MVN_JAR}", jar)
+        up.add(f"/maven2/{MVN_JAR}.sha1", hashlib.sha1(jar).hexdigest().encode())
+        index.add("tier-wheel", wheel("tier-wheel", "1.0")).add("tier-held", wheel("tier-held", "2.0"))
+        gitup.create("app", files={"README": "tiers\n"})
+
+        central = Daemon(work / "central", {
+            "files": {"type": "generic", "upstream": up.url("/files"), "mutable_patterns": [r"latest\.json$"]},
+            "py": {"type": "pypi", "upstream": index.index_url},
+            "js": {"type": "npm", "upstream": up.url("/npm")},
+            "crates": {"type": "cargo", "upstream": up.url("/index")},
+            "gomods": {"type": "go", "upstream": up.url("/goproxy"), "sumdb": False},
+            "mvn": {"type": "maven", "upstream": up.url("/maven2")},
+            "hub": oci_remote(NOWHERE, registries=["docker.io"]),  # the front's URL is set below
+            "ccache": {"type": "kv"},
+        }, extra={"git": {"repos": {"app": gitup.url("app")}, "fetch_interval": "1h"}})
+        daemons.append(central)
+        with running_registry(work / "registry") as registry:
+            layout = work / "layout"
+            image = build_image(layout, "one", {"bin/tool": os.urandom(150_000)}, arch="amd64")
+            registry.push(layout, "one", "library/tiny:1.0")
+            front = Front(registry.url).start()
+            central.remotes["hub"]["upstream"] = front.url
+            central.start()
+            resp = central.get("/setup/node?data_dir=/ignored")
+            assert resp.status == 200, resp.body
+            text = resp.body.decode()
+            node_cfg = yaml.safe_load(text)
+            node = Daemon(work / "node", node_cfg["remotes"], extra={"git": node_cfg["git"]})
+            daemons.append(node)
+            node.start()
+            yield SimpleNamespace(up=up, index=index, gitup=gitup, front=front, central=central, node=node,
+                                  text=text, cfg=node_cfg, image=image, crate=crate, npm_data=npm_data, jar=jar,
+                                  work=work)
+            front.stop()
+    finally:
+        for d in daemons:
+            d.close()
+        gitup.stop()
+        index.stop()
+        up.stop()
+
+
+def test_setup_node_lists_every_remote_pointing_at_the_central(chain: SimpleNamespace) -> None:
+    base = chain.central.base_url
+    remotes = chain.cfg["remotes"]
+    assert remotes["files"] == {"type": "generic", "upstream": f"{base}/api/files",
+                                "mutable_patterns": [r"latest\.json$"]}
+    assert remotes["py"] == {"type": "pypi", "upstream": f"{base}/pypi/py/simple"}
+    assert remotes["js"]["upstream"] == f"{base}/npm/js" and remotes["js"]["type"] == "npm"
+    assert remotes["crates"] == {"type": "cargo", "upstream": f"{base}/cargo/crates/index"}
+    assert remotes["gomods"] == {"type": "go", "upstream": f"{base}/go/gomods", "sumdb": False}
+    assert remotes["mvn"]["upstream"] == f"{base}/maven/mvn"
+    assert remotes["hub"] == {"type": "oci", "upstream": f"{base}/v2/hub", "registries": ["docker.io"]}
+    # A build cache written by clients has nothing to pull: left out, said so.
+    assert "ccache" not in remotes and "ccache (type: kv)" in chain.text
+    assert chain.cfg["git"] == {"repos": {"app": f"{base}/git/app"}}
+    assert chain.cfg["storage"] == {"data_dir": "/ignored"}
+    # No token is needed while the central reads anonymously.
+    assert "credentials" not in json.dumps(remotes)
+
+
+def test_generic_files_come_from_upstream_once(chain: SimpleNamespace) -> None:
+    node, central, up = chain.node, chain.central, chain.up
+    first = node.get("/api/files/tool.bin")
+    assert first.status == 200 and first.body == up.files["/files/tool.bin"].data
+    # Again from the node, and from the central (a second node): upstream is not asked again.
+    for d in (node, central):
+        again = d.get("/api/files/tool.bin")
+        assert again.status == 200 and again.body == first.body
+    assert up.count("/files/tool.bin") == 1
+
+
+def test_oci_ctr_pull_through_node_and_central(chain: SimpleNamespace, tmp_path: Path) -> None:
+    node, front, image = chain.node, chain.front, chain.image
+    with private_containerd() as ctrd:
+        hosts = tmp_path / "hosts" / "docker.io"
+        hosts.mkdir(parents=True)
+        (hosts / "hosts.toml").write_text(f'server = "{NOWHERE}"\n[host."{node.base_url}"]\n'
+                                          '  capabilities = ["pull", "resolve"]\n')
+        ref = "docker.io/library/tiny:1.0"
+        for ns in ("first", "second"):
+            ctr(ctrd, ns, "image", "pull", "--hosts-dir", str(tmp_path / "hosts"), ref)
+            listed = [ln.split() for ln in ctr(ctrd, ns, "images", "ls").splitlines()[1:]]
+            assert [cols[2] for cols in listed if cols[0] == ref] == [image.digest]
+    assert front.count("GET", "/v2/library/tiny/manifests/1.0") == 1, front.describe()
+    for blob in image.blobs():
+        assert front.count("GET", f"/blobs/{blob.digest}", status=200) == 1, front.describe()
+    # Digests and their header survive two tiers, by tag and by digest.
+    accept = {"Accept": image.media_type}
+    for ref in ("1.0", image.digest):
+        resp = node.get(f"/v2/library/tiny/manifests/{ref}?ns=docker.io", headers=accept)
+        assert resp.status == 200 and resp.header("Docker-Content-Digest") == image.digest
+        assert "sha256:" + hashlib.sha256(resp.body).hexdigest() == image.digest
+        via_path = node.get(f"/v2/hub/library/tiny/manifests/{ref}", headers=accept)
+        assert via_path.header("Docker-Content-Digest") == image.digest
+
+
+def test_pip_installs_through_the_chain(chain: SimpleNamespace, tmp_path: Path) -> None:
+    node, central, index = chain.node, chain.central, chain.index
+    url = f"{node.base_url}/pypi/py/simple/"
+    ok(pip(url, tmp_path / "t1", "tier-wheel==1.0", tmp=tmp_path))
+    assert installed(tmp_path / "t1", "tier_wheel") == "tier-wheel==1.0"
+    ok(pip(url, tmp_path / "t2", "tier-wheel==1.0", tmp=tmp_path))
+    w = index.projects["tier-wheel"][0]
+    assert index.count(f"/packages/{w.filename}") == 1
+    # URLs are the node's, hashes the upstream's, in both forms of the page.
+    page = node.get("/pypi/py/simple/tier-wheel/", headers={"Accept": JSON_TYPE}).json()
+    (f,) = page["files"]
+    assert f["url"].startswith(f"{node.base_url}/pypi/py/files/") and f["hashes"] == {"sha256": w.sha256}
+    html = node.get("/pypi/py/simple/tier-wheel/", headers={"Accept": "text/html"}).body.decode()
+    assert f"{node.base_url}/pypi/py/files/" in html and f"#sha256={w.sha256}" in html
+    assert central.base_url not in html and central.base_url not in json.dumps(page)
+
+
+def test_npm_installs_through_the_chain(chain: SimpleNamespace, tmp_path: Path) -> None:
+    node, central, up = chain.node, chain.central, chain.up
+    registry = f"{node.base_url}/npm/js/"
+    app = project(tmp_path / "app", {"tier-pkg": "1.0.0"})
+    install("npm", app, registry, tmp_path / "home")
+    assert installed_version(app, "tier-pkg") == "1.0.0"
+    doc = node.get("/npm/js/tier-pkg", headers={"Accept": "application/json"}).json()
+    dist = doc["versions"]["1.0.0"]["dist"]
+    assert dist["tarball"] == f"{node.base_url}/npm/js/tier-pkg/-/tier-pkg-1.0.0.tgz"
+    assert dist["integrity"] == integrity(chain.npm_data["tier-pkg"])
+    assert central.base_url not in json.dumps(doc)
+    assert up.count("/npm/tier-pkg/-/tier-pkg-1.0.0.tgz") == 1
+
+
+def test_cargo_index_and_crate_through_the_chain(chain: SimpleNamespace) -> None:
+    node, up, crate = chain.node, chain.up, chain.crate
+    config = node.get("/cargo/crates/index/config.json").json()
+    assert config["dl"].startswith(f"{node.base_url}/cargo/crates/") and "api" not in config
+    line = node.get(f"/cargo/crates/index/{index_path('tiercrate')}")
+    assert line.status == 200 and crate.cksum in line.body.decode()
+    for _ in range(2):
+        got = node.get("/cargo/crates/crates/tiercrate/0.1.0/download")
+        assert got.status == 200 and got.body == crate.data
+    assert up.count("/dl/ti/er/tiercrate/tiercrate-0.1.0.crate") == 1
+
+
+def test_go_mod_download_through_the_chain(chain: SimpleNamespace, tmp_path: Path) -> None:
+    node, up = chain.node, chain.up
+    go = require_tool("go")
+    for n in ("a", "b"):
+        home = tmp_path / n
+        (home / "tmp").mkdir(parents=True)
+        env = {"PATH": os.environ["PATH"], "HOME": str(home), "GOPATH": str(home / "gopath"),
+               "GOMODCACHE": str(home / "modcache"), "GOCACHE": str(home / "gocache"), "GOFLAGS": "-modcacherw",
+               "GOTOOLCHAIN": "local", "GOPROXY": f"{node.base_url}/go/gomods", "GOSUMDB": "off",
+               "TMPDIR": str(home / "tmp")}
+        out = run_checked([go, "mod", "download", "-json", f"{GO_MOD.module}@{GO_MOD.version}"], cwd=home, env=env)
+        assert json.loads(out.stdout)["Version"] == GO_MOD.version
+    assert up.count("/goproxy/example.test/tierlib/@v/v1.0.0.zip") == 1
+
+
+def test_maven_artifact_and_checksum_through_the_chain(chain: SimpleNamespace) -> None:
+    node, up = chain.node, chain.up
+    for _ in range(2):
+        got = node.get(f"/maven/mvn/{MVN_JAR}")
+        assert got.status == 200 and got.body == chain.jar
+    assert node.get(f"/maven/mvn/{MVN_JAR}.sha1").body.decode().strip() == hashlib.sha1(chain.jar).hexdigest()
+    assert up.count(f"/maven2/{MVN_JAR}") == 1
+
+
+def test_git_clone_from_a_node_mirror_of_the_central(chain: SimpleNamespace, tmp_path: Path) -> None:
+    node, gitup = chain.node, chain.gitup
+    git("clone", "-q", f"{node.base_url}/git/app", str(tmp_path / "clone"))
+    assert (tmp_path / "clone" / "README").read_text() == "tiers\n"
+    head = subprocess.run(["git", "-C", str(tmp_path / "clone"), "rev-parse", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert head == gitup.rev("main", "app")
+
+
+def test_node_serves_stale_while_the_central_is_down(chain: SimpleNamespace, tmp_path: Path) -> None:
+    node, central = chain.node, chain.central
+    held = {
+        "/api/files/held.txt": None,
+        "/api/files/latest.json": None,
+        "/pypi/py/simple/tier-held/": {"Accept": JSON_TYPE},
+        "/npm/js/tier-held": {"Accept": "application/json"},
+        "/maven/mvn/" + MVN_JAR: None,
+        f"/cargo/crates/index/{index_path('tiercrate')}": None,
+        "/v2/hub/library/tiny/manifests/1.0": {"Accept": chain.image.media_type},
+    }
+    ok(pip(f"{node.base_url}/pypi/py/simple/", tmp_path / "warm", "tier-held==2.0", tmp=tmp_path))
+    before = {}
+    for path, headers in held.items():
+        resp = node.get(path, headers=headers)
+        assert resp.status == 200, (path, resp.status, resp.body[:300])
+        before[path] = resp.body
+    central.stop()
+    try:
+        for path, headers in held.items():
+            resp = node.get(path, headers=headers)
+            assert resp.status == 200 and resp.body == before[path], (path, resp.status, resp.body[:300])
+        # What the node lacks: each protocol's own error, never a hang or HTML.
+        lacking = {
+            "/api/files/never.bin": None,
+            "/pypi/py/simple/never-fetched/": {"Accept": JSON_TYPE},
+            "/npm/js/never-fetched": {"Accept": "application/json"},
+            "/maven/mvn/org/example/never/1.0/never-1.0.jar": None,
+            "/v2/hub/library/never/manifests/1.0": None,
+        }
+        for path, headers in lacking.items():
+            resp = node.get(path, headers=headers)
+            assert resp.status in (404, 502, 503, 504), (path, resp.status, resp.body[:300])
+            assert not resp.body.lstrip().startswith(b"<"), (path, resp.body[:300])
+        # pip still installs what the node holds.
+        ok(pip(f"{node.base_url}/pypi/py/simple/", tmp_path / "stale", "tier-held==2.0", tmp=tmp_path))
+        assert installed(tmp_path / "stale", "tier_held") == "tier-held==2.0"
+    finally:
+        central.start()
