@@ -81,12 +81,14 @@ def node_remote(remote: RemoteConfig, rtype: str, url: str, types: Mapping[str, 
         out["immutable_patterns"] = [p.pattern for p in remote.immutable_patterns]
     if same and "check_mutable_updates" in kind.honours and remote.check_mutable_updates:
         out["check_mutable_updates"] = True
+    options = _type_options(remote, rtype, url)
     if same:
         cache = {key: getattr(remote.cache, key) for key in ("immutable_ttl", "mutable_ttl", "negative_ttl")
-                 if f"cache.{key}" in kind.honours and getattr(remote.cache, key) != _default_cache(kind, key)}
+                 if f"cache.{key}" in kind.honours and getattr(remote.cache, key) != _default_cache(kind, key)
+                 and not (key == "mutable_ttl" and "tag_ttl" in options)}
         if cache:
             out["cache"] = {k: f"{v:g}s" for k, v in cache.items()}
-    out.update(_type_options(remote, rtype, url))
+    out.update(options)
     if token:
         out["credentials"] = {"token_env": TOKEN_ENV}
     return out
@@ -99,10 +101,13 @@ def _default_cache(kind: RemoteKind, key: str) -> float:
 def _type_options(remote: RemoteConfig, rtype: str, url: str) -> dict[str, Any]:
     """The type's own keys a node needs to speak for this remote."""
     if rtype == "oci" and remote.type == "oci":
-        from sparkcache.protocols.oci.config import options_of as oci_options
+        from sparkcache.protocols.oci.config import DEFAULT_TAG_TTL, options_of as oci_options
 
-        registries = list(oci_options(remote).registries)
-        return {"registries": registries} if registries else {}
+        opts = oci_options(remote)
+        out: dict[str, Any] = {"registries": list(opts.registries)} if opts.registries else {}
+        if opts.tag_ttl != DEFAULT_TAG_TTL:
+            out["tag_ttl"] = f"{opts.tag_ttl:g}s"
+        return out
     if rtype == "go":
         from sparkcache.protocols.go.sumdb import options_of as go_options
 

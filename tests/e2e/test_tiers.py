@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterator
@@ -41,6 +42,8 @@ NOWHERE = "http://127.0.0.1:9"
 GO_MOD = ModuleVersion("example.test/tierlib", "v1.0.0",
                        {"go.mod": b"module example.test/tierlib\n", "lib.go": b"package tierlib\nconst V = 1\n"})
 MVN_JAR = "org/example/tier/1.0/tier-1.0.jar"
+# Mutable entries go stale fast, so the last test sees the node's stale-on-error answers.
+TTL = {"mutable_ttl": "1s"}
 
 
 def _npm_publish(up: Upstream, name: str, version: str) -> bytes:
@@ -76,13 +79,14 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]
         gitup.create("app", files={"README": "tiers\n"})
 
         central = Daemon(work / "central", {
-            "files": {"type": "generic", "upstream": up.url("/files"), "mutable_patterns": [r"latest\.json$"]},
-            "py": {"type": "pypi", "upstream": index.index_url},
-            "js": {"type": "npm", "upstream": up.url("/npm")},
-            "crates": {"type": "cargo", "upstream": up.url("/index")},
+            "files": {"type": "generic", "upstream": up.url("/files"), "mutable_patterns": [r"latest\.json$"],
+                      "cache": TTL},
+            "py": {"type": "pypi", "upstream": index.index_url, "cache": TTL},
+            "js": {"type": "npm", "upstream": up.url("/npm"), "cache": TTL},
+            "crates": {"type": "cargo", "upstream": up.url("/index"), "cache": TTL},
             "gomods": {"type": "go", "upstream": up.url("/goproxy"), "sumdb": False},
             "mvn": {"type": "maven", "upstream": up.url("/maven2")},
-            "hub": oci_remote(NOWHERE, registries=["docker.io"]),  # the front's URL is set below
+            "hub": oci_remote(NOWHERE, registries=["docker.io"], tag_ttl="1s"),  # the front's URL is set below
             "ccache": {"type": "kv"},
         }, extra={"git": {"repos": {"app": gitup.url("app")}, "fetch_interval": "1h"}})
         daemons.append(central)
@@ -97,10 +101,13 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]
             assert resp.status == 200, resp.body
             text = resp.body.decode()
             node_cfg = yaml.safe_load(text)
-            node = Daemon(work / "node", node_cfg["remotes"], extra={"git": node_cfg["git"]})
-            daemons.append(node)
+            # Two nodes from the same config: the second finds everything at the central.
+            node, node2 = (Daemon(work / name, node_cfg["remotes"], extra={"git": node_cfg["git"]})
+                           for name in ("node", "node2"))
+            daemons += [node, node2]
             node.start()
-            yield SimpleNamespace(up=up, index=index, gitup=gitup, front=front, central=central, node=node,
+            node2.start()
+            yield SimpleNamespace(up=up, index=index, gitup=gitup, front=front, central=central, node=node, node2=node2,
                                   text=text, cfg=node_cfg, image=image, crate=crate, npm_data=npm_data, jar=jar,
                                   work=work)
             front.stop()
@@ -115,14 +122,16 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]
 def test_setup_node_lists_every_remote_pointing_at_the_central(chain: SimpleNamespace) -> None:
     base = chain.central.base_url
     remotes = chain.cfg["remotes"]
+    ttl = {"mutable_ttl": "1s"}
     assert remotes["files"] == {"type": "generic", "upstream": f"{base}/api/files",
-                                "mutable_patterns": [r"latest\.json$"]}
-    assert remotes["py"] == {"type": "pypi", "upstream": f"{base}/pypi/py/simple"}
+                                "mutable_patterns": [r"latest\.json$"], "cache": ttl}
+    assert remotes["py"] == {"type": "pypi", "upstream": f"{base}/pypi/py/simple", "cache": ttl}
     assert remotes["js"]["upstream"] == f"{base}/npm/js" and remotes["js"]["type"] == "npm"
-    assert remotes["crates"] == {"type": "cargo", "upstream": f"{base}/cargo/crates/index"}
+    assert remotes["crates"] == {"type": "cargo", "upstream": f"{base}/cargo/crates/index", "cache": ttl}
     assert remotes["gomods"] == {"type": "go", "upstream": f"{base}/go/gomods", "sumdb": False}
     assert remotes["mvn"]["upstream"] == f"{base}/maven/mvn"
-    assert remotes["hub"] == {"type": "oci", "upstream": f"{base}/v2/hub", "registries": ["docker.io"]}
+    assert remotes["hub"] == {"type": "oci", "upstream": f"{base}/v2/hub", "registries": ["docker.io"],
+                              "tag_ttl": "1s"}
     # A build cache written by clients has nothing to pull: left out, said so.
     assert "ccache" not in remotes and "ccache (type: kv)" in chain.text
     assert chain.cfg["git"] == {"repos": {"app": f"{base}/git/app"}}
@@ -135,8 +144,8 @@ def test_generic_files_come_from_upstream_once(chain: SimpleNamespace) -> None:
     node, central, up = chain.node, chain.central, chain.up
     first = node.get("/api/files/tool.bin")
     assert first.status == 200 and first.body == up.files["/files/tool.bin"].data
-    # Again from the node, and from the central (a second node): upstream is not asked again.
-    for d in (node, central):
+    # Again from the node, from the second node and from the central: upstream is not asked again.
+    for d in (node, chain.node2, central):
         again = d.get("/api/files/tool.bin")
         assert again.status == 200 and again.body == first.body
     assert up.count("/files/tool.bin") == 1
@@ -145,13 +154,14 @@ def test_generic_files_come_from_upstream_once(chain: SimpleNamespace) -> None:
 def test_oci_ctr_pull_through_node_and_central(chain: SimpleNamespace, tmp_path: Path) -> None:
     node, front, image = chain.node, chain.front, chain.image
     with private_containerd() as ctrd:
-        hosts = tmp_path / "hosts" / "docker.io"
-        hosts.mkdir(parents=True)
-        (hosts / "hosts.toml").write_text(f'server = "{NOWHERE}"\n[host."{node.base_url}"]\n'
-                                          '  capabilities = ["pull", "resolve"]\n')
         ref = "docker.io/library/tiny:1.0"
-        for ns in ("first", "second"):
-            ctr(ctrd, ns, "image", "pull", "--hosts-dir", str(tmp_path / "hosts"), ref)
+        # A pull through the node, then one through the second node.
+        for ns, d in (("first", node), ("second", chain.node2)):
+            hosts = tmp_path / ns / "docker.io"
+            hosts.mkdir(parents=True)
+            (hosts / "hosts.toml").write_text(f'server = "{NOWHERE}"\n[host."{d.base_url}"]\n'
+                                              '  capabilities = ["pull", "resolve"]\n')
+            ctr(ctrd, ns, "image", "pull", "--hosts-dir", str(tmp_path / ns), ref)
             listed = [ln.split() for ln in ctr(ctrd, ns, "images", "ls").splitlines()[1:]]
             assert [cols[2] for cols in listed if cols[0] == ref] == [image.digest]
     assert front.count("GET", "/v2/library/tiny/manifests/1.0") == 1, front.describe()
@@ -172,7 +182,8 @@ def test_pip_installs_through_the_chain(chain: SimpleNamespace, tmp_path: Path) 
     url = f"{node.base_url}/pypi/py/simple/"
     ok(pip(url, tmp_path / "t1", "tier-wheel==1.0", tmp=tmp_path))
     assert installed(tmp_path / "t1", "tier_wheel") == "tier-wheel==1.0"
-    ok(pip(url, tmp_path / "t2", "tier-wheel==1.0", tmp=tmp_path))
+    ok(pip(f"{chain.node2.base_url}/pypi/py/simple/", tmp_path / "t2", "tier-wheel==1.0", tmp=tmp_path))
+    assert installed(tmp_path / "t2", "tier_wheel") == "tier-wheel==1.0"
     w = index.projects["tier-wheel"][0]
     assert index.count(f"/packages/{w.filename}") == 1
     # URLs are the node's, hashes the upstream's, in both forms of the page.
@@ -245,32 +256,37 @@ def test_git_clone_from_a_node_mirror_of_the_central(chain: SimpleNamespace, tmp
 
 def test_node_serves_stale_while_the_central_is_down(chain: SimpleNamespace, tmp_path: Path) -> None:
     node, central = chain.node, chain.central
+    # path → (request headers, whether the entry is mutable: served STALE once its 1 s TTL is over)
     held = {
-        "/api/files/held.txt": None,
-        "/api/files/latest.json": None,
-        "/pypi/py/simple/tier-held/": {"Accept": JSON_TYPE},
-        "/npm/js/tier-held": {"Accept": "application/json"},
-        "/maven/mvn/" + MVN_JAR: None,
-        f"/cargo/crates/index/{index_path('tiercrate')}": None,
-        "/v2/hub/library/tiny/manifests/1.0": {"Accept": chain.image.media_type},
+        "/api/files/held.txt": (None, False),
+        "/api/files/latest.json": (None, True),
+        "/pypi/py/simple/tier-held/": ({"Accept": JSON_TYPE}, True),
+        "/npm/js/tier-held": ({"Accept": "application/json"}, True),
+        "/maven/mvn/" + MVN_JAR: (None, False),
+        f"/cargo/crates/index/{index_path('tiercrate')}": (None, True),
+        "/v2/hub/library/tiny/manifests/1.0": ({"Accept": chain.image.media_type}, True),
     }
     ok(pip(f"{node.base_url}/pypi/py/simple/", tmp_path / "warm", "tier-held==2.0", tmp=tmp_path))
     before = {}
-    for path, headers in held.items():
+    for path, (headers, _) in held.items():
         resp = node.get(path, headers=headers)
         assert resp.status == 200, (path, resp.status, resp.body[:300])
         before[path] = resp.body
-    central.stop()
+    time.sleep(1.2)  # the mutable entries' TTL (1 s) runs out: the node must ask the central again
+    central.kill()  # down hard, as a crashed or unreachable central is
     try:
-        for path, headers in held.items():
+        for path, (headers, mutable) in held.items():
             resp = node.get(path, headers=headers)
             assert resp.status == 200 and resp.body == before[path], (path, resp.status, resp.body[:300])
+            assert resp.header("X-Cache") == ("STALE" if mutable else "HIT"), (path, resp.header("X-Cache"))
         # What the node lacks: each protocol's own error, never a hang or HTML.
         lacking = {
             "/api/files/never.bin": None,
             "/pypi/py/simple/never-fetched/": {"Accept": JSON_TYPE},
             "/npm/js/never-fetched": {"Accept": "application/json"},
             "/maven/mvn/org/example/never/1.0/never-1.0.jar": None,
+            "/cargo/crates/index/ne/ve/never": None,
+            "/go/gomods/example.test/never/@v/list": None,
             "/v2/hub/library/never/manifests/1.0": None,
         }
         for path, headers in lacking.items():
