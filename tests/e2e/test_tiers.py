@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,7 +27,7 @@ import yaml
 
 from tests.support.cargo_registry import CrateSpec, Crate, index_path, publish as cargo_publish
 from tests.support.containerd import ctr, private_containerd
-from tests.support.daemon import Daemon
+from tests.support.daemon import Daemon, daemon_env
 from tests.support.git_upstream import GitUpstream, git
 from tests.support.go_modules import ModuleVersion, proxy_tree
 from tests.support.npm_packages import file_name, integrity, make_tarball, version_doc
@@ -44,6 +45,8 @@ GO_MOD = ModuleVersion("example.test/tierlib", "v1.0.0",
 MVN_JAR = "org/example/tier/1.0/tier-1.0.jar"
 # Mutable entries go stale fast, so the last test sees the node's stale-on-error answers.
 TTL = {"mutable_ttl": "1s"}
+CENTRAL_TOKEN = "tiers-read-4f1c"
+READ = {"Authorization": f"Bearer {CENTRAL_TOKEN}"}
 
 
 def _npm_publish(up: Upstream, name: str, version: str) -> bytes:
@@ -88,7 +91,9 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]
             "mvn": {"type": "maven", "upstream": up.url("/maven2")},
             "hub": oci_remote(NOWHERE, registries=["docker.io"], tag_ttl="1s"),  # the front's URL is set below
             "ccache": {"type": "kv"},
-        }, extra={"git": {"repos": {"app": gitup.url("app")}, "fetch_interval": "1h"}})
+        }, extra={"git": {"repos": {"app": gitup.url("app")}, "fetch_interval": "1h"}},
+           # Reads need a token at the central: the nodes present theirs (the config's placeholder).
+           auth={"anonymous_read": False}, env={"SPARKCACHE_READ_TOKEN": CENTRAL_TOKEN})
         daemons.append(central)
         with running_registry(work / "registry") as registry:
             layout = work / "layout"
@@ -97,12 +102,13 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]
             front = Front(registry.url).start()
             central.remotes["hub"]["upstream"] = front.url
             central.start()
-            resp = central.get("/setup/node?data_dir=/ignored")
+            resp = central.get("/setup/node?data_dir=/ignored", headers=READ)
             assert resp.status == 200, resp.body
             text = resp.body.decode()
             node_cfg = yaml.safe_load(text)
             # Two nodes from the same config: the second finds everything at the central.
-            node, node2 = (Daemon(work / name, node_cfg["remotes"], extra={"git": node_cfg["git"]})
+            node, node2 = (Daemon(work / name, node_cfg["remotes"], extra={"git": node_cfg["git"]},
+                                  env={"SPARKCACHE_CENTRAL_TOKEN": CENTRAL_TOKEN})
                            for name in ("node", "node2"))
             daemons += [node, node2]
             node.start()
@@ -122,22 +128,32 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]
 def test_setup_node_lists_every_remote_pointing_at_the_central(chain: SimpleNamespace) -> None:
     base = chain.central.base_url
     remotes = chain.cfg["remotes"]
+    # The central refuses anonymous reads: every upstream carries the token placeholder.
+    for name, r in remotes.items():
+        assert r.pop("credentials") == {"token_env": "SPARKCACHE_CENTRAL_TOKEN"}, name
     ttl = {"mutable_ttl": "1s"}
     assert remotes["files"] == {"type": "generic", "upstream": f"{base}/api/files",
                                 "mutable_patterns": [r"latest\.json$"], "cache": ttl}
     assert remotes["py"] == {"type": "pypi", "upstream": f"{base}/pypi/py/simple", "cache": ttl}
-    assert remotes["js"]["upstream"] == f"{base}/npm/js" and remotes["js"]["type"] == "npm"
+    assert remotes["js"] == {"type": "npm", "upstream": f"{base}/npm/js", "cache": ttl}
     assert remotes["crates"] == {"type": "cargo", "upstream": f"{base}/cargo/crates/index", "cache": ttl}
     assert remotes["gomods"] == {"type": "go", "upstream": f"{base}/go/gomods", "sumdb": False}
-    assert remotes["mvn"]["upstream"] == f"{base}/maven/mvn"
+    assert remotes["mvn"] == {"type": "maven", "upstream": f"{base}/maven/mvn"}
     assert remotes["hub"] == {"type": "oci", "upstream": f"{base}/v2/hub", "registries": ["docker.io"],
                               "tag_ttl": "1s"}
     # A build cache written by clients has nothing to pull: left out, said so.
-    assert "ccache" not in remotes and "ccache (type: kv)" in chain.text
-    assert chain.cfg["git"] == {"repos": {"app": f"{base}/git/app"}}
+    assert set(remotes) == {"files", "py", "js", "crates", "gomods", "mvn", "hub"}
+    assert "ccache (type: kv)" in chain.text and "SPARKCACHE_CENTRAL_TOKEN in the daemon's environment" in chain.text
+    host = base.split("://")[1]
+    assert chain.cfg["git"] == {"repos": {"app": f"{base}/git/app"}, "credentials": {
+        host: {"username": "token", "token_env": "SPARKCACHE_CENTRAL_TOKEN"}}}
     assert chain.cfg["storage"] == {"data_dir": "/ignored"}
-    # No token is needed while the central reads anonymously.
-    assert "credentials" not in json.dumps(remotes)
+    assert CENTRAL_TOKEN not in chain.text
+    # The CLI prints the same.
+    cli = subprocess.run([sys.executable, "-m", "sparkcache.cli", "--url", base, "setup", "node",
+                          "--param", "data_dir=/ignored"], env=daemon_env({"SPARKCACHE_TOKEN": CENTRAL_TOKEN}),
+                         capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 0 and cli.stdout == chain.text, cli.stderr
 
 
 def test_generic_files_come_from_upstream_once(chain: SimpleNamespace) -> None:
@@ -146,7 +162,7 @@ def test_generic_files_come_from_upstream_once(chain: SimpleNamespace) -> None:
     assert first.status == 200 and first.body == up.files["/files/tool.bin"].data
     # Again from the node, from the second node and from the central: upstream is not asked again.
     for d in (node, chain.node2, central):
-        again = d.get("/api/files/tool.bin")
+        again = d.get("/api/files/tool.bin", headers=READ if d is central else None)
         assert again.status == 200 and again.body == first.body
     assert up.count("/files/tool.bin") == 1
 
