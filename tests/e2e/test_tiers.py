@@ -29,6 +29,7 @@ from tests.support.cargo_registry import CrateSpec, Crate, index_path, publish a
 from tests.support.containerd import ctr, private_containerd
 from tests.support.daemon import Daemon, daemon_env
 from tests.support.git_upstream import GitUpstream, git
+from tests.support.go_sumdb import SumDB
 from tests.support.go_modules import ModuleVersion, proxy_tree
 from tests.support.npm_packages import file_name, integrity, make_tarball, version_doc
 from tests.support.npm_registry import install, installed_version, project
@@ -40,6 +41,7 @@ from tests.support.tools import require_tool, run_checked
 from tests.support.upstream import Upstream
 
 NOWHERE = "http://127.0.0.1:9"
+SUMDB_NAME = "sum.tiers.example"
 GO_MOD = ModuleVersion("example.test/tierlib", "v1.0.0",
                        {"go.mod": b"module example.test/tierlib\n", "lib.go": b"package tierlib\nconst V = 1\n"})
 MVN_JAR = "org/example/tier/1.0/tier-1.0.jar"
@@ -75,6 +77,9 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]
         cargo_publish(up, [crate])
         for tail, data in proxy_tree([GO_MOD]).items():
             up.add(f"/goproxy/{tail}", data)
+        sumdb = SumDB(SUMDB_NAME, [GO_MOD])
+        for tail, data in sumdb.files().items():
+            up.add(f"/sumdb/{tail}", data)
         jar = os.urandom(5000)
         up.add(f"/maven2/{MVN_JAR}", jar)
         up.add(f"/maven2/{MVN_JAR}.sha1", hashlib.sha1(jar).hexdigest().encode())
@@ -87,7 +92,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]
             "py": {"type": "pypi", "upstream": index.index_url, "cache": TTL},
             "js": {"type": "npm", "upstream": up.url("/npm"), "cache": TTL},
             "crates": {"type": "cargo", "upstream": up.url("/index"), "cache": TTL},
-            "gomods": {"type": "go", "upstream": up.url("/goproxy"), "sumdb": False},
+            "gomods": {"type": "go", "upstream": up.url("/goproxy"), "sumdb": {SUMDB_NAME: up.url("/sumdb")}},
             "mvn": {"type": "maven", "upstream": up.url("/maven2")},
             "hub": oci_remote(NOWHERE, registries=["docker.io"], tag_ttl="1s"),  # the front's URL is set below
             "ccache": {"type": "kv"},
@@ -114,7 +119,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]
             node.start()
             node2.start()
             yield SimpleNamespace(up=up, index=index, gitup=gitup, front=front, central=central, node=node, node2=node2,
-                                  text=text, cfg=node_cfg, image=image, crate=crate, npm_data=npm_data, jar=jar,
+                                  text=text, cfg=node_cfg, image=image, crate=crate, npm_data=npm_data, jar=jar, sumdb=sumdb,
                                   work=work)
             front.stop()
     finally:
@@ -137,7 +142,8 @@ def test_setup_node_lists_every_remote_pointing_at_the_central(chain: SimpleName
     assert remotes["py"] == {"type": "pypi", "upstream": f"{base}/pypi/py/simple", "cache": ttl}
     assert remotes["js"] == {"type": "npm", "upstream": f"{base}/npm/js", "cache": ttl}
     assert remotes["crates"] == {"type": "cargo", "upstream": f"{base}/cargo/crates/index", "cache": ttl}
-    assert remotes["gomods"] == {"type": "go", "upstream": f"{base}/go/gomods", "sumdb": False}
+    assert remotes["gomods"] == {"type": "go", "upstream": f"{base}/go/gomods",
+                                 "sumdb": {SUMDB_NAME: f"{base}/go/gomods/sumdb/{SUMDB_NAME}"}}
     assert remotes["mvn"] == {"type": "maven", "upstream": f"{base}/maven/mvn"}
     assert remotes["hub"] == {"type": "oci", "upstream": f"{base}/v2/hub", "registries": ["docker.io"],
                               "tag_ttl": "1s"}
@@ -245,11 +251,13 @@ def test_go_mod_download_through_the_chain(chain: SimpleNamespace, tmp_path: Pat
         (home / "tmp").mkdir(parents=True)
         env = {"PATH": os.environ["PATH"], "HOME": str(home), "GOPATH": str(home / "gopath"),
                "GOMODCACHE": str(home / "modcache"), "GOCACHE": str(home / "gocache"), "GOFLAGS": "-modcacherw",
-               "GOTOOLCHAIN": "local", "GOPROXY": f"{node.base_url}/go/gomods", "GOSUMDB": "off",
+               "GOTOOLCHAIN": "local", "GOPROXY": f"{node.base_url}/go/gomods", "GOSUMDB": chain.sumdb.gosumdb,
                "TMPDIR": str(home / "tmp")}
         out = run_checked([go, "mod", "download", "-json", f"{GO_MOD.module}@{GO_MOD.version}"], cwd=home, env=env)
         assert json.loads(out.stdout)["Version"] == GO_MOD.version
     assert up.count("/goproxy/example.test/tierlib/@v/v1.0.0.zip") == 1
+    # The module was checked against the checksum database, reached through both tiers only.
+    assert up.count("/sumdb/lookup/example.test/tierlib@v1.0.0") == 1
 
 
 def test_maven_artifact_and_checksum_through_the_chain(chain: SimpleNamespace) -> None:
