@@ -80,6 +80,6 @@ async def test_node_config_chains_every_remote_and_loads(h: Harness) -> None:
 @pytest_twisted.ensureDeferred
 async def test_node_is_listed_and_head_answers(h: Harness) -> None:
     listing = await h.get("/setup/", headers=bearer(READ))
-    assert "node" in listing.body.decode()
+    assert "/setup/node" in listing.body.decode()
     head = await h.request("HEAD", "/setup/node", headers=bearer(READ))
     assert head.status == 200 and head.body == b"" and int(head.header("Content-Length") or 0) > 0
