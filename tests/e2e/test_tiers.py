@@ -33,7 +33,7 @@ from tests.support.go_sumdb import SumDB
 from tests.support.go_modules import ModuleVersion, proxy_tree
 from tests.support.npm_packages import file_name, integrity, make_tarball, version_doc
 from tests.support.npm_registry import install, installed_version, project
-from tests.support.pypi_clients import JSON_TYPE, installed, ok, pip
+from tests.support.pypi_clients import JSON_TYPE, installed, ok, pip, uv
 from tests.support.pypi_packages import wheel
 from tests.support.pypi_upstream import IndexUpstream
 from tests.support.registry import Front, build_image, oci_remote, running_registry
@@ -204,7 +204,8 @@ def test_pip_installs_through_the_chain(chain: SimpleNamespace, tmp_path: Path) 
     url = f"{node.base_url}/pypi/py/simple/"
     ok(pip(url, tmp_path / "t1", "tier-wheel==1.0", tmp=tmp_path))
     assert installed(tmp_path / "t1", "tier_wheel") == "tier-wheel==1.0"
-    ok(pip(f"{chain.node2.base_url}/pypi/py/simple/", tmp_path / "t2", "tier-wheel==1.0", tmp=tmp_path))
+    # uv through the second node: the central has the file.
+    ok(uv(f"{chain.node2.base_url}/pypi/py/simple/", tmp_path / "t2", "tier-wheel==1.0", tmp=tmp_path))
     assert installed(tmp_path / "t2", "tier_wheel") == "tier-wheel==1.0"
     w = index.projects["tier-wheel"][0]
     assert index.count(f"/packages/{w.filename}") == 1
@@ -223,6 +224,9 @@ def test_npm_installs_through_the_chain(chain: SimpleNamespace, tmp_path: Path) 
     app = project(tmp_path / "app", {"tier-pkg": "1.0.0"})
     install("npm", app, registry, tmp_path / "home")
     assert installed_version(app, "tier-pkg") == "1.0.0"
+    app2 = project(tmp_path / "app2", {"tier-pkg": "1.0.0"})
+    install("npm", app2, f"{chain.node2.base_url}/npm/js/", tmp_path / "home2")
+    assert installed_version(app2, "tier-pkg") == "1.0.0"
     doc = node.get("/npm/js/tier-pkg", headers={"Accept": "application/json"}).json()
     dist = doc["versions"]["1.0.0"]["dist"]
     assert dist["tarball"] == f"{node.base_url}/npm/js/tier-pkg/-/tier-pkg-1.0.0.tgz"

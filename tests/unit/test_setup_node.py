@@ -83,3 +83,33 @@ async def test_node_is_listed_and_head_answers(h: Harness) -> None:
     assert "/setup/node" in listing.body.decode()
     head = await h.request("HEAD", "/setup/node", headers=bearer(READ))
     assert head.status == 200 and head.body == b"" and int(head.header("Content-Length") or 0) > 0
+
+
+# -- what a node's remotes need of the protocols ---------------------------------------------
+
+
+@pytest.mark.parametrize("upstream, url", [
+    ("https://registry.example", "https://registry.example/v2/library/x/manifests/1.0"),
+    ("https://registry.example/v2", "https://registry.example/v2/library/x/manifests/1.0"),
+    # Another sparkcache's remote: names go under its path, as its path routing expects.
+    ("http://central.example:8090/v2/hub", "http://central.example:8090/v2/hub/library/x/manifests/1.0"),
+])
+def test_oci_upstream_urls_of_a_registry_and_of_a_central(upstream: str, url: str) -> None:
+    from sparkcache.config import RemoteConfig
+    from sparkcache.protocols.oci.mirror import Mirror
+
+    assert Mirror.url(RemoteConfig("hub", "oci", upstream), "library/x", "manifests", "1.0") == url
+
+
+def test_sumdb_credentials_go_only_to_the_goproxy_origin() -> None:
+    from sparkcache.config import Credentials, RemoteConfig
+    from sparkcache.protocols.go.sumdb import SumdbRequest, cache_request
+
+    creds = Credentials(token="t")
+    remote = RemoteConfig("golang", "go", "http://central.example:8090/go/golang", credentials=creds)
+    req = SumdbRequest("sum.golang.org", "lookup", "lookup/example.com/m@v1.0.0")
+    chained = cache_request(remote, req, "http://central.example:8090/go/golang/sumdb/sum.golang.org")
+    assert chained.remote.credentials == creds
+    assert chained.url == "http://central.example:8090/go/golang/sumdb/sum.golang.org/lookup/example.com/m@v1.0.0"
+    elsewhere = cache_request(remote, req, "https://sum.golang.org")
+    assert elsewhere.remote.credentials is None
