@@ -1,13 +1,16 @@
 """A node-local sparkcache chained to a central one, for every protocol.
 
-One module-wide chain: real upstreams (a generic file server that also holds
-npm, cargo, Go and Maven trees, a PEP 691 simple index, Debian's registry
-behind a counting front, a git smart-HTTP server), a central daemon on them,
-and a node daemon configured from the central's ``/setup/node``. The real
-clients (ctr, pip, npm, go, git) go through the node; upstream request counts
-show each object came from upstream once (node miss → central miss →
-upstream), then from the caches. The last test stops the central: the node
-serves what it holds and answers the protocol's error for what it lacks.
+One module-wide chain: real upstreams (a file server that also holds npm,
+cargo, Go proxy and checksum database, and Maven trees; a PEP 691 simple
+index; Debian's registry behind a counting front; a git smart-HTTP server), a
+central daemon on them that refuses anonymous reads, and two node daemons
+configured from the central's ``/setup/node`` (their token from the
+environment variable it names). The real clients (ctr, pip, uv, npm, go, git)
+go through the nodes; upstream request counts show each object came from
+upstream once (node miss → central miss → upstream; the second node: a hit
+at the central). The last test kills the central: a node serves what it holds
+(mutable entries ``X-Cache: STALE``), containerd, pip, go and git still work
+from it, and what it lacks is the protocol's error.
 """
 
 from __future__ import annotations
@@ -25,12 +28,12 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from tests.support.cargo_registry import CrateSpec, Crate, index_path, publish as cargo_publish
+from tests.support.cargo_registry import Crate, CrateSpec, index_path, publish as cargo_publish
 from tests.support.containerd import ctr, private_containerd
 from tests.support.daemon import Daemon, daemon_env
 from tests.support.git_upstream import GitUpstream, git
-from tests.support.go_sumdb import SumDB
 from tests.support.go_modules import ModuleVersion, proxy_tree
+from tests.support.go_sumdb import SumDB
 from tests.support.npm_packages import file_name, integrity, make_tarball, version_doc
 from tests.support.npm_registry import install, installed_version, project
 from tests.support.pypi_clients import JSON_TYPE, installed, ok, pip, uv
@@ -173,19 +176,24 @@ def test_generic_files_come_from_upstream_once(chain: SimpleNamespace) -> None:
     assert up.count("/files/tool.bin") == 1
 
 
+def ctr_pull(ctrd: SimpleNamespace, ns: str, node: Daemon, image: Any, tmp_path: Path) -> None:
+    """``ctr image pull`` of docker.io/library/tiny:1.0 into namespace ``ns``, with ``node`` as docker.io's mirror."""
+    ref = "docker.io/library/tiny:1.0"
+    hosts = tmp_path / ns / "docker.io"
+    hosts.mkdir(parents=True)
+    (hosts / "hosts.toml").write_text(f'server = "{NOWHERE}"\n[host."{node.base_url}"]\n'
+                                      '  capabilities = ["pull", "resolve"]\n')
+    ctr(ctrd, ns, "image", "pull", "--hosts-dir", str(tmp_path / ns), ref)
+    listed = [ln.split() for ln in ctr(ctrd, ns, "images", "ls").splitlines()[1:]]
+    assert [cols[2] for cols in listed if cols[0] == ref] == [image.digest]
+
+
 def test_oci_ctr_pull_through_node_and_central(chain: SimpleNamespace, tmp_path: Path) -> None:
     node, front, image = chain.node, chain.front, chain.image
     with private_containerd() as ctrd:
-        ref = "docker.io/library/tiny:1.0"
         # A pull through the node, then one through the second node.
-        for ns, d in (("first", node), ("second", chain.node2)):
-            hosts = tmp_path / ns / "docker.io"
-            hosts.mkdir(parents=True)
-            (hosts / "hosts.toml").write_text(f'server = "{NOWHERE}"\n[host."{d.base_url}"]\n'
-                                              '  capabilities = ["pull", "resolve"]\n')
-            ctr(ctrd, ns, "image", "pull", "--hosts-dir", str(tmp_path / ns), ref)
-            listed = [ln.split() for ln in ctr(ctrd, ns, "images", "ls").splitlines()[1:]]
-            assert [cols[2] for cols in listed if cols[0] == ref] == [image.digest]
+        ctr_pull(ctrd, "first", node, image, tmp_path)
+        ctr_pull(ctrd, "second", chain.node2, image, tmp_path)
     assert front.count("GET", "/v2/library/tiny/manifests/1.0") == 1, front.describe()
     for blob in image.blobs():
         assert front.count("GET", f"/blobs/{blob.digest}", status=200) == 1, front.describe()
@@ -247,21 +255,24 @@ def test_cargo_index_and_crate_through_the_chain(chain: SimpleNamespace) -> None
     assert up.count("/dl/ti/er/tiercrate/tiercrate-0.1.0.crate") == 1
 
 
+def go_download(node: Daemon, sumdb: SumDB, home: Path) -> None:
+    """``go mod download`` of GO_MOD through ``node``, in a fresh module cache, checked against ``sumdb``."""
+    (home / "tmp").mkdir(parents=True)
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "GOPATH": str(home / "gopath"),
+           "GOMODCACHE": str(home / "modcache"), "GOCACHE": str(home / "gocache"), "GOFLAGS": "-modcacherw",
+           "GOTOOLCHAIN": "local", "GOPROXY": f"{node.base_url}/go/gomods", "GOSUMDB": sumdb.gosumdb,
+           "TMPDIR": str(home / "tmp")}
+    out = run_checked([require_tool("go"), "mod", "download", "-json", f"{GO_MOD.module}@{GO_MOD.version}"],
+                      cwd=home, env=env)
+    assert json.loads(out.stdout)["Version"] == GO_MOD.version
+
+
 def test_go_mod_download_through_the_chain(chain: SimpleNamespace, tmp_path: Path) -> None:
-    node, up = chain.node, chain.up
-    go = require_tool("go")
-    for n in ("a", "b"):
-        home = tmp_path / n
-        (home / "tmp").mkdir(parents=True)
-        env = {"PATH": os.environ["PATH"], "HOME": str(home), "GOPATH": str(home / "gopath"),
-               "GOMODCACHE": str(home / "modcache"), "GOCACHE": str(home / "gocache"), "GOFLAGS": "-modcacherw",
-               "GOTOOLCHAIN": "local", "GOPROXY": f"{node.base_url}/go/gomods", "GOSUMDB": chain.sumdb.gosumdb,
-               "TMPDIR": str(home / "tmp")}
-        out = run_checked([go, "mod", "download", "-json", f"{GO_MOD.module}@{GO_MOD.version}"], cwd=home, env=env)
-        assert json.loads(out.stdout)["Version"] == GO_MOD.version
-    assert up.count("/goproxy/example.test/tierlib/@v/v1.0.0.zip") == 1
+    go_download(chain.node, chain.sumdb, tmp_path / "a")
+    go_download(chain.node2, chain.sumdb, tmp_path / "b")
+    assert chain.up.count("/goproxy/example.test/tierlib/@v/v1.0.0.zip") == 1
     # The module was checked against the checksum database, reached through both tiers only.
-    assert up.count("/sumdb/lookup/example.test/tierlib@v1.0.0") == 1
+    assert chain.up.count("/sumdb/lookup/example.test/tierlib@v1.0.0") == 1
 
 
 def test_maven_artifact_and_checksum_through_the_chain(chain: SimpleNamespace) -> None:
@@ -273,16 +284,24 @@ def test_maven_artifact_and_checksum_through_the_chain(chain: SimpleNamespace) -
     assert up.count(f"/maven2/{MVN_JAR}") == 1
 
 
-def test_git_clone_from_a_node_mirror_of_the_central(chain: SimpleNamespace, tmp_path: Path) -> None:
-    node, gitup = chain.node, chain.gitup
-    git("clone", "-q", f"{node.base_url}/git/app", str(tmp_path / "clone"))
-    assert (tmp_path / "clone" / "README").read_text() == "tiers\n"
-    head = subprocess.run(["git", "-C", str(tmp_path / "clone"), "rev-parse", "HEAD"], capture_output=True,
-                          text=True, check=True).stdout.strip()
+def git_clone(node: Daemon, gitup: GitUpstream, dest: Path) -> None:
+    git("clone", "-q", f"{node.base_url}/git/app", str(dest))
+    assert (dest / "README").read_text() == "tiers\n"
+    head = subprocess.run(["git", "-C", str(dest), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
     assert head == gitup.rev("main", "app")
 
 
+def test_git_clone_from_a_node_mirror_of_the_central(chain: SimpleNamespace, tmp_path: Path) -> None:
+    git_clone(chain.node, chain.gitup, tmp_path / "clone")
+
+
 def test_node_serves_stale_while_the_central_is_down(chain: SimpleNamespace, tmp_path: Path) -> None:
+    with private_containerd() as ctrd:
+        node_serves_stale(chain, tmp_path, ctrd)
+
+
+def node_serves_stale(chain: SimpleNamespace, tmp_path: Path, ctrd: SimpleNamespace) -> None:
     node, central = chain.node, chain.central
     # path → (request headers, whether the entry is mutable: served STALE once its 1 s TTL is over)
     held = {
@@ -295,6 +314,8 @@ def test_node_serves_stale_while_the_central_is_down(chain: SimpleNamespace, tmp
         "/v2/hub/library/tiny/manifests/1.0": ({"Accept": chain.image.media_type}, True),
     }
     ok(pip(f"{node.base_url}/pypi/py/simple/", tmp_path / "warm", "tier-held==2.0", tmp=tmp_path))
+    go_download(node, chain.sumdb, tmp_path / "go-warm")
+    ctr_pull(ctrd, "warm", node, chain.image, tmp_path)
     before = {}
     for path, (headers, _) in held.items():
         resp = node.get(path, headers=headers)
@@ -324,5 +345,10 @@ def test_node_serves_stale_while_the_central_is_down(chain: SimpleNamespace, tmp
         # pip still installs what the node holds.
         ok(pip(f"{node.base_url}/pypi/py/simple/", tmp_path / "stale", "tier-held==2.0", tmp=tmp_path))
         assert installed(tmp_path / "stale", "tier_held") == "tier-held==2.0"
+        # containerd pulls the image it has not got, go downloads into an empty module cache
+        # (checked against the checksum database's answers the node holds), git clones the node's mirror.
+        ctr_pull(ctrd, "stale", node, chain.image, tmp_path)
+        go_download(node, chain.sumdb, tmp_path / "go-stale")
+        git_clone(node, chain.gitup, tmp_path / "clone")
     finally:
         central.start()
