@@ -205,6 +205,10 @@ def test_oci_ctr_pull_through_node_and_central(chain: SimpleNamespace, tmp_path:
         assert "sha256:" + hashlib.sha256(resp.body).hexdigest() == image.digest
         via_path = node.get(f"/v2/hub/library/tiny/manifests/{ref}", headers=accept)
         assert via_path.header("Docker-Content-Digest") == image.digest
+    for blob in image.blobs():
+        head = node.head(f"/v2/library/tiny/blobs/{blob.digest}?ns=docker.io")
+        assert head.status == 200 and head.header("Docker-Content-Digest") == blob.digest
+        assert head.header("Content-Length") == str(blob.size)
 
 
 def test_pip_installs_through_the_chain(chain: SimpleNamespace, tmp_path: Path) -> None:
