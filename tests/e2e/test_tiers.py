@@ -83,6 +83,11 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]
         sumdb = SumDB(SUMDB_NAME, [GO_MOD])
         for tail, data in sumdb.files().items():
             up.add(f"/sumdb/{tail}", data)
+        chart = os.urandom(2000)
+        up.add("/charts/index.yaml", yaml.safe_dump({"apiVersion": "v1", "entries": {"demo": [{
+            "name": "demo", "version": "1.0.0", "digest": hashlib.sha256(chart).hexdigest(),
+            "urls": [up.url("/charts/demo-1.0.0.tgz")]}]}}).encode())
+        up.add("/charts/demo-1.0.0.tgz", chart)
         jar = os.urandom(5000)
         up.add(f"/maven2/{MVN_JAR}", jar)
         up.add(f"/maven2/{MVN_JAR}.sha1", hashlib.sha1(jar).hexdigest().encode())
@@ -97,6 +102,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]
             "crates": {"type": "cargo", "upstream": up.url("/index"), "cache": TTL},
             "gomods": {"type": "go", "upstream": up.url("/goproxy"), "sumdb": {SUMDB_NAME: up.url("/sumdb")}},
             "mvn": {"type": "maven", "upstream": up.url("/maven2")},
+            "charts": {"type": "helm", "upstream": up.url("/charts")},
             "hub": oci_remote(NOWHERE, registries=["docker.io"], tag_ttl="1s"),  # the front's URL is set below
             "ccache": {"type": "kv"},
         }, extra={"git": {"repos": {"app": gitup.url("app")}, "fetch_interval": "1h"}},
@@ -122,7 +128,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]
             node.start()
             node2.start()
             yield SimpleNamespace(up=up, index=index, gitup=gitup, front=front, central=central, node=node, node2=node2,
-                                  text=text, cfg=node_cfg, image=image, crate=crate, npm_data=npm_data, jar=jar, sumdb=sumdb,
+                                  text=text, cfg=node_cfg, image=image, crate=crate, npm_data=npm_data, jar=jar, chart=chart, sumdb=sumdb,
                                   work=work)
             front.stop()
     finally:
@@ -151,7 +157,8 @@ def test_setup_node_lists_every_remote_pointing_at_the_central(chain: SimpleName
     assert remotes["hub"] == {"type": "oci", "upstream": f"{base}/v2/hub", "registries": ["docker.io"],
                               "tag_ttl": "1s"}
     # A build cache written by clients has nothing to pull: left out, said so.
-    assert set(remotes) == {"files", "py", "js", "crates", "gomods", "mvn", "hub"}
+    assert remotes["charts"] == {"type": "helm", "upstream": f"{base}/api/charts"}
+    assert set(remotes) == {"files", "py", "js", "crates", "gomods", "mvn", "charts", "hub"}
     assert "ccache (type: kv)" in chain.text and "SPARKCACHE_CENTRAL_TOKEN in the daemon's environment" in chain.text
     host = base.split("://")[1]
     assert chain.cfg["git"] == {"repos": {"app": f"{base}/git/app"}, "credentials": {
@@ -286,6 +293,18 @@ def test_maven_artifact_and_checksum_through_the_chain(chain: SimpleNamespace) -
         assert got.status == 200 and got.body == chain.jar
     assert node.get(f"/maven/mvn/{MVN_JAR}.sha1").body.decode().strip() == hashlib.sha1(chain.jar).hexdigest()
     assert up.count(f"/maven2/{MVN_JAR}") == 1
+
+
+def test_helm_index_and_chart_through_the_chain(chain: SimpleNamespace) -> None:
+    node, up = chain.node, chain.up
+    index = yaml.safe_load(node.get("/api/charts/index.yaml").body)
+    (entry,) = index["entries"]["demo"]
+    assert entry["urls"] == [f"{node.base_url}/api/charts/demo-1.0.0.tgz"]
+    assert entry["digest"] == hashlib.sha256(chain.chart).hexdigest()
+    for d in (node, chain.node2):
+        got = d.get("/api/charts/demo-1.0.0.tgz")
+        assert got.status == 200 and got.body == chain.chart
+    assert up.count("/charts/demo-1.0.0.tgz") == 1
 
 
 def git_clone(node: Daemon, gitup: GitUpstream, dest: Path) -> None:
