@@ -29,7 +29,7 @@ remotes change.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
@@ -87,11 +87,16 @@ def node_remote(remote: RemoteConfig, rtype: str, url: str, types: Mapping[str, 
                  if f"cache.{key}" in kind.honours and getattr(remote.cache, key) != _default_cache(kind, key)
                  and not (key == "mutable_ttl" and "tag_ttl" in options)}
         if cache:
-            out["cache"] = {k: f"{v:g}s" for k, v in cache.items()}
+            out["cache"] = {k: _duration(v) for k, v in cache.items()}
     out.update(options)
     if token:
         out["credentials"] = {"token_env": TOKEN_ENV}
     return out
+
+
+def _duration(seconds: float) -> str:
+    """Seconds as the config writes them (``{:g}`` would give ``2.592e+06s`` for 30 days)."""
+    return f"{int(seconds)}s" if seconds == int(seconds) else f"{seconds!r}s"
 
 
 def _default_cache(kind: RemoteKind, key: str) -> float:
@@ -106,7 +111,7 @@ def _type_options(remote: RemoteConfig, rtype: str, url: str) -> dict[str, Any]:
         opts = oci_options(remote)
         out: dict[str, Any] = {"registries": list(opts.registries)} if opts.registries else {}
         if opts.tag_ttl != DEFAULT_TAG_TTL:
-            out["tag_ttl"] = f"{opts.tag_ttl:g}s"
+            out["tag_ttl"] = _duration(opts.tag_ttl)
         return out
     if rtype == "go":
         from sparkcache.protocols.go.sumdb import options_of as go_options
@@ -166,7 +171,7 @@ def _git_section(git: Any, base: str, token: bool) -> dict[str, Any]:
     return out
 
 
-def handler(ctx: Context) -> Any:
+def handler(ctx: Context) -> Callable[[Any], bytes]:
     def snippet(request: Any) -> bytes:
         base = public_base(request, ctx.config.server.public_url)
         listen = query_arg(request, "listen") or "tcp:8090"

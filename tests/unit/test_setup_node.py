@@ -21,7 +21,7 @@ CONFIG: dict[str, Any] = {
     "remotes": {
         "hub": {"type": "oci", "upstream": UPSTREAM, "registries": ["docker.io"], "tag_ttl": "1m"},
         "pushed": {"type": "oci-local"},
-        "py": {"type": "pypi", "upstream": UPSTREAM, "cache": {"mutable_ttl": "30s"}},
+        "py": {"type": "pypi", "upstream": UPSTREAM, "cache": {"mutable_ttl": "30s", "negative_ttl": "30d"}},
         "py-own": {"type": "pypi-local"},
         "py-all": {"type": "pypi-group", "members": ["py-own", "py"]},
         "js-own": {"type": "npm-local"},
@@ -54,8 +54,8 @@ async def test_node_config_chains_every_remote_and_loads(h: Harness) -> None:
     assert remotes["hub"] == {"type": "oci", "upstream": f"{BASE}/v2/hub", "registries": ["docker.io"],
                               "tag_ttl": "60s", "credentials": token}
     assert remotes["pushed"] == {"type": "oci", "upstream": f"{BASE}/v2/pushed", "credentials": token}
-    assert remotes["py"] == {"type": "pypi", "upstream": f"{BASE}/pypi/py/simple", "cache": {"mutable_ttl": "30s"},
-                             "credentials": token}
+    assert remotes["py"] == {"type": "pypi", "upstream": f"{BASE}/pypi/py/simple",
+                             "cache": {"mutable_ttl": "30s", "negative_ttl": "2592000s"}, "credentials": token}
     assert remotes["py-own"]["type"] == remotes["py-all"]["type"] == "pypi"
     assert remotes["py-all"]["upstream"] == f"{BASE}/pypi/py-all/simple"
     assert remotes["js-own"] == {"type": "npm", "upstream": f"{BASE}/npm/js-own", "credentials": token}
@@ -73,6 +73,7 @@ async def test_node_config_chains_every_remote_and_loads(h: Harness) -> None:
     # What it prints is a configuration a node daemon loads as it is.
     loaded = load_config_data(doc, "node.yaml", environ={"SPARKCACHE_CENTRAL_TOKEN": "t"})
     assert loaded.remotes["pushed"].upstream == f"{BASE}/v2/pushed"
+    assert loaded.remotes["py"].cache.negative_ttl == 30 * 86400 and loaded.remotes["hub"].options.tag_ttl == 60
     assert loaded.remotes["uploads"].credentials is not None and loaded.remotes["uploads"].credentials.token == "t"
     assert READ not in text
 
