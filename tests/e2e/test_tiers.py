@@ -36,6 +36,7 @@ from tests.support.go_modules import ModuleVersion, proxy_tree
 from tests.support.go_sumdb import SumDB
 from tests.support.npm_packages import file_name, integrity, make_tarball, version_doc
 from tests.support.npm_registry import install, installed_version, project
+from tests.support.oci_images import build_image as pushed_image
 from tests.support.pypi_clients import JSON_TYPE, installed, ok, pip, uv
 from tests.support.pypi_packages import wheel
 from tests.support.pypi_upstream import IndexUpstream
@@ -52,6 +53,7 @@ MVN_JAR = "org/example/tier/1.0/tier-1.0.jar"
 TTL = {"mutable_ttl": "1s"}
 CENTRAL_TOKEN = "tiers-read-4f1c"
 READ = {"Authorization": f"Bearer {CENTRAL_TOKEN}"}
+PUSH_TOKEN = "tiers-push-9d3e"
 
 
 def _npm_publish(up: Upstream, name: str, version: str) -> bytes:
@@ -103,11 +105,13 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]
             "gomods": {"type": "go", "upstream": up.url("/goproxy"), "sumdb": {SUMDB_NAME: up.url("/sumdb")}},
             "mvn": {"type": "maven", "upstream": up.url("/maven2")},
             "charts": {"type": "helm", "upstream": up.url("/charts")},
-            "hub": oci_remote(NOWHERE, registries=["docker.io"], tag_ttl="1s"),  # the front's URL is set below
+            "hub": oci_remote(NOWHERE, registries=["docker.io"], tag_ttl="1s"),
+            "pushed": {"type": "oci-local"},  # the front's URL is set below
             "ccache": {"type": "kv"},
         }, extra={"git": {"repos": {"app": gitup.url("app")}, "fetch_interval": "1h"}},
            # Reads need a token at the central: the nodes present theirs (the config's placeholder).
-           auth={"anonymous_read": False}, env={"SPARKCACHE_READ_TOKEN": CENTRAL_TOKEN})
+           auth={"anonymous_read": False},
+           env={"SPARKCACHE_READ_TOKEN": CENTRAL_TOKEN, "SPARKCACHE_WRITE_TOKEN": PUSH_TOKEN})
         daemons.append(central)
         with running_registry(work / "registry") as registry:
             layout = work / "layout"
@@ -158,7 +162,9 @@ def test_setup_node_lists_every_remote_pointing_at_the_central(chain: SimpleName
                               "tag_ttl": "1s"}
     # A build cache written by clients has nothing to pull: left out, said so.
     assert remotes["charts"] == {"type": "helm", "upstream": f"{base}/api/charts"}
-    assert set(remotes) == {"files", "py", "js", "crates", "gomods", "mvn", "charts", "hub"}
+    # Images pushed to the central are pulled through the node's mirror of that repository.
+    assert remotes["pushed"] == {"type": "oci", "upstream": f"{base}/v2/pushed"}
+    assert set(remotes) == {"files", "py", "js", "crates", "gomods", "mvn", "charts", "hub", "pushed"}
     assert "ccache (type: kv)" in chain.text and "SPARKCACHE_CENTRAL_TOKEN in the daemon's environment" in chain.text
     host = base.split("://")[1]
     assert chain.cfg["git"] == {"repos": {"app": f"{base}/git/app"}, "credentials": {
@@ -216,6 +222,23 @@ def test_oci_ctr_pull_through_node_and_central(chain: SimpleNamespace, tmp_path:
         head = node.head(f"/v2/library/tiny/blobs/{blob.digest}?ns=docker.io")
         assert head.status == 200 and head.header("Docker-Content-Digest") == blob.digest
         assert head.header("Content-Length") == str(blob.size)
+
+
+def test_an_image_pushed_to_the_central_is_pulled_through_the_node(chain: SimpleNamespace, tmp_path: Path) -> None:
+    skopeo = require_tool("skopeo")
+    image = pushed_image(tmp_path / "src", "v1", [50_000, 3_000], seed=11)
+    run_checked([skopeo, "copy", "--preserve-digests", "--dest-tls-verify=false", "--dest-creds",
+                 f"ci:{PUSH_TOKEN}", image.ref, f"docker://127.0.0.1:{chain.central.port}/pushed/team/app:v1"],
+                timeout=60)
+    for d in (chain.node, chain.node2):
+        out = tmp_path / f"out-{d.port}"
+        run_checked([skopeo, "copy", "--src-tls-verify=false", f"docker://127.0.0.1:{d.port}/pushed/team/app:v1",
+                     f"dir:{out}"], timeout=60)
+        assert "sha256:" + hashlib.sha256((out / "manifest.json").read_bytes()).hexdigest() == image.manifest_digest
+        for digest in (image.config_digest, *image.layer_digests):
+            assert "sha256:" + hashlib.sha256((out / digest.split(":")[1]).read_bytes()).hexdigest() == digest
+        head = d.head("/v2/pushed/team/app/manifests/v1")
+        assert head.header("Docker-Content-Digest") == image.manifest_digest
 
 
 def test_pip_installs_through_the_chain(chain: SimpleNamespace, tmp_path: Path) -> None:
