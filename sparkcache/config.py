@@ -18,8 +18,11 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 from urllib.parse import urlsplit
 
 import yaml
+from twisted.logger import Logger
 
 from sparkcache import config_compat
+
+log = Logger()
 
 SCOPES = ("read", "write", "admin")
 
@@ -189,7 +192,9 @@ class ServerConfig:
     # Open client connections at most; None: three quarters of the open-file
     # limit the daemon starts with (see sparkcache.web.site.connection_cap).
     max_connections: int | None = None
-    # Processes serving the listeners (docs/workers.rst); 1: one process, no supervisor.
+    # Processes serving the listeners (docs/workers.rst); 1: one process, no
+    # supervisor. The file's default is auto (one per core, see _workers); a
+    # ServerConfig built in code is one process.
     workers: int = 1
 
 
@@ -409,28 +414,34 @@ def _max_connections(loader: Any, sec: Section) -> int | None:
 # Listeners whose socket worker processes can adopt as is (sparkcache.workers.sockets);
 # ssl: wraps the factory, which an adopted socket would lose.
 SHAREABLE_LISTENERS = ("tcp", "tcp6", "unix", "systemd")
-# The environment variable that lets server.workers go above 1 while it is experimental.
-EXPERIMENTAL_WORKERS = "SPARKCACHE_EXPERIMENTAL_WORKERS"
+
+
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
 
 
 def _workers(loader: Any, sec: Section, listen: list[str]) -> int:
-    """``server.workers``: a positive count, or ``auto`` (one per core); default 1."""
-    value = sec.raw("workers", 1)
-    if value == "auto":
-        value = os.cpu_count() or 1
+    """``server.workers``: a positive count, or ``auto`` (the default: one per core)."""
+    value = sec.raw("workers", "auto")
+    auto = value == "auto"
+    if auto:
+        value = cores()
     elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise loader.error(sec.key("workers"), f"expected a positive number of processes or auto, got {value!r}")
-    if value > 1 and loader.environ.get(EXPERIMENTAL_WORKERS) != "1":
-        # Not ready: one upstream fetch per key holds within a process only, and
-        # git mirrors have no cross-process lock yet (docs/workers.rst, next steps).
-        raise loader.error(sec.key("workers"), "more than one worker process is not ready yet: one upstream fetch "
-                           "per key and the git mirrors are not yet guarded across processes (docs/workers.rst); "
-                           f"use workers: 1, or set {EXPERIMENTAL_WORKERS}=1 to try it")
     if value > 1:
         for spec in listen:
             if spec.split(":", 1)[0].strip().lower() not in SHAREABLE_LISTENERS:
+                if auto:
+                    # Nobody asked for processes: serve the listener in one, as before.
+                    log.info("{source}: {key}: auto gives 1 process, not {n}: listener {spec!r} cannot be "
+                             "shared by worker processes", source=loader.source, key=sec.key("workers"), n=value, spec=spec)
+                    return 1
                 raise loader.error(sec.key("workers"), f"listener {spec!r} cannot be shared by worker processes "
-                                   f"(only {', '.join(SHAREABLE_LISTENERS)} endpoints can); use workers: 1")
+                                   f"(only {', '.join(SHAREABLE_LISTENERS)} endpoints can); use workers: 1 or auto")
     return int(value)
 
 

@@ -136,8 +136,10 @@ class SparkcacheService(MultiService):
         self.store.index.legacy_pinned_remotes = frozenset(n for n, r in config.remotes.items() if types[r.type].pinned)
         self.upstream = upstream or UpstreamClient(reactor)
         self.upstream.observer = self.metrics.upstream_outcome
-        # Worker processes share the store: one production per key across them.
-        locks = KeyLocks(config.storage.data_dir, self.store.in_io) if config.server.workers > 1 else None
+        # A worker process (its own spool_subdir) shares the store with the
+        # others: one production per key across them. (Not config.server.workers:
+        # a service built in a single process, as tests do, owns its store.)
+        locks = KeyLocks(config.storage.data_dir, self.store.in_io) if spool_subdir is not None else None
         self.cache = Cache(self.store, self.upstream, self.clock, self.metrics, locks)
         self.ctx = Context(config, self.store, self.cache, self.upstream, self.metrics, Authorizer(config.auth), self.clock,
                            self.sendfile, reactor=reactor, remote_types=types, live=self.live, primary=primary)

@@ -32,6 +32,53 @@ _DAEMONS = pytest.StashKey[list]()
 _UPSTREAMS = pytest.StashKey[list]()
 
 
+# Modules run both ways, with one process and with two worker processes
+# (issue 14: streaming, singleflight, kill -9, purge, OCI and git): each of
+# their tests that starts daemons through ``daemon_factory`` is collected
+# twice, ``[w1]`` and ``[w2]``, and xdist runs both in parallel. A module may
+# name the tests it runs both ways (the others have nothing to do with
+# processes: redirects, a range of a stored entry); None: all of them.
+BOTH_WAYS: dict[str, tuple[str, ...] | None] = {
+    "test_generic_streaming": ("test_64_concurrent_clients_one_upstream_fetch", "test_slow_reader_",
+                               "test_truncated_upstream_body_", "test_range_on_in_flight_miss"),
+    "test_generic_lifecycle": None,
+    "test_purge_local": None,
+    "test_oci_blobs": None,
+    "test_oci_pull": None,
+    "test_oci_freshness": None,
+    "test_git_mirrors": None,
+    "test_git_serve_parallel": None,
+}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    module = metafunc.module.__name__.rsplit(".", 1)[-1]
+    if module not in BOTH_WAYS or "daemon_factory" not in metafunc.fixturenames:
+        return
+    only = BOTH_WAYS[module]
+    if only is None or metafunc.function.__name__.startswith(only):
+        metafunc.parametrize("daemon_workers", [1, 2], indirect=True, ids=["w1", "w2"])
+
+
+@pytest.fixture(autouse=True)
+def daemon_workers(request: pytest.FixtureRequest) -> Iterator[int | None]:
+    """``server.workers`` of this test's daemons (tests/support/daemon.py), when
+    the test runs both ways; None: SPARKCACHE_TEST_WORKERS, else 1."""
+    n = getattr(request, "param", None)
+    if n is None:
+        yield None
+        return
+    old = os.environ.get("SPARKCACHE_TEST_WORKERS")
+    os.environ["SPARKCACHE_TEST_WORKERS"] = str(n)
+    try:
+        yield n
+    finally:
+        if old is None:
+            del os.environ["SPARKCACHE_TEST_WORKERS"]
+        else:
+            os.environ["SPARKCACHE_TEST_WORKERS"] = old
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if E2E_DIR in Path(str(item.fspath)).resolve().parents:

@@ -51,11 +51,19 @@ class TailFlight(Flight):
         self.on_drain = lambda: None
         self._write_error = None
         # The tail's descriptor, opened before the owner's rename into cas/:
-        # closed by the last user, like a local flight's.
+        # closed by the last user, like a local flight's (through the tail,
+        # which waits for a poll still using it).
+        self._tail = tail
         self._fd = tail.fd
         self._users = 1  # the follower itself, until the production ends
         self._listeners = []
         self._done_waiters = []
+
+    def release(self) -> None:
+        self._users -= 1
+        if self._users == 0 and self._fd is not None:
+            self._fd = None
+            self._tail.close()
 
     def data(self, chunk: bytes) -> None:
         raise BodyError("another worker produces this body")
@@ -94,7 +102,7 @@ async def claim(cache: Any, locks: KeyLocks, key: str, stale: Entry | None, adop
             return outcome
         if not adopting:
             marker = await locks.marker(key)
-            if marker is not None:
+            if marker is not None and marker.error is None:  # (an error: a failed owner's, to retry)
                 tail = Tail(locks, key, marker, _committed(cache, key, stale))
                 try:
                     await tail.open()

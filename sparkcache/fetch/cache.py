@@ -203,10 +203,14 @@ class Cache:
         self.metrics = metrics
         self._producing: Singleflight[str, Result] = Singleflight()
         self._passes: set[Deferred[None]] = set()  # bodies being passed through
+        # Productions waiting for or following another worker's: not fetches.
+        self._claiming: dict[str, Shared[Result]] = {}
 
     @property
     def inflight(self) -> int:
-        return len(self._producing) + len(self._passes)
+        """Fetches (productions) this process runs now."""
+        others = sum(1 for key, shared in self._claiming.items() if self._producing.get(key) is shared)
+        return len(self._producing) - others + len(self._passes)
 
     def fetching(self, key: str) -> bool:
         """Whether a production of ``key`` is running now."""
@@ -273,15 +277,22 @@ class Cache:
         """Run one production; settles ``shared`` as soon as there is an outcome
         (Live once bytes flow). What it returns is the outcome only if nothing
         settled it before."""
-        self.metrics.inflight.inc()
         held: Held | None = None
+        counted = False
         try:
             if self.locks is not None:
-                claimed = await across.claim(self, self.locks, target.key, stale, adopting,
-                                             lambda tail: ensureDeferred(self._follow(tail, shared)))
+                self._claiming[target.key] = shared
+                try:
+                    claimed = await across.claim(self, self.locks, target.key, stale, adopting,
+                                                 lambda tail: ensureDeferred(self._follow(tail, shared)))
+                finally:
+                    if self._claiming.get(target.key) is shared:
+                        del self._claiming[target.key]
                 if not isinstance(claimed, Held):
                     return claimed
                 held = claimed
+            self.metrics.inflight.inc()
+            counted = True
             # Taken before anything is asked of the source: a purge from now on
             # keeps what this production brings from being stored.
             since = self.store.epoch()
@@ -300,7 +311,8 @@ class Cache:
             log.failure("producing {key} failed", key=target.key)
             return Failed(502, "internal error while producing")
         finally:
-            self.metrics.inflight.dec()
+            if counted:
+                self.metrics.inflight.dec()
             if held is not None:  # after the index row, or instead of it
                 await held.release()
 
@@ -387,6 +399,8 @@ class Cache:
                     log.failure("storing {key} failed", key=key)
                 cause, e = e, BodyError(f"storing failed: {e}")
                 e.__cause__ = cause
+            if held is not None:  # the other workers' tails end now, not once the marker goes
+                held.abort(str(e)).addErrback(lambda f: None)  # (the release that follows removes it)
             self._producing.leave(key, shared)
             flight.fail(e)
             try:

@@ -11,7 +11,9 @@ temp name and renamed: a reader sees all of it or none). Another worker that
 fails to take the lock tails that spool (``Tail``) until the marker goes away:
 then the entry is committed (the caller's ``committed()`` finds the index row)
 or the production was abandoned. The owner's order is: index row, unlink the
-marker, release the lock; on abort: unlink the marker, release. So a marker
+marker, release the lock; on abort: rewrite the marker with an ``error``
+(tails end at their next poll, with the owner's reason), release; that marker
+stays until the key's next owner removes it. So a marker without an error
 present while the lock is free names a dead owner's spool.
 
 Every call that touches the file system runs in the I/O pool (``in_io``).
@@ -25,11 +27,13 @@ import hashlib
 import json
 import os
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Awaitable, Callable
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.internet.task import deferLater
+
+from sparkcache.fetch.produce import shield
 
 InIO = Callable[..., Deferred[Any]]
 
@@ -46,6 +50,9 @@ class Marker:
     hold_last: bool = False  # the last byte is served only once committed (a digest to match)
     pid: int = field(default_factory=os.getpid)
     flight: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Set when the production was abandoned (the marker is rewritten with it
+    # before it goes): a tail ends at once, without asking the index.
+    error: str | None = None
 
 
 # -- blocking primitives (the I/O pool, or a tool) ------------------------------------
@@ -113,10 +120,34 @@ class Held:
         self.key = key
         self.fd: int | None = fd
         self.lock_path, self.marker_path = paths(locks.dir, key)
+        self.marker: Marker | None = None  # once announced
+        # One file operation at a time, in order: the I/O pool has several
+        # threads, and a late marker write must not follow the removal.
+        self._order = DeferredLock()
+        self._failed = False  # the marker says the production failed
+
+    def _then(self, fn: Callable[..., None], *args: Any) -> Deferred[None]:
+        return self._order.run(self.locks.in_io, fn, *args)
 
     def announce(self, marker: Marker) -> Deferred[None]:
         """Tell the other workers where the body is being spooled."""
-        return self.locks.in_io(write_marker, self.marker_path, marker)
+        def announced(_: None) -> None:
+            self.marker = marker
+
+        return self._then(write_marker, self.marker_path, marker).addCallback(announced)
+
+    def abort(self, why: str) -> Deferred[None]:
+        """The production was abandoned: the tails end at their next poll
+        (with ``why``), without waiting for the marker to go. ``release`` follows."""
+        if self.fd is None or self.marker is None:
+            return succeed(None)
+        marker = replace(self.marker, error=why or "abandoned")
+
+        def run() -> None:
+            write_marker(self.marker_path, marker)
+            self._failed = True  # (read by release's run, which comes after this one)
+
+        return self._then(run)
 
     def release(self) -> Deferred[None]:
         """After the index row is written (commit) or instead of it (abort).
@@ -127,11 +158,16 @@ class Held:
             return succeed(None)
 
         def run() -> None:
-            remove_marker(self.marker_path)
-            if fd is not None:
+            try:
+                # A marker with an error stays (until the key's next owner
+                # takes it away): a tail polling after the release still reads
+                # why, instead of looking for an index row that will not come.
+                if not self._failed:
+                    remove_marker(self.marker_path)
+            finally:
                 unlock(fd)
 
-        return self.locks.in_io(run)
+        return self._then(run)
 
 
 class KeyLocks:
@@ -183,6 +219,7 @@ class Tail:
         self.committed = committed
         self.fd: int | None = None
         self.written = 0
+        self._polling: Deferred[Any] | None = None
 
     def open(self) -> Deferred[None]:
         def run() -> None:
@@ -196,32 +233,52 @@ class Tail:
         return os.pread(self.fd, min(size, self.written - offset), offset)
 
     def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        """Close the descriptor, once no poll's thread uses it any more (a
+        cancelled poll's thread may still be running: a descriptor closed under
+        it could be reused by another open before its ``fstat``)."""
+        fd, self.fd = self.fd, None
+        if fd is None:
+            return
+        if self._polling is not None:
+            self._polling.addBoth(lambda result: os.close(fd))
+        else:
+            os.close(fd)
 
     async def poll(self) -> int:
         lock_path, marker_path = paths(self.locks.dir, self.key)
         fd = self.fd
         assert fd is not None, "tail not open"
 
-        def run() -> tuple[int, str]:
+        def run() -> tuple[int, str, str | None]:
             size = os.fstat(fd).st_size
             current = read_marker(marker_path)
             if current is not None and current.flight == self.marker.flight:
+                if current.error is not None:
+                    return size, "failed", current.error
                 probe = try_lock(lock_path)
                 if probe is None:
-                    return size, "running"
+                    return size, "running", None
                 # The lock is free yet the marker is there: its owner died.
                 remove_marker(marker_path)
                 unlock(probe)
-                return size, "dead"
+                return size, "dead", None
             # Measured again: the last writes may have landed after the first fstat
             # (the owner writes, commits, then removes the marker).
-            return os.fstat(fd).st_size, "over"
+            return os.fstat(fd).st_size, "over", None
 
-        size, state = await self.locks.in_io(run)
+        # The thread keeps using the descriptor even if this poll is cancelled
+        # (the daemon stopping): close() waits for it (see there).
+        running = self._polling = self.locks.in_io(run)
+
+        def done(result: Any) -> Any:
+            self._polling = None
+            return result
+
+        running.addBoth(done)
+        size, state, why = await shield(running)
         self.written = size
+        if state == "failed":
+            raise Ended(False, f"the production of {self.key} in pid {self.marker.pid} failed: {why}")
         if state == "dead":
             raise Ended(False, f"the worker producing {self.key} (pid {self.marker.pid}) died")
         if state == "over":

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import builtins
 import os
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any, Awaitable, Callable, TypeVar
 
 from twisted.internet.defer import Deferred, DeferredLock
@@ -133,6 +133,9 @@ class Store:
         # Purge epochs: a counter, and when everything, each remote and each
         # recently purged key were last purged (see commit's ``since``).
         self._purges = 0
+        # With worker processes: the shared epochs of this worker's own purges
+        # (the others' are counted as purges of everything, see purged_since).
+        self._own_purges: deque[int] = deque(maxlen=1024)
         self._purged_all = 0
         self._purged_remote: dict[str, int] = {}
         self._purged_key: OrderedDict[str, int] = OrderedDict()
@@ -298,18 +301,32 @@ class Store:
 
     def epoch(self) -> int:
         """The purge epoch now: captured when a production begins, handed to
-        ``commit`` (or ``refresh``) at its end."""
-        return self._purges
+        ``commit`` (or ``refresh``) at its end. With worker processes it is
+        shared by all (``index.changes``): a purge in one is seen by all."""
+        changes = self.index.changes
+        return self._purges if changes is None else changes.purge_epoch()
 
     def purged_since(self, epoch: int, remote: str, key: str) -> bool:
         """Whether the cache of ``key`` (of ``remote``) was purged after ``epoch``.
         Called from the SQLite thread too: reads only (dict.get is atomic)."""
-        return (self._purged_all > epoch or self._purged_remote.get(remote, 0) > epoch
-                or self._purged_key.get(key, 0) > epoch)
+        if (self._purged_all > epoch or self._purged_remote.get(remote, 0) > epoch
+                or self._purged_key.get(key, 0) > epoch):
+            return True
+        changes = self.index.changes
+        if changes is None:
+            return False
+        # Another worker began a purge since: its scope is not known here, so
+        # nothing is stored (the next request fetches again: never a purged body kept).
+        return changes.purge_epoch() - epoch > sum(1 for seq in list(self._own_purges) if seq > epoch)
 
     def _new_purge(self) -> int:
-        self._purges += 1
-        return self._purges
+        changes = self.index.changes
+        if changes is None:
+            self._purges += 1
+            return self._purges
+        seq = changes.bump_purge()
+        self._own_purges.append(seq)
+        return seq
 
     async def refresh(self, entry: Entry, since: int) -> bool:
         """Write ``entry``, a new state of a stored entry (revalidated) or a

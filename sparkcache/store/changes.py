@@ -55,7 +55,8 @@ class ChangeCounters:
     def __init__(self, path: str, slots: int = SLOTS) -> None:
         """Blocking (start-up): opens or creates the counter file and maps it."""
         self.path = path
-        size = _WORD.size * (1 + slots)
+        size = _WORD.size * (2 + slots)
+        self._purges = 1 + slots  # the last word: the purge epoch (Store.epoch)
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         if os.fstat(self._fd).st_size < size:
             os.ftruncate(self._fd, size)  # zeros; idempotent when two workers race here
@@ -76,7 +77,18 @@ class ChangeCounters:
         """Blocking (the SQLite thread): ``key``'s row was replaced or deleted;
         None: any number of rows were (a purge of a remote or of everything).
         Returns the counter's new value."""
-        index = _GLOBAL if key is None else slot_of(key)
+        return self._bump(_GLOBAL if key is None else slot_of(key))
+
+    def purge_epoch(self) -> int:
+        """How many purges (of a key, a remote, everything) any worker began."""
+        return self._read(self._purges)
+
+    def bump_purge(self) -> int:
+        """A purge begins (before its rows go); returns its epoch. (A read-
+        modify-write under flock: microseconds, so the reactor may call it.)"""
+        return self._bump(self._purges)
+
+    def _bump(self, index: int) -> int:
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
             value = self._read(index) + 1

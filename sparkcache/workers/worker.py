@@ -12,6 +12,7 @@ its stdin (a pipe the parent holds) closes: the parent is gone. SIGUSR2
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import sys
@@ -82,6 +83,9 @@ def main() -> None:
     reactor: Any = _reactor
     stdio: Any = _stdio  # mypy sees the Windows StandardIO signature
 
+    # A fatal signal (SIGSEGV, SIGBUS: a mapped file on a full disk) leaves the
+    # Python stack in the parent's log, where "died (signal 7)" alone says little.
+    faulthandler.enable()
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
     try:
         service = build(os.environ, reactor)

@@ -4,7 +4,9 @@ keeps serving; SIGTERM stops all of them cleanly (docs/workers.rst)."""
 
 from __future__ import annotations
 
+import hashlib
 import http.client
+import json
 import os
 import signal
 import socket
@@ -130,7 +132,7 @@ def test_a_listener_that_cannot_bind_fails_the_start(tmp_path, upstream):
             f"storage: {{data_dir: {tmp_path / 'data'}}}\n"
         )
         proc = subprocess.run(twistd_command(cfg, tmp_path / "log"),
-                              env=daemon_env({"SPARKCACHE_EXPERIMENTAL_WORKERS": "1"}), cwd=tmp_path,
+                              env=daemon_env(), cwd=tmp_path,
                               capture_output=True, timeout=60)
         assert proc.returncode == 1
         log = (tmp_path / "log").read_text()
@@ -139,45 +141,83 @@ def test_a_listener_that_cannot_bind_fails_the_start(tmp_path, upstream):
         taken.close()
 
 
+def _on_a_worker(d, avoid: int | None = None, timeout: float = 60) -> tuple[http.client.HTTPConnection, int]:
+    """A keep-alive connection and the pid of the worker that accepted it (its
+    requests all go there), not ``avoid``'s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=60)
+        conn.request("GET", "/health")
+        resp = conn.getresponse()
+        pid = json.loads(resp.read())["pid"]
+        if pid != avoid:
+            return conn, pid
+        conn.close()
+    raise AssertionError(f"no connection reached a worker other than {avoid}")
+
+
+def _inflight(d) -> float:
+    """The whole daemon's in-flight fetches (/metrics aggregates the workers)."""
+    text = d.get("/metrics").body.decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("sparkcache_inflight_fetches"))
+
+
+def _cut_off_or_whole(resp: http.client.HTTPResponse, got: bytes, body: bytes) -> str:
+    """A client's end: "cut off", or "whole" (every byte, the right sha256);
+    never a clean end of a partial body."""
+    try:
+        got += resp.read()
+    except (http.client.IncompleteRead, ConnectionError):
+        return "cut off"
+    assert len(got) == len(body) and hashlib.sha256(got).digest() == hashlib.sha256(body).digest(), \
+        f"a body ended cleanly after {len(got)} of {len(body)} bytes, or with other bytes"
+    return "whole"
+
+
 def test_a_worker_killed_mid_download(upstream, daemon_factory):
     body = os.urandom(2 << 20)
     upstream.add("/files/big.bin", body)
     upstream.behave("/files/big.bin", pause_at=256 << 10, times=1)
     d = daemon_factory({"r": generic_remote(upstream)}, server={"workers": 2})
     _workers_seen(d)
-    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=60)
+    first, producer = _on_a_worker(d)
+    other, follower = _on_a_worker(d, avoid=producer)
     try:
-        conn.request("GET", "/api/r/files/big.bin")
-        resp = conn.getresponse()
-        assert resp.status == 200 and resp.read(64 << 10) == body[:64 << 10]
+        first.request("GET", "/api/r/files/big.bin")
+        a = first.getresponse()
+        assert a.status == 200 and a.read(64 << 10) == body[:64 << 10]
         upstream.wait_paused("/files/big.bin")
-        producer = None
-        deadline = time.monotonic() + 30
-        while producer is None and time.monotonic() < deadline:
-            h = d.get("/health").json()
-            if h["inflight_fetches"]:
-                producer = h["pid"]
-        assert producer is not None, "no worker said it was fetching"
+        # A client of the other worker tails the same spool (no fetch of its own).
+        other.request("GET", "/api/r/files/big.bin")
+        b = other.getresponse()
+        assert b.status == 200 and b.read(64 << 10) == body[:64 << 10]
+        assert upstream.count("/files/big.bin") == 1
+        assert _inflight(d) == 1  # the follower is not counted as a fetch
+
         os.kill(producer, signal.SIGKILL)
         # Its client is cut off, never handed a clean end of a partial body.
-        try:
-            rest = resp.read()
-        except (http.client.IncompleteRead, ConnectionError):
-            pass
-        else:
-            raise AssertionError(f"a truncated body ended cleanly after {len(rest)} more bytes")
+        assert _cut_off_or_whole(a, body[:64 << 10], body) == "cut off"
+        upstream.clear("/files/big.bin")
+        # The follower's client: the whole body or cut off (here the owner died
+        # mid-body: cut off), never a clean truncated end.
+        _cut_off_or_whole(b, body[:64 << 10], body)
     finally:
-        conn.close()
-    upstream.clear("/files/big.bin")
+        first.close()
+        other.close()
     # The surviving worker and the restarted one keep serving; the body is stored whole.
     workers = _workers_seen(d, stale=frozenset({producer}))
-    assert producer not in workers.values()
-    for _ in range(3):
+    assert producer not in workers.values() and follower in workers.values()
+    for _ in range(4):
         r = d.get("/api/r/files/big.bin")
-        assert r.status == 200 and r.body == body
+        assert r.status == 200 and hashlib.sha256(r.body).digest() == hashlib.sha256(body).digest()
+    # The killed fetch, then exactly one more for the whole daemon.
+    assert upstream.count("/files/big.bin") == 2
     # The dead worker's half-written spool file went with its restart.
     deadline = time.monotonic() + 30
     while d.spool_files() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert d.spool_files() == []
+    assert _inflight(d) == 0
     assert d.stop() == 0
+    assert "Traceback" not in d.log()

@@ -64,6 +64,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def default_workers() -> int:
+    """``server.workers`` of a test daemon whose test did not choose: ``SPARKCACHE_TEST_WORKERS``, else 1."""
+    return int(os.environ.get("SPARKCACHE_TEST_WORKERS") or 1)
+
+
 def daemon_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for a daemon or twistd run: clean, with the checkout importable."""
     env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED and not k.startswith(_SCRUBBED_PREFIXES)}
@@ -128,13 +133,11 @@ class Daemon:
     # -- config ------------------------------------------------------------
 
     def config(self) -> dict[str, Any]:
-        server: dict[str, Any] = {"listen": [f"tcp:{self.port}:interface=127.0.0.1"], "shutdown_timeout": "10s"}
-        # SPARKCACHE_TEST_WORKERS=2 runs every test daemon with worker processes
-        # (docs/workers.rst) unless the test chose its own server.workers.
-        if os.environ.get("SPARKCACHE_TEST_WORKERS"):
-            server["workers"] = int(os.environ["SPARKCACHE_TEST_WORKERS"])
-        if {**server, **self.server}.get("workers", 1) != 1:
-            self.env.setdefault("SPARKCACHE_EXPERIMENTAL_WORKERS", "1")  # sparkcache.config.EXPERIMENTAL_WORKERS
+        # One process (not the default, one per core: the suite runs many
+        # daemons at once) unless the test chose its own server.workers, or
+        # SPARKCACHE_TEST_WORKERS (the both-ways modules, tests/conftest.py) asks for more.
+        server: dict[str, Any] = {"listen": [f"tcp:{self.port}:interface=127.0.0.1"], "shutdown_timeout": "10s",
+                                  "workers": default_workers()}
         cfg: dict[str, Any] = {
             "server": {**server, **self.server},
             "storage": {"data_dir": str(self.data_dir), **self.storage},

@@ -64,6 +64,7 @@ def harness_config(data_dir: str | Path, config: Mapping[str, Any] | None = None
     server = data.setdefault("server", {})
     server.setdefault("sendfile", False)
     server.setdefault("shutdown_timeout", "5s")
+    server.setdefault("workers", 1)  # one service in memory, whatever the cores
     cfg = load_config_data(data, "harness.yaml", environ={}, protocols=protocols)
     return replace(cfg, server=replace(cfg.server, listen=()))
 

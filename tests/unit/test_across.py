@@ -79,6 +79,10 @@ async def _two_clients(pair: Any) -> tuple[FakeResponse, Reader, Deferred[None],
     live_b = await pumped(Deferred.fromCoroutine(pair.b.cache.get(creq(REMOTE))), pair.clock)
     assert isinstance(live_b, Live) and isinstance(live_b.flight, TailFlight)
     assert pair.b.up.requests == []  # b asked nobody
+    # b follows: that is no fetch of its own (/health, the in-flight gauge).
+    assert pair.a.cache.inflight == 1 and pair.b.cache.inflight == 0
+    assert pair.a.cache.metrics.inflight._value.get() == 1 and pair.b.cache.metrics.inflight._value.get() == 0
+    pair.followed = live_b.flight
     ra, rb = Reader(), Reader()
     return response, ra, ra.tail(live_a.flight), rb, rb.tail(live_b.flight)
 
@@ -114,6 +118,7 @@ async def test_the_other_workers_clients_are_cut_off_when_the_owner_breaks_off(p
     await pumped(da, pair.clock)
     await pumped(db, pair.clock)
     assert ra.cut_off() and rb.cut_off()
+    assert "failed: upstream body ended early" in str(pair.followed.error)  # the owner's reason, from its marker
     assert await pair.b.store.index.get("r:x") is None
     # The key is free again: whoever asks next owns it.
     held = await pumped(pair.b.cache.locks.acquire("r:x"), pair.clock)

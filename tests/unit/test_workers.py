@@ -14,6 +14,7 @@ from twisted.internet import reactor as real_reactor
 from twisted.internet.defer import succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from sparkcache.config import ConfigError
@@ -23,32 +24,22 @@ from sparkcache.workers.sockets import AdoptedEndpoint, format_fds, parse_fds
 from sparkcache.workers.supervisor import RESTART_MAX, RESTART_MIN, STABLE_AFTER, Supervisor, WorkerProtocol
 
 
-# server.workers above 1 is experimental (sparkcache.config.EXPERIMENTAL_WORKERS).
-EXPERIMENT = {"SPARKCACHE_EXPERIMENTAL_WORKERS": "1"}
-
-
-def test_more_than_one_worker_needs_the_experimental_switch() -> None:
-    from sparkcache.config import ConfigError
-
-    with pytest.raises(ConfigError, match="server.workers: more than one worker process is not ready yet"):
-        load_config_data({"server": {"workers": 2}}, source="cache.yaml", environ={})
-    assert load_config_data({"server": {"workers": 1}}, source="cache.yaml", environ={}).server.workers == 1
-
-
 def _config(workers: Any, listen: list[str] | None = None) -> Any:
     server: dict[str, Any] = {"workers": workers}
     if listen is not None:
         server["listen"] = listen
-    return load_config_data({"server": server}, source="cache.yaml", environ=EXPERIMENT)
+    return load_config_data({"server": server}, source="cache.yaml", environ={})
 
 
 # -- config --------------------------------------------------------------------
 
 
-def test_workers_default_is_one_process_and_auto_is_one_per_core() -> None:
-    assert load_config_data({}, source="cache.yaml", environ={}).server.workers == 1
+def test_workers_default_is_one_per_core_and_1_is_one_process() -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert load_config_data({}, source="cache.yaml", environ={}).server.workers == cores
+    assert _config("auto").server.workers == cores
+    assert _config(1).server.workers == 1
     assert _config(3).server.workers == 3
-    assert _config("auto").server.workers == (os.cpu_count() or 1)
     assert _config(2).redacted()["server"]["workers"] == 2
 
 
@@ -58,16 +49,26 @@ def test_workers_must_be_a_positive_count(bad: Any) -> None:
         _config(bad)
 
 
-def test_an_ssl_listener_cannot_be_shared_by_workers() -> None:
+def test_an_ssl_listener_cannot_be_shared_by_workers(monkeypatch: Any) -> None:
     with pytest.raises(ConfigError, match=r"server\.workers: listener 'ssl:8443.*cannot be shared"):
         _config(2, ["tcp:8090", "ssl:8443:privateKey=k.pem"])
     assert _config(1, ["ssl:8443:privateKey=k.pem"]).server.workers == 1
+    # auto (the default) falls back to one process, and says why.
+    monkeypatch.setattr("sparkcache.config.cores", lambda: 4)
+    seen: list[str] = []
+    globalLogPublisher.addObserver(observer := lambda e: seen.append(formatEvent(e)))
+    try:
+        assert _config("auto", ["tcp:8090", "ssl:8443:privateKey=k.pem"]).server.workers == 1
+        assert load_config_data({"server": {"listen": ["ssl:8443:privateKey=k.pem"]}}, source="cache.yaml",
+                                environ={}).server.workers == 1
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert any("server.workers: auto gives 1 process, not 4: listener 'ssl:8443" in m for m in seen), seen
+    assert _config("auto", ["tcp:8090", "unix:/run/s.sock"]).server.workers == 4
 
 
 def test_tap_builds_the_supervisor_only_with_more_than_one_worker(tmp_path: Path, monkeypatch: Any) -> None:
     from sparkcache.service import SparkcacheService
-
-    monkeypatch.setenv("SPARKCACHE_EXPERIMENTAL_WORKERS", "1")
 
     cfg = tmp_path / "cache.yaml"
     for n, kind in ((1, SparkcacheService), (2, Supervisor)):
@@ -121,7 +122,7 @@ def _die(proto: WorkerProtocol, sig: int | None = signal.SIGKILL) -> None:
 def supervised(tmp_path: Path) -> Any:
     config = load_config_data({"server": {"workers": 2, "listen": ["tcp:0:interface=127.0.0.1"]},
                                "storage": {"data_dir": str(tmp_path / "data")}}, source="cache.yaml",
-                              environ=EXPERIMENT)
+                              environ={})
     clock, spawn = Clock(), Spawner()
     sup = Supervisor(config, str(tmp_path / "cache.yaml"), {"SPARKCACHE_DATA_DIR": str(tmp_path)}, reactor=real_reactor,
                      clock=clock, spawn=spawn, in_thread=lambda fn, *a: succeed(fn(*a)))

@@ -163,3 +163,84 @@ async def test_an_abandoned_production_ends_the_tail_uncommitted(tmp_path: Path)
         await tail.poll()
     assert not ended.value.committed and "abandoned" in str(ended.value)
     tail.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_abort_is_seen_at_the_next_poll_with_its_reason(tmp_path: Path) -> None:
+    owner, follower = KeyLocks(str(tmp_path), _in_io), KeyLocks(str(tmp_path), _in_io)
+    spool = tmp_path / "spool-3"
+    spool.write_bytes(b"abc")
+    held = await owner.acquire(KEY)
+    assert held is not None
+    await held.announce(Marker(spool=str(spool), total=10))
+    marker = await follower.marker(KEY)
+    assert marker is not None
+
+    async def never() -> bool:
+        raise AssertionError("an abort the marker says needs no index lookup")
+
+    tail = Tail(follower, KEY, marker, never)
+    await tail.open()
+    assert await tail.poll() == 3
+    await held.abort("digest mismatch: expected sha256:00, got sha256:11")
+    # The marker is still there (the lock still held): its error ends the tail.
+    assert os.path.exists(paths(follower.dir, KEY)[1])
+    with pytest.raises(Ended) as ended:
+        await tail.poll()
+    assert not ended.value.committed and "digest mismatch" in str(ended.value)
+    await held.release()
+    tail.close()
+    # The marker and its reason stay after the release, for a tail that polls late...
+    late = Tail(follower, KEY, marker, never)
+    await late.open()
+    with pytest.raises(Ended) as ended:
+        await late.poll()
+    assert "digest mismatch" in str(ended.value)
+    late.close()
+    # ... until the key's next owner takes it away.
+    # Nothing was announced: an abort writes no marker.
+    again = await owner.acquire(KEY)
+    assert again is not None
+    assert not os.path.exists(paths(follower.dir, KEY)[1])
+    await again.abort("gone before the first byte")
+    assert not os.path.exists(paths(follower.dir, KEY)[1])
+    await again.release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cancelled_poll_keeps_the_descriptor_until_its_thread_is_done(tmp_path: Path) -> None:
+    """The daemon stopping cancels a follower mid-poll: the descriptor the
+    poll's thread reads must not be closed (and reused) under it."""
+    from twisted.internet.defer import CancelledError, Deferred
+
+    gate: Deferred[None] = Deferred()
+    calls: list[Any] = []
+
+    def held_in_io(fn: Any, *args: Any) -> Any:
+        if "poll" in getattr(fn, "__qualname__", "") and not calls:
+            calls.append(fn)
+            return gate.addCallback(lambda _: fn(*args))
+        return deferToThread(fn, *args)
+
+    owner, follower = KeyLocks(str(tmp_path), _in_io), KeyLocks(str(tmp_path), held_in_io)
+    spool = tmp_path / "spool-4"
+    spool.write_bytes(b"abc")
+    held = await owner.acquire(KEY)
+    assert held is not None
+    await held.announce(Marker(spool=str(spool), total=10))
+    marker = await follower.marker(KEY)
+    assert marker is not None
+    tail = Tail(follower, KEY, marker, _committed(str(spool)))
+    await tail.open()
+    fd = tail.fd
+    assert fd is not None
+    polling = Deferred.fromCoroutine(tail.poll())
+    polling.cancel()
+    with pytest.raises(CancelledError):
+        await polling
+    tail.close()
+    os.fstat(fd)  # still open: the poll's "thread" has not run yet
+    gate.callback(None)
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed once it ran
+    await held.release()

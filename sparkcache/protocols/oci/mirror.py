@@ -35,7 +35,7 @@ from sparkcache.protocols.oci.config import OCIOptions, options_of
 from sparkcache.protocols.oci.errors import OCIError, as_oci
 from sparkcache.protocols.oci.names import check_reference, sha256_hex, upstream_name
 from sparkcache.protocols.oci.tokens import TokenAuth, TokenError
-from sparkcache.store import Entry
+from sparkcache.store import Entry, hints
 from sparkcache.web.respond import SMALL_BODY, relayed_headers, respond
 
 log = Logger()
@@ -86,6 +86,34 @@ class Mirror:
         self._checks: Singleflight[str, Any] = Singleflight()
         # remote → until when its stale tags are served without asking upstream
         self._down_until: dict[str, float] = {}
+
+    async def _down(self, remote: str, now: float) -> bool:
+        """Whether ``remote``'s stale tags go without a check now: it timed
+        out lately, here or (worker processes) in another worker."""
+        if self._down_until.get(remote, 0.0) > now:
+            return True
+        if self.ctx.cache.locks is None:
+            return False
+        until = await self.ctx.store.in_io(hints.read_until, self.ctx.store.data_dir, f"oci-down:{remote}")
+        if until > now:
+            self._down_until[remote] = until
+            return True
+        return False
+
+    async def _set_down(self, remote: str, until: float | None) -> None:
+        if until is None:
+            self._down_until.pop(remote, None)
+        else:
+            self._down_until[remote] = until
+        if self.ctx.cache.locks is None:
+            return
+        try:
+            if until is None:
+                await self.ctx.store.in_io(hints.clear, self.ctx.store.data_dir, f"oci-down:{remote}")
+            else:
+                await self.ctx.store.in_io(hints.write_until, self.ctx.store.data_dir, f"oci-down:{remote}", until)
+        except OSError as e:  # (a full disk): the other workers learn it themselves
+            log.warn("sharing {remote}'s upstream state with the other workers: {e}", remote=remote, e=e)
 
     def forget(self, remote: str) -> None:
         """Drop what was learnt from a remote's upstream (its settings changed)."""
@@ -202,7 +230,7 @@ class Mirror:
         now = self.ctx.clock.seconds()
         if stale is not None and stale.status == 200 and not stale.fresh(now) \
                 and not self.ctx.cache.fetching(req.key):
-            if self._down_until.get(remote.name, 0.0) > now:
+            if await self._down(remote.name, now):
                 return stale, "STALE"
             state, checked = await self._checks.run(req.key, lambda: self._check_tag(req, stale, scope))
             if checked is not None:
@@ -231,9 +259,9 @@ class Mirror:
                 log.info("serving stale {key}: {why}", key=req.key, why=str(e))
                 # Each further check would wait for the same connect or read
                 # timeout: the remote's stale tags go without one for a while.
-                self._down_until[remote.name] = self.ctx.clock.seconds() + DOWN_GRACE
+                await self._set_down(remote.name, self.ctx.clock.seconds() + DOWN_GRACE)
                 return "STALE", stale
-            self._down_until.pop(remote.name, None)
+            await self._set_down(remote.name, None)
             self.ctx.metrics.upstream(remote.name, str(response.code))
             await discard_body(response)
             code = response.code
