@@ -1,0 +1,205 @@
+"""Fresh hits answered without routing: the hot path of a CI fleet.
+
+A protocol app that can tell from the URL alone that a GET/HEAD is a fresh
+entry already in memory (``fresh_hit(request, segments) -> FreshHit``) mounts
+:class:`FastHits` in front of its Klein resource. It answers such a request at
+two levels, and hands everything else (every error case included) to the app:
+
+- **the connection** (:meth:`FastHits.answer`, called by the site's channel,
+  :mod:`sparkcache.web.site`): a plain HTTP/1.1 GET/HEAD whose head arrived
+  whole, with no Range, no conditional, no body, on an idle keep-alive
+  connection, of a body up to ``BLOCK_BODY_MAX``, is answered with one write of
+  a response block kept per entry (status line, headers, body). No Request
+  object, no resource traversal, no body read: what twisted.web would have
+  sent, byte for byte but the Date;
+- **the resource** (:meth:`FastHits.render`): any other fresh hit (Range,
+  conditional, HTTP/1.0, larger bodies) is served by ``serve_hit`` without
+  route matching or coroutines.
+
+The block is kept for the very Entry object the index holds: a purge, a
+replacement or a refresh gives a new object (the index's change counters make
+another worker's do that too), so a block can never outlive its entry's truth.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.web.http import datetimeToString
+from twisted.web.http_headers import Headers
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import NOT_DONE_YET, version
+
+from sparkcache.context import Context
+from sparkcache.store import Entry
+from sparkcache.web.errors import ErrorFormat, refuse_path
+from sparkcache.web.paths import BadPath, vet_request
+from sparkcache.web.respond import serve_hit, set_hit_headers
+
+log = Logger()
+# Bodies up to this size are answered from a kept block; larger ones go
+# through serve_hit (sendfile), where the copy is not the cost.
+BLOCK_BODY_MAX = 64 * 1024
+# Bytes of blocks kept per app (bodies and headers), oldest dropped first.
+BLOCKS_MAX_BYTES = 32 * 1024 * 1024
+
+
+class FreshHit(NamedTuple):
+    """What ``fresh_hit`` found: the entry, the remote and path it is served as
+    (metrics, Content-Disposition), headers the protocol adds, and the
+    registry form counted in ``metrics.form`` (None: not a registry)."""
+
+    entry: Entry
+    remote: str
+    path: str
+    extra: dict[str, str] | None = None
+    form: str | None = None
+
+
+class Head:
+    """A request head parsed by the connection: what ``fresh_hit``, the path
+    checks and auth read of a request."""
+
+    __slots__ = ("method", "uri", "headers")
+
+    def __init__(self, method: bytes, uri: bytes, headers: dict[bytes, bytes]) -> None:
+        self.method, self.uri, self.headers = method, uri, headers
+
+    def getHeader(self, name: bytes) -> bytes | None:  # noqa: N802 - twisted.web's request API
+        return self.headers.get(name.lower())
+
+
+class _Recorder:
+    """Collects the headers ``set_hit_headers`` sets, in twisted.web's form."""
+
+    def __init__(self) -> None:
+        self.responseHeaders = Headers()
+
+
+class _Dates:
+    """The Date header's value, formatted once a second."""
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.value = b""
+
+    def now(self) -> bytes:
+        t = int(time.time())
+        if t != self.second:
+            self.second, self.value = t, datetimeToString(t)
+        return self.value
+
+
+_dates = _Dates()
+_STATUS = b"HTTP/1.1 200 OK\r\nServer: " + version + b"\r\nDate: "
+
+
+class Blocks:
+    """Response blocks (headers after Date, and the body) per entry key, kept
+    while the index holds the same Entry object; FIFO within a byte budget."""
+
+    def __init__(self, max_bytes: int = BLOCKS_MAX_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._blocks: dict[str, tuple[Entry, bytes, int]] = {}
+
+    def get(self, hit: FreshHit, read: Callable[[Entry], bytes]) -> tuple[bytes, int] | None:
+        """(headers and body, where the body starts) of ``hit``; None when its
+        body vanished (serve_hit then answers, and drops the row)."""
+        entry = hit.entry
+        kept = self._blocks.get(entry.key)
+        if kept is not None and kept[0] is entry:
+            return kept[1], kept[2]
+        try:
+            body = read(entry)
+        except FileNotFoundError:
+            return None
+        rec = _Recorder()
+        set_hit_headers(rec, entry, "HIT", hit.path, hit.extra)
+        rec.responseHeaders.setRawHeaders(b"Accept-Ranges", [b"bytes"])
+        rec.responseHeaders.setRawHeaders(b"Content-Length", [str(len(body)).encode()])
+        lines = [b""]
+        for name, values in rec.responseHeaders.getAllRawHeaders():
+            lines.extend(name + b": " + v for v in values)
+        head = b"\r\n".join(lines) + b"\r\n\r\n"
+        block = head + body
+        if kept is not None:
+            self._drop(entry.key)
+        if len(block) <= self.max_bytes:
+            while self._blocks and self.size + len(block) > self.max_bytes:
+                self._drop(next(iter(self._blocks)))
+            self._blocks[entry.key] = (entry, block, len(head))
+            self.size += len(block)
+        return block, len(head)
+
+    def _drop(self, key: str) -> None:
+        _e, block, _h = self._blocks.pop(key)
+        self.size -= len(block)
+
+
+class FastHits(Resource):
+    """An app's fresh hits (see the module docstring); everything else goes to ``routed``."""
+
+    isLeaf = True
+
+    def __init__(self, ctx: Context, find: Callable[[Any, list[str]], FreshHit | None], routed: IResource,
+                 fmt: ErrorFormat, max_path: int) -> None:
+        super().__init__()
+        self.ctx, self.find, self.routed, self.fmt, self.max_path = ctx, find, routed, fmt, max_path
+        self.blocks = Blocks()
+
+    def render(self, request: Any) -> Any:
+        # Vet the raw path before any router decodes it (a decoded CR/LF
+        # would otherwise become a router's HTML 404, not our JSON 400).
+        try:
+            segments = vet_request(request, self.max_path)
+        except BadPath as e:
+            return refuse_path(request, e, self.fmt)
+        hit = self.find(request, segments)
+        if hit is None:
+            return self.routed.render(request)
+        ctx = self.ctx
+        if hit.form is not None:
+            ctx.metrics.form(hit.remote, hit.form, "hit")
+        out = serve_hit(request, hit.entry, "HIT", ctx.store, ctx.metrics, hit.remote, hit.path, hit.extra,
+                        sendfile=ctx.sendfile)
+        if isinstance(out, bytes):
+            return out
+        if isinstance(out, Deferred):
+            out.addErrback(lambda f: log.failure("serving {path} failed", f, path=hit.path))
+        return NOT_DONE_YET
+
+    def answer(self, head: Head) -> tuple[bytes, int] | None:
+        """The whole response to ``head`` (a GET or HEAD the connection vetted:
+        :func:`sparkcache.web.site.parse_head`) and its body's length, when it
+        is a fresh hit of a body up to BLOCK_BODY_MAX; None for anything else."""
+        try:
+            segments = vet_request(head, self.max_path)
+        except BadPath:
+            return None
+        hit = self.find(head, segments)
+        if hit is None or hit.entry.size > BLOCK_BODY_MAX:
+            return None
+        store = self.ctx.store
+        got = self.blocks.get(hit, lambda e: _read(store, e))
+        if got is None:
+            return None
+        block, body_at = got
+        metrics = self.ctx.metrics
+        metrics.response(hit.remote, "hit")
+        if hit.form is not None:
+            metrics.form(hit.remote, hit.form, "hit")
+        if head.method == b"HEAD":
+            return _STATUS + _dates.now() + block[:body_at], 0
+        size = len(block) - body_at
+        metrics.bytes_counter(hit.remote, "cache")(size)
+        return _STATUS + _dates.now() + block, size
+
+
+def _read(store: Any, entry: Entry) -> bytes:
+    with store.open_range(entry) as body:
+        return bytes(body.read_all())
