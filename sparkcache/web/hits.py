@@ -34,10 +34,11 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, version
 
+from sparkcache.auth import AuthError
 from sparkcache.context import Context
 from sparkcache.store import Entry
 from sparkcache.web.errors import ErrorFormat, refuse_path
-from sparkcache.web.paths import BadPath, vet_request
+from sparkcache.web.paths import BadPath, split_raw_path, vet_host, vet_request
 from sparkcache.web.respond import serve_hit, set_hit_headers
 
 log = Logger()
@@ -46,12 +47,29 @@ log = Logger()
 BLOCK_BODY_MAX = 64 * 1024
 # Bytes of blocks kept per app (bodies and headers), oldest dropped first.
 BLOCKS_MAX_BYTES = 32 * 1024 * 1024
+# URLs whose route is kept per app (all forgotten at once past this), and
+# the longest kept: at most a few MiB however many URLs clients make up.
+ROUTES_MAX = 8192
+ROUTE_URI_MAX = 512
+
+
+class FastRoute(NamedTuple):
+    """Where an app finds a URL's entry (``fast_route(request, segments)``,
+    from the URL and the configuration alone): its index key, the remote and
+    path it is served as (metrics, Content-Disposition), the Content-Type when
+    the stored headers have none, and the registry form counted in
+    ``metrics.form`` (None: not a registry)."""
+
+    key: str
+    remote: str
+    path: str
+    default_type: str | None = None
+    form: str | None = None
 
 
 class FreshHit(NamedTuple):
-    """What ``fresh_hit`` found: the entry, the remote and path it is served as
-    (metrics, Content-Disposition), headers the protocol adds, and the
-    registry form counted in ``metrics.form`` (None: not a registry)."""
+    """A fresh entry found for a request: the entry, the remote and path it is
+    served as, headers the protocol adds, the registry form (see FastRoute)."""
 
     entry: Entry
     remote: str
@@ -146,11 +164,59 @@ class FastHits(Resource):
 
     isLeaf = True
 
-    def __init__(self, ctx: Context, find: Callable[[Any, list[str]], FreshHit | None], routed: IResource,
+    def __init__(self, ctx: Context, route: Callable[[Any, list[str]], FastRoute | None], routed: IResource,
                  fmt: ErrorFormat, max_path: int) -> None:
         super().__init__()
-        self.ctx, self.find, self.routed, self.fmt, self.max_path = ctx, find, routed, fmt, max_path
+        self.ctx, self.route, self.routed, self.fmt, self.max_path = ctx, route, routed, fmt, max_path
+        # The app whose method ``route`` is (tests look at its state through it).
+        self.app = getattr(route, "__self__", None)
         self.blocks = Blocks()
+        # The route of each URL seen (None: not one the app finds in the index,
+        # or no valid path), for the configuration it was made with.
+        self._routes: dict[bytes, FastRoute | None] = {}
+        self._routes_of: Any = None
+
+    def find(self, request: Any, segments: list[str] | None = None) -> FreshHit | None:
+        """The fresh entry a GET/HEAD of ``request`` is answered with, when its
+        caller may read it; None for anything the app must answer. ``segments``:
+        the vetted path, when the caller has it."""
+        if request.method not in (b"GET", b"HEAD"):
+            return None
+        ctx = self.ctx
+        if self._routes_of is not ctx.config:
+            self._routes, self._routes_of = {}, ctx.config
+        uri = request.uri
+        try:
+            route = self._routes[uri]
+        except KeyError:
+            if segments is None:
+                try:
+                    segments = split_raw_path(uri, self.max_path)
+                except BadPath:
+                    segments = []
+            route = self.route(request, segments) if segments else None
+            if len(uri) <= ROUTE_URI_MAX:
+                if len(self._routes) >= ROUTES_MAX:
+                    self._routes.clear()
+                self._routes[uri] = route
+        if route is None:
+            return None
+        index = ctx.store.index
+        entry = index.peek(route.key)
+        if entry is None or entry.status != 200:
+            return None
+        now = ctx.clock.seconds()
+        if not entry.fresh(now):
+            return None
+        try:
+            ctx.auth.require(request, "read")
+        except AuthError:
+            return None
+        index.touch(entry, now)
+        extra = None
+        if route.default_type is not None and not entry.headers.get("content-type"):
+            extra = {"Content-Type": route.default_type}
+        return FreshHit(entry, route.remote, route.path, extra, route.form)
 
     def render(self, request: Any) -> Any:
         # Vet the raw path before any router decodes it (a decoded CR/LF
@@ -178,10 +244,10 @@ class FastHits(Resource):
         :func:`sparkcache.web.site.parse_head`) and its body's length, when it
         is a fresh hit of a body up to BLOCK_BODY_MAX; None for anything else."""
         try:
-            segments = vet_request(head, self.max_path)
+            vet_host(head)
         except BadPath:
             return None
-        hit = self.find(head, segments)
+        hit = self.find(head)
         if hit is None or hit.entry.size > BLOCK_BODY_MAX:
             return None
         store = self.ctx.store

@@ -17,7 +17,6 @@ from typing import Any
 from klein import Klein
 from twisted.web.resource import IResource
 
-from sparkcache.auth import AuthError
 from sparkcache.config import Config, RemoteConfig
 from sparkcache.context import Context
 from sparkcache.fetch import CacheRequest, Failed, Hit, Live, Target
@@ -28,7 +27,7 @@ from sparkcache.protocols.generic import TYPE_NAMES
 from sparkcache.protocols.generic.helm import HelmIndex
 from sparkcache.web.bodies import BodyDecision, ToSpool, checked, request_spool
 from sparkcache.web.errors import JSON, HTTPError, add_error_handling
-from sparkcache.web.hits import FastHits, FreshHit
+from sparkcache.web.hits import FastHits, FastRoute
 from sparkcache.web.paths import BadPath, quote_segments, split_raw_path, vet_request
 from sparkcache.web.purge import refuse_local_purge
 from sparkcache.web.respond import guess_type, respond
@@ -60,20 +59,19 @@ class GenericApp:
                                  lambda r: INDEX_TYPES[r.type](r, self.ctx, self.derived), lambda i: i.remote)
 
     def resource(self) -> IResource:
-        return FastHits(self.ctx, self.fresh_hit, self.app.resource(), JSON, self.max_path)
+        return FastHits(self.ctx, self.fast_route, self.app.resource(), JSON, self.max_path)
 
     add_error_handling(app, JSON)
 
     # -- the hit path -----------------------------------------------------------------
 
-    def fresh_hit(self, request: Any, segments: list[str]) -> FreshHit | None:
-        """The entry when this is a GET/HEAD of a fresh entry already in memory.
-
-        FastHits serves those without route matching or coroutines. Anything
-        else, including every error case, returns None and goes through
-        dispatch(), which gives the full answer.
-        """
-        if request.method not in (b"GET", b"HEAD") or len(segments) < 3:
+    def fast_route(self, request: Any, segments: list[str]) -> FastRoute | None:
+        """Where a GET/HEAD of this URL would be found in the index when it is
+        a plain cached file (no local upload, no rewritten index, within the
+        patterns); None for anything else, every error case included, which
+        dispatch() answers. From the URL and the configuration alone: FastHits
+        keeps the answer until the configuration changes."""
+        if len(segments) < 3:
             return None
         remote = self.ctx.config.remotes.get(segments[1])
         if remote is None or remote.type == "local" or remote.type not in TYPE_NAMES:
@@ -82,18 +80,10 @@ class GenericApp:
         if not rest:
             return None
         path = "/".join(rest)
+        if self.classify(remote, path) is None or self.rewrites(remote, path):
+            return None
         query = request.uri.partition(b"?")[2].decode("latin-1")
-        entry = self.ctx.store.index.peek(_key(remote, path, query))
-        now = self.ctx.clock.seconds()
-        if entry is None or entry.status != 200 or not entry.fresh(now) or self.classify(remote, path) is None \
-                or self.rewrites(remote, path):
-            return None
-        try:
-            self.ctx.auth.require(request, "read")
-        except AuthError:
-            return None
-        self.ctx.store.index.touch(entry, now)
-        return FreshHit(entry, remote.name, path)
+        return FastRoute(_key(remote, path, query), remote.name, path)
 
     # -- dispatch ------------------------------------------------------------------
 

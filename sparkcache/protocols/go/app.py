@@ -23,7 +23,6 @@ from klein import Klein
 from twisted.logger import Logger
 from twisted.web.resource import IResource
 
-from sparkcache.auth import AuthError
 from sparkcache.config import RemoteConfig
 from sparkcache.context import Context
 from sparkcache.fetch import CacheRequest, Failed, Hit, Live, Result
@@ -31,7 +30,7 @@ from sparkcache.fetch.flight import BodyError
 from sparkcache.protocols.go import modzip, paths, sumdb
 from sparkcache.protocols.go.paths import BadModulePath, ModuleRequest
 from sparkcache.web.errors import ErrorFormat, ErrorReply, HTTPError, add_error_handling, guarded, set_headers
-from sparkcache.web.hits import FastHits, FreshHit
+from sparkcache.web.hits import FastHits, FastRoute
 from sparkcache.web.paths import split_raw_path
 from sparkcache.web.respond import respond
 
@@ -67,12 +66,13 @@ class GoApp:
         self.max_path = ctx.config.server.max_path_length
 
     def resource(self) -> IResource:
-        return FastHits(self.ctx, self.fresh_hit, guarded(self.app, TEXT, self.max_path), TEXT, self.max_path)
+        return FastHits(self.ctx, self.fast_route, guarded(self.app, TEXT, self.max_path), TEXT, self.max_path)
 
-    def fresh_hit(self, request: Any, segments: list[str]) -> FreshHit | None:
-        """A GET/HEAD of a module file stored, fresh and in memory, that the
-        caller may read; None for anything else (dispatch answers it)."""
-        if request.method not in (b"GET", b"HEAD") or len(segments) < 4 or b"?" in request.uri:
+    def fast_route(self, request: Any, segments: list[str]) -> FastRoute | None:
+        """Where a GET/HEAD of this module file would be found in the index;
+        None for anything else (dispatch answers it). From the URL and the
+        configuration alone (FastHits keeps the answer)."""
+        if len(segments) < 4 or b"?" in request.uri:
             return None
         remote = self.ctx.config.remotes.get(segments[1])
         if remote is None or remote.type not in GO_TYPES or segments[2] == "sumdb":
@@ -81,17 +81,7 @@ class GoApp:
             mreq = paths.parse([s for s in segments[2:] if s != ""])
         except BadModulePath:
             return None
-        entry = self.ctx.store.index.peek(_key(remote, mreq.tail))
-        now = self.ctx.clock.seconds()
-        if entry is None or entry.status != 200 or not entry.fresh(now):
-            return None
-        try:
-            self.ctx.auth.require(request, "read")
-        except AuthError:
-            return None
-        self.ctx.store.index.touch(entry, now)
-        extra = None if entry.headers.get("content-type") else {"Content-Type": CONTENT_TYPES[mreq.form]}
-        return FreshHit(entry, remote.name, mreq.tail, extra, FORMS[mreq.form])
+        return FastRoute(_key(remote, mreq.tail), remote.name, mreq.tail, CONTENT_TYPES[mreq.form], FORMS[mreq.form])
 
     add_error_handling(app, TEXT)
 
