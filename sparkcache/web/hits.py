@@ -79,16 +79,24 @@ class FreshHit(NamedTuple):
 
 
 class Head:
-    """A request head parsed by the connection: what ``fresh_hit``, the path
-    checks and auth read of a request."""
+    """A request head the connection vetted (:func:`sparkcache.web.site.parse_head`):
+    what ``fast_route``, the path checks and auth read of a request. Headers
+    are looked up in the head itself, as twisted.web's ``getHeader`` does: by
+    name in any case, the last one of a name."""
 
-    __slots__ = ("method", "uri", "headers")
+    __slots__ = ("method", "uri", "head", "lower")
 
-    def __init__(self, method: bytes, uri: bytes, headers: dict[bytes, bytes]) -> None:
-        self.method, self.uri, self.headers = method, uri, headers
+    def __init__(self, method: bytes, uri: bytes, head: bytes) -> None:
+        self.method, self.uri, self.head = method, uri, head
+        self.lower = head.lower()
 
     def getHeader(self, name: bytes) -> bytes | None:  # noqa: N802 - twisted.web's request API
-        return self.headers.get(name.lower())
+        at = self.lower.rfind(b"\r\n" + name.lower() + b":")
+        if at < 0:
+            return None
+        start = at + len(name) + 3
+        end = self.head.find(b"\r\n", start)
+        return self.head[start:end if end >= 0 else len(self.head)].strip(b" \t")
 
 
 class _Recorder:
@@ -175,6 +183,8 @@ class FastHits(Resource):
         # or no valid path), for the configuration it was made with.
         self._routes: dict[bytes, FastRoute | None] = {}
         self._routes_of: Any = None
+        # Per remote: the incs of its hit and cache-bytes counters.
+        self._counters: dict[str, tuple[Callable[[], None], Callable[[int], None]]] = {}
 
     def find(self, request: Any, segments: list[str] | None = None) -> FreshHit | None:
         """The fresh entry a GET/HEAD of ``request`` is answered with, when its
@@ -255,14 +265,18 @@ class FastHits(Resource):
         if got is None:
             return None
         block, body_at = got
-        metrics = self.ctx.metrics
-        metrics.response(hit.remote, "hit")
+        counted = self._counters.get(hit.remote)
+        if counted is None:
+            metrics = self.ctx.metrics
+            counted = self._counters[hit.remote] = (metrics.response_counter(hit.remote, "hit"),
+                                                    metrics.bytes_counter(hit.remote, "cache"))
+        counted[0]()
         if hit.form is not None:
-            metrics.form(hit.remote, hit.form, "hit")
+            self.ctx.metrics.form(hit.remote, hit.form, "hit")
         if head.method == b"HEAD":
             return _STATUS + _dates.now() + block[:body_at], 0
         size = len(block) - body_at
-        metrics.bytes_counter(hit.remote, "cache")(size)
+        counted[1](size)
         return _STATUS + _dates.now() + block, size
 
 

@@ -453,39 +453,33 @@ class JsonErrorChannel(HTTPChannel):
 
 # A request head longer than this is never a fast hit (twisted.web's limit is 16 KiB).
 FAST_HEAD_MAX = 8192
+FAST_HEADERS_MAX = 100
 # What the connection answers itself: GET/HEAD, an origin-form target of
 # visible ASCII, HTTP/1.1, header lines whose names are tokens and whose values
 # hold no control byte (twisted.web refuses what this does not match, or
 # parses it the same way).
 _FAST_HEAD = re.compile(
-    rb"(GET|HEAD) (/[\x21-\x7e]*) HTTP/1\.1((?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*)*)")
+    rb"(GET|HEAD) (/[\x21-\x7e]*) HTTP/1\.1(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*)*")
 # Request headers that change a response (or the connection) beyond what a
-# fresh hit's block says: such requests go through twisted.web.
-_NOT_FAST = frozenset({b"content-length", b"transfer-encoding", b"range", b"if-range", b"if-none-match",
-                       b"if-modified-since", b"if-match", b"if-unmodified-since", b"expect", b"upgrade",
-                       b"http2-settings", b"te", b"trailer"})
+# fresh hit's block says, in a lowercased head: such requests go through twisted.web.
+_NOT_FAST = re.compile(rb"\r\n(?:content-length|transfer-encoding|range|if-range|if-none-match|if-modified-since|"
+                       rb"if-match|if-unmodified-since|expect|upgrade|http2-settings|te|trailer):")
 
 
 def parse_head(head: bytes) -> Head | None:
     """A request head (without its final blank line) the connection may answer
     itself; None for anything twisted.web must see."""
     m = _FAST_HEAD.fullmatch(head)
-    if m is None:
+    if m is None or head.count(b"\r\n") > FAST_HEADERS_MAX:
         return None
-    headers: dict[bytes, bytes] = {}
-    lines = m.group(3).split(b"\r\n")
-    if len(lines) > 100:
+    parsed = Head(m.group(1), m.group(2), head)
+    if _NOT_FAST.search(parsed.lower) is not None:
         return None
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        name = name.lower()
-        if name in headers or name in _NOT_FAST:
+    if b"\r\nconnection:" in parsed.lower:
+        connection = parsed.getHeader(b"connection")
+        if connection is None or connection.lower() != b"keep-alive":
             return None
-        headers[name] = value.strip(b" \t")
-    connection = headers.get(b"connection")
-    if connection is not None and connection.lower() != b"keep-alive":
-        return None
-    return Head(m.group(1), m.group(2), headers)
+    return parsed
 
 
 def send_now(transport: Any, data: bytes) -> None:
