@@ -97,6 +97,20 @@ def warm(port: int, paths: list[str], bodies: list[bytes], what: str, settle=lam
     raise BenchError(f"{what}: {len(todo)} object(s) still not HIT after {rounds} rounds, e.g. {todo[0][0]}")
 
 
+def wait_workers(daemon: Daemon, n: int, timeout: float = 180.0) -> None:
+    """Until ``n`` worker processes have answered /health (each listens once it
+    is up; a busy machine starts them slowly)."""
+    seen: set[Any] = set()
+    deadline = time.monotonic() + timeout
+    while len(seen) < n:
+        pid = daemon.health().get("pid")
+        if pid is not None:
+            seen.add(pid)
+        if time.monotonic() > deadline:
+            raise BenchError(f"only {len(seen)} of {n} sparkcache workers answered within {timeout:g}s")
+        time.sleep(0.05)
+
+
 def pin(pids: list[int], cpus: set[int]) -> None:
     """Every thread of these processes onto ``cpus`` (threads made later inherit it)."""
     for pid in pids:
@@ -123,7 +137,7 @@ def instructions(b: Bench, upstream_port: int, paths: list[str], bodies: list[by
     d = Daemon(b, {"small": {"type": "generic", "upstream": f"http://127.0.0.1:{upstream_port}"}},
                name="sparkcache-callgrind", workers=1,
                wrap=[tool("valgrind"), "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"])
-    d.start(timeout=300)
+    d.start(timeout=600)
     warm(d.port, paths, bodies, "sparkcache under callgrind", settle=d.wait_idle)
     lua = write_wrk_script(b.path("callgrind.lua"), paths)
     url = f"http://127.0.0.1:{d.port}"
@@ -187,7 +201,8 @@ def main() -> int:
             http_extra, server = cache_server(port, up_port, f"bench{w}")
             cache = Nginx(b, f"proxycache{w}", [server], http_extra=http_extra, workers=w).start()
             daemon = Daemon(b, {"small": {"type": "generic", "upstream": f"http://127.0.0.1:{up_port}"}},
-                            name=f"sparkcache{w}", workers=w).start()
+                            name=f"sparkcache{w}", workers=w).start(timeout=180)
+            wait_workers(daemon, w)
             b.log(f"warming nginx and sparkcache with {w} worker(s) (every object until it answers HIT, bytes checked)")
             targets[("nginx", w)] = {"url": f"http://127.0.0.1:{port}", "lua": lua_nginx, "pids": cache.worker_pids,
                                      "warm": warm(port, nginx_paths, bodies, f"nginx proxy_cache x{w}")}
