@@ -22,6 +22,7 @@ the bump). ``Index.watch_changes()`` turns this on (a worker process).
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import mmap
 import os
@@ -32,6 +33,7 @@ _WORD = struct.Struct("<Q")
 _GLOBAL = 0
 
 
+@functools.lru_cache(maxsize=16384)  # every hit of a worker checks its key's slot
 def slot_of(key: str) -> int:
     return 1 + int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little") % SLOTS
 
