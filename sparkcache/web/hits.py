@@ -173,9 +173,13 @@ class FastHits(Resource):
     isLeaf = True
 
     def __init__(self, ctx: Context, route: Callable[[Any, list[str]], FastRoute | None], routed: IResource,
-                 fmt: ErrorFormat, max_path: int) -> None:
+                 fmt: ErrorFormat, max_path: int, vet: Callable[[Any], list[str]] | None = None) -> None:
+        """``vet``: the app's check of a request's raw path before any router
+        decodes it (BadPath: refused in ``fmt``); its path segments for
+        ``route`` (default: :func:`vet_request`'s)."""
         super().__init__()
         self.ctx, self.route, self.routed, self.fmt, self.max_path = ctx, route, routed, fmt, max_path
+        self.vet = vet or (lambda request: vet_request(request, max_path))
         # The app whose method ``route`` is (tests look at its state through it).
         self.app = getattr(route, "__self__", None)
         self.blocks = Blocks()
@@ -204,7 +208,7 @@ class FastHits(Resource):
                     segments = split_raw_path(uri, self.max_path)
                 except BadPath:
                     segments = []
-            route = self.route(request, segments) if segments else None
+            route = self.route(request, segments)
             if len(uri) <= ROUTE_URI_MAX:
                 if len(self._routes) >= ROUTES_MAX:
                     self._routes.clear()
@@ -232,7 +236,7 @@ class FastHits(Resource):
         # Vet the raw path before any router decodes it (a decoded CR/LF
         # would otherwise become a router's HTML 404, not our JSON 400).
         try:
-            segments = vet_request(request, self.max_path)
+            segments = self.vet(request)
         except BadPath as e:
             return refuse_path(request, e, self.fmt)
         hit = self.find(request, segments)

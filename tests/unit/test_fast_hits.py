@@ -21,6 +21,7 @@ from twisted.internet.task import deferLater
 from sparkcache.web.hits import FastHits
 from sparkcache.web.site import parse_head
 from tests.support.harness import UPSTREAM, Harness, MakeHarness, harness_factory  # noqa: F401
+from tests.support.npm_packages import NpmMemoryUpstream
 from tests.unit.test_site_limits import Conn
 
 READER = "rd-7a1c"
@@ -167,3 +168,27 @@ def test_parse_head_takes_only_what_twisted_web_parses_the_same_way() -> None:
                 b"GET /a HTTP/1.1\r\nTransfer-Encoding: chunked", b"GET /a HTTP/1.1\r\nconnection: close",
                 b"GET /a HTTP/1.1\r\nIf-Modified-Since: x", b"GET /\xff HTTP/1.1"]:
         assert parse_head(bad) is None, bad
+
+
+@pytest_twisted.ensureDeferred
+async def test_npm_tarball_hits_are_answered_by_the_connection(harness_factory: MakeHarness) -> None:
+    up = NpmMemoryUpstream()
+    up.publish("@team/util", "2.0.0")
+    h = await harness_factory({"remotes": {"npm": {"type": "npm", "upstream": UPSTREAM}}}, upstream=up)
+    path = "/npm/npm/@team/util/-/util-2.0.0.tgz"
+    assert (await h.get(path)).header("X-Cache") == "MISS"
+    await h.settle()
+    assert (await h.get(path)).header("X-Cache") == "HIT"
+    fast = h.svc.root.apps[b"npm"]
+    assert isinstance(fast, FastHits) and fast.blocks.size == 0
+    conn = Conn(h.svc.site)
+    conn.send(get(path) + get("/npm/npm/@team%2futil"))  # the packument: twisted.web's
+    [(status, _r, headers, body), (packument, _r2, _h2, _b2)] = await responses(h, conn, 2)
+    assert (status, headers["x-cache"], body) == (200, "HIT", up.tarballs[("@team/util", "2.0.0")])
+    assert fast.blocks.size > 0 and packument == 200
+    m = h.metrics.render().decode()
+    assert 'sparkcache_registry_requests_total{form="tarball",remote="npm",result="hit"} 2.0' in m
+    # A path no registry has is still refused in JSON before anything is looked up.
+    conn = Conn(h.svc.site)
+    conn.send(get("/npm/npm/a%2f..%2fb/-/x.tgz"))
+    assert (await responses(h, conn, 1))[0][0] == 400
