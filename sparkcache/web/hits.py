@@ -24,6 +24,7 @@ another worker's do that too), so a block can never outlive its entry's truth.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -45,7 +46,8 @@ log = Logger()
 # Bodies up to this size are answered from a kept block; larger ones go
 # through serve_hit (sendfile), where the copy is not the cost.
 BLOCK_BODY_MAX = 64 * 1024
-# Bytes of blocks kept per app (bodies and headers), oldest dropped first.
+# Bytes of blocks kept per store, so per process (bodies and headers), oldest
+# dropped first.
 BLOCKS_MAX_BYTES = 32 * 1024 * 1024
 # URLs whose route is kept per app (all forgotten at once past this), and
 # the longest kept: at most a few MiB however many URLs clients make up.
@@ -167,6 +169,18 @@ class Blocks:
         self.size -= len(block)
 
 
+_blocks: "weakref.WeakKeyDictionary[Any, Blocks]" = weakref.WeakKeyDictionary()
+
+
+def blocks_of(store: Any) -> Blocks:
+    """The blocks of every app over ``store`` (entry keys name their remote):
+    one budget per process, however many apps answer hits."""
+    blocks = _blocks.get(store)
+    if blocks is None:
+        blocks = _blocks[store] = Blocks()
+    return blocks
+
+
 class FastHits(Resource):
     """An app's fresh hits (see the module docstring); everything else goes to ``routed``."""
 
@@ -182,7 +196,7 @@ class FastHits(Resource):
         self.vet = vet or (lambda request: vet_request(request, max_path))
         # The app whose method ``route`` is (tests look at its state through it).
         self.app = getattr(route, "__self__", None)
-        self.blocks = Blocks()
+        self.blocks = blocks_of(ctx.store)
         # The route of each URL seen (None: not one the app finds in the index,
         # or no valid path), for the configuration it was made with.
         self._routes: dict[bytes, FastRoute | None] = {}

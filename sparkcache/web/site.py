@@ -407,8 +407,8 @@ class JsonErrorChannel(HTTPChannel):
         hits, one write each; return the rest (from the first request that is
         not one) for twisted.web, which then sees the connection as if those
         requests had been answered by it."""
-        site = self.site  # type: ignore[attr-defined]
-        apps = getattr(site.resource, "apps", None)
+        site: Any = getattr(self, "site", None)
+        apps = getattr(getattr(site, "resource", None), "apps", None)
         transport: Any = self.transport
         if apps is None or transport is None or transport.disconnecting:
             return data
