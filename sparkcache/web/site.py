@@ -40,7 +40,7 @@ from twisted.web.server import Request, Site
 
 from sparkcache.web.bodies import BodyDecision, CappedBody, InMemory, Refuse, SpoolBody, ToSpool
 from sparkcache.web.errors import JSON, ErrorReply, internal_error, send_error
-from sparkcache.web.hits import Head
+from sparkcache.web.hits import FastHits, Head
 
 log = Logger()
 # Seconds a connection refused before its body keeps reading (and dropping)
@@ -420,8 +420,8 @@ class JsonErrorChannel(HTTPChannel):
             head = parse_head(data[:end])
             if head is None:
                 break
-            answer = getattr(apps.get(head.uri[1:].partition(b"/")[0]), "answer", None)
-            out = answer(head) if answer is not None else None
+            app = apps.get(head.uri[1:].partition(b"/")[0])
+            out = app.answer(head) if isinstance(app, FastHits) else None
             if out is None:
                 break
             send_now(transport, out[0])
