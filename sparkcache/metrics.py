@@ -103,6 +103,10 @@ class Metrics:
         """One response for ``remote``: hit, miss, stale, revalidated or error."""
         self._child(self._responses, remote, result).inc()
 
+    def response_counter(self, remote: str, result: str) -> Callable[[], None]:
+        """The ``inc`` of ``response(remote, result)``, for a caller that keeps it (the hit path)."""
+        return self._child(self._responses, remote, result).inc  # type: ignore[no-any-return]
+
     def form(self, remote: str, form: str, result: str) -> None:
         """One package-registry response of ``form`` (page, file...) for ``remote``:
         hit, miss, stale, revalidated or error (on top of ``response``)."""

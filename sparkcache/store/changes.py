@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import hashlib
 import mmap
 import os
@@ -47,6 +48,7 @@ def allocate(fd: int, size: int) -> None:
             raise
 
 
+@functools.lru_cache(maxsize=16384)  # every hit of a worker checks its key's slot
 def slot_of(key: str) -> int:
     return 1 + int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little") % SLOTS
 
