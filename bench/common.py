@@ -705,10 +705,13 @@ class Daemon:
 
     def __init__(self, bench: Bench, remotes: dict[str, dict[str, Any]], name: str = "sparkcache",
                  storage: dict[str, Any] | None = None, upstream: dict[str, Any] | None = None,
-                 workers: int = 1) -> None:
-        """``workers``: ``server.workers``, always written out (the daemon's default may change)."""
+                 workers: int = 1, wrap: Sequence[str] = ()) -> None:
+        """``workers``: ``server.workers``, always set (the daemon's default is not
+        what a benchmark should silently follow); ``wrap``: a command the daemon
+        runs under (``taskset -c 0``, ``valgrind --tool=callgrind``...)."""
         self.bench = bench
         self.workers = workers
+        self.wrap = list(wrap)
         self.dir = bench.path(name)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.data_dir = self.dir / "data"
@@ -740,13 +743,11 @@ class Daemon:
             "PYTHONPATH": os.pathsep.join([str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])),
             "PYTHONUNBUFFERED": "1",
             "SPARKCACHE_ADMIN_TOKEN": self.admin_token,
-            # (while server.workers above 1 is experimental: docs/workers.rst)
-            **({"SPARKCACHE_EXPERIMENTAL_WORKERS": "1"} if self.workers > 1 else {}),
         })
         out = open(self.dir / "daemon.out", "ab")
         try:
             self.proc = subprocess.Popen(
-                [twistd_path(), "-n", "--pidfile=", f"--logfile={self.log_path}", "sparkcache", "-c", str(cfg)],
+                [*self.wrap, twistd_path(), "-n", "--pidfile=", f"--logfile={self.log_path}", "sparkcache", "-c", str(cfg)],
                 cwd=self.dir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 preexec_fn=_die_with_parent,
             )
@@ -775,8 +776,11 @@ class Daemon:
         return self.proc.pid
 
     def pids(self) -> list[int]:
-        """The daemon's processes: the parent and, with workers, each worker."""
+        """The daemon's processes: the parent and, with workers, each worker (for CPU accounting)."""
         return [self.pid, *_descendants(self.pid)]
+
+    def server_pids(self) -> list[int]:
+        return self.pids()
 
     def url(self, path: str) -> str:
         return f"http://{LOOPBACK}:{self.port}/{path.lstrip('/')}"

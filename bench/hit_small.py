@@ -1,34 +1,52 @@
 #!/usr/bin/env python3
-"""Scenario 2: small cache hits, many connections.
+"""Scenario 2: small cache hits, many connections, one and two worker processes.
 
 A few hundred distinct 4 KiB objects, all warm, requested by wrk over 64
 keep-alive connections for ~10 s; a wrk Lua script rotates over every path
-(each wrk thread from its own random offset). sparkcache (generic remote) is
-compared with nginx as a caching reverse proxy (``proxy_cache``) in front of
-the same upstream (another nginx serving the files from disk). Both caches
-are warmed (each object fetched until it is a HIT) before a short unreported
-wrk warm-up and the measured run. Goal: sparkcache/nginx >= 0.35x requests/s.
+(each wrk thread from its own random offset). sparkcache (generic remote,
+``server.workers: 1`` and ``2``) is compared with nginx as a caching reverse
+proxy (``proxy_cache``, ``worker_processes 1`` and ``2``) in front of the same
+upstream (another nginx serving the files from disk). Every cache is warmed
+(each object fetched until it is a HIT) before a short unreported wrk warm-up
+and the measured run. Goal: sparkcache/nginx >= 0.35x requests/s at equal
+worker counts, and near-linear scaling from 1 to 2 workers, measured in
+server CPU per request (all server processes summed, from /proc).
 
-The cache nginx runs one worker with its access log off (sparkcache's default
-is no access log either); wrk gets one thread by default, so on a 2-core
-machine load generator and server get about a core each.
+How the 2 cores are shared: with one worker the server's processes are pinned
+to CPU 0 and wrk (one thread) to CPU 1, so each gets a core of its own; with
+two workers servers and wrk (two threads) share both CPUs, unpinned, as they
+would on a host where the load comes from elsewhere. CPU per request does not
+depend on how the cores are shared; requests/s does, and on a busy machine
+both servers lose alike: compare the ratios.
+
+``--instructions`` also runs sparkcache (one worker) under callgrind for a
+short wrk run and reports instructions per request: a figure that does not
+depend on the machine's load (valgrind needed; minutes, not seconds).
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import http.client
+import os
+import subprocess
+import time
+from typing import Any, Iterator
 
-from common import (Bench, BenchError, Daemon, Nginx, AccessLog, apply_quick, base_parser, cpu_seconds, fmt_size, free_port,
-                    make_random_file, parse_size, print_summary, print_table, ratio, run_main, run_wrk,
-                    static_server, summary_row, write_wrk_script)
+from common import (Bench, BenchError, Daemon, Nginx, AccessLog, apply_quick, base_parser, cpu_seconds, fmt_size,
+                    free_port, make_random_file, parse_size, print_summary, print_table, ratio, run_main, run_wrk,
+                    static_server, summary_row, tool, write_wrk_script)
 
 NAME = "hit_small"
 GOAL = 0.35
+# Near-linear scaling: CPU per request with two workers at most this much above one worker's.
+SCALING_GOAL = 1.25
 
 
-def cache_server(port: int, upstream_port: int) -> tuple[str, str]:
+def cache_server(port: int, upstream_port: int, zone: str) -> tuple[str, str]:
     http_extra = f"""
-    proxy_cache_path {{dir}}/proxy_cache levels=1:2 keys_zone=bench:32m max_size=4g inactive=1d use_temp_path=off;
+    proxy_cache_path {{dir}}/proxy_cache levels=1:2 keys_zone={zone}:32m max_size=4g inactive=1d use_temp_path=off;
     upstream origin {{ server 127.0.0.1:{upstream_port}; keepalive 16; }}"""
     server = f"""
     server {{
@@ -38,7 +56,7 @@ def cache_server(port: int, upstream_port: int) -> tuple[str, str]:
             proxy_pass http://origin;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
-            proxy_cache bench;
+            proxy_cache {zone};
             proxy_cache_valid 200 1d;
             proxy_cache_lock on;
             add_header X-Cache $upstream_cache_status;
@@ -79,6 +97,70 @@ def warm(port: int, paths: list[str], bodies: list[bytes], what: str, settle=lam
     raise BenchError(f"{what}: {len(todo)} object(s) still not HIT after {rounds} rounds, e.g. {todo[0][0]}")
 
 
+def wait_workers(daemon: Daemon, n: int, timeout: float = 180.0) -> None:
+    """Until ``n`` worker processes have answered /health (each listens once it
+    is up; a busy machine starts them slowly)."""
+    seen: set[Any] = set()
+    deadline = time.monotonic() + timeout
+    while len(seen) < n:
+        pid = daemon.health().get("pid")
+        if pid is not None:
+            seen.add(pid)
+        if time.monotonic() > deadline:
+            raise BenchError(f"only {len(seen)} of {n} sparkcache workers answered within {timeout:g}s")
+        time.sleep(0.05)
+
+
+def pin(pids: list[int], cpus: set[int]) -> None:
+    """Every thread of these processes onto ``cpus`` (threads made later inherit it)."""
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(int(tid), cpus)
+
+
+@contextlib.contextmanager
+def affinity(cpus: set[int]) -> Iterator[None]:
+    """This process (so the wrk it starts) on ``cpus`` meanwhile."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def instructions(b: Bench, upstream_port: int, paths: list[str], bodies: list[bytes], seconds: float) -> dict[str, Any]:
+    """Instructions per hit of sparkcache (one worker) under callgrind: counted
+    only during a wrk run at 16 connections, after the cache is warm."""
+    out = b.path("callgrind.out")
+    d = Daemon(b, {"small": {"type": "generic", "upstream": f"http://127.0.0.1:{upstream_port}"}},
+               name="sparkcache-callgrind", workers=1,
+               wrap=[tool("valgrind"), "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"])
+    d.start(timeout=600)
+    warm(d.port, paths, bodies, "sparkcache under callgrind", settle=d.wait_idle)
+    lua = write_wrk_script(b.path("callgrind.lua"), paths)
+    url = f"http://127.0.0.1:{d.port}"
+    run_wrk(url, lua, 4, 2, 1, timeout_s=60)  # every path once through the fast path's caches
+    control = tool("callgrind_control")
+    subprocess.run([control, "-i", "on", str(d.pid)], check=True, capture_output=True, timeout=60)
+    r = run_wrk(url, lua, 16, seconds, 1, timeout_s=60)
+    subprocess.run([control, "-i", "off", str(d.pid)], check=True, capture_output=True, timeout=60)
+    subprocess.run([control, "-d", str(d.pid)], check=True, capture_output=True, timeout=60)
+    time.sleep(1)
+    total = 0
+    for f in glob.glob(f"{out}*"):
+        with open(f, errors="replace") as fh:
+            for line in fh:
+                if line.startswith(("summary:", "totals:")):
+                    total = max(total, int(line.split()[1]))
+    d.stop()
+    if not r["requests"] or not total:
+        raise BenchError(f"callgrind counted {total} instructions for {r['requests']} requests")
+    return {"requests": r["requests"], "instructions": total, "per_request": total / r["requests"],
+            "errors": r["errors"]}
+
+
 def main() -> int:
     p = base_parser(__doc__ or NAME, "(100 objects, 3 s runs)")
     p.add_argument("--objects", type=int, default=None, help="distinct objects (default 300; --quick 100)")
@@ -86,12 +168,16 @@ def main() -> int:
     p.add_argument("--connections", type=int, default=None, help="wrk connections (default 64)")
     p.add_argument("--duration", type=float, default=None, help="seconds per measured wrk run (default 10; --quick 3)")
     p.add_argument("--warmup", type=float, default=None, help="seconds of unreported wrk warm-up (default 2; --quick 1)")
-    p.add_argument("--threads", type=int, default=None, help="wrk threads (default 1)")
+    p.add_argument("--workers", default=None, help="worker counts to compare, comma-separated (default 1,2)")
     p.add_argument("--runs", type=int, default=None, help="measured runs per server, median reported (default 1)")
+    p.add_argument("--instructions", action="store_true",
+                   help="also count sparkcache's instructions per hit under callgrind (needs valgrind)")
     args = p.parse_args()
     apply_quick(args, {"objects": 100, "duration": 3, "warmup": 1},
-                {"objects": 300, "object_size": 4096, "connections": 64, "duration": 10, "warmup": 2, "threads": 1,
-                 "runs": 1})
+                {"objects": 300, "object_size": 4096, "connections": 64, "duration": 10, "warmup": 2,
+                 "workers": "1,2", "runs": 1})
+    counts = [int(w) for w in str(args.workers).split(",") if w.strip()]
+    cpus = sorted(os.sched_getaffinity(0))
 
     with Bench(NAME, args) as b:
         files = b.path("files")
@@ -100,101 +186,147 @@ def main() -> int:
         for n in names:
             make_random_file(files / n, args.object_size)
         bodies = [(files / n).read_bytes() for n in names]
-
-        up_port, cache_port = free_port(), free_port()
-        origin = Nginx(b, "origin", [static_server(up_port, files, "access.log")]).start()
-        http_extra, server = cache_server(cache_port, up_port)
-        cache = Nginx(b, "proxycache", [server], http_extra=http_extra).start()
-        daemon = Daemon(b, {"small": {"type": "generic", "upstream": f"http://127.0.0.1:{up_port}"}}).start()
-        origin_log = AccessLog(origin.dir / "access.log")
-
         spark_paths = [f"/api/small/{n}" for n in names]
         nginx_paths = [f"/{n}" for n in names]
-        b.log("warming both caches (every object until it answers HIT, bytes checked)")
-        warm_spark = warm(daemon.port, spark_paths, bodies, "sparkcache", settle=daemon.wait_idle)
-        warm_nginx = warm(cache_port, nginx_paths, bodies, "nginx proxy_cache")
         lua_spark = write_wrk_script(b.path("spark.lua"), spark_paths)
         lua_nginx = write_wrk_script(b.path("nginx.lua"), nginx_paths)
-        targets = {
-            "nginx": (f"http://127.0.0.1:{cache_port}", lua_nginx),
-            "sparkcache": (f"http://127.0.0.1:{daemon.port}", lua_spark),
-        }
-        # the server processes whose CPU time a run is charged with
-        server_pids = {"nginx": cache.worker_pids(), "sparkcache": [daemon.pid]}
 
-        def counts() -> tuple[float, float]:
-            """(hits, everything else) from sparkcache_requests_total."""
-            m = {k: v for k, v in daemon.metrics().items() if k.startswith("sparkcache_requests_total{")}
-            hits = sum(v for k, v in m.items() if 'result="hit"' in k)
-            return hits, sum(m.values()) - hits
+        up_port = free_port()
+        origin = Nginx(b, "origin", [static_server(up_port, files, "access.log")]).start()
+        origin_log = AccessLog(origin.dir / "access.log")
+        # (server, workers) -> (url, wrk script, server pids, warm-up states, daemon or None)
+        targets: dict[tuple[str, int], dict[str, Any]] = {}
+        for w in counts:
+            port = free_port()
+            http_extra, server = cache_server(port, up_port, f"bench{w}")
+            cache = Nginx(b, f"proxycache{w}", [server], http_extra=http_extra, workers=w).start()
+            daemon = Daemon(b, {"small": {"type": "generic", "upstream": f"http://127.0.0.1:{up_port}"}},
+                            name=f"sparkcache{w}", workers=w).start(timeout=180)
+            wait_workers(daemon, w)
+            b.log(f"warming nginx and sparkcache with {w} worker(s) (every object until it answers HIT, bytes checked)")
+            targets[("nginx", w)] = {"url": f"http://127.0.0.1:{port}", "lua": lua_nginx, "pids": cache.worker_pids,
+                                     "warm": warm(port, nginx_paths, bodies, f"nginx proxy_cache x{w}")}
+            targets[("sparkcache", w)] = {"url": f"http://127.0.0.1:{daemon.port}", "lua": lua_spark,
+                                          "pids": daemon.server_pids, "daemon": daemon,
+                                          "warm": warm(daemon.port, spark_paths, bodies, f"sparkcache x{w}",
+                                                       settle=daemon.wait_idle)}
 
-        results: dict[str, list[dict]] = {"nginx": [], "sparkcache": []}
-        warmups: dict[str, list[dict]] = {"nginx": [], "sparkcache": []}
+        def sharing(w: int) -> tuple[set[int] | None, set[int] | None, int, str]:
+            """(server CPUs, wrk CPUs, wrk threads, how it is said) for ``w`` workers."""
+            if w == 1 and len(cpus) >= 2:
+                return {cpus[0]}, {cpus[1]}, 1, f"server pinned to CPU {cpus[0]}, wrk -t1 pinned to CPU {cpus[1]}"
+            return None, None, min(w, 2), f"server and wrk -t{min(w, 2)} share CPUs {','.join(map(str, cpus))}"
+
+        def non_hits() -> float:
+            """sparkcache_requests_total other than result="hit", over every daemon."""
+            total = 0.0
+            for (who, _w), t in targets.items():
+                if who == "sparkcache":
+                    m = t["daemon"].metrics()
+                    total += sum(v for k, v in m.items() if k.startswith("sparkcache_requests_total{")
+                                 and 'result="hit"' not in k)
+            return total
+
+        results: dict[str, list[dict[str, Any]]] = {f"{who}x{w}": [] for who, w in targets}
+        warmups: dict[str, list[dict[str, Any]]] = {k: [] for k in results}
         origin_log.mark()
-        hits0, misses0 = counts()
+        non_hits0 = non_hits()
         rows = []
         for i in range(max(1, args.runs)):
-            for who, (url, lua) in targets.items():
-                if args.warmup > 0:
-                    warmups[who].append(run_wrk(url, lua, args.connections, args.warmup, args.threads))
-                cpu0 = cpu_seconds(server_pids[who])
-                r = run_wrk(url, lua, args.connections, args.duration, args.threads)
-                cpu = cpu_seconds(server_pids[who]) - cpu0
-                r["server_cpu_s"] = cpu
-                r["server_cpu_share"] = cpu / (r["duration_us"] / 1e6) if r["duration_us"] else None
-                r["server_cpu_us_per_request"] = cpu * 1e6 / r["requests"] if r["requests"] else None
-                results[who].append(r)
-                b.log(f"{who}: {r['rps']:,.0f} req/s, errors {r['errors']}")
-                rows.append([str(i + 1), who, r["rps"], r["requests"], r["lat_p50_us"] / 1000, r["lat_p99_us"] / 1000,
-                             r["bytes"] / r["requests"] if r["requests"] else 0, r["errors"],
-                             f"{r['server_cpu_share']:.0%}", f"{r['server_cpu_us_per_request']:.1f}"])
-        hits1, misses1 = counts()
+            for (who, w), t in targets.items():
+                server_cpus, wrk_cpus, threads, how = sharing(w)
+                pids = t["pids"]()
+                if server_cpus is not None:
+                    pin(pids, server_cpus)
+                else:
+                    pin(pids, set(cpus))
+                with affinity(wrk_cpus or set(cpus)):
+                    if args.warmup > 0:
+                        warmups[f"{who}x{w}"].append(run_wrk(t["url"], t["lua"], args.connections, args.warmup,
+                                                             threads))
+                    per0 = {pid: cpu_seconds([pid]) for pid in pids}
+                    r = run_wrk(t["url"], t["lua"], args.connections, args.duration, threads)
+                    per = {pid: cpu_seconds([pid]) - c for pid, c in per0.items()}
+                cpu = sum(per.values())
+                secs = r["duration_us"] / 1e6
+                r.update({"server": who, "workers": w, "cores": how, "server_cpu_s": cpu,
+                          "server_cpu_share": cpu / secs if secs else None,
+                          "server_cpu_us_per_request": cpu * 1e6 / r["requests"] if r["requests"] else None,
+                          "cpu_s_per_process": {str(pid): round(c, 3) for pid, c in per.items()}})
+                results[f"{who}x{w}"].append(r)
+                busy = sorted((c for c in per.values() if c > 0.01 * max(cpu, 1e-9)), reverse=True)
+                b.log(f"{who} x{w}: {r['rps']:,.0f} req/s, {r['server_cpu_us_per_request']:.1f} us CPU/request, "
+                      f"errors {r['errors']} ({how})")
+                rows.append([str(i + 1), who, str(w), r["rps"], r["lat_p50_us"] / 1000, r["lat_p99_us"] / 1000,
+                             r["errors"], f"{r['server_cpu_share']:.0%}",
+                             "/".join(f"{c / cpu:.0%}" for c in busy) if cpu else "-",
+                             f"{r['server_cpu_us_per_request']:.1f}", how])
+        non_hits1 = non_hits()
         upstream_during = origin_log.settle()
-        print_table(f"{NAME}: {args.objects} x {fmt_size(args.object_size)} hits, wrk -t{args.threads} "
-                    f"-c{args.connections} -d{args.duration:g}s",
-                    ["run", "server", "req/s", "requests", "p50 ms", "p99 ms", "bytes/resp", "errors", "server CPU",
-                     "CPU us/req"], rows)
+        print_table(f"{NAME}: {args.objects} x {fmt_size(args.object_size)} hits, wrk -c{args.connections} "
+                    f"-d{args.duration:g}s", ["run", "server", "workers", "req/s", "p50 ms", "p99 ms", "errors",
+                                              "server CPU", "CPU split", "CPU us/req", "cores"], rows)
 
-        def med(who: str, key: str) -> float:
-            vals = sorted(r[key] for r in results[who])
+        def med(key: str, field: str) -> float:
+            vals = sorted(r[field] for r in results[key])
             return float(vals[len(vals) // 2])
 
-        s_rps, n_rps = med("sparkcache", "rps"), med("nginx", "rps")
-        rat = ratio(s_rps, n_rps)
         errors = sum(r["errors"] for rs in results.values() for r in rs)
-        summary = [
-            summary_row("requests/s", "req/s", s_rps, "nginx proxy_cache", n_rps, f">= {GOAL:.2f}x",
-                        rat is not None and rat >= GOAL and errors == 0),
-            summary_row("latency p50", "ms", med("sparkcache", "lat_p50_us") / 1000, "nginx proxy_cache",
-                        med("nginx", "lat_p50_us") / 1000, "-", None),
-            summary_row("latency p99", "ms", med("sparkcache", "lat_p99_us") / 1000, "nginx proxy_cache",
-                        med("nginx", "lat_p99_us") / 1000, "-", None),
-            summary_row("server CPU per request", "us", med("sparkcache", "server_cpu_us_per_request"),
-                        "nginx proxy_cache", med("nginx", "server_cpu_us_per_request"), "-", None),
-        ]
+        summary = []
+        for w in counts:
+            s_rps, n_rps = med(f"sparkcachex{w}", "rps"), med(f"nginxx{w}", "rps")
+            s_cpu, n_cpu = med(f"sparkcachex{w}", "server_cpu_us_per_request"), med(f"nginxx{w}",
+                                                                                   "server_cpu_us_per_request")
+            rat = ratio(s_rps, n_rps)
+            cpu_rat = ratio(n_cpu, s_cpu)
+            summary += [
+                summary_row(f"requests/s, {w} worker(s)", "req/s", s_rps, f"nginx proxy_cache x{w}", n_rps,
+                            f">= {GOAL:.2f}x", rat is not None and rat >= GOAL and errors == 0,
+                            note="load-dependent: compare on a quiet machine"),
+                # ratio = nginx's CPU per request / sparkcache's: the req/s ratio two CPU-bound servers would reach
+                summary_row(f"server CPU per request, {w} worker(s)", "us", s_cpu, f"nginx proxy_cache x{w}", n_cpu,
+                            f">= {GOAL:.2f}x (nginx/sparkcache)", cpu_rat is not None and cpu_rat >= GOAL,
+                            ratio_value=cpu_rat),
+            ]
+        if 1 in counts and 2 in counts:
+            for who in ("sparkcache", "nginx"):
+                c1, c2 = med(f"{who}x1", "server_cpu_us_per_request"), med(f"{who}x2", "server_cpu_us_per_request")
+                summary.append(summary_row(f"{who}: CPU/request 2 workers vs 1", "us", c2, f"{who} x1", c1,
+                                           f"<= {SCALING_GOAL:.2f}x" if who == "sparkcache" else "-",
+                                           (c2 / c1 <= SCALING_GOAL) if who == "sparkcache" and c1 else None))
+            summary.append(summary_row("sparkcache: req/s 2 workers vs 1", "req/s", med("sparkcachex2", "rps"),
+                                       "sparkcache x1", med("sparkcachex1", "rps"), "-", None,
+                                       note="2 workers share the cores with wrk"))
+        counted: dict[str, Any] = {}
+        if args.instructions:
+            b.log("counting sparkcache's instructions per hit under callgrind")
+            counted = instructions(b, up_port, spark_paths, bodies, max(4.0, args.duration))
+            summary.append(summary_row("sparkcache instructions per hit (callgrind)", "Ir", counted["per_request"],
+                                       "", None, "-", None))
         print_summary(f"{NAME} summary", summary)
         checks = {
-            "warmup_states_sparkcache": warm_spark,
-            "warmup_states_nginx": warm_nginx,
-            "sparkcache_hits_counted_during_runs": hits1 - hits0,
-            # wrk counts completed responses only; a few in flight when it stops are served but not counted
-            "sparkcache_wrk_requests_incl_warmup": sum(r["requests"] for r in results["sparkcache"] + warmups["sparkcache"]),
-            "sparkcache_non_hit_requests_during_runs": misses1 - misses0,
+            **{f"warmup_states_{who}x{w}": t["warm"] for (who, w), t in targets.items()},
+            "sparkcache_non_hit_requests_during_runs": non_hits1 - non_hits0,
             "upstream_requests_during_runs": len(upstream_during),
             "wrk_errors": errors,
         }
         print(f"checks: {checks}")
-        if misses1 != misses0 or upstream_during:
+        if non_hits1 != non_hits0 or upstream_during:
             b.notes.append("WARNING: requests reached the upstream or missed the cache during the measured runs")
-        daemon.stop()
-        checks["daemon_exit_status"] = daemon.exit_status
-        checks["daemon_log_problems"] = daemon.log_problems()[:20]
+        for (who, w), t in targets.items():
+            if who == "sparkcache":
+                d = t["daemon"]
+                d.stop()
+                checks[f"daemon_x{w}_exit_status"] = d.exit_status
+                checks[f"daemon_x{w}_log_problems"] = d.log_problems()[:20]
         b.write_results({
             "params": {k: getattr(args, k) for k in ("objects", "object_size", "connections", "duration", "warmup",
-                                                     "threads", "runs")},
+                                                     "workers", "runs")},
             "paths": "rotating over every object; sparkcache /api/small/obj-NNNN.bin, nginx /obj-NNNN.bin",
+            "cores": {str(w): sharing(w)[3] for w in counts},
             "runs": results,
             "warmup_runs": warmups,
+            "instructions": counted,
             "summary": summary,
             "checks": checks,
         })

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -60,16 +60,33 @@ class Metrics:
             ["remote", "form", "result"], registry=r,
         )
         self.evicted = Counter("sparkcache_evicted", "Bodies removed by LRU eviction", registry=r)
+        # Client connections (web/site.py counts them; ``publish`` copies them here).
+        self._connections = Gauge("sparkcache_connections", "Open client connections (not counting shed ones)",
+                                  registry=r, multiprocess_mode="livesum")
+        self._shedding = Gauge("sparkcache_connections_shedding",
+                               "Connections over server.max_connections whose 503 is going out",
+                               registry=r, multiprocess_mode="livesum")
+        self._shed = Counter("sparkcache_connections_shed", "Connections refused over server.max_connections",
+                             registry=r)
+        self.site: Any = None
+        self._shed_published = 0
         self._origin_ok = Gauge("sparkcache_upstream_last_success_timestamp_seconds",
                                 "When an upstream origin last answered (any status below 500 but 429)",
                                 ["origin"], registry=r, multiprocess_mode="max")
         self._origin_failed = Gauge("sparkcache_upstream_last_failure_timestamp_seconds",
                                     "When an upstream origin last failed (unreachable, timeout, 5xx, 429)",
                                     ["origin"], registry=r, multiprocess_mode="max")
+        self._remote_ok = Gauge("sparkcache_remote_upstream_last_success_timestamp_seconds",
+                                "When a remote's upstream last answered usably", ["remote"], registry=r,
+                                multiprocess_mode="max")
+        self._remote_failed = Gauge("sparkcache_remote_upstream_last_failure_timestamp_seconds",
+                                    "When a remote's upstream last failed (or refused its credentials)", ["remote"],
+                                    registry=r, multiprocess_mode="max")
         # What the status page shows beside the counters: text has no place in
         # a Prometheus sample.
         self.origins: dict[str, UpstreamOutcome] = {}
         self.remote_errors: dict[str, UpstreamOutcome] = {}
+        self.outcomes_changed = 0  # bumped with each of them (the status shares them between workers)
 
         # Label lookups take a lock and hash a tuple: keep the children, which
         # the hit path asks for on every request.
@@ -85,6 +102,10 @@ class Metrics:
     def response(self, remote: str, result: str) -> None:
         """One response for ``remote``: hit, miss, stale, revalidated or error."""
         self._child(self._responses, remote, result).inc()
+
+    def response_counter(self, remote: str, result: str) -> Callable[[], None]:
+        """The ``inc`` of ``response(remote, result)``, for a caller that keeps it (the hit path)."""
+        return self._child(self._responses, remote, result).inc  # type: ignore[no-any-return]
 
     def form(self, remote: str, form: str, result: str) -> None:
         """One package-registry response of ``form`` (page, file...) for ``remote``:
@@ -106,6 +127,7 @@ class Metrics:
         of each origin and each remote's last upstream error."""
         now = self._now()
         failed = error is not None or code is None or code >= 500 or code == 429
+        self.outcomes_changed += 1
         if error is None:
             error = f"HTTP {code} from {origin}"
         o = self.origins.setdefault(origin, UpstreamOutcome())
@@ -121,8 +143,10 @@ class Metrics:
         r.failing = failed or code in (401, 403, 407)
         if r.failing:
             r.last_failure, r.last_error = now, error
+            self._child(self._remote_failed, remote).set(now)
         else:
             r.last_success = now
+            self._child(self._remote_ok, remote).set(now)
 
     def _now(self) -> float:
         if self.clock is None:
@@ -131,14 +155,62 @@ class Metrics:
             return float(reactor.seconds())  # type: ignore[attr-defined]
         return float(self.clock.seconds())
 
-    def totals(self) -> tuple[dict[tuple[str, ...], float], dict[tuple[str, ...], float]]:
-        """The counters the status page shows, read from this registry (so they
-        agree with /metrics): requests by (remote, result) and served bytes by
-        (remote, source)."""
-        return dict(_samples(self._responses, "remote", "result")), dict(_samples(self._served_bytes, "remote", "source"))
+    def totals(self, families: Iterable[Any] | None = None) -> tuple[dict[tuple[str, ...], float], dict[tuple[str, ...], float]]:
+        """The counters the status page shows, read from what /metrics renders
+        (so they agree with it; with worker processes, the whole daemon's):
+        requests by (remote, result) and served bytes by (remote, source)."""
+        if families is None:
+            families = self.collect()
+        families = list(families)
+        return (sample_values(families, "sparkcache_requests_total", "remote", "result"),
+                sample_values(families, "sparkcache_served_bytes_total", "remote", "source"))
+
+    def publish(self) -> None:
+        """Copy the site's connection counts into the metrics. The site keeps
+        plain integers (its accept path pays nothing for them); this runs when
+        /metrics or the status is rendered, and with worker processes every
+        second too, so the other workers' aggregate is at most that old."""
+        site = self.site
+        if site is None:
+            return
+        self._connections.set(site.connections)
+        self._shedding.set(site.shedding)
+        shed = site.shed_total
+        if shed > self._shed_published:
+            self._shed.inc(shed - self._shed_published)
+            self._shed_published = shed
+
+    def connection_counts(self, families: Iterable[Any] | None = None) -> dict[str, int]:
+        """Open connections, those being shed and those shed since start: the
+        whole daemon's (with worker processes, from the aggregate)."""
+        if not multiprocess_dir():
+            site = self.site
+            if site is None:
+                return {"connections": 0, "shedding": 0, "shed_total": 0}
+            return {"connections": site.connections, "shedding": site.shedding, "shed_total": site.shed_total}
+        families = list(self.collect() if families is None else families)
+
+        def one(name: str) -> int:
+            return int(sum(sample_values(families, name).values()))
+
+        return {"connections": one("sparkcache_connections"), "shedding": one("sparkcache_connections_shedding"),
+                "shed_total": one("sparkcache_connections_shed_total")}
+
+    def collect(self) -> Iterable[Any]:
+        """The metric families of the whole daemon: with worker processes, every
+        worker's values aggregated (prometheus_client's multiprocess mode)."""
+        self.publish()
+        if multiprocess_dir():
+            from prometheus_client import multiprocess
+
+            merged = CollectorRegistry()
+            multiprocess.MultiProcessCollector(merged)
+            return list(merged.collect())
+        return list(self.registry.collect())
 
     def render(self) -> bytes:
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        self.publish()
+        if multiprocess_dir():
             from prometheus_client import multiprocess
 
             merged = CollectorRegistry()
@@ -147,8 +219,19 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def _samples(metric: Any, *labels: str) -> Iterator[tuple[tuple[str, ...], float]]:
-    for family in metric.collect():
+def multiprocess_dir() -> str | None:
+    """Where worker processes keep their metric values (set by the supervisor); None: one process."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def sample_values(families: Iterable[Any], name: str, *labels: str) -> dict[tuple[str, ...], float]:
+    """The samples called ``name`` (e.g. ``sparkcache_requests_total``), by the
+    values of ``labels``, summed over any other label."""
+    out: dict[tuple[str, ...], float] = {}
+    for family in families:
         for sample in family.samples:
-            if sample.name.endswith("_total"):
-                yield tuple(sample.labels[name] for name in labels), sample.value
+            if sample.name == name:
+                key = tuple(sample.labels.get(label, "") for label in labels)
+                out[key] = out.get(key, 0.0) + sample.value
+    return out
+

@@ -13,6 +13,15 @@ A new Config is handed to ``apply`` (``SparkcacheService.reconfigure``)
 only once it is valid: a bad file on SIGHUP or a bad PUT leaves the running
 configuration as it was. Reloads and API changes are serialised, so two
 never interleave their read-validate-write steps.
+
+With worker processes (``server.workers > 1``, a ``Spread`` given): a
+change is read, validated and written under the file's lock
+(``update_api_remotes``), from the file as it is then, so two workers
+changing remotes at once never lose one; the worker then asks the
+supervisor (``SIGUSR2`` to its parent, forwarded to every worker) to have
+the others re-read api.json (:meth:`LiveConfig.refresh`), and answers once
+each live worker says it runs the new generation (or after
+``SPREAD_TIMEOUT``, logged).
 """
 
 from __future__ import annotations
@@ -27,9 +36,14 @@ from twisted.logger import Logger
 from sparkcache.config import Config, ConfigError, attribute, read_config_files
 from sparkcache.protocols import PROTOCOLS, load_config_data
 from sparkcache.protocols.base import ProtocolSpec
-from sparkcache.store.settings import SettingsError, api_remotes_path, read_api_remotes, write_api_remotes
+from sparkcache.store.settings import (AppliedGenerations, SettingsError, api_remotes_path, read_api_state,
+                                       update_api_remotes)
 
 log = Logger()
+
+# How long the worker that answered a change waits for the others to apply it.
+SPREAD_TIMEOUT = 5.0
+SPREAD_POLL = 0.01
 
 Run = Callable[..., "Deferred[Any]"]
 
@@ -50,6 +64,39 @@ def _names_remote(error: ConfigError, name: str) -> bool:
 def _short(error: ConfigError) -> str:
     """The loader's message without the file name: an API remote's errors are not the file's."""
     return f"{error.path}: {error.problem}" if error.path else error.problem
+
+
+class Spread:
+    """How a change reaches the other worker processes (docs/workers.rst)."""
+
+    def __init__(self, applied: AppliedGenerations, clock: Any, notify: Callable[[], None] | None = None) -> None:
+        """``notify`` tells the others to re-read api.json (default: SIGUSR2 to the supervisor)."""
+        self.applied = applied
+        self.clock = clock
+        self.notify = notify or _signal_parent
+
+    async def wait(self, generation: int) -> None:
+        """Until every other live worker runs ``generation`` (at most SPREAD_TIMEOUT)."""
+        from twisted.internet.task import deferLater
+
+        self.notify()
+        deadline = self.clock.seconds() + SPREAD_TIMEOUT
+        while True:
+            late = self.applied.behind(generation)
+            if not late:
+                return
+            if self.clock.seconds() >= deadline:
+                log.warn("sparkcache: worker(s) {late} did not apply the remotes change within {t}s; they will at "
+                         "their next signal or restart", late=", ".join(map(str, late)), t=SPREAD_TIMEOUT)
+                return
+            await deferLater(self.clock, SPREAD_POLL, lambda: None)
+
+
+def _signal_parent() -> None:
+    import os
+    import signal
+
+    os.kill(os.getppid(), signal.SIGUSR2)
 
 
 class LiveConfig:
@@ -75,6 +122,9 @@ class LiveConfig:
         # API remotes not in effect, and why (shadowed by the file, invalid).
         self.skipped: dict[str, str] = {}
         self.lock = DeferredLock()
+        self.generation = 0  # of api.json, as last read or written here
+        # With worker processes: how a change reaches the others (None: one process).
+        self.spread: Spread | None = None
 
     @property
     def source(self) -> str:
@@ -88,7 +138,7 @@ class LiveConfig:
             return config
         try:
             self.file_data, self.file_origins = read_config_files(self.path)
-            self.api = read_api_remotes(self.data_dir)
+            self.api, self.generation = read_api_state(self.data_dir)
         except (ConfigError, SettingsError) as e:
             log.error("sparkcache: API remotes not loaded: {why}", why=str(e))
             self.api = {}
@@ -193,43 +243,97 @@ class LiveConfig:
     async def put(self, name: str, body: Any) -> bool:
         """Add or replace the API remote ``name``; True when it is new. Raises
         RemoteChangeError (409: the file's; 400: invalid, with the loader's message)."""
-        await self.lock.acquire()
-        try:
-            self._refuse_file_remote(name, "changed")
-            if not isinstance(body, dict):
-                raise RemoteChangeError(400, f"remotes.{name}: expected a mapping of settings, got "
-                                             f"{type(body).__name__}")
-            api = {**self.api, name: body}
+        self._refuse_file_remote(name, "changed")
+        if not isinstance(body, dict):
+            raise RemoteChangeError(400, f"remotes.{name}: expected a mapping of settings, got "
+                                         f"{type(body).__name__}")
+
+        def change(api: dict[str, Any]) -> dict[str, Any]:
+            outcome["created"] = name not in api
+            api = {**api, name: body}
             try:
                 config, skipped = self.compose(api)
             except ConfigError as e:
                 raise RemoteChangeError(400, _short(e)) from None
             if name in skipped:
                 raise RemoteChangeError(400, skipped[name])
-            await self._run(write_api_remotes, self.data_dir, api)
-            created = name not in self.api
-            self.api, self.skipped = api, skipped
-            self.apply(config)
-            log.info("sparkcache: remote {name} {how} through the API", name=name, how="added" if created else "changed")
-            return created
+            outcome["config"], outcome["skipped"] = config, skipped
+            return api
+
+        outcome: dict[str, Any] = {}
+        await self._change(name, "changed", change, outcome)
+        created = bool(outcome["created"])
+        log.info("sparkcache: remote {name} {how} through the API", name=name, how="added" if created else "changed")
+        await self._spread_wait()
+        return created
+
+    async def delete(self, name: str) -> None:
+        self._refuse_file_remote(name, "deleted")
+
+        def change(api: dict[str, Any]) -> dict[str, Any]:
+            if name not in api:
+                raise RemoteChangeError(404, f"unknown remote {name!r}")
+            api = {n: b for n, b in api.items() if n != name}
+            try:
+                outcome["config"], outcome["skipped"] = self.compose(api)
+            except ConfigError as e:  # a group of the file named it as a member
+                raise RemoteChangeError(409, _short(e)) from None
+            return api
+
+        outcome: dict[str, Any] = {}
+        await self._change(name, "deleted", change, outcome)
+        log.info("sparkcache: remote {name} deleted through the API", name=name)
+        await self._spread_wait()
+
+    async def _change(self, name: str, how: str, change: Callable[[dict[str, Any]], dict[str, Any]],
+                      outcome: dict[str, Any]) -> None:
+        """Read (with workers: from the file, under its lock), change, validate,
+        write and apply; ``change`` runs in the I/O pool and fills ``outcome``."""
+        await self.lock.acquire()
+        try:
+            self._refuse_file_remote(name, how)  # again: a reload may have run meanwhile
+            base = None if self.spread is not None else self.api
+            api, generation = await self._run(update_api_remotes, self.data_dir, change, base)
+            self.api, self.skipped, self.generation = api, outcome["skipped"], generation
+            self.apply(outcome["config"])
+            if self.spread is not None:
+                self.spread.applied.mark(generation)
         finally:
             self.lock.release()
 
-    async def delete(self, name: str) -> None:
+    async def _spread_wait(self) -> None:
+        if self.spread is not None:
+            await self.spread.wait(self.generation)
+
+    async def refresh(self) -> bool:
+        """Another worker changed the API remotes: apply api.json as it is now.
+        True when something was applied."""
+        if self.file_data is None:
+            return False
         await self.lock.acquire()
         try:
-            self._refuse_file_remote(name, "deleted")
-            if name not in self.api:
-                raise RemoteChangeError(404, f"unknown remote {name!r}")
-            api = {n: b for n, b in self.api.items() if n != name}
             try:
-                config, skipped = self.compose(api)
-            except ConfigError as e:  # a group of the file named it as a member
-                raise RemoteChangeError(409, _short(e)) from None
-            await self._run(write_api_remotes, self.data_dir, api)
-            self.api, self.skipped = api, skipped
-            self.apply(config)
-            log.info("sparkcache: remote {name} deleted through the API", name=name)
+                api, generation = await self._run(read_api_state, self.data_dir)
+            except SettingsError as e:
+                log.error("sparkcache: API remotes not reloaded: {why}", why=str(e))
+                return False
+            if generation == self.generation:
+                applied = False
+            else:
+                try:
+                    config, skipped = self.compose(api)
+                except ConfigError as e:  # the file here is not what the writer validated with
+                    log.error("sparkcache: API remotes not reloaded: {why}", why=str(e))
+                    return False
+                self.api, self.skipped, self.generation = api, skipped, generation
+                self._log_skipped()
+                self.apply(config)
+                log.info("sparkcache: API remotes changed by another worker: {names}",
+                         names=", ".join(sorted(set(api) - set(skipped))) or "none")
+                applied = True
+            if self.spread is not None:
+                self.spread.applied.mark(self.generation)
+            return applied
         finally:
             self.lock.release()
 

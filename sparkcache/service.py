@@ -19,12 +19,14 @@ from sparkcache.config import Config
 from sparkcache.context import Context
 from sparkcache.fetch import Cache, UpstreamClient
 from sparkcache.fetch.xlock import KeyLocks
+from sparkcache.limits import raise_nofile
 from sparkcache.metrics import Metrics
 from sparkcache.pools import PoolService
 from sparkcache.protocols import PROTOCOLS, check_segments, remote_types
 from sparkcache.protocols.base import Built, ProtocolSpec
-from sparkcache.reload import LiveConfig
-from sparkcache.store import Store
+from sparkcache.reload import LiveConfig, Spread
+from sparkcache.store import ROOM_POLL, Store
+from sparkcache.store.settings import AppliedGenerations
 from sparkcache.timers import Periodic
 from sparkcache.web import admin_bundle
 from sparkcache.web.admin import AdminApp
@@ -36,6 +38,17 @@ from sparkcache.web.status import Status
 
 log = Logger()
 SENDFILE_THREADS = 64
+# With worker processes, how often each publishes its connection counts for the others' /metrics.
+CONNECTIONS_INTERVAL = 1.0
+
+
+def per_worker(max_connections: int | None, workers: int) -> int | None:
+    """``server.max_connections`` is the daemon's: each of ``workers`` processes
+    takes its share (rounded up). Unset: each process's own default (three
+    quarters of its open-file limit, which is per process anyway)."""
+    if max_connections is None or workers <= 1:
+        return max_connections
+    return -(-max_connections // workers)
 
 
 def start_failed(f: Any, reactor: Any, ready: Deferred[None]) -> None:
@@ -62,7 +75,7 @@ class SparkcacheService(MultiService):
                  protocols: Sequence[ProtocolSpec] = PROTOCOLS, upstream: UpstreamClient | None = None,
                  config_path: str | None = None, environ: Mapping[str, str] | None = None, *,
                  endpoints: Sequence[IStreamServerEndpoint] | None = None, primary: bool = True,
-                 check_store: bool = True, spool_subdir: str | None = None) -> None:
+                 check_store: bool = True, spool_subdir: str | None = None, worker: int | None = None) -> None:
         """``config_path`` (and the ``environ`` it was read with): the file SIGHUP
         re-reads and the API's remotes are validated with; None for a fixed Config.
         ``endpoints`` (a worker process: its adopted sockets) replace
@@ -70,14 +83,23 @@ class SparkcacheService(MultiService):
         this process; ``check_store`` whether the start-up spool sweep and
         index check run (with workers: once, in the parent; docs/workers.rst);
         ``spool_subdir``: this process's own directory in the spool (a worker's,
-        emptied by the parent before it restarts that worker)."""
+        emptied by the parent before it restarts that worker); ``worker``: this
+        process's index among ``server.workers`` (None: the only process)."""
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
             reactor = _reactor
+        # Before anything sizes itself from it (server.max_connections's default).
+        raise_nofile(quiet=endpoints is not None)
         self.live = LiveConfig(config_path, environ, config.storage.data_dir, self.reconfigure, protocols=protocols)
+        if worker is not None and config.server.workers > 1:
+            # A remotes change through the API in any worker reaches this one (reload.Spread).
+            applied = AppliedGenerations(config.storage.data_dir, worker, config.server.workers)
+            self.live.spread = Spread(applied, clock or reactor)
         config = self.live.start(config)
+        if self.live.spread is not None:
+            self.live.spread.applied.mark(self.live.generation)
         self.config = config
         self.protocols = tuple(protocols)
         self.reactor = reactor
@@ -130,6 +152,9 @@ class SparkcacheService(MultiService):
         # The status page and /ready; its timer keeps the last hour for the charts.
         self.status = Status(self.ctx, self.runtime)
         self.status.timer().setServiceParent(self.runtime)
+        share_errors = self.status.share_errors_timer()
+        if share_errors is not None:  # worker processes: the last upstream errors, for the others
+            share_errors.setServiceParent(self.runtime)
         self.root = Root({b"setup": self.setup.resource()}, AdminApp(self.ctx, self.status).resource(),
                          gates={b"admin": admin_bundle.body_gate(self.ctx)})  # an import's body: straight to a spool
         # What each protocol's build() gave, for reconfigure().
@@ -140,12 +165,17 @@ class SparkcacheService(MultiService):
         srv = config.server
         self.site = SparkSite(self.root, access_log=srv.access_log, max_body_size=srv.max_body_size,
                               idle_timeout=srv.idle_timeout, header_timeout=srv.header_timeout,
-                              max_connections=srv.max_connections, reactor=reactor)
+                              max_connections=per_worker(srv.max_connections, srv.workers), reactor=reactor)
         self.site.displayTracebacks = False
+        self.metrics.site = self.site
         st = config.storage
         timers: list[tuple[str, float, Callable[[], Any]]] = [("access-flush", 30.0, self.store.index.flush_access)]
         if primary:  # store-wide work: one process only
             timers += [("eviction", st.eviction_interval, self._evict), ("expiry", st.expiry_interval, self._expire)]
+        if config.server.workers > 1:  # the other workers' /metrics read this process's counts from its file
+            timers.append(("connections", CONNECTIONS_INTERVAL, self.metrics.publish))
+            if primary:  # the room for space another worker found missing (it never evicts itself)
+                timers.append(("room", ROOM_POLL, self.store.make_wanted_room))
         for name, interval, fn in timers:
             Periodic(name, interval, fn, self.clock).setServiceParent(self.runtime)
         self.listeners: list[StreamServerEndpointService] = []
@@ -239,6 +269,17 @@ class SparkcacheService(MultiService):
             self._previous_hup = signal.signal(signal.SIGHUP, lambda sig, frame: self.reactor.callFromThread(self._on_hup))
         except ValueError:  # not the main thread
             self._previous_hup = None
+            return
+        if self.live.spread is not None:
+            # Another worker changed the API remotes (its parent forwards SIGUSR2 to every worker).
+            signal.signal(signal.SIGUSR2, lambda sig, frame: self.reactor.callFromThread(self._on_remotes_changed))
+            # A change made between this worker's first read of api.json and now sent no signal here.
+            self.reactor.callLater(0, self._on_remotes_changed)
+
+    def _on_remotes_changed(self) -> None:
+        if self._stopping:
+            return
+        ensureDeferred(self.live.refresh()).addErrback(lambda f: log.failure("sparkcache: remotes refresh failed", f))
 
     def _remove_hup(self) -> None:
         if self._previous_hup is not None:

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 log = Logger()
 STOP_TIMEOUT = 10.0
+REGISTRY_SYNC = 1.0
 
 
 @dataclass
@@ -262,6 +263,14 @@ class GitService(MultiService):
             self.maintenance_timer.setServiceParent(self)
         else:  # a scheduler that never runs must not be told about mirrors either
             mirrors.scheduler = None
+        mirrors.primary = primary
+        if mirrors.xlocks is not None:
+            # Worker processes: mirrors another one registered are scheduled (primary)
+            # and listed here within a second even when no request asks first.
+            Periodic("git registry sync", REGISTRY_SYNC, mirrors.synced, mirrors.clock).setServiceParent(self)
+            # Per-host check counts: metrics of every worker; the primary's loop's, for
+            # GET /repos/hosts in the others.
+            Periodic("git host stats", REGISTRY_SYNC, mirrors.share_hosts, mirrors.clock).setServiceParent(self)
 
     def startService(self) -> None:
         self.mirrors.start()

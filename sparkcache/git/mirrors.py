@@ -36,9 +36,13 @@ from sparkcache.git.config import GitConfig
 from sparkcache.git.credentials import Callbacks, describe
 from sparkcache.git.interfaces import IMirrors, Mirror, MirrorLimit, MirrorUnavailable
 from sparkcache.pools import DaemonThreadPool, stop_pool
-from sparkcache.git.rates import HostCollector, HostRates, forge_host
+from sparkcache.git.rates import HostCollector, HostGauges, HostRates, forge_host, interval_for
 from sparkcache.git.refcheck import CheckError, RefChecker, is_http
-from sparkcache.git.registry import RegistrationError, Registry
+from sparkcache.git.registry import RUNTIME_SOURCES, RegistrationError, Registry
+from sparkcache.git.shared import (
+    FetchRecord, MirrorLocks, RegistryChanges, Seen, read_host_stats, read_record, served_anywhere, wait,
+    write_host_stats, write_record,
+)
 from sparkcache.git.repo_ops import (
     CHANGED,
     CONNECT_TIMEOUT_MS,
@@ -61,6 +65,7 @@ from sparkcache.git.repo_ops import (
     load_refs,
     probe_batch,
     read_refs,
+    remove_ref_locks,
     remove_stale_locks,
     run_git,
     seed_refs,
@@ -79,6 +84,15 @@ class FetchError(MirrorUnavailable):
 
 class DamagedMirror(FetchError):
     """fsck found damage and the re-clone failed: the next refresh re-clones."""
+
+
+class TooSoon(Exception):
+    """Another worker fetched this mirror less than git.min_fetch_interval ago (before
+    we asked): wait until ``at`` and ask again."""
+
+    def __init__(self, at: float) -> None:
+        super().__init__(at)
+        self.at = at
 
 
 # Mirrors whose last fetch time is remembered for pacing (oldest dropped first).
@@ -101,11 +115,15 @@ class MirrorState:
     fetching: bool = False
     last_served: float | None = None
     absent: bool = False         # not on disk at the last check (never cloned)
+    refs_seen: int | None = None  # how many refs another worker's fetch left (GET /repos)
 
 
 @implementer(IMirrors)
 class Mirrors:
-    def __init__(self, config: GitConfig, data_dir: str, reactor: Any, clock: Any = None, metrics: Any = None) -> None:
+    def __init__(self, config: GitConfig, data_dir: str, reactor: Any, clock: Any = None, metrics: Any = None,
+                 shared: bool = False) -> None:
+        """``shared``: other worker processes use the same mirrors (server.workers > 1):
+        per-mirror flocks, shared fetch records and registry (git/shared.py)."""
         self.config = config
         self.reactor = reactor
         self.clock = clock or reactor
@@ -132,8 +150,11 @@ class Mirrors:
         self.checker = RefChecker(reactor)
         self.scheduler: Any = None  # the loop.Scheduler, told about new and cloned mirrors
         registry = getattr(metrics, "registry", None)
-        if registry is not None:
+        self.gauges: HostGauges | None = None
+        if registry is not None and not shared:
             registry.register(HostCollector(self))
+        elif registry is not None:
+            self.gauges = HostGauges(self, registry)
         self._state: dict[str, MirrorState] = {}
         self._creds: dict[str, Any] = {}
         self._building: set[str] = set()
@@ -141,6 +162,18 @@ class Mirrors:
         self._stopped = False
         # mirror path -> when its last upstream fetch ended (git.min_fetch_interval)
         self._fetched_at: dict[str, float] = {}
+        self.xlocks: MirrorLocks | None = None
+        self._syncs: Singleflight[str, None] = Singleflight()
+        self._last_save: Deferred[Any] | None = None
+        self.primary = True  # GitService says: the check loop and maintenance run here
+        self._shared_hosts: dict[str, tuple[int, float]] = {}
+        if shared:
+            self.xlocks = MirrorLocks(self.git_dir, self.run, self.clock)
+            self.registry.changes = RegistryChanges(self.git_dir)
+            # What the others registered before this worker started.
+            seen, entries = self.registry.read_shared()
+            self.registry.merge(entries, shared=True)
+            self.registry.changes.seen = seen
         pygit2.settings.server_connect_timeout = CONNECT_TIMEOUT_MS
         pygit2.settings.server_timeout = IO_TIMEOUT_MS
 
@@ -268,7 +301,56 @@ class Mirrors:
     def _save_registry(self) -> None:
         snap = self.registry.snapshot()
         d = self.run(self.registry.save, snap)
+        self._last_save = d
+        changes = self.registry.changes
+        if changes is not None:
+            def saved(value: int | None) -> None:
+                self.registry.written(e["name"] for e in snap[1])
+                if value is not None and value == changes.seen + 1:
+                    changes.seen = value  # nobody else wrote since our last look: nothing to re-read
+
+            d.addCallback(saved)
         d.addErrback(lambda f: log.failure("git: could not save the registry", f))
+
+    def flushed(self) -> Deferred[None]:
+        """Fires once the registrations made so far are written (with worker processes,
+        a registration is answered only then, so the next request may reach another)."""
+        d = self._last_save
+        if d is None or d.called:
+            return succeed(None)
+        out: Deferred[None] = Deferred()
+
+        def fire(result: Any) -> Any:
+            out.callback(None)
+            return result
+
+        d.addBoth(fire)
+        return out
+
+    def synced(self) -> Deferred[None]:
+        """Fires once this worker knows the registrations the others wrote (with one
+        process, or when nothing changed: at once; else the file is re-read in the pool)."""
+        changes = self.registry.changes
+        if changes is None or not changes.stale():
+            return succeed(None)
+        return self._syncs.run("registry", lambda: self.run(self.registry.read_shared).addCallback(self._merge))
+
+    def _merge(self, shared: tuple[int, list[Any]]) -> Deferred[None] | None:
+        value, entries = shared
+        known = {m.path for m in self.mirrors()}
+        added, problems = self.registry.merge(entries, shared=True)
+        assert self.registry.changes is not None
+        self.registry.changes.seen = value
+        for problem in problems:
+            log.warn("git registry: {problem}", problem=problem)
+        for path in known - {m.path for m in self.mirrors()}:
+            self._state.pop(path, None)
+        for reg in added:
+            self._schedule(self.registry.mirror(reg))
+        if added and self.config.max_size is not None:
+            # git.max_size counts the mirrors the others cloned too.
+            return self.measure().addBoth(lambda _: None)
+        return None
 
     def exists(self, mirror: Mirror) -> bool:
         return is_repo(mirror.path)
@@ -293,38 +375,95 @@ class Mirrors:
             paths = {c.path for c in cloned}
             return [self._status(r, m, m.path in paths) for r, m in zip(regs, mirrors)]
 
-        return self.present(mirrors).addCallback(build)
+        if self.xlocks is None:
+            return self.present(mirrors).addCallback(build)
+
+        # Worker processes: what the others fetched and checked is in the mirrors' records.
+        def adopt(found: list[Seen]) -> Deferred[list[Mirror]]:
+            for m, seen in zip(mirrors, found):
+                self._adopt(self.state(m), seen)
+            return self.present(mirrors)
+
+        return self.xlocks.last_seen([m.path for m in mirrors]).addCallback(adopt).addCallback(build)
+
+    def _adopt(self, st: MirrorState, seen: Seen) -> None:
+        """Take what another worker's fetch or check found, when newer than what we know."""
+        record, checked = seen
+        if record is not None and (st.last_fetch is None or st.last_fetch < record.ended):
+            st.last_fetch, st.last_error = record.ended, record.error
+            if record.size is not None:
+                st.size = record.size
+            if record.changed is not None and (st.last_change is None or record.changed > st.last_change):
+                st.last_change = record.changed
+            st.refs_seen = record.refs
+        if checked is not None and (st.last_fetch is None or st.last_fetch < checked.at):
+            st.last_fetch, st.last_error = checked.at, checked.error
+
+    def _share_check(self, mirror: Mirror, st: MirrorState) -> None:
+        if self.xlocks is not None and st.last_fetch is not None:
+            self.xlocks.checked(mirror.path, st.last_fetch, st.last_error)
 
     def _status(self, reg: Any, m: Mirror, cloned: bool) -> dict[str, Any]:
         st = self.state(m)
         interval, due = self.scheduler.next_check(m) if self.scheduler is not None else (None, None)
+        if self.scheduler is None and self.xlocks is not None:
+            # Another worker (the primary) runs the loop: the interval by the same rule.
+            interval = interval_for(self.config, self.clock.seconds(), st.last_served, st.last_change)
+            due = st.last_fetch + interval if st.last_fetch is not None else None
         return {"name": reg.name, "url": reg.url, "source": reg.source, "cloned": cloned,
                 "last_fetch": st.last_fetch, "last_check": st.last_fetch, "last_change": st.last_change,
                 "last_served": st.last_served, "last_error": st.last_error,
                 "interval": interval, "next_check": due, "host": forge_host(m.url),
-                "size": st.size, "refs": len(st.refs) if st.refs is not None else None,
+                "size": st.size, "refs": len(st.refs) if st.refs is not None else st.refs_seen,
                 "fetching": st.fetching, "credentials": describe(self._credentials(m))}
 
-    def hosts(self) -> list[dict[str, Any]]:
-        """Per forge host: ref checks sent, their rate over the last minute, the cap."""
+    def hosts(self, primary: dict[str, tuple[int, float]] | None = None) -> list[dict[str, Any]]:
+        """Per forge host: ref checks sent, their rate over the last minute, the cap.
+        ``primary``: the primary worker's (checks, rate) per host, added to ours."""
         counts: dict[str, int] = {}
         for r in self.registry.all():
             h = forge_host(r.url)
             counts[h] = counts.get(h, 0) + 1
-        stats = {s.host: s for s in self.rates.stats()}
+        stats = {s.host: (s.checks, s.rate) for s in self.rates.stats()}
+        for host, (checks, rate) in (primary or {}).items():
+            mine = stats.get(host, (0, 0.0))
+            stats[host] = (mine[0] + checks, mine[1] + rate)
         out = []
         for host in sorted(set(counts) | set(stats)):
-            s = stats.get(host)
-            out.append({"host": host, "checks": s.checks if s else 0,
-                        "checks_per_second": round(s.rate, 3) if s else 0.0,
+            checks, rate = stats.get(host, (0, 0.0))
+            out.append({"host": host, "checks": checks, "checks_per_second": round(rate, 3),
                         "max_upstream_rate": self.rates.rate, "mirrors": counts.get(host, 0)})
         return out
+
+    def hosts_view(self) -> Deferred[list[dict[str, Any]]]:
+        """``hosts()`` for GET /repos/hosts: with worker processes, the primary's loop
+        checks (shared through a file each second, ``share_hosts``) count too."""
+        if self.xlocks is None or self.primary:
+            return succeed(self.hosts())
+        d = self.run(read_host_stats, self.xlocks.hosts_path())
+        return d.addCallback(lambda primary: self.hosts(primary))
+
+    def share_hosts(self) -> Deferred[None] | None:
+        """The primary's per-host check counts, for the other workers' GET /repos/hosts."""
+        if self.xlocks is None:
+            return None
+        if self.gauges is not None:
+            self.gauges.publish()
+        if not self.primary:
+            return None
+        stats = {s.host: (s.checks, s.rate) for s in self.rates.stats()}
+        if stats == self._shared_hosts:
+            return None
+        self._shared_hosts = stats
+        return self.run(write_host_stats, self.xlocks.hosts_path(), stats)
 
     # -- serving guard (no pruning repack while upload-pack reads a mirror) -------
 
     def acquire(self, mirror: Mirror) -> None:
         st = self.state(mirror)
         st.serving += 1
+        if st.serving == 1 and self.xlocks is not None:
+            self.xlocks.serve_begin(mirror.path)
         st.last_served = self.clock.seconds()
         if self.scheduler is not None:
             self.scheduler.touch(mirror)
@@ -332,6 +471,8 @@ class Mirrors:
     def release(self, mirror: Mirror) -> None:
         st = self.state(mirror)
         st.serving = max(0, st.serving - 1)
+        if st.serving == 0 and self.xlocks is not None:
+            self.xlocks.serve_end(mirror.path)
 
     @contextmanager
     def serving(self, mirror: Mirror) -> Iterator[Mirror]:
@@ -355,9 +496,14 @@ class Mirrors:
             lock = locks[mirror.path] = DeferredLock()
         return lock
 
-    def _exclusive(self, mirror: Mirror, fn: Callable[..., T], *args: Any) -> Deferred[T]:
-        """Run ``fn(*args)`` in the pool, after any other operation on this mirror."""
-        return self._lock(mirror).run(self.run, fn, *args)
+    def _exclusive(self, mirror: Mirror, fn: Callable[..., T], *args: Any, kind: str = "") -> Deferred[T]:
+        """Run ``fn(*args)`` in the pool, after any other operation on this mirror (with
+        worker processes: in any of them). ``kind="maint"``: repack and commit-graph."""
+        lock = self._lock(mirror, self._mlocks if kind else None)
+        xlocks = self.xlocks
+        if xlocks is None:
+            return lock.run(self.run, fn, *args)
+        return lock.run(lambda: Deferred.fromCoroutine(xlocks.holding(mirror.path, fn, *args, kind=kind)))
 
     def ensure(self, mirror: Mirror) -> Deferred[Mirror]:
         if self.exists(mirror):
@@ -376,7 +522,27 @@ class Mirrors:
         joining a fetch already running for this mirror. ``paced``: wait until
         git.min_fetch_interval has passed since the last fetch ended (False only
         for the forge's own signed push webhooks)."""
+        if self.xlocks is not None:
+            return self._refreshes.run(mirror.path,
+                                       lambda: Deferred.fromCoroutine(self._paced_shared(mirror, clone, paced)))
         return self._refreshes.run(mirror.path, lambda: Deferred.fromCoroutine(self._paced(mirror, clone, paced)))
+
+    async def _paced_shared(self, mirror: Mirror, clone: bool, paced: bool) -> dict[str, str]:
+        # Across worker processes: the fetch record says when the last fetch of
+        # any worker ended. One ending after we asked is our answer (joined, as
+        # the singleflight joins one in this process); else wait out
+        # min_fetch_interval from its end, then fetch under the mirror's lock.
+        assert self.xlocks is not None
+        asked = self.clock.seconds()
+        while True:
+            if paced:
+                record = await self.xlocks.read(mirror.path)
+                if record is not None and record.ended < asked:
+                    await wait(self.clock, record.ended + self.config.min_fetch_interval - self.clock.seconds())
+            try:
+                return await self._refresh(mirror, clone, (asked, paced))
+            except TooSoon as e:
+                await wait(self.clock, e.at - self.clock.seconds())
 
     async def _paced(self, mirror: Mirror, clone: bool, paced: bool) -> dict[str, str]:
         # One fetch in flight per mirror (the singleflight above), and the next
@@ -399,15 +565,24 @@ class Mirrors:
                 for path in list(self._fetched_at)[:MAX_PACED // 2]:
                     del self._fetched_at[path]
 
-    def _refresh(self, mirror: Mirror, clone: bool) -> Deferred[dict[str, str]]:
+    def _refresh(self, mirror: Mirror, clone: bool, shared: tuple[float, bool] | None = None) -> Deferred[dict[str, str]]:
         st = self.state(mirror)
         st.fetching = True
         known = dict(st.refs) if st.refs is not None else None
         creds = self._credentials(mirror)
-        d = self._exclusive(mirror, self._fetch_sync, mirror, creds, known, clone, st.damaged)
+        if shared is None:
+            d = self._exclusive(mirror, self._fetch_sync, mirror, creds, known, clone, st.damaged)
+        else:
+            asked, paced = shared
+            reg = self.registry.get(mirror.name)
+            reserve = reg if reg is not None and reg.source in RUNTIME_SOURCES else None
+            d = self._exclusive(mirror, self._fetch_shared_sync, mirror, creds, clone, st.damaged, asked,
+                                self.config.min_fetch_interval if paced else 0.0, reserve)
 
         def done(result: Any) -> Any:
             st.fetching = False
+            if isinstance(result, Failure) and result.check(TooSoon):
+                return result  # nothing happened: _paced_shared waits and asks again
             st.last_fetch = self.clock.seconds()
             if isinstance(result, Failure):
                 self._failed(mirror, st, result.getErrorMessage())
@@ -420,13 +595,15 @@ class Mirrors:
                         if lock is not None and not lock.locked and not lock.waiting:
                             del locks[mirror.path]
                     self._save_registry()
-                if not result.check(MirrorUnavailable):
+                if not result.check(MirrorUnavailable, MirrorLimit):
                     result = Failure(FetchError(f"{mirror.name}: {st.last_error}"))
                 return result
             st.last_error = None
             if result.cloned:
                 st.damaged = False
             self._count("cloned" if result.cloned else "fetched" if result.changed else "unchanged")
+            if result.joined:  # another worker's fetch: did it change what we knew?
+                result.changed = result.refs != st.refs or result.head != st.head
             if not result.missing:
                 st.refs, st.head = result.refs, result.head
                 if result.size is not None:
@@ -488,6 +665,7 @@ class Mirrors:
                 if e.status is None or not 300 <= e.status < 400:
                     st.last_fetch = self.clock.seconds()
                     self._failed(mirror, st, f"{mirror.name}: {e}")
+                    self._share_check(mirror, st)
                     self._count("error")
                     return "error"
                 # A redirect (a renamed repository): libgit2 follows it, below.
@@ -503,6 +681,7 @@ class Mirrors:
             st.last_fetch, st.last_error = self.clock.seconds(), None
             if adv is not None:  # poll counted its own
                 self._count("unchanged")
+            self._share_check(mirror, st)
             return "unchanged"
         await self._quiet_refresh(mirror)
         return "fetched"
@@ -521,16 +700,29 @@ class Mirrors:
         st.last_served = now
         if st.last_fetch is not None and now - st.last_fetch < self.config.fetch_interval:
             return succeed(None)
-        d = self.check(mirror)
+        if self.xlocks is None:
+            d = self.check(mirror)
+        else:
+            # Worker processes: another one may have fetched or checked it meanwhile.
+            d = self.xlocks.last_seen([mirror.path]).addCallback(lambda seen: self._freshen_shared(seen[0], mirror))
         return d.addErrback(lambda f: log.warn("git: checking {name} failed: {why}", name=mirror.name,
                                                why=f.getErrorMessage()))
+
+    def _freshen_shared(self, seen: Seen, mirror: Mirror) -> Any:
+        st = self.state(mirror)
+        self._adopt(st, seen)
+        if st.last_fetch is not None and self.clock.seconds() - st.last_fetch < self.config.fetch_interval:
+            return None
+        return self.check(mirror)
 
     def pushed(self, mirror: Mirror, updates: dict[str, str] | None = None) -> Deferred[Any]:
         """A webhook said ``mirror`` changed: fetch now. A fetch in flight may have
         started before the push, so it is joined and, when it did not bring every
         updated ref in ``updates`` (ref name → new id), a second fetch follows."""
         st = self.state(mirror)
-        running = mirror.path in self._refreshes
+        # With worker processes the refresh may join another worker's fetch, which may
+        # have started before the push too.
+        running = mirror.path in self._refreshes or self.xlocks is not None
         d = self.refresh(mirror, False, paced=False)
 
         def again(refs: dict[str, str]) -> Any:
@@ -575,6 +767,7 @@ class Mirrors:
                 elif error is not None:
                     st.last_fetch = now
                     self._failed(m, st, f"{m.name}: {error}")
+                    self._share_check(m, st)
                     failed += 1
                     self._count("error")
             return need, failed
@@ -650,7 +843,7 @@ class Mirrors:
         prune = st.serving == 0
         st.dirty = False  # a fetch landing during the repack sets it again
         try:
-            more = await self._lock(mirror, self._mlocks).run(self.run, self._repack_sync, mirror.path, repack, prune)
+            more = await self._exclusive(mirror, self._repack_sync, mirror.path, repack, prune, kind="maint")
         except BaseException:
             st.dirty = st.dirty or repack
             raise
@@ -698,6 +891,44 @@ class Mirrors:
         finally:
             repo.free()
         return FetchResult(refs=refs, changed=True, size=dir_size(path), head=head)
+
+    def _fetch_shared_sync(self, mirror: Mirror, creds: Any, clone: bool, reclone: bool, asked: float,
+                           min_interval: float, reserve: Any) -> FetchResult:
+        """``_fetch_sync`` under the mirror's lock held across worker processes: join a
+        fetch another worker ended after ``asked``, keep min_fetch_interval from the
+        last one, and leave the fetch record for the others."""
+        assert self.xlocks is not None
+        record_path = self.xlocks.record_path(mirror.path)
+        record = read_record(record_path)
+        if record is not None and record.ended >= asked and not reclone:
+            if record.error is not None:
+                raise FetchError(record.error)
+            if is_repo(mirror.path):
+                result = snapshot(mirror.path)
+                result.joined = True
+                return result
+        if min_interval and record is not None and record.ended + min_interval > self.clock.seconds():
+            raise TooSoon(record.ended + min_interval)
+        if reserve is not None and clone and not is_repo(mirror.path):
+            self.registry.reserve(reserve, self.config.max_mirrors)
+        if is_repo(mirror.path) and remove_ref_locks(mirror.path):
+            log.warn("git: {name}: removed ref locks left by a worker that died mid-fetch", name=mirror.name)
+        started = self.clock.seconds()
+        try:
+            # The refs on disk, not those this worker last saw: another may have fetched.
+            result = self._fetch_sync(mirror, creds, None, clone, reclone)
+        except Exception as e:
+            kept = (record.refs, record.size, record.changed) if record is not None else (None, None, None)
+            write_record(record_path, FetchRecord(started, self.clock.seconds(), str(e), os.getpid(), *kept))
+            raise
+        if not result.missing:
+            ended = self.clock.seconds()
+            previous = record
+            write_record(record_path, FetchRecord(
+                started, ended, None, os.getpid(), len(result.refs),
+                result.size if result.size is not None else previous.size if previous else None,
+                ended if result.changed else previous.changed if previous else None))
+        return result
 
     def _tmp(self, mirror: Mirror) -> str:
         os.makedirs(self.tmp_dir, exist_ok=True)
@@ -782,6 +1013,8 @@ class Mirrors:
         if not is_repo(path):
             return report
         report["locks_removed"] = remove_stale_locks(path, self.config.stale_lock_age)
+        if repack and prune and self.xlocks is not None and served_anywhere(self.xlocks.path(path, "serve")):
+            prune = False  # another worker's upload-pack reads this mirror
         if repack:
             args = ["repack", "-a", "-d", "-b", "-q", "--write-midx"]
             if not prune:
@@ -800,4 +1033,6 @@ class Mirrors:
                     with self._building_lock:
                         if entry in self._building:
                             continue  # a clone in progress
+                    if d == self.tmp_dir and self.xlocks is not None and self.xlocks.building(entry):
+                        continue  # another worker's clone in progress
                     shutil.rmtree(os.path.join(d, entry), ignore_errors=True)

@@ -141,3 +141,30 @@ class HostCollector:
             cap.add_metric([h["host"]], h["max_upstream_rate"])
             count.add_metric([h["host"]], h["mirrors"])
         return [checks, rate, cap, count]
+
+
+class HostGauges:
+    """HostCollector's families for worker processes: prometheus_client's multiprocess
+    mode aggregates only its own metric files, not collectors read at scrape time, so
+    each worker sets these gauges from its own checks (``publish``, every second) and
+    ``/metrics`` in any worker sums them."""
+
+    def __init__(self, mirrors: Any, registry: Any) -> None:
+        from prometheus_client import Gauge
+
+        self.mirrors = mirrors
+        self.checks = Gauge("sparkcache_git_ref_checks_total", "Ref checks sent to each forge host", ["host"],
+                            registry=registry, multiprocess_mode="livesum")
+        self.rate = Gauge("sparkcache_git_ref_check_rate", "Ref checks a second to each forge host over the last "
+                          "minute", ["host"], registry=registry, multiprocess_mode="livesum")
+        self.cap = Gauge("sparkcache_git_max_upstream_rate", "The configured cap (checks a second per host)",
+                         ["host"], registry=registry, multiprocess_mode="livemax")
+        self.count = Gauge("sparkcache_git_mirrors", "Registered mirrors per forge host", ["host"],
+                           registry=registry, multiprocess_mode="livemax")
+
+    def publish(self) -> None:
+        for h in self.mirrors.hosts():
+            self.checks.labels(h["host"]).set(h["checks"])
+            self.rate.labels(h["host"]).set(h["checks_per_second"])
+            self.cap.labels(h["host"]).set(h["max_upstream_rate"])
+            self.count.labels(h["host"]).set(h["mirrors"])

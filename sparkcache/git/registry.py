@@ -12,17 +12,21 @@ strings, so no name can point outside ``<data_dir>/git/mirrors``.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import urlsplit
 
 from sparkcache.git.config import SCP_LIKE, GitConfig, check_name, check_url, url_host
-from sparkcache.git.interfaces import Mirror, UnknownRepo
+from sparkcache.git.interfaces import Mirror, MirrorLimit, UnknownRepo
+
+if TYPE_CHECKING:
+    from sparkcache.git.shared import RegistryChanges
 
 REGISTRY_FILE = "registry.json"
 _SEGMENT = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -98,6 +102,12 @@ class Registry:
         # Asked before a registration is created at run time (first use on an
         # allowed host, POST /git/register); raises MirrorLimit when over budget.
         self.admit: Callable[[], None] = lambda: None
+        # With worker processes (shared.py): the counter of writes of the file, and
+        # the names forgotten here since the last save (removed from the file then).
+        self.changes: "RegistryChanges | None" = None
+        self._forgotten: set[str] = set()
+        # Run-time registrations made here and not yet in the shared file.
+        self._pending: set[str] = set()
         for r in config.repos.values():
             self._add(Registration(r.name, r.url, r.source))
 
@@ -106,15 +116,36 @@ class Registry:
     def load(self) -> list[str]:
         """Read persisted registrations (blocking: call at start-up or from a thread).
         Returns the problems found; bad entries are skipped, never fatal."""
-        problems: list[str] = []
+        try:
+            entries = self._read_file()
+        except (OSError, ValueError) as e:
+            return [f"{self.file}: unreadable ({e}); runtime registrations start empty"]
+        return self.merge(entries)[1]
+
+    def _read_file(self) -> list[Any]:
+        """Blocking: the entries of registry.json ([] when there is none)."""
         try:
             with open(self.file, encoding="utf-8") as f:
                 data = json.load(f)
         except FileNotFoundError:
-            return problems
-        except (OSError, ValueError) as e:
-            return [f"{self.file}: unreadable ({e}); runtime registrations start empty"]
+            return []
         entries = data.get("repos", []) if isinstance(data, dict) else []
+        return entries if isinstance(entries, list) else []
+
+    def merge(self, entries: list[Any], shared: bool = False) -> tuple[list[Registration], list[str]]:
+        """Add the registrations of ``entries`` (read from the file) not known here;
+        returns (added, problems). What the file holds needs no saving again.
+        ``shared``: the file is the truth for run-time registrations: one another
+        worker forgot (its first clone failed) is forgotten here too, unless made
+        here and not written yet."""
+        problems: list[str] = []
+        added: list[Registration] = []
+        clean = not self.dirty()
+        if shared:
+            named = {e.get("name") for e in entries if isinstance(e, dict)}
+            for reg in [r for r in self._repos.values() if r.source in RUNTIME_SOURCES]:
+                if reg.name not in named and reg.name not in self._pending:
+                    self._remove(reg)
         for entry in entries:
             try:
                 name, url, source = str(entry["name"]), str(entry["url"]), str(entry.get("source", "runtime"))
@@ -122,32 +153,100 @@ class Registry:
             except (KeyError, TypeError, ValueError, AttributeError) as err:
                 problems.append(f"{self.file}: skipped {entry!r}: {err}")
                 continue
-            if name not in self._repos:
-                self._add(Registration(name, url, source))
-        return problems
+            if name not in self._repos and name not in self._forgotten:
+                reg = Registration(name, url, source)
+                self._add(reg)
+                added.append(reg)
+        if clean:
+            self._saved_version = self._version
+        return added, problems
 
-    def snapshot(self) -> tuple[int, bytes]:
+    def snapshot(self) -> tuple[int, list[dict[str, str]], frozenset[str]]:
         entries = [{"name": r.name, "url": r.url, "source": r.source}
                    for r in self._repos.values() if r.source in RUNTIME_SOURCES]
-        return self._version, json.dumps({"version": 1, "repos": entries}, indent=1).encode() + b"\n"
+        forgotten, self._forgotten = frozenset(self._forgotten), set()
+        return self._version, entries, forgotten
 
     def dirty(self) -> bool:
         return self._version != self._saved_version
 
-    def save(self, snapshot: tuple[int, bytes]) -> None:
-        """Write a snapshot taken on the reactor; an older snapshot never overwrites a newer one."""
-        version, data = snapshot
+    def save(self, snapshot: tuple[int, list[dict[str, str]], frozenset[str]]) -> int | None:
+        """Write a snapshot taken on the reactor; an older snapshot never overwrites a newer
+        one. Shared by worker processes: merged, under the file's lock, with what the others
+        wrote; returns the new value of the change counter then (None: nothing shared)."""
+        version, entries, forgotten = snapshot
         with self._save_lock:
             if version <= self._saved_version:
-                return
+                return None
             os.makedirs(self.git_dir, exist_ok=True)
-            tmp = f"{self.file}.tmp.{os.getpid()}.{threading.get_ident()}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.file)
+            if self.changes is None:
+                self._write(entries)
+                self._saved_version = version
+                return None
+            with self._file_lock():
+                mine = {e["name"] for e in entries}
+                try:
+                    theirs = self._read_file()
+                except ValueError:
+                    theirs = []  # torn by hand: ours is what survives
+                self._write(entries + [e for e in theirs if isinstance(e, dict) and e.get("name") not in mine
+                                       and e.get("name") not in forgotten])
+                value = self.changes.bump()
             self._saved_version = version
+            return value
+
+    def _write(self, entries: list[Any]) -> None:
+        data = json.dumps({"version": 1, "repos": entries}, indent=1).encode() + b"\n"
+        tmp = f"{self.file}.tmp.{os.getpid()}.{threading.get_ident()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.file)
+
+    def _file_lock(self) -> Any:
+        """Blocking (a pool thread): the lock of registry.json across worker processes,
+        held only while the small file is read and rewritten."""
+        registry = self
+
+        class Held:
+            def __enter__(self) -> None:
+                self.fd = os.open(registry.file + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+            def __exit__(self, *exc: Any) -> None:
+                os.close(self.fd)
+
+        return Held()
+
+    def read_shared(self) -> tuple[int, list[Any]]:
+        """Blocking: (the change counter, the file's entries). The counter is read first:
+        a write after it is seen again at the next look."""
+        assert self.changes is not None
+        value = self.changes.value()
+        try:
+            return value, self._read_file()
+        except (OSError, ValueError):
+            return value, []
+
+    def reserve(self, reg: Registration, max_mirrors: int) -> None:
+        """Blocking, shared only: before the first clone of a run-time mirror, put it in
+        the file unless the file already holds ``max_mirrors`` run-time mirrors (those
+        of every worker): git.max_mirrors holds across worker processes."""
+        if self.changes is None or reg.source not in RUNTIME_SOURCES:
+            return
+        with self._file_lock():
+            try:
+                theirs = [e for e in self._read_file() if isinstance(e, dict)]
+            except ValueError:
+                theirs = []
+            if any(e.get("name") == reg.name for e in theirs):
+                return
+            if sum(1 for e in theirs if e.get("source", "runtime") in RUNTIME_SOURCES) >= max_mirrors:
+                raise MirrorLimit(f"this cache already holds git.max_mirrors ({max_mirrors}) mirrors created at "
+                                  "run time; list the repository in git.repos or raise the limit")
+            self._write([*theirs, {"name": reg.name, "url": reg.url, "source": reg.source}])
+            self.changes.bump()
 
     # -- lookups -------------------------------------------------------------
 
@@ -222,6 +321,8 @@ class Registry:
             return existing, False
         self.admit()
         self._add(reg)
+        if self.changes is not None:
+            self._pending.add(reg.name)
         return reg, True
 
     # -- reconfiguration -----------------------------------------------------
@@ -282,6 +383,8 @@ class Registry:
         if source in RUNTIME_SOURCES:
             self.admit()
         self._add(reg)
+        if self.changes is not None:
+            self._pending.add(reg.name)
         return reg, True
 
     def created_at_runtime(self) -> int:
@@ -293,13 +396,23 @@ class Registry:
         reg = self._repos.get(name)
         if reg is None or reg.source != "host" or os.path.isdir(self.path_for(reg)):
             return False
-        del self._repos[name]
+        self._remove(reg)
+        self._version += 1
+        self._pending.discard(name)
+        if self.changes is not None:
+            self._forgotten.add(name)  # reserve() may have written it to the shared file
+        return True
+
+    def _remove(self, reg: Registration) -> None:
+        del self._repos[reg.name]
         self._mirrors.pop(reg, None)
         key = url_key(reg.url)
-        if self._by_key.get(key) == name:
+        if self._by_key.get(key) == reg.name:
             del self._by_key[key]
-        self._version += 1
-        return True
+
+    def written(self, names: Any) -> None:
+        """The shared file now holds these (a save or a reservation completed)."""
+        self._pending.difference_update(names)
 
     def _check(self, name: str, url: str, source: str) -> None:
         try:

@@ -183,6 +183,7 @@ class FetchResult:
     missing: bool = False
     size: int | None = None
     head: str | None = None
+    joined: bool = False  # another worker's fetch (its record ended after we asked)
 
 
 def snapshot(path: str, changed: bool = False, cloned: bool = False) -> FetchResult:
@@ -283,6 +284,28 @@ def remove_stale_locks(path: str, max_age: float) -> int:
                         removed += 1
                 except OSError:
                     pass
+    return removed
+
+
+# Lock files a ref or config update takes (git and libgit2 alike).
+_REF_LOCKS = ("HEAD.lock", "packed-refs.lock", "config.lock", "shallow.lock", "FETCH_HEAD.lock")
+
+
+def remove_ref_locks(path: str) -> int:
+    """Remove the ref and config ``*.lock`` files of a mirror, whatever their age. Only
+    for the holder of the mirror's lock across worker processes (git/shared.py): no
+    one else updates its refs then, so any such file is a killed worker's leftover,
+    which would make every later fetch fail."""
+    removed = 0
+    candidates = [os.path.join(path, name) for name in _REF_LOCKS]
+    for root, _dirs, files in os.walk(os.path.join(path, "refs")):
+        candidates += [os.path.join(root, f) for f in files if f.endswith(".lock")]
+    for p in candidates:
+        try:
+            os.unlink(p)
+            removed += 1
+        except FileNotFoundError:
+            pass
     return removed
 
 

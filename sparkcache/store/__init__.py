@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import builtins
 import os
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any, Awaitable, Callable, TypeVar
 
 from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -54,9 +55,42 @@ WRITE_ERROR_HOLD = 30.0
 # Eviction for space frees this much more than the floor asks, so it does
 # not run again on the next miss.
 SPACE_SLACK = 0.10
+# With worker processes, a worker that does not evict waits this long at most
+# for the room it asked the primary for, which looks every ROOM_POLL seconds.
+ROOM_WAIT = 5.0
+ROOM_POLL = 0.1
+
+
+def _space_field(name: str) -> Any:
+    """A free-space attribute of Store: its own, or the shared file's once
+    ``share_space`` ran (a property: one call, no system call, on the miss path)."""
+    own = "_own_" + name
+
+    def get(self: Any) -> Any:
+        shared = self._shared
+        return getattr(self, own) if shared is None else getattr(shared, name)
+
+    def set_(self: Any, value: Any) -> None:
+        shared = self._shared
+        if shared is None:
+            setattr(self, own, value)
+        else:
+            setattr(shared, name, value)
+
+    return property(get, set_)
 
 
 class Store:
+    # Free-space state and the store's figures: with worker processes, in a file they share (share_space).
+    _shared: space.SharedSpace | None = None
+    low_space = _space_field("low_space")
+    free = _space_field("free")
+    floor = _space_field("floor")
+    write_error = _space_field("write_error")
+    _write_failed_at = _space_field("write_failed_at")
+    size = _space_field("size")
+    entries = _space_field("entries")
+
     def __init__(self, data_dir: str, reactor: Any, max_size: int, io_pool: ThreadPool | None = None,
                  sqlite_pool: ThreadPool | None = None, min_free: int | None = None,
                  min_free_percent: float | None = None, content: IContentStore | None = None) -> None:
@@ -106,6 +140,9 @@ class Store:
         # Purge epochs: a counter, and when everything, each remote and each
         # recently purged key were last purged (see commit's ``since``).
         self._purges = 0
+        # With worker processes: the shared epochs of this worker's own purges
+        # (the others' are counted as purges of everything, see purged_since).
+        self._own_purges: deque[int] = deque(maxlen=1024)
         self._purged_all = 0
         self._purged_remote: dict[str, int] = {}
         self._purged_key: OrderedDict[str, int] = OrderedDict()
@@ -117,14 +154,25 @@ class Store:
         self.entries = 0
         self.min_free = min_free
         self.min_free_percent = min_free_percent
+        # Whether this process evicts for space (with workers: the primary only).
+        self.evicts = True
         # Below the free-space floor (after eviction did what it could): /ready says so.
         self.low_space = False
-        self.free: int | None = None  # bytes free at the last check
+        self.free = None  # bytes free at the last check
         self.floor = 0  # the floor in bytes at the last check
-        self.write_error: str | None = None  # the last write error, for logs and /health
-        self._write_failed_at: float | None = None
+        self.write_error = None  # the last write error, for logs and /health
+        self._write_failed_at = None
         self.reserve_path = os.path.join(self.data_dir, space.RESERVE_NAME)
         self._room = DeferredLock()  # one eviction for space at a time
+
+    def share_space(self, evicts: bool) -> None:
+        """Blocking (a worker's start-up): keep the free-space state and the
+        store's size and entry count in ``<data_dir>/space.state``, shared by
+        every worker process, so a write error or a low disk one of them sees
+        makes them all pass misses through; only the worker that ``evicts``
+        (the primary) evicts for space."""
+        self._shared = space.SharedSpace(os.path.join(self.data_dir, space.SHARED_NAME))
+        self.evicts = evicts
 
     def in_io(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         return deferToThreadPool(self.reactor, self.io_pool, fn, *args)
@@ -260,18 +308,32 @@ class Store:
 
     def epoch(self) -> int:
         """The purge epoch now: captured when a production begins, handed to
-        ``commit`` (or ``refresh``) at its end."""
-        return self._purges
+        ``commit`` (or ``refresh``) at its end. With worker processes it is
+        shared by all (``index.changes``): a purge in one is seen by all."""
+        changes = self.index.changes
+        return self._purges if changes is None else changes.purge_epoch()
 
     def purged_since(self, epoch: int, remote: str, key: str) -> bool:
         """Whether the cache of ``key`` (of ``remote``) was purged after ``epoch``.
         Called from the SQLite thread too: reads only (dict.get is atomic)."""
-        return (self._purged_all > epoch or self._purged_remote.get(remote, 0) > epoch
-                or self._purged_key.get(key, 0) > epoch)
+        if (self._purged_all > epoch or self._purged_remote.get(remote, 0) > epoch
+                or self._purged_key.get(key, 0) > epoch):
+            return True
+        changes = self.index.changes
+        if changes is None:
+            return False
+        # Another worker began a purge since: its scope is not known here, so
+        # nothing is stored (the next request fetches again: never a purged body kept).
+        return changes.purge_epoch() - epoch > sum(1 for seq in list(self._own_purges) if seq > epoch)
 
     def _new_purge(self) -> int:
-        self._purges += 1
-        return self._purges
+        changes = self.index.changes
+        if changes is None:
+            self._purges += 1
+            return self._purges
+        seq = changes.bump_purge()
+        self._own_purges.append(seq)
+        return seq
 
     async def refresh(self, entry: Entry, since: int) -> bool:
         """Write ``entry``, a new state of a stored entry (revalidated) or a
@@ -597,6 +659,8 @@ class Store:
     async def make_room(self, need: int) -> bool:
         """Evict (least recently used first) until ``need`` more bytes fit above
         the floor; False when they cannot (then nothing is evicted for them)."""
+        if not self.evicts:
+            return await self._room_from_primary(need)
         await self._room.acquire()
         try:
             free = await self.check_space()
@@ -608,6 +672,29 @@ class Store:
             return self.free is not None and self.free - need >= self.floor
         finally:
             self._room.release()
+
+    async def _room_from_primary(self, need: int) -> bool:
+        """A worker that does not evict: ask the primary for the room (it looks
+        every ROOM_POLL seconds) and wait for it, at most ROOM_WAIT seconds."""
+        free = await self.check_space()
+        if free - need >= self.floor:
+            return True
+        if (need and need > free + self.size - self.floor) or self._shared is None:
+            return False
+        self._shared.want_room(need)
+        deadline = self.clock.seconds() + ROOM_WAIT
+        while self.clock.seconds() < deadline:
+            await deferLater(self.clock, ROOM_POLL, lambda: None)
+            if await self.check_space() - need >= self.floor:
+                return True
+        return False
+
+    async def make_wanted_room(self) -> None:
+        """The primary, every ROOM_POLL seconds with worker processes: make the
+        room another worker found missing (``make_room`` there never evicts)."""
+        need = self._shared.take_wanted() if self._shared is not None else None
+        if need is not None:
+            await self.make_room(need)
 
     async def _evict_for_space(self, need: int) -> int:
         free = await self.check_space()

@@ -21,7 +21,9 @@ the bump). ``Index.watch_changes()`` turns this on (a worker process).
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import functools
 import hashlib
 import mmap
 import os
@@ -32,6 +34,21 @@ _WORD = struct.Struct("<Q")
 _GLOBAL = 0
 
 
+def allocate(fd: int, size: int) -> None:
+    """Give a mapped file its blocks now. A page of a sparse file is allocated
+    at its first write through the mapping, and on a full disk (a full tmpfs)
+    that write kills the process with SIGBUS instead of failing: with real
+    blocks from the start, later writes never allocate."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        # A filesystem without fallocate stays sparse (writing zeros could
+        # overwrite what another worker wrote meanwhile); a full one fails here, at start.
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+
+
+@functools.lru_cache(maxsize=16384)  # every hit of a worker checks its key's slot
 def slot_of(key: str) -> int:
     return 1 + int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little") % SLOTS
 
@@ -40,12 +57,12 @@ class ChangeCounters:
     def __init__(self, path: str, slots: int = SLOTS) -> None:
         """Blocking (start-up): opens or creates the counter file and maps it."""
         self.path = path
-        size = _WORD.size * (1 + slots)
+        size = _WORD.size * (2 + slots)
+        self._purges = 1 + slots  # the last word: the purge epoch (Store.epoch)
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        # Zeros, with their blocks allocated now: a sparse page first written
-        # through the map on a full disk is a SIGBUS, which kills the worker.
-        # (Idempotent when two workers race here.)
-        os.posix_fallocate(self._fd, 0, size)
+        if os.fstat(self._fd).st_size < size:
+            os.ftruncate(self._fd, size)  # zeros; idempotent when two workers race here
+        allocate(self._fd, size)
         self._map = mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
 
     def _read(self, index: int) -> int:
@@ -62,7 +79,18 @@ class ChangeCounters:
         """Blocking (the SQLite thread): ``key``'s row was replaced or deleted;
         None: any number of rows were (a purge of a remote or of everything).
         Returns the counter's new value."""
-        index = _GLOBAL if key is None else slot_of(key)
+        return self._bump(_GLOBAL if key is None else slot_of(key))
+
+    def purge_epoch(self) -> int:
+        """How many purges (of a key, a remote, everything) any worker began."""
+        return self._read(self._purges)
+
+    def bump_purge(self) -> int:
+        """A purge begins (before its rows go); returns its epoch. (A read-
+        modify-write under flock: microseconds, so the reactor may call it.)"""
+        return self._bump(self._purges)
+
+    def _bump(self, index: int) -> int:
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
             value = self._read(index) + 1

@@ -17,10 +17,8 @@ from sparkcache.web import status_page
 from sparkcache.web.admin_bundle import AdminBundle
 from sparkcache.web.admin_remotes import AdminRemotes
 from sparkcache.web.errors import JSON, HTTPError, add_error_handling, guarded
-from sparkcache.web.status import Status
-
-# This process's index among server.workers (set by the supervisor); None: the only process.
-_WORKER = int(os.environ["SPARKCACHE_WORKER"]) if os.environ.get("SPARKCACHE_WORKER", "").isdigit() else None
+from sparkcache.metrics import multiprocess_dir
+from sparkcache.web.status import WORKER, Status, inflight
 
 
 class AdminApp:
@@ -58,20 +56,23 @@ class AdminApp:
         })
 
     @app.route("/health", methods=["GET", "HEAD"])
-    def health(self, request: Any) -> bytes:
-        store = self.ctx.store
+    async def health(self, request: Any) -> bytes:
+        store, metrics = self.ctx.store, self.ctx.metrics
+        # With worker processes, the whole daemon's figures: every worker's metric files, read off the reactor.
+        families = await store.in_io(metrics.collect) if multiprocess_dir() else ()
         return _json(request, {
             "status": "ok",
             "store_bytes": store.size,
             "store_entries": store.entries,
-            "inflight_fetches": self.ctx.cache.inflight,
+            "inflight_fetches": inflight(self.ctx, families),
+            **metrics.connection_counts(families),
             # Liveness stays 200 on a full disk (a restart would not help); these say why misses pass through.
             "store_free_bytes": store.free,
             "store_low_space": store.low_space,
             "store_write_error": store.write_error,
             # Which process answered (server.workers > 1: several share the socket).
             "pid": os.getpid(),
-            "worker": _WORKER,
+            "worker": WORKER,
         })
 
     @app.route("/ready", methods=["GET", "HEAD"])

@@ -11,6 +11,7 @@ admin scope: a remote names upstreams the daemon will contact.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from klein import Klein
@@ -19,6 +20,7 @@ from twisted.web.resource import IResource
 from sparkcache.context import Context
 from sparkcache.reload import RemoteChangeError
 from sparkcache.web.errors import JSON, HTTPError, add_error_handling
+from sparkcache.web.status import WORKER
 
 # A remote's mapping is a few hundred bytes; anything near this is not one.
 MAX_BODY = 64 * 1024
@@ -39,7 +41,9 @@ class AdminRemotes:
     def list_remotes(self, request: Any) -> bytes:
         self.ctx.auth.require(request, "admin")
         return _json(request, {"remotes": [self._describe(name) for name in sorted(self.ctx.config.remotes)],
-                               "not_in_effect": self._skipped()})
+                               "not_in_effect": self._skipped(),
+                               # Which process answered (server.workers > 1: each must list the same).
+                               "pid": os.getpid(), "worker": WORKER})
 
     @app.route("/<name>", methods=["GET", "HEAD"])
     def get_remote(self, request: Any, name: str) -> bytes:

@@ -67,6 +67,13 @@ def _set_headers(
             set_header(k.encode(), [v.encode("latin-1")])
 
 
+def set_hit_headers(request: Any, entry: Entry, state: str, path: str, extra: dict[str, str] | None) -> str:
+    """The headers of a stored entry's response (but Range's); returns its ETag."""
+    etag = entry.etag or f'"sha256:{entry.digest}"'
+    _set_headers(request, state, True, entry.headers, etag, path, extra)
+    return etag
+
+
 def _span(request: Any, total: int | None) -> tuple[int, int | None] | bytes:
     """Apply Range: set status and length headers; (start, end) or an error body."""
     if total is not None:
@@ -116,8 +123,7 @@ def serve_hit(
     streamed body is done, or None when the response is already finished.
     """
     metrics.response(remote, state.lower())
-    etag = entry.etag or f'"sha256:{entry.digest}"'
-    _set_headers(request, state, True, entry.headers, etag, path, extra_headers)
+    etag = set_hit_headers(request, entry, state, path, extra_headers)
     if _not_modified(request, etag, entry.last_modified or entry.headers.get("last-modified")):
         request.setResponseCode(304)
         return b""

@@ -68,8 +68,11 @@ class SetupApp:
     app = Klein()
 
     def __init__(self, ctx: Context, endpoints: Mapping[str, SetupEndpoint]) -> None:
+        from sparkcache.web import setup_node
+
         self.ctx = ctx
-        self.endpoints = dict(endpoints)
+        # ``node``: the config of a node-local daemon chained to this one (docs/tiers.rst).
+        self.endpoints = {"node": SetupEndpoint(setup_node.handler(ctx)), **endpoints}
 
     def resource(self) -> IResource:
         return guarded(self.app, JSON, self.ctx.config.server.max_path_length)
@@ -93,8 +96,10 @@ class SetupApp:
 
     @app.route("/", methods=ALL_METHODS)
     def index(self, request: Any) -> bytes:
-        raise HTTPError(404, f"use /setup/<kind> with kind one of {self._kinds()}")
+        raise HTTPError(404, f"use /setup/<kind> with kind one of {self._kinds()}; /setup/node: the config of a "
+                             "node-local sparkcache chained to this one")
 
     def _kinds(self) -> str:
-        kinds = (k for k, ep in sorted(self.endpoints.items()) if k != "token" and ep.is_offered())
+        """The client tools offered (not the token endpoint, nor ``node``: a daemon's config, not a client's)."""
+        kinds = (k for k, ep in sorted(self.endpoints.items()) if k not in ("token", "node") and ep.is_offered())
         return ", ".join(kinds) or "none (no protocol offers one)"

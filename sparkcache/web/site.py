@@ -26,11 +26,13 @@ two ways and smuggle a second request.
 
 from __future__ import annotations
 
+import re
 import resource
 from http import HTTPStatus
 from io import BytesIO
 from typing import Any
 
+from twisted.internet import tcp
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, HTTPChannel, _GenericHTTPChannelProtocol, parse_qs
@@ -38,6 +40,7 @@ from twisted.web.server import Request, Site
 
 from sparkcache.web.bodies import BodyDecision, CappedBody, InMemory, Refuse, SpoolBody, ToSpool
 from sparkcache.web.errors import JSON, ErrorReply, internal_error, send_error
+from sparkcache.web.hits import FastHits, Head
 
 log = Logger()
 # Seconds a connection refused before its body keeps reading (and dropping)
@@ -376,11 +379,6 @@ class JsonErrorChannel(HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         if self._refused is not None or self._shed:
             return
-        if data and not self._handlingRequest and self.line_mode:
-            # Bytes of a request's head: the first ones start its clock.
-            if self._head_call is None:
-                self._start_head_timer()
-            self._head_started = True
         # A TLS ClientHello on a plain-HTTP listener: skopeo, podman and
         # docker try https first against an insecure registry. Closing at
         # once makes them fall back to http now, not after their 10 s
@@ -390,7 +388,52 @@ class JsonErrorChannel(HTTPChannel):
             if data[:1] == b"\x16" and self.transport is not None:
                 self.transport.loseConnection()
                 return
+        if data and data[:1] in b"GH" and self.line_mode and not self.requests and not self._buffer \
+                and not self._busyReceiving and not self.paused and self.persistent:
+            data = self._fast_answers(data)
+            if not data:
+                return
+        if data and not self._handlingRequest and self.line_mode:
+            # Bytes of a request's head: the first ones start its clock.
+            if self._head_call is None:
+                self._start_head_timer()
+            self._head_started = True
         super().dataReceived(data)
+
+    # -- fresh hits at the connection (sparkcache.web.hits) ------------------------------
+
+    def _fast_answers(self, data: bytes) -> bytes:
+        """Answer the requests at the start of ``data`` that are small fresh
+        hits, one write each; return the rest (from the first request that is
+        not one) for twisted.web, which then sees the connection as if those
+        requests had been answered by it."""
+        site: Any = getattr(self, "site", None)
+        apps = getattr(getattr(site, "resource", None), "apps", None)
+        transport: Any = self.transport
+        if apps is None or transport is None or transport.disconnecting:
+            return data
+        answered = False
+        while data:
+            end = data.find(b"\r\n\r\n", 0, FAST_HEAD_MAX)
+            if end < 0:
+                break
+            head = parse_head(data[:end])
+            if head is None:
+                break
+            app = apps.get(head.uri[1:].partition(b"/")[0])
+            out = app.answer(head) if isinstance(app, FastHits) else None
+            if out is None:
+                break
+            send_now(transport, out[0])
+            answered = True
+            if site.access_log:
+                site.log_line(head.method, head.uri, 200, out[1])
+            data = data[end + 4:]
+        if answered:
+            self.resetTimeout()
+            if self._head_call is not None:
+                self._stop_head_timer()
+        return data
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         self._reject(400, b"Bad Request", b"malformed or oversized request")
@@ -406,6 +449,55 @@ class JsonErrorChannel(HTTPChannel):
             b"Content-Length: %d\r\n\r\n%s" % (status, reason, len(body), body)
         )
         self.loseConnection()
+
+
+# A request head longer than this is never a fast hit (twisted.web's limit is 16 KiB).
+FAST_HEAD_MAX = 8192
+FAST_HEADERS_MAX = 100
+# What the connection answers itself: GET/HEAD, an origin-form target of
+# visible ASCII, HTTP/1.1, header lines whose names are tokens and whose values
+# hold no control byte (twisted.web refuses what this does not match, or
+# parses it the same way).
+_FAST_HEAD = re.compile(
+    rb"(GET|HEAD) (/[\x21-\x7e]*) HTTP/1\.1(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*)*")
+# Request headers that change a response (or the connection) beyond what a
+# fresh hit's block says, in a lowercased head: such requests go through twisted.web.
+_NOT_FAST = re.compile(rb"\r\n(?:content-length|transfer-encoding|range|if-range|if-none-match|if-modified-since|"
+                       rb"if-match|if-unmodified-since|expect|upgrade|http2-settings|te|trailer):")
+
+
+def parse_head(head: bytes) -> Head | None:
+    """A request head (without its final blank line) the connection may answer
+    itself; None for anything twisted.web must see."""
+    m = _FAST_HEAD.fullmatch(head)
+    if m is None or head.count(b"\r\n") > FAST_HEADERS_MAX:
+        return None
+    parsed = Head(m.group(1), m.group(2), head)
+    if _NOT_FAST.search(parsed.lower) is not None:
+        return None
+    if b"\r\nconnection:" in parsed.lower:
+        connection = parsed.getHeader(b"connection")
+        if connection is None or connection.lower() != b"keep-alive":
+            return None
+    return parsed
+
+
+def send_now(transport: Any, data: bytes) -> None:
+    """``transport.write(data)``, but sent at once when the transport holds
+    nothing unsent: twisted buffers every write until the reactor's next turn,
+    which costs a hit two epoll updates and a second event besides the send.
+    What the socket does not take is left to the transport, in order."""
+    if type(transport) is tcp.Server and not transport.TLS and transport.connected \
+            and not transport.disconnecting and not transport._writeDisconnecting \
+            and not transport._writeDisconnected and not transport.dataBuffer and not transport._tempDataLen:
+        try:
+            sent = transport.socket.send(data)
+        except OSError:
+            sent = 0  # would block, or the connection is gone: the transport finds out
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
 
 
 def _channel(factory: Any) -> _GenericHTTPChannelProtocol:
@@ -461,8 +553,10 @@ class SparkSite(Site):
         # fifth of the hit path and floods the journal; /metrics counts them.
         if not self.access_log:
             return
+        self.log_line(request.method, request.uri, request.code, request.sentLength)
+
+    def log_line(self, method: bytes, uri: bytes, code: int, size: int) -> None:
         # twisted.web's access log would print Authorization-free lines, but
         # URLs can carry signed query strings: log method, path and status only.
-        path = request.uri.split(b"?", 1)[0].decode("latin-1", "replace")
-        log.info("{method} {path} {code} {size}", method=request.method.decode("latin-1"), path=path,
-                 code=request.code, size=request.sentLength)
+        path = uri.split(b"?", 1)[0].decode("latin-1", "replace")
+        log.info("{method} {path} {code} {size}", method=method.decode("latin-1"), path=path, code=code, size=size)

@@ -178,6 +178,9 @@ def render(data: Mapping[str, Any]) -> bytes:
             + table("git", git["mirrors"], now, "No git mirrors are registered.")
             + "</section>"
         )
+    # With worker processes every figure is the daemon's; which one answered is a detail for the footer.
+    workers = (f" · {_e(data['workers'])} worker processes (this page from worker {_e(data.get('worker'))})"
+               if isinstance(data.get("workers"), int) and data["workers"] > 1 else "")
     # The first status rides along, so the charts draw without waiting for a poll.
     initial = json.dumps(data).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     page = f"""<!DOCTYPE html>
@@ -212,7 +215,8 @@ def render(data: Mapping[str, Any]) -> bytes:
       {field(data, "store.entries", "int", "store-entries")} entries</div></div>
   <div class="tile"><h3>In-flight fetches</h3>
     <div class="big">{field(data, "inflight_fetches", "int", "inflight")}</div>
-    <div class="sub">fetches and builds running</div></div>
+    <div class="sub">fetches and builds running ·
+      {field(data, "connections.connections", "int", "connections")} connections</div></div>
 </section>
 <section class="charts">
   <div class="card"><h2>Bytes served, last hour</h2>
@@ -231,7 +235,7 @@ def render(data: Mapping[str, Any]) -> bytes:
 {git_section}
 </main>
 <footer class="muted">Also as <a href="status.json">status.json</a> ·
-  <a href="metrics">metrics</a> · <a href="ready">ready</a> · sampled every {_e(f"{data['history']['interval']:g}")} s</footer>
+  <a href="metrics">metrics</a> · <a href="ready">ready</a> · sampled every {_e(f"{data['history']['interval']:g}")} s{workers}</footer>
 <script type="application/json" id="initial-status">{initial}</script>
 <script>{SCRIPT}</script>
 </body></html>

@@ -3,7 +3,8 @@
 It never accepts a connection and never opens the store after the start-up
 check: it listens once (so systemd and clients see one service on the
 configured sockets), hands the sockets to N ``sparkcache.workers.worker``
-processes, restarts a worker that exits, forwards SIGHUP, and on stop
+processes, restarts a worker that exits, forwards SIGHUP (and SIGUSR2, which
+a worker sends it after a remotes API change, to every worker), and on stop
 forwards SIGTERM and waits for the workers to drain (docs/workers.rst).
 """
 
@@ -22,6 +23,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from sparkcache.config import Config
+from sparkcache.limits import raise_nofile
+from sparkcache.store.space import reset_shared
 from sparkcache.store.spool import clear_spool
 from sparkcache.workers.sockets import Listener, close_listeners, format_fds, open_listeners
 
@@ -99,7 +102,8 @@ def reset_metrics_dir(path: str) -> None:
     """Values of a previous run are not this run's: start from an empty directory."""
     os.makedirs(path, exist_ok=True)
     for name in os.listdir(path):
-        if name.endswith(".db"):
+        # The metric files, the status page's history and each worker's last upstream errors (web/status.py).
+        if name.endswith((".db", ".json")):
             os.unlink(os.path.join(path, name))
 
 
@@ -110,6 +114,18 @@ def mark_dead(path: str, pid: int) -> None:
         multiprocess.mark_process_dead(pid, path)
     except OSError as e:
         log.warn("metrics of worker pid {pid}: {e}", pid=pid, e=e)
+
+
+def handles(pid: int, sig: int) -> bool:
+    """Whether process ``pid`` catches or ignores ``sig`` (Linux: /proc; elsewhere assumed)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            masks = {k: int(v, 16) for k, _, v in (line.partition(":") for line in f)
+                     if k in ("SigCgt", "SigIgn")}
+    except (OSError, ValueError):
+        return True
+    bit = 1 << (sig - 1)
+    return any(m & bit for m in masks.values())
 
 
 def worker_command() -> list[str]:
@@ -128,6 +144,7 @@ class Supervisor(Service):
                  clock: Any = None, spawn: Callable[..., Any] | None = None,
                  check_store: Callable[[], Deferred[Any]] | None = None,
                  in_thread: Callable[..., Deferred[Any]] | None = None) -> None:
+        raise_nofile()  # the workers inherit it
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
@@ -162,6 +179,7 @@ class Supervisor(Service):
         if self.check_store is not None:
             await self.check_store()
         reset_metrics_dir(self.metrics_dir)
+        reset_shared(self.config.storage.data_dir)  # a previous run's disk state is not this run's
         for i in range(self.count):
             clear_spool(os.path.join(self.spool_dir, spool_subdir(i)))
         if hasattr(self.reactor, "addSystemEventTrigger"):
@@ -175,6 +193,8 @@ class Supervisor(Service):
     def _install_sighup(self) -> None:
         try:
             signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.forward, signal.SIGHUP))
+            # A worker changed the API remotes: every worker re-reads them (reload.Spread).
+            signal.signal(signal.SIGUSR2, lambda *_: self.reactor.callFromThread(self.forward, signal.SIGUSR2))
         except ValueError:  # not the main thread (tests)
             pass
 
@@ -227,6 +247,8 @@ class Supervisor(Service):
 
     def forward(self, sig: int) -> None:
         for proto in list(self.workers.values()):
+            if sig == signal.SIGUSR2 and proto.pid is not None and not handles(proto.pid, sig):
+                continue  # still starting: its default action would kill it; it reads api.json as it starts
             proto.signal(sig)
 
     def pids(self) -> list[int]:

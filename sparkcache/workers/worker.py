@@ -6,7 +6,8 @@ inherited sockets (``SPARKCACHE_WORKER_FDS``) and runs a SparkcacheService on
 them; store-wide timers only when ``SPARKCACHE_WORKER_PRIMARY=1``. The store
 was checked by the parent: the worker only opens it. Logs go to stdout, which
 the parent copies into its own log. It stops gracefully on SIGTERM, and when
-its stdin (a pipe the parent holds) closes: the parent is gone.
+its stdin (a pipe the parent holds) closes: the parent is gone. SIGUSR2
+(forwarded by the parent for another worker) re-reads the API's remotes.
 """
 
 from __future__ import annotations
@@ -66,9 +67,12 @@ def build(environ: Mapping[str, str], reactor: Any) -> Any:
     # config_path: SIGHUP (forwarded by the parent) reloads the file here as in one process.
     service = SparkcacheService(config, reactor, config_path=path, environ=dict(environ), endpoints=endpoints,
                                 primary=environ.get("SPARKCACHE_WORKER_PRIMARY") == "1", check_store=False,
-                                spool_subdir=spool_subdir(int(environ["SPARKCACHE_WORKER"])))
+                                spool_subdir=spool_subdir(int(environ["SPARKCACHE_WORKER"])),
+                                worker=int(environ["SPARKCACHE_WORKER"]))
     # The other workers write this index too: cached rows are checked against change stamps.
     service.store.index.watch_changes()
+    # A write error or a low disk one worker sees holds for all; the primary alone evicts for space.
+    service.store.share_space(evicts=service.primary)
     return service
 
 
@@ -89,6 +93,8 @@ def main() -> None:
         sys.exit(f"configuration error: {e}")
     # Until the service installs its reload handler, a SIGHUP must not kill the worker.
     signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(log.info, "SIGHUP before the start: ignored"))
+    # Nor SIGUSR2 (another worker changed the API remotes): the service re-reads them once it starts.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     reactor.callWhenRunning(service.startService)
     reactor.callWhenRunning(_stop_once_on, reactor, (signal.SIGTERM, signal.SIGINT))
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)

@@ -107,8 +107,8 @@ class ProcessWatcher(threading.Thread):
                         self.hits.append(f"argv of {pid}: {argv[:200]!r}")
                     if argv.startswith(b"git") or b"/git\0" in argv or b"upload-pack" in argv:
                         self.seen_git_children += 1
-                    if argv == self.daemon_argv:
-                        continue
+                    if argv == self.daemon_argv or argv.endswith(b"-m\0sparkcache.workers.worker\0"):
+                        continue  # the daemon itself (with server.workers > 1: its worker processes)
                     with open(f"/proc/{pid}/environ", "rb") as f:
                         if self.secret in f.read():
                             self.hits.append(f"environment of {pid}: {argv[:200]!r}")

@@ -131,6 +131,11 @@ class _Handler(BaseHTTPRequestHandler):
         up = self.server.owner
         path, _, query = self.path.partition("?")
         body = self._read_body() if self.command == "POST" else b""
+        if self.command == "POST" and up.held is not None and _command(body) not in ("ls-refs", "receive-pack"):
+            # hold_packs(): the negotiation waits (a fetch in progress, for a test to act on).
+            with up.lock:
+                up.holding += 1
+            up.held.wait(120)
         if up.auth is not None:
             expected = "Basic " + base64.b64encode(f"{up.auth[0]}:{up.auth[1]}".encode()).decode()
             if self.headers.get("Authorization") != expected:
@@ -237,6 +242,8 @@ class GitUpstream:
         self.lock = threading.Lock()
         self.requests: list[SeenRequest] = []
         self.errors: list[str] = []  # tracebacks of handlers that failed
+        self.held: threading.Event | None = None  # set by release_packs()
+        self.holding = 0  # pack negotiations that waited on hold_packs()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -263,6 +270,7 @@ class GitUpstream:
 
     def stop(self) -> None:
         """Stop listening (connections are then refused) until start() again."""
+        self.release_packs()
         server, self._server = self._server, None
         if server is None:
             return
@@ -355,6 +363,16 @@ class GitUpstream:
         """Ref discoveries for upload-pack: one per clone/fetch by any client."""
         return self.count(name, "git-upload-pack", "GET")
 
+    def hold_packs(self) -> None:
+        """From now on, every pack negotiation (a POST other than ``ls-refs``) waits
+        for ``release_packs()``: a fetch or clone held in flight."""
+        self.held = threading.Event()
+
+    def release_packs(self) -> None:
+        held, self.held = self.held, None
+        if held is not None:
+            held.set()
+
     def reset_counts(self) -> None:
         with self.lock:
             self.requests.clear()
@@ -422,6 +440,21 @@ def git_upstream_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iter
     yield make
     for up in made:
         up.stop()
+
+
+def record_git_runs(monkeypatch: Any) -> list[list[str]]:
+    """The argv of every ``git`` the mirrors run (repack, commit-graph...), from now on."""
+    from sparkcache.git import mirrors as mirrors_mod
+
+    seen: list[list[str]] = []
+    real = mirrors_mod.run_git
+
+    def recording(args: list[str], **kw: Any) -> Any:
+        seen.append(args)
+        return real(args, **kw)
+
+    monkeypatch.setattr(mirrors_mod, "run_git", recording)
+    return seen
 
 
 # -- client side -------------------------------------------------------------------

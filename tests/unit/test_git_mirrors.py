@@ -14,10 +14,9 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 
 from sparkcache.protocols import load_config_data
-from sparkcache.git import mirrors as mirrors_mod
 from sparkcache.git.interfaces import IMirrors, MirrorUnavailable
 from sparkcache.git.mirrors import Mirrors
-from tests.support.git_upstream import FileUpstream, GitUpstream, git
+from tests.support.git_upstream import FileUpstream, GitUpstream, git, record_git_runs
 
 
 @pytest.fixture
@@ -216,14 +215,7 @@ async def test_no_pruning_repack_while_serving(make_mirrors, upstream: FileUpstr
     ms = make_mirrors({"up": upstream.url})
     mirror = await ms.ensure(ms.lookup("up"))
     await ms.maintain(mirror)
-    seen: list[list[str]] = []
-    real = mirrors_mod.run_git
-
-    def recording(args: list[str], **kw: object) -> object:
-        seen.append(args)
-        return real(args, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(mirrors_mod, "run_git", recording)
+    seen = record_git_runs(monkeypatch)
     upstream.commit()
     await ms.refresh(mirror)
     with ms.serving(mirror):

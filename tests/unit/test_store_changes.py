@@ -61,3 +61,30 @@ def test_bumps_from_other_processes_are_seen_and_none_lost(tmp_path: Path) -> No
     # Concurrent read-modify-writes under flock: every one of them counted.
     assert (g - before[0], s - before[1]) == (300, 300)
     mine.close()
+
+
+def test_a_purge_in_another_worker_keeps_a_production_here_from_storing(tmp_path) -> None:
+    """Purge epochs are shared through index.changes: a production whose epoch
+    predates another worker's purge (whatever its scope) stores nothing; this
+    worker's own scoped purges still spare other keys."""
+    from twisted.internet import reactor
+
+    from sparkcache.store import Store
+
+    a, b = Store(str(tmp_path), reactor, max_size=1 << 30), Store(str(tmp_path), reactor, max_size=1 << 30)
+    for s in (a, b):
+        s.index.watch_changes()
+    try:
+        since = a.epoch()
+        assert not a.purged_since(since, "r", "r:k")
+        b._purged_remote["other"] = b._new_purge()  # b's purge_remote("other") begins
+        assert a.epoch() == since + 1
+        assert a.purged_since(since, "r", "r:k")
+        mine = a.epoch()
+        a._purged_remote["y"] = a._new_purge()  # a's own purge of another remote
+        assert not a.purged_since(mine, "r", "r:k") and a.purged_since(mine, "y", "y:k")
+        assert b.purged_since(mine, "r", "r:k")  # for b, a's purge is another worker's
+    finally:
+        for s in (a, b):
+            assert s.index.changes is not None
+            s.index.changes.close()

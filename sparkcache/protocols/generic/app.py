@@ -15,12 +15,8 @@ import time
 from typing import Any
 
 from klein import Klein
-from twisted.internet.defer import Deferred
-from twisted.logger import Logger
-from twisted.web.resource import IResource, Resource
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.resource import IResource
 
-from sparkcache.auth import AuthError
 from sparkcache.config import Config, RemoteConfig
 from sparkcache.context import Context
 from sparkcache.fetch import CacheRequest, Failed, Hit, Live, Target
@@ -29,49 +25,18 @@ from sparkcache.protocols._index import DerivedCache, Freshness, IndexRemote, Ru
 from sparkcache.protocols._live import refreshed
 from sparkcache.protocols.generic import TYPE_NAMES
 from sparkcache.protocols.generic.helm import HelmIndex
-from sparkcache.store import Entry
 from sparkcache.web.bodies import BodyDecision, ToSpool, checked, request_spool
-from sparkcache.web.errors import JSON, HTTPError, add_error_handling, refuse_path
+from sparkcache.web.errors import JSON, HTTPError, add_error_handling
+from sparkcache.web.hits import FastHits, FastRoute
 from sparkcache.web.paths import BadPath, quote_segments, split_raw_path, vet_request
 from sparkcache.web.purge import refuse_local_purge
-from sparkcache.web.respond import guess_type, respond, serve_hit
+from sparkcache.web.respond import guess_type, respond
 from sparkcache.web.serve import error_body, header
 from sparkcache.web.urls import public_base
 
-log = Logger()
 MAX_PREFETCH = 1000
 # Remote types whose metadata is rewritten at serve time (sparkcache.protocols._index).
 INDEX_TYPES: dict[str, type[IndexRemote]] = {"helm": HelmIndex}
-
-
-class _FastHits(Resource):
-    """``/api/``: a fresh hit already in memory is answered without route matching
-    or coroutines (the hot path of a CI fleet); everything else goes to Klein."""
-
-    isLeaf = True
-
-    def __init__(self, app: "GenericApp", routed: IResource) -> None:
-        super().__init__()
-        self.app, self.routed = app, routed
-
-    def render(self, request: Any) -> Any:
-        ctx = self.app.ctx
-        # Vet the raw path before any router decodes it (a decoded CR/LF
-        # would otherwise become a router's HTML 404, not our JSON 400).
-        try:
-            segments = vet_request(request, self.app.max_path)
-        except BadPath as e:
-            return refuse_path(request, e, JSON)
-        hit = self.app.fresh_hit(request, segments)
-        if hit is None:
-            return self.routed.render(request)
-        entry, remote, path = hit
-        out = serve_hit(request, entry, "HIT", ctx.store, ctx.metrics, remote, path, sendfile=ctx.sendfile)
-        if isinstance(out, bytes):
-            return out
-        if isinstance(out, Deferred):
-            out.addErrback(lambda f: log.failure("serving {path} failed", f, path=path))
-        return NOT_DONE_YET
 
 
 class GenericApp:
@@ -94,20 +59,19 @@ class GenericApp:
                                  lambda r: INDEX_TYPES[r.type](r, self.ctx, self.derived), lambda i: i.remote)
 
     def resource(self) -> IResource:
-        return _FastHits(self, self.app.resource())
+        return FastHits(self.ctx, self.fast_route, self.app.resource(), JSON, self.max_path)
 
     add_error_handling(app, JSON)
 
     # -- the hit path -----------------------------------------------------------------
 
-    def fresh_hit(self, request: Any, segments: list[str]) -> tuple[Entry, str, str] | None:
-        """(entry, remote, path) when this is a GET/HEAD of a fresh entry already in memory.
-
-        The root serves those without route matching or coroutines. Anything
-        else, including every error case, returns None and goes through
-        dispatch(), which gives the full answer.
-        """
-        if request.method not in (b"GET", b"HEAD") or len(segments) < 3:
+    def fast_route(self, request: Any, segments: list[str]) -> FastRoute | None:
+        """Where a GET/HEAD of this URL would be found in the index when it is
+        a plain cached file (no local upload, no rewritten index, within the
+        patterns); None for anything else, every error case included, which
+        dispatch() answers. From the URL and the configuration alone: FastHits
+        keeps the answer until the configuration changes."""
+        if len(segments) < 3:
             return None
         remote = self.ctx.config.remotes.get(segments[1])
         if remote is None or remote.type == "local" or remote.type not in TYPE_NAMES:
@@ -116,18 +80,10 @@ class GenericApp:
         if not rest:
             return None
         path = "/".join(rest)
+        if self.classify(remote, path) is None or self.rewrites(remote, path):
+            return None
         query = request.uri.partition(b"?")[2].decode("latin-1")
-        entry = self.ctx.store.index.peek(_key(remote, path, query))
-        now = self.ctx.clock.seconds()
-        if entry is None or entry.status != 200 or not entry.fresh(now) or self.classify(remote, path) is None \
-                or self.rewrites(remote, path):
-            return None
-        try:
-            self.ctx.auth.require(request, "read")
-        except AuthError:
-            return None
-        self.ctx.store.index.touch(entry, now)
-        return entry, remote.name, path
+        return FastRoute(_key(remote, path, query), remote.name, path)
 
     # -- dispatch ------------------------------------------------------------------
 

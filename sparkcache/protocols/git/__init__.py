@@ -31,7 +31,8 @@ def build(ctx: "Context") -> Built:
 
     config = ctx.config
     git_cfg = config.section("git") or GitConfig()
-    mirrors = Mirrors(git_cfg, config.storage.data_dir, ctx.reactor, clock=ctx.clock, metrics=ctx.metrics)
+    mirrors = Mirrors(git_cfg, config.storage.data_dir, ctx.reactor, clock=ctx.clock, metrics=ctx.metrics,
+                      shared=config.server.workers > 1)
     built = serve(ctx, mirrors)
     built.services = [GitService(mirrors, config.server.shutdown_timeout, primary=ctx.primary), *built.services]
     serve_reconfigure = built.reconfigure

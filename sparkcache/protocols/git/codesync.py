@@ -129,6 +129,8 @@ class CodeSyncApp:
         return deferToThreadPool(self.reactor, self.pool, fn, *args)
 
     async def mirror(self, name: str) -> Mirror:
+        if getattr(getattr(self.mirrors, "registry", None), "changes", None) is not None:
+            await self.mirrors.synced()  # worker processes: registrations another one made
         m = self.mirrors.lookup(name)
         return await shield(self.mirrors.ensure(m))  # type: ignore[no-any-return]
 

@@ -194,11 +194,15 @@ class GitApp:
         segments = [s for s in split_raw_path(request.uri, self.max_path) if s]
         query = parse_qs(request.uri.partition(b"?")[2].decode("latin-1"), keep_blank_values=True)
         method = request.method
+        if getattr(getattr(self.git, "registry", None), "changes", None) is not None:
+            # Worker processes: registrations another one made (a memory read when none).
+            await self.git.synced()
         if segments[:1] == ["repos"]:
             if segments == ["repos", "hosts"] and hasattr(self.git, "hosts"):
                 _only(method, b"GET", b"HEAD")
                 self.ctx.auth.require(request, "read")
-                return _json(request, self.git.hosts())
+                view = getattr(self.git, "hosts_view", None)
+                return _json(request, await view() if view is not None else self.git.hosts())
             if len(segments) != 1:
                 raise HTTPError(404, "no such resource; GET /repos lists the mirrors, GET /repos/hosts the forges")
             _only(method, b"GET", b"HEAD")
@@ -252,7 +256,9 @@ class GitApp:
             self.ctx.auth.require(request, "read")
         elif len(rest) >= 2 and rest[-1] == "git-upload-pack":
             self.ctx.auth.require(request, "read")
-            self.git.lookup(_repo_name(rest[:-1]))
+            changes = getattr(getattr(self.git, "registry", None), "changes", None)
+            if changes is None or not changes.stale():  # else dispatch looks after the re-read
+                self.git.lookup(_repo_name(rest[:-1]))
             self._check_length(request)
         return None
 
@@ -457,6 +463,9 @@ class GitApp:
         except ValueError as e:
             raise HTTPError(409 if "already registered" in str(e) else 400, str(e)) from None
         created = mirror.url not in known
+        flushed = getattr(git, "flushed", None)
+        if flushed is not None:  # worker processes: the next request may reach another one
+            await flushed()
         # Clone now, so the first clone through the cache finds a warm mirror;
         # a failure is logged and retried on first use.
         warm = ensureDeferred(_maybe(git.ensure(mirror)))

@@ -20,23 +20,19 @@ import functools
 from typing import Any
 
 from klein import Klein
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.web.resource import IResource, Resource
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.resource import IResource
 
-from sparkcache.auth import AuthError
 from sparkcache.config import RemoteConfig
 from sparkcache.context import Context
 from sparkcache.fetch import CacheRequest, Failed, Hit, Live, Result
 from sparkcache.fetch.flight import BodyError
 from sparkcache.protocols.go import modzip, paths, sumdb
 from sparkcache.protocols.go.paths import BadModulePath, ModuleRequest
-from sparkcache.store import Entry
-from sparkcache.web.errors import (ErrorFormat, ErrorReply, HTTPError, add_error_handling, guarded, refuse_path,
-                                   set_headers)
-from sparkcache.web.paths import BadPath, split_raw_path, vet_request
-from sparkcache.web.respond import respond, serve_hit
+from sparkcache.web.errors import ErrorFormat, ErrorReply, HTTPError, add_error_handling, guarded, set_headers
+from sparkcache.web.hits import FastHits, FastRoute
+from sparkcache.web.paths import split_raw_path
+from sparkcache.web.respond import respond
 
 log = Logger()
 GO_TYPES = ("go",)
@@ -62,36 +58,6 @@ TEXT = ErrorFormat(render_text, rules=(
 ))
 
 
-class _Hits(Resource):
-    """``/go/``: a module file already in memory and fresh (most of a warm
-    build's requests) is answered here, without route matching or coroutines;
-    everything else, every error included, goes to the Klein app."""
-
-    isLeaf = True
-
-    def __init__(self, app: "GoApp", routed: IResource) -> None:
-        super().__init__()
-        self.app, self.routed = app, routed
-
-    def render(self, request: Any) -> Any:
-        try:
-            segments = vet_request(request, self.app.max_path)
-        except BadPath as e:
-            return refuse_path(request, e, TEXT)
-        hit = self.app.fresh_hit(request, segments)
-        if hit is None:
-            return self.routed.render(request)
-        ctx, (entry, remote, mreq) = self.app.ctx, hit
-        ctx.metrics.form(remote, FORMS[mreq.form], "hit")
-        out = serve_hit(request, entry, "HIT", ctx.store, ctx.metrics, remote, mreq.tail,
-                        None if entry.headers.get("content-type") else {"Content-Type": CONTENT_TYPES[mreq.form]},
-                        sendfile=ctx.sendfile)
-        if isinstance(out, Deferred):
-            out.addErrback(lambda f: log.failure("serving {path} failed", f, path=mreq.tail))
-            return NOT_DONE_YET
-        return NOT_DONE_YET if out is None else out
-
-
 class GoApp:
     app = Klein()
 
@@ -100,12 +66,13 @@ class GoApp:
         self.max_path = ctx.config.server.max_path_length
 
     def resource(self) -> IResource:
-        return _Hits(self, guarded(self.app, TEXT, self.max_path))
+        return FastHits(self.ctx, self.fast_route, guarded(self.app, TEXT, self.max_path), TEXT, self.max_path)
 
-    def fresh_hit(self, request: Any, segments: list[str]) -> tuple[Entry, str, ModuleRequest] | None:
-        """(entry, remote, request) for a GET/HEAD of a module file stored, fresh and in
-        memory, that the caller may read; None for anything else (dispatch answers it)."""
-        if request.method not in (b"GET", b"HEAD") or len(segments) < 4 or b"?" in request.uri:
+    def fast_route(self, request: Any, segments: list[str]) -> FastRoute | None:
+        """Where a GET/HEAD of this module file would be found in the index;
+        None for anything else (dispatch answers it). From the URL and the
+        configuration alone (FastHits keeps the answer)."""
+        if len(segments) < 4 or b"?" in request.uri:
             return None
         remote = self.ctx.config.remotes.get(segments[1])
         if remote is None or remote.type not in GO_TYPES or segments[2] == "sumdb":
@@ -114,16 +81,7 @@ class GoApp:
             mreq = paths.parse([s for s in segments[2:] if s != ""])
         except BadModulePath:
             return None
-        entry = self.ctx.store.index.peek(_key(remote, mreq.tail))
-        now = self.ctx.clock.seconds()
-        if entry is None or entry.status != 200 or not entry.fresh(now):
-            return None
-        try:
-            self.ctx.auth.require(request, "read")
-        except AuthError:
-            return None
-        self.ctx.store.index.touch(entry, now)
-        return entry, remote.name, mreq
+        return FastRoute(_key(remote, mreq.tail), remote.name, mreq.tail, CONTENT_TYPES[mreq.form], FORMS[mreq.form])
 
     add_error_handling(app, TEXT)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 from typing import Any
+from urllib.parse import urlsplit
 
 from sparkcache.config import Loader, RemoteConfig, Section, _expand
 from sparkcache.fetch import CacheRequest
@@ -112,10 +113,17 @@ def parse(rest: list[str]) -> SumdbRequest:
 
 def cache_request(remote: RemoteConfig, req: SumdbRequest, url: str) -> CacheRequest:
     """What ``req`` fetches from the database at ``url``, as the remote's entry."""
-    # The database is not the GOPROXY upstream: the remote's credentials stay home.
-    db = replace(remote, upstream=url, upstreams=(url,), credentials=None)
+    # The database is not the GOPROXY upstream: the remote's credentials stay
+    # home, unless the same server proxies both (another sparkcache: a node-local tier).
+    same = any(_origin(url) == _origin(u) for u in remote.upstreams)
+    db = replace(remote, upstream=url, upstreams=(url,), credentials=remote.credentials if same else None)
     immutable = remote.cache.immutable_ttl or None
     ttl = 0.0 if req.kind == "latest" else immutable
     return CacheRequest(remote=db, key=f"{remote.name}:sumdb/{req.name}/{req.tail}",
                         path=f"sumdb/{req.name}/{req.tail}", url=f"{url}/{req.tail}", ttl=ttl,
                         revalidate=req.kind == "latest")
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), parts.netloc.lower()

@@ -22,7 +22,7 @@ from urllib.parse import quote
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
-from twisted.web.resource import IResource, Resource
+from twisted.web.resource import IResource
 
 from sparkcache.config import RemoteConfig
 from sparkcache.context import Context
@@ -42,7 +42,8 @@ from sparkcache.protocols.npm.packument import (
 from sparkcache.protocols.npm.publish import MAX_PUBLISH, MAX_TAG_BODY, Publisher, local_key
 from sparkcache.store import Entry
 from sparkcache.web.bodies import BodyDecision, InMemory, Refuse, ToSpool, checked
-from sparkcache.web.errors import JSON, ErrorReply, HTTPError, add_error_handling, refuse_path
+from sparkcache.web.errors import JSON, ErrorReply, HTTPError, add_error_handling
+from sparkcache.web.hits import FastHits, FastRoute
 from sparkcache.web.paths import BadPath, vet_host
 from sparkcache.web.proxy import pass_through
 from sparkcache.web.respond import respond
@@ -127,26 +128,6 @@ class _CheckedPackument(Upstream):
         return opened
 
 
-class _Front(Resource):
-    """Parses the raw path before Klein decodes it (``%2f`` must reach us as
-    written); a path that is no registry path is answered in JSON here."""
-
-    isLeaf = True
-
-    def __init__(self, app: "NpmApp", routed: IResource) -> None:
-        super().__init__()
-        self.app, self.routed = app, routed
-
-    def render(self, request: Any) -> Any:
-        try:
-            self.app.locate(request)
-        except BadPath as e:
-            return refuse_path(request, e, JSON)
-        except HTTPError:
-            pass  # answered by the app's dispatch, which locates again
-        return self.routed.render(request)
-
-
 class NpmApp:
     app = Klein()
 
@@ -162,7 +143,28 @@ class NpmApp:
         self._busy: set[Deferred[Any]] = set()
 
     def resource(self) -> IResource:
-        return _Front(self, self.app.resource())
+        return FastHits(self.ctx, self.fast_route, self.app.resource(), JSON, self.max_path, self._vet)
+
+    def _vet(self, request: Any) -> list[str]:
+        """The raw path parsed before Klein decodes it (``%2f`` must reach us as
+        written): BadPath for a path that is no registry path (answered in
+        JSON); anything else is dispatch()'s to answer."""
+        try:
+            self.locate(request)
+        except HTTPError:
+            pass
+        return []
+
+    def fast_route(self, request: Any, segments: list[str]) -> FastRoute | None:
+        """Where a tarball of an npm remote is found in the index (the hot path
+        of every warm install); None for anything else, which dispatch() answers."""
+        try:
+            remote, route = self.locate(request)
+        except (BadPath, HTTPError):
+            return None
+        if route.kind != "tarball" or remote.type != "npm":
+            return None
+        return FastRoute(f"{remote.name}:{route.path}", remote.name, route.path, None, "tarball")
 
     def running(self) -> list[Deferred[Any]]:
         return watch_ends([*self._busy, *self.publisher.running])

@@ -125,8 +125,13 @@ class Mirror:
     @staticmethod
     def url(remote: RemoteConfig, *parts: str, query: str = "") -> str:
         assert remote.upstream is not None
-        base = remote.upstream[:-3] if remote.upstream.endswith("/v2") else remote.upstream
-        return f"{base}/v2/" + "/".join(quote(p, safe="/:@") for p in parts) + (f"?{query}" if query else "")
+        if "/v2/" in urlsplit(remote.upstream).path + "/":
+            # Another sparkcache's remote (``<central>/v2/<remote>``, a node-local
+            # tier): names go under that prefix, as its path routing expects.
+            base = remote.upstream.rstrip("/") + "/"
+        else:
+            base = (remote.upstream[:-3] if remote.upstream.endswith("/v2") else remote.upstream) + "/v2/"
+        return base + "/".join(quote(p, safe="/:@") for p in parts) + (f"?{query}" if query else "")
 
     async def fetch(self, req: CacheRequest, scope: str) -> Result:
         """``cache.get`` with upstream token auth: one retry after a 401."""
