@@ -144,6 +144,10 @@ class SparkcacheService(MultiService):
         timers: list[tuple[str, float, Callable[[], Any]]] = [("access-flush", 30.0, self.store.index.flush_access)]
         if primary:  # store-wide work: one process only
             timers += [("eviction", st.eviction_interval, self._evict), ("expiry", st.expiry_interval, self._expire)]
+            if st.backend == "s3":  # the bucket's sweeper (elected among the hosts) and its hints
+                from sparkcache.store.s3.sweep import timers as s3_timers
+
+                timers += s3_timers(self.store.cas, st)
         for name, interval, fn in timers:
             Periodic(name, interval, fn, self.clock).setServiceParent(self.runtime)
         self.listeners: list[StreamServerEndpointService] = []

@@ -50,6 +50,12 @@ class S3Settings:
     timeout: float = 60.0
     # Index entries of immutable keys published in the bucket for the other hosts.
     share_index: bool = True
+    # The bucket's sweeper (sweep.py): one elected host deletes least recently
+    # used bodies above max_size (None: storage.max_size).
+    sweep: bool = True
+    sweep_interval: float = 300.0
+    max_size: int | None = None
+    host_id: str | None = None  # None: the host name and a hash of data_dir
 
     def redacted(self) -> dict[str, Any]:
         return {
@@ -57,7 +63,8 @@ class S3Settings:
             "addressing": self.addressing, "credentials_file": self.credentials_file,
             "credentials": "***" if self.credentials is not None else None,
             "multipart_threshold": self.multipart_threshold, "part_size": self.part_size,
-            "attempts": self.attempts, "share_index": self.share_index,
+            "attempts": self.attempts, "share_index": self.share_index, "sweep": self.sweep,
+            "sweep_interval": self.sweep_interval, "max_size": self.max_size, "host_id": self.host_id,
         }
 
 
@@ -101,13 +108,22 @@ def parse_s3(loader: Any, sec: Any) -> S3Settings:
     attempts = sec.get("attempts", int, S3Settings.attempts)
     if attempts < 1:
         raise loader.error(sec.key("attempts"), "expected at least 1")
+    host_id = sec.get("host_id", str, None)
+    if host_id is not None and not re.match(r"^[A-Za-z0-9._-]{1,128}$", host_id):
+        raise loader.error(sec.key("host_id"), f"expected 1-128 of letters, digits and . _ -, got {host_id!r}")
     out = S3Settings(
         endpoint=endpoint.rstrip("/"), bucket=bucket, region=region, prefix=prefix, addressing=addressing,
         credentials_file=cred_file, credentials=creds, multipart_threshold=max(threshold, part_size),
         part_size=part_size, attempts=attempts, backoff=sec.convert("backoff", parse_duration, S3Settings.backoff),
         timeout=sec.convert("timeout", parse_duration, S3Settings.timeout),
         share_index=sec.get("share_index", bool, True),
+        sweep=sec.get("sweep", bool, True),
+        sweep_interval=sec.convert("sweep_interval", parse_duration, S3Settings.sweep_interval),
+        max_size=sec.convert("max_size", parse_size, None),
+        host_id=host_id,
     )
+    if out.sweep_interval <= 0:
+        raise loader.error(sec.key("sweep_interval"), "expected a positive duration")
     sec.done()
     return out
 
