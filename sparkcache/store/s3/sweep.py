@@ -183,7 +183,8 @@ class AccessHints:
 class SweepReport:
     total: int = 0
     objects: int = 0
-    deleted: list[str] = field(default_factory=list)
+    chosen: list[str] = field(default_factory=list)  # least recently used first
+    deleted: list[str] = field(default_factory=list)  # as the deletions completed
     freed: int = 0
     index_deleted: int = 0
     pinned_kept: int = 0
@@ -242,6 +243,7 @@ class Sweeper:
                 break
             victims.append((digest, size))
             total -= size
+        report.chosen = [d for d, _ in victims]
         if not victims:
             return report
         refs = await self._index_refs()
