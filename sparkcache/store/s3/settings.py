@@ -54,6 +54,7 @@ class S3Settings:
     # used bodies above max_size (None: storage.max_size).
     sweep: bool = True
     sweep_interval: float = 300.0
+    sweep_grace: float = 600.0  # bodies written or used this recently are never swept
     max_size: int | None = None
     host_id: str | None = None  # None: the host name and a hash of data_dir
 
@@ -64,7 +65,8 @@ class S3Settings:
             "credentials": "***" if self.credentials is not None else None,
             "multipart_threshold": self.multipart_threshold, "part_size": self.part_size,
             "attempts": self.attempts, "share_index": self.share_index, "sweep": self.sweep,
-            "sweep_interval": self.sweep_interval, "max_size": self.max_size, "host_id": self.host_id,
+            "sweep_interval": self.sweep_interval, "sweep_grace": self.sweep_grace, "max_size": self.max_size,
+            "host_id": self.host_id,
         }
 
 
@@ -119,6 +121,7 @@ def parse_s3(loader: Any, sec: Any) -> S3Settings:
         share_index=sec.get("share_index", bool, True),
         sweep=sec.get("sweep", bool, True),
         sweep_interval=sec.convert("sweep_interval", parse_duration, S3Settings.sweep_interval),
+        sweep_grace=sec.convert("sweep_grace", parse_duration, S3Settings.sweep_grace),
         max_size=sec.convert("max_size", parse_size, None),
         host_id=host_id,
     )

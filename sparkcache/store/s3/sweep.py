@@ -152,6 +152,7 @@ class AccessHints:
         self.limit = limit
         self.used: dict[str, float] = {}
         self._changed = False
+        self._loaded = False
         self.writes = 0
         self.retry: Callable[[], Any] | None = None  # pinned markers that failed before
 
@@ -165,6 +166,15 @@ class AccessHints:
             await self.retry()
         if not self._changed:
             return
+        if not self._loaded:  # what this host said before a restart still counts
+            self._loaded = True
+            try:
+                raw = await self.client.get_bytes(self.name, 16 * 2**20)
+                old = json.loads(raw).get("used", {}) if raw else {}
+                for digest, at in old.items():
+                    self.used.setdefault(str(digest), float(at))
+            except (S3Error, ValueError, TypeError, AttributeError) as e:
+                log.debug("could not read this host's earlier access hints: {e}", e=e)
         self._changed = False
         used = dict(self.used)
         if len(used) > self.limit:  # keep the most recent
@@ -232,7 +242,9 @@ class Sweeper:
             if digest in pinned:
                 report.pinned_kept += 1
                 continue
-            at = max(o.last_modified or now, used.get(digest, 0.0))
+            # A host's hint is exact (it notes the commit that follows the upload,
+            # and every use); LastModified only stands in where no host said.
+            at = used.get(digest) or o.last_modified or now
             if at > now - self.grace:
                 continue  # just written or just used
             ranked.append((at, digest, o.size))
@@ -325,6 +337,6 @@ def timers(content: Any, storage: Any) -> list[tuple[str, float, Callable[[], An
     hints.retry = content.shared_index.retry_pins
     max_size = settings.max_size if settings.max_size is not None else storage.max_size
     sweeper = Sweeper(content.client, content.prefix, host, max_size, content.clock,
-                      lease_duration=max(3 * settings.sweep_interval, 60.0), hints=hints)
+                      lease_duration=max(3 * settings.sweep_interval, 60.0), grace=settings.sweep_grace, hints=hints)
     content.sweeper = sweeper
     return [("s3-access-hints", HINT_INTERVAL, hints.flush), ("s3-sweep", settings.sweep_interval, sweeper.tick)]
