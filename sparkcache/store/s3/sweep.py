@@ -218,11 +218,15 @@ class Sweeper:
 
     async def tick(self) -> SweepReport | None:
         """One round: None when another host holds the lease."""
-        if self.hints is not None:
-            await self.hints.flush()  # ours first, so that this sweep sees them
-        if not await self.lease.hold():
+        try:
+            if self.hints is not None:
+                await self.hints.flush()  # ours first, so that this sweep sees them
+            if not await self.lease.hold():
+                return None
+            report = await self.sweep()
+        except S3Error as e:  # the bucket down or refusing: next round (no traceback every interval)
+            log.warn("sweeper: {e}; trying again in the next round", e=e)
             return None
-        report = await self.sweep()
         self.sweeps += 1
         self.last = report
         return report
@@ -324,19 +328,22 @@ def _start(fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
 
 def timers(content: Any, storage: Any) -> list[tuple[str, float, Callable[[], Any]]]:
     """The primary process's timers for a content store on a bucket: the access
-    hints' flush and the sweeper (``storage.s3.sweep``)."""
+    hints' flush and, with ``storage.s3.sweep``, the sweeper."""
     settings = content.client.settings
-    if not settings.sweep:
-        return []
     if content.shared_index is None:  # it writes the pinned markers the sweeper obeys
-        log.warn("storage.s3.sweep needs storage.s3.share_index: the bucket is not swept by this host")
+        if settings.sweep:
+            log.warn("storage.s3.sweep needs storage.s3.share_index: the bucket is not swept by this host")
         return []
     host = settings.host_id or default_host_id(storage.data_dir)
     hints = AccessHints(content.client, content.prefix, host, content.clock)
-    content.hints = hints
     hints.retry = content.shared_index.retry_pins
-    max_size = settings.max_size if settings.max_size is not None else storage.max_size
-    sweeper = Sweeper(content.client, content.prefix, host, max_size, content.clock,
-                      lease_duration=max(3 * settings.sweep_interval, 60.0), grace=settings.sweep_grace, hints=hints)
-    content.sweeper = sweeper
-    return [("s3-access-hints", HINT_INTERVAL, hints.flush), ("s3-sweep", settings.sweep_interval, sweeper.tick)]
+    content.hints = hints
+    out: list[tuple[str, float, Callable[[], Any]]] = [("s3-access-hints", HINT_INTERVAL, hints.flush)]
+    if settings.sweep:  # a host out of the election still says what it uses
+        max_size = settings.max_size if settings.max_size is not None else storage.max_size
+        sweeper = Sweeper(content.client, content.prefix, host, max_size, content.clock,
+                          lease_duration=max(3 * settings.sweep_interval, 60.0), grace=settings.sweep_grace,
+                          hints=hints)
+        content.sweeper = sweeper
+        out.append(("s3-sweep", settings.sweep_interval, sweeper.tick))
+    return out
