@@ -248,7 +248,8 @@ class Sweeper:
                 continue
             # A host's hint is exact (it notes the commit that follows the upload,
             # and every use); LastModified only stands in where no host said.
-            at = used.get(digest) or o.last_modified or now
+            # (LastModified is given to the second, rounded down: the end of that second.)
+            at = used.get(digest) or (o.last_modified + 1.0 if o.last_modified is not None else now)
             if at > now - self.grace:
                 continue  # just written or just used
             ranked.append((at, digest, o.size))
