@@ -12,6 +12,9 @@ three daemons side by side in one run:
   every hit fetches its body from the bucket, verifies it and puts it in the
   tier before serving.
 
+The daemons' hits are interleaved in rounds, so that a burst of other work on
+the machine falls on all of them alike.
+
 Hits: ``--hits`` requests of ``--hit-size`` bodies on one keep-alive
 connection. Cold miss: one ``--size`` object (1 GiB for the issue's figure:
 ``--size 1GiB``) fetched through a fresh daemon with ``curl`` versus the
@@ -76,7 +79,7 @@ def main() -> int:
         daemons = {"local": Daemon(b, remotes, name="local").start(),
                    "s3 tier": Daemon(b, remotes, name="s3-tier", storage=s3("tier/", "64GiB")).start(),
                    "s3 bucket": Daemon(b, remotes, name="s3-bucket", storage=s3("bucket/", "0")).start()}
-        hits = {name: hit_run(b, d, args.hits, args.hit_size) for name, d in daemons.items()}
+        hits = hit_runs(b, daemons, args.hits, args.hit_size)
         for d in daemons.values():
             d.stop()
         rows = [[name, h["cpu_ms"], h["cpu_ms"] / hits["local"]["cpu_ms"], h["wall_ms"], h["weed_cpu_ms"]]
@@ -122,27 +125,45 @@ def main() -> int:
     return 0
 
 
-def hit_run(b: Bench, d: Daemon, n: int, size: int) -> dict[str, Any]:
+ROUNDS = 4  # the daemons' hits interleaved in rounds: a burst of other work hits all of them alike
+
+
+def hit_runs(b: Bench, daemons: dict[str, Daemon], n: int, size: int) -> dict[str, dict[str, Any]]:
     paths = ["/api/f/h0.bin", "/api/f/h1.bin"]
-    for path in paths:  # the misses
-        status, _h, body = d.request("GET", path)
-        if status != 200 or len(body) != size:
-            raise BenchError(f"{d.dir.name}: {path} answered {status} with {len(body)} bytes")
-    d.wait_entries("f", 2)
-    conn = http.client.HTTPConnection(LOOPBACK, d.port, timeout=120)
+    conns = {}
+    for name, d in daemons.items():
+        for path in paths:  # the misses
+            status, _h, body = d.request("GET", path)
+            if status != 200 or len(body) != size:
+                raise BenchError(f"{d.dir.name}: {path} answered {status} with {len(body)} bytes")
+        d.wait_entries("f", 2)
+        conns[name] = http.client.HTTPConnection(LOOPBACK, d.port, timeout=120)
+        get(conns[name], paths[0], size, d)  # first hit: connections warm
+    totals = {name: {"cpu": 0.0, "wall": 0.0, "weed": 0.0, "n": 0} for name in daemons}
     weed_pids = _weed_pids()
     try:
-        get(conn, paths[0], size, d)  # first hit: connections warm
-        pids = d.pids()
-        cpu0, weed0, t0 = task_cpu_seconds(pids), task_cpu_seconds(weed_pids), time.monotonic()
-        for i in range(n):
-            get(conn, paths[(i + 1) % 2], size, d)
-        wall = time.monotonic() - t0
-        cpu, weed_cpu = task_cpu_seconds(pids) - cpu0, task_cpu_seconds(weed_pids) - weed0
+        for r in range(ROUNDS):
+            for name, d in daemons.items():
+                k = n // ROUNDS + (1 if r < n % ROUNDS else 0)
+                pids = d.pids()
+                cpu0, weed0, t0 = task_cpu_seconds(pids), task_cpu_seconds(weed_pids), time.monotonic()
+                for i in range(k):
+                    get(conns[name], paths[(i + 1) % 2], size, d)
+                t = totals[name]
+                t["wall"] += time.monotonic() - t0
+                t["cpu"] += task_cpu_seconds(pids) - cpu0
+                t["weed"] += task_cpu_seconds(weed_pids) - weed0
+                t["n"] += k
     finally:
-        conn.close()
-    b.log(f"{d.dir.name}: {n} hits, daemon CPU {cpu * 1000 / n:.2f} ms/hit, wall {wall * 1000 / n:.1f} ms/hit")
-    return {"cpu_ms": cpu * 1000 / n, "wall_ms": wall * 1000 / n, "weed_cpu_ms": weed_cpu * 1000 / n}
+        for c in conns.values():
+            c.close()
+    out = {}
+    for name, t in totals.items():
+        k = max(1, int(t["n"]))
+        out[name] = {"cpu_ms": t["cpu"] * 1000 / k, "wall_ms": t["wall"] * 1000 / k, "weed_cpu_ms": t["weed"] * 1000 / k,
+                     "hits": k}
+        b.log(f"{name}: {k} hits, daemon CPU {out[name]['cpu_ms']:.2f} ms/hit, wall {out[name]['wall_ms']:.1f} ms/hit")
+    return out
 
 
 def get(conn: http.client.HTTPConnection, path: str, size: int, d: Daemon) -> None:
