@@ -16,7 +16,7 @@ import pytest
 from tests.support.client import eventually, get_until_hit, sha256
 from tests.support.daemon import Daemon
 from tests.support.remotes import generic_remote
-from tests.support.s3 import SeaweedFS, boto_client, env_credentials, list_keys, make_bucket, s3_storage
+from tests.support.s3 import SeaweedFS, boto_client, env_credentials, list_keys, make_bucket, running_seaweed, s3_storage
 
 KiB, MiB = 1 << 10, 1 << 20
 LIMIT = 2 * MiB + 512 * KiB
@@ -25,9 +25,8 @@ WRITE = "wrt-sweep-5d1c"
 
 @pytest.fixture(scope="module")
 def weed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
-    s = SeaweedFS(tmp_path_factory.mktemp("weed")).start()
-    yield s
-    s.stop()
+    with running_seaweed(tmp_path_factory.mktemp("weed")) as s:
+        yield s
 
 
 def test_two_daemons_one_sweeper(upstream: Any, daemon_factory: Callable[..., Daemon], weed: SeaweedFS) -> None:
