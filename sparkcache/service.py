@@ -172,6 +172,10 @@ class SparkcacheService(MultiService):
         timers: list[tuple[str, float, Callable[[], Any]]] = [("access-flush", 30.0, self.store.index.flush_access)]
         if primary:  # store-wide work: one process only
             timers += [("eviction", st.eviction_interval, self._evict), ("expiry", st.expiry_interval, self._expire)]
+            if st.backend == "s3":  # the bucket's sweeper (elected among the hosts) and its hints
+                from sparkcache.store.s3.sweep import timers as s3_timers
+
+                timers += s3_timers(self.store.cas, st)
         if config.server.workers > 1:  # the other workers' /metrics read this process's counts from its file
             timers.append(("connections", CONNECTIONS_INTERVAL, self.metrics.publish))
             if primary:  # the room for space another worker found missing (it never evicts itself)

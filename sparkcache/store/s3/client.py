@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import xml.etree.ElementTree as ET
+from datetime import datetime
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 from urllib.parse import quote, urlsplit
@@ -70,6 +71,7 @@ class ObjectInfo:
     key: str
     size: int
     etag: str | None = None
+    last_modified: float | None = None  # seconds since the epoch (listings only)
 
 
 class _QuietFactory(_HTTP11ClientFactory):
@@ -324,7 +326,7 @@ class S3Client:
                 if _local(item.tag) == "Contents":
                     key, size = _find(item, "Key"), _find(item, "Size")
                     if key is not None:
-                        yield ObjectInfo(key, int(size or 0), _find(item, "ETag"))
+                        yield ObjectInfo(key, int(size or 0), _find(item, "ETag"), _timestamp(_find(item, "LastModified")))
             token = _find(root, "NextContinuationToken")
             if _find(root, "IsTruncated") != "true" or not token:
                 return
@@ -392,6 +394,15 @@ def _error_of(text: bytes | None) -> tuple[str | None, str]:
     if _local(root.tag) != "Error":
         return None, ""
     return _find(root, "Code"), (_find(root, "Message") or "")[:200]
+
+
+def _timestamp(text: str | None) -> float | None:
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 def _xml_escape(s: str) -> str:

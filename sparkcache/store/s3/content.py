@@ -60,6 +60,9 @@ class S3ContentStore:
         self.fills = 0  # bodies brought from the bucket into the tier
         self.uploads = 0  # bodies written to the bucket (not found there first)
         self.shared_index = SharedIndex(client, self.prefix, clock, self) if client.settings.share_index else None
+        # Set by sweep.timers on the primary: recency hints for the bucket's sweeper.
+        self.hints: Any = None
+        self.sweeper: Any = None
 
     def object_name(self, digest: str) -> str:
         self.tier.local_path(digest)  # validates the digest
@@ -121,11 +124,15 @@ class S3ContentStore:
     # -- the tier's LRU ------------------------------------------------------------------
 
     def _touch(self, digest: str) -> None:
+        if self.hints is not None:
+            self.hints.note(digest)
         with self._lock:
             if digest in self._lru:
                 self._lru.move_to_end(digest)
 
     def _added(self, digest: str, size: int, new: bool) -> None:
+        if self.hints is not None:
+            self.hints.note(digest)
         with self._lock:
             if digest not in self._lru:
                 self.tier_size += size

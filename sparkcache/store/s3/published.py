@@ -45,6 +45,7 @@ class SharedIndex:
         self._markers: dict[str | None, tuple[float, float]] = {}  # remote → (read at, purged at)
         self.published = 0
         self.found = 0
+        self.pins_pending: set[str] = set()
 
     def name(self, key: str) -> str:
         return f"{self.prefix}index/{hashlib.sha256(key.encode()).hexdigest()}"
@@ -59,6 +60,8 @@ class SharedIndex:
 
     async def publish(self, entry: Entry) -> None:
         """Best effort: a host that cannot publish still serves its own entry."""
+        if entry.pinned and entry.digest is not None:
+            await self.mark_pinned(entry.digest)
         if not self.shareable(entry):
             return
         doc = {"format": FORMAT, "key": entry.key, "remote": entry.remote, "path": entry.path,
@@ -72,6 +75,19 @@ class SharedIndex:
             self.published += 1
         except S3Error as e:
             log.warn("could not publish the index entry of {key}: {e}", key=entry.key, e=e)
+
+    async def mark_pinned(self, digest: str) -> None:
+        """``<prefix>pinned/<sha256>``: the bucket's sweeper never deletes this body (sweep.py)."""
+        try:
+            await self.client.put_bytes(f"{self.prefix}pinned/{digest}", b"", if_none_match=True)
+            self.pins_pending.discard(digest)
+        except S3Error as e:
+            self.pins_pending.add(digest)  # retried by retry_pins (the sweeper's hint timer)
+            log.warn("could not mark sha256:{digest} pinned in the bucket: {e}", digest=digest, e=e)
+
+    async def retry_pins(self) -> None:
+        for digest in sorted(self.pins_pending):
+            await self.mark_pinned(digest)
 
     async def lookup(self, key: str) -> Entry | None:
         """The entry another host published for ``key`` (None: none, or purged since)."""

@@ -53,6 +53,13 @@ class S3Settings:
     # The cross-host lease on a key being fetched (lease.py): how long it
     # outlives a holder that died (renewed every third of it while alive).
     lease_ttl: float = 30.0
+    # The bucket's sweeper (sweep.py): one elected host deletes least recently
+    # used bodies above max_size (None: storage.max_size).
+    sweep: bool = True
+    sweep_interval: float = 300.0
+    sweep_grace: float = 600.0  # bodies written or used this recently are never swept
+    max_size: int | None = None
+    host_id: str | None = None  # None: the host name and a hash of data_dir
 
     def redacted(self) -> dict[str, Any]:
         return {
@@ -61,6 +68,9 @@ class S3Settings:
             "credentials": "***" if self.credentials is not None else None,
             "multipart_threshold": self.multipart_threshold, "part_size": self.part_size,
             "attempts": self.attempts, "share_index": self.share_index, "lease_ttl": self.lease_ttl,
+            "sweep": self.sweep,
+            "sweep_interval": self.sweep_interval, "sweep_grace": self.sweep_grace, "max_size": self.max_size,
+            "host_id": self.host_id,
         }
 
 
@@ -107,6 +117,9 @@ def parse_s3(loader: Any, sec: Any) -> S3Settings:
     lease_ttl = sec.convert("lease_ttl", parse_duration, S3Settings.lease_ttl)
     if lease_ttl < 1.0:
         raise loader.error(sec.key("lease_ttl"), "expected at least 1s")
+    host_id = sec.get("host_id", str, None)
+    if host_id is not None and not re.match(r"^[A-Za-z0-9._-]{1,128}$", host_id):
+        raise loader.error(sec.key("host_id"), f"expected 1-128 of letters, digits and . _ -, got {host_id!r}")
     out = S3Settings(
         endpoint=endpoint.rstrip("/"), bucket=bucket, region=region, prefix=prefix, addressing=addressing,
         credentials_file=cred_file, credentials=creds, multipart_threshold=max(threshold, part_size),
@@ -114,7 +127,14 @@ def parse_s3(loader: Any, sec: Any) -> S3Settings:
         timeout=sec.convert("timeout", parse_duration, S3Settings.timeout),
         share_index=sec.get("share_index", bool, True),
         lease_ttl=lease_ttl,
+        sweep=sec.get("sweep", bool, True),
+        sweep_interval=sec.convert("sweep_interval", parse_duration, S3Settings.sweep_interval),
+        sweep_grace=sec.convert("sweep_grace", parse_duration, S3Settings.sweep_grace),
+        max_size=sec.convert("max_size", parse_size, None),
+        host_id=host_id,
     )
+    if out.sweep_interval <= 0:
+        raise loader.error(sec.key("sweep_interval"), "expected a positive duration")
     sec.done()
     return out
 

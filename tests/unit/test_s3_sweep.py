@@ -1,0 +1,239 @@
+"""The bucket's sweeper against moto: the lease's election and takeover (and
+the smallest host id winning on a server that ignores conditional writes),
+least recently used first by the hosts' access hints, pinned bodies kept,
+the index documents of a swept body removed, and a host whose body was swept
+finding a miss."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, task
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
+
+from sparkcache.store.s3.client import S3Client
+from sparkcache.store.s3.content import S3ContentStore
+from sparkcache.store.s3.published import SharedIndex
+from sparkcache.store.s3.settings import S3Credentials, S3Settings
+from sparkcache.store.s3.sweep import AccessHints, LeaseObject, Sweeper
+from tests.support.s3 import ACCESS_KEY, SECRET_KEY, list_keys, make_bucket, moto_endpoint
+
+NOW = 4.0e9  # later than any LastModified moto gives: every object counts as old
+
+
+def settings(endpoint: str, bucket: str) -> S3Settings:
+    return S3Settings(endpoint=endpoint, bucket=bucket, prefix="t/", credentials=S3Credentials(ACCESS_KEY, SECRET_KEY),
+                      attempts=2, backoff=0.01, timeout=10)
+
+
+class IgnoresConditions(S3Client):
+    """A server that ignores If-None-Match (as if every conditional PUT succeeded)."""
+
+    async def put_bytes(self, key: str, data: bytes, if_none_match: bool = False,
+                        content_type: str = "application/octet-stream") -> bool:
+        return await super().put_bytes(key, data, False, content_type)
+
+
+@pytest.fixture
+def s3():
+    endpoint = moto_endpoint()
+    bucket = make_bucket(endpoint)
+    clients = []
+
+    def client(cls=S3Client) -> S3Client:
+        c = cls(settings(endpoint, bucket), reactor, deferToThread)
+        clients.append(c)
+        return c
+
+    yield client, endpoint, bucket
+    for c in clients:
+        pytest_twisted.blockon(Deferred.fromCoroutine(c.close()))
+
+
+def clock_at(t: float = NOW) -> task.Clock:
+    c = task.Clock()
+    c.advance(t)
+    return c
+
+
+async def drive(clock: task.Clock, step: float, *coros) -> list:
+    """Run lease rounds whose settle waits are on ``clock``: advance it once
+    every unfinished round is waiting (their I/O runs on the real reactor)."""
+    ds = [Deferred.fromCoroutine(c) for c in coros]
+    while not all(d.called for d in ds):
+        pending = sum(not d.called for d in ds)
+        if len(clock.getDelayedCalls()) >= pending:
+            clock.advance(step)
+        else:
+            await task.deferLater(reactor, 0.005, lambda: None)
+    return [d.result for d in ds]
+
+
+async def put_body(client: S3Client, data: bytes) -> str:
+    digest = hashlib.sha256(data).hexdigest()
+    await client.put_bytes(f"t/cas/{digest}", data)
+    return digest
+
+
+async def put_index(client: S3Client, key: str, digest: str) -> str:
+    name = f"t/index/{hashlib.sha256(key.encode()).hexdigest()}"
+    await client.put_bytes(name, json.dumps({"format": 1, "key": key, "digest": digest}).encode())
+    return name
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_host_holds_the_lease_until_it_expires(s3):
+    client, _, _ = s3
+    clock = clock_at()
+    a = LeaseObject(client(), "t/sweeper", "host-a", 100.0, clock, settle=0)
+    b = LeaseObject(client(), "t/sweeper", "host-b", 100.0, clock, settle=0)
+    assert await a.hold() is True
+    assert await b.hold() is False
+    clock.advance(60)
+    assert await a.hold() is True  # renewed: good for 100 s from now
+    clock.advance(60)
+    assert await b.hold() is False
+    clock.advance(41)  # a stopped renewing: expired
+    assert await b.hold() is True
+    assert await a.hold() is False
+    await b.release()
+    assert await a.hold() is True
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_first_takers_on_a_conditional_server(s3):
+    client, _, _ = s3
+    clock = clock_at()
+    hosts = [LeaseObject(client(), "t/sweeper", f"host-{n}", 100.0, clock, settle=1.0) for n in "cba"]
+    won = await drive(clock, 1.0, *(h.hold() for h in hosts))
+    assert sorted(won) == [False, False, True]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_smallest_host_id_wins_where_conditions_are_ignored(s3):
+    client, _, _ = s3
+    clock = clock_at()
+    # Both create "at once"; b writes last, so both first read b back: a (smaller) takes it.
+    b = LeaseObject(client(IgnoresConditions), "t/sweeper", "host-b", 100.0, clock, settle=1.0)
+    a = LeaseObject(client(IgnoresConditions), "t/sweeper", "host-a", 100.0, clock, settle=1.0)
+    won = await drive(clock, 1.0, a.hold(), b.hold())
+    assert won == [True, False]
+    clock.advance(10)
+    assert await drive(clock, 1.0, b.hold()) == [False]
+
+
+@pytest_twisted.ensureDeferred
+async def test_least_recently_used_first_pinned_kept_index_documents_removed(s3):
+    client, endpoint, bucket = s3
+    c = client()
+    clock = clock_at()
+    old, older, oldest, pinned = [await put_body(c, bytes([n]) * 1000) for n in range(4)]
+    fresh = await put_body(c, b"f" * 1000)
+    await c.put_bytes(f"t/pinned/{pinned}", b"")
+    names = {d: await put_index(c, f"key-{d[:8]}", d) for d in (old, older, oldest, pinned)}
+    # Two hosts' hints: the most recent use of a body counts, whoever used it.
+    ha = AccessHints(c, "t/", "host-a", clock)
+    hb = AccessHints(c, "t/", "host-b", clock)
+    clock.advance(-3000)
+    ha.note(oldest)
+    clock.advance(1000)
+    ha.note(older)
+    hb.note(old)
+    clock.advance(1000)
+    hb.note(older)  # older's last use: 1000 s ago (later than old's, 2000 s ago)
+    clock.advance(999)
+    ha.note(fresh)  # within the grace: not swept even though it is above the limit
+    clock.advance(1)
+    await ha.flush()
+    await hb.flush()
+    sweeper = Sweeper(c, "t/", "host-a", max_size=3000, clock=clock, lease_duration=300, grace=60, settle=0)
+    report = await sweeper.tick()
+    assert report is not None and report.total == 5000 and report.pinned_kept == 1
+    # 5000 → 3000: the two least recently used, in that order; pinned and fresh stay.
+    assert report.chosen == [oldest, old] and sorted(report.deleted) == sorted([oldest, old])
+    assert report.freed == 2000
+    keys = list_keys(endpoint, bucket, "t/")
+    assert f"t/cas/{oldest}" not in keys and f"t/cas/{old}" not in keys
+    assert {f"t/cas/{older}", f"t/cas/{pinned}", f"t/cas/{fresh}"} <= set(keys)
+    assert names[oldest] not in keys and names[old] not in keys
+    assert names[older] in keys and names[pinned] in keys
+    assert report.index_deleted == 2
+    again = await sweeper.tick()  # at the limit now: nothing more goes
+    assert again is not None and again.total == 3000 and again.deleted == []
+    sweeper.max_size = 1000  # only older may still go: pinned never, fresh not yet
+    again = await sweeper.tick()
+    assert again is not None and again.deleted == [older] and again.total == 3000
+
+
+@pytest_twisted.ensureDeferred
+async def test_only_the_lease_holder_sweeps(s3):
+    client, endpoint, bucket = s3
+    c = client()
+    clock = clock_at()
+    for n in range(3):
+        await put_body(c, bytes([n]) * 100)
+    a = Sweeper(c, "t/", "host-a", max_size=100, clock=clock, lease_duration=300, grace=0, settle=0)
+    b = Sweeper(client(), "t/", "host-b", max_size=100, clock=clock, lease_duration=300, grace=0, settle=0)
+    assert await b.tick() is not None  # b first: b holds it
+    assert await a.tick() is None
+    assert len([k for k in list_keys(endpoint, bucket, "t/cas/")]) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_host_whose_body_was_swept_finds_a_miss(s3, tmp_path):
+    client, endpoint, bucket = s3
+    c = client()
+    clock = clock_at()
+    store = S3ContentStore(c, str(tmp_path / "tier"), 10 * 2**20, clock, deferToThread)
+    hints = AccessHints(c, "t/", "host-a", clock)
+    store.hints = hints
+    data = os.urandom(5000)
+    digest = hashlib.sha256(data).hexdigest()
+    spool = tmp_path / "spool"
+    spool.write_bytes(data)
+    await store.upload(str(spool), digest, len(data))
+    await deferToThread(store.commit, str(spool), digest)
+    assert digest in hints.used  # a commit counts as a use
+    assert await store.ensure(digest, len(data)) is True
+    await deferToThread(store.remove, digest)  # evicted from the tier: only the bucket has it
+    index = SharedIndex(c, "t/", clock)
+    await put_index(c, "the-key", digest)
+    clock.advance(1000)
+    report = await Sweeper(c, "t/", "host-a", max_size=0, clock=clock, lease_duration=300, grace=60,
+                           settle=0).tick()
+    assert report is not None and report.deleted == [digest] and report.index_deleted == 1
+    assert await store.ensure(digest, len(data)) is False  # a miss, not an error
+    assert await index.lookup("the-key") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_pinned_marker_written_at_publish(s3):
+    from sparkcache.store.index import Entry
+
+    client, endpoint, bucket = s3
+    c = client()
+    index = SharedIndex(c, "t/", clock_at())
+    digest = "ab" * 32
+    await index.publish(Entry(key="upload", remote="r", path="p", status=200, digest=digest, size=1,
+                              content_type=None, headers={}, fetched=1.0, expires=None, etag=None,
+                              last_modified=None, last_access=1.0, pinned=True))
+    keys = list_keys(endpoint, bucket, "t/")
+    assert f"t/pinned/{digest}" in keys
+    assert not any(k.startswith("t/index/") for k in keys)  # an upload is not shared
+
+
+@pytest.mark.parametrize("bad", ["", "a/b", "x" * 200])
+def test_host_id_is_checked(bad, tmp_path):
+    from sparkcache.config import ConfigError
+    from sparkcache.protocols import load_config_data
+
+    data = {"storage": {"data_dir": str(tmp_path), "backend": "s3",
+                        "s3": {"endpoint": "http://127.0.0.1:1", "bucket": "bkt", "host_id": bad}}}
+    with pytest.raises(ConfigError) as e:
+        load_config_data(data, environ={"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"})
+    assert "host_id" in str(e.value)
