@@ -258,10 +258,19 @@ class Tail:
                 probe = try_lock(lock_path)
                 if probe is None:
                     return size, "running", None
-                # The lock is free yet the marker is there: its owner died.
-                remove_marker(marker_path)
-                unlock(probe)
-                return size, "dead", None
+                try:
+                    # The lock is free. An owner that ends well removes its
+                    # marker before it unlocks, so the owner may just have
+                    # ended between our read and our probe: only a marker still
+                    # there now that the lock is ours was left by one that died.
+                    current = read_marker(marker_path)
+                    if current is not None and current.flight == self.marker.flight:
+                        if current.error is not None:
+                            return size, "failed", current.error
+                        remove_marker(marker_path)
+                        return size, "dead", None
+                finally:
+                    unlock(probe)
             # Measured again: the last writes may have landed after the first fstat
             # (the owner writes, commits, then removes the marker).
             return os.fstat(fd).st_size, "over", None

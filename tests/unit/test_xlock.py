@@ -244,3 +244,39 @@ async def test_a_cancelled_poll_keeps_the_descriptor_until_its_thread_is_done(tm
     with pytest.raises(OSError):
         os.fstat(fd)  # closed once it ran
     await held.release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_owner_ending_between_the_marker_read_and_the_probe_is_a_commit(tmp_path: Path,
+                                                                               monkeypatch: Any) -> None:
+    """The owner commits, removes its marker and unlocks just after a poll read
+    the marker and just before that poll probes the lock: the probe wins the
+    lock, and the tail must see the commit, not a dead owner (seen in CI as a
+    502 for a client of the other worker)."""
+    from sparkcache.fetch import xlock
+
+    a, b = KeyLocks(str(tmp_path), _in_io), KeyLocks(str(tmp_path), _in_io)
+    held = await a.acquire(KEY)
+    assert held is not None and held.fd is not None
+    spool = tmp_path / "spool-1"
+    spool.write_bytes(b"x" * 1000)
+    marker = Marker(spool=str(spool), total=1000)
+    await held.announce(marker)
+    tail = Tail(b, KEY, marker, _committed(str(spool)))
+    await tail.open()
+    real_try_lock = xlock.try_lock
+
+    def owner_ends_first(path: str) -> int | None:
+        if held.fd is not None:  # the owner's commit, then its release, in that order
+            (tmp_path / "spool-1.committed").touch()
+            xlock.remove_marker(held.marker_path)
+            fd, held.fd = held.fd, None
+            xlock.unlock(fd)
+        return real_try_lock(path)
+
+    monkeypatch.setattr(xlock, "try_lock", owner_ends_first)
+    with pytest.raises(Ended) as e:
+        await tail.poll()
+    assert e.value.committed and tail.written == 1000
+    assert await b.acquire(KEY) is not None  # the probe let go of the lock
+    tail.close()
