@@ -412,9 +412,9 @@ def _max_connections(loader: Any, sec: Section) -> int | None:
     return value
 
 
-# Listeners whose socket worker processes can adopt as is (sparkcache.workers.sockets);
-# ssl: wraps the factory, which an adopted socket would lose.
-SHAREABLE_LISTENERS = ("tcp", "tcp6", "unix", "systemd")
+# Listeners whose socket worker processes can adopt (sparkcache.workers.sockets;
+# an ssl: socket is plain TCP, each worker wraps its factory in TLS again).
+SHAREABLE_LISTENERS = ("tcp", "tcp6", "ssl", "unix", "systemd")
 
 
 def cores() -> int:

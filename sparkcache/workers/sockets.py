@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
+from twisted.internet.interfaces import IListeningPort, IOpenSSLServerConnectionCreator, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 FAMILIES = {"AF_INET": socket.AF_INET, "AF_INET6": socket.AF_INET6, "AF_UNIX": socket.AF_UNIX}
@@ -31,9 +33,12 @@ class Listener:
 
 
 async def open_listeners(reactor: Any, specs: list[str] | tuple[str, ...]) -> list[Listener]:
-    """Listen on every endpoint string (Twisted's parser: tcp, unix, systemd
-    socket activation alike; the config allows only those with workers, see
-    config.SHAREABLE_LISTENERS), then stop reading, so only workers accept."""
+    """Listen on every endpoint string (Twisted's parser: tcp, ssl, unix,
+    systemd socket activation alike; the config allows only those with
+    workers, see config.SHAREABLE_LISTENERS), then stop reading, so only
+    workers accept. An ``ssl:`` port is a TCP port under a TLS factory: the
+    parent hands on its plain socket (and has checked the certificate loads);
+    each worker wraps its own factory again (``tls_options``)."""
     out: list[Listener] = []
     try:
         for spec in specs:
@@ -56,13 +61,19 @@ def close_listeners(listeners: list[Listener]) -> None:
 class AdoptedEndpoint:
     """A listening socket inherited from the parent: ``listen`` adopts it."""
 
-    def __init__(self, reactor: Any, fd: int, family: str) -> None:
+    def __init__(self, reactor: Any, fd: int, family: str, tls: Any = None) -> None:
         self.reactor = reactor
         self.fd = fd
         self.family = family
+        self.tls = tls  # the ssl: listener's context factory (tls_options), or None
 
     def listen(self, factory: Any) -> Deferred[IListeningPort]:
+        if self.tls is not None:
+            # What reactor.listenSSL does over a TCP port, on the adopted one.
+            factory = TLSMemoryBIOFactory(self.tls, False, factory)
         port = self.reactor.adoptStreamPort(self.fd, FAMILIES[self.family], factory)
+        if self.tls is not None:
+            port._type = "TLS"  # as listenSSL names it in the log
         if self.family == "AF_UNIX":
             # A unix port unlinks its path when it stops; the path belongs to the
             # parent (other workers still accept on it). A leading NUL is how
@@ -85,3 +96,33 @@ def parse_fds(value: str) -> list[tuple[int, str]]:
 
 def format_fds(pairs: list[tuple[int, str]]) -> str:
     return ",".join(f"{fd}:{family}" for fd, family in pairs)
+
+
+def tls_options(reactor: Any, spec: str) -> IOpenSSLServerConnectionCreator | None:
+    """The TLS context of an ``ssl:`` endpoint string, None for any other.
+
+    Twisted's own ``ssl:`` parser reads it (privateKey, certKey,
+    extraCertChain, dhParameters, sslmethod: exactly what one process
+    serves); its endpoint keeps the context factory it built, which is what
+    ``listenSSL`` would wrap the port's factory with."""
+    if spec.split(":", 1)[0].strip().lower() != "ssl":
+        return None
+    endpoint = serverFromString(reactor, spec)
+    if not isinstance(endpoint, SSL4ServerEndpoint):  # pragma: no cover - Twisted's parser changed
+        raise ValueError(f"{spec!r} did not parse as an ssl endpoint")
+    options: IOpenSSLServerConnectionCreator = endpoint._sslContextFactory
+    return options
+
+
+def format_specs(specs: list[str] | tuple[str, ...]) -> str:
+    """``SPARKCACHE_WORKER_LISTEN``: the endpoint strings the parent opened, in
+    the order of ``SPARKCACHE_WORKER_FDS`` (a worker restarted after the file
+    changed still wraps each socket as the parent opened it)."""
+    return json.dumps(list(specs))
+
+
+def parse_specs(value: str) -> list[str]:
+    specs = json.loads(value)
+    if not isinstance(specs, list) or not all(isinstance(s, str) for s in specs):
+        raise ValueError(f"expected a JSON list of endpoint strings, got {value!r}")
+    return specs

@@ -26,7 +26,7 @@ from sparkcache.config import Config
 from sparkcache.limits import raise_nofile
 from sparkcache.store.space import reset_shared
 from sparkcache.store.spool import clear_spool
-from sparkcache.workers.sockets import Listener, close_listeners, format_fds, open_listeners
+from sparkcache.workers.sockets import Listener, close_listeners, format_fds, format_specs, open_listeners
 
 log = Logger()
 
@@ -206,6 +206,8 @@ class Supervisor(Service):
         env["SPARKCACHE_WORKER_PRIMARY"] = "1" if index == 0 else "0"
         env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
         env["SPARKCACHE_WORKER_FDS"] = format_fds([(FIRST_FD + n, l.family) for n, l in enumerate(self.listeners)])
+        # The same order: the worker wraps an ssl: socket in TLS (sockets.tls_options).
+        env["SPARKCACHE_WORKER_LISTEN"] = format_specs([l.spec for l in self.listeners])
         return env
 
     def _spawn(self, index: int) -> None:

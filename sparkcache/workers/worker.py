@@ -23,7 +23,7 @@ from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.python.failure import Failure
 
 from sparkcache.config import ConfigError
-from sparkcache.workers.sockets import AdoptedEndpoint, parse_fds
+from sparkcache.workers.sockets import AdoptedEndpoint, parse_fds, parse_specs, tls_options
 from sparkcache.workers.supervisor import spool_subdir
 
 log = Logger()
@@ -56,6 +56,23 @@ def _stop_once_on(reactor: Any, signals: tuple[int, ...]) -> None:
         signal.signal(sig, handler)
 
 
+def adopted_endpoints(environ: Mapping[str, str], reactor: Any) -> list[AdoptedEndpoint]:
+    """The inherited sockets; an ``ssl:`` one under its TLS context, read from
+    the certificate files now (a worker restarted after they were renewed
+    serves the new ones; the others keep theirs until they restart)."""
+    fds = parse_fds(environ["SPARKCACHE_WORKER_FDS"])
+    specs = parse_specs(environ.get("SPARKCACHE_WORKER_LISTEN", "[]"))
+    out = []
+    for n, (fd, family) in enumerate(fds):
+        spec = specs[n] if n < len(specs) else ""
+        try:
+            tls = tls_options(reactor, spec)
+        except Exception as e:  # a certificate the parent loaded may since have gone or changed
+            raise ConfigError(environ.get("SPARKCACHE_CONFIG", ""), "server.listen", f"{spec!r}: {e}") from None
+        out.append(AdoptedEndpoint(reactor, fd, family, tls=tls))
+    return out
+
+
 def build(environ: Mapping[str, str], reactor: Any) -> Any:
     """The worker's SparkcacheService, from the environment the Supervisor set."""
     from sparkcache.protocols import load_config
@@ -63,7 +80,7 @@ def build(environ: Mapping[str, str], reactor: Any) -> Any:
 
     path = environ["SPARKCACHE_CONFIG"]
     config = load_config(path, dict(environ))
-    endpoints = [AdoptedEndpoint(reactor, fd, family) for fd, family in parse_fds(environ["SPARKCACHE_WORKER_FDS"])]
+    endpoints = adopted_endpoints(environ, reactor)
     # config_path: SIGHUP (forwarded by the parent) reloads the file here as in one process.
     service = SparkcacheService(config, reactor, config_path=path, environ=dict(environ), endpoints=endpoints,
                                 primary=environ.get("SPARKCACHE_WORKER_PRIMARY") == "1", check_store=False,

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from sparkcache.config import ConfigError
 from sparkcache.protocols import load_config_data
 from sparkcache.tap import Options, makeService
-from sparkcache.workers.sockets import AdoptedEndpoint, format_fds, parse_fds
+from sparkcache.workers.sockets import AdoptedEndpoint, format_fds, format_specs, parse_fds, parse_specs
 from sparkcache.workers.supervisor import RESTART_MAX, RESTART_MIN, STABLE_AFTER, Supervisor, WorkerProtocol
 
 
@@ -49,22 +49,28 @@ def test_workers_must_be_a_positive_count(bad: Any) -> None:
         _config(bad)
 
 
-def test_an_ssl_listener_cannot_be_shared_by_workers(monkeypatch: Any) -> None:
-    with pytest.raises(ConfigError, match=r"server\.workers: listener 'ssl:8443.*cannot be shared"):
-        _config(2, ["tcp:8090", "ssl:8443:privateKey=k.pem"])
+def test_an_ssl_listener_is_shared_by_workers() -> None:
+    assert _config(2, ["tcp:8090", "ssl:8443:privateKey=k.pem"]).server.workers == 2
     assert _config(1, ["ssl:8443:privateKey=k.pem"]).server.workers == 1
+
+
+def test_a_listener_that_wraps_the_factory_cannot_be_shared_by_workers(monkeypatch: Any) -> None:
+    # A plugin endpoint (here txtorcon's onion:) builds its own port: no socket to hand on.
+    with pytest.raises(ConfigError, match=r"server\.workers: listener 'onion:443.*cannot be shared"):
+        _config(2, ["tcp:8090", "onion:443"])
+    assert _config(1, ["onion:443"]).server.workers == 1
     # auto (the default) falls back to one process, and says why.
     monkeypatch.setattr("sparkcache.config.cores", lambda: 4)
     seen: list[str] = []
     globalLogPublisher.addObserver(observer := lambda e: seen.append(formatEvent(e)))
     try:
-        assert _config("auto", ["tcp:8090", "ssl:8443:privateKey=k.pem"]).server.workers == 1
-        assert load_config_data({"server": {"listen": ["ssl:8443:privateKey=k.pem"]}}, source="cache.yaml",
+        assert _config("auto", ["tcp:8090", "onion:443"]).server.workers == 1
+        assert load_config_data({"server": {"listen": ["onion:443"]}}, source="cache.yaml",
                                 environ={}).server.workers == 1
     finally:
         globalLogPublisher.removeObserver(observer)
-    assert any("server.workers: auto gives 1 process, not 4: listener 'ssl:8443" in m for m in seen), seen
-    assert _config("auto", ["tcp:8090", "unix:/run/s.sock"]).server.workers == 4
+    assert any("server.workers: auto gives 1 process, not 4: listener 'onion:443" in m for m in seen), seen
+    assert _config("auto", ["tcp:8090", "unix:/run/s.sock", "ssl:8443:privateKey=k.pem"]).server.workers == 4
 
 
 def test_tap_builds_the_supervisor_only_with_more_than_one_worker(tmp_path: Path, monkeypatch: Any) -> None:
@@ -85,6 +91,10 @@ def test_fds_round_trip() -> None:
     assert parse_fds(format_fds([(3, "AF_INET"), (4, "AF_UNIX")])) == [(3, "AF_INET"), (4, "AF_UNIX")]
     with pytest.raises(ValueError):
         parse_fds("3:AF_BLUETOOTH")
+    specs = ["tcp:8090", "ssl:8443:privateKey=/a,b.pem"]
+    assert parse_specs(format_specs(specs)) == specs
+    with pytest.raises(ValueError):
+        parse_specs('{"a": 1}')
 
 
 # -- supervisor ----------------------------------------------------------------
@@ -146,6 +156,7 @@ def test_spawns_the_workers_with_the_socket_and_one_primary(supervised: Any) -> 
         assert env["SPARKCACHE_WORKER"] == str(i)
         assert env["SPARKCACHE_WORKER_PRIMARY"] == ("1" if i == 0 else "0")
         assert parse_fds(env["SPARKCACHE_WORKER_FDS"]) == [(3, "AF_INET")]
+        assert parse_specs(env["SPARKCACHE_WORKER_LISTEN"]) == ["tcp:0:interface=127.0.0.1"]
         assert env["SPARKCACHE_DATA_DIR"] == sup.environ["SPARKCACHE_DATA_DIR"]
         assert env["PROMETHEUS_MULTIPROC_DIR"] == os.path.join(sup.config.storage.data_dir, "metrics")
     # The parent listens (the port is bound) but never accepts.
@@ -270,3 +281,54 @@ def test_a_dead_workers_spool_is_emptied_before_its_restart(supervised: Any) -> 
     clock.advance(RESTART_MIN)
     assert not (mine / "dl-unfinished").exists() and len(spawn.calls) == 3
     assert (other / "dl-live").exists()
+
+
+def _self_signed_pem(tmp_path: Path) -> Path:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    pem = tmp_path / "server.pem"
+    pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption())
+                    + cert.public_bytes(serialization.Encoding.PEM))
+    return pem
+
+
+def test_a_worker_wraps_an_adopted_ssl_socket_in_tls(tmp_path: Path) -> None:
+    from twisted.internet.protocol import Factory
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    from sparkcache.workers.worker import adopted_endpoints
+
+    pem = _self_signed_pem(tmp_path)
+    env = {"SPARKCACHE_CONFIG": "cache.yaml", "SPARKCACHE_WORKER_FDS": "3:AF_INET,4:AF_INET",
+           "SPARKCACHE_WORKER_LISTEN": format_specs(["tcp:8090", f"ssl:8443:privateKey={pem}"])}
+    plain, tls = adopted_endpoints(env, real_reactor)
+    assert plain.tls is None and tls.tls is not None
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(5)
+    s.setblocking(False)
+    try:
+        port = AdoptedEndpoint(real_reactor, s.fileno(), "AF_INET", tls=tls.tls).listen(Factory()).result
+        try:
+            assert isinstance(port.factory, TLSMemoryBIOFactory)
+        finally:
+            port.stopReading()
+            port.connectionLost(Failure(Exception("test")))
+    finally:
+        s.close()
+    # The certificate went away since the parent loaded it: the worker stops with a config error.
+    pem.unlink()
+    with pytest.raises(ConfigError, match=r"cache\.yaml: server\.listen: 'ssl:8443"):
+        adopted_endpoints(env, real_reactor)
