@@ -23,6 +23,7 @@ from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.python.failure import Failure
 
 from sparkcache.config import ConfigError
+from sparkcache.workers import metricfiles
 from sparkcache.workers.sockets import AdoptedEndpoint, parse_fds, parse_specs, tls_options
 from sparkcache.workers.supervisor import spool_subdir
 
@@ -104,6 +105,8 @@ def main() -> None:
     # Python stack in the parent's log, where "died (signal 7)" alone says little.
     faulthandler.enable()
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
+    # Before any metric exists: its sample files get real blocks (no SIGBUS on a full disk).
+    metricfiles.install()
     try:
         service = build(os.environ, reactor)
     except ConfigError as e:
