@@ -196,7 +196,10 @@ class Index:
         db.execute("PRAGMA synchronous=NORMAL")
         self._upgrade(db)
         db.executescript(SCHEMA)
-        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        # Written only when it changes: a write needs room in the WAL, and a
+        # worker restarted on a full disk must still open the index it reads.
+        if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self._db = db
 
     def _upgrade(self, db: sqlite3.Connection) -> None:

@@ -22,6 +22,7 @@ neither side of the ratio.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections import deque
@@ -133,9 +134,15 @@ HISTORY_FILE = "status-history.json"
 def write_json(path: str, data: Any) -> None:
     """Blocking (I/O pool): replace a file shared with the other workers whole (a reader never sees half of it)."""
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+    except OSError:
+        # A full disk: no half-written temp file stays behind (nothing removes it later).
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def read_json(path: str) -> Any:
@@ -237,6 +244,7 @@ class Status:
         self.history_path = os.path.join(folder, HISTORY_FILE) if folder else None
         self.loaded = False  # the primary: whether it took up the history of its predecessor
         self._errors_shared = 0  # Metrics.outcomes_changed when this worker's errors were last written
+        self._write_failed = False  # the last write of a shared file failed (a full disk): said once
         # Set by the service tree as it starts and stops (see readiness()).
         self.store_open = False
         self.listening = False
@@ -254,9 +262,26 @@ class Status:
         changed = metrics.outcomes_changed
         if changed == self._errors_shared:
             return
-        self._errors_shared = changed
         data = {"origins": _texts(metrics.origins), "remotes": _texts(metrics.remote_errors)}
-        await self.ctx.store.in_io(write_errors, os.path.dirname(self.history_path or ""), data)
+        if await self._write_shared(write_errors, os.path.dirname(self.history_path or ""), data):
+            self._errors_shared = changed  # else the next tick tries again
+
+    async def _write_shared(self, write: Any, *args: Any) -> bool:
+        """One of the files shared with the other workers; on a full disk one
+        line in the log (not a traceback each tick) and False: the next tick
+        writes it again, whole."""
+        try:
+            await self.ctx.store.in_io(write, *args)
+        except OSError as e:
+            if not self._write_failed:
+                log.warn("status: cannot write the files shared with the other workers ({e}); "
+                         "the others show what was last written until it can", e=e.strerror or e)
+            self._write_failed = True
+            return False
+        if self._write_failed:
+            self._write_failed = False
+            log.info("status: the files shared with the other workers are written again")
+        return True
 
     def timer(self) -> Periodic:
         """The clocked timer that fills the history (a sample at start, then one per interval)."""
@@ -277,7 +302,7 @@ class Status:
             self.history.load(await store.in_io(read_json, path))
         overall, _ = totals(self.ctx.metrics, await store.in_io(self.ctx.metrics.collect))
         self.history.add(self.ctx.clock.seconds(), overall)
-        await store.in_io(write_json, path, self.history.as_json())
+        await self._write_shared(write_json, path, self.history.as_json())
 
     async def _history_json(self) -> dict[str, Any]:
         if self.history_path is None or self.ctx.primary:
