@@ -102,8 +102,9 @@ def reset_metrics_dir(path: str) -> None:
     """Values of a previous run are not this run's: start from an empty directory."""
     os.makedirs(path, exist_ok=True)
     for name in os.listdir(path):
-        # The metric files, the status page's history and each worker's last upstream errors (web/status.py).
-        if name.endswith((".db", ".json")):
+        # The metric files, the status page's history, each worker's last upstream errors (web/status.py)
+        # and the temporary files of a worker killed while writing one (workers/metricfiles.py).
+        if name.endswith((".db", ".json", ".new", ".tmp")):
             os.unlink(os.path.join(path, name))
 
 
