@@ -250,8 +250,10 @@ class Supervisor(Service):
 
     def forward(self, sig: int) -> None:
         for proto in list(self.workers.values()):
-            if sig == signal.SIGUSR2 and proto.pid is not None and not handles(proto.pid, sig):
-                continue  # still starting: its default action would kill it; it reads api.json as it starts
+            if sig in (signal.SIGUSR2, signal.SIGHUP) and proto.pid is not None and not handles(proto.pid, sig):
+                # Still starting: the default action would kill it; it reads the
+                # config (and api.json) as it starts, so it misses nothing.
+                continue
             proto.signal(sig)
 
     def pids(self) -> list[int]:

@@ -12,9 +12,19 @@ its stdin (a pipe the parent holds) closes: the parent is gone. SIGUSR2
 
 from __future__ import annotations
 
-import faulthandler
 import os
 import signal
+
+# The parent forwards every SIGHUP (a reload) to every worker that catches it
+# (supervisor.handles); its default action ends the process, and importing
+# what follows takes seconds on a busy machine. So it is caught from here,
+# and noted: main() reloads once the service runs if one came after the
+# config was read.
+HUP_SEEN: list[int] = []
+if __name__ == "__main__":
+    signal.signal(signal.SIGHUP, lambda sig, frame: HUP_SEEN.append(sig))
+
+import faulthandler
 import sys
 from typing import Any, Mapping
 
@@ -94,6 +104,13 @@ def build(environ: Mapping[str, str], reactor: Any) -> Any:
     return service
 
 
+def _start(service: Any) -> None:
+    service.startService()  # installs the service's own SIGHUP handler (a reload)
+    if HUP_SEEN:
+        log.info("SIGHUP while starting: reloading now")
+        os.kill(os.getpid(), signal.SIGHUP)
+
+
 def main() -> None:
     from twisted.internet import reactor as _reactor
     from twisted.internet import stdio as _stdio
@@ -107,15 +124,14 @@ def main() -> None:
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
     # Before any metric exists: its sample files get real blocks (no SIGBUS on a full disk).
     metricfiles.install()
+    HUP_SEEN.clear()  # one before this point is in the file build() reads
     try:
         service = build(os.environ, reactor)
     except ConfigError as e:
         sys.exit(f"configuration error: {e}")
-    # Until the service installs its reload handler, a SIGHUP must not kill the worker.
-    signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(log.info, "SIGHUP before the start: ignored"))
-    # Nor SIGUSR2 (another worker changed the API remotes): the service re-reads them once it starts.
+    # Nor must SIGUSR2 (another worker changed the API remotes): the service re-reads them once it starts.
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-    reactor.callWhenRunning(service.startService)
+    reactor.callWhenRunning(_start, service)
     reactor.callWhenRunning(_stop_once_on, reactor, (signal.SIGTERM, signal.SIGINT))
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     stdio.StandardIO(_ParentWatch(reactor), stdin=0, stdout=os.open(os.devnull, os.O_WRONLY))

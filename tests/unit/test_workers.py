@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -205,10 +206,34 @@ def test_stop_forwards_sigterm_waits_then_kills_the_rest(supervised: Any) -> Non
     assert len(spawn.calls) == 2  # nothing restarted while stopping
 
 
-def test_sighup_reaches_every_worker(supervised: Any) -> None:
+def test_sighup_reaches_every_worker_that_catches_it(supervised: Any, monkeypatch: Any) -> None:
     sup, _, spawn = supervised
+    monkeypatch.setattr("sparkcache.workers.supervisor.handles", lambda pid, sig: True)
     sup.forward(signal.SIGHUP)
     assert [c["transport"].signals for c in spawn.calls] == [[signal.SIGHUP], [signal.SIGHUP]]
+    # One still starting (its default action would end it) is skipped: it reads the file as it starts.
+    starting = spawn.calls[1]["transport"].pid
+    monkeypatch.setattr("sparkcache.workers.supervisor.handles", lambda pid, sig: pid != starting)
+    sup.forward(signal.SIGHUP)
+    assert [c["transport"].signals for c in spawn.calls] == [[signal.SIGHUP] * 2, [signal.SIGHUP]]
+
+
+def test_handles_reads_the_signal_masks_of_a_process() -> None:
+    import subprocess
+
+    from sparkcache.workers.supervisor import handles
+
+    plain = subprocess.Popen(["sleep", "30"])
+    ignoring = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGHUP, "
+                                 "signal.SIG_IGN); print('ok', flush=True); time.sleep(30)"], stdout=subprocess.PIPE)
+    try:
+        assert ignoring.stdout is not None and ignoring.stdout.readline() == b"ok\n"
+        assert not handles(plain.pid, signal.SIGHUP)
+        assert handles(ignoring.pid, signal.SIGHUP)
+    finally:
+        for proc in (plain, ignoring):
+            proc.kill()
+            proc.wait()
 
 
 def test_worker_output_lines_go_to_the_parent_log(supervised: Any) -> None:
