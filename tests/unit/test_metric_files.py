@@ -40,15 +40,14 @@ WORKER = textwrap.dedent("""
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
 
     def fill():
-        fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        block = bytes(1 << 16)
-        while True:
+        # Another writer takes every free page (a failed fallocate on tmpfs allocates nothing).
+        fd = os.open(filler, os.O_RDWR | os.O_CREAT, 0o600)
+        size = 1 << 20
+        while size >= 512:
             try:
-                os.write(fd, block)
+                os.posix_fallocate(fd, os.fstat(fd).st_size, size)
             except OSError:
-                if len(block) == 512:
-                    break
-                block = block[:len(block) // 2]
+                size //= 2
         os.close(fd)
 
     requests = Counter("requests", "requests", ["series"])
