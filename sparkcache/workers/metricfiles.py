@@ -11,8 +11,8 @@ growing one allocates the new size first (``posix_fallocate``), so a write
 through the mapping never needs a block. When the disk has no room for a new
 file or a larger one, the samples of the series that did not fit stay in the
 process (missing from ``/metrics`` meanwhile, and said once in the log) and
-are written into the file once an attempt, at most every ``RETRY`` seconds,
-finds the room.
+are all written into the file by the next write to it that finds room (one
+attempt every ``RETRY`` seconds at most).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ class AllocatedDict(MmapedDict):
         self._memory: dict[str, tuple[float, float]] = {}  # series with no room in the file yet
         self._retry_at = 0.0
         self._full = False
-        self._map(None)
+        self._room([])
 
     def _open(self) -> None:
         _prepare(self._fname)
@@ -100,19 +100,23 @@ class AllocatedDict(MmapedDict):
             self._m = mmap.mmap(self._f.fileno(), capacity)
         super()._init_value(key)
 
-    def _map(self, key: str | None) -> bool:
-        """Give ``key`` (None: only the file) its slot in the file; False when
-        the disk has no room (the next attempt after ``RETRY`` seconds)."""
-        if self._m is not None and (key is None or key in self._positions):
-            return True
+    def _room(self, keys: list[str]) -> bool:
+        """Slots in the file for ``keys`` and for every series held in memory
+        (opening the file first if need be); False when the disk has no room
+        (tried again after ``RETRY`` seconds)."""
         now = time.monotonic()
         if now < self._retry_at:
             return False
         try:
             if self._m is None:
                 self._open()
-            if key is not None:
-                self._init_value(key)
+            for key in [*self._memory, *keys]:
+                if key not in self._positions:
+                    self._init_value(key)
+                held = self._memory.pop(key, None)
+                if held is not None:
+                    pos = self._positions[key]
+                    self._m[pos:pos + 16] = _DOUBLES.pack(*held)
         except OSError as e:
             if e.errno not in _FULL:
                 raise
@@ -122,23 +126,22 @@ class AllocatedDict(MmapedDict):
                 log.warn("metrics: no room for {file} ({e}): samples of new series stay in this worker "
                          "(missing from /metrics) until there is", file=os.path.basename(self._fname), e=e.strerror)
             return False
-        if key is not None and key in self._memory:
-            self._m[self._positions[key]:self._positions[key] + 16] = _DOUBLES.pack(*self._memory.pop(key))
-        if self._full and not self._memory:
+        if self._full:
             self._full = False
             log.info("metrics: {file} has room again", file=os.path.basename(self._fname))
         return True
 
     def read_value(self, key: str) -> tuple[float, float]:
-        if key not in self._positions and not self._map(key):
+        if key not in self._positions and not self._room([key]):
             return self._memory.setdefault(key, (0.0, 0.0))
         value: tuple[float, float] = super().read_value(key)
         return value
 
     def write_value(self, key: str, value: float, timestamp: float) -> None:
         pos = self._positions.get(key)  # every inc/set: as cheap as MmapedDict's own
-        if pos is None:
-            if not self._map(key):
+        if pos is None or self._memory:
+            # A new series, or some held in memory: each write tries (at most every RETRY s) to place them.
+            if not self._room([key]) and pos is None:
                 self._memory[key] = (value, timestamp)
                 return
             pos = self._positions[key]

@@ -58,6 +58,8 @@ WORKER = textwrap.dedent("""
         requests.labels(series=name).inc()
     live = Gauge("live", "a gauge of a kind with no file yet", multiprocess_mode="livesum")
     live.set(7)
+    held = Gauge("held", "set while the disk is full, never again", multiprocess_mode="livesum")
+    held.set(3)
     print("survived the full disk", flush=True)
     os.unlink(filler)
     for name in names:
@@ -127,5 +129,6 @@ def test_a_worker_survives_new_series_on_a_full_tmpfs(small_tmpfs: Path) -> None
     counted = {k[1]: v for k, v in values.items() if k[0] == "requests_total" and k[1].startswith("series-")}
     assert len(counted) == SERIES and set(counted.values()) == {2.0}
     assert values[("live", "")] == 8
+    assert values[("held", "")] == 3  # placed by the next write to its file
     # No half-made file was left for the collector to trip on.
     assert all(name.endswith(".db") for name in os.listdir(small_tmpfs / "m"))
