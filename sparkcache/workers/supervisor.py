@@ -176,6 +176,11 @@ class Supervisor(Service):
         ensureDeferred(self._start()).addErrback(start_failed, self.reactor, self.ready)
 
     async def _start(self) -> None:
+        if hasattr(self.reactor, "addSystemEventTrigger"):
+            # First: twistd leaves SIGHUP's default action (the end of the
+            # process), and the store check below can take minutes; a reload
+            # meanwhile has no worker to reach (they read the file as they start).
+            self._install_sighup()
         self.listeners = await open_listeners(self.reactor, self.config.server.listen)
         if self.check_store is not None:
             await self.check_store()
@@ -183,8 +188,6 @@ class Supervisor(Service):
         reset_shared(self.config.storage.data_dir)  # a previous run's disk state is not this run's
         for i in range(self.count):
             clear_spool(os.path.join(self.spool_dir, spool_subdir(i)))
-        if hasattr(self.reactor, "addSystemEventTrigger"):
-            self._install_sighup()
         for i in range(self.count):
             self._spawn(i)
         log.info("sparkcache listening on {listen} with {n} worker processes; data in {data}",

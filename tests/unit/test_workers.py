@@ -206,6 +206,26 @@ def test_stop_forwards_sigterm_waits_then_kills_the_rest(supervised: Any) -> Non
     assert len(spawn.calls) == 2  # nothing restarted while stopping
 
 
+def test_the_parent_catches_sighup_before_its_store_check(tmp_path: Path) -> None:
+    """twistd leaves SIGHUP's default action: a reload during a long store check must not end the daemon."""
+    from twisted.internet.defer import Deferred
+
+    config = load_config_data({"server": {"workers": 2, "listen": ["tcp:0:interface=127.0.0.1"]},
+                               "storage": {"data_dir": str(tmp_path / "data")}}, source="cache.yaml", environ={})
+    checking: Deferred[None] = Deferred()
+    sup = Supervisor(config, str(tmp_path / "cache.yaml"), {}, reactor=real_reactor, clock=Clock(), spawn=Spawner(),
+                     check_store=lambda: checking, in_thread=lambda fn, *a: succeed(fn(*a)))
+    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        sup.startService()
+        assert not sup.ready.called  # still checking the store
+        assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, None)
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+        for listener in sup.listeners:
+            listener.port.stopListening()
+
+
 def test_sighup_reaches_every_worker_that_catches_it(supervised: Any, monkeypatch: Any) -> None:
     sup, _, spawn = supervised
     monkeypatch.setattr("sparkcache.workers.supervisor.handles", lambda pid, sig: True)
