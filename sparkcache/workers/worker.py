@@ -129,7 +129,7 @@ def main() -> None:
         service = build(os.environ, reactor)
     except ConfigError as e:
         sys.exit(f"configuration error: {e}")
-    # Nor must SIGUSR2 (another worker changed the API remotes): the service re-reads them once it starts.
+    # SIGUSR2 (another worker changed the API remotes) must not end it either: the service re-reads them once it starts.
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     reactor.callWhenRunning(_start, service)
     reactor.callWhenRunning(_stop_once_on, reactor, (signal.SIGTERM, signal.SIGINT))
