@@ -101,8 +101,8 @@ def small_tmpfs() -> Iterator[Path]:
 def _run(folder: Path, patched: bool) -> subprocess.CompletedProcess[str]:
     (folder / "m").mkdir()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-c", WORKER, str(folder / "m"), str(folder / "filler"), "1" if patched else "0"],
-                          capture_output=True, text=True, env=env, timeout=120)
+    args = [str(folder / "m"), str(folder / "filler"), "1" if patched else "0"]
+    return subprocess.run([sys.executable, "-c", WORKER, *args], capture_output=True, text=True, env=env, timeout=120)
 
 
 def _aggregate(folder: Path) -> dict[tuple[str, str], float]:
