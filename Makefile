@@ -22,9 +22,11 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 run: $(VENV)/.installed
 	$(VENV)/bin/twistd -n --pidfile= sparkcache -c $(CONFIG)
 
+# worksteal: a worker that runs out of tests takes queued ones from the other,
+# so a long test queued late does not leave a core idle at the end of the run.
 test: $(VENV)/.installed
 	$(PY) -m mypy
-	$(PY) -m pytest -n auto -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest -n auto --dist worksteal -p no:cacheprovider $(PYTEST_ARGS)
 
 mypy: $(VENV)/.installed
 	$(PY) -m mypy
