@@ -22,9 +22,11 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 run: $(VENV)/.installed
 	$(VENV)/bin/twistd -n --pidfile= sparkcache -c $(CONFIG)
 
+# worksteal: a worker that runs out of tests takes half of the other's queue,
+# instead of waiting while the other works through a chunk of long e2e tests.
 test: $(VENV)/.installed
 	$(PY) -m mypy
-	$(PY) -m pytest -n auto -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest -n auto --dist worksteal -p no:cacheprovider $(PYTEST_ARGS)
 
 mypy: $(VENV)/.installed
 	$(PY) -m mypy

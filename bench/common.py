@@ -779,9 +779,6 @@ class Daemon:
         """The daemon's processes: the parent and, with workers, each worker (for CPU accounting)."""
         return [self.pid, *_descendants(self.pid)]
 
-    def server_pids(self) -> list[int]:
-        return self.pids()
-
     def url(self, path: str) -> str:
         return f"http://{LOOPBACK}:{self.port}/{path.lstrip('/')}"
 

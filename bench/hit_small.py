@@ -207,7 +207,7 @@ def main() -> int:
             targets[("nginx", w)] = {"url": f"http://127.0.0.1:{port}", "lua": lua_nginx, "pids": cache.worker_pids,
                                      "warm": warm(port, nginx_paths, bodies, f"nginx proxy_cache x{w}")}
             targets[("sparkcache", w)] = {"url": f"http://127.0.0.1:{daemon.port}", "lua": lua_spark,
-                                          "pids": daemon.server_pids, "daemon": daemon,
+                                          "pids": daemon.pids, "daemon": daemon,
                                           "warm": warm(daemon.port, spark_paths, bodies, f"sparkcache x{w}",
                                                        settle=daemon.wait_idle)}
 

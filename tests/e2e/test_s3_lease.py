@@ -13,44 +13,28 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 
 from tests.support.client import Fetch, get_until_hit
 from tests.support.daemon import Daemon
 from tests.support.remotes import generic_remote
-from tests.support.s3 import FaultProxy, SeaweedFS, env_credentials, list_keys, make_bucket, s3_storage
+from tests.support.s3 import FaultProxy, list_keys, proxied, s3_daemon, weed  # noqa: F401 (fixtures)
 
 MiB = 1 << 20
 PATH = "/files/herd.bin"
 
 
-@pytest.fixture(scope="module")
-def weed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
-    s = SeaweedFS(tmp_path_factory.mktemp("weed")).start()
-    yield s
-    s.stop()
-
-
 @pytest.fixture
-def proxied(weed: SeaweedFS) -> Iterator[tuple[FaultProxy, str]]:
-    proxy = FaultProxy(weed.endpoint)
-    yield proxy, make_bucket(weed.endpoint)
-    proxy.stop()
-
-
-@pytest.fixture
-def two_hosts(daemon_factory: Callable[..., Daemon], upstream: Any,
+def two_hosts(s3_daemon: Callable[..., Daemon], upstream: Any,
               proxied: tuple[FaultProxy, str]) -> Callable[..., tuple[Daemon, Daemon]]:
     """``make(**s3_keys)``: two daemons on one bucket (through the proxy), one remote."""
     proxy, bucket = proxied
 
     def make(**s3: Any) -> tuple[Daemon, Daemon]:
         remotes = {"r": generic_remote(upstream)}
-        storage = s3_storage(proxy.endpoint, bucket, prefix="sc/", **s3)
-        return tuple(daemon_factory(remotes, storage=storage, server={"workers": 1}, env=env_credentials())
-                     for _ in range(2))  # type: ignore[return-value]
+        return tuple(s3_daemon(proxy.endpoint, bucket, remotes, **s3) for _ in range(2))  # type: ignore[return-value]
 
     return make
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -26,42 +26,12 @@ import pytest_twisted
 from tests.support.client import Fetch, eventually, get_until_hit, sha256
 from tests.support.daemon import Daemon
 from tests.support.remotes import generic_remote
-from tests.support.s3 import (
-    ACCESS_KEY, SECRET_KEY, FaultProxy, SeaweedFS, boto_client, env_credentials, list_keys, make_bucket,
-    s3_storage,
+from tests.support.s3 import (  # noqa: F401 (weed, proxied, s3_daemon: fixtures)
+    ACCESS_KEY, ADMIN, SECRET_KEY, FaultProxy, SeaweedFS, boto_client, list_keys, make_bucket, proxied, s3_daemon,
+    weed,
 )
 
 MiB = 1 << 20
-ADMIN = "adm-s3-7c21"
-
-
-@pytest.fixture(scope="module")
-def weed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
-    s = SeaweedFS(tmp_path_factory.mktemp("weed")).start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture
-def s3_daemon(daemon_factory: Callable[..., Daemon]) -> Callable[..., Daemon]:
-    """``make(endpoint, bucket, remotes, tier=None, **s3_keys)``: a daemon with backend s3."""
-
-    def make(endpoint: str, bucket: str, remotes: dict[str, Any], tier: str | None = None,
-             start: bool = True, **s3: Any) -> Daemon:
-        storage = s3_storage(endpoint, bucket, prefix="sc/", **s3)
-        if tier is not None:
-            storage["tier"] = {"max_size": tier}
-        return daemon_factory(remotes, storage=storage, server={"workers": 1}, start=start,
-                              env={**env_credentials(), "SPARKCACHE_ADMIN_TOKEN": ADMIN})
-
-    return make
-
-
-@pytest.fixture
-def proxied(weed: SeaweedFS) -> Iterator[tuple[FaultProxy, str]]:
-    proxy = FaultProxy(weed.endpoint)
-    yield proxy, make_bucket(weed.endpoint)
-    proxy.stop()
 
 
 def upstream_gets(upstream: Any, path: str) -> int:

@@ -9,27 +9,19 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Iterator
-
-import pytest
+from typing import Any, Callable
 
 from tests.support.client import eventually, get_until_hit, sha256
 from tests.support.daemon import Daemon
 from tests.support.remotes import generic_remote
-from tests.support.s3 import SeaweedFS, boto_client, env_credentials, list_keys, make_bucket, running_seaweed, s3_storage
+from tests.support.s3 import SeaweedFS, boto_client, list_keys, make_bucket, s3_daemon, weed  # noqa: F401 (fixtures)
 
 KiB, MiB = 1 << 10, 1 << 20
 LIMIT = 2 * MiB + 512 * KiB
 WRITE = "wrt-sweep-5d1c"
 
 
-@pytest.fixture(scope="module")
-def weed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
-    with running_seaweed(tmp_path_factory.mktemp("weed")) as s:
-        yield s
-
-
-def test_two_daemons_one_sweeper(upstream: Any, daemon_factory: Callable[..., Daemon], weed: SeaweedFS) -> None:
+def test_two_daemons_one_sweeper(upstream: Any, s3_daemon: Callable[..., Daemon], weed: SeaweedFS) -> None:
     bucket = make_bucket(weed.endpoint)
     bodies = {f"/files/f{n}.bin": os.urandom(MiB) for n in range(4)}
     for path, data in bodies.items():
@@ -37,10 +29,9 @@ def test_two_daemons_one_sweeper(upstream: Any, daemon_factory: Callable[..., Da
     remotes = {"r": generic_remote(upstream), "uploads": {"type": "local"}}
 
     def make(host: str) -> Daemon:
-        storage = s3_storage(weed.endpoint, bucket, prefix="sc/", max_size=LIMIT, sweep_interval="300ms",
-                             sweep_grace="2s", host_id=host)
-        storage["tier"] = {"max_size": "1MiB"}  # holds the latest body only: the others come from the bucket
-        return daemon_factory(remotes, storage=storage, server={"workers": 1}, env={**env_credentials(), "SPARKCACHE_WRITE_TOKEN": WRITE})
+        # A 1 MiB tier holds the latest body only: the others come from the bucket.
+        return s3_daemon(weed.endpoint, bucket, remotes, tier="1MiB", env={"SPARKCACHE_WRITE_TOKEN": WRITE},
+                         max_size=LIMIT, sweep_interval="300ms", sweep_grace="2s", host_id=host)
 
     def holder() -> str | None:
         keys = list_keys(weed.endpoint, bucket, "sc/sweeper")

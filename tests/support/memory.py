@@ -40,6 +40,8 @@ from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResp
 from twisted.web.http_headers import Headers
 from zope.interface import directlyProvides, implementer
 
+from sparkcache.store.s3.bodies import BytesProducer
+
 from tests.support.client import Response
 
 # A backstop, not a measurement: a request that never ends fails the test
@@ -156,28 +158,6 @@ class MemoryAgent:
         return self._agent.request(method, uri, headers, bodyProducer)
 
 
-@implementer(IBodyProducer)
-class _Body:
-    """A request body given whole (tests send small ones)."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer: Any) -> Deferred[None]:
-        consumer.write(self.data)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
 def message(headers: Headers) -> http.client.HTTPMessage:
     """Twisted response headers as the http.client message a Response carries."""
     msg = http.client.HTTPMessage()
@@ -223,7 +203,7 @@ class MemoryClient:
         for k, v in (headers or {}).items():
             h.addRawHeader(k.encode("latin-1"), v.encode("latin-1"))
         url = path if path.startswith(("http://", "https://")) else self.base_url + path
-        d = self.agent.request(method.encode("ascii"), url.encode("latin-1"), h, _Body(body) if body is not None else None)
+        d = self.agent.request(method.encode("ascii"), url.encode("latin-1"), h, BytesProducer(body) if body is not None else None)
         return d.addTimeout(REQUEST_DEADLINE, global_reactor)
 
     def request(self, method: str, path: str, body: bytes | None = None,

