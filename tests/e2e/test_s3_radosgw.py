@@ -48,7 +48,8 @@ from tests.e2e.test_s3_lease import (  # noqa: F401 (fixtures and cases run here
     test_holder_killed_mid_fetch_other_host_takes_over, two_hosts,
 )
 from tests.e2e.test_s3_store import (  # noqa: F401
-    proxied, s3_daemon, test_miss_then_tier_hit_then_bucket_hit, test_two_daemons_one_bucket_share_entries,
+    proxied, s3_daemon, test_blob_deleted_from_the_bucket_is_a_miss, test_miss_then_tier_hit_then_bucket_hit,
+    test_two_daemons_one_bucket_share_entries, test_virtual_host_addressing_is_signed_right,
 )
 from tests.e2e.test_s3_sweep import test_two_daemons_one_sweeper  # noqa: F401
 from tests.support.client import get_until_hit, sha256

@@ -18,6 +18,7 @@ under CI=true.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -82,6 +83,13 @@ rgw enable apis = s3, admin
 """
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the test process dies (a worker killed by the
+    suite's watchdog must not leave a cluster holding memory behind)."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def require_radosgw() -> None:
     for tool in TOOLS:
         require_tool(tool, "Debian's ceph-mon ceph-osd radosgw ceph-common (see .ci/run)")
@@ -96,7 +104,7 @@ class RadosGW:
         self.mon_port = free_port()
         self.conf = self.dir / "ceph.conf"
         self.pgid: int | None = None
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.startup_seconds = 0.0
 
     @property
@@ -116,12 +124,12 @@ class RadosGW:
         # Every daemon joins the first one's process group: stop() kills the group.
         out = open(self.dir / "log" / f"{args[0]}.out", "ab")
         proc = subprocess.Popen([*args, "-f", "-c", str(self.conf)], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, cwd=self.dir,
+                                stdin=subprocess.DEVNULL, cwd=self.dir, preexec_fn=_die_with_parent,
                                 process_group=0 if self.pgid is None else self.pgid)
         out.close()
         if self.pgid is None:
             self.pgid = proc.pid
-        self.procs.append(proc)
+        self.procs[args[0]] = proc
         return proc
 
     def start(self, timeout: float = 120.0) -> "RadosGW":
@@ -142,8 +150,9 @@ class RadosGW:
             self._tool("ceph-osd", "-i", osd_id, "--mkfs", "--osd-uuid", osd_uuid)
             self._daemon("ceph-osd", "-i", osd_id)
             # Creates the default realm, zone and pools as well (the OSD must be up for that).
-            self._tool("radosgw-admin", "user", "create", "--uid=sparkcache", "--display-name=sparkcache tests",
-                       f"--access-key={ACCESS_KEY}", f"--secret-key={SECRET_KEY}", timeout=timeout)
+            self._tool("radosgw-admin", "--rados-mon-op-timeout=60", "--rados-osd-op-timeout=60", "user", "create",
+                       "--uid=sparkcache", "--display-name=sparkcache tests", f"--access-key={ACCESS_KEY}",
+                       f"--secret-key={SECRET_KEY}", timeout=timeout)
             self._daemon("radosgw", "-n", "client.rgw")
             self._wait_ready(began + timeout)
         except BaseException:
@@ -155,9 +164,9 @@ class RadosGW:
     def _wait_ready(self, deadline: float) -> None:
         probe = unique_bucket("probe")
         while True:
-            for p in self.procs:
+            for name, p in self.procs.items():
                 if p.poll() is not None:
-                    raise AssertionError(f"{p.args[0]} exited {p.returncode}:\n{self.log_tail()}")
+                    raise AssertionError(f"{name} exited {p.returncode}:\n{self.log_tail()}")
             try:
                 s3 = boto_client(self.endpoint)
                 s3.create_bucket(Bucket=probe)
@@ -185,12 +194,12 @@ class RadosGW:
                 os.killpg(self.pgid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        for p in self.procs:
+        for p in self.procs.values():
             try:
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 pass
-        self.procs = []
+        self.procs = {}
 
 
 @contextmanager
