@@ -192,7 +192,7 @@ def running_seaweed(workdir: Path) -> Iterator[SeaweedFS]:
 class Rule:
     method: str
     contains: str
-    action: str  # 503 | 500 | truncate | corrupt | drop | stall | unconditional
+    action: str  # 503 | 500 | truncate | corrupt | drop | stall | unconditional | quoted-if-match
     times: int = 1
 
 
@@ -284,6 +284,12 @@ class FaultProxy:
             h.send_header("Content-Length", str(len(err)))
             h.end_headers()
             h.wfile.write(err)
+            return
+        if rule is not None and rule.action == "quoted-if-match" and (h.headers.get("If-Match") or "").startswith('"'):
+            # Ceph RGW 16: If-Match compared with the stored, unquoted ETag.
+            h.send_response(412)
+            h.send_header("Content-Length", "0")
+            h.end_headers()
             return
         if rule is not None and rule.action == "stall":
             self.released.wait(60)  # then forwarded (to whatever is there by then)

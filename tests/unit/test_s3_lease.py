@@ -183,6 +183,29 @@ async def test_waiter_takes_over_from_a_dead_holder(bucket):
 
 
 @pytest_twisted.ensureDeferred
+async def test_server_matching_unquoted_etags_only(bucket):
+    """Ceph RGW 16 never matches a quoted ``If-Match``: renewal and takeover
+    retry with the ETag unquoted, then send it unquoted first."""
+    host, clock, proxy, endpoint, name = bucket
+    proxy.arm("PUT", "/t/leases/", "quoted-if-match", times=100)
+    a, b, c = host(), host(), host()
+    held = await a.acquire("k")
+    await held._renew_now()
+    assert not held.lost and a.bare_etags
+    puts = proxy.count("PUT")
+    await held._renew_now()
+    assert not held.lost and proxy.count("PUT") == puts + 1  # unquoted straight away
+    die(held)
+    clock.advance(TTL + 1)
+    info = await b.read("k")
+    won = await b.take_over("k", info)
+    assert isinstance(won, Lease)
+    assert await c.take_over("k", info) is None  # neither form matches the new ETag
+    assert (await c.read("k")).owner == b.me
+    await won.release()
+
+
+@pytest_twisted.ensureDeferred
 async def test_server_ignoring_conditions_every_host_holds_it(bucket):
     host, clock, proxy, endpoint, name = bucket
     proxy.arm("PUT", "/t/leases/", "unconditional", times=100)

@@ -87,7 +87,7 @@ class Lease:
         if self._released:
             return
         try:
-            ok, etag = await self.leases.put(self.key, {"If-Match": self.etag} if self.etag else {})
+            ok, etag = await self.leases.put_if_match(self.key, self.etag)
         except S3Error as e:
             log.warn("could not renew the lease of {key}: {e}", key=self.key, e=e)
             ok, etag = True, self.etag  # try again next time: it has not expired yet
@@ -127,6 +127,7 @@ class Leases:
         self.me = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(6).hex()}"
         self.taken = 0  # leases this host won (fresh or taken over)
         self.waited = 0  # productions that waited for another host's
+        self.bare_etags = False  # the server matches If-Match on the unquoted ETag only
 
     def name(self, key: str) -> str:
         return f"{self.prefix}leases/{hashlib.sha256(key.encode()).hexdigest()}"
@@ -143,6 +144,24 @@ class Leases:
             return False, None
         await _discard(response)
         return True, _header(response, b"etag")
+
+    async def put_if_match(self, key: str, etag: str | None) -> tuple[bool, str | None]:
+        """``put`` on condition that the lease still has ``etag`` (none: unconditional).
+
+        Ceph RGW (16) compares ``If-Match`` with the ETag it stored, without
+        quotes, so the quoted form its ETag header gives never matches there:
+        a 412 on the quoted form is tried again unquoted, and once that
+        matched the unquoted form goes first. SeaweedFS and moto take both."""
+        if not etag:
+            return await self.put(key, {})
+        bare = etag.strip('"')
+        forms = [etag] if bare == etag else ([bare, etag] if self.bare_etags else [etag, bare])
+        for form in forms:
+            ok, new = await self.put(key, {"If-Match": form})
+            if ok:
+                self.bare_etags = form == bare and bare != etag
+                return ok, new
+        return False, None
 
     async def read(self, key: str) -> LeaseInfo | None:
         """The lease on ``key`` now (None: none). A malformed one counts as expired."""
@@ -171,7 +190,7 @@ class Leases:
     async def take_over(self, key: str, info: LeaseInfo) -> Lease | None:
         """An expired lease, unless another host took it over first."""
         try:
-            ok, etag = await self.put(key, {"If-Match": info.etag} if info.etag else {})
+            ok, etag = await self.put_if_match(key, info.etag)
         except S3Error as e:
             return self._inert(key, e)
         if not ok:
