@@ -88,11 +88,15 @@ class Head:
     the last one of a name. Shared by every request with the same head bytes
     (the connection keeps them), so never changed once made."""
 
-    __slots__ = ("method", "uri", "fields")
+    __slots__ = ("method", "uri", "fields", "mount", "anonymous")
 
     def __init__(self, method: bytes, uri: bytes, fields: dict[bytes, bytes]) -> None:
         """``fields``: the header values by lowercased name."""
         self.method, self.uri, self.fields = method, uri, fields
+        # The path's first segment: where the app that answers it is mounted.
+        self.mount = uri[1:].partition(b"/")[0]
+        # No credentials: what Authorizer.presented reads as none presented.
+        self.anonymous = not fields.get(b"authorization")
 
     def getHeader(self, name: bytes) -> bytes | None:  # noqa: N802 - twisted.web's request API
         return self.fields.get(name.lower())
@@ -295,10 +299,12 @@ class FastHits(Resource):
         now = ctx.clock.seconds()
         if entry.expires is not None and now >= entry.expires:
             return None
-        try:
-            ctx.auth.require(head, "read")
-        except AuthError:
-            return None
+        auth = ctx.auth
+        if not (head.anonymous and auth.anonymous_read):
+            try:
+                auth.require(head, "read")
+            except AuthError:
+                return None
         index.touch(entry, now)
         kept = self.blocks.kept(entry)
         if kept is None or route.form is not None:

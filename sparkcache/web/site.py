@@ -421,7 +421,7 @@ class JsonErrorChannel(HTTPChannel):
             head = parse_head(data[:end])
             if head is None:
                 break
-            app = apps.get(head.uri[1:].partition(b"/")[0])
+            app = apps.get(head.mount)
             out = app.answer(head) if type(app) is FastHits else None
             if out is None:
                 break
