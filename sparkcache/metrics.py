@@ -110,7 +110,7 @@ class Metrics:
         # Label lookups take a lock and hash a tuple: keep the children, which
         # the hit path asks for on every request.
         self._children: dict[tuple[Any, ...], Any] = {}
-        self._batches: list[HitBatch] = []
+        self._batches: dict[str, HitBatch] = {}  # by remote
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), *labels)
@@ -135,8 +135,10 @@ class Metrics:
         from their files at any time: the caller then counts each hit."""
         if multiprocess_dir():
             return None
-        batch = HitBatch(self._child(self._responses, remote, "hit").inc, self.bytes_counter(remote, "cache"))
-        self._batches.append(batch)
+        batch = self._batches.get(remote)
+        if batch is None:  # one per remote, however often the apps are rebuilt
+            batch = self._batches[remote] = HitBatch(self._child(self._responses, remote, "hit").inc,
+                                                     self.bytes_counter(remote, "cache"))
         return batch
 
     def form(self, remote: str, form: str, result: str) -> None:
@@ -203,7 +205,7 @@ class Metrics:
         /metrics or the status is rendered, and with worker processes every
         second too, so the other workers' aggregate is at most that old."""
         if self._batches and (threadable.ioThread is None or threadable.isInIOThread()):
-            for batch in self._batches:
+            for batch in self._batches.values():
                 batch.flush()
         site = self.site
         if site is None:

@@ -241,3 +241,10 @@ def test_parse_head_keeps_what_it_parsed() -> None:
     assert parse_head(b"GET /x/y HTTP/1.1\r\nHost: \xff\xfe") is None
     token = parse_head(b"GET /x/y HTTP/1.1\r\nAuthorization: Bearer t")
     assert token is not None and not token.anonymous
+
+
+def test_one_hit_batch_per_remote_however_often_apps_are_rebuilt() -> None:
+    from sparkcache.metrics import Metrics
+
+    m = Metrics()
+    assert m.hit_batch("r") is m.hit_batch("r") is not m.hit_batch("s")
