@@ -456,10 +456,13 @@ class JsonErrorChannel(HTTPChannel):
 FAST_HEAD_MAX = 8192
 FAST_HEADERS_MAX = 100
 # Heads (and header blocks) up to this long are kept once parsed, up to
-# HEADS_MAX of each (all forgotten at once past that): a client sends the same
-# head bytes for each URL it asks again, and the same headers for every URL.
+# HEADS_MAX heads and FIELDS_MAX header blocks (all forgotten at once past
+# that): a client sends the same head bytes for each URL it asks again, and
+# the same headers for every URL. A block's parsed form is the larger (up to
+# FAST_HEADERS_MAX values): at most ~12 MiB of them however heads are made up.
 HEAD_KEEP_MAX = 1024
 HEADS_MAX = 4096
+FIELDS_MAX = 1024
 # What the connection answers itself: GET/HEAD, an origin-form target of
 # visible ASCII, HTTP/1.1, header lines whose names are tokens and whose values
 # hold no control byte (twisted.web refuses what this does not match, or
@@ -522,7 +525,7 @@ def parse_fields(block: bytes) -> dict[bytes, bytes] | None:
             except UnicodeDecodeError:
                 fields = None
     if len(block) <= HEAD_KEEP_MAX:
-        if len(_fields) >= HEADS_MAX:
+        if len(_fields) >= FIELDS_MAX:
             _fields.clear()
         _fields[block] = fields
     return fields
