@@ -248,3 +248,13 @@ def test_one_hit_batch_per_remote_however_often_apps_are_rebuilt() -> None:
 
     m = Metrics()
     assert m.hit_batch("r") is m.hit_batch("r") is not m.hit_batch("s")
+
+
+def test_kept_heads_stay_bounded() -> None:
+    from sparkcache.web import site
+
+    for i in range(site.HEADS_MAX + 10):
+        parse_head(b"GET /x/%d HTTP/1.1\r\nX-Id: %d" % (i, i))
+    assert len(site._heads) <= site.HEADS_MAX and len(site._fields) <= site.FIELDS_MAX
+    long = b"GET /x HTTP/1.1\r\nX-Pad: " + b"a" * site.HEAD_KEEP_MAX
+    assert parse_head(long) is not None and long not in site._heads  # parsed, not kept
