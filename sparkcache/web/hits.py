@@ -282,7 +282,8 @@ class FastHits(Resource):
         :func:`sparkcache.web.site.parse_head`) and its body's length, when it
         is a fresh hit of a body up to BLOCK_BODY_MAX; None for anything else.
 
-        ``find``'s checks, in line (a fifth of a hit's cost was calls)."""
+        ``find``'s checks, in line once the URL's route is kept: Python calls
+        are much of what a hit costs."""
         ctx = self.ctx
         if self._routes_of is not ctx.config:
             self._routes, self._routes_of = {}, ctx.config
