@@ -11,13 +11,25 @@ to /dev/null per run; runs alternate nginx/sparkcache; the median of
 server CPU of each transfer (utime+stime of nginx's workers, of every
 sparkcache process) is reported as CPU seconds per GB: it holds up under
 load where the wall-clock figures do not.
+
+``--syscalls`` adds one more transfer per server under ``strace -c -f``
+and reports its system calls per GB: ``sendfile`` calls, those that failed
+with EAGAIN (a full socket buffer found by failing), and waits for room
+(``poll`` / ``epoll_wait``). Counts, not times: they do not depend on the
+machine's load (strace slows the transfer itself; its speed is not reported).
 """
 
 from __future__ import annotations
 
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
 from common import (MB, Bench, BenchError, Daemon, Nginx, add_workers_arg, apply_quick, base_parser, check_transfer, curl, fmt_size,
                     free_port, make_random_file, median, parse_size, print_summary, print_table, run_main,
-                    static_server, summary_row, task_cpu_seconds)
+                    static_server, summary_row, task_cpu_seconds, tool)
 
 NAME = "hit_large"
 GOAL = 1.0
@@ -27,6 +39,7 @@ def main() -> int:
     p = base_parser(__doc__ or NAME, "(128 MiB, 3 runs)")
     p.add_argument("--size", type=parse_size, default=None, help="object size (default 1GiB; --quick 128MiB)")
     p.add_argument("--runs", type=int, default=None, help="timed runs per server (default 3)")
+    p.add_argument("--syscalls", action="store_true", help="also count each server's system calls per GB (strace)")
     add_workers_arg(p)
     args = p.parse_args()
     apply_quick(args, {"size": 128 << 20, "runs": 3}, {"size": 1 << 30, "runs": 3})
@@ -45,7 +58,8 @@ def main() -> int:
         summary: list[dict] = []
         by_workers: dict[str, dict] = {}
         for workers in args.workers:
-            by_workers[str(workers)] = scenario(b, size, runs, workers, up_port, nginx, nginx_url, digest, summary)
+            by_workers[str(workers)] = scenario(b, size, runs, workers, up_port, nginx, nginx_url, digest, summary,
+                                                args.syscalls)
         print_summary(f"{NAME} summary (median of {runs})", summary)
         upstream_lines = (nginx.dir / "access.log").read_text().splitlines()
         upstream_fetches = sum(1 for line in upstream_lines if line.startswith("/big.bin") and " 200 " in line)
@@ -64,8 +78,40 @@ def main() -> int:
     return 0
 
 
+def syscalls(b: Bench, pids: list[int], url: str, size: int, what: str, x_cache: str | None) -> dict[str, float]:
+    """One transfer of ``url`` with every process of ``pids`` under ``strace -c
+    -f``: its sendfile calls, those that failed, and its waits, per GB."""
+    out = b.path(f"strace-{what}.txt")
+    tracers = [subprocess.Popen([tool("strace"), "-c", "-f", "-o", f"{out}.{pid}", "-p", str(pid)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for pid in pids]
+    time.sleep(1)  # attached (strace has no "ready" signal)
+    try:
+        check_transfer(curl(url), size, x_cache=x_cache, what=f"{what} under strace")
+    finally:
+        for t in tracers:
+            t.send_signal(signal.SIGINT)
+            t.wait(60)
+    counts: dict[str, float] = {"sendfile": 0, "sendfile_eagain": 0, "waits": 0}
+    for pid in pids:
+        path = Path(f"{out}.{pid}")
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines():
+            f = line.split()
+            if len(f) >= 5 and f[-1] in ("sendfile", "poll", "epoll_wait") and re.fullmatch(r"\d+", f[3]):
+                calls = int(f[3])
+                errors = int(f[4]) if len(f) == 6 else 0
+                if f[-1] == "sendfile":
+                    counts["sendfile"] += calls
+                    counts["sendfile_eagain"] += errors
+                else:
+                    counts["waits"] += calls
+    gb = size / 1e9
+    return {k: v / gb for k, v in counts.items()}
+
+
 def scenario(b: Bench, size: int, runs: int, workers: int, up_port: int, nginx: Nginx, nginx_url: str,
-             digest: str, summary: list[dict]) -> dict:
+             digest: str, summary: list[dict], count_syscalls: bool = False) -> dict:
     """One daemon with ``workers``: warm it, then alternate nginx / sparkcache runs."""
     tag = f"workers {workers}"
     daemon = Daemon(b, {"large": {"type": "generic", "upstream": f"http://127.0.0.1:{up_port}"}},
@@ -112,8 +158,17 @@ def scenario(b: Bench, size: int, runs: int, workers: int, up_port: int, nginx: 
         summary_row(f"time to first byte, median, {tag}", "ms", med("sparkcache", "ttfb") * 1000, "nginx sendfile",
                     med("nginx", "ttfb") * 1000, "-", None),
     ]
+    calls: dict[str, dict[str, float]] = {}
+    if count_syscalls:
+        calls["nginx"] = syscalls(b, nginx.worker_pids(), nginx_url, size, f"nginx-w{workers}", None)
+        calls["sparkcache"] = syscalls(b, daemon.pids(), spark_url, size, f"sparkcache-w{workers}", "HIT")
+        for key, label in (("sendfile", "sendfile calls per GB"), ("sendfile_eagain", "sendfile EAGAIN per GB"),
+                           ("waits", "waits for room per GB")):
+            summary.append(summary_row(f"{label}, {tag} (strace)", "calls", calls["sparkcache"][key],
+                                       "nginx sendfile", calls["nginx"][key], "-", None))
     daemon.stop()
     return {
+        "syscalls_per_gb": calls,
         "runs": results,
         "warmup": warm,
         "warmup_commit_wait_s": commit_wait,

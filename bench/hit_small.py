@@ -20,8 +20,11 @@ depend on how the cores are shared; requests/s does, and on a busy machine
 both servers lose alike: compare the ratios.
 
 ``--instructions`` also runs sparkcache (one worker) under callgrind for a
-short wrk run and reports instructions per request: a figure that does not
-depend on the machine's load (valgrind needed; minutes, not seconds).
+fixed number of keep-alive hits (``--instruction-hits``, 3000 over 8
+connections, from a small client of this script's own) and reports
+instructions per hit: a figure that does not depend on the machine's load
+(valgrind needed; minutes, not seconds). Run the same command from another
+checkout to compare two trees.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import contextlib
 import glob
 import http.client
 import os
+import selectors
+import socket
 import subprocess
 import time
 from typing import Any, Iterator
@@ -130,21 +135,79 @@ def affinity(cpus: set[int]) -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
-def instructions(b: Bench, upstream_port: int, paths: list[str], bodies: list[bytes], seconds: float) -> dict[str, Any]:
+def fixed_hits(port: int, paths: list[str], total: int, connections: int) -> int:
+    """Exactly ``total`` keep-alive GETs over ``connections`` connections, one
+    outstanding per connection, rotating over ``paths``; each answer checked
+    (200, whole body). A fixed count, so instructions per hit do not depend on
+    how fast a loaded machine lets a client go (nor on the daemon's idle cost
+    over a fixed duration)."""
+    sel = selectors.DefaultSelector()
+    pending: dict[socket.socket, bytes] = {}
+    sent = done = 0
+
+    def ask(s: socket.socket) -> None:
+        nonlocal sent
+        path = paths[sent % len(paths)]
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: hit_small\r\nAccept: */*\r\n\r\n"
+                  .encode())
+        sent += 1
+
+    socks = []
+    try:
+        for _ in range(min(connections, total)):
+            s = socket.create_connection(("127.0.0.1", port), timeout=60)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            socks.append(s)
+            pending[s] = b""
+            sel.register(s, selectors.EVENT_READ)
+            ask(s)
+        while done < total:
+            events = sel.select(60)
+            if not events:
+                raise BenchError(f"no answer within 60 s after {done} of {total} hits")
+            for key, _ in events:
+                s = key.fileobj  # type: ignore[assignment]
+                data = s.recv(1 << 18)
+                if not data:
+                    raise BenchError(f"sparkcache closed a connection after {done} of {total} hits")
+                buf = pending[s] + data
+                while True:
+                    end = buf.find(b"\r\n\r\n")
+                    if end < 0:
+                        break
+                    head = buf[:end].decode("latin-1")
+                    if not head.startswith("HTTP/1.1 200 "):
+                        raise BenchError(f"hit {done + 1}: {head.splitlines()[0]!r}")
+                    length = int(next(line.split(":", 1)[1] for line in head.split("\r\n")
+                                      if line.lower().startswith("content-length:")))
+                    if len(buf) < end + 4 + length:
+                        break
+                    buf = buf[end + 4 + length:]
+                    done += 1
+                    if sent < total:
+                        ask(s)
+                pending[s] = buf
+    finally:
+        for s in socks:
+            s.close()
+    return done
+
+
+def instructions(b: Bench, upstream_port: int, paths: list[str], bodies: list[bytes], hits: int,
+                 connections: int = 8) -> dict[str, Any]:
     """Instructions per hit of sparkcache (one worker) under callgrind: counted
-    only during a wrk run at 16 connections, after the cache is warm."""
+    only during ``hits`` keep-alive hits over ``connections`` connections,
+    after the cache is warm and every path went once through the fast path."""
     out = b.path("callgrind.out")
     d = Daemon(b, {"small": {"type": "generic", "upstream": f"http://127.0.0.1:{upstream_port}"}},
                name="sparkcache-callgrind", workers=1,
                wrap=[tool("valgrind"), "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"])
     d.start(timeout=600)
     warm(d.port, paths, bodies, "sparkcache under callgrind", settle=d.wait_idle)
-    lua = write_wrk_script(b.path("callgrind.lua"), paths)
-    url = f"http://127.0.0.1:{d.port}"
-    run_wrk(url, lua, 4, 2, 1, timeout_s=60)  # every path once through the fast path's caches
+    fixed_hits(d.port, paths, 2 * len(paths), 4)  # every path through the fast path's caches
     control = tool("callgrind_control")
     subprocess.run([control, "-i", "on", str(d.pid)], check=True, capture_output=True, timeout=60)
-    r = run_wrk(url, lua, 16, seconds, 1, timeout_s=60)
+    n = fixed_hits(d.port, paths, hits, connections)
     subprocess.run([control, "-i", "off", str(d.pid)], check=True, capture_output=True, timeout=60)
     subprocess.run([control, "-d", str(d.pid)], check=True, capture_output=True, timeout=60)
     time.sleep(1)
@@ -155,10 +218,10 @@ def instructions(b: Bench, upstream_port: int, paths: list[str], bodies: list[by
                 if line.startswith(("summary:", "totals:")):
                     total = max(total, int(line.split()[1]))
     d.stop()
-    if not r["requests"] or not total:
-        raise BenchError(f"callgrind counted {total} instructions for {r['requests']} requests")
-    return {"requests": r["requests"], "instructions": total, "per_request": total / r["requests"],
-            "errors": r["errors"]}
+    if not n or not total:
+        raise BenchError(f"callgrind counted {total} instructions for {n} hits")
+    return {"requests": n, "connections": connections, "instructions": total, "per_request": total / n,
+            "errors": 0}
 
 
 def main() -> int:
@@ -172,6 +235,8 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=None, help="measured runs per server, median reported (default 1)")
     p.add_argument("--instructions", action="store_true",
                    help="also count sparkcache's instructions per hit under callgrind (needs valgrind)")
+    p.add_argument("--instruction-hits", type=int, default=3000,
+                   help="hits counted under callgrind, over 8 connections (default 3000)")
     args = p.parse_args()
     apply_quick(args, {"objects": 100, "duration": 3, "warmup": 1},
                 {"objects": 300, "object_size": 4096, "connections": 64, "duration": 10, "warmup": 2,
@@ -300,7 +365,7 @@ def main() -> int:
         counted: dict[str, Any] = {}
         if args.instructions:
             b.log("counting sparkcache's instructions per hit under callgrind")
-            counted = instructions(b, up_port, spark_paths, bodies, max(4.0, args.duration))
+            counted = instructions(b, up_port, spark_paths, bodies, args.instruction_hits)
             summary.append(summary_row("sparkcache instructions per hit (callgrind)", "Ir", counted["per_request"],
                                        "", None, "-", None))
         print_summary(f"{NAME} summary", summary)

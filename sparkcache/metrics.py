@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from twisted.python import threadable
 
 
 @dataclass
@@ -22,6 +23,24 @@ class UpstreamOutcome:
     last_failure: float | None = None
     last_error: str | None = None
     failing: bool = False  # the last answer was a failure
+
+
+class HitBatch:
+    """Hits (and their body bytes) counted but not yet in their counters (see ``Metrics.hit_batch``)."""
+
+    __slots__ = ("hits", "bytes", "_inc_hits", "_inc_bytes")
+
+    def __init__(self, inc_hits: Callable[[int], None], inc_bytes: Callable[[int], None]) -> None:
+        self.hits = self.bytes = 0
+        self._inc_hits, self._inc_bytes = inc_hits, inc_bytes
+
+    def flush(self) -> None:
+        hits, size = self.hits, self.bytes
+        self.hits = self.bytes = 0
+        if hits:
+            self._inc_hits(hits)
+        if size:
+            self._inc_bytes(size)
 
 
 class Metrics:
@@ -91,6 +110,7 @@ class Metrics:
         # Label lookups take a lock and hash a tuple: keep the children, which
         # the hit path asks for on every request.
         self._children: dict[tuple[Any, ...], Any] = {}
+        self._batches: dict[str, HitBatch] = {}  # by remote
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), *labels)
@@ -106,6 +126,20 @@ class Metrics:
     def response_counter(self, remote: str, result: str) -> Callable[[], None]:
         """The ``inc`` of ``response(remote, result)``, for a caller that keeps it (the hit path)."""
         return self._child(self._responses, remote, result).inc  # type: ignore[no-any-return]
+
+    def hit_batch(self, remote: str) -> HitBatch | None:
+        """Counts of ``remote``'s hits and their body bytes that the caller adds
+        to on the reactor thread, moved into the counters whenever they are
+        read (``publish``, on the reactor thread): a hit then costs two integer
+        additions. None with worker processes, whose counters the others read
+        from their files at any time: the caller then counts each hit."""
+        if multiprocess_dir():
+            return None
+        batch = self._batches.get(remote)
+        if batch is None:  # one per remote, however often the apps are rebuilt
+            batch = self._batches[remote] = HitBatch(self._child(self._responses, remote, "hit").inc,
+                                                     self.bytes_counter(remote, "cache"))
+        return batch
 
     def form(self, remote: str, form: str, result: str) -> None:
         """One package-registry response of ``form`` (page, file...) for ``remote``:
@@ -170,6 +204,9 @@ class Metrics:
         plain integers (its accept path pays nothing for them); this runs when
         /metrics or the status is rendered, and with worker processes every
         second too, so the other workers' aggregate is at most that old."""
+        if self._batches and (threadable.ioThread is None or threadable.isInIOThread()):
+            for batch in self._batches.values():
+                batch.flush()
         site = self.site
         if site is None:
             return

@@ -37,9 +37,10 @@ from twisted.web.server import NOT_DONE_YET, version
 
 from sparkcache.auth import AuthError
 from sparkcache.context import Context
+from sparkcache.metrics import HitBatch
 from sparkcache.store import Entry
 from sparkcache.web.errors import ErrorFormat, refuse_path
-from sparkcache.web.paths import BadPath, split_raw_path, vet_host, vet_request
+from sparkcache.web.paths import BadPath, split_raw_path, vet_request
 from sparkcache.web.respond import serve_hit, set_hit_headers
 
 log = Logger()
@@ -83,22 +84,22 @@ class FreshHit(NamedTuple):
 class Head:
     """A request head the connection vetted (:func:`sparkcache.web.site.parse_head`):
     what ``fast_route``, the path checks and auth read of a request. Headers
-    are looked up in the head itself, as twisted.web's ``getHeader`` does: by
-    name in any case, the last one of a name."""
+    are looked up as twisted.web's ``getHeader`` does: by name in any case,
+    the last one of a name. Shared by every request with the same head bytes
+    (the connection keeps them), so never changed once made."""
 
-    __slots__ = ("method", "uri", "head", "lower")
+    __slots__ = ("method", "uri", "fields", "mount", "anonymous")
 
-    def __init__(self, method: bytes, uri: bytes, head: bytes) -> None:
-        self.method, self.uri, self.head = method, uri, head
-        self.lower = head.lower()
+    def __init__(self, method: bytes, uri: bytes, fields: dict[bytes, bytes]) -> None:
+        """``fields``: the header values by lowercased name."""
+        self.method, self.uri, self.fields = method, uri, fields
+        # The path's first segment: where the app that answers it is mounted.
+        self.mount = uri[1:].partition(b"/")[0]
+        # No credentials: what Authorizer.presented reads as none presented.
+        self.anonymous = not fields.get(b"authorization")
 
     def getHeader(self, name: bytes) -> bytes | None:  # noqa: N802 - twisted.web's request API
-        at = self.lower.rfind(b"\r\n" + name.lower() + b":")
-        if at < 0:
-            return None
-        start = at + len(name) + 3
-        end = self.head.find(b"\r\n", start)
-        return self.head[start:end if end >= 0 else len(self.head)].strip(b" \t")
+        return self.fields.get(name.lower())
 
 
 class _Recorder:
@@ -134,6 +135,13 @@ class Blocks:
         self.max_bytes = max_bytes
         self.size = 0
         self._blocks: dict[str, tuple[Entry, bytes, int]] = {}
+
+    def kept(self, entry: Entry) -> tuple[bytes, int] | None:
+        """The block kept for this very ``entry`` object, if any (see ``get``)."""
+        kept = self._blocks.get(entry.key)
+        if kept is not None and kept[0] is entry:
+            return kept[1], kept[2]
+        return None
 
     def get(self, hit: FreshHit, read: Callable[[Entry], bytes]) -> tuple[bytes, int] | None:
         """(headers and body, where the body starts) of ``hit``; None when its
@@ -201,7 +209,9 @@ class FastHits(Resource):
         # or no valid path), for the configuration it was made with.
         self._routes: dict[bytes, FastRoute | None] = {}
         self._routes_of: Any = None
-        # Per remote: the incs of its hit and cache-bytes counters.
+        # Per remote: its hits counted in a batch (None: with worker
+        # processes), or else the incs of its hit and cache-bytes counters.
+        self._batches: dict[str, HitBatch | None] = {}
         self._counters: dict[str, tuple[Callable[[], None], Callable[[int], None]]] = {}
 
     def find(self, request: Any, segments: list[str] | None = None) -> FreshHit | None:
@@ -270,32 +280,75 @@ class FastHits(Resource):
     def answer(self, head: Head) -> tuple[bytes, int] | None:
         """The whole response to ``head`` (a GET or HEAD the connection vetted:
         :func:`sparkcache.web.site.parse_head`) and its body's length, when it
-        is a fresh hit of a body up to BLOCK_BODY_MAX; None for anything else."""
+        is a fresh hit of a body up to BLOCK_BODY_MAX; None for anything else.
+
+        ``find``'s checks, in line once the URL's route is kept: Python calls
+        are much of what a hit costs."""
+        ctx = self.ctx
+        if self._routes_of is not ctx.config:
+            self._routes, self._routes_of = {}, ctx.config
         try:
-            vet_host(head)
-        except BadPath:
+            route = self._routes[head.uri]
+        except KeyError:
+            return self._answer_found(head, self.find(head))
+        if route is None:
             return None
-        hit = self.find(head)
+        index = ctx.store.index
+        entry = index.peek(route.key)
+        if entry is None or entry.status != 200 or entry.size > BLOCK_BODY_MAX:
+            return None
+        now = ctx.clock.seconds()
+        if entry.expires is not None and now >= entry.expires:
+            return None
+        auth = ctx.auth
+        if not (head.anonymous and auth.anonymous_read):
+            try:
+                auth.require(head, "read")
+            except AuthError:
+                return None
+        index.touch(entry, now)
+        kept = self.blocks.kept(entry)
+        if kept is None or route.form is not None:
+            extra = None
+            if route.default_type is not None and not entry.headers.get("content-type"):
+                extra = {"Content-Type": route.default_type}
+            return self._answer_found(head, FreshHit(entry, route.remote, route.path, extra, route.form))
+        block, body_at = kept
+        return self._answered(head, route.remote, block, body_at)
+
+    def _answer_found(self, head: Head, hit: FreshHit | None) -> tuple[bytes, int] | None:
         if hit is None or hit.entry.size > BLOCK_BODY_MAX:
             return None
         store = self.ctx.store
         got = self.blocks.get(hit, lambda e: _read(store, e))
         if got is None:
             return None
-        block, body_at = got
-        counted = self._counters.get(hit.remote)
-        if counted is None:
-            metrics = self.ctx.metrics
-            counted = self._counters[hit.remote] = (metrics.response_counter(hit.remote, "hit"),
-                                                    metrics.bytes_counter(hit.remote, "cache"))
-        counted[0]()
         if hit.form is not None:
             self.ctx.metrics.form(hit.remote, hit.form, "hit")
-        if head.method == b"HEAD":
-            return _STATUS + _dates.now() + block[:body_at], 0
-        size = len(block) - body_at
-        counted[1](size)
-        return _STATUS + _dates.now() + block, size
+        return self._answered(head, hit.remote, *got)
+
+    def _answered(self, head: Head, remote: str, block: bytes, body_at: int) -> tuple[bytes, int]:
+        """The response of a hit of ``remote``, counted."""
+        size = 0 if head.method == b"HEAD" else len(block) - body_at
+        try:
+            batch = self._batches[remote]
+        except KeyError:
+            batch = self._batches[remote] = self.ctx.metrics.hit_batch(remote)
+        if batch is not None:
+            batch.hits += 1
+            batch.bytes += size
+        else:
+            counted = self._counters.get(remote)
+            if counted is None:
+                metrics = self.ctx.metrics
+                counted = self._counters[remote] = (metrics.response_counter(remote, "hit"),
+                                                    metrics.bytes_counter(remote, "cache"))
+            counted[0]()
+            if size:
+                counted[1](size)
+        if size:
+            return _STATUS + _dates.now() + block, size
+        return _STATUS + _dates.now() + block[:body_at], 0
 
 
 def _read(store: Any, entry: Entry) -> bytes:

@@ -229,8 +229,19 @@ def _copy(
     poller.register(sock, select.POLLOUT)
     offset = start
     idle = 0.0
+    # The socket's buffer is full: wait until it has room. Known from a
+    # short send as well as from EAGAIN, so a full buffer costs one
+    # sendfile and one poll per refill, not a second, failing sendfile.
+    full = False
     try:
         while offset < end and not cancelled.is_set():
+            if full:
+                full = False
+                if not poller.poll(1000):
+                    idle += 1.0
+                    if idle >= STALL_TIMEOUT:
+                        break
+                    continue
             limit = min(end, available())
             if offset >= limit:
                 if failed() or more is None:
@@ -239,13 +250,11 @@ def _copy(
                 if offset >= min(end, available()) and not failed():
                     more.wait(1.0)  # the flight sets it when bytes arrive or it ends
                 continue
+            want = min(CHUNK, limit - offset)
             try:
-                n = os.sendfile(sock, fd, offset, min(CHUNK, limit - offset))
+                n = os.sendfile(sock, fd, offset, want)
             except BlockingIOError:
-                if not poller.poll(1000):
-                    idle += 1.0
-                    if idle >= STALL_TIMEOUT:
-                        break
+                full = True
                 continue
             except OSError as e:
                 if e.errno in (errno.EPIPE, errno.ECONNRESET, errno.EBADF, errno.ENOTCONN):
@@ -255,6 +264,7 @@ def _copy(
                 break  # file shorter than expected
             offset += n
             idle = 0.0
+            full = n < want
         return offset - start  # short of end - start means: abort the connection
     finally:
         try:

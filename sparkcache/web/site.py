@@ -388,7 +388,8 @@ class JsonErrorChannel(HTTPChannel):
             if data[:1] == b"\x16" and self.transport is not None:
                 self.transport.loseConnection()
                 return
-        if data and data[:1] in b"GH" and self.line_mode and not self.requests and not self._buffer \
+        first = data[:1]  # (``in`` a bytes would raise and catch a TypeError first)
+        if (first == b"G" or first == b"H") and self.line_mode and not self.requests and not self._buffer \
                 and not self._busyReceiving and not self.paused and self.persistent:
             data = self._fast_answers(data)
             if not data:
@@ -420,8 +421,8 @@ class JsonErrorChannel(HTTPChannel):
             head = parse_head(data[:end])
             if head is None:
                 break
-            app = apps.get(head.uri[1:].partition(b"/")[0])
-            out = app.answer(head) if isinstance(app, FastHits) else None
+            app = apps.get(head.mount)
+            out = app.answer(head) if type(app) is FastHits else None
             if out is None:
                 break
             send_now(transport, out[0])
@@ -454,32 +455,80 @@ class JsonErrorChannel(HTTPChannel):
 # A request head longer than this is never a fast hit (twisted.web's limit is 16 KiB).
 FAST_HEAD_MAX = 8192
 FAST_HEADERS_MAX = 100
+# Heads (and header blocks) up to this long are kept once parsed, up to
+# HEADS_MAX heads and FIELDS_MAX header blocks (all forgotten at once past
+# that): a client sends the same head bytes for each URL it asks again, and
+# the same headers for every URL. A block's parsed form is the larger (up to
+# FAST_HEADERS_MAX values): at most ~12 MiB of them however heads are made up.
+HEAD_KEEP_MAX = 1024
+HEADS_MAX = 4096
+FIELDS_MAX = 1024
 # What the connection answers itself: GET/HEAD, an origin-form target of
 # visible ASCII, HTTP/1.1, header lines whose names are tokens and whose values
 # hold no control byte (twisted.web refuses what this does not match, or
 # parses it the same way).
-_FAST_HEAD = re.compile(
-    rb"(GET|HEAD) (/[\x21-\x7e]*) HTTP/1\.1(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*)*")
+_REQUEST_LINE = re.compile(rb"(GET|HEAD) (/[\x21-\x7e]*) HTTP/1\.1")
+_FIELD_LINES = re.compile(rb"(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*)*")
 # Request headers that change a response (or the connection) beyond what a
 # fresh hit's block says, in a lowercased head: such requests go through twisted.web.
 _NOT_FAST = re.compile(rb"\r\n(?:content-length|transfer-encoding|range|if-range|if-none-match|if-modified-since|"
                        rb"if-match|if-unmodified-since|expect|upgrade|http2-settings|te|trailer):")
+# Parsed heads and header blocks (None: not one the connection answers).
+_heads: dict[bytes, Head | None] = {}
+_fields: dict[bytes, dict[bytes, bytes] | None] = {}
 
 
 def parse_head(head: bytes) -> Head | None:
     """A request head (without its final blank line) the connection may answer
-    itself; None for anything twisted.web must see."""
-    m = _FAST_HEAD.fullmatch(head)
-    if m is None or head.count(b"\r\n") > FAST_HEADERS_MAX:
-        return None
-    parsed = Head(m.group(1), m.group(2), head)
-    if _NOT_FAST.search(parsed.lower) is not None:
-        return None
-    if b"\r\nconnection:" in parsed.lower:
-        connection = parsed.getHeader(b"connection")
-        if connection is None or connection.lower() != b"keep-alive":
-            return None
+    itself; None for anything twisted.web must see (a Host header that is not
+    UTF-8 included: routers decode it, and the app answers the error)."""
+    try:
+        return _heads[head]
+    except KeyError:
+        pass
+    parsed = None
+    line, crlf, rest = head.partition(b"\r\n")
+    m = _REQUEST_LINE.fullmatch(line)
+    if m is not None:
+        fields = parse_fields(crlf + rest)
+        if fields is not None:
+            parsed = Head(m.group(1), m.group(2), fields)
+    if len(head) <= HEAD_KEEP_MAX:
+        if len(_heads) >= HEADS_MAX:
+            _heads.clear()
+        _heads[head] = parsed
     return parsed
+
+
+def parse_fields(block: bytes) -> dict[bytes, bytes] | None:
+    """The header values of a head's header lines (``block``: each line
+    preceded by CRLF), by lowercased name, the last of a name; None when
+    the connection must leave the request to twisted.web."""
+    try:
+        return _fields[block]
+    except KeyError:
+        pass
+    fields: dict[bytes, bytes] | None = None
+    lower = block.lower()
+    if _FIELD_LINES.fullmatch(block) is not None and block.count(b"\r\n") <= FAST_HEADERS_MAX \
+            and _NOT_FAST.search(lower) is None:
+        fields = {}
+        for line in block.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            fields[name.lower()] = value.strip(b" \t")
+        connection = fields.get(b"connection")
+        if connection is not None and connection.lower() != b"keep-alive":
+            fields = None
+        else:
+            try:
+                fields.get(b"host", b"").decode("utf-8")
+            except UnicodeDecodeError:
+                fields = None
+    if len(block) <= HEAD_KEEP_MAX:
+        if len(_fields) >= FIELDS_MAX:
+            _fields.clear()
+        _fields[block] = fields
+    return fields
 
 
 def send_now(transport: Any, data: bytes) -> None:

@@ -192,3 +192,69 @@ async def test_npm_tarball_hits_are_answered_by_the_connection(harness_factory: 
     conn = Conn(h.svc.site)
     conn.send(get("/npm/npm/a%2f..%2fb/-/x.tgz"))
     assert (await responses(h, conn, 1))[0][0] == 400
+
+
+@pytest_twisted.ensureDeferred
+async def test_hits_answered_by_the_connection_are_counted_exactly_when_read(h: Harness) -> None:
+    await warm(h)
+    conn = Conn(h.svc.site)
+    conn.send(get() * 3)
+    assert len(conn.responses()) == 3
+    conn.transport.clear()
+    conn.send(get(method="HEAD"))
+    assert conn.transport.value().endswith(b"\r\n\r\n")
+    conn.transport.clear()
+    m = h.metrics.render().decode()
+    # warm()'s one hit through twisted.web, then three GETs and a HEAD at the connection
+    assert 'sparkcache_requests_total{remote="files",result="hit"} 5.0' in m
+    assert f'sparkcache_served_bytes_total{{remote="files",source="cache"}} {4.0 * len(DATA)}' in m
+    conn.send(get())
+    assert conn.transport.value().endswith(DATA)
+    assert 'sparkcache_requests_total{remote="files",result="hit"} 6.0' in h.metrics.render().decode()
+
+
+def test_hit_batches_are_only_for_one_process(monkeypatch: Any) -> None:
+    from sparkcache.metrics import Metrics
+
+    m = Metrics()
+    batch = m.hit_batch("r")
+    assert batch is not None
+    batch.hits, batch.bytes = 2, 10
+    assert m.registry.get_sample_value("sparkcache_requests_total", {"remote": "r", "result": "hit"}) == 0
+    m.publish()
+    assert m.registry.get_sample_value("sparkcache_requests_total", {"remote": "r", "result": "hit"}) == 2
+    assert m.registry.get_sample_value("sparkcache_served_bytes_total", {"remote": "r", "source": "cache"}) == 10
+    assert (batch.hits, batch.bytes) == (0, 0)
+    # Worker processes read each other's counters at any time: no batch.
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/nonexistent")
+    assert Metrics().hit_batch("r") is None
+
+
+def test_parse_head_keeps_what_it_parsed() -> None:
+    head = b"GET /x/y HTTP/1.1\r\nHost: a\r\nUser-Agent: t"
+    first = parse_head(head)
+    assert first is not None and parse_head(bytes(head)) is first
+    assert (first.mount, first.anonymous) == (b"x", True)
+    again = parse_head(b"GET /x/z HTTP/1.1\r\nHost: a\r\nUser-Agent: t")
+    assert again is not None and again.fields is first.fields  # the header block was kept too
+    assert parse_head(b"GET /x/y HTTP/1.1\r\nHost: \xff\xfe") is None  # the app refuses it
+    assert parse_head(b"GET /x/y HTTP/1.1\r\nHost: \xff\xfe") is None
+    token = parse_head(b"GET /x/y HTTP/1.1\r\nAuthorization: Bearer t")
+    assert token is not None and not token.anonymous
+
+
+def test_one_hit_batch_per_remote_however_often_apps_are_rebuilt() -> None:
+    from sparkcache.metrics import Metrics
+
+    m = Metrics()
+    assert m.hit_batch("r") is m.hit_batch("r") is not m.hit_batch("s")
+
+
+def test_kept_heads_stay_bounded() -> None:
+    from sparkcache.web import site
+
+    for i in range(site.HEADS_MAX + 10):
+        parse_head(b"GET /x/%d HTTP/1.1\r\nX-Id: %d" % (i, i))
+    assert len(site._heads) <= site.HEADS_MAX and len(site._fields) <= site.FIELDS_MAX
+    long = b"GET /x HTTP/1.1\r\nX-Pad: " + b"a" * site.HEAD_KEEP_MAX
+    assert parse_head(long) is not None and long not in site._heads  # parsed, not kept
