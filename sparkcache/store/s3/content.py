@@ -65,6 +65,7 @@ class S3ContentStore:
         self._down_at: float | None = None
         self.fills = 0  # bodies brought from the bucket into the tier by this process
         self.uploads = 0  # bodies written to the bucket (not found there first)
+        self.ranged = 0  # ranges served from the bucket (ranged.py)
         self.shared_index = SharedIndex(client, self.prefix, clock, self) if client.settings.share_index else None
         # Set by sweep.timers on the primary: the bucket's sweeper.
         self.sweeper: Any = None
@@ -200,6 +201,32 @@ class S3ContentStore:
             return Deferred.fromCoroutine(_down_now(self.object_name(digest)))
         fill = self._fill_across if self.shared else self._fill
         return self._fills.run(digest, lambda: fill(digest, size))
+
+    async def probe(self, digest: str, size: int) -> bool | None:
+        """Whether the bucket holds ``digest`` with ``size`` bytes (a HEAD): a
+        range of it may be served from there (ranged.py). None: the bucket
+        cannot be asked now."""
+        try:
+            info = await self.client.head(self.object_name(digest))
+        except S3Unavailable as e:
+            self._down(e)
+            return None
+        self._up()
+        if info is None:
+            log.info("sha256:{digest} is gone from the bucket: a miss", digest=digest)
+            return False
+        if info.size != size:
+            log.warn("the bucket's sha256:{digest} has {n} bytes, not {size}: filling it to check",
+                     digest=digest, n=info.size, size=size)
+            return None
+        return True
+
+    def fill_later(self, digest: str, size: int) -> None:
+        """Start bringing ``digest`` into the tier (verified, as every fill) without waiting for it."""
+        def failed(f: Any) -> None:
+            log.info("bringing sha256:{digest} into the tier: {e}", digest=digest, e=f.value)
+
+        self.ensure(digest, size).addErrback(failed)
 
     async def _fill_across(self, digest: str, size: int) -> bool:
         """One fill of ``digest`` per host: the worker holding its fill lock
