@@ -192,6 +192,7 @@ class FaultProxy:
     rules: list[Rule] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
     paths: list[tuple[str, str]] = field(default_factory=list)
+    ranges: list[tuple[str, str]] = field(default_factory=list)  # (path, Range) of each ranged GET
 
     def __post_init__(self) -> None:
         self.lock = threading.Lock()
@@ -264,6 +265,9 @@ class FaultProxy:
         length = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(length) if length else b""
         rule = self._rule_for(h.command, h.path)
+        if h.command == "GET" and h.headers.get("Range"):
+            with self.lock:
+                self.ranges.append((h.path, h.headers["Range"]))
         if rule is not None and rule.action in ("503", "500"):
             code = int(rule.action)
             err = b"<Error><Code>%s</Code><Message>injected</Message></Error>" % (
