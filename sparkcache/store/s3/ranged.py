@@ -103,10 +103,13 @@ class _Relay(Protocol):
         self._paused = False
 
     def connectionMade(self) -> None:
+        request = self.out.request
+        if self.error is None and (self.out.gone or getattr(request, "_disconnected", False)):
+            self.error = ClientGone("the client went away")
         if self.error is not None:
             self.transport.stopProducing()  # type: ignore[union-attr]
             return
-        self.out.request.registerProducer(self, True)
+        request.registerProducer(self, True)
         self._arm()
 
     def _arm(self) -> None:

@@ -262,8 +262,8 @@ class Tier:
             return 0
         if self.hints is not None:
             now = self.clock.seconds()
-            for digest, _at in self.ledger.used_since(self._merged):
-                self.hints.note(digest)
+            for digest, at in self.ledger.used_since(self._merged):
+                self.hints.note(digest, at)
             self._merged = now - TICK  # overlap a tick: a flush may commit a time just before now
         return self.evict()
 
@@ -318,6 +318,7 @@ class Tier:
             except FileNotFoundError:
                 continue
             present[digest] = (size, at)
+        self._merged = self.clock.seconds()
         dropped, added = self.ledger.reconcile(present)
         if dropped or added:
             log.info("tier check: {d} ledger row(s) without a file dropped, {a} file(s) added", d=dropped, a=added)
@@ -325,6 +326,7 @@ class Tier:
 
     def open_ledger(self) -> None:
         self.size = self.ledger.total()
+        self._merged = self.clock.seconds()  # what was used before this start is not news
 
     def fill_name(self, digest: str) -> str:
         """This process's temporary name for a fill of ``digest``."""
