@@ -220,15 +220,7 @@ def test_concurrent_first_fetches_on_two_daemons(upstream, s3_daemon, proxied):
     remotes = {"r": generic_remote(upstream)}
     one = s3_daemon(proxy.endpoint, bucket, remotes)
     two = s3_daemon(proxy.endpoint, bucket, remotes)
-    fetches = [Fetch((one if i % 2 else two).port, "/api/r/files/herd.bin", timeout=60) for i in range(16)]
-    for f in fetches:
-        f.start()
-    upstream.wait_paused("/files/herd.bin")
-    for f in fetches:
-        assert f.sent.wait(30)
-    upstream.resume("/files/herd.bin")
-    for f in fetches:
-        assert f.response().body == a
+    _paused_herd(upstream, [one, two], "/files/herd.bin", a)
     # No cross-host lease yet: at most one upstream fetch per host.
     assert upstream_gets(upstream, "/files/herd.bin") <= 2
 
@@ -322,6 +314,18 @@ def _herd(daemons: list[Daemon], path: str, n: int = 16) -> list[Fetch]:
     return fetches
 
 
+def _paused_herd(upstream: Any, daemons: list[Daemon], path: str, body: bytes) -> None:
+    """16 GETs of ``path`` over ``daemons``, all sent while the upstream holds
+    the body (``behave(pause_at=...)``), then released: each gets it whole."""
+    fetches = _herd(daemons, f"/api/r{path}")
+    upstream.wait_paused(path)
+    for f in fetches:
+        assert f.sent.wait(30)
+    upstream.resume(path)
+    for f in fetches:
+        assert f.response().body == body
+
+
 def test_two_workers_share_one_tier(upstream, s3_daemon, proxied, weed):
     proxy, bucket = proxied
     bodies = {name: os.urandom(MiB) for name in "abc"}
@@ -352,13 +356,7 @@ def test_two_workers_share_one_tier(upstream, s3_daemon, proxied, weed):
     assert upstream_gets(upstream, "/files/a.bin") == 1
 
     # A herd over both workers: one upstream fetch, committed into the tier (no fill from the bucket).
-    fetches = _herd([d], "/api/r/files/herd.bin")
-    upstream.wait_paused("/files/herd.bin")
-    for f in fetches:
-        assert f.sent.wait(30)
-    upstream.resume("/files/herd.bin")
-    for f in fetches:
-        assert f.response().body == herd
+    _paused_herd(upstream, [d], "/files/herd.bin", herd)
     assert upstream_gets(upstream, "/files/herd.bin") == 1
     assert _cas_gets(proxy, sha256(herd)) == 0
 
@@ -400,13 +398,7 @@ def test_two_hosts_of_two_workers(upstream, s3_daemon, proxied):
     remotes = {"r": generic_remote(upstream)}
     one = s3_daemon(proxy.endpoint, bucket, remotes, workers=2)
     two = s3_daemon(proxy.endpoint, bucket, remotes, workers=2)
-    fetches = _herd([one, two], "/api/r/files/cold.bin")
-    upstream.wait_paused("/files/cold.bin")
-    for f in fetches:
-        assert f.sent.wait(30)
-    upstream.resume("/files/cold.bin")
-    for f in fetches:
-        assert f.response().body == cold
+    _paused_herd(upstream, [one, two], "/files/cold.bin", cold)
     assert upstream_gets(upstream, "/files/cold.bin") == 1
     # warm: into the bucket through one; a herd on two's workers fills its tier once.
     assert one.get("/api/r/files/warm.bin").body == warm

@@ -27,15 +27,13 @@ import re
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IPushProducer
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface import implementer
 
-from sparkcache.store.s3.bodies import SinkBroken
+from sparkcache.store.s3.bodies import _SinkProtocol
 from sparkcache.store.s3.client import Mismatch, S3Error
 
 log = Logger()
@@ -91,15 +89,13 @@ class ToClient:
 
 
 @implementer(IPushProducer)
-class _Relay(Protocol):
+class _Relay(_SinkProtocol):
     """The bucket's body to the client: written as it arrives, the bucket's
-    connection paused while the client's is behind."""
+    connection paused while the client's is behind (and its idle timeout with it)."""
 
     def __init__(self, out: ToClient) -> None:
+        super().__init__(out)  # type: ignore[arg-type]  # the FileSink attributes it reads: reactor, idle_timeout
         self.out = out
-        self.done: Deferred[None] = Deferred()
-        self.error: BaseException | None = None
-        self._idle: IDelayedCall | None = None
         self._paused = False
 
     def connectionMade(self) -> None:
@@ -113,23 +109,12 @@ class _Relay(Protocol):
         self._arm()
 
     def _arm(self) -> None:
-        if self._paused:
-            return
-        if self._idle is not None and self._idle.active():
-            self._idle.reset(self.out.idle_timeout)
-        else:
-            self._idle = self.out.reactor.callLater(self.out.idle_timeout, self._stop,
-                                                    SinkBroken(f"no data for {self.out.idle_timeout:g}s"))
+        if not self._paused:
+            super()._arm()
 
     def _disarm(self) -> None:
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
-
-    def _stop(self, error: BaseException) -> None:
-        if self.error is None:
-            self.error = error
-        if self.transport is not None:
-            self.transport.stopProducing()  # type: ignore[attr-defined]
 
     def dataReceived(self, data: bytes) -> None:
         out = self.out
@@ -163,20 +148,12 @@ class _Relay(Protocol):
         self._stop(ClientGone("the client went away"))
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self._disarm()
         if getattr(self.out.request, "producer", None) is self:
             try:
                 self.out.request.unregisterProducer()
             except Exception:
                 pass
-        if self.done.called:
-            return
-        if self.error is not None:
-            self.done.errback(self.error)
-        elif reason is None or reason.check(ResponseDone):
-            self.done.callback(None)
-        else:
-            self.done.errback(SinkBroken(str(reason.value) or type(reason.value).__name__))
+        super().connectionLost(reason)
 
 
 def serve_from_bucket(request: Any, store: Any, entry: Any, start: int, end: int,

@@ -23,14 +23,12 @@ one directory:
 
 With worker processes a fill from the bucket is also one per host: behind
 the in-process singleflight, a flock on ``<data_dir>/locks/fill/<ab>/<digest>.lock``
-(``fill_lock``); a worker that finds it held waits for the file to appear
+(``fill_lock_path``, taken as fetch/xlock.py takes a key's); a worker that finds it held waits for the file to appear
 (or for the lock to come free: the filler failed or died, then it tries).
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import sqlite3
 import threading
@@ -38,6 +36,7 @@ from typing import Any, Iterator
 
 from twisted.logger import Logger
 
+from sparkcache.fetch.xlock import try_lock, unlock
 from sparkcache.store.cas import LocalContentStore, remove_file
 
 log = Logger()
@@ -153,24 +152,6 @@ class Ledger:
 
 def fill_lock_path(locks_dir: str, digest: str) -> str:
     return os.path.join(locks_dir, digest[:2], digest + ".lock")
-
-
-def try_lock(path: str) -> int | None:
-    """The descriptor holding ``path``'s flock, or None when another process holds it. Never waits."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        os.close(fd)
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            return None
-        raise
-    return fd
-
-
-def unlock(fd: int) -> None:
-    os.close(fd)  # the last descriptor of the open file: the flock goes
 
 
 # -- the tier ------------------------------------------------------------------------------------
