@@ -11,7 +11,6 @@ does not use is an error, never silently ignored (``RemoteType.honours``).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -508,14 +507,6 @@ class Loader:
         top = Section(self, "", data)
         server = self.server(top.sub("server"))
         storage = self.storage(top.sub("storage"))
-        if storage.backend == "s3" and server.workers > 1:
-            # Worker processes would each keep their own LRU of one tier (docs/s3.rst, Limits).
-            if top.sub("server").raw("workers", "auto") == "auto":
-                log.info("{source}: server.workers: auto gives 1 process with storage.backend: s3",
-                         source=self.source)
-                server = dataclasses.replace(server, workers=1)
-            else:
-                raise self.error("storage.backend", "s3 runs with server.workers: 1 for now (docs/s3.rst)")
         auth = self.auth(top.sub("auth"))
         defaults = top.sub("upstream")
         connect_timeout = defaults.convert("connect_timeout", parse_duration, 10.0)

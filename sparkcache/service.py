@@ -124,7 +124,9 @@ class SparkcacheService(MultiService):
         if config.storage.backend == "s3":
             from sparkcache.store.s3 import content_store
 
-            content = content_store(config.storage, reactor, io_pool.pool, clock=self.clock)
+            # A worker process shares the tier with the others: one LRU per host, the primary evicts.
+            content = content_store(config.storage, reactor, io_pool.pool, clock=self.clock,
+                                    shared=spool_subdir is not None, evicts=primary)
         self.store = Store(config.storage.data_dir, reactor, config.storage.max_size, io_pool=io_pool.pool,
                            sqlite_pool=sqlite_pool.pool, min_free=config.storage.min_free,
                            min_free_percent=config.storage.min_free_percent, content=content)

@@ -140,6 +140,12 @@ def serve_hit(
         # Opened before any header is sent: a missing body can still be a 503.
         body = store.open_range(entry, start, end)
     except FileNotFoundError:
+        if store.backed:
+            # Not in the tier: a Range asked of a body left in the bucket, or one
+            # evicted from the tier just now. From the bucket (store/s3/ranged.py).
+            from sparkcache.store.s3.ranged import serve_from_bucket
+
+            return serve_from_bucket(request, store, entry, start, end, count_bytes)
         # The body vanished under us (purged, or the disk was tampered
         # with): drop the row so the next request fetches afresh.
         ensureDeferred(store.purge_key(entry.key)).addErrback(lambda f: log.failure("purge failed", f))

@@ -11,12 +11,20 @@ upstream, urllib clients.
   through (X-Cache: BYPASS) with their whole body;
 - SeaweedFS killed mid-upload: nothing committed, the (chunked) client's
   response is cut off, and the next request passes through;
+- ``server.workers: 2``: a miss through one worker is a tier hit through
+  both; a herd over both workers is one upstream fetch, and on a second host
+  one fill from the bucket; the tier stays under ``tier.max_size``; a Range
+  of a body evicted from the tier is a ranged GET from the bucket (then the
+  tier has it again);
 - the credentials appear neither in the log nor in /config.
 """
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -182,15 +190,7 @@ def test_concurrent_first_fetches_on_two_daemons(upstream, s3_daemon, proxied):
     remotes = {"r": generic_remote(upstream)}
     one = s3_daemon(proxy.endpoint, bucket, remotes)
     two = s3_daemon(proxy.endpoint, bucket, remotes)
-    fetches = [Fetch((one if i % 2 else two).port, "/api/r/files/herd.bin", timeout=60) for i in range(16)]
-    for f in fetches:
-        f.start()
-    upstream.wait_paused("/files/herd.bin")
-    for f in fetches:
-        assert f.sent.wait(30)
-    upstream.resume("/files/herd.bin")
-    for f in fetches:
-        assert f.response().body == a
+    _paused_herd(upstream, [one, two], "/files/herd.bin", a)
     # No cross-host lease yet: at most one upstream fetch per host.
     assert upstream_gets(upstream, "/files/herd.bin") <= 2
 
@@ -240,3 +240,141 @@ async def test_virtual_host_addressing_is_signed_right(weed, tmp_path: Path):
         await client.close()
     assert out.read_bytes() == data
     assert list_keys(weed.endpoint, bucket, "v/") == {f"v/cas/{digest}": len(data)}
+
+
+# -- server.workers: 2 -----------------------------------------------------------------------
+
+
+def _per_worker(d: Daemon, timeout: float = 60) -> dict[int, http.client.HTTPConnection]:
+    """A keep-alive connection to each worker (worker index -> connection)."""
+    conns: dict[int, http.client.HTTPConnection] = {}
+    deadline = time.monotonic() + timeout
+    while len(conns) < 2 and time.monotonic() < deadline:
+        conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=60)
+        conn.request("GET", "/health")
+        worker = json.loads(conn.getresponse().read())["worker"]
+        if worker in conns:
+            conn.close()
+        else:
+            conns[worker] = conn
+    assert len(conns) == 2, f"only workers {sorted(conns)} answered"
+    return conns
+
+
+def _get(conn: http.client.HTTPConnection, path: str, headers: dict[str, str] | None = None) -> tuple[int, str, bytes]:
+    conn.request("GET", path, headers=headers or {})
+    resp = conn.getresponse()
+    return resp.status, resp.getheader("X-Cache") or "", resp.read()
+
+
+def _tier_bytes(d: Daemon) -> int:
+    return sum(p.stat().st_size for p in (d.data_dir / "tier" / "sha256").rglob("*") if p.is_file())
+
+
+def _cas_gets(proxy: FaultProxy, digest: str) -> int:
+    """Whole-body GETs of the object (fills), not ranged ones."""
+    whole = sum(1 for m, p in proxy.paths if m == "GET" and p.endswith(f"/sc/cas/{digest}"))
+    return whole - sum(1 for p, _ in proxy.ranges if p.endswith(f"/sc/cas/{digest}"))
+
+
+def _herd(daemons: list[Daemon], path: str, n: int = 16) -> list[Fetch]:
+    fetches = [Fetch(daemons[i % len(daemons)].port, path, timeout=60) for i in range(n)]
+    for f in fetches:
+        f.start()
+    return fetches
+
+
+def _paused_herd(upstream: Any, daemons: list[Daemon], path: str, body: bytes) -> None:
+    """16 GETs of ``path`` over ``daemons``, all sent while the upstream holds
+    the body (``behave(pause_at=...)``), then released: each gets it whole."""
+    fetches = _herd(daemons, f"/api/r{path}")
+    upstream.wait_paused(path)
+    for f in fetches:
+        assert f.sent.wait(30)
+    upstream.resume(path)
+    for f in fetches:
+        assert f.response().body == body
+
+
+def test_two_workers_share_one_tier(upstream, s3_daemon, proxied, weed):
+    proxy, bucket = proxied
+    bodies = {name: os.urandom(MiB) for name in "abc"}
+    for name, data in bodies.items():
+        upstream.add(f"/files/{name}.bin", data)
+    herd = os.urandom(4 * MiB)
+    upstream.add("/files/herd.bin", herd)
+    upstream.behave("/files/herd.bin", pause_at=MiB, times=1)
+    d = s3_daemon(proxy.endpoint, bucket, {"r": generic_remote(upstream)}, tier="2560KiB", workers=2)
+    conns = _per_worker(d)
+    a = bodies["a"]
+    # A miss through worker 1, then a hit through both, from the one tier (no bucket GET).
+    status, state, body = _get(conns[1], "/api/r/files/a.bin")
+    assert status == 200 and body == a and state == "MISS"
+    get_until_hit(d, "/api/r/files/a.bin", a)
+    gets = proxy.count("GET")
+    for i in (0, 1):
+        # (A worker that tailed the other's production may still be finishing
+        # that flight for a moment: its joiners get MISS, the same bytes.)
+        deadline = time.monotonic() + 10
+        while True:
+            status, state, body = _get(conns[i], "/api/r/files/a.bin")
+            assert status == 200 and body == a, f"worker {i}: {status} {state}"
+            if state == "HIT" or time.monotonic() > deadline:
+                break
+        assert state == "HIT", f"worker {i}: {state}"
+    assert proxy.count("GET") == gets, "a tier hit asked the bucket"
+    assert upstream_gets(upstream, "/files/a.bin") == 1
+
+    # A herd over both workers: one upstream fetch, committed into the tier (no fill from the bucket).
+    _paused_herd(upstream, [d], "/files/herd.bin", herd)
+    assert upstream_gets(upstream, "/files/herd.bin") == 1
+    assert _cas_gets(proxy, sha256(herd)) == 0
+
+    # b and c through either worker: the tier (2.5 MiB) keeps under its bound, the primary evicting.
+    for i, name in ((1, "b"), (0, "c"), (1, "c"), (0, "b")):
+        status, _, body = _get(conns[i], f"/api/r/files/{name}.bin")
+        assert status == 200 and body == bodies[name]
+    get_until_hit(d, "/api/r/files/c.bin", bodies["c"])
+    eventually(lambda: _tier_bytes(d) <= 2560 * 1024, timeout=30,
+               message=f"the tier holds more than its bound: {_tier_bytes(d)} bytes")
+    assert not (d.data_dir / "tier" / "sha256" / sha256(a)[:2] / sha256(a)).exists()
+
+    # A Range of a, evicted from the tier: a ranged GET from the bucket, through the other worker.
+    ranges = len(proxy.ranges)
+    status, state, body = _get(conns[1], "/api/r/files/a.bin", {"Range": "bytes=1000-4999"})
+    assert status == 206 and body == a[1000:5000] and state == "HIT", (status, state, len(body))
+    assert (f"/{bucket}/sc/cas/{sha256(a)}", "bytes=1000-4999") in proxy.ranges[ranges:], proxy.ranges[ranges:]
+    # The tier was filled (verified) meanwhile: the next request is a tier hit, no bucket GET.
+    eventually(lambda: (d.data_dir / "tier" / "sha256" / sha256(a)[:2] / sha256(a)).exists(),
+               message="a did not come back into the tier")
+    gets = proxy.count("GET")
+    status, state, body = _get(conns[0], "/api/r/files/a.bin", {"Range": "bytes=-100"})
+    assert status == 206 and body == a[-100:]
+    assert proxy.count("GET") == gets
+    assert upstream_gets(upstream, "/files/a.bin") == 1
+    for c in conns.values():
+        c.close()
+
+
+def test_two_hosts_of_two_workers(upstream, s3_daemon, proxied):
+    """A cold herd over two hosts of two workers each is one upstream fetch
+    (the cross-process lock makes one worker per host ask for the lease);
+    a herd on a host whose tier lacks a body is one fill from the bucket."""
+    proxy, bucket = proxied
+    cold, warm = os.urandom(4 * MiB), os.urandom(2 * MiB)
+    upstream.add("/files/cold.bin", cold)
+    upstream.add("/files/warm.bin", warm)
+    upstream.behave("/files/cold.bin", pause_at=MiB, times=1)
+    remotes = {"r": generic_remote(upstream)}
+    one = s3_daemon(proxy.endpoint, bucket, remotes, workers=2)
+    two = s3_daemon(proxy.endpoint, bucket, remotes, workers=2)
+    _paused_herd(upstream, [one, two], "/files/cold.bin", cold)
+    assert upstream_gets(upstream, "/files/cold.bin") == 1
+    # warm: into the bucket through one; a herd on two's workers fills its tier once.
+    assert one.get("/api/r/files/warm.bin").body == warm
+    get_until_hit(one, "/api/r/files/warm.bin", warm)
+    for f in _herd([two], "/api/r/files/warm.bin"):
+        resp = f.response()
+        assert resp.body == warm and resp.header("X-Cache") == "HIT", resp.describe()
+    assert upstream_gets(upstream, "/files/warm.bin") == 1
+    assert _cas_gets(proxy, sha256(warm)) == 1

@@ -204,6 +204,7 @@ class FaultProxy:
     rules: list[Rule] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
     paths: list[tuple[str, str]] = field(default_factory=list)
+    ranges: list[tuple[str, str]] = field(default_factory=list)  # (path, Range) of each ranged GET
 
     def __post_init__(self) -> None:
         self.lock = threading.Lock()
@@ -276,6 +277,9 @@ class FaultProxy:
         length = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(length) if length else b""
         rule = self._rule_for(h.command, h.path)
+        if h.command == "GET" and h.headers.get("Range"):
+            with self.lock:
+                self.ranges.append((h.path, h.headers["Range"]))
         if rule is not None and rule.action in ("503", "500"):
             code = int(rule.action)
             err = b"<Error><Code>%s</Code><Message>injected</Message></Error>" % (
@@ -349,13 +353,13 @@ def s3_storage(endpoint: str, bucket: str, prefix: str = "", **extra: Any) -> di
 
 
 def s3_daemon_options(endpoint: str, bucket: str, *, tier: str | None = None, env: dict[str, str] | None = None,
-                      prefix: str = "sc/", **s3: Any) -> dict[str, Any]:
-    """The keyword arguments of ``daemon_factory`` for a daemon with backend s3 (one
-    process, the credentials and ADMIN in its environment, ``env`` added)."""
+                      prefix: str = "sc/", workers: int = 1, **s3: Any) -> dict[str, Any]:
+    """The keyword arguments of ``daemon_factory`` for a daemon with backend s3
+    (``workers`` processes, the credentials and ADMIN in its environment, ``env`` added)."""
     storage = s3_storage(endpoint, bucket, prefix=prefix, **s3)
     if tier is not None:
         storage["tier"] = {"max_size": tier}
-    return {"storage": storage, "server": {"workers": 1},
+    return {"storage": storage, "server": {"workers": workers},
             "env": {**env_credentials(), "SPARKCACHE_ADMIN_TOKEN": ADMIN, **(env or {})}}
 
 
@@ -379,7 +383,7 @@ def proxied(weed: SeaweedFS) -> Iterator[tuple[FaultProxy, str]]:
 
 @pytest.fixture
 def s3_daemon(daemon_factory: Callable[..., "Daemon"]) -> Callable[..., "Daemon"]:
-    """``make(endpoint, bucket, remotes, tier=None, start=True, env=None, **s3_keys)``:
+    """``make(endpoint, bucket, remotes, tier=None, start=True, env=None, workers=1, **s3_keys)``:
     a daemon with backend s3 (``s3_daemon_options``)."""
 
     def make(endpoint: str, bucket: str, remotes: dict[str, Any], tier: str | None = None,

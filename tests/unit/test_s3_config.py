@@ -5,6 +5,7 @@ config), and /config's redacted view without them."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -86,7 +87,9 @@ def test_redacted_config_names_no_secret(tmp_path):
     assert shown["tier"] == {"max_size": 2**30}
 
 
-def test_s3_refuses_worker_processes():
-    with pytest.raises(ConfigError) as e:
-        load(s3(), env={**ENV, "SPARKCACHE_EXPERIMENTAL_WORKERS": "1"}, server={"workers": 2})
-    assert e.value.path == "storage.backend" and "workers: 1" in e.value.problem
+def test_s3_runs_with_worker_processes():
+    # One tier LRU per host (store/s3/tier.py): an explicit count is kept, and so is auto's.
+    cfg = load(s3(), env=ENV, server={"workers": 2})
+    assert cfg.storage.backend == "s3" and cfg.server.workers == 2
+    auto = load(s3(), env=ENV, server={"workers": "auto"})
+    assert auto.server.workers == max(1, len(os.sched_getaffinity(0)))

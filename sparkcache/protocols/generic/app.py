@@ -25,6 +25,7 @@ from sparkcache.protocols._index import DerivedCache, Freshness, IndexRemote, Ru
 from sparkcache.protocols._live import refreshed
 from sparkcache.protocols.generic import TYPE_NAMES
 from sparkcache.protocols.generic.helm import HelmIndex
+from sparkcache.store.ranges import serving_range
 from sparkcache.web.bodies import BodyDecision, ToSpool, checked, request_spool
 from sparkcache.web.errors import JSON, HTTPError, add_error_handling
 from sparkcache.web.hits import FastHits, FastRoute
@@ -142,7 +143,8 @@ class GenericApp:
             if remote.type == "local":
                 return await self.serve_local(request, remote, key, path)
             req = await self.cache_request(remote, rest, query)
-            result = await self.ctx.cache.get(req)
+            with serving_range(request, req.key):  # backend s3: a Range may come from the bucket
+                result = await self.ctx.cache.get(req)
             index = self.indexes.get(remote.name)
             if index is not None and index.is_index(path):
                 base = f"{public_base(request, self.ctx.config.server.public_url)}/api/{remote.name}"

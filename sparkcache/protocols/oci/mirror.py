@@ -36,6 +36,7 @@ from sparkcache.protocols.oci.errors import OCIError, as_oci
 from sparkcache.protocols.oci.names import check_reference, sha256_hex, upstream_name
 from sparkcache.protocols.oci.tokens import TokenAuth, TokenError
 from sparkcache.store import Entry, hints
+from sparkcache.store.ranges import serving_range
 from sparkcache.web.respond import SMALL_BODY, relayed_headers, respond
 
 log = Logger()
@@ -352,7 +353,8 @@ class Mirror:
             remote=remote, key=f"oci:{remote.name}:blob:{hexd}", path=f"{up}/blobs/{digest}",
             url=self.url(remote, up, "blobs", digest), ttl=None, expected_digest=hexd, keep_headers=("content-type",),
         )
-        result = await self.fetch(req, f"repository:{up}:pull")
+        with serving_range(request, req.key):  # backend s3: a Range may come from the bucket
+            result = await self.fetch(req, f"repository:{up}:pull")
         if isinstance(result, Hit) and request.method == b"HEAD" and not await self._body_exists(result.entry):
             # A HEAD does not open the body, so check it is there (a GET would
             # fail otherwise), and fetch it again now rather than answer 200.

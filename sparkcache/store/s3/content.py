@@ -4,8 +4,10 @@
 conditional PUT, or an identical overwrite where the server ignores the
 condition). The tier is a local content store of its own size: every hit is
 served from it (sendfile), a body missing there is fetched from the bucket
-once (singleflight) and verified against its sha256 before it lands, and it
-forgets least recently used bodies above ``tier_max_size``.
+once (singleflight; across worker processes a fill lock) and verified
+against its sha256 before it lands, and it forgets least recently used
+bodies above ``tier_max_size`` (tier.py: one LRU per host, whatever the
+number of worker processes).
 
 While the bucket is unreachable the store says it is not ``writable`` for a
 while (the engine passes misses through uncached, X-Cache: BYPASS) and the
@@ -17,25 +19,27 @@ that comes back with other bytes than its name says, is a miss, never a
 from __future__ import annotations
 
 import os
-import threading
-from collections import OrderedDict
 from typing import Any, Callable, Iterator
 
 from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from sparkcache.fetch.produce import Singleflight
-from sparkcache.store.cas import IBackedContentStore, LocalContentStore, remove_file
+from sparkcache.store.cas import IBackedContentStore, remove_file
 from sparkcache.store.s3.bodies import FileSink
 from sparkcache.store.s3.client import Mismatch, S3Client, S3Error, S3Unavailable
 from sparkcache.store.s3.published import SharedIndex
+from sparkcache.store.s3.tier import FILL_POLL, TICK, Tier, fill_lock_path, try_lock, unlock
 
 log = Logger()
 
 # After the bucket failed to answer, misses pass through uncached for this
 # long before the next one tries to store again.
 DOWN_HOLD = 10.0
+# A worker other than the primary retries its failed pinned markers every this many ticks.
+PIN_RETRY_TICKS = 60
 
 
 @implementer(IBackedContentStore)
@@ -43,26 +47,41 @@ class S3ContentStore:
     shared = True
 
     def __init__(self, client: S3Client, tier_root: str, tier_max_size: int, clock: Any,
-                 in_io: Callable[..., Deferred[Any]]) -> None:
+                 in_io: Callable[..., Deferred[Any]], shared: bool = False, evicts: bool = True) -> None:
+        """``shared``: a worker process (the tier's LRU and its fills are the
+        host's, see tier.py; the parent checked the tier before it started);
+        ``evicts``: this process removes bodies above ``tier_max_size``."""
         self.client = client
         self.prefix = client.settings.prefix
-        self.tier = LocalContentStore(tier_root)
+        self.tier = Tier(tier_root, tier_max_size, clock, shared=shared, evicts=evicts)
         self.tier_max_size = tier_max_size
+        self.shared = shared
         self.clock = clock
         self.in_io = in_io
-        # digest → size, least recently used first. Touched from the reactor
-        # (open on a hit) and from the I/O pool (commit, read): hence the lock.
-        self._lru: OrderedDict[str, int] = OrderedDict()
-        self._lock = threading.Lock()
-        self.tier_size = 0
         self._fills: Singleflight[str, bool] = Singleflight()
+        self._ticker: LoopingCall | None = None
+        self._ticking: Deferred[Any] | None = None
+        self._ticks = 0
         self._down_at: float | None = None
-        self.fills = 0  # bodies brought from the bucket into the tier
+        self.fills = 0  # bodies brought from the bucket into the tier by this process
         self.uploads = 0  # bodies written to the bucket (not found there first)
+        self.ranged = 0  # ranges served from the bucket (ranged.py)
         self.shared_index = SharedIndex(client, self.prefix, clock, self) if client.settings.share_index else None
-        # Set by sweep.timers on the primary: recency hints for the bucket's sweeper.
-        self.hints: Any = None
+        # Set by sweep.timers on the primary: the bucket's sweeper.
         self.sweeper: Any = None
+
+    @property
+    def hints(self) -> Any:
+        """Recency hints for the bucket's sweeper (sweep.AccessHints), set on the primary."""
+        return self.tier.hints
+
+    @hints.setter
+    def hints(self, value: Any) -> None:
+        self.tier.hints = value
+
+    @property
+    def tier_size(self) -> int:
+        return self.tier.size
 
     def object_name(self, digest: str) -> str:
         self.tier.local_path(digest)  # validates the digest
@@ -94,94 +113,67 @@ class S3ContentStore:
         return self.tier.local_path(digest)
 
     def open(self, digest: str) -> int:
-        fd = self.tier.open(digest)
-        self._touch(digest)
-        return fd
+        return self.tier.open(digest)
 
     def contains(self, digest: str) -> bool:
         return self.tier.contains(digest)
 
     def commit(self, spool_path: str, digest: str) -> bool:
         """Into the tier (the bucket has it already: Store.commit uploads first)."""
-        size = os.stat(spool_path).st_size
-        new = self.tier.commit(spool_path, digest)
-        self._added(digest, size, new)
-        self._evict_tier(keep=digest)
-        return new
+        return self.tier.commit(spool_path, digest)
 
     def remove(self, digest: str) -> int:
         """The tier's copy only: the bucket is shared with other hosts (its
         objects go by the bucket's own sweeper, not by one host's eviction)."""
-        with self._lock:
-            size = self._lru.pop(digest, None)
-            if size is not None:
-                self.tier_size -= size
         return self.tier.remove(digest)
 
     def iter_digests(self) -> Iterator[tuple[str, int]]:
         return self.tier.iter_digests()
 
-    # -- the tier's LRU ------------------------------------------------------------------
+    # -- the tier's tick ---------------------------------------------------------------
 
-    def _touch(self, digest: str) -> None:
-        if self.hints is not None:
-            self.hints.note(digest)
-        with self._lock:
-            if digest in self._lru:
-                self._lru.move_to_end(digest)
+    def _tick(self) -> Deferred[Any]:
+        self._ticking = Deferred.fromCoroutine(self._tick_once())
+        return self._ticking
 
-    def _added(self, digest: str, size: int, new: bool) -> None:
-        if self.hints is not None:
-            self.hints.note(digest)
-        with self._lock:
-            if digest not in self._lru:
-                self.tier_size += size
-            self._lru[digest] = size
-            self._lru.move_to_end(digest)
-
-    def _evict_tier(self, keep: str | None = None) -> int:
-        """Blocking (I/O pool): forget least recently used tier bodies above
-        tier_max_size. A body being sent stays readable through its open
-        descriptor; ``keep`` (the one just added, about to be served) stays."""
-        freed = 0
-        while True:
-            with self._lock:
-                if self.tier_size <= self.tier_max_size or not self._lru:
-                    return freed
-                digest, size = next(iter(self._lru.items()))
-                if digest == keep:
-                    if len(self._lru) == 1:
-                        return freed
-                    self._lru.move_to_end(digest)
-                    continue
-                del self._lru[digest]
-                self.tier_size -= size
-            freed += remove_file(self.tier.local_path(digest))
-
-    def _scan(self) -> int:
-        found = []
-        for digest, size in self.tier.iter_digests():
-            try:
-                at = os.stat(self.tier.local_path(digest)).st_mtime
-            except FileNotFoundError:
-                continue
-            found.append((at, digest, size))
-        with self._lock:
-            for _, digest, size in sorted(found):
-                self._lru[digest] = size
-                self.tier_size += size
-        return self._evict_tier()
+    async def _tick_once(self) -> None:
+        # A LoopingCall stops for good at an exception: log, carry on.
+        try:
+            await self.in_io(self.tier.tick)
+            self._ticks += 1
+            # Pinned markers that failed in a worker other than the primary
+            # (whose hint timer retries its own): retried here, once a minute.
+            if (self.shared and not self.tier.evicts and self.shared_index is not None
+                    and self.shared_index.pins_pending and self._ticks % PIN_RETRY_TICKS == 0):
+                await self.shared_index.retry_pins()
+        except Exception:
+            log.failure("the tier's tick")
 
     # -- IBackedContentStore: the bucket -------------------------------------------------
 
     async def start(self) -> None:
-        await self.in_io(self._scan)
+        if self.shared:  # a worker: the parent checked the tier before any worker ran
+            await self.in_io(self.tier.open_ledger)
+        else:
+            await self.in_io(self.tier.check)
+        self._ticker = LoopingCall(self._tick)
+        self._ticker.clock = self.clock
+        self._ticker.start(TICK, now=False)
         log.info("S3 store: bucket {bucket} at {endpoint} (prefix {prefix!r}); local tier {n} bytes of {max}",
                  bucket=self.client.settings.bucket, endpoint=self.client.settings.endpoint, prefix=self.prefix,
                  n=self.tier_size, max=self.tier_max_size)
 
     async def stop(self) -> None:
+        if self._ticker is not None and self._ticker.running:
+            self._ticker.stop()
+        if self._ticking is not None and not self._ticking.called:
+            await self._ticking
         self._fills.cancel()
+        try:
+            await self.in_io(self.tier.flush)
+        except Exception:
+            log.failure("writing the tier's last hits")
+        await self.in_io(self.tier.close)
         await self.client.close()
 
     async def upload(self, spool_path: str, digest: str, size: int) -> None:
@@ -197,19 +189,68 @@ class S3ContentStore:
 
     def ensure(self, digest: str, size: int) -> Deferred[bool]:
         """Whether the tier holds the body now, fetching it from the bucket
-        first if it must (once, however many ask). False: the bucket does not
-        have it (or has other bytes under its name). Raises S3Unavailable when
-        the bucket cannot be asked."""
+        first if it must (once, however many ask: in this process a
+        singleflight, across worker processes the fill lock). False: the
+        bucket does not have it (or has other bytes under its name). Raises
+        S3Unavailable when the bucket cannot be asked."""
         if self.tier.contains(digest):
-            self._touch(digest)
+            self.tier.touch(digest)
             return Deferred.fromCoroutine(_true())
         if not self.writable:
             # Known to be down: a miss now (passed through) rather than a wait for every retry.
             return Deferred.fromCoroutine(_down_now(self.object_name(digest)))
-        return self._fills.run(digest, lambda: self._fill(digest, size))
+        fill = self._fill_across if self.shared else self._fill
+        return self._fills.run(digest, lambda: fill(digest, size))
+
+    async def probe(self, digest: str, size: int) -> bool | None:
+        """Whether the bucket holds ``digest`` with ``size`` bytes (a HEAD): a
+        range of it may be served from there (ranged.py). None: the bucket
+        cannot be asked now."""
+        try:
+            info = await self.client.head(self.object_name(digest))
+        except S3Unavailable as e:
+            self._down(e)
+            return None
+        self._up()
+        if info is None:
+            log.info("sha256:{digest} is gone from the bucket: a miss", digest=digest)
+            return False
+        if info.size != size:
+            log.warn("the bucket's sha256:{digest} has {n} bytes, not {size}: filling it to check",
+                     digest=digest, n=info.size, size=size)
+            return None
+        return True
+
+    def fill_later(self, digest: str, size: int) -> None:
+        """Start bringing ``digest`` into the tier (verified, as every fill) without waiting for it."""
+        def failed(f: Any) -> None:
+            log.info("bringing sha256:{digest} into the tier: {e}", digest=digest, e=f.value)
+
+        self.ensure(digest, size).addErrback(failed)
+
+    async def _fill_across(self, digest: str, size: int) -> bool:
+        """One fill of ``digest`` per host: the worker holding its fill lock
+        fills; the others wait for the file (or for the lock: the filler
+        failed or died, and one of them tries)."""
+        lock_path = fill_lock_path(self.tier.locks_dir, digest)
+        while True:
+            fd = await self.in_io(try_lock, lock_path)
+            if fd is not None:
+                try:
+                    if await self.in_io(self.tier.contains, digest):
+                        self.tier.touch(digest)
+                        return True  # filled by another worker meanwhile
+                    await self.in_io(self.tier.remove_stale_fills, digest)
+                    return await self._fill(digest, size)
+                finally:
+                    await self.in_io(unlock, fd)
+            await deferLater(self.clock, FILL_POLL, lambda: None)
+            if self.tier.contains(digest):
+                self.tier.touch(digest)
+                return True
 
     async def _fill(self, digest: str, size: int) -> bool:
-        tmp = os.path.join(self.tier.root, f".fill-{digest}")
+        tmp = self.tier.fill_name(digest)
         fd = await self.in_io(os.open, tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         closed = False
         try:
@@ -240,10 +281,9 @@ class S3ContentStore:
                 return False
             closed = True
             await self.in_io(_sync_close, fd)
-            new = await self.in_io(self.tier.commit, tmp, digest)
-            self._added(digest, size, new)
+            # Into the tier and its ledger; the evicting process evicts at once.
+            await self.in_io(self.tier.commit, tmp, digest)
             self.fills += 1
-            await self.in_io(self._evict_tier, digest)
             return True
         finally:
             if not closed:

@@ -156,10 +156,13 @@ class AccessHints:
         self.writes = 0
         self.retry: Callable[[], Any] | None = None  # pinned markers that failed before
 
-    def note(self, digest: str) -> None:
-        """Called by the content store (reactor or I/O pool: a dict store is atomic)."""
-        self.used[digest] = self.clock.seconds()
-        self._changed = True
+    def note(self, digest: str, at: float | None = None) -> None:
+        """Called by the content store (reactor or I/O pool: a dict store is atomic);
+        ``at``: when it was used (another worker's use, read from the tier's ledger), else now."""
+        at = self.clock.seconds() if at is None else at
+        if self.used.get(digest, 0.0) < at:
+            self.used[digest] = at
+            self._changed = True
 
     async def flush(self) -> None:
         if self.retry is not None:

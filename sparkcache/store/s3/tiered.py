@@ -11,6 +11,10 @@ store is not writable then, so it passes through) and the row stays.
 
 With a SharedIndex (published.py), a key this host never fetched is looked
 up in the bucket before it counts as a miss.
+
+The one exception: the lookup a Range request announced (ranged.py) hands
+out an entry whose body is in the bucket but not yet in the tier; its
+``serve_hit`` streams the range from the bucket.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from sparkcache.store.index import Entry, Index
+from sparkcache.store.ranges import range_wanted
 from sparkcache.store.s3.client import S3Unavailable
 
 log = Logger()
@@ -30,9 +35,10 @@ class TieredIndex(Index):
     store: Any = None  # set by Store once both exist
 
     def get(self, key: str) -> Deferred[Entry | None]:
-        return Deferred.fromCoroutine(self._ready(key))
+        # Read here, in the caller's context (the coroutine below runs in a copy).
+        return Deferred.fromCoroutine(self._ready(key, range_wanted(key)))
 
-    async def _ready(self, key: str) -> Entry | None:
+    async def _ready(self, key: str, ranged: bool = False) -> Entry | None:
         entry = await Index.get(self, key)
         shared = self.store.shared_index
         if entry is None and shared is not None:
@@ -42,8 +48,19 @@ class TieredIndex(Index):
         if entry is None or entry.status != 200 or entry.digest is None:
             return entry
         content = self.store.cas
+        gone = False
         try:
-            if await content.ensure(entry.digest, entry.size):
+            if ranged and not content.contains(entry.digest) and content.writable:
+                # A Range request: served by a ranged GET from the bucket (ranged.py)
+                # once the object is known to be there; the tier fills meanwhile.
+                there = await content.probe(entry.digest, entry.size)
+                if there:
+                    content.fill_later(entry.digest, entry.size)
+                    return entry
+                if there is None and not content.writable:
+                    return None
+                gone = there is False  # then a miss without asking again
+            if not gone and await content.ensure(entry.digest, entry.size):
                 return entry
         except S3Unavailable:
             return None
