@@ -8,19 +8,37 @@
   SeaweedFS said 412) → at most one upstream fetch per host, every body whole;
 - the lease holder killed (SIGKILL) mid-fetch → the other host takes the
   lease over once it expired and serves a whole, correct body.
+
+Peer streaming (``storage.s3.peer_url``: the host that lost the lease tails
+the holder's flight through ``GET /_peer/flight/<sha256(key)>``):
+
+- the waiting host's client gets the head of the body while the upstream
+  still holds its tail back (so before the holder's download ended), the
+  upstream asked once;
+- the endpoint refuses a missing, malformed, stale or wrongly keyed token
+  with a 403 JSON error, and answers a valid one with no flight 404;
+- the holder killed mid-stream → the waiting host's client is aborted (never
+  a clean short end), and its next request is served whole after the lease
+  expired and was taken over.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import http.client
 import os
+import threading
+import time
 from typing import Any, Callable, Iterator
 
 import pytest
 
-from tests.support.client import Fetch, get_until_hit
-from tests.support.daemon import Daemon
+from sparkcache.fetch.peer import sign
+from tests.support.client import Fetch, assert_json_error, get_until_hit
+from tests.support.daemon import Daemon, free_port
 from tests.support.remotes import generic_remote
-from tests.support.s3 import FaultProxy, SeaweedFS, env_credentials, list_keys, make_bucket, s3_storage
+from tests.support.s3 import SECRET_KEY, FaultProxy, SeaweedFS, env_credentials, list_keys, make_bucket, s3_storage
 
 MiB = 1 << 20
 PATH = "/files/herd.bin"
@@ -46,11 +64,17 @@ def two_hosts(daemon_factory: Callable[..., Daemon], upstream: Any,
     """``make(**s3_keys)``: two daemons on one bucket (through the proxy), one remote."""
     proxy, bucket = proxied
 
-    def make(**s3: Any) -> tuple[Daemon, Daemon]:
+    def make(n: int = 2, peer: bool = False, **s3: Any) -> tuple[Daemon, Daemon]:
+        """``peer``: each daemon advertises ``peer_url`` (its own address) in its leases."""
         remotes = {"r": generic_remote(upstream)}
-        storage = s3_storage(proxy.endpoint, bucket, prefix="sc/", **s3)
-        return tuple(daemon_factory(remotes, storage=storage, server={"workers": 1}, env=env_credentials())
-                     for _ in range(2))  # type: ignore[return-value]
+        made = []
+        for _ in range(n):
+            port = free_port()
+            extra = {"peer_url": f"http://127.0.0.1:{port}"} if peer else {}
+            storage = s3_storage(proxy.endpoint, bucket, prefix="sc/", **s3, **extra)
+            made.append(daemon_factory(remotes, storage=storage, server={"workers": 1}, env=env_credentials(),
+                                       port=port))
+        return tuple(made)  # type: ignore[return-value]
 
     return make
 
@@ -113,3 +137,124 @@ def test_holder_killed_mid_fetch_other_host_takes_over(upstream, two_hosts, weed
     upstream.resume(PATH)
     get_until_hit(two, "/api/r" + PATH, body)  # stored whole after the response ended
     assert len(upstream.requests_for(PATH)) == 2
+
+
+# -- peer streaming ----------------------------------------------------------------------
+
+
+class Stream(threading.Thread):
+    """A GET that counts the body's bytes as they arrive; ``head`` is set once
+    ``want`` of them did. ``complete``: the whole announced length came."""
+
+    def __init__(self, port: int, path: str, want: int) -> None:
+        super().__init__(daemon=True)
+        self.port, self.path, self.want = port, path, want
+        self.head = threading.Event()
+        self.chunks: list[bytes] = []
+        self.received = 0
+        self.status: int | None = None
+        self.length: int | None = None
+        self.x_cache: str | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            conn.request("GET", self.path)
+            resp = conn.getresponse()
+            self.status, self.x_cache = resp.status, resp.getheader("X-Cache")
+            length = resp.getheader("Content-Length")
+            self.length = int(length) if length is not None else None
+            while True:
+                chunk = resp.read1(65536)
+                if not chunk:
+                    break
+                self.chunks.append(chunk)
+                self.received += len(chunk)
+                if self.received >= self.want:
+                    self.head.set()
+        except (OSError, http.client.HTTPException) as e:
+            self.error = e
+        finally:
+            conn.close()
+            self.head.set()  # (the test then looks at received)
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.chunks)
+
+    @property
+    def complete(self) -> bool:
+        return self.error is None and self.length is not None and self.received == self.length
+
+    def finish(self, timeout: float = 60) -> "Stream":
+        self.join(timeout)
+        assert not self.is_alive(), f"GET {self.path} did not end within {timeout}s"
+        return self
+
+
+def test_waiting_host_streams_the_holders_flight_before_its_download_ends(upstream, two_hosts):
+    one, two = two_hosts(peer=True)
+    body = os.urandom(3 * MiB)
+    upstream.add(PATH, body)
+    upstream.behave(PATH, pause_at=MiB, times=1)  # the tail is held until resume()
+    first = Stream(one.port, "/api/r" + PATH, want=1)
+    first.start()
+    upstream.wait_paused(PATH)  # one holds the lease and is mid-download
+    second = Stream(two.port, "/api/r" + PATH, want=512 << 10)
+    second.start()
+    assert second.head.wait(30)
+    # two's client has the head while the upstream still holds the rest back.
+    assert second.received >= 512 << 10 and second.is_alive(), (second.received, second.error)
+    assert second.status == 200 and second.x_cache == "MISS" and second.length == len(body)
+    assert first.is_alive() and len(upstream.requests_for(PATH)) == 1
+    upstream.resume(PATH)
+    for s in (first.finish(), second.finish()):
+        assert s.complete and s.body == body, (s.status, s.received, s.error)
+    assert len(upstream.requests_for(PATH)) == 1
+    assert "streaming" in two.log() and "while it fetches" in two.log()
+    get_until_hit(two, "/api/r" + PATH, body)  # the published entry reached two
+    assert len(upstream.requests_for(PATH)) == 1
+    assert not two.spool_files()  # the streamed spool went
+
+
+def test_peer_endpoint_refuses_requests_without_a_valid_token(two_hosts, proxied):
+    _, bucket = proxied
+    (one,) = two_hosts(n=1, peer=True)
+    path = "/_peer/flight/" + "ab" * 32
+    key = hmac.new(SECRET_KEY.encode(), f"sparkcache-peer\n{bucket}\nsc/".encode(), hashlib.sha256).digest()
+    now = time.time()
+    for headers in ({}, {"X-Sparkcache-Peer": "garbage"}, {"X-Sparkcache-Peer": "123:" + "0" * 64},
+                    {"X-Sparkcache-Peer": sign(b"another key of 32 bytes or so...", b"GET", path.encode(), now).decode()},
+                    {"X-Sparkcache-Peer": sign(key, b"GET", b"/_peer/flight/" + b"cd" * 32, now).decode()},
+                    {"X-Sparkcache-Peer": sign(key, b"GET", path.encode(), now - 3600).decode()}):
+        doc = assert_json_error(one.get(path, headers=headers), 403)
+        assert "token" in doc["error"], doc
+    # The same key every host on the bucket derives: no flight of that key here.
+    assert_json_error(one.get(path, headers={"X-Sparkcache-Peer": sign(key, b"GET", path.encode(), now).decode()}), 404)
+    token = sign(key, b"GET", path.encode(), now).decode()
+    assert token.split(":")[1] not in one.log()  # (never logged)
+
+
+def test_holder_killed_mid_stream_aborts_the_waiting_hosts_client(upstream, two_hosts):
+    one, two = two_hosts(peer=True, lease_ttl="2s")
+    body = os.urandom(3 * MiB)
+    upstream.add(PATH, body)
+    upstream.behave(PATH, pause_at=MiB, times=1)
+    first = Stream(one.port, "/api/r" + PATH, want=1)
+    first.start()
+    upstream.wait_paused(PATH)
+    second = Stream(two.port, "/api/r" + PATH, want=512 << 10)
+    second.start()
+    assert second.head.wait(30) and second.received >= 512 << 10, (second.received, second.error)
+    one.kill()
+    second.finish()
+    # Aborted: never a clean end short of the announced length.
+    assert second.status == 200 and not second.complete and second.received < len(body), (
+        second.received, second.length, second.error)
+    # The next request works: two takes the lease over once it expired, and fetches.
+    resp = two.get("/api/r" + PATH, timeout=60)
+    assert resp.status == 200 and resp.body == body, resp.describe()
+    assert len(upstream.requests_for(PATH)) == 2
+    assert "broke off" in two.log()
+    upstream.resume(PATH)
