@@ -306,7 +306,7 @@ class Cache:
                 try:
                     # (With peer streaming, our clients may tail the holder's flight meanwhile: fetch/peer.py.)
                     got = await peer.await_lease(self, target, _idle_timeout(source), shared,
-                                                 lambda: self._producing.leave(target.key, shared))
+                                                 lambda: self._producing.leave(target.key, shared), held)
                 finally:
                     if self._claiming.get(target.key) is shared:
                         del self._claiming[target.key]

@@ -21,6 +21,12 @@ the holder's spool exactly as the holder's own clients get it):
   host's clients are aborted at once (never a clean short end), and the key
   is free again here: the next request waits for (or takes over) the lease.
 
+With worker processes, the worker that streams announces its spool in its
+flight marker (fetch/xlock.py), so the other workers' clients of the key
+tail it as they tail a download (and are cut off with it); on the holder, a
+peer request that reaches a worker other than the one holding the lease
+tails the holder's spool the same way (web/peer.py).
+
 What was streamed is never committed as this host's own entry: the flight
 ends once the holder's published entry reaches this host through the shared
 index (its body coming from the bucket into the tier, as before), and only
@@ -39,6 +45,7 @@ import hashlib
 import hmac
 import json
 from typing import TYPE_CHECKING, Any, Callable, Union
+from urllib.parse import quote
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
@@ -49,6 +56,7 @@ from twisted.web.http_headers import Headers
 from sparkcache.fetch.flight import BodyError, Flight, receive
 from sparkcache.fetch.produce import Shared
 from sparkcache.fetch.upstream import discard_body
+from sparkcache.fetch.xlock import Held, Marker
 
 if TYPE_CHECKING:
     from sparkcache.fetch.cache import Cache, Result, Target
@@ -120,8 +128,9 @@ class PeerFollow:
     spool, and ends that flight with the published entry (``conclude``)."""
 
     def __init__(self, cache: "Cache", target: "Target", shared: Shared["Result"], leave: Callable[[], None],
-                 idle_timeout: float) -> None:
+                 idle_timeout: float, held: Held | None = None) -> None:
         self.cache = cache
+        self.held = held  # with worker processes: this one's claim on the key (fetch/across.py)
         self.key = target.key
         self.shared = shared
         self.leave = leave
@@ -148,7 +157,9 @@ class PeerFollow:
         headers = Headers({AUTH_HEADER: [sign(leases.peer_key, b"GET", path.encode(), self.cache.clock.seconds())]})
         self.peer = info.peer
         try:
-            response = await _client(self.cache).agent.request(b"GET", (info.peer + path).encode(), headers)
+            # (?key=: the holder's worker processes other than the one holding the lease tail its spool by it.)
+            url = f"{info.peer}{path}?key={quote(self.key, safe='')}"
+            response = await _client(self.cache).agent.request(b"GET", url.encode(), headers)
         except CancelledError:
             raise
         except Exception as e:
@@ -179,6 +190,8 @@ class PeerFollow:
         leases.streamed += 1
         log.info("streaming {key} from {peer} while it fetches", key=self.key, peer=info.peer)
         self.shared.settle(Live(flight))
+        if self.held is not None:  # the other workers' clients of the key tail our spool too
+            await self.held.announce(Marker(self.spool.path, total, kept, False))
         self._receiving = receive(response, flight, self.cache.clock, self.idle_timeout)
         self._receiving.addCallbacks(self._arrived, self._broke)
 
@@ -200,6 +213,8 @@ class PeerFollow:
         """Abort this host's clients of the stream; the key is free here again."""
         self.broken = True
         if self.flight is not None and not self.flight.finished:
+            if self.held is not None:  # the other workers' tails end now too
+                self.held.abort(str(e)).addErrback(lambda f: None)
             self.leave()
             self.flight.fail(e)
 
@@ -246,16 +261,18 @@ class PeerFollow:
 
 
 async def await_lease(cache: "Cache", target: "Target", idle_timeout: float, shared: Shared["Result"],
-                      leave: Callable[[], None]) -> Union["Lease", "Result"]:
+                      leave: Callable[[], None], held: Held | None = None) -> Union["Lease", "Result"]:
     """The lease on ``target.key``, or the outcome of the holder's fetch: its
-    published entry, or (with peer streaming) the holder's flight, streamed."""
+    published entry, or (with peer streaming) the holder's flight, streamed.
+    ``leave`` frees the key in the caller's Singleflight; ``held``: the
+    caller's claim on the key among worker processes, if any."""
     from sparkcache.fetch.cache import Failed
 
     leases = cache.store.leases
     key = target.key
     if not leases.peer_key:
         return await leases.wait(key, lambda: cache._published(key))  # type: ignore[no-any-return]
-    follow = PeerFollow(cache, target, shared, leave, idle_timeout)
+    follow = PeerFollow(cache, target, shared, leave, idle_timeout, held)
 
     async def found() -> "Result | None":
         if follow.broken:  # its clients were aborted: nothing more to wait for

@@ -8,6 +8,11 @@ pace the bytes arrive, the last byte of a body to verify held back until it
 matched, the connection aborted if the fetch fails. The stored headers go
 as JSON in ``X-Sparkcache-Peer-Headers``; ``Content-Length`` when known.
 
+- With worker processes the request may reach a worker other than the
+  lease holder's: that worker tails the holder's spool file as it would for
+  a client of its own (fetch/across.py ``TailFlight``, through the flight
+  marker of fetch/xlock.py); the key comes as ``?key=``, checked against the
+  hash in the path.
 - 404 (JSON) when this host holds no lease on that key, or its production
   has no flight to tail (not started, already over, passed through): the
   other host then waits for the published entry.
@@ -29,8 +34,12 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from sparkcache.fetch.flight import PassFlight
+from sparkcache.fetch import across
+from sparkcache.fetch.across import TailFlight
+from sparkcache.fetch.flight import Flight, PassFlight
 from sparkcache.fetch.peer import AUTH_HEADER, FLIGHT_PATH, HEADERS_HEADER, refusal
+from sparkcache.fetch.xlock import Tail
+from sparkcache.store.s3.lease import key_hash
 from sparkcache.web.serve import error_body, finish_safely, send_flight
 
 log = Logger()
@@ -60,9 +69,13 @@ class PeerFlights(Resource):
         if m is None:
             return error_body(request, 404, "no such endpoint")
         lease = leases.held.get(m.group(1))
-        if lease is None:
-            return error_body(request, 404, "no flight of that key here")
-        d = ensureDeferred(self._serve(request, lease.key))
+        if lease is not None:
+            d = ensureDeferred(self._serve(request, lease.key))
+        else:
+            key = (request.args.get(b"key") or [b""])[0].decode("utf-8", "replace")
+            if self.ctx.cache.locks is None or key_hash(key) != m.group(1):
+                return error_body(request, 404, "no flight of that key here")
+            d = ensureDeferred(self._serve_sibling(request, key))
 
         def failed(f: Any) -> None:
             if not f.check(CancelledError):
@@ -85,6 +98,37 @@ class PeerFlights(Resource):
             request.write(error_body(request, 404, "no flight of that key here now"))
             finish_safely(request)
             return
+        await self._send(request, flight)
+
+    async def _serve_sibling(self, request: Any, key: str) -> None:
+        """Another worker of this host fetches ``key``: tail its spool file."""
+        cache = self.ctx.cache
+        locks = cache.locks
+        marker = await locks.marker(key)
+
+        async def committed() -> bool:
+            row = await cache.store.index.get(key)
+            return row is not None and row.status == 200
+
+        tail = Tail(locks, key, marker, committed) if marker is not None and marker.error is None else None
+        if tail is not None:
+            try:
+                await tail.open()
+            except FileNotFoundError:  # committed (or dropped) meanwhile
+                tail = None
+        if tail is None:
+            request.write(error_body(request, 404, "no flight of that key here now"))
+            finish_safely(request)
+            return
+        flight = TailFlight(tail)
+        following = ensureDeferred(across.follow(cache, tail, flight, lambda: None))
+        following.addErrback(lambda f: None if f.check(CancelledError) else log.failure("following {key}", f, key=key))
+        try:
+            await self._send(request, flight)
+        finally:
+            following.cancel()
+
+    async def _send(self, request: Any, flight: Flight) -> None:
         request.setHeader(b"Content-Type", b"application/octet-stream")
         request.setHeader(b"Cache-Control", b"no-store")
         request.setHeader(HEADERS_HEADER, json.dumps(flight.headers).encode("latin-1", "replace"))
