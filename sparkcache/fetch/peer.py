@@ -190,10 +190,10 @@ class PeerFollow:
         leases.streamed += 1
         log.info("streaming {key} from {peer} while it fetches", key=self.key, peer=info.peer)
         self.shared.settle(Live(flight))
-        if self.held is not None:  # the other workers' clients of the key tail our spool too
-            await self.held.announce(Marker(self.spool.path, total, kept, False))
         self._receiving = receive(response, flight, self.cache.clock, self.idle_timeout)
         self._receiving.addCallbacks(self._arrived, self._broke)
+        if self.held is not None:  # the other workers' clients of the key tail our spool too
+            await self.held.announce(Marker(self.spool.path, total, kept, False))
 
     def _arrived(self, _: object) -> None:
         flight = self.flight
