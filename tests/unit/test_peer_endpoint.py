@@ -68,21 +68,28 @@ async def _ask(agent: Agent, port: Any, pair: Any, key: bytes = KEY, query: str 
     return await pumped(agent.request(b"GET", url, headers), pair.clock)
 
 
+async def _head(agent: Agent, port: Any, pair: Any) -> tuple[Any, Collect]:
+    """The peer's response, once its first half (all that a has) arrived."""
+    # The marker is written once the body flows; ask until b finds it.
+    for _ in range(200):
+        got = await _ask(agent, port, pair)
+        if got.code == 200:
+            break
+        await readBody(got)
+    assert got.code == 200
+    body = Collect()
+    got.deliverBody(body)
+    await pumped(Deferred.fromCoroutine(_until(lambda: len(body.data) >= len(BODY) // 2)), pair.clock)
+    return got, body
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_sibling_worker_streams_the_holders_spool_to_its_commit(pair: Any) -> None:
     response, port, agent, pool = await _holder(pair)
     try:
-        # The marker is written once the body flows; ask until b finds it.
-        for _ in range(200):
-            got = await _ask(agent, port, pair)
-            if got.code == 200:
-                break
-            await readBody(got)
-        assert got.code == 200 and got.length == len(BODY)
+        got, body = await _head(agent, port, pair)
+        assert got.length == len(BODY)
         assert json.loads(got.headers.getRawHeaders(HEADERS_HEADER)[0]) == {"content-type": "application/x-test"}
-        body = Collect()
-        got.deliverBody(body)
-        await pumped(Deferred.fromCoroutine(_until(lambda: len(body.data) >= len(BODY) // 2)), pair.clock)
         assert not body.ended.called  # the head, while the rest is still upstream
         response.send(BODY[len(BODY) // 2:])
         response.end()
@@ -102,14 +109,7 @@ async def test_a_sibling_worker_streams_the_holders_spool_to_its_commit(pair: An
 async def test_the_holders_body_breaking_off_aborts_the_peer(pair: Any) -> None:
     response, port, agent, pool = await _holder(pair)
     try:
-        for _ in range(200):
-            got = await _ask(agent, port, pair)
-            if got.code == 200:
-                break
-            await readBody(got)
-        body = Collect()
-        got.deliverBody(body)
-        await pumped(Deferred.fromCoroutine(_until(lambda: len(body.data) >= len(BODY) // 2)), pair.clock)
+        _, body = await _head(agent, port, pair)
         response.end(BodyError("upstream reset"))
         await pumped(body.ended, pair.clock)
         assert body.reason is not None and not body.reason.check(ResponseDone) and len(body.data) < len(BODY)
