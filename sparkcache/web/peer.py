@@ -62,8 +62,8 @@ class PeerFlights(Resource):
         why = refusal(leases.peer_key if leases is not None else b"", request.method, request.path,
                       request.getHeader(AUTH_HEADER), self.ctx.clock.seconds())
         if why is not None:
-            log.warn("refused a peer request from {ip}: {why}", ip=request.getClientAddress().host
-                     if hasattr(request.getClientAddress(), "host") else "?", why=why)
+            log.warn("refused a peer request from {ip}: {why}", ip=getattr(request.getClientAddress(), "host", "?"),
+                     why=why)
             return error_body(request, 403, why)
         m = _FLIGHT.match(request.path.decode("latin-1"))
         if m is None:

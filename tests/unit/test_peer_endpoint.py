@@ -68,6 +68,15 @@ async def _ask(agent: Agent, port: Any, pair: Any, key: bytes = KEY, query: str 
     return await pumped(agent.request(b"GET", url, headers), pair.clock)
 
 
+async def _ended(pair: Any) -> None:
+    """Worker a's production is over (committed or not) before the stores stop."""
+    live = await pumped(pair.got, pair.clock)
+    try:
+        await pumped(live.flight.wait_done(), pair.clock)
+    except BodyError:
+        pass
+
+
 async def _head(agent: Agent, port: Any, pair: Any) -> tuple[Any, Collect]:
     """The peer's response, once its first half (all that a has) arrived."""
     # The marker is written once the body flows; ask until b finds it.
@@ -100,6 +109,7 @@ async def test_a_sibling_worker_streams_the_holders_spool_to_its_commit(pair: An
         assert wrong.code == 404 and json.loads(await readBody(wrong))["status"] == 404
         bad = await _ask(agent, port, pair, key=b"x" * 32)
         assert bad.code == 403 and json.loads(await readBody(bad))["error"] == "bad peer token"
+        await _ended(pair)
     finally:
         await port.stopListening()
         await pool.closeCachedConnections()
@@ -113,6 +123,7 @@ async def test_the_holders_body_breaking_off_aborts_the_peer(pair: Any) -> None:
         response.end(BodyError("upstream reset"))
         await pumped(body.ended, pair.clock)
         assert body.reason is not None and not body.reason.check(ResponseDone) and len(body.data) < len(BODY)
+        await _ended(pair)
     finally:
         await port.stopListening()
         await pool.closeCachedConnections()
