@@ -159,6 +159,10 @@ class SparkcacheService(MultiService):
             share_errors.setServiceParent(self.runtime)
         self.root = Root({b"setup": self.setup.resource()}, AdminApp(self.ctx, self.status).resource(),
                          gates={b"admin": admin_bundle.body_gate(self.ctx)})  # an import's body: straight to a spool
+        if self.store.leases is not None and self.store.leases.peer_url:  # the other hosts stream our flights
+            from sparkcache.web.peer import PeerFlights
+
+            self.root.apps[b"_peer"] = PeerFlights(self.ctx)
         # What each protocol's build() gave, for reconfigure().
         self.built: dict[str, Built] = {}
         check_segments(protocols)

@@ -45,7 +45,7 @@ from twisted.logger import Logger
 from twisted.web.iweb import IResponse
 
 from sparkcache.config import RemoteConfig
-from sparkcache.fetch import across
+from sparkcache.fetch import across, peer
 from sparkcache.fetch.flight import BodyError, Flight, PassFlight, receive
 from sparkcache.fetch.produce import Shared, Singleflight, watch_ends
 from sparkcache.fetch.upstream import UpstreamClient, UpstreamError, discard_body
@@ -219,6 +219,11 @@ class Cache:
         """Whether a production of ``key`` is running now."""
         return key in self._producing
 
+    def production(self, key: str) -> Shared[Result] | None:
+        """The production of ``key`` running now, if any: another host that
+        waits for our lease streams its flight (web/peer.py)."""
+        return self._producing.get(key)
+
     async def get(self, req: CacheRequest | Target, source: Source | None = None) -> Result:
         """The entry under ``req.key``: stored and fresh, or produced by ``source``
         (by default, for a CacheRequest, fetched from its upstream)."""
@@ -299,7 +304,9 @@ class Cache:
                 # Several hosts on one bucket: one of them fetches (store/s3/lease.py).
                 self._claiming[target.key] = shared
                 try:
-                    got = await self.store.leases.wait(target.key, lambda: self._published(target.key))
+                    # (With peer streaming, our clients may tail the holder's flight meanwhile: fetch/peer.py.)
+                    got = await peer.await_lease(self, target, _idle_timeout(source), shared,
+                                                 lambda: self._producing.leave(target.key, shared), held)
                 finally:
                     if self._claiming.get(target.key) is shared:
                         del self._claiming[target.key]
@@ -674,6 +681,11 @@ def _refused(req: CacheRequest, response: IResponse) -> bool:
         return False
     ctype = (_header(response, "content-type") or "").split(";")[0].strip().lower()
     return ctype in req.refuse_types
+
+
+def _idle_timeout(source: Source) -> float:
+    """How long a stream from a peer may stall: as long as the upstream body it relays."""
+    return source.req.remote.read_timeout if isinstance(source, Upstream) else 60.0
 
 
 def _validate(spool: SpoolFile, validate: Validator) -> None:

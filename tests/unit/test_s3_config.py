@@ -93,3 +93,36 @@ def test_s3_runs_with_worker_processes():
     assert cfg.storage.backend == "s3" and cfg.server.workers == 2
     auto = load(s3(), env=ENV, server={"workers": "auto"})
     assert auto.server.workers == max(1, len(os.sched_getaffinity(0)))
+
+
+def test_peer_streaming_keys(tmp_path):
+    cfg = load(s3(peer_url="http://10.0.0.5:8080/"))
+    st = cfg.storage.s3
+    assert st.peer_url == "http://10.0.0.5:8080" and len(st.peer_key) == 32
+    # Derived from what every host on the bucket shares: the same on each, another with another secret or prefix.
+    assert load(s3()).storage.s3.peer_key == st.peer_key
+    assert load(s3(), env={**ENV, "AWS_SECRET_ACCESS_KEY": "other"}).storage.s3.peer_key != st.peer_key
+    assert load(s3(prefix="other")).storage.s3.peer_key != st.peer_key
+    secret = tmp_path / "peer-secret"
+    secret.write_text("a secret of the fleet's own, 32+ chars\n")
+    assert load(s3(peer_secret_file=str(secret))).storage.s3.peer_key == b"a secret of the fleet's own, 32+ chars"
+    cfg = load(s3(peer_secret_env="PEER_SECRET"), env={**ENV, "PEER_SECRET": "from-the-environment-123"})
+    assert cfg.storage.s3.peer_key == b"from-the-environment-123"
+    text = json.dumps(cfg.redacted()) + repr(cfg)
+    assert "from-the-environment-123" not in text and "peer_key" not in text
+    assert cfg.redacted()["storage"]["s3"]["peer_secret_env"] == "PEER_SECRET"
+
+
+@pytest.mark.parametrize("keys, path, problem", [
+    ({"peer_url": "10.0.0.5:8080"}, "storage.s3.peer_url", "http(s)://host[:port]"),
+    ({"peer_url": "http://h:1/sub"}, "storage.s3.peer_url", "http(s)://host[:port]"),
+    ({"peer_secret": "inline"}, "storage.s3.peer_secret", "never go in the configuration"),
+    ({"peer_secret_env": "NOPE"}, "storage.s3.peer_secret_env", "not set"),
+    ({"peer_secret_env": "SHORT"}, "storage.s3.peer_secret_env", "too short"),
+    ({"peer_secret_file": "/nonexistent/peer"}, "storage.s3.peer_secret_file", "cannot read"),
+    ({"peer_secret_file": "/x", "peer_secret_env": "SHORT"}, "storage.s3.peer_secret_file", "not both"),
+])
+def test_peer_key_errors(keys, path, problem):
+    with pytest.raises(ConfigError) as e:
+        load(s3(**keys), env={**ENV, "SHORT": "abc"})
+    assert e.value.path == path and problem in e.value.problem, e.value

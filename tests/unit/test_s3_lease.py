@@ -19,7 +19,8 @@ from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 
 from sparkcache.store.s3.client import S3Client
-from sparkcache.store.s3.lease import Lease, Leases
+from sparkcache.fetch.peer import refusal, sign
+from sparkcache.store.s3.lease import Lease, LeaseInfo, Leases, key_hash
 from sparkcache.store.s3.settings import S3Credentials, S3Settings
 from tests.support.s3 import ACCESS_KEY, SECRET_KEY, FaultProxy, boto_client, make_bucket, moto_endpoint
 
@@ -40,8 +41,8 @@ def bucket():
     clock = Clock()
     clock.advance(1_000_000)
 
-    def host(via_proxy: bool = True) -> Leases:
-        client = S3Client(settings(proxy.endpoint if via_proxy else endpoint, bucket), reactor, deferToThread)
+    def host(via_proxy: bool = True, **kw: Any) -> Leases:
+        client = S3Client(settings(proxy.endpoint if via_proxy else endpoint, bucket, **kw), reactor, deferToThread)
         clients.append(client)
         return Leases(client, "t/", clock, TTL)
 
@@ -224,3 +225,40 @@ async def test_bucket_unreachable_gives_an_inert_lease(bucket):
     got = await a.acquire("k")
     assert isinstance(got, Lease) and got.inert
     await got.release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_lease_names_the_holders_peer_address_and_the_waiter_hears_it(bucket):
+    host, clock, proxy, endpoint, name = bucket
+    a, b = host(peer_url="http://10.0.0.5:8080", peer_key=b"k" * 32), host(peer_key=b"k" * 32)
+    held = await a.acquire("k")
+    assert a.held == {key_hash("k"): held}
+    told: list[LeaseInfo] = []
+
+    async def holder(info: LeaseInfo) -> None:
+        told.append(info)
+
+    async def nothing() -> None:
+        return None
+
+    waiting = ensureDeferred(b.wait("k", nothing, holder))
+    await settle(deferLater(reactor, 0.3, lambda: None), clock, step=0.0)
+    assert [(i.owner, i.peer) for i in told] == [(a.me, "http://10.0.0.5:8080")]
+    await held.release()
+    assert a.held == {}
+    got = await settle(waiting, clock)
+    assert isinstance(got, Lease) and len(told) == 1  # told once, not at every poll
+    assert (await a.read("k")).peer is None  # b has no peer_url: its lease names none
+    await got.release()
+
+
+def test_peer_tokens():
+    key, path, now = b"k" * 32, b"/_peer/flight/" + b"ab" * 32, 1_000_000.0
+    token = sign(key, b"GET", path, now)
+    assert refusal(key, b"GET", path, token, now + 100) is None
+    assert refusal(key, b"GET", path, None, now) == "no peer token"
+    assert refusal(b"", b"GET", path, token, now) is not None
+    assert "malformed" in refusal(key, b"GET", path, b"nonsense", now)
+    assert "out of date" in refusal(key, b"GET", path, token, now + 1000)
+    for other in ((b"x" * 32, b"GET", path), (key, b"HEAD", path), (key, b"GET", path + b"0")):
+        assert refusal(*other, token, now) == "bad peer token"

@@ -22,6 +22,10 @@ immutable key (the kind the bucket's index shares, published.py) a host takes
   most one upstream fetch per host). A bucket that cannot be reached gives an
   inert lease: the host goes on alone rather than wait.
 
+With ``storage.s3.peer_url`` the lease also says where its holder can be
+reached, and a host that lost the lease streams the body from the holder
+while it downloads (fetch/peer.py, web/peer.py) instead of waiting for it.
+
 Expiries are wall-clock times written by one host and read by another: keep
 the hosts' clocks in sync (NTP), as for purge markers.
 """
@@ -44,6 +48,11 @@ from sparkcache.store.s3.client import S3Client, S3Error, S3Unavailable, _discar
 
 log = Logger()
 
+
+def key_hash(key: str) -> str:
+    """How a key is named outside this host: its lease object, a peer's request."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
 FORMAT = 1
 MAX_DOC = 4096
 # Waiting for another host's production: the first poll, doubled up to the last.
@@ -59,6 +68,7 @@ class LeaseInfo:
     host: str
     expires: float
     etag: str | None
+    peer: str | None = None  # where the holder serves its flight (storage.s3.peer_url)
 
 
 class Lease:
@@ -74,6 +84,7 @@ class Lease:
         self._timer: Any = None
         self._released = False
         if not inert:
+            leases.held[key_hash(key)] = self
             self._schedule()
 
     def _schedule(self) -> None:
@@ -105,6 +116,8 @@ class Lease:
         if self._released:
             return
         self._released = True
+        if self.leases.held.get(key_hash(self.key)) is self:
+            del self.leases.held[key_hash(self.key)]
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -128,14 +141,25 @@ class Leases:
         self.taken = 0  # leases this host won (fresh or taken over)
         self.waited = 0  # productions that waited for another host's
         self.bare_etags = False  # the server matches If-Match on the unquoted ETag only
+        settings = getattr(client, "settings", None)
+        # Peer streaming: where this host serves its flights, and what signs the requests.
+        self.peer_url: str | None = getattr(settings, "peer_url", None)
+        self.peer_key: bytes = getattr(settings, "peer_key", b"")
+        self.peer_client: Any = None  # made by fetch/peer.py when first needed
+        self.streamed = 0  # productions served from another host's flight
+        # The leases this host holds now, by sha256 of their key (what a peer asks for).
+        self.held: dict[str, Lease] = {}
 
     def name(self, key: str) -> str:
-        return f"{self.prefix}leases/{hashlib.sha256(key.encode()).hexdigest()}"
+        return f"{self.prefix}leases/{key_hash(key)}"
 
     async def put(self, key: str, condition: dict[str, str]) -> tuple[bool, str | None]:
         """Write our lease document under ``condition``: (written, its ETag)."""
-        doc = json.dumps({"format": FORMAT, "key": key, "owner": self.me, "host": socket.gethostname(),
-                          "expires": self.clock.seconds() + self.ttl}).encode()
+        fields: dict[str, Any] = {"format": FORMAT, "key": key, "owner": self.me, "host": socket.gethostname(),
+                                  "expires": self.clock.seconds() + self.ttl}
+        if self.peer_url:
+            fields["peer"] = self.peer_url
+        doc = json.dumps(fields).encode()
         headers = {"Content-Type": "application/json", **condition}
         response, _ = await self.client.request(
             "PUT", self.name(key), headers=headers, body=lambda: BytesProducer(doc),
@@ -172,7 +196,9 @@ class Leases:
         raw = await _small_body(response, MAX_DOC)
         try:
             doc = json.loads(raw)
-            return LeaseInfo(str(doc["owner"]), str(doc.get("host", "")), float(doc["expires"]), etag)
+            peer = doc.get("peer")
+            return LeaseInfo(str(doc["owner"]), str(doc.get("host", "")), float(doc["expires"]), etag,
+                             peer if isinstance(peer, str) and peer else None)
         except (ValueError, KeyError, TypeError):
             return LeaseInfo("", "", 0.0, etag)
 
@@ -205,13 +231,23 @@ class Leases:
         log.warn("could not take the lease of {key} ({e}); fetching without it", key=key, e=e)
         return Lease(self, key, None, inert=True)
 
-    async def wait(self, key: str, found: Callable[[], Awaitable[T | None]]) -> Union[Lease, T]:
+    async def wait(self, key: str, found: Callable[[], Awaitable[T | None]],
+                   holder: Callable[[LeaseInfo], Awaitable[Any]] | None = None) -> Union[Lease, T]:
         """The lease on ``key``, or what ``found()`` answers once another
-        host's production ended (its entry, published in the bucket)."""
+        host's production ended (its entry, published in the bucket).
+        ``holder``: told once, right after the lease was lost, who holds it
+        (when its lease names a peer address), before the polls begin."""
         lease = await self.acquire(key)
         if lease is not None:
             return lease
         self.waited += 1
+        if holder is not None:
+            try:
+                info = await self.read(key)
+            except S3Error as e:
+                return self._inert(key, e)
+            if info is not None and info.peer and info.owner != self.me and info.expires > self.clock.seconds():
+                await holder(info)
         delay = POLL_FIRST
         while True:
             await deferLater(self.clock, delay, lambda: None)

@@ -9,6 +9,8 @@ of ``~/.aws/credentials``). They are kept out of ``repr`` and ``/config``.
 from __future__ import annotations
 
 import configparser
+import hashlib
+import hmac
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -60,6 +62,14 @@ class S3Settings:
     sweep_grace: float = 600.0  # bodies written or used this recently are never swept
     max_size: int | None = None
     host_id: str | None = None  # None: the host name and a hash of data_dir
+    # Peer streaming (fetch/peer.py, web/peer.py): where the other hosts reach
+    # this daemon while it holds a lease (None: they wait for the published
+    # entry), and the key their requests are signed with (derived from the S3
+    # secret key unless peer_secret_file / peer_secret_env name another).
+    peer_url: str | None = None
+    peer_secret_file: str | None = None
+    peer_secret_env: str | None = None
+    peer_key: bytes = field(default=b"", repr=False, compare=False)
 
     def redacted(self) -> dict[str, Any]:
         return {
@@ -70,7 +80,8 @@ class S3Settings:
             "attempts": self.attempts, "share_index": self.share_index, "lease_ttl": self.lease_ttl,
             "sweep": self.sweep,
             "sweep_interval": self.sweep_interval, "sweep_grace": self.sweep_grace, "max_size": self.max_size,
-            "host_id": self.host_id,
+            "host_id": self.host_id, "peer_url": self.peer_url, "peer_secret_file": self.peer_secret_file,
+            "peer_secret_env": self.peer_secret_env,
         }
 
 
@@ -120,6 +131,31 @@ def parse_s3(loader: Any, sec: Any) -> S3Settings:
     host_id = sec.get("host_id", str, None)
     if host_id is not None and not re.match(r"^[A-Za-z0-9._-]{1,128}$", host_id):
         raise loader.error(sec.key("host_id"), f"expected 1-128 of letters, digits and . _ -, got {host_id!r}")
+    peer_url = sec.get("peer_url", str, None)
+    if peer_url is not None:
+        parts = urlsplit(peer_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") \
+                or parts.query or parts.fragment or parts.username:
+            raise loader.error(sec.key("peer_url"), f"expected http(s)://host[:port] (the address the other hosts "
+                               f"reach this daemon at), got {peer_url!r}")
+        peer_url = peer_url.rstrip("/")
+    if sec.has("peer_secret"):
+        raise loader.error(sec.key("peer_secret"), "secrets never go in the configuration: name a file "
+                           "(peer_secret_file) or an environment variable (peer_secret_env)")
+    secret_file = sec.get("peer_secret_file", str, None)
+    secret_env = sec.get("peer_secret_env", str, None)
+    if secret_file is not None and secret_env is not None:
+        raise loader.error(sec.key("peer_secret_file"), "give either peer_secret_file or peer_secret_env, not both")
+    if secret_file is not None:
+        peer_key = read_secret_file(loader, sec.key("peer_secret_file"), secret_file)
+    elif secret_env is not None:
+        peer_key = loader.env(sec.key("peer_secret_env"), secret_env).encode()
+    else:  # every host on the bucket has its secret key, outsiders do not
+        peer_key = hmac.new(creds.secret_key.encode(), f"sparkcache-peer\n{bucket}\n{prefix}".encode(),
+                          hashlib.sha256).digest()
+    if len(peer_key) < 16:
+        raise loader.error(sec.key("peer_secret_file" if secret_file is not None else "peer_secret_env"),
+                           "the peer secret is too short (at least 16 bytes)")
     out = S3Settings(
         endpoint=endpoint.rstrip("/"), bucket=bucket, region=region, prefix=prefix, addressing=addressing,
         credentials_file=cred_file, credentials=creds, multipart_threshold=max(threshold, part_size),
@@ -132,6 +168,7 @@ def parse_s3(loader: Any, sec: Any) -> S3Settings:
         sweep_grace=sec.convert("sweep_grace", parse_duration, S3Settings.sweep_grace),
         max_size=sec.convert("max_size", parse_size, None),
         host_id=host_id,
+        peer_url=peer_url, peer_secret_file=secret_file, peer_secret_env=secret_env, peer_key=peer_key,
     )
     if out.sweep_interval <= 0:
         raise loader.error(sec.key("sweep_interval"), "expected a positive duration")
@@ -166,3 +203,15 @@ def read_credentials_file(loader: Any, key_path: str, path: str) -> S3Credential
     if not access or not secret:
         raise loader.error(key_path, f"{path} [{name}] needs aws_access_key_id and aws_secret_access_key")
     return S3Credentials(access.strip(), secret.strip(), (prof.get("aws_session_token") or "").strip() or None, path)
+
+
+def read_secret_file(loader: Any, key_path: str, path: str) -> bytes:
+    """A secret kept in a file of its own (surrounding whitespace ignored)."""
+    try:
+        with open(path, "rb") as f:
+            secret = f.read(4096).strip()
+    except OSError as e:
+        raise loader.error(key_path, f"cannot read {path}: {e.strerror or e}") from None
+    if not secret:
+        raise loader.error(key_path, f"{path} is empty")
+    return secret
