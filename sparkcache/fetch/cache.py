@@ -46,7 +46,7 @@ from twisted.web.iweb import IResponse
 
 from sparkcache.config import RemoteConfig
 from sparkcache.fetch import across
-from sparkcache.fetch.flight import BodyError, Flight, PassFlight, receive
+from sparkcache.fetch.flight import BodyError, Flight, Lanes, PassFlight, receive
 from sparkcache.fetch.produce import Shared, Singleflight, watch_ends
 from sparkcache.fetch.upstream import UpstreamClient, UpstreamError, discard_body
 from sparkcache.fetch.xlock import Held, KeyLocks, Marker, Tail
@@ -370,7 +370,7 @@ class Cache:
             self.store.note_write_error(e)
             raise
         try:
-            flight = Flight(key, spool, body.total, body.headers, self.store.in_io)
+            flight = Flight(key, spool, body.total, body.headers, Lanes(self.store.reactor))
         except BaseException:
             self.store.discard(spool)
             raise
