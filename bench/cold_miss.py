@@ -47,6 +47,7 @@ from common import (MB, AccessLog, Bench, BenchError, Daemon, Nginx, _die_with_p
                     base_parser, check_transfer, clean_env, cpu_seconds, curl, fmt_size, free_port, make_random_file, median,
                     parse_size, print_summary, print_table, run_main, static_server, summary_row,
                     wait_port)
+from hit_small import cache_server
 
 NAME = "cold_miss"
 SPEED_GOAL = 0.5
@@ -56,27 +57,10 @@ HERE = Path(__file__).resolve().parent
 
 
 def proxy_cache_server(port: int, upstream_port: int) -> tuple[str, str]:
-    """nginx ``proxy_cache`` in front of the origin, buffers sized for large bodies."""
-    http_extra = f"""
-    proxy_cache_path {{dir}}/proxy_cache levels=1:2 keys_zone=cold:8m max_size=8g inactive=1d use_temp_path=off;
-    upstream origin {{ server 127.0.0.1:{upstream_port}; keepalive 4; }}"""
-    server = f"""
-    server {{
-        listen 127.0.0.1:{port};
-        access_log off;
-        location / {{
-            proxy_pass http://origin;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_cache cold;
-            proxy_cache_valid 200 1d;
-            proxy_buffer_size 64k;
-            proxy_buffers 16 64k;
-            proxy_busy_buffers_size 256k;
-            add_header X-Cache $upstream_cache_status;
-        }}
-    }}"""
-    return http_extra, server
+    """hit_small's nginx ``proxy_cache``, with buffers sized for large bodies."""
+    http_extra, server = cache_server(port, upstream_port, "cold")
+    return http_extra, server.replace("proxy_cache_lock on;", "proxy_cache_lock on;\n            proxy_buffer_size 64k;"
+                                      "\n            proxy_buffers 16 64k;\n            proxy_busy_buffers_size 256k;")
 
 
 class Floor:

@@ -181,6 +181,8 @@ class Flight:
     def data(self, chunk: bytes) -> None:
         if self._write_error is not None:
             raise OSError(f"spool write failed: {self._write_error}")
+        if self.finished:  # (its spool may be discarded: no lane may write to it now)
+            raise OSError("the production has ended")
         if self._split is None:
             # Not when bytes were written, and hashed, before (an adopted
             # spool), nor for a body to verify: its readers get each byte only
@@ -251,46 +253,45 @@ class Flight:
             waited = True
 
     def _write_lane(self) -> None:
-        while True:
-            with self._lock:
-                batch = self._take("write")
-            if not batch:
-                self._tell()
-                return
-            try:
-                n = self.spool.write_all(batch)
-            except BaseException as e:
-                self._lane_failed(e)
-                return
-            start = False
-            with self._lock:
-                self._working -= 1
-                self._on_disk += n
-                if self._split:
-                    self._to_hash.extend(batch)
-                    start = self._wake("hash")
-                else:
-                    self._retired += n
-            if start:
-                self._lanes.start(self._hash_lane)
-            self._tell()
+        self._run_lane("write", self.spool.write_all, self._written)
 
     def _hash_lane(self) -> None:
+        self._run_lane("hash", self.spool.hash_chunks, self._hashed)
+
+    def _run_lane(self, lane: str, work: Callable[[list[bytes]], int],
+                  done: Callable[[list[bytes], int], None]) -> None:
+        """(A lane's thread.) ``work`` batch after batch, until none comes."""
         while True:
             with self._lock:
-                batch = self._take("hash")
+                batch = self._take(lane)
             if not batch:
                 self._tell()
                 return
             try:
-                n = self.spool.hash_chunks(batch)
+                n = work(batch)
             except BaseException as e:
                 self._lane_failed(e)
                 return
-            with self._lock:
-                self._working -= 1
-                self._retired += n
+            done(batch, n)
             self._tell()
+
+    def _written(self, batch: list[bytes], n: int) -> None:
+        start = False
+        with self._lock:
+            self._working -= 1
+            self._on_disk += n
+            if self._split:
+                self._to_hash.extend(batch)
+                start = self._wake("hash")
+            else:
+                self._retired += n
+        if start:
+            self._lanes.start(self._hash_lane)
+
+    def _hashed(self, batch: list[bytes], n: int) -> None:
+        with self._lock:
+            self._working -= 1
+            self._retired += n
 
     def _lane_failed(self, e: BaseException) -> None:
         with self._lock:
