@@ -97,7 +97,7 @@ class Flight:
         self._draining = False  # flushed() was asked: batches go now, however small
         self._to_hash: list[bytes] = []  # written, not yet hashed
         self._alive: set[str] = set()  # lanes running ("write", "hash")
-        self._working = 0  # lanes busy with a batch (they touch the spool)
+        self._working: set[str] = set()  # lanes busy with a batch
         self._on_disk = 0  # bytes written
         self._retired = 0  # bytes done with: hashed (or written, when hashed as written)
         self._lane_error: BaseException | None = None
@@ -196,7 +196,9 @@ class Flight:
         with self._lock:
             self._to_write.append(chunk)
             self._to_write_bytes += len(chunk)
-            start = self._wake("write", self._to_write_bytes >= BATCH)
+            # (Woken for the first chunk of a batch too: it may be lingering,
+            # and it then waits BATCH_WAIT at most for the rest.)
+            start = self._wake("write", len(self._to_write) == 1 or self._to_write_bytes >= BATCH)
         if start:
             self._lanes.start(self._write_lane)
 
@@ -244,7 +246,7 @@ class Flight:
                     self._to_write, self._to_write_bytes = [], 0
                 else:
                     self._to_hash = []
-                self._working += 1
+                self._working.add(lane)
                 return batch
             if waited or self._lane_error is not None or self._closing or self._lanes.linger <= 0:
                 self._alive.discard(lane)
@@ -270,7 +272,7 @@ class Flight:
             try:
                 n = work(batch)
             except BaseException as e:
-                self._lane_failed(e)
+                self._lane_failed(lane, e)
                 return
             done(batch, n)
             self._tell()
@@ -278,7 +280,7 @@ class Flight:
     def _written(self, batch: list[bytes], n: int) -> None:
         start = False
         with self._lock:
-            self._working -= 1
+            self._working.discard("write")
             self._on_disk += n
             if self._split:
                 self._to_hash.extend(batch)
@@ -290,12 +292,12 @@ class Flight:
 
     def _hashed(self, batch: list[bytes], n: int) -> None:
         with self._lock:
-            self._working -= 1
+            self._working.discard("hash")
             self._retired += n
 
-    def _lane_failed(self, e: BaseException) -> None:
+    def _lane_failed(self, lane: str, e: BaseException) -> None:
         with self._lock:
-            self._working -= 1
+            self._working.discard(lane)
             if self._lane_error is None:
                 self._lane_error = e
             self._to_write, self._to_write_bytes, self._to_hash = [], 0, []
@@ -328,10 +330,15 @@ class Flight:
 
     def _busy(self) -> bool:
         """Whether a lane still works on the spool, bytes wait for one, or
-        the reactor has yet to hear (``_sync``) that they are done."""
+        the reactor has yet to hear (``_sync``) that they are done. After a
+        write error only the write lane counts: the hash lane touches no
+        descriptor, and the failure (the disk's, noted by the engine once
+        this says no thread writes) must not wait for a hash nobody reads."""
         if self.queued:
             return True
         with self._lock:
+            if self._write_error is not None:
+                return "write" in self._working
             return bool(self._working or self._to_write or self._to_hash)
 
     def _progress(self) -> None:

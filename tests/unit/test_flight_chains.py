@@ -80,7 +80,7 @@ class FailingSpool(SpoolFile):
         return super().write_all(chunks)
 
 
-def test_a_write_error_ends_both_lanes_and_fails_flushed_once_neither_works(tmp_path: Any) -> None:
+def test_a_write_error_ends_both_lanes_and_fails_flushed_once_no_lane_writes(tmp_path: Any) -> None:
     lanes = ManualLanes()
     spool = FailingSpool(str(tmp_path))
     f = Flight("k", spool, None, {}, lanes)
@@ -88,16 +88,19 @@ def test_a_write_error_ends_both_lanes_and_fails_flushed_once_neither_works(tmp_
     lanes.run("_write_lane")
     f.data(b"y" * 100)
     assert sorted(lanes.names()) == ["_hash_lane", "_write_lane"]
+    with f._lock:  # the hash lane is busy with the first batch...
+        assert f._take("hash") == [b"x" * 100]
     spool.fail_next = True
-    lanes.run("_write_lane")
+    lanes.run("_write_lane")  # ...when the second cannot be written
     assert f.write_error is not None and f.queued == 0 and f.written == 100
     with pytest.raises(OSError):
         f.data(b"z")
+    # No lane writes any more: the failure is known now, not after that hash.
     done = f.flushed()
     failures: list[Any] = []
     done.addErrback(failures.append)
     assert failures and failures[0].check(BodyError)
-    lanes.run("_hash_lane")  # it sees the error and ends without hashing
+    lanes.run("_hash_lane")  # it sees the error and ends
     assert lanes.names() == []
     f.release()
     spool.discard()
@@ -114,7 +117,7 @@ def test_flushed_waits_for_a_batch_a_lane_is_working_on(tmp_path: Any) -> None:
     assert batch == [b"q" * 10] and not done.called
     n = spool.write_all(batch)
     with f._lock:
-        f._working -= 1
+        f._working.discard("write")
         f._on_disk += n
         f._retired += n
     f._sync()
