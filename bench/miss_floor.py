@@ -74,7 +74,10 @@ def send_file(client: socket.socket, fd: int, offset: int, n: int) -> None:
 
 def serve(client: socket.socket, upstream_port: int, spool_dir: str, hasher: Hasher,
           ring: list[bytearray]) -> None:
-    head, _ = read_head(client)
+    try:
+        head, _ = read_head(client)
+    except ConnectionError:
+        return  # (a port probe: connected, asked nothing)
     path = head.split(b"\r\n", 1)[0].split(b" ")[1]
     up = socket.create_connection(("127.0.0.1", upstream_port))
     try:
