@@ -382,8 +382,9 @@ class Cache:
                 spool.also_hash(algorithm)
         shared.settle(Live(flight))
         try:
-            if held is not None:  # where the other workers' clients tail it
-                await held.announce(Marker(spool.path, body.total, body.headers, flight.hold_last))
+            if held is not None:  # where the other workers' clients tail it (written beside the first bytes)
+                held.announce(Marker(spool.path, body.total, body.headers, flight.hold_last)).addErrback(
+                    lambda f: log.failure("announcing {key} to the other workers", f, key=key))
             await body.fill(flight)
             await flight.flushed()
             if body.total is not None and flight.written != body.total:

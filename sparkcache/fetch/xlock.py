@@ -32,13 +32,10 @@ from typing import Any, Awaitable, Callable
 
 from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.internet.task import deferLater
-from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from sparkcache.fetch.produce import shield
 
 InIO = Callable[..., Deferred[Any]]
-log = Logger()
 
 POLL_INTERVAL = 0.05
 
@@ -133,22 +130,14 @@ class Held:
         return self._order.run(self.locks.in_io, fn, *args)
 
     def announce(self, marker: Marker) -> Deferred[None]:
-        """Tell the other workers where the body is being spooled.
-
-        Returns at once: the marker is written in the background, in order
-        with ``abort`` and ``release``, so the production's first bytes do not
-        wait for a thread round trip. A worker that looks before it is there
-        polls again (the owner is "between its lock and its marker"), and the
-        bytes it then tails from offset 0 are all in the spool already. If it
-        cannot be written, the other workers wait for the end instead of
-        tailing (logged)."""
+        """Tell the other workers where the body is being spooled; fires once
+        the marker is written. The engine does not wait for that: the write
+        runs in order with ``abort`` and ``release`` (which already know the
+        marker), and the production's first bytes need not wait for a thread
+        round trip: a worker that looks before it is there polls again, and the
+        bytes it then tails from offset 0 are all in the spool already."""
         self.marker = marker
-
-        def failed(f: Failure) -> None:
-            log.failure("writing the flight marker of {key}", f, key=self.key)
-
-        self._then(write_marker, self.marker_path, marker).addErrback(failed)
-        return succeed(None)
+        return self._then(write_marker, self.marker_path, marker)
 
     def abort(self, why: str) -> Deferred[None]:
         """The production was abandoned: the tails end at their next poll
