@@ -18,36 +18,87 @@ still has to open its connection to the upstream, as ``curl`` does direct.
 
 ``--workers 1,2`` (the default) runs the whole scenario once per
 ``server.workers`` value. The daemon's CPU (all its processes and threads,
-from schedstat) per GB received is reported beside the wall figures, which
+exited ones included: /proc/<pid>/stat, in 10 ms ticks; schedstat would
+miss a miss's spool threads, which end with it) per GB received is reported beside the wall figures, which
 a loaded machine disturbs. Goals (issue 14): throughput >= 0.5x direct,
 time to first byte <= direct + 2 ms.
+
+Two references do the same work as the miss without sparkcache, in the same
+runs: nginx ``proxy_cache`` on a cold key (``?cold=N``: receive, write the
+cache file, send; it neither hashes nor fsyncs), and ``miss_floor.py``, a
+few dozen lines of blocking Python that receive in 1 MiB reads, write a
+spool, sha256 in a second thread, send, fsync and rename: the machine's
+floor for the miss with sparkcache's guarantees. Their throughput and CPU
+per GB beside sparkcache's say how much of the gap to ``direct`` is the
+work itself (on 2 cores, curl, the upstream nginx and the proxy share
+them). ``--baseline DIR`` runs another checkout of sparkcache (``/work/main``:
+before a change) in the same runs, for an A/B of CPU per GB and TTFB.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
-from common import (MB, AccessLog, Bench, BenchError, Daemon, Nginx, add_workers_arg, apply_quick, base_parser,
-                    check_transfer, curl, fmt_size, free_port, make_random_file, median, parse_size, print_summary,
-                    print_table, run_main, static_server, summary_row, task_cpu_seconds)
+from common import (MB, AccessLog, Bench, BenchError, Daemon, Nginx, _die_with_parent, add_workers_arg, apply_quick,
+                    base_parser, check_transfer, clean_env, cpu_seconds, curl, fmt_size, free_port, make_random_file, median,
+                    parse_size, print_summary, print_table, run_main, static_server, summary_row,
+                    wait_port)
+from hit_small import cache_server
 
 NAME = "cold_miss"
 SPEED_GOAL = 0.5
 TTFB_GOAL_MS = 2.0
 WARMUPS = 4  # small requests before the timed miss (with workers, the kernel picks who answers)
+HERE = Path(__file__).resolve().parent
+
+
+def proxy_cache_server(port: int, upstream_port: int) -> tuple[str, str]:
+    """hit_small's nginx ``proxy_cache``, with buffers sized for large bodies."""
+    http_extra, server = cache_server(port, upstream_port, "cold")
+    return http_extra, server.replace("proxy_cache_lock on;", "proxy_cache_lock on;\n            proxy_buffer_size 64k;"
+                                      "\n            proxy_buffers 16 64k;\n            proxy_busy_buffers_size 256k;")
+
+
+class Floor:
+    """bench/miss_floor.py as a subprocess: the no-framework reference."""
+
+    def __init__(self, b: Bench, upstream_port: int) -> None:
+        self.port = free_port()
+        spool = b.path("floor-spool")
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "miss_floor.py"), str(self.port), str(upstream_port),
+                                      str(spool)], stdin=subprocess.DEVNULL, env=clean_env(),
+                                     preexec_fn=_die_with_parent)
+        b.on_cleanup(self.stop)
+        wait_port(self.port, 15, lambda: self.proc.poll() is None)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def main() -> int:
     p = base_parser(__doc__ or NAME, "(64 MiB, 3 runs)")
     p.add_argument("--size", type=parse_size, default=None, help="object size (default 256MiB; --quick 64MiB)")
     p.add_argument("--runs", type=int, default=None, help="timed runs per path (default 3)")
+    p.add_argument("--baseline", type=Path, default=None,
+                   help="another sparkcache checkout (e.g. /work/main) run in the same runs, for an A/B")
+    p.add_argument("--no-references", action="store_true",
+                   help="skip the nginx proxy_cache and no-framework references")
     add_workers_arg(p)
     args = p.parse_args()
     apply_quick(args, {"size": 64 << 20}, {"size": 256 << 20, "runs": 3})
     size, runs = args.size, max(1, args.runs)
 
     with Bench(NAME, args) as b:
-        b.check_disk(3 * size + (256 << 20))
+        b.check_disk(4 * size + (256 << 20))
         files = b.path("files")
         b.log(f"writing {fmt_size(size)} of urandom data")
         digest = make_random_file(files / "cold.bin", size)
@@ -58,16 +109,22 @@ def main() -> int:
         log = AccessLog(origin.dir / "access.log")
         direct_url = origin.url("/cold.bin")
         check_transfer(curl(direct_url), size, what="warm-up direct fetch")
+        refs = None if args.no_references else References(b, up_port, size, digest)
         summary: list[dict] = []
         by_workers = {}
         for workers in args.workers:
             by_workers[str(workers)] = scenario(b, size, runs, workers, up_port, warm_port, direct_url, log, digest,
-                                                summary)
+                                                summary, refs, args.baseline)
         print_summary(f"{NAME} summary (median of {runs})", summary)
         b.write_results({
             "params": {"size": size, "runs": runs, "workers": args.workers,
                        "upstream": "nginx static, sendfile on, no rate limit", "client": "curl -o /dev/null",
-                       "warm_ups": f"{WARMUPS} small requests to another remote (other upstream port) first"},
+                       "warm_ups": f"{WARMUPS} small requests to another remote (other upstream port) first",
+                       "references": None if refs is None else
+                       {"nginx_proxy_cache_cold": "nginx proxy_cache, a new key per run (?cold=N), proxy_buffers 16 64k",
+                        "floor": "bench/miss_floor.py: blocking Python, 1 MiB reads, write + sha256 (thread) + send, "
+                                 "fsync + rename"},
+                       "baseline": str(args.baseline) if args.baseline else None},
             "workers": by_workers,
             "summary": summary,
             "checks": {"sha256": digest},
@@ -75,15 +132,53 @@ def main() -> int:
     return 0
 
 
-def scenario(b: Bench, size: int, runs: int, workers: int, up_port: int, warm_port: int, direct_url: str,
-             log: AccessLog, digest: str, summary: list[dict]) -> dict:
-    tag = f"workers {workers}"
-    daemon = Daemon(b, {"cold": {"type": "generic", "upstream": f"http://127.0.0.1:{up_port}"},
-                        "warm": {"type": "generic", "upstream": f"http://127.0.0.1:{warm_port}"}},
-                    name=f"sparkcache-w{workers}", workers=workers).start()
-    spark_url = daemon.url("/api/cold/cold.bin")
+class References:
+    """The cold miss without sparkcache: nginx proxy_cache on a new key, and the floor."""
 
-    def cold_fetch(verify: bool, what: str) -> dict:
+    def __init__(self, b: Bench, up_port: int, size: int, digest: str) -> None:
+        self.size = size
+        self.port = free_port()
+        extra, server = proxy_cache_server(self.port, up_port)
+        self.nginx = Nginx(b, "proxy-cache", [server], http_extra=extra).start()
+        self.floor = Floor(b, up_port)
+        self.n = 0
+        r = curl(self.floor.url("/cold.bin"), verify=True)
+        check_transfer(r, size, sha256=digest, what="verified fetch through the floor")
+        r = self.nginx_cold(verify=True, digest=digest)
+
+    def nginx_cold(self, verify: bool = False, digest: str | None = None) -> dict:
+        self.n += 1
+        pids = self.nginx.worker_pids()
+        cpu0 = cpu_seconds(pids)
+        r = curl(self.nginx.url(f"/cold.bin?cold={self.n}"), verify=verify)
+        check_transfer(r, self.size, sha256=digest, x_cache="MISS", what=f"nginx proxy_cache cold {self.n}")
+        r["daemon_cpu_s"] = cpu_seconds(pids) - cpu0
+        # (Its cache would fill the disk: each run is a new key, never asked again.)
+        for root, _dirs, names in os.walk(self.nginx.dir / "proxy_cache"):
+            for name in names:
+                os.unlink(os.path.join(root, name))
+        return r
+
+    def floor_fetch(self) -> dict:
+        pids = [self.floor.proc.pid]
+        cpu0 = cpu_seconds(pids)
+        r = curl(self.floor.url("/cold.bin"))
+        check_transfer(r, self.size, what="floor")
+        r["daemon_cpu_s"] = cpu_seconds(pids) - cpu0
+        return r
+
+
+def scenario(b: Bench, size: int, runs: int, workers: int, up_port: int, warm_port: int, direct_url: str,
+             log: AccessLog, digest: str, summary: list[dict], refs: References | None,
+             baseline: Path | None) -> dict:
+    tag = f"workers {workers}"
+    remotes = {"cold": {"type": "generic", "upstream": f"http://127.0.0.1:{up_port}"},
+               "warm": {"type": "generic", "upstream": f"http://127.0.0.1:{warm_port}"}}
+    daemons = {"sparkcache": Daemon(b, remotes, name=f"sparkcache-w{workers}", workers=workers).start()}
+    if baseline is not None:
+        daemons["baseline"] = Daemon(b, remotes, name=f"baseline-w{workers}", workers=workers, tree=baseline).start()
+
+    def cold_fetch(daemon: Daemon, verify: bool, what: str) -> dict:
         restart = daemon.fresh_start()
         if daemon.entries("cold"):
             raise BenchError("a fresh data dir is not empty")
@@ -93,14 +188,14 @@ def scenario(b: Bench, size: int, runs: int, workers: int, up_port: int, warm_po
                 raise BenchError(f"warm-up request answered {status}: {body[:200]!r}")
         log.mark()
         pids = daemon.pids()
-        cpu0 = task_cpu_seconds(pids)
-        r = curl(spark_url, verify=verify)
+        cpu0 = cpu_seconds(pids)
+        r = curl(daemon.url("/api/cold/cold.bin"), verify=verify)
         check_transfer(r, size, sha256=digest if verify else None, x_cache="MISS", what=what)
         t0 = time.monotonic()
         daemon.wait_idle()
         entries = daemon.wait_entries("cold", 1)
         r["commit_wait"] = time.monotonic() - t0
-        r["daemon_cpu_s"] = task_cpu_seconds(pids) - cpu0  # transfer + commit
+        r["daemon_cpu_s"] = cpu_seconds(pids) - cpu0  # transfer + commit
         r["restart_s"] = restart
         if len(entries) != 1 or entries[0]["digest"] != digest:
             raise BenchError(f"{what}: cache holds {entries!r}, expected one entry with sha256 {digest}")
@@ -111,57 +206,91 @@ def scenario(b: Bench, size: int, runs: int, workers: int, up_port: int, warm_po
             raise BenchError(f"{what}: upstream served {len(up)} request(s), {r['upstream_bytes']} bytes")
         return r
 
-    purge_probe = daemon.try_purge("cold")
+    purge_probe = daemons["sparkcache"].try_purge("cold")
     b.log(f"[{tag}] admin purge probe: HTTP {purge_probe[0]}; untimed verified cold fetch through sparkcache")
-    verified = cold_fetch(True, f"verified cold fetch ({tag})")
+    verified = {who: cold_fetch(d, True, f"verified cold fetch ({who}, {tag})") for who, d in daemons.items()}
 
-    results: dict[str, list[dict]] = {"direct": [], "sparkcache": []}
+    paths = ["direct"] + (["nginx-cold", "floor"] if refs is not None else []) + list(daemons)
+    results: dict[str, list[dict]] = {who: [] for who in paths}
     rows = []
     gb = size / 1e9
     for i in range(runs):
-        r = curl(direct_url)
-        check_transfer(r, size, what=f"direct run {i + 1}")
-        results["direct"].append(r)
-        s = cold_fetch(False, f"sparkcache run {i + 1} ({tag})")
-        results["sparkcache"].append(s)
-        for who, x in (("direct", r), ("sparkcache", s)):
+        for who in paths:
+            if who == "direct":
+                x = curl(direct_url)
+                check_transfer(x, size, what=f"direct run {i + 1}")
+            elif who == "nginx-cold":
+                assert refs is not None
+                x = refs.nginx_cold()
+            elif who == "floor":
+                assert refs is not None
+                x = refs.floor_fetch()
+            else:
+                x = cold_fetch(daemons[who], False, f"{who} run {i + 1} ({tag})")
+            results[who].append(x)
             rows.append([str(i + 1), who, x["ttfb"] * 1000, x["speed"] / MB, f"{x['total']:.2f}",
                          f"{x['commit_wait'] * 1000:.0f}" if "commit_wait" in x else "-", x["x_cache"] or "-",
                          f"{x['daemon_cpu_s'] / gb:.2f}" if "daemon_cpu_s" in x else "-"])
-        b.log(f"[{tag}] run {i + 1}: direct {r['speed'] / MB:,.0f} MB/s, sparkcache {s['speed'] / MB:,.0f} MB/s")
+        b.log(f"[{tag}] run {i + 1}: " + ", ".join(f"{who} {results[who][-1]['speed'] / MB:,.0f} MB/s" for who in paths))
     print_table(f"{NAME}: {fmt_size(size)} cold miss, one client (curl -o /dev/null), sparkcache {tag}",
                 ["run", "path", "TTFB ms", "MB/s", "seconds", "commit ms after last byte", "X-Cache",
-                 "daemon CPU s/GB"], rows)
+                 "server CPU s/GB"], rows)
 
     def med(who: str, key: str) -> float:
         return median(x[key] for x in results[who])
 
-    pairs = list(zip(results["sparkcache"], results["direct"]))
-    speed_ratio = median(s["speed"] / d["speed"] for s, d in pairs)
-    ttfb_extra = median((s["ttfb"] - d["ttfb"]) * 1000 for s, d in pairs)
+    def speed_ratio(who: str, ref: str) -> float:
+        return median(s["speed"] / d["speed"] for s, d in zip(results[who], results[ref]))
+
+    def ttfb_extra(who: str) -> float:
+        return median((s["ttfb"] - d["ttfb"]) * 1000 for s, d in zip(results[who], results["direct"]))
+
+    names = {"direct": "direct from upstream", "nginx-cold": "nginx proxy_cache cold",
+             "floor": "no-framework floor", "baseline": f"sparkcache {baseline}"}
+    ratio_sd = speed_ratio("sparkcache", "direct")
+    extra = ttfb_extra("sparkcache")
     summary += [
-        summary_row(f"throughput, median, {tag}", "MB/s", med("sparkcache", "speed") / MB, "direct from upstream",
-                    med("direct", "speed") / MB, f">= {SPEED_GOAL}x", speed_ratio >= SPEED_GOAL,
-                    ratio_value=speed_ratio, note="median of the per-run ratios"),
-        summary_row(f"time to first byte, median, {tag}", "ms", med("sparkcache", "ttfb") * 1000,
-                    "direct from upstream", med("direct", "ttfb") * 1000, f"<= +{TTFB_GOAL_MS:g} ms",
-                    ttfb_extra <= TTFB_GOAL_MS, note=f"median extra {ttfb_extra:.1f} ms per run pair"),
-        summary_row(f"daemon CPU per GB, median, {tag}", "s", med("sparkcache", "daemon_cpu_s") / gb, "", None, "-",
-                    None),
-        summary_row(f"commit after last byte, median, {tag}", "ms", med("sparkcache", "commit_wait") * 1000, "",
-                    None, "-", None),
+        summary_row(f"throughput, median, {tag}", "MB/s", med("sparkcache", "speed") / MB, names["direct"],
+                    med("direct", "speed") / MB, f">= {SPEED_GOAL}x", ratio_sd >= SPEED_GOAL,
+                    ratio_value=ratio_sd, note="median of the per-run ratios"),
     ]
-    daemon.stop()
+    for ref in [r for r in ("nginx-cold", "floor", "baseline") if r in results]:
+        summary.append(summary_row(f"throughput vs {ref}, median, {tag}", "MB/s", med("sparkcache", "speed") / MB,
+                                   names[ref], med(ref, "speed") / MB, "-", None,
+                                   ratio_value=speed_ratio("sparkcache", ref)))
+    for ref in [r for r in ("nginx-cold", "floor") if r in results]:
+        r_d = speed_ratio(ref, "direct")
+        summary.append(summary_row(f"reference {ref}: throughput, median, {tag}", "MB/s", med(ref, "speed") / MB,
+                                   names["direct"], med("direct", "speed") / MB, f">= {SPEED_GOAL}x",
+                                   r_d >= SPEED_GOAL, ratio_value=r_d,
+                                   note=f"{names[ref]} (not sparkcache) against direct: is the goal reachable?"))
+    summary.append(summary_row(f"time to first byte, median, {tag}", "ms", med("sparkcache", "ttfb") * 1000,
+                               names["direct"], med("direct", "ttfb") * 1000, f"<= +{TTFB_GOAL_MS:g} ms",
+                               extra <= TTFB_GOAL_MS, note=f"median extra {extra:.1f} ms per run pair"))
+    if "baseline" in results:
+        summary.append(summary_row(f"time to first byte vs baseline, median, {tag}", "ms",
+                                   med("sparkcache", "ttfb") * 1000, names["baseline"], med("baseline", "ttfb") * 1000,
+                                   "-", None, note=f"baseline's median extra over direct {ttfb_extra('baseline'):.1f} ms"))
+    cpu = med("sparkcache", "daemon_cpu_s") / gb
+    summary.append(summary_row(f"daemon CPU per GB, median, {tag}", "s", cpu, "", None, "-", None))
+    for ref in [r for r in ("floor", "nginx-cold", "baseline") if r in results]:
+        summary.append(summary_row(f"daemon CPU per GB vs {ref}, median, {tag}", "s", cpu, names[ref],
+                                   med(ref, "daemon_cpu_s") / gb, "-", None))
+    summary.append(summary_row(f"commit after last byte, median, {tag}", "ms", med("sparkcache", "commit_wait") * 1000,
+                               "", None, "-", None))
+    for d in daemons.values():
+        d.stop()
+    main_daemon = daemons["sparkcache"]
     return {
         "runs": results,
-        "verified_fetch": verified,
-        "ttfb_extra_ms_median": ttfb_extra,
+        "verified_fetch": verified["sparkcache"],
+        "ttfb_extra_ms_median": extra,
         "checks": {
-            "verified_fetch_sha256_ok": verified["sha256"] == digest,
+            "verified_fetch_sha256_ok": all(v["sha256"] == digest for v in verified.values()),
             "upstream_requests_per_cold_fetch": [x["upstream_requests"] for x in results["sparkcache"]],
             "admin_purge_probe": {"status": purge_probe[0], "body": purge_probe[1]},
-            "daemon_exit_status": daemon.exit_status,
-            "daemon_log_problems": daemon.log_problems()[:20],
+            "daemon_exit_status": main_daemon.exit_status,
+            "daemon_log_problems": main_daemon.log_problems()[:20],
         },
     }
 

@@ -705,11 +705,13 @@ class Daemon:
 
     def __init__(self, bench: Bench, remotes: dict[str, dict[str, Any]], name: str = "sparkcache",
                  storage: dict[str, Any] | None = None, upstream: dict[str, Any] | None = None,
-                 workers: int = 1, wrap: Sequence[str] = ()) -> None:
+                 workers: int = 1, wrap: Sequence[str] = (), tree: Path | None = None) -> None:
         """``workers``: ``server.workers``, always set (the daemon's default is not
         what a benchmark should silently follow); ``wrap``: a command the daemon
-        runs under (``taskset -c 0``, ``valgrind --tool=callgrind``...)."""
+        runs under (``taskset -c 0``, ``valgrind --tool=callgrind``...); ``tree``:
+        another checkout of sparkcache to run (a "before" beside this one)."""
         self.bench = bench
+        self.tree = tree or REPO
         self.workers = workers
         self.wrap = list(wrap)
         self.dir = bench.path(name)
@@ -740,7 +742,7 @@ class Daemon:
         cfg = self.dir / "cache.yaml"
         cfg.write_text(json.dumps(self.config(), indent=2) + "\n")  # JSON is YAML
         env = clean_env({
-            "PYTHONPATH": os.pathsep.join([str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])),
+            "PYTHONPATH": os.pathsep.join([str(self.tree)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])),
             "PYTHONUNBUFFERED": "1",
             "SPARKCACHE_ADMIN_TOKEN": self.admin_token,
         })

@@ -46,7 +46,7 @@ from twisted.web.iweb import IResponse
 
 from sparkcache.config import RemoteConfig
 from sparkcache.fetch import across, peer
-from sparkcache.fetch.flight import BodyError, Flight, PassFlight, receive
+from sparkcache.fetch.flight import BodyError, Flight, Lanes, PassFlight, receive
 from sparkcache.fetch.produce import Shared, Singleflight, watch_ends
 from sparkcache.fetch.upstream import UpstreamClient, UpstreamError, discard_body
 from sparkcache.fetch.xlock import Held, KeyLocks, Marker, Tail
@@ -377,7 +377,7 @@ class Cache:
             self.store.note_write_error(e)
             raise
         try:
-            flight = Flight(key, spool, body.total, body.headers, self.store.in_io)
+            flight = Flight(key, spool, body.total, body.headers, Lanes(self.store.reactor))
         except BaseException:
             self.store.discard(spool)
             raise
@@ -389,8 +389,9 @@ class Cache:
                 spool.also_hash(algorithm)
         shared.settle(Live(flight))
         try:
-            if held is not None:  # where the other workers' clients tail it
-                await held.announce(Marker(spool.path, body.total, body.headers, flight.hold_last))
+            if held is not None:  # where the other workers' clients tail it (written beside the first bytes)
+                held.announce(Marker(spool.path, body.total, body.headers, flight.hold_last)).addErrback(
+                    lambda f: log.failure("announcing {key} to the other workers", f, key=key))
             await body.fill(flight)
             await flight.flushed()
             if body.total is not None and flight.written != body.total:

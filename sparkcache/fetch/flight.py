@@ -2,8 +2,9 @@
 
 Pushed bodies (an upstream response, a child's stdout) go to the spool at
 their producer's speed through an Intake, hashed as they arrive; the disk
-writes and hashing run in the I/O pool (a page-cache write can be slower than
-the network), with the producer paused while too much is queued. A body built
+writes and hashing run in two threads of the flight's own, its ``Lanes`` (a
+page-cache write can be slower than the network), with the producer paused
+while too much is queued. A body built
 in a worker thread is written there directly through a ThreadWriter. Each
 client tails the file through its own producer, at its own speed, via
 ``pread`` on one descriptor the flight holds open — so a reader that joins
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -34,13 +36,37 @@ log = Logger()
 READ_SIZE = 512 << 10
 # Pause the upstream while more than this is waiting for the disk.
 HIGH_WATER = 2 << 20
-LOW_WATER = 512 << 10
+LOW_WATER = 1 << 20
+# A miss's spool is written in batches of at least this much (see Flight._take).
+BATCH = 512 << 10
+BATCH_WAIT = 0.002
 # Readers of a body built in a thread hear about new bytes in steps of this size.
 PROGRESS_STEP = 256 << 10
 
 
 class BodyError(Exception):
     """The body was truncated, stalled, could not be spooled or failed verification."""
+
+
+class Lanes:
+    """Where a Flight's writer and hasher run: each in a thread of its own,
+    started when the first bytes come and ending once it waited ``linger``
+    seconds for more (or the flight ended). The lanes tell the reactor of
+    their progress with ``call`` (``reactor.callFromThread``).
+
+    Threads of their own, not the I/O pool's: a lane keeps its thread for as
+    long as the body streams, and a few long downloads must not take every
+    pool thread from the commits and space checks that need one.
+    """
+
+    LINGER = 0.05
+
+    def __init__(self, reactor: Any, linger: float = LINGER) -> None:
+        self.call: Callable[..., Any] = reactor.callFromThread
+        self.linger = linger
+
+    def start(self, lane: Callable[[], None]) -> None:
+        threading.Thread(target=lane, name="sparkcache-spool", daemon=True).start()
 
 
 class Flight:
@@ -57,17 +83,30 @@ class Flight:
         spool: SpoolFile,
         total: int | None,
         headers: dict[str, str],
-        in_thread: Callable[..., Deferred[Any]],
+        lanes: Lanes,
     ) -> None:
         self.key = key
         self.spool = spool
-        self._in_thread = in_thread
-        self._queue: list[bytes] = []
-        self.queued = 0  # bytes received but not yet on disk
-        self._writing = False
-        self._hash_queue: list[bytes] = []  # written, not yet hashed
-        self._hashing = False
-        self._split: bool | None = None  # data() hashes in a chain of its own
+        self._lanes: Lanes = lanes
+        # Shared with the lanes (under _lock): their queues, what they did, and whether they run.
+        self._lock = threading.Lock()
+        self._write_cond = threading.Condition(self._lock)
+        self._hash_cond = threading.Condition(self._lock)
+        self._to_write: list[bytes] = []  # received, not yet written
+        self._to_write_bytes = 0
+        self._draining = False  # flushed() was asked: batches go now, however small
+        self._to_hash: list[bytes] = []  # written, not yet hashed
+        self._alive: set[str] = set()  # lanes running ("write", "hash")
+        self._working: set[str] = set()  # lanes busy with a batch
+        self._on_disk = 0  # bytes written
+        self._retired = 0  # bytes done with: hashed (or written, when hashed as written)
+        self._lane_error: BaseException | None = None
+        self._told = False  # a _sync is on its way to the reactor
+        self._closing = False  # finished: lanes end instead of waiting for more
+        # The reactor's view.
+        self._received = 0
+        self.queued = 0  # bytes received but not yet on disk (and hashed)
+        self._split: bool | None = None  # data() hashes in a lane of its own
         self._drained: list[Deferred[None]] = []
         self._write_error: BaseException | None = None
         self.on_drain: Callable[[], None] = lambda: None
@@ -142,6 +181,8 @@ class Flight:
     def data(self, chunk: bytes) -> None:
         if self._write_error is not None:
             raise OSError(f"spool write failed: {self._write_error}")
+        if self.finished:  # (its spool may be discarded: no lane may write to it now)
+            raise OSError("the production has ended")
         if self._split is None:
             # Not when bytes were written, and hashed, before (an adopted
             # spool), nor for a body to verify: its readers get each byte only
@@ -150,66 +191,155 @@ class Flight:
             self._split = self.spool.size == 0 and not self.hold_last
             if self._split:
                 self.spool.defer_hashing()
-        self._queue.append(chunk)
+        self._received += len(chunk)
         self.queued += len(chunk)
-        if not self._writing:
-            self._write_next()
+        with self._lock:
+            self._to_write.append(chunk)
+            self._to_write_bytes += len(chunk)
+            # (Woken for the first chunk of a batch too: it may be lingering,
+            # and it then waits BATCH_WAIT at most for the rest.)
+            start = self._wake("write", len(self._to_write) == 1 or self._to_write_bytes >= BATCH)
+        if start:
+            self._lanes.start(self._write_lane)
 
-    # Writing and hashing are two chains of I/O pool calls that overlap: a
-    # batch is written (and readers told of it) while the one before is still
-    # being hashed. sha256 runs at about the speed of the disk write, so one
-    # thread doing both in turn halved what a miss could relay. A chunk counts
-    # in ``queued`` (the backpressure on the producer) until it is hashed too.
+    # Writing and hashing are two lanes, each a thread of the flight's own that
+    # works through its queue and waits a moment (``Lanes.linger``) for more
+    # before it ends: one batch is hashed while the next is written (sha256
+    # runs at about the speed of the page-cache write, so one thread doing
+    # both in turn halved what a miss could relay). Handing a chunk to a lane
+    # is an append under a lock, and a wake-up only if it sleeps: no thread-pool
+    # call and no Deferred per batch. The lanes tell the reactor of their
+    # progress through ``_sync`` (one call in flight at a time); readers hear
+    # of bytes once they are written, and a chunk counts in ``queued`` (the
+    # backpressure on the producer) until it is hashed too.
 
-    def _write_next(self) -> None:
-        batch, self._queue = self._queue, []
-        self._writing = True
+    def _wake(self, lane: str, now: bool = True) -> bool:
+        """(Under the lock.) Wake ``lane`` if it waits (and ``now``: it would
+        wait for a fuller batch otherwise); True if it must be started."""
+        if lane in self._alive:
+            if now:
+                (self._write_cond if lane == "write" else self._hash_cond).notify()
+            return False
+        self._alive.add(lane)
+        return True
 
-        def written(n: int) -> None:
-            self._writing = False
-            if self._write_error is None:
-                self.written += n
-                if self._split:
-                    self._hash(batch)
+    def _take(self, lane: str) -> list[bytes]:
+        """(In the lane, under the lock.) The next batch; empty: the lane ends.
+
+        The write lane takes at least BATCH bytes at a time, waiting up to
+        BATCH_WAIT for them, except for the first bytes (readers are waiting)
+        and the last (``flushed`` was asked): every batch costs a wake-up of
+        the lane, one of the reactor (``_sync``) and one of each reader, and
+        the hash lane hashes what the write lane wrote, in the same batches.
+        """
+        cond = self._write_cond if lane == "write" else self._hash_cond
+        waited = held = False
+        while True:
+            batch = self._to_write if lane == "write" else self._to_hash
+            if batch and self._lane_error is None:
+                if (lane == "write" and not held and self._to_write_bytes < BATCH and self._on_disk
+                        and not self._closing and not self._draining and self._lanes.linger > 0):
+                    held = True
+                    cond.wait(BATCH_WAIT)
+                    continue
+                if lane == "write":
+                    self._to_write, self._to_write_bytes = [], 0
                 else:
-                    self.queued -= n
-                if self._queue:
-                    self._write_next()
-            self._progress()
+                    self._to_hash = []
+                self._working.add(lane)
+                return batch
+            if waited or self._lane_error is not None or self._closing or self._lanes.linger <= 0:
+                self._alive.discard(lane)
+                return []
+            cond.wait(self._lanes.linger)
+            waited = True
+
+    def _write_lane(self) -> None:
+        self._run_lane("write", self.spool.write_all, self._written)
+
+    def _hash_lane(self) -> None:
+        self._run_lane("hash", self.spool.hash_chunks, self._hashed)
+
+    def _run_lane(self, lane: str, work: Callable[[list[bytes]], int],
+                  done: Callable[[list[bytes], int], None]) -> None:
+        """(A lane's thread.) ``work`` batch after batch, until none comes."""
+        while True:
+            with self._lock:
+                batch = self._take(lane)
+            if not batch:
+                self._tell()
+                return
+            try:
+                n = work(batch)
+            except BaseException as e:
+                self._lane_failed(lane, e)
+                return
+            done(batch, n)
+            self._tell()
+
+    def _written(self, batch: list[bytes], n: int) -> None:
+        start = False
+        with self._lock:
+            self._working.discard("write")
+            self._on_disk += n
+            if self._split:
+                self._to_hash.extend(batch)
+                start = self._wake("hash")
+            else:
+                self._retired += n
+        if start:
+            self._lanes.start(self._hash_lane)
+
+    def _hashed(self, batch: list[bytes], n: int) -> None:
+        with self._lock:
+            self._working.discard("hash")
+            self._retired += n
+
+    def _lane_failed(self, lane: str, e: BaseException) -> None:
+        with self._lock:
+            self._working.discard(lane)
+            if self._lane_error is None:
+                self._lane_error = e
+            self._to_write, self._to_write_bytes, self._to_hash = [], 0, []
+            self._alive.clear()  # (the other lane sees the error and ends)
+            self._write_cond.notify_all()
+            self._hash_cond.notify_all()
+        self._tell()
+
+    def _tell(self) -> None:
+        """(In a lane.) Have the reactor take in the progress, unless it is about to."""
+        with self._lock:
+            if self._told:
+                return
+            self._told = True
+        self._lanes.call(self._sync)
+
+    def _sync(self) -> None:
+        """(On the reactor.) Take in what the lanes did: readers, backpressure, flushed()."""
+        with self._lock:
+            self._told = False
+            on_disk, retired, error = self._on_disk, self._retired, self._lane_error
+        if error is not None and self._write_error is None:
+            self._write_error = error
+        grew = on_disk > self.written
+        self.written = on_disk
+        self.queued = 0 if self._write_error is not None else self._received - retired
+        self._progress()
+        if grew:
             self._notify()
 
-        self._in_thread(self.spool.write_all, batch).addCallbacks(written, self._failed, errbackArgs=("_writing",))
-
-    def _hash(self, batch: list[bytes]) -> None:
-        self._hash_queue.extend(batch)
-        if not self._hashing:
-            self._hash_next()
-
-    def _hash_next(self) -> None:
-        batch, self._hash_queue = self._hash_queue, []
-        self._hashing = True
-
-        def hashed(n: int) -> None:
-            self._hashing = False
-            if self._write_error is None:
-                self.queued -= n
-                if self._hash_queue:
-                    self._hash_next()
-            self._progress()
-
-        self._in_thread(self.spool.hash_chunks, batch).addCallbacks(hashed, self._failed, errbackArgs=("_hashing",))
-
-    def _failed(self, f: Failure, chain: str) -> None:
-        setattr(self, chain, False)
-        if self._write_error is None:
-            self._write_error = f.value
-            self._queue, self._hash_queue = [], []
-            self.queued = 0
-        self._progress()
-
     def _busy(self) -> bool:
-        """Whether a thread still works on the spool, or bytes wait for one."""
-        return self._writing or self._hashing or bool(self._queue) or bool(self._hash_queue)
+        """Whether a lane still works on the spool, bytes wait for one, or
+        the reactor has yet to hear (``_sync``) that they are done. After a
+        write error only the write lane counts: the hash lane touches no
+        descriptor, and the failure (the disk's, noted by the engine once
+        this says no thread writes) must not wait for a hash nobody reads."""
+        if self.queued:
+            return True
+        with self._lock:
+            if self._write_error is not None:
+                return "write" in self._working
+            return bool(self._working or self._to_write or self._to_hash)
 
     def _progress(self) -> None:
         # (On a write error, a producer paused until the disk catches up hears
@@ -236,9 +366,22 @@ class Flight:
             if self._write_error is not None:
                 return fail(BodyError(f"spool write failed: {self._write_error}"))
             return succeed(None)
+        with self._lock:
+            self._draining = True
+            self._write_cond.notify()
         d: Deferred[None] = Deferred()
         self._drained.append(d)
         return d
+
+    def _close_lanes(self) -> None:
+        """No more bytes come: lanes waiting for some end now."""
+        lock = getattr(self, "_lock", None)  # (None: a flight that writes nothing itself)
+        if lock is None:
+            return
+        with lock:
+            self._closing = True
+            self._write_cond.notify_all()
+            self._hash_cond.notify_all()
 
     def complete(self, entry: Any) -> None:
         self.entry = entry
@@ -252,6 +395,7 @@ class Flight:
             return
         self.finished = True
         self.error = error
+        self._close_lanes()
         waiters, self._done_waiters = self._done_waiters, []
         for d in waiters:
             if error is None:

@@ -13,12 +13,17 @@ import io
 from typing import Any, Awaitable, Callable, Concatenate, ParamSpec
 from urllib.parse import urljoin, urlsplit
 
+from twisted.internet.abstract import isIPAddress
 from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseNeverReceived, _HTTP11ClientFactory
+from twisted.web.client import (URI, Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, HTTPConnectionPool,
+                                ResponseNeverReceived, _HTTP11ClientFactory, _StandardEndpointFactory)
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IResponse
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IResponse
+from zope.interface import implementer
 
 from sparkcache.config import Credentials, RemoteConfig
 
@@ -125,6 +130,30 @@ class _QuietPool(HTTPConnectionPool):
     _factory = _QuietFactory
 
 
+@implementer(IAgentEndpointFactory)
+class _Endpoints:
+    """Twisted's endpoints for an Agent, except that an IPv4 literal is
+    connected to directly. HostnameEndpoint resolves even ``127.0.0.1``
+    through getaddrinfo in the reactor's thread pool: a thread round trip
+    (0.3-1 ms on a busy host) before every new upstream connection, on the
+    way to a miss's first byte."""
+
+    def __init__(self, reactor: Any, connect_timeout: float) -> None:
+        self.reactor = reactor
+        self.timeout = connect_timeout
+        self.policy = BrowserLikePolicyForHTTPS()  # (Agent's default)
+        self.standard = _StandardEndpointFactory(reactor, self.policy, connect_timeout, None)
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        host = uri.host.decode("ascii", "replace")
+        if uri.scheme not in (b"http", b"https") or not isIPAddress(host):
+            return self.standard.endpointForURI(uri)  # type: ignore[no-any-return]
+        endpoint = TCP4ClientEndpoint(self.reactor, host, uri.port, timeout=self.timeout)
+        if uri.scheme == b"https":
+            return wrapClientTLS(self.policy.creatorForNetloc(uri.host, uri.port), endpoint)
+        return endpoint
+
+
 P = ParamSpec("P")
 Send = Callable[Concatenate["UpstreamClient", RemoteConfig, bytes, str, P], Awaitable[tuple[IResponse, str]]]
 
@@ -180,7 +209,8 @@ class UpstreamClient:
             return self._given
         a = self._agents.get(connect_timeout)
         if a is None:
-            a = self._agents[connect_timeout] = Agent(self.reactor, pool=self.pool, connectTimeout=connect_timeout)
+            a = self._agents[connect_timeout] = Agent.usingEndpointFactory(
+                self.reactor, _Endpoints(self.reactor, connect_timeout), pool=self.pool)
         return a
 
     def close(self) -> Deferred[None]:

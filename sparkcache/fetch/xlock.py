@@ -130,11 +130,14 @@ class Held:
         return self._order.run(self.locks.in_io, fn, *args)
 
     def announce(self, marker: Marker) -> Deferred[None]:
-        """Tell the other workers where the body is being spooled."""
-        def announced(_: None) -> None:
-            self.marker = marker
-
-        return self._then(write_marker, self.marker_path, marker).addCallback(announced)
+        """Tell the other workers where the body is being spooled; fires once
+        the marker is written. The engine does not wait for that: the write
+        runs in order with ``abort`` and ``release`` (which already know the
+        marker), and the production's first bytes need not wait for a thread
+        round trip: a worker that looks before it is there polls again, and the
+        bytes it then tails from offset 0 are all in the spool already."""
+        self.marker = marker
+        return self._then(write_marker, self.marker_path, marker)
 
     def abort(self, why: str) -> Deferred[None]:
         """The production was abandoned: the tails end at their next poll

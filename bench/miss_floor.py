@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""The machine's floor for a cold miss: the work of one, with no framework.
+
+``python miss_floor.py PORT UPSTREAM_PORT DIR`` serves, one connection at a
+time, ``GET /path`` by fetching ``/path`` from ``127.0.0.1:UPSTREAM_PORT``:
+the upstream's body is received in reads of up to 1 MiB into a ring of
+reused buffers (no fresh pages per read), each written to a spool file
+under DIR, sha256-hashed (in a second, long-lived thread: hashlib lets go of
+the GIL on large buffers, so hashing overlaps the copying, as sparkcache's
+split writer and hasher do) and sent to the client with ``sendfile`` from
+the spool (as sparkcache's tails do);
+at the end the hash is awaited, the spool fsynced and renamed to its digest
+(then deleted: the benchmark only needs the work done). Blocking sockets, no
+event loop, no HTTP library, no error handling beyond the benchmark's needs:
+what "receive from upstream, write to a file, sha256, send to the client"
+costs on this machine, the lower bound of any implementation of the miss
+path with sparkcache's guarantees (nginx's proxy_cache skips the hash and
+the fsync).
+
+Used by cold_miss.py as a reference; not part of sparkcache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import socket
+import sys
+import tempfile
+import threading
+
+READ = 1 << 20
+QUEUE = 8  # chunks waiting for the hasher before the receiver blocks (backpressure)
+# A buffer is reused only once the hasher is done with it: the queue holds at
+# most QUEUE, the hasher one more.
+RING = QUEUE + 2
+
+
+class Hasher(threading.Thread):
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.jobs: queue.Queue[memoryview | None] = queue.Queue(QUEUE)
+        self.done: queue.Queue[str] = queue.Queue()
+        self.h = hashlib.sha256()
+
+    def run(self) -> None:
+        while True:
+            chunk = self.jobs.get()
+            if chunk is None:
+                self.done.put(self.h.hexdigest())
+                self.h = hashlib.sha256()
+            else:
+                self.h.update(chunk)
+
+
+def read_head(sock: socket.socket) -> tuple[bytes, bytes]:
+    """(head up to the blank line, the bytes received after it)."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("closed before the end of the head")
+        buf += data
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    return head, rest
+
+
+def send_file(client: socket.socket, fd: int, offset: int, n: int) -> None:
+    while n:
+        sent = os.sendfile(client.fileno(), fd, offset, n)
+        offset, n = offset + sent, n - sent
+
+
+def serve(client: socket.socket, upstream_port: int, spool_dir: str, hasher: Hasher,
+          ring: list[bytearray]) -> None:
+    try:
+        head, _ = read_head(client)
+    except ConnectionError:
+        return  # (a port probe: connected, asked nothing)
+    path = head.split(b"\r\n", 1)[0].split(b" ")[1]
+    up = socket.create_connection(("127.0.0.1", upstream_port))
+    try:
+        up.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        head, rest = read_head(up)
+        length = None
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        if length is None or not head.startswith(b"HTTP/1.1 200"):
+            client.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            return
+        client.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nX-Cache: MISS\r\nConnection: close\r\n\r\n" % length)
+        fd, spool = tempfile.mkstemp(dir=spool_dir, suffix=".part")
+        try:
+            got = 0
+            chunk = memoryview(rest)
+            turn = 0
+            while True:
+                if chunk:
+                    n = len(chunk)
+                    if os.write(fd, chunk) != n:
+                        raise OSError("short write to the spool")
+                    hasher.jobs.put(chunk)
+                    send_file(client, fd, got, n)
+                    got += n
+                if got >= length:
+                    break
+                buf = ring[turn % RING]
+                turn += 1
+                n = up.recv_into(buf)
+                if not n:
+                    raise ConnectionError(f"upstream body ended after {got} of {length} bytes")
+                chunk = memoryview(buf)[:n]
+            hasher.jobs.put(None)
+            digest = hasher.done.get()
+            os.fsync(fd)
+            final = os.path.join(spool_dir, digest)
+            os.rename(spool, final)
+            os.unlink(final)
+        finally:
+            os.close(fd)
+            if os.path.exists(spool):
+                os.unlink(spool)
+    finally:
+        up.close()
+
+
+def main() -> int:
+    port, upstream_port, spool_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    os.makedirs(spool_dir, exist_ok=True)
+    hasher = Hasher()
+    hasher.start()
+    ring = [bytearray(READ) for _ in range(RING)]
+    ls = socket.socket()
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(("127.0.0.1", port))
+    ls.listen(16)
+    while True:
+        client, _ = ls.accept()
+        try:
+            serve(client, upstream_port, spool_dir, hasher, ring)
+        except (OSError, ConnectionError, IndexError, ValueError) as e:
+            print(f"miss_floor: {e!r}", file=sys.stderr, flush=True)
+        finally:
+            client.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
