@@ -53,7 +53,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
-from sparkcache.fetch.flight import BodyError, Flight, receive
+from sparkcache.fetch.flight import BodyError, Flight, Lanes, receive
 from sparkcache.fetch.produce import Shared
 from sparkcache.fetch.upstream import discard_body
 from sparkcache.fetch.xlock import Held, Marker
@@ -184,7 +184,7 @@ class PeerFollow:
             log.warn("not streaming {key} from {peer}: {e}", key=self.key, peer=info.peer, e=e)
             return
         total = response.length if isinstance(response.length, int) else None
-        flight = self.flight = Flight(self.key, self.spool, total, kept, store.in_io)
+        flight = self.flight = Flight(self.key, self.spool, total, kept, Lanes(store.reactor))
         # The holder sends the last byte of a body to verify only once it matched.
         flight.hold_last = False
         leases.streamed += 1
