@@ -384,7 +384,9 @@ class Cache:
         try:
             if held is not None:  # where the other workers' clients tail it
                 await held.announce(Marker(spool.path, body.total, body.headers, flight.hold_last))
-            await body.fill(flight)
+            # With a bucket behind, a large body's parts go up as it downloads.
+            self.store.stream_upload(spool, flight, target.expected_digest)
+            await self.store.filling(spool, body.fill(flight))
             await flight.flushed()
             if body.total is not None and flight.written != body.total:
                 raise BodyError(f"the body ended after {flight.written} of {body.total} bytes")

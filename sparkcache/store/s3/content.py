@@ -17,7 +17,10 @@ that comes back with other bytes than its name says, is a miss, never a
 from __future__ import annotations
 
 import os
+import re
+import socket
 import threading
+import uuid
 from collections import OrderedDict
 from typing import Any, Callable, Iterator
 
@@ -30,6 +33,7 @@ from sparkcache.store.cas import IBackedContentStore, LocalContentStore, remove_
 from sparkcache.store.s3.bodies import FileSink
 from sparkcache.store.s3.client import Mismatch, S3Client, S3Error, S3Unavailable
 from sparkcache.store.s3.published import SharedIndex
+from sparkcache.store.s3.upload import StreamedUpload
 
 log = Logger()
 
@@ -59,6 +63,9 @@ class S3ContentStore:
         self._down_at: float | None = None
         self.fills = 0  # bodies brought from the bucket into the tier
         self.uploads = 0  # bodies written to the bucket (not found there first)
+        self.streamed = 0  # of the uploads, those whose parts went up while the body downloaded
+        # Names temporary objects (streamed uploads of bodies whose digest comes at the end).
+        self._host = re.sub(r"[^A-Za-z0-9._-]", "-", client.settings.host_id or socket.gethostname()) or "host"
         self.shared_index = SharedIndex(client, self.prefix, clock, self) if client.settings.share_index else None
         # Set by sweep.timers on the primary: recency hints for the bucket's sweeper.
         self.hints: Any = None
@@ -184,10 +191,31 @@ class S3ContentStore:
         self._fills.cancel()
         await self.client.close()
 
-    async def upload(self, spool_path: str, digest: str, size: int) -> None:
-        """Write a complete, fsynced body to the bucket, before its index row."""
+    def stream(self, spool_path: str, expected: str | None, total: int | None) -> StreamedUpload | None:
+        """An upload of the body being written to ``spool_path`` that sends its
+        parts as the spool grows (upload.py), straight to its object when its
+        sha256 is ``expected``, else to a temporary object copied at the end.
+        None while the bucket is down (the miss is passed through anyway)."""
+        if not self.writable:
+            return None
+        final = self.object_name(expected) if expected is not None else None
+        up = StreamedUpload(self.client, spool_path, final, f"{self.prefix}tmp/{self._host}/{uuid.uuid4().hex}", total)
+        up.on_error(lambda e: self._down(e) if isinstance(e, S3Unavailable) else None)
+        return up
+
+    async def upload(self, spool_path: str, digest: str, size: int, streamed: StreamedUpload | None = None) -> None:
+        """Write a complete, fsynced body to the bucket, before its index row:
+        the rest of its ``streamed`` upload if that started, else the whole body."""
         try:
-            created = await self.client.put_file(self.object_name(digest), spool_path, size, digest)
+            created: bool | None = None
+            if streamed is not None and streamed.started:
+                created = await streamed.finish(self.object_name(digest), size)
+                if created is not None:
+                    self.streamed += 1
+            elif streamed is not None:
+                streamed.abort()  # never started (a small body): nothing to undo, no more parts
+            if created is None:
+                created = await self.client.put_file(self.object_name(digest), spool_path, size, digest)
         except S3Unavailable as e:
             self._down(e)
             raise
