@@ -297,13 +297,16 @@ class S3Client:
             raise S3Error(f"POST {key}?uploadId", 200, code, message)
         return True
 
-    async def abort_multipart(self, key: str, uid: str) -> None:
-        """Best effort: a failure is logged (a lifecycle rule on incomplete
-        uploads takes what is left, docs/s3.rst)."""
+    async def abort_multipart(self, key: str, uid: str) -> bool:
+        """Best effort: False (logged) when it failed (upload.py tries again once
+        the bucket answers; a lifecycle rule on incomplete uploads takes what is
+        left, docs/s3.rst)."""
         try:
             _, _ = await self.request("DELETE", key, f"uploadId={uid}", ok=(204, 200), expect=(404,))
+            return True
         except Exception as e:
             log.warn("could not abort the multipart upload of {key}: {e}", key=key, e=e)
+            return False
 
     async def copy(self, source: str, key: str, size: int) -> None:
         """A server-side copy of the object ``source`` (``size`` bytes) to ``key``:

@@ -40,6 +40,8 @@ log = Logger()
 # After the bucket failed to answer, misses pass through uncached for this
 # long before the next one tries to store again.
 DOWN_HOLD = 10.0
+# Multipart uploads remembered to abort once the bucket answers again (beyond: the lifecycle rule).
+LEFTOVERS = 1000
 
 
 @implementer(IBackedContentStore)
@@ -65,6 +67,7 @@ class S3ContentStore:
         self.uploads = 0  # bodies written to the bucket (not found there first)
         self.streamed = 0  # of the uploads, those whose parts went up while the body downloaded
         # Names temporary objects (streamed uploads of bodies whose digest comes at the end).
+        self._leftovers: list[tuple[str, str]] = []  # (object, upload id) to abort
         self._host = re.sub(r"[^A-Za-z0-9._-]", "-", client.settings.host_id or socket.gethostname()) or "host"
         self.shared_index = SharedIndex(client, self.prefix, clock, self) if client.settings.share_index else None
         # Set by sweep.timers on the primary: recency hints for the bucket's sweeper.
@@ -201,7 +204,19 @@ class S3ContentStore:
         final = self.object_name(expected) if expected is not None else None
         up = StreamedUpload(self.client, spool_path, final, f"{self.prefix}tmp/{self._host}/{uuid.uuid4().hex}", total)
         up.on_error(lambda e: self._down(e) if isinstance(e, S3Unavailable) else None)
+        up.leftover = self._leftover
         return up
+
+    def _leftover(self, key: str, uid: str) -> None:
+        if len(self._leftovers) < LEFTOVERS:
+            self._leftovers.append((key, uid))
+
+    async def _abort_leftovers(self) -> None:
+        """Abort the uploads whose abort failed while the bucket was down."""
+        leftovers, self._leftovers = self._leftovers, []
+        for key, uid in leftovers:
+            if not await self.client.abort_multipart(key, uid):
+                self._leftover(key, uid)
 
     async def upload(self, spool_path: str, digest: str, size: int, streamed: StreamedUpload | None = None) -> None:
         """Write a complete, fsynced body to the bucket, before its index row:
@@ -222,6 +237,8 @@ class S3ContentStore:
         self._up()
         if created:
             self.uploads += 1
+        if self._leftovers:  # the bucket answers again: abort what could not be then
+            Deferred.fromCoroutine(self._abort_leftovers())
 
     def ensure(self, digest: str, size: int) -> Deferred[bool]:
         """Whether the tier holds the body now, fetching it from the bucket

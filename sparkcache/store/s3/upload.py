@@ -65,6 +65,8 @@ class StreamedUpload:
         self._creating: Deferred[None] | None = None
         self._idle: list[Deferred[None]] = []
         self._on_error: list[Callable[[BaseException], None]] = []
+        # Told of an upload whose abort failed (the bucket down): to abort later.
+        self.leftover: Callable[[str, str], None] = lambda key, uid: None
 
     def on_error(self, fn: Callable[[BaseException], None]) -> None:
         """Call ``fn(error)`` when the upload fails before ``finish`` (once)."""
@@ -227,8 +229,8 @@ class StreamedUpload:
             self._creating.cancel()
             await DeferredList([self._creating], consumeErrors=True)
         uid, self._uid = self._uid, None
-        if uid is not None:
-            await self.client.abort_multipart(self.key, uid)
+        if uid is not None and not await self.client.abort_multipart(self.key, uid):
+            self.leftover(self.key, uid)
 
 
 def upload_error(upload: Any) -> Exception:
