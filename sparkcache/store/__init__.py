@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import builtins
 import os
+import re
 from collections import OrderedDict, deque
 from typing import Any, Awaitable, Callable, TypeVar
 
@@ -245,6 +246,9 @@ class Store:
         grew), to finish at ``commit``."""
         if not self.backed or spool.size:  # (an adopted body is complete: uploaded whole at commit)
             return
+        if expected_digest is None:  # a name announced by the upstream: used if the body matches it
+            announced = (flight.headers.get("x-checksum-sha256") or "").strip().lower()
+            expected_digest = announced if _SHA256.match(announced) else None
         upload = self.cas.stream(spool.path, expected_digest, flight.total)  # type: ignore[attr-defined]
         if upload is not None:
             self._uploads[spool] = upload
@@ -763,6 +767,7 @@ class Store:
         return evicted
 
 
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # Keys whose purge is remembered for productions still running (see purge_cached_key).
 _PURGED_KEYS = 4096
 

@@ -3,9 +3,10 @@ daemon on a real SeaweedFS (signatures checked) behind the fault proxy, a real
 upstream that pauses mid-body, urllib clients.
 
 - the parts of a large miss reach the bucket while its body is still
-  downloading (the upstream paused halfway), and once it is complete the
-  object is named by its sha256, the temporary object is gone and no
-  multipart upload is left open;
+  downloading (the upstream paused halfway): to a temporary object, or
+  straight to its name when the upstream announced its sha256
+  (X-Checksum-Sha256); once it is complete the object is named by its
+  sha256, no temporary object is left and no multipart upload is open;
 - SeaweedFS killed while a large body (with a Content-Length) is mid-download
   and mid-upload: the download stops, the client's response is cut off,
   nothing is named by the digest, no spool is left; once SeaweedFS is back
@@ -56,13 +57,16 @@ def parts_sent(proxy: FaultProxy) -> int:
     return sum(1 for m, p in proxy.paths if m == "PUT" and "partNumber=" in p)
 
 
-def test_parts_go_up_while_the_body_downloads(upstream, s3_daemon, own_weed):
+@pytest.mark.parametrize("announced", [False, True], ids=["digest-unknown", "x-checksum-sha256"])
+def test_parts_go_up_while_the_body_downloads(upstream, s3_daemon, own_weed, announced):
     bucket = make_bucket(own_weed.endpoint)
     proxy = FaultProxy(own_weed.endpoint)
     try:
         data = os.urandom(24 * MiB + 7)
         upstream.add(PATH, data)
-        upstream.behave(PATH, pause_at=16 * MiB, times=1)  # with its Content-Length
+        # With its Content-Length; announced: with its sha256 too (as Artifactory sends it).
+        headers = {"X-Checksum-Sha256": sha256(data)} if announced else {}
+        upstream.behave(PATH, pause_at=16 * MiB, times=1, headers=headers)
         d = s3_daemon(proxy.endpoint, bucket, {"r": generic_remote(upstream)})
         f = Fetch(d.port, f"/api/r{PATH}", timeout=60)
         f.start()
@@ -70,7 +74,9 @@ def test_parts_go_up_while_the_body_downloads(upstream, s3_daemon, own_weed):
         # The whole parts of the first 16 MiB go up while the upstream holds the rest.
         eventually(lambda: parts_sent(proxy) >= 3, timeout=60, message="no part went up during the download")
         uploading = open_uploads(own_weed.endpoint, bucket)
-        assert len(uploading) == 1 and uploading[0].startswith("sc/tmp/"), uploading
+        # Straight to its name when the digest was announced; else to a temporary object.
+        want = f"sc/cas/{sha256(data)}" if announced else "sc/tmp/"
+        assert len(uploading) == 1 and uploading[0].startswith(want), uploading
         upstream.resume(PATH)
         f.join(60)
         assert isinstance(f.result, tuple) and f.result.status == 200, f.result
@@ -82,6 +88,9 @@ def test_parts_go_up_while_the_body_downloads(upstream, s3_daemon, own_weed):
         assert not list_keys(own_weed.endpoint, bucket, "sc/tmp/"), "the temporary object was left behind"
         assert open_uploads(own_weed.endpoint, bucket) == []
         assert parts_sent(proxy) == 5  # 4 x 5 MiB + the last 4 MiB, each sent once
+        # A copy (a PUT of the name, no query) only for the body whose digest came at the end.
+        copied = any(m == "PUT" and "?" not in p and p.endswith(f"sc/cas/{sha256(data)}") for m, p in proxy.paths)
+        assert copied == (not announced) and any("/sc/tmp/" in p for _, p in proxy.paths) == (not announced)
     finally:
         proxy.stop()
 

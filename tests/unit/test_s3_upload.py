@@ -142,6 +142,22 @@ async def test_a_body_that_is_not_the_expected_one_is_never_completed(s3, tmp_pa
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_announced_name_that_is_not_the_body_is_never_used(s3, tmp_path):
+    client, proxy, bucket, endpoint = s3
+    other = os.urandom(1000)
+    guessed = f"t/cas/{hashlib.sha256(other).hexdigest()}"
+    boto_client(endpoint).put_object(Bucket=bucket, Key=guessed, Body=other)
+    data = os.urandom(11 * MiB)
+    up = StreamedUpload(client, str(tmp_path / "spool"), guessed, "t/tmp/h/g", len(data))
+    spool = Spool(tmp_path / "spool", up)
+    spool.write(data)
+    digest = spool.close()
+    # The guessed object exists: nothing is sent to it, and it is not taken for this body.
+    assert await up.finish(f"t/cas/{digest}", len(data)) is None
+    assert part_puts(proxy) == [] and objects(endpoint, bucket) == [guessed]
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_failed_part_fails_the_upload_at_once_and_aborts_it(s3, tmp_path):
     client, proxy, bucket, endpoint = s3
     proxy.arm("PUT", "partNumber=2", "500", times=10)

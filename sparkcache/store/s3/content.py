@@ -198,8 +198,10 @@ class S3ContentStore:
         """An upload of the body being written to ``spool_path`` that sends its
         parts as the spool grows (upload.py), straight to its object when its
         sha256 is ``expected``, else to a temporary object copied at the end.
-        None while the bucket is down (the miss is passed through anyway)."""
-        if not self.writable:
+        None while the bucket is down (the miss is passed through anyway) or
+        when ``stream_uploads`` says not to."""
+        mode = self.client.settings.stream_uploads
+        if not self.writable or mode == "false" or (mode == "known" and expected is None):
             return None
         final = self.object_name(expected) if expected is not None else None
         up = StreamedUpload(self.client, spool_path, final, f"{self.prefix}tmp/{self._host}/{uuid.uuid4().hex}", total)

@@ -12,9 +12,11 @@ memory). When the body is complete and verified, ``finish`` sends the last
 part and completes the upload; then the engine commits as before.
 
 Where the parts go. An object's name is its sha256, known before the body
-only when the production expects one (an OCI blob, a pinned hash): then the
-parts go straight to ``<prefix>cas/<sha256>`` and completion makes it (a
-body that does not match is never completed: the upload is aborted). Other
+only when the production expects one (an OCI blob, a pinned hash) or the
+upstream announced it (``X-Checksum-Sha256``, as Artifactory and Nexus send):
+then the parts go straight to ``<prefix>cas/<sha256>`` and completion makes
+it (a body that does not match is never completed: the upload is aborted and
+the body goes up whole at the end). Other
 bodies go to ``<prefix>tmp/<host>/<random>`` and are copied server-side to
 their name at the end (CopyObject; UploadPartCopy ranges above 5 GiB), then
 the temporary object is deleted. Nothing is ever named by a digest it does
@@ -172,16 +174,17 @@ class StreamedUpload:
         upload failed (it is aborted)."""
         assert self.started, "finish of an upload never started: upload the body whole"
         self._size = self._written = size
+        early, began = self.sent, self.client.clock.seconds()
         try:
             if self._creating is not None:
                 await self._creating
             if self.error is not None:
                 raise self.error
-            if self.exists:
-                return False
             if self.final is not None and self.final != name:
                 await self._abort()
                 return None
+            if self.exists:
+                return False
             self._pump()
             await self._all_sent()
             if self.error is not None:
@@ -190,18 +193,26 @@ class StreamedUpload:
             uid, parts = self._uid, self._ready()
             created = await self.client.complete_multipart(self.key, uid, [self._etags[i] for i in range(1, parts + 1)])
             self._uid = None  # completed (or aborted: already there)
+            completed = self.client.clock.seconds()
             if self.final is not None:
+                self._log(name, early, began, completed, None)
                 return created
             try:
                 if await self.client.head(name) is not None:
                     return False
                 await self.client.copy(self.temp, name, size)
+                self._log(name, early, began, completed, self.client.clock.seconds())
                 return True
             finally:
                 await self._delete_temp()
         except BaseException:
             await self._abort()
             raise
+
+    def _log(self, name: str, early: int, began: float, completed: float, copied: float | None) -> None:
+        copy = "" if copied is None else f", then copied from {self.temp} in {copied - completed:.2f}s"
+        log.info("uploaded {name}: {early} of {size} bytes went up while it downloaded; the rest took "
+                 "{rest:.2f}s{copy}", name=name, early=early, size=self._size, rest=completed - began, copy=copy)
 
     async def _delete_temp(self) -> None:
         try:
