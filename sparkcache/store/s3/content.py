@@ -66,8 +66,8 @@ class S3ContentStore:
         self.fills = 0  # bodies brought from the bucket into the tier
         self.uploads = 0  # bodies written to the bucket (not found there first)
         self.streamed = 0  # of the uploads, those whose parts went up while the body downloaded
-        # Names temporary objects (streamed uploads of bodies whose digest comes at the end).
         self._leftovers: list[tuple[str, str]] = []  # (object, upload id) to abort
+        # Names temporary objects (streamed uploads of bodies whose digest comes at the end).
         self._host = re.sub(r"[^A-Za-z0-9._-]", "-", client.settings.host_id or socket.gethostname()) or "host"
         self.shared_index = SharedIndex(client, self.prefix, clock, self) if client.settings.share_index else None
         # Set by sweep.timers on the primary: recency hints for the bucket's sweeper.
@@ -203,7 +203,10 @@ class S3ContentStore:
         mode = self.client.settings.stream_uploads
         if not self.writable or mode == "false" or (mode == "known" and expected is None):
             return None
-        final = self.object_name(expected) if expected is not None else None
+        try:
+            final = self.object_name(expected) if expected is not None else None
+        except ValueError:  # not a sha256 (the engine will refuse the body anyway)
+            final = None
         up = StreamedUpload(self.client, spool_path, final, f"{self.prefix}tmp/{self._host}/{uuid.uuid4().hex}", total)
         up.on_error(lambda e: self._down(e) if isinstance(e, S3Unavailable) else None)
         up.leftover = self._leftover
