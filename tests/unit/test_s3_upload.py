@@ -206,3 +206,21 @@ async def test_copy_object_and_copy_in_ranges(s3, tmp_path, monkeypatch):
     for key in ("t/one", "t/ranges"):
         assert s3c.get_object(Bucket=bucket, Key=key)["Body"].read() == data
     assert open_uploads(endpoint, bucket) == []
+
+
+@pytest.mark.parametrize("mode,expected,streams,to_name", [
+    ("true", None, True, False), ("true", "ab" * 32, True, True), ("known", None, False, False),
+    ("known", "ab" * 32, True, True), ("false", "ab" * 32, False, False), ("true", "not-a-digest", True, False),
+])
+def test_which_bodies_stream_and_where_to(mode, expected, streams, to_name):
+    import dataclasses
+
+    from sparkcache.store.s3.upload import StreamedUploads
+
+    client = S3Client(dataclasses.replace(settings("http://127.0.0.1:1", "b", host_id="cache-1"), stream_uploads=mode),
+                      reactor, deferToThread)
+    up = StreamedUploads(client, lambda e: None).start("/nowhere", expected, 100 * MiB)
+    assert (up is not None) == streams
+    if up is not None:
+        assert up.key == (f"t/cas/{expected}" if to_name else up.temp)
+        assert up.temp.startswith("t/tmp/cache-1/")

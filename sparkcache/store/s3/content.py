@@ -17,10 +17,7 @@ that comes back with other bytes than its name says, is a miss, never a
 from __future__ import annotations
 
 import os
-import re
-import socket
 import threading
-import uuid
 from collections import OrderedDict
 from typing import Any, Callable, Iterator
 
@@ -33,20 +30,18 @@ from sparkcache.store.cas import IBackedContentStore, LocalContentStore, remove_
 from sparkcache.store.s3.bodies import FileSink
 from sparkcache.store.s3.client import Mismatch, S3Client, S3Error, S3Unavailable
 from sparkcache.store.s3.published import SharedIndex
-from sparkcache.store.s3.upload import StreamedUpload
 
 log = Logger()
 
 # After the bucket failed to answer, misses pass through uncached for this
 # long before the next one tries to store again.
 DOWN_HOLD = 10.0
-# Multipart uploads remembered to abort once the bucket answers again (beyond: the lifecycle rule).
-LEFTOVERS = 1000
 
 
 @implementer(IBackedContentStore)
 class S3ContentStore:
     shared = True
+    _streams: Any = None  # upload.StreamedUploads, made by the first stream()
 
     def __init__(self, client: S3Client, tier_root: str, tier_max_size: int, clock: Any,
                  in_io: Callable[..., Deferred[Any]]) -> None:
@@ -65,10 +60,6 @@ class S3ContentStore:
         self._down_at: float | None = None
         self.fills = 0  # bodies brought from the bucket into the tier
         self.uploads = 0  # bodies written to the bucket (not found there first)
-        self.streamed = 0  # of the uploads, those whose parts went up while the body downloaded
-        self._leftovers: list[tuple[str, str]] = []  # (object, upload id) to abort
-        # Names temporary objects (streamed uploads of bodies whose digest comes at the end).
-        self._host = re.sub(r"[^A-Za-z0-9._-]", "-", client.settings.host_id or socket.gethostname()) or "host"
         self.shared_index = SharedIndex(client, self.prefix, clock, self) if client.settings.share_index else None
         # Set by sweep.timers on the primary: recency hints for the bucket's sweeper.
         self.hints: Any = None
@@ -194,46 +185,25 @@ class S3ContentStore:
         self._fills.cancel()
         await self.client.close()
 
-    def stream(self, spool_path: str, expected: str | None, total: int | None) -> StreamedUpload | None:
-        """An upload of the body being written to ``spool_path`` that sends its
-        parts as the spool grows (upload.py), straight to its object when its
+    def stream(self, spool_path: str, expected: str | None, total: int | None) -> Any:
+        """An upload.StreamedUpload of the body being written to ``spool_path``,
+        sending its parts as the spool grows, straight to its object when its
         sha256 is ``expected``, else to a temporary object copied at the end.
         None while the bucket is down (the miss is passed through anyway) or
         when ``stream_uploads`` says not to."""
-        mode = self.client.settings.stream_uploads
-        if not self.writable or mode == "false" or (mode == "known" and expected is None):
-            return None
-        try:
-            final = self.object_name(expected) if expected is not None else None
-        except ValueError:  # not a sha256 (the engine will refuse the body anyway)
-            final = None
-        up = StreamedUpload(self.client, spool_path, final, f"{self.prefix}tmp/{self._host}/{uuid.uuid4().hex}", total)
-        up.on_error(lambda e: self._down(e) if isinstance(e, S3Unavailable) else None)
-        up.leftover = self._leftover
-        return up
+        if self._streams is None:
+            from sparkcache.store.s3.upload import StreamedUploads
 
-    def _leftover(self, key: str, uid: str) -> None:
-        if len(self._leftovers) < LEFTOVERS:
-            self._leftovers.append((key, uid))
+            self._streams = StreamedUploads(self.client, self._down)
+        return self._streams.start(spool_path, expected, total) if self.writable else None
 
-    async def _abort_leftovers(self) -> None:
-        """Abort the uploads whose abort failed while the bucket was down."""
-        leftovers, self._leftovers = self._leftovers, []
-        for key, uid in leftovers:
-            if not await self.client.abort_multipart(key, uid):
-                self._leftover(key, uid)
-
-    async def upload(self, spool_path: str, digest: str, size: int, streamed: StreamedUpload | None = None) -> None:
+    async def upload(self, spool_path: str, digest: str, size: int, streamed: Any = None) -> None:
         """Write a complete, fsynced body to the bucket, before its index row:
         the rest of its ``streamed`` upload if that started, else the whole body."""
         try:
-            created: bool | None = None
-            if streamed is not None and streamed.started:
-                created = await streamed.finish(self.object_name(digest), size)
-                if created is not None:
-                    self.streamed += 1
-            elif streamed is not None:
-                streamed.abort()  # never started (a small body): nothing to undo, no more parts
+            created = None
+            if streamed is not None:
+                created = await self._streams.finish(streamed, self.object_name(digest), size)
             if created is None:
                 created = await self.client.put_file(self.object_name(digest), spool_path, size, digest)
         except S3Unavailable as e:
@@ -242,8 +212,8 @@ class S3ContentStore:
         self._up()
         if created:
             self.uploads += 1
-        if self._leftovers:  # the bucket answers again: abort what could not be then
-            Deferred.fromCoroutine(self._abort_leftovers())
+        if self._streams is not None:  # the bucket answers: the aborts it missed while down
+            self._streams.retry_aborts()
 
     def ensure(self, digest: str, size: int) -> Deferred[bool]:
         """Whether the tier holds the body now, fetching it from the bucket

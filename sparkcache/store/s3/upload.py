@@ -31,14 +31,70 @@ tailing it are cut off like any failed fetch) and ``finish`` raises.
 
 from __future__ import annotations
 
+import re
+import socket
+import uuid
 from typing import Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.logger import Logger
 
-from sparkcache.store.s3.client import PARALLEL_PARTS, S3Client, S3Error
+from sparkcache.store.s3.client import PARALLEL_PARTS, S3Client, S3Error, S3Unavailable
 
 log = Logger()
+
+# Multipart uploads remembered to abort once the bucket answers again (beyond: the lifecycle rule).
+LEFTOVERS = 1000
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class StreamedUploads:
+    """The content store's streamed uploads: which bodies get one (``stream_uploads``),
+    names for temporary objects, and the aborts to try again once the bucket answers."""
+
+    def __init__(self, client: S3Client, down: Callable[[BaseException], None]) -> None:
+        self.client = client
+        self.prefix = client.settings.prefix
+        self.down = down  # the bucket is unreachable: misses pass through for a while
+        self.host = re.sub(r"[^A-Za-z0-9._-]", "-", client.settings.host_id or socket.gethostname()) or "host"
+        self.streamed = 0  # bodies whose parts went up while they downloaded
+        self._leftovers: list[tuple[str, str]] = []  # (object, upload id)
+
+    def start(self, path: str, expected: str | None, total: int | None) -> "StreamedUpload | None":
+        mode = self.client.settings.stream_uploads
+        if expected is not None and not _SHA256.match(expected):
+            expected = None  # (not a sha256: the engine refuses the body anyway)
+        if mode == "false" or (mode == "known" and expected is None):
+            return None
+        final = f"{self.prefix}cas/{expected}" if expected is not None else None
+        up = StreamedUpload(self.client, path, final, f"{self.prefix}tmp/{self.host}/{uuid.uuid4().hex}", total)
+        up.on_error(lambda e: self.down(e) if isinstance(e, S3Unavailable) else None)
+        up.leftover = self._leftover
+        return up
+
+    async def finish(self, up: "StreamedUpload", name: str, size: int) -> bool | None:
+        """``up``'s end (see StreamedUpload.finish); None: upload the body whole."""
+        if not up.started:
+            up.abort()  # a small body: nothing was sent, and nothing will be
+            return None
+        created = await up.finish(name, size)
+        if created is not None:
+            self.streamed += 1
+        return created
+
+    def _leftover(self, key: str, uid: str) -> None:
+        if len(self._leftovers) < LEFTOVERS:
+            self._leftovers.append((key, uid))
+
+    def retry_aborts(self) -> None:
+        if self._leftovers:
+            Deferred.fromCoroutine(self._abort_leftovers())
+
+    async def _abort_leftovers(self) -> None:
+        leftovers, self._leftovers = self._leftovers, []
+        for key, uid in leftovers:
+            if not await self.client.abort_multipart(key, uid):
+                self._leftover(key, uid)
 
 
 class StreamedUpload:
@@ -255,4 +311,4 @@ def upload_error(upload: Any) -> Exception:
     return e
 
 
-__all__ = ["S3Error", "StreamedUpload", "upload_error"]
+__all__ = ["S3Error", "StreamedUpload", "StreamedUploads", "upload_error"]
