@@ -19,7 +19,7 @@ import hashlib
 import xml.etree.ElementTree as ET
 from datetime import datetime
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 from urllib.parse import quote, urlsplit
 
 from botocore.auth import S3SigV4Auth
@@ -230,21 +230,26 @@ class S3Client:
         if await self.head(key) is not None:
             return False  # already there: no need to send it again
         uid = await self.create_multipart(key)
-        spans = [(i + 1, off, min(self.settings.part_size, size - off))
-                 for i, off in enumerate(range(0, size, self.settings.part_size))]
+        return await self._in_parts(key, uid, size, self.settings.part_size,
+                                    lambda part, start, n: self.upload_part(key, uid, part, path, start, n))
+
+    async def _in_parts(self, key: str, uid: str, size: int, step: int,
+                        send: Callable[[int, int, int], Awaitable[str]]) -> bool:
+        """Upload ``uid`` of ``key`` in parts of ``step`` bytes, each sent by
+        ``send(part, start, n)`` (its ETag), then completed (see complete_multipart).
+        Aborted when anything fails, with the failed part's own error."""
+        spans = [(i + 1, off, min(step, size - off)) for i, off in enumerate(range(0, size, step))]
         etags: list[str] = [""] * len(spans)
 
-        async def put_part(part: int, start: int, n: int) -> None:
-            etags[part - 1] = await self.upload_part(key, uid, part, path, start, n)
-
-        def start_part(part: int, start: int, n: int) -> Deferred[None]:
-            return Deferred.fromCoroutine(put_part(part, start, n))
+        async def one(part: int, start: int, n: int) -> None:
+            etags[part - 1] = await send(part, start, n)
 
         try:
             # A few parts in flight at once (the round trips overlap); each streams
             # from the file in chunks, so memory stays a few chunks per part.
             limit = DeferredSemaphore(PARALLEL_PARTS)
-            await gatherResults([limit.run(start_part, p, o, n) for p, o, n in spans], consumeErrors=True)
+            await gatherResults([limit.run(lambda *a: Deferred.fromCoroutine(one(*a)), p, o, n) for p, o, n in spans],
+                                consumeErrors=True)
             return await self.complete_multipart(key, uid, etags)
         except FirstError as e:  # a part failed: its error, not the wrapper
             await self.abort_multipart(key, uid)
@@ -321,32 +326,18 @@ class S3Client:
                 raise S3Error(f"PUT {key} (copy)", 200, code, message)
             return
         uid = await self.create_multipart(key)
-        spans = [(i + 1, off, min(COPY_PART, size - off)) for i, off in enumerate(range(0, size, COPY_PART))]
-        etags: list[str] = [""] * len(spans)
 
-        async def copy_part(part: int, start: int, n: int) -> None:
+        async def copy_part(part: int, start: int, n: int) -> str:
             _, text = await self.request(
                 "PUT", key, f"partNumber={part}&uploadId={uid}", ok=(), expect=(200,), wait=n,
                 headers={"x-amz-copy-source": src, "x-amz-copy-source-range": f"bytes={start}-{start + n - 1}"})
-            root = _parse(text)
-            etag = _find(root, "ETag")
+            etag = _find(_parse(text), "ETag")
             if not etag:
                 code, message = _error_of(text)
                 raise S3Error(f"PUT {key} part {part} (copy)", 200, code, message or "no ETag")
-            etags[part - 1] = etag
+            return etag
 
-        try:
-            limit = DeferredSemaphore(PARALLEL_PARTS)
-            await gatherResults([limit.run(lambda *a: Deferred.fromCoroutine(copy_part(*a)), p, o, n)
-                                 for p, o, n in spans], consumeErrors=True)
-            await self.complete_multipart(key, uid, etags)
-        except FirstError as e:
-            await self.abort_multipart(key, uid)
-            e.subFailure.raiseException()
-            raise
-        except BaseException:
-            await self.abort_multipart(key, uid)
-            raise
+        await self._in_parts(key, uid, size, COPY_PART, copy_part)
 
     async def get_bytes(self, key: str, limit: int = MAX_XML) -> bytes | None:
         """A small object whole (at most ``limit`` bytes); None when there is none."""
