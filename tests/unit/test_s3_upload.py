@@ -224,3 +224,21 @@ def test_which_bodies_stream_and_where_to(mode, expected, streams, to_name):
     if up is not None:
         assert up.key == (f"t/cas/{expected}" if to_name else up.temp)
         assert up.temp.startswith("t/tmp/cache-1/")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_of_too_many_parts_stops_streaming_and_goes_whole(s3, tmp_path, monkeypatch):
+    from sparkcache.store.s3 import upload as upload_module
+
+    client, proxy, bucket, endpoint = s3
+    monkeypatch.setattr(upload_module, "MAX_PARTS", 2)
+    up = StreamedUpload(client, str(tmp_path / "spool"), None, "t/tmp/h/m", None)
+    spool = Spool(tmp_path / "spool", up)
+    spool.write(os.urandom(7 * MiB))
+    await until(lambda: up.sent == 5 * MiB, "the first part was not sent")
+    spool.write(os.urandom(9 * MiB))  # 16 MiB: more than 2 parts of 5 MiB
+    digest = spool.close()
+    assert up.gave_up
+    assert await up.finish(f"t/cas/{digest}", 16 * MiB) is None  # the caller uploads it whole
+    await until(lambda: open_uploads(endpoint, bucket) == [], "the multipart upload is still open")
+    assert objects(endpoint, bucket) == []

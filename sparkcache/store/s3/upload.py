@@ -45,6 +45,7 @@ log = Logger()
 
 # Multipart uploads remembered to abort once the bucket answers again (beyond: the lifecycle rule).
 LEFTOVERS = 1000
+MAX_PARTS = 10_000  # S3's limit on one multipart upload
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -112,6 +113,7 @@ class StreamedUpload:
         self.started = False
         self.exists = False  # ``final`` was in the bucket already: nothing is sent
         self.aborted = False
+        self.gave_up = False  # more than MAX_PARTS parts
         self.error: BaseException | None = None
         self.sent = 0  # bytes of parts uploaded (figures, tests)
         self._uid: str | None = None
@@ -139,6 +141,14 @@ class StreamedUpload:
         if self.aborted or self.error is not None or self._size is not None:
             return
         self._written = max(self._written, written)
+        if self.total is not None and -(-self.total // self.part_size) > MAX_PARTS:
+            self.gave_up = True  # (never started: uploaded whole at the end, as before)
+            return
+        if self._ready() > MAX_PARTS and not self.gave_up:
+            # Too many parts for S3: no more sent; the body is tried whole at the end (as before).
+            self.gave_up = True
+            self.abort()
+            return
         if not self.started:
             if (self.total if self.total is not None else self._written) <= self.threshold:
                 return  # (yet): a small body goes up whole at the end, in one PUT
@@ -229,6 +239,8 @@ class StreamedUpload:
         upload is aborted, the caller uploads the body whole). Raises when the
         upload failed (it is aborted)."""
         assert self.started, "finish of an upload never started: upload the body whole"
+        if self.gave_up:
+            return None
         self._size = self._written = size
         early, began = self.sent, self.client.clock.seconds()
         try:
