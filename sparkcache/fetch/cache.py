@@ -392,7 +392,9 @@ class Cache:
             if held is not None:  # where the other workers' clients tail it (written beside the first bytes)
                 held.announce(Marker(spool.path, body.total, body.headers, flight.hold_last)).addErrback(
                     lambda f: log.failure("announcing {key} to the other workers", f, key=key))
-            await body.fill(flight)
+            # With a bucket behind, a large body's parts go up as it downloads.
+            self.store.stream_upload(spool, flight, target.expected_digest)
+            await self.store.filling(spool, body.fill(flight))
             await flight.flushed()
             if body.total is not None and flight.written != body.total:
                 raise BodyError(f"the body ended after {flight.written} of {body.total} bytes")

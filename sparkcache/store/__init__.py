@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import builtins
 import os
+import re
 from collections import OrderedDict, deque
 from typing import Any, Awaitable, Callable, TypeVar
 
-from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -132,6 +133,8 @@ class Store:
         # Bodies being sent right now (open BodyRanges) → how many: eviction passes them by.
         self._sending: dict[str, int] = {}
         self._spools: set[SpoolFile] = set()
+        # Spools whose body goes to the bucket as it downloads (s3/upload.py) → that upload.
+        self._uploads: dict[SpoolFile, Any] = {}
         # Bodies being committed → how many commits; bodies being removed → the
         # removal. Together they close the race between a commit that finds its
         # body already stored and a purge or eviction deleting that body (_drop).
@@ -232,7 +235,47 @@ class Store:
 
     def discard(self, spool: SpoolFile) -> None:
         self._spools.discard(spool)
+        upload = self._uploads.pop(spool, None)
+        if upload is not None:  # nothing of a body not stored stays in the bucket
+            upload.abort()
         spool.discard()
+
+    def stream_upload(self, spool: SpoolFile, flight: Any, expected_digest: str | None) -> None:
+        """With a bucket behind (s3/upload.py): send a large body's parts while
+        it is written to ``spool`` (told by ``flight.listen``: ``flight.written``
+        grew), to finish at ``commit``."""
+        if not self.backed or spool.size:  # (an adopted body is complete: uploaded whole at commit)
+            return
+        if expected_digest is None:  # a name announced by the upstream: used if the body matches it
+            announced = (flight.headers.get("x-checksum-sha256") or "").strip().lower()
+            expected_digest = announced if _SHA256.match(announced) else None
+        upload = self.cas.stream(spool.path, expected_digest, flight.total)  # type: ignore[attr-defined]
+        if upload is not None:
+            self._uploads[spool] = upload
+            flight.listen(lambda: upload.grew(flight.written))
+
+    async def filling(self, spool: SpoolFile, fill: Awaitable[Any]) -> None:
+        """Await a production's ``fill`` of ``spool``; a streamed upload of it that
+        fails stops it (the clients tailing the body are cut off, nothing is
+        stored) rather than letting a body that cannot be stored download on."""
+        upload = self._uploads.get(spool)
+        if upload is None:
+            await fill
+            return
+
+        async def run() -> None:
+            await fill  # (cancelling d cancels what it waits on: the upstream transfer)
+
+        d = Deferred.fromCoroutine(run())
+        upload.on_error(lambda e: d.cancel())
+        try:
+            await d
+        except CancelledError:
+            if upload.error is None:
+                raise
+            from sparkcache.store.s3.upload import upload_error
+
+            raise upload_error(upload) from None
 
     async def commit(self, spool: SpoolFile, entry: Entry, since: int | None = None) -> Entry:
         """Make a complete, verified spool durable and visible under entry.key.
@@ -261,7 +304,8 @@ class Store:
             try:
                 if self.backed:  # in the bucket before the row: another host may read it at once
                     await self.in_io(spool.sync_and_close)
-                    await self.cas.upload(spool.path, digest, spool.size)  # type: ignore[attr-defined]
+                    await self.cas.upload(spool.path, digest, spool.size,  # type: ignore[attr-defined]
+                                          self._uploads.pop(spool, None))
                 new_body = await self.in_io(durable)
             except BaseException:
                 self.discard(spool)
@@ -723,6 +767,7 @@ class Store:
         return evicted
 
 
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # Keys whose purge is remembered for productions still running (see purge_cached_key).
 _PURGED_KEYS = 4096
 

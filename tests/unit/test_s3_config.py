@@ -48,6 +48,7 @@ def test_defaults_local_and_s3():
     (s3(prefix="a b"), "storage.s3.prefix", "letters, digits"),
     (s3(secret_key="x"), "storage.s3.secret_key", "never go in the configuration"),
     (s3(part_size="1MiB"), "storage.s3.part_size", "at least 5 MiB"),
+    (s3(stream_uploads="sometimes"), "storage.s3.stream_uploads", "true, false or known"),
     (s3(bogus=1), "storage.s3.bogus", "unknown key"),
     ({**s3(), "tier": {"max_size": "lots"}}, "storage.tier.max_size", ""),
     ({**s3(), "tier": {"size": 1}}, "storage.tier.size", "unknown key"),

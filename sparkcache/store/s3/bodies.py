@@ -26,7 +26,9 @@ from sparkcache.fetch.collect import Collect, TooLarge
 
 __all__ = ["CHUNK", "BytesProducer", "Collect", "FileProducer", "FileSink", "SinkBroken", "TooLarge"]
 
-CHUNK = 256 * 1024
+# A file body's reads: one I/O pool hop each. 1 MiB cost the daemon a quarter less
+# CPU per uploaded byte than 256 KiB (0.22 s vs 0.30 s for 256 MiB to SeaweedFS).
+CHUNK = 1024 * 1024
 
 
 @implementer(IBodyProducer)

@@ -19,7 +19,7 @@ import hashlib
 import xml.etree.ElementTree as ET
 from datetime import datetime
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 from urllib.parse import quote, urlsplit
 
 from botocore.auth import S3SigV4Auth
@@ -46,6 +46,8 @@ RETRY_CODES = frozenset({"SlowDown", "RequestTimeout", "InternalError", "Service
 MAX_XML = 8 * 2**20  # listings and error bodies: bounded
 PARALLEL_PARTS = 4  # parts of one multipart upload in flight at once
 MIN_RATE = 256 * 1024  # bytes/s an upload may go no slower than before it counts as timed out
+COPY_MAX = 5 * 2**30  # the largest object one CopyObject may copy
+COPY_PART = 2**30  # UploadPartCopy ranges above that
 
 
 class S3Error(Exception):
@@ -132,34 +134,42 @@ class S3Client:
     # -- one request, retried ---------------------------------------------------------
 
     async def _send(self, method: str, key: str, query: str = "", headers: dict[str, str] | None = None,
-                    body: Callable[[], IBodyProducer] | None = None, payload_hash: str = EMPTY_SHA256) -> IResponse:
+                    body: Callable[[], IBodyProducer] | None = None, payload_hash: str = EMPTY_SHA256,
+                    wait: int = 0) -> IResponse:
         url = self.url(key, query)
         signed = self.sign(method, url, headers or {}, payload_hash)
         hdrs = Headers({k.encode("latin-1"): [v.encode("latin-1")] for k, v in signed.items()})
         self.requests += 1
         producer = body() if body is not None else None
         d = self.agent.request(method.encode(), url.encode(), hdrs, producer)
-        # Until the answer's headers: the body sent too, at no less than MIN_RATE.
+        # Until the answer's headers: the body sent too, at no less than MIN_RATE
+        # (and ``wait`` bytes the server works on first: a copy, a completion).
         sending = producer.length if producer is not None and isinstance(producer.length, int) else 0
+        sending += wait
         d.addTimeout(self.settings.timeout + sending / MIN_RATE, self.reactor)
         response: IResponse = await d
         return response
 
     async def request(self, method: str, key: str, query: str = "", headers: dict[str, str] | None = None,
                       body: Callable[[], IBodyProducer] | None = None, payload_hash: str = EMPTY_SHA256,
-                      ok: tuple[int, ...] = (200,), expect: tuple[int, ...] = ()) -> tuple[IResponse, bytes | None]:
+                      ok: tuple[int, ...] = (200,), expect: tuple[int, ...] = (),
+                      wait: int = 0) -> tuple[IResponse, bytes | None]:
         """Send until an answer in ``ok`` (its body left unread: None) or in
-        ``expect`` (its small body read), retrying what is worth retrying."""
+        ``expect`` (its small body read), retrying what is worth retrying;
+        ``wait``: bytes the server handles before it answers (a server-side copy),
+        which lengthen the timeout as a body sent would."""
         what = f"{method} {key}"
         attempt = 0
         while True:
             attempt += 1
             last: S3Error
             try:
-                response = await self._send(method, key, query, headers, body, payload_hash)
+                response = await self._send(method, key, query, headers, body, payload_hash, wait)
             except CancelledError:
                 raise
             except Exception as e:
+                if _cancelled(e):  # (a request cancelled mid-body fails as a transmission failure)
+                    raise CancelledError() from None
                 if not _transient(e):
                     raise
                 last = S3Unavailable(what, None, message=f"({_describe(e)})")
@@ -219,64 +229,115 @@ class S3Client:
     async def _multipart(self, key: str, path: str, size: int) -> bool:
         if await self.head(key) is not None:
             return False  # already there: no need to send it again
-        _, text = await self.request("POST", key, "uploads=", headers={"Content-Type": "application/octet-stream"},
-                                     ok=(), expect=(200,))
-        upload_id = _find(_parse(text), "UploadId")
-        if not upload_id:
-            raise S3Error(f"POST {key}?uploads", 200, message="no UploadId in the answer")
-        uid = quote(upload_id, safe="-_.~")
-        spans = [(i + 1, off, min(self.settings.part_size, size - off))
-                 for i, off in enumerate(range(0, size, self.settings.part_size))]
+        uid = await self.create_multipart(key)
+        return await self._in_parts(key, uid, size, self.settings.part_size,
+                                    lambda part, start, n: self.upload_part(key, uid, part, path, start, n))
+
+    async def _in_parts(self, key: str, uid: str, size: int, step: int,
+                        send: Callable[[int, int, int], Awaitable[str]]) -> bool:
+        """Upload ``uid`` of ``key`` in parts of ``step`` bytes, each sent by
+        ``send(part, start, n)`` (its ETag), then completed (see complete_multipart).
+        Aborted when anything fails, with the failed part's own error."""
+        spans = [(i + 1, off, min(step, size - off)) for i, off in enumerate(range(0, size, step))]
         etags: list[str] = [""] * len(spans)
 
-        async def put_part(part: int, start: int, n: int) -> None:
-            response, _ = await self.request(
-                "PUT", key, f"partNumber={part}&uploadId={uid}",
-                body=lambda: FileProducer(path, start, n, self.in_io), payload_hash=UNSIGNED)
-            etag = _header(response, b"etag")
-            await _discard(response)
-            if not etag:
-                raise S3Error(f"PUT {key} part {part}", response.code, message="no ETag")
-            etags[part - 1] = etag
-
-        def start_part(part: int, start: int, n: int) -> Deferred[None]:
-            return Deferred.fromCoroutine(put_part(part, start, n))
+        async def one(part: int, start: int, n: int) -> None:
+            etags[part - 1] = await send(part, start, n)
 
         try:
             # A few parts in flight at once (the round trips overlap); each streams
             # from the file in chunks, so memory stays a few chunks per part.
             limit = DeferredSemaphore(PARALLEL_PARTS)
-            await gatherResults([limit.run(start_part, p, o, n) for p, o, n in spans], consumeErrors=True)
-            doc = "<CompleteMultipartUpload>" + "".join(
-                f"<Part><PartNumber>{i}</PartNumber><ETag>{_xml_escape(t)}</ETag></Part>"
-                for i, t in enumerate(etags, start=1)) + "</CompleteMultipartUpload>"
-            data = doc.encode()
-            # Conditional where the server honours it; Ceph RGW ignores it and
-            # overwrites with the identical bytes, which is harmless here.
-            response, text = await self.request(
-                "POST", key, f"uploadId={uid}", headers={"If-None-Match": "*", "Content-Type": "application/xml"},
-                body=lambda: BytesProducer(data), payload_hash=hashlib.sha256(data).hexdigest(),
-                ok=(), expect=(200, 412))
-            if response.code == 412:
-                await self._abort(key, uid)
-                return False
-            code, message = _error_of(text)
-            if code:  # S3 may answer 200 and put the failure in the body
-                raise S3Error(f"POST {key}?uploadId", 200, code, message)
-            return True
+            await gatherResults([limit.run(lambda *a: Deferred.fromCoroutine(one(*a)), p, o, n) for p, o, n in spans],
+                                consumeErrors=True)
+            return await self.complete_multipart(key, uid, etags)
         except FirstError as e:  # a part failed: its error, not the wrapper
-            await self._abort(key, uid)
+            await self.abort_multipart(key, uid)
             e.subFailure.raiseException()
             raise
         except BaseException:
-            await self._abort(key, uid)
+            await self.abort_multipart(key, uid)
             raise
 
-    async def _abort(self, key: str, uid: str) -> None:
+    # -- multipart uploads, step by step (upload.py streams parts as a body downloads) ----
+
+    async def create_multipart(self, key: str) -> str:
+        """Start a multipart upload of ``key``: its upload id, quoted for a query."""
+        _, text = await self.request("POST", key, "uploads=", headers={"Content-Type": "application/octet-stream"},
+                                     ok=(), expect=(200,))
+        upload_id = _find(_parse(text), "UploadId")
+        if not upload_id:
+            raise S3Error(f"POST {key}?uploads", 200, message="no UploadId in the answer")
+        return quote(upload_id, safe="-_.~")
+
+    async def upload_part(self, key: str, uid: str, part: int, path: str, start: int, n: int) -> str:
+        """Bytes [start, start+n) of the file at ``path`` as part ``part``: its ETag."""
+        response, _ = await self.request(
+            "PUT", key, f"partNumber={part}&uploadId={uid}",
+            body=lambda: FileProducer(path, start, n, self.in_io), payload_hash=UNSIGNED)
+        etag = _header(response, b"etag")
+        await _discard(response)
+        if not etag:
+            raise S3Error(f"PUT {key} part {part}", response.code, message="no ETag")
+        return etag
+
+    async def complete_multipart(self, key: str, uid: str, etags: list[str]) -> bool:
+        """Complete the upload with parts 1..len(etags), conditionally (``If-None-Match: *``):
+        False, the upload aborted, when ``key`` was there already. Ceph RGW ignores
+        the condition and overwrites with the identical bytes, harmless for a name
+        that is the content's hash."""
+        doc = "<CompleteMultipartUpload>" + "".join(
+            f"<Part><PartNumber>{i}</PartNumber><ETag>{_xml_escape(t)}</ETag></Part>"
+            for i, t in enumerate(etags, start=1)) + "</CompleteMultipartUpload>"
+        data = doc.encode()
+        response, text = await self.request(
+            "POST", key, f"uploadId={uid}", headers={"If-None-Match": "*", "Content-Type": "application/xml"},
+            body=lambda: BytesProducer(data), payload_hash=hashlib.sha256(data).hexdigest(),
+            ok=(), expect=(200, 412))
+        if response.code == 412:
+            await self.abort_multipart(key, uid)
+            return False
+        code, message = _error_of(text)
+        if code:  # S3 may answer 200 and put the failure in the body
+            raise S3Error(f"POST {key}?uploadId", 200, code, message)
+        return True
+
+    async def abort_multipart(self, key: str, uid: str) -> bool:
+        """Best effort: False (logged) when it failed (upload.py tries again once
+        the bucket answers; a lifecycle rule on incomplete uploads takes what is
+        left, docs/s3.rst)."""
         try:
             _, _ = await self.request("DELETE", key, f"uploadId={uid}", ok=(204, 200), expect=(404,))
+            return True
         except Exception as e:
             log.warn("could not abort the multipart upload of {key}: {e}", key=key, e=e)
+            return False
+
+    async def copy(self, source: str, key: str, size: int) -> None:
+        """A server-side copy of the object ``source`` (``size`` bytes) to ``key``:
+        one CopyObject up to COPY_MAX, else a multipart upload of UploadPartCopy
+        ranges (CopyObject's limit is 5 GiB)."""
+        src = "/" + quote(f"{self.settings.bucket}/{source}", safe="/-_.~")
+        if size <= COPY_MAX:
+            _, text = await self.request("PUT", key, headers={"x-amz-copy-source": src}, ok=(), expect=(200,),
+                                         wait=size)
+            code, message = _error_of(text)
+            if code:  # a copy's failure may come after its 200
+                raise S3Error(f"PUT {key} (copy)", 200, code, message)
+            return
+        uid = await self.create_multipart(key)
+
+        async def copy_part(part: int, start: int, n: int) -> str:
+            _, text = await self.request(
+                "PUT", key, f"partNumber={part}&uploadId={uid}", ok=(), expect=(200,), wait=n,
+                headers={"x-amz-copy-source": src, "x-amz-copy-source-range": f"bytes={start}-{start + n - 1}"})
+            etag = _find(_parse(text), "ETag")
+            if not etag:
+                code, message = _error_of(text)
+                raise S3Error(f"PUT {key} part {part} (copy)", 200, code, message or "no ETag")
+            return etag
+
+        await self._in_parts(key, uid, size, COPY_PART, copy_part)
 
     async def get_bytes(self, key: str, limit: int = MAX_XML) -> bytes | None:
         """A small object whole (at most ``limit`` bytes); None when there is none."""
@@ -339,6 +400,11 @@ def _transient(e: BaseException) -> bool:
     return isinstance(e, (net_error.ConnectError, net_error.ConnectionLost, net_error.ConnectionDone,
                           net_error.TimeoutError, ResponseFailed, net_error.DNSLookupError)) or \
         type(e).__name__ in ("ResponseNeverReceived", "RequestTransmissionFailed", "RequestNotSent")
+
+
+def _cancelled(e: BaseException) -> bool:
+    reasons = getattr(e, "reasons", None) or []
+    return any(r.check(CancelledError) for r in reasons)
 
 
 def _describe(e: BaseException) -> str:

@@ -45,6 +45,7 @@ PIN_RETRY_TICKS = 60
 @implementer(IBackedContentStore)
 class S3ContentStore:
     shared = True
+    _streams: Any = None  # upload.StreamedUploads, made by the first stream()
 
     def __init__(self, client: S3Client, tier_root: str, tier_max_size: int, clock: Any,
                  in_io: Callable[..., Deferred[Any]], shared: bool = False, evicts: bool = True) -> None:
@@ -176,16 +177,35 @@ class S3ContentStore:
         await self.in_io(self.tier.close)
         await self.client.close()
 
-    async def upload(self, spool_path: str, digest: str, size: int) -> None:
-        """Write a complete, fsynced body to the bucket, before its index row."""
+    def stream(self, spool_path: str, expected: str | None, total: int | None) -> Any:
+        """An upload.StreamedUpload of the body being written to ``spool_path``,
+        sending its parts as the spool grows, straight to its object when its
+        sha256 is ``expected``, else to a temporary object copied at the end.
+        None while the bucket is down (the miss is passed through anyway) or
+        when ``stream_uploads`` says not to."""
+        if self._streams is None:
+            from sparkcache.store.s3.upload import StreamedUploads
+
+            self._streams = StreamedUploads(self.client, self._down)
+        return self._streams.start(spool_path, expected, total) if self.writable else None
+
+    async def upload(self, spool_path: str, digest: str, size: int, streamed: Any = None) -> None:
+        """Write a complete, fsynced body to the bucket, before its index row:
+        the rest of its ``streamed`` upload if that started, else the whole body."""
         try:
-            created = await self.client.put_file(self.object_name(digest), spool_path, size, digest)
+            created = None
+            if streamed is not None:
+                created = await self._streams.finish(streamed, self.object_name(digest), size)
+            if created is None:
+                created = await self.client.put_file(self.object_name(digest), spool_path, size, digest)
         except S3Unavailable as e:
             self._down(e)
             raise
         self._up()
         if created:
             self.uploads += 1
+        if self._streams is not None:  # the bucket answers: the aborts it missed while down
+            self._streams.retry_aborts()
 
     def ensure(self, digest: str, size: int) -> Deferred[bool]:
         """Whether the tier holds the body now, fetching it from the bucket

@@ -46,6 +46,10 @@ class S3Settings:
     # Bodies above this go up as a multipart upload in parts of part_size.
     multipart_threshold: int = 64 * 2**20
     part_size: int = 16 * 2**20
+    # Parts of such bodies go up while they download (upload.py): "true"; "known":
+    # only bodies whose sha256 is known in advance (no server-side copy at the
+    # end, for servers where a copy costs as much as an upload); "false": at the end.
+    stream_uploads: str = "true"
     # Attempts per request (5xx, throttling, connection errors), and the first backoff.
     attempts: int = 5
     backoff: float = 0.25
@@ -77,6 +81,7 @@ class S3Settings:
             "addressing": self.addressing, "credentials_file": self.credentials_file,
             "credentials": "***" if self.credentials is not None else None,
             "multipart_threshold": self.multipart_threshold, "part_size": self.part_size,
+            "stream_uploads": self.stream_uploads,
             "attempts": self.attempts, "share_index": self.share_index, "lease_ttl": self.lease_ttl,
             "sweep": self.sweep,
             "sweep_interval": self.sweep_interval, "sweep_grace": self.sweep_grace, "max_size": self.max_size,
@@ -122,6 +127,10 @@ def parse_s3(loader: Any, sec: Any) -> S3Settings:
     part_size = sec.convert("part_size", parse_size, S3Settings.part_size)
     if part_size < 5 * 2**20:
         raise loader.error(sec.key("part_size"), "S3 parts are at least 5 MiB")
+    stream = sec.get("stream_uploads", (bool, str), True)
+    stream = {True: "true", False: "false"}.get(stream, stream) if isinstance(stream, bool) else stream
+    if stream not in ("true", "known", "false"):
+        raise loader.error(sec.key("stream_uploads"), f"expected true, false or known, got {stream!r}")
     attempts = sec.get("attempts", int, S3Settings.attempts)
     if attempts < 1:
         raise loader.error(sec.key("attempts"), "expected at least 1")
@@ -159,7 +168,7 @@ def parse_s3(loader: Any, sec: Any) -> S3Settings:
     out = S3Settings(
         endpoint=endpoint.rstrip("/"), bucket=bucket, region=region, prefix=prefix, addressing=addressing,
         credentials_file=cred_file, credentials=creds, multipart_threshold=max(threshold, part_size),
-        part_size=part_size, attempts=attempts, backoff=sec.convert("backoff", parse_duration, S3Settings.backoff),
+        part_size=part_size, stream_uploads=stream, attempts=attempts, backoff=sec.convert("backoff", parse_duration, S3Settings.backoff),
         timeout=sec.convert("timeout", parse_duration, S3Settings.timeout),
         share_index=sec.get("share_index", bool, True),
         lease_ttl=lease_ttl,
