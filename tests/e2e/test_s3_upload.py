@@ -24,7 +24,7 @@ import pytest
 from tests.support.client import Fetch, eventually, get_until_hit, sha256
 from tests.support.daemon import Daemon
 from tests.support.remotes import generic_remote
-from tests.support.s3 import FaultProxy, SeaweedFS, boto_client, env_credentials, list_keys, make_bucket, s3_storage
+from tests.support.s3 import FaultProxy, SeaweedFS, boto_client, list_keys, make_bucket, s3_daemon_options
 
 MiB = 1 << 20
 PATH = "/files/big.bin"
@@ -35,9 +35,8 @@ def s3_daemon(daemon_factory: Callable[..., Daemon]) -> Callable[..., Daemon]:
     def make(endpoint: str, bucket: str, remotes: dict[str, Any], **s3: Any) -> Daemon:
         # 5 MiB parts above 5 MiB; a short lease, so that one its holder could
         # not delete (the bucket down) does not hold the next fetch for long.
-        storage = s3_storage(endpoint, bucket, prefix="sc/", multipart_threshold="5MiB", part_size="5MiB",
-                             lease_ttl="2s", sweep=False, **s3)
-        return daemon_factory(remotes, storage=storage, server={"workers": 1}, env=env_credentials())
+        return daemon_factory(remotes, **s3_daemon_options(endpoint, bucket, multipart_threshold="5MiB",
+                                                           part_size="5MiB", lease_ttl="2s", sweep=False, **s3))
 
     return make
 
