@@ -12,27 +12,15 @@ import os
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
 from sparkcache.store.s3 import client as client_module
 from sparkcache.store.s3.client import S3Client, S3Unavailable
 from sparkcache.store.s3.upload import StreamedUpload
-from tests.support.s3 import FaultProxy, boto_client, make_bucket, moto_endpoint
-from tests.unit.test_s3_client import settings
+from tests.support.s3 import FaultProxy, boto_client
+from tests.unit.test_s3_client import s3, settings  # noqa: F401 (s3: the moto client fixture)
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def s3():
-    endpoint = moto_endpoint()
-    bucket = make_bucket(endpoint)
-    proxy = FaultProxy(endpoint)
-    client = S3Client(settings(proxy.endpoint, bucket), reactor, deferToThread)
-    yield client, proxy, bucket, endpoint
-    pytest_twisted.blockon(Deferred.fromCoroutine(client.close()))
-    proxy.stop()
 
 
 class Spool:
