@@ -194,7 +194,13 @@ class Scheduler(Service):
     def _reschedule(self, e: Entry) -> None:
         st = self.mirrors.state(e.mirror)
         now = self.clock.seconds()
-        e.interval = interval_for(self.mirrors.config, now, st.last_served, st.last_change)
+        if self.mirrors.xlocks is not None:
+            # Worker processes: the others' serves never reach this (the primary's)
+            # state, so an idle back-off here could leave a mirror they serve at
+            # max_interval, stale. Until serves are shared, check at fetch_interval.
+            e.interval = self.mirrors.config.fetch_interval
+        else:
+            e.interval = interval_for(self.mirrors.config, now, st.last_served, st.last_change)
         e.due = now + jittered(e.interval, self.rng)
         self._push(e)
         if self.running:

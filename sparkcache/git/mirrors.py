@@ -36,7 +36,7 @@ from sparkcache.git.config import GitConfig
 from sparkcache.git.credentials import Callbacks, describe
 from sparkcache.git.interfaces import IMirrors, Mirror, MirrorLimit, MirrorUnavailable
 from sparkcache.pools import DaemonThreadPool, stop_pool
-from sparkcache.git.rates import HostCollector, HostGauges, HostRates, forge_host, interval_for
+from sparkcache.git.rates import HostCollector, HostGauges, HostRates, forge_host
 from sparkcache.git.refcheck import CheckError, RefChecker, is_http
 from sparkcache.git.registry import RUNTIME_SOURCES, RegistrationError, Registry
 from sparkcache.git.shared import (
@@ -407,8 +407,9 @@ class Mirrors:
         st = self.state(m)
         interval, due = self.scheduler.next_check(m) if self.scheduler is not None else (None, None)
         if self.scheduler is None and self.xlocks is not None:
-            # Another worker (the primary) runs the loop: the interval by the same rule.
-            interval = interval_for(self.config, self.clock.seconds(), st.last_served, st.last_change)
+            # Another worker (the primary) runs the loop: with workers it checks
+            # every mirror at fetch_interval (Scheduler._reschedule).
+            interval = self.config.fetch_interval
             due = st.last_fetch + interval if st.last_fetch is not None else None
         return {"name": reg.name, "url": reg.url, "source": reg.source, "cloned": cloned,
                 "last_fetch": st.last_fetch, "last_check": st.last_fetch, "last_change": st.last_change,
