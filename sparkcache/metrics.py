@@ -123,18 +123,16 @@ class Metrics:
         """One response for ``remote``: hit, miss, stale, revalidated or error."""
         self._child(self._responses, remote, result).inc()
 
-    def response_counter(self, remote: str, result: str) -> Callable[[], None]:
-        """The ``inc`` of ``response(remote, result)``, for a caller that keeps it (the hit path)."""
-        return self._child(self._responses, remote, result).inc  # type: ignore[no-any-return]
-
-    def hit_batch(self, remote: str) -> HitBatch | None:
+    def hit_batch(self, remote: str) -> HitBatch:
         """Counts of ``remote``'s hits and their body bytes that the caller adds
-        to on the reactor thread, moved into the counters whenever they are
-        read (``publish``, on the reactor thread): a hit then costs two integer
-        additions. None with worker processes, whose counters the others read
-        from their files at any time: the caller then counts each hit."""
-        if multiprocess_dir():
-            return None
+        to on the reactor thread, moved into the counters by ``publish`` (on
+        the reactor thread): a hit then costs two integer additions. One
+        process: ``publish`` runs before anything reads the counters. Worker
+        processes: each publishes every second (the service's timer) and
+        before it reads the aggregate itself (``collected``), so another
+        worker's hits reach /metrics within a second; counting each hit in the
+        shared file at once cost a worker a lock, a getpid and two writes per
+        hit (docs/workers.rst, "Metrics")."""
         batch = self._batches.get(remote)
         if batch is None:  # one per remote, however often the apps are rebuilt
             batch = self._batches[remote] = HitBatch(self._child(self._responses, remote, "hit").inc,
@@ -200,10 +198,12 @@ class Metrics:
                 sample_values(families, "sparkcache_served_bytes_total", "remote", "source"))
 
     def publish(self) -> None:
-        """Copy the site's connection counts into the metrics. The site keeps
-        plain integers (its accept path pays nothing for them); this runs when
+        """Move the batched hits (``hit_batch``) into their counters and copy
+        the site's connection counts into the metrics. The hit path and the
+        site keep plain integers (they pay nothing for them); this runs when
         /metrics or the status is rendered, and with worker processes every
-        second too, so the other workers' aggregate is at most that old."""
+        second too, so the other workers' aggregate is at most that old.
+        The batches only on the reactor thread, which adds to them."""
         if self._batches and (threadable.ioThread is None or threadable.isInIOThread()):
             for batch in self._batches.values():
                 batch.flush()
@@ -232,6 +232,15 @@ class Metrics:
 
         return {"connections": one("sparkcache_connections"), "shedding": one("sparkcache_connections_shedding"),
                 "shed_total": one("sparkcache_connections_shed_total")}
+
+    def collected(self, in_io: Callable[..., Any]) -> Any:
+        """``collect`` run by ``in_io`` (the store's I/O pool: with worker
+        processes it reads every worker's file), once this process's batched
+        hits are published, on the calling (reactor) thread: a Deferred of
+        the families. The page and /health a client reads then count every
+        hit it had answered by this worker."""
+        self.publish()
+        return in_io(self.collect)
 
     def collect(self) -> Iterable[Any]:
         """The metric families of the whole daemon: with worker processes, every

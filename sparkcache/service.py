@@ -353,6 +353,8 @@ class SparkcacheService(MultiService):
         await self.cache.stop()
         await self.upstream.close()
         await self.store.stop()
+        # The hits batched since the last publish: a worker's counters outlive it (its file stays).
+        self.metrics.publish()
         await MultiService.stopService(self)
         # A graceful stop is a success: exit 0 rather than have twistd re-raise
         # the SIGTERM that started it (status 143 looks like a crash to

@@ -59,7 +59,7 @@ class AdminApp:
     async def health(self, request: Any) -> bytes:
         store, metrics = self.ctx.store, self.ctx.metrics
         # With worker processes, the whole daemon's figures: every worker's metric files, read off the reactor.
-        families = await store.in_io(metrics.collect) if multiprocess_dir() else ()
+        families = await metrics.collected(store.in_io) if multiprocess_dir() else ()
         return _json(request, {
             "status": "ok",
             "store_bytes": store.size,

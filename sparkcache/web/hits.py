@@ -209,10 +209,9 @@ class FastHits(Resource):
         # or no valid path), for the configuration it was made with.
         self._routes: dict[bytes, FastRoute | None] = {}
         self._routes_of: Any = None
-        # Per remote: its hits counted in a batch (None: with worker
-        # processes), or else the incs of its hit and cache-bytes counters.
-        self._batches: dict[str, HitBatch | None] = {}
-        self._counters: dict[str, tuple[Callable[[], None], Callable[[int], None]]] = {}
+        # Per remote: its hits counted in a batch (Metrics.hit_batch), in
+        # one process and with workers alike.
+        self._batches: dict[str, HitBatch] = {}
 
     def find(self, request: Any, segments: list[str] | None = None) -> FreshHit | None:
         """The fresh entry a GET/HEAD of ``request`` is answered with, when its
@@ -334,18 +333,8 @@ class FastHits(Resource):
             batch = self._batches[remote]
         except KeyError:
             batch = self._batches[remote] = self.ctx.metrics.hit_batch(remote)
-        if batch is not None:
-            batch.hits += 1
-            batch.bytes += size
-        else:
-            counted = self._counters.get(remote)
-            if counted is None:
-                metrics = self.ctx.metrics
-                counted = self._counters[remote] = (metrics.response_counter(remote, "hit"),
-                                                    metrics.bytes_counter(remote, "cache"))
-            counted[0]()
-            if size:
-                counted[1](size)
+        batch.hits += 1
+        batch.bytes += size
         if size:
             return _STATUS + _dates.now() + block, size
         return _STATUS + _dates.now() + block[:body_at], 0

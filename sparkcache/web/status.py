@@ -300,7 +300,7 @@ class Status:
         if not self.loaded:  # a restarted primary goes on with its predecessor's history
             self.loaded = True
             self.history.load(await store.in_io(read_json, path))
-        overall, _ = totals(self.ctx.metrics, await store.in_io(self.ctx.metrics.collect))
+        overall, _ = totals(self.ctx.metrics, await self.ctx.metrics.collected(store.in_io))
         self.history.add(self.ctx.clock.seconds(), overall)
         await self._write_shared(write_json, path, self.history.as_json())
 
@@ -332,7 +332,7 @@ class Status:
         """Everything the page shows, as JSON-ready data (times in clock seconds)."""
         ctx, metrics, store = self.ctx, self.ctx.metrics, self.ctx.store
         # With worker processes, reading every worker's metric file is file I/O: off the reactor.
-        families = await store.in_io(metrics.collect) if multiprocess_dir() else metrics.collect()
+        families = await metrics.collected(store.in_io) if multiprocess_dir() else metrics.collect()
         texts = await store.in_io(read_errors, os.path.dirname(self.history_path)) if self.history_path else None
         overall, per = totals(metrics, families)
         max_size = store.max_size

@@ -104,13 +104,22 @@ def test_status_and_health_are_the_whole_daemons(upstream, daemon_factory):
         assert resp.status == 200 and len(resp.body) == size, resp.describe()
         served += 1
 
+    def counted(status: dict[str, Any]) -> bool:
+        row = next((r for r in status["remotes"] if r["name"] == "r"), None)
+        return row is not None and row["requests"] == served and status["totals"]["requests"] == served \
+            and row["bytes_cache"] + row["bytes_upstream"] == served * size
+
     def settled() -> dict[int, Any]:
-        """Once the primary took a sample and the entry is committed (a client
-        can have the whole body before the commit, and the other worker may tail it)."""
+        """Once the primary took a sample, the entry is committed (a client
+        can have the whole body before the commit, and the other worker may
+        tail it) and every hit is counted: each worker publishes the hits it
+        batched every second (docs/workers.rst, "Metrics"), so an answer
+        from one worker may lack the other's last second of hits."""
         deadline = time.monotonic() + 60
         while True:
             answers = by_worker(d, "/status.json")
-            done = all(a["history"]["samples"] and a["inflight_fetches"] == 0 for a in answers.values())
+            done = all(a["history"]["samples"] and a["inflight_fetches"] == 0 and counted(a)
+                       for a in answers.values())
             if done or time.monotonic() > deadline:
                 return answers
             time.sleep(0.1)

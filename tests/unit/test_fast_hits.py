@@ -213,21 +213,39 @@ async def test_hits_answered_by_the_connection_are_counted_exactly_when_read(h: 
     assert 'sparkcache_requests_total{remote="files",result="hit"} 6.0' in h.metrics.render().decode()
 
 
-def test_hit_batches_are_only_for_one_process(monkeypatch: Any) -> None:
+def test_hits_are_batched_until_published(monkeypatch: Any) -> None:
     from sparkcache.metrics import Metrics
 
     m = Metrics()
     batch = m.hit_batch("r")
-    assert batch is not None
     batch.hits, batch.bytes = 2, 10
     assert m.registry.get_sample_value("sparkcache_requests_total", {"remote": "r", "result": "hit"}) == 0
     m.publish()
     assert m.registry.get_sample_value("sparkcache_requests_total", {"remote": "r", "result": "hit"}) == 2
     assert m.registry.get_sample_value("sparkcache_served_bytes_total", {"remote": "r", "source": "cache"}) == 10
     assert (batch.hits, batch.bytes) == (0, 0)
-    # Worker processes read each other's counters at any time: no batch.
+    # Worker processes batch too (each publishes every second and before it reads the aggregate).
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/nonexistent")
-    assert Metrics().hit_batch("r") is None
+    assert Metrics().hit_batch("r") is not None
+
+
+def test_collected_publishes_the_batches_before_the_pool_reads() -> None:
+    """With workers, /health and the status read the aggregate in the I/O
+    pool, where a batch is never flushed (the reactor adds to it): ``collected``
+    publishes on the calling thread first."""
+    from sparkcache.metrics import Metrics
+
+    m = Metrics()
+    m.hit_batch("r").hits = 3
+    seen: list[float | None] = []
+
+    def in_io(f: Any) -> Any:  # what the pool would run, after what ran before it
+        seen.append(m.registry.get_sample_value("sparkcache_requests_total", {"remote": "r", "result": "hit"}))
+        return f()
+
+    families = m.collected(in_io)
+    assert seen == [3.0]
+    assert m.totals(families)[0][("r", "hit")] == 3.0
 
 
 def test_parse_head_keeps_what_it_parsed() -> None:
