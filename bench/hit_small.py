@@ -37,6 +37,7 @@ import selectors
 import socket
 import subprocess
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
 from common import (Bench, BenchError, Daemon, Nginx, AccessLog, apply_quick, base_parser, cpu_seconds, fmt_size,
@@ -194,33 +195,50 @@ def fixed_hits(port: int, paths: list[str], total: int, connections: int) -> int
 
 
 def instructions(b: Bench, upstream_port: int, paths: list[str], bodies: list[bytes], hits: int,
-                 connections: int = 8) -> dict[str, Any]:
-    """Instructions per hit of sparkcache (one worker) under callgrind: counted
-    only during ``hits`` keep-alive hits over ``connections`` connections,
-    after the cache is warm and every path went once through the fast path."""
-    out = b.path("callgrind.out")
+                 connections: int = 8, workers: int = 1, tree: Path | None = None,
+                 name: str = "sparkcache") -> dict[str, Any]:
+    """Instructions per hit of sparkcache under callgrind: counted only during
+    ``hits`` keep-alive hits over ``connections`` connections, after the cache
+    is warm and every path went once through the fast path. With ``workers``
+    > 1 valgrind follows the parent's children (each process its own file) and
+    counts in every worker; the figure is all the workers' instructions over
+    all the hits, wherever the kernel sent the connections (the parent, which
+    never serves, is not counted)."""
+    out = b.path(f"callgrind-{name}-w{workers}")
+    out.mkdir(exist_ok=True)
     d = Daemon(b, {"small": {"type": "generic", "upstream": f"http://127.0.0.1:{upstream_port}"}},
-               name="sparkcache-callgrind", workers=1,
-               wrap=[tool("valgrind"), "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"])
-    d.start(timeout=600)
+               name=f"{name}-callgrind-w{workers}", workers=workers, tree=tree,
+               wrap=[tool("valgrind"), "--tool=callgrind", "--instr-atstart=no",
+                     *(["--trace-children=yes"] if workers > 1 else []),
+                     f"--callgrind-out-file={out}/callgrind.out.%p"])
+    d.start(timeout=900)
+    if workers > 1:
+        wait_workers(d, workers, timeout=900)
     warm(d.port, paths, bodies, "sparkcache under callgrind", settle=d.wait_idle)
-    fixed_hits(d.port, paths, 2 * len(paths), 4)  # every path through the fast path's caches
+    fixed_hits(d.port, paths, 2 * len(paths) * workers, 4 * workers)  # every path through each worker's caches
+    counted = [d.pid] if workers == 1 else [p for p in d.pids() if p != d.pid]
     control = tool("callgrind_control")
-    subprocess.run([control, "-i", "on", str(d.pid)], check=True, capture_output=True, timeout=60)
+    for pid in counted:
+        subprocess.run([control, "-i", "on", str(pid)], check=True, capture_output=True, timeout=120)
     n = fixed_hits(d.port, paths, hits, connections)
-    subprocess.run([control, "-i", "off", str(d.pid)], check=True, capture_output=True, timeout=60)
-    subprocess.run([control, "-d", str(d.pid)], check=True, capture_output=True, timeout=60)
+    for pid in counted:
+        subprocess.run([control, "-i", "off", str(pid)], check=True, capture_output=True, timeout=120)
+    for pid in counted:
+        subprocess.run([control, "-d", str(pid)], check=True, capture_output=True, timeout=120)
     time.sleep(1)
-    total = 0
-    for f in glob.glob(f"{out}*"):
-        with open(f, errors="replace") as fh:
-            for line in fh:
-                if line.startswith(("summary:", "totals:")):
-                    total = max(total, int(line.split()[1]))
+    per_pid: dict[int, int] = {}
+    for pid in counted:
+        for f in glob.glob(f"{out}/callgrind.out.{pid}*"):
+            with open(f, errors="replace") as fh:
+                for line in fh:
+                    if line.startswith(("summary:", "totals:")):
+                        per_pid[pid] = max(per_pid.get(pid, 0), int(line.split()[1]))
+    total = sum(per_pid.values())
     d.stop()
     if not n or not total:
         raise BenchError(f"callgrind counted {total} instructions for {n} hits")
-    return {"requests": n, "connections": connections, "instructions": total, "per_request": total / n,
+    return {"requests": n, "connections": connections, "workers": workers, "instructions": total,
+            "per_request": total / n, "instructions_per_process": {str(k): v for k, v in per_pid.items()},
             "errors": 0}
 
 
@@ -237,11 +255,19 @@ def main() -> int:
                    help="also count sparkcache's instructions per hit under callgrind (needs valgrind)")
     p.add_argument("--instruction-hits", type=int, default=3000,
                    help="hits counted under callgrind, over 8 connections (default 3000)")
+    p.add_argument("--instruction-workers", default="1",
+                   help="worker counts counted under callgrind, comma-separated (default 1; 1,2 compares)")
+    p.add_argument("--baseline", type=Path, default=None,
+                   help="another checkout of sparkcache (e.g. /work/main) measured beside this one in the same run")
+    p.add_argument("--instructions-only", action="store_true",
+                   help="skip the wrk runs: only count instructions (implies --instructions)")
     args = p.parse_args()
     apply_quick(args, {"objects": 100, "duration": 3, "warmup": 1},
                 {"objects": 300, "object_size": 4096, "connections": 64, "duration": 10, "warmup": 2,
                  "workers": "1,2", "runs": 1})
     counts = [int(w) for w in str(args.workers).split(",") if w.strip()]
+    if args.instructions_only:
+        args.instructions, counts = True, []
     cpus = sorted(os.sched_getaffinity(0))
 
     with Bench(NAME, args) as b:
@@ -275,6 +301,14 @@ def main() -> int:
                                           "pids": daemon.pids, "daemon": daemon,
                                           "warm": warm(daemon.port, spark_paths, bodies, f"sparkcache x{w}",
                                                        settle=daemon.wait_idle)}
+            if args.baseline is not None:
+                base = Daemon(b, {"small": {"type": "generic", "upstream": f"http://127.0.0.1:{up_port}"}},
+                              name=f"baseline{w}", workers=w, tree=args.baseline).start(timeout=180)
+                wait_workers(base, w)
+                targets[("baseline", w)] = {"url": f"http://127.0.0.1:{base.port}", "lua": lua_spark,
+                                            "pids": base.pids, "daemon": base,
+                                            "warm": warm(base.port, spark_paths, bodies, f"baseline x{w}",
+                                                         settle=base.wait_idle)}
 
         def sharing(w: int) -> tuple[set[int] | None, set[int] | None, int, str]:
             """(server CPUs, wrk CPUs, wrk threads, how it is said) for ``w`` workers."""
@@ -286,7 +320,7 @@ def main() -> int:
             """sparkcache_requests_total other than result="hit", over every daemon."""
             total = 0.0
             for (who, _w), t in targets.items():
-                if who == "sparkcache":
+                if who != "nginx":
                     m = t["daemon"].metrics()
                     total += sum(v for k, v in m.items() if k.startswith("sparkcache_requests_total{")
                                  and 'result="hit"' not in k)
@@ -353,8 +387,14 @@ def main() -> int:
                             f">= {GOAL:.2f}x (nginx/sparkcache)", cpu_rat is not None and cpu_rat >= GOAL,
                             ratio_value=cpu_rat),
             ]
+        if args.baseline is not None:
+            for w in counts:
+                summary.append(summary_row(f"server CPU per request, {w} worker(s), this tree vs baseline", "us",
+                                           med(f"sparkcachex{w}", "server_cpu_us_per_request"),
+                                           f"baseline x{w}", med(f"baselinex{w}", "server_cpu_us_per_request"),
+                                           "-", None))
         if 1 in counts and 2 in counts:
-            for who in ("sparkcache", "nginx"):
+            for who in ("sparkcache", "nginx") + (("baseline",) if args.baseline is not None else ()):
                 c1, c2 = med(f"{who}x1", "server_cpu_us_per_request"), med(f"{who}x2", "server_cpu_us_per_request")
                 summary.append(summary_row(f"{who}: CPU/request 2 workers vs 1", "us", c2, f"{who} x1", c1,
                                            f"<= {SCALING_GOAL:.2f}x" if who == "sparkcache" else "-",
@@ -364,10 +404,22 @@ def main() -> int:
                                        note="2 workers share the cores with wrk"))
         counted: dict[str, Any] = {}
         if args.instructions:
-            b.log("counting sparkcache's instructions per hit under callgrind")
-            counted = instructions(b, up_port, spark_paths, bodies, args.instruction_hits)
-            summary.append(summary_row("sparkcache instructions per hit (callgrind)", "Ir", counted["per_request"],
-                                       "", None, "-", None))
+            for w in [int(x) for x in str(args.instruction_workers).split(",") if x.strip()]:
+                b.log(f"counting sparkcache's instructions per hit under callgrind, {w} worker(s)")
+                counted[str(w)] = instructions(b, up_port, spark_paths, bodies, args.instruction_hits, workers=w)
+                base_count = None
+                if args.baseline is not None:
+                    b.log(f"counting the baseline's instructions per hit under callgrind, {w} worker(s)")
+                    counted[f"baseline{w}"] = instructions(b, up_port, spark_paths, bodies, args.instruction_hits,
+                                                           workers=w, tree=args.baseline, name="baseline")
+                    base_count = counted[f"baseline{w}"]["per_request"]
+                summary.append(summary_row(f"sparkcache instructions per hit (callgrind), {w} worker(s)", "Ir",
+                                           counted[str(w)]["per_request"], "baseline" if base_count else "",
+                                           base_count, "-", None))
+            if "1" in counted and "2" in counted:
+                i1, i2 = counted["1"]["per_request"], counted["2"]["per_request"]
+                summary.append(summary_row("sparkcache: instructions/hit 2 workers vs 1", "Ir", i2,
+                                           "sparkcache x1", i1, "-", None))
         print_summary(f"{NAME} summary", summary)
         checks = {
             **{f"warmup_states_{who}x{w}": t["warm"] for (who, w), t in targets.items()},
@@ -379,11 +431,11 @@ def main() -> int:
         if non_hits1 != non_hits0 or upstream_during:
             b.notes.append("WARNING: requests reached the upstream or missed the cache during the measured runs")
         for (who, w), t in targets.items():
-            if who == "sparkcache":
+            if who != "nginx":
                 d = t["daemon"]
                 d.stop()
-                checks[f"daemon_x{w}_exit_status"] = d.exit_status
-                checks[f"daemon_x{w}_log_problems"] = d.log_problems()[:20]
+                checks[f"{'' if who == 'sparkcache' else who + '_'}daemon_x{w}_exit_status"] = d.exit_status
+                checks[f"{'' if who == 'sparkcache' else who + '_'}daemon_x{w}_log_problems"] = d.log_problems()[:20]
         b.write_results({
             "params": {k: getattr(args, k) for k in ("objects", "object_size", "connections", "duration", "warmup",
                                                      "workers", "runs")},
