@@ -28,10 +28,13 @@ import hashlib
 import mmap
 import os
 import struct
+import sys
 
 SLOTS = 4096
 _WORD = struct.Struct("<Q")
 _GLOBAL = 0
+# The file's words are little-endian (``_WORD``); a native view of them reads the same values only here.
+_NATIVE = sys.byteorder == "little" and struct.calcsize("Q") == _WORD.size
 
 
 def allocate(fd: int, size: int) -> None:
@@ -64,8 +67,15 @@ class ChangeCounters:
             os.ftruncate(self._fd, size)  # zeros; idempotent when two workers race here
         allocate(self._fd, size)
         self._map = mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        # The words as native integers: a read is one index (an aligned 8-byte
+        # load), where struct.unpack_from builds a tuple: ``valid`` runs on
+        # every hit of a worker (a quarter of the microseconds).
+        self._words: memoryview | None = memoryview(self._map).cast("Q") if _NATIVE else None
 
     def _read(self, index: int) -> int:
+        words = self._words
+        if words is not None:
+            return int(words[index])
         return int(_WORD.unpack_from(self._map, index * _WORD.size)[0])
 
     def stamp(self, key: str) -> tuple[int, int]:
@@ -73,6 +83,10 @@ class ChangeCounters:
         return self._read(_GLOBAL), self._read(slot_of(key))
 
     def valid(self, key: str, stamp: tuple[int, int]) -> bool:
+        """Whether ``key``'s row cached with ``stamp`` is still current: two memory reads."""
+        words = self._words
+        if words is not None:
+            return bool(words[_GLOBAL] == stamp[0] and words[slot_of(key)] == stamp[1])
         return self.stamp(key) == stamp
 
     def bump(self, key: str | None) -> int:
@@ -100,5 +114,8 @@ class ChangeCounters:
         return value
 
     def close(self) -> None:
+        if self._words is not None:
+            self._words.release()  # a mapping with a view exported cannot close
+            self._words = None
         self._map.close()
         os.close(self._fd)

@@ -88,3 +88,23 @@ def test_a_purge_in_another_worker_keeps_a_production_here_from_storing(tmp_path
         for s in (a, b):
             assert s.index.changes is not None
             s.index.changes.close()
+
+
+def test_the_native_view_reads_the_words_the_bumps_wrote(tmp_path: Path) -> None:
+    """``valid`` reads the mapping through a native memoryview (the hit path);
+    bumps write little-endian words with struct: both read the same values,
+    and the file closes with the view exported."""
+    import struct
+
+    path = tmp_path / "index.changes"
+    c = ChangeCounters(str(path))
+    key = "generic/r/x"
+    for _ in range(300):  # past one byte
+        c.bump(key)
+    c.bump(None)
+    with open(path, "rb") as f:
+        raw = f.read()
+    words = struct.unpack_from("<QQ", raw, 0)[0], struct.unpack_from("<Q", raw, 8 * slot_of(key))[0]
+    assert c.stamp(key) == words == (1, 300)
+    assert c.valid(key, (1, 300)) and not c.valid(key, (1, 299)) and not c.valid(key, (0, 300))
+    c.close()
