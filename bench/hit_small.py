@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import http.client
+import json
 import os
 import selectors
 import socket
@@ -136,12 +137,71 @@ def affinity(cpus: set[int]) -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
-def fixed_hits(port: int, paths: list[str], total: int, connections: int) -> int:
-    """Exactly ``total`` keep-alive GETs over ``connections`` connections, one
-    outstanding per connection, rotating over ``paths``; each answer checked
-    (200, whole body). A fixed count, so instructions per hit do not depend on
-    how fast a loaded machine lets a client go (nor on the daemon's idle cost
-    over a fixed duration)."""
+def read_response(s: socket.socket) -> tuple[str, bytes]:
+    """One whole response (head, body by Content-Length or chunked) from a blocking socket."""
+    buf = b""
+
+    def more() -> bytes:
+        data = s.recv(65536)
+        if not data:
+            raise BenchError("connection closed in a response")
+        return data
+
+    while b"\r\n\r\n" not in buf:
+        buf += more()
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    text = head.decode("latin-1")
+    fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in text.split("\r\n")[1:])}
+    if "content-length" in fields:
+        length = int(fields["content-length"])
+        while len(rest) < length:
+            rest += more()
+        return text, rest[:length]
+    body = b""
+    while True:  # chunked
+        while b"\r\n" not in rest:
+            rest += more()
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        while len(rest) < size + 2:
+            rest += more()
+        body, rest = body + rest[:size], rest[size + 2:]
+        if size == 0:
+            return text, body
+
+
+def worker_connections(port: int, workers: int, per_worker: int, tries: int = 500) -> dict[Any, list[socket.socket]]:
+    """``per_worker`` keep-alive connections accepted by each of ``workers``
+    processes (each connection asks /health which worker holds it; the others
+    are closed): the kernel hands a shared socket's connections to whichever
+    worker accepts first, and a window counted under callgrind must reach every
+    worker, each with its part of the load."""
+    held: dict[Any, list[socket.socket]] = {}
+    for _ in range(tries):
+        if len(held) == workers and all(len(v) >= per_worker for v in held.values()):
+            return held
+        s = socket.create_connection(("127.0.0.1", port), timeout=120)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.sendall(f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        _head, body = read_response(s)
+        worker = json.loads(body).get("worker")
+        if len(held.setdefault(worker, [])) < per_worker:
+            held[worker].append(s)
+        else:
+            s.close()
+    for socks in held.values():
+        for s in socks:
+            s.close()
+    raise BenchError(f"{tries} connections did not reach {per_worker} per worker of {workers}: {sorted(map(str, held))}")
+
+
+def fixed_hits(port: int, paths: list[str], total: int, connections: int,
+               socks: list[socket.socket] | None = None) -> int:
+    """Exactly ``total`` keep-alive GETs over ``connections`` connections (or
+    over ``socks``, open ones), one outstanding per connection, rotating over
+    ``paths``; each answer checked (200, whole body). A fixed count, so
+    instructions per hit do not depend on how fast a loaded machine lets a
+    client go (nor on the daemon's idle cost over a fixed duration)."""
     sel = selectors.DefaultSelector()
     pending: dict[socket.socket, bytes] = {}
     sent = done = 0
@@ -153,12 +213,15 @@ def fixed_hits(port: int, paths: list[str], total: int, connections: int) -> int
                   .encode())
         sent += 1
 
-    socks = []
+    given = socks is not None
+    socks = list(socks or [])
     try:
-        for _ in range(min(connections, total)):
-            s = socket.create_connection(("127.0.0.1", port), timeout=60)
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            socks.append(s)
+        if not given:
+            for _ in range(min(connections, total)):
+                s = socket.create_connection(("127.0.0.1", port), timeout=60)
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                socks.append(s)
+        for s in socks[:total]:
             pending[s] = b""
             sel.register(s, selectors.EVENT_READ)
             ask(s)
@@ -199,11 +262,13 @@ def instructions(b: Bench, upstream_port: int, paths: list[str], bodies: list[by
                  name: str = "sparkcache") -> dict[str, Any]:
     """Instructions per hit of sparkcache under callgrind: counted only during
     ``hits`` keep-alive hits over ``connections`` connections, after the cache
-    is warm and every path went once through the fast path. With ``workers``
-    > 1 valgrind follows the parent's children (each process its own file) and
-    counts in every worker; the figure is all the workers' instructions over
-    all the hits, wherever the kernel sent the connections (the parent, which
-    never serves, is not counted)."""
+    is warm and every path went twice through each worker's fast path. With
+    ``workers`` > 1 valgrind follows the parent's children (each process its
+    own file), the connections are spread evenly over the workers
+    (``worker_connections``) and every worker is counted (the parent, which
+    never serves, is not). ``per_request``: the hit window's instructions less
+    those of an idle window as long (the timers'), over the hits;
+    ``per_request_raw`` without that subtraction."""
     out = b.path(f"callgrind-{name}-w{workers}")
     out.mkdir(exist_ok=True)
     d = Daemon(b, {"small": {"type": "generic", "upstream": f"http://127.0.0.1:{upstream_port}"}},
@@ -212,34 +277,54 @@ def instructions(b: Bench, upstream_port: int, paths: list[str], bodies: list[by
                      *(["--trace-children=yes"] if workers > 1 else []),
                      f"--callgrind-out-file={out}/callgrind.out.%p"])
     d.start(timeout=900)
-    if workers > 1:
-        wait_workers(d, workers, timeout=900)
+    wait_workers(d, workers, timeout=900)
     warm(d.port, paths, bodies, "sparkcache under callgrind", settle=d.wait_idle)
-    fixed_hits(d.port, paths, 2 * len(paths) * workers, 4 * workers)  # every path through each worker's caches
+    # Every path through each worker's caches (its in-memory index rows, routes, response blocks).
+    for socks in worker_connections(d.port, workers, 2).values():
+        fixed_hits(d.port, paths, 2 * len(paths), len(socks), socks=socks)
     counted = [d.pid] if workers == 1 else [p for p in d.pids() if p != d.pid]
     control = tool("callgrind_control")
-    for pid in counted:
-        subprocess.run([control, "-i", "on", str(pid)], check=True, capture_output=True, timeout=120)
-    n = fixed_hits(d.port, paths, hits, connections)
-    for pid in counted:
-        subprocess.run([control, "-i", "off", str(pid)], check=True, capture_output=True, timeout=120)
-    for pid in counted:
-        subprocess.run([control, "-d", str(pid)], check=True, capture_output=True, timeout=120)
+
+    def each(*what: str) -> None:
+        for pid in counted:
+            subprocess.run([control, *what, str(pid)], check=True, capture_output=True, timeout=120)
+
+    held = worker_connections(d.port, workers, max(1, connections // workers))
+    socks = [s for group in held.values() for s in group]
+    each("-i", "on")
+    t0 = time.monotonic()
+    n = fixed_hits(d.port, paths, hits, len(socks), socks=socks)
+    busy = time.monotonic() - t0
+    each("-d")  # part 1: the hits
+    # Part 2: as long again with no request, to subtract what the daemon's
+    # timers cost meanwhile (under valgrind a second of them is many
+    # instructions against the hits of that second; more so with workers).
+    time.sleep(busy)
+    each("-d")
+    each("-i", "off")
     time.sleep(1)
-    per_pid: dict[int, int] = {}
-    for pid in counted:
-        for f in glob.glob(f"{out}/callgrind.out.{pid}*"):
+
+    def part(pid: int, k: int) -> int:
+        total = 0
+        for f in glob.glob(f"{out}/callgrind.out.{pid}.{k}"):
             with open(f, errors="replace") as fh:
                 for line in fh:
                     if line.startswith(("summary:", "totals:")):
-                        per_pid[pid] = max(per_pid.get(pid, 0), int(line.split()[1]))
-    total = sum(per_pid.values())
+                        total = max(total, int(line.split()[1]))
+        return total
+
+    hit_parts = {pid: part(pid, 1) for pid in counted}
+    idle_parts = {pid: part(pid, 2) for pid in counted}
+    total, idle = sum(hit_parts.values()), sum(idle_parts.values())
     d.stop()
     if not n or not total:
         raise BenchError(f"callgrind counted {total} instructions for {n} hits")
-    return {"requests": n, "connections": connections, "workers": workers, "instructions": total,
-            "per_request": total / n, "instructions_per_process": {str(k): v for k, v in per_pid.items()},
-            "errors": 0}
+    return {"requests": n, "connections": len(socks), "workers": workers, "instructions": total,
+            "idle_instructions": idle, "seconds": busy, "per_request_raw": total / n,
+            "per_request": max(0, total - idle) / n,
+            "connections_per_worker": {str(k): len(v) for k, v in held.items()},
+            "instructions_per_process": {str(k): v for k, v in hit_parts.items()},
+            "idle_instructions_per_process": {str(k): v for k, v in idle_parts.items()}, "errors": 0}
 
 
 def main() -> int:
@@ -407,12 +492,16 @@ def main() -> int:
             for w in [int(x) for x in str(args.instruction_workers).split(",") if x.strip()]:
                 b.log(f"counting sparkcache's instructions per hit under callgrind, {w} worker(s)")
                 counted[str(w)] = instructions(b, up_port, spark_paths, bodies, args.instruction_hits, workers=w)
+                b.log(f"  {counted[str(w)]['per_request']:,.0f} Ir/hit ({counted[str(w)]['per_request_raw']:,.0f} "
+                      f"before the idle window's {counted[str(w)]['idle_instructions']:,} are taken off)")
                 base_count = None
                 if args.baseline is not None:
                     b.log(f"counting the baseline's instructions per hit under callgrind, {w} worker(s)")
                     counted[f"baseline{w}"] = instructions(b, up_port, spark_paths, bodies, args.instruction_hits,
                                                            workers=w, tree=args.baseline, name="baseline")
                     base_count = counted[f"baseline{w}"]["per_request"]
+                    b.log(f"  {base_count:,.0f} Ir/hit ({counted[f'baseline{w}']['per_request_raw']:,.0f} before the "
+                          f"idle window's {counted[f'baseline{w}']['idle_instructions']:,} are taken off)")
                 summary.append(summary_row(f"sparkcache instructions per hit (callgrind), {w} worker(s)", "Ir",
                                            counted[str(w)]["per_request"], "baseline" if base_count else "",
                                            base_count, "-", None))
