@@ -126,6 +126,21 @@ def pin(pids: list[int], cpus: set[int]) -> None:
                 os.sched_setaffinity(int(tid), cpus)
 
 
+def switches(pids: list[int]) -> int:
+    """Context switches (voluntary and not) of every thread of these processes
+    so far: how often a server slept in epoll_wait or was preempted, which the
+    CPU per request pays for and instruction counts do not see."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/status") as f:
+                    for line in f:
+                        if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                            total += int(line.split()[1])
+    return total
+
+
 @contextlib.contextmanager
 def affinity(cpus: set[int]) -> Iterator[None]:
     """This process (so the wrk it starts) on ``cpus`` meanwhile."""
@@ -429,27 +444,31 @@ def main() -> int:
                         warmups[f"{who}x{w}"].append(run_wrk(t["url"], t["lua"], args.connections, args.warmup,
                                                              threads))
                     per0 = {pid: cpu_seconds([pid]) for pid in pids}
+                    sw0 = switches(pids)
                     r = run_wrk(t["url"], t["lua"], args.connections, args.duration, threads)
                     per = {pid: cpu_seconds([pid]) - c for pid, c in per0.items()}
+                    sw = switches(pids) - sw0
                 cpu = sum(per.values())
                 secs = r["duration_us"] / 1e6
                 r.update({"server": who, "workers": w, "cores": how, "server_cpu_s": cpu,
                           "server_cpu_share": cpu / secs if secs else None,
                           "server_cpu_us_per_request": cpu * 1e6 / r["requests"] if r["requests"] else None,
+                          "context_switches_per_request": sw / r["requests"] if r["requests"] else None,
                           "cpu_s_per_process": {str(pid): round(c, 3) for pid, c in per.items()}})
                 results[f"{who}x{w}"].append(r)
                 busy = sorted((c for c in per.values() if c > 0.01 * max(cpu, 1e-9)), reverse=True)
                 b.log(f"{who} x{w}: {r['rps']:,.0f} req/s, {r['server_cpu_us_per_request']:.1f} us CPU/request, "
-                      f"errors {r['errors']} ({how})")
+                      f"{r['context_switches_per_request'] or 0:.3f} context switches/request, errors {r['errors']} ({how})")
                 rows.append([str(i + 1), who, str(w), r["rps"], r["lat_p50_us"] / 1000, r["lat_p99_us"] / 1000,
                              r["errors"], f"{r['server_cpu_share']:.0%}",
                              "/".join(f"{c / cpu:.0%}" for c in busy) if cpu else "-",
-                             f"{r['server_cpu_us_per_request']:.1f}", how])
+                             f"{r['server_cpu_us_per_request']:.1f}", f"{r['context_switches_per_request'] or 0:.3f}", how])
         non_hits1 = non_hits()
         upstream_during = origin_log.settle()
         print_table(f"{NAME}: {args.objects} x {fmt_size(args.object_size)} hits, wrk -c{args.connections} "
                     f"-d{args.duration:g}s", ["run", "server", "workers", "req/s", "p50 ms", "p99 ms", "errors",
-                                              "server CPU", "CPU split", "CPU us/req", "cores"], rows)
+                                              "server CPU", "CPU split", "CPU us/req", "switches/req", "cores"],
+                    rows)
 
         def med(key: str, field: str) -> float:
             vals = sorted(r[field] for r in results[key])
