@@ -303,6 +303,8 @@ class Mirrors:
 
     def _schedule(self, mirror: Mirror) -> None:
         if self.scheduler is not None:
+            if self.stamps is not None:
+                self.stamps.learn(mirror.path)  # served elsewhere before the loop knew it?
             self.scheduler.touch(mirror)
 
     def _save_registry(self) -> None:
@@ -503,10 +505,11 @@ class Mirrors:
         """The primary, every second: serves in the other workers reach the loop.
         Mirrors stamped since the last look are touched (next check within
         fetch_interval) and their interval follows that serve from then on."""
-        stamps, mirrors = self.stamps, self.mirrors()
-        paths = [m.path for m in mirrors]
-        if stamps is None or not stamps.changed(paths):
+        stamps = self.stamps
+        if stamps is None or not stamps.changed():
             return None
+        mirrors = self.mirrors()
+        paths = [m.path for m in mirrors]
         by_path = dict(zip(paths, mirrors))
 
         def served(found: dict[str, float]) -> None:

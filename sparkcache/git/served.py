@@ -105,10 +105,11 @@ class ServedStamps:
         self._next: dict[str, Scheduled] = {}   # the same for the loop's schedule
         self._flushing: Deferred[Any] | None = None
         self._error: str | None = None
-        # What collect() has read: the global counter, each slot, the mirrors.
+        # What collect() has read: the global counter (None: nothing yet, so every
+        # stamp), each slot; mirrors new here since (read whatever their slot says).
         self._seen: int | None = None
         self._slots: dict[int, int] = {}
-        self._known: set[str] = set()
+        self._new: set[str] = set()
         self.stamps = 0  # stamp files written (tests)
 
     def path(self, mirror_path: str, kind: str) -> str:
@@ -168,15 +169,20 @@ class ServedStamps:
 
     # -- reading -----------------------------------------------------------------------
 
-    def changed(self, mirror_paths: list[str]) -> bool:
+    def learn(self, mirror_path: str) -> None:
+        """A mirror registered (or cloned) since the last ``collect``: its stamp is read
+        at the next, even when its slot moved before this worker knew it."""
+        self._new.add(mirror_path)
+
+    def changed(self) -> bool:
         """Whether ``collect`` may find something new (memory reads only)."""
-        return (self._seen is None or self._counters.stamp("")[0] != self._seen
-                or not self._known.issuperset(mirror_paths))
+        return self._seen is None or bool(self._new) or self._counters.stamp("")[0] != self._seen
 
     def collect(self, mirror_paths: list[str]) -> Deferred[dict[str, float]]:
-        """Mirror path -> its stamp, for the mirrors stamped (by any worker) since the
-        last collect, and every mirror not collected before (one pool job)."""
-        slots, known = dict(self._slots), self._known
+        """Mirror path -> its stamp, for the mirrors among ``mirror_paths`` stamped (by
+        any worker) since the last collect, and the new ones (one pool job)."""
+        slots, new = dict(self._slots), set(self._new)
+        everything = self._seen is None
 
         def job() -> tuple[int, dict[int, int], dict[str, float]]:
             # The global counter first: a stamp written while we read the slots
@@ -192,7 +198,7 @@ class ServedStamps:
                 if v != slots.get(slot, 0):
                     moved[slot] = v
                 for p in paths:
-                    if v != slots.get(slot, 0) or p not in known:
+                    if everything or v != slots.get(slot, 0) or p in new:
                         at = read_served(self.path(p, "served"))
                         if at is not None:
                             found[p] = at
@@ -202,7 +208,7 @@ class ServedStamps:
             value, moved, found = result
             self._seen = value
             self._slots.update(moved)
-            self._known = set(mirror_paths)
+            self._new -= new
             return found
 
         return self.run(job).addCallback(done)

@@ -74,22 +74,26 @@ def test_stamps_are_written_once_per_interval_and_read_by_the_other_mapping(tmp_
     a = ServedStamps(git_dir, in_place, lambda: every[0])
     b = ServedStamps(git_dir, in_place, lambda: every[0])
     paths = ["/m/one.git", "/m/two.git"]
-    assert b.changed(paths) and b.collect(paths).result == {}  # nothing served yet
-    assert not b.changed(paths)
+    assert b.changed() and b.collect(paths).result == {}  # nothing served yet
+    assert not b.changed()
     for t in range(100):  # a clone storm: one stamp
         a.note("/m/one.git", 1000 + t * 0.25)
     assert a.stamps == 1
-    assert b.changed(paths) and b.collect(paths).result == {"/m/one.git": 1000}
-    assert not b.changed(paths) and b.collect(paths).result == {}
+    assert b.changed() and b.collect(paths).result == {"/m/one.git": 1000}
+    assert not b.changed() and b.collect(paths).result == {}
     a.note("/m/one.git", 1030)  # fetch_interval later: stamped again
     assert b.collect(paths).result == {"/m/one.git": 1030}
     # Another worker's later stamp is never overwritten by an older one.
     b.note("/m/two.git", 1050)
     a.note("/m/two.git", 1040)
     assert a.stamps == 2 and b.stamps == 1
-    # A mirror b has not read before is read whatever its slot says.
-    assert a.collect(paths + ["/m/three.git"]).result == {"/m/one.git": 1030, "/m/two.git": 1050}
-    assert a.changed(paths + ["/m/four.git"])
+    # A mirror served before b knew it (its slot already read) is read once b learns it.
+    a.note("/m/three.git", 1060)
+    assert b.collect(paths).result == {"/m/two.git": 1050}
+    assert not b.changed()
+    b.learn("/m/three.git")
+    assert b.changed() and b.collect(paths + ["/m/three.git"]).result == {"/m/three.git": 1060}
+    assert not b.changed()
     a.close()
     b.close()
 
