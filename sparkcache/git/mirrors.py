@@ -502,9 +502,9 @@ class Mirrors:
             self.stamps.note(mirror.path, now)
 
     def sync_served(self) -> Deferred[None] | None:
-        """The primary, every second: serves in the other workers reach the loop.
-        Mirrors stamped since the last look are touched (next check within
-        fetch_interval) and their interval follows that serve from then on."""
+        """The primary, every second: serves (and changing fetches) in the other
+        workers reach the loop. Mirrors stamped or changed since the last look are
+        touched (next check within fetch_interval), and their interval follows."""
         stamps = self.stamps
         if stamps is None or not stamps.changed():
             return None
@@ -512,17 +512,19 @@ class Mirrors:
         paths = [m.path for m in mirrors]
         by_path = dict(zip(paths, mirrors))
 
-        def served(found: dict[str, float]) -> None:
+        def served(found: dict[str, tuple[float | None, float | None]]) -> None:
             now = self.clock.seconds()
-            for path, at in found.items():
+            for path, (at, changed) in found.items():
                 m = by_path[path]
                 st = self.state(m)
-                if st.last_served is not None and at <= st.last_served:
-                    continue
-                st.last_served = at
-                # A stamp older than ACTIVE (read after a restart) no longer makes the
-                # mirror active: the next reschedule counts it, no earlier check.
-                if self.scheduler is not None and now - at <= ACTIVE:
+                if at is not None and (st.last_served is None or at > st.last_served):
+                    st.last_served = at
+                if changed is not None and (st.last_change is None or changed > st.last_change):
+                    st.last_change = changed  # (GET /repos here may have taken it already)
+                # Touched when active by the loop's rule (a touch of a mirror due
+                # soon anyway does nothing); one served or changed longer ago (read
+                # after a restart) is left to the next reschedule.
+                if self.scheduler is not None and any(t is not None and now - t <= ACTIVE for t in (at, changed)):
                     self.scheduler.touch(m)
 
         return stamps.collect(paths).addCallback(served)
@@ -987,6 +989,8 @@ class Mirrors:
                 started, ended, None, os.getpid(), len(result.refs),
                 result.size if result.size is not None else previous.size if previous else None,
                 ended if result.changed else previous.changed if previous else None))
+            if result.changed and self.stamps is not None:
+                self.stamps.changed_sync(mirror.path)  # the primary's loop: a change (git/served.py)
         return result
 
     def _tmp(self, mirror: Mirror) -> str:

@@ -11,13 +11,18 @@ fetch served by another worker reaches the loop through a *served stamp*:
   is a pool job. Then the mirror's slot and the global counter of
   ``git/served.changes`` (a ``store.changes.ChangeCounters`` file, mapped in
   every worker) are bumped.
+- A worker whose fetch (or clone) changed a mirror's refs bumps the same
+  counters after writing its fetch record (``shared.FetchRecord.changed``):
+  a change is the other input of the interval, and a clone in one process
+  touches the loop too.
 - The primary looks at the global counter every second (a memory read). When
-  it moved (or a mirror it has not read yet appeared), it reads the stamps of
-  the mirrors whose slot moved, in one pool job, and ``Scheduler.touch``-es
-  those served since it last knew: a serve in any worker puts the mirror's
-  next check at most about ``fetch_interval`` (plus the second of that look)
-  away, as a serve in the primary does, and the loop's next reschedule
-  computes the interval from the newest serve of all workers.
+  it moved (or the loop learned a mirror since), it reads the stamps and the
+  fetch records of the mirrors whose slot moved, in one pool job, and
+  ``Scheduler.touch``-es those served or changed since it last knew: a serve
+  in any worker puts the mirror's next check at most about
+  ``fetch_interval`` (plus the second of that look) away, as a serve in the
+  primary does, and the loop's next reschedule computes the interval from
+  the newest serve and change of all workers.
 
 The other way round, the primary writes each mirror's interval and next check
 (``git/locks/<mirror>.next``) whenever its loop reschedules or touches it, so
@@ -39,7 +44,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from sparkcache.git.shared import LOCKS_DIR, RunInPool, write_json
+from sparkcache.git.shared import LOCKS_DIR, RunInPool, read_record, record_path, write_json
 from sparkcache.store.changes import ChangeCounters, slot_of
 
 log = Logger()
@@ -55,6 +60,7 @@ class Scheduled:
 
 
 Shared = tuple[float | None, Scheduled | None]  # (newest served stamp, the loop's schedule)
+Found = tuple[float | None, float | None]        # (newest served stamp, last change by a fetch)
 
 
 def _read(path: str) -> Any:
@@ -167,6 +173,11 @@ class ServedStamps:
         for mirror_path, s in nexts.items():
             write_json(self.path(mirror_path, "next"), asdict(s))
 
+    def changed_sync(self, mirror_path: str) -> None:
+        """Blocking (after a fetch record that says the refs changed): the primary reads it."""
+        self._counters.bump(_key(mirror_path))
+        self._counters.bump(None)
+
     # -- reading -----------------------------------------------------------------------
 
     def learn(self, mirror_path: str) -> None:
@@ -178,13 +189,14 @@ class ServedStamps:
         """Whether ``collect`` may find something new (memory reads only)."""
         return self._seen is None or bool(self._new) or self._counters.stamp("")[0] != self._seen
 
-    def collect(self, mirror_paths: list[str]) -> Deferred[dict[str, float]]:
-        """Mirror path -> its stamp, for the mirrors among ``mirror_paths`` stamped (by
-        any worker) since the last collect, and the new ones (one pool job)."""
+    def collect(self, mirror_paths: list[str]) -> Deferred[dict[str, Found]]:
+        """Mirror path -> (its stamp, its last change), for the mirrors among
+        ``mirror_paths`` stamped or changed (by any worker) since the last collect,
+        and the new ones (one pool job)."""
         slots, new = dict(self._slots), set(self._new)
         everything = self._seen is None
 
-        def job() -> tuple[int, dict[int, int], dict[str, float]]:
+        def job() -> tuple[int, dict[int, int], dict[str, Found]]:
             # The global counter first: a stamp written while we read the slots
             # moves it again, so the next look reads that slot again.
             value = self._counters.stamp("")[0]
@@ -192,7 +204,7 @@ class ServedStamps:
             for p in mirror_paths:
                 by_slot.setdefault(slot_of(_key(p)), []).append(p)
             moved: dict[int, int] = {}
-            found: dict[str, float] = {}
+            found: dict[str, Found] = {}
             for slot, paths in by_slot.items():
                 v = self._counters.stamp(_key(paths[0]))[1]
                 if v != slots.get(slot, 0):
@@ -200,11 +212,13 @@ class ServedStamps:
                 for p in paths:
                     if everything or v != slots.get(slot, 0) or p in new:
                         at = read_served(self.path(p, "served"))
-                        if at is not None:
-                            found[p] = at
+                        record = read_record(record_path(self.dir, p))
+                        changed = record.changed if record is not None else None
+                        if at is not None or changed is not None:
+                            found[p] = (at, changed)
             return value, moved, found
 
-        def done(result: tuple[int, dict[int, int], dict[str, float]]) -> dict[str, float]:
+        def done(result: tuple[int, dict[int, int], dict[str, Found]]) -> dict[str, Found]:
             value, moved, found = result
             self._seen = value
             self._slots.update(moved)

@@ -296,15 +296,15 @@ def test_a_mirror_served_only_through_the_other_worker_is_checked_at_fetch_inter
         git_upstream_factory: Any, daemon_factory: Any) -> None:
     require_tool("git")
     up: GitUpstream = git_upstream_factory()
-    for name in ("hot", "cold"):
+    for name in ("hot", "cold", "fresh"):
         up.create(name, files={"a.txt": f"{name}\n"})
-    # The loop (in the primary, worker 0) checks served mirrors every second and
-    # idle ones hourly.
-    d = daemon_factory(server=WORKERS, extra=git_daemon_config({"hot": up.url("hot"), "cold": up.url("cold")},
+    # The loop (in the primary, worker 0) checks mirrors served or changed within the
+    # hour every second, others hourly.
+    d = daemon_factory(server=WORKERS, extra=git_daemon_config({n: up.url(n) for n in ("hot", "cold", "fresh")},
                                                                fetch_interval="1s", max_interval="1h"))
     adv = "/git/{}/info/refs?service=git-upload-pack"
-    assert d.request("POST", "/git/refresh?name=cold").status == 200  # cloned, never served
     assert on_worker(d, 1, "GET", adv.format("hot"))[0] == 200  # cloned and served by worker 1
+    assert on_worker(d, 1, "POST", "/git/refresh?name=fresh")[0] == 200  # cloned by worker 1: a change
 
     def repos(worker: int) -> dict[str, Any]:
         status, body = on_worker(d, worker, "GET", "/repos")
@@ -315,18 +315,20 @@ def test_a_mirror_served_only_through_the_other_worker_is_checked_at_fetch_inter
         seen = [repos(0), repos(1)]
         for r in seen:  # both workers show the loop's times (the primary's)
             assert r["hot"]["interval"] == 1 and r["hot"]["last_served"] is not None, r["hot"]
+            assert r["fresh"]["interval"] == 1 and r["fresh"]["last_served"] is None, r["fresh"]
+            # "cold": in git.repos, never asked for (not cloned): looked at hourly.
             assert r["cold"]["interval"] == 3600 and r["cold"]["last_served"] is None, r["cold"]
-            assert r["cold"]["next_check"] - r["cold"]["last_check"] > 3000, r["cold"]
+            assert r["cold"]["next_check"] > r["hot"]["last_check"] + 3000, (r["cold"], r["hot"])
         return seen[1]
 
-    first = until_holds(settled, 60, "hot at fetch_interval, cold backed off")
+    first = until_holds(settled, 60, "hot and fresh at fetch_interval, cold backed off")
     # The primary's loop keeps checking "hot" (only worker 1 serves it) every second.
     until_holds(lambda: assert_at_least(repos(0)["hot"]["last_check"], first["hot"]["last_check"] + 3), 60,
                 "hot checked by the loop")
-    assert settled()["cold"]["last_check"] == first["cold"]["last_check"]  # cold: not checked again
+    assert settled()["cold"]["next_check"] == first["cold"]["next_check"]  # cold: not checked again
     assert served_by(d, "/git/hot/") == {"1"}, d.log_tail()
 
-    # One serve of "cold" through worker 1: the primary brings it back to fetch_interval.
+    # A clone of "cold" through worker 1: the primary brings it back to fetch_interval.
     assert on_worker(d, 1, "GET", adv.format("cold"))[0] == 200
     served = repos(1)["cold"]["last_served"]
     assert served is not None

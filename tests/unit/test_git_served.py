@@ -19,6 +19,7 @@ from sparkcache.git.loop import Scheduler
 from sparkcache.git.mirrors import Mirrors
 from sparkcache.git.served import ServedStamps
 from sparkcache.protocols import load_config_data
+from tests.support.git_upstream import FileUpstream
 from tests.unit.test_git_fleet import Checks
 
 HOT, COLD = "https://forge.example/o/hot.git", "https://forge.example/o/cold.git"
@@ -28,8 +29,8 @@ def in_place(fn: Any, *args: Any) -> Deferred[Any]:
     return succeed(fn(*args))
 
 
-def worker(tmp_path: Path, clock: task.Clock) -> Mirrors:
-    cfg = load_config_data({"git": {"repos": {"hot": HOT, "cold": COLD}, "fetch_interval": "30s",
+def worker(tmp_path: Path, clock: task.Clock, repos: dict[str, str] | None = None) -> Mirrors:
+    cfg = load_config_data({"git": {"repos": repos or {"hot": HOT, "cold": COLD}, "fetch_interval": "30s",
                                     "max_interval": "1h"}}, "c", {}).git
     ms = Mirrors(cfg, str(tmp_path / "data"), reactor, clock=clock, shared=True)
     # Pool jobs run at once: the clock alone says when things happen.
@@ -42,9 +43,9 @@ def worker(tmp_path: Path, clock: task.Clock) -> Mirrors:
 class Primary:
     """The primary worker: mirrors, its loop (checks stubbed) and its once-a-second look at the stamps."""
 
-    def __init__(self, tmp_path: Path, clock: task.Clock, seed: int) -> None:
+    def __init__(self, tmp_path: Path, clock: task.Clock, seed: int, repos: dict[str, str] | None = None) -> None:
         self.clock = clock
-        self.ms = worker(tmp_path, clock)
+        self.ms = worker(tmp_path, clock, repos)
         self.checks = Checks(self.ms, clock)
         self.ms.check = self.checks  # type: ignore[method-assign]
         self.loop = Scheduler(self.ms, clock, rng=random.Random(seed))
@@ -79,20 +80,20 @@ def test_stamps_are_written_once_per_interval_and_read_by_the_other_mapping(tmp_
     for t in range(100):  # a clone storm: one stamp
         a.note("/m/one.git", 1000 + t * 0.25)
     assert a.stamps == 1
-    assert b.changed() and b.collect(paths).result == {"/m/one.git": 1000}
+    assert b.changed() and b.collect(paths).result == {"/m/one.git": (1000, None)}
     assert not b.changed() and b.collect(paths).result == {}
     a.note("/m/one.git", 1030)  # fetch_interval later: stamped again
-    assert b.collect(paths).result == {"/m/one.git": 1030}
+    assert b.collect(paths).result == {"/m/one.git": (1030, None)}
     # Another worker's later stamp is never overwritten by an older one.
     b.note("/m/two.git", 1050)
     a.note("/m/two.git", 1040)
     assert a.stamps == 2 and b.stamps == 1
     # A mirror served before b knew it (its slot already read) is read once b learns it.
     a.note("/m/three.git", 1060)
-    assert b.collect(paths).result == {"/m/two.git": 1050}
+    assert b.collect(paths).result == {"/m/two.git": (1050, None)}
     assert not b.changed()
     b.learn("/m/three.git")
-    assert b.changed() and b.collect(paths + ["/m/three.git"]).result == {"/m/three.git": 1060}
+    assert b.changed() and b.collect(paths + ["/m/three.git"]).result == {"/m/three.git": (1060, None)}
     assert not b.changed()
     a.close()
     b.close()
@@ -159,4 +160,25 @@ def test_a_restarted_primary_reads_the_stamps_written_before(tmp_path: Path) -> 
     calls = Counter(n for _, _, n in primary.checks.calls)
     assert calls["hot"] >= 5 and calls["cold"] == 1
     assert primary.interval("hot") == 30 and primary.interval("cold") == 3600
+    primary.loop.stopService()
+
+
+def test_a_clone_in_another_worker_is_a_change_the_primary_sees(tmp_path: Path) -> None:
+    clock = task.Clock()
+    clock.advance(1000)
+    upstream = FileUpstream(tmp_path / "up")
+    repos = {"app": upstream.url}
+    primary = Primary(tmp_path, clock, seed=4, repos=repos)
+    other = worker(tmp_path, clock, repos)
+    primary.advance(31)
+    assert primary.count("app") == 1 and primary.interval("app") == 3600  # nobody asked for it
+    # A refresh through the other worker clones it (a change, no serve): as a clone in
+    # the primary would, it brings the next check within fetch_interval.
+    refs = other.refresh(other.lookup("app")).result
+    assert refs == upstream.refs()
+    primary.advance(1)
+    st = primary.ms.state(primary.ms.lookup("app"))
+    assert st.last_change == 1031 and st.last_served is None
+    primary.advance(34)
+    assert primary.count("app") == 2 and primary.interval("app") == 30  # changed within the hour
     primary.loop.stopService()
