@@ -44,6 +44,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from sparkcache.git.interfaces import MirrorUnavailable
 from sparkcache.git.shared import LOCKS_DIR, RunInPool, read_record, record_path, write_json
 from sparkcache.store.changes import ChangeCounters, slot_of
 
@@ -150,7 +151,9 @@ class ServedStamps:
     def _flushed(self, result: Any) -> None:
         self._flushing = None
         error = result.getErrorMessage() if isinstance(result, Failure) else None
-        if error is not None and error != self._error:
+        if isinstance(result, Failure) and result.check(MirrorUnavailable):
+            error = self._error  # the mirrors are stopping: nothing worth a line
+        elif error is not None and error != self._error:
             # A full disk: one line, not one per serve. The stamps are hints (a lost
             # one costs at most a mirror checked at its idle interval for a while).
             log.warn("git: could not write served stamps: {why}", why=error)
