@@ -73,8 +73,8 @@ class Scheduler(Service):
         # The first check of each mirror lands somewhere in the first interval, so a
         # restart does not ask the forge about every repository in the same second.
         first = self.mirrors.config.fetch_interval
-        for m in self.mirrors.mirrors():
-            self.add(m, self.clock.seconds() + self.rng.uniform(0, first))
+        added = [self._add(m, self.clock.seconds() + self.rng.uniform(0, first)) for m in self.mirrors.mirrors()]
+        self._share([e for e in added if e is not None])
         self._arm()
 
     def stopService(self) -> None:
@@ -87,15 +87,26 @@ class Scheduler(Service):
 
     def add(self, mirror: "Mirror", due: float | None = None) -> None:
         """Schedule a mirror (a new registration, a first clone); known ones keep their time."""
+        e = self._add(mirror, due)
+        if e is not None and self.running:
+            self._share([e])
+            self._arm()
+
+    def _add(self, mirror: "Mirror", due: float | None) -> Entry | None:
         if mirror.path in self.entries:
-            return
+            return None
         now = self.clock.seconds()
         interval = self.mirrors.config.fetch_interval
         e = self.entries[mirror.path] = Entry(mirror, forge_host(mirror.url), now + interval if due is None else due,
                                               interval)
         self._push(e)
-        if self.running:
-            self._arm()
+        return e
+
+    def _share(self, entries: list[Entry]) -> None:
+        """With worker processes: the others' GET /repos shows these times (git/served.py)."""
+        stamps = self.mirrors.stamps
+        if stamps is not None and entries:
+            stamps.schedule((e.mirror.path, e.interval, e.due) for e in entries)
 
     def touch(self, mirror: "Mirror") -> None:
         """A mirror was just served or cloned: it is active now, so its next check is
@@ -111,6 +122,7 @@ class Scheduler(Service):
         e.interval, e.due = self.mirrors.config.fetch_interval, soon
         self._push(e)
         if self.running:
+            self._share([e])
             self._arm()
 
     def _push(self, e: Entry) -> None:
@@ -192,18 +204,15 @@ class Scheduler(Service):
                 self._unpark(e.host)
 
     def _reschedule(self, e: Entry) -> None:
+        # With worker processes, last_served includes the others' serves: their
+        # stamps are read every second (Mirrors.sync_served, git/served.py).
         st = self.mirrors.state(e.mirror)
         now = self.clock.seconds()
-        if self.mirrors.xlocks is not None:
-            # Worker processes: the others' serves never reach this (the primary's)
-            # state, so an idle back-off here could leave a mirror they serve at
-            # max_interval, stale. Until serves are shared, check at fetch_interval.
-            e.interval = self.mirrors.config.fetch_interval
-        else:
-            e.interval = interval_for(self.mirrors.config, now, st.last_served, st.last_change)
+        e.interval = interval_for(self.mirrors.config, now, st.last_served, st.last_change)
         e.due = now + jittered(e.interval, self.rng)
         self._push(e)
         if self.running:
+            self._share([e])
             self._arm()
 
     def next_check(self, mirror: "Mirror") -> tuple[float | None, float | None]:
@@ -277,6 +286,9 @@ class GitService(MultiService):
             # Per-host check counts: metrics of every worker; the primary's loop's, for
             # GET /repos/hosts in the others.
             Periodic("git host stats", REGISTRY_SYNC, mirrors.share_hosts, mirrors.clock).setServiceParent(self)
+            if primary:
+                # Serves in the other workers (their served stamps) reach the loop.
+                Periodic("git served sync", REGISTRY_SYNC, mirrors.sync_served, mirrors.clock).setServiceParent(self)
 
     def startService(self) -> None:
         self.mirrors.start()

@@ -36,9 +36,10 @@ from sparkcache.git.config import GitConfig
 from sparkcache.git.credentials import Callbacks, describe
 from sparkcache.git.interfaces import IMirrors, Mirror, MirrorLimit, MirrorUnavailable
 from sparkcache.pools import DaemonThreadPool, stop_pool
-from sparkcache.git.rates import HostCollector, HostGauges, HostRates, forge_host
+from sparkcache.git.rates import ACTIVE, HostCollector, HostGauges, HostRates, forge_host, interval_for
 from sparkcache.git.refcheck import CheckError, RefChecker, is_http
 from sparkcache.git.registry import RUNTIME_SOURCES, RegistrationError, Registry
+from sparkcache.git.served import ServedStamps, Shared
 from sparkcache.git.shared import (
     FetchRecord, MirrorLocks, RegistryChanges, Seen, read_host_stats, read_record, served_anywhere, wait,
     write_host_stats, write_record,
@@ -116,6 +117,10 @@ class MirrorState:
     last_served: float | None = None
     absent: bool = False         # not on disk at the last check (never cloned)
     refs_seen: int | None = None  # how many refs another worker's fetch left (GET /repos)
+    # With worker processes (GET /repos): the newest served stamp of any worker, and
+    # the primary's (interval, next check) of this mirror, as last read.
+    served_seen: float | None = None
+    scheduled: tuple[float, float] | None = None
 
 
 @implementer(IMirrors)
@@ -163,12 +168,14 @@ class Mirrors:
         # mirror path -> when its last upstream fetch ended (git.min_fetch_interval)
         self._fetched_at: dict[str, float] = {}
         self.xlocks: MirrorLocks | None = None
+        self.stamps: ServedStamps | None = None
         self._syncs: Singleflight[str, None] = Singleflight()
         self._last_save: Deferred[Any] | None = None
         self.primary = True  # GitService says: the check loop and maintenance run here
         self._shared_hosts: dict[str, tuple[int, float]] = {}
         if shared:
             self.xlocks = MirrorLocks(self.git_dir, self.run, self.clock)
+            self.stamps = ServedStamps(self.git_dir, self.run, lambda: self.config.fetch_interval)
             self.registry.changes = RegistryChanges(self.git_dir)
             # What the others registered before this worker started.
             seen, entries = self.registry.read_shared()
@@ -296,6 +303,8 @@ class Mirrors:
 
     def _schedule(self, mirror: Mirror) -> None:
         if self.scheduler is not None:
+            if self.stamps is not None:
+                self.stamps.learn(mirror.path)  # served elsewhere before the loop knew it?
             self.scheduler.touch(mirror)
 
     def _save_registry(self) -> None:
@@ -378,13 +387,25 @@ class Mirrors:
         if self.xlocks is None:
             return self.present(mirrors).addCallback(build)
 
-        # Worker processes: what the others fetched and checked is in the mirrors' records.
-        def adopt(found: list[Seen]) -> Deferred[list[Mirror]]:
-            for m, seen in zip(mirrors, found):
-                self._adopt(self.state(m), seen)
+        # Worker processes: what the others fetched, checked and served is in the
+        # mirrors' records and stamps; the loop's schedule is the primary's.
+        xlocks, stamps, paths = self.xlocks, self.stamps, [m.path for m in mirrors]
+
+        def read() -> list[tuple[Seen, Shared]]:
+            shared = stamps.read_sync(paths) if stamps is not None else [(None, None)] * len(paths)
+            return list(zip(xlocks.seen_sync(paths), shared))
+
+        def adopt(found: list[tuple[Seen, Shared]]) -> Deferred[list[Mirror]]:
+            for m, (seen, (served, scheduled)) in zip(mirrors, found):
+                st = self.state(m)
+                self._adopt(st, seen)
+                if served is not None and (st.served_seen is None or served > st.served_seen):
+                    st.served_seen = served
+                if scheduled is not None:
+                    st.scheduled = (scheduled.interval, scheduled.due)
             return self.present(mirrors)
 
-        return self.xlocks.last_seen([m.path for m in mirrors]).addCallback(adopt).addCallback(build)
+        return self.run(read).addCallback(adopt).addCallback(build)
 
     def _adopt(self, st: MirrorState, seen: Seen) -> None:
         """Take what another worker's fetch or check found, when newer than what we know."""
@@ -406,14 +427,18 @@ class Mirrors:
     def _status(self, reg: Any, m: Mirror, cloned: bool) -> dict[str, Any]:
         st = self.state(m)
         interval, due = self.scheduler.next_check(m) if self.scheduler is not None else (None, None)
+        served = max((t for t in (st.last_served, st.served_seen) if t is not None), default=None)
         if self.scheduler is None and self.xlocks is not None:
-            # Another worker (the primary) runs the loop: with workers it checks
-            # every mirror at fetch_interval (Scheduler._reschedule).
-            interval = self.config.fetch_interval
-            due = st.last_fetch + interval if st.last_fetch is not None else None
+            # Another worker (the primary) runs the loop: its times, from its .next
+            # record; before it wrote one, the interval by the loop's rule.
+            if st.scheduled is not None:
+                interval, due = st.scheduled
+            else:
+                interval = interval_for(self.config, self.clock.seconds(), served, st.last_change)
+                due = st.last_fetch + interval if st.last_fetch is not None else None
         return {"name": reg.name, "url": reg.url, "source": reg.source, "cloned": cloned,
                 "last_fetch": st.last_fetch, "last_check": st.last_fetch, "last_change": st.last_change,
-                "last_served": st.last_served, "last_error": st.last_error,
+                "last_served": served, "last_error": st.last_error,
                 "interval": interval, "next_check": due, "host": forge_host(m.url),
                 "size": st.size, "refs": len(st.refs) if st.refs is not None else st.refs_seen,
                 "fetching": st.fetching, "credentials": describe(self._credentials(m))}
@@ -465,9 +490,44 @@ class Mirrors:
         st.serving += 1
         if st.serving == 1 and self.xlocks is not None:
             self.xlocks.serve_begin(mirror.path)
-        st.last_served = self.clock.seconds()
+        self._served(mirror, st, self.clock.seconds())
         if self.scheduler is not None:
             self.scheduler.touch(mirror)
+
+    def _served(self, mirror: Mirror, st: MirrorState, now: float) -> None:
+        st.last_served = now
+        if self.stamps is not None:
+            # For the primary's loop (and GET /repos everywhere): at most one stamp
+            # per fetch_interval, so most serves cost one dict lookup here.
+            self.stamps.note(mirror.path, now)
+
+    def sync_served(self) -> Deferred[None] | None:
+        """The primary, every second: serves (and changing fetches) in the other
+        workers reach the loop. Mirrors stamped or changed since the last look are
+        touched (next check within fetch_interval), and their interval follows."""
+        stamps = self.stamps
+        if stamps is None or not stamps.changed():
+            return None
+        mirrors = self.mirrors()
+        paths = [m.path for m in mirrors]
+        by_path = dict(zip(paths, mirrors))
+
+        def served(found: dict[str, tuple[float | None, float | None]]) -> None:
+            now = self.clock.seconds()
+            for path, (at, changed) in found.items():
+                m = by_path[path]
+                st = self.state(m)
+                if at is not None and (st.last_served is None or at > st.last_served):
+                    st.last_served = at
+                if changed is not None and (st.last_change is None or changed > st.last_change):
+                    st.last_change = changed  # (GET /repos here may have taken it already)
+                # Touched when active by the loop's rule (a touch of a mirror due
+                # soon anyway does nothing); one served or changed longer ago (read
+                # after a restart) is left to the next reschedule.
+                if self.scheduler is not None and any(t is not None and now - t <= ACTIVE for t in (at, changed)):
+                    self.scheduler.touch(m)
+
+        return stamps.collect(paths).addCallback(served)
 
     def release(self, mirror: Mirror) -> None:
         st = self.state(mirror)
@@ -698,7 +758,7 @@ class Mirrors:
         (joining a check in flight); a fresh one is served as it is. Never fails."""
         st = self.state(mirror)
         now = self.clock.seconds()
-        st.last_served = now
+        self._served(mirror, st, now)
         if st.last_fetch is not None and now - st.last_fetch < self.config.fetch_interval:
             return succeed(None)
         if self.xlocks is None:
@@ -929,6 +989,8 @@ class Mirrors:
                 started, ended, None, os.getpid(), len(result.refs),
                 result.size if result.size is not None else previous.size if previous else None,
                 ended if result.changed else previous.changed if previous else None))
+            if result.changed and self.stamps is not None:
+                self.stamps.changed_sync(mirror.path)  # the primary's loop: a change (git/served.py)
         return result
 
     def _tmp(self, mirror: Mirror) -> str:

@@ -87,12 +87,18 @@ def read_record(path: str) -> FetchRecord | None:
         return None
 
 
-def write_record(path: str, record: FetchRecord) -> None:
-    """Blocking; only the holder of the mirror's lock writes (the temp name is per process)."""
+def write_json(path: str, data: Any) -> None:
+    """Blocking: ``data`` as JSON at ``path``, whole or not at all (a temp name per
+    process, then a rename: a reader sees the old file or the new one)."""
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(asdict(record), f)
+        json.dump(data, f)
     os.replace(tmp, path)
+
+
+def write_record(path: str, record: FetchRecord) -> None:
+    """Blocking; only the holder of the mirror's lock writes."""
+    write_json(path, asdict(record))
 
 
 @dataclass(frozen=True)
@@ -109,19 +115,13 @@ Seen = tuple[FetchRecord | None, Checked | None]
 def write_checked(path: str, checked: Checked) -> None:
     """Blocking; any worker (a check takes no lock): temp name per process, then rename."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(asdict(checked), f)
-    os.replace(tmp, path)
+    write_json(path, asdict(checked))
 
 
 def write_host_stats(path: str, stats: dict[str, tuple[int, float]]) -> None:
     """Blocking: the primary's ref checks per forge host (its loop sends nearly all)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({host: list(v) for host, v in stats.items()}, f)
-    os.replace(tmp, path)
+    write_json(path, {host: list(v) for host, v in stats.items()})
 
 
 def read_host_stats(path: str) -> dict[str, tuple[int, float]]:
@@ -237,8 +237,11 @@ class MirrorLocks:
 
     def last_seen(self, mirror_paths: list[str]) -> "Deferred[list[Seen]]":
         """For each mirror: its fetch record and its last check, by any worker (one pool job)."""
-        pairs = [(self.record_path(p), self.checked_path(p)) for p in mirror_paths]
-        return self.run(lambda: [(read_record(r), read_checked(c)) for r, c in pairs])
+        return self.run(self.seen_sync, mirror_paths)
+
+    def seen_sync(self, mirror_paths: list[str]) -> list[Seen]:
+        """Blocking: ``last_seen``."""
+        return [(read_record(self.record_path(p)), read_checked(self.checked_path(p))) for p in mirror_paths]
 
     def hosts_path(self) -> str:
         return os.path.join(self.dir, "hosts.json")

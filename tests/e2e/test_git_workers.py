@@ -8,6 +8,7 @@ the two processes. Real daemon, ``git http-backend`` upstream, real git."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -259,3 +260,89 @@ def test_the_primary_killed_mid_fetch_leaves_a_sound_mirror(git_upstream_factory
     for i in range(1, 5):
         git_client("clone", "-q", "--bare", d.url("/git/app"), str(tmp_path / f"c{i}"), home=home)
         assert git("rev-parse", "refs/heads/main", cwd=tmp_path / f"c{i}") == sha
+
+
+def on_worker(d: Any, worker: int, method: str, path: str) -> tuple[int, bytes]:
+    """``method path`` answered by worker ``worker``: fresh connections until /health on
+    one says that worker, then the request on that same (kept-alive) connection."""
+    for _ in range(200):
+        conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=60)
+        try:
+            conn.request("GET", "/health")
+            r = conn.getresponse()
+            if json.loads(r.read()).get("worker") != worker:
+                continue
+            conn.request(method, path)
+            r = conn.getresponse()
+            return r.status, r.read()
+        finally:
+            conn.close()
+    raise AssertionError(f"200 connections, none to worker {worker}")
+
+
+def until_holds(check: Callable[[], Any], timeout: float, message: str) -> Any:
+    """``check()``'s value once it stops failing its assertions; its last failure after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return check()
+        except AssertionError as e:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{message}: {e}") from None
+        time.sleep(0.2)
+
+
+def test_a_mirror_served_only_through_the_other_worker_is_checked_at_fetch_interval(
+        git_upstream_factory: Any, daemon_factory: Any) -> None:
+    require_tool("git")
+    up: GitUpstream = git_upstream_factory()
+    for name in ("hot", "cold", "fresh"):
+        up.create(name, files={"a.txt": f"{name}\n"})
+    # The loop (in the primary, worker 0) checks mirrors served or changed within the
+    # hour every second, others hourly.
+    d = daemon_factory(server=WORKERS, extra=git_daemon_config({n: up.url(n) for n in ("hot", "cold", "fresh")},
+                                                               fetch_interval="1s", max_interval="1h"))
+    adv = "/git/{}/info/refs?service=git-upload-pack"
+    assert on_worker(d, 1, "GET", adv.format("hot"))[0] == 200  # cloned and served by worker 1
+    assert on_worker(d, 1, "POST", "/git/refresh?name=fresh")[0] == 200  # cloned by worker 1: a change
+
+    def repos(worker: int) -> dict[str, Any]:
+        status, body = on_worker(d, worker, "GET", "/repos")
+        assert status == 200, body
+        return {r["name"]: r for r in json.loads(body)}
+
+    def settled() -> dict[str, Any]:
+        seen = [repos(0), repos(1)]
+        for r in seen:  # both workers show the loop's times (the primary's)
+            assert r["hot"]["interval"] == 1 and r["hot"]["last_served"] is not None, r["hot"]
+            assert r["fresh"]["interval"] == 1 and r["fresh"]["last_served"] is None, r["fresh"]
+            # "cold": in git.repos, never asked for (not cloned): looked at hourly.
+            assert r["cold"]["interval"] == 3600 and r["cold"]["last_served"] is None, r["cold"]
+            assert r["cold"]["next_check"] > r["hot"]["last_check"] + 3000, (r["cold"], r["hot"])
+        return seen[1]
+
+    first = until_holds(settled, 60, "hot and fresh at fetch_interval, cold backed off")
+    # The primary's loop keeps checking "hot" (only worker 1 serves it) every second.
+    until_holds(lambda: assert_at_least(repos(0)["hot"]["last_check"], first["hot"]["last_check"] + 3), 60,
+                "hot checked by the loop")
+    assert settled()["cold"]["next_check"] == first["cold"]["next_check"]  # cold: not checked again
+    assert served_by(d, "/git/hot/") == {"1"}, d.log_tail()
+
+    # A clone of "cold" through worker 1: the primary brings it back to fetch_interval.
+    assert on_worker(d, 1, "GET", adv.format("cold"))[0] == 200
+    served = repos(1)["cold"]["last_served"]
+    assert served is not None
+
+    def active() -> None:
+        for worker in (0, 1):
+            cold = repos(worker)["cold"]
+            # Stamps are written once per fetch_interval: the other worker may show the
+            # serve's first instant (its advertisement) rather than its last.
+            assert cold["interval"] == 1 and served - 1 <= cold["last_served"] <= served, cold
+            assert cold["last_check"] >= served + 2, cold  # the loop's checks since, not the serve's
+    until_holds(active, 60, "cold back at fetch_interval")
+    assert served_by(d, "/git/cold/") == {"1"}, d.log_tail()
+
+
+def assert_at_least(value: float, floor: float) -> None:
+    assert value >= floor, (value, floor)
