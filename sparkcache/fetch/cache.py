@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any, Awaitable, BinaryIO, Callable, Union
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
@@ -47,9 +48,9 @@ from twisted.web.iweb import IResponse
 from sparkcache.config import RemoteConfig
 from sparkcache.fetch import across, peer
 from sparkcache.fetch.flight import BodyError, Flight, Lanes, PassFlight, receive
-from sparkcache.fetch.produce import Shared, Singleflight, watch_ends
+from sparkcache.fetch.produce import Shared, Singleflight, shield, watch_ends
 from sparkcache.fetch.upstream import UpstreamClient, UpstreamError, discard_body
-from sparkcache.fetch.xlock import Held, KeyLocks, Marker, Tail
+from sparkcache.fetch.xlock import Held, KeyLocks, Marker, Tail, unlock
 from sparkcache.metrics import Metrics
 from sparkcache.store import Entry, SpoolFile, Store
 from sparkcache.store.space import is_write_error
@@ -231,22 +232,33 @@ class Cache:
         shared = self._producing.get(key)
         if shared is not None:
             return await self._join(shared, None, req)
-        entry = await self.store.index.get(key)
+        if isinstance(req, CacheRequest) and source is None:
+            known = self.store.index.peek(key)
+            if known is None or not known.fresh(self.clock.seconds()):
+                # Likely a miss: its upstream connection is made while the index is asked.
+                self.upstream.open_ahead(req.remote, req.url)
+        held: Held | None = None
+        if self.locks is not None and not self.store.backed:
+            entry, held = await self._lookup_claiming(key)
+        else:
+            entry = await self.store.index.get(key)
         now = self.clock.seconds()
-        if entry is not None:
-            if entry.status == 200 and entry.fresh(now):
+        if entry is not None and entry.fresh(now):
+            await _unclaim(held)
+            if entry.status == 200:
                 self.store.index.touch(entry, now)
                 return Hit(entry, "HIT")
-            if entry.status != 200 and entry.fresh(now):
-                return Failed(entry.status, "not found upstream (cached)")
+            return Failed(entry.status, "not found upstream (cached)")
         stale = entry if entry is not None and entry.status == 200 else None
         shared = self._producing.get(key)
         if shared is not None:
+            await _unclaim(held)
             return await self._join(shared, stale, req)
         # Closes the window in which a production committed (and left the map)
         # while the index lookup above was in the SQLite thread.
         latest = self.store.index.peek(key)
         if latest is not None and latest is not entry and latest.status == 200 and latest.fresh(now):
+            await _unclaim(held)
             return Hit(latest, "HIT")
         if isinstance(req, CacheRequest):
             target, src = req.target, source or Upstream(req)
@@ -254,10 +266,38 @@ class Cache:
             assert source is not None, "only a CacheRequest has a default source"
             target, src = req, source
         if isinstance(req, CacheRequest) and source is None and not self.store.writable and req.validate is None:
+            await _unclaim(held)
             return await self._pass(req, stale)
-        shared = self._producing.start(key, lambda s: self._produce(target, src, stale, s))
+        shared = self._producing.start(key, lambda s: self._produce(target, src, stale, s, held=held))
         result = await self._join(shared, stale, req)
         return replace(result, started=True) if isinstance(result, Live) else result
+
+    async def _lookup_claiming(self, key: str) -> tuple[Entry | None, Held | None]:
+        """(Worker processes.) The index row of ``key`` and, when it has no
+        fresh one, the key's cross-process lock if it is free, taken in the
+        SQLite thread right after the read and before a second one
+        (``Index.get_or_claim``): one thread round trip where a miss took
+        three (lookup; lock; recheck). The lock, once taken, is released
+        even if our caller stopped waiting (its client went away)."""
+        locks = self.locks
+        assert locks is not None
+        gone: list[bool] = []
+
+        def own(r: tuple[Entry | None, int | None]) -> tuple[Entry | None, Held | None]:
+            entry, fd = r
+            held = None if fd is None else locks.held(key, fd)
+            if held is not None and gone:
+                held.release().addErrback(lambda f: log.failure("releasing the lock of {key}", f, key=key))
+                held = None
+            return entry, held
+
+        looked = self.store.index.get_or_claim(key, self.clock.seconds(), partial(locks.take, key), unlock)
+        owned: Deferred[tuple[Entry | None, Held | None]] = looked.addCallback(own)  # type: ignore[assignment]
+        try:
+            return await shield(owned)
+        except CancelledError:
+            gone.append(True)
+            raise
 
     async def _join(self, shared: Shared[Result], stale: Entry | None, req: CacheRequest | Target) -> Result:
         outcome = await shared.wait()
@@ -281,15 +321,15 @@ class Cache:
         return outcome
 
     async def _produce(self, target: Target, source: Source, stale: Entry | None, shared: Shared[Result],
-                       adopting: bool = False) -> Result:
+                       adopting: bool = False, held: Held | None = None) -> Result:
         """Run one production; settles ``shared`` as soon as there is an outcome
         (Live once bytes flow). What it returns is the outcome only if nothing
-        settled it before."""
-        held: Held | None = None
+        settled it before. ``held``: the key's cross-process lock, already
+        taken (with the lookup: ``_lookup_claiming``)."""
         lease: Lease | None = None
         counted = False
         try:
-            if self.locks is not None:
+            if self.locks is not None and held is None:
                 self._claiming[target.key] = shared
                 try:
                     claimed = await across.claim(self, self.locks, target.key, stale, adopting,
@@ -676,6 +716,12 @@ class Upstream(Source):
         challenge = _header(response, "www-authenticate")
         return Failed(code if 400 <= code < 500 else 502, f"upstream answered {code}",
                       headers={"www-authenticate": challenge} if challenge else {})
+
+
+async def _unclaim(held: Held | None) -> None:
+    """Let go of a lock taken with the lookup when no production follows."""
+    if held is not None:
+        await held.release()
 
 
 def _refused(req: CacheRequest, response: IResponse) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import Any, Awaitable, Callable, Concatenate, ParamSpec
+from typing import Any, Awaitable, Callable, Concatenate, Hashable, ParamSpec
 from urllib.parse import urljoin, urlsplit
 
 from twisted.internet.abstract import isIPAddress
@@ -127,7 +127,53 @@ class _QuietFactory(_HTTP11ClientFactory):
 
 
 class _QuietPool(HTTPConnectionPool):
+    """Twisted's persistent pool, plus connections opened ahead of a request.
+
+    ``open_ahead`` starts a connection for ``key`` when none is idle and none
+    is being opened; the next request for ``key`` takes it as soon as it is
+    made (or at once, if it is already), and when none comes it waits idle in
+    the pool like any other. So at most one extra connection per origin is
+    ever opened ahead, and a miss's upstream connect overlaps the index lookup
+    instead of following it."""
+
     _factory = _QuietFactory
+
+    def __init__(self, reactor: Any, persistent: bool = True) -> None:
+        super().__init__(reactor, persistent)
+        self._opening: dict[Hashable, Deferred[Any]] = {}
+
+    def open_ahead(self, key: Hashable, endpoint: IStreamClientEndpoint) -> None:
+        if self._connections.get(key) or key in self._opening:
+            return
+        d = self._newConnection(key, endpoint)
+        self._opening[key] = d
+
+        def opened(connection: Any) -> Any:
+            if self._opening.get(key) is d:  # no request took it: idle in the pool
+                del self._opening[key]
+                self._putConnection(key, connection)
+            return connection
+
+        def failed(f: Failure) -> Failure | None:
+            if self._opening.get(key) is d:  # nobody waits: the next request connects itself
+                del self._opening[key]
+                return None
+            return f
+
+        d.addCallbacks(opened, failed)
+
+    def getConnection(self, key: Hashable, endpoint: IStreamClientEndpoint) -> Deferred[Any]:
+        opening = self._opening.pop(key, None)
+        if opening is not None:
+            return opening
+        return super().getConnection(key, endpoint)  # type: ignore[no-any-return]
+
+    def closeCachedConnections(self) -> Deferred[None]:
+        opening, self._opening = list(self._opening.values()), {}
+        for d in opening:
+            d.addErrback(lambda f: None)
+            d.cancel()
+        return super().closeCachedConnections()  # type: ignore[no-any-return]
 
 
 @implementer(IAgentEndpointFactory)
@@ -201,6 +247,7 @@ class UpstreamClient:
             self.pool.cachedConnectionTimeout = 60
             self.pool.retryAutomatically = True
         self._agents: dict[float, IAgent] = {}
+        self._endpoints: dict[float, _Endpoints] = {}
         # Told of every request's outcome: (remote, origin, status or None, error or None).
         self.observer: Callable[[str, str, int | None, str | None], None] | None = None
 
@@ -209,9 +256,24 @@ class UpstreamClient:
             return self._given
         a = self._agents.get(connect_timeout)
         if a is None:
-            a = self._agents[connect_timeout] = Agent.usingEndpointFactory(
-                self.reactor, _Endpoints(self.reactor, connect_timeout), pool=self.pool)
+            endpoints = self._endpoints[connect_timeout] = _Endpoints(self.reactor, connect_timeout)
+            a = self._agents[connect_timeout] = Agent.usingEndpointFactory(self.reactor, endpoints, pool=self.pool)
         return a
+
+    def open_ahead(self, remote: RemoteConfig, url: str) -> None:
+        """Open a connection to ``url``'s origin now unless one is idle or
+        opening: a request there soon (a miss, once the index said so) then
+        finds it made. Never fails; a no-op with a given agent."""
+        if not isinstance(self.pool, _QuietPool):
+            return
+        self.agent(remote.connect_timeout)
+        try:
+            uri = URI.fromBytes(url.encode("ascii"))
+            endpoint = self._endpoints[remote.connect_timeout].endpointForURI(uri)
+        except Exception:
+            return  # (the request itself reports a URL it cannot use)
+        # The key Agent.request files the connection under.
+        self.pool.open_ahead((uri.scheme, uri.host, uri.port), endpoint)
 
     def close(self) -> Deferred[None]:
         if self.pool is None:

@@ -78,6 +78,9 @@ class FakeUpstream:
         self.requests.append(d)
         return d
 
+    def open_ahead(self, remote: Any, url: str) -> None:
+        self.opened_ahead = getattr(self, "opened_ahead", 0) + 1
+
     async def asked(self, n: int) -> None:
         """Wait for the n-th request (a miss looks the key up in the SQLite thread first)."""
         await eventually(lambda: len(self.requests) >= n)
