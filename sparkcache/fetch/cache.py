@@ -209,6 +209,23 @@ class Cache:
         self._passes: set[Deferred[None]] = set()  # bodies being passed through
         # Productions waiting for or following another worker's: not fetches.
         self._claiming: dict[str, Shared[Result]] = {}
+        # Bookkeeping of an upstream exchange (metrics, the origin's health),
+        # by key: done once the client has the response's headers, not before.
+        self._uncounted: dict[str, list[Callable[[], None]]] = {}
+
+    def count_later(self, key: str, count: Callable[[], None]) -> None:
+        """Run ``count`` once the production of ``key`` has its outcome out
+        (a Live's headers written to its clients, or any other outcome): a
+        miss's first bytes need not wait for its counters (with worker
+        processes, a new remote's labelled counters are files to set up)."""
+        self._uncounted.setdefault(key, []).append(count)
+
+    def _count_now(self, key: str) -> None:
+        for count in self._uncounted.pop(key, ()):
+            try:
+                count()
+            except Exception:
+                log.failure("counting an upstream exchange for {key}", key=key)
 
     @property
     def inflight(self) -> int:
@@ -373,6 +390,7 @@ class Cache:
             log.failure("producing {key} failed", key=target.key)
             return Failed(502, "internal error while producing")
         finally:
+            self._count_now(target.key)
             if counted:
                 self.metrics.inflight.dec()
             if held is not None:  # after the index row, or instead of it
@@ -428,6 +446,7 @@ class Cache:
             for algorithm, _ in target.checks:
                 spool.also_hash(algorithm)
         shared.settle(Live(flight))
+        self._count_now(key)  # (the clients waiting have their headers by now)
         try:
             if held is not None:  # where the other workers' clients tail it (written beside the first bytes)
                 held.announce(Marker(spool.path, body.total, body.headers, flight.hold_last)).addErrback(
@@ -558,7 +577,9 @@ class Cache:
         """A miss while the store cannot write: ask upstream for this client alone."""
         try:
             opened = await Upstream(req).open(self, req.target, stale)
+            self._count_now(req.key)
         except Exception as e:
+            self._count_now(req.key)
             # (A revalidation's or a 404's small index write can fail on a full disk too.)
             if stale is not None:
                 return Hit(stale, "STALE")
@@ -638,6 +659,7 @@ class Upstream(Source):
     async def open(self, cache: Cache, target: Target, stale: Entry | None) -> Union[Body, Hit, Failed]:
         req, metrics, store = self.req, cache.metrics, cache.store
         since = store.epoch()
+        later = partial(cache.count_later, target.key)
         headers = dict(req.headers)
         if stale is not None and req.revalidate:
             if stale.etag:
@@ -649,15 +671,14 @@ class Upstream(Source):
             last = n == len(urls) - 1
             started = cache.clock.seconds()
             try:
-                response, _final = await cache.upstream.request(req.remote, b"GET", url, headers)
+                response, _final = await cache.upstream.request(req.remote, b"GET", url, headers, report=later)
             except UpstreamError as e:
-                metrics.upstream(req.remote.name, e.kind)
+                later(partial(metrics.upstream, req.remote.name, e.kind))
                 if last:
                     return Failed(504 if e.kind == "timeout" else 502, str(e), stale_ok=True)
                 log.info("{remote}: {why}; trying the next upstream", remote=req.remote.name, why=str(e))
                 continue
-            metrics.upstream_latency.labels(req.remote.name).observe(cache.clock.seconds() - started)
-            metrics.upstream(req.remote.name, str(response.code))
+            later(partial(_count_exchange, metrics, req.remote.name, response.code, cache.clock.seconds() - started))
             if not last and (response.code >= 500 or response.code == 429 or _refused(req, response)
                              or (req.next_on_404 and response.code in (404, 410))):
                 await discard_body(response)
@@ -716,6 +737,11 @@ class Upstream(Source):
         challenge = _header(response, "www-authenticate")
         return Failed(code if 400 <= code < 500 else 502, f"upstream answered {code}",
                       headers={"www-authenticate": challenge} if challenge else {})
+
+
+def _count_exchange(metrics: Metrics, remote: str, code: int, seconds: float) -> None:
+    metrics.upstream_latency.labels(remote).observe(seconds)
+    metrics.upstream(remote, str(code))
 
 
 async def _unclaim(held: Held | None) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+from functools import partial
 from typing import Any, Awaitable, Callable, Concatenate, Hashable, ParamSpec
 from urllib.parse import urljoin, urlsplit
 
@@ -209,15 +210,17 @@ def _observed(send: Send[P]) -> Send[P]:
 
     async def request(self: "UpstreamClient", remote: RemoteConfig, method: bytes, url: str,
                       *args: P.args, **kwargs: P.kwargs) -> tuple[IResponse, str]:
-        if self.observer is None:
+        observer = self.observer
+        if observer is None:
             return await send(self, remote, method, url, *args, **kwargs)
         where = origin_name(url)
+        report: Any = kwargs.get("report") or _now
         try:
             response, final = await send(self, remote, method, url, *args, **kwargs)
         except UpstreamError as e:
-            self.observer(remote.name, where, None, str(e))
+            report(partial(observer, remote.name, where, None, str(e)))
             raise
-        self.observer(remote.name, where, response.code, None)
+        report(partial(observer, remote.name, where, response.code, None))
         return response, final
 
     return request
@@ -288,10 +291,12 @@ class UpstreamClient:
         url: str,
         headers: dict[bytes, bytes] | None = None,
         body: bytes | None = None,
+        report: Callable[[Callable[[], None]], None] | None = None,
     ) -> tuple[IResponse, str]:
         """Send a request to ``remote``'s upstream; returns (response, final URL).
         ``body``: a small request body (a proxied POST); such a request is not
-        redirected.
+        redirected. ``report``: where the ``observer``'s call goes instead of
+        running at once (a miss runs it once its client has the headers).
 
         Raises UpstreamError when nothing usable came back (refused, reset,
         DNS failure, no headers within ``remote.read_timeout``).
@@ -357,6 +362,10 @@ class UpstreamClient:
                     continue
             return response, url
         raise UpstreamError("unreachable", f"more than {self.max_redirects} redirects from {_safe(url)}")
+
+
+def _now(fn: Callable[[], None]) -> None:
+    fn()
 
 
 def _safe(url: str) -> str:

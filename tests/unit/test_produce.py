@@ -73,7 +73,7 @@ class FakeUpstream:
     def __init__(self) -> None:
         self.requests: list[Deferred[Any]] = []
 
-    def request(self, remote: Any, method: bytes, url: str, headers: Any = None) -> Deferred[Any]:
+    def request(self, remote: Any, method: bytes, url: str, headers: Any = None, report: Any = None) -> Deferred[Any]:
         d: Deferred[Any] = Deferred()
         self.requests.append(d)
         return d
