@@ -9,6 +9,7 @@ URLs, and so that Authorization is dropped when a redirect changes host.
 from __future__ import annotations
 
 import base64
+import encodings.idna  # noqa: F401  (see below)
 import io
 from functools import partial
 from typing import Any, Awaitable, Callable, Concatenate, Hashable, ParamSpec
@@ -28,6 +29,10 @@ from zope.interface import implementer
 
 from sparkcache.config import Credentials, RemoteConfig
 
+# ``encodings.idna`` is imported above, at start-up, because host names are
+# IDNA-encoded on every request (ours by werkzeug's routing, upstream ones by
+# Twisted's endpoints): imported lazily, by a worker's first request, it took
+# about a millisecond of that request (a worker's first cold miss, with workers).
 REDIRECTS = (301, 302, 303, 307, 308)
 # Further attempts of a GET/HEAD that got no response at all (see request()).
 STALE_CONNECTION_RETRIES = 2
@@ -251,6 +256,8 @@ class UpstreamClient:
             self.pool.retryAutomatically = True
         self._agents: dict[float, IAgent] = {}
         self._endpoints: dict[float, _Endpoints] = {}
+        # (connect timeout, scheme://host:port) -> the pool's key and endpoint for open_ahead.
+        self._ahead: dict[tuple[float, str], tuple[Hashable, IStreamClientEndpoint] | None] = {}
         # Told of every request's outcome: (remote, origin, status or None, error or None).
         self.observer: Callable[[str, str, int | None, str | None], None] | None = None
 
@@ -269,14 +276,23 @@ class UpstreamClient:
         finds it made. Never fails; a no-op with a given agent."""
         if not isinstance(self.pool, _QuietPool):
             return
-        self.agent(remote.connect_timeout)
-        try:
-            uri = URI.fromBytes(url.encode("ascii"))
-            endpoint = self._endpoints[remote.connect_timeout].endpointForURI(uri)
-        except Exception:
-            return  # (the request itself reports a URL it cannot use)
-        # The key Agent.request files the connection under.
-        self.pool.open_ahead((uri.scheme, uri.host, uri.port), endpoint)
+        where = (remote.connect_timeout, "/".join(url.split("/", 3)[:3]))
+        if where in self._ahead:
+            ahead = self._ahead[where]
+        else:
+            self.agent(remote.connect_timeout)
+            try:
+                uri = URI.fromBytes(url.encode("ascii"))
+                endpoint = self._endpoints[remote.connect_timeout].endpointForURI(uri)
+                # The key Agent.request files the connection under.
+                ahead = ((uri.scheme, uri.host, uri.port), endpoint)
+            except Exception:
+                ahead = None  # (the request itself reports a URL it cannot use)
+            if len(self._ahead) > 1000:
+                self._ahead.clear()
+            self._ahead[where] = ahead
+        if ahead is not None:
+            self.pool.open_ahead(*ahead)
 
     def close(self) -> Deferred[None]:
         if self.pool is None:
