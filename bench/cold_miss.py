@@ -222,6 +222,12 @@ def scenario(b: Bench, size: int, runs: int, workers: int, up_port: int, warm_po
     gb = size / 1e9
     for i in range(runs):
         for who in paths:
+            # Each path starts with nothing of the one before still being
+            # written back: the floor fsyncs its 256 MiB after the last byte
+            # (curl has ended), nginx's cache file is written back later, and
+            # either used to land on whichever path came next (the first
+            # sparkcache daemon: its spool creation and index waited on the disk).
+            os.sync()
             if who == "direct":
                 x = curl(direct_url)
                 check_transfer(x, size, what=f"direct run {i + 1}")
