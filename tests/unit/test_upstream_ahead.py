@@ -63,33 +63,33 @@ async def _get(c: UpstreamClient, remote: RemoteConfig, url: str) -> bytes:
     return await read_body(response)  # type: ignore[no-any-return]
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_request_takes_the_connection_being_opened_ahead(server: Any) -> None:
+@pytest.fixture
+def client() -> Any:
     c = UpstreamClient(reactor)
-    remote = RemoteConfig("r", "generic", server.url)
-    try:
-        c.open_ahead(remote, server.url + "/f")
-        c.open_ahead(remote, server.url + "/f")  # one at a time per origin
-        assert await _get(c, remote, server.url + "/f") == b"body"  # (asked before it was made)
-        assert server.connections == 1
-    finally:
-        await c.close()
+    yield c
+    pytest_twisted.blockon(c.close())
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_connection_opened_ahead_waits_in_the_pool(server: Any) -> None:
-    c = UpstreamClient(reactor)
+async def test_a_request_takes_the_connection_being_opened_ahead(server: Any, client: UpstreamClient) -> None:
     remote = RemoteConfig("r", "generic", server.url)
-    try:
-        c.open_ahead(remote, server.url + "/f")
-        await _until(lambda: server.connections == 1)
-        await _until(lambda: c.pool is not None and c.pool._connections.get((b"http", b"127.0.0.1", remote_port(server))))
-        c.open_ahead(remote, server.url + "/f")  # one is idle: nothing more
-        assert await _get(c, remote, server.url + "/f") == b"body"
-        assert await _get(c, remote, server.url + "/f") == b"body"
-        assert server.connections == 1
-    finally:
-        await c.close()
+    client.open_ahead(remote, server.url + "/f")
+    client.open_ahead(remote, server.url + "/f")  # one at a time per origin
+    assert await _get(client, remote, server.url + "/f") == b"body"  # (asked before it was made)
+    assert server.connections == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_opened_ahead_waits_in_the_pool(server: Any, client: UpstreamClient) -> None:
+    remote = RemoteConfig("r", "generic", server.url)
+    client.open_ahead(remote, server.url + "/f")
+    await _until(lambda: server.connections == 1)
+    key = (b"http", b"127.0.0.1", remote_port(server))
+    await _until(lambda: client.pool is not None and client.pool._connections.get(key))
+    client.open_ahead(remote, server.url + "/f")  # one is idle: nothing more
+    assert await _get(client, remote, server.url + "/f") == b"body"
+    assert await _get(client, remote, server.url + "/f") == b"body"
+    assert server.connections == 1
 
 
 @pytest_twisted.ensureDeferred
