@@ -427,6 +427,7 @@ class Cache:
                 await held.release()
             passed, passing = self._start_pass(target, body)
             shared.settle(Live(passed, "BYPASS"))
+            self._count_now(key)
             await passing
             return
         try:
