@@ -92,8 +92,14 @@ def main() -> int:
                    help="another sparkcache checkout (e.g. /work/main) run in the same runs, for an A/B")
     p.add_argument("--no-references", action="store_true",
                    help="skip the nginx proxy_cache and no-framework references")
+    p.add_argument("--ttfb-only", action="store_true",
+                   help="time to first byte only: a 16 MiB object, 9 runs, direct (and --baseline) as the only "
+                        "references (their throughput figures then mean little)")
     add_workers_arg(p)
     args = p.parse_args()
+    if args.ttfb_only:
+        args.no_references = True
+        apply_quick(args, {}, {"size": 16 << 20, "runs": 9})
     apply_quick(args, {"size": 64 << 20}, {"size": 256 << 20, "runs": 3})
     size, runs = args.size, max(1, args.runs)
 
@@ -124,7 +130,7 @@ def main() -> int:
                        {"nginx_proxy_cache_cold": "nginx proxy_cache, a new key per run (?cold=N), proxy_buffers 16 64k",
                         "floor": "bench/miss_floor.py: blocking Python, 1 MiB reads, write + sha256 (thread) + send, "
                                  "fsync + rename"},
-                       "baseline": str(args.baseline) if args.baseline else None},
+                       "baseline": str(args.baseline) if args.baseline else None, "ttfb_only": args.ttfb_only},
             "workers": by_workers,
             "summary": summary,
             "checks": {"sha256": digest},
@@ -216,6 +222,12 @@ def scenario(b: Bench, size: int, runs: int, workers: int, up_port: int, warm_po
     gb = size / 1e9
     for i in range(runs):
         for who in paths:
+            # Each path starts with nothing of the one before still being
+            # written back: the floor fsyncs its 256 MiB after the last byte
+            # (curl has ended), nginx's cache file is written back later, and
+            # either used to land on whichever path came next (the first
+            # sparkcache daemon: its spool creation and index waited on the disk).
+            os.sync()
             if who == "direct":
                 x = curl(direct_url)
                 check_transfer(x, size, what=f"direct run {i + 1}")

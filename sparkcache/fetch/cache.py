@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any, Awaitable, BinaryIO, Callable, Union
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
@@ -47,9 +48,9 @@ from twisted.web.iweb import IResponse
 from sparkcache.config import RemoteConfig
 from sparkcache.fetch import across, peer
 from sparkcache.fetch.flight import BodyError, Flight, Lanes, PassFlight, receive
-from sparkcache.fetch.produce import Shared, Singleflight, watch_ends
+from sparkcache.fetch.produce import Shared, Singleflight, shield, watch_ends
 from sparkcache.fetch.upstream import UpstreamClient, UpstreamError, discard_body
-from sparkcache.fetch.xlock import Held, KeyLocks, Marker, Tail
+from sparkcache.fetch.xlock import Held, KeyLocks, Marker, Tail, unlock
 from sparkcache.metrics import Metrics
 from sparkcache.store import Entry, SpoolFile, Store
 from sparkcache.store.space import is_write_error
@@ -208,6 +209,23 @@ class Cache:
         self._passes: set[Deferred[None]] = set()  # bodies being passed through
         # Productions waiting for or following another worker's: not fetches.
         self._claiming: dict[str, Shared[Result]] = {}
+        # Bookkeeping of an upstream exchange (metrics, the origin's health),
+        # by key: done once the client has the response's headers, not before.
+        self._uncounted: dict[str, list[Callable[[], None]]] = {}
+
+    def count_later(self, key: str, count: Callable[[], None]) -> None:
+        """Run ``count`` once the production of ``key`` has its outcome out
+        (a Live's headers written to its clients, or any other outcome): a
+        miss's first bytes need not wait for its counters (with worker
+        processes, a new remote's labelled counters are files to set up)."""
+        self._uncounted.setdefault(key, []).append(count)
+
+    def _count_now(self, key: str) -> None:
+        for count in self._uncounted.pop(key, ()):
+            try:
+                count()
+            except Exception:
+                log.failure("counting an upstream exchange for {key}", key=key)
 
     @property
     def inflight(self) -> int:
@@ -231,22 +249,33 @@ class Cache:
         shared = self._producing.get(key)
         if shared is not None:
             return await self._join(shared, None, req)
-        entry = await self.store.index.get(key)
+        if isinstance(req, CacheRequest) and source is None:
+            known = self.store.index.peek(key)
+            if known is None or not known.fresh(self.clock.seconds()):
+                # Likely a miss: its upstream connection is made while the index is asked.
+                self.upstream.open_ahead(req.remote, req.url)
+        held: Held | None = None
+        if self.locks is not None and not self.store.backed:
+            entry, held = await self._lookup_claiming(key)
+        else:
+            entry = await self.store.index.get(key)
         now = self.clock.seconds()
-        if entry is not None:
-            if entry.status == 200 and entry.fresh(now):
+        if entry is not None and entry.fresh(now):
+            await _unclaim(held)
+            if entry.status == 200:
                 self.store.index.touch(entry, now)
                 return Hit(entry, "HIT")
-            if entry.status != 200 and entry.fresh(now):
-                return Failed(entry.status, "not found upstream (cached)")
+            return Failed(entry.status, "not found upstream (cached)")
         stale = entry if entry is not None and entry.status == 200 else None
         shared = self._producing.get(key)
         if shared is not None:
+            await _unclaim(held)
             return await self._join(shared, stale, req)
         # Closes the window in which a production committed (and left the map)
         # while the index lookup above was in the SQLite thread.
         latest = self.store.index.peek(key)
         if latest is not None and latest is not entry and latest.status == 200 and latest.fresh(now):
+            await _unclaim(held)
             return Hit(latest, "HIT")
         if isinstance(req, CacheRequest):
             target, src = req.target, source or Upstream(req)
@@ -254,10 +283,38 @@ class Cache:
             assert source is not None, "only a CacheRequest has a default source"
             target, src = req, source
         if isinstance(req, CacheRequest) and source is None and not self.store.writable and req.validate is None:
+            await _unclaim(held)
             return await self._pass(req, stale)
-        shared = self._producing.start(key, lambda s: self._produce(target, src, stale, s))
+        shared = self._producing.start(key, lambda s: self._produce(target, src, stale, s, held=held))
         result = await self._join(shared, stale, req)
         return replace(result, started=True) if isinstance(result, Live) else result
+
+    async def _lookup_claiming(self, key: str) -> tuple[Entry | None, Held | None]:
+        """(Worker processes.) The index row of ``key`` and, when it has no
+        fresh one, the key's cross-process lock if it is free, taken in the
+        SQLite thread right after the read and before a second one
+        (``Index.get_or_claim``): one thread round trip where a miss took
+        three (lookup; lock; recheck). The lock, once taken, is released
+        even if our caller stopped waiting (its client went away)."""
+        locks = self.locks
+        assert locks is not None
+        gone: list[bool] = []
+
+        def own(r: tuple[Entry | None, int | None]) -> tuple[Entry | None, Held | None]:
+            entry, fd = r
+            held = None if fd is None else locks.held(key, fd)
+            if held is not None and gone:
+                held.release().addErrback(lambda f: log.failure("releasing the lock of {key}", f, key=key))
+                held = None
+            return entry, held
+
+        looked = self.store.index.get_or_claim(key, self.clock.seconds(), partial(locks.take, key), unlock)
+        owned: Deferred[tuple[Entry | None, Held | None]] = looked.addCallback(own)  # type: ignore[assignment]
+        try:
+            return await shield(owned)
+        except CancelledError:
+            gone.append(True)
+            raise
 
     async def _join(self, shared: Shared[Result], stale: Entry | None, req: CacheRequest | Target) -> Result:
         outcome = await shared.wait()
@@ -281,15 +338,15 @@ class Cache:
         return outcome
 
     async def _produce(self, target: Target, source: Source, stale: Entry | None, shared: Shared[Result],
-                       adopting: bool = False) -> Result:
+                       adopting: bool = False, held: Held | None = None) -> Result:
         """Run one production; settles ``shared`` as soon as there is an outcome
         (Live once bytes flow). What it returns is the outcome only if nothing
-        settled it before."""
-        held: Held | None = None
+        settled it before. ``held``: the key's cross-process lock, already
+        taken (with the lookup: ``_lookup_claiming``)."""
         lease: Lease | None = None
         counted = False
         try:
-            if self.locks is not None:
+            if self.locks is not None and held is None:
                 self._claiming[target.key] = shared
                 try:
                     claimed = await across.claim(self, self.locks, target.key, stale, adopting,
@@ -333,6 +390,7 @@ class Cache:
             log.failure("producing {key} failed", key=target.key)
             return Failed(502, "internal error while producing")
         finally:
+            self._count_now(target.key)
             if counted:
                 self.metrics.inflight.dec()
             if held is not None:  # after the index row, or instead of it
@@ -369,6 +427,7 @@ class Cache:
                 await held.release()
             passed, passing = self._start_pass(target, body)
             shared.settle(Live(passed, "BYPASS"))
+            self._count_now(key)
             await passing
             return
         try:
@@ -388,6 +447,7 @@ class Cache:
             for algorithm, _ in target.checks:
                 spool.also_hash(algorithm)
         shared.settle(Live(flight))
+        self._count_now(key)  # (the clients waiting have their headers by now)
         try:
             if held is not None:  # where the other workers' clients tail it (written beside the first bytes)
                 held.announce(Marker(spool.path, body.total, body.headers, flight.hold_last)).addErrback(
@@ -518,7 +578,9 @@ class Cache:
         """A miss while the store cannot write: ask upstream for this client alone."""
         try:
             opened = await Upstream(req).open(self, req.target, stale)
+            self._count_now(req.key)
         except Exception as e:
+            self._count_now(req.key)
             # (A revalidation's or a 404's small index write can fail on a full disk too.)
             if stale is not None:
                 return Hit(stale, "STALE")
@@ -598,6 +660,7 @@ class Upstream(Source):
     async def open(self, cache: Cache, target: Target, stale: Entry | None) -> Union[Body, Hit, Failed]:
         req, metrics, store = self.req, cache.metrics, cache.store
         since = store.epoch()
+        later = partial(cache.count_later, target.key)
         headers = dict(req.headers)
         if stale is not None and req.revalidate:
             if stale.etag:
@@ -609,15 +672,14 @@ class Upstream(Source):
             last = n == len(urls) - 1
             started = cache.clock.seconds()
             try:
-                response, _final = await cache.upstream.request(req.remote, b"GET", url, headers)
+                response, _final = await cache.upstream.request(req.remote, b"GET", url, headers, report=later)
             except UpstreamError as e:
-                metrics.upstream(req.remote.name, e.kind)
+                later(partial(metrics.upstream, req.remote.name, e.kind))
                 if last:
                     return Failed(504 if e.kind == "timeout" else 502, str(e), stale_ok=True)
                 log.info("{remote}: {why}; trying the next upstream", remote=req.remote.name, why=str(e))
                 continue
-            metrics.upstream_latency.labels(req.remote.name).observe(cache.clock.seconds() - started)
-            metrics.upstream(req.remote.name, str(response.code))
+            later(partial(_count_exchange, metrics, req.remote.name, response.code, cache.clock.seconds() - started))
             if not last and (response.code >= 500 or response.code == 429 or _refused(req, response)
                              or (req.next_on_404 and response.code in (404, 410))):
                 await discard_body(response)
@@ -676,6 +738,17 @@ class Upstream(Source):
         challenge = _header(response, "www-authenticate")
         return Failed(code if 400 <= code < 500 else 502, f"upstream answered {code}",
                       headers={"www-authenticate": challenge} if challenge else {})
+
+
+def _count_exchange(metrics: Metrics, remote: str, code: int, seconds: float) -> None:
+    metrics.upstream_latency.labels(remote).observe(seconds)
+    metrics.upstream(remote, str(code))
+
+
+async def _unclaim(held: Held | None) -> None:
+    """Let go of a lock taken with the lookup when no production follows."""
+    if held is not None:
+        await held.release()
 
 
 def _refused(req: CacheRequest, response: IResponse) -> bool:

@@ -9,8 +9,10 @@ URLs, and so that Authorization is dropped when a redirect changes host.
 from __future__ import annotations
 
 import base64
+import encodings.idna  # noqa: F401  (see below)
 import io
-from typing import Any, Awaitable, Callable, Concatenate, ParamSpec
+from functools import partial
+from typing import Any, Awaitable, Callable, Concatenate, Hashable, ParamSpec
 from urllib.parse import urljoin, urlsplit
 
 from twisted.internet.abstract import isIPAddress
@@ -27,6 +29,10 @@ from zope.interface import implementer
 
 from sparkcache.config import Credentials, RemoteConfig
 
+# ``encodings.idna`` is imported above, at start-up, because host names are
+# IDNA-encoded on every request (ours by werkzeug's routing, upstream ones by
+# Twisted's endpoints): imported lazily, by a worker's first request, it took
+# about a millisecond of that request (a worker's first cold miss, with workers).
 REDIRECTS = (301, 302, 303, 307, 308)
 # Further attempts of a GET/HEAD that got no response at all (see request()).
 STALE_CONNECTION_RETRIES = 2
@@ -127,7 +133,53 @@ class _QuietFactory(_HTTP11ClientFactory):
 
 
 class _QuietPool(HTTPConnectionPool):
+    """Twisted's persistent pool, plus connections opened ahead of a request.
+
+    ``open_ahead`` starts a connection for ``key`` when none is idle and none
+    is being opened; the next request for ``key`` takes it as soon as it is
+    made (or at once, if it is already), and when none comes it waits idle in
+    the pool like any other. So at most one extra connection per origin is
+    ever opened ahead, and a miss's upstream connect overlaps the index lookup
+    instead of following it."""
+
     _factory = _QuietFactory
+
+    def __init__(self, reactor: Any, persistent: bool = True) -> None:
+        super().__init__(reactor, persistent)
+        self._opening: dict[Hashable, Deferred[Any]] = {}
+
+    def open_ahead(self, key: Hashable, endpoint: IStreamClientEndpoint) -> None:
+        if self._connections.get(key) or key in self._opening:
+            return
+        d = self._newConnection(key, endpoint)
+        self._opening[key] = d
+
+        def opened(connection: Any) -> Any:
+            if self._opening.get(key) is d:  # no request took it: idle in the pool
+                del self._opening[key]
+                self._putConnection(key, connection)
+            return connection
+
+        def failed(f: Failure) -> Failure | None:
+            if self._opening.get(key) is d:  # nobody waits: the next request connects itself
+                del self._opening[key]
+                return None
+            return f
+
+        d.addCallbacks(opened, failed)
+
+    def getConnection(self, key: Hashable, endpoint: IStreamClientEndpoint) -> Deferred[Any]:
+        opening = self._opening.pop(key, None)
+        if opening is not None:
+            return opening
+        return super().getConnection(key, endpoint)  # type: ignore[no-any-return]
+
+    def closeCachedConnections(self) -> Deferred[None]:
+        opening, self._opening = list(self._opening.values()), {}
+        for d in opening:
+            d.addErrback(lambda f: None)
+            d.cancel()
+        return super().closeCachedConnections()  # type: ignore[no-any-return]
 
 
 @implementer(IAgentEndpointFactory)
@@ -163,15 +215,17 @@ def _observed(send: Send[P]) -> Send[P]:
 
     async def request(self: "UpstreamClient", remote: RemoteConfig, method: bytes, url: str,
                       *args: P.args, **kwargs: P.kwargs) -> tuple[IResponse, str]:
-        if self.observer is None:
+        observer = self.observer
+        if observer is None:
             return await send(self, remote, method, url, *args, **kwargs)
         where = origin_name(url)
+        report: Any = kwargs.get("report") or _now
         try:
             response, final = await send(self, remote, method, url, *args, **kwargs)
         except UpstreamError as e:
-            self.observer(remote.name, where, None, str(e))
+            report(partial(observer, remote.name, where, None, str(e)))
             raise
-        self.observer(remote.name, where, response.code, None)
+        report(partial(observer, remote.name, where, response.code, None))
         return response, final
 
     return request
@@ -201,6 +255,9 @@ class UpstreamClient:
             self.pool.cachedConnectionTimeout = 60
             self.pool.retryAutomatically = True
         self._agents: dict[float, IAgent] = {}
+        self._endpoints: dict[float, _Endpoints] = {}
+        # (connect timeout, scheme://host:port) -> the pool's key and endpoint for open_ahead.
+        self._ahead: dict[tuple[float, str], tuple[Hashable, IStreamClientEndpoint] | None] = {}
         # Told of every request's outcome: (remote, origin, status or None, error or None).
         self.observer: Callable[[str, str, int | None, str | None], None] | None = None
 
@@ -209,9 +266,33 @@ class UpstreamClient:
             return self._given
         a = self._agents.get(connect_timeout)
         if a is None:
-            a = self._agents[connect_timeout] = Agent.usingEndpointFactory(
-                self.reactor, _Endpoints(self.reactor, connect_timeout), pool=self.pool)
+            endpoints = self._endpoints[connect_timeout] = _Endpoints(self.reactor, connect_timeout)
+            a = self._agents[connect_timeout] = Agent.usingEndpointFactory(self.reactor, endpoints, pool=self.pool)
         return a
+
+    def open_ahead(self, remote: RemoteConfig, url: str) -> None:
+        """Open a connection to ``url``'s origin now unless one is idle or
+        opening: a request there soon (a miss, once the index said so) then
+        finds it made. Never fails; a no-op with a given agent."""
+        if not isinstance(self.pool, _QuietPool):
+            return
+        where = (remote.connect_timeout, "/".join(url.split("/", 3)[:3]))
+        if where in self._ahead:
+            ahead = self._ahead[where]
+        else:
+            self.agent(remote.connect_timeout)
+            try:
+                uri = URI.fromBytes(url.encode("ascii"))
+                endpoint = self._endpoints[remote.connect_timeout].endpointForURI(uri)
+                # The key Agent.request files the connection under.
+                ahead = ((uri.scheme, uri.host, uri.port), endpoint)
+            except Exception:
+                ahead = None  # (the request itself reports a URL it cannot use)
+            if len(self._ahead) > 1000:
+                self._ahead.clear()
+            self._ahead[where] = ahead
+        if ahead is not None:
+            self.pool.open_ahead(*ahead)
 
     def close(self) -> Deferred[None]:
         if self.pool is None:
@@ -226,10 +307,12 @@ class UpstreamClient:
         url: str,
         headers: dict[bytes, bytes] | None = None,
         body: bytes | None = None,
+        report: Callable[[Callable[[], None]], None] | None = None,
     ) -> tuple[IResponse, str]:
         """Send a request to ``remote``'s upstream; returns (response, final URL).
         ``body``: a small request body (a proxied POST); such a request is not
-        redirected.
+        redirected. ``report``: where the ``observer``'s call goes instead of
+        running at once (a miss runs it once its client has the headers).
 
         Raises UpstreamError when nothing usable came back (refused, reset,
         DNS failure, no headers within ``remote.read_timeout``).
@@ -295,6 +378,10 @@ class UpstreamClient:
                     continue
             return response, url
         raise UpstreamError("unreachable", f"more than {self.max_redirects} redirects from {_safe(url)}")
+
+
+def _now(fn: Callable[[], None]) -> None:
+    fn()
 
 
 def _safe(url: str) -> str:

@@ -300,6 +300,44 @@ class Index:
 
         return self._run(q).addCallback(found)
 
+    def get_or_claim(self, key: str, now: float, claim: Callable[[], T | None],
+                     undo: Callable[[T], None]) -> Deferred[tuple[Entry | None, T | None]]:
+        """``get``, and when no row fresh at ``now`` is found, ``claim()`` run
+        in the SQLite thread right after the read (something brief that never
+        waits: the flock of a key's lock file, fetch/xlock.py), the row read
+        again once it returned something (not None): whoever holds the key's
+        lock then sees the row as of the moment it took it. One thread round
+        trip for the lookup, the lock and the recheck, where they were three.
+        ``undo(got)`` when that second read fails. The caller owns what
+        ``claim`` returned even if it stopped waiting (see Cache.get)."""
+        e = self._cached(key)
+        if e is not None and e.fresh(now):
+            self._mem.move_to_end(key)
+            return succeed((e, None))
+
+        def q() -> tuple[tuple[int, int] | None, Entry | None, T | None]:
+            stamp = self.changes.stamp(key) if self.changes is not None else None
+            entry = self._get(key)
+            if entry is not None and entry.fresh(now):
+                return stamp, entry, None
+            got = claim()
+            if got is not None:
+                try:
+                    stamp = self.changes.stamp(key) if self.changes is not None else None
+                    entry = self._get(key)
+                except BaseException:
+                    undo(got)
+                    raise
+            return stamp, entry, got
+
+        def found(r: tuple[tuple[int, int] | None, Entry | None, T | None]) -> tuple[Entry | None, T | None]:
+            stamp, entry, got = r
+            if entry is not None:
+                self._remember(entry, stamp)
+            return entry, got
+
+        return self._run(q).addCallback(found)
+
     def peek(self, key: str) -> Entry | None:
         """The in-memory row only: no thread hop, may miss."""
         return self._cached(key)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionLost
 
 from sparkcache.config import CachePolicy, RemoteConfig
@@ -21,7 +21,8 @@ from sparkcache.fetch import Cache, CacheRequest, Hit, Live
 from sparkcache.fetch.across import TailFlight
 from sparkcache.fetch.xlock import KeyLocks, paths
 from sparkcache.metrics import Metrics
-from sparkcache.store import Store
+from sparkcache.store import Entry, Store
+from sparkcache.store.index import _COLUMNS
 from tests.unit.test_produce import BODY, FakeResponse, FakeUpstream, Reader
 
 
@@ -123,4 +124,72 @@ async def test_the_other_workers_clients_are_cut_off_when_the_owner_breaks_off(p
     # The key is free again: whoever asks next owns it.
     held = await pumped(pair.b.cache.locks.acquire("r:x"), pair.clock)
     assert held is not None
+    await held.release()
+
+
+def _row(key: str, now: float, expires: float | None = None) -> Entry:
+    return Entry(key, "r", "x", 200, "ab" * 32, 3, None, {}, now, expires, None, None, now)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_lookup_takes_the_lock_and_reads_the_row_again_after_it(pair: Any) -> None:
+    """Index.get_or_claim: the lock is tried only when no fresh row was found,
+    and a row the other worker wrote before the lock was ours is seen."""
+    index, now = pair.a.store.index, pair.clock.seconds()
+    tried: list[str] = []
+
+    def claim() -> int:
+        tried.append("k1")
+        # The other worker commits and lets go just before we take the lock.
+        other = pair.b.store.index
+        other.db.execute(f"INSERT INTO entries ({_COLUMNS}) VALUES ({','.join('?' * len(_row('k1', now).as_row()))})",
+                         _row("k1", now).as_row())
+        return 7
+
+    entry, got = await index.get_or_claim("k1", now, claim, lambda got: None)
+    assert tried == ["k1"] and got == 7 and entry is not None and entry.digest == "ab" * 32
+    tried.clear()
+    entry, got = await index.get_or_claim("k1", now, claim, lambda got: None)  # fresh: no lock tried
+    assert tried == [] and got is None and entry is not None
+    await pair.a.store.index.put(_row("k2", now, expires=now - 1))  # stale: the lock is tried
+    entry, got = await index.get_or_claim("k2", now, lambda: None, lambda got: None)
+    assert entry is not None and entry.expires == now - 1 and got is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lock_taken_with_the_lookup_is_let_go_when_its_client_is_gone(pair: Any) -> None:
+    d = Deferred.fromCoroutine(pair.a.cache.get(creq(REMOTE)))
+    d.cancel()  # while the lookup (and the lock) is in the SQLite thread
+    with pytest.raises(CancelledError):
+        await d
+    await pair.a.store.index.get("another key")  # (one SQLite thread: the lookup above is over)
+    held = None
+    for _ in range(400):
+        held = await pair.b.cache.locks.acquire("r:x")
+        if held is not None:
+            break
+        await task.deferLater(reactor, 0.005, lambda: None)
+    assert held is not None, "the lock taken with the cancelled lookup was never let go"
+    await held.release()
+    assert pair.a.up.requests == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_miss_takes_the_lock_with_its_lookup_and_the_other_worker_follows(pair: Any) -> None:
+    got = Deferred.fromCoroutine(pair.a.cache.get(creq(REMOTE)))
+    await pumped(Deferred.fromCoroutine(_asked(pair.a.up)), pair.clock)
+    # a asks upstream holding the lock it took with its lookup: b cannot take it.
+    assert await pair.b.cache.locks.acquire("r:x") is None
+    response = FakeResponse(length=len(BODY))
+    pair.a.up.requests[0].callback((response, "http://up.invalid/x"))
+    live = await pumped(got, pair.clock)
+    assert isinstance(live, Live)
+    await pumped(Deferred.fromCoroutine(_until(lambda: response.protocol is not None)), pair.clock)
+    response.send(BODY)
+    response.end()
+    await pumped(live.flight.wait_done(), pair.clock)
+    again = await pumped(Deferred.fromCoroutine(pair.b.cache.get(creq(REMOTE))), pair.clock)
+    assert isinstance(again, Hit) and pair.b.up.requests == []
+    held = await pair.b.cache.locks.acquire("r:x")
+    assert held is not None  # released after the commit
     await held.release()

@@ -73,10 +73,13 @@ class FakeUpstream:
     def __init__(self) -> None:
         self.requests: list[Deferred[Any]] = []
 
-    def request(self, remote: Any, method: bytes, url: str, headers: Any = None) -> Deferred[Any]:
+    def request(self, remote: Any, method: bytes, url: str, headers: Any = None, report: Any = None) -> Deferred[Any]:
         d: Deferred[Any] = Deferred()
         self.requests.append(d)
         return d
+
+    def open_ahead(self, remote: Any, url: str) -> None:
+        self.opened_ahead = getattr(self, "opened_ahead", 0) + 1
 
     async def asked(self, n: int) -> None:
         """Wait for the n-th request (a miss looks the key up in the SQLite thread first)."""
