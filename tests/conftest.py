@@ -151,6 +151,14 @@ def daemon_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[C
         d.kill()
 
 
+def watch(request: pytest.FixtureRequest, daemon: Daemon, upstream: Upstream | None = None) -> None:
+    """Treat a daemon (and upstream) a module-scoped fixture shares as this
+    test's own: their logs go with its failure report, and a hung test kills them."""
+    request.node.stash.setdefault(_DAEMONS, []).append(daemon)
+    if upstream is not None:
+        request.node.stash.setdefault(_UPSTREAMS, []).append(upstream)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Iterator[None]:
     outcome = yield

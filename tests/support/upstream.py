@@ -304,6 +304,11 @@ class Upstream:
         with self._lock:
             return len(self.requests)
 
+    def forget_requests(self) -> None:
+        """Start the record afresh (an upstream a module's tests share: each sees its own requests)."""
+        with self._lock:
+            self.requests.clear()
+
     def wait_requests(self, path: str, n: int = 1, method: str | None = "GET", timeout: float = 30) -> list[RecordedRequest]:
         deadline = time.monotonic() + timeout
         while True:
