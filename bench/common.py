@@ -1029,6 +1029,18 @@ def check_transfer(r: dict[str, Any], size: int, *, sha256: str | None = None, x
         raise BenchError(f"{what or r['url']}: " + "; ".join(problems))
 
 
+def herd_problems(herd: Sequence[dict[str, Any]], size: int, sha256: str) -> list[str]:
+    """What is wrong with each transfer of a herd (``check_transfer``'s messages,
+    one a client); the clients that kept their body are checked against ``sha256``."""
+    bad = []
+    for i, r in enumerate(herd):
+        try:
+            check_transfer(r, size, sha256=sha256 if r["sha256"] is not None else None, what=f"client {i}")
+        except BenchError as e:
+            bad.append(str(e))
+    return bad
+
+
 def run_parallel(urls: Sequence[str], timeout: float = 600.0, verify: Sequence[bool] | None = None) -> tuple[float, list[dict[str, Any]]]:
     """One curl per URL, all released at the same instant; (wall seconds from release until the last exits, results).
 

@@ -34,7 +34,7 @@ import sys
 from collections import Counter
 from typing import Any
 
-from common import (REPO, AccessLog, Bench, BenchError, Daemon, Nginx, apply_quick, base_parser, check_transfer,
+from common import (REPO, AccessLog, Bench, Daemon, Nginx, apply_quick, base_parser, herd_problems,
                     fmt_size, free_port, make_random_file, parse_size, print_summary, print_table, run_main,
                     run_parallel, static_server, summary_row, task_cpu_seconds)
 
@@ -84,12 +84,7 @@ def main() -> int:
             b.log(f"[{case}] {clients} clients over two daemons")
             cpu0 = task_cpu_seconds(pids)
             wall, herd = run_parallel(urls, verify=[False] * (clients - 1) + [True])
-            bad = []
-            for i, r in enumerate(herd):
-                try:
-                    check_transfer(r, size, sha256=digest if r["sha256"] is not None else None, what=f"client {i}")
-                except BenchError as e:
-                    bad.append(str(e))
+            bad = herd_problems(herd, size, digest)
             for d in daemons:
                 d.wait_idle()
             cpu = task_cpu_seconds(pids) - cpu0

@@ -34,7 +34,7 @@ from __future__ import annotations
 from collections import Counter
 
 from common import (MB, AccessLog, Bench, BenchError, Daemon, Nginx, add_workers_arg, apply_quick, base_parser, check_transfer,
-                    fmt_size, free_port, make_random_file, median, parse_size, print_summary, print_table,
+                    fmt_size, free_port, herd_problems, make_random_file, median, parse_size, print_summary, print_table,
                     run_main, run_parallel, static_server, summary_row, task_cpu_seconds)
 
 NAME = "thundering_herd"
@@ -104,12 +104,7 @@ def main() -> int:
             cpu0 = task_cpu_seconds(pids)
             wall_n, herd = run_parallel([url] * clients, verify=[False] * (clients - 1) + [True])
             herd_cpu = task_cpu_seconds(pids) - cpu0
-            bad = []
-            for i, r in enumerate(herd):
-                try:
-                    check_transfer(r, size, sha256=digest if r["sha256"] is not None else None, what=f"client {i}")
-                except BenchError as e:
-                    bad.append(str(e))
+            bad = herd_problems(herd, size, digest)
             herd_commit = daemon.wait_idle()
             entries = daemon.wait_entries("herd", 1)
             reqn, bytesn, up_time_n = upstream(log, "herd")

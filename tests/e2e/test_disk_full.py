@@ -114,7 +114,9 @@ def test_disk_fills_mid_body_then_pass_through_purge_and_recovery(upstream, smal
     joiner.start()
     assert joiner.sent.wait(30)
     eventually(lambda: health(d)["inflight_fetches"] == 1)
-    time.sleep(0.3)  # the joiner attaches to the running fetch
+    # Its headers while the body is held: the joiner tails the running fetch (a
+    # request the daemon read only after that fetch failed would pass through whole).
+    assert joiner.got_headers.wait(30), "the joiner never got the headers of the fetch in flight"
     resumed = time.monotonic()
     upstream.resume("/files/big.bin")
     assert cut_off(first, size), f"a body the disk could not hold was not cut off: {first.result!r}"

@@ -7,10 +7,15 @@ a JSON error and must never reach the upstream.
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import pytest
 
+from tests.conftest import watch
 from tests.support.client import assert_json_error, bearer, raw_get, raw_request
+from tests.support.daemon import Daemon
 from tests.support.remotes import generic_remote
+from tests.support.upstream import Upstream
 
 ADMIN = "adm-input-5d1e"
 
@@ -33,11 +38,33 @@ TRAVERSAL = [
 ]
 
 
-@pytest.fixture
-def hostile(upstream, daemon_factory):
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, Upstream]]:
+    """One daemon and upstream for the module's hostile requests: they change
+    nothing a later test could see (one daemon instead of twenty)."""
+    up = Upstream().start()
     for p in ("/x", "/etc/passwd", "/files/a.bin", "/other/x", "/files/x"):
-        upstream.add(p, b"should never be requested")
-    return daemon_factory({"r": generic_remote(upstream)}, env={"SPARKCACHE_ADMIN_TOKEN": ADMIN})
+        up.add(p, b"should never be requested")
+    d = Daemon(tmp_path_factory.mktemp("hostile"), {"r": generic_remote(up)}, env={"SPARKCACHE_ADMIN_TOKEN": ADMIN})
+    try:
+        yield d.start(), up
+    finally:
+        d.kill()
+        up.stop()
+
+
+@pytest.fixture
+def upstream(shared: tuple[Daemon, Upstream]) -> Upstream:
+    """The shared upstream, its record of requests emptied for this test."""
+    up = shared[1]
+    up.forget_requests()
+    return up
+
+
+@pytest.fixture
+def hostile(request: pytest.FixtureRequest, shared: tuple[Daemon, Upstream], upstream: Upstream) -> Daemon:
+    watch(request, shared[0], upstream)
+    return shared[0]
 
 
 @pytest.mark.parametrize("path", TRAVERSAL)

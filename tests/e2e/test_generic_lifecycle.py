@@ -91,7 +91,7 @@ def test_graceful_stop_finishes_in_flight_download(upstream, daemon_factory):
     client = Fetch(d.port, "/api/r/files/slow.bin", timeout=40)
     client.start()
     upstream.wait_paused("/files/slow.bin")
-    assert client.got_headers.wait(15), "no response headers while the fetch was in flight"
+    assert client.got_headers.wait(60), "no response headers while the fetch was in flight"
     d.signal(signal.SIGTERM)
     time.sleep(0.5)
     assert d.running, "the daemon exited with a download in flight"
@@ -100,14 +100,14 @@ def test_graceful_stop_finishes_in_flight_download(upstream, daemon_factory):
     resp = client.response(40)
     assert resp.status == 200, resp.describe()
     assert sha256(resp.body) == sha256(data), f"client got {len(resp.body)} of {len(data)} bytes"
-    rc = d.wait_exit(30)
+    rc = d.wait_exit()
     assert rc == 0, _exit_message(rc)
     assert d.spool_files() == [], f"spool not empty after a graceful stop: {d.spool_files()}"
 
 
 def test_sigterm_when_idle_exits_zero(upstream, daemon_factory):
     d = daemon_factory({"r": generic_remote(upstream)})
-    rc = d.stop(20)
+    rc = d.stop()
     assert rc == 0, _exit_message(rc)
     with pytest.raises(OSError):
         http.client.HTTPConnection("127.0.0.1", d.port, timeout=2).connect()
@@ -171,7 +171,7 @@ def test_listen_port_in_use_fails_fast(tmp_path):
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         try:
-            out, _ = proc.communicate(timeout=20)
+            out, _ = proc.communicate(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
             out, _ = proc.communicate()

@@ -315,12 +315,13 @@ def test_two_workers_share_one_tier(upstream, s3_daemon, proxied, weed):
     for i in (0, 1):
         # (A worker that tailed the other's production may still be finishing
         # that flight for a moment: its joiners get MISS, the same bytes.)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while True:
             status, state, body = _get(conns[i], "/api/r/files/a.bin")
             assert status == 200 and body == a, f"worker {i}: {status} {state}"
             if state == "HIT" or time.monotonic() > deadline:
                 break
+            time.sleep(0.05)
         assert state == "HIT", f"worker {i}: {state}"
     assert proxy.count("GET") == gets, "a tier hit asked the bucket"
     assert upstream_gets(upstream, "/files/a.bin") == 1

@@ -90,7 +90,7 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def eventually(predicate: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05, message: str = "") -> Any:
+def eventually(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, message: str = "") -> Any:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
@@ -102,7 +102,7 @@ def eventually(predicate: Callable[[], Any], timeout: float = 15.0, interval: fl
         time.sleep(interval)
 
 
-def get_until_hit(daemon: Any, path: str, body: bytes | None = None, timeout: float = 10.0) -> Response:
+def get_until_hit(daemon: Any, path: str, body: bytes | None = None, timeout: float = 30.0) -> Response:
     """GET ``path`` until it is a cache HIT.
 
     A client can read the last byte of a miss before the daemon has committed

@@ -25,7 +25,7 @@ from .tools import require_tool
 
 
 @contextmanager
-def private_containerd(timeout: float = 20) -> Iterator[SimpleNamespace]:
+def private_containerd(timeout: float = 60) -> Iterator[SimpleNamespace]:
     """Start a private containerd; yields ``SimpleNamespace(sock=, base=)`` and stops and removes it on exit."""
     require_tool("containerd")
     require_tool("ctr")

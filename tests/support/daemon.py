@@ -245,7 +245,7 @@ class Daemon:
         assert self.proc is not None
         self.proc.send_signal(sig)
 
-    def stop(self, timeout: float = 20.0) -> int:
+    def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM and wait; return the exit status (raise if it does not exit)."""
         if self.proc is None:
             return 0
@@ -257,7 +257,7 @@ class Daemon:
             self.kill()
             raise DaemonError(f"daemon did not exit within {timeout}s of SIGTERM\n{self.log_tail()}") from None
 
-    def wait_exit(self, timeout: float = 20.0) -> int:
+    def wait_exit(self, timeout: float = 60.0) -> int:
         assert self.proc is not None
         try:
             return self.proc.wait(timeout)

@@ -363,7 +363,7 @@ class Registry:
                                      "issuer": self.tokens.issuer, "rootcertbundle": str(self.tokens.cert_path)}}
         return cfg
 
-    def start(self, timeout: float = 20) -> "Registry":
+    def start(self, timeout: float = 60) -> "Registry":
         exe = shutil.which("docker-registry")
         if exe is None:
             raise AssertionError("docker-registry is not installed")

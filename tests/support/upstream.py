@@ -278,7 +278,7 @@ class Upstream:
         with self._lock:
             self._gates.setdefault(path, threading.Event()).set()
 
-    def wait_paused(self, path: str, timeout: float = 15) -> None:
+    def wait_paused(self, path: str, timeout: float = 30) -> None:
         """Wait until a response for ``path`` reached its pause/stall point."""
         with self._lock:
             ev = self._paused.setdefault(path, threading.Event())
@@ -304,7 +304,12 @@ class Upstream:
         with self._lock:
             return len(self.requests)
 
-    def wait_requests(self, path: str, n: int = 1, method: str | None = "GET", timeout: float = 15) -> list[RecordedRequest]:
+    def forget_requests(self) -> None:
+        """Start the record afresh (an upstream a module's tests share: each sees its own requests)."""
+        with self._lock:
+            self.requests.clear()
+
+    def wait_requests(self, path: str, n: int = 1, method: str | None = "GET", timeout: float = 30) -> list[RecordedRequest]:
         deadline = time.monotonic() + timeout
         while True:
             got = self.requests_for(path, method)

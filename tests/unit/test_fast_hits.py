@@ -55,8 +55,9 @@ def h(harness_factory: MakeHarness) -> Harness:
 
 async def responses(h: Harness, conn: Conn, n: int) -> list[tuple[int, str, dict[str, str], bytes]]:
     """The connection's responses once there are ``n`` (those answered after an
-    upstream fetch are written a few reactor turns after it settles)."""
-    for _ in range(200):
+    upstream fetch are written a few reactor turns after it settles). Up to 30 s:
+    the store's thread pools may wait long for a loaded CPU."""
+    for _ in range(3000):
         await h.settle()
         out = conn.responses()
         if len(out) >= n:

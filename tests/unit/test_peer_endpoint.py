@@ -17,6 +17,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, readBody
 from twisted.web.http_headers import Headers
@@ -79,12 +80,14 @@ async def _ended(pair: Any) -> None:
 
 async def _head(agent: Agent, port: Any, pair: Any) -> tuple[Any, Collect]:
     """The peer's response, once its first half (all that a has) arrived."""
-    # The marker is written once the body flows; ask until b finds it.
-    for _ in range(200):
+    # The marker is written once the body flows (in a thread); ask until b
+    # finds it, for up to 30 s on a loaded machine.
+    for _ in range(600):
         got = await _ask(agent, port, pair)
         if got.code == 200:
             break
         await readBody(got)
+        await deferLater(reactor, 0.05, lambda: None)
     assert got.code == 200
     body = Collect()
     got.deliverBody(body)

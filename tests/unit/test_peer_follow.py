@@ -82,7 +82,7 @@ def entry(digest: str, size: int = len(BODY)) -> Entry:
 
 
 async def until(cond: Any) -> None:
-    for _ in range(2000):
+    for _ in range(6000):  # at least 30 s: the peer's thread pools may wait long for a loaded CPU
         if cond():
             return
         await deferLater(reactor, 0.005, lambda: None)

@@ -16,7 +16,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
-from sparkcache.fetch.xlock import Ended, KeyLocks, Marker, Tail, paths
+from sparkcache.fetch.xlock import Ended, Held, KeyLocks, Marker, Tail, paths
 
 KEY = "generic/r/files/x.bin"
 
@@ -65,6 +65,21 @@ def _committed(spool: str) -> Any:
     async def check() -> bool:
         return os.path.exists(spool + ".committed")
     return check
+
+
+async def _announced(tmp_path: Path, name: str, follower_io: Any = _in_io,
+                     **marker_args: Any) -> tuple[KeyLocks, KeyLocks, Held, Marker, Path]:
+    """KEY owned and announced through one KeyLocks (its spool ``name`` holding
+    b"abc" of 10 bytes), and its marker as a second KeyLocks reads it."""
+    owner, follower = KeyLocks(str(tmp_path), _in_io), KeyLocks(str(tmp_path), follower_io)
+    spool = tmp_path / name
+    spool.write_bytes(b"abc")
+    held = await owner.acquire(KEY)
+    assert held is not None
+    await held.announce(Marker(spool=str(spool), total=10, **marker_args))
+    marker = await follower.marker(KEY)
+    assert marker is not None
+    return owner, follower, held, marker, spool
 
 
 @pytest_twisted.ensureDeferred
@@ -145,14 +160,7 @@ async def test_an_owner_killed_mid_body_aborts_the_tail_and_frees_the_key(tmp_pa
 
 @pytest_twisted.ensureDeferred
 async def test_an_abandoned_production_ends_the_tail_uncommitted(tmp_path: Path) -> None:
-    owner, follower = KeyLocks(str(tmp_path), _in_io), KeyLocks(str(tmp_path), _in_io)
-    spool = tmp_path / "spool-2"
-    spool.write_bytes(b"abc")
-    held = await owner.acquire(KEY)
-    assert held is not None
-    await held.announce(Marker(spool=str(spool), total=10, hold_last=True))
-    marker = await follower.marker(KEY)
-    assert marker is not None
+    _, follower, held, marker, spool = await _announced(tmp_path, "spool-2", hold_last=True)
     tail = Tail(follower, KEY, marker, _committed(str(spool)))
     await tail.open()
     assert await tail.poll() == 3
@@ -167,14 +175,7 @@ async def test_an_abandoned_production_ends_the_tail_uncommitted(tmp_path: Path)
 
 @pytest_twisted.ensureDeferred
 async def test_an_abort_is_seen_at_the_next_poll_with_its_reason(tmp_path: Path) -> None:
-    owner, follower = KeyLocks(str(tmp_path), _in_io), KeyLocks(str(tmp_path), _in_io)
-    spool = tmp_path / "spool-3"
-    spool.write_bytes(b"abc")
-    held = await owner.acquire(KEY)
-    assert held is not None
-    await held.announce(Marker(spool=str(spool), total=10))
-    marker = await follower.marker(KEY)
-    assert marker is not None
+    owner, follower, held, marker, _ = await _announced(tmp_path, "spool-3")
 
     async def never() -> bool:
         raise AssertionError("an abort the marker says needs no index lookup")
@@ -222,14 +223,7 @@ async def test_a_cancelled_poll_keeps_the_descriptor_until_its_thread_is_done(tm
             return gate.addCallback(lambda _: fn(*args))
         return deferToThread(fn, *args)
 
-    owner, follower = KeyLocks(str(tmp_path), _in_io), KeyLocks(str(tmp_path), held_in_io)
-    spool = tmp_path / "spool-4"
-    spool.write_bytes(b"abc")
-    held = await owner.acquire(KEY)
-    assert held is not None
-    await held.announce(Marker(spool=str(spool), total=10))
-    marker = await follower.marker(KEY)
-    assert marker is not None
+    _, follower, held, marker, spool = await _announced(tmp_path, "spool-4", held_in_io)
     tail = Tail(follower, KEY, marker, _committed(str(spool)))
     await tail.open()
     fd = tail.fd
