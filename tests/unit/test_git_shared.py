@@ -217,8 +217,13 @@ async def test_min_fetch_interval_counts_from_the_other_workers_fetch(workers, u
     calls = count_fetches(monkeypatch)
     clock.advance(1)
     upstream.commit()
+    timers = len(clock.getDelayedCalls())
     d = b.refresh(mb)
-    for _ in range(50):  # b reads the record in the pool, then waits on the clock
+    # b reads the record in the pool, then waits on the clock: advancing the
+    # clock before that wait is scheduled would leave it waiting for ever.
+    for _ in range(3000):
+        if len(clock.getDelayedCalls()) > timers or d.called:
+            break
         await task.deferLater(reactor, 0.01)
     assert not d.called and calls == []
     clock.advance(4)  # 5 s after a's fetch ended
