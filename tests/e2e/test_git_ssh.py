@@ -106,7 +106,7 @@ def test_ssh_key_mirror_clone_refresh_and_no_key_leak(sshd: Sshd, daemon_factory
         assert (c / "f2.txt").read_text() == "2\n"
         # the fetch loop (every second) runs over ssh too, while the watcher scans
         eventually(lambda: watcher.scans > 20 and sshd.log().count("Accepted publickey for root") >= 10,
-                   timeout=20, message="the fetch loop did not reach the ssh upstream")
+                   timeout=60, message="the fetch loop did not reach the ssh upstream")
     finally:
         watcher.stop_event.set()
         watcher.join(10)
