@@ -41,6 +41,8 @@ LOW_WATER = 1 << 20
 # A miss's spool is written in batches of at least this much (see Flight._take).
 BATCH = 512 << 10
 BATCH_WAIT = 0.002
+# Readers of a body a Siphon reads hear about new bytes in steps of this size.
+SIPHON_STEP = 1 << 20
 # Readers of a body built in a thread hear about new bytes in steps of this size.
 PROGRESS_STEP = 256 << 10
 
@@ -104,6 +106,7 @@ class Flight:
         self._lane_error: BaseException | None = None
         self._told = False  # a _sync is on its way to the reactor
         self._siphoned = 0  # bytes a Siphon's thread wrote (it takes the write lane's place)
+        self._siphon_told = 0  # (_on_disk when the siphon last told the reactor)
         self._closing = False  # finished: lanes end instead of waiting for more
         # The reactor's view.
         self._received = 0
@@ -277,7 +280,15 @@ class Flight:
                 self._lane_failed(lane, e)
                 return
             done(batch, n)
-            self._tell()
+            if lane == "write" or self._hash_news():
+                self._tell()
+
+    def _hash_news(self) -> bool:
+        """(In the hash lane.) Whether the reactor must hear of a hashed batch:
+        always, but behind a Siphon while it reads (only flushed() waits for
+        the hash there, and the siphon tells of the bytes it writes)."""
+        with self._lock:
+            return not self._siphoned or self._draining or "write" not in self._alive
 
     def _written(self, batch: list[bytes], n: int) -> None:
         start = False
@@ -334,9 +345,24 @@ class Flight:
                 start = self._wake("hash")
             else:
                 self._retired += n
+            # Readers hear of the first bytes at once, then every SIPHON_STEP:
+            # each telling is a wake-up of the reactor and of every tail.
+            tell = not self._siphon_told or self._on_disk - self._siphon_told >= SIPHON_STEP
+            if tell:
+                self._siphon_told = self._on_disk
         if start:
             self._lanes.start(self._hash_lane)
-        self._tell()
+        if tell:
+            self._tell()
+
+    def siphon_caught_up(self) -> None:
+        """(In the siphon.) Upstream has sent nothing more for now: readers hear
+        of every byte on disk (not only at the next SIPHON_STEP)."""
+        with self._lock:
+            tell = self._on_disk > self._siphon_told
+            self._siphon_told = self._on_disk
+        if tell:
+            self._tell()
 
     def siphon_wait(self, retired: int) -> bool:
         """(In the siphon.) Wait until the first ``retired`` bytes are hashed (a
@@ -434,6 +460,7 @@ class Flight:
         with self._lock:
             self._draining = True
             self._write_cond.notify()
+            self._hash_cond.notify()  # (a hash lane lingering for more ends, and says so, now)
         d: Deferred[None] = Deferred()
         self._drained.append(d)
         return d

@@ -153,6 +153,7 @@ class Siphon:
             try:
                 n = sock.recv_into(buf, min(len(buf), left))
             except BlockingIOError:
+                flight.siphon_caught_up()
                 if not poller.poll(POLL_MS):
                     if time.monotonic() - last >= self.idle_timeout:
                         return "stalled", ""
