@@ -291,17 +291,21 @@ class Flight:
             return not self._siphoned or self._draining or "write" not in self._alive
 
     def _written(self, batch: list[bytes], n: int) -> None:
-        start = False
         with self._lock:
             self._working.discard("write")
-            self._on_disk += n
-            if self._split:
-                self._to_hash.extend(batch)
-                start = self._wake("hash")
-            else:
-                self._retired += n
+            start = self._on_disk_now(batch, n)
         if start:
             self._lanes.start(self._hash_lane)
+
+    def _on_disk_now(self, chunks: list[Any], n: int) -> bool:
+        """(Under the lock.) ``chunks`` (``n`` bytes) are in the spool: next for
+        the hash lane (True: it must be started), or done with."""
+        self._on_disk += n
+        if self._split:
+            self._to_hash.extend(chunks)
+            return self._wake("hash")
+        self._retired += n
+        return False
 
     def _hashed(self, batch: list[bytes], n: int) -> None:
         with self._lock:
@@ -336,15 +340,9 @@ class Flight:
     def siphon_landed(self, chunk: Any, n: int) -> None:
         """(In the siphon.) ``chunk`` (``n`` bytes) is written to the spool: to
         be hashed, and its readers told."""
-        start = False
         with self._lock:
-            self._on_disk += n
             self._siphoned += n
-            if self._split:
-                self._to_hash.append(chunk)
-                start = self._wake("hash")
-            else:
-                self._retired += n
+            start = self._on_disk_now([chunk], n)
             # Readers hear of the first bytes at once, then every SIPHON_STEP:
             # each telling is a wake-up of the reactor and of every tail.
             tell = not self._siphon_told or self._on_disk - self._siphon_told >= SIPHON_STEP
