@@ -51,6 +51,11 @@ SIPHON_MIN = 1 << 20
 # and 3 x 1 MiB both cost 7-25 % more CPU per GB in A/B runs here.)
 READ = 1 << 20
 RING = 4
+# With this many siphons already running, a new one gets RING_CROWDED buffers:
+# 16 misses at once then hold 40 MiB of buffers, not 64 (the RSS goal).
+CROWDED = 4
+RING_CROWDED = 2
+_running = 0  # siphons reading now, in this process (changed on the reactor only)
 # How long one poll waits before the thread checks whether it must stop.
 POLL_MS = 250
 
@@ -91,6 +96,7 @@ class Siphon:
         self.call = call
         self.ended = ended
         self.stopped = False
+        self.ring = RING
         self._sock: socket.socket | None = None
         self._closing = threading.Lock()  # (stop's shutdown never meets a reused descriptor number)
 
@@ -100,7 +106,10 @@ class Siphon:
         self.conn.stopReading()
         # A duplicate: the reactor may close its descriptor (stop, shutdown)
         # while the thread still reads; the socket then stays the same one.
+        global _running
         sock = self._sock = socket.socket(fileno=os.dup(self.conn.fileno()))
+        self.ring = RING if _running < CROWDED else RING_CROWDED
+        _running += 1
         threading.Thread(target=self._run, args=(sock, first), name="sparkcache-siphon", daemon=True).start()
 
     def stop(self) -> None:
@@ -136,7 +145,7 @@ class Siphon:
                 flight.siphon_failed(e)
                 return "write", str(e)
             flight.siphon_landed(chunk, len(chunk))
-        ring = [bytearray(min(READ, self.remaining)) for _ in range(min(RING, 1 + (self.remaining - 1) // READ))]
+        ring = [bytearray(min(READ, self.remaining)) for _ in range(min(self.ring, 1 + (self.remaining - 1) // READ))]
         ends = [0] * len(ring)  # the body offset each buffer's last chunk ends at
         poller = select.poll()
         poller.register(sock, select.POLLIN)
@@ -180,6 +189,8 @@ class Siphon:
     def _finish(self, outcome: str, detail: str) -> None:
         """(On the reactor.) A complete body: the parser hears that it ended,
         and the connection goes back to the pool. Otherwise: ``ended`` says why."""
+        global _running
+        _running -= 1
         if outcome == "done" and not self.stopped:
             self.decoder.contentLength = 0
             try:
