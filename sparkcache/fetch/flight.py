@@ -28,6 +28,7 @@ from twisted.web.client import PotentialDataLoss, ResponseDone
 from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
+from sparkcache.fetch.siphon import Siphon, siphonable
 from sparkcache.store import SpoolFile
 
 log = Logger()
@@ -40,6 +41,8 @@ LOW_WATER = 1 << 20
 # A miss's spool is written in batches of at least this much (see Flight._take).
 BATCH = 512 << 10
 BATCH_WAIT = 0.002
+# Readers of a body a Siphon reads hear about new bytes in steps of this size.
+SIPHON_STEP = 1 << 20
 # Readers of a body built in a thread hear about new bytes in steps of this size.
 PROGRESS_STEP = 256 << 10
 
@@ -102,6 +105,8 @@ class Flight:
         self._retired = 0  # bytes done with: hashed (or written, when hashed as written)
         self._lane_error: BaseException | None = None
         self._told = False  # a _sync is on its way to the reactor
+        self._siphoned = 0  # bytes a Siphon's thread wrote (it takes the write lane's place)
+        self._siphon_told = 0  # (_on_disk when the siphon last told the reactor)
         self._closing = False  # finished: lanes end instead of waiting for more
         # The reactor's view.
         self._received = 0
@@ -275,25 +280,108 @@ class Flight:
                 self._lane_failed(lane, e)
                 return
             done(batch, n)
-            self._tell()
+            if lane == "write" or self._hash_news():
+                self._tell()
+
+    def _hash_news(self) -> bool:
+        """(In the hash lane.) Whether the reactor must hear of a hashed batch:
+        always, but behind a Siphon while it reads (only flushed() waits for
+        the hash there, and the siphon tells of the bytes it writes)."""
+        with self._lock:
+            return not self._siphoned or self._draining or "write" not in self._alive
 
     def _written(self, batch: list[bytes], n: int) -> None:
-        start = False
         with self._lock:
             self._working.discard("write")
-            self._on_disk += n
-            if self._split:
-                self._to_hash.extend(batch)
-                start = self._wake("hash")
-            else:
-                self._retired += n
+            start = self._on_disk_now(batch, n)
         if start:
             self._lanes.start(self._hash_lane)
+
+    def _on_disk_now(self, chunks: list[Any], n: int) -> bool:
+        """(Under the lock.) ``chunks`` (``n`` bytes) are in the spool: next for
+        the hash lane (True: it must be started), or done with."""
+        self._on_disk += n
+        if self._split:
+            self._to_hash.extend(chunks)
+            return self._wake("hash")
+        self._retired += n
+        return False
 
     def _hashed(self, batch: list[bytes], n: int) -> None:
         with self._lock:
             self._working.discard("hash")
             self._retired += n
+            if self._siphoned:
+                self._write_cond.notify()  # (a Siphon may wait for this buffer back)
+
+    # A Siphon (fetch/siphon.py) reads an upstream body from its socket in a
+    # thread that takes the write lane's place: it writes each read to the
+    # spool itself and hands the very buffer to the hash lane, reusing it once
+    # hashed. These are its side of the flight (``siphon_*`` in its thread).
+
+    def take_over(self) -> bool:
+        """(On the reactor, before any byte.) A Siphon writes the body from now
+        on; False if bytes already went the other way (then it must not)."""
+        if self._received or self._split is not None or self.finished:
+            return False
+        self._split = self.spool.size == 0 and not self.hold_last
+        if self._split:
+            self.spool.defer_hashing()
+        with self._lock:
+            self._alive.add("write")
+            self._working.add("write")
+        return True
+
+    @property
+    def body_offset(self) -> int:
+        """(In the siphon.) Bytes of the body before what the siphon writes next."""
+        return self._received + self._siphoned
+
+    def siphon_landed(self, chunk: Any, n: int) -> None:
+        """(In the siphon.) ``chunk`` (``n`` bytes) is written to the spool: to
+        be hashed, and its readers told."""
+        with self._lock:
+            self._siphoned += n
+            start = self._on_disk_now([chunk], n)
+            # Readers hear of the first bytes at once, then every SIPHON_STEP:
+            # each telling is a wake-up of the reactor and of every tail.
+            tell = not self._siphon_told or self._on_disk - self._siphon_told >= SIPHON_STEP
+            if tell:
+                self._siphon_told = self._on_disk
+        if start:
+            self._lanes.start(self._hash_lane)
+        if tell:
+            self._tell()
+
+    def siphon_caught_up(self) -> None:
+        """(In the siphon.) Upstream has sent nothing more for now: readers hear
+        of every byte on disk (not only at the next SIPHON_STEP)."""
+        with self._lock:
+            tell = self._on_disk > self._siphon_told
+            self._siphon_told = self._on_disk
+        if tell:
+            self._tell()
+
+    def siphon_wait(self, retired: int) -> bool:
+        """(In the siphon.) Wait until the first ``retired`` bytes are hashed (a
+        buffer comes back); False if the flight fails or ends meanwhile."""
+        with self._lock:
+            while self._retired < retired:
+                if self._lane_error is not None or self._closing:
+                    return False
+                self._write_cond.wait(1.0)
+            return self._lane_error is None and not self._closing
+
+    def siphon_failed(self, e: BaseException) -> None:
+        """(In the siphon.) Writing the spool failed: the flight's write error."""
+        self._lane_failed("write", e)
+
+    def siphon_ended(self) -> None:
+        """(In the siphon, last.) No more bytes from it: flushed() may fire."""
+        with self._lock:
+            self._working.discard("write")
+            self._alive.discard("write")
+        self._tell()
 
     def _lane_failed(self, lane: str, e: BaseException) -> None:
         with self._lock:
@@ -319,11 +407,12 @@ class Flight:
         with self._lock:
             self._told = False
             on_disk, retired, error = self._on_disk, self._retired, self._lane_error
+            received = self._received + self._siphoned
         if error is not None and self._write_error is None:
             self._write_error = error
         grew = on_disk > self.written
         self.written = on_disk
-        self.queued = 0 if self._write_error is not None else self._received - retired
+        self.queued = 0 if self._write_error is not None else received - retired
         self._progress()
         if grew:
             self._notify()
@@ -369,6 +458,7 @@ class Flight:
         with self._lock:
             self._draining = True
             self._write_cond.notify()
+            self._hash_cond.notify()  # (a hash lane lingering for more ends, and says so, now)
         d: Deferred[None] = Deferred()
         self._drained.append(d)
         return d
@@ -598,6 +688,13 @@ class Intake:
         if self.producer is not None:
             self.producer.stopProducing()
 
+    def hand_over(self) -> None:
+        """A Siphon reads the producer's bytes from now on, and watches for a
+        stall itself: no timer here."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
     def close(self) -> None:
         """The producer is done (or gone): no more timers, no more resumes."""
         self._closed = True
@@ -608,31 +705,108 @@ class Intake:
 
 
 class BodyReceiver(Protocol):
-    """Receives an upstream body into a Flight, with an idle timeout."""
+    """Receives an upstream body into a Flight, with an idle timeout.
 
-    def __init__(self, flight: Flight, clock: Any, idle_timeout: float, done: Deferred[None]) -> None:
+    A large body of known length on plain TCP is read by a Siphon (see
+    fetch/siphon.py) instead of the reactor: ``siphon`` says so from
+    ``connectionMade`` on, and the bytes delivered before ``receive`` hands
+    the connection over wait in ``held``.
+    """
+
+    def __init__(self, flight: Flight, clock: Any, idle_timeout: float, done: Deferred[None],
+                 length: Any = None) -> None:
         self.flight = flight
         self.clock = clock
         self.idle_timeout = idle_timeout
         self.done = done
+        self.length = length
         self.intake: Intake | None = None
+        self.siphon: Siphon | None = None
+        self.held: list[bytes] | None = None
+        self._taken: Any = None
 
     def connectionMade(self) -> None:
         self.intake = Intake(self.flight, self.clock, self.idle_timeout,
                              "upstream stalled for {timeout:g}s after {bytes} bytes")
         self.intake.registerProducer(self.transport, True)
+        taken = siphonable(self.transport, self.length) if type(self.flight) is Flight else None
+        if taken is not None and self.flight.take_over():
+            self._taken, self.held = taken, []
+            return
         # Read upstream in large gulps: each read is a trip through the HTTP
         # parser and the spool, so fewer, bigger reads mean less CPU per byte.
         tcp = getattr(self.transport, "_producer", None)
         if tcp is not None and hasattr(tcp, "bufferSize"):
             tcp.bufferSize = READ_SIZE
 
+    def hand_over(self) -> None:
+        """(After deliverBody.) Stop the reactor reading the connection, and
+        start a Siphon on the rest of the body at the next turn: the HTTP
+        parser may still deliver bytes it read along with the headers as the
+        call that got here unwinds (they join ``held``)."""
+        if self.held is None or self._taken is None:
+            return
+        self._taken[0].stopReading()
+        assert self.intake is not None
+        self.intake.hand_over()
+        self.clock.callLater(0, self._start_siphon)
+
+    def _start_siphon(self) -> None:
+        if self.held is None:
+            return  # (it ended meanwhile: see connectionLost)
+        held, self.held = self.held, None
+        conn, decoder = self._taken
+        if self.done.called:  # cancelled meanwhile
+            self.flight.siphon_ended()
+            return
+        siphon = Siphon(self.flight, conn, decoder, self.idle_timeout, self.flight._lanes.call, self._siphon_ended)
+        try:
+            siphon.start(held)
+        except OSError as e:  # (the connection is gone already)
+            self.flight.siphon_ended()
+            assert self.intake is not None
+            self.intake.stop(f"upstream connection lost: {e}")
+            return
+        self.siphon = siphon
+
+    def _siphon_ended(self, outcome: str, detail: str) -> None:
+        """(On the reactor.) The Siphon stopped before the end of the body: the
+        connection is closed, and connectionLost reports why."""
+        assert self.intake is not None
+        if outcome == "stalled":
+            self.intake.stop(self.intake.idle_error.format(timeout=self.idle_timeout,
+                                                           bytes=self.flight.written + self.flight.queued))
+        elif outcome == "write":
+            self.intake.stop(f"spool write failed: {self.flight.write_error or detail}")
+        elif outcome == "stopped" and self.intake.error is None and not self.done.called:
+            self.intake.stop("the production has ended")
+        transport = self.transport
+        if transport is not None:
+            transport.stopProducing()  # type: ignore[attr-defined]
+
     def dataReceived(self, data: bytes) -> None:
+        if self.held is not None:
+            self.held.append(data)
+            return
+        if self.siphon is not None:
+            if data:  # (never: the reactor does not read a siphoned connection)
+                self.siphon.stop()
+                assert self.intake is not None
+                self.intake.stop("body bytes arrived outside the siphon")
+            return
         assert self.intake is not None
         self.intake.write(data)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         intake = self.intake
+        if self.held is not None:
+            # (Over before it could be handed over: it went the reactor's way after all.)
+            held, self.held = self.held, None
+            self.flight.siphon_ended()
+            self.flight._split = None
+            for data in held:
+                if intake is not None:
+                    intake.write(data)
         if intake is not None:
             intake.close()
             intake.unregisterProducer()
@@ -653,12 +827,15 @@ def receive(response: IResponse, flight: Flight, clock: Any, idle_timeout: float
     """Spool ``response``'s body into ``flight``; cancelling stops the upstream transfer."""
 
     def cancel(_: Deferred[None]) -> None:
+        if receiver.siphon is not None:
+            receiver.siphon.stop()
         if receiver.transport is not None:
             receiver.transport.stopProducing()  # type: ignore[attr-defined]
 
     done: Deferred[None] = Deferred(cancel)
-    receiver = BodyReceiver(flight, clock, idle_timeout, done)
+    receiver = BodyReceiver(flight, clock, idle_timeout, done, getattr(response, "length", None))
     response.deliverBody(receiver)
+    receiver.hand_over()
     return done
 
 

@@ -1,0 +1,161 @@
+"""A Siphon reads a large upstream body off its socket in a thread (fetch/siphon.py).
+
+Against a real upstream on 127.0.0.1 (a few lines of Twisted that answer
+every request on a connection with one scripted response), through
+Twisted's Agent and ``receive`` exactly as a miss does: the whole body is
+spooled and hashed, the connection goes back to the pool; a body cut short,
+a stalled upstream and a cancelled fetch each end the transfer with the
+flight's write lane given back (``flushed`` fires), nothing left reading.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from sparkcache.fetch.flight import BodyError, Flight, Lanes, receive
+from sparkcache.fetch.siphon import SIPHON_MIN
+from sparkcache.store import SpoolFile
+
+MiB = 1 << 20
+
+
+class Script(Protocol):
+    """Answers each request with the factory's body: whole, cut at ``cut``
+    bytes (then closed), or held at ``cut`` bytes (a stall)."""
+
+    def connectionMade(self) -> None:
+        self.factory.connections += 1
+        self.factory.open.append(self)
+        self.buf = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buf += data
+        while b"\r\n\r\n" in self.buf:
+            _, self.buf = self.buf.split(b"\r\n\r\n", 1)
+            f = self.factory
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(f.body))
+            if f.mode == "whole":
+                self.transport.write(f.body)
+            else:
+                self.transport.write(f.body[:f.cut])
+                if f.mode == "cut":
+                    self.transport.loseConnection()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.factory.open.remove(self)
+        for d in self.factory.lost:
+            if not d.called:
+                d.callback(None)
+
+
+class Upstream(Factory):
+    protocol = Script
+
+    def __init__(self, body: bytes, mode: str = "whole", cut: int = 0) -> None:
+        self.body, self.mode, self.cut = body, mode, cut
+        self.connections = 0
+        self.open: list[Script] = []
+        self.lost: list[Deferred[None]] = []
+
+
+@pytest.fixture
+def served(request: Any) -> Any:
+    made: list[Any] = []
+
+    def serve(upstream: Upstream) -> tuple[Agent, HTTPConnectionPool, str]:
+        port = reactor.listenTCP(0, upstream, interface="127.0.0.1")
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        made.append((port, pool))
+        return Agent(reactor, pool=pool), pool, f"http://127.0.0.1:{port.getHost().port}/body"
+
+    yield serve
+    for port, pool in made:
+        pytest_twisted.blockon(pool.closeCachedConnections())
+        pytest_twisted.blockon(port.stopListening())
+
+
+def new_flight(tmp_path: Any, total: int) -> Flight:
+    return Flight("k", SpoolFile(str(tmp_path)), total, {}, Lanes(reactor))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_large_body_is_siphoned_and_the_connection_reused(tmp_path: Any, served: Any) -> None:
+    body = os.urandom(3 * MiB + 12345)
+    up = Upstream(body)
+    agent, _pool, url = served(up)
+    for n in (1, 2):
+        response = await agent.request(b"GET", url.encode())
+        f = new_flight(tmp_path, len(body))
+        await receive(response, f, reactor, 10.0)
+        assert f._siphoned > len(body) - SIPHON_MIN  # (all but what came with the headers)
+        assert f.written == len(body) and f.queued == 0
+        assert f.spool.hexdigest() == hashlib.sha256(body).hexdigest()
+        with open(f.spool.path, "rb") as spooled:
+            assert spooled.read() == body
+        f.release()
+        f.spool.discard()
+        assert up.connections == 1, f"request {n}: the siphoned connection was not reused"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_small_body_stays_on_the_reactor(tmp_path: Any, served: Any) -> None:
+    body = os.urandom(SIPHON_MIN // 4)
+    agent, _pool, url = served(Upstream(body))
+    response = await agent.request(b"GET", url.encode())
+    f = new_flight(tmp_path, len(body))
+    await receive(response, f, reactor, 10.0)
+    assert f._siphoned == 0 and f.written == len(body)
+    assert f.spool.hexdigest() == hashlib.sha256(body).hexdigest()
+    f.release()
+    f.spool.discard()
+
+
+@pytest.mark.parametrize("mode", ["cut", "stall"])
+@pytest_twisted.ensureDeferred
+async def test_a_body_cut_short_or_stalled_fails(tmp_path: Any, served: Any, mode: str) -> None:
+    body = os.urandom(4 * MiB)
+    up = Upstream(body, mode, cut=2 * MiB + 7)
+    agent, _pool, url = served(up)
+    response = await agent.request(b"GET", url.encode())
+    f = new_flight(tmp_path, len(body))
+    with pytest.raises(BodyError) as caught:
+        await receive(response, f, reactor, 0.5)
+    assert ("ended early" if mode == "cut" else "stalled") in str(caught.value)
+    await f.flushed()  # the siphon gave the write lane back
+    assert f.written == 2 * MiB + 7
+    if up.open:  # (the stalled upstream hears that we hung up)
+        gone: Deferred[None] = Deferred()
+        up.lost.append(gone)
+        await gone
+    f.release()
+    f.spool.discard()
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancelling_stops_the_siphon(tmp_path: Any, served: Any) -> None:
+    body = os.urandom(4 * MiB)
+    up = Upstream(body, "stall", cut=2 * MiB)
+    agent, _pool, url = served(up)
+    response = await agent.request(b"GET", url.encode())
+    f = new_flight(tmp_path, len(body))
+    receiving = receive(response, f, reactor, 30.0)
+    while f.written < 2 * MiB:  # (all that upstream sends is in)
+        wait: Deferred[None] = Deferred()
+        f.listen(lambda: wait.called or wait.callback(None))
+        await wait
+    gone: Deferred[None] = Deferred()
+    up.lost.append(gone)
+    receiving.cancel()
+    await f.flushed()  # the thread ended: no one writes the spool any more
+    await gone  # and the upstream connection is closed
+    f.release()
+    f.spool.discard()
