@@ -56,6 +56,10 @@ RING = 4
 CROWDED = 4
 RING_CROWDED = 2
 _running = 0  # siphons reading now, in this process (changed on the reactor only)
+# Beyond this many, a new large body takes the reactor path: a thread and
+# RING_CROWDED buffers per miss must not grow with a burst of misses (a cold
+# CI fleet pulling hundreds of layers at once). 16 cost at most 40 MiB.
+MAX_RUNNING = 16
 # How long one poll waits before the thread checks whether it must stop.
 POLL_MS = 250
 
@@ -64,7 +68,7 @@ def siphonable(transport: Any, length: Any) -> tuple[tcp.Connection, _IdentityTr
     """The connection and body decoder of a response body a Siphon can read
     (``transport`` is the body protocol's), or None: a body of unknown or small
     length, TLS, or a transport that is not Twisted's HTTP/1.1 client on TCP."""
-    if not isinstance(length, int) or length < SIPHON_MIN:
+    if not isinstance(length, int) or length < SIPHON_MIN or _running >= MAX_RUNNING:
         return None
     conn = getattr(transport, "_producer", None)
     if not isinstance(conn, tcp.Connection) or getattr(conn, "TLS", False) or conn.disconnecting:

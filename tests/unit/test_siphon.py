@@ -17,11 +17,12 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from sparkcache.fetch.flight import BodyError, Flight, Lanes, receive
+from sparkcache.fetch import siphon
 from sparkcache.fetch.siphon import SIPHON_MIN
 from sparkcache.store import SpoolFile
 
@@ -119,6 +120,22 @@ async def test_a_small_body_stays_on_the_reactor(tmp_path: Any, served: Any) -> 
     f.spool.discard()
 
 
+@pytest_twisted.ensureDeferred
+async def test_past_the_cap_a_large_body_takes_the_reactor_path(tmp_path: Any, served: Any,
+                                                                monkeypatch: Any) -> None:
+    # As if MAX_RUNNING siphons were reading: a burst of misses gets no more threads.
+    monkeypatch.setattr(siphon, "_running", siphon.MAX_RUNNING)
+    body = os.urandom(2 * SIPHON_MIN)
+    agent, _pool, url = served(Upstream(body))
+    response = await agent.request(b"GET", url.encode())
+    f = new_flight(tmp_path, len(body))
+    await receive(response, f, reactor, 10.0)
+    assert f._siphoned == 0 and f.written == len(body)
+    assert f.spool.hexdigest() == hashlib.sha256(body).hexdigest()
+    f.release()
+    f.spool.discard()
+
+
 @pytest.mark.parametrize("mode", ["cut", "stall"])
 @pytest_twisted.ensureDeferred
 async def test_a_body_cut_short_or_stalled_fails(tmp_path: Any, served: Any, mode: str) -> None:
@@ -155,6 +172,8 @@ async def test_cancelling_stops_the_siphon(tmp_path: Any, served: Any) -> None:
     gone: Deferred[None] = Deferred()
     up.lost.append(gone)
     receiving.cancel()
+    with pytest.raises(CancelledError):
+        await receiving
     await f.flushed()  # the thread ended: no one writes the spool any more
     await gone  # and the upstream connection is closed
     f.release()
