@@ -107,9 +107,7 @@ async def test_a_large_body_is_siphoned_and_the_connection_reused(tmp_path: Any,
         assert up.connections == 1, f"request {n}: the siphoned connection was not reused"
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_small_body_stays_on_the_reactor(tmp_path: Any, served: Any) -> None:
-    body = os.urandom(SIPHON_MIN // 4)
+async def _spooled_on_the_reactor(tmp_path: Any, served: Any, body: bytes) -> None:
     agent, _pool, url = served(Upstream(body))
     response = await agent.request(b"GET", url.encode())
     f = new_flight(tmp_path, len(body))
@@ -118,6 +116,11 @@ async def test_a_small_body_stays_on_the_reactor(tmp_path: Any, served: Any) -> 
     assert f.spool.hexdigest() == hashlib.sha256(body).hexdigest()
     f.release()
     f.spool.discard()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_small_body_stays_on_the_reactor(tmp_path: Any, served: Any) -> None:
+    await _spooled_on_the_reactor(tmp_path, served, os.urandom(SIPHON_MIN // 4))
 
 
 @pytest_twisted.ensureDeferred
@@ -125,15 +128,7 @@ async def test_past_the_cap_a_large_body_takes_the_reactor_path(tmp_path: Any, s
                                                                 monkeypatch: Any) -> None:
     # As if MAX_RUNNING siphons were reading: a burst of misses gets no more threads.
     monkeypatch.setattr(siphon, "_running", siphon.MAX_RUNNING)
-    body = os.urandom(2 * SIPHON_MIN)
-    agent, _pool, url = served(Upstream(body))
-    response = await agent.request(b"GET", url.encode())
-    f = new_flight(tmp_path, len(body))
-    await receive(response, f, reactor, 10.0)
-    assert f._siphoned == 0 and f.written == len(body)
-    assert f.spool.hexdigest() == hashlib.sha256(body).hexdigest()
-    f.release()
-    f.spool.discard()
+    await _spooled_on_the_reactor(tmp_path, served, os.urandom(2 * SIPHON_MIN))
 
 
 @pytest.mark.parametrize("mode", ["cut", "stall"])
