@@ -196,6 +196,36 @@ def _content_length(response: IResponse) -> int | None:
 _VALID_ETAG = re.compile(r'^(W/)?"[^"]*"$')
 
 
+class _SpoolAhead:
+    """A miss's spool file, made in the I/O pool while its upstream is asked
+    (``Store.spool_ahead``). ``take`` hands it over if it is made by the time
+    the body starts, else None (the taker then makes one itself: a busy I/O
+    pool, fsyncing commits, never holds a first byte back); one made after
+    that, or never taken, is discarded."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.spool: SpoolFile | None = None
+        self.settled = False  # taken or dropped
+        store.spool_ahead().addCallbacks(self._made, lambda f: None)  # (a failure recurs where it is reported)
+
+    def _made(self, spool: SpoolFile) -> None:
+        if self.settled:
+            self.store.discard(spool)
+        else:
+            self.spool = spool
+
+    def take(self) -> SpoolFile | None:
+        self.settled = True
+        spool, self.spool = self.spool, None
+        return spool
+
+    def drop(self) -> None:
+        spool = self.take()
+        if spool is not None:
+            self.store.discard(spool)
+
+
 class Cache:
     def __init__(self, store: Store, upstream: UpstreamClient, clock: Any, metrics: Metrics,
                  locks: KeyLocks | None = None) -> None:
@@ -345,6 +375,7 @@ class Cache:
         taken (with the lookup: ``_lookup_claiming``)."""
         lease: Lease | None = None
         counted = False
+        ahead: _SpoolAhead | None = None
         try:
             if self.locks is not None and held is None:
                 self._claiming[target.key] = shared
@@ -377,11 +408,15 @@ class Cache:
             since = self.store.epoch()
             # The free space is measured (in the I/O pool) while upstream is
             # asked, not after it answered: one thread hop less before the first byte.
-            free = self._measure_space() if type(source) is Upstream and target.validate is None else None
+            free = ahead = None
+            if type(source) is Upstream and target.validate is None:
+                free = self._measure_space()
+                # The spool file too is made while upstream is asked.
+                ahead = _SpoolAhead(self.store)
             opened = await source.open(self, target, stale)
             if not isinstance(opened, Body):
                 return opened
-            await self._store(target, stale, shared, opened, since, held, free)
+            await self._store(target, stale, shared, opened, since, held, free, ahead)
             # Settled (Live) before the body flowed: this outcome goes to nobody.
             return Failed(502, "internal error while producing")
         except CancelledError:
@@ -390,6 +425,8 @@ class Cache:
             log.failure("producing {key} failed", key=target.key)
             return Failed(502, "internal error while producing")
         finally:
+            if ahead is not None:  # (not taken: a 404, an error, a body passed through)
+                ahead.drop()
             self._count_now(target.key)
             if counted:
                 self.metrics.inflight.dec()
@@ -416,7 +453,8 @@ class Cache:
         return Failed(502, "internal error while following")  # settled before: goes to nobody
 
     async def _store(self, target: Target, stale: Entry | None, shared: Shared[Result], body: Body, since: int,
-                     held: Held | None = None, free: Deferred[int | None] | None = None) -> None:
+                     held: Held | None = None, free: Deferred[int | None] | None = None,
+                     ahead: _SpoolAhead | None = None) -> None:
         """The one commit path: spool, verify, fsync, rename, index row, in that order."""
         key = target.key
         now = self.clock.seconds()
@@ -431,7 +469,8 @@ class Cache:
             await passing
             return
         try:
-            spool = body.spool if body.spool is not None else self.store.new_spool()
+            spool = body.spool if body.spool is not None else \
+                (ahead.take() if ahead is not None else None) or self.store.new_spool()
         except OSError as e:
             self.store.note_write_error(e)
             raise

@@ -23,6 +23,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import (URI, Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, HTTPConnectionPool,
                                 ResponseNeverReceived, _HTTP11ClientFactory, _StandardEndpointFactory)
+from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IResponse
 from zope.interface import implementer
@@ -128,8 +129,49 @@ def discard_body(response: IResponse) -> Deferred[None]:
     return d
 
 
+# A read at least this large that holds a whole response head is split there.
+HEAD_SPLIT_MIN = 4096
+
+
+class _HeadFirstProtocol(HTTP11ClientProtocol):
+    """Twisted's HTTP/1.1 client, fed a response's head apart from the body
+    bytes that came in the same read.
+
+    Its parser is a LineReceiver, which takes each header line off the front
+    of everything received so far with ``split(delimiter, 1)``: a 64 KiB first
+    read (a head and the start of a large body) was copied once per header
+    line, a tenth of a millisecond on a miss's way to its first byte. Split
+    here, the head's lines are taken from a few hundred bytes and the body's
+    bytes go to the body decoder in one piece. The parser sees the same bytes
+    in the same order, as if TCP had delivered them in two reads."""
+
+    def request(self, request: Any) -> Any:
+        t = self.transport
+        if t is not None and hasattr(t, "bufferSize"):
+            t.bufferSize = 8192
+        return super().request(request)
+
+    def dataReceived(self, bytes: bytes) -> None:  # (Twisted's argument name)
+        t = self.transport
+        if t is not None and hasattr(t, "bufferSize"):
+            t.bufferSize = 65536
+        parser = self._parser
+        if parser is not None and len(bytes) >= HEAD_SPLIT_MIN and parser.line_mode and not parser._buffer:
+            end = bytes.find(b"\r\n\r\n")
+            if end >= 0:
+                end += 4
+                super().dataReceived(bytes[:end])
+                if end == len(bytes):
+                    return
+                bytes = bytes[end:]
+        super().dataReceived(bytes)
+
+
 class _QuietFactory(_HTTP11ClientFactory):
     noisy = False  # one "Starting factory" log line per upstream connection is noise
+
+    def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
+        return _HeadFirstProtocol(self._quiescentCallback)
 
 
 class _QuietPool(HTTPConnectionPool):

@@ -233,6 +233,17 @@ class Store:
         self._spools.add(spool)
         return spool
 
+    def spool_ahead(self) -> Deferred[SpoolFile]:
+        """``new_spool()``'s file, created in the I/O pool: a miss asks for it
+        while its upstream is asked, so creating a file (an inode and a
+        directory entry, 0.1-0.3 ms) is off the way to the first byte. Its
+        taker commits or ``discard``s it like any other."""
+        def made(spool: SpoolFile) -> SpoolFile:
+            self._spools.add(spool)
+            return spool
+
+        return self.in_io(SpoolFile, self.spool_dir, "dl-").addCallback(made)
+
     def discard(self, spool: SpoolFile) -> None:
         self._spools.discard(spool)
         upload = self._uploads.pop(spool, None)
