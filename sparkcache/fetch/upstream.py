@@ -15,6 +15,7 @@ from functools import partial
 from typing import Any, Awaitable, Callable, Concatenate, Hashable, ParamSpec
 from urllib.parse import urljoin, urlsplit
 
+from twisted.internet import tcp
 from twisted.internet.abstract import isIPAddress
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
@@ -131,6 +132,9 @@ def discard_body(response: IResponse) -> Deferred[None]:
 
 # A read at least this large that holds a whole response head is split there.
 HEAD_SPLIT_MIN = 4096
+# The size of a response's first read, and of the reads after it (Twisted's).
+HEAD_READ = 8192
+BODY_READ = tcp.Connection.bufferSize
 
 
 class _HeadFirstProtocol(HTTP11ClientProtocol):
@@ -146,15 +150,16 @@ class _HeadFirstProtocol(HTTP11ClientProtocol):
     in the same order, as if TCP had delivered them in two reads."""
 
     def request(self, request: Any) -> Any:
-        t = self.transport
-        if t is not None and hasattr(t, "bufferSize"):
-            t.bufferSize = 8192
+        # The first read of a response is small: it holds the head, which is
+        # all our client's headers wait for; the body follows in full-size
+        # reads (or a Siphon's), not 64 KiB of it copied first.
+        if type(self.transport) is tcp.Client:
+            self.transport.bufferSize = HEAD_READ
         return super().request(request)
 
     def dataReceived(self, bytes: bytes) -> None:  # (Twisted's argument name)
-        t = self.transport
-        if t is not None and hasattr(t, "bufferSize"):
-            t.bufferSize = 65536
+        if type(self.transport) is tcp.Client:
+            self.transport.bufferSize = BODY_READ
         parser = self._parser
         if parser is not None and len(bytes) >= HEAD_SPLIT_MIN and parser.line_mode and not parser._buffer:
             end = bytes.find(b"\r\n\r\n")
