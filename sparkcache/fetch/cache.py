@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, BinaryIO, Callable, Union
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
 
 from sparkcache.config import RemoteConfig
@@ -197,23 +198,31 @@ _VALID_ETAG = re.compile(r'^(W/)?"[^"]*"$')
 
 
 class _SpoolAhead:
-    """A miss's spool file, made in the I/O pool while its upstream is asked
-    (``Store.spool_ahead``). ``take`` hands it over if it is made by the time
-    the body starts, else None (the taker then makes one itself: a busy I/O
-    pool, fsyncing commits, never holds a first byte back); one made after
-    that, or never taken, is discarded."""
+    """A miss's spool file and the bytes free, made and measured in the I/O
+    pool while its upstream is asked (``Store.spool_ahead``). ``take`` hands
+    the spool over if it is made by the time the body starts, else None (the
+    taker then makes one itself); one made after that, or never taken, is
+    discarded. ``free`` fires with the measurement (None: none)."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self.spool: SpoolFile | None = None
         self.settled = False  # taken or dropped
-        store.spool_ahead().addCallbacks(self._made, lambda f: None)  # (a failure recurs where it is reported)
+        # The bytes free, measured with it (None: not measured).
+        self.free: Deferred[int | None] = Deferred()
+        store.spool_ahead().addCallbacks(self._made, self._failed)
 
-    def _made(self, spool: SpoolFile) -> None:
+    def _made(self, made: tuple[SpoolFile, int | None]) -> None:
+        spool, free = made
         if self.settled:
             self.store.discard(spool)
         else:
             self.spool = spool
+        self.free.callback(free)
+
+    def _failed(self, f: Failure) -> None:
+        # (Where the spool's failure matters it recurs: new_spool() reports it.)
+        self.free.callback(None)
 
     def take(self) -> SpoolFile | None:
         self.settled = True
@@ -408,15 +417,13 @@ class Cache:
             since = self.store.epoch()
             # The free space is measured (in the I/O pool) while upstream is
             # asked, not after it answered: one thread hop less before the first byte.
-            free = ahead = None
-            if type(source) is Upstream and target.validate is None:
-                free = self._measure_space()
-                # The spool file too is made while upstream is asked.
-                ahead = _SpoolAhead(self.store)
+            # The spool file is made and the free space measured (in the I/O
+            # pool) while upstream is asked, not after it answered.
+            ahead = _SpoolAhead(self.store) if type(source) is Upstream and target.validate is None else None
             opened = await source.open(self, target, stale)
             if not isinstance(opened, Body):
                 return opened
-            await self._store(target, stale, shared, opened, since, held, free, ahead)
+            await self._store(target, stale, shared, opened, since, held, ahead)
             # Settled (Live) before the body flowed: this outcome goes to nobody.
             return Failed(502, "internal error while producing")
         except CancelledError:
@@ -453,12 +460,12 @@ class Cache:
         return Failed(502, "internal error while following")  # settled before: goes to nobody
 
     async def _store(self, target: Target, stale: Entry | None, shared: Shared[Result], body: Body, since: int,
-                     held: Held | None = None, free: Deferred[int | None] | None = None,
-                     ahead: _SpoolAhead | None = None) -> None:
+                     held: Held | None = None, ahead: _SpoolAhead | None = None) -> None:
         """The one commit path: spool, verify, fsync, rename, index row, in that order."""
         key = target.key
         now = self.clock.seconds()
-        if body.passable and body.spool is None and target.validate is None and not await self._room_for(body.total, free):
+        if body.passable and body.spool is None and target.validate is None \
+                and not await self._room_for(body.total, ahead.free if ahead is not None else None):
             # No room to store it: this one goes straight through (see _pass).
             self._producing.leave(key, shared)
             if held is not None:  # nothing stored: the other workers pass their own through
@@ -588,14 +595,6 @@ class Cache:
         raise BodyError(outcome.message if isinstance(outcome, Failed) else "not stored")
 
     # -- passing through --------------------------------------------------------------
-
-    def _measure_space(self) -> Deferred[int | None]:
-        """The bytes free now (None if that could not be measured), measured in the I/O pool."""
-        def failed(f: Any) -> None:
-            log.failure("measuring free space", f)
-            return None
-
-        return ensureDeferred(self.store.check_space()).addErrback(failed)
 
     async def _room_for(self, total: int | None, free: Deferred[int | None] | None = None) -> bool:
         """Whether the store can take a body of ``total`` bytes (None: unknown)

@@ -153,9 +153,16 @@ class _HeadFirstProtocol(HTTP11ClientProtocol):
         # The first read of a response is small: it holds the head, which is
         # all our client's headers wait for; the body follows in full-size
         # reads (or a Siphon's), not 64 KiB of it copied first.
-        if type(self.transport) is tcp.Client:
-            self.transport.bufferSize = HEAD_READ
-        return super().request(request)
+        t = self.transport
+        if type(t) is not tcp.Client:
+            return super().request(request)
+        t.bufferSize = HEAD_READ
+        d = super().request(request)
+        # Sent now, not at the reactor's next turn: the rest of this one (the
+        # callbacks up the caller's chain) then overlaps upstream's answer.
+        if t.connected and not t.disconnecting and (t.dataBuffer or t._tempDataBuffer):
+            t.doWrite()
+        return d
 
     def dataReceived(self, bytes: bytes) -> None:  # (Twisted's argument name)
         if type(self.transport) is tcp.Client:

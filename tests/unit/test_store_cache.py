@@ -224,7 +224,7 @@ async def test_the_spool_is_made_while_upstream_is_asked(env, monkeypatch):
     real = store.spool_ahead
 
     def counting():
-        return real().addCallback(lambda spool: (made.append(spool.path), spool)[1])
+        return real().addCallback(lambda r: (made.append(r[0].path), r)[1])
 
     monkeypatch.setattr(store, "spool_ahead", counting)
     monkeypatch.setattr(store, "new_spool", lambda *a, **k: pytest.fail("a spool made on the way to the first byte"))
@@ -232,7 +232,9 @@ async def test_the_spool_is_made_while_upstream_is_asked(env, monkeypatch):
     up.behave("/slow", stall=True)
     fetch = Deferred.fromCoroutine(fetch_all(cache, creq(remote, up, "slow")))
     await up.until_paused("/slow")
-    while not made:  # (the I/O pool's thread)
+    for _ in range(500):  # (the I/O pool's thread)
+        if made:
+            break
         await task.deferLater(reactor, 0.01, lambda: None)
     assert os.listdir(store.spool_dir) == [os.path.basename(made[0])]
     up.resume("/slow")
