@@ -296,6 +296,8 @@ class Cache:
         held: Held | None = None
         if self.locks is not None and not self.store.backed:
             entry, held = await self._lookup_claiming(key)
+        elif self.store.index.surely_absent(key):
+            entry = None  # (no row, and no thread round trip to learn it)
         else:
             entry = await self.store.index.get(key)
         now = self.clock.seconds()
