@@ -107,3 +107,12 @@ def test_the_parser_gets_the_head_alone(monkeypatch: pytest.MonkeyPatch) -> None
     _, body, _ = fetch(_HeadFirstProtocol, [HEAD + BODY])
     assert body == BODY
     assert sizes == [len(HEAD), len(BODY)]
+
+
+def test_a_chunked_body_in_the_read_of_its_head() -> None:
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(BODY[i:i + 10_000]), BODY[i:i + 10_000]) for i in range(0, len(BODY), 10_000))
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    for cls in (_HeadFirstProtocol, HTTP11ClientProtocol):
+        response, body, ended = fetch(cls, [head + chunks + b"0\r\n\r\n"])
+        assert response.code == 200 and body == BODY, cls
+        assert ended is not None and ended.check(ResponseDone)
