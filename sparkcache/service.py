@@ -142,6 +142,9 @@ class SparkcacheService(MultiService):
         # others: one production per key across them. (Not config.server.workers:
         # a service built in a single process, as tests do, owns its store.)
         locks = KeyLocks(config.storage.data_dir, self.store.in_io) if spool_subdir is not None else None
+        # ... and only a store's sole user knows every key its index has: a cold
+        # miss's lookup can then often be skipped (store/keyfilter.py).
+        self.filters_keys = spool_subdir is None and not self.store.backed
         self.cache = Cache(self.store, self.upstream, self.clock, self.metrics, locks)
         self.ctx = Context(config, self.store, self.cache, self.upstream, self.metrics, Authorizer(config.auth), self.clock,
                            self.sendfile, reactor=reactor, remote_types=types, live=self.live, primary=primary)
@@ -312,6 +315,8 @@ class SparkcacheService(MultiService):
         d = ensureDeferred(self.store.start(check=self.check_store))
 
         def listen(_: object) -> None:
+            if self.filters_keys:
+                self.store.index.filter_keys()  # (in the background; lookups go to the index meanwhile)
             self.status.store_open = True
             self.runtime.setServiceParent(self)
             self.status.listening = True

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, BinaryIO, Callable, Union
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
 
 from sparkcache.config import RemoteConfig
@@ -196,6 +197,44 @@ def _content_length(response: IResponse) -> int | None:
 _VALID_ETAG = re.compile(r'^(W/)?"[^"]*"$')
 
 
+class _SpoolAhead:
+    """A miss's spool file and the bytes free, made and measured in the I/O
+    pool while its upstream is asked (``Store.spool_ahead``). ``take`` hands
+    the spool over if it is made by the time the body starts, else None (the
+    taker then makes one itself); one made after that, or never taken, is
+    discarded. ``free`` fires with the measurement (None: none)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.spool: SpoolFile | None = None
+        self.settled = False  # taken or dropped
+        # The bytes free, measured with it (None: not measured).
+        self.free: Deferred[int | None] = Deferred()
+        store.spool_ahead().addCallbacks(self._made, self._failed)
+
+    def _made(self, made: tuple[SpoolFile, int | None]) -> None:
+        spool, free = made
+        if self.settled:
+            self.store.discard(spool)
+        else:
+            self.spool = spool
+        self.free.callback(free)
+
+    def _failed(self, f: Failure) -> None:
+        # (Where the spool's failure matters it recurs: new_spool() reports it.)
+        self.free.callback(None)
+
+    def take(self) -> SpoolFile | None:
+        self.settled = True
+        spool, self.spool = self.spool, None
+        return spool
+
+    def drop(self) -> None:
+        spool = self.take()
+        if spool is not None:
+            self.store.discard(spool)
+
+
 class Cache:
     def __init__(self, store: Store, upstream: UpstreamClient, clock: Any, metrics: Metrics,
                  locks: KeyLocks | None = None) -> None:
@@ -257,6 +296,8 @@ class Cache:
         held: Held | None = None
         if self.locks is not None and not self.store.backed:
             entry, held = await self._lookup_claiming(key)
+        elif self.store.index.surely_absent(key):
+            entry = None  # (no row, and no thread round trip to learn it)
         else:
             entry = await self.store.index.get(key)
         now = self.clock.seconds()
@@ -345,6 +386,7 @@ class Cache:
         taken (with the lookup: ``_lookup_claiming``)."""
         lease: Lease | None = None
         counted = False
+        ahead: _SpoolAhead | None = None
         try:
             if self.locks is not None and held is None:
                 self._claiming[target.key] = shared
@@ -377,11 +419,13 @@ class Cache:
             since = self.store.epoch()
             # The free space is measured (in the I/O pool) while upstream is
             # asked, not after it answered: one thread hop less before the first byte.
-            free = self._measure_space() if type(source) is Upstream and target.validate is None else None
+            # The spool file is made and the free space measured (in the I/O
+            # pool) while upstream is asked, not after it answered.
+            ahead = _SpoolAhead(self.store) if type(source) is Upstream and target.validate is None else None
             opened = await source.open(self, target, stale)
             if not isinstance(opened, Body):
                 return opened
-            await self._store(target, stale, shared, opened, since, held, free)
+            await self._store(target, stale, shared, opened, since, held, ahead)
             # Settled (Live) before the body flowed: this outcome goes to nobody.
             return Failed(502, "internal error while producing")
         except CancelledError:
@@ -390,6 +434,8 @@ class Cache:
             log.failure("producing {key} failed", key=target.key)
             return Failed(502, "internal error while producing")
         finally:
+            if ahead is not None:  # (not taken: a 404, an error, a body passed through)
+                ahead.drop()
             self._count_now(target.key)
             if counted:
                 self.metrics.inflight.dec()
@@ -416,11 +462,12 @@ class Cache:
         return Failed(502, "internal error while following")  # settled before: goes to nobody
 
     async def _store(self, target: Target, stale: Entry | None, shared: Shared[Result], body: Body, since: int,
-                     held: Held | None = None, free: Deferred[int | None] | None = None) -> None:
+                     held: Held | None = None, ahead: _SpoolAhead | None = None) -> None:
         """The one commit path: spool, verify, fsync, rename, index row, in that order."""
         key = target.key
         now = self.clock.seconds()
-        if body.passable and body.spool is None and target.validate is None and not await self._room_for(body.total, free):
+        if body.passable and body.spool is None and target.validate is None \
+                and not await self._room_for(body.total, ahead.free if ahead is not None else None):
             # No room to store it: this one goes straight through (see _pass).
             self._producing.leave(key, shared)
             if held is not None:  # nothing stored: the other workers pass their own through
@@ -431,7 +478,8 @@ class Cache:
             await passing
             return
         try:
-            spool = body.spool if body.spool is not None else self.store.new_spool()
+            spool = body.spool if body.spool is not None else \
+                (ahead.take() if ahead is not None else None) or self.store.new_spool()
         except OSError as e:
             self.store.note_write_error(e)
             raise
@@ -549,14 +597,6 @@ class Cache:
         raise BodyError(outcome.message if isinstance(outcome, Failed) else "not stored")
 
     # -- passing through --------------------------------------------------------------
-
-    def _measure_space(self) -> Deferred[int | None]:
-        """The bytes free now (None if that could not be measured), measured in the I/O pool."""
-        def failed(f: Any) -> None:
-            log.failure("measuring free space", f)
-            return None
-
-        return ensureDeferred(self.store.check_space()).addErrback(failed)
 
     async def _room_for(self, total: int | None, free: Deferred[int | None] | None = None) -> bool:
         """Whether the store can take a body of ``total`` bytes (None: unknown)

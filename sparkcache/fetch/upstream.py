@@ -15,6 +15,7 @@ from functools import partial
 from typing import Any, Awaitable, Callable, Concatenate, Hashable, ParamSpec
 from urllib.parse import urljoin, urlsplit
 
+from twisted.internet import tcp
 from twisted.internet.abstract import isIPAddress
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
@@ -23,6 +24,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import (URI, Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, HTTPConnectionPool,
                                 ResponseNeverReceived, _HTTP11ClientFactory, _StandardEndpointFactory)
+from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IResponse
 from zope.interface import implementer
@@ -128,8 +130,60 @@ def discard_body(response: IResponse) -> Deferred[None]:
     return d
 
 
+# A read at least this large that holds a whole response head is split there.
+HEAD_SPLIT_MIN = 4096
+# The size of a response's first read, and of the reads after it (Twisted's).
+HEAD_READ = 8192
+BODY_READ = tcp.Connection.bufferSize
+
+
+class _HeadFirstProtocol(HTTP11ClientProtocol):
+    """Twisted's HTTP/1.1 client, fed a response's head apart from the body
+    bytes that came in the same read.
+
+    Its parser is a LineReceiver, which takes each header line off the front
+    of everything received so far with ``split(delimiter, 1)``: a 64 KiB first
+    read (a head and the start of a large body) was copied once per header
+    line, a tenth of a millisecond on a miss's way to its first byte. Split
+    here, the head's lines are taken from a few hundred bytes and the body's
+    bytes go to the body decoder in one piece. The parser sees the same bytes
+    in the same order, as if TCP had delivered them in two reads."""
+
+    def request(self, request: Any) -> Any:
+        # The first read of a response is small: it holds the head, which is
+        # all our client's headers wait for; the body follows in full-size
+        # reads (or a Siphon's), not 64 KiB of it copied first.
+        t = self.transport
+        if type(t) is not tcp.Client:
+            return super().request(request)
+        t.bufferSize = HEAD_READ
+        d = super().request(request)
+        # Sent now, not at the reactor's next turn: the rest of this one (the
+        # callbacks up the caller's chain) then overlaps upstream's answer.
+        if t.connected and not t.disconnecting and (t.dataBuffer or t._tempDataBuffer):
+            t.doWrite()
+        return d
+
+    def dataReceived(self, bytes: bytes) -> None:  # (Twisted's argument name)
+        if type(self.transport) is tcp.Client:
+            self.transport.bufferSize = BODY_READ
+        parser = self._parser
+        if parser is not None and len(bytes) >= HEAD_SPLIT_MIN and parser.line_mode and not parser._buffer:
+            end = bytes.find(b"\r\n\r\n")
+            if end >= 0:
+                end += 4
+                super().dataReceived(bytes[:end])
+                if end == len(bytes):
+                    return
+                bytes = bytes[end:]
+        super().dataReceived(bytes)
+
+
 class _QuietFactory(_HTTP11ClientFactory):
     noisy = False  # one "Starting factory" log line per upstream connection is noise
+
+    def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
+        return _HeadFirstProtocol(self._quiescentCallback)
 
 
 class _QuietPool(HTTPConnectionPool):

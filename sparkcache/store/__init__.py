@@ -233,6 +233,31 @@ class Store:
         self._spools.add(spool)
         return spool
 
+    def spool_ahead(self) -> Deferred[tuple[SpoolFile, int | None]]:
+        """(``new_spool()``'s file, the bytes free), made and measured in one
+        I/O-pool call: a miss asks for them while its upstream is asked, so
+        neither creating a file (an inode and a directory entry, 0.1-0.3 ms)
+        nor the free-space check is on its way to the first byte. The spool's
+        taker commits or ``discard``s it like any other. (The free space is
+        None when it could not be measured, or the reserve file is missing:
+        ``check_space`` makes it.)"""
+        def made() -> tuple[SpoolFile, space.Space | None]:
+            spool = SpoolFile(self.spool_dir, "dl-")
+            try:
+                return spool, (space.measure(self.data_dir) if os.path.exists(self.reserve_path) else None)
+            except OSError:
+                return spool, None
+
+        def back(r: tuple[SpoolFile, space.Space | None]) -> tuple[SpoolFile, int | None]:
+            spool, got = r
+            self._spools.add(spool)
+            if got is None:
+                return spool, None
+            self.floor = space.floor_of(got.total, self.min_free, self.min_free_percent)
+            return spool, self._measured(got.free)
+
+        return self.in_io(made).addCallback(back)
+
     def discard(self, spool: SpoolFile) -> None:
         self._spools.discard(spool)
         upload = self._uploads.pop(spool, None)
@@ -689,6 +714,9 @@ class Store:
             size = space.reserve_size(got.total)
             if free - size > self.floor and await self.in_io(space.make_reserve, self.reserve_path, size):
                 free -= size
+        return self._measured(free)
+
+    def _measured(self, free: int) -> int:
         self.free = free
         low = free < self.floor
         if low != self.low_space:

@@ -20,9 +20,12 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from sparkcache.store.changes import ChangeCounters
+from sparkcache.store.keyfilter import KeyFilter
 
 T = TypeVar("T")
 # A deletion of more rows than this (a purge) bumps the global change counter
@@ -143,6 +146,13 @@ def transaction(db: sqlite3.Connection) -> Iterator[None]:
     db.execute("COMMIT")
 
 
+# Keys read per SQLite-thread call while the key filter is built: lookups and
+# writes wait between batches, not behind the whole table.
+FILTER_BATCH = 5000
+
+log = Logger()
+
+
 class Index:
     def __init__(self, path: str, reactor: IReactorThreads, memory_entries: int = 20_000,
                  pool: ThreadPool | None = None) -> None:
@@ -163,6 +173,11 @@ class Index:
         # Used once, by the upgrade of an index written before entries carried
         # ``pinned``: rows of these remotes are then marked pinned. Set before start().
         self.legacy_pinned_remotes: frozenset[str] = frozenset()
+        # Every key with a row (store/keyfilter.py), kept by the index's sole
+        # user once ``filter_keys`` built it; the keys written while one is
+        # being built, for it.
+        self._keys: KeyFilter | None = None
+        self._keys_pending: list[str] | None = None
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -342,6 +357,60 @@ class Index:
         """The in-memory row only: no thread hop, may miss."""
         return self._cached(key)
 
+    def surely_absent(self, key: str) -> bool:
+        """True when ``key`` surely has no row, known without a thread hop
+        (the key filter, once built: ``filter_keys``); False: maybe one."""
+        f = self._keys
+        return f is not None and not f.may_hold(key)
+
+    def filter_keys(self) -> Deferred[None]:
+        """(Only for the index's sole user: no other process writes it.) Build
+        the key filter from every row, in batches in the SQLite thread, and
+        keep it: ``surely_absent`` answers from then on. Rebuilt, larger, when
+        it fills up; a key written meanwhile is added to both."""
+        if self._keys_pending is not None:
+            return succeed(None)  # (one is being built)
+        self._keys_pending = []
+
+        def batch(after: str | None) -> list[str]:
+            if after is None:
+                rows = self.db.execute("SELECT key FROM entries ORDER BY key LIMIT ?", (FILTER_BATCH,))
+            else:
+                rows = self.db.execute("SELECT key FROM entries WHERE key > ? ORDER BY key LIMIT ?",
+                                       (after, FILTER_BATCH))
+            return [k for (k,) in rows]
+
+        async def build() -> None:
+            n = await self._run(lambda: int(self.db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]))
+            f = KeyFilter(2 * n)
+            after: str | None = None
+            while True:
+                keys = await self._run(batch, after)
+                for k in keys:
+                    f.add(k)
+                if len(keys) < FILTER_BATCH:
+                    break
+                after = keys[-1]
+            pending, self._keys_pending = self._keys_pending or [], None
+            for k in pending:
+                f.add(k)
+            self._keys = f
+
+        def failed(reason: Failure) -> None:
+            self._keys_pending = None
+            log.failure("building the index's key filter (lookups go to the index meanwhile)", reason)
+
+        return Deferred.fromCoroutine(build()).addErrback(failed)
+
+    def _note_key(self, key: str) -> None:
+        """(Before its row is written.) ``key`` may have a row from now on."""
+        if self._keys is not None:
+            self._keys.add(key)
+            if self._keys.full:
+                self.filter_keys()
+        if self._keys_pending is not None:
+            self._keys_pending.append(key)
+
     def _get(self, key: str) -> Entry | None:
         row = self.db.execute(f"SELECT {_COLUMNS} FROM entries WHERE key=?", (key,)).fetchone()
         return Entry.from_row(row) if row else None
@@ -473,6 +542,7 @@ class Index:
         says no; whether it was."""
 
         key = entry.key
+        self._note_key(key)
 
         def q() -> tuple[bool, tuple[int, int] | None]:
             before = self.changes.stamp(key) if self.changes is not None else None

@@ -212,3 +212,41 @@ async def test_expiry_drops_negative_entries_and_long_stale_bodies(env):
     assert await store.expire(clock.seconds(), retention=100) == 1
     assert await store.index.get("r:k") is None
     assert store.cas.iter_digests is not None and list(store.cas.iter_digests()) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_spool_is_made_while_upstream_is_asked(env, monkeypatch):
+    """A miss's spool file is made in the I/O pool while its upstream is asked
+    (Store.spool_ahead): the body goes into that one, and a miss that stores
+    nothing (a 404, an unreachable upstream) leaves no file behind."""
+    cache, store, clock, remote, up = env
+    made: list[str] = []
+    real = store.spool_ahead
+
+    def counting():
+        return real().addCallback(lambda r: (made.append(r[0].path), r)[1])
+
+    monkeypatch.setattr(store, "spool_ahead", counting)
+    monkeypatch.setattr(store, "new_spool", lambda *a, **k: pytest.fail("a spool made on the way to the first byte"))
+    up.add("/slow", b"s" * 5000)
+    up.behave("/slow", stall=True)
+    fetch = Deferred.fromCoroutine(fetch_all(cache, creq(remote, up, "slow")))
+    await up.until_paused("/slow")
+    for _ in range(500):  # (the I/O pool's thread)
+        if made:
+            break
+        await task.deferLater(reactor, 0.01, lambda: None)
+    assert os.listdir(store.spool_dir) == [os.path.basename(made[0])]
+    up.resume("/slow")
+    res, entry = await fetch
+    assert isinstance(res, Live) and entry.size == 5000
+    assert os.listdir(store.spool_dir) == []
+    up.behave("/gone", status=404)
+    up.behave("/down", reset=True)
+    assert (await cache.get(creq(remote, up, "gone"))).status == 404
+    assert (await cache.get(creq(remote, up, "down"))).status == 502
+    for _ in range(500):
+        if len(made) == 3 and os.listdir(store.spool_dir) == []:
+            break
+        await task.deferLater(reactor, 0.01, lambda: None)
+    assert len(made) == 3 and os.listdir(store.spool_dir) == []
