@@ -337,21 +337,35 @@ class Flight:
         """(In the siphon.) Bytes of the body before what the siphon writes next."""
         return self._received + self._siphoned
 
-    def siphon_landed(self, chunk: Any, n: int) -> None:
-        """(In the siphon.) ``chunk`` (``n`` bytes) is written to the spool: to
-        be hashed, and its readers told."""
+    def siphon_wrote(self, n: int) -> None:
+        """(In the siphon.) ``n`` more bytes are in the spool: readers are told
+        (the first bytes at once, then every SIPHON_STEP). They are hashed once
+        handed over with ``siphon_hash`` (unless hashed as written)."""
         with self._lock:
             self._siphoned += n
-            start = self._on_disk_now([chunk], n)
-            # Readers hear of the first bytes at once, then every SIPHON_STEP:
-            # each telling is a wake-up of the reactor and of every tail.
+            self._on_disk += n
+            if not self._split:
+                self._retired += n
+            # Each telling is a wake-up of the reactor and of every tail.
             tell = not self._siphon_told or self._on_disk - self._siphon_told >= SIPHON_STEP
             if tell:
                 self._siphon_told = self._on_disk
-        if start:
-            self._lanes.start(self._hash_lane)
         if tell:
             self._tell()
+
+    def siphon_hash(self, chunk: Any) -> None:
+        """(In the siphon.) ``chunk``, written already, goes to the hash lane;
+        its buffer may be read into again once ``siphon_wait`` says it is hashed.
+        One hand-over per buffer filled, not per read: each is a wake-up of
+        the hash lane, and a ring buffer filled by several short reads (a
+        small receive window) would cost as many."""
+        if not self._split:
+            return
+        with self._lock:
+            self._to_hash.append(chunk)
+            start = self._wake("hash")
+        if start:
+            self._lanes.start(self._hash_lane)
 
     def siphon_caught_up(self) -> None:
         """(In the siphon.) Upstream has sent nothing more for now: readers hear
