@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The machine's floor for a cold miss: the work of one, with no framework.
 
-``python miss_floor.py PORT UPSTREAM_PORT DIR`` serves, one connection at a
+``python miss_floor.py PORT UPSTREAM_PORT DIR [--rcvbuf BYTES]`` serves, one connection at a
 time, ``GET /path`` by fetching ``/path`` from ``127.0.0.1:UPSTREAM_PORT``:
 the upstream's body is received in reads of up to 1 MiB into a ring of
 reused buffers (no fresh pages per read), each written to a spool file
@@ -17,11 +17,17 @@ costs on this machine, the lower bound of any implementation of the miss
 path with sparkcache's guarantees (nginx's proxy_cache skips the hash and
 the fsync).
 
+``--rcvbuf BYTES`` sets the upstream socket's receive buffer (SO_RCVBUF), as
+sparkcache's siphon does for a nearby upstream: on loopback the kernel never
+grows it off its 128 KiB start, and each read then gets ~93 KiB, not 1 MiB.
+Without it (the plain mode) the floor is the program it always was.
+
 Used by cold_miss.py as a reference; not part of sparkcache.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import queue
@@ -73,13 +79,16 @@ def send_file(client: socket.socket, fd: int, offset: int, n: int) -> None:
 
 
 def serve(client: socket.socket, upstream_port: int, spool_dir: str, hasher: Hasher,
-          ring: list[bytearray]) -> None:
+          ring: list[bytearray], rcvbuf: int = 0) -> None:
     try:
         head, _ = read_head(client)
     except ConnectionError:
         return  # (a port probe: connected, asked nothing)
     path = head.split(b"\r\n", 1)[0].split(b" ")[1]
-    up = socket.create_connection(("127.0.0.1", upstream_port))
+    up = socket.socket()
+    if rcvbuf:
+        up.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    up.connect(("127.0.0.1", upstream_port))
     try:
         up.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         head, rest = read_head(up)
@@ -128,7 +137,13 @@ def serve(client: socket.socket, upstream_port: int, spool_dir: str, hasher: Has
 
 
 def main() -> int:
-    port, upstream_port, spool_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    p = argparse.ArgumentParser(description="the no-framework cold miss (see the module's docstring)")
+    p.add_argument("port", type=int)
+    p.add_argument("upstream_port", type=int)
+    p.add_argument("spool_dir")
+    p.add_argument("--rcvbuf", type=int, default=0, help="SO_RCVBUF of the upstream socket (0: the kernel's)")
+    args = p.parse_args()
+    port, upstream_port, spool_dir = args.port, args.upstream_port, args.spool_dir
     os.makedirs(spool_dir, exist_ok=True)
     hasher = Hasher()
     hasher.start()
@@ -140,7 +155,7 @@ def main() -> int:
     while True:
         client, _ = ls.accept()
         try:
-            serve(client, upstream_port, spool_dir, hasher, ring)
+            serve(client, upstream_port, spool_dir, hasher, ring, args.rcvbuf)
         except (OSError, ConnectionError, IndexError, ValueError) as e:
             print(f"miss_floor: {e!r}", file=sys.stderr, flush=True)
         finally:
