@@ -73,6 +73,32 @@ def proxy_cache_server(port: int, upstream_port: int) -> tuple[str, str]:
 FLOORS = {"floor": [], "floor-tuned": ["--rcvbuf", str(4 << 20)]}
 
 
+def level_pages(b: Bench, size: int) -> None:
+    """Write ``size`` bytes of page cache to a scratch file and delete it, just
+    before a timed path, so that every path writes its body into pages freed
+    a moment ago.
+
+    On this VM free memory goes back to the host (the balloon's free page
+    reporting, ~2 s after it is freed), and a page the guest takes again costs
+    a host fault on its first write: writing 256 MiB into the page cache took
+    50 ms in pages freed just before and 140-190 ms (up to ~600) in pages
+    freed seconds before. Which path got which was left to timing (a
+    daemon's restart takes seconds, the floor may run right after nginx's
+    cache file is deleted): a run that got them took up to twice the CPU
+    per GB, seen in sparkcache's and the floor's runs alike. A host whose
+    memory is full of page cache, the usual case,
+    reuses warm pages for every writer."""
+    path = b.path("level-pages.tmp")
+    zeros = bytes(1 << 20)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for _ in range(max(1, size >> 20)):
+            os.write(fd, zeros)
+    finally:
+        os.close(fd)
+        os.unlink(path)  # (dirty pages of a deleted file are dropped, never written back)
+
+
 class Floor:
     """bench/miss_floor.py as a subprocess: the no-framework reference."""
 
@@ -102,6 +128,9 @@ def main() -> int:
                    help="another sparkcache checkout (e.g. /work/main) run in the same runs, for an A/B")
     p.add_argument("--no-references", action="store_true",
                    help="skip the nginx proxy_cache and no-framework references")
+    p.add_argument("--no-level-pages", action="store_true",
+                   help="do not recycle page cache before each timed path (see level_pages: the order of the "
+                        "paths then decides which of them pays for host page faults)")
     p.add_argument("--ttfb-only", action="store_true",
                    help="time to first byte only: a 16 MiB object, 9 runs, direct (and --baseline) as the only "
                         "references (their throughput figures then mean little)")
@@ -130,7 +159,7 @@ def main() -> int:
         by_workers = {}
         for workers in args.workers:
             by_workers[str(workers)] = scenario(b, size, runs, workers, up_port, warm_port, direct_url, log, digest,
-                                                summary, refs, args.baseline)
+                                                summary, refs, args.baseline, not args.no_level_pages)
         print_summary(f"{NAME} summary (median of {runs})", summary)
         b.write_results({
             "params": {"size": size, "runs": runs, "workers": args.workers,
@@ -142,7 +171,8 @@ def main() -> int:
                                  "fsync + rename",
                         "floor-tuned": f"bench/miss_floor.py {' '.join(FLOORS['floor-tuned'])}: the same, with "
                                        "sparkcache's socket options"},
-                       "baseline": str(args.baseline) if args.baseline else None, "ttfb_only": args.ttfb_only},
+                       "baseline": str(args.baseline) if args.baseline else None, "ttfb_only": args.ttfb_only,
+                       "level_pages": not args.no_level_pages},
             "workers": by_workers,
             "summary": summary,
             "checks": {"sha256": digest},
@@ -190,13 +220,17 @@ class References:
 
 def scenario(b: Bench, size: int, runs: int, workers: int, up_port: int, warm_port: int, direct_url: str,
              log: AccessLog, digest: str, summary: list[dict], refs: References | None,
-             baseline: Path | None) -> dict:
+             baseline: Path | None, level: bool = True) -> dict:
     tag = f"workers {workers}"
     remotes = {"cold": {"type": "generic", "upstream": f"http://127.0.0.1:{up_port}"},
                "warm": {"type": "generic", "upstream": f"http://127.0.0.1:{warm_port}"}}
     daemons = {"sparkcache": Daemon(b, remotes, name=f"sparkcache-w{workers}", workers=workers).start()}
     if baseline is not None:
         daemons["baseline"] = Daemon(b, remotes, name=f"baseline-w{workers}", workers=workers, tree=baseline).start()
+
+    def level_now() -> None:
+        if level:
+            level_pages(b, size + (64 << 20))
 
     def cold_fetch(daemon: Daemon, verify: bool, what: str) -> dict:
         restart = daemon.fresh_start()
@@ -207,6 +241,7 @@ def scenario(b: Bench, size: int, runs: int, workers: int, up_port: int, warm_po
             if status != 200 or body != b"warm-up\n":
                 raise BenchError(f"warm-up request answered {status}: {body[:200]!r}")
         log.mark()
+        level_now()
         pids = daemon.pids()
         cpu0 = cpu_seconds(pids)
         r = curl(daemon.url("/api/cold/cold.bin"), verify=verify)
@@ -242,6 +277,8 @@ def scenario(b: Bench, size: int, runs: int, workers: int, up_port: int, warm_po
             # either used to land on whichever path came next (the first
             # sparkcache daemon: its spool creation and index waited on the disk).
             os.sync()
+            if who in ("direct", "nginx-cold", *FLOORS):
+                level_now()
             if who == "direct":
                 x = curl(direct_url)
                 check_transfer(x, size, what=f"direct run {i + 1}")
