@@ -78,9 +78,9 @@ def level_pages(b: Bench, size: int) -> None:
     before a timed path, so that every path writes its body into pages freed
     a moment ago.
 
-    On this VM free memory goes back to the host (the balloon's free page
-    reporting, ~2 s after it is freed), and a page the guest takes again costs
-    a host fault on its first write: writing 256 MiB into the page cache took
+    On this VM free memory seems to go back to the host a few seconds after it
+    is freed (it has a virtio balloon: free page reporting waits 2 s), and a
+    page the guest takes again then costs a host fault on its first write: writing 256 MiB into the page cache took
     50 ms in pages freed just before and 140-190 ms (up to ~600) in pages
     freed seconds before. Which path got which was left to timing (a
     daemon's restart takes seconds, the floor may run right after nginx's
