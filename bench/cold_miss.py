@@ -29,8 +29,8 @@ cache file, send; it neither hashes nor fsyncs), and ``miss_floor.py``, a
 few dozen lines of blocking Python that receive in 1 MiB reads, write a
 spool, sha256 in a second thread, send, fsync and rename: the machine's
 floor for the miss with sparkcache's guarantees, run twice: plain
-(``floor``) and with the socket options sparkcache's miss path sets
-(``floor-tuned``, ``FLOORS``), so that no trick of sparkcache's is missing
+(``floor``) and with the socket options and read size sparkcache's miss
+path uses (``floor-tuned``, ``FLOORS``), so that no trick of sparkcache's is missing
 from the reference it is compared with. Their throughput and CPU
 per GB beside sparkcache's say how much of the gap to ``direct`` is the
 work itself (on 2 cores, curl, the upstream nginx and the proxy share
@@ -70,7 +70,7 @@ def proxy_cache_server(port: int, upstream_port: int) -> tuple[str, str]:
 # always measured); "floor-tuned" is given every trick sparkcache's miss path
 # uses beyond the plain program (see miss_floor.py's options), so that a
 # ratio to it says what sparkcache costs over the same work done as cheaply.
-FLOORS = {"floor": [], "floor-tuned": ["--rcvbuf", str(4 << 20)]}
+FLOORS = {"floor": [], "floor-tuned": ["--rcvbuf", str(4 << 20), "--read", str(2 << 20)]}
 
 
 def level_pages(b: Bench, size: int) -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The machine's floor for a cold miss: the work of one, with no framework.
 
-``python miss_floor.py PORT UPSTREAM_PORT DIR [--rcvbuf BYTES]`` serves, one connection at a
+``python miss_floor.py PORT UPSTREAM_PORT DIR [--rcvbuf BYTES] [--read BYTES]`` serves, one connection at a
 time, ``GET /path`` by fetching ``/path`` from ``127.0.0.1:UPSTREAM_PORT``:
 the upstream's body is received in reads of up to 1 MiB into a ring of
 reused buffers (no fresh pages per read), each written to a spool file
@@ -20,7 +20,9 @@ the fsync).
 ``--rcvbuf BYTES`` sets the upstream socket's receive buffer (SO_RCVBUF), as
 sparkcache's siphon does for a nearby upstream: on loopback the kernel never
 grows it off its 128 KiB start, and each read then gets ~93 KiB, not 1 MiB.
-Without it (the plain mode) the floor is the program it always was.
+``--read BYTES`` reads (and hashes) in pieces of up to that many bytes instead
+of 1 MiB, as sparkcache's siphon does (2 MiB). Without them (the plain mode)
+the floor is the program it always was.
 
 Used by cold_miss.py as a reference; not part of sparkcache.
 """
@@ -142,12 +144,13 @@ def main() -> int:
     p.add_argument("upstream_port", type=int)
     p.add_argument("spool_dir")
     p.add_argument("--rcvbuf", type=int, default=0, help="SO_RCVBUF of the upstream socket (0: the kernel's)")
+    p.add_argument("--read", type=int, default=READ, help="bytes per read (the ring's buffer size)")
     args = p.parse_args()
     port, upstream_port, spool_dir = args.port, args.upstream_port, args.spool_dir
     os.makedirs(spool_dir, exist_ok=True)
     hasher = Hasher()
     hasher.start()
-    ring = [bytearray(READ) for _ in range(RING)]
+    ring = [bytearray(args.read) for _ in range(RING)]
     ls = socket.socket()
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     ls.bind(("127.0.0.1", port))

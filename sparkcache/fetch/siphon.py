@@ -48,22 +48,25 @@ log = Logger()
 # Bodies shorter than this stay on the reactor path (a thread is not worth it).
 SIPHON_MIN = 1 << 20
 # Reads of up to READ bytes into RING reused buffers: a buffer is read into
-# again only once the hash lane is done with it. (4 MiB per miss: 4 x 512 KiB
-# and 3 x 1 MiB both cost 7-25 % more CPU per GB in A/B runs here.)
-READ = 1 << 20
-RING = 4
-# With this many siphons already running, a new one gets RING_CROWDED buffers:
-# 16 misses at once then hold 40 MiB of buffers, not 64 (the RSS goal).
+# again only once the hash lane is done with it. (6 MiB per miss: 4 x 1 MiB
+# cost 0.15-0.2 s more CPU per GB than 3 or 4 x 2 MiB in A/B runs here, one
+# loop of Python, a wake-up of the hash lane and of the tails per buffer; and
+# before, 4 x 512 KiB and 3 x 1 MiB 7-25 % more than 4 x 1 MiB.)
+READ = 2 << 20
+RING = 3
+# With this many siphons already running, a new one gets RING_CROWDED buffers
+# of READ_CROWDED: 16 misses at once then hold 48 MiB of buffers (the RSS goal).
 CROWDED = 4
 RING_CROWDED = 2
+READ_CROWDED = 1 << 20
 _running = 0  # siphons reading now, in this process (changed on the reactor only)
 # Beyond this many, a new large body takes the reactor path: a thread and
 # RING_CROWDED buffers per miss must not grow with a burst of misses (a cold
-# CI fleet pulling hundreds of layers at once). 16 cost at most 40 MiB.
+# CI fleet pulling hundreds of layers at once). 16 cost at most 48 MiB.
 MAX_RUNNING = 16
 # The receive buffer asked for a connection whose round trip is below
 # LAN_RTT_US (see widen_receive_window): the kernel doubles it for its own
-# bookkeeping, and upstream may then have ~4 MiB in flight, one ring's worth.
+# bookkeeping, and upstream may then have ~4 MiB in flight, two reads' worth.
 RCVBUF = 4 << 20
 LAN_RTT_US = 1000
 _TCPI_RTT = 68  # offset of tcpi_rtt (microseconds) in struct tcp_info
@@ -128,6 +131,7 @@ class Siphon:
         self.ended = ended
         self.stopped = False
         self.ring = RING
+        self.read = READ
         self._sock: socket.socket | None = None
         self._closing = threading.Lock()  # (stop's shutdown never meets a reused descriptor number)
 
@@ -139,7 +143,8 @@ class Siphon:
         # while the thread still reads; the socket then stays the same one.
         global _running
         sock = self._sock = socket.socket(fileno=os.dup(self.conn.fileno()))
-        self.ring = RING if _running < CROWDED else RING_CROWDED
+        if _running >= CROWDED:
+            self.ring, self.read = RING_CROWDED, READ_CROWDED
         _running += 1
         threading.Thread(target=self._run, args=(sock, first), name="sparkcache-siphon", daemon=True).start()
 
@@ -178,7 +183,8 @@ class Siphon:
             flight.siphon_wrote(len(chunk))
             flight.siphon_hash(chunk)
         widen_receive_window(sock)
-        ring = [bytearray(min(READ, self.remaining)) for _ in range(min(self.ring, 1 + (self.remaining - 1) // READ))]
+        size = min(self.read, self.remaining)
+        ring = [bytearray(size) for _ in range(min(self.ring, 1 + (self.remaining - 1) // size))]
         ends = [0] * len(ring)  # the body offset each buffer's last handed-over bytes end at
         poller = select.poll()
         poller.register(sock, select.POLLIN)
