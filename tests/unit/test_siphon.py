@@ -222,3 +222,20 @@ def test_only_a_nearby_upstream_gets_a_wider_receive_window(monkeypatch: Any) ->
                 sock.close()
     finally:
         server.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_to_verify_is_siphoned_and_hashed_as_written(tmp_path: Any, served: Any) -> None:
+    # (hold_last: no hash lane; each read is hashed as it is written, and a
+    # ring buffer is reused at once.)
+    body = os.urandom(9 * MiB + 99)
+    agent, _pool, url = served(Upstream(body))
+    response = await agent.request(b"GET", url.encode())
+    f = new_flight(tmp_path, len(body))
+    f.hold_last = True
+    await receive(response, f, reactor, 10.0)
+    assert f._siphoned > len(body) - SIPHON_MIN and f._split is False
+    assert f.written == len(body) and f.queued == 0
+    assert f.spool.hexdigest() == hashlib.sha256(body).hexdigest()
+    f.release()
+    f.spool.discard()
