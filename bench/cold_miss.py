@@ -71,6 +71,9 @@ def proxy_cache_server(port: int, upstream_port: int) -> tuple[str, str]:
 # uses beyond the plain program (see miss_floor.py's options), so that a
 # ratio to it says what sparkcache costs over the same work done as cheaply.
 FLOORS = {"floor": [], "floor-tuned": ["--rcvbuf", str(4 << 20), "--read", str(2 << 20)]}
+# ``--splice-floor`` adds the tuned floor moving the body with splice(2) and
+# hashing it from a mapping of the spool (fewer copies; sparkcache does not).
+SPLICE_FLOOR = {"floor-splice": [*FLOORS["floor-tuned"], "--splice"]}
 
 
 def level_pages(b: Bench, size: int) -> None:
@@ -128,6 +131,8 @@ def main() -> int:
                    help="another sparkcache checkout (e.g. /work/main) run in the same runs, for an A/B")
     p.add_argument("--no-references", action="store_true",
                    help="skip the nginx proxy_cache and no-framework references")
+    p.add_argument("--splice-floor", action="store_true",
+                   help="also run the tuned floor with --splice (a reference with one copy fewer)")
     p.add_argument("--no-level-pages", action="store_true",
                    help="do not recycle page cache before each timed path (see level_pages: the order of the "
                         "paths then decides which of them pays for host page faults)")
@@ -141,6 +146,8 @@ def main() -> int:
         apply_quick(args, {}, {"size": 16 << 20, "runs": 9})
     apply_quick(args, {"size": 64 << 20}, {"size": 256 << 20, "runs": 3})
     size, runs = args.size, max(1, args.runs)
+    if args.splice_floor:
+        FLOORS.update(SPLICE_FLOOR)
 
     with Bench(NAME, args) as b:
         b.check_disk(4 * size + (256 << 20))
@@ -170,7 +177,9 @@ def main() -> int:
                         "floor": "bench/miss_floor.py: blocking Python, 1 MiB reads, write + sha256 (thread) + send, "
                                  "fsync + rename",
                         "floor-tuned": f"bench/miss_floor.py {' '.join(FLOORS['floor-tuned'])}: the same, with "
-                                       "sparkcache's socket options"},
+                                       "sparkcache's receive buffer and read size",
+                        **({"floor-splice": f"bench/miss_floor.py {' '.join(SPLICE_FLOOR['floor-splice'])}"}
+                           if args.splice_floor else {})},
                        "baseline": str(args.baseline) if args.baseline else None, "ttfb_only": args.ttfb_only,
                        "level_pages": not args.no_level_pages},
             "workers": by_workers,
@@ -310,6 +319,7 @@ def scenario(b: Bench, size: int, runs: int, workers: int, up_port: int, warm_po
 
     names = {"direct": "direct from upstream", "nginx-cold": "nginx proxy_cache cold",
              "floor": "no-framework floor", "floor-tuned": "no-framework floor, tuned as sparkcache",
+             "floor-splice": "no-framework floor, tuned, splice + mapped hash",
              "baseline": f"sparkcache {baseline}"}
     ratio_sd = speed_ratio("sparkcache", "direct")
     extra = ttfb_extra("sparkcache")
