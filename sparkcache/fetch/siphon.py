@@ -7,11 +7,14 @@ lane, and GIL hand-offs between all of them. For a body of known length on
 a plain TCP connection none of that is needed once the headers are parsed:
 a Siphon stops the reactor reading the connection and reads the rest of the
 body itself, from a duplicate of its descriptor, in one thread that
-``recv_into``\\s a few reused buffers, writes each to the spool and hands the
-very buffer to the flight's hash lane (taking it back once hashed). That
-thread takes the flight's write lane's place, so everything downstream is
-unchanged: readers hear of bytes once written (``_sync``), ``flushed()`` waits
-for the thread and the hash lane, a write error is the flight's write error.
+``recv_into``\\s a few reused buffers, writes each read to the spool and hands
+each filled buffer to the flight's hash lane (taking it back once hashed).
+That thread takes the flight's write lane's place, so everything downstream
+is unchanged: readers hear of bytes once written (tails that listen from
+their own thread straight from the siphon's, the reactor through ``_sync``),
+``flushed()`` waits for the thread and the hash lane, a write error is the
+flight's write error. A nearby upstream's socket gets a wider receive
+window (``widen_receive_window``), so that a read fills a buffer.
 
 When the last byte is in, the reactor tells Twisted's parser that the body
 is complete (its decoder's remaining length set to 0), so the connection goes
