@@ -394,6 +394,8 @@ class Flight:
         if not self._split:
             return
         with self._lock:
+            if self._lane_error is not None:
+                return  # (the spool failed: nothing more is hashed, and no lane starts for it)
             self._to_hash.append(chunk)
             start = self._wake("hash")
         if start:
