@@ -10,6 +10,7 @@ flight's write lane given back (``flushed`` fires), nothing left reading.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import socket
@@ -237,5 +238,30 @@ async def test_a_body_to_verify_is_siphoned_and_hashed_as_written(tmp_path: Any,
     assert f._siphoned > len(body) - SIPHON_MIN and f._split is False
     assert f.written == len(body) and f.queued == 0
     assert f.spool.hexdigest() == hashlib.sha256(body).hexdigest()
+    f.release()
+    f.spool.discard()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_spool_write_error_ends_a_siphoned_fetch(tmp_path: Any, served: Any) -> None:
+    body = os.urandom(6 * MiB)
+    up = Upstream(body)
+    agent, _pool, url = served(up)
+    response = await agent.request(b"GET", url.encode())
+    f = new_flight(tmp_path, len(body))
+    write = f.spool.write
+
+    def disk_full_after_2_mib(data: Any) -> None:
+        if f.spool.size >= 2 * MiB:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(data)
+
+    f.spool.write = disk_full_after_2_mib  # type: ignore[method-assign]
+    with pytest.raises(BodyError) as caught:
+        await receive(response, f, reactor, 10.0)
+    assert "spool write failed" in str(caught.value)
+    with pytest.raises(BodyError):
+        await f.flushed()  # (fails once no thread writes the spool any more)
+    assert f.write_error is not None and f.written <= f.spool.size < len(body)
     f.release()
     f.spool.discard()
