@@ -28,7 +28,10 @@ runs: nginx ``proxy_cache`` on a cold key (``?cold=N``: receive, write the
 cache file, send; it neither hashes nor fsyncs), and ``miss_floor.py``, a
 few dozen lines of blocking Python that receive in 1 MiB reads, write a
 spool, sha256 in a second thread, send, fsync and rename: the machine's
-floor for the miss with sparkcache's guarantees. Their throughput and CPU
+floor for the miss with sparkcache's guarantees, run twice: plain
+(``floor``) and with the socket options and read size sparkcache's miss
+path uses (``floor-tuned``, ``FLOORS``), so that no trick of sparkcache's is missing
+from the reference it is compared with. Their throughput and CPU
 per GB beside sparkcache's say how much of the gap to ``direct`` is the
 work itself (on 2 cores, curl, the upstream nginx and the proxy share
 them). ``--baseline DIR`` runs another checkout of sparkcache (``/work/main``:
@@ -63,14 +66,50 @@ def proxy_cache_server(port: int, upstream_port: int) -> tuple[str, str]:
                                       "\n            proxy_buffers 16 64k;\n            proxy_busy_buffers_size 256k;")
 
 
+# The floor's variants, run side by side: "floor" is its plain mode (what it
+# always measured); "floor-tuned" is given every trick sparkcache's miss path
+# uses beyond the plain program (see miss_floor.py's options), so that a
+# ratio to it says what sparkcache costs over the same work done as cheaply.
+FLOORS = {"floor": [], "floor-tuned": ["--rcvbuf", str(4 << 20), "--read", str(2 << 20)]}
+# ``--splice-floor`` adds the tuned floor moving the body with splice(2) and
+# hashing it from a mapping of the spool (fewer copies; sparkcache does not).
+SPLICE_FLOOR = {"floor-splice": [*FLOORS["floor-tuned"], "--splice"]}
+
+
+def level_pages(b: Bench, size: int) -> None:
+    """Write ``size`` bytes of page cache to a scratch file and delete it, just
+    before a timed path, so that every path writes its body into pages freed
+    a moment ago.
+
+    On this VM free memory seems to go back to the host a few seconds after it
+    is freed (it has a virtio balloon: free page reporting waits 2 s), and a
+    page the guest takes again then costs a host fault on its first write: writing 256 MiB into the page cache took
+    50 ms in pages freed just before and 140-190 ms (up to ~600) in pages
+    freed seconds before. Which path got which was left to timing (a
+    daemon's restart takes seconds, the floor may run right after nginx's
+    cache file is deleted): a run that got them took up to twice the CPU
+    per GB, seen in sparkcache's and the floor's runs alike. A host whose
+    memory is full of page cache, the usual case,
+    reuses warm pages for every writer."""
+    path = b.path("level-pages.tmp")
+    zeros = bytes(1 << 20)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for _ in range(max(1, size >> 20)):
+            os.write(fd, zeros)
+    finally:
+        os.close(fd)
+        os.unlink(path)  # (dirty pages of a deleted file are dropped, never written back)
+
+
 class Floor:
     """bench/miss_floor.py as a subprocess: the no-framework reference."""
 
-    def __init__(self, b: Bench, upstream_port: int) -> None:
+    def __init__(self, b: Bench, upstream_port: int, name: str = "floor", options: list[str] | None = None) -> None:
         self.port = free_port()
-        spool = b.path("floor-spool")
+        spool = b.path(f"{name}-spool")
         self.proc = subprocess.Popen([sys.executable, str(HERE / "miss_floor.py"), str(self.port), str(upstream_port),
-                                      str(spool)], stdin=subprocess.DEVNULL, env=clean_env(),
+                                      str(spool), *(options or [])], stdin=subprocess.DEVNULL, env=clean_env(),
                                      preexec_fn=_die_with_parent)
         b.on_cleanup(self.stop)
         wait_port(self.port, 15, lambda: self.proc.poll() is None)
@@ -92,6 +131,11 @@ def main() -> int:
                    help="another sparkcache checkout (e.g. /work/main) run in the same runs, for an A/B")
     p.add_argument("--no-references", action="store_true",
                    help="skip the nginx proxy_cache and no-framework references")
+    p.add_argument("--splice-floor", action="store_true",
+                   help="also run the tuned floor with --splice (a reference with one copy fewer)")
+    p.add_argument("--no-level-pages", action="store_true",
+                   help="do not recycle page cache before each timed path (see level_pages: the order of the "
+                        "paths then decides which of them pays for host page faults)")
     p.add_argument("--ttfb-only", action="store_true",
                    help="time to first byte only: a 16 MiB object, 9 runs, direct (and --baseline) as the only "
                         "references (their throughput figures then mean little)")
@@ -102,6 +146,8 @@ def main() -> int:
         apply_quick(args, {}, {"size": 16 << 20, "runs": 9})
     apply_quick(args, {"size": 64 << 20}, {"size": 256 << 20, "runs": 3})
     size, runs = args.size, max(1, args.runs)
+    if args.splice_floor:
+        FLOORS.update(SPLICE_FLOOR)
 
     with Bench(NAME, args) as b:
         b.check_disk(4 * size + (256 << 20))
@@ -120,7 +166,7 @@ def main() -> int:
         by_workers = {}
         for workers in args.workers:
             by_workers[str(workers)] = scenario(b, size, runs, workers, up_port, warm_port, direct_url, log, digest,
-                                                summary, refs, args.baseline)
+                                                summary, refs, args.baseline, not args.no_level_pages)
         print_summary(f"{NAME} summary (median of {runs})", summary)
         b.write_results({
             "params": {"size": size, "runs": runs, "workers": args.workers,
@@ -129,8 +175,13 @@ def main() -> int:
                        "references": None if refs is None else
                        {"nginx_proxy_cache_cold": "nginx proxy_cache, a new key per run (?cold=N), proxy_buffers 16 64k",
                         "floor": "bench/miss_floor.py: blocking Python, 1 MiB reads, write + sha256 (thread) + send, "
-                                 "fsync + rename"},
-                       "baseline": str(args.baseline) if args.baseline else None, "ttfb_only": args.ttfb_only},
+                                 "fsync + rename",
+                        "floor-tuned": f"bench/miss_floor.py {' '.join(FLOORS['floor-tuned'])}: the same, with "
+                                       "sparkcache's receive buffer and read size",
+                        **({"floor-splice": f"bench/miss_floor.py {' '.join(SPLICE_FLOOR['floor-splice'])}"}
+                           if args.splice_floor else {})},
+                       "baseline": str(args.baseline) if args.baseline else None, "ttfb_only": args.ttfb_only,
+                       "level_pages": not args.no_level_pages},
             "workers": by_workers,
             "summary": summary,
             "checks": {"sha256": digest},
@@ -146,10 +197,11 @@ class References:
         self.port = free_port()
         extra, server = proxy_cache_server(self.port, up_port)
         self.nginx = Nginx(b, "proxy-cache", [server], http_extra=extra).start()
-        self.floor = Floor(b, up_port)
+        self.floors = {name: Floor(b, up_port, name, options) for name, options in FLOORS.items()}
         self.n = 0
-        r = curl(self.floor.url("/cold.bin"), verify=True)
-        check_transfer(r, size, sha256=digest, what="verified fetch through the floor")
+        for name, floor in self.floors.items():
+            r = curl(floor.url("/cold.bin"), verify=True)
+            check_transfer(r, size, sha256=digest, what=f"verified fetch through the {name}")
         r = self.nginx_cold(verify=True, digest=digest)
 
     def nginx_cold(self, verify: bool = False, digest: str | None = None) -> dict:
@@ -165,24 +217,29 @@ class References:
                 os.unlink(os.path.join(root, name))
         return r
 
-    def floor_fetch(self) -> dict:
-        pids = [self.floor.proc.pid]
+    def floor_fetch(self, name: str = "floor") -> dict:
+        floor = self.floors[name]
+        pids = [floor.proc.pid]
         cpu0 = cpu_seconds(pids)
-        r = curl(self.floor.url("/cold.bin"))
-        check_transfer(r, self.size, what="floor")
+        r = curl(floor.url("/cold.bin"))
+        check_transfer(r, self.size, what=name)
         r["daemon_cpu_s"] = cpu_seconds(pids) - cpu0
         return r
 
 
 def scenario(b: Bench, size: int, runs: int, workers: int, up_port: int, warm_port: int, direct_url: str,
              log: AccessLog, digest: str, summary: list[dict], refs: References | None,
-             baseline: Path | None) -> dict:
+             baseline: Path | None, level: bool = True) -> dict:
     tag = f"workers {workers}"
     remotes = {"cold": {"type": "generic", "upstream": f"http://127.0.0.1:{up_port}"},
                "warm": {"type": "generic", "upstream": f"http://127.0.0.1:{warm_port}"}}
     daemons = {"sparkcache": Daemon(b, remotes, name=f"sparkcache-w{workers}", workers=workers).start()}
     if baseline is not None:
         daemons["baseline"] = Daemon(b, remotes, name=f"baseline-w{workers}", workers=workers, tree=baseline).start()
+
+    def level_now() -> None:
+        if level:
+            level_pages(b, size + (64 << 20))
 
     def cold_fetch(daemon: Daemon, verify: bool, what: str) -> dict:
         restart = daemon.fresh_start()
@@ -193,6 +250,7 @@ def scenario(b: Bench, size: int, runs: int, workers: int, up_port: int, warm_po
             if status != 200 or body != b"warm-up\n":
                 raise BenchError(f"warm-up request answered {status}: {body[:200]!r}")
         log.mark()
+        level_now()
         pids = daemon.pids()
         cpu0 = cpu_seconds(pids)
         r = curl(daemon.url("/api/cold/cold.bin"), verify=verify)
@@ -216,7 +274,7 @@ def scenario(b: Bench, size: int, runs: int, workers: int, up_port: int, warm_po
     b.log(f"[{tag}] admin purge probe: HTTP {purge_probe[0]}; untimed verified cold fetch through sparkcache")
     verified = {who: cold_fetch(d, True, f"verified cold fetch ({who}, {tag})") for who, d in daemons.items()}
 
-    paths = ["direct"] + (["nginx-cold", "floor"] if refs is not None else []) + list(daemons)
+    paths = ["direct"] + (["nginx-cold", *FLOORS] if refs is not None else []) + list(daemons)
     results: dict[str, list[dict]] = {who: [] for who in paths}
     rows = []
     gb = size / 1e9
@@ -228,15 +286,17 @@ def scenario(b: Bench, size: int, runs: int, workers: int, up_port: int, warm_po
             # either used to land on whichever path came next (the first
             # sparkcache daemon: its spool creation and index waited on the disk).
             os.sync()
+            if who in ("direct", "nginx-cold", *FLOORS):
+                level_now()
             if who == "direct":
                 x = curl(direct_url)
                 check_transfer(x, size, what=f"direct run {i + 1}")
             elif who == "nginx-cold":
                 assert refs is not None
                 x = refs.nginx_cold()
-            elif who == "floor":
+            elif who in FLOORS:
                 assert refs is not None
-                x = refs.floor_fetch()
+                x = refs.floor_fetch(who)
             else:
                 x = cold_fetch(daemons[who], False, f"{who} run {i + 1} ({tag})")
             results[who].append(x)
@@ -258,7 +318,9 @@ def scenario(b: Bench, size: int, runs: int, workers: int, up_port: int, warm_po
         return median((s["ttfb"] - d["ttfb"]) * 1000 for s, d in zip(results[who], results["direct"]))
 
     names = {"direct": "direct from upstream", "nginx-cold": "nginx proxy_cache cold",
-             "floor": "no-framework floor", "baseline": f"sparkcache {baseline}"}
+             "floor": "no-framework floor", "floor-tuned": "no-framework floor, tuned as sparkcache",
+             "floor-splice": "no-framework floor, tuned, splice + mapped hash",
+             "baseline": f"sparkcache {baseline}"}
     ratio_sd = speed_ratio("sparkcache", "direct")
     extra = ttfb_extra("sparkcache")
     summary += [
@@ -266,11 +328,11 @@ def scenario(b: Bench, size: int, runs: int, workers: int, up_port: int, warm_po
                     med("direct", "speed") / MB, f">= {SPEED_GOAL}x", ratio_sd >= SPEED_GOAL,
                     ratio_value=ratio_sd, note="median of the per-run ratios"),
     ]
-    for ref in [r for r in ("nginx-cold", "floor", "baseline") if r in results]:
+    for ref in [r for r in ("nginx-cold", *FLOORS, "baseline") if r in results]:
         summary.append(summary_row(f"throughput vs {ref}, median, {tag}", "MB/s", med("sparkcache", "speed") / MB,
                                    names[ref], med(ref, "speed") / MB, "-", None,
                                    ratio_value=speed_ratio("sparkcache", ref)))
-    for ref in [r for r in ("nginx-cold", "floor") if r in results]:
+    for ref in [r for r in ("nginx-cold", *FLOORS) if r in results]:
         r_d = speed_ratio(ref, "direct")
         summary.append(summary_row(f"reference {ref}: throughput, median, {tag}", "MB/s", med(ref, "speed") / MB,
                                    names["direct"], med("direct", "speed") / MB, f">= {SPEED_GOAL}x",
@@ -285,7 +347,7 @@ def scenario(b: Bench, size: int, runs: int, workers: int, up_port: int, warm_po
                                    "-", None, note=f"baseline's median extra over direct {ttfb_extra('baseline'):.1f} ms"))
     cpu = med("sparkcache", "daemon_cpu_s") / gb
     summary.append(summary_row(f"daemon CPU per GB, median, {tag}", "s", cpu, "", None, "-", None))
-    for ref in [r for r in ("floor", "nginx-cold", "baseline") if r in results]:
+    for ref in [r for r in (*FLOORS, "nginx-cold", "baseline") if r in results]:
         summary.append(summary_row(f"daemon CPU per GB vs {ref}, median, {tag}", "s", cpu, names[ref],
                                    med(ref, "daemon_cpu_s") / gb, "-", None))
     summary.append(summary_row(f"commit after last byte, median, {tag}", "ms", med("sparkcache", "commit_wait") * 1000,

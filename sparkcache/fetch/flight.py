@@ -41,8 +41,11 @@ LOW_WATER = 1 << 20
 # A miss's spool is written in batches of at least this much (see Flight._take).
 BATCH = 512 << 10
 BATCH_WAIT = 0.002
-# Readers of a body a Siphon reads hear about new bytes in steps of this size.
+# Readers of a body a Siphon reads hear about new bytes in steps of this size:
+# those that listen from their own thread (sendfile tails) straight from the
+# siphon's thread, the reactor (and the readers it serves) every REACTOR_STEP.
 SIPHON_STEP = 1 << 20
+REACTOR_STEP = 4 << 20
 # Readers of a body built in a thread hear about new bytes in steps of this size.
 PROGRESS_STEP = 256 << 10
 
@@ -80,6 +83,11 @@ class Flight:
     with BodyError. Readers subscribe to be told about progress.
     """
 
+    # (For the subclasses that write nothing themselves: nothing lands but
+    # what ``written`` says, and no thread wakes a reader.)
+    _on_disk = 0
+    _wakers: tuple[Callable[[], None], ...] = ()
+
     def __init__(
         self,
         key: str,
@@ -107,6 +115,7 @@ class Flight:
         self._told = False  # a _sync is on its way to the reactor
         self._siphoned = 0  # bytes a Siphon's thread wrote (it takes the write lane's place)
         self._siphon_told = 0  # (_on_disk when the siphon last told the reactor)
+        self._siphon_woke = 0  # (_on_disk when the siphon last woke the readers in threads)
         self._closing = False  # finished: lanes end instead of waiting for more
         # The reactor's view.
         self._received = 0
@@ -150,14 +159,28 @@ class Flight:
         assert self._fd is not None, "flight released"
         return os.pread(self._fd, min(size, self.written - offset), offset)
 
-    def listen(self, fn: Callable[[], None]) -> None:
+    def listen(self, fn: Callable[[], None], from_threads: bool = False) -> None:
+        """Call ``fn`` (on the reactor) when bytes land or the flight ends.
+        ``from_threads``: also from the thread that writes the spool, as soon
+        as bytes land (a Siphon's, ahead of the reactor): ``fn`` must be
+        thread-safe (a ``threading.Event``'s ``set``), and read ``landed()``."""
         self._listeners.append(fn)
+        if from_threads:
+            self._wakers = self._wakers + (fn,)
 
     def unlisten(self, fn: Callable[[], None]) -> None:
         try:
             self._listeners.remove(fn)
         except ValueError:
             pass
+        if fn in self._wakers:
+            self._wakers = tuple(w for w in self._wakers if w is not fn)
+
+    def landed(self) -> int:
+        """(Any thread.) Bytes in the spool now: ``written``, or more when a
+        Siphon wrote some the reactor has yet to hear of. Only for a reader
+        that may send each byte as it lands (not a body held for its digest)."""
+        return max(self.written, self._on_disk)
 
     def _notify(self) -> None:
         for fn in list(self._listeners):
@@ -337,28 +360,57 @@ class Flight:
         """(In the siphon.) Bytes of the body before what the siphon writes next."""
         return self._received + self._siphoned
 
-    def siphon_landed(self, chunk: Any, n: int) -> None:
-        """(In the siphon.) ``chunk`` (``n`` bytes) is written to the spool: to
-        be hashed, and its readers told."""
+    def siphon_wrote(self, n: int) -> None:
+        """(In the siphon.) ``n`` more bytes are in the spool: readers are told
+        (the first bytes at once, then every SIPHON_STEP, the reactor every
+        REACTOR_STEP). They are hashed once handed over with ``siphon_hash``
+        (unless hashed as written)."""
         with self._lock:
             self._siphoned += n
-            start = self._on_disk_now([chunk], n)
-            # Readers hear of the first bytes at once, then every SIPHON_STEP:
-            # each telling is a wake-up of the reactor and of every tail.
-            tell = not self._siphon_told or self._on_disk - self._siphon_told >= SIPHON_STEP
+            self._on_disk += n
+            if not self._split:
+                self._retired += n
+            # Each telling of the reactor is a wake-up of the reactor and of
+            # the readers it serves; each waking, of every tail's thread.
+            on_disk = self._on_disk
+            wake = not self._siphon_woke or on_disk - self._siphon_woke >= SIPHON_STEP
+            if wake:
+                self._siphon_woke = on_disk
+            tell = not self._siphon_told or on_disk - self._siphon_told >= REACTOR_STEP
             if tell:
-                self._siphon_told = self._on_disk
-        if start:
-            self._lanes.start(self._hash_lane)
+                self._siphon_told = on_disk
+        if wake:
+            for fn in self._wakers:
+                fn()
         if tell:
             self._tell()
 
+    def siphon_hash(self, chunk: Any) -> None:
+        """(In the siphon.) ``chunk``, written already, goes to the hash lane;
+        its buffer may be read into again once ``siphon_wait`` says it is hashed.
+        One hand-over per buffer filled, not per read: each is a wake-up of
+        the hash lane, and a ring buffer filled by several short reads (a
+        small receive window) would cost as many."""
+        if not self._split:
+            return
+        with self._lock:
+            if self._lane_error is not None:
+                return  # (the spool failed: nothing more is hashed, and no lane starts for it)
+            self._to_hash.append(chunk)
+            start = self._wake("hash")
+        if start:
+            self._lanes.start(self._hash_lane)
+
     def siphon_caught_up(self) -> None:
         """(In the siphon.) Upstream has sent nothing more for now: readers hear
-        of every byte on disk (not only at the next SIPHON_STEP)."""
+        of every byte on disk (not only at the next step)."""
         with self._lock:
+            wake = self._on_disk > self._siphon_woke
             tell = self._on_disk > self._siphon_told
-            self._siphon_told = self._on_disk
+            self._siphon_woke = self._siphon_told = self._on_disk
+        if wake:
+            for fn in self._wakers:
+                fn()
         if tell:
             self._tell()
 
@@ -494,6 +546,7 @@ class Flight:
                 d.errback(error)
         self._notify()
         self._listeners.clear()
+        self._wakers = ()
         self.release()
 
 

@@ -7,11 +7,14 @@ lane, and GIL hand-offs between all of them. For a body of known length on
 a plain TCP connection none of that is needed once the headers are parsed:
 a Siphon stops the reactor reading the connection and reads the rest of the
 body itself, from a duplicate of its descriptor, in one thread that
-``recv_into``\\s a few reused buffers, writes each to the spool and hands the
-very buffer to the flight's hash lane (taking it back once hashed). That
-thread takes the flight's write lane's place, so everything downstream is
-unchanged: readers hear of bytes once written (``_sync``), ``flushed()`` waits
-for the thread and the hash lane, a write error is the flight's write error.
+``recv_into``\\s a few reused buffers, writes each read to the spool and hands
+each filled buffer to the flight's hash lane (taking it back once hashed).
+That thread takes the flight's write lane's place, so everything downstream
+is unchanged: readers hear of bytes once written (tails that listen from
+their own thread straight from the siphon's, the reactor through ``_sync``),
+``flushed()`` waits for the thread and the hash lane, a write error is the
+flight's write error. A nearby upstream's socket gets a wider receive
+window (``widen_receive_window``), so that a read fills a buffer.
 
 When the last byte is in, the reactor tells Twisted's parser that the body
 is complete (its decoder's remaining length set to 0), so the connection goes
@@ -30,6 +33,7 @@ from __future__ import annotations
 import os
 import select
 import socket
+import struct
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
@@ -47,21 +51,50 @@ log = Logger()
 # Bodies shorter than this stay on the reactor path (a thread is not worth it).
 SIPHON_MIN = 1 << 20
 # Reads of up to READ bytes into RING reused buffers: a buffer is read into
-# again only once the hash lane is done with it. (4 MiB per miss: 4 x 512 KiB
-# and 3 x 1 MiB both cost 7-25 % more CPU per GB in A/B runs here.)
-READ = 1 << 20
-RING = 4
-# With this many siphons already running, a new one gets RING_CROWDED buffers:
-# 16 misses at once then hold 40 MiB of buffers, not 64 (the RSS goal).
+# again only once the hash lane is done with it. (6 MiB per miss: 4 x 1 MiB
+# cost 0.15-0.2 s more CPU per GB than 3 or 4 x 2 MiB in A/B runs here, one
+# loop of Python, a wake-up of the hash lane and of the tails per buffer; and
+# before, 4 x 512 KiB and 3 x 1 MiB 7-25 % more than 4 x 1 MiB.)
+READ = 2 << 20
+RING = 3
+# With this many siphons already running, a new one gets RING_CROWDED buffers
+# of READ_CROWDED: 16 misses at once then hold 48 MiB of buffers (the RSS goal).
 CROWDED = 4
 RING_CROWDED = 2
+READ_CROWDED = 1 << 20
 _running = 0  # siphons reading now, in this process (changed on the reactor only)
 # Beyond this many, a new large body takes the reactor path: a thread and
 # RING_CROWDED buffers per miss must not grow with a burst of misses (a cold
-# CI fleet pulling hundreds of layers at once). 16 cost at most 40 MiB.
+# CI fleet pulling hundreds of layers at once). 16 cost at most 48 MiB.
 MAX_RUNNING = 16
+# The receive buffer asked for a connection whose round trip is below
+# LAN_RTT_US (see widen_receive_window): the kernel doubles it for its own
+# bookkeeping, and upstream may then have ~4 MiB in flight, two reads' worth.
+RCVBUF = 4 << 20
+LAN_RTT_US = 1000
+_TCPI_RTT = 68  # offset of tcpi_rtt (microseconds) in struct tcp_info
 # How long one poll waits before the thread checks whether it must stop.
 POLL_MS = 250
+
+
+def widen_receive_window(sock: socket.socket) -> None:
+    """A receive buffer of RCVBUF for a connection to a nearby upstream.
+
+    Linux grows a socket's receive buffer by how much the reader takes per
+    round trip, which at a loopback's or a LAN's round trip of microseconds
+    never moves it off its 128 KiB start: the window then lets upstream send
+    ~93 KiB at a time, and the siphon's 1 MiB reads come back with that
+    (11 reads, writes and wake-ups per MiB). Setting the buffer turns that
+    growth off for good, which a distant upstream needs (its window must cover
+    its bandwidth times its round trip), so only below LAN_RTT_US, where
+    RCVBUF covers any bandwidth this host could receive at."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        rtt_us = struct.unpack_from("I", info, _TCPI_RTT)[0]
+        if 0 < rtt_us < LAN_RTT_US and sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < RCVBUF:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+    except (OSError, AttributeError, struct.error):
+        pass  # (no TCP_INFO here: the kernel's own sizing stays)
 
 
 def siphonable(transport: Any, length: Any) -> tuple[tcp.Connection, _IdentityTransferDecoder] | None:
@@ -101,6 +134,7 @@ class Siphon:
         self.ended = ended
         self.stopped = False
         self.ring = RING
+        self.read = READ
         self._sock: socket.socket | None = None
         self._closing = threading.Lock()  # (stop's shutdown never meets a reused descriptor number)
 
@@ -112,7 +146,8 @@ class Siphon:
         # while the thread still reads; the socket then stays the same one.
         global _running
         sock = self._sock = socket.socket(fileno=os.dup(self.conn.fileno()))
-        self.ring = RING if _running < CROWDED else RING_CROWDED
+        if _running >= CROWDED:
+            self.ring, self.read = RING_CROWDED, READ_CROWDED
         _running += 1
         threading.Thread(target=self._run, args=(sock, first), name="sparkcache-siphon", daemon=True).start()
 
@@ -148,46 +183,67 @@ class Siphon:
             except OSError as e:
                 flight.siphon_failed(e)
                 return "write", str(e)
-            flight.siphon_landed(chunk, len(chunk))
-        ring = [bytearray(min(READ, self.remaining)) for _ in range(min(self.ring, 1 + (self.remaining - 1) // READ))]
-        ends = [0] * len(ring)  # the body offset each buffer's last chunk ends at
+            flight.siphon_wrote(len(chunk))
+            flight.siphon_hash(chunk)
+        widen_receive_window(sock)
+        size = min(self.read, self.remaining)
+        ring = [bytearray(size) for _ in range(min(self.ring, 1 + (self.remaining - 1) // size))]
+        ends = [0] * len(ring)  # the body offset each buffer's last handed-over bytes end at
         poller = select.poll()
         poller.register(sock, select.POLLIN)
         left = self.remaining
         offset = flight.body_offset
         turn = 0
+        # In the current buffer: bytes read into it, and how many of them went
+        # to the hash lane. Reads fill a buffer before it is handed over, and
+        # each read is written to the spool at once (readers wait for it).
+        filled = handed = 0
+        buf = memoryview(ring[0])
         last = time.monotonic()
-        while left > 0:
-            if self.stopped:
-                return "stopped", ""
-            slot = turn % len(ring)
-            if turn >= len(ring) and not flight.siphon_wait(ends[slot]):
-                return ("write", "") if flight.write_error is not None else ("stopped", "")
-            buf = ring[slot]
-            try:
-                n = sock.recv_into(buf, min(len(buf), left))
-            except BlockingIOError:
-                flight.siphon_caught_up()
-                if not poller.poll(POLL_MS):
-                    if time.monotonic() - last >= self.idle_timeout:
-                        return "stalled", ""
-                continue
-            except OSError as e:
-                return "error", f"{type(e).__name__}: {e}"
-            if n == 0:
-                return ("stopped", "") if self.stopped else ("eof", "")
-            last = time.monotonic()
-            view = memoryview(buf)[:n]
-            try:
-                spool.write(view)  # type: ignore[arg-type]  # (a memoryview writes and hashes as bytes do)
-            except OSError as e:
-                flight.siphon_failed(e)
-                return "write", str(e)
-            offset += n
-            left -= n
-            ends[slot] = offset
-            turn += 1
-            flight.siphon_landed(view, n)
+        try:
+            while left > 0:
+                if self.stopped:
+                    return "stopped", ""
+                if filled == 0:
+                    slot = turn % len(ring)
+                    if turn >= len(ring) and not flight.siphon_wait(ends[slot]):
+                        return ("write", "") if flight.write_error is not None else ("stopped", "")
+                    buf = memoryview(ring[slot])
+                try:
+                    n = sock.recv_into(buf[filled:], min(len(buf) - filled, left))
+                except BlockingIOError:
+                    if handed < filled:  # (the hash lane works while upstream is silent)
+                        flight.siphon_hash(buf[handed:filled])
+                        handed = filled
+                        ends[slot] = offset
+                    flight.siphon_caught_up()
+                    if not poller.poll(POLL_MS):
+                        if time.monotonic() - last >= self.idle_timeout:
+                            return "stalled", ""
+                    continue
+                except OSError as e:
+                    return "error", f"{type(e).__name__}: {e}"
+                if n == 0:
+                    return ("stopped", "") if self.stopped else ("eof", "")
+                last = time.monotonic()
+                view = buf[filled:filled + n]
+                try:
+                    spool.write(view)  # type: ignore[arg-type]  # (a memoryview writes and hashes as bytes do)
+                except OSError as e:
+                    flight.siphon_failed(e)
+                    return "write", str(e)
+                offset += n
+                left -= n
+                filled += n
+                flight.siphon_wrote(n)
+                if filled == len(buf) or left == 0:
+                    flight.siphon_hash(buf[handed:filled])
+                    ends[slot] = offset
+                    filled = handed = 0
+                    turn += 1
+        finally:
+            if handed < filled:  # (bytes written before it ended are hashed all the same: flushed() waits for them)
+                flight.siphon_hash(buf[handed:filled])
         return "done", ""
 
     def _finish(self, outcome: str, detail: str) -> None:

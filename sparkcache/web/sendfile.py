@@ -165,16 +165,16 @@ class SendfilePool:
         transport, sock = got
         flight.acquire()
         more = threading.Event()
-        flight.listen(more.set)
+        flight.listen(more.set, from_threads=True)  # (a Siphon wakes it without the reactor)
         # The first few tails of a body run at full priority (a lone miss
         # relays at the speed of its client); a herd's others are lowered.
         tails = self._tails[flight] = self._tails.get(flight, 0) + 1
         lower = tails > FULL_PRIORITY_TAILS
 
         def copy(cancelled: threading.Event) -> int:
-            # Reading ``written``/``error`` from this thread is safe: they are
-            # single attribute loads, and only ever grow / get set once.
-            return _copy(sock, flight.fileno(), start, end, lambda: flight.written,
+            # Reading ``landed()``/``error`` from this thread is safe: they are
+            # attribute loads, and only ever grow / get set once.
+            return _copy(sock, flight.fileno(), start, end, flight.landed,
                          lambda: flight.error is not None, cancelled, more, lower=lower)
 
         def release(r: object) -> object:

@@ -10,8 +10,11 @@ flight's write lane given back (``flushed`` fires), nothing left reading.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import socket
+import threading
 from typing import Any
 
 import pytest
@@ -171,5 +174,94 @@ async def test_cancelling_stops_the_siphon(tmp_path: Any, served: Any) -> None:
         await receiving
     await f.flushed()  # the thread ended: no one writes the spool any more
     await gone  # and the upstream connection is closed
+    f.release()
+    f.spool.discard()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_siphon_wakes_thread_readers_itself_and_hashes_every_byte_once(
+        tmp_path: Any, served: Any) -> None:
+    # A sendfile tail listens from its own thread: the siphon wakes it as bytes
+    # land (landed() ahead of the reactor's ``written``), not through the reactor.
+    body = os.urandom(3 * MiB + 4321)
+    agent, _pool, url = served(Upstream(body))
+    response = await agent.request(b"GET", url.encode())
+    f = new_flight(tmp_path, len(body))
+    woken: list[tuple[int, int]] = []
+    f.listen(lambda: woken.append((threading.get_ident(), f.landed())), from_threads=True)
+    handed: list[int] = []
+    hand = f.siphon_hash
+    f.siphon_hash = lambda chunk: (handed.append(len(chunk)), hand(chunk))[1]  # type: ignore[method-assign]
+    await receive(response, f, reactor, 10.0)
+    reactor_thread = threading.get_ident()
+    assert any(t != reactor_thread and n > 0 for t, n in woken)
+    assert f.landed() == f.written == len(body)
+    # Every siphoned byte went to the hash lane once, in hand-overs of at most
+    # one ring buffer (and the body hashes right).
+    assert sum(handed) == len(body) and max(handed) <= siphon.READ
+    assert f.spool.hexdigest() == hashlib.sha256(body).hexdigest()
+    f.release()
+    f.spool.discard()
+
+
+def test_only_a_nearby_upstream_gets_a_wider_receive_window(monkeypatch: Any) -> None:
+    server = socket.create_server(("127.0.0.1", 0))
+    try:
+        for threshold, widened in ((10 ** 9, True), (0, False)):
+            monkeypatch.setattr(siphon, "LAN_RTT_US", threshold)
+            sock = socket.create_connection(server.getsockname())
+            peer, _ = server.accept()
+            try:
+                before = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+                if before >= siphon.RCVBUF:
+                    pytest.skip("this kernel's default receive buffer is as large already")
+                siphon.widen_receive_window(sock)
+                after = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+                assert (after >= siphon.RCVBUF) is widened and (after == before) is not widened
+            finally:
+                peer.close()
+                sock.close()
+    finally:
+        server.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_to_verify_is_siphoned_and_hashed_as_written(tmp_path: Any, served: Any) -> None:
+    # (hold_last: no hash lane; each read is hashed as it is written, and a
+    # ring buffer is reused at once.)
+    body = os.urandom(9 * MiB + 99)
+    agent, _pool, url = served(Upstream(body))
+    response = await agent.request(b"GET", url.encode())
+    f = new_flight(tmp_path, len(body))
+    f.hold_last = True
+    await receive(response, f, reactor, 10.0)
+    assert f._siphoned > len(body) - SIPHON_MIN and f._split is False
+    assert f.written == len(body) and f.queued == 0
+    assert f.spool.hexdigest() == hashlib.sha256(body).hexdigest()
+    f.release()
+    f.spool.discard()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_spool_write_error_ends_a_siphoned_fetch(tmp_path: Any, served: Any) -> None:
+    body = os.urandom(6 * MiB)
+    up = Upstream(body)
+    agent, _pool, url = served(up)
+    response = await agent.request(b"GET", url.encode())
+    f = new_flight(tmp_path, len(body))
+    write = f.spool.write
+
+    def disk_full_after_2_mib(data: Any) -> None:
+        if f.spool.size >= 2 * MiB:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(data)
+
+    f.spool.write = disk_full_after_2_mib  # type: ignore[method-assign]
+    with pytest.raises(BodyError) as caught:
+        await receive(response, f, reactor, 10.0)
+    assert "spool write failed" in str(caught.value)
+    with pytest.raises(BodyError):
+        await f.flushed()  # (fails once no thread writes the spool any more)
+    assert f.write_error is not None and f.written <= f.spool.size < len(body)
     f.release()
     f.spool.discard()
