@@ -56,9 +56,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import (MB, Bench, BenchError, Daemon, Nginx, add_workers_arg, apply_quick, base_parser, check_transfer,
-                    clean_env, curl, fmt_size, free_port, make_random_file, median, parse_size, print_summary,
-                    print_table, run_main, static_server, summary_row, task_cpu_seconds, tool)
+from common import (MB, Bench, BenchError, Daemon, ForeignLoad, Nginx, add_workers_arg, apply_quick, base_parser,
+                    check_transfer, clean_env, curl, fmt_size, free_port, make_random_file, median, parse_size,
+                    print_summary, print_table, run_main, static_server, summary_row, task_cpu_seconds, tool,
+                    wait_for_quiet)
 
 NAME = "hit_large"
 GOAL = 1.0
@@ -77,6 +78,11 @@ def main() -> int:
     p.add_argument("--nginx-file", choices=("same", "origin"), default="same",
                    help="what nginx serves: sparkcache's stored body (a hard link) or the origin file")
     p.add_argument("--folios", action="store_true", help="report the page cache folio sizes of the files served")
+    p.add_argument("--quiet-wait", type=float, default=20.0,
+                   help="before each round, wait up to this many seconds for the machine to be idle")
+    p.add_argument("--clean-below", type=float, default=0.05,
+                   help="a pair is clean when other processes used less than this share of the machine "
+                        "during each of its samples; clean pairs get a statistic of their own")
     p.add_argument("--syscalls", action="store_true", help="also count each server's system calls per GB (strace)")
     p.add_argument("--perf", action="store_true", help="also count each server's context switches per GB (perf stat)")
     add_workers_arg(p)
@@ -157,6 +163,7 @@ def sample(url: str, repeat: int, size: int, server_pids: list[int], x_cache: st
     if pinned:
         cmd = [tool("taskset"), "-c", CLIENT_CPU, *cmd]
     cpu0, busy0 = task_cpu_seconds(server_pids), _stat_busy()
+    foreign = ForeignLoad()
     t0 = time.monotonic()
     proc = subprocess.Popen([*(wrap or []), *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env())
     assert proc.stdout is not None and proc.stderr is not None
@@ -165,6 +172,7 @@ def sample(url: str, repeat: int, size: int, server_pids: list[int], x_cache: st
     wall = time.monotonic() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     server_cpu, busy = task_cpu_seconds(server_pids) - cpu0, _stat_busy() - busy0
+    foreign_share = foreign.share()
     transfers = []
     for line in out.decode(errors="replace").splitlines():
         f = line.split()
@@ -189,6 +197,8 @@ def sample(url: str, repeat: int, size: int, server_pids: list[int], x_cache: st
         "curl_cpu_s_per_gb": (usage.ru_utime + usage.ru_stime) / gb,
         "machine_cpu_s_per_gb": busy / gb,
         "curl_ctx_switches_per_gb": (usage.ru_nvcsw + usage.ru_nivcsw) / gb,
+        # share of the machine's CPU that other processes (not this script's) used meanwhile
+        "foreign_share": foreign_share,
     }
 
 
@@ -361,17 +371,19 @@ def scenario(b: Bench, args: Any, size: int, runs: int, repeat: int, workers: in
     results: dict[str, list[dict]] = {who: [] for who in names}
     for i in range(runs):
         order = names[i % len(names):] + names[:i % len(names)]
+        if args.quiet_wait > 0:
+            wait_for_quiet(args.quiet_wait, 0.1, log=lambda m: b.log(f"[{tag}] {m}"))
         for who in order:
             url, xc = urls[who]
             r = sample(url, repeat, size, pids[who], xc, args.pin, f"{who} pair {i + 1} ({tag})")
             r["position"] = order.index(who)
             results[who].append(r)
-            rows.append([f"{i + 1}", who, r["speed"] / MB, min(r["transfer_speeds"]) / MB,
+            rows.append([f"{i + 1}", who, f"{r['foreign_share']:.0%}", r["speed"] / MB, min(r["transfer_speeds"]) / MB,
                          max(r["transfer_speeds"]) / MB, r["ttfb"] * 1000, r["server_cpu_s_per_gb"] * 1000,
                          r["curl_cpu_s_per_gb"] * 1000, r["machine_cpu_s_per_gb"] * 1000])
             b.log(f"[{tag}] pair {i + 1} {who}: {r['speed'] / MB:,.0f} MB/s")
     print_table(f"{NAME}: {fmt_size(size)} hit x {repeat} per sample, one curl, sparkcache {tag}",
-                ["pair", "server", "MB/s", "min", "max", "TTFB ms", "server CPU ms/GB", "curl CPU ms/GB",
+                ["pair", "server", "others", "MB/s", "min", "max", "TTFB ms", "server CPU ms/GB", "curl CPU ms/GB",
                  "machine CPU ms/GB"], rows)
 
     def med(who: str, key: str) -> float:
@@ -380,15 +392,25 @@ def scenario(b: Bench, args: Any, size: int, runs: int, repeat: int, workers: in
     pair_stats: dict[str, dict[str, Any]] = {}
     comparisons = [("sparkcache", "nginx")] + ([("baseline", "nginx"), ("sparkcache", "baseline")]
                                                if "baseline" in results else [])
+    # a round is clean when no other process used the machine much during any of its samples
+    clean = [i for i in range(runs) if max(results[who][i]["foreign_share"] for who in names) < args.clean_below]
     for a, ref in comparisons:
-        ratios = [x["speed"] / y["speed"] for x, y in zip(results[a], results[ref])]
-        q1, q2, q3 = quartiles(ratios)
-        pair_stats[f"{a}/{ref}"] = {"ratios": ratios, "q1": q1, "median": q2, "q3": q3, "min": min(ratios),
-                                    "max": max(ratios), "wins": sum(1 for r in ratios if r > 1.0),
-                                    "verdict": verdict(q1, q3)}
+        for subset, rounds in (("", list(range(runs))), (" clean", clean)):
+            ratios = [results[a][i]["speed"] / results[ref][i]["speed"] for i in rounds]
+            if not ratios:
+                continue
+            q1, q2, q3 = quartiles(ratios)
+            pair_stats[f"{a}/{ref}{subset}"] = {
+                "rounds": rounds, "ratios": ratios, "q1": q1, "median": q2, "q3": q3, "min": min(ratios),
+                "max": max(ratios), "wins": sum(1 for r in ratios if r > 1.0), "verdict": verdict(q1, q3)}
     ref_names = {"nginx": "nginx sendfile", "baseline": f"sparkcache {args.baseline}"}
     for key, st in pair_stats.items():
-        a, ref = key.split("/")
+        a, ref = key.split()[0].split("/")
+        if key.endswith("clean"):
+            summary.append(summary_row(
+                f"  clean pairs only ({len(st['ratios'])}): median {st['median']:.3f}, IQR {st['q1']:.3f}-"
+                f"{st['q3']:.3f}, {a} faster in {st['wins']}: {st['verdict']}", "", None, "", None, "-", None))
+            continue
         goal = f">= {GOAL:.1f}x" if key == "sparkcache/nginx" else "-"
         summary.append(summary_row(
             f"{a} MB/s, median, {tag}", "MB/s", med(a, "speed") / MB, ref_names[ref], med(ref, "speed") / MB,
