@@ -69,14 +69,15 @@ SERVER_CPU, CLIENT_CPU = "0", "1"  # --pin
 def main() -> int:
     p = base_parser(__doc__ or NAME, "(128 MiB, 3 pairs)")
     p.add_argument("--size", type=parse_size, default=None, help="object size (default 1GiB; --quick 128MiB)")
-    p.add_argument("--runs", type=int, default=None, help="pairs of samples (default 9)")
+    p.add_argument("--runs", type=int, default=None, help="rounds: one sample per server each (default 12)")
     p.add_argument("--repeat", type=int, default=4, help="transfers of the object per sample (one curl, one connection)")
     p.add_argument("--baseline", type=Path, default=None,
                    help="another sparkcache checkout (e.g. /work/main) run in the same pairs, for an A/B")
     p.add_argument("--pin", action="store_true", help=f"servers on CPU {SERVER_CPU}, curl on CPU {CLIENT_CPU}")
     p.add_argument("--nginx-max-chunk", default=None, help="nginx sendfile_max_chunk (default: nginx's own, 2m)")
-    p.add_argument("--nginx-file", choices=("same", "origin"), default="same",
-                   help="what nginx serves: sparkcache's stored body (a hard link) or the origin file")
+    p.add_argument("--nginx-file", choices=("same", "origin", "both"), default="same",
+                   help="what nginx serves: sparkcache's stored body (a hard link), the origin file, or both "
+                        "(the origin file as a further server, nginx-origin)")
     p.add_argument("--folios", action="store_true", help="report the page cache folio sizes of the files served")
     p.add_argument("--quiet-wait", type=float, default=20.0,
                    help="before each round, wait up to this many seconds for the machine to be idle")
@@ -87,7 +88,7 @@ def main() -> int:
     p.add_argument("--perf", action="store_true", help="also count each server's context switches per GB (perf stat)")
     add_workers_arg(p)
     args = p.parse_args()
-    apply_quick(args, {"size": 128 << 20, "runs": 3}, {"size": 1 << 30, "runs": 9})
+    apply_quick(args, {"size": 128 << 20, "runs": 3}, {"size": 1 << 30, "runs": 12})
     size, runs, repeat = args.size, max(1, args.runs), max(1, args.repeat)
 
     with Bench(NAME, args) as b:
@@ -113,7 +114,7 @@ def main() -> int:
         upstream_fetches = sum(1 for line in upstream_lines if line.startswith("/big.bin") and " 200 " in line)
         daemons = 2 if args.baseline else 1
         extra_samples = int(args.syscalls) + int(args.perf)
-        origin_samples = (runs + extra_samples) * repeat if args.nginx_file == "origin" else 0
+        origin_samples = (runs + extra_samples) * repeat if args.nginx_file != "same" else 0
         b.write_results({
             "params": {"size": size, "runs": runs, "repeat": repeat, "workers": args.workers,
                        "client": f"one curl -o /dev/null per sample, {repeat} transfers on one connection",
@@ -121,8 +122,9 @@ def main() -> int:
                        else "unpinned (2 cores shared by curl and the server)",
                        "nginx": "1 worker, sendfile on, tcp_nopush on, tcp_nodelay on, sendfile_max_chunk "
                                 + (args.nginx_max_chunk or "default (2m)"),
-                       "nginx_file": "sparkcache's stored body (hard link)" if args.nginx_file == "same"
-                       else "the origin file",
+                       "nginx_file": {"same": "sparkcache's stored body (hard link)", "origin": "the origin file",
+                                      "both": "sparkcache's stored body (hard link); nginx-origin: the origin file"}
+                       [args.nginx_file],
                        "baseline": str(args.baseline) if args.baseline else None},
             "workers": by_workers,
             "summary": summary,
@@ -350,7 +352,7 @@ def scenario(b: Bench, args: Any, size: int, runs: int, repeat: int, workers: in
         warm[who] = {"miss": r, "hit_sha256_ok": hit["sha256"] == digest}
         urls[who] = (url, "HIT")
     stored = daemons["sparkcache"].data_dir / "cas" / "sha256" / digest[:2] / digest
-    if args.nginx_file == "same":
+    if args.nginx_file != "origin":
         if not stored.is_file():
             raise BenchError(f"sparkcache's stored body is not at {stored} (has the store's layout changed?)")
         link = Path(nginx_root) / f"stored-w{workers}.bin"
@@ -364,8 +366,11 @@ def scenario(b: Bench, args: Any, size: int, runs: int, repeat: int, workers: in
         for what, f in folios.items():
             b.log(f"[{tag}] page cache of the {what}: mean folio {f['mean_kib']:.1f} KiB, "
                   f"{f['share_4k']:.0%} of bytes in 4 KiB pages, {f['share_2m']:.0%} in 2 MiB folios")
+    if args.nginx_file == "both":
+        urls["nginx-origin"] = (nginx_url, None)
     names = list(urls)
-    pids = {"nginx": nginx.worker_pids(), **{who: d.pids() for who, d in daemons.items()}}
+    pids = {"nginx": nginx.worker_pids(), "nginx-origin": nginx.worker_pids(),
+            **{who: d.pids() for who, d in daemons.items()}}
 
     rows = []
     results: dict[str, list[dict]] = {who: [] for who in names}
@@ -391,7 +396,8 @@ def scenario(b: Bench, args: Any, size: int, runs: int, repeat: int, workers: in
 
     pair_stats: dict[str, dict[str, Any]] = {}
     comparisons = [("sparkcache", "nginx")] + ([("baseline", "nginx"), ("sparkcache", "baseline")]
-                                               if "baseline" in results else [])
+                                               if "baseline" in results else []) \
+        + ([("sparkcache", "nginx-origin"), ("nginx-origin", "nginx")] if "nginx-origin" in results else [])
     # a round is clean when no other process used the machine much during any of its samples
     clean = [i for i in range(runs) if max(results[who][i]["foreign_share"] for who in names) < args.clean_below]
     for a, ref in comparisons:
@@ -403,7 +409,8 @@ def scenario(b: Bench, args: Any, size: int, runs: int, repeat: int, workers: in
             pair_stats[f"{a}/{ref}{subset}"] = {
                 "rounds": rounds, "ratios": ratios, "q1": q1, "median": q2, "q3": q3, "min": min(ratios),
                 "max": max(ratios), "wins": sum(1 for r in ratios if r > 1.0), "verdict": verdict(q1, q3)}
-    ref_names = {"nginx": "nginx sendfile", "baseline": f"sparkcache {args.baseline}"}
+    ref_names = {"nginx": "nginx sendfile", "baseline": f"sparkcache {args.baseline}",
+                 "nginx-origin": "nginx, origin file"}
     for key, st in pair_stats.items():
         a, ref = key.split()[0].split("/")
         if key.endswith("clean"):
