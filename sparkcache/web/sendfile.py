@@ -52,9 +52,9 @@ from sparkcache.web.serve import finish_safely
 STALL_TIMEOUT = 120.0
 # Most a sendfile call is asked for. A call also stops when the socket's buffer
 # is full, but on a fast link the client drains it meanwhile and one call can
-# carry the whole chunk. Measured on a 1 GiB hit (bench/hit_large.py
-# --baseline, 12 rounds; docs/benchmarks.rst "1 GiB hit, stable measurement"):
-# 8 MiB beat nginx's 2 MiB default (1.06x) and 64 MiB (1.13x).
+# carry the whole chunk. On a 1 GiB hit (bench/hit_large.py --baseline;
+# docs/benchmarks.rst, "1 GiB hit, stable measurement") 2, 8 and 64 MiB ran
+# at the same speed within the noise; 8 MiB makes a quarter of nginx's calls.
 CHUNK = 8 * 1024 * 1024
 # How long a stopping daemon waits for the tail senders (which end with their flights).
 STOP_TIMEOUT = 5.0
