@@ -17,7 +17,10 @@ For a stored body the socket is corked (``TCP_CORK``, nginx's
 ``tcp_nopush``) from the headers until the last byte, so the headers leave in
 the body's first full segment rather than in one of their own, and no partial
 segment goes out between two sendfile calls; uncorking at the end pushes the
-rest. (Not for a tail: it would hold back bytes while waiting for more.)
+rest. (Not for a tail: it would hold back bytes while waiting for more.) It
+matters: a 1 GiB hit without the cork ran at 0.81x nginx, 1/1.25 of the
+corked one. The send buffer is left to the kernel's autotuning: a fixed
+``SO_SNDBUF`` (4 MiB here, twice the autotuned maximum) measured no faster.
 
 Two pools: a herd's tails beyond the first few run at a lower CPU priority
 (see ``_lower_priority``) in a pool of their own, since a thread's priority
@@ -47,6 +50,11 @@ from sparkcache.web.serve import finish_safely
 
 # Give up on a client that accepts nothing for this long (a stalled peer).
 STALL_TIMEOUT = 120.0
+# Most a sendfile call is asked for. A call also stops when the socket's buffer
+# is full, but on a fast link the client drains it meanwhile and one call can
+# carry the whole chunk. On a 1 GiB hit (bench/hit_large.py --baseline;
+# docs/benchmarks.rst, "1 GiB hit, stable measurement") 2, 8 and 64 MiB ran
+# at the same speed within the noise; 8 MiB makes a quarter of nginx's calls.
 CHUNK = 8 * 1024 * 1024
 # How long a stopping daemon waits for the tail senders (which end with their flights).
 STOP_TIMEOUT = 5.0
