@@ -116,3 +116,21 @@ def test_a_chunked_body_in_the_read_of_its_head() -> None:
         response, body, ended = fetch(cls, [head + chunks + b"0\r\n\r\n"])
         assert response.code == 200 and body == BODY, cls
         assert ended is not None and ended.check(ResponseDone)
+
+
+@pytest.mark.parametrize("url", [
+    "http://Example.COM:8080/a/b?c#d", "https://h/x", "http://u:p@h:81?q", "http://[::1]:90/p", "https://h#f",
+    "http://h", "not a url", "http://h:99999/x",
+])
+def test_an_origin_is_the_same_remembered_or_not(url: str) -> None:
+    """fetch/upstream.py ``origin`` remembers origins by the URL's part before
+    its path: the same answer (or error) as parsing the whole URL, twice over."""
+    from sparkcache.fetch.upstream import _origin, origin
+
+    def outcome(fn: Any) -> Any:
+        try:
+            return fn(url)
+        except ValueError as e:
+            return str(e)
+
+    assert outcome(origin) == outcome(_origin) == outcome(origin)
