@@ -146,9 +146,9 @@ def transaction(db: sqlite3.Connection) -> Iterator[None]:
     db.execute("COMMIT")
 
 
-# Keys read per SQLite-thread call while the key filter is built: lookups and
-# writes wait between batches, not behind the whole table.
-FILTER_BATCH = 5000
+# Keys read (and added) per SQLite-thread call while the key filter is built:
+# lookups and writes wait between batches, not behind the whole table.
+FILTER_BATCH = 2000
 
 log = Logger()
 
@@ -372,25 +372,27 @@ class Index:
             return succeed(None)  # (one is being built)
         self._keys_pending = []
 
-        def batch(after: str | None) -> list[str]:
+        def batch(f: KeyFilter, after: str | None) -> tuple[int, str | None]:
+            # (Added here, not on the reactor: nothing else sees ``f`` until it is built.)
             if after is None:
                 rows = self.db.execute("SELECT key FROM entries ORDER BY key LIMIT ?", (FILTER_BATCH,))
             else:
                 rows = self.db.execute("SELECT key FROM entries WHERE key > ? ORDER BY key LIMIT ?",
                                        (after, FILTER_BATCH))
-            return [k for (k,) in rows]
+            n, last = 0, None
+            for (k,) in rows:
+                f.add(k)
+                n, last = n + 1, k
+            return n, last
 
         async def build() -> None:
             n = await self._run(lambda: int(self.db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]))
             f = KeyFilter(2 * n)
             after: str | None = None
             while True:
-                keys = await self._run(batch, after)
-                for k in keys:
-                    f.add(k)
-                if len(keys) < FILTER_BATCH:
+                got, after = await self._run(batch, f, after)
+                if got < FILTER_BATCH:
                     break
-                after = keys[-1]
             pending, self._keys_pending = self._keys_pending or [], None
             for k in pending:
                 f.add(k)
