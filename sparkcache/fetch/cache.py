@@ -221,7 +221,9 @@ class _SpoolAhead:
         self.free.callback(free)
 
     def _failed(self, f: Failure) -> None:
-        # (Where the spool's failure matters it recurs: new_spool() reports it.)
+        # A disk error recurs where it is reported: the taker's new_spool().
+        if not f.check(OSError):
+            log.failure("making a spool ahead", f)
         self.free.callback(None)
 
     def take(self) -> SpoolFile | None:
@@ -417,8 +419,6 @@ class Cache:
             # Taken before anything is asked of the source: a purge from now on
             # keeps what this production brings from being stored.
             since = self.store.epoch()
-            # The free space is measured (in the I/O pool) while upstream is
-            # asked, not after it answered: one thread hop less before the first byte.
             # The spool file is made and the free space measured (in the I/O
             # pool) while upstream is asked, not after it answered.
             ahead = _SpoolAhead(self.store) if type(source) is Upstream and target.validate is None else None
