@@ -165,8 +165,9 @@ BODY_READ = tcp.Connection.bufferSize
 
 
 class _HeadFirstProtocol(HTTP11ClientProtocol):
-    """Twisted's HTTP/1.1 client, fed a response's head apart from the body
-    bytes that came in the same read.
+    """Twisted's HTTP/1.1 client, quicker to a response's head: the request
+    goes out as it is written, the response's first read is small, and the
+    parser is fed the head apart from the body bytes that came with it.
 
     Its parser is a LineReceiver, which takes each header line off the front
     of everything received so far with ``split(delimiter, 1)``: a 64 KiB first
