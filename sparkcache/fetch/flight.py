@@ -379,11 +379,7 @@ class Flight:
             tell = not self._siphon_told or on_disk - self._siphon_told >= REACTOR_STEP
             if tell:
                 self._siphon_told = on_disk
-        if wake:
-            for fn in self._wakers:
-                fn()
-        if tell:
-            self._tell()
+        self._siphon_announce(wake, tell)
 
     def siphon_hash(self, chunk: Any) -> None:
         """(In the siphon.) ``chunk``, written already, goes to the hash lane;
@@ -408,6 +404,10 @@ class Flight:
             wake = self._on_disk > self._siphon_woke
             tell = self._on_disk > self._siphon_told
             self._siphon_woke = self._siphon_told = self._on_disk
+        self._siphon_announce(wake, tell)
+
+    def _siphon_announce(self, wake: bool, tell: bool) -> None:
+        """(In the siphon, outside the lock.) Wake the tails' threads, tell the reactor."""
         if wake:
             for fn in self._wakers:
                 fn()
