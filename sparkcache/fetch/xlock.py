@@ -5,7 +5,8 @@ attempt per key per worker), and only with workers: ``fetch/across.py``.
 
 A production of a key is owned by whoever holds ``flock(LOCK_EX)`` on the
 key's lock file under ``<data_dir>/locks/``; the kernel releases it when the
-holder's process dies, at any instant, so a stale lock file means nothing. The
+holder's process dies, at any instant, so a stale lock file means nothing
+(and a release removes the file: ``release_lock``). The
 owner announces its spool in a *flight marker* next to the lock (written to a
 temp name and renamed: a reader sees all of it or none). Another worker that
 fails to take the lock tails that spool (``Tail``) until the marker goes away:
@@ -42,6 +43,8 @@ from sparkcache.fetch.produce import shield
 InIO = Callable[..., Deferred[Any]]
 
 POLL_INTERVAL = 0.05
+# How often try_lock tries again when the file it locked was removed meanwhile.
+LOCK_TRIES = 100
 
 
 @dataclass(frozen=True)
@@ -70,22 +73,49 @@ def paths(locks_dir: str, key: str) -> tuple[str, str]:
 
 
 def try_lock(lock_path: str) -> int | None:
-    """The descriptor holding the lock, or None when another holds it. Never waits."""
+    """The descriptor holding the lock, or None when another holds it. Never waits.
+
+    A holder that lets go with ``release_lock`` removes the file first, so a
+    file opened just before that is no longer the lock once its flock is
+    ours: the lock is the file at ``lock_path``, checked after the flock (by
+    inode), and tried again when it is not."""
     os.makedirs(os.path.dirname(lock_path), exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        os.close(fd)
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            return None
-        raise
-    return fd
+    for _ in range(LOCK_TRIES):
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return None
+            raise
+        held = os.fstat(fd)
+        try:
+            there = os.stat(lock_path)
+        except FileNotFoundError:
+            there = None
+        if there is not None and (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino):
+            return fd
+        os.close(fd)  # (removed by its holder meanwhile: the new file is the lock)
+    return None  # (taken and let go again every time: others are busy with it)
 
 
 def unlock(fd: int) -> None:
+    """Let go, leaving the lock file (``release_lock`` removes it)."""
     # Closing the last descriptor of the open file releases the flock.
     os.close(fd)
+
+
+def release_lock(fd: int, lock_path: str) -> None:
+    """Let go of a lock ``try_lock`` took, removing its file while still
+    holding it: a store's ``locks/`` would otherwise keep a file for every key
+    ever fetched (``try_lock`` says why that is safe)."""
+    try:
+        os.unlink(lock_path)
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_marker(marker_path: str, marker: Marker) -> None:
@@ -172,7 +202,7 @@ class Held:
                 if not self._failed:
                     remove_marker(self.marker_path)
             finally:
-                unlock(fd)
+                release_lock(fd, self.lock_path)
 
         return self._then(run)
 
@@ -299,7 +329,7 @@ class Tail:
                         remove_marker(marker_path)
                         return size, "dead", None
                 finally:
-                    unlock(probe)
+                    release_lock(probe, lock_path)
             # Measured again: the last writes may have landed after the first fstat
             # (the owner writes, commits, then removes the marker).
             return os.fstat(fd).st_size, "over", None

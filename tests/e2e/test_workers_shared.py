@@ -91,6 +91,9 @@ def test_remote_changes_reach_every_worker_before_the_answer(upstream, daemon_fa
     log = d.log()
     assert "did not apply the remotes change" not in log and "Traceback" not in log
     assert d.stop() == 0
+    # Each key's cross-process lock went with its release: locks/ keeps no file per key fetched.
+    left = [f for _, _, files in os.walk(os.path.join(d.data_dir, "locks")) for f in files if f.endswith(".lock")]
+    assert left == [], left
 
 
 def test_status_and_health_are_the_whole_daemons(upstream, daemon_factory):

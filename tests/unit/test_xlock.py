@@ -151,8 +151,8 @@ async def test_an_owner_killed_mid_body_aborts_the_tail_and_frees_the_key(tmp_pa
         held = await locks.acquire(KEY)
         assert held is not None
         await held.release()
-        # The lock file stays; without a holder it means nothing.
-        assert os.path.exists(paths(locks.dir, KEY)[0])
+        # The dead owner's lock file went with the release that followed it.
+        assert not os.path.exists(paths(locks.dir, KEY)[0])
     finally:
         proc.kill()
         proc.wait()
@@ -274,3 +274,47 @@ async def test_an_owner_ending_between_the_marker_read_and_the_probe_is_a_commit
     assert e.value.committed and tail.written == 1000
     assert await b.acquire(KEY) is not None  # the probe let go of the lock
     tail.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_released_key_leaves_no_lock_file(tmp_path: Path) -> None:
+    """Every key ever fetched would otherwise keep a file in locks/."""
+    locks = KeyLocks(str(tmp_path), _in_io)
+    lock_path, _ = paths(locks.dir, KEY)
+    held = await locks.acquire(KEY)
+    assert held is not None and os.path.exists(lock_path)
+    await held.release()
+    assert not os.path.exists(lock_path)
+    again = await locks.acquire(KEY)  # (the key can be taken again, by a new file)
+    assert again is not None
+    await again.release()
+
+
+def test_a_lock_taken_on_a_file_removed_meanwhile_is_not_the_lock(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker opens the lock file just before its holder lets go (removing
+    it) and another worker makes a new one and takes it: the first one's flock
+    on the old file succeeds, but it is not the lock. try_lock sees that and
+    finds the key taken."""
+    from sparkcache.fetch import xlock
+
+    lock_path, _ = paths(str(tmp_path / "locks"), KEY)
+    holder = xlock.try_lock(lock_path)
+    assert holder is not None
+    stale = os.open(lock_path, os.O_RDWR)  # opened before the holder let go
+    xlock.release_lock(holder, lock_path)
+    newer = xlock.try_lock(lock_path)  # another worker: a new file, locked
+    assert newer is not None
+    real_open = os.open
+    opens: list[str] = []
+
+    def open_(path: str, *args: Any) -> int:
+        opens.append(path)
+        return stale if len(opens) == 1 else real_open(path, *args)
+
+    monkeypatch.setattr(xlock.os, "open", open_)
+    assert xlock.try_lock(lock_path) is None  # not the stale file's lock: the new file is held
+    assert len(opens) == 2
+    monkeypatch.undo()
+    xlock.release_lock(newer, lock_path)
+    assert not os.path.exists(lock_path)
