@@ -31,7 +31,7 @@ from sparkcache.store.cas import IBackedContentStore, remove_file
 from sparkcache.store.s3.bodies import FileSink
 from sparkcache.store.s3.client import Mismatch, S3Client, S3Error, S3Unavailable
 from sparkcache.store.s3.published import SharedIndex
-from sparkcache.store.s3.tier import FILL_POLL, TICK, Tier, fill_lock_path, try_lock, unlock
+from sparkcache.store.s3.tier import FILL_POLL, TICK, Tier, fill_lock_path, release_lock, try_lock
 
 log = Logger()
 
@@ -263,7 +263,7 @@ class S3ContentStore:
                     await self.in_io(self.tier.remove_stale_fills, digest)
                     return await self._fill(digest, size)
                 finally:
-                    await self.in_io(unlock, fd)
+                    await self.in_io(release_lock, fd, lock_path)
             await deferLater(self.clock, FILL_POLL, lambda: None)
             if self.tier.contains(digest):
                 self.tier.touch(digest)

@@ -23,7 +23,7 @@ one directory:
 
 With worker processes a fill from the bucket is also one per host: behind
 the in-process singleflight, a flock on ``<data_dir>/locks/fill/<ab>/<digest>.lock``
-(``fill_lock_path``, taken as fetch/xlock.py takes a key's); a worker that finds it held waits for the file to appear
+(``fill_lock_path``, taken and let go, its file removed, as fetch/xlock.py does a key's); a worker that finds it held waits for the file to appear
 (or for the lock to come free: the filler failed or died, then it tries).
 """
 
@@ -36,7 +36,7 @@ from typing import Any, Iterator
 
 from twisted.logger import Logger
 
-from sparkcache.fetch.xlock import try_lock, unlock
+from sparkcache.fetch.xlock import release_lock, try_lock
 from sparkcache.store.cas import LocalContentStore, remove_file
 
 log = Logger()
@@ -273,8 +273,9 @@ class Tier:
 
     def _forget(self, digest: str) -> bool:
         fd = None
+        lock_path = fill_lock_path(self.locks_dir, digest)
         if self.shared:
-            fd = try_lock(fill_lock_path(self.locks_dir, digest))
+            fd = try_lock(lock_path)
             if fd is None:
                 return False  # another worker is filling it right now: it stays
         try:
@@ -282,7 +283,7 @@ class Tier:
             remove_file(self.files.local_path(digest))
         finally:
             if fd is not None:
-                unlock(fd)
+                release_lock(fd, lock_path)
         return True
 
     def check(self) -> int:
