@@ -25,7 +25,7 @@ from twisted.web.http_headers import Headers
 from sparkcache.store.s3.client import Mismatch, S3Client
 from sparkcache.store.s3.content import S3ContentStore
 from sparkcache.store.s3.ranged import ToClient
-from sparkcache.store.s3.tier import Tier, fill_lock_path, try_lock, unlock
+from sparkcache.store.s3.tier import Tier, fill_lock_path, release_lock, try_lock
 from tests.support.s3 import FaultProxy, make_bucket, moto_endpoint
 from tests.unit.test_s3_client import settings, spooled
 
@@ -119,13 +119,16 @@ async def test_a_body_being_filled_is_not_evicted(host):
     for d, _ in bodies[:3]:
         assert await other.ensure(d, BODY)
     oldest = bodies[0][0]
-    fd = try_lock(fill_lock_path(primary.tier.locks_dir, oldest))  # as if a worker were filling it again
+    lock_path = fill_lock_path(primary.tier.locks_dir, oldest)
+    fd = try_lock(lock_path)  # as if a worker were filling it again
     assert fd is not None
     try:
         await deferToThread(primary.tier.tick)
     finally:
-        unlock(fd)
+        release_lock(fd, lock_path)
     assert primary.contains(oldest) and not primary.contains(bodies[1][0])
+    # The evictions took and let go of the others' fill locks: no file left for any.
+    assert not [n for _, _, files in os.walk(primary.tier.locks_dir) for n in files]
 
 
 def test_start_up_check_reconciles_the_ledger(tmp_path):
