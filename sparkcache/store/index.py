@@ -361,7 +361,8 @@ class Index:
         """True when ``key`` surely has no row, known without a thread hop
         (the key filter, once built: ``filter_keys``); False: maybe one."""
         f = self._keys
-        return f is not None and not f.may_hold(key)
+        # (A row in memory is a row: no hashing on the way to a hit.)
+        return f is not None and key not in self._mem and not f.may_hold(key)
 
     def filter_keys(self) -> Deferred[None]:
         """(Only for the index's sole user: no other process writes it.) Build
