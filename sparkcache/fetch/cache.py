@@ -51,7 +51,7 @@ from sparkcache.fetch import across, peer
 from sparkcache.fetch.flight import BodyError, Flight, Lanes, PassFlight, receive
 from sparkcache.fetch.produce import Shared, Singleflight, shield, watch_ends
 from sparkcache.fetch.upstream import UpstreamClient, UpstreamError, discard_body
-from sparkcache.fetch.xlock import Held, KeyLocks, Marker, Tail, unlock
+from sparkcache.fetch.xlock import Held, KeyLocks, Marker, Tail
 from sparkcache.metrics import Metrics
 from sparkcache.store import Entry, SpoolFile, Store
 from sparkcache.store.space import is_write_error
@@ -297,7 +297,12 @@ class Cache:
                 self.upstream.open_ahead(req.remote, req.url)
         held: Held | None = None
         if self.locks is not None and not self.store.backed:
-            entry, held = await self._lookup_claiming(key)
+            if self.locks.ranged and self.store.index.surely_absent(key):
+                # No row anywhere, and the key's lock is one system call away:
+                # no thread round trip before the upstream request.
+                entry, held = None, self._claim_now(key)
+            else:
+                entry, held = await self._lookup_claiming(key)
         elif self.store.index.surely_absent(key):
             entry = None  # (no row, and no thread round trip to learn it)
         else:
@@ -332,6 +337,23 @@ class Cache:
         result = await self._join(shared, stale, req)
         return replace(result, started=True) if isinstance(result, Live) else result
 
+    def _claim_now(self, key: str) -> Held | None:
+        """(Worker processes, a key the shared key filter says no worker ever
+        stored.) The key's lock, taken on the reactor, or None: another worker
+        holds it (the production then follows it: ``across.claim``). Whoever
+        stores a key adds it to the filter before its row and lets go of the
+        lock after, so once the lock is ours, the filter still saying "surely
+        absent" means there is no row now either."""
+        locks = self.locks
+        assert locks is not None
+        held = locks.take_now(key)
+        if held is not None and not self.store.index.surely_absent(key):
+            # (Stored by the worker that let go just before us: rare.) Its
+            # production will look the row up before fetching.
+            held.release().addErrback(lambda f: log.failure("releasing the lock of {key}", f, key=key))
+            return None
+        return held
+
     async def _lookup_claiming(self, key: str) -> tuple[Entry | None, Held | None]:
         """(Worker processes.) The index row of ``key`` and, when it has no
         fresh one, the key's cross-process lock if it is free, taken in the
@@ -351,7 +373,8 @@ class Cache:
                 held = None
             return entry, held
 
-        looked = self.store.index.get_or_claim(key, self.clock.seconds(), partial(locks.take, key), unlock)
+        looked = self.store.index.get_or_claim(key, self.clock.seconds(), partial(locks.take, key),
+                                               partial(locks.untake, key))
         owned: Deferred[tuple[Entry | None, Held | None]] = looked.addCallback(own)  # type: ignore[assignment]
         try:
             return await shield(owned)

@@ -41,7 +41,7 @@ from twisted.python.threadpool import ThreadPool
 
 from sparkcache.store.body import BodyRange
 from sparkcache.store.cas import IBackedContentStore, IContentStore, LocalContentStore
-from sparkcache.store.index import Entry, Index
+from sparkcache.store.index import INDEX_NAME, Entry, Index
 from sparkcache.store import space
 from sparkcache.store.spool import SpoolFile, SpoolReader, clear_spool
 
@@ -121,10 +121,10 @@ class Store:
         if self.backed:
             from sparkcache.store.s3.tiered import TieredIndex
 
-            self.index: Index = TieredIndex(os.path.join(self.data_dir, "index.sqlite"), reactor, pool=sqlite_pool)
+            self.index: Index = TieredIndex(os.path.join(self.data_dir, INDEX_NAME), reactor, pool=sqlite_pool)
             self.index.store = self  # type: ignore[attr-defined]
         else:
-            self.index = Index(os.path.join(self.data_dir, "index.sqlite"), reactor, pool=sqlite_pool)
+            self.index = Index(os.path.join(self.data_dir, INDEX_NAME), reactor, pool=sqlite_pool)
         self.spool_dir = os.path.join(self.data_dir, "spool")
         # fsync, rename and unlink of large files: never on the reactor, and
         # not in the default pool, which DNS resolution needs.
