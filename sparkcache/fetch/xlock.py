@@ -178,13 +178,27 @@ class Held:
         # threads, and a late marker write must not follow the removal.
         self._order = DeferredLock()
         self._failed = False  # the marker says the production failed
-        if clear:
-            # Taken on the reactor (KeyLocks.take_now): a dead owner's marker
-            # goes first, before ours is written.
-            self._then(remove_marker, self.marker_path).addErrback(lambda f: None)
+        # Taken on the reactor (KeyLocks.take_now): a dead owner's marker is
+        # removed in the first file operation, before anything of ours.
+        self._clear = clear
 
     def _then(self, fn: Callable[..., None], *args: Any) -> Deferred[None]:
+        if self._clear:
+            self._clear = False
+
+            def cleared_first() -> None:
+                remove_marker(self.marker_path)
+                fn(*args)
+
+            return self._order.run(self.locks.in_io, cleared_first)
         return self._order.run(self.locks.in_io, fn, *args)
+
+    def tidy(self) -> None:
+        """Remove a dead owner's marker now, if ``take_now`` left that to do
+        (called once the production's upstream request is out: a thread
+        hand-off on the reactor does not delay it)."""
+        if self._clear:
+            self._then(lambda: None).addErrback(lambda f: None)
 
     def announce(self, marker: Marker) -> Deferred[None]:
         """Tell the other workers where the body is being spooled; fires once

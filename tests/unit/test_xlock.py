@@ -343,14 +343,27 @@ async def test_a_key_taken_on_the_reactor_is_one_owner_and_clears_a_dead_owners_
     assert taken is not None
     await taken.release()
     # A marker of a dead owner, then a new owner: gone with the Held's first
-    # file operation (here the I/O pool runs each call at once).
+    # file operation, or its tidy(), whichever comes first (here the I/O pool
+    # runs each call at once).
     from twisted.internet.defer import maybeDeferred
 
     c = KeyLocks(str(tmp_path), lambda fn, *args: maybeDeferred(fn, *args))
     write_marker(marker_path, Marker(spool="/dead", total=3, pid=1))
     held = c.take_now(KEY)
-    assert held is not None and read_marker(marker_path) is None
+    assert held is not None and read_marker(marker_path) is not None  # (no file operation on the reactor)
+    held.tidy()
+    assert read_marker(marker_path) is None
     await held.release()
+    write_marker(marker_path, Marker(spool="/dead", total=3, pid=1))
+    held = c.take_now(KEY)
+    assert held is not None
+    await held.announce(Marker(spool="/ours", total=3))
+    assert read_marker(marker_path).spool == "/ours"  # type: ignore[union-attr]
+    held.tidy()  # (nothing left to do)
+    assert read_marker(marker_path).spool == "/ours"  # type: ignore[union-attr]
+    await held.abort("upstream went away")
+    await held.release()
+    assert read_marker(marker_path).error == "upstream went away"  # type: ignore[union-attr]
 
 
 def test_a_lock_taken_on_a_file_removed_meanwhile_is_not_the_lock(tmp_path: Path,
