@@ -317,6 +317,8 @@ class SparkcacheService(MultiService):
         def listen(_: object) -> None:
             if self.filters_keys:
                 self.store.index.filter_keys()  # (in the background; lookups go to the index meanwhile)
+            elif self.primary:
+                self.store.index.fill_shared_keys()  # (likewise, for every worker: a no-op without one)
             self.status.store_open = True
             self.runtime.setServiceParent(self)
             self.status.listening = True

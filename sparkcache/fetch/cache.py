@@ -51,7 +51,7 @@ from sparkcache.fetch import across, peer
 from sparkcache.fetch.flight import BodyError, Flight, Lanes, PassFlight, receive
 from sparkcache.fetch.produce import Shared, Singleflight, shield, watch_ends
 from sparkcache.fetch.upstream import UpstreamClient, UpstreamError, discard_body
-from sparkcache.fetch.xlock import Held, KeyLocks, Marker, Tail, unlock
+from sparkcache.fetch.xlock import Held, KeyLocks, Marker, Tail
 from sparkcache.metrics import Metrics
 from sparkcache.store import Entry, SpoolFile, Store
 from sparkcache.store.space import is_write_error
@@ -197,46 +197,6 @@ def _content_length(response: IResponse) -> int | None:
 _VALID_ETAG = re.compile(r'^(W/)?"[^"]*"$')
 
 
-class _SpoolAhead:
-    """A miss's spool file and the bytes free, made and measured in the I/O
-    pool while its upstream is asked (``Store.spool_ahead``). ``take`` hands
-    the spool over if it is made by the time the body starts, else None (the
-    taker then makes one itself); one made after that, or never taken, is
-    discarded. ``free`` fires with the measurement (None: none)."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self.spool: SpoolFile | None = None
-        self.settled = False  # taken or dropped
-        # The bytes free, measured with it (None: not measured).
-        self.free: Deferred[int | None] = Deferred()
-        store.spool_ahead().addCallbacks(self._made, self._failed)
-
-    def _made(self, made: tuple[SpoolFile, int | None]) -> None:
-        spool, free = made
-        if self.settled:
-            self.store.discard(spool)
-        else:
-            self.spool = spool
-        self.free.callback(free)
-
-    def _failed(self, f: Failure) -> None:
-        # A disk error recurs where it is reported: the taker's new_spool().
-        if not f.check(OSError):
-            log.failure("making a spool ahead", f)
-        self.free.callback(None)
-
-    def take(self) -> SpoolFile | None:
-        self.settled = True
-        spool, self.spool = self.spool, None
-        return spool
-
-    def drop(self) -> None:
-        spool = self.take()
-        if spool is not None:
-            self.store.discard(spool)
-
-
 class Cache:
     def __init__(self, store: Store, upstream: UpstreamClient, clock: Any, metrics: Metrics,
                  locks: KeyLocks | None = None) -> None:
@@ -297,7 +257,12 @@ class Cache:
                 self.upstream.open_ahead(req.remote, req.url)
         held: Held | None = None
         if self.locks is not None and not self.store.backed:
-            entry, held = await self._lookup_claiming(key)
+            if self.locks.ranged and self.store.index.surely_absent(key):
+                # No row anywhere, and the key's lock is one system call away:
+                # no thread round trip before the upstream request.
+                entry, held = None, self._claim_now(key)
+            else:
+                entry, held = await self._lookup_claiming(key)
         elif self.store.index.surely_absent(key):
             entry = None  # (no row, and no thread round trip to learn it)
         else:
@@ -332,6 +297,23 @@ class Cache:
         result = await self._join(shared, stale, req)
         return replace(result, started=True) if isinstance(result, Live) else result
 
+    def _claim_now(self, key: str) -> Held | None:
+        """(Worker processes, a key the shared key filter says no worker ever
+        stored.) The key's lock, taken on the reactor, or None: another worker
+        holds it (the production then follows it: ``across.claim``). Whoever
+        stores a key adds it to the filter before its row and lets go of the
+        lock after, so once the lock is ours, the filter still saying "surely
+        absent" means there is no row now either."""
+        locks = self.locks
+        assert locks is not None
+        held = locks.take_now(key)
+        if held is not None and not self.store.index.surely_absent(key):
+            # (Stored by the worker that let go just before us: rare.) Its
+            # production will look the row up before fetching.
+            held.release().addErrback(lambda f: log.failure("releasing the lock of {key}", f, key=key))
+            return None
+        return held
+
     async def _lookup_claiming(self, key: str) -> tuple[Entry | None, Held | None]:
         """(Worker processes.) The index row of ``key`` and, when it has no
         fresh one, the key's cross-process lock if it is free, taken in the
@@ -351,7 +333,8 @@ class Cache:
                 held = None
             return entry, held
 
-        looked = self.store.index.get_or_claim(key, self.clock.seconds(), partial(locks.take, key), unlock)
+        looked = self.store.index.get_or_claim(key, self.clock.seconds(), partial(locks.take, key),
+                                               partial(locks.untake, key))
         owned: Deferred[tuple[Entry | None, Held | None]] = looked.addCallback(own)  # type: ignore[assignment]
         try:
             return await shield(owned)
@@ -388,7 +371,6 @@ class Cache:
         taken (with the lookup: ``_lookup_claiming``)."""
         lease: Lease | None = None
         counted = False
-        ahead: _SpoolAhead | None = None
         try:
             if self.locks is not None and held is None:
                 self._claiming[target.key] = shared
@@ -419,13 +401,15 @@ class Cache:
             # Taken before anything is asked of the source: a purge from now on
             # keeps what this production brings from being stored.
             since = self.store.epoch()
-            # The spool file is made and the free space measured (in the I/O
-            # pool) while upstream is asked, not after it answered.
-            ahead = _SpoolAhead(self.store) if type(source) is Upstream and target.validate is None else None
-            opened = await source.open(self, target, stale)
+            opening = ensureDeferred(source.open(self, target, stale))
+            if held is not None:
+                # Once the request is out: handing work to a thread costs the
+                # reactor 0.1-0.3 ms here, which upstream's answer now overlaps.
+                held.tidy()
+            opened = await opening
             if not isinstance(opened, Body):
                 return opened
-            await self._store(target, stale, shared, opened, since, held, ahead)
+            await self._store(target, stale, shared, opened, since, held)
             # Settled (Live) before the body flowed: this outcome goes to nobody.
             return Failed(502, "internal error while producing")
         except CancelledError:
@@ -434,8 +418,6 @@ class Cache:
             log.failure("producing {key} failed", key=target.key)
             return Failed(502, "internal error while producing")
         finally:
-            if ahead is not None:  # (not taken: a 404, an error, a body passed through)
-                ahead.drop()
             self._count_now(target.key)
             if counted:
                 self.metrics.inflight.dec()
@@ -462,12 +444,12 @@ class Cache:
         return Failed(502, "internal error while following")  # settled before: goes to nobody
 
     async def _store(self, target: Target, stale: Entry | None, shared: Shared[Result], body: Body, since: int,
-                     held: Held | None = None, ahead: _SpoolAhead | None = None) -> None:
+                     held: Held | None = None) -> None:
         """The one commit path: spool, verify, fsync, rename, index row, in that order."""
         key = target.key
         now = self.clock.seconds()
         if body.passable and body.spool is None and target.validate is None \
-                and not await self._room_for(body.total, ahead.free if ahead is not None else None):
+                and not await self._room_for(body.total):
             # No room to store it: this one goes straight through (see _pass).
             self._producing.leave(key, shared)
             if held is not None:  # nothing stored: the other workers pass their own through
@@ -478,8 +460,7 @@ class Cache:
             await passing
             return
         try:
-            spool = body.spool if body.spool is not None else \
-                (ahead.take() if ahead is not None else None) or self.store.new_spool()
+            spool = body.spool if body.spool is not None else await self.store.spool()
         except OSError as e:
             self.store.note_write_error(e)
             raise
@@ -598,16 +579,14 @@ class Cache:
 
     # -- passing through --------------------------------------------------------------
 
-    async def _room_for(self, total: int | None, free: Deferred[int | None] | None = None) -> bool:
+    async def _room_for(self, total: int | None) -> bool:
         """Whether the store can take a body of ``total`` bytes (None: unknown)
-        now, evicting for it if it must; ``free``: a measurement taken meanwhile,
-        enough when it shows room to spare."""
+        now, evicting for it if it must; the last measurement is enough when
+        it shows room to spare (``Store.roomy``)."""
         if not self.store.writable:
             return False
-        if free is not None:
-            measured = await free
-            if measured is not None and measured - (total or 0) >= self.store.floor and self.store.writable:
-                return True
+        if self.store.roomy(total or 0):
+            return True
         try:
             return await self.store.make_room(total or 0)
         except Exception:

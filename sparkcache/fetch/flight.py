@@ -28,6 +28,7 @@ from twisted.web.client import PotentialDataLoss, ResponseDone
 from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
+from sparkcache.fetch import crew
 from sparkcache.fetch.siphon import Siphon, siphonable
 from sparkcache.store import SpoolFile
 
@@ -72,7 +73,7 @@ class Lanes:
         self.linger = linger
 
     def start(self, lane: Callable[[], None]) -> None:
-        threading.Thread(target=lane, name="sparkcache-spool", daemon=True).start()
+        crew.streams.run(lane)  # (a thread kept for reuse: fetch/crew.py)
 
 
 class Flight:
@@ -147,7 +148,9 @@ class Flight:
     def release(self) -> None:
         self._users -= 1
         if self._users == 0 and self._fd is not None:
-            os.close(self._fd)
+            # Not on the reactor: the last close of a spool dropped as a
+            # duplicate of a stored body frees its blocks (~1 ms per 2 MiB here).
+            crew.streams.run(os.close, self._fd)
             self._fd = None
 
     def fileno(self) -> int:

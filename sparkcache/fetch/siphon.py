@@ -43,6 +43,8 @@ from twisted.logger import Logger
 from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.http import _IdentityTransferDecoder
 
+from sparkcache.fetch import crew
+
 if TYPE_CHECKING:
     from sparkcache.fetch.flight import Flight
 
@@ -149,7 +151,7 @@ class Siphon:
         if _running >= CROWDED:
             self.ring, self.read = RING_CROWDED, READ_CROWDED
         _running += 1
-        threading.Thread(target=self._run, args=(sock, first), name="sparkcache-siphon", daemon=True).start()
+        crew.streams.run(self._run, sock, first)
 
     def stop(self) -> None:
         """(On the reactor.) End the thread's reads now (cancelled)."""

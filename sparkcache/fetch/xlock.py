@@ -22,6 +22,17 @@ except a miss's first try for the lock, which runs in the SQLite thread
 right after the index read that found no fresh row, and before a second
 read of the row (``KeyLocks.take``, ``Index.get_or_claim``): one thread round
 trip on the way to the first byte instead of three.
+
+Where the kernel has open file description locks (Linux 3.15 on), a key's
+lock is not a file of its own but one byte of ``locks/keys.lock``, at an
+offset drawn from the key's hash (62 bits: two keys share a byte with odds
+that never matter): ``fcntl(F_OFD_SETLK)`` on a descriptor opened at start.
+That is one system call that never touches a disk or a directory, so a
+cold miss whose key the index surely lacks (store/keyfilter.py) takes it on
+the reactor (``KeyLocks.take_now``), with no thread round trip at all. Such
+locks belong to the open file, not to a thread, and every thread of a worker
+shares that one: the worker keeps the set of bytes it holds, so that a
+second claim inside the worker fails as a second process's would.
 """
 
 from __future__ import annotations
@@ -31,6 +42,8 @@ import fcntl
 import hashlib
 import json
 import os
+import struct
+import threading
 import uuid
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Awaitable, Callable
@@ -45,6 +58,11 @@ InIO = Callable[..., Deferred[Any]]
 POLL_INTERVAL = 0.05
 # How often try_lock tries again when the file it locked was removed meanwhile.
 LOCK_TRIES = 100
+# One file for every key's byte-range lock (the module's docstring).
+RANGES_NAME = "keys.lock"
+_OFD_SETLK: int = getattr(fcntl, "F_OFD_SETLK", 0)  # (0: not this kernel)
+# struct flock: l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks), padding.
+_FLOCK = struct.Struct("hhqqi4x")
 
 
 @dataclass(frozen=True)
@@ -119,6 +137,7 @@ def release_lock(fd: int, lock_path: str) -> None:
 
 
 def write_marker(marker_path: str, marker: Marker) -> None:
+    os.makedirs(os.path.dirname(marker_path), exist_ok=True)  # (try_lock makes it for a lock file)
     tmp = f"{marker_path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(asdict(marker), f)
@@ -149,19 +168,37 @@ def remove_marker(marker_path: str) -> None:
 class Held:
     """This process owns the production of ``key`` until ``release``."""
 
-    def __init__(self, locks: "KeyLocks", key: str, fd: int) -> None:
+    def __init__(self, locks: "KeyLocks", key: str, token: int, clear: bool = False) -> None:
         self.locks = locks
         self.key = key
-        self.fd: int | None = fd
-        self.lock_path, self.marker_path = paths(locks.dir, key)
+        self.token: int | None = token  # (KeyLocks._lock's)
+        self.marker_path = paths(locks.dir, key)[1]
         self.marker: Marker | None = None  # once announced
         # One file operation at a time, in order: the I/O pool has several
         # threads, and a late marker write must not follow the removal.
         self._order = DeferredLock()
         self._failed = False  # the marker says the production failed
+        # Taken on the reactor (KeyLocks.take_now): a dead owner's marker is
+        # removed in the first file operation, before anything of ours.
+        self._clear = clear
 
     def _then(self, fn: Callable[..., None], *args: Any) -> Deferred[None]:
+        if self._clear:
+            self._clear = False
+
+            def cleared_first() -> None:
+                remove_marker(self.marker_path)
+                fn(*args)
+
+            return self._order.run(self.locks.in_io, cleared_first)
         return self._order.run(self.locks.in_io, fn, *args)
+
+    def tidy(self) -> None:
+        """Remove a dead owner's marker now, if ``take_now`` left that to do
+        (called once the production's upstream request is out: a thread
+        hand-off on the reactor does not delay it)."""
+        if self._clear:
+            self._then(lambda: None).addErrback(lambda f: None)
 
     def announce(self, marker: Marker) -> Deferred[None]:
         """Tell the other workers where the body is being spooled; fires once
@@ -176,7 +213,7 @@ class Held:
     def abort(self, why: str) -> Deferred[None]:
         """The production was abandoned: the tails end at their next poll
         (with ``why``), without waiting for the marker to go. ``release`` follows."""
-        if self.fd is None or self.marker is None:
+        if self.token is None or self.marker is None:
             return succeed(None)
         marker = replace(self.marker, error=why or "abandoned")
 
@@ -190,8 +227,8 @@ class Held:
         """After the index row is written (commit) or instead of it (abort).
         Only the first call does anything: a later one must not remove the
         marker of whoever took the key since."""
-        fd, self.fd = self.fd, None
-        if fd is None:
+        token, self.token = self.token, None
+        if token is None:
             return succeed(None)
 
         def run() -> None:
@@ -202,7 +239,7 @@ class Held:
                 if not self._failed:
                     remove_marker(self.marker_path)
             finally:
-                release_lock(fd, self.lock_path)
+                self.locks._unlock(self.key, token)
 
         return self._then(run)
 
@@ -210,48 +247,119 @@ class Held:
 class KeyLocks:
     """The lock files of one store: ``<data_dir>/locks``."""
 
-    def __init__(self, data_dir: str, in_io: InIO) -> None:
+    def __init__(self, data_dir: str, in_io: InIO, ranges: bool = True) -> None:
+        """Blocking (start-up: in each worker, never before a fork, since a
+        byte-range lock belongs to the open file and a forked child would share it)."""
         self.dir = os.path.join(data_dir, "locks")
         self.in_io = in_io
+        self._ranges: int | None = None  # the descriptor of RANGES_NAME
+        self._mine: set[int] = set()  # the bytes this worker holds
+        self._guard = threading.Lock()  # (the reactor, the SQLite and the I/O threads take locks)
+        if ranges and _OFD_SETLK:
+            os.makedirs(self.dir, exist_ok=True)
+            self._ranges = os.open(os.path.join(self.dir, RANGES_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    @property
+    def ranged(self) -> bool:
+        """Whether a key's lock is a byte of one file (``take_now`` can take it)."""
+        return self._ranges is not None
+
+    def close(self) -> None:
+        fd, self._ranges = self._ranges, None
+        if fd is not None:
+            os.close(fd)  # (releases every byte still held)
+
+    # -- a key's lock: brief and never waiting, on any thread ------------------
+
+    def _lock(self, key: str) -> int | None:
+        """The lock of ``key`` (a token for ``_unlock``), or None when another holds it."""
+        fd = self._ranges
+        if fd is None:
+            return try_lock(paths(self.dir, key)[0])
+        at = _offset(key)
+        with self._guard:
+            if at in self._mine:
+                return None
+            try:
+                fcntl.fcntl(fd, _OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, at, 1, 0))
+            except OSError as e:
+                if e.errno in (errno.EAGAIN, errno.EACCES):
+                    return None
+                raise
+            self._mine.add(at)
+        return at
+
+    def _unlock(self, key: str, token: int) -> None:
+        fd = self._ranges
+        if fd is None:
+            release_lock(token, paths(self.dir, key)[0])
+            return
+        with self._guard:
+            try:
+                fcntl.fcntl(fd, _OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, token, 1, 0))
+            finally:
+                self._mine.discard(token)
+
+    # -- the engine's side -------------------------------------------------------
 
     def acquire(self, key: str) -> Deferred[Held | None]:
         """Own the production of ``key`` (a Held), or None: another process does."""
         def run() -> Held | None:
-            fd = self._take(key)
-            return None if fd is None else Held(self, key, fd)
+            token = self._take(key)
+            return None if token is None else Held(self, key, token)
 
         return self.in_io(run)
 
     def take(self, key: str) -> int | None:
         """Blocking, brief, never waits (the SQLite thread, beside the index
-        read: ``Index.get_or_claim``): the descriptor holding ``key``'s lock,
-        or None when another holds it or it could not be taken (the
-        production's own ``acquire`` then tries again and says why). Make it a
-        Held with ``held`` (on the reactor), or ``unlock`` it."""
+        read: ``Index.get_or_claim``): the token of ``key``'s lock, or None
+        when another holds it or it could not be taken (the production's own
+        ``acquire`` then tries again and says why). Make it a Held with
+        ``held`` (on the reactor), or ``untake`` it."""
         try:
             return self._take(key)
         except OSError:
             return None
 
+    def untake(self, key: str, token: int) -> None:
+        """Let go of what ``take`` returned, unused."""
+        self._unlock(key, token)
+
+    def take_now(self, key: str) -> Held | None:
+        """(``ranged`` only; on the reactor: one system call.) ``key``'s lock
+        as a Held, or None when another worker holds it. A marker a dead owner
+        left is removed by the Held's first file operation, before its own."""
+        assert self._ranges is not None, "take_now needs byte-range locks"
+        try:
+            token = self._lock(key)
+        except OSError:
+            return None
+        return None if token is None else Held(self, key, token, clear=True)
+
     def _take(self, key: str) -> int | None:
-        lock_path, marker_path = paths(self.dir, key)
-        fd = try_lock(lock_path)
-        if fd is None:
+        token = self._lock(key)
+        if token is None:
             return None
         try:
             # A marker left by an owner that died: nobody may follow it now.
-            remove_marker(marker_path)
+            remove_marker(paths(self.dir, key)[1])
         except BaseException:
-            unlock(fd)
+            self._unlock(key, token)
             raise
-        return fd
+        return token
 
-    def held(self, key: str, fd: int) -> Held:
-        """The Held of a descriptor ``take`` returned."""
-        return Held(self, key, fd)
+    def held(self, key: str, token: int) -> Held:
+        """The Held of a token ``take`` returned."""
+        return Held(self, key, token)
 
     def marker(self, key: str) -> Deferred[Marker | None]:
         return self.in_io(read_marker, paths(self.dir, key)[1])
+
+
+def _offset(key: str) -> int:
+    """``key``'s byte in RANGES_NAME: 62 bits of its hash (an off_t is signed)."""
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8).digest(),
+                          "little") >> 2
 
 
 class Ended(Exception):
@@ -304,7 +412,7 @@ class Tail:
             os.close(fd)
 
     async def poll(self) -> int:
-        lock_path, marker_path = paths(self.locks.dir, self.key)
+        locks, marker_path = self.locks, paths(self.locks.dir, self.key)[1]
         fd = self.fd
         assert fd is not None, "tail not open"
 
@@ -314,7 +422,7 @@ class Tail:
             if current is not None and current.flight == self.marker.flight:
                 if current.error is not None:
                     return size, "failed", current.error
-                probe = try_lock(lock_path)
+                probe = locks._lock(self.key)
                 if probe is None:
                     return size, "running", None
                 try:
@@ -329,7 +437,7 @@ class Tail:
                         remove_marker(marker_path)
                         return size, "dead", None
                 finally:
-                    release_lock(probe, lock_path)
+                    locks._unlock(self.key, probe)
             # Measured again: the last writes may have landed after the first fstat
             # (the owner writes, commits, then removes the marker).
             return os.fstat(fd).st_size, "over", None

@@ -28,20 +28,22 @@ counts as unwritable for ``WRITE_ERROR_HOLD`` seconds. While it is not
 from __future__ import annotations
 
 import builtins
+import errno
 import os
 import re
 from collections import OrderedDict, deque
 from typing import Any, Awaitable, Callable, TypeVar
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredLock
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock, succeed
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from sparkcache.store.body import BodyRange
 from sparkcache.store.cas import IBackedContentStore, IContentStore, LocalContentStore
-from sparkcache.store.index import Entry, Index
+from sparkcache.store.index import INDEX_NAME, Entry, Index
 from sparkcache.store import space
 from sparkcache.store.spool import SpoolFile, SpoolReader, clear_spool
 
@@ -60,6 +62,10 @@ SPACE_SLACK = 0.10
 # for the room it asked the primary for, which looks every ROOM_POLL seconds.
 ROOM_WAIT = 5.0
 ROOM_POLL = 0.1
+# Spool files kept made for the next misses (``Store.spool``).
+SPARE_SPOOLS = 2
+# Room a miss wants above its body's twice, at the last measurement, to skip measuring (``Store.roomy``).
+ROOM_SPARE = 256 << 20
 
 
 def _space_field(name: str) -> Any:
@@ -121,10 +127,10 @@ class Store:
         if self.backed:
             from sparkcache.store.s3.tiered import TieredIndex
 
-            self.index: Index = TieredIndex(os.path.join(self.data_dir, "index.sqlite"), reactor, pool=sqlite_pool)
+            self.index: Index = TieredIndex(os.path.join(self.data_dir, INDEX_NAME), reactor, pool=sqlite_pool)
             self.index.store = self  # type: ignore[attr-defined]
         else:
-            self.index = Index(os.path.join(self.data_dir, "index.sqlite"), reactor, pool=sqlite_pool)
+            self.index = Index(os.path.join(self.data_dir, INDEX_NAME), reactor, pool=sqlite_pool)
         self.spool_dir = os.path.join(self.data_dir, "spool")
         # fsync, rename and unlink of large files: never on the reactor, and
         # not in the default pool, which DNS resolution needs.
@@ -133,6 +139,11 @@ class Store:
         # Bodies being sent right now (open BodyRanges) → how many: eviction passes them by.
         self._sending: dict[str, int] = {}
         self._spools: set[SpoolFile] = set()
+        # Spool files made ahead for misses (``spool``), and the misses waiting for one.
+        self._spare: list[SpoolFile] = []
+        self._spare_waiting: list[Deferred[SpoolFile]] = []
+        self._restocking = False
+        self._stopped = False
         # Spools whose body goes to the bucket as it downloads (s3/upload.py) → that upload.
         self._uploads: dict[SpoolFile, Any] = {}
         # Bodies being committed → how many commits; bodies being removed → the
@@ -206,11 +217,17 @@ class Store:
                          d=dropped, o=len(orphans))
         await self.refresh_stats()
         await self.check_space()
+        self._restock_soon()  # (the first miss's spool, ready)
 
     async def stop(self) -> None:
-        for spool in list(self._spools):
+        self._stopped = True
+        spare, self._spare = self._spare, []
+        for spool in list(self._spools) + spare:
             spool.discard()
         self._spools.clear()
+        waiting, self._spare_waiting = self._spare_waiting, []
+        for d in waiting:
+            d.errback(OSError(errno.ESHUTDOWN, "the store is stopping"))
         try:
             if self.backed:
                 await self.cas.stop()  # type: ignore[attr-defined]
@@ -233,30 +250,86 @@ class Store:
         self._spools.add(spool)
         return spool
 
-    def spool_ahead(self) -> Deferred[tuple[SpoolFile, int | None]]:
-        """(``new_spool()``'s file, the bytes free), made and measured in one
-        I/O-pool call: a miss asks for them while its upstream is asked, so
-        neither creating a file (an inode and a directory entry, 0.1-0.3 ms)
-        nor the free-space check is on its way to the first byte. The spool's
-        taker commits or ``discard``s it like any other. (The free space is
-        None when it could not be measured, or the reserve file is missing:
-        ``check_space`` makes it.)"""
-        def made() -> tuple[SpoolFile, space.Space | None]:
-            spool = SpoolFile(self.spool_dir, "dl-")
-            try:
-                return spool, (space.measure(self.data_dir) if os.path.exists(self.reserve_path) else None)
-            except OSError:
-                return spool, None
-
-        def back(r: tuple[SpoolFile, space.Space | None]) -> tuple[SpoolFile, int | None]:
-            spool, got = r
+    def spool(self) -> Deferred[SpoolFile]:
+        """A new spool file for a miss's body (as ``new_spool()``), made ahead
+        in the I/O pool: one of SPARE_SPOOLS kept ready, taken with no system
+        call and no thread hand-off on the way to the first byte (making a
+        file, an inode and a directory entry, is 0.1-0.3 ms; handing it to a
+        thread and back takes longer than a loopback upstream answers). Another
+        is made at the reactor's next turn, with a measurement of the free
+        space (``roomy``). When none is ready, fires once one is made. (The
+        spool's leftovers are emptied at start-up, these with them: empty
+        files, at most SPARE_SPOOLS per process.)"""
+        if self._spare:
+            spool = self._spare.pop()
             self._spools.add(spool)
-            if got is None:
-                return spool, None
-            self.floor = space.floor_of(got.total, self.min_free, self.min_free_percent)
-            return spool, self._measured(got.free)
+            self._restock_soon()
+            return succeed(spool)
+        waiting: Deferred[SpoolFile] = Deferred(self._spare_waiting.remove)  # (cancelled: no longer waiting)
+        self._spare_waiting.append(waiting)
+        self._restock_soon()
+        return waiting
 
-        return self.in_io(made).addCallback(back)
+    def _restock_soon(self) -> None:
+        if not self._restocking and not self._stopped:
+            self._restocking = True
+            self.reactor.callLater(0, self._restock)
+
+    def _restock(self) -> None:
+        want = SPARE_SPOOLS - len(self._spare) + len(self._spare_waiting)
+        if want <= 0 or self._stopped:
+            self._restocking = False
+            return
+        spool_dir = self.spool_dir
+
+        def made() -> tuple[list[SpoolFile], space.Space | None]:
+            spools: list[SpoolFile] = []
+            try:
+                for _ in range(want):
+                    spools.append(SpoolFile(spool_dir, "dl-"))
+            except BaseException:
+                for spool in spools:
+                    spool.discard()
+                raise
+            try:
+                return spools, (space.measure(self.data_dir) if os.path.exists(self.reserve_path) else None)
+            except OSError:
+                return spools, None
+
+        def back(r: tuple[list[SpoolFile], space.Space | None]) -> None:
+            spools, got = r
+            self._restocking = False
+            if got is not None:
+                self.floor = space.floor_of(got.total, self.min_free, self.min_free_percent)
+                self._measured(got.free)
+            for spool in spools:
+                if self._stopped:
+                    spool.discard()
+                elif self._spare_waiting:
+                    self._spools.add(spool)
+                    self._spare_waiting.pop(0).callback(spool)
+                else:
+                    self._spare.append(spool)
+            if self._spare_waiting:
+                self._restock_soon()
+
+        def failed(f: Failure) -> None:
+            # (A full disk: the misses waiting fail as new_spool() would, and
+            # the next one tries again.)
+            self._restocking = False
+            waiting, self._spare_waiting = self._spare_waiting, []
+            for d in waiting:
+                d.errback(f)
+            if not f.check(OSError):
+                log.failure("making spool files ahead", f)
+
+        self.in_io(made).addCallbacks(back, failed)
+
+    def roomy(self, need: int) -> bool:
+        """Whether the last free-space measurement (each spool made ahead
+        brings one) shows room for ``need`` bytes, as many again and ROOM_SPARE
+        above the floor: a miss then stores its body without measuring again."""
+        return self.free is not None and self.free - 2 * need - ROOM_SPARE >= self.floor and self.writable
 
     def discard(self, spool: SpoolFile) -> None:
         self._spools.discard(spool)

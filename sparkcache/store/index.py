@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from sparkcache.store.changes import ChangeCounters
-from sparkcache.store.keyfilter import KeyFilter
+from sparkcache.store.keyfilter import SHARED_SUFFIX, KeyFilter, SharedKeyFilter, prepare_shared, remove_shared
 
 T = TypeVar("T")
 # A deletion of more rows than this (a purge) bumps the global change counter
@@ -146,6 +146,8 @@ def transaction(db: sqlite3.Connection) -> Iterator[None]:
     db.execute("COMMIT")
 
 
+INDEX_NAME = "index.sqlite"  # (in the data dir)
+
 # Keys read (and added) per SQLite-thread call while the key filter is built:
 # lookups and writes wait between batches, not behind the whole table.
 FILTER_BATCH = 2000
@@ -176,7 +178,7 @@ class Index:
         # Every key with a row (store/keyfilter.py), kept by the index's sole
         # user once ``filter_keys`` built it; the keys written while one is
         # being built, for it.
-        self._keys: KeyFilter | None = None
+        self._keys: KeyFilter | SharedKeyFilter | None = None
         self._keys_pending: list[str] | None = None
 
     # -- lifecycle -----------------------------------------------------------
@@ -256,6 +258,15 @@ class Index:
     def watch_changes(self) -> None:
         """Blocking (start-up): other processes write this index too; see store/changes.py."""
         self.changes = ChangeCounters(os.path.splitext(self.path)[0] + ".changes")
+
+    def share_keys(self) -> None:
+        """Blocking (start-up, a worker process): use the key filter the
+        supervisor made for this run (``prepare_key_filter``); the primary
+        fills it (``fill_shared_keys``)."""
+        try:
+            self._keys = SharedKeyFilter(os.path.splitext(self.path)[0] + SHARED_SUFFIX)
+        except (OSError, ValueError) as e:
+            log.warn("no shared key filter ({e}): every cold miss asks the index", e=e)
 
     def _remember(self, entry: Entry, stamp: tuple[int, int] | None = None) -> None:
         if self.changes is not None:
@@ -362,7 +373,40 @@ class Index:
         (the key filter, once built: ``filter_keys``); False: maybe one."""
         f = self._keys
         # (A row in memory is a row: no hashing on the way to a hit.)
-        return f is not None and key not in self._mem and not f.may_hold(key)
+        return f is not None and key not in self._mem and f.usable and not f.may_hold(key)
+
+    def fill_shared_keys(self) -> Deferred[None]:
+        """(The primary worker, at start.) Add every row's key to the shared
+        filter, in batches in the SQLite thread, then let every worker trust
+        it. Rows written meanwhile add their own keys (``_write``)."""
+        f = self._keys
+        if not isinstance(f, SharedKeyFilter) or not f.building:
+            return succeed(None)
+        shared: SharedKeyFilter = f
+
+        def batch(after: str | None) -> tuple[int, str | None]:
+            keys = [k for (k,) in self._key_batch(after)]
+            shared.add(keys)
+            return len(keys), (keys[-1] if keys else None)
+
+        async def build() -> None:
+            after: str | None = None
+            while True:
+                got, after = await self._run(batch, after)
+                if got < FILTER_BATCH:
+                    break
+            await self._run(shared.built)
+            log.info("the shared key filter is built")
+
+        def failed(reason: Failure) -> None:
+            log.failure("building the shared key filter (cold misses ask the index until a restart)", reason)
+
+        return Deferred.fromCoroutine(build()).addErrback(failed)
+
+    def _key_batch(self, after: str | None) -> Any:
+        if after is None:
+            return self.db.execute("SELECT key FROM entries ORDER BY key LIMIT ?", (FILTER_BATCH,))
+        return self.db.execute("SELECT key FROM entries WHERE key > ? ORDER BY key LIMIT ?", (after, FILTER_BATCH))
 
     def filter_keys(self) -> Deferred[None]:
         """(Only for the index's sole user: no other process writes it.) Build
@@ -375,13 +419,8 @@ class Index:
 
         def batch(f: KeyFilter, after: str | None) -> tuple[int, str | None]:
             # (Added here, not on the reactor: nothing else sees ``f`` until it is built.)
-            if after is None:
-                rows = self.db.execute("SELECT key FROM entries ORDER BY key LIMIT ?", (FILTER_BATCH,))
-            else:
-                rows = self.db.execute("SELECT key FROM entries WHERE key > ? ORDER BY key LIMIT ?",
-                                       (after, FILTER_BATCH))
             n, last = 0, None
-            for (k,) in rows:
+            for (k,) in self._key_batch(after):
                 f.add(k)
                 n, last = n + 1, k
             return n, last
@@ -407,7 +446,7 @@ class Index:
 
     def _note_key(self, key: str) -> None:
         """(Before its row is written.) ``key`` may have a row from now on."""
-        if self._keys is not None:
+        if isinstance(self._keys, KeyFilter):
             self._keys.add(key)
             if self._keys.full:
                 self.filter_keys()
@@ -547,7 +586,11 @@ class Index:
         key = entry.key
         self._note_key(key)
 
+        shared = self._keys if isinstance(self._keys, SharedKeyFilter) else None
+
         def q() -> tuple[bool, tuple[int, int] | None]:
+            if shared is not None:
+                shared.add((key,))  # (before the row: see store/keyfilter.py)
             before = self.changes.stamp(key) if self.changes is not None else None
             with transaction(self.db):
                 if may is not None and not may():
@@ -714,3 +757,25 @@ class Index:
 
         self._mem.clear()
         return self._run(q)
+
+
+def prepare_key_filter(data_dir: str, shared: bool) -> None:
+    """Blocking (the supervisor, before any worker starts; the store checked):
+    a new shared key filter for the store's index sized from its rows now, or,
+    ``shared`` False (a bucket's shared index: other hosts write it), none."""
+    path = os.path.join(data_dir, INDEX_NAME)
+    filter_path = os.path.splitext(path)[0] + SHARED_SUFFIX
+    if not shared:
+        remove_shared(filter_path)
+        return
+    os.makedirs(data_dir, exist_ok=True)
+    rows = 0
+    if os.path.exists(path):
+        db = sqlite3.connect(path, timeout=BUSY_TIMEOUT)
+        try:
+            rows = int(db.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
+        except sqlite3.OperationalError:  # (no table yet)
+            pass
+        finally:
+            db.close()
+    prepare_shared(filter_path, rows)

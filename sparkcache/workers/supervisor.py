@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 
 from sparkcache.config import Config
 from sparkcache.limits import raise_nofile
+from sparkcache.store.index import prepare_key_filter
 from sparkcache.store.space import reset_shared
 from sparkcache.store.spool import clear_spool
 from sparkcache.workers.sockets import Listener, close_listeners, format_fds, format_specs, open_listeners
@@ -202,6 +203,8 @@ class Supervisor(Service):
             await self.check_store()
         reset_metrics_dir(self.metrics_dir)
         reset_shared(self.config.storage.data_dir)  # a previous run's disk state is not this run's
+        # This run's key filter (store/keyfilter.py), new and empty: the primary fills it.
+        await self.in_thread(prepare_key_filter, self.config.storage.data_dir, self.config.storage.backend != "s3")
         for i in range(self.count):
             clear_spool(os.path.join(self.spool_dir, spool_subdir(i)))
         for i in range(self.count):

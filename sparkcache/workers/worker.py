@@ -99,6 +99,9 @@ def build(environ: Mapping[str, str], reactor: Any) -> Any:
                                 worker=int(environ["SPARKCACHE_WORKER"]))
     # The other workers write this index too: cached rows are checked against change stamps.
     service.store.index.watch_changes()
+    if not service.store.backed:
+        # Which keys no worker ever stored: a cold miss then skips the index (store/keyfilter.py).
+        service.store.index.share_keys()
     # A write error or a low disk one worker sees holds for all; the primary alone evicts for space.
     service.store.share_space(evicts=service.primary)
     return service

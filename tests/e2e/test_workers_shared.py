@@ -16,6 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
+from sparkcache.fetch.xlock import RANGES_NAME
 from tests.e2e.test_disk_full import ADMIN as DISK_ADMIN
 from tests.e2e.test_disk_full import cut_off, small_disk  # noqa: F401 (a fixture)
 from tests.e2e.test_workers import _workers_seen
@@ -91,9 +92,10 @@ def test_remote_changes_reach_every_worker_before_the_answer(upstream, daemon_fa
     log = d.log()
     assert "did not apply the remotes change" not in log and "Traceback" not in log
     assert d.stop() == 0
-    # Each key's cross-process lock went with its release: locks/ keeps no file per key fetched.
+    # Each key's cross-process lock went with its release: locks/ keeps no file per key fetched
+    # (its one file of byte-range locks aside, where the kernel has them: fetch/xlock.py).
     left = [f for _, _, files in os.walk(os.path.join(d.data_dir, "locks")) for f in files if f.endswith(".lock")]
-    assert left == [], left
+    assert left in ([], [RANGES_NAME]), left
 
 
 def test_status_and_health_are_the_whole_daemons(upstream, daemon_factory):

@@ -159,9 +159,27 @@ class Daemon:
         return self.data_dir / "spool"
 
     def spool_files(self) -> list[str]:
+        """What the spool holds but the spool files each process keeps made
+        for its next misses (``Store.spool``): empty ones, at most
+        SPARE_SPOOLS per directory (a process's). A body left behind has
+        bytes, and a spool file left empty is one too many."""
+        from sparkcache.store import SPARE_SPOOLS
+
         if not self.spool_dir.is_dir():
             return []
-        return sorted(str(p.relative_to(self.spool_dir)) for p in self.spool_dir.rglob("*") if not p.is_dir())
+        files = sorted(p for p in self.spool_dir.rglob("*") if not p.is_dir())
+        spare: dict[Path, int] = {}
+        left = []
+        for p in files:
+            try:
+                empty = p.stat().st_size == 0
+            except FileNotFoundError:
+                continue
+            if empty and p.name.startswith("dl-") and spare.get(p.parent, 0) < SPARE_SPOOLS:
+                spare[p.parent] = spare.get(p.parent, 0) + 1
+                continue
+            left.append(str(p.relative_to(self.spool_dir)))
+        return left
 
     # -- process -----------------------------------------------------------
 

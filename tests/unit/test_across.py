@@ -22,28 +22,36 @@ from sparkcache.fetch.across import TailFlight
 from sparkcache.fetch.xlock import KeyLocks, paths
 from sparkcache.metrics import Metrics
 from sparkcache.store import Entry, Store
-from sparkcache.store.index import _COLUMNS
+from sparkcache.store.index import _COLUMNS, prepare_key_filter
 from tests.unit.test_produce import BODY, FakeResponse, FakeUpstream, Reader
 
 
-def _worker(data: str, i: int, clock: task.Clock, check: bool) -> Any:
+def _worker(data: str, i: int, clock: task.Clock, check: bool, filtered: bool = False) -> Any:
     store = Store(data, reactor, max_size=1 << 30)
     store.spool_dir = os.path.join(store.spool_dir, f"w{i}")
     pytest_twisted.blockon(Deferred.fromCoroutine(store.start(check=check)))
     os.makedirs(store.spool_dir, exist_ok=True)
     store.index.watch_changes()
+    if filtered:
+        if check:  # (the first: as the supervisor, then the primary)
+            prepare_key_filter(data, True)
+        store.index.share_keys()
+        pytest_twisted.blockon(store.index.fill_shared_keys())
     up = FakeUpstream()
     cache = Cache(store, up, clock, Metrics(), KeyLocks(data, store.in_io))  # type: ignore[arg-type]
     return SimpleNamespace(store=store, cache=cache, up=up)
 
 
-@pytest.fixture
-def pair(tmp_path: Any) -> Any:
+@pytest.fixture(params=["lookup", "filtered"])
+def pair(tmp_path: Any, request: Any) -> Any:
+    """Two workers; "filtered": with the shared key filter, a cold miss takes
+    the key's lock on the reactor with no index lookup (Cache._claim_now)."""
     clock = task.Clock()
     clock.advance(1000)
     data = str(tmp_path / "data")
-    a, b = _worker(data, 0, clock, True), _worker(data, 1, clock, False)
-    yield SimpleNamespace(a=a, b=b, clock=clock, data=data)
+    filtered = request.param == "filtered"
+    a, b = _worker(data, 0, clock, True, filtered), _worker(data, 1, clock, False, filtered)
+    yield SimpleNamespace(a=a, b=b, clock=clock, data=data, filtered=filtered)
     for w in (a, b):
         pytest_twisted.blockon(Deferred.fromCoroutine(w.store.stop()))
 
@@ -158,6 +166,8 @@ async def test_the_lookup_takes_the_lock_and_reads_the_row_again_after_it(pair: 
 
 @pytest_twisted.ensureDeferred
 async def test_a_lock_taken_with_the_lookup_is_let_go_when_its_client_is_gone(pair: Any) -> None:
+    if pair.filtered:
+        pair.a.store.index._keys.add(["r:x"])  # (a key the filter may hold: looked up)
     d = Deferred.fromCoroutine(pair.a.cache.get(creq(REMOTE)))
     d.cancel()  # while the lookup (and the lock) is in the SQLite thread
     with pytest.raises(CancelledError):
@@ -193,3 +203,31 @@ async def test_a_miss_takes_the_lock_with_its_lookup_and_the_other_worker_follow
     held = await pair.b.cache.locks.acquire("r:x")
     assert held is not None  # released after the commit
     await held.release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cold_miss_the_shared_filter_rules_out_asks_the_index_nothing(pair: Any) -> None:
+    """With the shared key filter built, a key no worker stored is claimed on
+    the reactor: no SQLite round trip before the upstream request; a key the
+    other worker stored since is looked up (and found)."""
+    if not pair.filtered:
+        assert not pair.a.store.index.surely_absent("r:x")  # (no filter: every miss asks)
+        return
+    asked: list[str] = []
+    for name in ("get", "get_or_claim"):
+        real = getattr(pair.a.store.index, name)
+        setattr(pair.a.store.index, name, lambda key, *args, _real=real, _name=name: asked.append(_name) or _real(key, *args))
+    got = Deferred.fromCoroutine(pair.a.cache.get(creq(REMOTE)))
+    assert len(pair.a.up.requests) == 1 and asked == []  # asked upstream at once, the index never
+    assert await pair.b.cache.locks.acquire("r:x") is None  # and the key's lock is a's
+    response = FakeResponse(length=len(BODY))
+    pair.a.up.requests[0].callback((response, "http://up.invalid/x"))
+    live = await pumped(got, pair.clock)
+    assert isinstance(live, Live)
+    await pumped(Deferred.fromCoroutine(_until(lambda: response.protocol is not None)), pair.clock)
+    response.send(BODY)
+    response.end()
+    await pumped(live.flight.wait_done(), pair.clock)
+    assert not pair.b.store.index.surely_absent("r:x")  # stored by a: maybe, for b too
+    again = await pumped(Deferred.fromCoroutine(pair.b.cache.get(creq(REMOTE))), pair.clock)
+    assert isinstance(again, Hit) and pair.b.up.requests == []

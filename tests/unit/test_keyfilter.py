@@ -124,3 +124,85 @@ async def test_a_cold_miss_skips_the_lookup_and_a_stored_key_is_still_found(tmp_
         up.clear()
         await client.close()
         await store.stop()
+
+
+# -- shared by worker processes ------------------------------------------------------
+
+
+def test_the_shared_filter_is_one_set_of_bits_for_every_worker_and_trusted_once_built(tmp_path: Path) -> None:
+    path = str(tmp_path / "index.keys")
+    keyfilter.prepare_shared(path, rows=10)
+    a, b = keyfilter.SharedKeyFilter(path), keyfilter.SharedKeyFilter(path)  # two workers' mappings
+    try:
+        assert a.capacity >= keyfilter.MIN_SHARED_KEYS and a.building and not a.usable
+        a.add(["k/1", "k/2"])
+        assert b.may_hold("k/1") and b.may_hold("k/2") and not b.may_hold("k/3")
+        b.built()
+        assert a.usable and b.usable
+        # A new run's filter is a new file: a worker still on the old one keeps its own.
+        keyfilter.prepare_shared(path, rows=0)
+        c = keyfilter.SharedKeyFilter(path)
+        assert not c.usable and not c.may_hold("k/1") and a.may_hold("k/1")
+        c.close()
+    finally:
+        a.close()
+        b.close()
+    (tmp_path / "junk").write_bytes(b"x" * 10_000)
+    with pytest.raises(ValueError):
+        keyfilter.SharedKeyFilter(str(tmp_path / "junk"))
+
+
+def test_a_shared_filter_past_twice_its_size_is_no_longer_trusted(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(keyfilter, "MIN_SHARED_KEYS", 8)
+    monkeypatch.setattr(keyfilter, "MIN_KEYS", 8)
+    path = str(tmp_path / "index.keys")
+    keyfilter.prepare_shared(path, rows=0)
+    f = keyfilter.SharedKeyFilter(path)
+    try:
+        f.built()
+        f.add([f"k/{n}" for n in range(2 * f.capacity)])
+        assert f.usable
+        f.add(["one more"])
+        assert not f.usable  # its false positives would climb: every miss asks the index again
+        f.built()
+        assert not f.usable  # (until the next start makes a larger one)
+    finally:
+        f.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_rows_of_any_worker_before_and_during_the_shared_build_are_never_surely_absent(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(index_module, "FILTER_BATCH", 7)
+    data = str(tmp_path)
+    first = Index(str(tmp_path / "index.sqlite"), reactor)  # a previous run, or workers: 1
+    await first.start()
+    for n in range(50):
+        await first.put(_entry(f"before/{n}"))
+    await first.stop()
+    index_module.prepare_key_filter(data, True)  # the supervisor
+    assert keyfilter.SharedKeyFilter(str(tmp_path / "index.keys")).capacity >= 4 * 50
+    primary, other = Index(str(tmp_path / "index.sqlite"), reactor), Index(str(tmp_path / "index.sqlite"), reactor)
+    for idx in (primary, other):
+        await idx.start()
+        idx.share_keys()
+    try:
+        assert not other.surely_absent("never")  # (not built yet: every lookup asks)
+        building = primary.fill_shared_keys()
+        during = [other.put(_entry(f"during/{n}")) for n in range(30)]
+        for d in during:
+            await d
+        await building
+        for n in range(20):
+            await other.put(_entry(f"after/{n}"))
+        keys = [f"before/{n}" for n in range(50)] + [f"during/{n}" for n in range(30)] + [f"after/{n}" for n in range(20)]
+        for idx in (primary, other):
+            for key in keys:
+                assert not idx.surely_absent(key), key
+            assert sum(idx.surely_absent(f"never/{n}") for n in range(1000)) > 990
+    finally:
+        await primary.stop()
+        await other.stop()
+    index_module.prepare_key_filter(data, False)  # one process again: no shared filter left behind
+    assert not (tmp_path / "index.keys").exists()

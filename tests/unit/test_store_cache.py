@@ -10,7 +10,7 @@ import os
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 
 from sparkcache.config import CachePolicy, RemoteConfig
 from sparkcache.fetch import Cache, CacheRequest, Failed, Hit, Live, UpstreamClient
@@ -214,39 +214,72 @@ async def test_expiry_drops_negative_entries_and_long_stale_bodies(env):
     assert store.cas.iter_digests is not None and list(store.cas.iter_digests()) == []
 
 
+async def _spool_files(store, n):
+    """The files made ahead once there are ``n`` (the I/O pool's thread makes them)."""
+    for _ in range(500):
+        if os.path.isdir(store.spool_dir) and len(os.listdir(store.spool_dir)) == n:
+            break
+        await task.deferLater(reactor, 0.01, lambda: None)
+    return sorted(os.listdir(store.spool_dir))
+
+
+@pytest.mark.spare_spools
 @pytest_twisted.ensureDeferred
-async def test_the_spool_is_made_while_upstream_is_asked(env, monkeypatch):
-    """A miss's spool file is made in the I/O pool while its upstream is asked
-    (Store.spool_ahead): the body goes into that one, and a miss that stores
-    nothing (a 404, an unreachable upstream) leaves no file behind."""
+async def test_spool_files_are_made_ahead_and_a_miss_takes_one(env, monkeypatch):
+    """A miss's spool file was made ahead, in the I/O pool (Store.spool): the
+    body goes into one, made before anything was asked, and another is made;
+    a miss that stores nothing (a 404, an unreachable upstream) takes none."""
+    from sparkcache.store import SPARE_SPOOLS
+
     cache, store, clock, remote, up = env
-    made: list[str] = []
-    real = store.spool_ahead
-
-    def counting():
-        return real().addCallback(lambda r: (made.append(r[0].path), r)[1])
-
-    monkeypatch.setattr(store, "spool_ahead", counting)
+    spare = await _spool_files(store, SPARE_SPOOLS)
+    assert len(spare) == SPARE_SPOOLS
     monkeypatch.setattr(store, "new_spool", lambda *a, **k: pytest.fail("a spool made on the way to the first byte"))
     up.add("/slow", b"s" * 5000)
     up.behave("/slow", stall=True)
     fetch = Deferred.fromCoroutine(fetch_all(cache, creq(remote, up, "slow")))
     await up.until_paused("/slow")
-    for _ in range(500):  # (the I/O pool's thread)
-        if made:
-            break
-        await task.deferLater(reactor, 0.01, lambda: None)
-    assert os.listdir(store.spool_dir) == [os.path.basename(made[0])]
+    assert await _spool_files(store, SPARE_SPOOLS) == spare  # (taken once upstream answered)
     up.resume("/slow")
     res, entry = await fetch
     assert isinstance(res, Live) and entry.size == 5000
-    assert os.listdir(store.spool_dir) == []
+    after = await _spool_files(store, SPARE_SPOOLS)
+    assert len(after) == SPARE_SPOOLS and len(set(after) & set(spare)) == SPARE_SPOOLS - 1
     up.behave("/gone", status=404)
     up.behave("/down", reset=True)
     assert (await cache.get(creq(remote, up, "gone"))).status == 404
     assert (await cache.get(creq(remote, up, "down"))).status == 502
-    for _ in range(500):
-        if len(made) == 3 and os.listdir(store.spool_dir) == []:
-            break
-        await task.deferLater(reactor, 0.01, lambda: None)
-    assert len(made) == 3 and os.listdir(store.spool_dir) == []
+    assert await _spool_files(store, SPARE_SPOOLS) == after  # (and nothing left over)
+
+
+@pytest.mark.spare_spools
+@pytest_twisted.ensureDeferred
+async def test_misses_with_no_spool_made_yet_wait_for_one_each(tmp_path):
+    """A burst of misses beyond the spare spools: each waits for a file of
+    its own (made in the I/O pool, never on the reactor); a waiter that goes
+    away takes none; a stopping store fails the rest."""
+    from sparkcache.store import SPARE_SPOOLS
+
+    store = Store(str(tmp_path / "data"), reactor, max_size=10_000)
+    await store.start()
+    await _spool_files(store, SPARE_SPOOLS)
+    spools = [store.spool() for _ in range(SPARE_SPOOLS + 3)]
+    gone = spools.pop()
+    gone.cancel()
+    with pytest.raises(CancelledError):
+        await gone
+    got = [await d for d in spools]
+    assert len({s.path for s in got}) == len(got) and all(os.path.exists(s.path) for s in got)
+    for s in got:
+        store.discard(s)
+    await _spool_files(store, SPARE_SPOOLS)
+    waiting = [store.spool() for _ in range(SPARE_SPOOLS + 1)]
+    await store.stop()
+    outcomes = []
+    for d in waiting:
+        try:
+            store.discard(await d)
+            outcomes.append("a spool")
+        except OSError:
+            outcomes.append("stopped")
+    assert outcomes[-1] == "stopped" and os.listdir(store.spool_dir) == []

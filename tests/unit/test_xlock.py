@@ -25,12 +25,16 @@ KEY = "generic/r/files/x.bin"
 # for the index row) and releases; "die" on stdin makes it wait to be killed.
 OWNER = r"""
 import os, sys
-from sparkcache.fetch.xlock import Marker, paths, remove_marker, try_lock, unlock, write_marker
-locks, key, spool, body = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].encode()
-lock_path, marker_path = paths(locks, key)
-fd = try_lock(lock_path)
-print("owner" if fd is not None else "busy", flush=True)
-if fd is None:
+from sparkcache.fetch import xlock
+from sparkcache.fetch.xlock import KeyLocks, Marker, paths, remove_marker, write_marker
+data, key, spool, body, ranged = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].encode(), sys.argv[5] == "1"
+if not ranged:
+    xlock._OFD_SETLK = 0
+locks = KeyLocks(data, None)
+marker_path = paths(locks.dir, key)[1]
+token = locks._take(key)
+print("owner" if token is not None else "busy", flush=True)
+if token is None:
     sys.exit(0)
 write_marker(marker_path, Marker(spool=spool, total=len(body)))
 with open(spool, "wb") as f:
@@ -41,9 +45,20 @@ with open(spool, "wb") as f:
     f.write(body[len(body) // 2:]); f.flush(); os.fsync(f.fileno())
 open(spool + ".committed", "w").close()  # the index row
 remove_marker(marker_path)
-unlock(fd)
+locks._unlock(key, token)
 print("done", flush=True)
 """
+
+
+@pytest.fixture(autouse=True, params=["ranges", "files"])
+def lock_mode(request: Any, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test with a key's lock as a byte of one file (a kernel with open
+    file description locks) and as a file of its own (one without)."""
+    from sparkcache.fetch import xlock
+
+    if request.param == "files":
+        monkeypatch.setattr(xlock, "_OFD_SETLK", 0)
+    return str(request.param)
 
 
 def _in_io(fn: Any, *args: Any) -> Any:
@@ -53,7 +68,10 @@ def _in_io(fn: Any, *args: Any) -> Any:
 def _owner(tmp_path: Path, body: bytes) -> tuple[subprocess.Popen[str], str]:
     spool = str(tmp_path / "spool-1")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, "-c", OWNER, str(tmp_path / "locks"), KEY, spool, body.decode()],
+    from sparkcache.fetch import xlock
+
+    ranged = "1" if xlock._OFD_SETLK else "0"
+    proc = subprocess.Popen([sys.executable, "-c", OWNER, str(tmp_path), KEY, spool, body.decode(), ranged],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "owner"
@@ -87,7 +105,8 @@ async def test_one_owner_per_key_in_one_process_too(tmp_path: Path) -> None:
     a, b = KeyLocks(str(tmp_path), _in_io), KeyLocks(str(tmp_path), _in_io)
     held = await a.acquire(KEY)
     assert held is not None
-    assert await b.acquire(KEY) is None  # flock: per open file, so two workers' opens conflict
+    assert await b.acquire(KEY) is None  # per open file, so two workers' opens conflict
+    assert await a.acquire(KEY) is None  # and one worker's threads too
     assert await b.acquire("another/key") is not None
     await held.announce(Marker(spool="/x", total=3))
     assert (await b.marker(KEY)).spool == "/x"  # type: ignore[union-attr]
@@ -251,24 +270,24 @@ async def test_an_owner_ending_between_the_marker_read_and_the_probe_is_a_commit
 
     a, b = KeyLocks(str(tmp_path), _in_io), KeyLocks(str(tmp_path), _in_io)
     held = await a.acquire(KEY)
-    assert held is not None and held.fd is not None
+    assert held is not None and held.token is not None
     spool = tmp_path / "spool-1"
     spool.write_bytes(b"x" * 1000)
     marker = Marker(spool=str(spool), total=1000)
     await held.announce(marker)
     tail = Tail(b, KEY, marker, _committed(str(spool)))
     await tail.open()
-    real_try_lock = xlock.try_lock
+    real_lock = b._lock
 
-    def owner_ends_first(path: str) -> int | None:
-        if held.fd is not None:  # the owner's commit, then its release, in that order
+    def owner_ends_first(key: str) -> int | None:
+        if held.token is not None:  # the owner's commit, then its release, in that order
             (tmp_path / "spool-1.committed").touch()
             xlock.remove_marker(held.marker_path)
-            fd, held.fd = held.fd, None
-            xlock.unlock(fd)
-        return real_try_lock(path)
+            token, held.token = held.token, None
+            a._unlock(KEY, token)
+        return real_lock(key)
 
-    monkeypatch.setattr(xlock, "try_lock", owner_ends_first)
+    monkeypatch.setattr(b, "_lock", owner_ends_first)
     with pytest.raises(Ended) as e:
         await tail.poll()
     assert e.value.committed and tail.written == 1000
@@ -277,17 +296,74 @@ async def test_an_owner_ending_between_the_marker_read_and_the_probe_is_a_commit
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_released_key_leaves_no_lock_file(tmp_path: Path) -> None:
+async def test_a_released_key_leaves_no_lock_file(tmp_path: Path, lock_mode: str) -> None:
     """Every key ever fetched would otherwise keep a file in locks/."""
+    from sparkcache.fetch.xlock import RANGES_NAME
+
     locks = KeyLocks(str(tmp_path), _in_io)
     lock_path, _ = paths(locks.dir, KEY)
     held = await locks.acquire(KEY)
-    assert held is not None and os.path.exists(lock_path)
+    # (A byte of one file for every key, or a file of the key's own while held.)
+    assert held is not None and os.path.exists(lock_path) == (lock_mode == "files")
     await held.release()
     assert not os.path.exists(lock_path)
     again = await locks.acquire(KEY)  # (the key can be taken again, by a new file)
     assert again is not None
     await again.release()
+    files = [name for _, _, names in os.walk(locks.dir) for name in names]
+    assert files == ([RANGES_NAME] if lock_mode == "ranges" else [])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_key_taken_on_the_reactor_is_one_owner_and_clears_a_dead_owners_marker(
+        tmp_path: Path, lock_mode: str) -> None:
+    """``take_now`` (byte-range locks only): one system call, the same
+    exclusion as ``acquire``, and a marker left by an owner that died is gone
+    before the new owner's first file operation."""
+    from sparkcache.fetch.xlock import read_marker, write_marker
+
+    a, b = KeyLocks(str(tmp_path), _in_io), KeyLocks(str(tmp_path), _in_io)
+    if lock_mode == "files":
+        assert not a.ranged
+        return
+    marker_path = paths(a.dir, KEY)[1]
+    write_marker(marker_path, Marker(spool="/dead", total=3, pid=1))  # an owner that died
+    held = a.take_now(KEY)
+    assert held is not None
+    assert a.take_now(KEY) is None and b.take_now(KEY) is None
+    assert await b.acquire(KEY) is None
+    await held.announce(Marker(spool="/ours", total=3))
+    assert (await b.marker(KEY)).spool == "/ours"  # type: ignore[union-attr]
+    await held.release()
+    assert read_marker(marker_path) is None
+    again = b.take_now(KEY)
+    assert again is not None and await a.acquire(KEY) is None
+    b.close()  # (a worker's end: the kernel lets go of everything it held)
+    taken = await a.acquire(KEY)
+    assert taken is not None
+    await taken.release()
+    # A marker of a dead owner, then a new owner: gone with the Held's first
+    # file operation, or its tidy(), whichever comes first (here the I/O pool
+    # runs each call at once).
+    from twisted.internet.defer import maybeDeferred
+
+    c = KeyLocks(str(tmp_path), lambda fn, *args: maybeDeferred(fn, *args))
+    write_marker(marker_path, Marker(spool="/dead", total=3, pid=1))
+    held = c.take_now(KEY)
+    assert held is not None and read_marker(marker_path) is not None  # (no file operation on the reactor)
+    held.tidy()
+    assert read_marker(marker_path) is None
+    await held.release()
+    write_marker(marker_path, Marker(spool="/dead", total=3, pid=1))
+    held = c.take_now(KEY)
+    assert held is not None
+    await held.announce(Marker(spool="/ours", total=3))
+    assert read_marker(marker_path).spool == "/ours"  # type: ignore[union-attr]
+    held.tidy()  # (nothing left to do)
+    assert read_marker(marker_path).spool == "/ours"  # type: ignore[union-attr]
+    await held.abort("upstream went away")
+    await held.release()
+    assert read_marker(marker_path).error == "upstream went away"  # type: ignore[union-attr]
 
 
 def test_a_lock_taken_on_a_file_removed_meanwhile_is_not_the_lock(tmp_path: Path,
