@@ -139,6 +139,7 @@ class PeerFollow:
         self.spool: Any = None
         self.peer = ""
         self.broken = False  # the stream broke off: this production is over
+        self.outcome: str | None = None  # for the metrics: complete, error (fallback: no flight at all)
         self._receiving: Deferred[None] | None = None
         self._ended: Shared[None] = Shared()  # the body arrived whole, or broke off
 
@@ -152,6 +153,7 @@ class PeerFollow:
         leases = store.leases
         assert info.peer is not None
         if not store.writable:  # no spool to stream into: the entry comes from the bucket, or not at all
+            self._fallback()
             return
         path = FLIGHT_PATH + key_hash(self.key)
         headers = Headers({AUTH_HEADER: [sign(leases.peer_key, b"GET", path.encode(), self.cache.clock.seconds())]})
@@ -165,12 +167,14 @@ class PeerFollow:
         except Exception as e:
             log.info("could not reach {peer} for {key} ({e}); waiting for its entry", peer=info.peer, key=self.key,
                      e=e.__class__.__name__)
+            self._fallback()
             return
         if response.code != 200:
             await discard_body(response)
             level = log.warn if response.code == 403 else log.debug
             level("{peer} has no flight of {key} for us ({code}); waiting for its entry", peer=info.peer,
                   key=self.key, code=response.code)
+            self._fallback()
             return
         try:
             raw = (response.headers.getRawHeaders(HEADERS_HEADER) or [b"{}"])[0]
@@ -182,6 +186,7 @@ class PeerFollow:
         except (ValueError, OSError) as e:
             await discard_body(response)
             log.warn("not streaming {key} from {peer}: {e}", key=self.key, peer=info.peer, e=e)
+            self._fallback()
             return
         total = response.length if isinstance(response.length, int) else None
         flight = self.flight = Flight(self.key, self.spool, total, kept, Lanes(store.reactor))
@@ -194,6 +199,9 @@ class PeerFollow:
         self._receiving.addCallbacks(self._arrived, self._broke)
         if self.held is not None:  # the other workers' clients of the key tail our spool too
             await self.held.announce(Marker(self.spool.path, total, kept, False))
+
+    def _fallback(self) -> None:
+        self.cache.metrics.peer_stream("followed", "fallback")
 
     def _arrived(self, _: object) -> None:
         flight = self.flight
@@ -213,6 +221,7 @@ class PeerFollow:
         """Abort this host's clients of the stream; the key is free here again."""
         self.broken = True
         if self.flight is not None and not self.flight.finished:
+            self.outcome = self.outcome or "error"
             if self.held is not None:  # the other workers' tails end now too
                 self.held.abort(str(e)).addErrback(lambda f: None)
             self.leave()
@@ -243,6 +252,7 @@ class PeerFollow:
             return got
         self.leave()
         flight.complete(entry)
+        self.outcome = "complete"
         return got
 
     async def close(self) -> None:
@@ -256,6 +266,10 @@ class PeerFollow:
                 await flight.flushed()  # no thread may still write to the descriptor we close
             except BodyError:
                 pass
+            metrics = self.cache.metrics
+            metrics.peer_stream("followed", self.outcome or "error")
+            if flight.written:
+                metrics.peer_bytes("followed")(flight.written)
             # Readers keep the flight's own descriptor: the file may go now.
             self.cache.store.discard(self.spool)
 
@@ -269,6 +283,7 @@ async def await_lease(cache: "Cache", target: "Target", idle_timeout: float, sha
     from sparkcache.fetch.cache import Failed
 
     leases = cache.store.leases
+    leases.count = cache.metrics.lease
     key = target.key
     if not leases.peer_key:
         return await leases.wait(key, lambda: cache._published(key))  # type: ignore[no-any-return]
