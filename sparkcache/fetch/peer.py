@@ -29,9 +29,15 @@ tails the holder's spool the same way (web/peer.py).
 
 What was streamed is never committed as this host's own entry: the flight
 ends once the holder's published entry reaches this host through the shared
-index (its body coming from the bucket into the tier, as before), and only
-if that entry's length and sha256 are those of the bytes streamed; then the
-spool goes. So a peer can never place a body in this host's store.
+index, and only if that entry's length and sha256 are those of the bytes
+streamed. Once the whole stream is here the waiter looks the entry up in the
+bucket's index first (``keep``): when it is published (the holder's commit:
+its object uploaded before) and names the bytes streamed, the spool goes into
+this host's tier (S3ContentStore.keep_streamed, which checks the spool's own
+hash once more), so the entry's fill finds it there and does not GET the
+body from the bucket again. So a peer never places a body here that does not
+match what its host published in the bucket; a body that matches nothing
+published is discarded with its spool.
 
 Requests are signed (``X-Sparkcache-Peer: <time>:<hex>``, an HMAC-SHA256 over
 the method, the path and the time, keyed with ``storage.s3`` ``peer_key``:
@@ -140,6 +146,7 @@ class PeerFollow:
         self.peer = ""
         self.broken = False  # the stream broke off: this production is over
         self.outcome: str | None = None  # for the metrics: complete, error (fallback: no flight at all)
+        self.published = False  # the holder's entry was seen in the bucket's index (keep)
         self._receiving: Deferred[None] | None = None
         self._ended: Shared[None] = Shared()  # the body arrived whole, or broke off
 
@@ -227,6 +234,34 @@ class PeerFollow:
             self.leave()
             self.flight.fail(e)
 
+    async def keep(self) -> bool:
+        """Once the whole stream arrived: whether the holder's entry is published
+        in the bucket yet; when it is and names the bytes streamed (sha256 and
+        length), the spool goes into this host's tier first, so that the fill of
+        that entry (the polls' next lookup) does not GET the body again."""
+        store = self.cache.store
+        shared = store.shared_index
+        flight = self.flight
+        if self.published or shared is None or flight is None:
+            return True
+        entry = await shared.lookup(self.key)
+        if entry is None:
+            return False
+        self.published = True
+        try:
+            await flight.flushed()
+        except BodyError:
+            return True
+        if entry.digest != self.spool.hexdigest() or entry.size != flight.written or not store.backed:
+            return True  # (conclude finds it differs and aborts the flight)
+        try:
+            cas: Any = store.cas  # (backed: an S3ContentStore)
+            await cas.keep_streamed(self.spool, entry.digest, entry.size)
+        except Exception as e:  # the disk: the entry's fill brings the body from the bucket, as before
+            log.warn("could not keep {key} streamed from {peer} in the tier: {e}", key=self.key, peer=self.peer, e=e)
+            store.note_write_error(e)
+        return True
+
     async def conclude(self, got: Union["Lease", "Result"]) -> "Result":
         """End the flight with the outcome of the wait: the holder's entry
         (once every byte arrived, and only if they are its bytes), or an abort."""
@@ -290,8 +325,16 @@ async def await_lease(cache: "Cache", target: "Target", idle_timeout: float, sha
     follow = PeerFollow(cache, target, shared, leave, idle_timeout, held)
 
     async def found() -> "Result | None":
+        if follow.flight is not None:
+            # The entry is of no use before the whole stream is here (conclude waits for it
+            # too; a stall ends it by the idle timeout), and then the spool may spare its GET.
+            await follow._ended.wait()
         if follow.broken:  # its clients were aborted: nothing more to wait for
             return Failed(502, "the stream from the other host broke off")
+        if not await follow.keep():
+            # (Not in the bucket's index yet; nor in ours: while we stream the key, this
+            # host's production of it is ours.)
+            return None
         return await cache._published(key)
 
     try:

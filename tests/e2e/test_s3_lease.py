@@ -201,7 +201,7 @@ class Stream(threading.Thread):
         return self
 
 
-def test_waiting_host_streams_the_holders_flight_before_its_download_ends(upstream, two_hosts):
+def test_waiting_host_streams_the_holders_flight_before_its_download_ends(upstream, two_hosts, proxied):
     one, two = two_hosts(peer=True)
     body = os.urandom(3 * MiB)
     upstream.add(PATH, body)
@@ -232,6 +232,11 @@ def test_waiting_host_streams_the_holders_flight_before_its_download_ends(upstre
     assert metric(two, "sparkcache_peer_streams_total", direction="followed", outcome="complete") == 1
     assert metric(two, "sparkcache_peer_bytes_total", direction="followed") == len(body)
     assert metric(two, "sparkcache_peer_streams_total", direction="followed", outcome="error") == 0
+    # two kept what it streamed and verified: the body never came from the bucket (one
+    # has it in its tier from its own commit, so no GET of it at all).
+    proxy, bucket = proxied
+    object_path = f"/{bucket}/sc/cas/{hashlib.sha256(body).hexdigest()}"
+    assert not [p for m, p in proxy.paths if m == "GET" and p.startswith(object_path)], proxy.paths
 
 
 def test_peer_endpoint_refuses_requests_without_a_valid_token(two_hosts, proxied):
