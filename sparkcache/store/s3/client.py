@@ -401,7 +401,6 @@ class S3Client:
             if _find(root, "IsTruncated") != "true" or not token:
                 return
 
-
     async def list_uploads(self, prefix: str) -> AsyncIterator[UploadInfo]:
         """Every multipart upload in progress on an object whose name starts
         with ``prefix`` (ListMultipartUploads, by pages: key-marker and
