@@ -101,6 +101,23 @@ class Metrics:
         self._remote_failed = Gauge("sparkcache_remote_upstream_last_failure_timestamp_seconds",
                                     "When a remote's upstream last failed (or refused its credentials)", ["remote"],
                                     registry=r, multiprocess_mode="max")
+        # Several hosts on one bucket: the cross-host lease (store/s3/lease.py)
+        # and peer streaming (fetch/peer.py follows, web/peer.py serves).
+        self._leases = Counter(
+            "sparkcache_s3_leases",
+            "Cross-host fill leases by outcome: taken, taken_over (an expired one), waited (another host held it), "
+            "lost (taken over while held), inert (the bucket unreachable: fetched without one)",
+            ["outcome"], registry=r,
+        )
+        self._peer_streams = Counter(
+            "sparkcache_peer_streams",
+            "Flights streamed between hosts, by direction (served to another host, followed from one) and outcome "
+            "(complete, error: broken off or not the published body, fallback: none there, waited for the entry "
+            "instead; refused: a bad token)",
+            ["direction", "outcome"], registry=r,
+        )
+        self._peer_bytes = Counter("sparkcache_peer_bytes", "Body bytes streamed between hosts, by direction",
+                                   ["direction"], registry=r)
         # What the status page shows beside the counters: text has no place in
         # a Prometheus sample.
         self.origins: dict[str, UpstreamOutcome] = {}
@@ -147,6 +164,19 @@ class Metrics:
     def bytes_counter(self, remote: str, source: str) -> Callable[[int], None]:
         """An ``inc`` for body bytes sent to clients from ``source`` (cache or upstream)."""
         return self._child(self._served_bytes, remote, source).inc  # type: ignore[no-any-return]
+
+    def lease(self, outcome: str) -> None:
+        """One cross-host lease event: taken, taken_over, waited, lost or inert."""
+        self._child(self._leases, outcome).inc()
+
+    def peer_stream(self, direction: str, outcome: str) -> None:
+        """One flight streamed to (``served``) or from (``followed``) another host:
+        complete, error, fallback or refused."""
+        self._child(self._peer_streams, direction, outcome).inc()
+
+    def peer_bytes(self, direction: str) -> Callable[[int], None]:
+        """An ``inc`` for body bytes streamed to (``served``) or from (``followed``) other hosts."""
+        return self._child(self._peer_bytes, direction).inc  # type: ignore[no-any-return]
 
     def upstream(self, remote: str, status: str) -> None:
         """One upstream exchange, by HTTP status or 'timeout' / 'unreachable'."""

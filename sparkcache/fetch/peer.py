@@ -29,9 +29,15 @@ tails the holder's spool the same way (web/peer.py).
 
 What was streamed is never committed as this host's own entry: the flight
 ends once the holder's published entry reaches this host through the shared
-index (its body coming from the bucket into the tier, as before), and only
-if that entry's length and sha256 are those of the bytes streamed; then the
-spool goes. So a peer can never place a body in this host's store.
+index, and only if that entry's length and sha256 are those of the bytes
+streamed. Once the whole stream is here the waiter looks the entry up in the
+bucket's index first (``keep``): when it is published (the holder's commit:
+its object uploaded before) and names the bytes streamed, the spool goes into
+this host's tier (S3ContentStore.keep_streamed, which checks the spool's own
+hash once more), so the entry's fill finds it there and does not GET the
+body from the bucket again. So a peer never places a body here that does not
+match what its host published in the bucket; a body that matches nothing
+published is discarded with its spool.
 
 Requests are signed (``X-Sparkcache-Peer: <time>:<hex>``, an HMAC-SHA256 over
 the method, the path and the time, keyed with ``storage.s3`` ``peer_key``:
@@ -139,6 +145,8 @@ class PeerFollow:
         self.spool: Any = None
         self.peer = ""
         self.broken = False  # the stream broke off: this production is over
+        self.outcome: str | None = None  # for the metrics: complete, error (fallback: no flight at all)
+        self.published = False  # the holder's entry was seen in the bucket's index (keep)
         self._receiving: Deferred[None] | None = None
         self._ended: Shared[None] = Shared()  # the body arrived whole, or broke off
 
@@ -152,6 +160,7 @@ class PeerFollow:
         leases = store.leases
         assert info.peer is not None
         if not store.writable:  # no spool to stream into: the entry comes from the bucket, or not at all
+            self._fallback()
             return
         path = FLIGHT_PATH + key_hash(self.key)
         headers = Headers({AUTH_HEADER: [sign(leases.peer_key, b"GET", path.encode(), self.cache.clock.seconds())]})
@@ -165,12 +174,14 @@ class PeerFollow:
         except Exception as e:
             log.info("could not reach {peer} for {key} ({e}); waiting for its entry", peer=info.peer, key=self.key,
                      e=e.__class__.__name__)
+            self._fallback()
             return
         if response.code != 200:
             await discard_body(response)
             level = log.warn if response.code == 403 else log.debug
             level("{peer} has no flight of {key} for us ({code}); waiting for its entry", peer=info.peer,
                   key=self.key, code=response.code)
+            self._fallback()
             return
         try:
             raw = (response.headers.getRawHeaders(HEADERS_HEADER) or [b"{}"])[0]
@@ -182,6 +193,7 @@ class PeerFollow:
         except (ValueError, OSError) as e:
             await discard_body(response)
             log.warn("not streaming {key} from {peer}: {e}", key=self.key, peer=info.peer, e=e)
+            self._fallback()
             return
         total = response.length if isinstance(response.length, int) else None
         flight = self.flight = Flight(self.key, self.spool, total, kept, Lanes(store.reactor))
@@ -194,6 +206,9 @@ class PeerFollow:
         self._receiving.addCallbacks(self._arrived, self._broke)
         if self.held is not None:  # the other workers' clients of the key tail our spool too
             await self.held.announce(Marker(self.spool.path, total, kept, False))
+
+    def _fallback(self) -> None:
+        self.cache.metrics.peer_stream("followed", "fallback")
 
     def _arrived(self, _: object) -> None:
         flight = self.flight
@@ -213,10 +228,39 @@ class PeerFollow:
         """Abort this host's clients of the stream; the key is free here again."""
         self.broken = True
         if self.flight is not None and not self.flight.finished:
+            self.outcome = self.outcome or "error"
             if self.held is not None:  # the other workers' tails end now too
                 self.held.abort(str(e)).addErrback(lambda f: None)
             self.leave()
             self.flight.fail(e)
+
+    async def keep(self) -> bool:
+        """Once the whole stream arrived: whether the holder's entry is published
+        in the bucket yet; when it is and names the bytes streamed (sha256 and
+        length), the spool goes into this host's tier first, so that the fill of
+        that entry (the polls' next lookup) does not GET the body again."""
+        store = self.cache.store
+        shared = store.shared_index
+        flight = self.flight
+        if self.published or shared is None or flight is None:
+            return True
+        entry = await shared.lookup(self.key)
+        if entry is None:
+            return False
+        self.published = True
+        try:
+            await flight.flushed()
+        except BodyError:
+            return True
+        if entry.digest != self.spool.hexdigest() or entry.size != flight.written or not store.backed:
+            return True  # (conclude finds it differs and aborts the flight)
+        try:
+            cas: Any = store.cas  # (backed: an S3ContentStore)
+            await cas.keep_streamed(self.spool, entry.digest, entry.size)
+        except Exception as e:  # the disk: the entry's fill brings the body from the bucket, as before
+            log.warn("could not keep {key} streamed from {peer} in the tier: {e}", key=self.key, peer=self.peer, e=e)
+            store.note_write_error(e)
+        return True
 
     async def conclude(self, got: Union["Lease", "Result"]) -> "Result":
         """End the flight with the outcome of the wait: the holder's entry
@@ -243,6 +287,7 @@ class PeerFollow:
             return got
         self.leave()
         flight.complete(entry)
+        self.outcome = "complete"
         return got
 
     async def close(self) -> None:
@@ -256,6 +301,10 @@ class PeerFollow:
                 await flight.flushed()  # no thread may still write to the descriptor we close
             except BodyError:
                 pass
+            metrics = self.cache.metrics
+            metrics.peer_stream("followed", self.outcome or "error")
+            if flight.written:
+                metrics.peer_bytes("followed")(flight.written)
             # Readers keep the flight's own descriptor: the file may go now.
             self.cache.store.discard(self.spool)
 
@@ -269,14 +318,23 @@ async def await_lease(cache: "Cache", target: "Target", idle_timeout: float, sha
     from sparkcache.fetch.cache import Failed
 
     leases = cache.store.leases
+    leases.count = cache.metrics.lease
     key = target.key
     if not leases.peer_key:
         return await leases.wait(key, lambda: cache._published(key))  # type: ignore[no-any-return]
     follow = PeerFollow(cache, target, shared, leave, idle_timeout, held)
 
     async def found() -> "Result | None":
+        if follow.flight is not None:
+            # The entry is of no use before the whole stream is here (conclude waits for it
+            # too; a stall ends it by the idle timeout), and then the spool may spare its GET.
+            await follow._ended.wait()
         if follow.broken:  # its clients were aborted: nothing more to wait for
             return Failed(502, "the stream from the other host broke off")
+        if not await follow.keep():
+            # (Not in the bucket's index yet; nor in ours: while we stream the key, this
+            # host's production of it is ours.)
+            return None
         return await cache._published(key)
 
     try:

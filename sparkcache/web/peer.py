@@ -64,6 +64,7 @@ class PeerFlights(Resource):
         if why is not None:
             log.warn("refused a peer request from {ip}: {why}", ip=getattr(request.getClientAddress(), "host", "?"),
                      why=why)
+            self._count("refused")
             return error_body(request, 403, why)
         m = _FLIGHT.match(request.path.decode("latin-1"))
         if m is None:
@@ -74,6 +75,7 @@ class PeerFlights(Resource):
         else:
             key = (request.args.get(b"key") or [b""])[0].decode("utf-8", "replace")
             if self.ctx.cache.locks is None or key_hash(key) != m.group(1):
+                self._count("fallback")
                 return error_body(request, 404, "no flight of that key here")
             d = ensureDeferred(self._serve_sibling(request, key))
 
@@ -95,6 +97,7 @@ class PeerFlights(Resource):
         outcome = await shared.wait() if shared is not None else None
         flight = outcome.flight if isinstance(outcome, Live) else None
         if flight is None or flight.finished or isinstance(flight, PassFlight):
+            self._count("fallback")  # (the other host waits for the entry)
             request.write(error_body(request, 404, "no flight of that key here now"))
             finish_safely(request)
             return
@@ -117,6 +120,7 @@ class PeerFlights(Resource):
             except FileNotFoundError:  # committed (or dropped) meanwhile
                 tail = None
         if tail is None:
+            self._count("fallback")  # (the other host waits for the entry)
             request.write(error_body(request, 404, "no flight of that key here now"))
             finish_safely(request)
             return
@@ -135,4 +139,24 @@ class PeerFlights(Resource):
         if flight.total is not None:
             request.setHeader(b"Content-Length", str(flight.total).encode())
         self.served += 1
-        await send_flight(request, flight, 0, flight.total, lambda n: None)
+        sent = 0
+        count_bytes = self.ctx.cache.metrics.peer_bytes("served")
+
+        def on_bytes(n: int) -> None:
+            nonlocal sent
+            sent += n
+            count_bytes(n)
+
+        try:
+            await send_flight(request, flight, 0, flight.total, on_bytes)
+        finally:
+            # Whole: every byte of a known length (send_flight aborts the connection when the
+            # fetch failed or the peer went away), or of a chunked flight that ended well.
+            if flight.total is not None:
+                whole = sent == flight.total
+            else:
+                whole = flight.finished and flight.error is None and sent == flight.written
+            self._count("complete" if whole else "error")
+
+    def _count(self, outcome: str) -> None:
+        self.ctx.cache.metrics.peer_stream("served", outcome)

@@ -48,6 +48,16 @@ MiB = 1 << 20
 PATH = "/files/herd.bin"
 
 
+def metric(d: Daemon, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples on ``d``'s /metrics whose labels include ``labels``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    got = d.get("/metrics")
+    assert got.status == 200, got.describe()
+    return sum(s.value for f in text_string_to_metric_families(got.body.decode()) for s in f.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
 @pytest.fixture
 def two_hosts(daemon_factory: Callable[..., Daemon], upstream: Any,
               proxied: tuple[FaultProxy, str]) -> Callable[..., tuple[Daemon, Daemon]]:
@@ -93,6 +103,11 @@ def test_concurrent_first_fetches_over_two_hosts_make_one_upstream_fetch(upstrea
         assert "while it fetches" in one.log() + two.log()
     else:  # the waiting host served the entry the other published, from the bucket
         assert any(r.header("X-Cache") == "HIT" for r in responses)
+    # One lease taken (one upstream fetch), the other host's production waited for it.
+    leases = {o: metric(one, "sparkcache_s3_leases_total", outcome=o) + metric(two, "sparkcache_s3_leases_total",
+                                                                                   outcome=o)
+              for o in ("taken", "waited", "taken_over", "lost")}
+    assert leases["taken"] == 1 and leases["waited"] >= 1 and leases["taken_over"] == leases["lost"] == 0, leases
     # Every lease was let go (with peers the clients may be done before the holder's upload is).
     eventually(lambda: not [k for k in list_keys(weed.endpoint, proxied[1], "sc/") if k.startswith("sc/leases/")],
                timeout=30, message="a lease stayed")
@@ -186,7 +201,7 @@ class Stream(threading.Thread):
         return self
 
 
-def test_waiting_host_streams_the_holders_flight_before_its_download_ends(upstream, two_hosts):
+def test_waiting_host_streams_the_holders_flight_before_its_download_ends(upstream, two_hosts, proxied):
     one, two = two_hosts(peer=True)
     body = os.urandom(3 * MiB)
     upstream.add(PATH, body)
@@ -209,6 +224,19 @@ def test_waiting_host_streams_the_holders_flight_before_its_download_ends(upstre
     get_until_hit(two, "/api/r" + PATH, body)  # the published entry reached two
     assert len(upstream.requests_for(PATH)) == 1
     eventually(lambda: not two.spool_files(), message=f"the streamed spool stayed: {two.spool_files()}")
+    # one took the lease and served its flight to two, which waited and followed it to the end.
+    assert metric(one, "sparkcache_s3_leases_total", outcome="taken") == 1
+    assert metric(two, "sparkcache_s3_leases_total", outcome="waited") == 1
+    assert metric(one, "sparkcache_peer_streams_total", direction="served", outcome="complete") == 1
+    assert metric(one, "sparkcache_peer_bytes_total", direction="served") == len(body)
+    assert metric(two, "sparkcache_peer_streams_total", direction="followed", outcome="complete") == 1
+    assert metric(two, "sparkcache_peer_bytes_total", direction="followed") == len(body)
+    assert metric(two, "sparkcache_peer_streams_total", direction="followed", outcome="error") == 0
+    # two kept what it streamed and verified: the body never came from the bucket (one
+    # has it in its tier from its own commit, so no GET of it at all).
+    proxy, bucket = proxied
+    object_path = f"/{bucket}/sc/cas/{hashlib.sha256(body).hexdigest()}"
+    assert not [p for m, p in proxy.paths if m == "GET" and p.startswith(object_path)], proxy.paths
 
 
 def test_peer_endpoint_refuses_requests_without_a_valid_token(two_hosts, proxied):
@@ -250,4 +278,6 @@ def test_holder_killed_mid_stream_aborts_the_waiting_hosts_client(upstream, two_
     assert resp.status == 200 and resp.body == body, resp.describe()
     assert len(upstream.requests_for(PATH)) == 2
     assert "broke off" in two.log()
+    assert metric(two, "sparkcache_peer_streams_total", direction="followed", outcome="error") == 1
+    assert metric(two, "sparkcache_s3_leases_total", outcome="taken_over") == 1
     upstream.resume(PATH)

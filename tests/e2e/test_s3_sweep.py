@@ -11,6 +11,8 @@ import json
 import os
 from typing import Any, Callable
 
+import pytest_twisted
+
 from tests.support.client import eventually, get_until_hit, sha256
 from tests.support.daemon import Daemon
 from tests.support.remotes import generic_remote
@@ -82,3 +84,64 @@ def test_two_daemons_one_sweeper(upstream: Any, s3_daemon: Callable[..., Daemon]
     # The upload, long out of A's 1 MiB tier, still comes back from the bucket.
     up = a.get("/api/uploads/dir/pinned.bin")
     assert up.status == 200 and up.body == pinned, up.describe()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sweeper_clears_old_leftovers_on_seaweedfs(weed: SeaweedFS) -> None:
+    """The sweeper's leftovers round on a real server: an incomplete multipart
+    upload under the prefix older than the age is aborted, a younger one is
+    kept, one outside the prefix is never touched; an old ``tmp/`` object goes.
+    The age and the clock are the sweeper's (injected); the uploads' times are
+    SeaweedFS's own, read back from ListMultipartUploads."""
+    from twisted.internet import reactor, task
+    from twisted.internet.threads import deferToThread
+
+    from sparkcache.store.s3.client import S3Client
+    from sparkcache.store.s3.settings import S3Credentials, S3Settings
+    from sparkcache.store.s3.sweep import Sweeper
+    from tests.support.s3 import ACCESS_KEY, SECRET_KEY
+
+    bucket = make_bucket(weed.endpoint)
+    boto = boto_client(weed.endpoint)
+
+    def start(key: str) -> str:
+        uid = str(boto.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"])
+        boto.upload_part(Bucket=bucket, Key=key, UploadId=uid, PartNumber=1, Body=b"x" * 1024)
+        return uid
+
+    def initiated() -> dict[str, float]:
+        listed = boto.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+        return {str(u["UploadId"]): u["Initiated"].timestamp() for u in listed}
+
+    boto.put_object(Bucket=bucket, Key="sc/tmp/host-a/4567", Body=b"staged")  # first: as old as ``old``
+    old = start("sc/tmp/host-a/0123")
+    theirs = start("elsewhere/tmp/0123")
+    boto.put_object(Bucket=bucket, Key="sc/pinned/" + "ab" * 32, Body=b"")
+    # A younger upload: SeaweedFS dates uploads to the second, so until its date differs.
+    fresh = start("sc/cas/" + "cd" * 32)
+    while initiated()[fresh] <= initiated()[old]:
+        boto.abort_multipart_upload(Bucket=bucket, Key="sc/cas/" + "cd" * 32, UploadId=fresh)
+        await task.deferLater(reactor, 0.25, lambda: None)
+        fresh = start("sc/cas/" + "cd" * 32)
+    dates = initiated()
+    assert {old, theirs, fresh} <= set(dates)
+    clock = task.Clock()
+    # Dates are to the second (the sweeper counts the end of it): at the end of the
+    # fresh one's second, an age the old one is past and the fresh one not.
+    clock.advance(dates[fresh] + 1.0)
+    age = (dates[fresh] - dates[old]) / 2
+    settings = S3Settings(endpoint=weed.endpoint, bucket=bucket, prefix="sc/",
+                          credentials=S3Credentials(ACCESS_KEY, SECRET_KEY), attempts=2, backoff=0.01, timeout=30)
+    client = S3Client(settings, reactor, deferToThread)
+    try:
+        sweeper = Sweeper(client, "sc/", "host-a", max_size=2**40, clock=clock, lease_duration=300, settle=0,
+                          leftover_age=age)
+        report = await sweeper.tick()
+    finally:
+        await client.close()
+    assert report is not None and report.uploads_aborted == 1, report
+    left = initiated()
+    assert old not in left and fresh in left and theirs in left
+    keys = list_keys(weed.endpoint, bucket)
+    assert "sc/tmp/host-a/4567" not in keys and report.leftovers_deleted == 1
+    assert "sc/pinned/" + "ab" * 32 in keys

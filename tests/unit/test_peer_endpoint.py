@@ -25,6 +25,7 @@ from twisted.web.server import Site
 
 from sparkcache.fetch.flight import BodyError
 from sparkcache.fetch.peer import AUTH_HEADER, FLIGHT_PATH, HEADERS_HEADER, sign
+from sparkcache.metrics import sample_values
 from sparkcache.store.s3.lease import key_hash
 from sparkcache.web.peer import PeerFlights
 from tests.unit.test_across import REMOTE, _asked, _until, creq, pair, pumped  # noqa: F401  (pair: a fixture)
@@ -78,6 +79,14 @@ async def _ended(pair: Any) -> None:
         pass
 
 
+def _served(pair: Any) -> tuple[dict[tuple[str, ...], float], float]:
+    """Worker b's peer streams by outcome, and the bytes it streamed."""
+    families = pair.b.cache.metrics.collect()
+    streams = sample_values(families, "sparkcache_peer_streams_total", "direction", "outcome")
+    return ({k[1]: v for k, v in streams.items() if k[0] == "served"},  # type: ignore[misc]
+            sample_values(families, "sparkcache_peer_bytes_total", "direction").get(("served",), 0.0))
+
+
 async def _head(agent: Agent, port: Any, pair: Any) -> tuple[Any, Collect]:
     """The peer's response, once its first half (all that a has) arrived."""
     # The marker is written once the body flows (in a thread); ask until b
@@ -112,6 +121,10 @@ async def test_a_sibling_worker_streams_the_holders_spool_to_its_commit(pair: An
         assert wrong.code == 404 and json.loads(await readBody(wrong))["status"] == 404
         bad = await _ask(agent, port, pair, key=b"x" * 32)
         assert bad.code == 403 and json.loads(await readBody(bad))["error"] == "bad peer token"
+        streams, sent = _served(pair)
+        # (fallback: the 404s while b looked for a's marker, and the wrong key's)
+        assert streams.pop("complete") == 1 and streams.pop("refused") == 1 and streams.pop("fallback") >= 1
+        assert not streams and sent == len(BODY)
         await _ended(pair)
     finally:
         await port.stopListening()
@@ -126,6 +139,8 @@ async def test_the_holders_body_breaking_off_aborts_the_peer(pair: Any) -> None:
         response.end(BodyError("upstream reset"))
         await pumped(body.ended, pair.clock)
         assert body.reason is not None and not body.reason.check(ResponseDone) and len(body.data) < len(BODY)
+        streams, sent = _served(pair)
+        assert streams.get("error") == 1 and "complete" not in streams and len(BODY) // 2 <= sent < len(BODY)
         await _ended(pair)
     finally:
         await port.stopListening()

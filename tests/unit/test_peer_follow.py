@@ -25,6 +25,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 from sparkcache.fetch.cache import Hit, Live, Target
 from sparkcache.fetch.peer import AUTH_HEADER, HEADERS_HEADER, PeerFollow, refusal
 from sparkcache.fetch.produce import Shared
+from sparkcache.metrics import Metrics, sample_values
 from sparkcache.store import Entry, Store
 from sparkcache.store.s3.lease import LeaseInfo
 
@@ -59,7 +60,8 @@ def waiter(tmp_path: Any) -> Any:
     store = Store(str(tmp_path / "data"), reactor, max_size=1 << 30)
     pytest_twisted.blockon(Deferred.fromCoroutine(store.start()))
     store.leases = SimpleNamespace(peer_key=KEY, peer_client=None, streamed=0)
-    cache = SimpleNamespace(store=store, clock=reactor)
+    metrics = Metrics(reactor)
+    cache = SimpleNamespace(store=store, clock=reactor, metrics=metrics)
     ports: list[Any] = []
 
     def follow(holder: Holder) -> tuple[PeerFollow, Shared[Any], list[bool], LeaseInfo]:
@@ -71,7 +73,12 @@ def waiter(tmp_path: Any) -> Any:
         info = LeaseInfo("them", "h", reactor.seconds() + 30, None, f"http://127.0.0.1:{port.getHost().port}")
         return f, shared, left, info
 
-    yield SimpleNamespace(store=store, follow=follow)
+    def counted() -> tuple[dict[tuple[str, ...], float], float]:
+        families = metrics.collect()
+        return (sample_values(families, "sparkcache_peer_streams_total", "direction", "outcome"),
+                sample_values(families, "sparkcache_peer_bytes_total", "direction").get(("followed",), 0.0))
+
+    yield SimpleNamespace(store=store, follow=follow, counted=counted)
     for port in ports:
         pytest_twisted.blockon(port.stopListening())
     pytest_twisted.blockon(Deferred.fromCoroutine(store.stop()))
@@ -111,6 +118,8 @@ async def test_streamed_then_ended_by_the_published_entry_only_if_it_matches(wai
     else:
         assert live.flight.error is not None and "differs from its published entry" in str(live.flight.error)
     assert not os.path.exists(spool)
+    streams, received = waiter.counted()
+    assert streams == {("followed", "complete" if ok else "error"): 1.0} and received == len(BODY)
 
 
 @pytest_twisted.ensureDeferred
@@ -125,6 +134,8 @@ async def test_a_stream_broken_off_aborts_the_flight_at_once(waiter: Any) -> Non
     spool = f.spool.path
     await f.close()
     assert not os.path.exists(spool)
+    streams, received = waiter.counted()
+    assert streams == {("followed", "error"): 1.0} and received == live.flight.written
 
 
 @pytest_twisted.ensureDeferred
@@ -138,3 +149,4 @@ async def test_no_flight_there_means_waiting_as_before(waiter: Any) -> None:
     await f.start(info)
     assert not shared.settled and f.flight is None
     await f.close()
+    assert waiter.counted() == ({("followed", "fallback"): 1.0}, 0.0)

@@ -45,7 +45,10 @@ def bucket():
     def host(via_proxy: bool = True, **kw: Any) -> Leases:
         client = S3Client(settings(proxy.endpoint if via_proxy else endpoint, bucket, **kw), reactor, deferToThread)
         clients.append(client)
-        return Leases(client, "t/", clock, TTL)
+        leases = Leases(client, "t/", clock, TTL)
+        leases.events = []  # what Metrics.lease would be told
+        leases.count = leases.events.append
+        return leases
 
     yield host, clock, proxy, endpoint, bucket
     for c in clients:
@@ -131,6 +134,7 @@ async def test_a_lease_lost_to_a_takeover_is_left_alone(bucket):
     assert won is not None
     await held._renew_now()
     assert held.lost  # its renewal, conditional on its old ETag, failed
+    assert a.events == ["taken", "lost"] and b.events == ["taken_over"]
     assert not held._timer.active()  # and is not tried again
     await held.release()  # deletes nothing: the lease is b's
     assert (await a.read("k")).owner == b.me
@@ -167,6 +171,7 @@ async def test_waiter_gets_the_entry_or_the_lease(bucket):
     got = await settle(waiting, clock)
     assert isinstance(got, Lease) and (await a.read("k")).owner == b.me
     await got.release()
+    assert a.events == ["taken", "taken"] and b.events == ["waited", "waited", "taken"]
 
 
 @pytest_twisted.ensureDeferred
@@ -183,6 +188,7 @@ async def test_waiter_takes_over_from_a_dead_holder(bucket):
     assert isinstance(got, Lease) and not got.inert
     assert clock.seconds() >= 1_000_000 + TTL
     await got.release()
+    assert b.events == ["waited", "taken_over"]
 
 
 @pytest_twisted.ensureDeferred
@@ -227,6 +233,7 @@ async def test_bucket_unreachable_gives_an_inert_lease(bucket):
     got = await a.acquire("k")
     assert isinstance(got, Lease) and got.inert
     await got.release()
+    assert a.events == ["inert"]
 
 
 @pytest_twisted.ensureDeferred

@@ -21,7 +21,7 @@ from sparkcache.store.s3.content import S3ContentStore
 from sparkcache.store.s3.published import SharedIndex
 from sparkcache.store.s3.settings import S3Credentials, S3Settings
 from sparkcache.store.s3.sweep import AccessHints, LeaseObject, Sweeper
-from tests.support.s3 import ACCESS_KEY, SECRET_KEY, list_keys, make_bucket, moto_endpoint
+from tests.support.s3 import ACCESS_KEY, SECRET_KEY, boto_client, list_keys, make_bucket, moto_endpoint
 
 NOW = 4.0e9  # later than any LastModified moto gives: every object counts as old
 
@@ -237,3 +237,113 @@ def test_host_id_is_checked(bad, tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config_data(data, environ={"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"})
     assert "host_id" in str(e.value)
+
+
+# -- leftovers: multipart uploads in progress, temporary objects, leases ------------------------
+
+MOTO_INITIATED = 1289422113.0  # moto dates every multipart upload 2010-11-10T20:48:33Z
+
+
+@pytest_twisted.ensureDeferred
+async def test_leftovers_older_than_a_day_go_and_nothing_else(s3):
+    client, endpoint, bucket = s3
+    c = client()
+    boto = boto_client(endpoint)
+    body = await put_body(c, b"kept" * 100)
+    await c.put_bytes(f"t/pinned/{body}", b"")
+    await put_index(c, "a-key", body)
+    ours = [boto.create_multipart_upload(Bucket=bucket, Key=k)["UploadId"]
+            for k in ("t/tmp/host-a/0123", f"t/cas/{'ab' * 32}", f"t/pinned/{'cd' * 32}")]
+    # Outside the prefix ("t2/" starts like "t"): never ours.
+    theirs = {k: boto.create_multipart_upload(Bucket=bucket, Key=k)["UploadId"] for k in ("t2/x", "other/y")}
+    await c.put_bytes("t/tmp/host-a/4567", b"staged")
+    await c.put_bytes(f"t/leases/{'ef' * 32}", b"{}")
+    await c.put_bytes("t2/tmp/z", b"not ours")
+
+    def uploads() -> set[str]:
+        return {u["UploadId"] for u in boto.list_multipart_uploads(Bucket=bucket).get("Uploads", [])}
+
+    # An hour after those uploads began (and before the objects were written): all kept.
+    clock = clock_at(MOTO_INITIATED + 3600)
+    sweeper = Sweeper(c, "t/", "host-a", max_size=2**40, clock=clock, lease_duration=300, settle=0)
+    report = await sweeper.tick()
+    assert report is not None and report.uploads_aborted == 0 and report.leftovers_deleted == 0
+    assert uploads() == set(ours) | set(theirs.values())
+    # Much later: ours are aborted, the staged object and the lease deleted; the rest stays.
+    clock.advance(NOW - clock.seconds())
+    report = await sweeper.tick()
+    assert report is not None and report.uploads_aborted == 3 and report.leftovers_deleted == 2
+    assert uploads() == set(theirs.values())
+    keys = set(list_keys(endpoint, bucket))
+    assert "t/tmp/host-a/4567" not in keys and f"t/leases/{'ef' * 32}" not in keys
+    assert {f"t/cas/{body}", f"t/pinned/{body}", "t2/tmp/z", "t/sweeper"} <= keys
+    assert any(k.startswith("t/index/") for k in keys)
+
+
+class CannedUploads(S3Client):
+    """ListMultipartUploads answered from canned pages (the queries kept), or with 501."""
+
+    def __init__(self, *a, pages=None, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.pages = list(pages or [])
+        self.queries: list[str] = []
+        self.aborted: list[tuple[str, str]] = []
+
+    async def request(self, method, key, query="", *a, **kw):
+        if method == "GET" and query.startswith("uploads="):
+            self.queries.append(query)
+            if not self.pages:
+                from sparkcache.store.s3.client import S3Error
+
+                raise S3Error("GET ?uploads", 501, "NotImplemented", "A header you provided implies functionality "
+                                                                    "that is not implemented")
+            return None, self.pages.pop(0).encode()
+        return await super().request(method, key, query, *a, **kw)
+
+    async def abort_multipart(self, key: str, uid: str) -> bool:
+        self.aborted.append((key, uid))
+        return True
+
+
+def _page(uploads: list[tuple[str, str, str]], next_key: str | None = None, next_uid: str | None = None) -> str:
+    items = "".join(f"<Upload><Key>{k}</Key><UploadId>{u}</UploadId><Initiator><ID>x</ID></Initiator>"
+                    f"<Initiated>{t}</Initiated></Upload>" for k, u, t in uploads)
+    more = (f"<IsTruncated>true</IsTruncated><NextKeyMarker>{next_key}</NextKeyMarker>"
+            f"<NextUploadIdMarker>{next_uid}</NextUploadIdMarker>") if next_key else "<IsTruncated>false</IsTruncated>"
+    return f'<ListMultipartUploadsResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">{more}{items}' \
+           "</ListMultipartUploadsResult>"
+
+
+@pytest_twisted.ensureDeferred
+async def test_upload_listing_is_paged_with_both_markers(s3):
+    _, endpoint, bucket = s3
+    old, new = "2020-01-01T00:00:00.000Z", "2030-01-01T00:00:00.000Z"
+    pages = [_page([("t/tmp/a", "u/1+", old), ("t/cas/b", "u2", new)], "t/cas/b", "u2"),
+             _page([("t/cas/b", "u3", old), ("elsewhere/c", "u4", old)])]
+    c = CannedUploads(settings(endpoint, bucket), reactor, deferToThread, pages=pages)
+    try:
+        sweeper = Sweeper(c, "t/", "host-a", max_size=2**40, clock=clock_at(1.7e9), lease_duration=300, settle=0)
+        report = await sweeper.tick()
+    finally:
+        await c.close()
+    assert report is not None and report.uploads_aborted == 2
+    assert c.queries == ["uploads=&prefix=t%2F", "uploads=&prefix=t%2F&key-marker=t%2Fcas%2Fb&upload-id-marker=u2"]
+    # Old ones under the prefix only (a server that ignored the prefix lists others' too); ids quoted.
+    assert c.aborted == [("t/tmp/a", "u%2F1%2B"), ("t/cas/b", "u3")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_server_without_upload_listing_is_told_once_and_the_rest_goes_on(s3):
+    _, endpoint, bucket = s3
+    c = CannedUploads(settings(endpoint, bucket), reactor, deferToThread)
+    try:
+        await c.put_bytes("t/tmp/host-a/0", b"staged")
+        sweeper = Sweeper(c, "t/", "host-a", max_size=2**40, clock=clock_at(), lease_duration=300, settle=0)
+        first = await sweeper.tick()
+        second = await sweeper.tick()
+    finally:
+        await c.close()
+    assert first is not None and first.leftovers_deleted == 1  # the temporary object went all the same
+    assert second is not None
+    assert len(c.queries) == 1 and sweeper.lists_uploads is False  # not asked again every round
+    assert "t/tmp/host-a/0" not in list_keys(endpoint, bucket)

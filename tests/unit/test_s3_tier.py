@@ -170,3 +170,35 @@ def test_a_range_from_the_bucket_is_checked():
     whole = ToClient(object(), 0, 1000, 1000, reactor, 10, lambda n: None)
     whole._check(_Response(200, 1000, None))
     assert whole.sha256 is not None and out.sha256 is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_streamed_body_kept_only_if_it_is_the_one_named(host, tmp_path):
+    """keep_streamed (fetch/peer.py, after the holder's entry matched): the
+    spool into the tier, so the entry's fill GETs nothing; other bytes never."""
+    from sparkcache.store.spool import SpoolFile
+
+    primary, other, proxy, bodies = host
+    (d0, b0), (d1, b1) = bodies[:2]
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    wrong = SpoolFile(str(spool_dir), "peer-")
+    wrong.write(b1)  # another body than the one named
+    with pytest.raises(ValueError):
+        await other.keep_streamed(wrong, d0, BODY)
+    assert not primary.contains(d0) and os.path.exists(wrong.path)
+    short = SpoolFile(str(spool_dir), "peer-")
+    short.write(b0[:-1])
+    with pytest.raises(ValueError):
+        await other.keep_streamed(short, d0, BODY)
+    assert not primary.contains(d0)
+    right = SpoolFile(str(spool_dir), "peer-")
+    right.write(b0)
+    gets = proxy.count("GET")
+    assert await other.keep_streamed(right, d0, BODY) is True
+    assert primary.contains(d0) and read(primary, d0) == b0 and not os.path.exists(right.path)
+    assert await other.ensure(d0, BODY) and await primary.ensure(d0, BODY)
+    assert proxy.count("GET") == gets and primary.fills + other.fills == 0 and other.kept == 1
+    assert await deferToThread(other.tier.ledger.total) == BODY  # in the host's LRU like a fill
+    for s in (wrong, short):
+        s.discard()

@@ -76,6 +76,15 @@ class ObjectInfo:
     last_modified: float | None = None  # seconds since the epoch (listings only)
 
 
+@dataclass(frozen=True)
+class UploadInfo:
+    """A multipart upload in progress (ListMultipartUploads)."""
+
+    key: str
+    upload_id: str  # as the server gave it: quote it for a query (abort_multipart takes it quoted)
+    initiated: float | None  # seconds since the epoch
+
+
 class _QuietFactory(_HTTP11ClientFactory):
     noisy = False  # a "Starting factory" log line per connection is noise
 
@@ -304,7 +313,7 @@ class S3Client:
 
     async def abort_multipart(self, key: str, uid: str) -> bool:
         """Best effort: False (logged) when it failed (upload.py tries again once
-        the bucket answers; a lifecycle rule on incomplete uploads takes what is
+        the bucket answers; the sweeper (sweep.py, leftovers) takes what is
         left, docs/s3.rst)."""
         try:
             _, _ = await self.request("DELETE", key, f"uploadId={uid}", ok=(204, 200), expect=(404,))
@@ -391,6 +400,33 @@ class S3Client:
             token = _find(root, "NextContinuationToken")
             if _find(root, "IsTruncated") != "true" or not token:
                 return
+
+    async def list_uploads(self, prefix: str) -> AsyncIterator[UploadInfo]:
+        """Every multipart upload in progress on an object whose name starts
+        with ``prefix`` (ListMultipartUploads, by pages: key-marker and
+        upload-id-marker). Raises S3Error (501 NotImplemented on some servers)."""
+        markers: tuple[str, str] = ("", "")
+        while True:
+            query = "uploads=&prefix=" + quote(prefix, safe="-_.~")
+            if markers[0]:
+                query += "&key-marker=" + quote(markers[0], safe="-_.~")
+            if markers[1]:
+                query += "&upload-id-marker=" + quote(markers[1], safe="-_.~")
+            _, text = await self.request("GET", "", query, ok=(), expect=(200,))
+            root = _parse(text)
+            if _local(root.tag) == "Error":
+                code, message = _error_of(text)
+                raise S3Error("GET ?uploads", 200, code, message)
+            for item in root:
+                if _local(item.tag) == "Upload":
+                    key, uid = _find(item, "Key"), _find(item, "UploadId")
+                    if key is not None and uid:
+                        yield UploadInfo(key, uid, _timestamp(_find(item, "Initiated")))
+            following = (_find(root, "NextKeyMarker") or "", _find(root, "NextUploadIdMarker") or "")
+            # (a server that answers the same markers again would page forever)
+            if _find(root, "IsTruncated") != "true" or not following[0] or following == markers:
+                return
+            markers = following
 
 
 # -- helpers -------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ class S3ContentStore:
         self._ticks = 0
         self._down_at: float | None = None
         self.fills = 0  # bodies brought from the bucket into the tier by this process
+        self.kept = 0  # bodies streamed from another host kept in the tier (keep_streamed)
         self.uploads = 0  # bodies written to the bucket (not found there first)
         self.ranged = 0  # ranges served from the bucket (ranged.py)
         self.shared_index = SharedIndex(client, self.prefix, clock, self) if client.settings.share_index else None
@@ -206,6 +207,24 @@ class S3ContentStore:
             self.uploads += 1
         if self._streams is not None:  # the bucket answers: the aborts it missed while down
             self._streams.retry_aborts()
+
+    async def keep_streamed(self, spool: Any, digest: str, size: int) -> bool:
+        """Into the tier, a body that arrived from another host (fetch/peer.py)
+        and matched, by its sha256 and size, the entry that host published
+        (its object in the bucket): the published entry's fill then finds it
+        here instead of GETting it again. The caller checked that entry; the
+        bytes are checked here once more (the spool's own hash of what was
+        written). Whether it was not in the tier yet."""
+        if spool.hexdigest() != digest or spool.size != size:
+            raise ValueError(f"not the body of sha256:{digest}")
+
+        def durable() -> bool:
+            spool.sync_and_close()
+            return self.tier.commit(spool.path, digest)
+
+        new = bool(await self.in_io(durable))
+        self.kept += 1
+        return new
 
     def ensure(self, digest: str, size: int) -> Deferred[bool]:
         """Whether the tier holds the body now, fetching it from the bucket

@@ -107,6 +107,7 @@ class Lease:
         if not ok:  # taken over (we were too slow to renew): the new holder's now
             log.warn("lost the lease of {key} to another host", key=self.key)
             self.lost = True
+            self.leases.count("lost")
             return
         self.etag = etag or self.etag
         self._schedule()
@@ -149,6 +150,9 @@ class Leases:
         self.streamed = 0  # productions served from another host's flight
         # The leases this host holds now, by sha256 of their key (what a peer asks for).
         self.held: dict[str, Lease] = {}
+        # Told of each event (taken, taken_over, waited, lost, inert): Metrics.lease,
+        # set by the engine (fetch/peer.py) before it takes the first lease.
+        self.count: Callable[[str], None] = lambda outcome: None
 
     def name(self, key: str) -> str:
         return f"{self.prefix}leases/{key_hash(key)}"
@@ -211,6 +215,7 @@ class Leases:
         if not ok:
             return None
         self.taken += 1
+        self.count("taken")
         return Lease(self, key, etag)
 
     async def take_over(self, key: str, info: LeaseInfo) -> Lease | None:
@@ -223,12 +228,14 @@ class Leases:
             return None
         log.info("took over the expired lease of {key} (held by {host})", key=key, host=info.host or "?")
         self.taken += 1
+        self.count("taken_over")
         return Lease(self, key, etag)
 
     def _inert(self, key: str, e: S3Error) -> Lease:
         if isinstance(e, S3Unavailable) and self.health is not None:
             self.health.note_down(e)
         log.warn("could not take the lease of {key} ({e}); fetching without it", key=key, e=e)
+        self.count("inert")
         return Lease(self, key, None, inert=True)
 
     async def wait(self, key: str, found: Callable[[], Awaitable[T | None]],
@@ -241,6 +248,7 @@ class Leases:
         if lease is not None:
             return lease
         self.waited += 1
+        self.count("waited")
         if holder is not None:
             try:
                 info = await self.read(key)

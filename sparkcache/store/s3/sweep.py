@@ -31,6 +31,17 @@ upload just completed, a fill in flight). A body swept from under a host's
 index row is a miss there (content.py: the fill finds 404), and the
 ``index/`` documents that name it are deleted with it, so no host looks it up
 again. Local eviction never deletes bucket objects (content.py ``remove``).
+
+Leftovers. On the same rounds the lease holder also clears what a daemon
+killed mid-fetch (or a failed abort) left under ``<prefix>``: multipart
+uploads in progress (ListMultipartUploads on the prefix) initiated more than
+LEFTOVER_AGE ago are aborted, and ``<prefix>tmp/`` objects (upload.py's
+staging copies) and ``<prefix>leases/`` documents (lease.py: a live one is
+rewritten every third of its time to live) last written longer ago than that
+are deleted. Nothing else is listed, so nothing outside the prefix, and no
+``cas/`` or ``pinned/`` object, is touched by it. A server that does not
+implement ListMultipartUploads (501) is said so once in the log; the rest goes
+on (a bucket lifecycle rule can take the uploads there, docs/s3.rst).
 """
 
 from __future__ import annotations
@@ -41,6 +52,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable
+from urllib.parse import quote
 
 from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
 from twisted.internet.task import deferLater
@@ -56,6 +68,9 @@ MAX_HINTS = 50_000  # ~4 MiB of JSON at most: one host's hint document stays sma
 GRACE = 600.0
 SETTLE = 1.0
 PARALLEL = 8  # index documents read / objects deleted at once
+# Multipart uploads, temporary objects and leases older than this are a dead
+# daemon's: a generous day (the longest fetch of a body, its upload included, is far shorter).
+LEFTOVER_AGE = 86400.0
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -201,17 +216,21 @@ class SweepReport:
     freed: int = 0
     index_deleted: int = 0
     pinned_kept: int = 0
+    uploads_aborted: int = 0  # leftovers: multipart uploads in progress older than LEFTOVER_AGE
+    leftovers_deleted: int = 0  # leftovers: ``tmp/`` objects and ``leases/`` documents
 
 
 class Sweeper:
     def __init__(self, client: S3Client, prefix: str, host: str, max_size: int, clock: Any,
                  lease_duration: float, grace: float = GRACE, settle: float = SETTLE,
-                 hints: AccessHints | None = None) -> None:
+                 hints: AccessHints | None = None, leftover_age: float = LEFTOVER_AGE) -> None:
         self.client = client
         self.prefix = prefix
         self.max_size = max_size
         self.clock = clock
         self.grace = grace
+        self.leftover_age = leftover_age
+        self.lists_uploads = True  # False once the server said it does not implement ListMultipartUploads
         self.hints = hints
         self.lease = LeaseObject(client, f"{prefix}sweeper", host, lease_duration, clock, settle)
         # index document name → (ETag, digest): documents are read again only when they change.
@@ -230,6 +249,10 @@ class Sweeper:
         except S3Error as e:  # the bucket down or refusing: next round (no traceback every interval)
             log.warn("sweeper: {e}; trying again in the next round", e=e)
             return None
+        try:
+            await self.leftovers(report)
+        except S3Error as e:  # (the sweep itself is done: its report stands)
+            log.warn("sweeper: clearing leftovers: {e}; trying again in the next round", e=e)
         self.sweeps += 1
         self.last = report
         return report
@@ -287,6 +310,37 @@ class Sweeper:
                  total=report.total, max=self.max_size, n=len(report.deleted), freed=report.freed,
                  i=report.index_deleted)
         return report
+
+    async def leftovers(self, report: SweepReport) -> None:
+        """Abort the multipart uploads and delete the ``tmp/`` objects and
+        ``leases/`` documents under our prefix older than ``leftover_age``."""
+        cutoff = self.clock.seconds() - self.leftover_age
+        if self.lists_uploads:
+            try:
+                async for up in self.client.list_uploads(self.prefix):
+                    # (a server that ignored the prefix lists other people's uploads: never theirs;
+                    # dates are given to the second, rounded down: the end of that second counts)
+                    if not up.key.startswith(self.prefix) or up.initiated is None or up.initiated + 1.0 > cutoff:
+                        continue
+                    if await self.client.abort_multipart(up.key, quote(up.upload_id, safe="-_.~")):
+                        report.uploads_aborted += 1
+            except S3Error as e:
+                if e.status != 501 and e.code != "NotImplemented":
+                    raise
+                self.lists_uploads = False
+                log.warn("sweeper: the bucket's server does not list multipart uploads ({e}): incomplete "
+                         "uploads are left to a lifecycle rule (docs/s3.rst)", e=e)
+        for folder in ("tmp/", "leases/"):
+            where = self.prefix + folder
+            stale = [o.key async for o in self.client.list(where)
+                     if o.key.startswith(where) and o.last_modified is not None and o.last_modified + 1.0 <= cutoff]
+            for key in stale:
+                await self.client.delete(key)
+                report.leftovers_deleted += 1
+        if report.uploads_aborted or report.leftovers_deleted:
+            log.info("sweeper: aborted {u} multipart upload(s) and deleted {o} temporary object(s) or lease(s) "
+                     "left for over {age:.0f}s", u=report.uploads_aborted, o=report.leftovers_deleted,
+                     age=self.leftover_age)
 
     async def _hints(self) -> dict[str, float]:
         used: dict[str, float] = {}
@@ -347,7 +401,7 @@ def timers(content: Any, storage: Any) -> list[tuple[str, float, Callable[[], An
         max_size = settings.max_size if settings.max_size is not None else storage.max_size
         sweeper = Sweeper(content.client, content.prefix, host, max_size, content.clock,
                           lease_duration=max(3 * settings.sweep_interval, 60.0), grace=settings.sweep_grace,
-                          hints=hints)
+                          hints=hints, leftover_age=max(LEFTOVER_AGE, 3 * settings.lease_ttl))
         content.sweeper = sweeper
         out.append(("s3-sweep", settings.sweep_interval, sweeper.tick))
     return out

@@ -22,7 +22,7 @@ their name at the end (CopyObject; UploadPartCopy ranges above 5 GiB), then
 the temporary object is deleted. Nothing is ever named by a digest it does
 not have: an aborted fetch (truncated, a write error, a purge, a failed
 part) aborts the multipart upload, and a temporary object or upload left by
-a daemon that died is taken by the bucket's lifecycle rule (docs/s3.rst).
+a daemon that died is cleared by the bucket's sweeper a day later (sweep.py).
 
 A part that fails (after the client's retries) fails the upload at once:
 ``on_error`` callbacks run (the store stops the download, so the clients
@@ -43,7 +43,7 @@ from sparkcache.store.s3.client import PARALLEL_PARTS, S3Client, S3Error, S3Unav
 
 log = Logger()
 
-# Multipart uploads remembered to abort once the bucket answers again (beyond: the lifecycle rule).
+# Multipart uploads remembered to abort once the bucket answers again (beyond: the sweeper's leftovers pass).
 LEFTOVERS = 1000
 MAX_PARTS = 10_000  # S3's limit on one multipart upload
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -291,7 +291,7 @@ class StreamedUpload:
     def abort(self) -> Deferred[None]:
         """Stop: the parts being sent are cut off and the multipart upload is
         aborted, so nothing of this body stays in the bucket (best effort: see
-        the lifecycle rule in docs/s3.rst)."""
+        the sweeper's leftovers pass, sweep.py)."""
         if self.aborted:
             return succeed(None)
         return Deferred.fromCoroutine(self._abort())
