@@ -138,13 +138,20 @@ def load(files: TLSFiles) -> ssl.CertificateOptions:
     kw: dict[str, Any] = {}
     if files.method is not None:
         kw["method"] = getattr(SSL, files.method)
+    probe = SSL.Context(SSL.TLS_METHOD)
+    try:
+        probe.use_certificate(cert)
+        probe.use_privatekey(key)
+        probe.check_privatekey()
+    except SSL.Error as e:
+        where = files.private_key if files.private_key == files.cert else f"{files.private_key} (for {files.cert})"
+        raise TLSFileError(where, f"the key does not fit the certificate ({_why(e)})") from None
     options = ssl.CertificateOptions(privateKey=key, certificate=cert, extraCertChain=chain, dhParameters=dh,
                                      acceptableProtocols=list(ALPN), **kw)
     try:
         context = options.getContext()
-    except SSL.Error as e:
-        where = files.private_key if files.private_key == files.cert else f"{files.private_key} (for {files.cert})"
-        raise TLSFileError(where, f"the key does not fit the certificate ({_why(e)})") from None
+    except SSL.Error as e:  # what is left to load: the DH parameters, or the chain
+        raise TLSFileError(files.dh_parameters or files.chain or files.cert, f"OpenSSL refused it ({_why(e)})") from None
     # Twisted's selector answers a client with no protocol in common with an internal_error alert.
     context.set_alpn_select_callback(select_alpn)
     return options

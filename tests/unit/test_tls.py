@@ -51,6 +51,11 @@ def test_files_that_do_not_load_are_named(tmp_path: Path) -> None:
     key, cert = self_signed(tmp_path, 11)
     tls = ReloadingTLS(TLSFiles(str(key), str(cert)))
     assert serial(tls.options) == 11
+    chained = ReloadingTLS(TLSFiles(str(key), str(cert), chain=str(cert)))
+    assert len(chained.options.extraCertChain) == 1
+    both = tmp_path / "both.pem"  # Twisted's default: one file, key and certificate
+    both.write_bytes(cert.read_bytes() + key.read_bytes())
+    assert serial(ReloadingTLS(TLSFiles(str(both), str(both))).options) == 11
 
     missing = tmp_path / "gone.pem"
     with pytest.raises(TLSFileError) as e:
@@ -75,6 +80,13 @@ def test_files_that_do_not_load_are_named(tmp_path: Path) -> None:
     with pytest.raises(TLSFileError) as e:
         ReloadingTLS(TLSFiles(str(key), str(cert), chain=str(key)))
     assert e.value.path == str(key) and "no PEM certificate" in e.value.why
+
+    with pytest.raises(TLSFileError) as e:
+        ReloadingTLS(TLSFiles(str(key), str(cert), dh_parameters=str(garbage)))
+    assert e.value.path == str(garbage)
+    with pytest.raises(TLSFileError) as e:
+        ReloadingTLS(TLSFiles(str(key), str(cert), dh_parameters=str(missing)))
+    assert e.value.path == str(missing)
 
 
 def test_a_reload_swaps_the_context_for_new_connections(tmp_path: Path) -> None:
