@@ -192,8 +192,12 @@ class SparkcacheService(MultiService):
         for name, interval, fn in timers:
             Periodic(name, interval, fn, self.clock).setServiceParent(self.runtime)
         self.listeners: list[StreamServerEndpointService] = []
+        # Each ssl: listener's TLS, re-read from its files on SIGHUP (web/tls.py).
+        self.tls: list[Any] = []
         if endpoints is None:
-            endpoints = [serverFromString(reactor, spec_) for spec_ in config.server.listen]
+            endpoints = [self._endpoint(reactor, spec_) for spec_ in config.server.listen]
+        else:  # a worker's adopted sockets: an ssl: one carries its TLS
+            self.tls = [tls for tls in (getattr(e, "tls", None) for e in endpoints) if tls is not None]
         for endpoint in endpoints:
             svc = StreamServerEndpointService(endpoint, self.site)
             svc._raiseSynchronously = True
@@ -202,6 +206,38 @@ class SparkcacheService(MultiService):
         self.ready: Deferred[None] = Deferred()
         self._previous_hup: Any = None
         self._stopping = False
+
+    def _endpoint(self, reactor: Any, spec: str) -> IStreamServerEndpoint:
+        if spec.split(":", 1)[0].strip().lower() == "ssl":
+            from sparkcache.web.tls import ssl_endpoint  # OpenSSL: only where there is an ssl: listener
+
+            made = ssl_endpoint(reactor, spec)
+            if made is not None:
+                self.tls.append(made[1])
+                return made[0]
+        return serverFromString(reactor, spec)
+
+    async def reload_tls(self) -> int:
+        """Re-read every ssl: listener's certificate and key (SIGHUP); new connections
+        use them, open ones keep theirs. Files that do not load are logged and the
+        listener keeps what it had. Returns how many listeners took new files."""
+        from sparkcache.web.tls import TLSFileError
+
+        done = 0
+        for tls in self.tls:
+            try:
+                options = await self.store.in_io(tls.load)
+            except TLSFileError as e:
+                log.error("tls: {file}: {why}; new connections keep the certificate loaded before",
+                          file=e.path, why=e.why)
+                continue
+            except Exception:
+                log.failure("tls: re-reading {cert} failed; new connections keep the certificate loaded before",
+                            cert=tls.files.cert)
+                continue
+            tls.use(options)
+            done += 1
+        return done
 
     def _install(self, spec: ProtocolSpec, built: Built) -> None:
         """Mount a protocol's apps, gates and /setup kinds; start its services
@@ -272,6 +308,8 @@ class SparkcacheService(MultiService):
             return
         log.info("sparkcache: SIGHUP: reloading {path}", path=self.live.path)
         ensureDeferred(self.live.reload()).addErrback(lambda f: log.failure("sparkcache: reload failed", f))
+        if self.tls:  # renewed certificates (certbot, cert-manager), whatever the config's fate
+            ensureDeferred(self.reload_tls()).addErrback(lambda f: log.failure("tls: reload failed", f))
 
     def _install_hup(self) -> None:
         # Reactor-safe: the handler only schedules the reload on the reactor.

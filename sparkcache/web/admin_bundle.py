@@ -257,10 +257,10 @@ class AdminBundle:
         return f"no remote {target!r} on this daemon (map it with --map {source}=NAME)"
 
     async def _load_git(self, docs: list[dict[str, Any]], files: dict[int, Any]) -> list[dict[str, Any]]:
-        from sparkcache.git import airgap
-
         out: list[dict[str, Any]] = []
         mirrors = self.git_mirrors()
+        if mirrors is not None and docs:  # pygit2: only for a daemon with git (protocols/git/lazy.py)
+            from sparkcache.git import airgap
         for n, doc in enumerate(docs):
             row: dict[str, Any] = {"name": doc["name"], "url": doc["url"]}
             out.append(row)

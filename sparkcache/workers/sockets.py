@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IOpenSSLServerConnectionCreator, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -99,19 +99,13 @@ def format_fds(pairs: list[tuple[int, str]]) -> str:
 
 
 def tls_options(reactor: Any, spec: str) -> IOpenSSLServerConnectionCreator | None:
-    """The TLS context of an ``ssl:`` endpoint string, None for any other.
+    """The TLS of an ``ssl:`` endpoint string, None for any other: the same files,
+    keys and defaults as Twisted's ``ssl:`` parser (what one process serves),
+    re-read on SIGHUP (sparkcache.web.tls). Raises TLSFileError naming a file
+    that does not load."""
+    from sparkcache.web.tls import tls_for  # OpenSSL: only where there is an ssl: listener
 
-    Twisted's own ``ssl:`` parser reads it (privateKey, certKey,
-    extraCertChain, dhParameters, sslmethod: exactly what one process
-    serves); its endpoint keeps the context factory it built, which is what
-    ``listenSSL`` would wrap the port's factory with."""
-    if spec.split(":", 1)[0].strip().lower() != "ssl":
-        return None
-    endpoint = serverFromString(reactor, spec)
-    if not isinstance(endpoint, SSL4ServerEndpoint):  # pragma: no cover - Twisted's parser changed
-        raise ValueError(f"{spec!r} did not parse as an ssl endpoint")
-    options: IOpenSSLServerConnectionCreator = endpoint._sslContextFactory
-    return options
+    return tls_for(spec)
 
 
 def format_specs(specs: list[str] | tuple[str, ...]) -> str:

@@ -69,8 +69,8 @@ def _stop_once_on(reactor: Any, signals: tuple[int, ...]) -> None:
 
 def adopted_endpoints(environ: Mapping[str, str], reactor: Any) -> list[AdoptedEndpoint]:
     """The inherited sockets; an ``ssl:`` one under its TLS context, read from
-    the certificate files now (a worker restarted after they were renewed
-    serves the new ones; the others keep theirs until they restart)."""
+    the certificate files now and again on each SIGHUP (forwarded by the parent:
+    renewed certificates reach every worker without a restart)."""
     fds = parse_fds(environ["SPARKCACHE_WORKER_FDS"])
     specs = parse_specs(environ.get("SPARKCACHE_WORKER_LISTEN", "[]"))
     out = []

@@ -214,6 +214,7 @@ def daemon(tmp_path: Path) -> Iterator[SparkcacheService]:
     config = load_config_data({
         "storage": {"data_dir": str(tmp_path / "data")},
         "remotes": every_remote_type(),
+        "git": {"allowed_hosts": ["git.example"]},  # git's apps are built only when git is configured
         # Anonymous reads refused: unpatched handlers stop at a 401 before any I/O.
         "auth": {"anonymous_read": False, "tokens": [{"name": "ci", "token": TOKEN, "scopes": ["admin"]}]},
     }, environ={})

@@ -295,8 +295,8 @@ def test_adopted_unix_socket_leaves_the_path_to_the_parent(tmp_path: Path) -> No
 def test_store_wide_timers_run_in_the_primary_only(tmp_path: Path) -> None:
     from sparkcache.service import SparkcacheService
 
-    config = load_config_data({"storage": {"data_dir": str(tmp_path)}, "seed": {"enabled": True}},
-                              source="cache.yaml", environ={})
+    config = load_config_data({"storage": {"data_dir": str(tmp_path)}, "seed": {"enabled": True},
+                               "git": {"allowed_hosts": ["git.example"]}}, source="cache.yaml", environ={})
 
     def timers(svc: SparkcacheService) -> set[str]:
         names = set()

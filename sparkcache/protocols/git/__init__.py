@@ -5,7 +5,9 @@ upload-pack``) and ``/repos``; ``codesync`` serves ``/archive``, ``/file``,
 ``/tree-hash``, ``/branch-contains``, ``/upload(s)`` and ``/sync``. The
 mirrors themselves (pygit2, the fetch loop, the pack cache) are the git
 machinery in :mod:`sparkcache.git`; its ``git:`` section is parsed by
-:func:`sparkcache.git.config.parse_git_section`.
+:func:`sparkcache.git.config.parse_git_section`. A daemon without git
+configuration builds them on first use (:mod:`.lazy`): pygit2 is imported
+only by a daemon that mirrors something.
 """
 
 from __future__ import annotations
@@ -24,6 +26,15 @@ READ_SEGMENTS = (b"archive", b"file", b"tree-hash", b"branch-contains", b"upload
 
 
 def build(ctx: "Context") -> Built:
+    """The git apps now when git is configured or mirrors are on disk, else on first use."""
+    from sparkcache.protocols.git import lazy
+
+    if lazy.configured(ctx.config) or lazy.on_disk(ctx.config.storage.data_dir):
+        return build_now(ctx)
+    return lazy.LazyGit(ctx, SPEC.segments, build_now).built()
+
+
+def build_now(ctx: "Context") -> Built:
     """The mirrors of the ``git:`` section, kept fresh by the GitService, served by the apps."""
     from sparkcache.git.config import GitConfig
     from sparkcache.git.loop import GitService
