@@ -34,7 +34,7 @@ import re
 from collections import OrderedDict, deque
 from typing import Any, Awaitable, Callable, TypeVar
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredLock, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock, fail, succeed
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -260,6 +260,8 @@ class Store:
         space (``roomy``). When none is ready, fires once one is made. (The
         spool's leftovers are emptied at start-up, these with them: empty
         files, at most SPARE_SPOOLS per process.)"""
+        if self._stopped:  # (nothing would make one: fail as a full disk would)
+            return fail(OSError(errno.ESHUTDOWN, "the store is stopping"))
         if self._spare:
             spool = self._spare.pop()
             self._spools.add(spool)

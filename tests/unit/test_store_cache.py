@@ -283,3 +283,5 @@ async def test_misses_with_no_spool_made_yet_wait_for_one_each(tmp_path):
         except OSError:
             outcomes.append("stopped")
     assert outcomes[-1] == "stopped" and os.listdir(store.spool_dir) == []
+    with pytest.raises(OSError):  # (a miss reaching a stopped store fails, never hangs)
+        await store.spool()
