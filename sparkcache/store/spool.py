@@ -238,13 +238,17 @@ class SpoolReader:
 
 
 def clear_spool(spool_dir: str) -> int:
-    """Remove leftovers of downloads that never finished; returns how many."""
+    """Remove leftovers of downloads that never finished; returns how many
+    had bytes (the empty files a process keeps made for its next misses,
+    ``Store.spool``, are no download)."""
     os.makedirs(spool_dir, exist_ok=True)
     n = 0
     for name in os.listdir(spool_dir):
+        path = os.path.join(spool_dir, name)
         try:
-            os.unlink(os.path.join(spool_dir, name))
-            n += 1
+            started = os.lstat(path).st_size > 0
+            os.unlink(path)
+            n += started
         except IsADirectoryError:
             pass
         except FileNotFoundError:
