@@ -51,6 +51,13 @@ def _positions(key: str, mask: int) -> tuple[int, ...]:
     return tuple((h1 + i * h2) & mask for i in range(PROBES))
 
 
+def _holds(bits: bytearray | memoryview, mask: int, key: str) -> bool:
+    for p in _positions(key, mask):
+        if not bits[p >> 3] & (1 << (p & 7)):
+            return False
+    return True
+
+
 def _bits_for(keys: int) -> int:
     """Bits (a power of two: positions by mask) for ``keys`` keys."""
     bits = max(keys, MIN_KEYS) * BITS_PER_KEY
@@ -85,11 +92,7 @@ class KeyFilter:
 
     def may_hold(self, key: str) -> bool:
         """False: ``key`` was surely never added."""
-        bits = self._bits
-        for p in _positions(key, self._mask):
-            if not bits[p >> 3] & (1 << (p & 7)):
-                return False
-        return True
+        return _holds(self._bits, self._mask, key)
 
     @property
     def full(self) -> bool:
@@ -181,11 +184,7 @@ class SharedKeyFilter:
 
     def may_hold(self, key: str) -> bool:
         """False: ``key`` was surely never added. (Memory reads only.)"""
-        bits = self._bits
-        for p in _positions(key, self._mask):
-            if not bits[p >> 3] & (1 << (p & 7)):
-                return False
-        return True
+        return _holds(self._bits, self._mask, key)
 
     def add(self, keys: Iterable[str]) -> None:
         """Blocking (the SQLite thread, before the rows' transaction): ``keys``

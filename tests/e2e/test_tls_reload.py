@@ -113,9 +113,10 @@ def serving(port: int, cafile: Path, serial: int, workers: int) -> Callable[[], 
     return check
 
 
-@pytest.mark.parametrize("workers", [1, 2], ids=["w1", "w2"])
-def test_sighup_reloads_the_certificate_without_dropping_connections(tmp_path: Path, daemon_factory: Any,
-                                                                        workers: int) -> None:
+def tls_daemon(tmp_path: Path, daemon_factory: Any, workers: int) -> tuple[CA, Path, Path, Path, int, Daemon]:
+    """A throwaway CA, a certificate of serial SERIALS[0] from it, and a
+    daemon with a plain and an ``ssl:`` listener using that certificate
+    (``workers`` processes): (ca, its file, key file, cert file, TLS port, daemon)."""
     ca = CA()
     cafile = tmp_path / "ca.pem"
     cafile.write_bytes(ca.pem())
@@ -126,6 +127,13 @@ def test_sighup_reloads_the_certificate_without_dropping_connections(tmp_path: P
     tcp_port, tls_port = free_port(), free_port()
     d = daemon_factory(port=tcp_port, server={"workers": workers, "listen": [
         f"tcp:{tcp_port}:interface=127.0.0.1", f"ssl:{tls_port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"]})
+    return ca, cafile, key, cert, tls_port, d
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["w1", "w2"])
+def test_sighup_reloads_the_certificate_without_dropping_connections(tmp_path: Path, daemon_factory: Any,
+                                                                        workers: int) -> None:
+    ca, cafile, key, cert, tls_port, d = tls_daemon(tmp_path, daemon_factory, workers)
     until(serving(tls_port, cafile, SERIALS[0], workers), "not every worker served the first certificate", d)
     assert fresh(tls_port, cafile)[2] == "http/1.1"
 
@@ -164,16 +172,7 @@ def test_sighup_reloads_the_certificate_without_dropping_connections(tmp_path: P
 
 
 def test_alpn_answers_http11_and_never_h2(tmp_path: Path, daemon_factory: Any) -> None:
-    ca = CA()
-    cafile = tmp_path / "ca.pem"
-    cafile.write_bytes(ca.pem())
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    key_pem, cert_pem = ca.issue(SERIALS[0])
-    key.write_bytes(key_pem)
-    cert.write_bytes(cert_pem)
-    tcp_port, tls_port = free_port(), free_port()
-    d = daemon_factory(port=tcp_port, server={"listen": [
-        f"tcp:{tcp_port}:interface=127.0.0.1", f"ssl:{tls_port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"]})
+    _, cafile, _, _, tls_port, d = tls_daemon(tmp_path, daemon_factory, 1)
 
     def negotiated(alpn: list[str] | None) -> str | None:
         with socket.create_connection(("127.0.0.1", tls_port), timeout=30) as raw:

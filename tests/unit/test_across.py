@@ -184,12 +184,8 @@ async def test_a_lock_taken_with_the_lookup_is_let_go_when_its_client_is_gone(pa
     assert pair.a.up.requests == []
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_miss_takes_the_lock_with_its_lookup_and_the_other_worker_follows(pair: Any) -> None:
-    got = Deferred.fromCoroutine(pair.a.cache.get(creq(REMOTE)))
-    await pumped(Deferred.fromCoroutine(_asked(pair.a.up)), pair.clock)
-    # a asks upstream holding the lock it took with its lookup: b cannot take it.
-    assert await pair.b.cache.locks.acquire("r:x") is None
+async def _answered_and_stored(pair: Any, got: Deferred[Any]) -> None:
+    """a's upstream answers ``got``'s request with BODY, whole; a stores it."""
     response = FakeResponse(length=len(BODY))
     pair.a.up.requests[0].callback((response, "http://up.invalid/x"))
     live = await pumped(got, pair.clock)
@@ -198,6 +194,15 @@ async def test_a_miss_takes_the_lock_with_its_lookup_and_the_other_worker_follow
     response.send(BODY)
     response.end()
     await pumped(live.flight.wait_done(), pair.clock)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_miss_takes_the_lock_with_its_lookup_and_the_other_worker_follows(pair: Any) -> None:
+    got = Deferred.fromCoroutine(pair.a.cache.get(creq(REMOTE)))
+    await pumped(Deferred.fromCoroutine(_asked(pair.a.up)), pair.clock)
+    # a asks upstream holding the lock it took with its lookup: b cannot take it.
+    assert await pair.b.cache.locks.acquire("r:x") is None
+    await _answered_and_stored(pair, got)
     again = await pumped(Deferred.fromCoroutine(pair.b.cache.get(creq(REMOTE))), pair.clock)
     assert isinstance(again, Hit) and pair.b.up.requests == []
     held = await pair.b.cache.locks.acquire("r:x")
@@ -220,14 +225,7 @@ async def test_a_cold_miss_the_shared_filter_rules_out_asks_the_index_nothing(pa
     got = Deferred.fromCoroutine(pair.a.cache.get(creq(REMOTE)))
     assert len(pair.a.up.requests) == 1 and asked == []  # asked upstream at once, the index never
     assert await pair.b.cache.locks.acquire("r:x") is None  # and the key's lock is a's
-    response = FakeResponse(length=len(BODY))
-    pair.a.up.requests[0].callback((response, "http://up.invalid/x"))
-    live = await pumped(got, pair.clock)
-    assert isinstance(live, Live)
-    await pumped(Deferred.fromCoroutine(_until(lambda: response.protocol is not None)), pair.clock)
-    response.send(BODY)
-    response.end()
-    await pumped(live.flight.wait_done(), pair.clock)
+    await _answered_and_stored(pair, got)
     assert not pair.b.store.index.surely_absent("r:x")  # stored by a: maybe, for b too
     again = await pumped(Deferred.fromCoroutine(pair.b.cache.get(creq(REMOTE))), pair.clock)
     assert isinstance(again, Hit) and pair.b.up.requests == []
