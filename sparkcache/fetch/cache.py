@@ -43,7 +43,6 @@ from typing import TYPE_CHECKING, Any, Awaitable, BinaryIO, Callable, Union
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
 
 from sparkcache.config import RemoteConfig
