@@ -338,3 +338,39 @@ def test_write_errors_are_told_from_bad_bodies():
     wrapped.__cause__ = OSError(errno.EIO, "io")
     assert space.is_write_error(wrapped)
     assert isinstance(Failed(503, "x"), Failed)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_miss_measures_the_free_space_again_only_near_the_floor(env, monkeypatch):
+    """Store.roomy: the last measurement (each spool file made brings one)
+    decides, so a miss far above the floor stores without a thread round trip
+    to measure; one that brings the store near the floor is measured (and
+    evicted for) again, from the next miss on."""
+    from sparkcache.store import ROOM_SPARE
+
+    cache, store, clock, remote, up = env
+    fs = FakeFilesystem(store, total=100 << 30, floor=1 << 30)
+    monkeypatch.setattr(space, "measure", fs.measure)
+    await store.check_space()
+    checks = []
+    real = store.check_space
+
+    async def counting() -> int:
+        checks.append(1)
+        return await real()
+
+    monkeypatch.setattr(store, "check_space", counting)
+
+    async def miss(name: str) -> None:
+        up.add(f"/{name}", name.encode() * 1000)
+        res = await cache.get(creq(remote, up, name))
+        await res.flight.wait_done()
+
+    for n in range(3):
+        await miss(f"far{n}")
+    assert checks == []  # room to spare: no new measurement first
+    fs.other = fs.total - (1 << 30) - ROOM_SPARE // 2  # something else fills the disk
+    await miss("stale")  # (decided on the measurement its predecessor brought)
+    assert checks == []
+    await miss("near")
+    assert checks and await store.index.get("r:near") is not None
