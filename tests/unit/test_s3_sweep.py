@@ -13,10 +13,10 @@ import os
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThread
 
-from sparkcache.store.s3.client import S3Client
+from sparkcache.store.s3.client import MAX_XML, S3Client
 from sparkcache.store.s3.content import S3ContentStore
 from sparkcache.store.s3.published import SharedIndex
 from sparkcache.store.s3.settings import S3Credentials, S3Settings
@@ -114,13 +114,55 @@ async def test_concurrent_first_takers_on_a_conditional_server(s3):
     assert sorted(won) == [False, False, True]
 
 
+class ReadsFirst:
+    """Holds back every write until ``n`` reads were answered: hosts that all
+    found no lease before any of them wrote one (their I/O is real, so
+    otherwise one may read the other's fresh lease and rightly back off)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.reads = 0
+        self.waiting: list[Deferred[None]] = []
+
+    def read(self) -> None:
+        self.reads += 1
+        if self.reads == self.n:
+            waiting, self.waiting = self.waiting, []
+            for d in waiting:
+                d.callback(None)
+
+    def before_write(self) -> Deferred[None]:
+        if self.reads >= self.n:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self.waiting.append(d)
+        return d
+
+
+def ignoring_conditions_after(gate: ReadsFirst) -> type:
+    class Gated(IgnoresConditions):
+        async def get_bytes(self, key: str, limit: int = MAX_XML) -> bytes | None:
+            got = await super().get_bytes(key, limit)
+            gate.read()
+            return got
+
+        async def put_bytes(self, key: str, data: bytes, if_none_match: bool = False,
+                            content_type: str = "application/octet-stream") -> bool:
+            await gate.before_write()
+            return await super().put_bytes(key, data, if_none_match, content_type)
+
+    return Gated
+
+
 @pytest_twisted.ensureDeferred
 async def test_the_smallest_host_id_wins_where_conditions_are_ignored(s3):
     client, _, _ = s3
     clock = clock_at()
-    # Both create "at once"; b writes last, so both first read b back: a (smaller) takes it.
-    b = LeaseObject(client(IgnoresConditions), "t/sweeper", "host-b", 100.0, clock, settle=1.0)
-    a = LeaseObject(client(IgnoresConditions), "t/sweeper", "host-a", 100.0, clock, settle=1.0)
+    # Both create "at once" (both found no lease before either wrote): whichever
+    # write lands last, a (the smaller id) takes it.
+    gated = ignoring_conditions_after(ReadsFirst(2))
+    b = LeaseObject(client(gated), "t/sweeper", "host-b", 100.0, clock, settle=1.0)
+    a = LeaseObject(client(gated), "t/sweeper", "host-a", 100.0, clock, settle=1.0)
     won = await drive(clock, 1.0, a.hold(), b.hold())
     assert won == [True, False]
     clock.advance(10)
