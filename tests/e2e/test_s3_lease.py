@@ -77,8 +77,10 @@ def two_hosts(daemon_factory: Callable[..., Daemon], upstream: Any,
     return make
 
 
-def herd(upstream: Any, one: Daemon, two: Daemon, body: bytes, n: int = 16) -> list[Any]:
-    """``n`` concurrent first fetches over both daemons, the upstream held until all were sent."""
+def herd(upstream: Any, one: Daemon, two: Daemon, body: bytes, n: int = 16, joined: bool = False) -> list[Any]:
+    """``n`` concurrent first fetches over both daemons, the upstream held until
+    all were sent; ``joined``: until all had their headers (every client is
+    part of a flight: none comes late to a body already stored)."""
     upstream.add(PATH, body)
     upstream.behave(PATH, pause_at=MiB, times=1)
     fetches = [Fetch((one if i % 2 else two).port, "/api/r" + PATH, timeout=60) for i in range(n)]
@@ -87,6 +89,8 @@ def herd(upstream: Any, one: Daemon, two: Daemon, body: bytes, n: int = 16) -> l
     upstream.wait_paused(PATH)
     for f in fetches:
         assert f.sent.wait(30)
+        if joined:
+            assert f.got_headers.wait(30)
     upstream.resume(PATH)
     return [f.response() for f in fetches]
 
@@ -95,7 +99,9 @@ def herd(upstream: Any, one: Daemon, two: Daemon, body: bytes, n: int = 16) -> l
 def test_concurrent_first_fetches_over_two_hosts_make_one_upstream_fetch(upstream, two_hosts, weed, proxied, peer):
     one, two = two_hosts(peer=peer)
     body = os.urandom(4 * MiB)
-    responses = herd(upstream, one, two, body)
+    # (With peer streaming every client gets its headers while upstream is held;
+    # a request sent but read by its daemon only after the commit would be a HIT.)
+    responses = herd(upstream, one, two, body, joined=peer)
     assert all(r.status == 200 and r.body == body for r in responses), [r.describe() for r in responses]
     assert len(upstream.requests_for(PATH)) == 1
     if peer:  # the waiting host's clients tailed the holder's flight
