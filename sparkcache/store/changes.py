@@ -21,6 +21,7 @@ the bump). ``Index.watch_changes()`` turns this on (a worker process).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import functools
@@ -29,6 +30,7 @@ import mmap
 import os
 import struct
 import sys
+from typing import Iterator
 
 SLOTS = 4096
 _WORD = struct.Struct("<Q")
@@ -49,6 +51,17 @@ def allocate(fd: int, size: int) -> None:
         # overwrite what another worker wrote meanwhile); a full one fails here, at start.
         if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
             raise
+
+
+@contextlib.contextmanager
+def flocked(fd: int) -> Iterator[None]:
+    """Hold ``flock(LOCK_EX)`` on ``fd`` (a mapped file's read-modify-write
+    against the other workers'): brief, so the reactor may take it."""
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 @functools.lru_cache(maxsize=16384)  # every hit of a worker checks its key's slot
@@ -105,12 +118,9 @@ class ChangeCounters:
         return self._bump(self._purges)
 
     def _bump(self, index: int) -> int:
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        try:
+        with flocked(self._fd):
             value = self._read(index) + 1
             _WORD.pack_into(self._map, index * _WORD.size, value)
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
         return value
 
     def close(self) -> None:

@@ -25,7 +25,6 @@ next one from the rows then. (A bucket's shared index is never filtered.)
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import mmap
 import os
@@ -34,7 +33,7 @@ from typing import Iterable
 
 from twisted.logger import Logger
 
-from sparkcache.store.changes import _NATIVE, allocate
+from sparkcache.store.changes import _NATIVE, allocate, flocked
 
 log = Logger()
 
@@ -191,8 +190,7 @@ class SharedKeyFilter:
         may have rows from now on."""
         bits, mask = self._bits, self._mask
         n = 0
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        try:
+        with flocked(self._fd):
             for key in keys:
                 for p in _positions(key, mask):
                     bits[p >> 3] |= 1 << (p & 7)
@@ -203,17 +201,12 @@ class SharedKeyFilter:
                 self._set_word(_STATE_AT, OVERFULL)
                 log.warn("the shared key filter {path} holds {n} keys, twice what it was sized for: cold misses "
                          "ask the index until the next start sizes a larger one", path=self.path, n=count)
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def built(self) -> None:
         """Blocking: every row's key was added (the primary's build): trusted from now on."""
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        try:
+        with flocked(self._fd):
             if self._word(_STATE_AT) == BUILDING:
                 self._set_word(_STATE_AT, READY)
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         if self._words is not None:

@@ -17,18 +17,16 @@ Everything here that touches the filesystem blocks: call it from the I/O pool.
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import fcntl
 import mmap
 import os
 import sqlite3
 import struct
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from sparkcache.store.cas import remove_file
-from sparkcache.store.changes import allocate
+from sparkcache.store.changes import allocate, flocked
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -206,14 +204,14 @@ class SharedSpace:
     def want_room(self, need: int) -> None:
         """A worker that does not evict found too little room for ``need`` bytes:
         the primary evicts for the largest such need within a second."""
-        with self._locked():
+        with flocked(self._fd):
             self._put("<Q", self._WANTED, max(self._get("<Q", self._WANTED), need + 1))
 
     def take_wanted(self) -> int | None:
         """The room wanted since the last call (None: none); a memory read when there is none."""
         if not self._get("<Q", self._WANTED):
             return None
-        with self._locked():
+        with flocked(self._fd):
             wanted = int(self._get("<Q", self._WANTED))
             self._put("<Q", self._WANTED, 0)
         return wanted - 1 if wanted else None
@@ -229,7 +227,7 @@ class SharedSpace:
 
     @property
     def write_error(self) -> str | None:
-        with self._locked():
+        with flocked(self._fd):
             n = self._get("<Q", self._ERROR_LEN)
             raw = bytes(self._map[self._ERROR:self._ERROR + min(n, self.ERROR_MAX)])
         return raw.decode("utf-8", "replace") if n else None
@@ -237,17 +235,9 @@ class SharedSpace:
     @write_error.setter
     def write_error(self, value: str | None) -> None:
         raw = (value or "").encode("utf-8")[:self.ERROR_MAX]
-        with self._locked():
+        with flocked(self._fd):
             self._map[self._ERROR:self._ERROR + len(raw)] = raw
             self._put("<Q", self._ERROR_LEN, len(raw) if value is not None else 0)
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         self._map.close()
