@@ -290,6 +290,7 @@ class Cache:
             assert source is not None, "only a CacheRequest has a default source"
             target, src = req, source
         if isinstance(req, CacheRequest) and source is None and not self.store.writable and req.validate is None:
+            self.store.recheck_space()
             await _unclaim(held)
             return await self._pass(req, stale)
         shared = self._producing.start(key, lambda s: self._produce(target, src, stale, s, held=held))
@@ -583,6 +584,7 @@ class Cache:
         now, evicting for it if it must; the last measurement is enough when
         it shows room to spare (``Store.roomy``)."""
         if not self.store.writable:
+            self.store.recheck_space()
             return False
         if self.store.roomy(total or 0):
             return True

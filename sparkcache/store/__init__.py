@@ -62,6 +62,8 @@ SPACE_SLACK = 0.10
 # for the room it asked the primary for, which looks every ROOM_POLL seconds.
 ROOM_WAIT = 5.0
 ROOM_POLL = 0.1
+# Below the floor, a passed-through miss measures again at most this often (``Store.recheck_space``).
+RECHECK_INTERVAL = 1.0
 # Spool files kept made for the next misses (``Store.spool``).
 SPARE_SPOOLS = 2
 # Room a miss wants above its body's twice, at the last measurement, to skip measuring (``Store.roomy``).
@@ -176,6 +178,7 @@ class Store:
         self.floor = 0  # the floor in bytes at the last check
         self.write_error = None  # the last write error, for logs and /health
         self._write_failed_at = None
+        self._rechecked_at: float | None = None  # (recheck_space)
         self.reserve_path = os.path.join(self.data_dir, space.RESERVE_NAME)
         self._room = DeferredLock()  # one eviction for space at a time
 
@@ -758,6 +761,27 @@ class Store:
             return False
         at = self._write_failed_at
         return at is None or self.clock.seconds() - at >= WRITE_ERROR_HOLD
+
+    def recheck_space(self) -> None:
+        """(A miss passed through because the store is below its floor.) Measure
+        again, in the background, at most every RECHECK_INTERVAL seconds: space
+        given back since the last measurement (a failed download's spool whose
+        last descriptor closed after it, something else deleting files) makes
+        the store writable at the next miss, not at the next eviction tick."""
+        if not self.low_space:
+            return
+        now = self.clock.seconds()
+        if self._rechecked_at is not None and now - self._rechecked_at < RECHECK_INTERVAL:
+            return
+        self._rechecked_at = now
+
+        async def measure() -> None:
+            try:
+                await self.check_space()
+            except Exception:
+                log.failure("measuring free space")
+
+        Deferred.fromCoroutine(measure())
 
     def note_write_error(self, e: BaseException) -> None:
         """A spool write, fsync, rename or index commit failed: if the disk is

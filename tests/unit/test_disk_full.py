@@ -50,6 +50,17 @@ def creq(remote, upstream, path, **kw):
 
 
 @pytest.fixture
+def below_floor(monkeypatch):
+    """``below(store)``: the store below its floor, as every measurement says
+    from now on (a miss passed through measures again: Store.recheck_space)."""
+    def below(store: Store) -> None:
+        monkeypatch.setattr(space, "measure", lambda path: space.Space(0, 1 << 30))
+        store.low_space = True
+
+    return below
+
+
+@pytest.fixture
 def full_after(monkeypatch):
     """``full_after(n)``: spool writes fail with ENOSPC once ``n`` bytes are written."""
 
@@ -178,12 +189,12 @@ async def _raise(e: Exception) -> Entry:
 
 
 @pytest_twisted.ensureDeferred
-async def test_pass_through_checks_the_digest_before_the_end(env):
+async def test_pass_through_checks_the_digest_before_the_end(env, below_floor):
     cache, store, clock, remote, up = env
     good, bad = b"g" * 3000, b"b" * 3000
     up.add("/ok", good)
     up.add("/bad", bad)
-    store.low_space = True
+    below_floor(store)
     ok = await cache.get(creq(remote, up, "ok", expected_digest=hashlib.sha256(good).hexdigest()))
     wrong = await cache.get(creq(remote, up, "bad", expected_digest=hashlib.sha256(good).hexdigest()))
     assert isinstance(ok.flight, PassFlight) and isinstance(wrong.flight, PassFlight)
@@ -198,11 +209,11 @@ async def test_pass_through_checks_the_digest_before_the_end(env):
 
 
 @pytest_twisted.ensureDeferred
-async def test_pass_through_ends_when_its_client_never_reads_or_only_waits(env):
+async def test_pass_through_ends_when_its_client_never_reads_or_only_waits(env, below_floor):
     cache, store, clock, remote, up = env
     up.add("/w", b"w" * 4000)
     up.add("/n", b"n" * 4000)
-    store.low_space = True
+    below_floor(store)
     waited = await cache.get(creq(remote, up, "w"))
     # A caller that needs a stored entry hears at once that there is none.
     with pytest.raises(BodyError, match="not stored"):
@@ -298,10 +309,10 @@ async def _no_check() -> int:
 
 
 @pytest_twisted.ensureDeferred
-async def test_joiner_of_a_pass_through_gets_its_own(env):
+async def test_joiner_of_a_pass_through_gets_its_own(env, below_floor):
     cache, store, clock, remote, up = env
     up.add("/j", b"j" * 5000)
-    store.low_space = True
+    below_floor(store)
     a = await cache.get(creq(remote, up, "j"))
     b = await cache.get(creq(remote, up, "j"))
     assert a.flight is not b.flight
@@ -374,3 +385,42 @@ async def test_a_miss_measures_the_free_space_again_only_near_the_floor(env, mon
     assert checks == []
     await miss("near")
     assert checks and await store.index.get("r:near") is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_miss_passed_through_below_the_floor_measures_again(env, monkeypatch):
+    """Space given back after the last measurement (a failed download's spool
+    closed late, files deleted by something else) makes the store writable
+    at the next miss, not at the next eviction tick; at most one measurement
+    per RECHECK_INTERVAL."""
+    from sparkcache.store import RECHECK_INTERVAL
+
+    cache, store, clock, remote, up = env
+    fs = FakeFilesystem(store, total=100 * KiB, floor=30 * KiB, other=90 * KiB)
+    monkeypatch.setattr(space, "measure", fs.measure)
+    await store.check_space()
+    assert store.low_space and not store.writable
+    fs.other = 0  # the space comes back, unmeasured
+    measured = []
+    real = store.check_space
+
+    async def counting() -> int:
+        measured.append(1)
+        return await real()
+
+    monkeypatch.setattr(store, "check_space", counting)
+    up.add("/b", b"b" * 3000)
+    res = await cache.get(creq(remote, up, "b"))
+    assert res.state == "BYPASS" and await read_all(res.flight) == b"b" * 3000
+    for _ in range(100):
+        if not store.low_space:
+            break
+        await task.deferLater(reactor, 0.01, lambda: None)
+    assert measured == [1] and not store.low_space and store.writable
+    store.low_space = True
+    store.recheck_space()  # (within RECHECK_INTERVAL of the last: not again)
+    assert measured == [1]
+    clock.advance(RECHECK_INTERVAL)
+    store.recheck_space()
+    await settle(cache)
+    assert len(measured) == 2
