@@ -17,17 +17,32 @@ included), its median and quartiles, and the median per round of
 sparkcache's time minus direct's. ``--baseline DIR`` runs another checkout
 (``/work/main``: before a change) in the same rounds. Goal (issue 14): time
 to first byte <= direct + 2 ms.
+
+Three references do a miss's way to its first byte without sparkcache, in
+the same rounds (``--no-references`` leaves them out): nginx ``proxy_cache``
+(a new key per fetch, as sparkcache's), ``twisted_proxy.py`` (Twisted's
+server and ``Agent`` with a persistent pool relaying the body: the fixed
+shape's own cost, with none of sparkcache's work) and ``miss_floor.py``
+(blocking Python that spools, hashes and sends; it connects to the upstream
+per request). Their times over direct say how much of sparkcache's is the
+machine's (a proxy's extra process hop on 2 shared cores) and how much the
+framework's.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Callable
 
-from common import (MB, Bench, BenchError, Daemon, Nginx, add_workers_arg, apply_quick, base_parser, check_transfer,
-                    curl, free_port, make_links, make_random_file, median, print_summary, print_table, run_main,
-                    static_server, summary_row)
+from cold_miss import Floor, proxy_cache_server
+from common import (MB, Bench, BenchError, Daemon, Nginx, _die_with_parent, add_workers_arg, apply_quick, base_parser,
+                    check_transfer, clean_env, curl, free_port, make_links, make_random_file, median, print_summary,
+                    print_table, run_main, static_server, summary_row, wait_port)
 
+HERE = Path(__file__).resolve().parent
 NAME = "miss_ttfb"
 GOAL_MS = 2.0
 WARMUPS = 4
@@ -38,11 +53,59 @@ def quartiles(values: list[float]) -> tuple[float, float]:
     return v[len(v) // 4], v[(3 * len(v)) // 4]
 
 
+class TwistedProxy:
+    """bench/twisted_proxy.py as a subprocess."""
+
+    def __init__(self, b: Bench, upstream_port: int) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "twisted_proxy.py"), str(self.port),
+                                      str(upstream_port)], stdin=subprocess.DEVNULL, env=clean_env(),
+                                     preexec_fn=_die_with_parent)
+        b.on_cleanup(self.stop)
+        wait_port(self.port, 15, lambda: self.proc.poll() is None)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class References:
+    """The misses without sparkcache, each fetched like a daemon's: ``fetch(who, name)``."""
+
+    NAMES = ("nginx proxy_cache", "twisted proxy", "floor")
+
+    def __init__(self, b: Bench, up_port: int) -> None:
+        port = free_port()
+        extra, server = proxy_cache_server(port, up_port)
+        self.nginx = Nginx(b, "proxy-cache", [server], http_extra=extra).start()
+        self.urls: dict[str, Callable[[str], str]] = {
+            "nginx proxy_cache": lambda name: self.nginx.url(f"/{name}"),
+            "twisted proxy": TwistedProxy(b, up_port).url,
+            "floor": Floor(b, up_port).url,
+        }
+
+    def fetch(self, who: str, name: str, size: int, what: str) -> dict:
+        r = curl(self.urls[who](f"/{name}"))
+        check_transfer(r, size, x_cache="MISS" if who != "twisted proxy" else None, what=what)
+        if who == "nginx proxy_cache":
+            # (Each name is asked once: its cache file would only fill the disk.)
+            for root, _dirs, files in os.walk(self.nginx.dir / "proxy_cache"):
+                for f in files:
+                    os.unlink(os.path.join(root, f))
+        return r
+
+
 def main() -> int:
     p = base_parser(__doc__ or NAME, "(10 rounds)")
     p.add_argument("--runs", type=int, default=None, help="rounds: misses per path (default 40)")
     p.add_argument("--baseline", type=Path, default=None,
                    help="another sparkcache checkout (e.g. /work/main) run in the same rounds, for an A/B")
+    p.add_argument("--no-references", action="store_true",
+                   help="leave out nginx proxy_cache, the minimal Twisted proxy and the no-framework floor")
     add_workers_arg(p)
     args = p.parse_args()
     apply_quick(args, {"runs": 10}, {"runs": 40})
@@ -56,10 +119,15 @@ def main() -> int:
         trees = {"sparkcache": None} | ({"baseline": args.baseline} if args.baseline else {})
         names = iter(f"n{i}.bin" for i in range(10 ** 9))
         # Every fetch below is of a name nobody fetched before.
-        needed = len(args.workers) * (runs + 1) * (1 + len(trees)) + 10
+        refs_n = 0 if args.no_references else len(References.NAMES)
+        needed = len(args.workers) * (runs + 2) * (1 + len(trees) + refs_n) + 10
         make_links(files / "cold.bin", [files / f"n{i}.bin" for i in range(needed)])
         up_port = free_port()
         origin = Nginx(b, "origin", [static_server(up_port, files, "access.log")]).start()
+        refs = None if args.no_references else References(b, up_port)
+        if refs is not None:
+            for who in References.NAMES:  # (each has opened its connections and served once)
+                refs.fetch(who, next(names), size, f"{who} first miss")
         summary: list[dict] = []
         results: dict[str, dict] = {}
         for workers in args.workers:
@@ -74,7 +142,7 @@ def main() -> int:
                         raise BenchError(f"{who}: warm-up answered {status}")
                 # One miss before the timed ones: the daemon has served a miss.
                 check_transfer(curl(d.url(f"/api/cold/{next(names)}")), size, x_cache="MISS", what=f"{who} first miss")
-            paths = ["direct"] + list(daemons)
+            paths = ["direct"] + ([] if refs is None else list(References.NAMES)) + list(daemons)
             ttfb: dict[str, list[float]] = {who: [] for who in paths}
             for i in range(runs):
                 os.sync()
@@ -84,6 +152,9 @@ def main() -> int:
                     if who == "direct":
                         r = curl(origin.url(f"/{name}"))
                         check_transfer(r, size, what=f"direct round {i + 1}")
+                    elif who not in daemons:
+                        assert refs is not None
+                        r = refs.fetch(who, name, size, f"{who} round {i + 1}")
                     else:
                         r = curl(daemons[who].url(f"/api/cold/{name}"))
                         check_transfer(r, size, x_cache="MISS", what=f"{who} round {i + 1}")
