@@ -174,6 +174,10 @@ def main() -> int:
                                        "direct", median(ttfb["direct"]), f"<= +{GOAL_MS:g} ms",
                                        extra["sparkcache"] <= GOAL_MS,
                                        note=f"median extra over direct {extra['sparkcache']:+.2f} ms"))
+            if refs is not None:
+                summary.append(summary_row(f"time to first byte, median, {tag}", "ms", median(ttfb["sparkcache"]),
+                                           "bare Twisted proxy", median(ttfb["twisted proxy"]), "-", None,
+                                           note=f"its median extra over direct {extra['twisted proxy']:+.2f} ms"))
             if "baseline" in daemons:
                 summary.append(summary_row(f"time to first byte, median, {tag}", "ms", median(ttfb["sparkcache"]),
                                            "baseline", median(ttfb["baseline"]), "-", None,

@@ -24,7 +24,7 @@ from pathlib import Path
 from common import RESULTS_DIR, fmt_num, fmt_ratio, machine_info, print_table, wait_for_quiet
 
 HERE = Path(__file__).resolve().parent
-SCENARIOS = ["hit_large", "hit_small", "cold_miss", "thundering_herd", "rss",
+SCENARIOS = ["hit_large", "hit_small", "cold_miss", "miss_ttfb", "thundering_herd", "rss",
              "oci_pull", "git_clone_cpu", "git_parallel_fetch", "git_wan_clone", "git_idle_loop", "s3_store"]
 # these reach the registry the machine's pip/npm are configured with (not loopback only):
 # run only when named in --only
