@@ -18,7 +18,8 @@ window (``widen_receive_window``), so that a read fills a buffer.
 
 When the last byte is in, the reactor tells Twisted's parser that the body
 is complete (its decoder's remaining length set to 0), so the connection goes
-back to the pool, as after any body. Anything else (end of stream before the
+back to the pool, as after any body, unless its window was widened
+(``kept_wide``): the upstream client then closes it (see there). Anything else (end of stream before the
 last byte, an error, a stall, a stop) ends the transfer as on the reactor
 path: the connection is closed and the receiver reports why.
 
@@ -36,6 +37,7 @@ import socket
 import struct
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet import tcp
@@ -79,7 +81,20 @@ _TCPI_RTT = 68  # offset of tcpi_rtt (microseconds) in struct tcp_info
 POLL_MS = 250
 
 
-def widen_receive_window(sock: socket.socket) -> None:
+# Connections whose receive window a siphon widened (see ``kept_wide``).
+_wide: "weakref.WeakSet[tcp.Connection]" = weakref.WeakSet()
+
+
+def kept_wide(conn: Any) -> bool:
+    """Whether a siphon widened ``conn``'s receive window. A window cannot be
+    narrowed again (TCP never takes back what it offered), and a wide one on
+    a connection that waits for its next response lets a nearby upstream
+    send megabytes in one go at that response's start: on loopback measured
+    ~1 ms later to the head (``bench/miss_ttfb.py``; docs/benchmarks.rst)."""
+    return conn in _wide
+
+
+def widen_receive_window(sock: socket.socket) -> bool:
     """A receive buffer of RCVBUF for a connection to a nearby upstream.
 
     Linux grows a socket's receive buffer by how much the reader takes per
@@ -95,8 +110,10 @@ def widen_receive_window(sock: socket.socket) -> None:
         rtt_us = struct.unpack_from("I", info, _TCPI_RTT)[0]
         if 0 < rtt_us < LAN_RTT_US and sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < RCVBUF:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+            return True
     except (OSError, AttributeError, struct.error):
         pass  # (no TCP_INFO here: the kernel's own sizing stays)
+    return False
 
 
 def siphonable(transport: Any, length: Any) -> tuple[tcp.Connection, _IdentityTransferDecoder] | None:
@@ -135,6 +152,7 @@ class Siphon:
         self.call = call
         self.ended = ended
         self.stopped = False
+        self.widened = False  # (set by the thread, read on the reactor once it ended)
         self.ring = RING
         self.read = READ
         self._sock: socket.socket | None = None
@@ -187,7 +205,7 @@ class Siphon:
                 return "write", str(e)
             flight.siphon_wrote(len(chunk))
             flight.siphon_hash(chunk)
-        widen_receive_window(sock)
+        self.widened = widen_receive_window(sock)
         size = min(self.read, self.remaining)
         ring = [bytearray(size) for _ in range(min(self.ring, 1 + (self.remaining - 1) // size))]
         ends = [0] * len(ring)  # the body offset each buffer's last handed-over bytes end at
@@ -254,6 +272,8 @@ class Siphon:
         global _running
         _running -= 1
         if outcome == "done" and not self.stopped:
+            if self.widened:
+                _wide.add(self.conn)
             self.decoder.contentLength = 0
             try:
                 self.decoder.dataReceived(b"")  # (ends the body: the receiver's connectionLost)

@@ -22,6 +22,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from sparkcache.fetch.flight import BodyError, Flight, Lanes, receive
@@ -108,6 +109,48 @@ async def test_a_large_body_is_siphoned_and_the_connection_reused(tmp_path: Any,
         f.release()
         f.spool.discard()
         assert up.connections == 1, f"request {n}: the siphoned connection was not reused"
+
+
+@pytest.mark.parametrize("nearby", [True, False])
+@pytest_twisted.ensureDeferred
+async def test_a_widened_connection_is_replaced_not_kept(tmp_path: Any, monkeypatch: Any, nearby: bool) -> None:
+    """sparkcache's pool closes a connection whose window a siphon widened
+    once its body ends, and opens another to the same origin in its place,
+    which the next request takes; a connection left as it was is kept."""
+    from sparkcache.fetch.upstream import _QuietPool
+
+    monkeypatch.setattr(siphon, "LAN_RTT_US", 10 ** 9 if nearby else 0)
+    body = os.urandom(2 * MiB)
+    up = Upstream(body)
+    port = reactor.listenTCP(0, up, interface="127.0.0.1")
+    pool = _QuietPool(reactor, persistent=True)
+    agent = Agent(reactor, pool=pool)
+    url = f"http://127.0.0.1:{port.getHost().port}/body".encode()
+    try:
+        for n in (1, 2):
+            response = await agent.request(b"GET", url)
+            f = new_flight(tmp_path, len(body))
+            first = response._transport._producer  # (the connection the body comes on)
+            lost: Deferred[None] = Deferred()
+            up.lost.append(lost)
+            await receive(response, f, reactor, 10.0)
+            assert f._siphoned > 0 and f.spool.hexdigest() == hashlib.sha256(body).hexdigest()
+            f.release()
+            f.spool.discard()
+            assert siphon.kept_wide(first) is nearby
+            if nearby:
+                await lost.addTimeout(5, reactor)  # closed by the pool, not by upstream
+                assert not first.connected
+                while up.connections < n + 1:  # its replacement, opened ahead
+                    await deferLater(reactor, 0.01)
+                assert len(up.open) == 1
+            else:
+                assert first.connected and up.connections == 1 and len(up.open) == 1
+        # The second request took the replacement: no third connection was made for it.
+        assert up.connections == (3 if nearby else 1)
+    finally:
+        await pool.closeCachedConnections()
+        await port.stopListening()
 
 
 async def _spooled_on_the_reactor(tmp_path: Any, served: Any, body: bytes) -> None:
