@@ -27,7 +27,10 @@ class Crew:
     def __init__(self, name: str, idle: float = IDLE) -> None:
         self.name = name
         self.idle_timeout = idle
-        self._jobs: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]]] = queue.SimpleQueue()
+        # (Not a SimpleQueue: on CPython 3.11 its get(timeout) can wait for
+        # good once another thread took the item that woke it, and an idle
+        # thread then never ends. Queue's timed wait is a Condition's.)
+        self._jobs: queue.Queue[tuple[Callable[..., Any], tuple[Any, ...]]] = queue.Queue()
         self._lock = threading.Lock()
         self._idle = 0  # threads waiting for a job, not yet promised one
 
@@ -35,34 +38,40 @@ class Crew:
         """Run ``fn(*args)`` in a thread of the crew's (any thread may call this)."""
         with self._lock:
             # (Put under the lock: a waiting thread that times out checks the
-            # queue under it too, so a promised job is never left unrun.)
-            self._jobs.put((fn, args))
+            # queue under it too, so a job put for it is never left unrun.)
             if self._idle > 0:
                 self._idle -= 1
+                self._jobs.put((fn, args))
                 return
-        threading.Thread(target=self._work, name=self.name, daemon=True).start()
+        # A new thread is handed its first job, not sent it through the queue,
+        # where a waiting thread could take it and leave the new one waiting
+        # uncounted (it then ended counted out: ``waiting`` drifted below zero).
+        threading.Thread(target=self._work, args=((fn, args),), name=self.name, daemon=True).start()
 
     @property
     def waiting(self) -> int:
-        """Threads waiting for a job."""
+        """Threads waiting for a job, less the jobs put for them not yet taken."""
         return self._idle
 
-    def _work(self) -> None:
+    def _work(self, job: tuple[Callable[..., Any], tuple[Any, ...]]) -> None:
         while True:
-            try:
-                fn, args = self._jobs.get(timeout=self.idle_timeout)
-            except queue.Empty:
-                with self._lock:
-                    if self._jobs.empty():
-                        self._idle -= 1  # (counted when it last finished a job)
-                        return
-                continue  # (a job was put as the wait ended: it is this thread's)
+            fn, args = job
             try:
                 fn(*args)
             except BaseException:
                 log.failure("in a {name} thread", name=self.name)
             with self._lock:
                 self._idle += 1
+            while True:
+                try:
+                    job = self._jobs.get(timeout=self.idle_timeout)
+                    break
+                except queue.Empty:
+                    with self._lock:
+                        if self._jobs.empty():
+                            self._idle -= 1
+                            return
+                    # (a job was put as the wait ended: one of the waiting threads takes it)
 
 
 # One for the whole process: the jobs are a body's, whichever flight it is.
