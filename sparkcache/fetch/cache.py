@@ -297,6 +297,30 @@ class Cache:
         result = await self._join(shared, stale, req)
         return replace(result, started=True) if isinstance(result, Live) else result
 
+    def start_now(self, req: CacheRequest) -> bool:
+        """Start fetching ``req`` from its upstream now, when whether to is
+        known on the reactor: no production of its key runs, the key filter
+        rules a row out, the store can write and is local, and (with workers)
+        the key's lock is one system call away and free. True when started;
+        the ``get`` of the same request that follows (from its route, in this
+        reactor turn) joins it. So a miss's upstream request goes out before
+        its router and handler run, and they overlap upstream's answer."""
+        key = req.key
+        store = self.store
+        if key in self._producing or store.backed or not store.writable or req.validate is not None:
+            return False
+        if not store.index.surely_absent(key):
+            return False
+        held: Held | None = None
+        if self.locks is not None:
+            if not self.locks.ranged:
+                return False
+            held = self._claim_now(key)
+            if held is None:
+                return False
+        self._producing.start(key, lambda s: self._produce(req.target, Upstream(req), None, s, held=held))
+        return True
+
     def _claim_now(self, key: str) -> Held | None:
         """(Worker processes, a key the shared key filter says no worker ever
         stored.) The key's lock, taken on the reactor, or None: another worker

@@ -195,12 +195,16 @@ class FastHits(Resource):
     isLeaf = True
 
     def __init__(self, ctx: Context, route: Callable[[Any, list[str]], FastRoute | None], routed: IResource,
-                 fmt: ErrorFormat, max_path: int, vet: Callable[[Any], list[str]] | None = None) -> None:
+                 fmt: ErrorFormat, max_path: int, vet: Callable[[Any], list[str]] | None = None,
+                 miss: Callable[[Any, FastRoute, list[str]], None] | None = None) -> None:
         """``vet``: the app's check of a request's raw path before any router
         decodes it (BadPath: refused in ``fmt``); its path segments for
-        ``route`` (default: :func:`vet_request`'s)."""
+        ``route`` (default: :func:`vet_request`'s). ``miss(request, route,
+        segments)``: called for a GET/HEAD of a routed URL that is not a fresh
+        hit, before ``routed`` renders it (an app starts its fetch there)."""
         super().__init__()
         self.ctx, self.route, self.routed, self.fmt, self.max_path = ctx, route, routed, fmt, max_path
+        self.miss = miss
         self.vet = vet or (lambda request: vet_request(request, max_path))
         # The app whose method ``route`` is (tests look at its state through it).
         self.app = getattr(route, "__self__", None)
@@ -264,6 +268,10 @@ class FastHits(Resource):
             return refuse_path(request, e, self.fmt)
         hit = self.find(request, segments)
         if hit is None:
+            if self.miss is not None and request.method in (b"GET", b"HEAD"):
+                route = self._routes.get(request.uri)
+                if route is not None:
+                    self.miss(request, route, segments)
             return self.routed.render(request)
         ctx = self.ctx
         if hit.form is not None:

@@ -9,7 +9,9 @@ from typing import Any, Awaitable
 
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
+from twisted.internet.task import deferLater
 
 from tests.support.client import Response, assert_json_error, basic, bearer, sha256
 from tests.support.harness import UPSTREAM, Harness, MakeHarness, harness_factory  # noqa: F401
@@ -122,6 +124,48 @@ async def test_miss_then_hit_with_range_and_head(h: Harness) -> None:
     assert h.upstream.count("/releases/v1/tool.tar.gz") == 1
     entry = await h.store.index.get("files:releases/v1/tool.tar.gz")
     assert entry is not None and entry.digest == sha256(data)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_miss_is_fetched_before_the_router_runs_and_the_handler_joins_it(h: Harness, monkeypatch: Any) -> None:
+    for _ in range(500):  # the key filter, built in the background at start
+        if h.store.index.surely_absent("files:releases/none"):
+            break
+        await deferLater(reactor, 0.01)
+    started: list[tuple[str, bool]] = []
+    real = h.cache.start_now
+
+    def spy(req: Any) -> bool:
+        ok = real(req)
+        started.append((req.key, ok))
+        return ok
+
+    monkeypatch.setattr(h.cache, "start_now", spy)
+    monkeypatch.setattr(type(h.cache), "get", _joins_only(type(h.cache).get, h.cache))
+    data = os.urandom(50_000)
+    h.upstream.add("/releases/early.bin", data)
+    h.upstream.add("/releases/early.bin.asc", b"sig")
+    got = await h.get("/api/files/releases/early.bin?v=1")
+    assert got.status == 200 and got.body == data and got.header("X-Cache") == "MISS"
+    head = await h.head("/api/files/releases/early.bin.asc")
+    assert head.status == 200 and head.header("Content-Length") == "3"
+    assert started == [("files:releases/early.bin?v=1", True), ("files:releases/early.bin.asc", True)]
+    assert h.upstream.count("/releases/early.bin") == 1 and h.upstream.count("/releases/early.bin.asc") == 1
+    await h.settle()
+    # Stored: a hit, which starts nothing; outside the patterns: refused, nothing fetched.
+    assert (await h.get("/api/files/releases/early.bin?v=1")).header("X-Cache") == "HIT"
+    assert_json_error(await h.get("/api/files/elsewhere/x.bin"), 403)
+    assert len(started) == 2 and h.upstream.total() == 2
+
+
+def _joins_only(get: Any, cache: Any) -> Any:
+    """``Cache.get`` that fails a test where a production it should have joined
+    was not running (the request started its own)."""
+    async def joining(self: Any, req: Any, source: Any = None) -> Any:
+        if self is cache and not self.store.index.peek(req.key) and not self.fetching(req.key):
+            raise AssertionError(f"{req.key}: not started before the handler's get")
+        return await get(self, req, source)
+    return joining
 
 
 @pytest_twisted.ensureDeferred

@@ -285,3 +285,31 @@ async def test_misses_with_no_spool_made_yet_wait_for_one_each(tmp_path):
     assert outcomes[-1] == "stopped" and os.listdir(store.spool_dir) == []
     with pytest.raises(OSError):  # (a miss reaching a stopped store fails, never hangs)
         await store.spool()
+
+
+@pytest_twisted.ensureDeferred
+async def test_start_now_fetches_a_surely_absent_key_and_the_get_that_follows_joins_it(env, monkeypatch):
+    cache, store, clock, remote, up = env
+    up.add("/a", b"x" * 1000, CONTENT_TYPE)
+    up.add("/b", b"y" * 1000, CONTENT_TYPE)
+    req = creq(remote, up, "a")
+    assert not cache.start_now(req)  # (no key filter yet: only the index can tell)
+    await store.index.filter_keys()
+    assert cache.start_now(req)
+    assert cache.fetching(req.key)
+    assert not cache.start_now(req)  # (one production per key)
+    res, entry = await fetch_all(cache, req)
+    assert isinstance(res, Live) and entry.size == 1000
+    assert up.count("/a") == 1
+    # Stored: the key may have a row now, which only the index can tell.
+    assert not cache.start_now(req)
+    res, _ = await fetch_all(cache, req)
+    assert isinstance(res, Hit) and up.count("/a") == 1
+    # A store that should not write now: the get passes the body through, for its caller only.
+    monkeypatch.setattr(Store, "writable", property(lambda self: False))
+    b = creq(remote, up, "b")
+    assert not cache.start_now(b) and not cache.fetching(b.key)
+    # A body checked by a validator is fetched by the get that brings it.
+    monkeypatch.undo()
+    assert not cache.start_now(creq(remote, up, "b", validate=lambda spool: None))
+    assert up.total() == 1

@@ -17,6 +17,7 @@ from typing import Any
 from klein import Klein
 from twisted.web.resource import IResource
 
+from sparkcache.auth import AuthError
 from sparkcache.config import Config, RemoteConfig
 from sparkcache.context import Context
 from sparkcache.fetch import CacheRequest, Failed, Hit, Live, Target
@@ -60,7 +61,7 @@ class GenericApp:
                                  lambda r: INDEX_TYPES[r.type](r, self.ctx, self.derived), lambda i: i.remote)
 
     def resource(self) -> IResource:
-        return FastHits(self.ctx, self.fast_route, self.app.resource(), JSON, self.max_path)
+        return FastHits(self.ctx, self.fast_route, self.app.resource(), JSON, self.max_path, miss=self.start_miss)
 
     add_error_handling(app, JSON)
 
@@ -86,13 +87,40 @@ class GenericApp:
         query = request.uri.partition(b"?")[2].decode("latin-1")
         return FastRoute(_key(remote, path, query), remote.name, path)
 
+    def start_miss(self, request: Any, route: FastRoute, segments: list[str]) -> None:
+        """(FastHits, before Klein routes ``request``.) Start the fetch that
+        ``dispatch`` would start for this GET/HEAD of a plain file, when it
+        may and nothing about it needs a thread (``Cache.start_now``), so the
+        upstream request is out before the router and the handler run;
+        ``dispatch``'s ``get`` then joins it. Anything dispatch would refuse
+        starts nothing here."""
+        ctx = self.ctx
+        remote = ctx.config.remotes.get(route.remote)
+        if remote is None or remote.name in self.indexes:
+            return  # (an index remote may know the file's digest: dispatch asks it)
+        try:
+            ctx.auth.require(request, "read")
+        except AuthError:
+            return
+        query = request.uri.partition(b"?")[2].decode("latin-1")
+        if _bad_query(query):
+            return
+        rest = [s for s in segments[2:] if s != ""]
+        path = "/".join(rest)
+        kind = self.classify(remote, path)
+        if kind is None:
+            return
+        req = _cache_request(remote, rest, path, query, kind, None)
+        if req.key == route.key:
+            ctx.cache.start_now(req)
+
     # -- dispatch ------------------------------------------------------------------
 
     def locate(self, request: Any) -> tuple[RemoteConfig, list[str], str]:
         """(remote, path segments, query) of ``/api/<remote>/<path>?<query>``; HTTPError when there is none."""
         segments = split_raw_path(request.uri, self.max_path)
         query = request.uri.partition(b"?")[2].decode("latin-1")
-        if any(ord(c) < 0x20 or c in " \x7f" for c in query):
+        if _bad_query(query):
             raise HTTPError(400, "control characters are not allowed in the query string")
         # segments[0] is "api"
         remote = self.ctx.served_remote(segments[1] if len(segments) > 1 else "", TYPE_NAMES,
@@ -183,12 +211,7 @@ class GenericApp:
         index = self.indexes.get(remote.name)
         # What the stored index says this file hashes to (never for a query: other bytes, perhaps).
         expected = await index.expected_digest(path) if index is not None and not query else None
-        tail = quote_segments(rest) + (f"?{query}" if query else "")
-        url, *mirrors = (f"{u}/{tail}" for u in remote.upstreams)
-        return CacheRequest(
-            remote=remote, key=_key(remote, path, query), path=path, url=url, ttl=kind.ttl,
-            revalidate=remote.check_mutable_updates, expected_digest=expected, mirrors=tuple(mirrors),
-        )
+        return _cache_request(remote, rest, path, query, kind, expected)
 
     async def serve_local(self, request: Any, remote: RemoteConfig, key: str, path: str) -> Any:
         entry = await self.ctx.store.index.get(key)
@@ -271,6 +294,20 @@ class GenericApp:
 
 def _key(remote: RemoteConfig, path: str, query: str) -> str:
     return f"{remote.name}:{path}" + (f"?{query}" if query else "")
+
+
+def _bad_query(query: str) -> bool:
+    return any(ord(c) < 0x20 or c in " \x7f" for c in query)
+
+
+def _cache_request(remote: RemoteConfig, rest: list[str], path: str, query: str, kind: Freshness,
+                   expected: str | None) -> CacheRequest:
+    tail = quote_segments(rest) + (f"?{query}" if query else "")
+    url, *mirrors = (f"{u}/{tail}" for u in remote.upstreams)
+    return CacheRequest(
+        remote=remote, key=_key(remote, path, query), path=path, url=url, ttl=kind.ttl,
+        revalidate=remote.check_mutable_updates, expected_digest=expected, mirrors=tuple(mirrors),
+    )
 
 
 def _expected_sha256(request: Any) -> str | None:
