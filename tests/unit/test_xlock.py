@@ -364,6 +364,21 @@ async def test_a_key_taken_on_the_reactor_is_one_owner_and_clears_a_dead_owners_
     await held.abort("upstream went away")
     await held.release()
     assert read_marker(marker_path).error == "upstream went away"  # type: ignore[union-attr]
+    # No marker left (the usual case): tidy finds none on the reactor and
+    # hands nothing to the I/O pool; the release is the Held's one file operation.
+    handed: list[Any] = []
+
+    def counting(fn: Any, *args: Any) -> Any:
+        handed.append(fn)
+        return maybeDeferred(fn, *args)
+
+    d = KeyLocks(str(tmp_path), counting)
+    held = d.take_now("files:never-taken")
+    assert held is not None
+    held.tidy()
+    assert handed == []
+    await held.release()
+    assert len(handed) == 1
 
 
 def test_a_lock_taken_on_a_file_removed_meanwhile_is_not_the_lock(tmp_path: Path,
