@@ -41,15 +41,12 @@ before a change) in the same runs, for an A/B of CPU per GB and TTFB.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from common import (MB, AccessLog, Bench, BenchError, Daemon, Nginx, _die_with_parent, add_workers_arg, apply_quick,
-                    base_parser, check_transfer, clean_env, cpu_seconds, curl, fmt_size, free_port, make_random_file, median,
-                    parse_size, print_summary, print_table, run_main, static_server, summary_row,
-                    wait_port)
+from common import (AccessLog, Bench, BenchError, Daemon, MB, Nginx, ScriptServer, add_workers_arg, apply_quick,
+                    base_parser, check_transfer, cpu_seconds, curl, fmt_size, free_port, make_random_file, median,
+                    parse_size, print_summary, print_table, run_main, static_server, summary_row)
 from hit_small import cache_server
 
 NAME = "cold_miss"
@@ -102,25 +99,11 @@ def level_pages(b: Bench, size: int) -> None:
         os.unlink(path)  # (dirty pages of a deleted file are dropped, never written back)
 
 
-class Floor:
+class Floor(ScriptServer):
     """bench/miss_floor.py as a subprocess: the no-framework reference."""
 
     def __init__(self, b: Bench, upstream_port: int, name: str = "floor", options: list[str] | None = None) -> None:
-        self.port = free_port()
-        spool = b.path(f"{name}-spool")
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "miss_floor.py"), str(self.port), str(upstream_port),
-                                      str(spool), *(options or [])], stdin=subprocess.DEVNULL, env=clean_env(),
-                                     preexec_fn=_die_with_parent)
-        b.on_cleanup(self.stop)
-        wait_port(self.port, 15, lambda: self.proc.poll() is None)
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        super().__init__(b, HERE / "miss_floor.py", [str(upstream_port), str(b.path(f"{name}-spool")), *(options or [])])
 
 
 def main() -> int:

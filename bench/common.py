@@ -645,6 +645,26 @@ http {{
             self.proc = None
 
 
+class ScriptServer:
+    """A script of bench/ serving HTTP on a free port of its own
+    (``python SCRIPT PORT ARGS...``), killed with the bench."""
+
+    def __init__(self, bench: Bench, script: Path, args: Sequence[str]) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen([sys.executable, str(script), str(self.port), *args], stdin=subprocess.DEVNULL,
+                                     env=clean_env(), preexec_fn=_die_with_parent)
+        bench.on_cleanup(self.stop)
+        wait_port(self.port, 15, lambda: self.proc.poll() is None)
+
+    def url(self, path: str) -> str:
+        return f"http://{LOOPBACK}:{self.port}/{path.lstrip('/')}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
 class AccessLog:
     """Reads lines nginx appends to a ``bench`` format access log."""
 

@@ -32,15 +32,13 @@ framework's.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Callable
 
 from cold_miss import Floor, proxy_cache_server
-from common import (MB, Bench, BenchError, Daemon, Nginx, _die_with_parent, add_workers_arg, apply_quick, base_parser,
-                    check_transfer, clean_env, curl, free_port, make_links, make_random_file, median, print_summary,
-                    print_table, run_main, static_server, summary_row, wait_port)
+from common import (Bench, BenchError, Daemon, MB, Nginx, ScriptServer, add_workers_arg, apply_quick, base_parser,
+                    check_transfer, curl, free_port, make_links, make_random_file, median, print_summary, print_table,
+                    run_main, static_server, summary_row)
 
 HERE = Path(__file__).resolve().parent
 NAME = "miss_ttfb"
@@ -53,24 +51,9 @@ def quartiles(values: list[float]) -> tuple[float, float]:
     return v[len(v) // 4], v[(3 * len(v)) // 4]
 
 
-class TwistedProxy:
+def twisted_proxy(b: Bench, upstream_port: int) -> ScriptServer:
     """bench/twisted_proxy.py as a subprocess."""
-
-    def __init__(self, b: Bench, upstream_port: int) -> None:
-        self.port = free_port()
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "twisted_proxy.py"), str(self.port),
-                                      str(upstream_port)], stdin=subprocess.DEVNULL, env=clean_env(),
-                                     preexec_fn=_die_with_parent)
-        b.on_cleanup(self.stop)
-        wait_port(self.port, 15, lambda: self.proc.poll() is None)
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+    return ScriptServer(b, HERE / "twisted_proxy.py", [str(upstream_port)])
 
 
 class References:
@@ -84,7 +67,7 @@ class References:
         self.nginx = Nginx(b, "proxy-cache", [server], http_extra=extra).start()
         self.urls: dict[str, Callable[[str], str]] = {
             "nginx proxy_cache": lambda name: self.nginx.url(f"/{name}"),
-            "twisted proxy": TwistedProxy(b, up_port).url,
+            "twisted proxy": twisted_proxy(b, up_port).url,
             "floor": Floor(b, up_port).url,
         }
 
