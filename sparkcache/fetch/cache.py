@@ -307,7 +307,7 @@ class Cache:
         its router and handler run, and they overlap upstream's answer."""
         key = req.key
         store = self.store
-        if key in self._producing or store.backed or not store.writable or req.validate is not None:
+        if key in self._producing or store.backed or not store.writable:
             return False
         if not store.index.surely_absent(key):
             return False

@@ -19,9 +19,10 @@ window (``widen_receive_window``), so that a read fills a buffer.
 When the last byte is in, the reactor tells Twisted's parser that the body
 is complete (its decoder's remaining length set to 0), so the connection goes
 back to the pool, as after any body, unless its window was widened
-(``kept_wide``): the upstream client then closes it (see there). Anything else (end of stream before the
-last byte, an error, a stall, a stop) ends the transfer as on the reactor
-path: the connection is closed and the receiver reports why.
+(``kept_wide``): the upstream client then closes it (see there). Anything
+else (end of stream before the last byte, an error, a stall, a stop) ends
+the transfer as on the reactor path: the connection is closed and the
+receiver reports why.
 
 Every guarantee holds as before: the body goes to the spool and is hashed;
 only bytes on disk are announced; the thread reads at the speed the disk and

@@ -309,7 +309,4 @@ async def test_start_now_fetches_a_surely_absent_key_and_the_get_that_follows_jo
     monkeypatch.setattr(Store, "writable", property(lambda self: False))
     b = creq(remote, up, "b")
     assert not cache.start_now(b) and not cache.fetching(b.key)
-    # A body checked by a validator is fetched by the get that brings it.
-    monkeypatch.undo()
-    assert not cache.start_now(creq(remote, up, "b", validate=lambda spool: None))
     assert up.total() == 1
