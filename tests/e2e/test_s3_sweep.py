@@ -51,14 +51,21 @@ def test_two_daemons_one_sweeper(upstream: Any, s3_daemon: Callable[..., Daemon]
                     headers={"Authorization": f"Bearer {WRITE}"})
     assert put.status == 201, put.describe()
     eventually(lambda: f"sc/pinned/{sha256(pinned)}" in list_keys(weed.endpoint, bucket, "sc/pinned/"))
-    for path, data in bodies.items():
+    def committed() -> int:
+        listed = a.get("/api/r/")
+        return len(listed.json()["entries"]) if listed.status == 200 else 0
+
+    for n, (path, data) in enumerate(bodies.items()):
         got = a.get(f"/api/r{path}")
         assert got.status == 200 and got.body == data, got.describe()
+        # Committed (and so noted as used) before the next one is asked for:
+        # commits run side by side in the I/O pool, and on a loaded machine
+        # f1's once finished after f2's, which made f2 the older.
+        eventually(lambda: committed() > n, message=f"{path} was never committed")
 
     def swept() -> dict[str, int] | None:
         # Every body committed (so uploaded: a client's last byte comes before that), then swept.
-        listed = a.get("/api/r/")
-        if listed.status != 200 or len(listed.json()["entries"]) < len(bodies):
+        if committed() < len(bodies):
             return None
         cas = list_keys(weed.endpoint, bucket, "sc/cas/")
         return cas if sum(cas.values()) <= LIMIT else None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -51,6 +52,35 @@ def free_port() -> int:
     port = s.getsockname()[1]
     s.close()
     return int(port)
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def listen_port() -> int:
+    """A free port outside the kernel's ephemeral range, for a server started
+    later: one ``free_port`` hands out may meanwhile become the local port of
+    any outgoing connection on the machine (every test makes them), and weed
+    then failed to start ("bind: address already in use", seen in CI)."""
+    low, _high = _ephemeral_range()
+    top = min(low, 65536) - 1
+    for _ in range(200):
+        port = random.randint(max(1024, top - 12000), top)
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            continue
+        finally:
+            s.close()
+    return free_port()
 
 
 def unique_bucket(prefix: str = "sc") -> str:
@@ -113,13 +143,17 @@ def write_identities(path: Path) -> Path:
     return path
 
 
+class PortTaken(AssertionError):
+    """weed could not listen on a port picked for it (taken meanwhile)."""
+
+
 class SeaweedFS:
     """``weed server`` (master, volume, filer, S3) on 127.0.0.1, every port free-picked."""
 
     def __init__(self, workdir: Path, port: int | None = None) -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_port()
+        self.port = port or listen_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.dir / "weed.log"
 
@@ -127,12 +161,22 @@ class SeaweedFS:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 60.0) -> "SeaweedFS":
+    def start(self, timeout: float = 60.0, tries: int = 3) -> "SeaweedFS":
+        for n in range(tries):
+            try:
+                return self._start(timeout)
+            except PortTaken:
+                if n == tries - 1:
+                    raise
+                self.port = listen_port()  # (and new ports for the rest)
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> "SeaweedFS":
         weed = require_weed()
         ident = write_identities(self.dir / "s3.json")
         data = self.dir / "data"
         data.mkdir(exist_ok=True)
-        p = {k: free_port() for k in ("m", "mg", "v", "vg", "f", "fg", "sg", "ib", "ln", "iam")}
+        p = {k: listen_port() for k in ("m", "mg", "v", "vg", "f", "fg", "sg", "ib", "ln", "iam")}
         cmd = [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                f"-master.port={p['m']}", f"-master.port.grpc={p['mg']}", f"-volume.port={p['v']}",
                f"-volume.port.grpc={p['vg']}", f"-filer.port={p['f']}", f"-filer.port.grpc={p['fg']}",
@@ -141,11 +185,16 @@ class SeaweedFS:
                "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=0",
                # Virtual-host addressing too: <bucket>.localhost:<port>.
                "-s3.domainName=localhost"]
+        logged = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.proc = subprocess.Popen(cmd, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, cwd=self.dir)
         deadline = time.monotonic() + timeout
         probe = unique_bucket("probe")
         while True:
+            if self._port_taken(logged):
+                # (weed may go on running without the server that could not listen)
+                self.kill()
+                raise PortTaken(self.log_tail())
             if self.proc.poll() is not None:
                 raise AssertionError(f"weed exited {self.proc.returncode}:\n{self.log_tail()}")
             try:
@@ -158,6 +207,15 @@ class SeaweedFS:
                     self.stop()
                     raise AssertionError(f"SeaweedFS did not start in {timeout}s:\n{self.log_tail()}") from None
                 time.sleep(0.2)
+
+    def _port_taken(self, logged: int) -> bool:
+        """Whether weed said, since byte ``logged`` of its log, that a port was taken."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(logged)
+                return b"address already in use" in f.read()
+        except OSError:
+            return False
 
     def log_tail(self, n: int = 40) -> str:
         try:
