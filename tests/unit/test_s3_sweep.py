@@ -323,11 +323,13 @@ async def test_leftovers_older_than_a_day_go_and_nothing_else(s3):
 
 
 class CannedUploads(S3Client):
-    """ListMultipartUploads answered from canned pages (the queries kept), or with 501."""
+    """ListMultipartUploads answered from canned pages (the queries kept), then
+    with ``error`` (status, code: by default 501 NotImplemented)."""
 
-    def __init__(self, *a, pages=None, **kw) -> None:
+    def __init__(self, *a, pages=None, error=(501, "NotImplemented"), **kw) -> None:
         super().__init__(*a, **kw)
         self.pages = list(pages or [])
+        self.error = error
         self.queries: list[str] = []
         self.aborted: list[tuple[str, str]] = []
 
@@ -337,8 +339,7 @@ class CannedUploads(S3Client):
             if not self.pages:
                 from sparkcache.store.s3.client import S3Error
 
-                raise S3Error("GET ?uploads", 501, "NotImplemented", "A header you provided implies functionality "
-                                                                    "that is not implemented")
+                raise S3Error("GET ?uploads", *self.error, "the server's message")
             return None, self.pages.pop(0).encode()
         return await super().request(method, key, query, *a, **kw)
 
@@ -374,10 +375,12 @@ async def test_upload_listing_is_paged_with_both_markers(s3):
     assert c.aborted == [("t/tmp/a", "u%2F1%2B"), ("t/cas/b", "u3")]
 
 
+@pytest.mark.parametrize("error", [(501, "NotImplemented"), (400, "InvalidRequest"), (405, "MethodNotAllowed"),
+                                   (403, "AccessDenied"), (400, "NotImplemented")])
 @pytest_twisted.ensureDeferred
-async def test_a_server_without_upload_listing_is_told_once_and_the_rest_goes_on(s3):
+async def test_a_server_without_upload_listing_is_told_once_and_the_rest_goes_on(s3, error):
     _, endpoint, bucket = s3
-    c = CannedUploads(settings(endpoint, bucket), reactor, deferToThread)
+    c = CannedUploads(settings(endpoint, bucket), reactor, deferToThread, error=error)
     try:
         await c.put_bytes("t/tmp/host-a/0", b"staged")
         sweeper = Sweeper(c, "t/", "host-a", max_size=2**40, clock=clock_at(), lease_duration=300, settle=0)
@@ -389,3 +392,21 @@ async def test_a_server_without_upload_listing_is_told_once_and_the_rest_goes_on
     assert second is not None
     assert len(c.queries) == 1 and sweeper.lists_uploads is False  # not asked again every round
     assert "t/tmp/host-a/0" not in list_keys(endpoint, bucket)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_passing_failure_to_list_uploads_keeps_nothing_else_from_going(s3):
+    _, endpoint, bucket = s3
+    c = CannedUploads(settings(endpoint, bucket), reactor, deferToThread, error=(503, "SlowDown"))
+    try:
+        await c.put_bytes("t/tmp/host-a/0", b"staged")
+        sweeper = Sweeper(c, "t/", "host-a", max_size=2**40, clock=clock_at(), lease_duration=300, settle=0)
+        first = await sweeper.tick()
+        await c.put_bytes("t/tmp/host-a/1", b"staged")
+        second = await sweeper.tick()
+    finally:
+        await c.close()
+    assert first is not None and first.leftovers_deleted == 1
+    assert second is not None and second.leftovers_deleted == 1
+    assert len(c.queries) == 2 and sweeper.lists_uploads is True  # asked again the next round
+    assert not [k for k in list_keys(endpoint, bucket) if k.startswith("t/tmp/")]

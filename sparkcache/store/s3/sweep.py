@@ -40,8 +40,10 @@ staging copies) and ``<prefix>leases/`` documents (lease.py: a live one is
 rewritten every third of its time to live) last written longer ago than that
 are deleted. Nothing else is listed, so nothing outside the prefix, and no
 ``cas/`` or ``pinned/`` object, is touched by it. A server that does not
-implement ListMultipartUploads (501) is said so once in the log; the rest goes
-on (a bucket lifecycle rule can take the uploads there, docs/s3.rst).
+implement ListMultipartUploads (501), refuses it (400, 405) or does not allow
+it (403) is said so once in the log and not asked again; the rest goes on (a
+bucket lifecycle rule can take the uploads there, docs/s3.rst). Any other
+failure to list them is passing: the rest goes on, the next round asks again.
 """
 
 from __future__ import annotations
@@ -72,6 +74,15 @@ PARALLEL = 8  # index documents read / objects deleted at once
 # daemon's: a generous day (the longest fetch of a body, its upload included, is far shorter).
 LEFTOVER_AGE = 86400.0
 _HEX = frozenset("0123456789abcdef")
+
+
+# Answers to ListMultipartUploads that say it will not be answered: not
+# implemented (501, or NotImplemented under another status), refused as a bad
+# or unknown request (400, 405: some S3-compatible servers), or not allowed
+# for these credentials (403: s3:ListBucketMultipartUploads). Asked again
+# after a restart; every round, they only filled the log and, raised, kept
+# the temporary objects and leases from going.
+NO_UPLOAD_LISTING = frozenset({400, 403, 405, 501})
 
 
 def default_host_id(data_dir: str) -> str:
@@ -325,11 +336,12 @@ class Sweeper:
                     if await self.client.abort_multipart(up.key, quote(up.upload_id, safe="-_.~")):
                         report.uploads_aborted += 1
             except S3Error as e:
-                if e.status != 501 and e.code != "NotImplemented":
-                    raise
-                self.lists_uploads = False
-                log.warn("sweeper: the bucket's server does not list multipart uploads ({e}): incomplete "
-                         "uploads are left to a lifecycle rule (docs/s3.rst)", e=e)
+                if e.status in NO_UPLOAD_LISTING or e.code == "NotImplemented":
+                    self.lists_uploads = False
+                    log.warn("sweeper: the bucket's server does not list multipart uploads for us ({e}): "
+                             "incomplete uploads are left to a lifecycle rule (docs/s3.rst)", e=e)
+                else:  # (passing: the temporary objects and leases still go, and the next round asks again)
+                    log.warn("sweeper: listing multipart uploads: {e}; trying again in the next round", e=e)
         for folder in ("tmp/", "leases/"):
             where = self.prefix + folder
             stale = [o.key async for o in self.client.list(where)
