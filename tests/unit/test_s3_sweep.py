@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 
 import pytest
 import pytest_twisted
@@ -193,7 +194,9 @@ async def test_least_recently_used_first_pinned_kept_index_documents_removed(s3)
     clock.advance(1)
     await ha.flush()
     await hb.flush()
-    sweeper = Sweeper(c, "t/", "host-a", max_size=3000, clock=clock, lease_duration=300, grace=60, settle=0)
+    # (This clock is decades past the bucket's dates: no hints document may count as a silent host's.)
+    sweeper = Sweeper(c, "t/", "host-a", max_size=3000, clock=clock, lease_duration=300, grace=60, settle=0,
+                      hints_age=float("inf"))
     report = await sweeper.tick()
     assert report is not None and report.total == 5000 and report.pinned_kept == 1
     # 5000 → 3000: the two least recently used, in that order; pinned and fresh stay.
@@ -410,3 +413,24 @@ async def test_a_passing_failure_to_list_uploads_keeps_nothing_else_from_going(s
     assert second is not None and second.leftovers_deleted == 1
     assert len(c.queries) == 2 and sweeper.lists_uploads is True  # asked again the next round
     assert not [k for k in list_keys(endpoint, bucket) if k.startswith("t/tmp/")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_access_hints_of_a_host_silent_for_a_month_go_ours_stay(s3):
+    client, endpoint, bucket = s3
+    c = client()
+    for host in ("host-a", "host-old"):
+        await c.put_bytes(f"t/access/{host}", json.dumps({"format": 1, "used": {}}).encode())
+    hints = AccessHints(c, "t/", "host-a", clock_at())
+    written = time.time()
+    # A week after they were written: both kept.
+    sweeper = Sweeper(c, "t/", "host-a", max_size=2**40, clock=clock_at(written + 7 * 86400), lease_duration=300,
+                      settle=0, hints=hints)
+    report = await sweeper.tick()
+    assert report is not None and report.hints_deleted == 0
+    # Past the month: the other host's go; this host's own stays, however old.
+    sweeper.clock.advance(30 * 86400)
+    report = await sweeper.tick()
+    assert report is not None and report.hints_deleted == 1
+    keys = set(list_keys(endpoint, bucket))
+    assert "t/access/host-old" not in keys and "t/access/host-a" in keys

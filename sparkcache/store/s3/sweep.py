@@ -38,8 +38,10 @@ uploads in progress (ListMultipartUploads on the prefix) initiated more than
 LEFTOVER_AGE ago are aborted, and ``<prefix>tmp/`` objects (upload.py's
 staging copies) and ``<prefix>leases/`` documents (lease.py: a live one is
 rewritten every third of its time to live) last written longer ago than that
-are deleted. Nothing else is listed, so nothing outside the prefix, and no
-``cas/`` or ``pinned/`` object, is touched by it. A server that does not
+are deleted, and so are other hosts' ``<prefix>access/`` documents not
+written for HINTS_AGE (30 days: a host renamed or retired). Nothing else is
+listed, so nothing outside the prefix, and no ``cas/`` or ``pinned/``
+object, is touched by it. A server that does not
 implement ListMultipartUploads (501), refuses it (400, 405) or does not allow
 it (403) is said so once in the log and not asked again; the rest goes on (a
 bucket lifecycle rule can take the uploads there, docs/s3.rst). Any other
@@ -73,6 +75,11 @@ PARALLEL = 8  # index documents read / objects deleted at once
 # Multipart uploads, temporary objects and leases older than this are a dead
 # daemon's: a generous day (the longest fetch of a body, its upload included, is far shorter).
 LEFTOVER_AGE = 86400.0
+# Another host's access hints that it has not rewritten for this long are
+# removed: a host renamed or retired for good. (A host rewrites its document
+# whenever it uses a body; one idle that long has hints older than that, and
+# its bodies then rank by their upload time instead, which is no later.)
+HINTS_AGE = 30 * 86400.0
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -229,18 +236,21 @@ class SweepReport:
     pinned_kept: int = 0
     uploads_aborted: int = 0  # leftovers: multipart uploads in progress older than LEFTOVER_AGE
     leftovers_deleted: int = 0  # leftovers: ``tmp/`` objects and ``leases/`` documents
+    hints_deleted: int = 0  # ``access/`` documents of other hosts not written for HINTS_AGE
 
 
 class Sweeper:
     def __init__(self, client: S3Client, prefix: str, host: str, max_size: int, clock: Any,
                  lease_duration: float, grace: float = GRACE, settle: float = SETTLE,
-                 hints: AccessHints | None = None, leftover_age: float = LEFTOVER_AGE) -> None:
+                 hints: AccessHints | None = None, leftover_age: float = LEFTOVER_AGE,
+                 hints_age: float = HINTS_AGE) -> None:
         self.client = client
         self.prefix = prefix
         self.max_size = max_size
         self.clock = clock
         self.grace = grace
         self.leftover_age = leftover_age
+        self.hints_age = hints_age
         self.lists_uploads = True  # False once the server said it does not implement ListMultipartUploads
         self.hints = hints
         self.lease = LeaseObject(client, f"{prefix}sweeper", host, lease_duration, clock, settle)
@@ -343,16 +353,26 @@ class Sweeper:
                 else:  # (passing: the temporary objects and leases still go, and the next round asks again)
                     log.warn("sweeper: listing multipart uploads: {e}; trying again in the next round", e=e)
         for folder in ("tmp/", "leases/"):
-            where = self.prefix + folder
-            stale = [o.key async for o in self.client.list(where)
-                     if o.key.startswith(where) and o.last_modified is not None and o.last_modified + 1.0 <= cutoff]
-            for key in stale:
+            for key in await self._older(folder, cutoff):
                 await self.client.delete(key)
                 report.leftovers_deleted += 1
-        if report.uploads_aborted or report.leftovers_deleted:
+        mine = self.hints.name if self.hints is not None else None
+        for key in await self._older("access/", self.clock.seconds() - self.hints_age):
+            if key != mine:
+                await self.client.delete(key)
+                report.hints_deleted += 1
+        if report.uploads_aborted or report.leftovers_deleted or report.hints_deleted:
             log.info("sweeper: aborted {u} multipart upload(s) and deleted {o} temporary object(s) or lease(s) "
-                     "left for over {age:.0f}s", u=report.uploads_aborted, o=report.leftovers_deleted,
-                     age=self.leftover_age)
+                     "left for over {age:.0f}s, and {h} access hint document(s) of hosts silent for over "
+                     "{hage:.0f}s", u=report.uploads_aborted, o=report.leftovers_deleted, age=self.leftover_age,
+                     h=report.hints_deleted, hage=self.hints_age)
+
+    async def _older(self, folder: str, cutoff: float) -> list[str]:
+        """Keys under ``<prefix><folder>`` last written before ``cutoff``."""
+        where = self.prefix + folder
+        # (Dates are given to the second, rounded down: the end of that second counts.)
+        return [o.key async for o in self.client.list(where)
+                if o.key.startswith(where) and o.last_modified is not None and o.last_modified + 1.0 <= cutoff]
 
     async def _hints(self) -> dict[str, float]:
         used: dict[str, float] = {}
