@@ -125,7 +125,9 @@ def test_disk_fills_mid_body_then_pass_through_purge_and_recovery(upstream, smal
     time_to_error = max(first.done_at, joiner.done_at) - resumed
     eventually(lambda: health(d)["inflight_fetches"] == 0, message=f"a fetch stayed in flight: {health(d)}")
     eventually(lambda: d.spool_files() == [], message=f"spool not emptied: {d.spool_files()}")
-    assert free(d) > 60 * MiB, "the failed download's space was not given back"
+    # (The spool's name goes first; its blocks with its last descriptor, closed
+    # on a crew thread: fetch/crew.py. A loaded machine once ran that later.)
+    eventually(lambda: free(d) > 60 * MiB, message="the failed download's space was not given back")
 
     # The same object again: passed through whole, not stored, nothing hangs.
     started = time.monotonic()
