@@ -12,9 +12,10 @@ received).
 
 Every cold fetch gets a fresh daemon on an empty data dir (certainly cold:
 no index row, no body, nothing in memory), which then serves a few small
-requests of another remote first, with its own upstream port, so the timed
-miss measures a running daemon (not a new process's first request) that
-still has to open its connection to the upstream, as ``curl`` does direct.
+requests of another remote first, with its own upstream port, in each worker
+process (``Daemon.warm_up``), so the timed miss measures a running daemon
+(not a process's first request) that still has to open its connection to the
+upstream, as ``curl`` does direct.
 
 ``--workers 1,2`` (the default) runs the whole scenario once per
 ``server.workers`` value. The daemon's CPU (all its processes and threads,
@@ -52,7 +53,7 @@ from hit_small import cache_server
 NAME = "cold_miss"
 SPEED_GOAL = 0.5
 TTFB_GOAL_MS = 2.0
-WARMUPS = 4  # small requests before the timed miss (with workers, the kernel picks who answers)
+WARMUPS = 4  # small requests to each worker before the timed miss (Daemon.warm_up)
 HERE = Path(__file__).resolve().parent
 
 
@@ -154,7 +155,7 @@ def main() -> int:
         b.write_results({
             "params": {"size": size, "runs": runs, "workers": args.workers,
                        "upstream": "nginx static, sendfile on, no rate limit", "client": "curl -o /dev/null",
-                       "warm_ups": f"{WARMUPS} small requests to another remote (other upstream port) first",
+                       "warm_ups": f"{WARMUPS} small requests to another remote (other upstream port) first, to each worker",
                        "references": None if refs is None else
                        {"nginx_proxy_cache_cold": "nginx proxy_cache, a new key per run (?cold=N), proxy_buffers 16 64k",
                         "floor": "bench/miss_floor.py: blocking Python, 1 MiB reads, write + sha256 (thread) + send, "
@@ -228,10 +229,7 @@ def scenario(b: Bench, size: int, runs: int, workers: int, up_port: int, warm_po
         restart = daemon.fresh_start()
         if daemon.entries("cold"):
             raise BenchError("a fresh data dir is not empty")
-        for _ in range(WARMUPS):
-            status, _h, body = daemon.request("GET", "/api/warm/small.txt")
-            if status != 200 or body != b"warm-up\n":
-                raise BenchError(f"warm-up request answered {status}: {body[:200]!r}")
+        daemon.warm_up([("/api/warm/small.txt", b"warm-up\n")] * WARMUPS)
         log.mark()
         level_now()
         pids = daemon.pids()

@@ -815,6 +815,55 @@ class Daemon:
         finally:
             c.close()
 
+    def each_worker(self, tries: int = 100) -> list[http.client.HTTPConnection]:
+        """An open keep-alive connection to every worker process, for warm-ups
+        that must reach each of them: the workers share one listening socket, so
+        which one serves a new connection is the kernel's and the scheduler's
+        choice (one worker can win every accept of a series), but a connection
+        stays with the worker that accepted it. New connections are opened four
+        at a time, each asked ``/health`` which worker it reached, until every
+        worker has one. The caller closes them."""
+        held: dict[Any, http.client.HTTPConnection] = {}
+        try:
+            for _ in range(max(1, tries // 4)):
+                batch = [http.client.HTTPConnection(LOOPBACK, self.port, timeout=30) for _ in range(4)]
+                for c in batch:
+                    c.connect()  # all four queued before any is asked: both workers wake to accept
+                for c in batch:
+                    c.request("GET", "/health")
+                    r = c.getresponse()
+                    worker = json.loads(r.read()).get("worker")
+                    if r.status != 200 or worker in held or len(held) >= self.workers:
+                        c.close()
+                    else:
+                        held[worker] = c
+                if len(held) >= self.workers:
+                    return list(held.values())
+        except BaseException:
+            for c in held.values():
+                c.close()
+            raise
+        for c in held.values():
+            c.close()
+        raise BenchError(f"only worker(s) {sorted(map(str, held))} of {self.workers} answered {tries} connections")
+
+    def warm_up(self, requests: Sequence[tuple[str, bytes | None]]) -> None:
+        """Send ``requests`` ((path, expected body or None for any 200)) to every
+        worker process, in order, over one connection each: what a benchmark
+        times next is then no worker's first pass through that path."""
+        conns = self.each_worker()
+        try:
+            for c in conns:
+                for path, expected in requests:
+                    c.request("GET", path)
+                    r = c.getresponse()
+                    body = r.read()
+                    if r.status != 200 or (expected is not None and body != expected):
+                        raise BenchError(f"warm-up GET {path} answered {r.status}: {body[:200]!r}")
+        finally:
+            for c in conns:
+                c.close()
+
     def admin(self, method: str, path: str) -> Any:
         status, _h, body = self.request(method, path, {"Authorization": f"Bearer {self.admin_token}"})
         if status >= 300:

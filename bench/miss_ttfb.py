@@ -119,12 +119,9 @@ def main() -> int:
             daemons = {who: Daemon(b, remotes, name=f"{who}-w{workers}", workers=workers, tree=tree).start()
                        for who, tree in trees.items()}
             for who, d in daemons.items():
-                for _ in range(WARMUPS):
-                    status, _h, body = d.request("GET", "/api/cold/small.txt")
-                    if status != 200 or body != b"warm-up\n":
-                        raise BenchError(f"{who}: warm-up answered {status}")
-                # One miss before the timed ones: the daemon has served a miss.
-                check_transfer(curl(d.url(f"/api/cold/{next(names)}")), size, x_cache="MISS", what=f"{who} first miss")
+                # Each worker has served small requests and one miss before the timed ones.
+                d.warm_up([("/api/cold/small.txt", b"warm-up\n")] * WARMUPS
+                          + [(f"/api/cold/{next(names)}", None) for _ in range(d.workers)])
             paths = ["direct"] + ([] if refs is None else list(References.NAMES)) + list(daemons)
             ttfb: dict[str, list[float]] = {who: [] for who in paths}
             for i in range(runs):
