@@ -229,7 +229,7 @@ def scenario(b: Bench, size: int, runs: int, workers: int, up_port: int, warm_po
         restart = daemon.fresh_start()
         if daemon.entries("cold"):
             raise BenchError("a fresh data dir is not empty")
-        daemon.warm_up([("/api/warm/small.txt", b"warm-up\n")] * WARMUPS)
+        daemon.warm_up(lambda: [("/api/warm/small.txt", b"warm-up\n")] * WARMUPS)
         log.mark()
         level_now()
         pids = daemon.pids()

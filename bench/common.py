@@ -847,19 +847,20 @@ class Daemon:
             c.close()
         raise BenchError(f"only worker(s) {sorted(map(str, held))} of {self.workers} answered {tries} connections")
 
-    def warm_up(self, requests: Sequence[tuple[str, bytes | None]]) -> None:
-        """Send ``requests`` ((path, expected body or None for any 200)) to every
-        worker process, in order, over one connection each: what a benchmark
-        times next is then no worker's first pass through that path."""
+    def warm_up(self, requests: Callable[[], Sequence[tuple[str, bytes | int]]]) -> None:
+        """Send each worker process the ``requests()`` made for it ((path,
+        expected body, or its length), in order) over one connection: what a
+        benchmark times next is then no worker's first pass through that path.
+        Called once per worker, so a miss can be of a key of its own."""
         conns = self.each_worker()
         try:
             for c in conns:
-                for path, expected in requests:
+                for path, expected in requests():
                     c.request("GET", path)
                     r = c.getresponse()
                     body = r.read()
-                    if r.status != 200 or (expected is not None and body != expected):
-                        raise BenchError(f"warm-up GET {path} answered {r.status}: {body[:200]!r}")
+                    if r.status != 200 or (body != expected and len(body) != expected):
+                        raise BenchError(f"warm-up GET {path} answered {r.status}, {len(body)} bytes: {body[:200]!r}")
         finally:
             for c in conns:
                 c.close()

@@ -119,9 +119,9 @@ def main() -> int:
             daemons = {who: Daemon(b, remotes, name=f"{who}-w{workers}", workers=workers, tree=tree).start()
                        for who, tree in trees.items()}
             for who, d in daemons.items():
-                # Each worker has served small requests and one miss before the timed ones.
-                d.warm_up([("/api/cold/small.txt", b"warm-up\n")] * WARMUPS
-                          + [(f"/api/cold/{next(names)}", None) for _ in range(d.workers)])
+                # Each worker has served small requests and a miss of its own before the timed ones.
+                d.warm_up(lambda: [("/api/cold/small.txt", b"warm-up\n")] * WARMUPS
+                          + [(f"/api/cold/{next(names)}", size)])
             paths = ["direct"] + ([] if refs is None else list(References.NAMES)) + list(daemons)
             ttfb: dict[str, list[float]] = {who: [] for who in paths}
             for i in range(runs):
