@@ -720,6 +720,64 @@ def static_server(port: int, root: Path, log_name: str, extra: str = "") -> str:
     }}"""
 
 
+def read_response(s: socket.socket) -> tuple[str, bytes]:
+    """One whole response (head, body by Content-Length or chunked) from a blocking socket."""
+    buf = b""
+
+    def more() -> bytes:
+        data = s.recv(65536)
+        if not data:
+            raise BenchError("connection closed in a response")
+        return data
+
+    while b"\r\n\r\n" not in buf:
+        buf += more()
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    text = head.decode("latin-1")
+    fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in text.split("\r\n")[1:])}
+    if "content-length" in fields:
+        length = int(fields["content-length"])
+        while len(rest) < length:
+            rest += more()
+        return text, rest[:length]
+    body = b""
+    while True:  # chunked
+        while b"\r\n" not in rest:
+            rest += more()
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        while len(rest) < size + 2:
+            rest += more()
+        body, rest = body + rest[:size], rest[size + 2:]
+        if size == 0:
+            return text, body
+
+
+def worker_connections(port: int, workers: int, per_worker: int, tries: int = 500) -> dict[Any, list[socket.socket]]:
+    """``per_worker`` keep-alive connections accepted by each of ``workers``
+    processes (each connection asks /health which worker holds it; the others
+    are closed): the kernel hands a shared socket's connections to whichever
+    worker accepts first, and a window counted under callgrind must reach every
+    worker, each with its part of the load."""
+    held: dict[Any, list[socket.socket]] = {}
+    for _ in range(tries):
+        if len(held) == workers and all(len(v) >= per_worker for v in held.values()):
+            return held
+        s = socket.create_connection(("127.0.0.1", port), timeout=120)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.sendall(f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        _head, body = read_response(s)
+        worker = json.loads(body).get("worker")
+        if len(held.setdefault(worker, [])) < per_worker:
+            held[worker].append(s)
+        else:
+            s.close()
+    for socks in held.values():
+        for s in socks:
+            s.close()
+    raise BenchError(f"{tries} connections did not reach {per_worker} per worker of {workers}: {sorted(map(str, held))}")
+
+
 class Daemon:
     """sparkcache under ``twistd -n`` with a generated config, in its own directory."""
 
@@ -815,37 +873,16 @@ class Daemon:
         finally:
             c.close()
 
-    def each_worker(self, tries: int = 100) -> list[http.client.HTTPConnection]:
-        """An open keep-alive connection to every worker process, for warm-ups
-        that must reach each of them: the workers share one listening socket, so
-        which one serves a new connection is the kernel's and the scheduler's
-        choice (one worker can win every accept of a series), but a connection
-        stays with the worker that accepted it. New connections are opened four
-        at a time, each asked ``/health`` which worker it reached, until every
-        worker has one. The caller closes them."""
-        held: dict[Any, http.client.HTTPConnection] = {}
-        try:
-            for _ in range(max(1, tries // 4)):
-                batch = [http.client.HTTPConnection(LOOPBACK, self.port, timeout=30) for _ in range(4)]
-                for c in batch:
-                    c.connect()  # all four queued before any is asked: both workers wake to accept
-                for c in batch:
-                    c.request("GET", "/health")
-                    r = c.getresponse()
-                    worker = json.loads(r.read()).get("worker")
-                    if r.status != 200 or worker in held or len(held) >= self.workers:
-                        c.close()
-                    else:
-                        held[worker] = c
-                if len(held) >= self.workers:
-                    return list(held.values())
-        except BaseException:
-            for c in held.values():
-                c.close()
-            raise
-        for c in held.values():
-            c.close()
-        raise BenchError(f"only worker(s) {sorted(map(str, held))} of {self.workers} answered {tries} connections")
+    def each_worker(self) -> list[http.client.HTTPConnection]:
+        """One open keep-alive connection to each worker process
+        (``worker_connections``), for warm-ups that must reach every one of
+        them. The caller closes them."""
+        conns = []
+        for (sock,) in worker_connections(self.port, self.workers, 1).values():
+            c = http.client.HTTPConnection(LOOPBACK, self.port)
+            c.sock = sock  # (http.client sends on a socket it was given)
+            conns.append(c)
+        return conns
 
     def warm_up(self, requests: Callable[[], Sequence[tuple[str, bytes | int]]]) -> None:
         """Send each worker process the ``requests()`` made for it ((path,

@@ -43,7 +43,7 @@ from typing import Any, Iterator
 
 from common import (Bench, BenchError, Daemon, Nginx, AccessLog, apply_quick, base_parser, cpu_seconds, fmt_size,
                     free_port, make_random_file, parse_size, print_summary, print_table, ratio, run_main, run_wrk,
-                    static_server, summary_row, tool, write_wrk_script)
+                    static_server, summary_row, tool, worker_connections, write_wrk_script)
 
 NAME = "hit_small"
 GOAL = 0.35
@@ -150,64 +150,6 @@ def affinity(cpus: set[int]) -> Iterator[None]:
         yield
     finally:
         os.sched_setaffinity(0, before)
-
-
-def read_response(s: socket.socket) -> tuple[str, bytes]:
-    """One whole response (head, body by Content-Length or chunked) from a blocking socket."""
-    buf = b""
-
-    def more() -> bytes:
-        data = s.recv(65536)
-        if not data:
-            raise BenchError("connection closed in a response")
-        return data
-
-    while b"\r\n\r\n" not in buf:
-        buf += more()
-    head, _, rest = buf.partition(b"\r\n\r\n")
-    text = head.decode("latin-1")
-    fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in text.split("\r\n")[1:])}
-    if "content-length" in fields:
-        length = int(fields["content-length"])
-        while len(rest) < length:
-            rest += more()
-        return text, rest[:length]
-    body = b""
-    while True:  # chunked
-        while b"\r\n" not in rest:
-            rest += more()
-        size_line, _, rest = rest.partition(b"\r\n")
-        size = int(size_line.split(b";")[0], 16)
-        while len(rest) < size + 2:
-            rest += more()
-        body, rest = body + rest[:size], rest[size + 2:]
-        if size == 0:
-            return text, body
-
-
-def worker_connections(port: int, workers: int, per_worker: int, tries: int = 500) -> dict[Any, list[socket.socket]]:
-    """``per_worker`` keep-alive connections accepted by each of ``workers``
-    processes (each connection asks /health which worker holds it; the others
-    are closed): the kernel hands a shared socket's connections to whichever
-    worker accepts first, and a window counted under callgrind must reach every
-    worker, each with its part of the load."""
-    held: dict[Any, list[socket.socket]] = {}
-    for _ in range(tries):
-        if len(held) == workers and all(len(v) >= per_worker for v in held.values()):
-            return held
-        s = socket.create_connection(("127.0.0.1", port), timeout=120)
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        s.sendall(f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
-        _head, body = read_response(s)
-        worker = json.loads(body).get("worker")
-        if len(held.setdefault(worker, [])) < per_worker:
-            held[worker].append(s)
-        else:
-            s.close()
-    for socks in held.values():
-        for s in socks:
-            s.close()
-    raise BenchError(f"{tries} connections did not reach {per_worker} per worker of {workers}: {sorted(map(str, held))}")
 
 
 def fixed_hits(port: int, paths: list[str], total: int, connections: int,
